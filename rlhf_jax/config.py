@@ -1,0 +1,464 @@
+"""Run configuration: typed, frozen dataclasses loaded from YAML plus `a.b=value` overrides.
+
+Every user mistake raises a one-line `ConfigError` naming the dotted key, so a bad
+launch fails before any model or device work starts.
+"""
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ModelSection",
+    "MeshSection",
+    "SamplingSection",
+    "GenerateSection",
+    "OptimSection",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "config_help",
+]
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's configuration. The message is always a single line."""
+
+
+class _FieldError(ConfigError):
+    """A problem with one field, keyed relative to the dataclass that found it.
+
+    The enclosing section re-raises it with its own prefix, so the final message
+    carries the full dotted key even though each dataclass only knows its own fields.
+    """
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"'{key}' {detail}")
+        self.key = key
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------
+# Generic conversion driven by type hints
+# ---------------------------------------------------------------------------
+
+_SCALAR_NAMES = {int: "an int", float: "a float", str: "a string", bool: "a bool (true/false)"}
+
+
+def _show(value: Any) -> str:
+    """Short one-line rendering of a user value for error messages."""
+    if isinstance(value, tuple):
+        value = list(value)
+    text = repr(value)  # repr escapes newlines, keeping messages on one line
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """For `X | None` return X; for anything else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) != 1 or len(typing.get_args(tp)) != 2:
+            raise TypeError(f"unsupported config annotation {tp!r}")
+        return inner[0]
+    return None
+
+
+def _type_label(tp: Any) -> str:
+    """Compact type name for help text and messages."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_type_label(inner)} or null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(c) for c in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_label(typing.get_args(tp)[0])}"
+    if is_dataclass(tp):
+        return "section"
+    return tp.__name__
+
+
+def _expected(tp: Any) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_expected(inner)} or null"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_label(typing.get_args(tp)[0])}"
+    return _SCALAR_NAMES.get(tp, _type_label(tp))
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):  # bool is an int subclass; true/false is never a number here
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        # yaml.safe_load (YAML 1.1) reads `1e-5` as a string, so accept numeric strings.
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`, normalising lists to tuples and numbers to float."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _convert(value, inner, key)
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        for choice in args:
+            if type(value) is type(choice) and value == choice:
+                return value
+        detail = f"must be one of {list(args)!r}, got {_show(value)}"
+        close = difflib.get_close_matches(str(value), [str(c) for c in args], n=1)
+        if close:
+            detail += f" (did you mean {close[0]!r}?)"
+        raise _FieldError(key, detail)
+
+    if origin is tuple:
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"unsupported config annotation {tp!r}")
+        if isinstance(value, (list, tuple)):
+            try:
+                return tuple(_convert(v, args[0], key) for v in value)
+            except _FieldError:
+                pass  # report the whole list below; the element alone lacks context
+        raise _FieldError(key, f"expects {_expected(tp)}, got {_show(value)}")
+
+    if is_dataclass(tp):
+        if isinstance(value, tp):
+            return value  # already validated when it was built
+        if value is None:
+            value = {}  # an empty YAML section (`optim:`) means all defaults
+        if not isinstance(value, Mapping):
+            raise _FieldError(key, f"expects a mapping, got {_show(value)}")
+        return _build(tp, value, f"{key}.")
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        number = _as_float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise _FieldError(key, f"expects a finite float, got {_show(value)}")
+            return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config annotation {tp!r}")
+    raise _FieldError(key, f"expects {_expected(tp)}, got {_show(value)}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(obj: Any) -> None:
+    """Convert every field of a (frozen) dataclass in place; called first in __post_init__."""
+    for name, tp in _field_types(type(obj)).items():
+        object.__setattr__(obj, name, _convert(getattr(obj, name), tp, name))
+
+
+def _check(obj: Any, name: str, ok: bool, requirement: str) -> None:
+    if not ok:
+        raise _FieldError(name, f"{requirement}, got {_show(getattr(obj, name))}")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key under `cls`: section names and leaf fields."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        keys.append(prefix + name)
+        if is_dataclass(tp):
+            keys.extend(_all_keys(tp, f"{prefix}{name}."))
+    return keys
+
+
+def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, tp in _field_types(cls).items():
+        if is_dataclass(tp):
+            out.update(_leaf_types(tp, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = tp
+    return out
+
+
+def _unknown_key_message(key: str, candidates: Sequence[str]) -> str:
+    message = f"unknown key {key!r}"
+    close = difflib.get_close_matches(key, candidates, n=1)
+    if close:
+        message += f" (did you mean {close[0]!r}?)"
+    return message
+
+
+def _unknown_keys(data: Mapping, cls: type, prefix: str):
+    """Yield dotted paths in `data` that `cls` has no field for."""
+    known = _field_types(cls)
+    for k, v in data.items():
+        path = f"{prefix}{k}"
+        if k not in known:
+            # Report the deepest path so `sampleing: {temperature: ..}` suggests the full key.
+            while isinstance(v, Mapping) and v:
+                sub, v = next(iter(v.items()))
+                path = f"{path}.{sub}"
+            yield path
+        elif is_dataclass(known[k]) and isinstance(v, Mapping):
+            yield from _unknown_keys(v, known[k], f"{path}.")
+
+
+def _build(cls: type, data: Mapping, prefix: str) -> Any:
+    unknown = next(_unknown_keys(data, cls, prefix), None)
+    if unknown is not None:
+        candidates = [prefix + k for k in _all_keys(cls)]
+        raise ConfigError(_unknown_key_message(unknown, candidates))
+    try:
+        return cls(**data)
+    except _FieldError as e:
+        raise ConfigError(f"'{prefix}{e.key}' {e.detail}") from None
+
+
+# ---------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = _opt("", 'HF or rlhf_jax checkpoint dir; "" builds the tiny built-in model')
+    dtype: Dtype = _opt("float32", "compute dtype (params stay in param_dtype)")
+    param_dtype: Dtype = _opt("float32", "dtype parameters are stored in")
+    remat: Literal["none", "block", "full"] = _opt("none", "activation rematerialisation to save memory")
+    max_seq_len: int = _opt(512, "longest sequence (prompt + completion) the model handles")
+
+    def __post_init__(self):
+        _coerce(self)
+        _check(self, "max_seq_len", self.max_seq_len > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    shape: tuple[int, ...] = _opt((-1, 1, 1), "devices per mesh axis; one -1 takes all remaining devices")
+    axes: tuple[str, ...] = _opt(("data", "fsdp", "tensor"), "mesh axis names, one per shape entry")
+
+    def __post_init__(self):
+        _coerce(self)
+        _check(self, "shape", len(self.shape) > 0, "must not be empty")
+        _check(self, "shape", all(n == -1 or n >= 1 for n in self.shape), "entries must be >= 1 or -1")
+        _check(self, "shape", self.shape.count(-1) <= 1, "may contain at most one -1")
+        _check(self, "axes", len(self.axes) == len(self.shape),
+               f"must have one name per shape entry ({len(self.shape)})")
+        _check(self, "axes", all(self.axes), "names must be non-empty")
+        _check(self, "axes", len(set(self.axes)) == len(self.axes), "names must be unique")
+
+
+@dataclass(frozen=True)
+class SamplingSection:
+    max_new_tokens: int = _opt(64, "tokens to generate per prompt")
+    temperature: float = _opt(1.0, "softmax temperature; 0 means greedy")
+    top_k: int = _opt(0, "keep only the k most likely tokens; 0 = off")
+    top_p: float = _opt(1.0, "nucleus sampling probability mass; 1 = off")
+    batch_size: int = _opt(8, "prompts generated together")
+    max_prompt_tokens: int = _opt(128, "prompts are truncated to this many tokens")
+
+    def __post_init__(self):
+        _coerce(self)
+        _check(self, "max_new_tokens", self.max_new_tokens > 0, "must be > 0")
+        _check(self, "temperature", self.temperature >= 0, "must be >= 0")
+        _check(self, "top_k", self.top_k >= 0, "must be >= 0")
+        _check(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        _check(self, "batch_size", self.batch_size > 0, "must be > 0")
+        _check(self, "max_prompt_tokens", self.max_prompt_tokens > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
+class GenerateSection:
+    prompt_file: str = _opt("", 'text file with one prompt per line; "" = bundled demo prompts')
+    output: str = _opt("", 'JSONL output path; "" = <run_dir>/samples.jsonl')
+
+    def __post_init__(self):
+        _coerce(self)
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = _opt(1e-5, "peak learning rate")
+    schedule: Literal["constant", "linear", "cosine"] = _opt("cosine", "learning-rate decay after warmup")
+    warmup_steps: int = _opt(0, "steps of linear warmup from 0 to lr")
+    weight_decay: float = _opt(0.0, "decoupled (AdamW) weight decay")
+    b1: float = _opt(0.9, "Adam first-moment decay")
+    b2: float = _opt(0.95, "Adam second-moment decay")
+    eps: float = _opt(1e-8, "Adam denominator epsilon")
+    grad_clip: float = _opt(1.0, "clip gradients to this global norm; 0 = off")
+    grad_accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step")
+
+    def __post_init__(self):
+        _coerce(self)
+        _check(self, "lr", self.lr >= 0, "must be >= 0")
+        _check(self, "warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+        _check(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _check(self, "b1", 0 <= self.b1 < 1, "must be in [0, 1)")
+        _check(self, "b2", 0 <= self.b2 < 1, "must be in [0, 1)")
+        _check(self, "eps", self.eps > 0, "must be > 0")
+        _check(self, "grad_clip", self.grad_clip >= 0, "must be >= 0")
+        _check(self, "grad_accum_steps", self.grad_accum_steps >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    stage: Literal["generate", "sft", "rm", "ppo"] = _opt("generate", "pipeline stage to run")
+    run_dir: str = _opt("runs/default", "directory for checkpoints, logs and outputs")
+    seed: int = _opt(0, "random seed for init, sampling and data order")
+    model: ModelSection = _section(ModelSection, "which model to load and how to run it")
+    mesh: MeshSection = _section(MeshSection, "device mesh for sharding")
+    sampling: SamplingSection = _section(SamplingSection, "text generation settings")
+    generate: GenerateSection = _section(GenerateSection, "inputs and outputs of the generate stage")
+    optim: OptimSection = _section(OptimSection, "optimizer and learning-rate schedule")
+
+    def __post_init__(self):
+        _coerce(self)
+
+
+# ---------------------------------------------------------------------------
+# Loading, overrides, serialisation, help
+# ---------------------------------------------------------------------------
+
+
+def config_from_dict(d: Mapping) -> Config:
+    """Build a validated Config from nested mappings (missing keys take defaults)."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config expects a mapping, got {_show(d)}")
+    return _build(Config, d, "")
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return config_to_dict(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Nested plain dict (tuples become lists), JSON-serialisable and accepted by config_from_dict."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None) or str(err)
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"invalid YAML: {problem}{where}".split())
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"config file {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r}: {_yaml_problem(e)}") from None
+    if data is None:  # empty file: all defaults
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path!r}: expected a mapping of keys, got {type(data).__name__}")
+    unknown = next(_unknown_keys(data, Config, ""), None)
+    if unknown is not None:
+        # Name the file: the same key could also have come from an override.
+        raise ConfigError(f"config file {path!r}: {_unknown_key_message(unknown, _all_keys(Config))}")
+    return dict(data)
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=1e-5")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    leaves = _leaf_types(Config)
+    if key not in leaves:
+        if key in _field_types(Config):
+            raise ConfigError(f"override {key!r} names a section; set its fields, e.g. '{key}.<field>=...'")
+        raise ConfigError(_unknown_key_message(key, _all_keys(Config)))
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text  # let type conversion report it against the key
+    if leaves[key] is str and not isinstance(value, str):
+        # `run_dir=2024` or `model.path=` should mean the literal text, not int/None.
+        value = text.strip()
+
+    *parents, leaf = key.split(".")
+    node, path = data, ""
+    for part in parents:
+        path += part
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, Mapping):
+            raise ConfigError(f"'{path}' expects a mapping, got {_show(child)}")
+        node[part] = child = dict(child)  # copy so the caller's mapping is left alone
+        node, path = child, path + "."
+    node[leaf] = value
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (None = all defaults) and apply `a.b=value` overrides, last one wins."""
+    if isinstance(overrides, str):  # a bare string would be split into characters
+        overrides = (overrides,)
+    data = _read_yaml(path) if path is not None else {}
+    for item in overrides:
+        _apply_override(data, item)
+    return config_from_dict(data)
+
+
+def _help_lines(cls: type, prefix: str, lines: list[str]) -> None:
+    for f in fields(cls):
+        tp, key, doc = _field_types(cls)[f.name], prefix + f.name, f.metadata.get("help", "")
+        if is_dataclass(tp):
+            lines += ["", f"{key}: {doc}"]
+            _help_lines(tp, f"{key}.", lines)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {key:<26} {_type_label(tp):<28} default {json.dumps(_plain(default))}")
+            lines.append(f"      {doc}")
+
+
+def config_help() -> str:
+    """Every config key with its type, default and a short description."""
+    lines = ["Config keys (set in a YAML file or override with key=value, e.g. optim.lr=1e-5):", ""]
+    _help_lines(Config, "", lines)
+    return "\n".join(lines)

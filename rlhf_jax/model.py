@@ -1,0 +1,325 @@
+"""One decoder-only transformer family: GPT-2, Llama 2/3 and Qwen2 variants.
+
+Parameters are plain pytrees with logical axis names (Linen `with_logical_partitioning`); the KV cache is an
+explicit pytree passed in and returned. Projections are fused (q/k/v grouped per KV head, gate/up stacked) so
+that a decode step issues few, large matmuls and tensor parallelism splits along whole KV groups.
+
+Shape suffixes: B batch, T query length, S key length (cache slots), D model width, K KV heads,
+G query heads per KV head, H head dim, F MLP width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Family = Literal["gpt2", "llama", "qwen2"]
+NEG_INF = -1e30  # finite, so a fully masked row (left padding) yields uniform weights instead of NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture; built from a HF config.json by `rlhf_jax.hf`, or directly for tests and the demo."""
+
+    family: Family
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # rope_scaling: 'default' | 'linear' | 'llama3' with its factors (HF semantics).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def is_gpt2(self) -> bool:
+        return self.family == "gpt2"
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values, `k_BSKH` of every layer stacked in a tuple."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        return cls(make(), make())
+
+
+def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its row; left padding gets 0."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies with HF's rope_scaling rules ('default', 'linear', 'llama3')."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    if cfg.rope_type == "default":
+        return inv_freq
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        low_wavelen = cfg.rope_original_max_position / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_position / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (cfg.rope_original_max_position / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {cfg.rope_type!r}; supported: default, linear, llama3")
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_H2: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF layout), computed in float32."""
+    angles_BTH2 = positions_BT[..., None].astype(jnp.float32) * inv_freq_H2
+    cos = jnp.cos(angles_BTH2)[:, :, None, :]
+    sin = jnp.sin(angles_BTH2)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+class _Param:
+    """Declares a parameter with its logical axis names (used by `rlhf_jax.sharding`)."""
+
+    @staticmethod
+    def make(module: nn.Module, name: str, shape, axes, init, dtype):
+        return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _dense_init(scale: float = 0.02):
+    return nn.initializers.normal(stddev=scale)
+
+
+class Norm(nn.Module):
+    cfg: ModelConfig
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        d = self.cfg.d_model
+        scale = _Param.make(self, "scale", (d,), ("norm",), nn.initializers.ones, self.param_dtype)
+        x = x_BTD.astype(jnp.float32)
+        if self.cfg.is_gpt2:  # LayerNorm with bias
+            bias = _Param.make(self, "bias", (d,), ("norm",), nn.initializers.zeros, self.param_dtype)
+            mean = x.mean(-1, keepdims=True)
+            var = jnp.square(x - mean).mean(-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale + bias
+        else:  # RMSNorm
+            y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.cfg.norm_eps) * scale
+        return y.astype(x_BTD.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index):
+        cfg = self.cfg
+        D, K, G, H = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
+        B, T, _ = x_BTD.shape
+        # Per KV head: its G query heads, then its key head, then its value head.
+        w_qkv = _Param.make(self, "qkv", (D, K, G + 2, H), ("embed", "kv_heads", None, "head_dim"),
+                            _dense_init(), self.param_dtype)
+        qkv_BTKCH = jnp.einsum("btd,dkch->btkch", x_BTD, w_qkv.astype(self.dtype))
+        if cfg.qkv_bias or cfg.is_gpt2:
+            b_qkv = _Param.make(self, "qkv_bias", (K, G + 2, H), ("kv_heads", None, "head_dim"),
+                                nn.initializers.zeros, self.param_dtype)
+            qkv_BTKCH = qkv_BTKCH + b_qkv.astype(self.dtype)
+        q_BTKGH = qkv_BTKCH[:, :, :, :G]
+        k_BTKH = qkv_BTKCH[:, :, :, G]
+        v_BTKH = qkv_BTKCH[:, :, :, G + 1]
+        if not cfg.is_gpt2:
+            inv_freq = rope_inv_freq(cfg)
+            q_BTKGH = apply_rope(q_BTKGH.reshape(B, T, K * G, H), positions_BT, inv_freq).reshape(B, T, K, G, H)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+
+        if layer_cache is None:  # full sequence: keys are this call's tokens
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+            query_slot_T = jnp.arange(T)
+            new_cache = None
+        else:  # write this call's keys into the cache in place, attend over every slot
+            k_cache, v_cache = layer_cache
+            start = (0, cache_index, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
+            query_slot_T = cache_index + jnp.arange(T)
+            new_cache = (k_BSKH, v_BSKH)
+        S = k_BSKH.shape[1]
+        causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+        allowed_BTS = causal_TS[None] & key_mask_BS[:, None, :].astype(bool)
+
+        scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(self.dtype))
+        scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(H)
+        scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, NEG_INF)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
+        out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(self.dtype))
+
+        w_o = _Param.make(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), _dense_init(), self.param_dtype)
+        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTKGH.reshape(B, T, K * G, H), w_o.astype(self.dtype))
+        if cfg.is_gpt2:
+            b_o = _Param.make(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
+            out_BTD = out_BTD + b_o.astype(self.dtype)
+        return out_BTD, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        gated = not cfg.is_gpt2
+        n_in = 2 if gated else 1  # SwiGLU stacks gate and up into one matmul
+        has_bias = cfg.is_gpt2 or cfg.mlp_bias
+        w_in = _Param.make(self, "wi", (cfg.d_model, n_in, cfg.d_ff), ("embed", None, "mlp"),
+                           _dense_init(), self.param_dtype)
+        h_BTCF = jnp.einsum("btd,dcf->btcf", x_BTD, w_in.astype(self.dtype))
+        if has_bias:
+            b_in = _Param.make(self, "wi_bias", (n_in, cfg.d_ff), (None, "mlp"), nn.initializers.zeros,
+                               self.param_dtype)
+            h_BTCF = h_BTCF + b_in.astype(self.dtype)
+        if gated:
+            h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
+        else:
+            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True)  # GPT-2's gelu_new
+        w_out = _Param.make(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), _dense_init(), self.param_dtype)
+        out_BTD = jnp.einsum("btf,fd->btd", h_BTF, w_out.astype(self.dtype))
+        if has_bias:
+            b_out = _Param.make(self, "wo_bias", (cfg.d_model,), ("embed",), nn.initializers.zeros,
+                                self.param_dtype)
+            out_BTD = out_BTD + b_out.astype(self.dtype)
+        return out_BTD
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index):
+        kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
+        h, new_cache = Attention(**kw, dtype=self.dtype, name="attn")(
+            Norm(**kw, name="attn_norm")(x_BTD), positions_BT, key_mask_BS, layer_cache, cache_index
+        )
+        x_BTD = x_BTD + h
+        x_BTD = x_BTD + MLP(**kw, dtype=self.dtype, name="mlp")(Norm(**kw, name="mlp_norm")(x_BTD))
+        return x_BTD, new_cache
+
+
+class Transformer(nn.Module):
+    """Decoder LM. `head='lm'` returns float32 logits_BTV; `head='scalar'` returns float32 values_BT."""
+
+    cfg: ModelConfig
+    head: Literal["lm", "scalar"] = "lm"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT, key_mask_BS, cache: KVCache | None = None, cache_index=0,
+                 last_only: bool = False):
+        """Full pass when `cache` is None (key_mask_BS is then the T-token mask), else a cached step that writes
+        slots [cache_index, cache_index + T) and attends over every valid slot. Returns (out, new_cache)."""
+        cfg = self.cfg
+        kw = dict(cfg=cfg, param_dtype=self.param_dtype)
+        embedding = _Param.make(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                                _dense_init(), self.param_dtype)
+        # Out-of-range ids (a pad of -1, say) would be clamped silently by the gather: embed them as id 0.
+        tokens_BT = jnp.where((tokens_BT >= 0) & (tokens_BT < cfg.vocab_size), tokens_BT, 0)
+        x_BTD = jnp.take(embedding, tokens_BT, axis=0).astype(self.dtype)
+        if cfg.is_gpt2:
+            wpe = _Param.make(self, "pos_embed", (cfg.max_position_embeddings, cfg.d_model), (None, "embed"),
+                              _dense_init(0.01), self.param_dtype)
+            x_BTD = x_BTD + jnp.take(wpe, positions_BT, axis=0).astype(self.dtype)
+
+        block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x_BTD, layer_new = block_cls(**kw, dtype=self.dtype, name=f"layer_{i}")(
+                x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index
+            )
+            if layer_new is not None:
+                new_k.append(layer_new[0])
+                new_v.append(layer_new[1])
+        new_cache = KVCache(tuple(new_k), tuple(new_v)) if cache is not None else None
+
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
+        x_BTD = Norm(**kw, name="final_norm")(x_BTD)
+        if self.head == "scalar":
+            w = _Param.make(self, "score", (cfg.d_model, 1), ("embed", None), _dense_init(), self.param_dtype)
+            return jnp.einsum("btd,do->bto", x_BTD, w.astype(self.dtype))[..., 0].astype(jnp.float32), new_cache
+        if cfg.tie_embeddings:
+            w_DV = embedding.astype(self.dtype).T
+        else:
+            w_DV = _Param.make(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _dense_init(),
+                               self.param_dtype).astype(self.dtype)
+        return jnp.einsum("btd,dv->btv", x_BTD, w_DV).astype(jnp.float32), new_cache
+
+
+def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param_dtype: str = "float32",
+               remat: bool = False) -> Transformer:
+    return Transformer(cfg, head=head, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), remat=remat)
+
+
+def init_params(model: Transformer, rng: jax.Array) -> dict:
+    """Random parameters, unboxed (logical names are read separately with `param_logical_axes`)."""
+    return nn.unbox(_init_boxed(model, rng))
+
+
+def _init_boxed(model: Transformer, rng: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return model.init(rng, tokens, tokens, jnp.ones((1, 1), bool))["params"]
+
+
+def param_logical_axes(model: Transformer):
+    """Pytree of logical axis-name tuples matching the params, without allocating any weights."""
+    boxed = jax.eval_shape(lambda: _init_boxed(model, jax.random.key(0)))
+    return nn.get_partition_spec(boxed)
+
+
+def forward(model: Transformer, params, tokens_BT, mask_BT):
+    """Full, uncached pass over a (possibly left-padded) batch with positions from the mask."""
+    out, _ = model.apply({"params": params}, tokens_BT, positions_from_mask(mask_BT), mask_BT)
+    return out

@@ -1,0 +1,123 @@
+"""Prefill plus a `lax.scan` decode loop over a functional KV cache; static shapes throughout.
+
+Prompts are left-padded so that every row's next token lands in the same cache slot; positions come from the
+attention mask. Log-probs are always of the UNFILTERED logits / temperature (greedy: logits), which is what a
+teacher-forced recomputation gives; top-k / top-p only restrict what is drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.model import KVCache, Transformer, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+
+class SampleOutput(NamedTuple):
+    tokens_BN: jax.Array  # generated ids; pad_id after the first EOS
+    logprobs_BN: jax.Array  # log-prob of each token under logits / temperature; 0 where masked
+    mask_BN: jax.Array  # True for real tokens (the first EOS included)
+
+
+class _Carry(NamedTuple):
+    cache: KVCache
+    key_mask_BS: jax.Array
+    token_B: jax.Array
+    position_B: jax.Array
+    done_B: jax.Array
+    rng: jax.Array
+
+
+def _filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    if top_k > 0:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        cutoff_B1 = jnp.min(jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+def _draw(logits_BV: jax.Array, rng: jax.Array, p: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """(token_B, logprob_B) from one step's float32 logits."""
+    if p.temperature == 0.0:
+        token_B = jnp.argmax(logits_BV, axis=-1)
+        scaled_BV = logits_BV
+    else:
+        scaled_BV = logits_BV / p.temperature
+        token_B = jax.random.categorical(rng, _filter_logits(scaled_BV, p.top_k, p.top_p), axis=-1)
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+    return token_B.astype(jnp.int32), logprob_B
+
+
+def _is_eos(token_B: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    if not eos_ids:
+        return jnp.zeros(token_B.shape, bool)
+    return jnp.any(token_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)
+
+
+def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP: jax.Array, rng: jax.Array,
+           p: SamplingParams) -> SampleOutput:
+    """Generate `p.max_new_tokens` tokens after left-padded prompts. Pure; call it under jit."""
+    B, P = prompt_ids_BP.shape
+    N = p.max_new_tokens
+    variables = {"params": params}
+    cache = KVCache.zeros(model.cfg, B, P + N, model.dtype)
+    key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)
+    positions_BP = positions_from_mask(prompt_mask_BP)
+    logits_B1V, cache = model.apply(variables, prompt_ids_BP, positions_BP, key_mask_BS, cache, 0, last_only=True)
+
+    rng, first_rng = jax.random.split(rng)
+    token_B, logprob_B = _draw(logits_B1V[:, 0], first_rng, p)
+    done_B = _is_eos(token_B, p.eos_ids)
+    position_B = prompt_mask_BP.astype(jnp.int32).sum(-1)  # where the first new token sits
+
+    def step(carry: _Carry, t):
+        slot = P + t
+        key_mask_BS = jax.lax.dynamic_update_slice(carry.key_mask_BS, jnp.ones((B, 1), bool), (0, slot))
+        logits_B1V, cache = model.apply(variables, carry.token_B[:, None], carry.position_B[:, None], key_mask_BS,
+                                        carry.cache, slot)
+        rng, step_rng = jax.random.split(carry.rng)
+        token_B, logprob_B = _draw(logits_B1V[:, 0], step_rng, p)
+        live_B = ~carry.done_B
+        token_B = jnp.where(live_B, token_B, p.pad_id)
+        logprob_B = jnp.where(live_B, logprob_B, 0.0)
+        done_B = carry.done_B | _is_eos(token_B, p.eos_ids)
+        new = _Carry(cache, key_mask_BS, token_B, carry.position_B + 1, done_B, rng)
+        return new, (token_B, logprob_B, live_B)
+
+    carry = _Carry(cache, key_mask_BS, token_B, position_B, done_B, rng)
+    _, (tokens_NB, logprobs_NB, live_NB) = jax.lax.scan(step, carry, jnp.arange(N - 1))
+    tokens_BN = jnp.concatenate([token_B[:, None], tokens_NB.T], axis=1)
+    logprobs_BN = jnp.concatenate([logprob_B[:, None], logprobs_NB.T], axis=1)
+    mask_BN = jnp.concatenate([jnp.ones((B, 1), bool), live_NB.T], axis=1)
+    return SampleOutput(tokens_BN, logprobs_BN, mask_BN)
+
+
+def teacher_forced_logprobs(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
+                            temperature: float = 1.0) -> jax.Array:
+    """Log-probs of given response tokens under logits / temperature, from one full forward pass."""
+    P = prompt_ids_BP.shape[1]
+    ids_BT = jnp.concatenate([prompt_ids_BP, tokens_BN], axis=1)
+    mask_BT = jnp.concatenate([prompt_mask_BP.astype(bool), mask_BN.astype(bool)], axis=1)
+    logits_BTV, _ = model.apply({"params": params}, ids_BT, positions_from_mask(mask_BT), mask_BT)
+    logits_BNV = logits_BTV[:, P - 1:-1] / (temperature if temperature > 0 else 1.0)
+    logprobs_BN = jnp.take_along_axis(jax.nn.log_softmax(logits_BNV, -1), tokens_BN[..., None], -1)[..., 0]
+    return jnp.where(mask_BN, logprobs_BN, 0.0)

@@ -1,0 +1,49 @@
+"""Tiny random transformers models of each supported family, saved locally (torch is a test-only dependency)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+VOCAB = 96
+
+# name -> (config class, kwargs); covers GPT-2, Llama with GQA and Llama-3 rope scaling, Qwen2 biases,
+# tied and untied embeddings.
+FAMILIES = {
+    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=1,
+                                           bos_token_id=1, pad_token_id=0)),
+    "gpt2_untied": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                                  tie_word_embeddings=False, eos_token_id=1, bos_token_id=1,
+                                                  pad_token_id=0)),
+    "llama_gqa_llama3": (transformers.LlamaConfig, dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16),
+        eos_token_id=[1, 2], bos_token_id=3, pad_token_id=0)),
+    "llama_tied": (transformers.LlamaConfig, dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=1,
+        pad_token_id=0)),
+    "qwen2": (transformers.Qwen2Config, dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=1000000.0, tie_word_embeddings=True,
+        eos_token_id=1, pad_token_id=0)),
+}
+CAUSAL_LM = {transformers.GPT2Config: transformers.GPT2LMHeadModel,
+             transformers.LlamaConfig: transformers.LlamaForCausalLM,
+             transformers.Qwen2Config: transformers.Qwen2ForCausalLM}
+
+
+def make_hf_model(name: str, out_dir, seed: int = 0):
+    """Build, randomise (biases and norms too, so every tensor matters) and save a tiny model; return it."""
+    cls, kwargs = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = CAUSAL_LM[cls](cls(**kwargs)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return model
