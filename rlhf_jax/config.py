@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf_jax.errors import UserError
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A mistake in the user's configuration. The message is always a single line."""
 
 
@@ -259,7 +261,7 @@ class ModelSection:
     path: str = _opt("", 'HF or rlhf_jax checkpoint dir; "" builds the tiny built-in model')
     dtype: Dtype = _opt("float32", "compute dtype (params stay in param_dtype)")
     param_dtype: Dtype = _opt("float32", "dtype parameters are stored in")
-    remat: Literal["none", "block", "full"] = _opt("none", "activation rematerialisation to save memory")
+    remat: Literal["none", "block"] = _opt("none", "'block' recomputes each block's activations in the backward pass")
     max_seq_len: int = _opt(512, "longest sequence (prompt + completion) the model handles")
 
     def __post_init__(self):
@@ -337,7 +339,7 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class Config:
-    stage: Literal["generate", "sft", "rm", "ppo"] = _opt("generate", "pipeline stage to run")
+    stage: Literal["generate"] = _opt("generate", "pipeline stage to run (generate: sample from a model)")
     run_dir: str = _opt("runs/default", "directory for checkpoints, logs and outputs")
     seed: int = _opt(0, "random seed for init, sampling and data order")
     model: ModelSection = _section(ModelSection, "which model to load and how to run it")

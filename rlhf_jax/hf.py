@@ -15,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from rlhf_jax.errors import UserError
 from rlhf_jax.model import ModelConfig
 
 # (family, head) for each supported HF architecture.
@@ -34,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json")
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError):
     """A checkpoint directory that cannot be read as a supported HF model."""
 
 
@@ -373,11 +374,10 @@ def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: st
         total = sum(t.nbytes for t in tensors.values())
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    if tokenizer_dir is not None:
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out_dir.resolve():
         for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.exists():
-                shutil.copyfile(src, out_dir / name)
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     if not (out_dir / "generation_config.json").exists():
         generation = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))

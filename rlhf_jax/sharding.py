@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rlhf_jax.errors import UserError
+
 # Logical name -> mesh axes. Parameters carry logical names (see model.py); a dimension that a mesh axis
 # does not divide is replicated along it instead.
 AXIS_RULES: dict[str, tuple[str, ...]] = {
@@ -23,7 +25,7 @@ AXIS_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """A mesh shape that does not fit the devices or the batch."""
 
 

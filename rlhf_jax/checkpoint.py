@@ -1,0 +1,95 @@
+"""Params-only model checkpoints (Orbax) and loading a model from either format.
+
+Layout of a model checkpoint directory:
+  params/      Orbax PyTree checkpoint of the parameter tree
+  model.json   {"format": "rlhf_jax.model", "config": ModelConfig, "head": "lm" | "scalar"}
+  tokenizer/   the HF tokenizer files (and generation_config.json) the model was built with
+A checkpoint is written under a temporary name and renamed into place, so a crash never leaves a half one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rlhf_jax import hf
+from rlhf_jax.errors import UserError
+from rlhf_jax.model import ModelConfig
+
+FORMAT = "rlhf_jax.model"
+
+
+class LoadedModel(NamedTuple):
+    cfg: ModelConfig
+    head: str
+    params: dict  # numpy arrays, or jax arrays placed with the requested shardings
+    tokenizer_dir: Path | None
+
+
+class CheckpointError(UserError):
+    """A path that is neither a rlhf_jax model checkpoint nor a HF checkpoint directory."""
+
+
+def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str = "lm",
+               tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir}: already exists (pass overwrite to replace it)")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp / "params", params)
+    (tmp / "model.json").write_text(json.dumps(
+        {"format": FORMAT, "config": hf.model_config_to_json(cfg), "head": head}, indent=2))
+    if tokenizer_dir is not None:
+        (tmp / "tokenizer").mkdir()
+        for name in hf.TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, tmp / "tokenizer" / name)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str]:
+    meta = json.loads((ckpt_dir / "model.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt_dir / 'model.json'}: not a {FORMAT} file")
+    return hf.model_config_from_json(meta["config"]), meta["head"]
+
+
+def load_model(path: str | os.PathLike, shardings=None) -> LoadedModel:
+    """Load a rlhf_jax model checkpoint or a HF checkpoint dir. With `shardings` (a pytree of NamedSharding or
+    a function (cfg, head) -> that pytree) the params are placed on the mesh; else they are numpy arrays."""
+    path = Path(path).resolve()
+    if (path / "model.json").exists():
+        cfg, head = read_model_meta(path)
+        tok = path / "tokenizer"
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(path / "params")
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+            target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+            params = ckptr.restore(path / "params", item=target)
+        params = jax.tree.map(np.asarray, params)
+        loaded = LoadedModel(cfg, head, params, tok if tok.is_dir() else None)
+    elif (path / "config.json").exists():
+        cfg, head, params = hf.load_hf(path)
+        loaded = LoadedModel(cfg, head, params, path)
+    else:
+        raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
+                              "(config.json)")
+    if shardings is not None:
+        if callable(shardings):
+            shardings = shardings(loaded.cfg, loaded.head)
+        params = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded.params, shardings)
+        loaded = loaded._replace(params=params)
+    return loaded

@@ -1,0 +1,55 @@
+"""Convert between HF checkpoint directories and rlhf_jax (Orbax) model checkpoints.
+
+  python -m rlhf_jax.convert --from-hf DIR --out CKPT_DIR
+  python -m rlhf_jax.convert --to-hf --checkpoint CKPT_DIR --out DIR [--dtype bfloat16]
+
+Language models export as *ForCausalLM, reward/value models (scalar head) as *ForSequenceClassification with
+one label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rlhf_jax import hf
+from rlhf_jax.checkpoint import CheckpointError, load_model, save_model
+from rlhf_jax.errors import UserError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rlhf_jax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    direction = ap.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="DIR", help="HF checkpoint directory to import")
+    direction.add_argument("--to-hf", action="store_true", help="export --checkpoint to a HF directory")
+    ap.add_argument("--checkpoint", help="rlhf_jax model checkpoint to export (with --to-hf)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="export dtype (default: as stored)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = ap.parse_args(argv)
+    try:
+        if args.from_hf:
+            loaded = load_model(args.from_hf)
+            out = save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite)
+        else:
+            if not args.checkpoint:
+                raise UserError("--to-hf needs --checkpoint CKPT_DIR")
+            out = Path(args.out)
+            if out.exists() and any(out.iterdir()) and not args.overwrite:
+                raise CheckpointError(f"{out}: already exists and is not empty (pass --overwrite)")
+            loaded = load_model(args.checkpoint)
+            hf.save_hf(out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(out), "family": loaded.cfg.family, "head": loaded.head,
+                      "layers": loaded.cfg.n_layers, "d_model": loaded.cfg.d_model}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""rlhf_jax: the InstructGPT recipe in JAX.
+
+  python -m rlhf_jax.main --config configs/demo.yaml [section.key=value ...]
+
+Stages (config key `stage`):
+  generate   sample completions for a prompt file from a HF or rlhf_jax checkpoint (the tiny built-in model
+             when model.path is empty) with the compiled, mesh-sharded sampler; writes JSONL samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from rlhf_jax.config import config_help, load_config
+from rlhf_jax.errors import UserError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rlhf_jax.main", add_help=False)
+    ap.add_argument("--config", help="YAML config file")
+    ap.add_argument("-h", "--help", action="store_true")
+    args, overrides = ap.parse_known_args(argv)
+    if args.help:
+        print(__doc__ + "\nConfig sections (override any key as section.key=value):\n" + config_help())
+        return 0
+    try:
+        bad = [o for o in overrides if o.startswith("-")]
+        if bad:
+            raise UserError(f"unknown option {bad[0]!r}; overrides are written section.key=value")
+        cfg = load_config(args.config, overrides)
+        from rlhf_jax import stages  # after validation: config errors come before any heavy import or compile
+
+        stages.run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

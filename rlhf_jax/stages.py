@@ -1,0 +1,60 @@
+"""Stage dispatch for `python -m rlhf_jax.main`: each stage reads the validated Config and owns a run dir."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rlhf_jax import sharding
+from rlhf_jax.checkpoint import load_model
+from rlhf_jax.config import Config, config_to_dict
+from rlhf_jax.generate import Generator, read_prompts
+from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.sampling import SamplingParams
+from rlhf_jax.tiny import build_tiny_model, bundled_prompts
+from rlhf_jax.tokenizer import PAD_ID
+
+
+def _model_path(cfg: Config, run_dir: Path) -> Path:
+    """The configured model, or the tiny built-in one (built once into the run dir)."""
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    tiny = run_dir / "tiny_model"
+    if not (tiny / "config.json").exists():
+        build_tiny_model(tiny, seed=cfg.seed)
+    return tiny
+
+
+def run_generate(cfg: Config, run_dir: Path) -> dict:
+    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
+    s = cfg.sampling
+    gen = Generator(load_model(_model_path(cfg, run_dir)), mesh,
+                    SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
+                    cfg.model.dtype)
+    out_path = Path(cfg.generate.output or run_dir / "samples.jsonl")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    t0, n_tokens, n = time.perf_counter(), 0, 0
+    with open(tmp, "w") as f, MetricsWriter(run_dir, "generate") as metrics:
+        for record in gen.generate(prompts, s.batch_size, s.max_prompt_tokens, cfg.seed):
+            f.write(json.dumps(record) + "\n")
+            n, n_tokens = n + 1, n_tokens + len(record["ids"])
+            if n % s.batch_size == 0 or n == len(prompts):
+                metrics.write(n, {"new_tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0)})
+    tmp.replace(out_path)
+    summary = {"stage": "generate", "prompts": n, "new_tokens": n_tokens, "output": str(out_path),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    print(json.dumps(summary))
+    return summary
+
+
+STAGES = {"generate": run_generate}
+
+
+def run(cfg: Config) -> dict:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    return STAGES[cfg.stage](cfg, run_dir)

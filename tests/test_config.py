@@ -1,0 +1,211 @@
+import dataclasses
+import json
+
+import pytest
+
+from rlhf_jax.config import (
+    Config,
+    ConfigError,
+    MeshSection,
+    OptimSection,
+    SamplingSection,
+    config_from_dict,
+    config_help,
+    config_to_dict,
+    load_config,
+)
+
+
+def _error(overrides=(), path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def _write(tmp_path, text, name="cfg.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_when_no_file():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.stage == "generate"
+    assert cfg.mesh.shape == (-1, 1, 1)
+    assert cfg.mesh.axes == ("data", "fsdp", "tensor")
+    assert cfg.optim.lr == 1e-5 and cfg.optim.schedule == "cosine"
+    assert cfg.sampling.top_p == 1.0
+
+
+def test_yaml_file_with_nested_sections(tmp_path):
+    path = _write(tmp_path, """
+stage: generate
+seed: 3
+model:
+  dtype: bfloat16
+  remat: block
+sampling:
+  temperature: 0
+  top_k: 40
+optim:
+  lr: 3e-4
+""")
+    cfg = load_config(path)
+    assert cfg.stage == "generate" and cfg.seed == 3
+    assert cfg.model.dtype == "bfloat16" and cfg.model.remat == "block"
+    assert cfg.model.param_dtype == "float32"  # untouched keys keep defaults
+    assert cfg.sampling.temperature == 0.0 and isinstance(cfg.sampling.temperature, float)
+    assert cfg.sampling.top_k == 40
+    # YAML 1.1 reads 3e-4 as a string; float fields still accept it.
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+
+
+def test_overrides_apply_on_top_of_file(tmp_path):
+    path = _write(tmp_path, "optim:\n  lr: 0.1\nmesh:\n  shape: [1, 1, 1]\n")
+    cfg = load_config(path, ["optim.lr=1e-5", "mesh.shape=[2,2,2]", "optim.lr=2e-5"])
+    assert cfg.optim.lr == 2e-5 and isinstance(cfg.optim.lr, float)  # last one wins
+    assert cfg.mesh.shape == (2, 2, 2)
+    assert len(cfg.mesh.axes) == 3
+
+
+def test_override_value_types():
+    cfg = load_config(None, [
+        "optim.lr=1e-5",
+        "sampling.temperature=1",  # ints are fine for float fields
+        "model.remat=block",
+        "mesh.shape=[4, 2]",
+        "mesh.axes=[data, tensor]",
+        "run_dir=2024",  # string fields take the text as written
+        "model.path=",
+    ])
+    assert cfg.optim.lr == 1e-5
+    assert cfg.sampling.temperature == 1.0 and isinstance(cfg.sampling.temperature, float)
+    assert cfg.model.remat == "block"
+    assert cfg.mesh.shape == (4, 2) and cfg.mesh.axes == ("data", "tensor")
+    assert cfg.run_dir == "2024" and cfg.model.path == ""
+
+
+def test_empty_file_and_empty_section_mean_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "")) == Config()
+    assert load_config(_write(tmp_path, "optim:\n", "b.yaml")) == Config()
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("optim.lrr=1e-5", "'optim.lr'"),
+    ("stag=generate", "'stage'"),
+    ("sampleing.temperature=0.5", "'sampling.temperature'"),
+])
+def test_unknown_override_key_suggests_closest(override, suggestion):
+    message = _error([override])
+    assert "unknown key" in message and suggestion in message
+    assert repr(override.split("=")[0]) in message
+
+
+@pytest.mark.parametrize("text, key, suggestion", [
+    ("optim:\n  lrr: 0.1\n", "'optim.lrr'", "'optim.lr'"),
+    ("stag: generate\n", "'stag'", "'stage'"),
+    ("sampleing:\n  temperature: 0.5\n", "'sampleing.temperature'", "'sampling.temperature'"),
+])
+def test_unknown_yaml_key_suggests_closest(tmp_path, text, key, suggestion):
+    path = _write(tmp_path, text)
+    message = _error(path=path)
+    assert key in message and suggestion in message and path in message
+
+
+def test_unknown_key_in_dict():
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        config_from_dict({"optim": {"lrr": 1.0}})
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    ("sampling.max_new_tokens=abc", "'sampling.max_new_tokens'", "expects an int, got 'abc'"),
+    ("sampling.temperature=abc", "'sampling.temperature'", "expects a float, got 'abc'"),
+    ("sampling.max_new_tokens=true", "'sampling.max_new_tokens'", "expects an int"),
+    ("optim.lr=true", "'optim.lr'", "expects a float"),
+    ("sampling.max_new_tokens=1.5", "'sampling.max_new_tokens'", "expects an int"),
+    ("mesh.shape=[2,x]", "'mesh.shape'", "expects a list of int"),
+    ("mesh.shape=4", "'mesh.shape'", "expects a list of int"),
+    ("model.remat=true", "'model.remat'", "must be one of ['none', 'block']"),
+    ("stage=generat", "'stage'", "did you mean 'generate'"),
+    ("optim.lr=.inf", "'optim.lr'", "finite"),
+])
+def test_wrong_type(override, key, fragment):
+    message = _error([override])
+    assert key in message and fragment in message
+
+
+@pytest.mark.parametrize("overrides, key, fragment", [
+    (["sampling.top_p=1.5"], "'sampling.top_p'", "must be in (0, 1], got 1.5"),
+    (["sampling.top_p=0"], "'sampling.top_p'", "(0, 1]"),
+    (["sampling.temperature=-1"], "'sampling.temperature'", ">= 0"),
+    (["sampling.max_new_tokens=0"], "'sampling.max_new_tokens'", "> 0"),
+    (["optim.b2=1"], "'optim.b2'", "[0, 1)"),
+    (["optim.eps=0"], "'optim.eps'", "> 0"),
+    (["optim.grad_accum_steps=0"], "'optim.grad_accum_steps'", ">= 1"),
+    (["model.max_seq_len=0"], "'model.max_seq_len'", "> 0"),
+    (["mesh.shape=[2,2]"], "'mesh.axes'", "one name per shape entry"),
+    (["mesh.axes=[data, data, tensor]"], "'mesh.axes'", "unique"),
+    (["mesh.shape=[-1,-1,1]"], "'mesh.shape'", "at most one -1"),
+    (["mesh.shape=[0,1,1]"], "'mesh.shape'", ">= 1 or -1"),
+])
+def test_bad_value(overrides, key, fragment):
+    message = _error(overrides)
+    assert key in message and fragment in message
+
+
+def test_malformed_overrides():
+    assert "key=value" in _error(["optim.lr"])
+    assert "section" in _error(["optim=3"])
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    message = _error(path=path)
+    assert message.startswith(f"config file {path!r}:")
+
+
+@pytest.mark.parametrize("text", ["model: [unclosed\n", "a: b: c\n", "- 1\n- 2\n"])
+def test_invalid_yaml(tmp_path, text):
+    path = _write(tmp_path, text)
+    assert _error(path=path).startswith(f"config file {path!r}:")
+
+
+def test_section_must_be_mapping(tmp_path):
+    message = _error(path=_write(tmp_path, "optim: 3\n"))
+    assert "'optim'" in message and "mapping" in message
+
+
+def test_round_trip():
+    cfg = load_config(None, ["mesh.shape=[2,4]", "mesh.axes=[data,fsdp]", "optim.lr=3e-6"])
+    d = config_to_dict(cfg)
+    assert d["mesh"]["shape"] == [2, 4]  # tuples become lists
+    assert json.loads(json.dumps(d)) == d
+    assert config_from_dict(d) == cfg
+    assert config_from_dict(config_to_dict(Config())) == Config()
+
+
+def test_direct_construction_validates_and_converts():
+    with pytest.raises(ConfigError, match="'top_p'"):
+        SamplingSection(top_p=1.5)
+    assert dataclasses.replace(OptimSection(), lr="1e-4").lr == 1e-4
+    assert MeshSection(shape=[2, 1, 1]).shape == (2, 1, 1)
+    with pytest.raises(ConfigError, match=r"^'sampling\.top_k' "):
+        Config(sampling={"top_k": -1})
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().seed = 1
+
+
+def test_help_lists_every_section_and_key():
+    text = config_help()
+    for section in ("model", "mesh", "sampling", "generate", "optim"):
+        assert f"\n{section}:" in text
+    for key in ("stage", "run_dir", "seed", "optim.lr", "mesh.shape", "sampling.top_p",
+                "generate.prompt_file", "model.remat"):
+        assert key in text
+    assert "default" in text
