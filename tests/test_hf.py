@@ -1,0 +1,149 @@
+"""HF interop: both config layouts, EOS lists, exact export/import, transformers loading our exports, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+import jax
+
+from hf_fixtures import FAMILIES, VOCAB, make_hf_model
+from rlhf_jax import hf
+from rlhf_jax.model import forward, init_params, make_model
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    out = {}
+    for name in FAMILIES:
+        path = tmp_path_factory.mktemp(name)
+        make_hf_model(name, path, seed=1)
+        out[name] = path
+    return out
+
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+BASE = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB, hidden_size=32,
+            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_both_rope_layouts_give_the_same_config():
+    legacy = {**BASE, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE}
+    v5 = {**BASE, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}}
+    old_style_type = {**BASE, "rope_theta": 500000.0,
+                      "rope_scaling": {**{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}, "type": "llama3"}}
+    a, b, c = (hf.config_from_hf(x)[0] for x in (legacy, v5, old_style_type))
+    assert a == b == c
+    assert a.rope_type == "llama3" and a.rope_theta == 500000.0 and a.rope_factor == 8.0
+    assert a.rope_original_max_position == 16
+
+
+def test_eos_list_and_generation_config():
+    cfg, _ = hf.config_from_hf({**BASE, "eos_token_id": [5, 6]})
+    assert cfg.eos_token_ids == (5, 6)
+    cfg, _ = hf.config_from_hf({**BASE, "eos_token_id": 5}, generation={"eos_token_id": [5, 7, 8]})
+    assert cfg.eos_token_ids == (5, 7, 8)
+
+
+def test_unsupported_architecture_lists_supported():
+    with pytest.raises(hf.HFFormatError) as e:
+        hf.config_from_hf({**BASE, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+    msg = str(e.value)
+    assert "MistralForCausalLM" in msg and "LlamaForCausalLM" in msg and "GPT2LMHeadModel" in msg
+    assert "\n" not in msg
+    with pytest.raises(hf.HFFormatError, match="rope type 'yarn'"):
+        hf.config_from_hf({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_export_then_import_is_exact(hf_dirs, tmp_path, name):
+    cfg, head, params = hf.load_hf(hf_dirs[name])
+    hf.save_hf(tmp_path, params, cfg, head, tokenizer_dir=hf_dirs[name])
+    cfg2, head2, params2 = hf.load_hf(tmp_path)
+    assert (cfg2, head2) == (cfg, head)
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    original, exported = load_file(hf_dirs[name] / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    for key, value in exported.items():  # every tensor we write is the very tensor transformers wrote
+        np.testing.assert_array_equal(value, original[key])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa_llama3", "qwen2"])
+def test_transformers_loads_our_export(tmp_path, name):
+    from rlhf_jax.tiny import tiny_config
+    import dataclasses
+
+    base = tiny_config(VOCAB, eos_id=1, pad_id=0, family=name.split("_")[0])
+    cfg = dataclasses.replace(base, qkv_bias=name == "qwen2", rope_theta=1e6 if name == "qwen2" else 10000.0)
+    if name.startswith("llama"):
+        cfg = dataclasses.replace(cfg, rope_type="llama3", rope_factor=8.0, rope_original_max_position=32)
+    params = jax.device_get(init_params(make_model(cfg), jax.random.key(0)))
+    hf.save_hf(tmp_path, params, cfg)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = np.random.default_rng(0).integers(2, VOCAB, (2, 10))
+    mask = np.ones_like(ids, bool)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(make_model(cfg), params, ids, mask)), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_scalar_head_exports_as_sequence_classification(tmp_path, family):
+    from rlhf_jax.tiny import tiny_config
+
+    cfg = tiny_config(VOCAB, eos_id=1, pad_id=0, family=family)
+    model = make_model(cfg, head="scalar")
+    params = jax.device_get(init_params(model, jax.random.key(1)))
+    hf.save_hf(tmp_path, params, cfg, head="scalar")
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"][0].endswith("ForSequenceClassification")
+    torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert torch_model.config.num_labels == 1
+    ids = np.random.default_rng(0).integers(2, VOCAB, (3, 9))
+    ids[1, 6:] = 0  # right-padded with the pad id: transformers reads the last non-pad token
+    mask = ids != 0
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits
+    values = np.asarray(forward(model, params, ids, mask))
+    last = mask.sum(1) - 1
+    np.testing.assert_allclose(values[np.arange(3), last], ref.numpy()[:, 0], atol=1e-4)
+    cfg2, head2, params2 = hf.load_hf(tmp_path)
+    assert head2 == "scalar"
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+def test_sharded_index_round_trip(hf_dirs, tmp_path):
+    cfg, head, params = hf.load_hf(hf_dirs["llama_gqa_llama3"])
+    hf.save_hf(tmp_path, params, cfg, head, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
+    jax.tree.map(np.testing.assert_array_equal, params, hf.load_hf(tmp_path)[2])
+
+
+def test_bad_weights_give_clear_errors(hf_dirs, tmp_path):
+    src = hf_dirs["llama_gqa_llama3"]
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    missing = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
+    save_file(missing, str(tmp_path / "model.safetensors"))
+    with pytest.raises(hf.HFFormatError, match="'model.norm.weight' is missing"):
+        hf.load_hf(tmp_path)
+    wrong = {**tensors, "model.norm.weight": np.zeros(7, np.float32)}
+    save_file(wrong, str(tmp_path / "model.safetensors"))
+    with pytest.raises(hf.HFFormatError, match=r"shape \(7,\), expected \(32,\)"):
+        hf.load_hf(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(hf.HFFormatError, match="pickle formats are not loaded"):
+        hf.load_hf(tmp_path)
+
+
+def test_bfloat16_checkpoint_loads(hf_dirs, tmp_path):
+    cfg, head, params = hf.load_hf(hf_dirs["qwen2"])
+    hf.save_hf(tmp_path, params, cfg, head, dtype="bfloat16")
+    _, _, params_bf16 = hf.load_hf(tmp_path)
+    assert jax.tree.leaves(params_bf16)[0].dtype.name == "bfloat16"
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b.astype(np.float32), rtol=1e-2, atol=1e-2),
+                 params, params_bf16)
