@@ -29,7 +29,7 @@ FORMAT = "rlhf_jax.model"
 class LoadedModel(NamedTuple):
     cfg: ModelConfig
     head: str
-    params: dict  # numpy arrays, or jax arrays placed with the requested shardings
+    params: dict  # numpy arrays
     tokenizer_dir: Path | None
 
 
@@ -67,9 +67,8 @@ def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str]:
     return hf.model_config_from_json(meta["config"]), meta["head"]
 
 
-def load_model(path: str | os.PathLike, shardings=None) -> LoadedModel:
-    """Load a rlhf_jax model checkpoint or a HF checkpoint dir. With `shardings` (a pytree of NamedSharding or
-    a function (cfg, head) -> that pytree) the params are placed on the mesh; else they are numpy arrays."""
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load a rlhf_jax model checkpoint or a HF checkpoint dir as numpy params (placed on a mesh by the caller)."""
     path = Path(path).resolve()
     if (path / "model.json").exists():
         cfg, head = read_model_meta(path)
@@ -79,17 +78,8 @@ def load_model(path: str | os.PathLike, shardings=None) -> LoadedModel:
             tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
             target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
             params = ckptr.restore(path / "params", item=target)
-        params = jax.tree.map(np.asarray, params)
-        loaded = LoadedModel(cfg, head, params, tok if tok.is_dir() else None)
-    elif (path / "config.json").exists():
+        return LoadedModel(cfg, head, jax.tree.map(np.asarray, params), tok if tok.is_dir() else None)
+    if (path / "config.json").exists():
         cfg, head, params = hf.load_hf(path)
-        loaded = LoadedModel(cfg, head, params, path)
-    else:
-        raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
-                              "(config.json)")
-    if shardings is not None:
-        if callable(shardings):
-            shardings = shardings(loaded.cfg, loaded.head)
-        params = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded.params, shardings)
-        loaded = loaded._replace(params=params)
-    return loaded
+        return LoadedModel(cfg, head, params, path)
+    raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir (config.json)")

@@ -42,6 +42,8 @@ def read_prompts(path: str | Path) -> list[str]:
         raise PromptFileError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise PromptFileError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise PromptFileError(f"{path}: {e.strerror}") from None
     while lines and not lines[-1].strip():
         lines.pop()
     prompts = []
@@ -76,9 +78,11 @@ class Generator:
         self.tokenizer = load_tokenizer(loaded.tokenizer_dir)
         eos = params.eos_ids or loaded.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.params_cfg = dataclasses.replace(params, eos_ids=tuple(i for i in eos if i is not None))
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded.params)
+        # Inference stores weights in the compute dtype, so the decode loop never re-casts them.
+        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), loaded.params)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         param_sh = sharding.param_shardings(param_logical_axes(self.model), shapes, mesh)
-        self.params = sharding.place(loaded.params, param_sh)
+        self.params = sharding.place(params, param_sh)
         batch_sh = sharding.batch_sharding(mesh, 2)
         self._sample = jax.jit(functools.partial(sample, self.model, p=self.params_cfg),
                                in_shardings=(param_sh, batch_sh, batch_sh, sharding.replicated(mesh)),
@@ -115,6 +119,16 @@ class Generator:
         bar.close()
 
 
+def parse_mesh_shape(text: str) -> list[int]:
+    try:
+        shape = [int(s) for s in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3:
+        raise UserError(f"--mesh-shape expects 3 comma-separated ints (data,fsdp,tensor), got {text!r}")
+    return shape
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlhf_jax.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
             raise UserError("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
-        mesh = sharding.make_mesh([int(s) for s in args.mesh_shape.split(",")], ("data", "fsdp", "tensor"))
+        mesh = sharding.make_mesh(parse_mesh_shape(args.mesh_shape), ("data", "fsdp", "tensor"))
         prompts = read_prompts(args.prompt_file)
         gen = Generator(load_model(args.model), mesh,
                         SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, pad_id=PAD_ID),

@@ -9,6 +9,7 @@ from pathlib import Path
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import Config, config_to_dict
+from rlhf_jax.errors import UserError
 from rlhf_jax.generate import Generator, read_prompts
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.sampling import SamplingParams
@@ -27,13 +28,15 @@ def _model_path(cfg: Config, run_dir: Path) -> Path:
 
 
 def run_generate(cfg: Config, run_dir: Path) -> dict:
+    out_path = Path(cfg.generate.output or run_dir / "samples.jsonl")
+    if out_path.is_dir():
+        raise UserError(f"generate.output: {out_path} is a directory, expected a JSONL file path")
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
     s = cfg.sampling
     gen = Generator(load_model(_model_path(cfg, run_dir)), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                     cfg.model.dtype)
-    out_path = Path(cfg.generate.output or run_dir / "samples.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
     t0, n_tokens, n = time.perf_counter(), 0, 0

@@ -1,0 +1,133 @@
+"""Decode throughput: our scanned, KV-cached sampler against transformers' `generate` (PyTorch, KV cache) on
+the same tiny Llama weights, in one run. Prints one JSON document.
+
+  python benchmarks/decode.py [--batches 16 64] [--new-tokens 64 128] [--repeats 3] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from rlhf_jax import hf  # noqa: E402
+from rlhf_jax.model import ModelConfig, init_params, make_model  # noqa: E402
+from rlhf_jax.sampling import SamplingParams, sample  # noqa: E402
+
+CONFIGS = {
+    # The CPU reference point: the tiny Llama of the foundation issue.
+    "tiny": ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                        head_dim=64, d_ff=688, max_position_embeddings=1024, eos_token_ids=(), bos_token_id=0),
+    # An accelerator-sized model (TinyLlama-1.1B shapes).
+    "1b": ModelConfig(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                      head_dim=64, d_ff=5632, max_position_embeddings=2048, eos_token_ids=(), bos_token_id=0),
+}
+
+
+def time_ours(model, params, ids, mask, new_tokens, temperature, repeats, dtype):
+    p = SamplingParams(max_new_tokens=new_tokens, temperature=temperature)
+    fn = jax.jit(lambda pr, i, m, r: sample(model, pr, i, m, r, p).tokens_BN)
+    t0 = time.perf_counter()
+    fn(params, ids, mask, jax.random.key(0)).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        fn(params, ids, mask, jax.random.key(r + 1)).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), compile_s
+
+
+def time_transformers(torch_model, ids, new_tokens, temperature, repeats):
+    import torch
+
+    input_ids = torch.tensor(ids, dtype=torch.long, device=torch_model.device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=temperature > 0,
+                  temperature=temperature, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
+                  attention_mask=torch.ones_like(input_ids))
+    with torch.inference_mode():
+        torch_model.generate(input_ids, **kwargs)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch_model.generate(input_ids, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model-size", choices=sorted(CONFIGS), default="tiny")
+    ap.add_argument("--torch-device", default="cpu", help="where transformers runs: cpu or cuda")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    config = CONFIGS[args.model_size]
+    model = make_model(config, dtype=args.dtype)
+    params = jax.device_get(init_params(model, jax.random.key(0)))
+    torch_model = None
+    if not args.skip_transformers:
+        import torch
+        import transformers
+
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_hf(d, params, config)
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+                d, dtype=getattr(torch, args.dtype)).to(args.torch_device).eval()
+        torch_threads = torch.get_num_threads()
+    # Inference keeps weights in the compute dtype: no per-step cast of float32 weights inside the loop.
+    params = jax.device_put(jax.tree.map(lambda x: x.astype(args.dtype), params))
+    rows = []
+    for batch in args.batches:
+        ids = np.random.default_rng(0).integers(1, config.vocab_size, (batch, args.prompt)).astype(np.int32)
+        mask = np.ones_like(ids, bool)
+        for n in args.new_tokens:
+            # transformers first: its thread pool then does not compete with a just-finished XLA computation
+            hf_s = time_transformers(torch_model, ids, n, args.temperature, args.repeats) if torch_model else None
+            ours_s, compile_s = time_ours(model, params, ids, mask, n, args.temperature, args.repeats, args.dtype)
+            row = dict(batch=batch, prompt=args.prompt, new_tokens=n, ours_tokens_per_s=round(batch * n / ours_s, 1),
+                       ours_ms_per_step=round(1000 * ours_s / n, 3), ours_compile_s=round(compile_s, 2))
+            if hf_s is not None:
+                row.update(transformers_tokens_per_s=round(batch * n / hf_s, 1),
+                           transformers_ms_per_step=round(1000 * hf_s / n, 3), speedup=round(hf_s / ours_s, 3))
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    # Per-token time as the generated length doubles (1.0 = flat).
+    growth = {}
+    for batch in args.batches:
+        steps = {r["new_tokens"]: r["ours_ms_per_step"] for r in rows if r["batch"] == batch}
+        ns = sorted(steps)
+        if len(ns) > 1:
+            growth[f"batch_{batch}_ours_{ns[0]}_to_{ns[-1]}"] = round(steps[ns[-1]] / steps[ns[0]], 3)
+    result = dict(benchmark="decode", model_size=args.model_size, model=config.__dict__ | {"eos_token_ids": []}, dtype=args.dtype,
+                  temperature=args.temperature, device=str(jax.devices()[0].device_kind), torch_device=args.torch_device,
+                  platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__,
+                  torch_threads=None if torch_model is None else torch_threads, results=rows,
+                  per_token_time_growth=growth)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""The command-line tools as a user runs them: `rlhf_jax.generate`, `rlhf_jax.convert` and `rlhf_jax.main`.
+
+The CLIs are called in-process through their `main(argv)` functions (stdout/stderr captured), except one
+subprocess check that `python -m rlhf_jax.main` works as a module entry point. One tiny model is built per
+module; every generation uses small shapes (batch 8 over the 8 simulated devices, 8 new tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlhf_jax import convert as convert_cli
+from rlhf_jax import generate as generate_cli
+from rlhf_jax import main as main_cli
+from rlhf_jax.tiny import build_tiny_model, bundled_prompts
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 8
+PROMPTS = ["Once upon a time", "The sky is blue because", "A good friend is someone who"]
+RECORD_KEYS = {"prompt", "prompt_ids", "ids", "text", "logprobs"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _quiet(fn, argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a CLI main, for module-scoped fixtures (capsys is per test)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = fn(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _run(capsys, fn, argv) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop anything printed before this call
+    rc = fn([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def _gen_argv(model, prompt_file, *extra) -> list[str]:
+    return ["--model", str(model), "--prompt-file", str(prompt_file), "--max-new-tokens", str(MAX_NEW),
+            "--batch-size", "8", "--output", "jsonl", *map(str, extra)]
+
+
+def _assert_user_error(rc: int, err: str, *fragments: str) -> str:
+    """A user error: exit code 2 and exactly one stderr line `error: ...`, no traceback."""
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(workdir) -> Path:
+    """The tiny Llama (4 heads, 2 KV heads) with a small byte-level BPE, as a HF checkpoint directory."""
+    return build_tiny_model(workdir / "tiny_hf", seed=0, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(workdir) -> Path:
+    path = workdir / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def greedy_default(hf_dir, prompt_file) -> list[dict]:
+    """Greedy records from the HF dir on the default mesh (-1,1,1): the reference for several tests."""
+    rc, out, err = _quiet(generate_cli.main, _gen_argv(hf_dir, prompt_file, "--temperature", "0", "--seed", "0"))
+    assert rc == 0, err
+    return _records(out)
+
+
+@pytest.fixture(scope="module")
+def converted(hf_dir, workdir) -> dict:
+    """HF -> Orbax checkpoint -> HF again, through the convert CLI."""
+    ckpt, hf2 = workdir / "ckpt", workdir / "hf_export"
+    from_hf = _quiet(convert_cli.main, ["--from-hf", str(hf_dir), "--out", str(ckpt)])
+    to_hf = _quiet(convert_cli.main, ["--to-hf", "--checkpoint", str(ckpt), "--out", str(hf2)])
+    return {"ckpt": ckpt, "hf2": hf2, "from_hf": from_hf, "to_hf": to_hf}
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def _check_records(records: list[dict], prompts: list[str]) -> None:
+    assert [r["prompt"] for r in records] == prompts
+    for r in records:
+        assert set(r) == RECORD_KEYS
+        assert r["prompt_ids"] and all(isinstance(i, int) for i in r["prompt_ids"])
+        assert isinstance(r["text"], str)
+        assert 1 <= len(r["ids"]) == len(r["logprobs"]) <= MAX_NEW
+        assert all(isinstance(i, int) and 0 <= i < 300 for i in r["ids"])
+        assert all(lp <= 0.0 for lp in r["logprobs"])
+
+
+def test_generate_jsonl_records_in_prompt_order(capsys, hf_dir, prompt_file):
+    argv = _gen_argv(hf_dir, prompt_file, "--temperature", "1.0", "--seed", "7")
+    rc, out, err = _run(capsys, generate_cli.main, argv)
+    assert rc == 0, err
+    assert len(out.splitlines()) == 3
+    first = _records(out)
+    _check_records(first, PROMPTS)
+
+    rc, out_again, err = _run(capsys, generate_cli.main, argv)
+    assert rc == 0, err
+    assert out_again == out, "the same seed must give identical output"
+
+    rc, out_other, err = _run(capsys, generate_cli.main,
+                              _gen_argv(hf_dir, prompt_file, "--temperature", "1.0", "--seed", "8"))
+    assert rc == 0, err
+    assert [r["ids"] for r in _records(out_other)] != [r["ids"] for r in first], "the seed must matter"
+
+
+def test_generate_greedy_ignores_seed(capsys, hf_dir, prompt_file, greedy_default):
+    _check_records(greedy_default, PROMPTS)
+    rc, out, err = _run(capsys, generate_cli.main,
+                        _gen_argv(hf_dir, prompt_file, "--temperature", "0", "--seed", "123"))
+    assert rc == 0, err
+    assert _records(out) == greedy_default
+
+
+def test_generate_jsonl_prompt_file_with_line_breaks(capsys, hf_dir, workdir):
+    path = workdir / "multi.jsonl"
+    rows = [{"prompt": "multi\nline"}, {"prompt": "second prompt", "extra": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, path, "--temperature", "0"))
+    assert rc == 0, err
+    records = _records(out)
+    assert len(out.splitlines()) == 2
+    _check_records(records, ["multi\nline", "second prompt"])
+
+
+def test_generate_sharded_mesh_matches_default(capsys, hf_dir, prompt_file, greedy_default):
+    """data=2, fsdp=2, tensor=2: the tiny GQA Llama's 2 KV heads split over the tensor axis."""
+    rc, out, err = _run(capsys, generate_cli.main,
+                        _gen_argv(hf_dir, prompt_file, "--temperature", "0", "--mesh-shape", "2,2,2"))
+    assert rc == 0, err
+    records = _records(out)
+    assert [r["ids"] for r in records] == [r["ids"] for r in greedy_default]
+    for r, ref in zip(records, greedy_default):
+        np.testing.assert_allclose(r["logprobs"], ref["logprobs"], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_error_missing_prompt_file(capsys, hf_dir, workdir):
+    missing = workdir / "no_such_prompts.txt"
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, missing))
+    _assert_user_error(rc, err, str(missing), "not found")
+
+
+def test_error_empty_line_in_prompt_file(capsys, hf_dir, workdir):
+    path = workdir / "gap.txt"
+    path.write_text("first\n\nthird\n")
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, path))
+    _assert_user_error(rc, err, f"{path}:2", "empty prompt")
+
+
+def test_error_invalid_json_prompt_line(capsys, hf_dir, workdir):
+    path = workdir / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, path))
+    _assert_user_error(rc, err, f"{path}:2", "invalid JSON")
+
+
+def test_error_model_dir_of_neither_format(capsys, prompt_file, workdir):
+    empty = workdir / "not_a_model"
+    empty.mkdir()
+    (empty / "README.txt").write_text("nothing here\n")
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(empty, prompt_file))
+    _assert_user_error(rc, err, "not_a_model", "model.json", "config.json")
+
+
+def test_error_batch_size_not_divisible_by_devices(capsys, hf_dir, prompt_file):
+    argv = _gen_argv(hf_dir, prompt_file)
+    argv[argv.index("--batch-size") + 1] = "4"
+    rc, out, err = _run(capsys, generate_cli.main, argv)
+    _assert_user_error(rc, err, "batch_size=4", "8 data-parallel devices")
+    assert out == ""
+
+
+def test_error_mesh_that_does_not_fit_devices(capsys, hf_dir, prompt_file):
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--mesh-shape", "3,1,1"))
+    _assert_user_error(rc, err, "needs 3 devices, found 8")
+
+
+@pytest.mark.parametrize("case", ["mesh_not_int", "mesh_wrong_rank", "prompt_file_is_dir"])
+def test_error_malformed_inputs_are_user_errors(capsys, hf_dir, prompt_file, workdir, case):
+    argv = {"mesh_not_int": _gen_argv(hf_dir, prompt_file, "--mesh-shape", "2,x"),
+            "mesh_wrong_rank": _gen_argv(hf_dir, prompt_file, "--mesh-shape", "8"),
+            "prompt_file_is_dir": _gen_argv(hf_dir, workdir)}[case]
+    rc, _, err = _run(capsys, generate_cli.main, argv)
+    _assert_user_error(rc, err)
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+
+def test_convert_round_trip_is_exact(converted, hf_dir):
+    from safetensors.numpy import load_file
+
+    for step in ("from_hf", "to_hf"):
+        rc, out, err = converted[step]
+        assert rc == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["family"] == "llama" and summary["head"] == "lm"
+    assert (converted["ckpt"] / "model.json").is_file()
+    assert (converted["ckpt"] / "tokenizer" / "tokenizer.json").is_file()
+
+    original = load_file(str(hf_dir / "model.safetensors"))
+    exported = load_file(str(converted["hf2"] / "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype, name
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    assert (converted["hf2"] / "tokenizer.json").is_file()
+
+
+def test_convert_refuses_existing_out(capsys, converted, hf_dir):
+    ckpt, hf2 = converted["ckpt"], converted["hf2"]
+    rc, out, err = _run(capsys, convert_cli.main, ["--from-hf", hf_dir, "--out", ckpt])
+    _assert_user_error(rc, err, "already exists", "overwrite")
+    assert out == ""
+    rc, out, err = _run(capsys, convert_cli.main, ["--to-hf", "--checkpoint", ckpt, "--out", hf2])
+    _assert_user_error(rc, err, "already exists", "--overwrite")
+    assert out == ""
+    assert (ckpt / "model.json").is_file() and (hf2 / "model.safetensors").is_file()  # left alone
+
+
+def test_generate_from_orbax_checkpoint_matches_hf(capsys, converted, prompt_file, greedy_default):
+    rc, out, err = _run(capsys, generate_cli.main,
+                        _gen_argv(converted["ckpt"], prompt_file, "--temperature", "0"))
+    assert rc == 0, err
+    records = _records(out)
+    assert [r["ids"] for r in records] == [r["ids"] for r in greedy_default]
+    assert [r["text"] for r in records] == [r["text"] for r in greedy_default]
+    for r, ref in zip(records, greedy_default):
+        np.testing.assert_allclose(r["logprobs"], ref["logprobs"], atol=1e-6)
+
+
+def test_transformers_loads_export_and_logits_match(converted):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from rlhf_jax.checkpoint import load_model
+    from rlhf_jax.model import forward, make_model
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(converted["hf2"])).float().eval()
+    assert isinstance(hf_model, transformers.LlamaForCausalLM)
+    loaded = load_model(converted["ckpt"])
+    model = make_model(loaded.cfg)
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, loaded.cfg.vocab_size, size=(2, 7)).astype(np.int32)
+    mask = np.ones_like(ids, dtype=bool)
+    mask[1, :3] = False  # a left-padded row
+    ids[1, :3] = 0
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+
+    ours = np.asarray(forward(model, loaded.params, ids, mask))
+    with torch.no_grad():
+        theirs = hf_model(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                          attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                          position_ids=torch.from_numpy(positions.astype(np.int64))).logits.numpy()
+    assert ours.shape == theirs.shape == (2, 7, loaded.cfg.vocab_size)
+    np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def test_main_demo_config_runs_generate_stage(capsys, tmp_path):
+    run_dir = tmp_path / "demo_run"
+    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "demo.yaml", f"run_dir={run_dir}",
+                                                f"sampling.max_new_tokens={MAX_NEW}"])
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stage"] == "generate" and summary["prompts"] == 8
+
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
+    assert [s["prompt"] for s in samples] == bundled_prompts()
+    for s in samples:
+        assert set(s) == RECORD_KEYS
+        assert 1 <= len(s["ids"]) == len(s["logprobs"]) <= MAX_NEW
+    assert summary["new_tokens"] == sum(len(s["ids"]) for s in samples)
+    assert not list(run_dir.glob("*.partial"))
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(m["stage"] == "generate" for m in metrics)
+    assert metrics[-1]["step"] == 8 and metrics[-1]["new_tokens"] == summary["new_tokens"]
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_dir"] == str(run_dir) and config["sampling"]["max_new_tokens"] == MAX_NEW
+    assert config["stage"] == "generate"
+    assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
+
+
+def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
+    rc, out, err = _run(capsys, main_cli.main,
+                        ["--config", REPO / "configs" / "demo.yaml", f"run_dir={tmp_path / 'r'}", "optim.lrr=1"])
+    _assert_user_error(rc, err, "did you mean 'optim.lr'")
+    assert out == ""
+    assert not (tmp_path / "r").exists(), "a config error must come before any run-dir work"
+
+
+def test_main_out_of_range_value(capsys, tmp_path):
+    rc, out, err = _run(capsys, main_cli.main,
+                        ["--config", REPO / "configs" / "demo.yaml", f"run_dir={tmp_path / 'r'}", "sampling.top_p=2"])
+    _assert_user_error(rc, err, "sampling.top_p")
+    assert out == ""
+
+
+def test_main_output_that_is_a_directory_fails_before_generating(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "demo.yaml", f"run_dir={tmp_path / 'r'}",
+                                                f"generate.output={tmp_path / 'out'}"])
+    _assert_user_error(rc, err, "generate.output", "is a directory")
+    assert not (tmp_path / "r" / "tiny_model").exists()
+
+
+def test_module_entry_point_help():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.main", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "generate" in text
+    for section in ("model", "mesh", "sampling"):
+        assert f"\n{section}: " in text, section
+    assert "sampling.max_new_tokens" in text
