@@ -113,6 +113,13 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_H2: jax.Arra
     return out.astype(x_BTNH.dtype)
 
 
+def _einsum(dtype, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """float32 compute means float32 matmuls on every backend (GPUs would otherwise use TF32); bf16 is the
+    fast path."""
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    return jnp.einsum(spec, a, b, precision=precision)
+
+
 class _Param:
     """Declares a parameter with its logical axis names (used by `rlhf_jax.sharding`)."""
 
@@ -157,7 +164,7 @@ class Attention(nn.Module):
         # Per KV head: its G query heads, then its key head, then its value head.
         w_qkv = _Param.make(self, "qkv", (D, K, G + 2, H), ("embed", "kv_heads", None, "head_dim"),
                             _dense_init(), self.param_dtype)
-        qkv_BTKCH = jnp.einsum("btd,dkch->btkch", x_BTD, w_qkv.astype(self.dtype))
+        qkv_BTKCH = _einsum(self.dtype, "btd,dkch->btkch", x_BTD, w_qkv.astype(self.dtype))
         if cfg.qkv_bias or cfg.is_gpt2:
             b_qkv = _Param.make(self, "qkv_bias", (K, G + 2, H), ("kv_heads", None, "head_dim"),
                                 nn.initializers.zeros, self.param_dtype)
@@ -185,14 +192,14 @@ class Attention(nn.Module):
         causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
         allowed_BTS = causal_TS[None] & key_mask_BS[:, None, :].astype(bool)
 
-        scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(self.dtype))
+        scores_BKGTS = _einsum(self.dtype, "btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(self.dtype))
         scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(H)
         scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, NEG_INF)
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
-        out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(self.dtype))
+        out_BTKGH = _einsum(self.dtype, "bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(self.dtype))
 
         w_o = _Param.make(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), _dense_init(), self.param_dtype)
-        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTKGH.reshape(B, T, K * G, H), w_o.astype(self.dtype))
+        out_BTD = _einsum(self.dtype, "btnh,nhd->btd", out_BTKGH.reshape(B, T, K * G, H), w_o.astype(self.dtype))
         if cfg.is_gpt2:
             b_o = _Param.make(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
             out_BTD = out_BTD + b_o.astype(self.dtype)
@@ -212,7 +219,7 @@ class MLP(nn.Module):
         has_bias = cfg.is_gpt2 or cfg.mlp_bias
         w_in = _Param.make(self, "wi", (cfg.d_model, n_in, cfg.d_ff), ("embed", None, "mlp"),
                            _dense_init(), self.param_dtype)
-        h_BTCF = jnp.einsum("btd,dcf->btcf", x_BTD, w_in.astype(self.dtype))
+        h_BTCF = _einsum(self.dtype, "btd,dcf->btcf", x_BTD, w_in.astype(self.dtype))
         if has_bias:
             b_in = _Param.make(self, "wi_bias", (n_in, cfg.d_ff), (None, "mlp"), nn.initializers.zeros,
                                self.param_dtype)
@@ -222,7 +229,7 @@ class MLP(nn.Module):
         else:
             h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True)  # GPT-2's gelu_new
         w_out = _Param.make(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), _dense_init(), self.param_dtype)
-        out_BTD = jnp.einsum("btf,fd->btd", h_BTF, w_out.astype(self.dtype))
+        out_BTD = _einsum(self.dtype, "btf,fd->btd", h_BTF, w_out.astype(self.dtype))
         if has_bias:
             b_out = _Param.make(self, "wo_bias", (cfg.d_model,), ("embed",), nn.initializers.zeros,
                                 self.param_dtype)
@@ -289,13 +296,13 @@ class Transformer(nn.Module):
         x_BTD = Norm(**kw, name="final_norm")(x_BTD)
         if self.head == "scalar":
             w = _Param.make(self, "score", (cfg.d_model, 1), ("embed", None), _dense_init(), self.param_dtype)
-            return jnp.einsum("btd,do->bto", x_BTD, w.astype(self.dtype))[..., 0].astype(jnp.float32), new_cache
+            return _einsum(self.dtype, "btd,do->bto", x_BTD, w.astype(self.dtype))[..., 0].astype(jnp.float32), new_cache
         if cfg.tie_embeddings:
             w_DV = embedding.astype(self.dtype).T
         else:
             w_DV = _Param.make(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _dense_init(),
                                self.param_dtype).astype(self.dtype)
-        return jnp.einsum("btd,dv->btv", x_BTD, w_DV).astype(jnp.float32), new_cache
+        return _einsum(self.dtype, "btd,dv->btv", x_BTD, w_DV).astype(jnp.float32), new_cache
 
 
 def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param_dtype: str = "float32",
