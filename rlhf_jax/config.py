@@ -314,6 +314,25 @@ class GenerateSection:
 
 
 @dataclass(frozen=True)
+class DataSection:
+    dir: str = _opt("data", "directory of prepared datasets (python -m rlhf_jax.data --data-dir)")
+    name: str = _opt("", "prepared dataset name (python -m rlhf_jax.data --name)")
+    train_split: str = _opt("train", "split trained on")
+    eval_split: str = _opt("eval", "held-out split")
+    max_prompt_tokens: int = _opt(256, "prompts are truncated from the left to this many tokens")
+    max_response_tokens: int = _opt(256, "responses (EOS included) are truncated from the right to this many")
+    max_responses: int = _opt(0, "rankings: response slots per prompt; 0 = the dataset's largest K")
+    chat_template: bool = _opt(False, "wrap prompts in the tokenizer's chat template")
+    pack: bool = _opt(False, "sft: pack several examples into each sequence")
+
+    def __post_init__(self):
+        _coerce(self)
+        _check(self, "max_prompt_tokens", self.max_prompt_tokens > 0, "must be > 0")
+        _check(self, "max_response_tokens", self.max_response_tokens > 0, "must be > 0")
+        _check(self, "max_responses", self.max_responses == 0 or self.max_responses >= 2, "must be 0 or >= 2")
+
+
+@dataclass(frozen=True)
 class OptimSection:
     lr: float = _opt(1e-5, "peak learning rate")
     schedule: Literal["constant", "linear", "cosine"] = _opt("cosine", "learning-rate decay after warmup")
@@ -346,6 +365,7 @@ class Config:
     mesh: MeshSection = _section(MeshSection, "device mesh for sharding")
     sampling: SamplingSection = _section(SamplingSection, "text generation settings")
     generate: GenerateSection = _section(GenerateSection, "inputs and outputs of the generate stage")
+    data: DataSection = _section(DataSection, "prepared dataset and how it is tokenized")
     optim: OptimSection = _section(OptimSection, "optimizer and learning-rate schedule")
 
     def __post_init__(self):

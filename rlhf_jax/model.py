@@ -157,7 +157,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index):
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
         cfg = self.cfg
         D, K, G, H = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
         B, T, _ = x_BTD.shape
@@ -191,6 +191,8 @@ class Attention(nn.Module):
         S = k_BSKH.shape[1]
         causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
         allowed_BTS = causal_TS[None] & key_mask_BS[:, None, :].astype(bool)
+        if segment_ids_BT is not None:  # packed rows: attend only within one's own example
+            allowed_BTS = allowed_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
 
         scores_BKGTS = _einsum(self.dtype, "btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(self.dtype))
         scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(H)
@@ -243,10 +245,10 @@ class Block(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index):
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
         kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
         h, new_cache = Attention(**kw, dtype=self.dtype, name="attn")(
-            Norm(**kw, name="attn_norm")(x_BTD), positions_BT, key_mask_BS, layer_cache, cache_index
+            Norm(**kw, name="attn_norm")(x_BTD), positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT
         )
         x_BTD = x_BTD + h
         x_BTD = x_BTD + MLP(**kw, dtype=self.dtype, name="mlp")(Norm(**kw, name="mlp_norm")(x_BTD))
@@ -264,9 +266,10 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, key_mask_BS, cache: KVCache | None = None, cache_index=0,
-                 last_only: bool = False):
+                 last_only: bool = False, segment_ids_BT=None):
         """Full pass when `cache` is None (key_mask_BS is then the T-token mask), else a cached step that writes
-        slots [cache_index, cache_index + T) and attends over every valid slot. Returns (out, new_cache)."""
+        slots [cache_index, cache_index + T) and attends over every valid slot. `segment_ids_BT` (full pass
+        only) keeps packed examples apart. Returns (out, new_cache)."""
         cfg = self.cfg
         kw = dict(cfg=cfg, param_dtype=self.param_dtype)
         embedding = _Param.make(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -284,7 +287,7 @@ class Transformer(nn.Module):
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x_BTD, layer_new = block_cls(**kw, dtype=self.dtype, name=f"layer_{i}")(
-                x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index
+                x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT
             )
             if layer_new is not None:
                 new_k.append(layer_new[0])

@@ -222,3 +222,17 @@ def test_full_size_configs_build_abstractly(name):
     ids = jax.ShapeDtypeStruct((8, 16), jnp.int32)
     logits = jax.eval_shape(lambda p, i: forward(model, p, i, jnp.ones(i.shape, bool)), shapes, ids)
     assert logits.shape == (8, 16, cfg.vocab_size) and logits.dtype == jnp.float32
+
+
+def test_packed_rows_equal_separate_examples(llama):
+    """Two examples packed into one row with segment ids and restarting positions give each example's logits."""
+    cfg, model, params = llama
+    rng = np.random.default_rng(10)
+    a, b = rng.integers(3, VOCAB, 5), rng.integers(3, VOCAB, 4)
+    ids = np.concatenate([a, b, [0, 0, 0]])[None].astype(np.int32)
+    segments = np.array([[1] * 5 + [2] * 4 + [0] * 3])
+    positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0]])
+    packed, _ = model.apply({"params": params}, ids, positions, segments > 0, segment_ids_BT=segments)
+    for tokens, sl in ((a, slice(0, 5)), (b, slice(5, 9))):
+        alone = forward(model, params, tokens[None], np.ones((1, len(tokens)), bool))
+        np.testing.assert_allclose(np.asarray(packed)[0, sl], np.asarray(alone)[0], atol=1e-5)

@@ -1,0 +1,178 @@
+"""Grain input pipelines over prepared datasets: tokenize, truncate, pad to fixed shapes, shuffle, shard, batch.
+
+Layouts (numpy, fixed shapes; P prompt tokens, R response tokens, K responses, T = P + R):
+  sft       ids_T, mask_T, response_mask_T, positions_T, segment_ids_T, truncated
+            [left-padded prompt | right-padded response]; packed: several examples per row, segment ids 1, 2, ...
+  rankings  prompt_ids_P, prompt_mask_P, response_ids_KR, response_mask_KR, ranks_K (-1 = empty slot), truncated
+  prompts   prompt_ids_P, prompt_mask_P, truncated
+Prompts are truncated from the left (the end of a dialogue matters most), responses from the right; `truncated`
+marks each example that lost tokens so that trainers count them. Pad ids are PAD_ID; masks carry the truth.
+
+Training order is a global shuffle from the seed, reshuffled every epoch; host h of n reads rows h, h + n, ... of
+it, so the n hosts together see exactly the global batches. The iterator's state (`get_state`/`set_state`)
+goes into checkpoints, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rlhf_jax.config import DataSection
+from rlhf_jax.data.prepare import dataset_dir
+from rlhf_jax.errors import UserError
+from rlhf_jax.tokenizer import PAD_ID
+
+
+def open_split(data_dir: str | Path, name: str, split: str):
+    """(random-access source, our metadata) of one split of a prepared dataset."""
+    path = dataset_dir(data_dir, name)
+    if not (path / "dataset_info.json").exists():
+        raise UserError(f"{path}: no prepared dataset (run python -m rlhf_jax.data ... --name {name})")
+    builder = tfds.builder_from_directory(str(path))
+    if split not in builder.info.splits:
+        raise UserError(f"{path}: no split {split!r}; available: {sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split), dict(builder.info.metadata)
+
+
+class Tokenize:
+    """Turns one stored example into fixed-shape numpy arrays (see the module docstring)."""
+
+    def __init__(self, tokenizer, kind: str, spec: DataSection, max_responses: int):
+        if spec.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise UserError("data.chat_template is set but the tokenizer has no chat template")
+        self.tok, self.kind, self.spec, self.K = tokenizer, kind, spec, max_responses
+        self.eos = tokenizer.eos_token_id
+
+    def prompt_ids(self, prompt: str) -> tuple[list[int], bool]:
+        if self.spec.chat_template:
+            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tok(prompt)["input_ids"]
+        P = self.spec.max_prompt_tokens
+        return ids[-P:], len(ids) > P
+
+    def response_ids(self, response: str) -> tuple[list[int], bool]:
+        ids = self.tok(response, add_special_tokens=False)["input_ids"] + [self.eos]
+        R = self.spec.max_response_tokens
+        return ids[:R], len(ids) > R
+
+    def __call__(self, example: dict) -> dict[str, Any]:
+        text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else v
+        P, R = self.spec.max_prompt_tokens, self.spec.max_response_tokens
+        prompt, cut = self.prompt_ids(text(example["prompt"]))
+        prompt_ids, prompt_mask = _left_pad(prompt, P)
+        if self.kind == "prompts":
+            return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "truncated": np.bool_(cut)}
+        if self.kind == "sft":
+            response, cut_r = self.response_ids(text(example["response"]))
+            if self.spec.pack:  # real tokens only; packing lays them out
+                ids = np.asarray(prompt + response, np.int32)
+                return {"ids": ids, "response_mask": np.arange(len(ids)) >= len(prompt),
+                        "truncated": np.full(len(ids), cut or cut_r)}
+            response_ids, response_mask = _right_pad(response, R)
+            mask = np.concatenate([prompt_mask, response_mask])
+            return {"ids": np.concatenate([prompt_ids, response_ids]), "mask": mask,
+                    "response_mask": np.concatenate([np.zeros(P, bool), response_mask]),
+                    "positions": np.maximum(np.cumsum(mask) - 1, 0).astype(np.int32),
+                    "segment_ids": mask.astype(np.int32), "truncated": np.bool_(cut or cut_r)}
+        responses = [text(r) for r in example["responses"]]
+        if len(responses) > self.K:
+            raise UserError(f"an example has {len(responses)} responses but data.max_responses is {self.K}")
+        response_ids = np.full((self.K, R), PAD_ID, np.int32)
+        response_mask = np.zeros((self.K, R), bool)
+        ranks = np.full(self.K, -1, np.int32)
+        for k, response in enumerate(responses):
+            ids, cut_k = self.response_ids(response)
+            response_ids[k], response_mask[k] = _right_pad(ids, R)
+            ranks[k] = example["ranks"][k]
+            cut = cut or cut_k
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+                "response_mask": response_mask, "ranks": ranks, "truncated": np.bool_(cut)}
+
+
+def _left_pad(ids: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+    out, mask = np.full(width, PAD_ID, np.int32), np.zeros(width, bool)
+    if ids:
+        out[width - len(ids):], mask[width - len(ids):] = ids, True
+    return out, mask
+
+
+def _right_pad(ids: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+    out, mask = np.full(width, PAD_ID, np.int32), np.zeros(width, bool)
+    out[:len(ids)], mask[:len(ids)] = ids, True
+    return out, mask
+
+
+def _packed_layout(example: dict) -> dict:
+    """FirstFitPack output -> the sft layout (segment ids and positions restart per packed example)."""
+    seg = example["ids_segment_ids"].astype(np.int32)
+    return {"ids": np.where(seg > 0, example["ids"], PAD_ID).astype(np.int32), "mask": seg > 0,
+            "response_mask": example["response_mask"].astype(bool) & (seg > 0),
+            "positions": example["ids_positions"].astype(np.int32), "segment_ids": seg,
+            "truncated": np.bool_(example["truncated"].any())}
+
+
+def _resolve(kind: str, metadata: dict, spec: DataSection) -> int:
+    if kind != "rankings":
+        return 0
+    stored = int(metadata.get("max_responses", 0))
+    if spec.max_responses and spec.max_responses < stored:
+        raise UserError(f"data.max_responses={spec.max_responses} but the dataset has prompts with {stored} "
+                        "responses; raise it or set 0 for the dataset's largest K")
+    return spec.max_responses or stored
+
+
+def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    import jax
+
+    return (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
+
+
+def train_dataset(spec: DataSection, split: str, tokenizer, global_batch: int, seed: int,
+                  num_epochs: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+    """Shuffled, repeated, host-sharded, batched training data. `iter()` of it has get_state/set_state."""
+    source, metadata = open_split(spec.dir, spec.name, split)
+    kind = metadata["kind"]
+    index, count = _host(process_index, process_count)
+    if global_batch % count:
+        raise UserError(f"global batch {global_batch} is not divisible by {count} hosts")
+    if spec.pack and kind != "sft":
+        raise UserError("data.pack applies to sft datasets only")
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+    ds = ds[index::count].map(Tokenize(tokenizer, kind, spec, _resolve(kind, metadata, spec)))
+    per_host = global_batch // count
+    if not spec.pack:
+        return ds.batch(per_host, drop_remainder=True).to_iter_dataset()
+    length = spec.max_prompt_tokens + spec.max_response_tokens
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds.to_iter_dataset(), length_struct={"ids": length, "response_mask": length, "truncated": length},
+        num_packing_bins=max(per_host, 8), seed=seed)
+    return packed.map(_packed_layout).batch(per_host, drop_remainder=True)
+
+
+def eval_batches(spec: DataSection, split: str, tokenizer, batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict]:
+    """Every example of a split once, in stored order, in full batches; `valid` marks the real rows of the last."""
+    source, metadata = open_split(spec.dir, spec.name, split)
+    kind = metadata["kind"]
+    index, count = _host(process_index, process_count)
+    tokenize = Tokenize(tokenizer, kind, dataclasses.replace(spec, pack=False), _resolve(kind, metadata, spec))
+    rows = grain.MapDataset.source(source)[index::count].map(tokenize)
+    # Every host runs the same number of batches (collectives must line up), the last ones padded.
+    n_batches = -(-(-(-len(source) // count)) // batch_size)
+    filler = tokenize(source[0])
+    for b in range(n_batches):
+        examples = [rows[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(rows)))]
+        valid = np.arange(batch_size) < len(examples)
+        examples += [filler] * (batch_size - len(examples))  # masked out by `valid`
+        yield {**{k: np.stack([e[k] for e in examples]) for k in filler}, "valid": valid}

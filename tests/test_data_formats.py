@@ -1,0 +1,389 @@
+"""Dataset importers: each user format becomes canonical sft / rankings / prompts records, every bad row a RowError."""
+
+import gzip
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rlhf_jax.data import formats
+from rlhf_jax.data.formats import RowError, read_rows, tldr_query
+from rlhf_jax.errors import UserError
+
+HH_CHOSEN = ("\n\nHuman: What are some good vegetables to grow in a small garden?"
+             "\n\nAssistant: Tomatoes, lettuce and herbs like basil do well in small spaces."
+             "\n\nHuman: Which of those needs the least sun?"
+             "\n\nAssistant: Lettuce tolerates partial shade best.\n\nIt bolts in strong heat.")
+HH_PROMPT = HH_CHOSEN[: HH_CHOSEN.rfind("\n\nAssistant:") + len("\n\nAssistant:")]
+HH_REJECTED = HH_PROMPT + " I don't know, maybe tomatoes?"
+
+TLDR_SFT_ROW = {"id": "t3_1", "subreddit": "relationships", "title": "My (25F) roommate never cleans",
+                "post": "  We split rent evenly but she leaves dishes for days.\nWhat do I do?\n",
+                "summary": "  Roommate leaves dishes out, how do I bring it up?  "}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    return write_lines(path, [json.dumps(row) for row in rows])
+
+
+def read_all(fmt, paths, fields=None):
+    return list(read_rows(fmt, paths if isinstance(paths, list) else [paths], fields))
+
+
+def records(fmt, paths, fields=None):
+    rows = read_all(fmt, paths, fields)
+    assert [r.error for r in rows] == [None] * len(rows)
+    return [r.record for r in rows]
+
+
+def single_error(fmt, path):
+    [row] = read_all(fmt, path)
+    assert row.record is None and isinstance(row.error, RowError)
+    assert isinstance(row.error, UserError)
+    return row.error
+
+
+def comparison(choice, subreddit="tifu", texts=("first summary ", "  second summary")):
+    info = {"id": "t3_x", "post": "Long story about a cat.\n", "title": "TIFU by feeding the cat"}
+    if subreddit != "absent":
+        info["subreddit"] = subreddit
+    return {"info": info, "summaries": [{"text": t, "policy": "sup2"} for t in texts], "choice": choice,
+            "worker": "w1", "batch": "batch3", "split": "train"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Valid rows per format
+
+
+def test_formats_map_to_kinds():
+    assert set(formats.FORMATS.values()) == set(formats.KINDS)
+    assert formats.FORMATS["hh_rlhf"] == "rankings" and formats.FORMATS["tldr_sft"] == "sft"
+
+
+def test_jsonl_sft_keeps_metadata_as_compact_sorted_json(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "Say hi.", "response": " Hi!", "metadata": {"source": "web", "id": 7}},
+        {"prompt": "Count to 2.", "response": "1 2", "extra": "ignored"},
+    ])
+    assert records("jsonl_sft", path) == [
+        {"prompt": "Say hi.", "response": " Hi!", "metadata": '{"id":7,"source":"web"}'},
+        {"prompt": "Count to 2.", "response": "1 2", "metadata": ""},
+    ]
+
+
+def test_jsonl_sft_field_remapping(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4", "info": ["a"]}])
+    fields = {"prompt": "question", "response": "answer", "metadata": "info"}
+    assert records("jsonl_sft", path, fields) == [{"prompt": "2+2?", "response": "4", "metadata": '["a"]'}]
+    [row] = read_all("jsonl_sft", path, {"prompt": "question"})  # the response is still looked up as "response"
+    assert row.error.reason == "missing_field" and "'response'" in str(row.error)
+
+
+def test_jsonl_prompts(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Write a poem.", "metadata": 3}, {"prompt": "Hello"}])
+    assert records("jsonl_prompts", path) == [{"prompt": "Write a poem.", "metadata": "3"},
+                                              {"prompt": "Hello", "metadata": ""}]
+
+
+def test_jsonl_rankings_normalises_ranks_and_keeps_ties(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "p1", "responses": ["a", "b", "c"], "ranks": [3, 1, 1]},
+        {"prompt": "p2", "responses": ["a", "b", "c", "d"], "ranks": [0, 1, 2, 3]},
+        {"prompt": "p3", "responses": ["a", "b"], "ranks": [10, 4]},
+    ])
+    assert [r["ranks"] for r in records("jsonl_rankings", path)] == [[1, 0, 0], [0, 1, 2, 3], [1, 0]]
+    assert records("jsonl_rankings", path)[0] == {"prompt": "p1", "responses": ["a", "b", "c"], "ranks": [1, 0, 0]}
+
+
+def test_jsonl_rankings_accepts_chosen_rejected_pairs(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": " good", "rejected": " bad"}])
+    assert records("jsonl_rankings", path) == [{"prompt": "Q", "responses": [" good", " bad"], "ranks": [0, 1]}]
+
+
+def test_jsonl_rankings_field_remapping(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"q": "Q", "outs": ["x", "y"], "order": [1, 0]},
+                                              {"q": "Q2", "win": "w", "lose": "l"}])
+    fields = {"prompt": "q", "responses": "outs", "ranks": "order", "chosen": "win", "rejected": "lose"}
+    assert records("jsonl_rankings", path, fields) == [
+        {"prompt": "Q", "responses": ["x", "y"], "ranks": [1, 0]},
+        {"prompt": "Q2", "responses": ["w", "l"], "ranks": [0, 1]},
+    ]
+
+
+def test_hh_rlhf_splits_multi_turn_dialogue_at_last_assistant_turn(tmp_path):
+    single_turn = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
+                   "rejected": "\n\nHuman: Hi\n\nAssistant: What."}
+    path = tmp_path / "train.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for row in [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, single_turn]:
+            f.write(json.dumps(row) + "\n")
+    multi, single = records("hh_rlhf", str(path))
+    assert multi["prompt"] == HH_PROMPT and multi["prompt"].endswith("\n\nAssistant:")
+    assert "Which of those needs the least sun?" in multi["prompt"]
+    assert multi["responses"] == [" Lettuce tolerates partial shade best.\n\nIt bolts in strong heat.",
+                                  " I don't know, maybe tomatoes?"]
+    assert multi["ranks"] == [0, 1]
+    assert multi["prompt"] + multi["responses"][0] == HH_CHOSEN
+    assert single == {"prompt": "\n\nHuman: Hi\n\nAssistant:", "responses": [" Hello! How can I help?", " What."],
+                      "ranks": [0, 1]}
+
+
+def test_tldr_sft_query_template(tmp_path):
+    no_subreddit = dict(TLDR_SFT_ROW, subreddit=None)
+    path = write_jsonl(tmp_path / "train.jsonl", [TLDR_SFT_ROW, no_subreddit])
+    first, second = records("tldr_sft", path)
+    assert first == {
+        "prompt": "SUBREDDIT: r/relationships\n\nTITLE: My (25F) roommate never cleans\n\n"
+                  "POST: We split rent evenly but she leaves dishes for days.\nWhat do I do?\n\nTL;DR:",
+        "response": " Roommate leaves dishes out, how do I bring it up?",
+        "metadata": "",
+    }
+    assert second["prompt"].startswith("SUBREDDIT: r/\n\nTITLE:")
+    assert tldr_query("a", "t", " p ") == "SUBREDDIT: r/a\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
+
+
+def test_tldr_comparisons_put_the_chosen_summary_first(tmp_path):
+    path = write_jsonl(tmp_path / "batch3.json", [comparison(0), comparison(1, subreddit=None),
+                                                  comparison(1, subreddit="absent")])
+    chose_first, chose_second, no_subreddit = records("tldr_comparisons", path)
+    assert chose_first["responses"] == [" first summary", " second summary"]
+    assert chose_second["responses"] == [" second summary", " first summary"]  # summaries[1] is responses[0]
+    assert chose_first["ranks"] == chose_second["ranks"] == [0, 1]
+    assert chose_first["prompt"] == tldr_query("tifu", "TIFU by feeding the cat", "Long story about a cat.\n")
+    assert chose_second["prompt"] == no_subreddit["prompt"] == tldr_query("", "TIFU by feeding the cat",
+                                                                          "Long story about a cat.")
+
+
+def test_parquet_matches_jsonl_and_numbers_rows_from_one(tmp_path):
+    rows = [{"prompt": "p1", "responses": ["a", "b"], "ranks": [2, 0]},
+            {"prompt": "p2", "responses": ["a"], "ranks": [0]},
+            {"prompt": "p3", "responses": ["x", "y", "z"], "ranks": [0, 0, 1]}]
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    jsonl = write_jsonl(tmp_path / "r.jsonl", rows)
+    from_parquet, from_jsonl = read_all("jsonl_rankings", str(path)), read_all("jsonl_rankings", jsonl)
+    assert [r.record for r in from_parquet] == [r.record for r in from_jsonl]
+    assert from_parquet[1].error.reason == "too_few_responses"
+    assert str(from_parquet[1].error).startswith(f"{path}:2: ")
+    assert [r.where for r in from_parquet] == [f"{path}:{n}" for n in (1, 2, 3)]
+
+
+def test_parquet_tldr_comparisons_with_null_subreddit(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist([comparison(1, subreddit=None), comparison(0)]), path)
+    first, second = records("tldr_comparisons", str(path))
+    assert first["prompt"].startswith("SUBREDDIT: r/\n\n") and first["responses"][0] == " second summary"
+    assert second["prompt"].startswith("SUBREDDIT: r/tifu\n\n")
+
+
+def test_several_files_stream_in_order(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1"}, {"prompt": "2"}])
+    b = tmp_path / "b.jsonl.gz"
+    with gzip.open(b, "wt") as f:
+        f.write(json.dumps({"prompt": "3"}) + "\n")
+    rows = read_all("jsonl_prompts", [a, str(b)])
+    assert [r.record["prompt"] for r in rows] == ["1", "2", "3"]
+    assert [r.where for r in rows] == [f"{a}:1", f"{a}:2", f"{b}:1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Invalid rows: one RowError each, with a reason and a one-line "file:line: ..." message
+
+GOOD_HH = {"chosen": HH_CHOSEN, "rejected": HH_REJECTED}
+
+BAD_ROWS = [
+    ("jsonl_sft", '{"prompt": "p", "response": ', "invalid_json"),
+    ("jsonl_sft", '["prompt", "response"]', "not_an_object"),
+    ("jsonl_sft", '"just a string"', "not_an_object"),
+    ("jsonl_sft", {"response": "r"}, "missing_field"),
+    ("jsonl_sft", {"prompt": "p"}, "missing_field"),
+    ("jsonl_sft", {"prompt": 5, "response": "r"}, "wrong_type"),
+    ("jsonl_sft", {"prompt": "p", "response": None}, "wrong_type"),
+    ("jsonl_sft", {"prompt": " \n\t", "response": "r"}, "empty_prompt"),
+    ("jsonl_sft", {"prompt": "p", "response": "  "}, "empty_response"),
+    ("jsonl_prompts", {"prompt": ""}, "empty_prompt"),
+    ("jsonl_prompts", {"text": "p"}, "missing_field"),
+    ("jsonl_rankings", {"prompt": "p", "ranks": [0, 1]}, "missing_field"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"]}, "missing_field"),
+    ("jsonl_rankings", {"prompt": "p", "responses": "a", "ranks": [0]}, "wrong_type"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", 2], "ranks": [0, 1]}, "wrong_type"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1.0]}, "wrong_type"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [False, True]}, "wrong_type"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", " "], "ranks": [0, 1]}, "empty_response"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a"], "ranks": [0]}, "too_few_responses"),
+    ("jsonl_rankings", {"prompt": "p", "responses": [], "ranks": []}, "too_few_responses"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [0]}, "invalid_ranks"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [-1, 0]}, "invalid_ranks"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [2, 2, 2]}, "invalid_ranks"),
+    ("jsonl_rankings", {"prompt": "p", "chosen": "a"}, "missing_field"),
+    ("jsonl_rankings", {"prompt": "p", "chosen": "a", "rejected": ""}, "empty_response"),
+    ("jsonl_rankings", {"prompt": "", "chosen": "a", "rejected": "b"}, "empty_prompt"),
+    ("hh_rlhf", {"chosen": HH_CHOSEN}, "missing_field"),
+    ("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": 1}, "wrong_type"),
+    ("hh_rlhf", {"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi there"}, "missing_field"),
+    ("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": "\n\nHuman: Something else\n\nAssistant: No."}, "prefix_mismatch"),
+    ("hh_rlhf", {"chosen": HH_PROMPT + "  ", "rejected": HH_REJECTED}, "empty_response"),
+    ("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": HH_PROMPT}, "empty_response"),
+    ("tldr_sft", dict(TLDR_SFT_ROW, summary=" "), "empty_response"),
+    ("tldr_sft", {k: v for k, v in TLDR_SFT_ROW.items() if k != "post"}, "missing_field"),
+    ("tldr_sft", dict(TLDR_SFT_ROW, title=["x"]), "wrong_type"),
+    ("tldr_comparisons", comparison(2), "invalid_choice"),
+    ("tldr_comparisons", comparison(-1), "invalid_choice"),
+    ("tldr_comparisons", comparison(True), "wrong_type"),
+    ("tldr_comparisons", dict(comparison(0), summaries=[{"text": "only one"}]), "too_few_responses"),
+    ("tldr_comparisons", dict(comparison(0), summaries=[{"text": "a"}, {"policy": "b"}]), "missing_field"),
+    ("tldr_comparisons", dict(comparison(0), summaries=[{"text": "a"}, {"text": " "}]), "empty_response"),
+    ("tldr_comparisons", dict(comparison(0), info="a post"), "wrong_type"),
+    ("tldr_comparisons", {"summaries": [], "choice": 0}, "missing_field"),
+]
+
+
+@pytest.mark.parametrize("fmt,line,reason", BAD_ROWS)
+def test_bad_row_gives_row_error_with_reason(tmp_path, fmt, line, reason):
+    good = {"jsonl_sft": {"prompt": "p", "response": "r"}, "jsonl_prompts": {"prompt": "p"},
+            "jsonl_rankings": {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}, "hh_rlhf": GOOD_HH,
+            "tldr_sft": TLDR_SFT_ROW, "tldr_comparisons": comparison(0)}[fmt]
+    bad = line if isinstance(line, str) else json.dumps(line)
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(good), json.dumps(good), bad, json.dumps(good)])
+    rows = read_all(fmt, path)
+    assert len(rows) == 4
+    assert [r.error is None for r in rows] == [True, True, False, True]  # the rows after a bad one still load
+    error = rows[2].error
+    assert error.reason == reason
+    assert str(error).startswith(f"{path}:3: ") and "\n" not in str(error)
+    assert rows[2].where == f"{path}:3"
+
+
+def test_error_messages_name_field_and_expectation(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "responses": ["a"], "ranks": [0]}])
+    assert str(single_error("jsonl_rankings", path)) == (
+        f"{path}:1: field 'responses' must be a list of at least 2 strings, got 1")
+    path = write_lines(tmp_path / "y.jsonl", ['{"prompt": "p",}'])
+    error = single_error("jsonl_prompts", path)
+    assert error.reason == "invalid_json" and "Expecting property name" in str(error)
+    path = write_jsonl(tmp_path / "z.jsonl", [{"prompt": "p", "response": 3}])
+    assert str(single_error("jsonl_sft", path)) == f"{path}:1: field 'response' must be a string, got an integer"
+
+
+def test_invalid_utf8_is_one_bad_row(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n{"prompt": "also ok"}\n')
+    rows = read_all("jsonl_prompts", str(path))
+    assert [r.record and r.record["prompt"] for r in rows] == ["ok", None, "also ok"]
+    assert rows[1].error.reason == "invalid_utf8"
+    assert str(rows[1].error) == f"{path}:2: not valid UTF-8 (byte 15 of the line)"
+
+
+def test_blank_line_in_middle_is_an_error_but_trailing_blanks_are_not(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n   \n\n')
+    rows = read_all("jsonl_prompts", str(path))
+    assert len(rows) == 3
+    assert rows[1].error.reason == "invalid_json" and str(rows[1].error).startswith(f"{path}:2: blank line")
+    assert rows[2].record["prompt"] == "b" and rows[2].where == f"{path}:3"
+
+
+def test_crlf_line_endings_are_accepted(tmp_path):
+    path = tmp_path / "w.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\r\n{"prompt": "b"}\r\n')
+    assert [r["prompt"] for r in records("jsonl_prompts", str(path))] == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole-call errors
+
+
+def test_unknown_format_lists_the_formats(tmp_path):
+    with pytest.raises(UserError, match="unknown dataset format 'csv'.*jsonl_sft.*tldr_comparisons"):
+        read_rows("csv", [str(tmp_path / "x.jsonl")])
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(UserError) as e:
+        read_all("jsonl_sft", str(missing))
+    assert str(e.value) == f"{missing}: file not found"
+    with pytest.raises(UserError, match="file not found"):
+        read_all("jsonl_sft", str(tmp_path))  # a directory is not a readable file
+
+
+def test_missing_file_is_reported_before_any_row(tmp_path):
+    good = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p"}])
+    with pytest.raises(UserError, match="nope.jsonl: file not found"):
+        read_rows("jsonl_prompts", [good, str(tmp_path / "nope.jsonl")])
+
+
+def test_unsupported_file_type_and_bad_field_remaps(tmp_path):
+    with pytest.raises(UserError, match="unsupported file type"):
+        read_rows("jsonl_sft", [str(tmp_path / "data.csv")])
+    with pytest.raises(UserError, match="no field 'answer'"):
+        read_rows("jsonl_sft", [], {"answer": "a"})
+    with pytest.raises(UserError, match="fixed field names"):
+        read_rows("hh_rlhf", [], {"prompt": "q"})
+
+
+def test_corrupt_gzip_and_parquet_are_user_errors(tmp_path):
+    gz = tmp_path / "bad.jsonl.gz"
+    gz.write_bytes(b"not gzip at all\n")
+    with pytest.raises(UserError, match="not a valid gzip file"):
+        read_all("jsonl_prompts", str(gz))
+    parquet = tmp_path / "bad.parquet"
+    parquet.write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="not a readable Parquet file"):
+        read_all("jsonl_prompts", str(parquet))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Downloads (file:// URLs only: tests never use the network)
+
+
+def test_fetch_copies_once_into_cache(tmp_path):
+    source = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p"}])
+    url = (tmp_path / "train.jsonl").as_uri()
+    cache = tmp_path / "cache"
+    first = formats.fetch(url, cache)
+    assert first.parent == cache and first.name.endswith("train.jsonl") and first.read_text() == open(source).read()
+    first.write_text("cached copy\n")  # a second fetch must reuse the file, not download again
+    assert formats.fetch(url, cache) == first and first.read_text() == "cached copy\n"
+    assert [p.name for p in cache.iterdir()] == [first.name]  # no temp file left behind
+    other = formats.fetch((tmp_path / "train.jsonl").as_uri() + "?v=2", cache)
+    assert other != first  # same file name, different URL: separate cache entries
+
+
+def test_fetch_failure_is_user_error_and_leaves_no_partial_file(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match="download failed"):
+        formats.fetch((tmp_path / "missing.jsonl").as_uri(), cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_read_rows_downloads_http_urls_into_cache(tmp_path, monkeypatch):
+    source = write_jsonl(tmp_path / "src.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    fetched = []
+
+    def fake_fetch(url, cache_dir):
+        fetched.append((url, cache_dir))
+        target = tmp_path / "downloaded.jsonl"
+        shutil.copy(source, target)
+        return target
+
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(formats, "fetch", fake_fetch)
+    [record] = records("hh_rlhf", "https://example.invalid/helpful-base/train.jsonl")
+    assert record["prompt"] == HH_PROMPT
+    assert fetched == [("https://example.invalid/helpful-base/train.jsonl", tmp_path / "cache")]
+
+
+def test_download_urls_are_well_formed():
+    assert formats.HH_RLHF_URLS["helpful-base/train"] == (
+        "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz")
+    assert formats.TLDR_SFT_URLS["valid"].endswith("/datasets/tldr_3_filtered/valid.jsonl")
+    assert formats.TLDR_COMPARISONS_URL.format(n=3).endswith("/dataset/comparisons/batch3.json")
+    assert list(formats.TLDR_COMPARISONS_BATCHES) == list(range(3, 23))

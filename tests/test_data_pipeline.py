@@ -1,0 +1,218 @@
+"""Prepared datasets and grain pipelines: CLI summary, token layout, determinism, exact resume, host sharding,
+packing, eval padding, and bad input that writes nothing."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from rlhf_jax.config import DataSection
+from rlhf_jax.data.__main__ import main as data_main
+from rlhf_jax.data.pipeline import Tokenize, eval_batches, train_dataset
+from rlhf_jax.tiny import bundled_prompts
+from rlhf_jax.tokenizer import PAD_ID, train_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    corpus = bundled_prompts() * 4 + ["a b c d e f g h i j k l m n o p q r s t u v w x y z"]
+    return train_tiny_tokenizer(corpus, 300, tmp_path_factory.mktemp("tok"))
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _prepare(capsys, *args):
+    rc = data_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """One prepared dataset of each kind (prepared through the CLI)."""
+    root = tmp_path_factory.mktemp("data")
+    sft = _write_jsonl(root / "sft.jsonl", [{"prompt": f"Question {i}: what is {i} plus {i}?",
+                                             "response": f"It is {2 * i}. " * (1 + i % 7)} for i in range(40)])
+    rankings = _write_jsonl(root / "rank.jsonl", [
+        {"prompt": f"Rank answers for item {i}", "responses": [f"answer {j} for {i}" for j in range(2 + i % 4)],
+         "ranks": list(range(2 + i % 4))[::-1] if i % 2 else list(range(2 + i % 4))} for i in range(30)])
+    prompts = _write_jsonl(root / "prompts.jsonl", [{"prompt": f"Tell me about {i}"} for i in range(20)])
+    summaries = {}
+    for fmt, path, name in (("jsonl_sft", sft, "sft"), ("jsonl_rankings", rankings, "rank"),
+                            ("jsonl_prompts", prompts, "prompts")):
+        rc = data_main(["--format", fmt, "--input", str(path), "--data-dir", str(root / "prepared"), "--name", name,
+                        "--eval-fraction", "0.2"])
+        assert rc == 0
+        summaries[name] = root / "prepared"
+    return root / "prepared"
+
+
+def _spec(data_dir, name, **kw):
+    return DataSection(dir=str(data_dir), name=name, **{"max_prompt_tokens": 16, "max_response_tokens": 12, **kw})
+
+
+def test_cli_prints_one_json_summary(capsys, tmp_path):
+    path = _write_jsonl(tmp_path / "x.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(50)])
+    rc, out, err = _prepare(capsys, "--format", "jsonl_sft", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "x", "--eval-fraction", "0.3")
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert summary["kind"] == "sft" and summary["skipped_total"] == 0
+    assert summary["examples"]["train"] + summary["examples"]["eval"] == 50 and summary["examples"]["eval"] > 0
+    rc, _, err = _prepare(capsys, "--format", "jsonl_sft", "--input", path, "--data-dir", tmp_path / "d", "--name", "x")
+    assert rc == 2 and "already prepared" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sft_layout_left_padded_prompt_right_padded_response(datasets, tokenizer):
+    spec = _spec(datasets, "sft")
+    batch = next(iter(train_dataset(spec, "train", tokenizer, global_batch=4, seed=0)))
+    P, R = 16, 12
+    assert batch["ids"].shape == (4, P + R) and batch["ids"].dtype == np.int32
+    for ids, mask, resp, pos, seg in zip(batch["ids"], batch["mask"], batch["response_mask"], batch["positions"],
+                                         batch["segment_ids"]):
+        prompt_mask, response_mask = mask[:P], mask[P:]
+        n_prompt, n_resp = prompt_mask.sum(), response_mask.sum()
+        assert prompt_mask[P - n_prompt:].all() and not prompt_mask[:P - n_prompt].any()  # left padding
+        assert response_mask[:n_resp].all() and not response_mask[n_resp:].any()  # right padding
+        assert (ids[~mask] == PAD_ID).all()
+        np.testing.assert_array_equal(resp, np.concatenate([np.zeros(P, bool), response_mask]))
+        np.testing.assert_array_equal(pos[mask], np.arange(mask.sum()))
+        np.testing.assert_array_equal(seg, mask.astype(np.int32))
+        real_resp = ids[P:P + n_resp]
+        if n_resp < R:
+            assert real_resp[-1] == tokenizer.eos_token_id  # untruncated responses end with EOS
+
+
+def test_truncation_keeps_prompt_end_and_response_start(tokenizer):
+    spec = DataSection(max_prompt_tokens=4, max_response_tokens=3)
+    tok = Tokenize(tokenizer, "sft", spec, 0)
+    prompt, response = "one two three four five six seven", "alpha beta gamma delta"
+    out = tok({"prompt": prompt.encode(), "response": response.encode()})
+    full_prompt = tokenizer(prompt)["input_ids"]
+    full_response = tokenizer(response, add_special_tokens=False)["input_ids"]
+    np.testing.assert_array_equal(out["ids"][:4], full_prompt[-4:])
+    np.testing.assert_array_equal(out["ids"][4:], full_response[:3])
+    assert out["truncated"]
+    short = tok({"prompt": b"hi", "response": b"ok"})
+    assert not short["truncated"]
+
+
+def test_rankings_layout_with_variable_k(datasets, tokenizer):
+    spec = _spec(datasets, "rank")
+    batch = next(iter(train_dataset(spec, "train", tokenizer, global_batch=8, seed=1)))
+    K = 5  # the dataset's largest K (2 + i % 4)
+    assert batch["response_ids"].shape == (8, K, 12) and batch["ranks"].shape == (8, K)
+    for ranks, rmask in zip(batch["ranks"], batch["response_mask"]):
+        used = ranks >= 0
+        k = used.sum()
+        assert used[:k].all() and not used[k:].any() and k >= 2
+        assert rmask[:k].any(axis=1).all() and not rmask[k:].any()
+        assert sorted(ranks[:k].tolist()) == list(range(k))
+    with pytest.raises(Exception, match="max_responses=3"):
+        next(iter(train_dataset(dataclasses.replace(spec, max_responses=3), "train", tokenizer, 8, 1)))
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_same_seed_same_batches_and_epochs_reshuffle(datasets, tokenizer):
+    spec = _spec(datasets, "prompts")
+    a = _take(iter(train_dataset(spec, "train", tokenizer, 4, seed=3)), 6)
+    b = _take(iter(train_dataset(spec, "train", tokenizer, 4, seed=3)), 6)
+    c = _take(iter(train_dataset(spec, "train", tokenizer, 4, seed=4)), 6)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["prompt_ids"], y["prompt_ids"])
+    assert any(not np.array_equal(x["prompt_ids"], z["prompt_ids"]) for x, z in zip(a, c))
+
+
+def test_restored_iterator_continues_exactly(datasets, tokenizer):
+    spec = _spec(datasets, "sft")
+    ds = train_dataset(spec, "train", tokenizer, 4, seed=5)
+    it = iter(ds)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    expected = _take(it, 12)  # crosses an epoch boundary (32 train examples / 4)
+    resumed = iter(train_dataset(spec, "train", tokenizer, 4, seed=5))
+    resumed.set_state(state)
+    for x, y in zip(expected, _take(resumed, 12)):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_hosts_together_see_the_global_batch(datasets, tokenizer):
+    spec = _spec(datasets, "prompts")
+    whole = _take(iter(train_dataset(spec, "train", tokenizer, 8, seed=2, process_index=0, process_count=1)), 3)
+    parts = [_take(iter(train_dataset(spec, "train", tokenizer, 8, seed=2, process_index=h, process_count=2)), 3)
+             for h in range(2)]
+    for step in range(3):
+        global_rows = {tuple(r) for r in whole[step]["prompt_ids"]}
+        host_rows = {tuple(r) for h in range(2) for r in parts[h][step]["prompt_ids"]}
+        assert parts[0][step]["prompt_ids"].shape[0] == 4
+        assert global_rows == host_rows
+
+
+def test_packing_keeps_examples_apart(datasets, tokenizer):
+    spec = _spec(datasets, "sft", pack=True, max_prompt_tokens=48, max_response_tokens=48)
+    batch = next(iter(train_dataset(spec, "train", tokenizer, 4, seed=0)))
+    assert batch["ids"].shape == (4, 96)
+    assert batch["segment_ids"].max() >= 2  # at least one row holds several examples
+    for seg, pos, mask, resp in zip(batch["segment_ids"], batch["positions"], batch["mask"], batch["response_mask"]):
+        for s in set(seg[seg > 0].tolist()):
+            np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+        assert not resp[~mask].any()
+
+
+def test_eval_batches_cover_the_split_once(datasets, tokenizer):
+    spec = _spec(datasets, "prompts")
+    batches = list(eval_batches(spec, "eval", tokenizer, batch_size=3))
+    n_valid = sum(int(b["valid"].sum()) for b in batches)
+    from rlhf_jax.data.pipeline import open_split
+
+    source, meta = open_split(datasets, "prompts", "eval")
+    assert n_valid == len(source) == meta["examples"]["eval"]
+    assert all(b["prompt_ids"].shape == (3, 16) for b in batches)
+
+
+BAD_ROWS = [
+    ("jsonl_sft", '{"prompt": "p"}\n', "missing"),
+    ("jsonl_sft", '{"prompt": 3, "response": "r"}\n', "prompt"),
+    ("jsonl_sft", '{"prompt": "  ", "response": "r"}\n', "prompt"),
+    ("jsonl_sft", '{"prompt": "p", "response": ""}\n', "response"),
+    ("jsonl_rankings", '{"prompt": "p", "responses": ["a"], "ranks": [0]}\n', "responses"),
+    ("jsonl_rankings", '{"prompt": "p", "responses": ["a", "b"], "ranks": [0]}\n', "ranks"),
+    ("jsonl_sft", '{"prompt": "p", "response": \n', "JSON"),
+]
+
+
+@pytest.mark.parametrize("fmt,bad_line,fragment", BAD_ROWS)
+def test_bad_row_fails_with_file_and_line_and_writes_nothing(capsys, tmp_path, fmt, bad_line, fragment):
+    good = ('{"prompt": "p", "response": "r"}\n' if fmt == "jsonl_sft"
+            else '{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}\n')
+    path = tmp_path / "in.jsonl"
+    path.write_text(good + good + bad_line + good)
+    rc, out, err = _prepare(capsys, "--format", fmt, "--input", path, "--data-dir", tmp_path / "d", "--name", "x")
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert f"{path}:3" in err and fragment.lower() in err.lower()
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").rglob("*.array_record*"))
+    rc, out, err = _prepare(capsys, "--format", fmt, "--input", path, "--data-dir", tmp_path / "d", "--name", "x",
+                            "--skip-invalid")
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["examples"]["train"] == 3 and summary["skipped_total"] == 1
+
+
+def test_invalid_utf8_is_reported(capsys, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "\xff\xfe", "response": "r"}\n')
+    rc, out, err = _prepare(capsys, "--format", "jsonl_sft", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "x")
+    assert rc == 2 and f"{path}:2" in err and "utf-8" in err.lower()
+    assert not any((tmp_path / "d").rglob("*.array_record*")) if (tmp_path / "d").exists() else True
