@@ -161,6 +161,12 @@ def test_tldr_comparisons_put_the_chosen_summary_first(tmp_path):
                                                                           "Long story about a cat.")
 
 
+def test_tldr_comparison_with_more_than_two_summaries_ties_the_unchosen(tmp_path):
+    path = write_jsonl(tmp_path / "batch9.json", [comparison(1, texts=("a", "b", "c"))])
+    [record] = records("tldr_comparisons", path)
+    assert record["responses"] == [" b", " a", " c"] and record["ranks"] == [0, 1, 1]
+
+
 def test_parquet_matches_jsonl_and_numbers_rows_from_one(tmp_path):
     rows = [{"prompt": "p1", "responses": ["a", "b"], "ranks": [2, 0]},
             {"prompt": "p2", "responses": ["a"], "ranks": [0]},
@@ -310,8 +316,9 @@ def test_missing_file(tmp_path):
     with pytest.raises(UserError) as e:
         read_all("jsonl_sft", str(missing))
     assert str(e.value) == f"{missing}: file not found"
+    (tmp_path / "dir.jsonl").mkdir()
     with pytest.raises(UserError, match="file not found"):
-        read_all("jsonl_sft", str(tmp_path))  # a directory is not a readable file
+        read_all("jsonl_sft", str(tmp_path / "dir.jsonl"))  # a directory is not a readable file
 
 
 def test_missing_file_is_reported_before_any_row(tmp_path):
@@ -323,6 +330,8 @@ def test_missing_file_is_reported_before_any_row(tmp_path):
 def test_unsupported_file_type_and_bad_field_remaps(tmp_path):
     with pytest.raises(UserError, match="unsupported file type"):
         read_rows("jsonl_sft", [str(tmp_path / "data.csv")])
+    with pytest.raises(UserError, match="unsupported file type"):  # refused before any download
+        read_rows("jsonl_sft", ["https://example.invalid/data.csv"])
     with pytest.raises(UserError, match="no field 'answer'"):
         read_rows("jsonl_sft", [], {"answer": "a"})
     with pytest.raises(UserError, match="fixed field names"):
@@ -353,8 +362,10 @@ def test_fetch_copies_once_into_cache(tmp_path):
     first.write_text("cached copy\n")  # a second fetch must reuse the file, not download again
     assert formats.fetch(url, cache) == first and first.read_text() == "cached copy\n"
     assert [p.name for p in cache.iterdir()] == [first.name]  # no temp file left behind
-    other = formats.fetch((tmp_path / "train.jsonl").as_uri() + "?v=2", cache)
-    assert other != first  # same file name, different URL: separate cache entries
+    (tmp_path / "test").mkdir()
+    write_jsonl(tmp_path / "test" / "train.jsonl", [{"prompt": "q"}])
+    other = formats.fetch((tmp_path / "test" / "train.jsonl").as_uri(), cache)
+    assert other != first and "q" in other.read_text()  # same file name, different URL: separate cache entries
 
 
 def test_fetch_failure_is_user_error_and_leaves_no_partial_file(tmp_path):

@@ -114,7 +114,8 @@ def _field_names(fmt: str, fields: Mapping[str, str] | None) -> dict[str, str]:
     renamable = _RENAMABLE.get(fmt, ())
     fields = dict(fields or {})
     if fields and not renamable:
-        raise UserError(f"format {fmt!r} has fixed field names; field remapping only applies to {', '.join(_RENAMABLE)}")
+        raise UserError(f"format {fmt!r} has fixed field names; "
+                        f"field remapping only applies to {', '.join(_RENAMABLE)}")
     unknown = sorted(set(fields) - set(renamable))
     if unknown:
         raise UserError(f"format {fmt!r} has no field {unknown[0]!r} to remap; it has: {', '.join(renamable)}")
@@ -124,7 +125,8 @@ def _field_names(fmt: str, fields: Mapping[str, str] | None) -> dict[str, str]:
 def _local_file(path: str) -> Path:
     """The local file to read for `path`, downloading URLs into the cache first."""
     if path.startswith(("http://", "https://")):
-        return _checked_suffix(fetch(path, default_cache_dir()))
+        _checked_suffix(Path(urllib.parse.urlparse(path).path))  # before a download, not after
+        return fetch(path, default_cache_dir())
     local = _checked_suffix(Path(path))
     if not local.is_file():
         raise UserError(f"{path}: file not found")
@@ -388,14 +390,15 @@ def _response(text: str, what: str) -> str:
 
 def _responses(row: dict, name: str) -> list[str]:
     responses = _field(row, name)
+    expected = f"field {name!r} must be a list of at least 2 strings"
     if not isinstance(responses, list):
-        raise _Invalid("wrong_type", f"field {name!r} must be a list of at least 2 strings, got {_type_name(responses)}")
+        raise _Invalid("wrong_type", f"{expected}, got {_type_name(responses)}")
     for i, response in enumerate(responses):
         if not isinstance(response, str):
             raise _Invalid("wrong_type", f"field '{name}[{i}]' must be a string, got {_type_name(response)}")
         _response(response, f"field '{name}[{i}]'")
     if len(responses) < 2:
-        raise _Invalid("too_few_responses", f"field {name!r} must be a list of at least 2 strings, got {len(responses)}")
+        raise _Invalid("too_few_responses", f"{expected}, got {len(responses)}")
     return responses
 
 

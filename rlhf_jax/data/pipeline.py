@@ -29,6 +29,9 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.tokenizer import PAD_ID
 
 
+READ_THREADS = 8
+
+
 def open_split(data_dir: str | Path, name: str, split: str):
     """(random-access source, our metadata) of one split of a prepared dataset."""
     path = dataset_dir(data_dir, name)
@@ -59,10 +62,14 @@ class Tokenize:
         P = self.spec.max_prompt_tokens
         return ids[-P:], len(ids) > P
 
-    def response_ids(self, response: str) -> tuple[list[int], bool]:
-        ids = self.tok(response, add_special_tokens=False)["input_ids"] + [self.eos]
+    def response_ids(self, responses: list[str]) -> list[tuple[list[int], bool]]:
+        """Each response + EOS, cut to R tokens; one batched tokenizer call for all K."""
         R = self.spec.max_response_tokens
-        return ids[:R], len(ids) > R
+        out = []
+        for ids in self.tok(responses, add_special_tokens=False)["input_ids"]:
+            ids = ids + [self.eos]
+            out.append((ids[:R], len(ids) > R))
+        return out
 
     def __call__(self, example: dict) -> dict[str, Any]:
         text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else v
@@ -72,7 +79,7 @@ class Tokenize:
         if self.kind == "prompts":
             return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "truncated": np.bool_(cut)}
         if self.kind == "sft":
-            response, cut_r = self.response_ids(text(example["response"]))
+            (response, cut_r), = self.response_ids([text(example["response"])])
             if self.spec.pack:  # real tokens only; packing lays them out
                 ids = np.asarray(prompt + response, np.int32)
                 return {"ids": ids, "response_mask": np.arange(len(ids)) >= len(prompt),
@@ -89,8 +96,7 @@ class Tokenize:
         response_ids = np.full((self.K, R), PAD_ID, np.int32)
         response_mask = np.zeros((self.K, R), bool)
         ranks = np.full(self.K, -1, np.int32)
-        for k, response in enumerate(responses):
-            ids, cut_k = self.response_ids(response)
+        for k, (ids, cut_k) in enumerate(self.response_ids(responses)):
             response_ids[k], response_mask[k] = _right_pad(ids, R)
             ranks[k] = example["ranks"][k]
             cut = cut or cut_k
@@ -151,11 +157,13 @@ def train_dataset(spec: DataSection, split: str, tokenizer, global_batch: int, s
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
     ds = ds[index::count].map(Tokenize(tokenizer, kind, spec, _resolve(kind, metadata, spec)))
     per_host = global_batch // count
+    # Tokenization runs in reader threads (the tokenizer releases the GIL); order stays deterministic.
+    read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=4 * per_host)
     if not spec.pack:
-        return ds.batch(per_host, drop_remainder=True).to_iter_dataset()
+        return ds.batch(per_host, drop_remainder=True).to_iter_dataset(read)
     length = spec.max_prompt_tokens + spec.max_response_tokens
     packed = grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(), length_struct={"ids": length, "response_mask": length, "truncated": length},
+        ds.to_iter_dataset(read), length_struct={"ids": length, "response_mask": length, "truncated": length},
         num_packing_bins=max(per_host, 8), seed=seed)
     return packed.map(_packed_layout).batch(per_host, drop_remainder=True)
 
