@@ -31,6 +31,7 @@ class LoadedModel(NamedTuple):
     head: str
     params: dict  # numpy arrays
     tokenizer_dir: Path | None
+    extra: dict = {}  # e.g. {"reward_norm": {"gain": g, "bias": b}} of a reward model
 
 
 class CheckpointError(UserError):
@@ -38,7 +39,8 @@ class CheckpointError(UserError):
 
 
 def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str = "lm",
-               tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+               tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
+               extra: dict | None = None) -> Path:
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir}: already exists (pass overwrite to replace it)")
@@ -48,7 +50,7 @@ def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str =
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(tmp / "params", params)
     (tmp / "model.json").write_text(json.dumps(
-        {"format": FORMAT, "config": hf.model_config_to_json(cfg), "head": head}, indent=2))
+        {"format": FORMAT, "config": hf.model_config_to_json(cfg), "head": head, **(extra or {})}, indent=2))
     if tokenizer_dir is not None:
         (tmp / "tokenizer").mkdir()
         for name in hf.TOKENIZER_FILES:
@@ -60,26 +62,59 @@ def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str =
     return out_dir
 
 
-def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str]:
+def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
     meta = json.loads((ckpt_dir / "model.json").read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt_dir / 'model.json'}: not a {FORMAT} file")
-    return hf.model_config_from_json(meta["config"]), meta["head"]
+    extra = {k: v for k, v in meta.items() if k not in ("format", "config", "head")}
+    return hf.model_config_from_json(meta["config"]), meta["head"], extra
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Load a rlhf_jax model checkpoint or a HF checkpoint dir as numpy params (placed on a mesh by the caller)."""
     path = Path(path).resolve()
     if (path / "model.json").exists():
-        cfg, head = read_model_meta(path)
+        cfg, head, extra = read_model_meta(path)
         tok = path / "tokenizer"
         with ocp.PyTreeCheckpointer() as ckptr:
             meta = ckptr.metadata(path / "params")
             tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
             target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
             params = ckptr.restore(path / "params", item=target)
-        return LoadedModel(cfg, head, jax.tree.map(np.asarray, params), tok if tok.is_dir() else None)
+        return LoadedModel(cfg, head, jax.tree.map(np.asarray, params), tok if tok.is_dir() else None, extra)
     if (path / "config.json").exists():
         cfg, head, params = hf.load_hf(path)
         return LoadedModel(cfg, head, params, path)
     raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir (config.json)")
+
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager over one training run: the train state, the data iterator's state and a small
+    JSON of loop facts (best eval so far, seed) are saved together, asynchronously, keeping the last N.
+    Orbax writes each step under a temporary name and renames it when complete, so a kill mid-save leaves
+    the previous checkpoint as the latest."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(Path(directory).resolve(), options=options,
+                                             item_names=("state", "data", "loop"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, loop: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data_state),
+                                                        loop=ocp.args.JsonSave(loop)))
+
+    def restore(self, step: int, like_state):
+        """(state placed like `like_state`, data iterator state, loop facts) of a saved step."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 data=ocp.args.JsonRestore(),
+                                                                 loop=ocp.args.JsonRestore()))
+        return out.state, out.data, out.loop
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -333,6 +333,38 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class TrainSection:
+    steps: int = _opt(100, "optimizer steps")
+    batch_size: int = _opt(16, "global batch: sequences (sft) or prompts with their K responses (rm)")
+    eval_every: int = _opt(50, "steps between held-out evaluations; 0 = only at the end")
+    eval_batches: int = _opt(0, "batches per evaluation; 0 = the whole eval split")
+    save_every: int = _opt(50, "steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = _opt(2, "most recent checkpoints kept (the best model is exported separately)")
+    log_every: int = _opt(10, "steps between metric fetches and log lines")
+    loss_on_prompt: bool = _opt(False, "sft: train on prompt tokens too")
+
+    def __post_init__(self):
+        _coerce(self)
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+            _check(self, name, getattr(self, name) > 0, "must be > 0")
+        for name in ("eval_every", "eval_batches", "save_every"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RMSection:
+    normalize: Literal["none", "bias", "bias_gain"] = _opt(
+        "bias", "after training, shift (and scale) rewards so reference responses score mean 0 (and std 1)")
+    reference_dataset: str = _opt(
+        "", "prepared sft dataset whose responses are the reference; \"\" = the rank-0 responses of data.eval_split")
+    reference_examples: int = _opt(512, "reference responses scored for the normalisation")
+
+    def __post_init__(self):
+        _coerce(self)
+        _check(self, "reference_examples", self.reference_examples > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
 class OptimSection:
     lr: float = _opt(1e-5, "peak learning rate")
     schedule: Literal["constant", "linear", "cosine"] = _opt("cosine", "learning-rate decay after warmup")
@@ -358,7 +390,8 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class Config:
-    stage: Literal["generate"] = _opt("generate", "pipeline stage to run (generate: sample from a model)")
+    stage: Literal["generate", "sft", "rm"] = _opt(
+        "generate", "stage to run: generate (sample), sft (fine-tune on demonstrations), rm (ranking reward model)")
     run_dir: str = _opt("runs/default", "directory for checkpoints, logs and outputs")
     seed: int = _opt(0, "random seed for init, sampling and data order")
     model: ModelSection = _section(ModelSection, "which model to load and how to run it")
@@ -366,6 +399,8 @@ class Config:
     sampling: SamplingSection = _section(SamplingSection, "text generation settings")
     generate: GenerateSection = _section(GenerateSection, "inputs and outputs of the generate stage")
     data: DataSection = _section(DataSection, "prepared dataset and how it is tokenized")
+    train: TrainSection = _section(TrainSection, "training loop of the sft and rm stages")
+    rm: RMSection = _section(RMSection, "reward model specifics")
     optim: OptimSection = _section(OptimSection, "optimizer and learning-rate schedule")
 
     def __post_init__(self):

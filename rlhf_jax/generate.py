@@ -83,7 +83,7 @@ class Generator:
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         param_sh = sharding.param_shardings(param_logical_axes(self.model), shapes, mesh)
         self.params = sharding.place(params, param_sh)
-        batch_sh = sharding.batch_sharding(mesh, 2)
+        batch_sh = sharding.batch_sharding(mesh)
         self._sample = jax.jit(functools.partial(sample, self.model, p=self.params_cfg),
                                in_shardings=(param_sh, batch_sh, batch_sh, sharding.replicated(mesh)),
                                out_shardings=batch_sh)

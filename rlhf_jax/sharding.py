@@ -71,9 +71,9 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in AXIS_RULES["batch"] if a in mesh.shape)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading dimension split over the data-parallel axes, the rest replicated."""
-    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading dimension split over the data-parallel axes, the rest replicated (any rank)."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -13,18 +13,8 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.generate import Generator, read_prompts
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.sampling import SamplingParams
-from rlhf_jax.tiny import build_tiny_model, bundled_prompts
+from rlhf_jax.tiny import bundled_prompts, resolve_model_path
 from rlhf_jax.tokenizer import PAD_ID
-
-
-def _model_path(cfg: Config, run_dir: Path) -> Path:
-    """The configured model, or the tiny built-in one (built once into the run dir)."""
-    if cfg.model.path:
-        return Path(cfg.model.path)
-    tiny = run_dir / "tiny_model"
-    if not (tiny / "config.json").exists():
-        build_tiny_model(tiny, seed=cfg.seed)
-    return tiny
 
 
 def run_generate(cfg: Config, run_dir: Path) -> dict:
@@ -34,7 +24,7 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
     s = cfg.sampling
-    gen = Generator(load_model(_model_path(cfg, run_dir)), mesh,
+    gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed)), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                     cfg.model.dtype)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +43,13 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
-STAGES = {"generate": run_generate}
+def run_train(cfg: Config, run_dir: Path) -> dict:
+    from rlhf_jax.trainers import train
+
+    return train(cfg, run_dir)
+
+
+STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train}
 
 
 def run(cfg: Config) -> dict:

@@ -36,3 +36,13 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, family: str = "l
     params = jax.device_get(init_params(make_model(cfg), jax.random.key(seed)))
     hf.save_hf(out_dir, params, cfg, tokenizer_dir=out_dir)
     return out_dir
+
+
+def resolve_model_path(path: str, run_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """The configured model, or (for an empty path) the tiny built-in one, built once into the run dir."""
+    if path:
+        return Path(path)
+    tiny = Path(run_dir) / "tiny_model"
+    if not (tiny / "config.json").exists():
+        build_tiny_model(tiny, seed=seed)
+    return tiny

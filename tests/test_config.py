@@ -129,7 +129,7 @@ def test_unknown_key_in_dict():
     ("mesh.shape=[2,x]", "'mesh.shape'", "expects a list of int"),
     ("mesh.shape=4", "'mesh.shape'", "expects a list of int"),
     ("model.remat=true", "'model.remat'", "must be one of ['none', 'block']"),
-    ("stage=generat", "'stage'", "did you mean 'generate'"),
+    ("stage=sf", "'stage'", "did you mean 'sft'"),
     ("optim.lr=.inf", "'optim.lr'", "finite"),
 ])
 def test_wrong_type(override, key, fragment):

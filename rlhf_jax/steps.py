@@ -1,0 +1,161 @@
+"""Pure train and eval steps `(state, batch, rng) -> (state, metrics)`; jit, shardings and donation are applied
+by the caller (`trainers.py`). Gradient accumulation scans over micro-batches inside the step and divides by
+the whole batch's token (or prompt) count, so it equals one large batch exactly."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.config import OptimSection
+from rlhf_jax.losses import last_token_values, next_token_nll, ranking_loss, ranking_pairs
+from rlhf_jax.model import Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def lr_schedule(optim: OptimSection, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then constant, linear decay to 0, or cosine decay to 0 at `total_steps`."""
+    warmup = min(optim.warmup_steps, total_steps)
+    decay_steps = max(total_steps - warmup, 1)
+    after = {"constant": optax.constant_schedule(optim.lr),
+             "linear": optax.linear_schedule(optim.lr, 0.0, decay_steps),
+             "cosine": optax.cosine_decay_schedule(optim.lr, decay_steps)}[optim.schedule]
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
+
+
+def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (no decay on norms and biases) after global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(lr_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                        weight_decay=optim.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw) if optim.grad_clip else adamw
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def _micro_batches(batch: dict, accum: int) -> dict:
+    """(B, ...) -> (accum, B / accum, ...), micro-batch a taking rows a, a + accum, ...: every device keeps an
+    equal share of each micro-batch under a data-parallel sharding of B."""
+    def split(x):
+        return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _accumulate(loss_sums: Callable, params, batch: dict, accum: int):
+    """Sum of grads and aux of `loss_sums(params, micro_batch) -> (scalar, aux)` over micro-batches."""
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    if accum == 1:
+        (_, aux), grads = grad_fn(params, batch)
+        return grads, aux
+
+    def body(carry, micro):
+        (_, aux), grads = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+    micro = _micro_batches(batch, accum)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first)))
+    (grads, aux), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
+    return grads, aux
+
+
+def _apply(state: TrainState, grads, optimizer, schedule) -> tuple[TrainState, dict]:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    stats = {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), stats
+
+
+# ------------------------------------------------------------------------------------------------------ SFT
+
+
+def sft_loss_weights(batch: dict, loss_on_prompt: bool) -> jax.Array:
+    return batch["mask"] if loss_on_prompt else batch["response_mask"]
+
+
+def sft_sums(model: Transformer, params, batch: dict, weights_BT: jax.Array) -> dict:
+    """Sum of token NLL and number of target tokens of one batch."""
+    logits_BTV, _ = model.apply({"params": params}, batch["ids"], batch["positions"], batch["mask"],
+                                segment_ids_BT=batch["segment_ids"])
+    nll, count = next_token_nll(logits_BTV, batch["ids"], weights_BT, batch["segment_ids"])
+    return {"nll_sum": nll, "target_tokens": count}
+
+
+def sft_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transformer, optimizer, schedule,
+             accum: int = 1, loss_on_prompt: bool = False) -> tuple[TrainState, dict]:
+    del rng  # no dropout: kept in the signature for stages that sample
+    same_BT = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+    n_tokens = jnp.maximum(jnp.sum(sft_loss_weights(batch, loss_on_prompt)[:, 1:] * same_BT), 1.0)
+
+    def loss_sums(params, micro):
+        sums = sft_sums(model, params, micro, sft_loss_weights(micro, loss_on_prompt))
+        return sums["nll_sum"] / n_tokens, sums
+
+    grads, sums = _accumulate(loss_sums, state.params, batch, accum)
+    state, stats = _apply(state, grads, optimizer, schedule)
+    loss = sums["nll_sum"] / n_tokens
+    return state, {**stats, "loss": loss, "perplexity": jnp.exp(loss), "target_tokens": sums["target_tokens"],
+                   "tokens": jnp.sum(batch["mask"])}
+
+
+def sft_eval_sums(params, batch: dict, *, model: Transformer, loss_on_prompt: bool = False) -> dict:
+    """Sums over the real rows (`valid`) of an eval batch, to be added up across batches."""
+    weights_BT = sft_loss_weights(batch, loss_on_prompt) & batch["valid"][:, None]
+    return sft_sums(model, params, batch, weights_BT)
+
+
+# ------------------------------------------------------------------------------------------------------- RM
+
+
+def completion_rewards(model: Transformer, params, batch: dict) -> jax.Array:
+    """rewards_BK: ONE forward pass over all B*K [prompt | response] sequences, read at each last real token."""
+    B, K, R = batch["response_ids"].shape
+    P = batch["prompt_ids"].shape[1]
+    tile = lambda x: jnp.broadcast_to(x[:, None], (B, K, P)).reshape(B * K, P)
+    ids = jnp.concatenate([tile(batch["prompt_ids"]), batch["response_ids"].reshape(B * K, R)], axis=1)
+    mask = jnp.concatenate([tile(batch["prompt_mask"]), batch["response_mask"].reshape(B * K, R)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    values_NT, _ = model.apply({"params": params}, ids, positions, mask)
+    return last_token_values(values_NT, mask).reshape(B, K)
+
+
+def rm_sums(model: Transformer, params, batch: dict, weight_B=None) -> dict:
+    return ranking_loss(completion_rewards(model, params, batch), batch["ranks"], weight_B)
+
+
+def rm_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transformer, optimizer, schedule,
+            accum: int = 1) -> tuple[TrainState, dict]:
+    del rng
+    n_prompts = jnp.maximum(jnp.sum(ranking_pairs(batch["ranks"]).any((1, 2))), 1.0)
+
+    def loss_sums(params, micro):
+        sums = rm_sums(model, params, micro)
+        return sums["loss_sum"] / n_prompts, sums
+
+    grads, sums = _accumulate(loss_sums, state.params, batch, accum)
+    state, stats = _apply(state, grads, optimizer, schedule)
+    return state, {**stats, **rm_metrics(sums)}
+
+
+def rm_metrics(sums: dict) -> dict:
+    pairs = jnp.maximum(sums["pairs"], 1.0)
+    return {"loss": sums["loss_sum"] / jnp.maximum(sums["prompts"], 1.0), "accuracy": sums["correct"] / pairs,
+            "margin": sums["margin_sum"] / pairs, "pairs": sums["pairs"], "prompts": sums["prompts"]}
+
+
+def rm_eval_sums(params, batch: dict, *, model: Transformer) -> dict:
+    return rm_sums(model, params, batch, batch["valid"].astype(jnp.float32))
