@@ -86,13 +86,15 @@ class _Stage:
         return {k: float(v) for k, v in steps.rm_metrics(sums).items()}
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
+def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Run the sft or rm stage in `run_dir` (resuming from its latest checkpoint) on `mesh` (default: from
+    cfg.mesh over all devices); returns the summary it also prints."""
     if cfg.train.batch_size % cfg.optim.grad_accum_steps:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                         f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
     if not cfg.data.name:
         raise UserError(f"stage {cfg.stage!r} needs data.name (a dataset prepared with python -m rlhf_jax.data)")
-    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    mesh = mesh or sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     sharding.check_batch_size(cfg.train.batch_size // cfg.optim.grad_accum_steps, mesh,
                               "train.batch_size / optim.grad_accum_steps")
     loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed))
