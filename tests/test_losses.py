@@ -1,0 +1,177 @@
+"""Training objectives against brute force: the K-way ranking loss over enumerated pairs, one forward per
+completion, next-token NLL against a loop, exact gradient accumulation, and a zero learning rate."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import steps
+from rlhf_jax.config import OptimSection
+from rlhf_jax.losses import last_token_values, next_token_nll, ranking_loss
+from rlhf_jax.model import ModelConfig, Transformer, init_params, make_model
+
+CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  d_ff=48, eos_token_ids=(1,))
+
+
+def _random_rankings(rng, batch, k_max):
+    """Rewards and ranks (with ties and empty slots) for prompts with K in 2..k_max."""
+    rewards = rng.normal(size=(batch, k_max)).astype(np.float32)
+    ranks = np.full((batch, k_max), -1, np.int32)
+    for b in range(batch):
+        k = rng.integers(2, k_max + 1)
+        ranks[b, :k] = rng.integers(0, max(2, k - 1), size=k)  # few distinct ranks: ties are common
+    return rewards, ranks
+
+
+def _brute_force(rewards, ranks):
+    per_prompt, correct, pairs, margins = [], 0, 0, 0.0
+    for r, rk in zip(rewards, ranks):
+        k = int((rk >= 0).sum())
+        losses = []
+        for i, j in itertools.permutations(range(k), 2):
+            if rk[i] < rk[j]:  # i preferred; ties give no pair
+                d = float(r[i] - r[j])
+                losses.append(-math.log(1 / (1 + math.exp(-d))))
+                correct += d > 0
+                pairs += 1
+                margins += d
+        if losses:
+            per_prompt.append(sum(losses) / len(losses))  # one batch element, weight 1/(number of pairs)
+    return float(np.mean(per_prompt)), correct / pairs, margins / pairs, len(per_prompt)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ranking_loss_equals_brute_force_enumeration(seed):
+    rng = np.random.default_rng(seed)
+    rewards, ranks = _random_rankings(rng, batch=7, k_max=9)
+    ranks[0, :3] = [0, 0, -1] if seed % 2 else ranks[0, :3]  # sometimes a prompt whose responses all tie
+    ranks[0, 2:] = -1 if seed % 2 else ranks[0, 2:]
+    loss, acc, margin, prompts = _brute_force(rewards, ranks)
+    sums = ranking_loss(jnp.asarray(rewards), jnp.asarray(ranks))
+    metrics = steps.rm_metrics(sums)
+    assert int(sums["prompts"]) == prompts
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["accuracy"]), acc, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["margin"]), margin, rtol=1e-5, atol=1e-6)
+
+
+def _rm_batch(rng, B=3, K=5, P=6, R=7):
+    prompt_mask = np.ones((B, P), bool)
+    prompt_mask[0, :2] = False
+    response_mask = np.zeros((B, K, R), bool)
+    ranks = np.full((B, K), -1, np.int32)
+    for b in range(B):
+        k = rng.integers(2, K + 1)
+        ranks[b, :k] = rng.permutation(k)
+        for j in range(k):
+            response_mask[b, j, :rng.integers(1, R + 1)] = True
+    return {"prompt_ids": rng.integers(2, 64, (B, P)).astype(np.int32), "prompt_mask": prompt_mask,
+            "response_ids": rng.integers(2, 64, (B, K, R)).astype(np.int32), "response_mask": response_mask,
+            "ranks": ranks}
+
+
+def test_one_forward_pass_per_completion(monkeypatch):
+    model = make_model(CFG, head="scalar")
+    params = init_params(model, jax.random.key(0))
+    batch = _rm_batch(np.random.default_rng(0))
+    calls = []
+    original = Transformer.apply
+
+    def counting_apply(self, variables, tokens, *args, **kwargs):
+        calls.append(tokens.shape)
+        return original(self, variables, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "apply", counting_apply)
+    rewards = steps.completion_rewards(model, params, batch)
+    B, K, R = batch["response_ids"].shape
+    assert calls == [(B * K, batch["prompt_ids"].shape[1] + R)]  # every completion once, in one pass
+    monkeypatch.setattr(Transformer, "apply", original)
+    # and each reward is that of the completion scored on its own, unpadded
+    for b in range(B):
+        for k in range(K):
+            ids = np.concatenate([batch["prompt_ids"][b][batch["prompt_mask"][b]],
+                                  batch["response_ids"][b, k][batch["response_mask"][b, k]]])[None]
+            values, _ = model.apply({"params": params}, ids, np.arange(ids.shape[1])[None], np.ones_like(ids, bool))
+            if batch["ranks"][b, k] >= 0:
+                np.testing.assert_allclose(float(rewards[b, k]), float(values[0, -1]), atol=1e-5)
+
+
+def test_next_token_nll_equals_loop():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
+    ids = rng.integers(0, 11, (3, 6))
+    weights = rng.random((3, 6)) > 0.3
+    segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    total, count = next_token_nll(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(weights), jnp.asarray(segments))
+    exp_total, exp_count = 0.0, 0
+    for b in range(3):
+        for t in range(5):
+            if weights[b, t + 1] and segments[b, t] == segments[b, t + 1]:
+                logp = logits[b, t] - np.log(np.exp(logits[b, t]).sum())
+                exp_total -= logp[ids[b, t + 1]]
+                exp_count += 1
+    np.testing.assert_allclose(float(total), exp_total, rtol=1e-5)
+    assert int(count) == exp_count
+
+
+def test_last_token_values_reads_the_last_real_token():
+    values = jnp.arange(12.0).reshape(2, 6)
+    mask = jnp.array([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], bool)
+    np.testing.assert_array_equal(np.asarray(last_token_values(values, mask)), [4.0, 11.0])
+
+
+def _sft_batch(rng, B=8, T=10):
+    mask = np.ones((B, T), bool)
+    mask[::2, :3] = False
+    return {"ids": rng.integers(2, 64, (B, T)).astype(np.int32), "mask": mask,
+            "response_mask": mask & (np.arange(T) >= 5), "positions": np.maximum(mask.cumsum(1) - 1, 0),
+            "segment_ids": mask.astype(np.int32)}
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_gradient_accumulation_equals_one_large_batch(stage):
+    rng = np.random.default_rng(2)
+    head = "lm" if stage == "sft" else "scalar"
+    model = make_model(CFG, head=head)
+    params = init_params(model, jax.random.key(1))
+    optim = OptimSection(lr=1e-2, warmup_steps=0, schedule="constant")
+    batch = _sft_batch(rng) if stage == "sft" else _rm_batch(rng, B=8)
+    step = steps.sft_step if stage == "sft" else steps.rm_step
+    results = []
+    for accum in (1, 2, 4):
+        opt = steps.make_optimizer(optim, 10)
+        state = steps.init_state(params, opt)
+        fn = jax.jit(lambda s, b: step(s, b, jax.random.key(0), model=model, optimizer=opt,
+                                       schedule=steps.lr_schedule(optim, 10), accum=accum))
+        new_state, metrics = fn(state, batch)
+        results.append((new_state.params, float(metrics["loss"]), float(metrics["grad_norm"])))
+    for p, loss, gnorm in results[1:]:
+        np.testing.assert_allclose(loss, results[0][1], rtol=1e-5)
+        np.testing.assert_allclose(gnorm, results[0][2], rtol=1e-4)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p, results[0][0])
+
+
+def test_zero_learning_rate_moves_nothing():
+    model = make_model(CFG)
+    params = init_params(model, jax.random.key(2))
+    optim = OptimSection(lr=0.0, weight_decay=0.1)
+    opt = steps.make_optimizer(optim, 5)
+    state = steps.init_state(params, opt)
+    new_state, metrics = steps.sft_step(state, _sft_batch(np.random.default_rng(3)), jax.random.key(0), model=model,
+                                        optimizer=opt, schedule=steps.lr_schedule(optim, 5))
+    assert float(metrics["grad_norm"]) > 0
+    jax.tree.map(np.testing.assert_array_equal, new_state.params, params)
+
+
+def test_lr_schedules_warm_up_then_decay():
+    for schedule in ("constant", "linear", "cosine"):
+        fn = steps.lr_schedule(OptimSection(lr=1.0, warmup_steps=4, schedule=schedule), 20)
+        np.testing.assert_allclose([float(fn(s)) for s in (0, 2, 4)], [0.0, 0.5, 1.0], atol=1e-6)
+        end = float(fn(20))
+        assert end == pytest.approx(1.0 if schedule == "constant" else 0.0, abs=1e-6)
