@@ -84,7 +84,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         return LoadedModel(cfg, head, jax.tree.map(np.asarray, params), tok if tok.is_dir() else None, extra)
     if (path / "config.json").exists():
         cfg, head, params = hf.load_hf(path)
-        return LoadedModel(cfg, head, params, path)
+        extra = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k == "reward_norm"}
+        return LoadedModel(cfg, head, params, path, extra)
     raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir (config.json)")
 
 

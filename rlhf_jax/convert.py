@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.from_hf:
             loaded = load_model(args.from_hf)
-            out = save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite)
+            out = save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite,
+                             extra=loaded.extra)
         else:
             if not args.checkpoint:
                 raise UserError("--to-hf needs --checkpoint CKPT_DIR")
@@ -42,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if out.exists() and any(out.iterdir()) and not args.overwrite:
                 raise CheckpointError(f"{out}: already exists and is not empty (pass --overwrite)")
             loaded = load_model(args.checkpoint)
-            hf.save_hf(out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype)
+            hf.save_hf(out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
+                       extra_config=loaded.extra)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

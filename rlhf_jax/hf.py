@@ -346,8 +346,9 @@ def load_hf(model_dir: str | os.PathLike, head: str | None = None) -> tuple[Mode
 
 def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: str = "lm",
             tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write a directory that `transformers.AutoModelFor*.from_pretrained` loads, tokenizer files included."""
+            max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None) -> None:
+    """Write a directory that `transformers.AutoModelFor*.from_pretrained` loads, tokenizer files included.
+    `extra_config` entries (a reward model's `reward_norm`) are kept as extra keys of config.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf(params, cfg, head)
@@ -355,6 +356,7 @@ def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: st
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     hf_cfg = config_to_hf(cfg, head)
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+    hf_cfg.update(extra_config or {})
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
         if current and size + t.nbytes > max_shard_bytes:

@@ -147,3 +147,18 @@ def test_bfloat16_checkpoint_loads(hf_dirs, tmp_path):
     assert jax.tree.leaves(params_bf16)[0].dtype.name == "bfloat16"
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b.astype(np.float32), rtol=1e-2, atol=1e-2),
                  params, params_bf16)
+
+
+def test_reward_norm_travels_through_hf_export(tmp_path):
+    from rlhf_jax.checkpoint import load_model, save_model
+    from rlhf_jax.tiny import tiny_config
+
+    cfg = tiny_config(VOCAB, eos_id=1, pad_id=0)
+    params = jax.device_get(init_params(make_model(cfg, head="scalar"), jax.random.key(0)))
+    norm = {"reward_norm": {"gain": 2.0, "bias": -0.5}}
+    save_model(tmp_path / "ckpt", params, cfg, "scalar", extra=norm)
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.extra == norm
+    hf.save_hf(tmp_path / "hf", loaded.params, cfg, "scalar", extra_config=loaded.extra)
+    assert load_model(tmp_path / "hf").extra == norm
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").reward_norm == norm["reward_norm"]
