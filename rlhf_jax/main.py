@@ -5,6 +5,12 @@
 Stages (config key `stage`):
   generate   sample completions for a prompt file from a HF or rlhf_jax checkpoint (the tiny built-in model
              when model.path is empty) with the compiled, mesh-sharded sampler; writes JSONL samples.
+  sft        fine-tune a language model on (prompt, demonstration) pairs (data.name: an sft dataset).
+  rm         train a reward model on K-way rankings, every C(K,2) pair of a prompt in one batch element
+             (data.name: a rankings dataset; model.path: usually the sft export); then fit its normalisation.
+Training stages write metrics.jsonl, TensorBoard events, Orbax checkpoints (rerun the same command to resume),
+best/ (lowest eval loss) and export/ (the final params-only model for the next stage or convert --to-hf).
+Datasets are prepared with `python -m rlhf_jax.data --help`.
 """
 
 from __future__ import annotations

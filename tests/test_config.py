@@ -209,3 +209,12 @@ def test_help_lists_every_section_and_key():
                 "generate.prompt_file", "model.remat"):
         assert key in text
     assert "default" in text
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(str(path))
