@@ -133,9 +133,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(start, total):
         batch = next(data_iter)
-        window_tokens += int(batch["mask"].sum() if "mask" in batch else
-                             batch["prompt_mask"].sum() * batch["response_ids"].shape[1]
-                             + batch["response_mask"].sum())
+        window_tokens += real_tokens(batch)
         state, metrics = step_fn(state, to_global(batch, mesh), jax.random.fold_in(rng, step))
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total:
@@ -169,6 +167,14 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return summary
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-padding tokens a step processes; a ranking prompt counts once per response it is scored with."""
+    if "mask" in batch:
+        return int(batch["mask"].sum())
+    responses_B = (batch["ranks"] >= 0).sum(1)
+    return int((batch["prompt_mask"].sum(1) * responses_B).sum() + batch["response_mask"].sum())
 
 
 def export(cfg: Config, out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None):
