@@ -23,7 +23,7 @@ from tqdm import tqdm
 from rlhf_jax import sharding, steps
 from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, save_model
 from rlhf_jax.config import Config
-from rlhf_jax.data.pipeline import eval_batches, train_dataset
+from rlhf_jax.data.pipeline import eval_batches, open_split, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.losses import last_token_values
 from rlhf_jax.metrics import MetricsWriter
@@ -79,6 +79,12 @@ class _Stage:
                                           accum=cfg.optim.grad_accum_steps)
             self.eval_sums = functools.partial(steps.rm_eval_sums, model=model)
 
+    def eval_fn(self, mesh):
+        """The jitted eval reduction, compiled once per stage."""
+        if not hasattr(self, "_eval_jit"):
+            self._eval_jit = jax.jit(self.eval_sums, out_shardings=sharding.replicated(mesh))
+        return self._eval_jit
+
     def eval_metrics(self, sums: dict) -> dict:
         if self.cfg.stage == "sft":
             loss = sums["nll_sum"] / max(sums["target_tokens"], 1.0)
@@ -94,9 +100,16 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
                         f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
     if not cfg.data.name:
         raise UserError(f"stage {cfg.stage!r} needs data.name (a dataset prepared with python -m rlhf_jax.data)")
+    open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)  # a missing dataset fails before any loading
+    has_eval = _has_split(cfg.data, cfg.data.eval_split)
+    if not has_eval:
+        print(f"warning: dataset {cfg.data.name!r} has no split {cfg.data.eval_split!r}: no held-out evaluation "
+              "and no best/ export", file=sys.stderr)
     mesh = mesh or sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    sharding.check_batch_size(cfg.train.batch_size // cfg.optim.grad_accum_steps, mesh,
-                              "train.batch_size / optim.grad_accum_steps")
+    micro = cfg.train.batch_size // cfg.optim.grad_accum_steps
+    sharding.check_batch_size(micro, mesh, "train.batch_size" if cfg.optim.grad_accum_steps == 1 else
+                              f"train.batch_size / optim.grad_accum_steps ({cfg.train.batch_size} / "
+                              f"{cfg.optim.grad_accum_steps})")
     loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed))
     if loaded.tokenizer_dir is None:
         raise UserError(f"{cfg.model.path}: the checkpoint has no tokenizer files")
@@ -144,7 +157,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
             writer.write(done, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             last_metrics = metrics
-        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total:
+        if has_eval and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total):
             eval_metrics = evaluate(cfg, stage, state.params, tokenizer, mesh)
             if eval_metrics:
                 writer.write(done, {f"eval_{k}": v for k, v in eval_metrics.items()})
@@ -184,14 +197,8 @@ def export(cfg: Config, out_dir: Path, params, loaded: LoadedModel, model: Trans
 
 
 def evaluate(cfg: Config, stage: _Stage, params, tokenizer, mesh) -> dict:
-    """Held-out metrics over the eval split (or its first train.eval_batches batches); {} without one."""
-    from rlhf_jax.data.pipeline import open_split
-
-    try:
-        open_split(cfg.data.dir, cfg.data.name, cfg.data.eval_split)
-    except UserError:
-        return {}
-    fn = _eval_fn(stage, mesh)
+    """Held-out metrics over the eval split (or its first train.eval_batches batches)."""
+    fn = stage.eval_fn(mesh)
     totals: dict = {}
     for i, batch in enumerate(eval_batches(cfg.data, cfg.data.eval_split, tokenizer, cfg.train.batch_size)):
         if cfg.train.eval_batches and i >= cfg.train.eval_batches:
@@ -199,11 +206,6 @@ def evaluate(cfg: Config, stage: _Stage, params, tokenizer, mesh) -> dict:
         sums = jax.device_get(fn(params, to_global(batch, mesh)))
         totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
     return stage.eval_metrics(totals) if totals else {}
-
-
-@functools.lru_cache(maxsize=None)
-def _eval_fn(stage: _Stage, mesh):
-    return jax.jit(stage.eval_sums, out_shardings=sharding.replicated(mesh))
 
 
 def fit_reward_norm(cfg: Config, stage: _Stage, params, tokenizer, mesh) -> dict:
@@ -249,8 +251,6 @@ def reference_rewards(cfg: Config, model: Transformer, params, tokenizer, mesh) 
 
 
 def _has_split(spec, split: str) -> bool:
-    from rlhf_jax.data.pipeline import open_split
-
     try:
         open_split(spec.dir, spec.name, split)
         return True

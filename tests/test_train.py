@@ -1,0 +1,405 @@
+"""The sft and rm training stages end to end: the real CLI (in-process and as a subprocess), the trainer on
+several meshes, gradient accumulation, resume after SIGKILL, and bad training configs.
+
+One tiny model and two prepared datasets are shared by the module:
+  rep   sft: "Repeat: red cat sun" -> " red cat sun" (2..4 of 10 words), 200 rows, 10% held out
+  good  rankings: K = 2..5 responses with 0..5 copies of "good" plus 2 random words; more "good" ranks
+        better (distinct counts per prompt, so every prompt has exactly one rank-0 response), 300 rows, 20% held out
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import main as main_cli
+from rlhf_jax.checkpoint import load_model
+from rlhf_jax.config import load_config
+from rlhf_jax.data import __main__ as data_cli
+from rlhf_jax.tiny import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish", "bird", "star"]
+SUBPROCESS_TIMEOUT = 180
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _quiet(fn, argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a CLI main called in-process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = fn([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per logged step (the last line wins, so a resumed run's relogged steps replace)."""
+    return {m["step"]: m["loss"] for m in _metrics(run_dir) if "loss" in m}
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    return [m for m in _metrics(run_dir) if any(k.startswith("eval_") for k in m)]
+
+
+def _assert_trees_equal(a: dict, b: dict) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for path, x in jax.tree_util.tree_leaves_with_path(a):
+        y = b
+        for key in path:
+            y = y[key.key]
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def _subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def tiny(workdir) -> Path:
+    return build_tiny_model(workdir / "tiny", seed=0)
+
+
+def _sft_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        words = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
+        rows.append({"prompt": f"Repeat: {words}", "response": f" {words}"})
+    return rows
+
+
+def _ranking_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        counts = rng.sample(range(6), rng.randint(2, 5))  # distinct "good" counts: no ties
+        responses = []
+        for c in counts:
+            tokens = ["good"] * c + rng.sample(WORDS, 2)
+            rng.shuffle(tokens)
+            responses.append(" " + " ".join(tokens))
+        order = sorted(counts, reverse=True)
+        rows.append({"prompt": f"Review {i}: {' '.join(rng.sample(WORDS, 2))}", "responses": responses,
+                     "ranks": [order.index(c) for c in counts]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_dir(workdir) -> Path:
+    """Both datasets, prepared through the data CLI."""
+    rng = random.Random(0)
+    root = workdir / "data"
+    for fmt, name, rows, frac in (("jsonl_sft", "rep", _sft_rows(rng, 200), 0.1),
+                                  ("jsonl_rankings", "good", _ranking_rows(rng, 300), 0.2)):
+        src = workdir / f"{name}.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rc, out, err = _quiet(data_cli.main, ["--format", fmt, "--input", src, "--data-dir", root, "--name", name,
+                                              "--eval-fraction", frac])
+        assert rc == 0, err
+        summary = json.loads(out.splitlines()[-1])
+        assert summary["examples"]["eval"] > 0 and summary["examples"]["train"] > 0, summary
+    return root
+
+
+def _sft_args(tiny: Path, data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["stage=sft", f"run_dir={run_dir}", f"model.path={tiny}", f"data.dir={data_dir}", "data.name=rep",
+            "data.max_prompt_tokens=24", "data.max_response_tokens=16", "train.batch_size=16", *extra]
+
+
+def _rm_args(tiny: Path, data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["stage=rm", f"run_dir={run_dir}", f"model.path={tiny}", f"data.dir={data_dir}", "data.name=good",
+            "data.max_prompt_tokens=16", "data.max_response_tokens=16", "train.batch_size=16", *extra]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny, data_dir, workdir) -> dict:
+    run_dir = workdir / "sft"
+    argv = _sft_args(tiny, data_dir, run_dir, "train.steps=40", "optim.lr=3e-3", "optim.warmup_steps=5",
+                     "train.eval_every=20", "train.save_every=20", "train.log_every=5")
+    rc, out, err = _quiet(main_cli.main, argv)
+    return {"rc": rc, "out": out, "err": err, "dir": run_dir}
+
+
+@pytest.fixture(scope="module")
+def rm_run(tiny, data_dir, workdir) -> dict:
+    run_dir = workdir / "rm"
+    argv = _rm_args(tiny, data_dir, run_dir, "train.steps=40", "optim.lr=3e-3", "optim.warmup_steps=5",
+                    "train.eval_every=20", "train.save_every=0", "train.log_every=5", "rm.normalize=bias_gain")
+    rc, out, err = _quiet(main_cli.main, argv)
+    return {"rc": rc, "out": out, "err": err, "dir": run_dir, "argv": argv}
+
+
+# ------------------------------------------------------------------------------------------------ sft
+
+
+def test_sft_cli_learns_and_exports(sft_run, tiny):
+    assert sft_run["rc"] == 0, sft_run["err"]
+    run_dir = sft_run["dir"]
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(5, 41, 5))
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < 0.7 * first, losses
+    assert all(m["stage"] == "sft" and isinstance(m["time"], float) for m in _metrics(run_dir))
+
+    evals = _evals(run_dir)
+    assert [m["step"] for m in evals] == [20, 40]
+    assert all(np.isfinite(m["eval_loss"]) and m["eval_target_tokens"] > 0 for m in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert json.loads(sft_run["out"].strip().splitlines()[-1]) == summary
+    assert summary["stage"] == "sft" and summary["steps"] == 40
+    assert summary["loss"] == pytest.approx(losses[40], abs=1e-5)
+    assert "eval_loss" in summary
+    assert Path(summary["export"]) == (run_dir / "export").resolve()
+
+    base = load_model(tiny)
+    for name in ("export", "best"):
+        loaded = load_model(run_dir / name)
+        assert loaded.head == "lm", name
+        assert loaded.tokenizer_dir is not None and loaded.tokenizer_dir.is_dir()
+        assert loaded.cfg == base.cfg
+        assert jax.tree.structure(loaded.params) == jax.tree.structure(base.params)
+    assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
+    assert (run_dir / "checkpoints" / "40").is_dir()
+    assert (run_dir / "config.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ rm
+
+
+def test_rm_cli_accuracy_and_export(rm_run):
+    assert rm_run["rc"] == 0, rm_run["err"]
+    run_dir = rm_run["dir"]
+    final_eval = _evals(run_dir)[-1]
+    assert final_eval["step"] == 40
+    assert final_eval["eval_accuracy"] >= 0.9, final_eval
+    assert final_eval["eval_prompts"] > 0 and final_eval["eval_pairs"] >= final_eval["eval_prompts"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert json.loads(rm_run["out"].strip().splitlines()[-1]) == summary
+    assert summary["stage"] == "rm" and summary["eval_accuracy"] >= 0.9
+
+    loaded = load_model(run_dir / "export")
+    assert loaded.head == "scalar"
+    assert "lm_head" not in loaded.params and "score" in loaded.params
+    meta = json.loads((run_dir / "export" / "model.json").read_text())
+    norm = meta["reward_norm"]
+    assert loaded.extra["reward_norm"] == norm
+    assert isinstance(norm["gain"], float) and isinstance(norm["bias"], float) and norm["gain"] > 0
+    assert summary["reward_norm"] == norm
+
+
+def test_rm_bias_gain_normalises_reference_rewards(rm_run):
+    """Recompute the rewards of the eval split's rank-0 responses from the export: gain * r + bias has mean 0
+    and std 1; the export alone also ranks the held-out responses correctly."""
+    import jax.numpy as jnp
+
+    from rlhf_jax.data.pipeline import eval_batches
+    from rlhf_jax.losses import ranking_pairs
+    from rlhf_jax.model import make_model
+    from rlhf_jax.steps import completion_rewards
+    from rlhf_jax.tokenizer import load_tokenizer
+
+    assert rm_run["rc"] == 0, rm_run["err"]
+    cfg = load_config(None, rm_run["argv"])
+    loaded = load_model(rm_run["dir"] / "export")
+    model = make_model(loaded.cfg, "scalar")
+    tokenizer = load_tokenizer(loaded.tokenizer_dir)
+    params = jax.tree.map(jnp.asarray, loaded.params)
+    fn = jax.jit(lambda p, b: completion_rewards(model, p, b))
+
+    reference, correct, pairs = [], 0, 0
+    for batch in eval_batches(cfg.data, cfg.data.eval_split, tokenizer, cfg.train.batch_size):
+        valid = batch["valid"]
+        model_batch = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
+        rewards = np.asarray(fn(params, model_batch))
+        ranks = batch["ranks"]
+        reference.extend(rewards[(ranks == 0) & valid[:, None]].tolist())
+        # better[b, i, j]: response i ranked above response j, real rows only
+        better = np.asarray(ranking_pairs(jnp.asarray(ranks))) & valid[:, None, None]
+        correct += int(np.sum(better & (rewards[:, :, None] > rewards[:, None, :])))
+        pairs += int(np.sum(better))
+
+    norm = loaded.extra["reward_norm"]
+    assert norm["reference_responses"] == len(reference) > 2
+    normalised = norm["gain"] * np.asarray(reference) + norm["bias"]
+    np.testing.assert_allclose(np.mean(normalised), 0.0, atol=1e-3)
+    np.testing.assert_allclose(np.std(normalised), 1.0, atol=1e-2)
+    assert pairs > 0 and correct / pairs >= 0.9, (correct, pairs)
+
+
+# ------------------------------------------------------------------------------------------------ meshes
+
+
+MESH_STEPS = 3
+
+
+def _train_on_mesh(cfg_args: list[str], run_dir: Path, shape, devices=None) -> dict[int, float]:
+    from rlhf_jax import sharding
+    from rlhf_jax.trainers import train
+
+    cfg = load_config(None, [*cfg_args, f"run_dir={run_dir}"])
+    mesh = sharding.make_mesh(shape, ("data", "fsdp", "tensor"), devices=devices)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        train(cfg, run_dir, mesh=mesh)
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, MESH_STEPS + 1))
+    return losses
+
+
+def _mesh_args(stage: str, tiny: Path, data_dir: Path) -> list[str]:
+    # No eval split (skips evaluation) and no reward normalisation: only the training steps matter here.
+    common = [f"train.steps={MESH_STEPS}", "train.log_every=1", "train.save_every=0", "optim.lr=3e-3",
+              "data.eval_split=no_such_split"]
+    if stage == "sft":
+        return _sft_args(tiny, data_dir, Path("unused"), *common)
+    return _rm_args(tiny, data_dir, Path("unused"), *common, "rm.normalize=none")
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tiny, data_dir, workdir) -> dict:
+    return {stage: _train_on_mesh(_mesh_args(stage, tiny, data_dir), workdir / f"mesh_{stage}_1dev", (1, 1, 1),
+                                  devices=jax.devices()[:1])
+            for stage in ("sft", "rm")}
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_losses_independent_of_mesh(stage, shape, tiny, data_dir, workdir, one_device_losses):
+    assert len(jax.devices()) == 8
+    run_dir = workdir / f"mesh_{stage}_{'x'.join(map(str, shape))}"
+    losses = _train_on_mesh(_mesh_args(stage, tiny, data_dir), run_dir, shape)
+    reference = one_device_losses[stage]
+    assert len(set(reference.values())) == MESH_STEPS, "the steps should see different losses"
+    for step, loss in reference.items():
+        assert abs(losses[step] - loss) <= 1e-5, (step, losses, reference)
+
+
+def test_grad_accumulation_matches_one_batch(tiny, data_dir, workdir):
+    args = _mesh_args("sft", tiny, data_dir)
+    whole = _train_on_mesh(args, workdir / "accum_1", (8, 1, 1))
+    accum = _train_on_mesh([*args, "optim.grad_accum_steps=2"], workdir / "accum_2", (8, 1, 1))
+    for step, loss in whole.items():
+        assert abs(accum[step] - loss) <= 1e-5, (step, accum, whole)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+RESUME_STEPS = 60
+
+
+def _cli_command(tiny: Path, data_dir: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "rlhf_jax.main",
+            *_sft_args(tiny, data_dir, run_dir, f"train.steps={RESUME_STEPS}", "train.save_every=10",
+                       "train.eval_every=0", "train.log_every=5", "optim.lr=3e-3", "optim.warmup_steps=5")]
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tiny, data_dir, workdir):
+    """Kill -9 a run after its step-20 checkpoint, rerun the same command: the export is bitwise that of an
+    uninterrupted run (started alongside, in another run dir) and so are the losses logged after resuming."""
+    env = _subprocess_env()
+    straight_dir, killed_dir = workdir / "straight", workdir / "killed"
+    logs = {name: (open(workdir / f"{name}.out", "w+"), open(workdir / f"{name}.err", "w+"))
+            for name in ("straight", "killed")}  # files, not pipes: an unread pipe could block a child
+    straight = subprocess.Popen(_cli_command(tiny, data_dir, straight_dir), cwd=REPO, env=env,
+                                stdout=logs["straight"][0], stderr=logs["straight"][1])
+    killed = subprocess.Popen(_cli_command(tiny, data_dir, killed_dir), cwd=REPO, env=env,
+                              stdout=logs["killed"][0], stderr=logs["killed"][1])
+    try:
+        # Wait for the finished (renamed) checkpoint of step 20; Orbax writes it under a tmp name first.
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while not (killed_dir / "checkpoints" / "20").is_dir():
+            assert killed.poll() is None, \
+                f"the run ended before step 20 was saved: {(workdir / 'killed.err').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint 20 in time"
+            time.sleep(0.02)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert killed.returncode == -signal.SIGKILL
+
+        # It died before finishing: no export or summary, and not every step logged.
+        assert not (killed_dir / "export").exists() and not (killed_dir / "summary.json").exists()
+        assert max(_losses(killed_dir), default=0) < RESUME_STEPS, \
+            f"step {RESUME_STEPS} was logged before the kill: raise RESUME_STEPS"
+
+        resumed = subprocess.run(_cli_command(tiny, data_dir, killed_dir), cwd=REPO, env=env, capture_output=True,
+                                 text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert resumed.returncode == 0, resumed.stderr
+        match = re.search(r"resumed from .* at step (\d+)", resumed.stderr)
+        assert match, resumed.stderr[-2000:]
+        assert 20 <= int(match.group(1)) < RESUME_STEPS
+        assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == RESUME_STEPS
+
+        straight.wait(timeout=SUBPROCESS_TIMEOUT)
+        err = (workdir / "straight.err").read_text()
+        assert straight.returncode == 0, err[-2000:]
+        assert "resumed" not in err
+    finally:
+        for proc in (straight, killed):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        for out, err in logs.values():
+            out.close()
+            err.close()
+
+    a, b = load_model(straight_dir / "export"), load_model(killed_dir / "export")
+    _assert_trees_equal(a.params, b.params)
+    assert _losses(killed_dir) == _losses(straight_dir)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["data.name="], ["data.name"]),
+    (["train.batch_size=12"], ["batch_size", "12", "8"]),
+    (["data.name=never_prepared"], ["never_prepared", "no prepared dataset"]),
+], ids=["no_data_name", "batch_not_divisible", "unprepared_dataset"])
+def test_bad_training_config_fails_fast(overrides, fragments, tiny, data_dir, workdir):
+    run_dir = workdir / f"bad_{len(list(workdir.glob('bad_*')))}"
+    cmd = [sys.executable, "-m", "rlhf_jax.main", *_sft_args(tiny, data_dir, run_dir, "train.steps=5"), *overrides]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    _assert_user_error(proc, *fragments)
+    assert time.monotonic() - start < 60
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "export").exists()
