@@ -2,14 +2,20 @@
 
 1. sft: our jitted, donated `steps.sft_step` against a plain PyTorch step of the same weights
    (transformers `LlamaForCausalLM` loaded from `hf.save_hf`, `torch.optim.AdamW`, clip_grad_norm_) - tokens/s.
-2. mfu: model FLOPs utilisation of our SFT step on a larger Llama, against the matmul peak measured here
-   (a jitted float32 2048^3 `jnp.dot`). Model FLOPs per step use the PaLM formula
+2. mfu: model FLOPs utilisation of our SFT step on a larger Llama, against the matmul peak measured in the same
+   run (a jitted float32 2048^3 `jnp.dot`). Model FLOPs per step use the PaLM formula
    6 * N * tokens + 12 * L * H * Q * T * tokens, N = non-embedding params + lm_head.
 3. rm: comparisons/s of our K-way `steps.rm_step` (one forward over the B*K completions) against a pairwise
    baseline in JAX (the same data expanded to C(K,2) chosen/rejected pairs, two forward passes per pair, mean
    -log sigmoid loss, the same optimizer).
 
-  python benchmarks/train.py [--steps 10] [--out FILE]
+Each contender is compiled and warmed up first; then the timed steps of the contenders of one measure alternate in
+`--rounds` blocks (with a short pause between blocks), so that load from other processes hits both sides alike.
+Per contender the JSON also has the CPU cores kept busy, the share of that CPU time spent in the kernel and the
+minor page faults per step (a step that maps fresh memory every call shows up there). The glibc malloc tunables
+in effect (GLIBC_TUNABLES and MALLOC_* variables) are recorded, since they change the numbers.
+
+  python benchmarks/train.py [--steps 10] [--rounds 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import argparse
 import functools
 import itertools
 import json
+import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -41,24 +49,82 @@ TINY = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_h
 MFU_MODEL = ModelConfig(family="llama", vocab_size=2048, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
                         head_dim=64, d_ff=1376, max_position_embeddings=1024, eos_token_ids=(), bos_token_id=0)
 OPTIM = OptimSection(lr=1e-4, grad_clip=1.0, weight_decay=0.0, schedule="constant")
+TOTAL_STEPS = 1000  # schedule length: irrelevant for a constant schedule
 
 
 def log(**kw) -> None:
     print(json.dumps(kw), file=sys.stderr, flush=True)
 
 
-def cfg_json(cfg: ModelConfig) -> dict:
-    return hf.model_config_to_json(cfg)
+def r(x: float, n: int = 4) -> float:
+    return round(float(x), n)
 
 
-def timed(fn, n: int) -> list[float]:
-    """Wall time of each of `n` calls of `fn` (which must block until its work is done)."""
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+def _usage() -> tuple[float, float, int]:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime, u.ru_stime, u.ru_minflt
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def interleave(contenders: dict, rounds: int, pause_s: float = 0.3) -> dict:
+    """contenders: name -> (fn, calls per round), fn blocking until its work is done. The names take turns
+    block by block. Returns name -> timing summary."""
+    acc = {name: {"times": [], "cpu": 0.0, "sys": 0.0, "faults": 0} for name in contenders}
+    for _ in range(rounds):
+        for name, (fn, calls) in contenders.items():
+            time.sleep(pause_s)  # let the other library's worker threads go idle
+            a = acc[name]
+            cpu0, sys0, flt0 = _usage()
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                a["times"].append(time.perf_counter() - t0)
+            cpu1, sys1, flt1 = _usage()
+            a["cpu"] += cpu1 - cpu0
+            a["sys"] += sys1 - sys0
+            a["faults"] += flt1 - flt0
+    out = {}
+    for name, a in acc.items():
+        wall = sum(a["times"])
+        out[name] = {"median_s": statistics.median(a["times"]), "min_s": min(a["times"]), "times": a["times"],
+                     "cpu_cores_busy": a["cpu"] / wall, "kernel_cpu_share": a["sys"] / max(a["cpu"], 1e-9),
+                     "minor_faults_per_step": a["faults"] / len(a["times"])}
     return out
+
+
+def usage_fields(prefix: str, t: dict) -> dict:
+    return {f"{prefix}_cpu_cores_busy": r(t["cpu_cores_busy"], 2), f"{prefix}_kernel_cpu_share": r(t["kernel_cpu_share"], 3),
+            f"{prefix}_minor_faults_per_step": round(t["minor_faults_per_step"])}
+
+
+class JaxStepper:
+    """A jitted, donated `(state, batch, rng) -> (state, metrics)` step, compiled and warmed up on creation;
+    calling it runs one step and blocks until it is done."""
+
+    def __init__(self, step_fn, params, optimizer, batch: dict):
+        self.step = jax.jit(step_fn, donate_argnums=0)
+        self.state = jax.jit(lambda p: steps.init_state(p, optimizer))(jax.tree.map(jnp.asarray, params))
+        self.batch = jax.device_put(batch)
+        self.rng = jax.random.key(0)
+        t0 = time.perf_counter()
+        self()
+        self.compile_s = time.perf_counter() - t0
+        self.first_loss = float(self.metrics["loss"])
+        self()  # a second warm-up step, compiled already
+
+    def __call__(self):
+        self.state, self.metrics = self.step(self.state, self.batch, self.rng)
+        jax.block_until_ready((self.state, self.metrics))
 
 
 # ------------------------------------------------------------------------------------------------ sft
@@ -73,66 +139,79 @@ def sft_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict:
             "segment_ids": np.ones((batch, seq), np.int32)}
 
 
-def our_sft(cfg: ModelConfig, params, batch: dict, n_steps: int) -> dict:
+def our_sft(cfg: ModelConfig, params, batch: dict) -> JaxStepper:
     model = make_model(cfg)
-    optimizer = steps.make_optimizer(OPTIM, 1000)
-    schedule = steps.lr_schedule(OPTIM, 1000)
-    step = jax.jit(functools.partial(steps.sft_step, model=model, optimizer=optimizer, schedule=schedule),
-                   donate_argnums=0)
-    state = jax.jit(lambda p: steps.init_state(p, optimizer))(jax.device_put(params))
-    batch = jax.device_put(batch)
-    rng = jax.random.key(0)
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch, rng)
-    jax.block_until_ready((state, metrics))
-    compile_s = time.perf_counter() - t0
-    first_loss = float(metrics["loss"])
-    state, metrics = step(state, batch, rng)  # a second warm-up step, compiled already
-    jax.block_until_ready((state, metrics))
-
-    def one():
-        nonlocal state, metrics
-        state, metrics = step(state, batch, rng)
-        jax.block_until_ready((state, metrics))
-
-    times = timed(one, n_steps)
-    return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s,
-            "first_loss": first_loss, "last_loss": float(metrics["loss"]), "times": times}
+    optimizer = steps.make_optimizer(OPTIM, TOTAL_STEPS)
+    schedule = steps.lr_schedule(OPTIM, TOTAL_STEPS)
+    step = functools.partial(steps.sft_step, model=model, optimizer=optimizer, schedule=schedule)
+    return JaxStepper(step, params, optimizer, batch)
 
 
-def torch_sft(cfg: ModelConfig, params, batch: dict, n_steps: int) -> dict:
-    import torch
-    import transformers
+class TorchSFT:
+    """The same model in transformers, with a plain PyTorch training step; warmed up on creation."""
 
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_hf(d, params, cfg)
-        model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
-                            weight_decay=OPTIM.weight_decay)
-    ids = torch.tensor(batch["ids"], dtype=torch.long)
-    labels = ids.clone()
-    labels[~torch.tensor(batch["response_mask"])] = -100  # the first token is never a target (HF shifts anyway)
-    attention_mask = torch.tensor(batch["mask"], dtype=torch.long)
-    position_ids = torch.tensor(batch["positions"], dtype=torch.long)
-    losses = []
+    def __init__(self, cfg: ModelConfig, params, batch: dict):
+        import torch
+        import transformers
 
-    def one():
-        loss = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels).loss
+        self.torch = torch
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_hf(d, params, cfg)
+            self.model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
+        self.model.train()
+        self.attn_implementation = getattr(self.model.config, "_attn_implementation", None)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
+                                     weight_decay=OPTIM.weight_decay)
+        self.ids = torch.tensor(batch["ids"], dtype=torch.long)
+        self.labels = self.ids.clone()
+        self.labels[~torch.tensor(batch["response_mask"])] = -100  # never a target (HF shifts the labels anyway)
+        self.attention_mask = torch.tensor(batch["mask"], dtype=torch.long)
+        self.position_ids = torch.tensor(batch["positions"], dtype=torch.long)
+        self.losses = []
+        t0 = time.perf_counter()
+        self()
+        self.first_step_s = time.perf_counter() - t0
+        self.first_loss = self.losses[0]
+        self()
+
+    def __call__(self):
+        loss = self.model(input_ids=self.ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                          labels=self.labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIM.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad()
+        self.losses.append(float(loss.detach()))
 
-    t0 = time.perf_counter()
-    one()
-    first_s = time.perf_counter() - t0
-    one()
-    times = timed(one, n_steps)
-    return {"median_s": statistics.median(times), "min_s": min(times), "first_step_s": first_s,
-            "first_loss": losses[0], "last_loss": losses[-1], "times": times,
-            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+
+def run_sft(args) -> dict:
+    params = jax.device_get(init_params(make_model(TINY), jax.random.key(0)))
+    batch = sft_batch(TINY, args.batch, args.seq)
+    tokens = args.batch * args.seq
+    pt = TorchSFT(TINY, params, batch)
+    ours = our_sft(TINY, params, batch)
+    per = math.ceil(args.steps / args.rounds)
+    t = interleave({"torch": (pt, per), "ours": (ours, per)}, args.rounds)
+    speedup = t["torch"]["median_s"] / t["ours"]["median_s"]
+    out = dict(
+        model=hf.model_config_to_json(TINY), n_params=count_params(params), batch=args.batch, seq=args.seq,
+        tokens_per_step=tokens, timed_steps_each=per * args.rounds, rounds=args.rounds,
+        ours_median_step_s=r(t["ours"]["median_s"]), ours_min_step_s=r(t["ours"]["min_s"]),
+        ours_tokens_per_s=r(tokens / t["ours"]["median_s"], 1), ours_compile_s=r(ours.compile_s, 2),
+        torch_median_step_s=r(t["torch"]["median_s"]), torch_min_step_s=r(t["torch"]["min_s"]),
+        torch_tokens_per_s=r(tokens / t["torch"]["median_s"], 1), torch_first_step_s=r(pt.first_step_s, 3),
+        torch_attn_implementation=pt.attn_implementation,
+        speedup=r(speedup, 3), target_speedup=1.1, target_met=bool(speedup >= 1.1),
+        # Same weights, same tokens: the first-step losses must agree (both sides train the same model).
+        ours_first_loss=r(ours.first_loss, 5), torch_first_loss=r(pt.first_loss, 5),
+        **usage_fields("ours", t["ours"]), **usage_fields("torch", t["torch"]),
+        ours_step_times_s=[r(x) for x in t["ours"]["times"]], torch_step_times_s=[r(x) for x in t["torch"]["times"]])
+    for name in ("torch", "ours"):
+        log(measure=f"sft_{name}", median_s=r(t[name]["median_s"]), tokens_per_s=r(tokens / t[name]["median_s"], 1),
+            cores_busy=r(t[name]["cpu_cores_busy"], 2), kernel_share=r(t[name]["kernel_cpu_share"], 3),
+            faults_per_step=round(t[name]["minor_faults_per_step"]))
+    log(measure="sft", speedup=out["speedup"], first_loss=[out["ours_first_loss"], out["torch_first_loss"]])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ mfu
@@ -149,15 +228,43 @@ def model_flops_per_step(cfg: ModelConfig, params, batch: int, seq: int) -> tupl
     return 6.0 * n * tokens + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq * tokens, n
 
 
-def matmul_peak(n: int = 2048, repeats: int = 7) -> dict:
+def matmul_fn(n: int = 2048):
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
     dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
-    dot(a, b).block_until_ready()
-    times = timed(lambda: dot(a, b).block_until_ready(), repeats)
-    med = statistics.median(times)
-    return {"n": n, "median_s": med, "min_s": min(times), "flops_per_s": 2.0 * n ** 3 / med,
-            "best_flops_per_s": 2.0 * n ** 3 / min(times)}
+    fn = lambda: dot(a, b).block_until_ready()
+    fn()
+    fn()
+    return fn
+
+
+def run_mfu(args) -> dict:
+    n = 2048
+    peak_fn = matmul_fn(n)
+    params = jax.device_get(init_params(make_model(MFU_MODEL), jax.random.key(0)))
+    batch = sft_batch(MFU_MODEL, args.batch, args.seq)
+    flops, n_counted = model_flops_per_step(MFU_MODEL, params, args.batch, args.seq)
+    ours = our_sft(MFU_MODEL, params, batch)
+    per = math.ceil(args.mfu_steps / args.rounds)
+    t = interleave({"matmul": (peak_fn, 5), "ours": (ours, per)}, args.rounds)
+    peak = 2.0 * n ** 3 / t["matmul"]["median_s"]
+    model_fps = flops / t["ours"]["median_s"]
+    mfu = model_fps / peak
+    out = dict(
+        model=hf.model_config_to_json(MFU_MODEL), n_params=count_params(params),
+        n_params_nonembedding_plus_head=n_counted, batch=args.batch, seq=args.seq,
+        tokens_per_step=args.batch * args.seq, timed_steps=per * args.rounds, rounds=args.rounds,
+        model_flops_per_step=flops, median_step_s=r(t["ours"]["median_s"]), min_step_s=r(t["ours"]["min_s"]),
+        compile_s=r(ours.compile_s, 2), model_gflops_per_s=r(model_fps / 1e9, 2),
+        matmul_peak=dict(n=n, calls=len(t["matmul"]["times"]), median_s=r(t["matmul"]["median_s"], 5),
+                         gflops_per_s=r(peak / 1e9, 2), best_gflops_per_s=r(2.0 * n ** 3 / t["matmul"]["min_s"] / 1e9, 2)),
+        mfu=r(mfu), mfu_vs_best_peak=r(model_fps * t["matmul"]["min_s"] / (2.0 * n ** 3)),
+        target_mfu=0.55, target_met=bool(mfu >= 0.55), **usage_fields("step", t["ours"]),
+        step_times_s=[r(x) for x in t["ours"]["times"]])
+    log(measure="matmul_peak", gflops=out["matmul_peak"]["gflops_per_s"], median_s=out["matmul_peak"]["median_s"])
+    log(measure="mfu", mfu=out["mfu"], model_gflops=out["model_gflops_per_s"], step_s=out["median_step_s"],
+        kernel_share=out["step_kernel_cpu_share"], faults_per_step=out["step_minor_faults_per_step"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- rm
@@ -166,19 +273,17 @@ def matmul_peak(n: int = 2048, repeats: int = 7) -> dict:
 def rm_batch(cfg: ModelConfig, B: int, K: int, P: int, R: int, seed: int = 0) -> dict:
     """Left-padded prompts, right-padded responses of random lengths, ranks a random permutation of 0..K-1."""
     rng = np.random.default_rng(seed)
-    prompt_ids = rng.integers(1, cfg.vocab_size, (B, P)).astype(np.int32)
     prompt_mask = np.arange(P)[None, :] >= (P - rng.integers(P // 2, P + 1, B))[:, None]
-    response_ids = rng.integers(1, cfg.vocab_size, (B, K, R)).astype(np.int32)
     response_mask = np.arange(R)[None, None, :] < rng.integers(R // 4, R + 1, (B, K))[:, :, None]
-    prompt_ids = np.where(prompt_mask, prompt_ids, 0)
-    response_ids = np.where(response_mask, response_ids, 0)
+    prompt_ids = np.where(prompt_mask, rng.integers(1, cfg.vocab_size, (B, P)), 0).astype(np.int32)
+    response_ids = np.where(response_mask, rng.integers(1, cfg.vocab_size, (B, K, R)), 0).astype(np.int32)
     ranks = np.stack([rng.permutation(K) for _ in range(B)]).astype(np.int32)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
             "response_mask": response_mask, "ranks": ranks}
 
 
 def pairwise_batch(batch: dict) -> dict:
-    """The K-way batch expanded to every (chosen, rejected) pair: (B * C(K,2), P + R) each side."""
+    """The K-way batch expanded to every (chosen, rejected) pair: (B * C(K,2), P + R) arrays per side."""
     B, K, _ = batch["response_ids"].shape
     side = {"chosen": ([], []), "rejected": ([], [])}
     for b in range(B):
@@ -193,7 +298,7 @@ def pairwise_batch(batch: dict) -> dict:
 
 def pairwise_step(state: steps.TrainState, batch: dict, rng, *, model, optimizer, schedule):
     """A pairwise trainer's step: rewards of the chosen and of the rejected sequences (two forward passes),
-    loss = mean over pairs of -log sigmoid(r_chosen - r_rejected)."""
+    loss = mean over pairs of -log sigmoid(r_chosen - r_rejected), then the same optimizer update."""
     del rng
 
     def rewards(params, ids, mask):
@@ -213,40 +318,52 @@ def pairwise_step(state: steps.TrainState, batch: dict, rng, *, model, optimizer
     return steps.TrainState(step=state.step + 1, params=params, opt_state=opt_state), stats
 
 
-def time_rm(step_fn, params, optimizer, batch: dict, n_steps: int) -> dict:
-    step = jax.jit(step_fn, donate_argnums=0)
-    state = jax.jit(lambda p: steps.init_state(p, optimizer))(jax.tree.map(jnp.array, params))
-    batch = jax.device_put(batch)
-    rng = jax.random.key(0)
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch, rng)
-    jax.block_until_ready((state, metrics))
-    compile_s = time.perf_counter() - t0
-    first_loss = float(metrics["loss"])
-    state, metrics = step(state, batch, rng)
-    jax.block_until_ready((state, metrics))
-
-    def one():
-        nonlocal state, metrics
-        state, metrics = step(state, batch, rng)
-        jax.block_until_ready((state, metrics))
-
-    times = timed(one, n_steps)
-    return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s,
-            "first_loss": first_loss, "times": times}
+def run_rm(args) -> dict:
+    B, K, P, R = args.rm_prompts, 4, 64, 64
+    model = make_model(TINY, head="scalar")
+    params = jax.device_get(init_params(model, jax.random.key(0)))
+    optimizer = steps.make_optimizer(OPTIM, TOTAL_STEPS)
+    schedule = steps.lr_schedule(OPTIM, TOTAL_STEPS)
+    kway = rm_batch(TINY, B, K, P, R)
+    comparisons = B * K * (K - 1) // 2
+    kw = dict(model=model, optimizer=optimizer, schedule=schedule)
+    ours = JaxStepper(functools.partial(steps.rm_step, **kw), params, optimizer, kway)
+    base = JaxStepper(functools.partial(pairwise_step, **kw), params, optimizer, pairwise_batch(kway))
+    per = math.ceil(args.steps / args.rounds)
+    t = interleave({"ours": (ours, per), "pairwise": (base, per)}, args.rounds)
+    ratio = t["pairwise"]["median_s"] / t["ours"]["median_s"]
+    out = dict(
+        model=hf.model_config_to_json(TINY), head="scalar", prompts=B, K=K, prompt_len=P, response_len=R,
+        comparisons_per_step=comparisons, timed_steps_each=per * args.rounds, rounds=args.rounds,
+        ours_sequences_per_step=B * K, pairwise_sequences_per_step=2 * comparisons,
+        ours_median_step_s=r(t["ours"]["median_s"]), ours_comparisons_per_s=r(comparisons / t["ours"]["median_s"], 1),
+        ours_compile_s=r(ours.compile_s, 2),
+        pairwise_median_step_s=r(t["pairwise"]["median_s"]),
+        pairwise_comparisons_per_s=r(comparisons / t["pairwise"]["median_s"], 1),
+        pairwise_compile_s=r(base.compile_s, 2),
+        speedup=r(ratio, 3), target_speedup=2.5, target_met=bool(ratio >= 2.5),
+        # Same pairs, same weights: the K-way loss (mean over prompts of the mean over their 6 pairs) equals the
+        # pairwise mean when every prompt has all 6 pairs (no ties).
+        ours_first_loss=r(ours.first_loss, 5), pairwise_first_loss=r(base.first_loss, 5),
+        **usage_fields("ours", t["ours"]), **usage_fields("pairwise", t["pairwise"]),
+        ours_step_times_s=[r(x) for x in t["ours"]["times"]],
+        pairwise_step_times_s=[r(x) for x in t["pairwise"]["times"]])
+    for name in ("ours", "pairwise"):
+        log(measure=f"rm_{name}", median_s=r(t[name]["median_s"]),
+            comparisons_per_s=r(comparisons / t[name]["median_s"], 1), kernel_share=r(t[name]["kernel_cpu_share"], 3),
+            faults_per_step=round(t[name]["minor_faults_per_step"]))
+    log(measure="rm", speedup=out["speedup"], first_loss=[out["ours_first_loss"], out["pairwise_first_loss"]])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 
-def r(x: float, n: int = 4) -> float:
-    return round(float(x), n)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per measure (after warm-up)")
-    ap.add_argument("--mfu-steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per contender, sft and rm (after warm-up)")
+    ap.add_argument("--mfu-steps", type=int, default=6, help="timed steps of the larger model")
+    ap.add_argument("--rounds", type=int, default=2, help="blocks the timed steps of the contenders alternate in")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rm-prompts", type=int, default=8)
@@ -258,95 +375,23 @@ def main() -> None:
 
     t_start = time.perf_counter()
     result = dict(benchmark="train", device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                  n_devices=jax.device_count(), platform=platform.platform(), cpu_count=os.cpu_count(),
-                  jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
-                  torch_threads=torch.get_num_threads(), dtype="float32",
-                  # Other processes on the machine skew every number: the 1-min load average before and after.
-                  load_average_start=r(os.getloadavg()[0], 2),
+                  n_devices=jax.device_count(), platform=platform.platform(), processor=platform.processor(),
+                  cpu_count=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
+                  transformers=transformers.__version__, torch_threads=torch.get_num_threads(), dtype="float32",
+                  malloc_env={k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")},
                   optim=dict(lr=OPTIM.lr, b1=OPTIM.b1, b2=OPTIM.b2, eps=OPTIM.eps, grad_clip=OPTIM.grad_clip,
-                             weight_decay=OPTIM.weight_decay, schedule=OPTIM.schedule))
-
-    if "sft" not in args.skip:
-        params = jax.device_get(init_params(make_model(TINY), jax.random.key(0)))
-        batch = sft_batch(TINY, args.batch, args.seq)
-        tokens = args.batch * args.seq
-        # PyTorch first: its thread pool then does not compete with a just-finished XLA computation.
-        pt = torch_sft(TINY, params, batch, args.steps)
-        log(measure="sft_torch", median_s=r(pt["median_s"]), tokens_per_s=r(tokens / pt["median_s"], 1))
-        ours = our_sft(TINY, params, batch, args.steps)
-        log(measure="sft_ours", median_s=r(ours["median_s"]), tokens_per_s=r(tokens / ours["median_s"], 1))
-        result["sft"] = dict(
-            model=cfg_json(TINY), n_params=count_params(params), batch=args.batch, seq=args.seq,
-            tokens_per_step=tokens, timed_steps=args.steps,
-            ours_median_step_s=r(ours["median_s"]), ours_min_step_s=r(ours["min_s"]),
-            ours_tokens_per_s=r(tokens / ours["median_s"], 1), ours_compile_s=r(ours["compile_s"], 2),
-            torch_median_step_s=r(pt["median_s"]), torch_min_step_s=r(pt["min_s"]),
-            torch_tokens_per_s=r(tokens / pt["median_s"], 1), torch_first_step_s=r(pt["first_step_s"], 3),
-            torch_attn_implementation=pt["attn_implementation"],
-            speedup=r(pt["median_s"] / ours["median_s"], 3), target_speedup=1.1,
-            target_met=bool(pt["median_s"] / ours["median_s"] >= 1.1),
-            # Same weights, same tokens: the first-step losses must agree (a check that both train one model).
-            ours_first_loss=r(ours["first_loss"], 5), torch_first_loss=r(pt["first_loss"], 5),
-            ours_step_times_s=[r(t) for t in ours["times"]], torch_step_times_s=[r(t) for t in pt["times"]])
-        log(measure="sft", speedup=result["sft"]["speedup"], first_loss=[result["sft"]["ours_first_loss"],
-                                                                         result["sft"]["torch_first_loss"]])
-
-    if "mfu" not in args.skip:
-        peak = matmul_peak()
-        log(measure="matmul_peak", gflops=r(peak["flops_per_s"] / 1e9, 1), median_s=r(peak["median_s"]))
-        params = jax.device_get(init_params(make_model(MFU_MODEL), jax.random.key(0)))
-        batch = sft_batch(MFU_MODEL, args.batch, args.seq)
-        flops, n_nonembed = model_flops_per_step(MFU_MODEL, params, args.batch, args.seq)
-        ours = our_sft(MFU_MODEL, params, batch, args.mfu_steps)
-        model_fps = flops / ours["median_s"]
-        mfu = model_fps / peak["flops_per_s"]
-        peak_after = matmul_peak()  # again, after the step: the peak must not drift (thermal, other load)
-        result["mfu"] = dict(
-            model=cfg_json(MFU_MODEL), n_params=count_params(params), n_params_nonembedding_plus_head=n_nonembed,
-            batch=args.batch, seq=args.seq, tokens_per_step=args.batch * args.seq, timed_steps=args.mfu_steps,
-            model_flops_per_step=flops, median_step_s=r(ours["median_s"]), min_step_s=r(ours["min_s"]),
-            compile_s=r(ours["compile_s"], 2), model_gflops_per_s=r(model_fps / 1e9, 2),
-            matmul_peak=dict(n=peak["n"], median_s=r(peak["median_s"]), gflops_per_s=r(peak["flops_per_s"] / 1e9, 2),
-                             best_gflops_per_s=r(peak["best_flops_per_s"] / 1e9, 2),
-                             gflops_per_s_after=r(peak_after["flops_per_s"] / 1e9, 2)),
-            mfu=r(mfu), mfu_vs_best_peak=r(model_fps / max(peak["best_flops_per_s"], peak_after["best_flops_per_s"])),
-            target_mfu=0.55, target_met=bool(mfu >= 0.55), step_times_s=[r(t) for t in ours["times"]])
-        log(measure="mfu", mfu=result["mfu"]["mfu"], model_gflops=result["mfu"]["model_gflops_per_s"],
-            peak_gflops=result["mfu"]["matmul_peak"]["gflops_per_s"], step_s=r(ours["median_s"]))
-
-    if "rm" not in args.skip:
-        B, K, P, R = args.rm_prompts, 4, 64, 64
-        model = make_model(TINY, head="scalar")
-        params = jax.device_get(init_params(model, jax.random.key(0)))
-        optimizer = steps.make_optimizer(OPTIM, 1000)
-        schedule = steps.lr_schedule(OPTIM, 1000)
-        kway = rm_batch(TINY, B, K, P, R)
-        pairs = pairwise_batch(kway)
-        comparisons = B * K * (K - 1) // 2
-        ours = time_rm(functools.partial(steps.rm_step, model=model, optimizer=optimizer, schedule=schedule),
-                       params, optimizer, kway, args.steps)
-        log(measure="rm_ours", median_s=r(ours["median_s"]), comparisons_per_s=r(comparisons / ours["median_s"], 1))
-        base = time_rm(functools.partial(pairwise_step, model=model, optimizer=optimizer, schedule=schedule),
-                       params, optimizer, pairs, args.steps)
-        log(measure="rm_pairwise", median_s=r(base["median_s"]), comparisons_per_s=r(comparisons / base["median_s"], 1))
-        ratio = base["median_s"] / ours["median_s"]
-        result["rm"] = dict(
-            model=cfg_json(TINY), head="scalar", prompts=B, K=K, prompt_len=P, response_len=R,
-            comparisons_per_step=comparisons, timed_steps=args.steps,
-            ours_sequences_per_step=B * K, pairwise_sequences_per_step=2 * comparisons,
-            ours_median_step_s=r(ours["median_s"]), ours_comparisons_per_s=r(comparisons / ours["median_s"], 1),
-            ours_compile_s=r(ours["compile_s"], 2),
-            pairwise_median_step_s=r(base["median_s"]), pairwise_comparisons_per_s=r(comparisons / base["median_s"], 1),
-            pairwise_compile_s=r(base["compile_s"], 2),
-            speedup=r(ratio, 3), target_speedup=2.5, target_met=bool(ratio >= 2.5),
-            # Same pairs, same weights: the K-way loss (mean over prompts of the mean over their 6 pairs) equals
-            # the pairwise mean when every prompt has all 6 pairs.
-            ours_first_loss=r(ours["first_loss"], 5), pairwise_first_loss=r(base["first_loss"], 5),
-            ours_step_times_s=[r(t) for t in ours["times"]], pairwise_step_times_s=[r(t) for t in base["times"]])
-        log(measure="rm", speedup=result["rm"]["speedup"])
-
+                             weight_decay=OPTIM.weight_decay, schedule=OPTIM.schedule),
+                  # Other processes on the machine skew every number: the 1-minute load average around the run.
+                  load_average_start=r(os.getloadavg()[0], 2))
+    busy0, (cpu0, _, _) = _machine_busy_s(), _usage()
+    for name, fn in (("sft", run_sft), ("mfu", run_mfu), ("rm", run_rm)):
+        if name not in args.skip:
+            result[name] = fn(args)
     result["load_average_end"] = r(os.getloadavg()[0], 2)
     result["total_s"] = r(time.perf_counter() - t_start, 1)
+    busy1, (cpu1, _, _) = _machine_busy_s(), _usage()
+    if busy0 is not None and busy1 is not None:  # cores that other processes kept busy, on average, during the run
+        result["other_processes_cores_busy"] = r(max(busy1 - busy0 - (cpu1 - cpu0), 0.0) / result["total_s"], 2)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -90,23 +90,25 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
 
 
 class TrainCheckpoints:
-    """Orbax CheckpointManager over one training run: the train state, the data iterator's state and a small
-    JSON of loop facts (best eval so far, seed) are saved together, asynchronously, keeping the last N.
+    """Orbax CheckpointManager over one training run: the train state, the data iterator's state, a small JSON
+    of loop facts (best eval so far, seed) and the resolved config are saved together, asynchronously, keeping
+    the last N.
     Orbax writes each step under a temporary name and renames it when complete, so a kill mid-save leaves
     the previous checkpoint as the latest."""
 
     def __init__(self, directory: str | os.PathLike, keep: int):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(Path(directory).resolve(), options=options,
-                                             item_names=("state", "data", "loop"))
+                                             item_names=("state", "data", "loop", "config"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, loop: dict) -> None:
+    def save(self, step: int, state, data_state: dict, loop: dict, config: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=ocp.args.JsonSave(data_state),
-                                                        loop=ocp.args.JsonSave(loop)))
+                                                        loop=ocp.args.JsonSave(loop),
+                                                        config=ocp.args.JsonSave(config)))
 
     def restore(self, step: int, like_state):
         """(state placed like `like_state`, data iterator state, loop facts) of a saved step."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from rlhf_jax import sharding, steps
 from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, save_model
-from rlhf_jax.config import Config
+from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.data.pipeline import eval_batches, open_split, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.losses import last_token_values
@@ -143,16 +143,18 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     writer = MetricsWriter(run_dir, cfg.stage)
     bar = tqdm(total=total, initial=start, desc=cfg.stage, unit="step", file=sys.stderr, dynamic_ncols=True)
     last_metrics: dict = {}
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens, truncated = time.perf_counter(), 0, 0
     for step in range(start, total):
         batch = next(data_iter)
         window_tokens += real_tokens(batch)
+        truncated += int(batch["truncated"].sum())
         state, metrics = step_fn(state, to_global(batch, mesh), jax.random.fold_in(rng, step))
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - window_start
             metrics["tokens_per_s"] = window_tokens / elapsed
+            metrics["truncated_examples"] = truncated  # over-length examples cut so far in this run
             window_start, window_tokens = time.perf_counter(), 0
             writer.write(done, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -166,7 +168,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
                     export(cfg, run_dir / "best", state.params, loaded, model)
                 last_metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-            ckpts.save(done, state, data_iter.get_state(), loop)
+            ckpts.save(done, state, data_iter.get_state(), loop, config_to_dict(cfg))
         if done % cfg.train.log_every == 0:  # throughput windows exclude evaluation and saving
             window_start = time.perf_counter()
         bar.update(1)

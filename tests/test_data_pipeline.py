@@ -216,3 +216,17 @@ def test_invalid_utf8_is_reported(capsys, tmp_path):
                             "--name", "x")
     assert rc == 2 and f"{path}:2" in err and "utf-8" in err.lower()
     assert not any((tmp_path / "d").rglob("*.array_record*")) if (tmp_path / "d").exists() else True
+
+
+def test_chat_template_wraps_the_prompt(tokenizer):
+    tokenizer.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    try:
+        tok = Tokenize(tokenizer, "prompts", DataSection(max_prompt_tokens=64, chat_template=True), 0)
+        out = tok({"prompt": b"hello there"})
+        expected = tokenizer("<|user|>hello there<|assistant|>", add_special_tokens=False)["input_ids"]
+        np.testing.assert_array_equal(out["prompt_ids"][out["prompt_mask"]], expected)
+    finally:
+        tokenizer.chat_template = None
+    with pytest.raises(Exception, match="no chat template"):
+        Tokenize(tokenizer, "prompts", DataSection(chat_template=True), 0)

@@ -191,6 +191,10 @@ def test_sft_cli_learns_and_exports(sft_run, tiny):
     assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
     assert (run_dir / "checkpoints" / "40").is_dir()
     assert (run_dir / "config.json").exists()
+    saved_config = json.loads((run_dir / "checkpoints" / "40" / "config" / "metadata").read_text())
+    assert saved_config["stage"] == "sft" and saved_config["train"]["steps"] == 40  # the resolved config
+    train_lines = [m for m in _metrics(run_dir) if "loss" in m]
+    assert all(m["truncated_examples"] >= 0 for m in train_lines)  # over-length examples are counted
 
 
 # ------------------------------------------------------------------------------------------------ rm
