@@ -165,7 +165,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
                 writer.write(done, {f"eval_{k}": v for k, v in eval_metrics.items()})
                 if loop["best_eval_loss"] is None or eval_metrics["loss"] < loop["best_eval_loss"]:
                     loop["best_eval_loss"] = eval_metrics["loss"]
-                    export(cfg, run_dir / "best", state.params, loaded, model)
+                    export(run_dir / "best", state.params, loaded, model)
                 last_metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
             ckpts.save(done, state, data_iter.get_state(), loop, config_to_dict(cfg))
@@ -176,7 +176,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     ckpts.close()
     writer.close()
     extra = fit_reward_norm(cfg, stage, state.params, tokenizer, mesh) if cfg.stage == "rm" else {}
-    out = export(cfg, run_dir / "export", state.params, loaded, model, extra)
+    out = export(run_dir / "export", state.params, loaded, model, extra)
     summary = {"stage": cfg.stage, "steps": total, "export": str(out),
                **{k: round(v, 6) for k, v in last_metrics.items() if isinstance(v, float)}, **extra}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -192,7 +192,7 @@ def real_tokens(batch: dict) -> int:
     return int((batch["prompt_mask"].sum(1) * responses_B).sum() + batch["response_mask"].sum())
 
 
-def export(cfg: Config, out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None):
+def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None):
     """Params-only model checkpoint (Orbax, with tokenizer) for the next stage and for convert --to-hf."""
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(np.float32), params)
     return save_model(out_dir, host, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True, extra=extra)
