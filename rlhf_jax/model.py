@@ -120,12 +120,9 @@ def _einsum(dtype, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=precision)
 
 
-class _Param:
+def _param(module: nn.Module, name: str, shape, axes, init, dtype):
     """Declares a parameter with its logical axis names (used by `rlhf_jax.sharding`)."""
-
-    @staticmethod
-    def make(module: nn.Module, name: str, shape, axes, init, dtype):
-        return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
 def _dense_init(scale: float = 0.02):
@@ -139,10 +136,10 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         d = self.cfg.d_model
-        scale = _Param.make(self, "scale", (d,), ("norm",), nn.initializers.ones, self.param_dtype)
+        scale = _param(self, "scale", (d,), ("norm",), nn.initializers.ones, self.param_dtype)
         x = x_BTD.astype(jnp.float32)
         if self.cfg.is_gpt2:  # LayerNorm with bias
-            bias = _Param.make(self, "bias", (d,), ("norm",), nn.initializers.zeros, self.param_dtype)
+            bias = _param(self, "bias", (d,), ("norm",), nn.initializers.zeros, self.param_dtype)
             mean = x.mean(-1, keepdims=True)
             var = jnp.square(x - mean).mean(-1, keepdims=True)
             y = (x - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale + bias
@@ -162,11 +159,11 @@ class Attention(nn.Module):
         D, K, G, H = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
         B, T, _ = x_BTD.shape
         # Per KV head: its G query heads, then its key head, then its value head.
-        w_qkv = _Param.make(self, "qkv", (D, K, G + 2, H), ("embed", "kv_heads", None, "head_dim"),
+        w_qkv = _param(self, "qkv", (D, K, G + 2, H), ("embed", "kv_heads", None, "head_dim"),
                             _dense_init(), self.param_dtype)
         qkv_BTKCH = _einsum(self.dtype, "btd,dkch->btkch", x_BTD, w_qkv.astype(self.dtype))
         if cfg.qkv_bias or cfg.is_gpt2:
-            b_qkv = _Param.make(self, "qkv_bias", (K, G + 2, H), ("kv_heads", None, "head_dim"),
+            b_qkv = _param(self, "qkv_bias", (K, G + 2, H), ("kv_heads", None, "head_dim"),
                                 nn.initializers.zeros, self.param_dtype)
             qkv_BTKCH = qkv_BTKCH + b_qkv.astype(self.dtype)
         q_BTKGH = qkv_BTKCH[:, :, :, :G]
@@ -200,10 +197,10 @@ class Attention(nn.Module):
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
         out_BTKGH = _einsum(self.dtype, "bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(self.dtype))
 
-        w_o = _Param.make(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), _dense_init(), self.param_dtype)
+        w_o = _param(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), _dense_init(), self.param_dtype)
         out_BTD = _einsum(self.dtype, "btnh,nhd->btd", out_BTKGH.reshape(B, T, K * G, H), w_o.astype(self.dtype))
         if cfg.is_gpt2:
-            b_o = _Param.make(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
+            b_o = _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
             out_BTD = out_BTD + b_o.astype(self.dtype)
         return out_BTD, new_cache
 
@@ -219,21 +216,21 @@ class MLP(nn.Module):
         gated = not cfg.is_gpt2
         n_in = 2 if gated else 1  # SwiGLU stacks gate and up into one matmul
         has_bias = cfg.is_gpt2 or cfg.mlp_bias
-        w_in = _Param.make(self, "wi", (cfg.d_model, n_in, cfg.d_ff), ("embed", None, "mlp"),
+        w_in = _param(self, "wi", (cfg.d_model, n_in, cfg.d_ff), ("embed", None, "mlp"),
                            _dense_init(), self.param_dtype)
         h_BTCF = _einsum(self.dtype, "btd,dcf->btcf", x_BTD, w_in.astype(self.dtype))
         if has_bias:
-            b_in = _Param.make(self, "wi_bias", (n_in, cfg.d_ff), (None, "mlp"), nn.initializers.zeros,
+            b_in = _param(self, "wi_bias", (n_in, cfg.d_ff), (None, "mlp"), nn.initializers.zeros,
                                self.param_dtype)
             h_BTCF = h_BTCF + b_in.astype(self.dtype)
         if gated:
             h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
         else:
             h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True)  # GPT-2's gelu_new
-        w_out = _Param.make(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), _dense_init(), self.param_dtype)
+        w_out = _param(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), _dense_init(), self.param_dtype)
         out_BTD = _einsum(self.dtype, "btf,fd->btd", h_BTF, w_out.astype(self.dtype))
         if has_bias:
-            b_out = _Param.make(self, "wo_bias", (cfg.d_model,), ("embed",), nn.initializers.zeros,
+            b_out = _param(self, "wo_bias", (cfg.d_model,), ("embed",), nn.initializers.zeros,
                                 self.param_dtype)
             out_BTD = out_BTD + b_out.astype(self.dtype)
         return out_BTD
@@ -272,13 +269,13 @@ class Transformer(nn.Module):
         only) keeps packed examples apart. Returns (out, new_cache)."""
         cfg = self.cfg
         kw = dict(cfg=cfg, param_dtype=self.param_dtype)
-        embedding = _Param.make(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+        embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                 _dense_init(), self.param_dtype)
         # Out-of-range ids (a pad of -1, say) would be clamped silently by the gather: embed them as id 0.
         tokens_BT = jnp.where((tokens_BT >= 0) & (tokens_BT < cfg.vocab_size), tokens_BT, 0)
         x_BTD = jnp.take(embedding, tokens_BT, axis=0).astype(self.dtype)
         if cfg.is_gpt2:
-            wpe = _Param.make(self, "pos_embed", (cfg.max_position_embeddings, cfg.d_model), (None, "embed"),
+            wpe = _param(self, "pos_embed", (cfg.max_position_embeddings, cfg.d_model), (None, "embed"),
                               _dense_init(0.01), self.param_dtype)
             x_BTD = x_BTD + jnp.take(wpe, positions_BT, axis=0).astype(self.dtype)
 
@@ -298,12 +295,12 @@ class Transformer(nn.Module):
             x_BTD = x_BTD[:, -1:]
         x_BTD = Norm(**kw, name="final_norm")(x_BTD)
         if self.head == "scalar":
-            w = _Param.make(self, "score", (cfg.d_model, 1), ("embed", None), _dense_init(), self.param_dtype)
+            w = _param(self, "score", (cfg.d_model, 1), ("embed", None), _dense_init(), self.param_dtype)
             return _einsum(self.dtype, "btd,do->bto", x_BTD, w.astype(self.dtype))[..., 0].astype(jnp.float32), new_cache
         if cfg.tie_embeddings:
             w_DV = embedding.astype(self.dtype).T
         else:
-            w_DV = _Param.make(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _dense_init(),
+            w_DV = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _dense_init(),
                                self.param_dtype).astype(self.dtype)
         return _einsum(self.dtype, "btd,dv->btv", x_BTD, w_DV).astype(jnp.float32), new_cache
 
