@@ -175,3 +175,18 @@ def test_lr_schedules_warm_up_then_decay():
         np.testing.assert_allclose([float(fn(s)) for s in (0, 2, 4)], [0.0, 0.5, 1.0], atol=1e-6)
         end = float(fn(20))
         assert end == pytest.approx(1.0 if schedule == "constant" else 0.0, abs=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+    optim = OptimSection(lr=1e-3, schedule="constant")
+    batch = _sft_batch(np.random.default_rng(4))
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        model = make_model(CFG, dtype=dtype)
+        opt = steps.make_optimizer(optim, 5)
+        state = steps.init_state(init_params(make_model(CFG), jax.random.key(3)), opt)
+        new_state, metrics = jax.jit(lambda s, b: steps.sft_step(
+            s, b, jax.random.key(0), model=model, optimizer=opt, schedule=steps.lr_schedule(optim, 5)))(state, batch)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
+        results[dtype] = float(metrics["loss"])
+    np.testing.assert_allclose(results["bfloat16"], results["float32"], rtol=2e-2)
