@@ -17,7 +17,7 @@ from typing import Sequence
 
 from rlhf_jax import hf
 from rlhf_jax.checkpoint import CheckpointError, load_model, save_model
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,8 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hf.save_hf(out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
                        extra_config=loaded.extra)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(json.dumps({"out": str(out), "family": loaded.cfg.family, "head": loaded.head,
                       "layers": loaded.cfg.n_layers, "d_model": loaded.cfg.d_model}))
     return 0

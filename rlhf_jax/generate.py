@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rlhf_jax import sharding
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, report
 from rlhf_jax.checkpoint import LoadedModel, load_model
 from rlhf_jax.model import make_model, param_logical_axes
 from rlhf_jax.sampling import SamplingParams, sample
@@ -156,8 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):
             print(json.dumps(record) if args.output == "jsonl" else record["text"], flush=True)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from rlhf_jax.config import config_help, load_config
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,8 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         stages.run(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 

@@ -4,7 +4,6 @@ forward pass, unpadded rows, a single device, and a teacher-forced recomputation
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from rlhf_jax.data.formats import FORMATS
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, report
 
 
 def _fields(pairs: Sequence[str]) -> dict[str, str]:
@@ -50,8 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = prepare(args.format, args.input, args.data_dir, args.name, args.eval_fraction,
                           args.skip_invalid, _fields(args.field), args.overwrite)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(json.dumps(summary))
     return 0
 
