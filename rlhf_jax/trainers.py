@@ -134,6 +134,9 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     start = ckpts.latest_step() or 0
     if start:
         state, data_state, loop = ckpts.restore(start, state)
+        if loop["seed"] != cfg.seed:  # data order and step keys derive from the seed
+            raise UserError(f"{run_dir / 'checkpoints'} was trained with seed={loop['seed']}; resume with that seed "
+                            "or start a new run_dir")
         data_iter.set_state(data_state)
         print(f"resumed from {run_dir / 'checkpoints'} at step {start}", file=sys.stderr)
 
