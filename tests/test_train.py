@@ -318,6 +318,16 @@ def test_grad_accumulation_matches_one_batch(tiny, data_dir, workdir):
 # ------------------------------------------------------------------------------------------------ resume
 
 
+def test_resume_with_another_seed_is_refused(tiny, data_dir, workdir):
+    from rlhf_jax.errors import UserError
+
+    args = _mesh_args("sft", tiny, data_dir)
+    run_dir = workdir / "seeded"
+    _train_on_mesh(args, run_dir, (8, 1, 1))
+    with pytest.raises(UserError, match="trained with seed=0"):
+        _train_on_mesh([*args, "seed=1", f"train.steps={MESH_STEPS + 2}"], run_dir, (8, 1, 1))
+
+
 RESUME_STEPS = 60
 
 
