@@ -1,5 +1,6 @@
-"""Dataset preparation rate: 100k short K-way rankings through `rlhf_jax.data.prepare` (read, validate, write
-TFDS array_record), and the grain pipeline's tokenized examples/s over the result. Prints one JSON document.
+"""Dataset preparation rate: 100k short K-way rankings through `rlhf_jax.data.prepare` (read, validate, group
+into pairs by prompt, write TFDS array_record), and the grain pipeline's tokenized examples/s over the result.
+Prints one JSON document.
 
   python benchmarks/prepare.py [--rows 100000] [--out FILE]
 """
@@ -52,6 +53,7 @@ def main() -> None:
             next(it)
         pipeline_s = time.perf_counter() - t0
     result = dict(benchmark="prepare", rows=args.rows, input_mb=round(size_mb, 1), examples=summary["examples"],
+                  pairs=summary["pairs"],
                   prepare_s=round(prepare_s, 2), prepare_rows_per_s=round(args.rows / prepare_s),
                   pipeline_examples_per_s=round(args.pipeline_batches * args.batch / pipeline_s),
                   pipeline_note="single-threaded tokenization of K-way rankings (K 2..5), tiny BPE",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rlhf_jax import hf, steps  # noqa: E402
 from rlhf_jax.config import OptimSection  # noqa: E402
-from rlhf_jax.losses import last_token_values  # noqa: E402
+from rlhf_jax.losses import last_token_values, pairs_from_ranks  # noqa: E402
 from rlhf_jax.model import ModelConfig, init_params, make_model  # noqa: E402
 
 TINY = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
@@ -271,24 +270,25 @@ def run_mfu(args) -> dict:
 
 
 def rm_batch(cfg: ModelConfig, B: int, K: int, P: int, R: int, seed: int = 0) -> dict:
-    """Left-padded prompts, right-padded responses of random lengths, ranks a random permutation of 0..K-1."""
+    """Left-padded prompts, right-padded responses of random lengths, pairs those of a random ranking of the K."""
     rng = np.random.default_rng(seed)
     prompt_mask = np.arange(P)[None, :] >= (P - rng.integers(P // 2, P + 1, B))[:, None]
     response_mask = np.arange(R)[None, None, :] < rng.integers(R // 4, R + 1, (B, K))[:, :, None]
     prompt_ids = np.where(prompt_mask, rng.integers(1, cfg.vocab_size, (B, P)), 0).astype(np.int32)
     response_ids = np.where(response_mask, rng.integers(1, cfg.vocab_size, (B, K, R)), 0).astype(np.int32)
-    ranks = np.stack([rng.permutation(K) for _ in range(B)]).astype(np.int32)
+    pairs = np.zeros((B, K, K), np.int32)
+    for b in range(B):
+        pairs[b][pairs_from_ranks(rng.permutation(K))] = 1
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-            "response_mask": response_mask, "ranks": ranks}
+            "response_mask": response_mask, "pairs": pairs}
 
 
 def pairwise_batch(batch: dict) -> dict:
     """The K-way batch expanded to every (chosen, rejected) pair: (B * C(K,2), P + R) arrays per side."""
-    B, K, _ = batch["response_ids"].shape
+    B = batch["response_ids"].shape[0]
     side = {"chosen": ([], []), "rejected": ([], [])}
     for b in range(B):
-        for i, j in itertools.combinations(range(K), 2):
-            w, l = (i, j) if batch["ranks"][b, i] < batch["ranks"][b, j] else (j, i)
+        for w, l in zip(*np.nonzero(batch["pairs"][b])):  # each pair once: a full ranking has no repeats
             for name, k in (("chosen", w), ("rejected", l)):
                 side[name][0].append(np.concatenate([batch["prompt_ids"][b], batch["response_ids"][b, k]]))
                 side[name][1].append(np.concatenate([batch["prompt_mask"][b], batch["response_mask"][b, k]]))

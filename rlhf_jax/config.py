@@ -262,11 +262,9 @@ class ModelSection:
     dtype: Dtype = _opt("float32", "compute dtype (params stay in param_dtype)")
     param_dtype: Dtype = _opt("float32", "dtype parameters are stored in")
     remat: Literal["none", "block"] = _opt("none", "'block' recomputes each block's activations in the backward pass")
-    max_seq_len: int = _opt(512, "longest sequence (prompt + completion) the model handles")
 
     def __post_init__(self):
         _coerce(self)
-        _check(self, "max_seq_len", self.max_seq_len > 0, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -334,10 +332,13 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    steps: int = _opt(100, "optimizer steps")
-    batch_size: int = _opt(16, "global batch: sequences (sft) or prompts with their K responses (rm)")
+    steps: int = _opt(0, "optimizer steps (set this or train.epochs)")
+    epochs: float = _opt(0.0, "passes over the training split instead of train.steps (InstructGPT: sft 16, rm 1)")
+    batch_size: int = _opt(16, "global batch: sequences (sft) or prompts with all their responses (rm)")
     eval_every: int = _opt(50, "steps between held-out evaluations; 0 = only at the end")
     eval_batches: int = _opt(0, "batches per evaluation; 0 = the whole eval split")
+    eval_batch_size: int = _opt(0, "rows per evaluation forward; 0 = the training micro-batch "
+                                   "(batch_size / optim.grad_accum_steps)")
     save_every: int = _opt(50, "steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = _opt(2, "most recent checkpoints kept (the best model is exported separately)")
     log_every: int = _opt(10, "steps between metric fetches and log lines")
@@ -345,10 +346,12 @@ class TrainSection:
 
     def __post_init__(self):
         _coerce(self)
-        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "log_every", "keep_checkpoints"):
             _check(self, name, getattr(self, name) > 0, "must be > 0")
-        for name in ("eval_every", "eval_batches", "save_every"):
+        for name in ("steps", "epochs", "eval_every", "eval_batches", "eval_batch_size", "save_every"):
             _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        _check(self, "epochs", not (self.steps and self.epochs),
+               f"and train.steps={self.steps} are both set; set one of them")
 
 
 @dataclass(frozen=True)
@@ -356,7 +359,8 @@ class RMSection:
     normalize: Literal["none", "bias", "bias_gain"] = _opt(
         "bias", "after training, shift (and scale) rewards so reference responses score mean 0 (and std 1)")
     reference_dataset: str = _opt(
-        "", "prepared sft dataset whose responses are the reference; \"\" = the rank-0 responses of data.eval_split")
+        "", "prepared sft dataset whose responses are the reference; "
+            "\"\" = the best responses (never dispreferred) of data.eval_split")
     reference_examples: int = _opt(512, "reference responses scored for the normalisation")
 
     def __post_init__(self):

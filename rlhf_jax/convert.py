@@ -4,7 +4,8 @@
   python -m rlhf_jax.convert --to-hf --checkpoint CKPT_DIR --out DIR [--dtype bfloat16]
 
 Language models export as *ForCausalLM, reward/value models (scalar head) as *ForSequenceClassification with
-one label.
+one label, a pad id that is never an EOS id (transformers scores the last non-pad token) and the reward gain
+folded into the score weights (normalised reward = logits[:, 0] + config.reward_norm["bias"]).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from rlhf_jax.errors import UserError, report
 from rlhf_jax.checkpoint import LoadedModel, load_model
 from rlhf_jax.model import make_model, param_logical_axes
 from rlhf_jax.sampling import SamplingParams, sample
-from rlhf_jax.tokenizer import PAD_ID, encode_prompts, load_tokenizer
+from rlhf_jax.tokenizer import PAD_ID, PromptEncoder, load_tokenizer
 
 
 class PromptFileError(UserError):
@@ -67,7 +67,8 @@ def read_prompts(path: str | Path) -> list[str]:
 class Generator:
     """Holds a model placed on a mesh and one compiled sampler for fixed (batch, prompt, new-token) shapes."""
 
-    def __init__(self, loaded: LoadedModel, mesh, params: SamplingParams, dtype: str = "float32"):
+    def __init__(self, loaded: LoadedModel, mesh, params: SamplingParams, dtype: str = "float32",
+                 chat_template: bool = False):
         if loaded.head != "lm":
             raise UserError("generation needs a language-model checkpoint, got a scalar-head (reward/value) one")
         if loaded.tokenizer_dir is None:
@@ -76,12 +77,15 @@ class Generator:
         self.mesh = mesh
         self.model = make_model(loaded.cfg, dtype=dtype)
         self.tokenizer = load_tokenizer(loaded.tokenizer_dir)
+        self.chat_template = chat_template  # as the model was trained: prompts are encoded the same way
         eos = params.eos_ids or loaded.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.params_cfg = dataclasses.replace(params, eos_ids=tuple(i for i in eos if i is not None))
         # Inference stores weights in the compute dtype, so the decode loop never re-casts them.
         params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), loaded.params)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         param_sh = sharding.param_shardings(param_logical_axes(self.model), shapes, mesh)
+        for warning in sharding.sharding_report(param_logical_axes(self.model), shapes, mesh).fallbacks:
+            print(warning, file=sys.stderr)  # a replicated dimension costs memory: never silently
         self.params = sharding.place(params, param_sh)
         batch_sh = sharding.batch_sharding(mesh)
         self._sample = jax.jit(functools.partial(sample, self.model, p=self.params_cfg),
@@ -92,7 +96,7 @@ class Generator:
                  progress: bool = True) -> Iterator[dict]:
         """One record per prompt, in order: prompt, prompt_ids, ids (EOS kept, padding dropped), text, logprobs."""
         sharding.check_batch_size(batch_size, self.mesh, "batch_size")
-        ids_all, mask_all = encode_prompts(self.tokenizer, prompts, max_prompt_tokens)
+        ids_all, mask_all = PromptEncoder(self.tokenizer, max_prompt_tokens, self.chat_template).batch(prompts)
         width = ids_all.shape[1]  # one prompt width for the whole file: one compilation
         if self.cfg.is_gpt2 and width + self.params_cfg.max_new_tokens > self.cfg.max_position_embeddings:
             raise UserError(f"prompt ({width}) + new tokens ({self.params_cfg.max_new_tokens}) exceed the model's "
@@ -141,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-prompt-tokens", type=int, default=512)
+    ap.add_argument("--chat-template", action="store_true",
+                    help="wrap each prompt in the tokenizer's chat template (as data.chat_template in training)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--mesh-shape", default="-1,1,1", help="devices per (data, fsdp, tensor) axis")
     ap.add_argument("--output", choices=["jsonl", "text"], default="jsonl", help="what to print per prompt")
@@ -152,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = read_prompts(args.prompt_file)
         gen = Generator(load_model(args.model), mesh,
                         SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, pad_id=PAD_ID),
-                        args.dtype)
+                        args.dtype, args.chat_template)
         for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):
             print(json.dumps(record) if args.output == "jsonl" else record["text"], flush=True)
     except UserError as e:

@@ -344,13 +344,74 @@ def load_hf(model_dir: str | os.PathLike, head: str | None = None) -> tuple[Mode
     return cfg, head, params_from_hf(read_tensors(model_dir), cfg, head)
 
 
+# ---------------------------------------------------------------------------------------------- reward models
+# transformers' *ForSequenceClassification scores the rightmost token that is not config.pad_token_id, ignoring
+# the attention mask, while rlhf_jax scores the last real token (an EOS for a finished response). A pad id that
+# is an EOS id would make transformers skip our EOS and score the token before it.
+
+
+def _tokenizer_facts(tokenizer_dir) -> tuple[int | None, int | None, int | None]:
+    """(pad id, EOS id, 1 + the largest id it emits) of the tokenizer in `tokenizer_dir`; Nones without one."""
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if tokenizer_dir is None or not any((Path(tokenizer_dir) / n).exists() for n in names):
+        return None, None, None
+    from rlhf_jax.tokenizer import load_tokenizer  # lazy: transformers is only needed for this lookup
+
+    tok = load_tokenizer(tokenizer_dir)
+    return tok.pad_token_id, tok.eos_token_id, max(tok.get_vocab().values()) + 1
+
+
+def reward_pad_id(cfg: ModelConfig, tok_pad: int | None = None, tok_size: int | None = None,
+                  tok_eos: int | None = None) -> int | None:
+    """The config.json pad id of a scalar-head export: never an EOS id, always < vocab_size (Llama embeds it as
+    padding_idx). The model's pad if safe, else the tokenizer's pad, else an id the tokenizer never emits (so it
+    can only be padding), else None: transformers then scores the last position of a single sequence and refuses
+    batches, a loud error rather than a silently wrong token."""
+    eos_ids = set(cfg.eos_token_ids) | {tok_eos}  # training appends the tokenizer's EOS to every response
+    safe = lambda i: i is not None and i not in eos_ids and 0 <= i < cfg.vocab_size
+    if safe(cfg.pad_token_id):
+        return cfg.pad_token_id
+    if safe(tok_pad):
+        return tok_pad
+    if tok_size is not None and tok_size < cfg.vocab_size:
+        return cfg.vocab_size - 1
+    return None
+
+
+def fold_reward_gain(params: dict, extra: dict | None) -> tuple[dict, dict]:
+    """Multiply the score weights by reward_norm's gain (HF's score Linear has no bias, so the bias stays):
+    HF logits + bias = gain * raw + bias. The stored norm becomes gain 1 with the folded gain on record."""
+    norm = (extra or {}).get("reward_norm")
+    if not norm:
+        return params, dict(extra or {})
+    gain = float(norm.get("gain", 1.0))
+    score = np.asarray(params["score"])
+    params = {**params, "score": score * np.asarray(gain, score.dtype)}
+    folded = {**norm, "gain": 1.0, "folded_gain": float(norm.get("folded_gain", 1.0)) * gain}
+    return params, {**extra, "reward_norm": folded}
+
+
+def _left_pad_tokenizer(out_dir: Path) -> None:
+    """Make the exported tokenizer left-pad, so that its batches end in real tokens, which transformers reads
+    correctly whatever id pads them (needed when the tokenizer pads with an EOS id)."""
+    path = out_dir / "tokenizer_config.json"
+    if path.exists():
+        path.write_text(json.dumps({**_read_json(path), "padding_side": "left"}, indent=2))
+
+
 def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: str = "lm",
             tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
             max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None) -> None:
     """Write a directory that `transformers.AutoModelFor*.from_pretrained` loads, tokenizer files included.
-    `extra_config` entries (a reward model's `reward_norm`) are kept as extra keys of config.json."""
+    `extra_config` entries (a reward model's `reward_norm`) are kept as extra keys of config.json.
+    A scalar head gets a pad id that is never an EOS id and its reward gain folded into the score weights."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tok_pad = None
+    if head == "scalar":
+        tok_pad, tok_eos, tok_size = _tokenizer_facts(tokenizer_dir)
+        cfg = dataclasses.replace(cfg, pad_token_id=reward_pad_id(cfg, tok_pad, tok_size, tok_eos))
+        params, extra_config = fold_reward_gain(params, extra_config)
     tensors = params_to_hf(params, cfg, head)
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
@@ -380,6 +441,8 @@ def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: st
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+    if head == "scalar" and tok_pad is not None and tok_pad != cfg.pad_token_id:
+        _left_pad_tokenizer(out_dir)
     if not (out_dir / "generation_config.json").exists():
         generation = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))

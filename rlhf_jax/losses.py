@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -22,26 +23,27 @@ def next_token_nll(logits_BTV: jax.Array, ids_BT: jax.Array, weight_BT: jax.Arra
     return jnp.sum(nll_BT * w_BT), jnp.sum(w_BT)
 
 
-def ranking_pairs(ranks_BK: jax.Array) -> jax.Array:
-    """better_BKK[b, i, j]: response i is ranked strictly above response j (ranks: 0 best, -1 empty slot).
-    Ties give no pair (InstructGPT drops them)."""
-    valid_BK = ranks_BK >= 0
-    both_BKK = valid_BK[:, :, None] & valid_BK[:, None, :]
-    return both_BKK & (ranks_BK[:, :, None] < ranks_BK[:, None, :])
+def pairs_from_ranks(ranks) -> tuple[np.ndarray, np.ndarray]:
+    """(better, worse) response indices of every ordered pair of one dense ranking (0 best): a K-way ranking
+    is all its pairs, K*(K-1)/2 without ties. Ties give no pair (InstructGPT drops them)."""
+    ranks = np.asarray(ranks)
+    better, worse = np.nonzero(ranks[:, None] < ranks[None, :])
+    return better.astype(np.int32), worse.astype(np.int32)
 
 
-def ranking_loss(rewards_BK: jax.Array, ranks_BK: jax.Array, weight_B: jax.Array | None = None) -> dict:
-    """InstructGPT K-way loss: per prompt, the mean over its ordered pairs of -log sigmoid(r_w - r_l), so every
-    prompt is one batch element weighted 1/(number of pairs); then the mean over prompts that have a pair.
+def ranking_loss(rewards_BK: jax.Array, pairs_BKK: jax.Array, weight_B: jax.Array | None = None) -> dict:
+    """InstructGPT loss over all the comparisons of a prompt: pairs_BKK[b, i, j] counts how often response i
+    was preferred to response j. Per prompt, the count-weighted mean over its pairs of -log sigmoid(r_i - r_j),
+    so every prompt is one batch element whatever its number of pairs; then the mean over prompts with a pair.
     Returns the sums needed for exact accumulation across micro-batches and hosts, plus pair statistics."""
-    better_BKK = ranking_pairs(ranks_BK).astype(jnp.float32)
+    pairs_BKK = pairs_BKK.astype(jnp.float32)
     margin_BKK = rewards_BK[:, :, None] - rewards_BK[:, None, :]
-    pairs_B = better_BKK.sum((1, 2))
-    has_pairs_B = (pairs_B > 0).astype(jnp.float32)
+    n_pairs_B = pairs_BKK.sum((1, 2))
+    has_pairs_B = (n_pairs_B > 0).astype(jnp.float32)
     if weight_B is not None:
         has_pairs_B = has_pairs_B * weight_B
-    per_prompt_B = jnp.sum(better_BKK * jax.nn.softplus(-margin_BKK), (1, 2)) / jnp.maximum(pairs_B, 1.0)
-    pair_w_BKK = better_BKK * has_pairs_B[:, None, None]
+    per_prompt_B = jnp.sum(pairs_BKK * jax.nn.softplus(-margin_BKK), (1, 2)) / jnp.maximum(n_pairs_B, 1.0)
+    pair_w_BKK = pairs_BKK * has_pairs_B[:, None, None]
     return {
         "loss_sum": jnp.sum(per_prompt_B * has_pairs_B),
         "prompts": jnp.sum(has_pairs_B),

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 
 Family = Literal["gpt2", "llama", "qwen2"]
-NEG_INF = -1e30  # finite, so a fully masked row (left padding) yields uniform weights instead of NaN
+AttentionImpl = Literal["auto", "einsum", "cudnn"]
+PAD_ID = -1  # never a real token: masks carry the truth and the model embeds out-of-range ids as 0
+NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keeps one allowed key, see Attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +115,34 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_H2: jax.Arra
     return out.astype(x_BTNH.dtype)
 
 
-def _einsum(dtype, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+def _einsum(dtype, spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     """float32 compute means float32 matmuls on every backend (GPUs would otherwise use TF32); bf16 is the
-    fast path."""
+    fast path. `out_dtype=jnp.float32` keeps a bf16 matmul's float32 accumulator instead of rounding it."""
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-    return jnp.einsum(spec, a, b, precision=precision)
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=out_dtype)
+
+
+def _cudnn_attention_available() -> bool:
+    """An NVIDIA GPU that cuDNN's fused attention runs on (Ampere or newer); never on CPU, TPU or ROCm."""
+    if jax.default_backend() != "gpu":
+        return False
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if "cuda" not in device.client.platform_version.lower() or capability is None:
+        return False
+    return tuple(int(x) for x in str(capability).split(".")[:2]) >= (8, 0)
+
+
+def _use_cudnn_attention(impl: AttentionImpl, dtype, full_pass: bool, T: int, H: int) -> bool:
+    """cuDNN flash attention for bf16 full-sequence passes (training, teacher forcing, scoring). float32 keeps
+    the HIGHEST-precision einsum and cached decode keeps the einsum. The shape limits are cuDNN's: head dim a
+    multiple of 8 up to 128, and an even length (its backward pass with a mask needs one)."""
+    if not full_pass or impl == "einsum":
+        return False
+    if impl == "cudnn":
+        return True
+    return (jnp.dtype(dtype) == jnp.bfloat16 and H % 8 == 0 and H <= 128 and T % 2 == 0
+            and _cudnn_attention_available())
 
 
 def _param(module: nn.Module, name: str, shape, axes, init, dtype):
@@ -127,6 +152,15 @@ def _param(module: nn.Module, name: str, shape, axes, init, dtype):
 
 def _dense_init(scale: float = 0.02):
     return nn.initializers.normal(stddev=scale)
+
+
+_score_init = _dense_init()  # the scalar head, in the Transformer and in `init_scalar_head` alike
+
+
+def init_scalar_head(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """A fresh `score` weight (d_model, 1), drawn as the Transformer draws it: turns an LM into a reward or
+    value model without initialising a whole random model."""
+    return _score_init(rng, (cfg.d_model, 1), dtype)
 
 
 class Norm(nn.Module):
@@ -152,6 +186,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
@@ -190,15 +225,27 @@ class Attention(nn.Module):
         allowed_BTS = causal_TS[None] & key_mask_BS[:, None, :].astype(bool)
         if segment_ids_BT is not None:  # packed rows: attend only within one's own example
             allowed_BTS = allowed_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+        # A left-pad query has no allowed key; letting it see its own slot leaves no row fully masked, so no
+        # implementation can give NaN. Real tokens already see their own slot, so their outputs are unchanged.
+        allowed_BTS = allowed_BTS | (jnp.arange(S)[None, :] == query_slot_T[:, None])[None]
 
-        scores_BKGTS = _einsum(self.dtype, "btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(self.dtype))
-        scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(H)
-        scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, NEG_INF)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
-        out_BTKGH = _einsum(self.dtype, "bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(self.dtype))
+        k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
+        if _use_cudnn_attention(self.attention, self.dtype, layer_cache is None, T, H):
+            # Query head k * G + g uses KV head k, which is dot_product_attention's GQA grouping too.
+            out_BTNH = jax.nn.dot_product_attention(
+                q_BTKGH.reshape(B, T, K * G, H).astype(self.dtype), k_BSKH, v_BSKH, mask=allowed_BTS[:, None],
+                scale=1 / math.sqrt(H), implementation="cudnn")
+        else:
+            # float32 scores even for bf16 inputs: rounding logits to bf16 before the softmax costs accuracy.
+            scores_BKGTS = _einsum(self.dtype, "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, out_dtype=jnp.float32)
+            scores_BKGTS = scores_BKGTS / math.sqrt(H)
+            scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, NEG_INF)
+            probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
+            out_BTKGH = _einsum(self.dtype, "bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+            out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
 
         w_o = _param(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), _dense_init(), self.param_dtype)
-        out_BTD = _einsum(self.dtype, "btnh,nhd->btd", out_BTKGH.reshape(B, T, K * G, H), w_o.astype(self.dtype))
+        out_BTD = _einsum(self.dtype, "btnh,nhd->btd", out_BTNH, w_o.astype(self.dtype))
         if cfg.is_gpt2:
             b_o = _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
             out_BTD = out_BTD + b_o.astype(self.dtype)
@@ -240,11 +287,12 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
         kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
-        h, new_cache = Attention(**kw, dtype=self.dtype, name="attn")(
+        h, new_cache = Attention(**kw, dtype=self.dtype, attention=self.attention, name="attn")(
             Norm(**kw, name="attn_norm")(x_BTD), positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT
         )
         x_BTD = x_BTD + h
@@ -253,13 +301,16 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder LM. `head='lm'` returns float32 logits_BTV; `head='scalar'` returns float32 values_BT."""
+    """Decoder LM. `head='lm'` returns float32 logits_BTV; `head='scalar'` returns float32 values_BT.
+    `attention`: 'auto' uses cuDNN fused attention for bf16 full passes on NVIDIA GPUs and the einsum
+    elsewhere; 'einsum' always the einsum; 'cudnn' cuDNN for every full pass (bf16/fp16 on a GPU only)."""
 
     cfg: ModelConfig
     head: Literal["lm", "scalar"] = "lm"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, key_mask_BS, cache: KVCache | None = None, cache_index=0,
@@ -271,7 +322,8 @@ class Transformer(nn.Module):
         kw = dict(cfg=cfg, param_dtype=self.param_dtype)
         embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                 _dense_init(), self.param_dtype)
-        # Out-of-range ids (a pad of -1, say) would be clamped silently by the gather: embed them as id 0.
+        # jnp.take wraps negative ids (a pad of -1 reads the last vocab row, a real token) and gives NaN rows
+        # for ids outside [-V, V): embed every out-of-range id as id 0 instead.
         tokens_BT = jnp.where((tokens_BT >= 0) & (tokens_BT < cfg.vocab_size), tokens_BT, 0)
         x_BTD = jnp.take(embedding, tokens_BT, axis=0).astype(self.dtype)
         if cfg.is_gpt2:
@@ -283,7 +335,7 @@ class Transformer(nn.Module):
         new_k, new_v = [], []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x_BTD, layer_new = block_cls(**kw, dtype=self.dtype, name=f"layer_{i}")(
+            x_BTD, layer_new = block_cls(**kw, dtype=self.dtype, attention=self.attention, name=f"layer_{i}")(
                 x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT
             )
             if layer_new is not None:
@@ -295,7 +347,7 @@ class Transformer(nn.Module):
             x_BTD = x_BTD[:, -1:]
         x_BTD = Norm(**kw, name="final_norm")(x_BTD)
         if self.head == "scalar":
-            w = _param(self, "score", (cfg.d_model, 1), ("embed", None), _dense_init(), self.param_dtype)
+            w = _param(self, "score", (cfg.d_model, 1), ("embed", None), _score_init, self.param_dtype)
             return _einsum(self.dtype, "btd,do->bto", x_BTD, w.astype(self.dtype))[..., 0].astype(jnp.float32), new_cache
         if cfg.tie_embeddings:
             w_DV = embedding.astype(self.dtype).T
@@ -306,8 +358,9 @@ class Transformer(nn.Module):
 
 
 def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param_dtype: str = "float32",
-               remat: bool = False) -> Transformer:
-    return Transformer(cfg, head=head, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), remat=remat)
+               remat: bool = False, attention: AttentionImpl = "auto") -> Transformer:
+    return Transformer(cfg, head=head, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), remat=remat,
+                       attention=attention)
 
 
 def init_params(model: Transformer, rng: jax.Array) -> dict:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.model import KVCache, Transformer, positions_from_mask
+from rlhf_jax.model import PAD_ID, KVCache, Transformer, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     eos_ids: tuple[int, ...] = ()
-    pad_id: int = 0
+    pad_id: int = PAD_ID  # fills tokens after EOS; the masks carry the truth
 
 
 class SampleOutput(NamedTuple):

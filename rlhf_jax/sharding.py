@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import re
+import sys
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -12,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rlhf_jax.errors import UserError
 
 # Logical name -> mesh axes. Parameters carry logical names (see model.py); a dimension that a mesh axis
-# does not divide is replicated along it instead.
+# does not divide is replicated along it instead (`sharding_report` lists those fallbacks).
 AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "vocab": ("tensor",),
@@ -44,27 +46,155 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[jax.D
                          devices=devices)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """PartitionSpec for one array: each logical name maps to the mesh axes of the table that divide it."""
+class Fallback(NamedTuple):
+    """One dimension left unsplit along a mesh axis because the axis (times those already splitting it) does
+    not divide it."""
+
+    logical_name: str
+    dim: int
+    mesh_axis: str
+    divisor_axes: tuple[tuple[str, int], ...]  # (axis, size) of the split that failed, this axis last
+
+
+def resolve_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> tuple[P, list[Fallback]]:
+    """PartitionSpec for one array and the replicated fallbacks behind it: each logical name maps to the mesh
+    axes of the table that divide it. An axis of size 1 or one already taken by another dimension is the table's
+    choice, not a fallback."""
     used: set[str] = set()
-    spec = []
+    spec, fallbacks = [], []
     for name, dim in zip(logical_axes, shape):
-        chosen = []
+        chosen: list[str] = []
         for axis in AXIS_RULES.get(name, ()) if name else ():
             size = mesh.shape.get(axis, 1)
-            if axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in chosen) * size):
+            if axis in used or size == 1:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in chosen) * size):
+                divisor = tuple((a, mesh.shape[a]) for a in chosen) + ((axis, size),)
+                fallbacks.append(Fallback(name, dim, axis, divisor))
                 continue
             chosen.append(axis)
             used.add(axis)
         spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
-    return P(*spec)
+    return P(*spec), fallbacks
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec for one array (see `resolve_spec`); an undivided dimension is replicated."""
+    return resolve_spec(logical_axes, shape, mesh)[0]
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
 
 
 def param_shardings(logical_axes_tree, shapes_tree, mesh: Mesh):
     """NamedShardings for a param tree, from its logical names (`model.param_logical_axes`) and shapes."""
-    is_spec = lambda x: isinstance(x, P)
     return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_spec(tuple(spec), x.shape, mesh)),
-                        logical_axes_tree, shapes_tree, is_leaf=is_spec)
+                        logical_axes_tree, shapes_tree, is_leaf=_is_spec)
+
+
+class KindSummary(NamedTuple):
+    """Parameters of one kind (same path up to layer index, same shape and split), e.g. `layer_*/attn/qkv`."""
+
+    kind: str
+    count: int
+    shape: tuple[int, ...]
+    logical_axes: tuple[str | None, ...]
+    spec: P
+    bytes_total: int
+    bytes_per_device: int
+
+
+class ShardingReport(NamedTuple):
+    kinds: list[KindSummary]
+    bytes_total: int
+    bytes_per_device: int
+    lines: list[str]  # the summary table, one screen
+    fallbacks: list[str]  # one warning per (logical name, dim, mesh axis)
+
+
+def param_kind(path) -> str:
+    """Leaf path with layer indices collapsed: ('layer_3', 'attn', 'qkv') -> 'layer_*/attn/qkv'."""
+    keys = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
+    return "/".join(re.sub(r"^(\w*?_)?\d+$", r"\1*", k) for k in keys)
+
+
+def sharding_report(logical_axes_tree, shapes_tree, mesh: Mesh, dtype=None) -> ShardingReport:
+    """How a param tree splits over `mesh`: one row per parameter kind, totals, and the replicated fallbacks.
+    Bytes are for `dtype`, or each leaf's own dtype when None. Reads only shapes, so nothing is allocated."""
+    paths_and_axes, treedef = jax.tree_util.tree_flatten_with_path(logical_axes_tree, is_leaf=_is_spec)
+    shapes = treedef.flatten_up_to(shapes_tree)
+    kinds: dict[tuple, KindSummary] = {}
+    fallback_kinds: dict[tuple[str, int, str], tuple[Fallback, list[str]]] = {}
+    for (path, axes), x in zip(paths_and_axes, shapes):
+        kind, shape, axes = param_kind(path), tuple(x.shape), tuple(axes)
+        spec, fallbacks = resolve_spec(axes, shape, mesh)
+        nbytes = math.prod(shape) * np.dtype(dtype or x.dtype).itemsize
+        per_device = nbytes // _ways(spec, mesh)  # exact: only dividing axes are chosen
+        key = (kind, shape, axes, spec, nbytes)
+        row = kinds.get(key) or KindSummary(kind, 0, shape, axes, spec, 0, 0)
+        kinds[key] = row._replace(count=row.count + 1, bytes_total=row.bytes_total + nbytes,
+                                  bytes_per_device=row.bytes_per_device + per_device)
+        for fb in fallbacks:
+            affected = fallback_kinds.setdefault((fb.logical_name, fb.dim, fb.mesh_axis), (fb, []))[1]
+            if kind not in affected:
+                affected.append(kind)
+    rows = list(kinds.values())
+    total = sum(r.bytes_total for r in rows)
+    per_device = sum(r.bytes_per_device for r in rows)
+    return ShardingReport(rows, total, per_device, _summary_lines(rows, total, per_device, mesh),
+                          [_fallback_warning(fb, affected) for fb, affected in fallback_kinds.values()])
+
+
+def print_sharding_report(report: ShardingReport, file=None) -> None:
+    """The summary table, then each fallback warning once."""
+    file = file or sys.stderr
+    for line in report.lines + report.fallbacks:
+        print(line, file=file)
+
+
+def _ways(spec: P, mesh: Mesh) -> int:
+    """Number of pieces an array with this spec is cut into (its copies along other axes not counted)."""
+    axes = [a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _fallback_warning(fb: Fallback, kinds: list[str]) -> str:
+    noun = "axis" if len(fb.divisor_axes) == 1 else "axes"
+    divisor = "*".join(f"{a}={s}" for a, s in fb.divisor_axes)
+    return (f"warning: sharding: {fb.logical_name!r} dim {fb.dim} of {', '.join(kinds)} is not divisible by mesh "
+            f"{noun} {divisor}; replicated along {fb.mesh_axis}")
+
+
+def _summary_lines(rows: list[KindSummary], total: int, per_device: int, mesh: Mesh) -> list[str]:
+    mesh_desc = " ".join(f"{a}={s}" for a, s in mesh.shape.items())
+    table = [("kind", "n", "shape", "logical axes", "split as", "total", "per device")]
+    for r in rows:
+        table.append((r.kind, str(r.count), _dims(r.shape), _dims(r.logical_axes), _dims(_spec_names(r.spec)),
+                      _format_bytes(r.bytes_total), _format_bytes(r.bytes_per_device)))
+    table.append(("total", str(sum(r.count for r in rows)), "", "", "", _format_bytes(total),
+                  _format_bytes(per_device)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    right = {1, 5, 6}  # numbers right-aligned
+    render = lambda row: "  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                                          for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return [f"sharding: params over mesh {mesh_desc} ({mesh.size} devices)"] + [render(row) for row in table]
+
+
+def _spec_names(spec: P) -> tuple[str | None, ...]:
+    return tuple(e if e is None or isinstance(e, str) else "*".join(e) for e in spec)
+
+
+def _dims(items) -> str:
+    return "(" + ", ".join("-" if i is None else str(i) for i in items) + ")"
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
     s = cfg.sampling
     gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed)), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
-                    cfg.model.dtype)
+                    cfg.model.dtype, cfg.data.chat_template)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
     t0, n_tokens, n = time.perf_counter(), 0, 0

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.config import OptimSection
-from rlhf_jax.losses import last_token_values, next_token_nll, ranking_loss, ranking_pairs
+from rlhf_jax.losses import last_token_values, next_token_nll, ranking_loss
 from rlhf_jax.model import Transformer
 
 
@@ -35,9 +35,20 @@ def lr_schedule(optim: OptimSection, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
 
 
+def decays(name: str) -> bool:
+    """Weight decay applies to weight matrices and embeddings, never to norms or biases. Decided by name: a
+    fused bias can have two dimensions (qkv_bias is (K, G+2, H)), so rank cannot tell."""
+    return not (name == "scale" or name == "bias" or name.endswith("_bias"))
+
+
+def decay_mask(params):
+    """Bool per leaf; the name is the last dict key of its path (boxed params add attribute keys after it)."""
+    name = lambda path: next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(name(path)), params)
+
+
 def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTransformation:
-    """AdamW (no decay on norms and biases) after global-norm clipping."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    """AdamW (decay on weight matrices only, see `decays`) after global-norm clipping."""
     adamw = optax.adamw(lr_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                         weight_decay=optim.weight_decay, mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw) if optim.grad_clip else adamw
@@ -76,7 +87,7 @@ def _accumulate(loss_sums: Callable, params, batch: dict, accum: int):
 def _apply(state: TrainState, grads, optimizer, schedule) -> tuple[TrainState, dict]:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    stats = {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    stats = {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), stats
 
 
@@ -122,7 +133,9 @@ def sft_eval_sums(params, batch: dict, *, model: Transformer, loss_on_prompt: bo
 
 
 def completion_rewards(model: Transformer, params, batch: dict) -> jax.Array:
-    """rewards_BK: ONE forward pass over all B*K [prompt | response] sequences, read at each last real token."""
+    """rewards_BK: ONE forward pass over all B*K [prompt | response] sequences, read at each last real token.
+    Each unique response of a prompt has one slot, however many pairs it is in; empty (padding) slots are
+    scored too but belong to no pair."""
     B, K, R = batch["response_ids"].shape
     P = batch["prompt_ids"].shape[1]
     tile = lambda x: jnp.broadcast_to(x[:, None], (B, K, P)).reshape(B * K, P)
@@ -134,13 +147,13 @@ def completion_rewards(model: Transformer, params, batch: dict) -> jax.Array:
 
 
 def rm_sums(model: Transformer, params, batch: dict, weight_B=None) -> dict:
-    return ranking_loss(completion_rewards(model, params, batch), batch["ranks"], weight_B)
+    return ranking_loss(completion_rewards(model, params, batch), batch["pairs"], weight_B)
 
 
 def rm_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transformer, optimizer, schedule,
             accum: int = 1) -> tuple[TrainState, dict]:
     del rng
-    n_prompts = jnp.maximum(jnp.sum(ranking_pairs(batch["ranks"]).any((1, 2))), 1.0)
+    n_prompts = jnp.maximum(jnp.sum(batch["pairs"].sum((1, 2)) > 0), 1.0)
 
     def loss_sums(params, micro):
         sums = rm_sums(model, params, micro)

@@ -9,7 +9,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import transformers
 
-PAD_ID = -1  # never a real token: masks carry the truth and the model embeds out-of-range ids as 0
+from rlhf_jax.errors import UserError
+from rlhf_jax.model import PAD_ID  # lives with the model that embeds it; importable from here too
+
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -18,17 +20,54 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids_BP, mask_BP): prompts truncated from the left to `max_tokens`, left-padded to the longest."""
-    encoded = [tokenizer(p)["input_ids"][-max_tokens:] for p in prompts]
-    width = max(1, max(len(e) for e in encoded))
-    ids = np.full((len(prompts), width), PAD_ID, np.int32)
-    mask = np.zeros((len(prompts), width), bool)
-    for row, e in enumerate(encoded):
-        if e:
-            ids[row, width - len(e):] = e
-            mask[row, width - len(e):] = True
-    return ids, mask
+class PromptEncoder:
+    """The one way a prompt becomes token ids, for training, generation, PPO rollouts and evaluation alike.
+
+    With `chat_template` the prompt is the user turn of the tokenizer's chat template, followed by the assistant
+    header. A prompt longer than `max_tokens` loses its OLDEST content (the end of a dialogue matters most) but
+    keeps its head: the BOS, or the template's leading tokens (system prompt, role header), which the model
+    needs to read what follows.
+    """
+
+    def __init__(self, tokenizer, max_tokens: int, chat_template: bool = False):
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise UserError("the tokenizer has no chat template (data.chat_template or --chat-template asks for one)")
+        self.tokenizer, self.max_tokens, self.chat_template = tokenizer, max_tokens, chat_template
+        # The head is what every prompt starts with: the common prefix of an empty and a non-empty prompt.
+        a, b = self.encode_full(""), self.encode_full("a")
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        self.head = a[:n] if n < max_tokens else []
+
+    def encode_full(self, prompt: str) -> list[int]:
+        """All ids of a prompt, untruncated."""
+        if self.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def __call__(self, prompt: str) -> tuple[list[int], bool]:
+        """(ids of at most max_tokens, whether content was cut)."""
+        return self.truncate(self.encode_full(prompt))
+
+    def truncate(self, ids: list[int]) -> tuple[list[int], bool]:
+        P = self.max_tokens
+        if len(ids) <= P:
+            return ids, False
+        head = self.head if ids[:len(self.head)] == self.head else []
+        return head + ids[len(ids) - (P - len(head)):], True
+
+    def batch(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids_BP, mask_BP): every prompt encoded, left-padded to the longest."""
+        encoded = [self(p)[0] for p in prompts]
+        width = max(1, max(len(e) for e in encoded))
+        ids = np.full((len(prompts), width), PAD_ID, np.int32)
+        mask = np.zeros((len(prompts), width), bool)
+        for row, e in enumerate(encoded):
+            if e:
+                ids[row, width - len(e):] = e
+                mask[row, width - len(e):] = True
+        return ids, mask
 
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):

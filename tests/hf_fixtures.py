@@ -47,3 +47,24 @@ def make_hf_model(name: str, out_dir, seed: int = 0):
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(out_dir)
     return model
+
+
+TOKENIZER_WORDS = [f"w{i}" for i in range(37)]  # ids 3..39: a tokenizer smaller than VOCAB, like Qwen2.5's
+
+
+def make_tokenizer(out_dir, pad_is_eos: bool):
+    """A word-level tokenizer with <unk>=0, <eos>=1 and <pad>=2; with `pad_is_eos` it pads with <eos> and ships a
+    generation_config.json saying so, as Qwen2.5 does. Returns it."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{w: i + 3 for i, w in enumerate(TOKENIZER_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                                pad_token="<eos>" if pad_is_eos else "<pad>")
+    fast.save_pretrained(str(out_dir))
+    if pad_is_eos:
+        (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "pad_token_id": 1}))
+    return fast

@@ -1,4 +1,5 @@
-"""Dataset importers: each user format becomes canonical sft / rankings / prompts records, every bad row a RowError."""
+"""Dataset importers: each user format becomes canonical sft / rankings / prompts records, every bad row a RowError;
+ranking records grouped by prompt into unique responses and (better, worse) pairs."""
 
 import gzip
 import json
@@ -10,6 +11,7 @@ import pytest
 
 from rlhf_jax.data import formats
 from rlhf_jax.data.formats import RowError, read_rows, tldr_query
+from rlhf_jax.data.prepare import group_comparisons
 from rlhf_jax.errors import UserError
 
 HH_CHOSEN = ("\n\nHuman: What are some good vegetables to grow in a small garden?"
@@ -398,3 +400,60 @@ def test_download_urls_are_well_formed():
     assert formats.TLDR_SFT_URLS["valid"].endswith("/datasets/tldr_3_filtered/valid.jsonl")
     assert formats.TLDR_COMPARISONS_URL.format(n=3).endswith("/dataset/comparisons/batch3.json")
     assert list(formats.TLDR_COMPARISONS_BATCHES) == list(range(3, 23))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grouping comparisons by prompt (prepare): one element per prompt, its unique responses and (better, worse) pairs
+
+
+def hh_row(prompt, chosen, rejected):
+    return {"chosen": prompt + chosen, "rejected": prompt + rejected}
+
+
+def grouped(fmt, path):
+    return group_comparisons(records(fmt, path))
+
+
+def test_hh_rows_of_one_prompt_become_one_element(tmp_path):
+    other = "\n\nHuman: Hi\n\nAssistant:"
+    path = write_jsonl(tmp_path / "hh.jsonl", [hh_row(HH_PROMPT, " A", " B"), hh_row(other, " yes", " no"),
+                                               hh_row(HH_PROMPT, " A", " C")])
+    groups, stats = grouped("hh_rlhf", path)
+    assert groups == [{"prompt": HH_PROMPT, "responses": [" A", " B", " C"], "better": [0, 0], "worse": [1, 2]},
+                      {"prompt": other, "responses": [" yes", " no"], "better": [0], "worse": [1]}]
+    assert stats == {"rows": 3, "prompts": 2, "pairs": 3, "inconsistent_pairs": 0, "identical_pairs_dropped": 0,
+                     "prompts_without_pairs": 0}
+
+
+def test_repeated_and_inconsistent_pairs_are_kept_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
+                                              {"prompt": "Q", "chosen": "a", "rejected": "b"},
+                                              {"prompt": "Q", "chosen": "b", "rejected": "a"},
+                                              {"prompt": "Q", "chosen": "c", "rejected": "b"}])
+    [group], stats = grouped("jsonl_rankings", path)
+    assert group["responses"] == ["a", "b", "c"]
+    assert list(zip(group["better"], group["worse"])) == [(0, 1), (0, 1), (1, 0), (2, 1)]
+    assert stats["pairs"] == 4 and stats["inconsistent_pairs"] == 1
+
+
+def test_identical_pairs_are_dropped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", [hh_row(HH_PROMPT, " same", " same"),  # HH-RLHF has such rows
+                                               hh_row("\n\nHuman: x\n\nAssistant:", " same", " same"),
+                                               hh_row(HH_PROMPT, " A", " B")])
+    groups, stats = grouped("hh_rlhf", path)
+    assert groups == [{"prompt": HH_PROMPT, "responses": [" A", " B"], "better": [0], "worse": [1]}]
+    assert stats["identical_pairs_dropped"] == 2 and stats["prompts_without_pairs"] == 1
+    assert stats["rows"] == 3 and stats["prompts"] == 1 and stats["pairs"] == 1
+
+
+def test_k_way_ranking_row_is_all_its_ordered_pairs(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "p", "responses": ["w", "x", "y", "z"], "ranks": [2, 0, 3, 1]},
+        {"prompt": "q", "responses": ["a", "b", "c"], "ranks": [0, 1, 1]},  # tie: no pair between b and c
+        {"prompt": "p", "responses": ["v", "x"], "ranks": [0, 1]}])  # "x" is the same response as above
+    [p, q], stats = grouped("jsonl_rankings", path)
+    assert p["responses"] == ["w", "x", "y", "z", "v"]
+    pairs = sorted(zip(p["better"], p["worse"]))
+    assert pairs == [(0, 2), (1, 0), (1, 2), (1, 3), (3, 0), (3, 2), (4, 1)]  # 6 pairs of the K = 4 row, then 1
+    assert q == {"prompt": "q", "responses": ["a", "b", "c"], "better": [0, 0], "worse": [1, 2]}
+    assert stats["pairs"] == 9 and stats["prompts"] == 2

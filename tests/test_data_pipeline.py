@@ -1,5 +1,5 @@
-"""Prepared datasets and grain pipelines: CLI summary, token layout, determinism, exact resume, host sharding,
-packing, eval padding, and bad input that writes nothing."""
+"""Prepared datasets and grain pipelines: CLI summary, token layout, comparisons grouped by prompt, determinism,
+exact resume, host sharding, packing, eval padding, and bad input that writes nothing."""
 
 import dataclasses
 import json
@@ -10,6 +10,7 @@ import pytest
 from rlhf_jax.config import DataSection
 from rlhf_jax.data.__main__ import main as data_main
 from rlhf_jax.data.pipeline import Tokenize, eval_batches, train_dataset
+from rlhf_jax.errors import UserError
 from rlhf_jax.tiny import bundled_prompts
 from rlhf_jax.tokenizer import PAD_ID, train_tiny_tokenizer
 
@@ -107,15 +108,80 @@ def test_rankings_layout_with_variable_k(datasets, tokenizer):
     spec = _spec(datasets, "rank")
     batch = next(iter(train_dataset(spec, "train", tokenizer, global_batch=8, seed=1)))
     K = 5  # the dataset's largest K (2 + i % 4)
-    assert batch["response_ids"].shape == (8, K, 12) and batch["ranks"].shape == (8, K)
-    for ranks, rmask in zip(batch["ranks"], batch["response_mask"]):
-        used = ranks >= 0
+    assert batch["response_ids"].shape == (8, K, 12) and batch["pairs"].shape == (8, K, K)
+    assert batch["pairs"].dtype == np.int32 and "ranks" not in batch
+    for pairs, rmask in zip(batch["pairs"], batch["response_mask"]):
+        used = rmask.any(axis=1)
         k = used.sum()
         assert used[:k].all() and not used[k:].any() and k >= 2
-        assert rmask[:k].any(axis=1).all() and not rmask[k:].any()
-        assert sorted(ranks[:k].tolist()) == list(range(k))
+        assert not pairs[k:].any() and not pairs[:, k:].any()
+        # a full ranking of k responses (ascending or descending): every unordered pair once, in one direction
+        np.testing.assert_array_equal((pairs + pairs.T)[:k, :k], 1 - np.eye(k, dtype=np.int32))
+        upper = np.triu(np.ones((k, k), np.int32), 1)
+        assert np.array_equal(pairs[:k, :k], upper) or np.array_equal(pairs[:k, :k], upper.T)
     with pytest.raises(Exception, match="max_responses=3"):
         next(iter(train_dataset(dataclasses.replace(spec, max_responses=3), "train", tokenizer, 8, 1)))
+
+
+def _comparison_rows():
+    """Pairwise rows, several per prompt, interleaved: Q0 has a repeated pair and a contradicting one."""
+    rows = [{"prompt": "Q0", "chosen": "a", "rejected": "b"}, {"prompt": "Q1", "chosen": "x", "rejected": "y"},
+            {"prompt": "Q0", "chosen": "a", "rejected": "b"}, {"prompt": "Q0", "chosen": "b", "rejected": "c"},
+            {"prompt": "Q0", "chosen": "c", "rejected": "b"}, {"prompt": "Q1", "chosen": "y", "rejected": "y"}]
+    return rows
+
+
+def test_comparisons_of_a_prompt_become_one_example_with_pair_counts(capsys, tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "pairs.jsonl", _comparison_rows())
+    rc, out, err = _prepare(capsys, "--format", "jsonl_rankings", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "cmp")
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["examples"] == {"train": 2} and summary["max_responses"] == 3
+    assert {k: summary[k] for k in ("rows", "prompts", "pairs", "inconsistent_pairs", "identical_pairs_dropped",
+                                    "prompts_without_pairs")} == {
+        "rows": 6, "prompts": 2, "pairs": 5, "inconsistent_pairs": 1, "identical_pairs_dropped": 1,
+        "prompts_without_pairs": 0}
+    [batch] = list(eval_batches(_spec(tmp_path / "d", "cmp"), "train", tokenizer, batch_size=2))
+    assert batch["pairs"].shape == (2, 3, 3)
+    np.testing.assert_array_equal(batch["pairs"][0], [[0, 2, 0], [0, 0, 1], [0, 1, 0]])  # Q0: a, b, c
+    np.testing.assert_array_equal(batch["pairs"][1], [[0, 1, 0], [0, 0, 0], [0, 0, 0]])  # Q1: x, y
+    np.testing.assert_array_equal(batch["response_mask"].any(-1), [[True, True, True], [True, True, False]])
+
+
+def test_grouped_prompts_stay_in_one_split(tmp_path):
+    from rlhf_jax.data.pipeline import open_split
+    from rlhf_jax.data.prepare import prepare
+
+    rows = [{"prompt": f"prompt {i % 40}", "chosen": f"good {i}", "rejected": f"bad {i % 3}"} for i in range(200)]
+    summary = prepare("jsonl_rankings", [_write_jsonl(tmp_path / "in.jsonl", rows)], tmp_path / "d", "s",
+                      eval_fraction=0.3)
+    assert summary["rows"] == 200 and summary["prompts"] == 40 and summary["pairs"] == 200
+    prompts, pairs = [], 0
+    for split in ("train", "eval"):
+        source, meta = open_split(tmp_path / "d", "s", split)
+        examples = [source[i] for i in range(len(source))]
+        prompts += [e["prompt"] for e in examples]
+        pairs += sum(len(e["better"]) for e in examples)
+        assert all(len(e["better"]) == 5 and len(e["responses"]) == 5 + 3 for e in examples)
+        assert meta["examples"][split] == len(source) and meta["rankings_layout"] == "pairs"
+    assert len(prompts) == len(set(prompts)) == 40 and pairs == 200  # every prompt once, in one split
+    assert summary["examples"]["eval"] > 0
+
+
+def test_rankings_prepared_in_the_old_layout_must_be_prepared_again(tmp_path, tokenizer):
+    from rlhf_jax.data.prepare import dataset_dir, prepare
+
+    prepare("jsonl_rankings", [_write_jsonl(tmp_path / "in.jsonl", _comparison_rows())], tmp_path / "d", "old")
+    meta_path = dataset_dir(tmp_path / "d", "old") / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["rankings_layout"]  # what a dataset prepared before grouping by prompt looks like
+    meta_path.write_text(json.dumps(meta))
+    for make in (lambda spec: iter(train_dataset(spec, "train", tokenizer, 2, seed=0)),
+                 lambda spec: next(eval_batches(spec, "train", tokenizer, 2))):
+        with pytest.raises(UserError, match="older layout.*prepare it again") as e:
+            make(_spec(tmp_path / "d", "old"))
+        assert "\n" not in str(e.value) and str(dataset_dir(tmp_path / "d", "old")) in str(e.value)
 
 
 def _take(it, n):
@@ -130,6 +196,16 @@ def test_same_seed_same_batches_and_epochs_reshuffle(datasets, tokenizer):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["prompt_ids"], y["prompt_ids"])
     assert any(not np.array_equal(x["prompt_ids"], z["prompt_ids"]) for x, z in zip(a, c))
+
+    # Two epochs of one iterator, one row per batch: each epoch sees every example once, in a new order.
+    from rlhf_jax.data.pipeline import open_split
+
+    n = len(open_split(spec.dir, spec.name, "train")[0])
+    one_by_one = iter(train_dataset(spec, "train", tokenizer, 1, seed=3))
+    rows = [tuple(batch["prompt_ids"][0]) for batch in _take(one_by_one, 2 * n)]
+    first, second = rows[:n], rows[n:]
+    assert len(set(first)) == n and sorted(first) == sorted(second)
+    assert first != second
 
 
 def test_restored_iterator_continues_exactly(datasets, tokenizer):
@@ -206,7 +282,9 @@ def test_bad_row_fails_with_file_and_line_and_writes_nothing(capsys, tmp_path, f
                             "--skip-invalid")
     assert rc == 0, err
     summary = json.loads(out)
-    assert summary["examples"]["train"] == 3 and summary["skipped_total"] == 1
+    # the three good ranking rows share prompt "p": one example with their 3 (repeated) pairs
+    assert summary["examples"]["train"] == (3 if fmt == "jsonl_sft" else 1) and summary["skipped_total"] == 1
+    assert fmt == "jsonl_sft" or (summary["rows"] == 3 and summary["pairs"] == 3)
 
 
 def test_invalid_utf8_is_reported(capsys, tmp_path):

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 import jax
 
-from hf_fixtures import FAMILIES, VOCAB, make_hf_model
+from hf_fixtures import FAMILIES, VOCAB, make_hf_model, make_tokenizer
 from rlhf_jax import hf
 from rlhf_jax.model import forward, init_params, make_model
 
@@ -149,16 +149,95 @@ def test_bfloat16_checkpoint_loads(hf_dirs, tmp_path):
                  params, params_bf16)
 
 
-def test_reward_norm_travels_through_hf_export(tmp_path):
-    from rlhf_jax.checkpoint import load_model, save_model
+def _reward_model(family: str, seed: int = 0):
+    """A tiny scalar-head model whose pad id is its EOS id (1), as with Qwen2.5 or pad = eos setups."""
+    import dataclasses
+
     from rlhf_jax.tiny import tiny_config
 
-    cfg = tiny_config(VOCAB, eos_id=1, pad_id=0)
-    params = jax.device_get(init_params(make_model(cfg, head="scalar"), jax.random.key(0)))
-    norm = {"reward_norm": {"gain": 2.0, "bias": -0.5}}
-    save_model(tmp_path / "ckpt", params, cfg, "scalar", extra=norm)
-    loaded = load_model(tmp_path / "ckpt")
-    assert loaded.extra == norm
-    hf.save_hf(tmp_path / "hf", loaded.params, cfg, "scalar", extra_config=loaded.extra)
-    assert load_model(tmp_path / "hf").extra == norm
-    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").reward_norm == norm["reward_norm"]
+    cfg = dataclasses.replace(tiny_config(VOCAB, eos_id=1, pad_id=1, family=family), qkv_bias=family == "qwen2")
+    model = make_model(cfg, head="scalar")
+    params = jax.device_get(init_params(model, jax.random.key(seed)))
+    params = {**params, "score": params["score"] + 0.5}  # a score far from zero, so a wrong token shows
+    return cfg, model, params
+
+
+def _eos_ending_batch(pad_id: int):
+    """(one sequence, a left-padded batch of 2 of different lengths, its mask): real ids end in EOS (1)."""
+    rng = np.random.default_rng(0)
+    one = np.append(rng.integers(3, 40, 8), 1)[None]
+    batch = np.full((2, 9), pad_id)
+    batch[0] = one[0]
+    batch[1, 3:] = np.append(rng.integers(3, 40, 5), 1)
+    mask = np.ones_like(batch, bool)
+    mask[1, :3] = False
+    return one, batch, mask
+
+
+def _ours(model, params, ids, mask):
+    """rlhf_jax's raw reward: the value at the last real token."""
+    from rlhf_jax.losses import last_token_values
+
+    return np.asarray(last_token_values(forward(model, params, ids, mask), mask))
+
+
+def _theirs(out_dir, ids, mask):
+    torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(out_dir).eval()
+    with torch.no_grad():
+        return torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits
+
+
+# llama: the tokenizer has its own pad token; qwen2: the tokenizer pads with EOS too (Qwen2.5).
+@pytest.mark.parametrize("family,pad_is_eos", [("llama", False), ("qwen2", True)])
+def test_reward_export_scores_our_last_token_in_transformers(tmp_path, family, pad_is_eos):
+
+    tokenizer = make_tokenizer(tmp_path / "tok", pad_is_eos)
+    cfg, model, params = _reward_model(family)
+    hf.save_hf(tmp_path / "hf", params, cfg, "scalar", tokenizer_dir=tmp_path / "tok")
+    pad = json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"]
+    assert pad not in cfg.eos_token_ids and 0 <= pad < VOCAB
+    one, batch, mask = _eos_ending_batch(tokenizer.pad_token_id)
+    for ids, m in ((one, np.ones_like(one, bool)), (batch, mask)):
+        np.testing.assert_allclose(_theirs(tmp_path / "hf", ids, m).numpy()[:, 0], _ours(model, params, ids, m),
+                                   atol=1e-4)
+    # The exported tokenizer's own batches score right too (it left-pads when it pads with EOS).
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    enc = exported(["w1 w2 w3 w4 <eos>", "w5 w6 <eos>"], padding=True, return_tensors="np")
+    ids, m = enc["input_ids"], enc["attention_mask"].astype(bool)
+    np.testing.assert_allclose(_theirs(tmp_path / "hf", ids, m).numpy()[:, 0], _ours(model, params, ids, m),
+                               atol=1e-4)
+
+
+def test_reward_export_without_tokenizer_refuses_batches_in_transformers(tmp_path):
+    cfg, model, params = _reward_model("llama")
+    hf.save_hf(tmp_path, params, cfg, "scalar")
+    assert json.loads((tmp_path / "config.json").read_text())["pad_token_id"] is None  # no id known to be safe
+    one, batch, mask = _eos_ending_batch(0)
+    np.testing.assert_allclose(_theirs(tmp_path, one, np.ones_like(one, bool)).numpy()[:, 0],
+                               _ours(model, params, one, np.ones_like(one, bool)), atol=1e-4)
+    with pytest.raises(ValueError, match="no padding token"):
+        _theirs(tmp_path, batch, mask)
+
+
+def test_reward_norm_folds_into_the_hf_export_and_round_trips(tmp_path):
+    from rlhf_jax.checkpoint import load_model, save_model
+    from rlhf_jax.convert import main as convert
+
+    make_tokenizer(tmp_path / "tok", pad_is_eos=True)
+    cfg, model, params = _reward_model("qwen2", seed=1)
+    norm = {"gain": 2.0, "bias": -0.5, "reference_responses": 8}
+    save_model(tmp_path / "ckpt", params, cfg, "scalar", tokenizer_dir=tmp_path / "tok", extra={"reward_norm": norm})
+    assert convert(["--to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    one, batch, mask = _eos_ending_batch(1)
+    expected = norm["gain"] * _ours(model, params, batch, mask) + norm["bias"]
+    # The README's rule: normalised reward = logits[:, 0] + config.reward_norm["bias"].
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    logits = _theirs(tmp_path / "hf", batch, mask).numpy()[:, 0]
+    np.testing.assert_allclose(logits + hf_config.reward_norm["bias"], expected, atol=1e-4)
+    assert hf_config.reward_norm == {**norm, "gain": 1.0, "folded_gain": 2.0}
+    # Back in rlhf_jax (directly, and converted to a checkpoint): gain * raw + bias is unchanged.
+    assert convert(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    for loaded in (load_model(tmp_path / "hf"), load_model(tmp_path / "back")):
+        rn = loaded.extra["reward_norm"]
+        raw = _ours(make_model(loaded.cfg, head="scalar"), loaded.params, batch, mask)
+        np.testing.assert_allclose(rn["gain"] * raw + rn["bias"], expected, atol=1e-4)

@@ -1,5 +1,6 @@
-"""Training objectives against brute force: the K-way ranking loss over enumerated pairs, one forward per
-completion, next-token NLL against a loop, exact gradient accumulation, and a zero learning rate."""
+"""Training objectives against brute force: the ranking loss over the enumerated pairs of K-way rankings and over
+pair lists with repeats and contradictions, one forward per completion, next-token NLL against a loop, exact
+gradient accumulation, and a zero learning rate."""
 
 import itertools
 import math
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import steps
 from rlhf_jax.config import OptimSection
-from rlhf_jax.losses import last_token_values, next_token_nll, ranking_loss
+from rlhf_jax.losses import last_token_values, next_token_nll, pairs_from_ranks, ranking_loss
 from rlhf_jax.model import ModelConfig, Transformer, init_params, make_model
 
 CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -20,13 +21,23 @@ CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads
 
 
 def _random_rankings(rng, batch, k_max):
-    """Rewards and ranks (with ties and empty slots) for prompts with K in 2..k_max."""
+    """Rewards and ranks (with ties and empty slots, -1) for prompts with K in 2..k_max."""
     rewards = rng.normal(size=(batch, k_max)).astype(np.float32)
     ranks = np.full((batch, k_max), -1, np.int32)
     for b in range(batch):
         k = rng.integers(2, k_max + 1)
         ranks[b, :k] = rng.integers(0, max(2, k - 1), size=k)  # few distinct ranks: ties are common
     return rewards, ranks
+
+
+def _pairs_of_ranks(ranks):
+    """pairs_BKK of rankings (-1 = empty slot), through pairs_from_ranks."""
+    B, K = ranks.shape
+    pairs = np.zeros((B, K, K), np.int32)
+    for b in range(B):
+        better, worse = pairs_from_ranks(ranks[b][ranks[b] >= 0])
+        np.add.at(pairs[b], (better, worse), 1)
+    return pairs
 
 
 def _brute_force(rewards, ranks):
@@ -46,19 +57,71 @@ def _brute_force(rewards, ranks):
     return float(np.mean(per_prompt)), correct / pairs, margins / pairs, len(per_prompt)
 
 
+def _check_metrics(sums, expected):
+    loss, acc, margin, prompts = expected
+    metrics = steps.rm_metrics(sums)
+    assert int(sums["prompts"]) == prompts
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["accuracy"]), acc, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["margin"]), margin, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_ranking_loss_equals_brute_force_enumeration(seed):
     rng = np.random.default_rng(seed)
     rewards, ranks = _random_rankings(rng, batch=7, k_max=9)
     ranks[0, :3] = [0, 0, -1] if seed % 2 else ranks[0, :3]  # sometimes a prompt whose responses all tie
     ranks[0, 2:] = -1 if seed % 2 else ranks[0, 2:]
-    loss, acc, margin, prompts = _brute_force(rewards, ranks)
-    sums = ranking_loss(jnp.asarray(rewards), jnp.asarray(ranks))
-    metrics = steps.rm_metrics(sums)
-    assert int(sums["prompts"]) == prompts
-    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["accuracy"]), acc, rtol=1e-6)
-    np.testing.assert_allclose(float(metrics["margin"]), margin, rtol=1e-5, atol=1e-6)
+    sums = ranking_loss(jnp.asarray(rewards), jnp.asarray(_pairs_of_ranks(ranks)))
+    _check_metrics(sums, _brute_force(rewards, ranks))
+
+
+def test_pairs_from_ranks_enumerates_ordered_pairs_without_ties():
+    better, worse = pairs_from_ranks([2, 0, 3, 1])
+    assert len(better) == 6  # a K = 4 ranking is C(4, 2) comparisons
+    assert sorted(zip(better.tolist(), worse.tolist())) == [(0, 2), (1, 0), (1, 2), (1, 3), (3, 0), (3, 2)]
+    better, worse = pairs_from_ranks([0, 1, 1])  # the tie between the last two gives no pair
+    assert sorted(zip(better.tolist(), worse.tolist())) == [(0, 1), (0, 2)]
+    assert better.dtype == worse.dtype == np.int32
+
+
+def _brute_force_pair_lists(rewards, pair_lists):
+    """The loss over explicit (better, worse) lists, repeats and contradictions included, by a plain loop."""
+    per_prompt, correct, n, margins = [], 0, 0, 0.0
+    for r, pairs in zip(rewards, pair_lists):
+        if not pairs:
+            continue
+        losses = []
+        for i, j in pairs:
+            d = float(r[i] - r[j])
+            losses.append(math.log1p(math.exp(-d)))
+            correct += d > 0
+            n += 1
+            margins += d
+        per_prompt.append(sum(losses) / len(losses))
+    return float(np.mean(per_prompt)), correct / n, margins / n, len(per_prompt)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ranking_loss_over_pair_lists_with_repeats_and_contradictions(seed):
+    rng = np.random.default_rng(seed)
+    B, K = 6, 5
+    rewards = rng.normal(size=(B, K)).astype(np.float32)
+    pair_lists = []
+    for b in range(B):
+        k = rng.integers(2, K + 1)
+        pairs = [tuple(rng.choice(k, 2, replace=False).tolist()) for _ in range(rng.integers(1, 8))]
+        pairs += [pairs[0], pairs[0][::-1]]  # a repeated pair and a contradicting one
+        pair_lists.append(pairs if b != 1 else [])  # one prompt without pairs: not counted
+    pairs_BKK = np.zeros((B, K, K), np.int32)
+    for b, pairs in enumerate(pair_lists):
+        for i, j in pairs:
+            pairs_BKK[b, i, j] += 1
+    weight = np.ones(B, np.float32)
+    weight[-1] = 0.0  # a padding row of an eval batch
+    sums = ranking_loss(jnp.asarray(rewards), jnp.asarray(pairs_BKK), jnp.asarray(weight))
+    _check_metrics(sums, _brute_force_pair_lists(rewards[:-1], pair_lists[:-1]))
+    assert int(sums["pairs"]) == sum(len(p) for p in pair_lists[:-1])
 
 
 def _rm_batch(rng, B=3, K=5, P=6, R=7):
@@ -73,7 +136,7 @@ def _rm_batch(rng, B=3, K=5, P=6, R=7):
             response_mask[b, j, :rng.integers(1, R + 1)] = True
     return {"prompt_ids": rng.integers(2, 64, (B, P)).astype(np.int32), "prompt_mask": prompt_mask,
             "response_ids": rng.integers(2, 64, (B, K, R)).astype(np.int32), "response_mask": response_mask,
-            "ranks": ranks}
+            "pairs": _pairs_of_ranks(ranks)}
 
 
 def test_one_forward_pass_per_completion(monkeypatch):
@@ -98,7 +161,7 @@ def test_one_forward_pass_per_completion(monkeypatch):
             ids = np.concatenate([batch["prompt_ids"][b][batch["prompt_mask"][b]],
                                   batch["response_ids"][b, k][batch["response_mask"][b, k]]])[None]
             values, _ = model.apply({"params": params}, ids, np.arange(ids.shape[1])[None], np.ones_like(ids, bool))
-            if batch["ranks"][b, k] >= 0:
+            if batch["response_mask"][b, k].any():
                 np.testing.assert_allclose(float(rewards[b, k]), float(values[0, -1]), atol=1e-5)
 
 

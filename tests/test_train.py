@@ -194,7 +194,32 @@ def test_sft_cli_learns_and_exports(sft_run, tiny):
     saved_config = json.loads((run_dir / "checkpoints" / "40" / "config" / "metadata").read_text())
     assert saved_config["stage"] == "sft" and saved_config["train"]["steps"] == 40  # the resolved config
     train_lines = [m for m in _metrics(run_dir) if "loss" in m]
-    assert all(m["truncated_examples"] >= 0 for m in train_lines)  # over-length examples are counted
+    assert all(m["truncated_examples"] == 0 for m in train_lines)  # every example fits 24 + 16 tokens
+
+
+def test_truncated_examples_are_counted(tiny, data_dir, workdir):
+    """Prompts cut to 3 tokens: every example of every step is truncated, and the running count says so."""
+    args = [*_mesh_args("sft", tiny, data_dir), "data.max_prompt_tokens=3"]
+    _train_on_mesh(args, workdir / "truncating", (8, 1, 1))
+    counts = {m["step"]: m["truncated_examples"] for m in _metrics(workdir / "truncating") if "loss" in m}
+    assert counts == {step: step * 16 for step in range(1, MESH_STEPS + 1)}
+
+
+def test_loss_on_prompt_trains_on_prompt_tokens(tiny, data_dir, workdir):
+    """The first batch's target tokens: with loss_on_prompt every real token that follows a real token (the
+    first prompt token has no context), without it only response tokens."""
+    from rlhf_jax.data.pipeline import train_dataset
+    from rlhf_jax.tokenizer import load_tokenizer
+
+    args = _mesh_args("sft", tiny, data_dir)
+    batch = next(iter(train_dataset(load_config(None, args).data, "train", load_tokenizer(tiny), 16, seed=0)))
+    targets = {}
+    for on_prompt in (False, True):
+        run_dir = workdir / f"loss_on_prompt_{on_prompt}"
+        _train_on_mesh([*args, f"train.loss_on_prompt={str(on_prompt).lower()}"], run_dir, (8, 1, 1))
+        targets[on_prompt] = next(m["target_tokens"] for m in _metrics(run_dir) if m["step"] == 1)
+    assert targets[False] == batch["response_mask"][:, 1:].sum()
+    assert targets[True] == (batch["mask"][:, 1:] & batch["mask"][:, :-1]).sum() > targets[False]
 
 
 # ------------------------------------------------------------------------------------------------ rm
@@ -222,12 +247,12 @@ def test_rm_cli_accuracy_and_export(rm_run):
 
 
 def test_rm_bias_gain_normalises_reference_rewards(rm_run):
-    """Recompute the rewards of the eval split's rank-0 responses from the export: gain * r + bias has mean 0
+    """Recompute the rewards of the eval split's best responses from the export: gain * r + bias has mean 0
     and std 1; the export alone also ranks the held-out responses correctly."""
     import jax.numpy as jnp
 
     from rlhf_jax.data.pipeline import eval_batches
-    from rlhf_jax.losses import ranking_pairs
+    from rlhf_jax.trainers import best_responses
     from rlhf_jax.model import make_model
     from rlhf_jax.steps import completion_rewards
     from rlhf_jax.tokenizer import load_tokenizer
@@ -245,12 +270,11 @@ def test_rm_bias_gain_normalises_reference_rewards(rm_run):
         valid = batch["valid"]
         model_batch = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
         rewards = np.asarray(fn(params, model_batch))
-        ranks = batch["ranks"]
-        reference.extend(rewards[(ranks == 0) & valid[:, None]].tolist())
-        # better[b, i, j]: response i ranked above response j, real rows only
-        better = np.asarray(ranking_pairs(jnp.asarray(ranks))) & valid[:, None, None]
-        correct += int(np.sum(better & (rewards[:, :, None] > rewards[:, None, :])))
-        pairs += int(np.sum(better))
+        reference.extend(rewards[best_responses(batch["pairs"]) & valid[:, None]].tolist())
+        # counts[b, i, j]: how often response i was preferred to response j, real rows only
+        counts = batch["pairs"] * valid[:, None, None]
+        correct += int(np.sum(counts * (rewards[:, :, None] > rewards[:, None, :])))
+        pairs += int(np.sum(counts))
 
     norm = loaded.extra["reward_norm"]
     assert norm["reference_responses"] == len(reference) > 2
@@ -258,6 +282,65 @@ def test_rm_bias_gain_normalises_reference_rewards(rm_run):
     np.testing.assert_allclose(np.mean(normalised), 0.0, atol=1e-3)
     np.testing.assert_allclose(np.std(normalised), 1.0, atol=1e-2)
     assert pairs > 0 and correct / pairs >= 0.9, (correct, pairs)
+
+
+def test_rm_epoch_reference_dataset_bias_and_micro_batched_eval(tiny, data_dir, workdir, monkeypatch):
+    """One epoch of rm (train.epochs=1) with gradient accumulation and rm.normalize=bias against an sft dataset:
+    the step count is one pass over the training prompts; every evaluation and reference forward uses the
+    micro-batch (what is known to fit), never the whole batch; the gain stays 1 and the demonstrations'
+    normalised rewards, recomputed from the export, have mean 0."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from rlhf_jax import sharding, trainers
+    from rlhf_jax.data.pipeline import eval_batches, open_split
+    from rlhf_jax.losses import last_token_values
+    from rlhf_jax.model import forward, make_model
+    from rlhf_jax.tokenizer import load_tokenizer
+
+    sizes = []
+    real_eval_batches = trainers.eval_batches
+
+    def recording(spec, split, tokenizer, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return real_eval_batches(spec, split, tokenizer, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(trainers, "eval_batches", recording)
+    run_dir = workdir / "rm_reference"
+    cfg = load_config(None, _rm_args(tiny, data_dir, run_dir, "train.epochs=1", "train.batch_size=64",
+                                     "optim.grad_accum_steps=4", "train.eval_every=2", "train.save_every=0",
+                                     "rm.normalize=bias", "rm.reference_dataset=rep"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        summary = trainers.train(cfg, run_dir, mesh=sharding.make_mesh((8, 1, 1), ("data", "fsdp", "tensor")))
+    train_prompts = len(open_split(data_dir, "good", "train")[0])
+    assert summary["steps"] == train_prompts // 64 >= 2
+    assert "seen" not in err.getvalue()  # one epoch repeats nothing
+    assert len(sizes) >= 3 and set(sizes) == {16}, sizes  # 2 evaluations and the reference rewards
+
+    norm = summary["reward_norm"]
+    assert norm["gain"] == 1.0 and norm["reference"] == "rep"
+    loaded = load_model(run_dir / "export")
+    model, params = make_model(loaded.cfg, "scalar"), jax.tree.map(jnp.asarray, loaded.params)
+    score = jax.jit(lambda p, ids, mask: last_token_values(forward(model, p, ids, mask), mask))
+    rewards = []
+    for batch in eval_batches(dataclasses.replace(cfg.data, name="rep"), "eval", load_tokenizer(tiny), 16):
+        rewards.extend(np.asarray(score(params, batch["ids"], batch["mask"]))[batch["valid"]].tolist())
+    assert norm["reference_responses"] == len(rewards) > 2
+    np.testing.assert_allclose(np.mean(np.asarray(rewards) + norm["bias"]), 0.0, atol=1e-4)
+    assert abs(np.std(rewards) - 1.0) > 1e-3  # only shifted, not scaled
+
+
+def test_rm_warns_when_it_would_repeat_comparisons(capsys):
+    from rlhf_jax.trainers import _warn_if_repeating
+
+    cfg = load_config(None, ["stage=rm", "train.batch_size=16"])
+    _warn_if_repeating(cfg, 10, 160)
+    assert capsys.readouterr().err == ""
+    _warn_if_repeating(cfg, 20, 160)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: rm: 20 steps x 16 prompts = 320 > 160") and "2.00 times" in err
+    assert "train.epochs=1" in err and len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------------ meshes
@@ -408,7 +491,9 @@ def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     (["data.name="], ["data.name"]),
     (["train.batch_size=12"], ["batch_size", "12", "8"]),
     (["data.name=never_prepared"], ["never_prepared", "no prepared dataset"]),
-], ids=["no_data_name", "batch_not_divisible", "unprepared_dataset"])
+    (["data.name=good"], ["data.name='good' is a 'rankings' dataset", "stage 'sft' needs one of kind 'sft'"]),
+    (["train.steps=0"], ["train.steps or train.epochs"]),
+], ids=["no_data_name", "batch_not_divisible", "unprepared_dataset", "wrong_kind", "no_steps"])
 def test_bad_training_config_fails_fast(overrides, fragments, tiny, data_dir, workdir):
     run_dir = workdir / f"bad_{len(list(workdir.glob('bad_*')))}"
     cmd = [sys.executable, "-m", "rlhf_jax.main", *_sft_args(tiny, data_dir, run_dir, "train.steps=5"), *overrides]

@@ -3,7 +3,9 @@
 Layouts (numpy, fixed shapes; P prompt tokens, R response tokens, K responses, T = P + R):
   sft       ids_T, mask_T, response_mask_T, positions_T, segment_ids_T, truncated
             [left-padded prompt | right-padded response]; packed: several examples per row, segment ids 1, 2, ...
-  rankings  prompt_ids_P, prompt_mask_P, response_ids_KR, response_mask_KR, ranks_K (-1 = empty slot), truncated
+  rankings  prompt_ids_P, prompt_mask_P, response_ids_KR, response_mask_KR, pairs_KK, truncated
+            one example per prompt: its unique responses in slots 0.. (empty slots all padding), and
+            pairs_KK[i, j] = how many times response i was preferred to response j (int32)
   prompts   prompt_ids_P, prompt_mask_P, truncated
 Prompts are truncated from the left (the end of a dialogue matters most), responses from the right; `truncated`
 marks each example that lost tokens so that trainers count them. Pad ids are PAD_ID; masks carry the truth.
@@ -24,9 +26,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax.config import DataSection
-from rlhf_jax.data.prepare import dataset_dir
+from rlhf_jax.data.prepare import RANKINGS_LAYOUT, dataset_dir
 from rlhf_jax.errors import UserError
-from rlhf_jax.tokenizer import PAD_ID
+from rlhf_jax.tokenizer import PAD_ID, PromptEncoder
 
 
 READ_THREADS = 8
@@ -43,24 +45,22 @@ def open_split(data_dir: str | Path, name: str, split: str):
     return builder.as_data_source(split=split), dict(builder.info.metadata)
 
 
+def has_split(spec: DataSection, split: str) -> bool:
+    """Whether the prepared dataset `spec.name` has `split`."""
+    try:
+        open_split(spec.dir, spec.name, split)
+        return True
+    except UserError:
+        return False
+
+
 class Tokenize:
     """Turns one stored example into fixed-shape numpy arrays (see the module docstring)."""
 
     def __init__(self, tokenizer, kind: str, spec: DataSection, max_responses: int):
-        if spec.chat_template and not getattr(tokenizer, "chat_template", None):
-            raise UserError("data.chat_template is set but the tokenizer has no chat template")
         self.tok, self.kind, self.spec, self.K = tokenizer, kind, spec, max_responses
+        self.prompt_ids = PromptEncoder(tokenizer, spec.max_prompt_tokens, spec.chat_template)
         self.eos = tokenizer.eos_token_id
-
-    def prompt_ids(self, prompt: str) -> tuple[list[int], bool]:
-        if self.spec.chat_template:
-            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True)
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tok(prompt)["input_ids"]
-        P = self.spec.max_prompt_tokens
-        return ids[-P:], len(ids) > P
 
     def response_ids(self, responses: list[str]) -> list[tuple[list[int], bool]]:
         """Each response + EOS, cut to R tokens; one batched tokenizer call for all K."""
@@ -95,13 +95,13 @@ class Tokenize:
             raise UserError(f"an example has {len(responses)} responses but data.max_responses is {self.K}")
         response_ids = np.full((self.K, R), PAD_ID, np.int32)
         response_mask = np.zeros((self.K, R), bool)
-        ranks = np.full(self.K, -1, np.int32)
         for k, (ids, cut_k) in enumerate(self.response_ids(responses)):
             response_ids[k], response_mask[k] = _right_pad(ids, R)
-            ranks[k] = example["ranks"][k]
             cut = cut or cut_k
+        pairs = np.zeros((self.K, self.K), np.int32)  # add.at: a repeated pair counts once per repeat
+        np.add.at(pairs, (np.asarray(example["better"], np.intp), np.asarray(example["worse"], np.intp)), 1)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-                "response_mask": response_mask, "ranks": ranks, "truncated": np.bool_(cut)}
+                "response_mask": response_mask, "pairs": pairs, "truncated": np.bool_(cut)}
 
 
 def _left_pad(ids: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +126,13 @@ def _packed_layout(example: dict) -> dict:
             "truncated": np.bool_(example["truncated"].any())}
 
 
-def _resolve(kind: str, metadata: dict, spec: DataSection) -> int:
+def response_slots(kind: str, metadata: dict, spec: DataSection) -> int:
+    """K, the response slots per rankings example (0 for other kinds); refuses a dataset it cannot read."""
     if kind != "rankings":
         return 0
+    if metadata.get("rankings_layout") != RANKINGS_LAYOUT:
+        raise UserError(f"{dataset_dir(spec.dir, spec.name)}: rankings prepared in an older layout (not grouped "
+                        "by prompt); prepare it again with python -m rlhf_jax.data ... --overwrite")
     stored = int(metadata.get("max_responses", 0))
     if spec.max_responses and spec.max_responses < stored:
         raise UserError(f"data.max_responses={spec.max_responses} but the dataset has prompts with {stored} "
@@ -155,7 +159,7 @@ def train_dataset(spec: DataSection, split: str, tokenizer, global_batch: int, s
     if spec.pack and kind != "sft":
         raise UserError("data.pack applies to sft datasets only")
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
-    ds = ds[index::count].map(Tokenize(tokenizer, kind, spec, _resolve(kind, metadata, spec)))
+    ds = ds[index::count].map(Tokenize(tokenizer, kind, spec, response_slots(kind, metadata, spec)))
     per_host = global_batch // count
     # Tokenization runs in reader threads (the tokenizer releases the GIL); order stays deterministic.
     read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=4 * per_host)
@@ -174,7 +178,7 @@ def eval_batches(spec: DataSection, split: str, tokenizer, batch_size: int, proc
     source, metadata = open_split(spec.dir, spec.name, split)
     kind = metadata["kind"]
     index, count = _host(process_index, process_count)
-    tokenize = Tokenize(tokenizer, kind, dataclasses.replace(spec, pack=False), _resolve(kind, metadata, spec))
+    tokenize = Tokenize(tokenizer, kind, dataclasses.replace(spec, pack=False), response_slots(kind, metadata, spec))
     rows = grain.MapDataset.source(source)[index::count].map(tokenize)
     # Every host runs the same number of batches (collectives must line up), the last ones padded.
     n_batches = -(-(-(-len(source) // count)) // batch_size)

@@ -3,24 +3,30 @@
 Layout: DATA_DIR/NAME/1.0.0/ with one array_record file per split and TFDS metadata; our own facts (kind,
 source format, the largest K of a ranking set, counts) ride along in the dataset's metadata.json.
 Nothing is written until every row has been read: a bad row (without --skip-invalid) leaves no files behind.
+
+Rankings are stored one element per prompt, as InstructGPT trains them: the rows of a prompt (HH-RLHF and TL;DR
+hold several pairwise comparisons of one prompt as separate rows) become its unique responses and the list of
+(better, worse) pairs among them; a K-way ranking row is all its ordered pairs, ties dropped.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data.formats import FORMATS, read_rows
 from rlhf_jax.errors import UserError
+from rlhf_jax.losses import pairs_from_ranks
 
 VERSION = "1.0.0"
 TRAIN, EVAL = "train", "eval"
@@ -28,8 +34,9 @@ TRAIN, EVAL = "train", "eval"
 FEATURES = {
     "sft": lambda: {"prompt": tfds.features.Text(), "response": tfds.features.Text(),
                     "metadata": tfds.features.Text()},
+    # responses[better[n]] was preferred to responses[worse[n]]; responses are the prompt's unique ones.
     "rankings": lambda: {"prompt": tfds.features.Text(), "responses": tfds.features.Sequence(tfds.features.Text()),
-                         "ranks": tfds.features.Sequence(np.int32)},
+                         "better": tfds.features.Sequence(np.int32), "worse": tfds.features.Sequence(np.int32)},
     "prompts": lambda: {"prompt": tfds.features.Text(), "metadata": tfds.features.Text()},
 }
 
@@ -56,6 +63,54 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, row
 
 
+# metadata "rankings_layout": the pipeline refuses rankings prepared before they were grouped by prompt.
+RANKINGS_LAYOUT = "pairs"
+
+
+def group_comparisons(records: Iterable[dict]) -> tuple[list[dict], dict]:
+    """Canonical ranking records -> (one element per prompt, counts), so that all the comparisons of a prompt
+    train as one batch element. An element is {"prompt", "responses" (unique, first-seen order), "better",
+    "worse"}. Repeated pairs are kept (agreeing labelers count twice), and so are inconsistent ones (A > B and
+    B > A); a pair of identical texts teaches nothing and is dropped; a prompt left without pairs is left out.
+    Nothing is dropped uncounted."""
+    groups: dict[str, dict] = {}
+    index: dict[str, dict[str, int]] = {}  # per prompt: response text -> position in its "responses"
+    rows = identical = 0
+    for record in records:
+        rows += 1
+        texts = record["responses"]
+        pairs = _rank_pairs(tuple(record["ranks"]))
+        kept = [(b, w) for b, w in pairs if texts[b] != texts[w]]
+        identical += len(pairs) - len(kept)
+        if record["prompt"] not in groups:
+            groups[record["prompt"]] = {"prompt": record["prompt"], "responses": [], "better": [], "worse": []}
+            index[record["prompt"]] = {}
+        group, slots = groups[record["prompt"]], index[record["prompt"]]
+        for i in sorted({i for pair in kept for i in pair}):  # responses in no kept pair take no slot
+            if texts[i] not in slots:
+                slots[texts[i]] = len(group["responses"])
+                group["responses"].append(texts[i])
+        group["better"] += [slots[texts[b]] for b, _ in kept]
+        group["worse"] += [slots[texts[w]] for _, w in kept]
+    out = [g for g in groups.values() if g["better"]]
+    return out, {"rows": rows, "prompts": len(out), "pairs": sum(len(g["better"]) for g in out),
+                 "inconsistent_pairs": sum(_inconsistent_pairs(g["better"], g["worse"]) for g in out),
+                 "identical_pairs_dropped": identical, "prompts_without_pairs": len(groups) - len(out)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _rank_pairs(ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """pairs_from_ranks as (better, worse) tuples, cached: rows share a few rankings ([0, 1] for every pair)."""
+    better, worse = pairs_from_ranks(ranks)
+    return tuple(zip(better.tolist(), worse.tolist()))
+
+
+def _inconsistent_pairs(better: Sequence[int], worse: Sequence[int]) -> int:
+    """Unordered response pairs compared both ways (A > B and B > A) within one prompt."""
+    seen = set(zip(better, worse))
+    return sum(1 for b, w in seen if b < w and (w, b) in seen)
+
+
 def _is_eval(prompt: str, eval_fraction: float) -> bool:
     """Split by a hash of the prompt, so one prompt never lands in both splits and reruns agree."""
     digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
@@ -68,7 +123,8 @@ def dataset_dir(data_dir: str | Path, name: str) -> Path:
 
 def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, eval_fraction: float = 0.0,
             skip_invalid: bool = False, fields: Mapping[str, str] | None = None, overwrite: bool = False) -> dict:
-    """Import `inputs` in format `fmt` as dataset `name`; returns the summary (examples per split, skips)."""
+    """Import `inputs` in format `fmt` as dataset `name`; returns the summary (examples per split, skips, and for
+    rankings the counts of `group_comparisons`: rows, prompts, pairs, inconsistent and dropped pairs)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
@@ -89,14 +145,19 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
             skipped[row.error.reason] += 1
             continue
         splits[EVAL if _is_eval(row.record["prompt"], eval_fraction) else TRAIN].append(row.record)
+    grouping: dict = {}
+    if kind == "rankings":  # per split: the hash split already keeps each prompt in one of them
+        splits, grouping = _group_splits(splits)
     if not splits[TRAIN]:
+        without = f"; prompts without pairs: {grouping['prompts_without_pairs']}" if grouping else ""
         raise UserError(f"no valid training examples in {', '.join(map(str, inputs))} "
-                        f"(skipped: {dict(skipped) or 'none'})")
+                        f"(skipped: {dict(skipped) or 'none'}{without})")
 
     counts = {split: len(rows) for split, rows in splits.items() if rows}
     max_responses = max((len(r.get("responses", ())) for rows in splits.values() for r in rows), default=0)
     metadata = {"kind": kind, "format": fmt, "inputs": [str(p) for p in inputs], "examples": counts,
-                "skipped": dict(skipped), "max_responses": max_responses}
+                "skipped": dict(skipped), "max_responses": max_responses,
+                **({"rankings_layout": RANKINGS_LAYOUT, **grouping} if kind == "rankings" else {})}
     if out.exists():
         shutil.rmtree(out)
     builder_cls = type(f"Dataset_{name}", (_Builder,), {"name": name}, skip_registration=True)
@@ -106,7 +167,16 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
         builder.download_and_prepare()
     return {"dataset": str(out), "kind": kind, "format": fmt, "examples": counts,
             "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
-            **({"max_responses": max_responses} if kind == "rankings" else {})}
+            **({"max_responses": max_responses, **grouping} if kind == "rankings" else {})}
+
+
+def _group_splits(splits: Mapping[str, list]) -> tuple[dict[str, list], dict]:
+    """group_comparisons of every split, and its counts summed over the splits."""
+    grouped, totals = {}, dict.fromkeys(group_comparisons([])[1], 0)
+    for split, records in splits.items():
+        grouped[split], stats = group_comparisons(records)
+        totals = {key: totals[key] + stats[key] for key in totals}
+    return grouped, totals
 
 
 def quiet_tfds() -> None:
