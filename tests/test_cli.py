@@ -168,6 +168,32 @@ def test_generate_sharded_mesh_matches_default(capsys, hf_dir, prompt_file, gree
         np.testing.assert_allclose(r["logprobs"], ref["logprobs"], atol=1e-4)
 
 
+def test_generate_chat_template_encodes_prompts_as_training_does(capsys, hf_dir, prompt_file, workdir):
+    """--chat-template wraps prompts exactly as the training pipeline's data.chat_template does."""
+    import shutil
+
+    from rlhf_jax.config import DataSection
+    from rlhf_jax.data.pipeline import Tokenize
+    from rlhf_jax.tokenizer import load_tokenizer
+
+    chat_dir = workdir / "tiny_chat"
+    shutil.copytree(hf_dir, chat_dir)
+    (chat_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Bot:{% endif %}")
+    rc, out, err = _run(capsys, generate_cli.main, _gen_argv(chat_dir, prompt_file, "--temperature", "0",
+                                                              "--chat-template", "--max-prompt-tokens", "6"))
+    assert rc == 0, err
+    tokenize = Tokenize(load_tokenizer(chat_dir), "prompts", DataSection(max_prompt_tokens=6, chat_template=True), 0)
+    for record in _records(out):
+        row = tokenize({"prompt": record["prompt"].encode()})
+        assert record["prompt_ids"] == row["prompt_ids"][row["prompt_mask"]].tolist()
+    plain = load_tokenizer(hf_dir)(PROMPTS[0])["input_ids"]
+    assert _records(out)[0]["prompt_ids"] != plain[-6:]
+
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--chat-template"))
+    _assert_user_error(rc, err, "no chat template")
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 
