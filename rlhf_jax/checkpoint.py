@@ -4,14 +4,18 @@ Layout of a model checkpoint directory:
   params/      Orbax PyTree checkpoint of the parameter tree
   model.json   {"format": "rlhf_jax.model", "config": ModelConfig, "head": "lm" | "scalar"}
   tokenizer/   the HF tokenizer files (and generation_config.json) the model was built with
-A checkpoint is written under a temporary name and renamed into place, so a crash never leaves a half one.
+A checkpoint is written under a temporary name and renamed into place, so a crash never leaves a half one,
+and an overwrite replaces the old directory as a whole (fsio.replace_dir).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,8 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax import hf
-from rlhf_jax.errors import UserError
+from rlhf_jax import fsio, hf
+from rlhf_jax.errors import UserError, os_error_message, os_reason
 from rlhf_jax.model import ModelConfig
 
 FORMAT = "rlhf_jax.model"
@@ -41,52 +45,165 @@ class CheckpointError(UserError):
 def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str = "lm",
                tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
                extra: dict | None = None) -> Path:
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir}: already exists (pass overwrite to replace it)")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(tmp / "params", params)
-    (tmp / "model.json").write_text(json.dumps(
-        {"format": FORMAT, "config": hf.model_config_to_json(cfg), "head": head, **(extra or {})}, indent=2))
-    if tokenizer_dir is not None:
-        (tmp / "tokenizer").mkdir()
-        for name in hf.TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, tmp / "tokenizer" / name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    """Write a model checkpoint directory as a whole (fsio.replace_dir): an existing non-empty one is refused
+    unless `overwrite`, and is then replaced, never mixed; a failed write (a full disk) leaves it as it was."""
+    with fsio.replace_dir(out_dir, overwrite) as tmp:
+        _save_params(tmp / "params", params)
+        (tmp / "model.json").write_text(json.dumps(
+            {"format": FORMAT, "config": hf.model_config_to_json(cfg), "head": head, **(extra or {})}, indent=2))
+        names = [n for n in hf.TOKENIZER_FILES if tokenizer_dir is not None and (Path(tokenizer_dir) / n).is_file()]
+        if names:
+            (tmp / "tokenizer").mkdir()
+        for name in names:
+            shutil.copyfile(Path(tokenizer_dir) / name, tmp / "tokenizer" / name)
+    return Path(out_dir).resolve()
+
+
+def _save_params(path: Path, params) -> None:
+    with _orbax_quietly(), ocp.PyTreeCheckpointer() as ckptr:
+        try:
+            ckptr.save(path, params)
+        except ValueError as e:  # tensorstore reports I/O errors (a full disk) as ValueErrors
+            raise OSError(os_reason(e)) from None
+
+
+def _load_params(params_dir: Path) -> dict:
+    """The numpy parameter tree of an Orbax params dir; a missing, truncated or corrupt one is one line."""
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{params_dir}: does not exist (an incomplete model checkpoint)")
+    try:
+        with _orbax_quietly(), ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(params_dir)
+            item = getattr(meta, "item_metadata", meta)
+            tree = getattr(item, "tree", item)
+            if tree is None:
+                raise ValueError("its metadata (_METADATA, manifest.ocdbt) is missing or unreadable")
+            target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+            params = ckptr.restore(params_dir, item=target)
+    except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
+        raise CheckpointError(f"{params_dir}: corrupt or truncated Orbax checkpoint ({os_reason(e)})") from None
+    return jax.tree.map(np.asarray, params)
+
+
+@contextlib.contextmanager
+def _orbax_quietly():
+    """Orbax logs a failed read or write at length (absl tracebacks) before raising it, and the calls it left
+    in flight print more tracebacks later; the caller reports the failure in one line instead."""
+    _drop_abandoned_call_noise()
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _is_abandoned_call_noise(text: str) -> bool:
+    return text == "Event loop is closed" or (text.startswith("Task exception was never retrieved") and "orbax" in text)
+
+
+def _drop_abandoned_call_noise() -> None:
+    """Drop (only) what orbax's abandoned reads and writes raise in threads after a failure: 'Event loop is
+    closed' errors (printed as tracebacks by sys.unraisablehook) and asyncio's 'Task exception was never
+    retrieved' logs of orbax tasks. Installed once."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_call_noise", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and _is_abandoned_call_noise(str(unraisable.exc_value))):
+            previous(unraisable)
+
+    hook.drops_abandoned_call_noise = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_call_noise(record.getMessage()))
 
 
 def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
-    meta = json.loads((ckpt_dir / "model.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt_dir / 'model.json'}: not a {FORMAT} file")
+    path = ckpt_dir / "model.json"
+    meta = hf._read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} file")
+    try:
+        cfg, head = hf.model_config_from_json(meta["config"]), meta["head"]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid \"config\" ({e})") from None
+    if head not in ("lm", "scalar"):
+        raise CheckpointError(f"{path}: head {head!r}, expected 'lm' or 'scalar'")
     extra = {k: v for k, v in meta.items() if k not in ("format", "config", "head")}
-    return hf.model_config_from_json(meta["config"]), meta["head"], extra
+    return cfg, head, extra
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load a rlhf_jax model checkpoint or a HF checkpoint dir as numpy params (placed on a mesh by the caller)."""
-    path = Path(path).resolve()
+def load_model(path: str | os.PathLike, need_tokenizer: bool = False) -> LoadedModel:
+    """Load a rlhf_jax model checkpoint or a HF checkpoint dir as numpy params (placed on a mesh by the caller).
+    Its tokenizer_dir is None when it has no tokenizer (refused with `need_tokenizer`); a tokenizer with more ids
+    than vocab_size is refused."""
+    try:
+        _refuse_non_model(Path(path))
+        loaded = _load_model(Path(path).resolve())
+    except OSError as e:  # an unreadable file or directory
+        raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
+    if need_tokenizer and loaded.tokenizer_dir is None:
+        raise CheckpointError(f"{path}: has no tokenizer files (tokenizer.json, vocab.json or tokenizer.model); "
+                              "training and generation need them")
+    return loaded
+
+
+def _load_model(path: Path) -> LoadedModel:
     if (path / "model.json").exists():
         cfg, head, extra = read_model_meta(path)
-        tok = path / "tokenizer"
-        with ocp.PyTreeCheckpointer() as ckptr:
-            meta = ckptr.metadata(path / "params")
-            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-            target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-            params = ckptr.restore(path / "params", item=target)
-        return LoadedModel(cfg, head, jax.tree.map(np.asarray, params), tok if tok.is_dir() else None, extra)
-    if (path / "config.json").exists():
+        tok, where = path / "tokenizer", path / "model.json"
+        loaded = LoadedModel(cfg, head, _load_params(path / "params"), tok if hf.has_tokenizer(tok) else None, extra)
+    elif (path / "config.json").exists():
         cfg, head, params = hf.load_hf(path)
-        extra = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k == "reward_norm"}
-        return LoadedModel(cfg, head, params, path, extra)
-    raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir (config.json)")
+        where = path / "config.json"
+        extra = {k: v for k, v in hf._read_json(where).items() if k == "reward_norm"}
+        loaded = LoadedModel(cfg, head, params, path if hf.has_tokenizer(path) else None, extra)
+    else:
+        raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
+                              "(config.json)")
+    _check_vocab(loaded, where)
+    return loaded
+
+
+def _check_vocab(loaded: LoadedModel, where: Path) -> None:
+    """Token ids past vocab_size would index past the embeddings, which XLA clamps silently: refuse them."""
+    n = hf.tokenizer_vocab_size(loaded.tokenizer_dir) if loaded.tokenizer_dir is not None else None
+    if n is not None and n > loaded.cfg.vocab_size:
+        raise CheckpointError(f"{where}: vocab_size {loaded.cfg.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({n} ids) in {loaded.tokenizer_dir}")
+
+
+def _refuse_non_model(path: Path) -> None:
+    """One clear line for a path that is not a model directory: missing, a file, a training run directory or
+    one of its training checkpoints."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file, expected a model directory (with model.json or config.json)")
+    if (path / "model.json").exists():
+        return
+    if (path / "checkpoints").is_dir() and not hf.has_weights(path):
+        raise CheckpointError(f"{path}: is a training run directory; {_run_model_hint(path)}")
+    if path.name == "checkpoints" and any(p.name.isdigit() for p in path.iterdir()):
+        raise CheckpointError(f"{path}: holds the training checkpoints of run {path.parent}, not a model; "
+                              f"{_run_model_hint(path.parent)}")
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        run = path.parent.parent
+        raise CheckpointError(f"{path}: is a training checkpoint (the train state at step {path.name}), not a "
+                              f"model; {_run_model_hint(run)}")
+
+
+def _run_model_hint(run: Path) -> str:
+    """Where a training run's model is: export/ when it finished, else best/."""
+    if (run / "export").is_dir():
+        return f"use {run / 'export'}"
+    if (run / "best").is_dir():
+        return f"it has no export/ yet (training has not finished): use {run / 'best'} or finish the training"
+    return "it has no export/ yet: rerun its training to finish it and write export/"
 
 
 class TrainCheckpoints:
@@ -94,21 +211,56 @@ class TrainCheckpoints:
     of loop facts (best eval so far, seed) and the resolved config are saved together, asynchronously, keeping
     the last N.
     Orbax writes each step under a temporary name and renames it when complete, so a kill mid-save leaves
-    the previous checkpoint as the latest."""
+    the previous checkpoint as the latest. A failed save (a full or unwritable disk) is one UserError naming
+    the directory; the checkpoints before it stay."""
 
     def __init__(self, directory: str | os.PathLike, keep: int):
+        self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(Path(directory).resolve(), options=options,
-                                             item_names=("state", "data", "loop", "config"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "loop": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        except OSError as e:
+            raise UserError(f"checkpoints: {os_error_message(e)}") from None
+
+    def steps(self) -> list[int]:
+        """Complete saved steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, loop: dict, config: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data_state),
-                                                        loop=ocp.args.JsonSave(loop),
-                                                        config=ocp.args.JsonSave(config)))
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=ocp.args.JsonSave(data_state),
+                                                            loop=ocp.args.JsonSave(loop),
+                                                            config=ocp.args.JsonSave(config)))
+        except Exception as e:  # noqa: BLE001 - an earlier async save's failure surfaces here too
+            raise self._save_error(step, e) from None
+
+    def wait(self) -> None:
+        """Blocks until every save has been written (an async save's error is raised here)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(None, e) from None
+
+    def _save_error(self, step: int | None, error: Exception) -> UserError:
+        reason = os_error_message(error) if isinstance(error, OSError) else _first_line(error)
+        kept = self.latest_step()
+        what = f"step {step}" if step is not None else "a checkpoint"
+        return UserError(f"{self.directory}: saving {what} failed ({reason}); "
+                         f"{f'step {kept} is the last complete checkpoint' if kept else 'no checkpoint was saved'}")
+
+    def stored(self, step: int) -> tuple[dict | None, dict]:
+        """(the config saved with `step`, or None; shapes of its state: {param path: shape} and the sorted
+        shapes of everything else), read from metadata without restoring any array."""
+        meta = self.manager.item_metadata(step)
+        tree = meta.state.tree if hasattr(meta.state, "tree") else meta.state
+        config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        return config, state_shapes(tree)
 
     def restore(self, step: int, like_state):
         """(state placed like `like_state`, data iterator state, loop facts) of a saved step."""
@@ -118,6 +270,40 @@ class TrainCheckpoints:
                                                                  loop=ocp.args.JsonRestore()))
         return out.state, out.data, out.loop
 
+    def set_aside(self, step: int, dest: Path) -> Path:
+        """Move an unrestorable step out of the way (kept for inspection) so the run can save that step again."""
+        target = dest / f"step_{step}"
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(self.directory / str(step), target)
+        self.manager.reload()
+        return target
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def state_shapes(tree) -> tuple[dict, list]:
+    """A train state's (or its metadata's) shapes: {'/'-joined param path: shape}, and the sorted shapes of
+    the other leaves (optimizer moments, step), whose container types differ between a state and metadata."""
+    def key(entry) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    params, other = {}, []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        names = [key(p) for p in path]
+        shape = tuple(int(d) for d in leaf.shape)
+        if names and names[0] == "params":
+            params["/".join(names[1:])] = shape
+        else:
+            other.append(shape)
+    return params, sorted(other)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

@@ -4,6 +4,7 @@ Every user mistake raises a one-line `ConfigError` naming the dotted key, so a b
 launch fails before any model or device work starts.
 """
 
+import collections.abc
 import dataclasses
 import difflib
 import functools
@@ -443,18 +444,47 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return " ".join(f"invalid YAML: {problem}{where}".split())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: safe_load silently keeps the last one,
+    so a forgotten earlier setting would win or lose unnoticed."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys written next to `<<: *base` override it; that is what merging is for
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, collections.abc.Hashable):
+                    continue  # the base class reports unhashable keys
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first_line[key]})", key_node.start_mark)
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _open_problem(err: OSError) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "does not exist"
+    if isinstance(err, IsADirectoryError):
+        return "is a directory (expected a YAML file)"
+    return err.strerror or str(err)
+
+
 def _read_yaml(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
     except OSError as e:
-        raise ConfigError(f"config file {path!r}: {e.strerror or e}") from None
+        raise ConfigError(f"config file {path!r}: {_open_problem(e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path!r}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r}: {_yaml_problem(e)}") from None
-    if data is None:  # empty file: all defaults
-        return {}
+    if data is None:  # an empty file is more likely a mistake (wrong or truncated file) than a wish for defaults
+        raise ConfigError(f"config file {path!r}: holds no settings (expected a mapping of config keys)")
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path!r}: expected a mapping of keys, got {type(data).__name__}")
     unknown = next(_unknown_keys(data, Config, ""), None)

@@ -6,6 +6,9 @@
 Language models export as *ForCausalLM, reward/value models (scalar head) as *ForSequenceClassification with
 one label, a pad id that is never an EOS id (transformers scores the last non-pad token) and the reward gain
 folded into the score weights (normalised reward = logits[:, 0] + config.reward_norm["bias"]).
+
+A non-empty --out is replaced only with --overwrite, and then as a whole once the new directory is complete
+(a failed write leaves it as it was); --out may not be, be inside or contain the input.
 """
 
 from __future__ import annotations
@@ -13,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from rlhf_jax import hf
-from rlhf_jax.checkpoint import CheckpointError, load_model, save_model
+from rlhf_jax import fsio, hf
+from rlhf_jax.checkpoint import load_model, save_model
 from rlhf_jax.errors import UserError, report
 
 
@@ -30,22 +32,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="rlhf_jax model checkpoint to export (with --to-hf)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="export dtype (default: as stored)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output directory (as a whole, once the new one is complete)")
     args = ap.parse_args(argv)
     try:
+        if args.to_hf and not args.checkpoint:
+            raise UserError("--to-hf needs --checkpoint CKPT_DIR")
+        source = args.from_hf or args.checkpoint
+        fsio.check_out_dir(args.out, args.overwrite, [source])  # before the (slow) load
+        loaded = load_model(source)
         if args.from_hf:
-            loaded = load_model(args.from_hf)
             out = save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite,
                              extra=loaded.extra)
         else:
-            if not args.checkpoint:
-                raise UserError("--to-hf needs --checkpoint CKPT_DIR")
-            out = Path(args.out)
-            if out.exists() and any(out.iterdir()) and not args.overwrite:
-                raise CheckpointError(f"{out}: already exists and is not empty (pass --overwrite)")
-            loaded = load_model(args.checkpoint)
-            hf.save_hf(out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
-                       extra_config=loaded.extra)
+            out = hf.save_hf(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
+                             extra_config=loaded.extra, overwrite=args.overwrite)
     except UserError as e:
         return report(e)
     print(json.dumps({"out": str(out), "family": loaded.cfg.family, "head": loaded.head,

@@ -1,13 +1,59 @@
-"""The base class of every error caused by user input; CLIs print these as one line, without a traceback."""
+"""How a run ends when it cannot go on: one line on stderr, no traceback, and a distinct exit status.
 
+Exit statuses (documented in the README's "When things go wrong"):
+  0  done
+  2  user error: a bad config, file, checkpoint or argument (nothing new is written)
+  3  diverged: a non-finite loss, gradient norm or parameter; the last finite checkpoint stays
+  4  interrupted by SIGTERM or SIGINT after saving a checkpoint; rerun the same command to resume
+"""
+
+import os
+import re
 import sys
 
 
 class UserError(ValueError):
     """Bad config, file, checkpoint or argument: the message names what and where, on one line."""
 
+    exit_code = 2
+    prefix = "error: "
+
+
+class DivergedError(UserError):
+    """Training produced non-finite values; nothing non-finite was saved or exported."""
+
+    exit_code = 3
+
+
+class Interrupted(UserError):
+    """A signal stopped the run after a checkpoint was saved."""
+
+    exit_code = 4
+    prefix = ""
+
 
 def report(error: UserError) -> int:
-    """Print a user error as one `error: ...` line on stderr; returns the CLI's exit status."""
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+    """Print the error as one line on stderr; returns the CLI's exit status."""
+    print(f"{error.prefix}{error}", file=sys.stderr)
+    return error.exit_code
+
+
+def os_reason(error: BaseException) -> str:
+    """The OS's words for an error: strerror, a bare errno, the errno that tensorstore or safetensors quote in
+    their messages, or else the message's first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if isinstance(error, OSError) and error.args and isinstance(error.args[0], int):
+        return os.strerror(error.args[0])
+    text = str(error)
+    code = re.search(r"os[ _]error[ _]code='?(\d+)|os error (\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1) or code.group(2)))
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def os_error_message(error: OSError) -> str:
+    """'<path>: <what the OS said>' for an OSError, on one line."""
+    where = error.filename if error.filename is not None else "?"
+    return f"{where}: {os_reason(error)}".replace("\n", " ")

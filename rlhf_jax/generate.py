@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ class Generator:
                  chat_template: bool = False):
         if loaded.head != "lm":
             raise UserError("generation needs a language-model checkpoint, got a scalar-head (reward/value) one")
-        if loaded.tokenizer_dir is None:
+        if loaded.tokenizer_dir is None:  # callers load with need_tokenizer=True, which names the path
             raise UserError("the checkpoint has no tokenizer files")
         self.cfg = loaded.cfg
         self.mesh = mesh
@@ -98,7 +99,7 @@ class Generator:
         sharding.check_batch_size(batch_size, self.mesh, "batch_size")
         ids_all, mask_all = PromptEncoder(self.tokenizer, max_prompt_tokens, self.chat_template).batch(prompts)
         width = ids_all.shape[1]  # one prompt width for the whole file: one compilation
-        if self.cfg.is_gpt2 and width + self.params_cfg.max_new_tokens > self.cfg.max_position_embeddings:
+        if width + self.params_cfg.max_new_tokens > self.cfg.max_position_embeddings:
             raise UserError(f"prompt ({width}) + new tokens ({self.params_cfg.max_new_tokens}) exceed the model's "
                              f"{self.cfg.max_position_embeddings} positions")
         rng = jax.random.key(seed)
@@ -133,6 +134,20 @@ def parse_mesh_shape(text: str) -> list[int]:
     return shape
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse the first out-of-range flag by name, before any model loads (written `not ok` so NaN fails too)."""
+    checks = [("--max-new-tokens", args.max_new_tokens >= 1, "must be >= 1"),
+              ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, "must be finite and >= 0"),
+              ("--top-k", args.top_k >= 0, "must be >= 0"),
+              ("--top-p", 0 < args.top_p <= 1, "must be in (0, 1]"),
+              ("--batch-size", args.batch_size >= 1, "must be >= 1"),
+              ("--max-prompt-tokens", args.max_prompt_tokens >= 1, "must be >= 1")]
+    for flag, ok, requirement in checks:
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise UserError(f"{flag} {requirement}, got {value}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlhf_jax.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,11 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--output", choices=["jsonl", "text"], default="jsonl", help="what to print per prompt")
     args = ap.parse_args(argv)
     try:
-        if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-            raise UserError("need --max-new-tokens >= 1, --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+        _check_flags(args)
         mesh = sharding.make_mesh(parse_mesh_shape(args.mesh_shape), ("data", "fsdp", "tensor"))
         prompts = read_prompts(args.prompt_file)
-        gen = Generator(load_model(args.model), mesh,
+        gen = Generator(load_model(args.model, need_tokenizer=True), mesh,
                         SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, pad_id=PAD_ID),
                         args.dtype, args.chat_template)
         for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):

@@ -12,10 +12,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax.errors import UserError
+from rlhf_jax import fsio
+from rlhf_jax.errors import UserError, os_reason
 from rlhf_jax.model import ModelConfig
 
 # (family, head) for each supported HF architecture.
@@ -48,7 +49,11 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise HFFormatError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise HFFormatError(f"{path}: is a directory, expected a JSON file") from None
+    except OSError as e:
+        raise HFFormatError(f"{path}: cannot read ({os_reason(e)})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HFFormatError(f"{path}: invalid JSON ({e})") from None
 
 
@@ -313,30 +318,57 @@ def _contiguous(tree):
 # ---------------------------------------------------------------------------------------------- directories
 
 
-def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint dir: model.safetensors or a sharded index. Refuses pickle formats."""
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint dir: model.safetensors or those of a sharded index."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
-    elif (model_dir / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        found = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = f" (found {found[0]}: pickle formats are not loaded; re-save with safe_serialization)" if found else ""
-        raise HFFormatError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HFFormatError(f"{index}: no \"weight_map\" of tensor names to files")
+        files = [model_dir / name for name in sorted(set(map(str, weight_map.values())))]
+        missing = next((f for f in files if not f.exists()), None)
+        if missing is not None:
+            raise HFFormatError(f"{missing}: file not found (listed in {index.name})")
+        return files
+    if (model_dir / "model.safetensors").exists():
+        return [model_dir / "model.safetensors"]
+    found = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+    hint = f" (found {found[0]}: pickle formats are not loaded; re-save with safe_serialization)" if found else ""
+    raise HFFormatError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def has_weights(model_dir: Path) -> bool:
+    """Whether a directory holds HF safetensors weights."""
+    return any((model_dir / n).exists() for n in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    if path.is_dir():
+        raise HFFormatError(f"{path}: is a directory, expected a safetensors file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as e:
+        raise HFFormatError(f"{path}: corrupt or truncated safetensors file ({os_reason(e)})") from None
+    except OSError as e:
+        raise HFFormatError(f"{path}: cannot read ({os_reason(e)})") from None
+
+
+def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint dir: model.safetensors or a sharded index. Refuses pickle formats."""
     tensors = {}
-    for name in files:
-        with safe_open(str(model_dir / name), framework="numpy") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+    for path in _weight_files(model_dir):
+        tensors.update(_read_safetensors(path))
     return tensors
 
 
 def load_hf(model_dir: str | os.PathLike, head: str | None = None) -> tuple[ModelConfig, str, dict]:
     """(ModelConfig, head, numpy params) from a transformers checkpoint directory."""
     model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise HFFormatError(f"{model_dir}: does not exist")
     if not model_dir.is_dir():
-        raise HFFormatError(f"{model_dir}: not a directory")
+        raise HFFormatError(f"{model_dir}: is a file, expected a HF checkpoint directory")
     gen_path = model_dir / "generation_config.json"
     generation = _read_json(gen_path) if gen_path.exists() else None
     cfg, hf_head = config_from_hf(_read_json(model_dir / "config.json"), generation, str(model_dir / "config.json"))
@@ -348,6 +380,36 @@ def load_hf(model_dir: str | os.PathLike, head: str | None = None) -> tuple[Mode
 # transformers' *ForSequenceClassification scores the rightmost token that is not config.pad_token_id, ignoring
 # the attention mask, while rlhf_jax scores the last real token (an EOS for a finished response). A pad id that
 # is an EOS id would make transformers skip our EOS and score the token before it.
+
+
+def has_tokenizer(model_dir: str | os.PathLike) -> bool:
+    """Whether a directory holds a tokenizer's vocabulary (tokenizer.json, vocab.json or tokenizer.model)."""
+    return any((Path(model_dir) / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer.model"))
+
+
+def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike) -> int | None:
+    """1 + the largest id the tokenizer in `tokenizer_dir` has (added tokens included), read from its JSON
+    files without building it; None for a sentencepiece-only tokenizer."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        spec = _read_json(tokenizer_dir / "tokenizer.json")
+        spec = spec if isinstance(spec, dict) else {}
+        model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+        vocab = model.get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
+        ids += [t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)]
+    elif (tokenizer_dir / "vocab.json").is_file():
+        ids = [*_json_values(tokenizer_dir / "vocab.json"), *_json_values(tokenizer_dir / "added_tokens.json")]
+    else:
+        return None
+    ids = [i for i in ids if isinstance(i, int)]
+    return max(ids) + 1 if ids else None
+
+
+def _json_values(path: Path) -> list:
+    """The values of a JSON object file (a token -> id map); [] when there is none."""
+    data = _read_json(path) if path.is_file() else {}
+    return list(data.values()) if isinstance(data, dict) else []
 
 
 def _tokenizer_facts(tokenizer_dir) -> tuple[int | None, int | None, int | None]:
@@ -401,12 +463,30 @@ def _left_pad_tokenizer(out_dir: Path) -> None:
 
 def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: str = "lm",
             tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None) -> None:
-    """Write a directory that `transformers.AutoModelFor*.from_pretrained` loads, tokenizer files included.
+            max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a directory that `transformers.AutoModelFor*.from_pretrained` loads, tokenizer files included, as
+    a whole (fsio.replace_dir): an existing non-empty `out_dir` is refused unless `overwrite`, and is then
+    replaced, never mixed with the new files; a failed write leaves it as it was. See `write_hf`."""
+    with fsio.replace_dir(out_dir, overwrite) as tmp:
+        write_hf(tmp, params, cfg, head, tokenizer_dir, dtype, max_shard_bytes, extra_config)
+    return Path(out_dir)
+
+
+def _save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors: make them one
+        raise OSError(f"{path.name}: {os_reason(e)}") from None
+
+
+def write_hf(out_dir: Path, params: dict, cfg: ModelConfig, head: str = "lm",
+             tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
+             max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None) -> None:
+    """The files of `save_hf`, written into the existing empty directory `out_dir` (not atomically: use
+    save_hf, or call this inside fsio.replace_dir).
     `extra_config` entries (a reward model's `reward_norm`) are kept as extra keys of config.json.
     A scalar head gets a pad id that is never an EOS id and its reward gain folded into the score weights."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tok_pad = None
     if head == "scalar":
         tok_pad, tok_eos, tok_size = _tokenizer_facts(tokenizer_dir)
@@ -427,12 +507,12 @@ def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: st
         size += t.nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        _save_safetensors(shards[0], out_dir / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+            _save_safetensors(shard, out_dir / fname)
             weight_map.update({k: fname for k in shard})
         total = sum(t.nbytes for t in tensors.values())
         (out_dir / "model.safetensors.index.json").write_text(

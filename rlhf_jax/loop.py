@@ -6,21 +6,26 @@ for sft and rm); none of them copies the loop.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rlhf_jax import sharding, steps
-from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, save_model
+from rlhf_jax import resume, sharding, steps
+from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, save_model, state_shapes
 from rlhf_jax.config import Config, config_to_dict
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import DivergedError, Interrupted, UserError
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.model import Transformer, _init_boxed, init_scalar_head, make_model, param_logical_axes
 from rlhf_jax.tiny import resolve_model_path
@@ -32,9 +37,7 @@ from rlhf_jax.tokenizer import load_tokenizer
 
 def load_for_training(cfg: Config, run_dir: Path, head: str):
     """(loaded checkpoint, tokenizer, model with `head`) of cfg.model.path (the tiny built-in model when empty)."""
-    loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed))
-    if loaded.tokenizer_dir is None:
-        raise UserError(f"{cfg.model.path}: the checkpoint has no tokenizer files")
+    loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True)
     model = make_model(loaded.cfg, head, cfg.model.dtype, cfg.model.param_dtype, remat=cfg.model.remat == "block")
     return loaded, load_tokenizer(loaded.tokenizer_dir), model
 
@@ -52,14 +55,10 @@ def with_head(params: dict, cfg, from_head: str, to_head: str, rng: jax.Array) -
 
 
 def check_positions(model_cfg, length: int, keys: str) -> None:
-    """GPT-2's learned positions end at max_position_embeddings (a longer sequence reads past the table and
-    gives NaN); rotary models run past it, though they were not trained there."""
-    limit = model_cfg.max_position_embeddings
-    if length <= limit:
-        return
-    if model_cfg.is_gpt2:
-        raise UserError(f"{keys} = {length} exceeds the model's {limit} positions")
-    print(f"warning: {keys} = {length} exceeds the model's max_position_embeddings {limit}", file=sys.stderr)
+    """Sequences must fit the model's positions: GPT-2 would read past its position table (NaN), and rotary
+    models were never trained there."""
+    if length > model_cfg.max_position_embeddings:
+        raise UserError(f"{keys} = {length} exceeds the model's {model_cfg.max_position_embeddings} positions")
 
 
 def report_sharding(model: Transformer, mesh) -> None:
@@ -140,34 +139,135 @@ def total_steps(cfg: Config, train_examples: int) -> int:
 
 
 class Run:
-    """One run directory: metrics (JSONL + TensorBoard), Orbax checkpoints and the loop facts saved with them."""
+    """One run directory: Orbax checkpoints with the loop facts saved beside them, metrics (JSONL +
+    TensorBoard) and the resolved config.json, which is written only once resuming is known to be sound."""
 
     def __init__(self, cfg: Config, run_dir: Path, stage: str):
-        self.cfg, self.run_dir = cfg, run_dir
+        self.cfg, self.run_dir, self.stage = cfg, run_dir, stage
         self.ckpts = TrainCheckpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
-        self.writer = MetricsWriter(run_dir, stage)
         self.facts: dict = {"seed": cfg.seed}  # small JSON facts of the loop (e.g. the best eval loss)
+        self.writer: MetricsWriter | None = None
 
     def resume(self, state, data_iter):
-        """(state, first step to run): the latest checkpoint's state, data position and facts, or step 0."""
-        start = self.ckpts.latest_step() or 0
-        if not start:
-            return state, 0
-        state, data_state, facts = self.ckpts.restore(start, state)
-        if facts["seed"] != self.cfg.seed:  # data order and step keys derive from the seed
-            raise UserError(f"{self.run_dir / 'checkpoints'} was trained with seed={facts['seed']}; resume with "
-                            "that seed or start a new run_dir")
-        data_iter.set_state(data_state)
-        self.facts = facts
-        print(f"resumed from {self.run_dir / 'checkpoints'} at step {start}", file=sys.stderr)
+        """(state, first step to run): the newest checkpoint that restores, or step 0 for a new run.
+
+        A checkpoint from another config is refused before anything is restored or written; an unrestorable
+        step (half-written, truncated, an item missing) is skipped with a warning, and set aside once an older
+        one restores; if none restores the run stops, naming the directory."""
+        config = config_to_dict(self.cfg)
+        start, unreadable = 0, []
+        for step in self.ckpts.steps():
+            try:
+                stored_config, stored_shapes = self.ckpts.stored(step)
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means the step is unusable
+                unreadable.append((step, e))
+                continue
+            allowed = self._check_compatible(step, stored_config or {}, stored_shapes, state)
+            try:
+                state, data_state, facts = self.ckpts.restore(step, state)
+                data_iter.set_state(data_state)
+            except Exception as e:  # noqa: BLE001
+                unreadable.append((step, e))
+                continue
+            start, self.facts = step, facts
+            if allowed:
+                print(f"warning: resuming with changed settings: {', '.join(allowed)}", file=sys.stderr)
+            break
+        for step, error in unreadable:
+            print(f"warning: checkpoint step {step} in {self.ckpts.directory} cannot be restored "
+                  f"({_first_line(error)}); falling back to an older step", file=sys.stderr)
+        if unreadable and not start:
+            raise UserError(f"{self.ckpts.directory}: no checkpoint can be restored (newest: step "
+                            f"{unreadable[0][0]}); move the directory away to start over")
+        for step, _ in unreadable:  # the run will save these steps again
+            kept = self.ckpts.set_aside(step, self.run_dir / "unrestorable_checkpoints")
+            print(f"warning: moved step {step} to {kept}", file=sys.stderr)
+        if start:
+            print(f"resumed from {self.ckpts.directory} at step {start}", file=sys.stderr)
+        write_json_atomically(self.run_dir / "config.json", config)
+        self.writer = MetricsWriter(self.run_dir, self.stage, resume_step=start)
         return state, start
 
+    def _check_compatible(self, step: int, stored_config: dict, stored_shapes, state) -> list[str]:
+        """Refuses a checkpoint of another run (UserError naming the keys); returns the allowed changes."""
+        refused, allowed = resume.config_changes(stored_config, config_to_dict(self.cfg))
+        shapes = resume.shape_changes(stored_shapes, state_shapes(state))
+        if refused or shapes:
+            raise UserError(f"cannot resume {self.ckpts.directory} (step {step}) with this config: "
+                            f"{', '.join(refused + shapes)}; use the checkpoint's values or a new run_dir")
+        return allowed
+
     def save(self, step: int, state, data_iter) -> None:
+        """Checkpoint `step`, after checking that every parameter is finite (nothing non-finite is saved)."""
+        require_finite(state.params, step, self)
         self.ckpts.save(step, state, data_iter.get_state(), self.facts, config_to_dict(self.cfg))
 
+    def last_good(self) -> str:
+        step = self.ckpts.latest_step()
+        return f"the last checkpoint is step {step} in {self.ckpts.directory}" if step else "no checkpoint was saved"
+
     def close(self) -> None:
-        self.ckpts.close()
-        self.writer.close()
+        try:
+            self.ckpts.close()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def require_finite(params, step: int, run: "Run | None" = None) -> None:
+    """Stops the run (DivergedError, exit 3) if any parameter is NaN or infinite."""
+    if not bool(_all_finite(params)):
+        where = f"; {run.last_good()}" if run is not None else ""
+        raise DivergedError(f"diverged at step {step}: the parameters hold non-finite values; nothing was "
+                            f"saved or exported{where}")
+
+
+def check_metrics(metrics: dict, step: int, run: Run) -> None:
+    """Stops the run (DivergedError, exit 3) on a non-finite loss or gradient norm."""
+    bad = {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])}
+    if bad:
+        values = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise DivergedError(f"diverged at step {step}: {values}; nothing non-finite was saved or exported; "
+                            f"{run.last_good()} (try a lower optim.lr)")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to finish its step, save and stop, instead of
+    killing the process; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = text.strip().splitlines()
+    line = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 class Cadence:
@@ -190,36 +290,44 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
           count_tokens: Callable[[dict], int], cadence: Cadence, on_eval: Callable | None = None):
     """Runs steps start..total-1 of `step_fn` on batches of `data_iter` (a resumable iterator): logs metrics
     (with tokens/s and the running count of truncated examples), calls `on_eval(done, state) -> metrics` and
-    saves on the cadence. Returns (state, the last logged metrics, eval metrics included)."""
+    saves on the cadence. A non-finite loss, gradient norm or parameter stops it (DivergedError) before anything
+    is saved; SIGTERM/SIGINT save the step in hand and stop (Interrupted). Returns (state, the last logged
+    metrics, eval metrics included)."""
     rng = jax.random.key(run.cfg.seed)
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
     last: dict = {}
     window_start, window_tokens, truncated = time.perf_counter(), 0, 0
-    for step in range(start, total):
-        batch = next(data_iter)
-        window_tokens += count_tokens(batch)
-        truncated += int(batch["truncated"].sum())
-        state, metrics = step_fn(state, to_global(batch, mesh), jax.random.fold_in(rng, step))
-        done = step + 1
-        if cadence.log(done):
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            metrics["tokens_per_s"] = window_tokens / (time.perf_counter() - window_start)
-            metrics["truncated_examples"] = truncated  # over-length examples cut so far in this run
-            run.writer.write(done, metrics)
-            bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss",) if k in metrics},
-                            tok_s=f"{metrics['tokens_per_s']:.0f}")
-            last = metrics
-        if on_eval is not None and cadence.eval(done):
-            eval_metrics = {f"eval_{k}": v for k, v in on_eval(done, state).items()}
-            if eval_metrics:
-                run.writer.write(done, eval_metrics)
-                last.update(eval_metrics)
-        if cadence.save(done):
-            run.save(done, state, data_iter)
-        if cadence.log(done):  # throughput windows exclude evaluation and saving
-            window_start, window_tokens = time.perf_counter(), 0
-        bar.update(1)
-    bar.close()
+    with StopSignals() as signals, bar:  # the bar ends its line before any error is printed
+        for step in range(start, total):
+            batch = next(data_iter)
+            window_tokens += count_tokens(batch)
+            truncated += int(batch["truncated"].sum())
+            state, metrics = step_fn(state, to_global(batch, mesh), jax.random.fold_in(rng, step))
+            done = step + 1
+            save = cadence.save(done) or signals.received is not None
+            if cadence.log(done) or save:  # checked at least every log_every steps and before every save
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_metrics(metrics, done, run)
+            if cadence.log(done):
+                metrics["tokens_per_s"] = window_tokens / (time.perf_counter() - window_start)
+                metrics["truncated_examples"] = truncated  # over-length examples cut so far in this run
+                run.writer.write(done, metrics)
+                bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss",) if k in metrics},
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                last = metrics
+            if on_eval is not None and cadence.eval(done):
+                eval_metrics = {f"eval_{k}": v for k, v in on_eval(done, state).items()}
+                if eval_metrics:
+                    run.writer.write(done, eval_metrics)
+                    last.update(eval_metrics)
+            if save:
+                run.save(done, state, data_iter)
+            bar.update(1)
+            if signals.received is not None:
+                run.ckpts.wait()
+                raise Interrupted(f"interrupted at step {done}; saved; rerun the same command to resume")
+            if cadence.log(done):  # throughput windows exclude evaluation and saving
+                window_start, window_tokens = time.perf_counter(), 0
     return state, last
 
 
@@ -234,7 +342,15 @@ def evaluate(eval_fn, params, batches: Iterator[dict], mesh, limit: int = 0) -> 
     return totals
 
 
+def write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None) -> Path:
     """Params-only model checkpoint (Orbax, with tokenizer) for the next stage and for convert --to-hf."""
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(np.float32), params)
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host)):
+        raise DivergedError(f"the parameters hold non-finite values; {out_dir} was not written")
     return save_model(out_dir, host, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True, extra=extra)

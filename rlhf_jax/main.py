@@ -6,11 +6,14 @@ Stages (config key `stage`):
   generate   sample completions for a prompt file from a HF or rlhf_jax checkpoint (the tiny built-in model
              when model.path is empty) with the compiled, mesh-sharded sampler; writes JSONL samples.
   sft        fine-tune a language model on (prompt, demonstration) pairs (data.name: an sft dataset).
-  rm         train a reward model on K-way rankings, every C(K,2) pair of a prompt in one batch element
+  rm         train a reward model on rankings, all the comparisons of a prompt in one batch element
              (data.name: a rankings dataset; model.path: usually the sft export); then fit its normalisation.
 Training stages write metrics.jsonl, TensorBoard events, Orbax checkpoints (rerun the same command to resume),
 best/ (lowest eval loss) and export/ (the final params-only model for the next stage or convert --to-hf).
 Datasets are prepared with `python -m rlhf_jax.data --help`.
+
+Exit status: 0 done; 2 a user error (one `error:` line); 3 diverged (non-finite loss, gradient or parameters;
+nothing non-finite is saved); 4 interrupted by SIGTERM/SIGINT after saving (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 from typing import Sequence
 
 from rlhf_jax.config import config_help, load_config
-from rlhf_jax.errors import UserError, report
+from rlhf_jax.errors import UserError, os_error_message, report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages.run(cfg)
     except UserError as e:
         return report(e)
+    except OSError as e:  # a full disk or an unwritable path met anywhere: still one line, naming the path
+        return report(UserError(os_error_message(e)))
     return 0
 
 

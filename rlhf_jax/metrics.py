@@ -9,14 +9,21 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | os.PathLike, stage: str):
+    """Appends to a run's metrics. A run resumed from step N first drops this stage's lines after N (written
+    by the attempt that was cut off), so that every step is in metrics.jsonl once; TensorBoard purges them too."""
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str, resume_step: int | None = None):
         from tensorboardX import SummaryWriter
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
-        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            _drop_lines_after(path, stage, resume_step)
+        self._jsonl = open(path, "a")
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict) -> None:
         values = {k: float(v) for k, v in metrics.items()}
@@ -34,3 +41,18 @@ class MetricsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _drop_lines_after(path: Path, stage: str, step: int) -> None:
+    """Rewrite metrics.jsonl without this stage's lines past `step` (written whole, then swapped in)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+        if not (row.get("stage") == stage and row.get("step", 0) > step):
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import Config, config_to_dict
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, os_error_message
 from rlhf_jax.generate import Generator, read_prompts
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.sampling import SamplingParams
@@ -18,13 +19,14 @@ from rlhf_jax.tokenizer import PAD_ID
 
 
 def run_generate(cfg: Config, run_dir: Path) -> dict:
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     out_path = Path(cfg.generate.output or run_dir / "samples.jsonl")
     if out_path.is_dir():
         raise UserError(f"generate.output: {out_path} is a directory, expected a JSONL file path")
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
     s = cfg.sampling
-    gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed)), mesh,
+    gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                     cfg.model.dtype, cfg.data.chat_template)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,25 @@ STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train}
 
 
 def run(cfg: Config) -> dict:
+    """Run the configured stage in its run dir. A stage that stops on a user error before it has recorded any
+    progress leaves no run dir behind if it created one."""
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    return STAGES[cfg.stage](cfg, run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir={cfg.run_dir}: is a file, expected a directory")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return STAGES[cfg.stage](cfg, run_dir)
+    except OSError as e:
+        raise UserError(os_error_message(e)) from None
+    except UserError:
+        if created and not _has_progress(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _has_progress(run_dir: Path) -> bool:
+    """Checkpoints, exports or logged metrics: what a failed run must keep."""
+    metrics = run_dir / "metrics.jsonl"
+    return (any((run_dir / "checkpoints").glob("[0-9]*")) or (run_dir / "export").exists()
+            or (metrics.exists() and metrics.stat().st_size > 0))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax
 
-from rlhf_jax import hf
+from rlhf_jax import fsio, hf
 from rlhf_jax.model import ModelConfig, init_params, make_model
 from rlhf_jax.tokenizer import train_tiny_tokenizer
 
@@ -27,15 +27,16 @@ def tiny_config(vocab_size: int, eos_id: int, pad_id: int, family: str = "llama"
 
 
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, family: str = "llama",
-                     vocab_size: int = 512) -> Path:
-    """Write a random tiny model with its tokenizer to `out_dir` (an HF checkpoint directory)."""
-    out_dir = Path(out_dir)
+                     vocab_size: int = 512, overwrite: bool = False) -> Path:
+    """Write a random tiny model with its tokenizer to `out_dir` (an HF checkpoint directory), as a whole: an
+    existing non-empty `out_dir` is refused unless `overwrite` (fsio.replace_dir)."""
     corpus = resources.files("rlhf_jax").joinpath("assets/corpus.txt").read_text().splitlines()
-    tokenizer = train_tiny_tokenizer(corpus, vocab_size, out_dir)
-    cfg = tiny_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, family)
-    params = jax.device_get(init_params(make_model(cfg), jax.random.key(seed)))
-    hf.save_hf(out_dir, params, cfg, tokenizer_dir=out_dir)
-    return out_dir
+    with fsio.replace_dir(out_dir, overwrite) as tmp:
+        tokenizer = train_tiny_tokenizer(corpus, vocab_size, tmp)
+        cfg = tiny_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, family)
+        params = jax.device_get(init_params(make_model(cfg), jax.random.key(seed)))
+        hf.write_hf(tmp, params, cfg, tokenizer_dir=tmp)
+    return Path(out_dir)
 
 
 def resolve_model_path(path: str, run_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -44,5 +45,5 @@ def resolve_model_path(path: str, run_dir: str | os.PathLike, seed: int = 0) -> 
         return Path(path)
     tiny = Path(run_dir) / "tiny_model"
     if not (tiny / "config.json").exists():
-        build_tiny_model(tiny, seed=seed)
+        build_tiny_model(tiny, seed=seed, overwrite=True)  # a half-built one from an older version
     return tiny

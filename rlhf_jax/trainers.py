@@ -104,11 +104,13 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
             loop.export(run_dir / "best", state.params, loaded, model)
         return metrics
 
-    state, last_metrics = loop.drive(run, state, start=start, total=total, data_iter=data_iter,
-                                     step_fn=loop.jit_step(stage.step, state_sh, mesh), mesh=mesh, desc=cfg.stage,
-                                     count_tokens=real_tokens, cadence=loop.Cadence(cfg, total, has_eval),
-                                     on_eval=on_eval)
-    run.close()
+    try:
+        state, last_metrics = loop.drive(run, state, start=start, total=total, data_iter=data_iter,
+                                         step_fn=loop.jit_step(stage.step, state_sh, mesh), mesh=mesh,
+                                         desc=cfg.stage, count_tokens=real_tokens,
+                                         cadence=loop.Cadence(cfg, total, has_eval), on_eval=on_eval)
+    finally:
+        run.close()  # pending asynchronous saves complete (or report their failure) before the run ends
     extra = fit_reward_norm(cfg, stage, state.params, tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
     out = loop.export(run_dir / "export", state.params, loaded, model, extra)
     summary = {"stage": cfg.stage, "steps": total, "export": str(out),

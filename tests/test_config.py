@@ -88,8 +88,7 @@ def test_override_value_types():
     assert cfg.run_dir == "2024" and cfg.model.path == ""
 
 
-def test_empty_file_and_empty_section_mean_defaults(tmp_path):
-    assert load_config(_write(tmp_path, "")) == Config()
+def test_empty_section_means_defaults(tmp_path):
     assert load_config(_write(tmp_path, "optim:\n", "b.yaml")) == Config()
 
 
@@ -167,6 +166,38 @@ def test_missing_file(tmp_path):
     path = str(tmp_path / "nope.yaml")
     message = _error(path=path)
     assert message.startswith(f"config file {path!r}:")
+    assert message == f"config file {path!r}: does not exist"
+
+
+def test_directory_is_not_a_config_file(tmp_path):
+    assert _error(path=str(tmp_path)) == f"config file {str(tmp_path)!r}: is a directory (expected a YAML file)"
+
+
+@pytest.mark.parametrize("text", ["", "\n# nothing set yet\n", "~\n"])
+def test_empty_file_is_refused(tmp_path, text):
+    path = _write(tmp_path, text)
+    assert _error(path=path) == f"config file {path!r}: holds no settings (expected a mapping of config keys)"
+
+
+@pytest.mark.parametrize("text, key, line, first", [
+    ("optim:\n  lr: 0.1\n  b1: 0.5\n  lr: 0.2\n", "'lr'", 4, 2),
+    ("seed: 1\nstage: sft\nseed: 2\n", "'seed'", 3, 1),
+    ("optim: {lr: 1, lr: 2}\n", "'lr'", 1, 1),
+    ("sampling:\n  top_k: 1\nsampling:\n  top_p: 0.5\n", "'sampling'", 3, 1),
+])
+def test_duplicate_key_is_refused_with_its_line(tmp_path, text, key, line, first):
+    path = _write(tmp_path, text)
+    message = _error(path=path)
+    assert message.startswith(f"config file {path!r}: ")
+    assert f"duplicate key {key} (first at line {first}) at line {line}," in message
+
+
+def test_merged_keys_may_be_overridden_once(tmp_path):
+    path = _write(tmp_path, "sampling:\n  <<: {top_k: 3, top_p: 0.5}\n  top_k: 4\n")
+    cfg = load_config(path)
+    assert cfg.sampling.top_k == 4 and cfg.sampling.top_p == 0.5  # what `<<` is for
+    path = _write(tmp_path, "sampling:\n  <<: {top_k: 3}\n  top_k: 4\n  top_k: 5\n", "twice.yaml")
+    assert "duplicate key 'top_k' (first at line 3) at line 4," in _error(path=path)
 
 
 @pytest.mark.parametrize("text", ["model: [unclosed\n", "a: b: c\n", "- 1\n- 2\n"])

@@ -233,12 +233,16 @@ BAD_ROWS = [
     ("jsonl_rankings", {"prompt": "p", "chosen": "a"}, "missing_field"),
     ("jsonl_rankings", {"prompt": "p", "chosen": "a", "rejected": ""}, "empty_response"),
     ("jsonl_rankings", {"prompt": "", "chosen": "a", "rejected": "b"}, "empty_prompt"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b", "a"], "ranks": [0, 1, 2]}, "identical_responses"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "a"], "ranks": [0, 0]}, "identical_responses"),
+    ("jsonl_rankings", {"prompt": "p", "chosen": " a", "rejected": " a"}, "identical_responses"),
     ("hh_rlhf", {"chosen": HH_CHOSEN}, "missing_field"),
     ("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": 1}, "wrong_type"),
     ("hh_rlhf", {"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi there"}, "missing_field"),
     ("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": "\n\nHuman: Something else\n\nAssistant: No."}, "prefix_mismatch"),
     ("hh_rlhf", {"chosen": HH_PROMPT + "  ", "rejected": HH_REJECTED}, "empty_response"),
     ("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": HH_PROMPT}, "empty_response"),
+    ("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": HH_CHOSEN}, "identical_responses"),  # HH-RLHF has such rows
     ("tldr_sft", dict(TLDR_SFT_ROW, summary=" "), "empty_response"),
     ("tldr_sft", {k: v for k, v in TLDR_SFT_ROW.items() if k != "post"}, "missing_field"),
     ("tldr_sft", dict(TLDR_SFT_ROW, title=["x"]), "wrong_type"),
@@ -249,6 +253,7 @@ BAD_ROWS = [
     ("tldr_comparisons", dict(comparison(0), summaries=[{"text": "a"}, {"policy": "b"}]), "missing_field"),
     ("tldr_comparisons", dict(comparison(0), summaries=[{"text": "a"}, {"text": " "}]), "empty_response"),
     ("tldr_comparisons", dict(comparison(0), info="a post"), "wrong_type"),
+    ("tldr_comparisons", comparison(0, texts=("same ", " same")), "identical_responses"),  # equal once stripped
     ("tldr_comparisons", {"summaries": [], "choice": 0}, "missing_field"),
 ]
 
@@ -278,6 +283,46 @@ def test_error_messages_name_field_and_expectation(tmp_path):
     assert error.reason == "invalid_json" and "Expecting property name" in str(error)
     path = write_jsonl(tmp_path / "z.jsonl", [{"prompt": "p", "response": 3}])
     assert str(single_error("jsonl_sft", path)) == f"{path}:1: field 'response' must be a string, got an integer"
+
+
+def test_identical_responses_name_both_indices(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a", "b", "a"], "ranks": [0, 1, 2]}])
+    error = single_error("jsonl_rankings", path)
+    assert str(error) == f"{path}:1: field 'responses[0]' and 'responses[2]' are identical"
+    path = write_jsonl(tmp_path / "p.jsonl", [{"q": "p", "win": "x", "lose": "x"}])
+    [row] = read_all("jsonl_rankings", path, {"prompt": "q", "chosen": "win", "rejected": "lose"})
+    assert str(row.error) == f"{path}:1: fields 'win' and 'lose' are identical"
+
+
+def test_non_dense_ranks_are_renumbered_and_noted(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 2, 5]},
+                                              {"prompt": "p", "responses": ["a", "b"], "ranks": [3, 1]},
+                                              {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 0, 0]},
+                                              {"prompt": "p", "chosen": "a", "rejected": "b"}])
+    rows = read_all("jsonl_rankings", path)
+    assert [r.record["ranks"] for r in rows] == [[0, 1, 2], [1, 0], [1, 0, 0], [0, 1]]
+    assert [r.notes for r in rows] == [("non_dense_ranks",), ("non_dense_ranks",), (), ()]
+
+
+def test_json_array_file_is_refused_in_one_line(tmp_path):
+    pretty = tmp_path / "rows.json"
+    pretty.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=2))
+    one_line = tmp_path / "rows.jsonl.gz"
+    with gzip.open(one_line, "wt") as f:
+        f.write("\ufeff" + json.dumps([{"prompt": "a"}, {"prompt": "b"}]) + "\n")
+    for path in (pretty, one_line):
+        with pytest.raises(UserError) as e:
+            read_all("jsonl_prompts", str(path))
+        assert str(e.value) == f"{path}: is a JSON array; expected JSON lines (one object per line)"
+
+
+def test_json_error_column_is_that_of_the_raw_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n  {"prompt": }\n\xef\xbb\xbf{"prompt": ]\n')
+    first, second, third = read_all("jsonl_prompts", str(path))
+    assert first.record == {"prompt": "a", "metadata": ""}  # a byte order mark is not an error
+    assert str(second.error) == f"{path}:2: invalid JSON (Expecting value at column 14)"  # leading spaces count
+    assert str(third.error) == f"{path}:3: invalid JSON (Expecting value at column 13)"  # and so does the BOM
 
 
 def test_invalid_utf8_is_one_bad_row(tmp_path):
@@ -436,11 +481,11 @@ def test_repeated_and_inconsistent_pairs_are_kept_and_counted(tmp_path):
     assert stats["pairs"] == 4 and stats["inconsistent_pairs"] == 1
 
 
-def test_identical_pairs_are_dropped_and_counted(tmp_path):
-    path = write_jsonl(tmp_path / "hh.jsonl", [hh_row(HH_PROMPT, " same", " same"),  # HH-RLHF has such rows
-                                               hh_row("\n\nHuman: x\n\nAssistant:", " same", " same"),
-                                               hh_row(HH_PROMPT, " A", " B")])
-    groups, stats = grouped("hh_rlhf", path)
+def test_identical_pairs_are_dropped_and_counted():
+    # The importers refuse such rows (identical_responses); grouping still drops any canonical record that has one.
+    same = {"responses": [" same", " same"], "ranks": [0, 1]}
+    groups, stats = group_comparisons([{"prompt": HH_PROMPT, **same}, {"prompt": "\n\nHuman: x\n\nAssistant:", **same},
+                                       {"prompt": HH_PROMPT, "responses": [" A", " B"], "ranks": [0, 1]}])
     assert groups == [{"prompt": HH_PROMPT, "responses": [" A", " B"], "better": [0], "worse": [1]}]
     assert stats["identical_pairs_dropped"] == 2 and stats["prompts_without_pairs"] == 1
     assert stats["rows"] == 3 and stats["prompts"] == 1 and stats["pairs"] == 1

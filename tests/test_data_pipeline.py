@@ -124,7 +124,8 @@ def test_rankings_layout_with_variable_k(datasets, tokenizer):
 
 
 def _comparison_rows():
-    """Pairwise rows, several per prompt, interleaved: Q0 has a repeated pair and a contradicting one."""
+    """Pairwise rows, several per prompt, interleaved: Q0 has a repeated pair and a contradicting one; Q1's last
+    row compares a response with itself (an invalid row, skipped with --skip-invalid)."""
     rows = [{"prompt": "Q0", "chosen": "a", "rejected": "b"}, {"prompt": "Q1", "chosen": "x", "rejected": "y"},
             {"prompt": "Q0", "chosen": "a", "rejected": "b"}, {"prompt": "Q0", "chosen": "b", "rejected": "c"},
             {"prompt": "Q0", "chosen": "c", "rejected": "b"}, {"prompt": "Q1", "chosen": "y", "rejected": "y"}]
@@ -134,13 +135,14 @@ def _comparison_rows():
 def test_comparisons_of_a_prompt_become_one_example_with_pair_counts(capsys, tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "pairs.jsonl", _comparison_rows())
     rc, out, err = _prepare(capsys, "--format", "jsonl_rankings", "--input", path, "--data-dir", tmp_path / "d",
-                            "--name", "cmp")
+                            "--name", "cmp", "--skip-invalid")
     assert rc == 0, err
     summary = json.loads(out)
     assert summary["examples"] == {"train": 2} and summary["max_responses"] == 3
+    assert summary["skipped"] == {"identical_responses": 1}  # Q1's y-vs-y row
     assert {k: summary[k] for k in ("rows", "prompts", "pairs", "inconsistent_pairs", "identical_pairs_dropped",
                                     "prompts_without_pairs")} == {
-        "rows": 6, "prompts": 2, "pairs": 5, "inconsistent_pairs": 1, "identical_pairs_dropped": 1,
+        "rows": 5, "prompts": 2, "pairs": 5, "inconsistent_pairs": 1, "identical_pairs_dropped": 0,
         "prompts_without_pairs": 0}
     [batch] = list(eval_batches(_spec(tmp_path / "d", "cmp"), "train", tokenizer, batch_size=2))
     assert batch["pairs"].shape == (2, 3, 3)
@@ -172,7 +174,8 @@ def test_grouped_prompts_stay_in_one_split(tmp_path):
 def test_rankings_prepared_in_the_old_layout_must_be_prepared_again(tmp_path, tokenizer):
     from rlhf_jax.data.prepare import dataset_dir, prepare
 
-    prepare("jsonl_rankings", [_write_jsonl(tmp_path / "in.jsonl", _comparison_rows())], tmp_path / "d", "old")
+    prepare("jsonl_rankings", [_write_jsonl(tmp_path / "in.jsonl", _comparison_rows())], tmp_path / "d", "old",
+            skip_invalid=True)
     meta_path = dataset_dir(tmp_path / "d", "old") / "metadata.json"
     meta = json.loads(meta_path.read_text())
     del meta["rankings_layout"]  # what a dataset prepared before grouping by prompt looks like

@@ -139,12 +139,10 @@ def test_one_encoder_serves_training_and_generation(bos_tokenizer):
     assert mask_BP[1].sum() == 7 and not mask_BP[1][:2].any()  # the short prompt is left-padded
 
 
-def test_sequences_past_gpt2_positions_are_refused(capsys):
-    """GPT-2 would read past its position table (NaN); rotary models run on, with a warning."""
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sequences_past_the_model_positions_are_refused(family):
+    """GPT-2 would read past its position table (NaN); rotary models were never trained there."""
     with pytest.raises(UserError, match="data.max_prompt_tokens \\+ data.max_response_tokens = 40 exceeds the "
                                         "model's 32 positions"):
-        loop.check_positions(_tiny("gpt2"), 40, "data.max_prompt_tokens + data.max_response_tokens")
-    loop.check_positions(_tiny("gpt2"), 32, "x")
-    assert capsys.readouterr().err == ""
-    loop.check_positions(_tiny("llama"), 40, "x")
-    assert capsys.readouterr().err.startswith("warning: x = 40 exceeds")
+        loop.check_positions(_tiny(family), 40, "data.max_prompt_tokens + data.max_response_tokens")
+    loop.check_positions(_tiny(family), 32, "x")

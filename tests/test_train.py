@@ -407,7 +407,7 @@ def test_resume_with_another_seed_is_refused(tiny, data_dir, workdir):
     args = _mesh_args("sft", tiny, data_dir)
     run_dir = workdir / "seeded"
     _train_on_mesh(args, run_dir, (8, 1, 1))
-    with pytest.raises(UserError, match="trained with seed=0"):
+    with pytest.raises(UserError, match=r"seed=0 \(now 1\)"):
         _train_on_mesh([*args, "seed=1", f"train.steps={MESH_STEPS + 2}"], run_dir, (8, 1, 1))
 
 
@@ -420,58 +420,94 @@ def _cli_command(tiny: Path, data_dir: Path, run_dir: Path) -> list[str]:
                        "train.eval_every=0", "train.log_every=5", "optim.lr=3e-3", "optim.warmup_steps=5")]
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tiny, data_dir, workdir):
+@pytest.fixture(scope="module")
+def straight_run(tiny, data_dir, workdir) -> Path:
+    """The uninterrupted run that interrupted and killed runs of the same command are compared with."""
+    run_dir = workdir / "straight"
+    proc = subprocess.run(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=_subprocess_env(),
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed" not in proc.stderr
+    return run_dir
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in _metrics(run_dir) if "loss" in m]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, err_file: Path) -> None:
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared: {err_file.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"no {path} in time"
+        time.sleep(0.02)
+
+
+def _assert_resumes_to_the_straight_run(tiny, data_dir, run_dir: Path, straight_run: Path) -> str:
+    resumed = subprocess.run(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=_subprocess_env(),
+                             capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr
+    match = re.search(r"resumed from .* at step (\d+)", resumed.stderr)
+    assert match, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == RESUME_STEPS
+    _assert_trees_equal(load_model(straight_run / "export").params, load_model(run_dir / "export").params)
+    assert _losses(run_dir) == _losses(straight_run)
+    assert _train_steps(run_dir) == _train_steps(straight_run)  # every step logged once, none twice
+    return match.group(1)
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tiny, data_dir, workdir, straight_run):
     """Kill -9 a run after its step-20 checkpoint, rerun the same command: the export is bitwise that of an
-    uninterrupted run (started alongside, in another run dir) and so are the losses logged after resuming."""
-    env = _subprocess_env()
-    straight_dir, killed_dir = workdir / "straight", workdir / "killed"
-    logs = {name: (open(workdir / f"{name}.out", "w+"), open(workdir / f"{name}.err", "w+"))
-            for name in ("straight", "killed")}  # files, not pipes: an unread pipe could block a child
-    straight = subprocess.Popen(_cli_command(tiny, data_dir, straight_dir), cwd=REPO, env=env,
-                                stdout=logs["straight"][0], stderr=logs["straight"][1])
-    killed = subprocess.Popen(_cli_command(tiny, data_dir, killed_dir), cwd=REPO, env=env,
-                              stdout=logs["killed"][0], stderr=logs["killed"][1])
-    try:
-        # Wait for the finished (renamed) checkpoint of step 20; Orbax writes it under a tmp name first.
-        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-        while not (killed_dir / "checkpoints" / "20").is_dir():
-            assert killed.poll() is None, \
-                f"the run ended before step 20 was saved: {(workdir / 'killed.err').read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint 20 in time"
-            time.sleep(0.02)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(timeout=30)
-        assert killed.returncode == -signal.SIGKILL
+    uninterrupted run and so are the losses logged after resuming, each step once."""
+    killed_dir, err_file = workdir / "killed", workdir / "killed.err"
+    with open(workdir / "killed.out", "w") as out, open(err_file, "w") as err:  # files: a full pipe could block
+        killed = subprocess.Popen(_cli_command(tiny, data_dir, killed_dir), cwd=REPO, env=_subprocess_env(),
+                                  stdout=out, stderr=err)
+        try:
+            # Wait for the finished (renamed) checkpoint of step 20; Orbax writes it under a tmp name first.
+            _wait_for(killed_dir / "checkpoints" / "20", killed, err_file)
+            killed.send_signal(signal.SIGKILL)
+            killed.wait(timeout=30)
+        finally:
+            if killed.poll() is None:
+                killed.kill()
+                killed.wait(timeout=30)
+    assert killed.returncode == -signal.SIGKILL
+    # It died before finishing: no export or summary, and not every step logged.
+    assert not (killed_dir / "export").exists() and not (killed_dir / "summary.json").exists()
+    assert max(_losses(killed_dir), default=0) < RESUME_STEPS, \
+        f"step {RESUME_STEPS} was logged before the kill: raise RESUME_STEPS"
+    assert 20 <= int(_assert_resumes_to_the_straight_run(tiny, data_dir, killed_dir, straight_run)) < RESUME_STEPS
 
-        # It died before finishing: no export or summary, and not every step logged.
-        assert not (killed_dir / "export").exists() and not (killed_dir / "summary.json").exists()
-        assert max(_losses(killed_dir), default=0) < RESUME_STEPS, \
-            f"step {RESUME_STEPS} was logged before the kill: raise RESUME_STEPS"
 
-        resumed = subprocess.run(_cli_command(tiny, data_dir, killed_dir), cwd=REPO, env=env, capture_output=True,
-                                 text=True, timeout=SUBPROCESS_TIMEOUT)
-        assert resumed.returncode == 0, resumed.stderr
-        match = re.search(r"resumed from .* at step (\d+)", resumed.stderr)
-        assert match, resumed.stderr[-2000:]
-        assert 20 <= int(match.group(1)) < RESUME_STEPS
-        assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == RESUME_STEPS
-
-        straight.wait(timeout=SUBPROCESS_TIMEOUT)
-        err = (workdir / "straight.err").read_text()
-        assert straight.returncode == 0, err[-2000:]
-        assert "resumed" not in err
-    finally:
-        for proc in (straight, killed):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_step_in_hand_and_exits_4(sig, tiny, data_dir, workdir, straight_run):
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) after step 5: the run finishes its step, saves it, says so in one
+    line and exits 4; the rerun resumes from exactly that step and ends bitwise where the straight run ends."""
+    run_dir, err_file = workdir / f"signalled_{sig.name}", workdir / f"signalled_{sig.name}.err"
+    with open(workdir / f"signalled_{sig.name}.out", "w") as out, open(err_file, "w") as err:
+        proc = subprocess.Popen(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=_subprocess_env(),
+                                stdout=out, stderr=err)
+        try:
+            _wait_for(run_dir / "metrics.jsonl", proc, err_file)
+            deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+            while max(_train_steps(run_dir), default=0) < 5:
+                assert proc.poll() is None and time.monotonic() < deadline, err_file.read_text()[-2000:]
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            proc.wait(timeout=SUBPROCESS_TIMEOUT)
+        finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
-        for out, err in logs.values():
-            out.close()
-            err.close()
-
-    a, b = load_model(straight_dir / "export"), load_model(killed_dir / "export")
-    _assert_trees_equal(a.params, b.params)
-    assert _losses(killed_dir) == _losses(straight_dir)
+    assert proc.returncode == 4, err_file.read_text()[-2000:]
+    last = err_file.read_text().strip().splitlines()[-1]
+    match = re.fullmatch(r"interrupted at step (\d+); saved; rerun the same command to resume", last)
+    assert match, last
+    step = int(match.group(1))
+    assert 5 <= step < RESUME_STEPS and (run_dir / "checkpoints" / str(step)).is_dir()
+    assert not (run_dir / "export").exists()
+    assert int(_assert_resumes_to_the_straight_run(tiny, data_dir, run_dir, straight_run)) == step
 
 
 # ------------------------------------------------------------------------------------------------ errors

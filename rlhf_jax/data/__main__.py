@@ -6,6 +6,7 @@
 Inputs may be .jsonl, .jsonl.gz, .json (JSON lines) or .parquet files, or http(s) URLs (downloaded once into
 ~/.cache/rlhf_jax/downloads). Prints one JSON summary: examples written per split and rows skipped by reason.
 A bad row stops the run with file:line and the problem, and nothing is written, unless --skip-invalid is given.
+--overwrite replaces an existing dataset whole, only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def _fields(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Name the flag, before any input is read (prepare() itself can only speak of an eval fraction)."""
+    if not 0 <= args.eval_fraction < 1:  # also refuses NaN
+        raise UserError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlhf_jax.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     args = ap.parse_args(argv)
     try:
+        _check_flags(args)
         from rlhf_jax.data.prepare import prepare, quiet_tfds
 
         quiet_tfds()

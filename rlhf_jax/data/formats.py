@@ -8,7 +8,8 @@ metadata is a compact JSON string (sorted keys) of the row's "metadata" field, "
 
 `read_rows` streams one `Row` per input row (JSONL, gzipped JSONL, JSON lines named .json, or Parquet, local or
 http(s) URLs downloaded into a cache); an invalid row comes back as a `RowError` instead of stopping the read, so
-callers can count and report skipped rows by `reason`.
+callers can count and report skipped rows by `reason`, and a row accepted with a change (ranks renumbered) carries
+`notes` for them to count.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ TLDR_COMPARISONS_URL = _OPENAI_SFF + "/dataset/comparisons/batch{n}.json"
 TLDR_COMPARISONS_BATCHES = range(3, 23)
 
 _ASSISTANT = "\n\nAssistant:"
+_BOM = "\ufeff"
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -83,6 +85,7 @@ class Row:
     record: dict | None
     error: RowError | None
     where: str  # "file:line"
+    notes: tuple[str, ...] = ()  # what was accepted but changed, e.g. "non_dense_ranks", counted by prepare
 
 
 class _Invalid(Exception):
@@ -150,13 +153,14 @@ def _checked_suffix(path: Path) -> Path:
     return path
 
 
-def _read_file(path: Path, convert: Callable[[dict], dict]) -> Iterator[Row]:
+def _read_file(path: Path, convert: Callable[[dict, list], dict]) -> Iterator[Row]:
     source = _parquet_rows(path) if _file_type(path) == "parquet" else _json_lines(path)
     for n, raw in source:
         where = f"{path}:{n}"
+        notes: list[str] = []
         try:
             obj = _parse_line(raw) if isinstance(raw, bytes) else raw
-            yield Row(convert(obj), None, where)
+            yield Row(convert(obj, notes), None, where, tuple(notes))
         except _Invalid as e:
             yield Row(None, RowError(where, e.reason, e.problem), where)
 
@@ -167,10 +171,14 @@ def _json_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     try:
         with opener(path, "rb") as f:
             blank: list[tuple[int, bytes]] = []  # held back until we know whether they are trailing
+            first = True
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     blank.append((n, line))
                     continue
+                if first and _is_json_array(line):
+                    raise UserError(f"{path}: is a JSON array; expected JSON lines (one object per line)")
+                first = False
                 yield from blank
                 blank.clear()
                 yield n, line
@@ -182,6 +190,20 @@ def _json_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise UserError(f"{path}: {e.strerror or e}") from None
 
 
+def _is_json_array(first_line: bytes) -> bool:
+    """Whether a file whose first non-blank line is `first_line` holds a JSON array rather than JSON lines: the
+    line opens a list it does not close, or is a whole list of objects. (A list of anything else on the first line
+    is a bad row of a JSON-lines file, reported as such.)"""
+    text = first_line.decode("utf-8", "replace").lstrip(_BOM).strip()
+    if not text.startswith("["):
+        return False
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return True
+    return bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def _parse_line(line: bytes) -> dict:
     # Decoding per line keeps one bad byte from costing more than its own row.
     try:
@@ -190,10 +212,12 @@ def _parse_line(line: bytes) -> dict:
         raise _Invalid("invalid_utf8", f"not valid UTF-8 (byte {e.start} of the line)") from None
     if not text.strip():
         raise _Invalid("invalid_json", "blank line (expected a JSON object)")
+    # A byte order mark (files saved by some editors) is not JSON; columns still count it, as in the raw line.
+    bom = len(text) - len(text.lstrip(_BOM))
     try:
-        obj = json.loads(text)
+        obj = json.loads(text[bom:])
     except json.JSONDecodeError as e:
-        raise _Invalid("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})") from None
+        raise _Invalid("invalid_json", f"invalid JSON ({e.msg} at column {bom + e.colno})") from None
     if not isinstance(obj, dict):
         raise _Invalid("not_an_object", f"expected a JSON object, got {_type_name(obj)}")
     return obj
@@ -256,14 +280,15 @@ def fetch(url: str, cache_dir: str | Path) -> Path:
 # Row converters: raw JSON object -> canonical record
 
 
-def _converter(fmt: str, names: dict[str, str]) -> Callable[[dict], dict]:
+def _converter(fmt: str, names: dict[str, str]) -> Callable[[dict, list], dict]:
+    """(raw row, notes) -> canonical record; a converter appends to `notes` what it accepted but changed."""
     converters = {
-        "jsonl_sft": lambda row: _generic_sft(row, names),
-        "jsonl_rankings": lambda row: _generic_rankings(row, names),
-        "jsonl_prompts": lambda row: _generic_prompt(row, names),
-        "hh_rlhf": _hh_rlhf,
-        "tldr_sft": _tldr_sft,
-        "tldr_comparisons": _tldr_comparison,
+        "jsonl_sft": lambda row, notes: _generic_sft(row, names),
+        "jsonl_rankings": lambda row, notes: _generic_rankings(row, names, notes),
+        "jsonl_prompts": lambda row, notes: _generic_prompt(row, names),
+        "hh_rlhf": lambda row, notes: _hh_rlhf(row),
+        "tldr_sft": lambda row, notes: _tldr_sft(row),
+        "tldr_comparisons": lambda row, notes: _tldr_comparison(row),
     }
     return converters[fmt]
 
@@ -278,7 +303,7 @@ def _generic_prompt(row: dict, names: dict[str, str]) -> dict:
     return {"prompt": _prompt(row, names["prompt"]), "metadata": _metadata(row, names["metadata"])}
 
 
-def _generic_rankings(row: dict, names: dict[str, str]) -> dict:
+def _generic_rankings(row: dict, names: dict[str, str], notes: list[str]) -> dict:
     prompt = _prompt(row, names["prompt"])
     has_pair = names["chosen"] in row or names["rejected"] in row
     if names["responses"] not in row and has_pair:
@@ -287,13 +312,18 @@ def _generic_rankings(row: dict, names: dict[str, str]) -> dict:
         raise _Invalid("missing_field", f"missing field {names['responses']!r} "
                                         f"(or a {names['chosen']!r}/{names['rejected']!r} pair)")
     responses = _responses(row, names["responses"])
-    ranks = _dense_ranks(_int_list(row, names["ranks"]), len(responses), names["ranks"])
-    return {"prompt": prompt, "responses": responses, "ranks": ranks}
+    ranks = _int_list(row, names["ranks"])
+    dense = _dense_ranks(ranks, len(responses), names["ranks"])
+    if dense != ranks:
+        notes.append("non_dense_ranks")  # accepted, but the user may not have meant gaps or an offset
+    return {"prompt": prompt, "responses": responses, "ranks": dense}
 
 
 def _pairwise(prompt: str, row: dict, chosen_name: str, rejected_name: str) -> dict:
     chosen = _response(_string(row, chosen_name), f"field {chosen_name!r}")
     rejected = _response(_string(row, rejected_name), f"field {rejected_name!r}")
+    if chosen == rejected:
+        raise _Invalid("identical_responses", f"fields {chosen_name!r} and {rejected_name!r} are identical")
     return {"prompt": prompt, "responses": [chosen, rejected], "ranks": [0, 1]}
 
 
@@ -309,6 +339,8 @@ def _hh_rlhf(row: dict) -> dict:
                                           "(up to its last Assistant turn)")
     responses = [_response(chosen[len(prompt):], "the chosen Assistant reply"),
                  _response(rejected[len(prompt):], "the rejected Assistant reply")]
+    if responses[0] == responses[1]:
+        raise _Invalid("identical_responses", "fields 'chosen' and 'rejected' are identical")
     return {"prompt": prompt, "responses": responses, "ranks": [0, 1]}
 
 
@@ -349,6 +381,7 @@ def _tldr_comparison(row: dict) -> dict:
             raise _Invalid("wrong_type", f"field 'summaries[{i}]' must be an object, got {_type_name(summary)}")
         text = _response(_string(summary, "text", f"summaries[{i}]."), f"field 'summaries[{i}].text'")
         texts.append(" " + text.strip())
+    _check_distinct(texts, "summaries", "text")
     choice = _field(row, "choice")
     if not _is_int(choice):
         raise _Invalid("wrong_type", f"field 'choice' must be an integer, got {_type_name(choice)}")
@@ -399,7 +432,19 @@ def _responses(row: dict, name: str) -> list[str]:
         _response(response, f"field '{name}[{i}]'")
     if len(responses) < 2:
         raise _Invalid("too_few_responses", f"{expected}, got {len(responses)}")
+    _check_distinct(responses, name)
     return responses
+
+
+def _check_distinct(texts: list[str], name: str, subfield: str = "") -> None:
+    """A response ranked against itself teaches nothing, and tied with itself it hides a labelling mistake."""
+    first: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        if text in first:
+            at = f".{subfield}" if subfield else ""
+            raise _Invalid("identical_responses",
+                           f"field '{name}[{first[text]}]{at}' and '{name}[{i}]{at}' are identical")
+        first[text] = i
 
 
 def _int_list(row: dict, name: str) -> list[int]:

@@ -2,7 +2,9 @@
 
 Layout: DATA_DIR/NAME/1.0.0/ with one array_record file per split and TFDS metadata; our own facts (kind,
 source format, the largest K of a ranking set, counts) ride along in the dataset's metadata.json.
-Nothing is written until every row has been read: a bad row (without --skip-invalid) leaves no files behind.
+Nothing is written until every row has been read: a bad row (without --skip-invalid) leaves no files behind. The
+dataset is built beside DATA_DIR/NAME and renamed into place only once complete, so a failed run (a full disk, an
+interrupt) leaves no half-written dataset, and --overwrite keeps the old one intact and readable until then.
 
 Rankings are stored one element per prompt, as InstructGPT trains them: the rows of a prompt (HH-RLHF and TL;DR
 hold several pairwise comparisons of one prompt as separate rows) become its unique responses and the list of
@@ -15,6 +17,7 @@ import collections
 import contextlib
 import functools
 import hashlib
+import os
 import re
 import shutil
 import sys
@@ -24,6 +27,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rlhf_jax import fsio
 from rlhf_jax.data.formats import FORMATS, read_rows
 from rlhf_jax.errors import UserError
 from rlhf_jax.losses import pairs_from_ranks
@@ -61,6 +65,14 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, rows):
         for i, row in enumerate(rows):
             yield i, row
+
+    # TFDS announces the start and end of a build with its path: the temporary one here; the CLI's summary names
+    # the dataset, and a failed build then ends in its one error line.
+    def _log_download_bytes(self):
+        pass
+
+    def _log_download_done(self):
+        pass
 
 
 # metadata "rankings_layout": the pipeline refuses rankings prepared before they were grouped by prompt.
@@ -132,22 +144,24 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
     if not 0.0 <= eval_fraction < 1.0:
         raise UserError(f"eval fraction must be in [0, 1), got {eval_fraction}")
     out = dataset_dir(data_dir, name)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: dataset already prepared (pass --overwrite to replace it)")
+    _check_target(Path(data_dir), name, overwrite, inputs)
     kind = FORMATS[fmt]
 
     splits: dict[str, list] = {TRAIN: [], EVAL: []}
     skipped: collections.Counter = collections.Counter()
+    noted: collections.Counter = collections.Counter()  # rows accepted with a change, e.g. ranks renumbered
     for row in read_rows(fmt, inputs, fields):
         if row.error is not None:
             if not skip_invalid:
                 raise row.error
             skipped[row.error.reason] += 1
             continue
+        noted.update(row.notes)
         splits[EVAL if _is_eval(row.record["prompt"], eval_fraction) else TRAIN].append(row.record)
     grouping: dict = {}
     if kind == "rankings":  # per split: the hash split already keeps each prompt in one of them
         splits, grouping = _group_splits(splits)
+        grouping["non_dense_ranks"] = noted["non_dense_ranks"]  # rows whose ranks were renumbered 0, 1, 2, ...
     if not splits[TRAIN]:
         without = f"; prompts without pairs: {grouping['prompts_without_pairs']}" if grouping else ""
         raise UserError(f"no valid training examples in {', '.join(map(str, inputs))} "
@@ -158,16 +172,48 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
     metadata = {"kind": kind, "format": fmt, "inputs": [str(p) for p in inputs], "examples": counts,
                 "skipped": dict(skipped), "max_responses": max_responses,
                 **({"rankings_layout": RANKINGS_LAYOUT, **grouping} if kind == "rankings" else {})}
-    if out.exists():
-        shutil.rmtree(out)
-    builder_cls = type(f"Dataset_{name}", (_Builder,), {"name": name}, skip_registration=True)
-    builder = builder_cls(kind=kind, splits=splits, metadata=metadata, data_dir=str(data_dir),
-                          file_format="array_record")
-    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for our summary
-        builder.download_and_prepare()
+    _write(Path(data_dir), name, kind, splits, metadata, overwrite, inputs)
     return {"dataset": str(out), "kind": kind, "format": fmt, "examples": counts,
             "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
             **({"max_responses": max_responses, **grouping} if kind == "rankings" else {})}
+
+
+def _check_target(data_dir: Path, name: str, overwrite: bool, inputs: Sequence[str]) -> None:
+    """Refuse, before any row is read, a --data-dir that is no directory and a dataset directory that cannot be
+    replaced whole (present without --overwrite, a file, or holding an input)."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"{data_dir}: is a file; --data-dir must be a directory")
+    out = dataset_dir(data_dir, name)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: dataset already prepared (pass --overwrite to replace it)")
+    fsio.check_out_dir(data_dir / name, overwrite, _local(inputs))
+
+
+def _local(inputs: Sequence[str]) -> list[str]:
+    return [str(p) for p in inputs if not str(p).startswith(("http://", "https://"))]
+
+
+def _write(data_dir: Path, name: str, kind: str, splits: Mapping[str, list], metadata: dict, overwrite: bool,
+           inputs: Sequence[str]) -> None:
+    """Build DATA_DIR/NAME beside it and swap it in whole (fsio.replace_dir); a failure (full disk, no permission)
+    is one line with the OS reason, and leaves neither a partial dataset nor a --data-dir of ours behind."""
+    created = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
+    try:
+        with fsio.replace_dir(data_dir / name, overwrite, _local(inputs)) as tmp:
+            # TFDS writes <its data_dir>/<name>/<version> (and a downloads/ dir); build in tmp, keep the version.
+            build = tmp / "build"
+            builder_cls = type(f"Dataset_{name}", (_Builder,), {"name": name}, skip_registration=True)
+            builder = builder_cls(kind=kind, splits=splits, metadata=metadata, data_dir=str(build),
+                                  file_format="array_record")
+            with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for our summary
+                builder.download_and_prepare()
+            os.rename(build / name / VERSION, tmp / VERSION)
+            shutil.rmtree(build)
+    except UserError:
+        for path in created:  # deepest first; rmdir only removes what is still empty
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
 
 
 def _group_splits(splits: Mapping[str, list]) -> tuple[dict[str, list], dict]:

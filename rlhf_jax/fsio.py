@@ -1,0 +1,116 @@
+"""Writing an output directory as a whole: its path holds either what was there before or the complete new
+contents, never a mix of the two and never a half-written directory.
+
+    with replace_dir(out, overwrite=args.overwrite, inputs=[args.input]) as tmp:
+        ...write every file into tmp (an empty directory next to `out`)...
+    # done: tmp has become `out`, and the previous `out` is deleted
+
+An error or interrupt inside the block deletes tmp (and the parents it created) and leaves `out` as it was;
+an OSError there (a full disk, an unwritable parent) is re-raised as a one-line `OutputDirError` naming `out`
+and the OS reason. Refused up front, also as OutputDirError: an `out` that is a file, that exists and is not
+empty (without `overwrite`), or that is, is inside or contains one of `inputs` (replacing it would delete
+them). Call `check_out_dir` with the same arguments to refuse a bad `out` before any slow loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from rlhf_jax.errors import UserError, os_reason
+
+PathLike = str | os.PathLike
+
+
+class OutputDirError(UserError):
+    """An output directory that cannot be written, or that must not be (it exists, or it holds an input)."""
+
+
+def check_out_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Path:
+    """`out` resolved, once it is known to be writable as a whole: not a file, not one of `inputs`, not inside
+    or around one of them, and (unless `overwrite`) absent or empty. Raises OutputDirError otherwise."""
+    out = Path(out)
+    for src in inputs:
+        _check_apart(out, Path(src))
+    try:
+        if out.exists() and not out.is_dir():
+            raise OutputDirError(f"{out}: is a file, expected a directory")
+        parent = next(p for p in out.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise OutputDirError(f"{out}: cannot be created, {parent} is a file")
+        if out.is_dir() and not overwrite and any(out.iterdir()):
+            raise OutputDirError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    except OSError as e:
+        raise write_error(out, e) from None
+    return out.resolve()
+
+
+@contextlib.contextmanager
+def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
+    """Yields an empty temporary directory beside `out` to write into; on a clean exit it replaces `out`
+    (see the module docstring). Checks `out` with `check_out_dir` first."""
+    out = check_out_dir(out, overwrite, inputs)
+    new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    tmp, done = None, False
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(3)}"
+        tmp.mkdir()  # not tempfile.mkdtemp: that is mode 0700, this follows the umask like any new directory
+        yield tmp
+        _swap_in(tmp, out)
+        done = True
+    except OSError as e:
+        raise write_error(out, e) from None
+    finally:
+        if tmp is not None:
+            _remove(tmp)  # gone already after a successful swap
+        for parent in new_parents if not done else ():
+            with contextlib.suppress(OSError):  # only while empty: nothing else is ever removed
+                parent.rmdir()
+
+
+def write_error(out: Path, error: OSError) -> OutputDirError:
+    """'<out>: cannot write (<OS reason>); nothing was changed', for an OSError met while writing `out`."""
+    return OutputDirError(f"{out}: cannot write ({os_reason(error)}); nothing was changed")
+
+
+def _check_apart(out: Path, src: Path) -> None:
+    """Replacing `out` deletes what it held: refuse an `out` that is, is inside, or contains an input."""
+    o, s = out.resolve(), src.resolve()
+    if o == s:
+        raise OutputDirError(f"{out}: is the input {src}; write the output to another directory")
+    if s in o.parents:
+        raise OutputDirError(f"{out}: is inside the input {src}; write the output outside it")
+    if o in s.parents:
+        raise OutputDirError(f"{out}: contains the input {src}; replacing it would delete the input")
+
+
+def _remove(tmp: Path) -> None:
+    """Delete a temporary directory, and again after pauses while it reappears: writes that a failed library
+    call left in flight (orbax's, after a full disk) can recreate files in it after the first pass."""
+    for pause in (0.0, 0.2, 1.0):
+        time.sleep(pause)
+        if not tmp.exists():
+            return
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the old `out` aside, rename `tmp` in, then delete the old one. If the second rename fails the
+    old `out` is renamed back; a kill between the two renames leaves it whole as `.<name>.old-*` beside `out`."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

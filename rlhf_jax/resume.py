@@ -1,0 +1,64 @@
+"""Whether a run may resume from its checkpoint with the config it is given now.
+
+A change that would make the resumed run a different run (another model, seed, dataset, batch, or anything
+that changes the shapes of the saved state) is refused in one line naming the keys; a change that only steers
+the rest of the run (more steps, another learning rate, eval cadence) is allowed and listed in a warning.
+Pure functions over plain dicts, so each rule is tested directly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Keys whose change makes the saved state, the data order or the step keys meaningless for the new run.
+REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data.name", "data.train_split",
+           "data.pack", "data.max_responses", "train.batch_size")
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} of a nested config dict."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if key in ("model.path", "data.dir") and old and new:  # the same place, however it is spelled
+        return os.path.realpath(old) == os.path.realpath(new)
+    return old == new
+
+
+def _refused(key: str, old: Any, new: Any) -> bool:
+    if key == "optim.grad_clip":  # switching clipping on or off changes the optimizer state's structure
+        return (old == 0) != (new == 0)
+    return key in REFUSED
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed) changes between a checkpoint's config and the new one, as 'key=old (now new)'."""
+    before, after = flatten(old), flatten(new)
+    refused, allowed = [], []
+    for key in sorted(set(before) | set(after)):
+        old_value, new_value = before.get(key), after.get(key)
+        if not _same(key, old_value, new_value):
+            change = f"{key}={old_value!r} (now {new_value!r})"
+            (refused if _refused(key, old_value, new_value) else allowed).append(change)
+    return refused, allowed
+
+
+def shape_changes(old: tuple[dict, list], new: tuple[dict, list], limit: int = 3) -> list[str]:
+    """Differences between two `checkpoint.state_shapes` results: parameters by path, then the optimizer."""
+    old_params, old_other = old
+    new_params, new_other = new
+    diffs = [f"params/{path} {old_params.get(path)} (now {new_params.get(path)})"
+             for path in sorted(set(old_params) | set(new_params)) if old_params.get(path) != new_params.get(path)]
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"and {len(diffs) - limit} more parameters"]
+    if not diffs and old_other != new_other:
+        diffs.append(f"optimizer state ({len(old_other)} arrays, now {len(new_other)})")
+    return diffs

@@ -1,0 +1,401 @@
+"""Model files and directories that fail safely: through the real CLIs (`convert`, `generate`, called in-process
+through `main(argv)`), every bad input or failed write is one `error: ...` line and exit code 2, and what is on
+disk afterwards is either the previous output, whole, or the new one, whole; never a mix or a half.
+
+Failed writes are simulated by monkeypatching the write to raise OSError(ENOSPC) (tests run as root, so
+permission bits do not fail them).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from safetensors import SafetensorError
+
+from rlhf_jax import convert as convert_cli
+from rlhf_jax import hf
+from rlhf_jax import generate as generate_cli
+from rlhf_jax.checkpoint import load_model
+from rlhf_jax.errors import UserError
+from rlhf_jax.model import init_params, make_model
+from rlhf_jax.tiny import build_tiny_model, tiny_config
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _run(capsys, fn, argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = fn([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _convert(capsys, *argv) -> tuple[int, str, str]:
+    return _run(capsys, convert_cli.main, argv)
+
+
+def _generate(capsys, model, prompt_file) -> tuple[int, str, str]:
+    return _run(capsys, generate_cli.main, ["--model", model, "--prompt-file", prompt_file, "--max-new-tokens", 4,
+                                            "--batch-size", 8])
+
+
+def _assert_user_error(rc: int, err: str, *fragments) -> str:
+    """A user error: exit code 2 and exactly one stderr line `error: ...`, no traceback."""
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert str(fragment) in lines[0], lines[0]
+    return lines[0]
+
+
+def _assert_same_params(a: dict, b: dict) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Temporary siblings that writing `out` may leave: none must remain, whatever happened."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def _files(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model_io")
+
+
+@pytest.fixture(scope="module")
+def hf_a(workdir) -> Path:
+    return build_tiny_model(workdir / "hf_a", seed=0, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def hf_b(workdir) -> Path:
+    """Same shapes and tokenizer as hf_a, other weights: tells an old output from a new one."""
+    return build_tiny_model(workdir / "hf_b", seed=1, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def params_a(hf_a) -> dict:
+    return load_model(hf_a).params
+
+
+@pytest.fixture(scope="module")
+def params_b(hf_b) -> dict:
+    return load_model(hf_b).params
+
+
+@pytest.fixture(scope="module")
+def ckpt_a(workdir, hf_a) -> Path:
+    assert convert_cli.main(["--from-hf", str(hf_a), "--out", str(workdir / "ckpt_a")]) == 0
+    return workdir / "ckpt_a"
+
+
+@pytest.fixture(scope="module")
+def ckpt_b(workdir, hf_b) -> Path:
+    assert convert_cli.main(["--from-hf", str(hf_b), "--out", str(workdir / "ckpt_b")]) == 0
+    return workdir / "ckpt_b"
+
+
+@pytest.fixture(scope="module")
+def prompt_file(workdir) -> Path:
+    path = workdir / "prompts.txt"
+    path.write_text("Once upon a time\n")
+    return path
+
+
+def _sharded_export(out: Path, hf_dir: Path) -> Path:
+    """A previous HF export of `hf_dir` in several shards with an index (as large models are saved)."""
+    loaded = load_model(hf_dir)
+    hf.save_hf(out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, max_shard_bytes=100_000)
+    assert (out / "model.safetensors.index.json").exists()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ safe overwrites
+
+
+def test_to_hf_overwrite_replaces_a_sharded_export_as_a_whole(capsys, tmp_path, hf_a, ckpt_b, params_b):
+    out = _sharded_export(tmp_path / "export", hf_a)
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", ckpt_b, "--out", out, "--overwrite")
+    assert rc == 0, err
+    names = _files(out)
+    assert "model.safetensors" in names
+    assert not [n for n in names if n.startswith("model-") or n.endswith(".index.json")], names  # no stale shards
+    _assert_same_params(load_model(out).params, params_b)
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("fault", ["oserror", "safetensors"])
+def test_to_hf_disk_full_keeps_the_previous_export(capsys, monkeypatch, tmp_path, hf_a, ckpt_b, params_a, fault):
+    out = _sharded_export(tmp_path / "export", hf_a)
+    before = _files(out)
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 100)  # a partial file, then the disk is full
+        if fault == "oserror":
+            raise ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(hf, "save_file", full_disk)
+    rc, out_text, err = _convert(capsys, "--to-hf", "--checkpoint", ckpt_b, "--out", out, "--overwrite")
+    _assert_user_error(rc, err, out, "No space left on device")
+    assert out_text == ""
+    assert _files(out) == before
+    _assert_same_params(load_model(out).params, params_a)
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("fault", ["oserror", "tensorstore"])
+def test_from_hf_disk_full_keeps_the_previous_checkpoint(capsys, monkeypatch, tmp_path, hf_b, ckpt_a, params_a,
+                                                         params_b, fault):
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt_a, out)
+    (out / "notes.txt").write_text("from an older conversion\n")
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "_METADATA").write_text("{")  # a partial write, then the disk is full
+        if fault == "oserror":
+            raise ENOSPC
+        raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "embed/0.0" in OCDBT database at local file "{path}": '
+                         "No space left on device [os_error_code='28']")
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.PyTreeCheckpointer, "save", full_disk)
+        rc, _, err = _convert(capsys, "--from-hf", hf_b, "--out", out, "--overwrite")
+    _assert_user_error(rc, err, out, "No space left on device")
+    assert _files(out) == _files(ckpt_a) | {"notes.txt"}
+    _assert_same_params(load_model(out).params, params_a)
+    assert _leftovers(out) == []
+
+    rc, _, err = _convert(capsys, "--from-hf", hf_b, "--out", out, "--overwrite")
+    assert rc == 0, err
+    assert not (out / "notes.txt").exists()  # replaced as a whole, not merged
+    _assert_same_params(load_model(out).params, params_b)
+    assert _leftovers(out) == []
+
+
+def test_failed_swap_puts_the_previous_export_back(capsys, monkeypatch, tmp_path, hf_a, ckpt_b, params_a):
+    out = _sharded_export(tmp_path / "export", hf_a)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".export.partial-"):  # renaming the new export in fails
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", ckpt_b, "--out", out, "--overwrite")
+    _assert_user_error(rc, err, out, os.strerror(errno.EXDEV))
+    _assert_same_params(load_model(out).params, params_a)
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("case", ["from_hf_onto_itself", "to_hf_inside_input", "to_hf_around_input"])
+def test_out_overlapping_the_input_is_refused(capsys, tmp_path, hf_a, ckpt_a, params_a, case):
+    if case == "from_hf_onto_itself":
+        source = shutil.copytree(hf_a, tmp_path / "hf")
+        argv, out, fragment = ["--from-hf", source], source, "is the input"
+    elif case == "to_hf_inside_input":
+        source = shutil.copytree(ckpt_a, tmp_path / "ckpt")
+        argv, out, fragment = ["--to-hf", "--checkpoint", source], source / "hf", "is inside the input"
+    else:
+        source = shutil.copytree(ckpt_a, tmp_path / "run" / "export")
+        argv, out, fragment = ["--to-hf", "--checkpoint", source], tmp_path / "run", "contains the input"
+    before = _files(tmp_path)
+    rc, _, err = _convert(capsys, *argv, "--out", out, "--overwrite")
+    _assert_user_error(rc, err, out, fragment)
+    assert _files(tmp_path) == before
+    _assert_same_params(load_model(source).params, params_a)
+
+
+@pytest.mark.parametrize("direction", ["from_hf", "to_hf"])
+def test_out_that_is_a_file_or_under_one(capsys, tmp_path, hf_a, ckpt_a, direction):
+    source = ["--from-hf", hf_a] if direction == "from_hf" else ["--to-hf", "--checkpoint", ckpt_a]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me\n")
+    rc, _, err = _convert(capsys, *source, "--out", a_file)
+    _assert_user_error(rc, err, a_file, "is a file, expected a directory")
+    rc, _, err = _convert(capsys, *source, "--out", a_file / "model")
+    _assert_user_error(rc, err, a_file / "model", f"{a_file} is a file")
+    assert a_file.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_build_tiny_model_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "tiny" / "sub").mkdir(parents=True)
+    (tmp_path / "tiny" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        build_tiny_model(tmp_path / "tiny")
+    assert _files(tmp_path / "tiny") == {"model.safetensors.index.json"}
+    build_tiny_model(tmp_path / "tiny", overwrite=True)
+    assert "model.safetensors.index.json" not in _files(tmp_path / "tiny")
+    assert load_model(tmp_path / "tiny").tokenizer_dir is not None
+
+
+# ------------------------------------------------------------------------------------------------ corrupt weights
+
+
+def test_truncated_safetensors_names_the_file(capsys, tmp_path, hf_a, prompt_file):
+    model = shutil.copytree(hf_a, tmp_path / "hf")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    rc, _, err = _generate(capsys, model, prompt_file)
+    _assert_user_error(rc, err, weights, "corrupt or truncated safetensors file")
+    rc, _, err = _convert(capsys, "--from-hf", model, "--out", tmp_path / "ckpt")
+    _assert_user_error(rc, err, weights, "corrupt or truncated")
+    assert not (tmp_path / "ckpt").exists() and _leftovers(tmp_path / "ckpt") == []
+
+
+def test_missing_shard_names_the_file(capsys, tmp_path, hf_a):
+    model = _sharded_export(tmp_path / "hf", hf_a)
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    rc, _, err = _convert(capsys, "--from-hf", model, "--out", tmp_path / "ckpt")
+    _assert_user_error(rc, err, shard, "file not found", "model.safetensors.index.json")
+
+
+def _largest_file(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "missing_metadata", "missing_params", "bad_model_json"])
+def test_corrupt_orbax_checkpoint_names_it(capsys, tmp_path, ckpt_a, prompt_file, damage):
+    ckpt = shutil.copytree(ckpt_a, tmp_path / "ckpt")
+    if damage == "truncated_data":
+        data = _largest_file(ckpt / "params")
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+        named, fragment = ckpt / "params", "corrupt or truncated Orbax checkpoint"
+    elif damage == "missing_metadata":
+        (ckpt / "params" / "_METADATA").unlink()
+        named, fragment = ckpt / "params", "metadata"
+    elif damage == "missing_params":
+        shutil.rmtree(ckpt / "params")
+        named, fragment = ckpt / "params", "does not exist"
+    else:
+        (ckpt / "model.json").write_text('{"format": "rlhf_jax.model", "config": {')
+        named, fragment = ckpt / "model.json", "invalid JSON"
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf")
+    _assert_user_error(rc, err, named, fragment)
+    assert not (tmp_path / "hf").exists() and _leftovers(tmp_path / "hf") == []
+    rc, _, err = _generate(capsys, ckpt, prompt_file)
+    _assert_user_error(rc, err, named, fragment)
+
+
+# ------------------------------------------------------------------------------------------------ wrong inputs
+
+
+def _training_run(root: Path, ckpt: Path, export: bool = True, best: bool = False) -> Path:
+    """The layout a training stage writes: config.json, checkpoints/<step>/ (Orbax train state), export/."""
+    run = root / "run"
+    (run / "checkpoints" / "5" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "5" / "_CHECKPOINT_METADATA").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"stage": "sft", "seed": 0, "model": {"path": ""}}))
+    for name, wanted in (("export", export), ("best", best)):
+        if wanted:
+            shutil.copytree(ckpt, run / name)
+    return run
+
+
+def test_training_run_directory_points_to_its_export(capsys, tmp_path, ckpt_a, prompt_file):
+    run = _training_run(tmp_path, ckpt_a)
+    rc, _, err = _generate(capsys, run, prompt_file)
+    _assert_user_error(rc, err, f"{run}: is a training run directory; use {run / 'export'}")
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", run, "--out", tmp_path / "hf")
+    _assert_user_error(rc, err, "is a training run directory", run / "export")
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", run / "export", "--out", tmp_path / "hf")
+    assert rc == 0, err
+
+
+def test_unfinished_training_run_points_to_best(capsys, tmp_path, ckpt_a, prompt_file):
+    run = _training_run(tmp_path, ckpt_a, export=False, best=True)
+    rc, _, err = _generate(capsys, run, prompt_file)
+    _assert_user_error(rc, err, "is a training run directory", "no export/", run / "best")
+
+
+def test_training_checkpoint_step_is_not_a_model(capsys, tmp_path, ckpt_a, prompt_file):
+    run = _training_run(tmp_path, ckpt_a)
+    step = run / "checkpoints" / "5"
+    rc, _, err = _generate(capsys, step, prompt_file)
+    _assert_user_error(rc, err, step, "is a training checkpoint", "step 5", f"use {run / 'export'}")
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", step, "--out", tmp_path / "hf")
+    _assert_user_error(rc, err, "is a training checkpoint", run / "export")
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", run / "checkpoints", "--out", tmp_path / "hf")
+    _assert_user_error(rc, err, "training checkpoints of run", run / "export")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_hf_dir_without_tokenizer(capsys, tmp_path, hf_a, prompt_file, params_a):
+    model = tmp_path / "hf"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(hf_a / name, model / name)
+    rc, _, err = _generate(capsys, model, prompt_file)
+    _assert_user_error(rc, err, "no tokenizer files")
+    # Converting needs no tokenizer: it round-trips, and the checkpoint says it has none.
+    rc, _, err = _convert(capsys, "--from-hf", model, "--out", tmp_path / "ckpt")
+    assert rc == 0, err
+    assert not (tmp_path / "ckpt" / "tokenizer").exists()
+    assert load_model(tmp_path / "ckpt").tokenizer_dir is None
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf2")
+    assert rc == 0, err
+    _assert_same_params(load_model(tmp_path / "hf2").params, params_a)
+
+
+def test_vocab_size_smaller_than_the_tokenizer(capsys, tmp_path, hf_a, prompt_file):
+    tok = load_model(hf_a)
+    cfg = tiny_config(256, tok.cfg.eos_token_ids[0], tok.cfg.pad_token_id)
+    params = jax.device_get(init_params(make_model(cfg), jax.random.key(0)))
+    model = tmp_path / "hf"
+    hf.save_hf(model, params, cfg, tokenizer_dir=hf_a)  # the tokenizer has 300 ids
+    rc, out, err = _generate(capsys, model, prompt_file)
+    _assert_user_error(rc, err, model / "config.json", "vocab_size 256", "300")
+    assert out == ""
+    rc, _, err = _convert(capsys, "--from-hf", model, "--out", tmp_path / "ckpt")
+    _assert_user_error(rc, err, "vocab_size 256", "300")
+
+
+def test_missing_paths_and_files_for_directories(capsys, tmp_path, hf_a, prompt_file):
+    missing = tmp_path / "no_such_model"
+    rc, _, err = _generate(capsys, missing, prompt_file)
+    _assert_user_error(rc, err, f"{missing}: does not exist")
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", missing, "--out", tmp_path / "hf")
+    _assert_user_error(rc, err, f"{missing}: does not exist")
+    rc, _, err = _convert(capsys, "--from-hf", missing, "--out", tmp_path / "ckpt")
+    _assert_user_error(rc, err, f"{missing}: does not exist")
+
+    a_file = tmp_path / "model.safetensors"
+    shutil.copyfile(hf_a / "model.safetensors", a_file)
+    rc, _, err = _generate(capsys, a_file, prompt_file)
+    _assert_user_error(rc, err, a_file, "is a file, expected a model directory")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_directory_where_a_file_is_expected(capsys, tmp_path, hf_a, prompt_file, name):
+    model = shutil.copytree(hf_a, tmp_path / "hf")
+    (model / name).unlink()
+    (model / name).mkdir()
+    rc, _, err = _generate(capsys, model, prompt_file)
+    _assert_user_error(rc, err, model / name, "is a directory, expected a")

@@ -1,0 +1,244 @@
+"""Runs that go wrong end in one line and lose nothing: divergence (exit 3), corrupt checkpoints, resuming with
+another config, failing saves, and a run_dir that cannot be used. (Signals are in test_train.py, beside the
+uninterrupted run they are compared with.)"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import random
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rlhf_jax import main as main_cli
+from rlhf_jax.checkpoint import TrainCheckpoints
+from rlhf_jax.data import __main__ as data_cli
+from rlhf_jax.tiny import build_tiny_model
+
+# A restore that fails leaves Orbax's pending read coroutines unawaited; Python reports them at collection.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+WORDS = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish", "bird", "star"]
+
+
+def _quiet(fn, argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = fn([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _last_line(err: str) -> str:
+    return err.strip().splitlines()[-1].split("\r")[-1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("failures")
+
+
+@pytest.fixture(scope="module")
+def tiny(workdir) -> Path:
+    return build_tiny_model(workdir / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(workdir) -> Path:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(64):
+        words = " ".join(rng.sample(WORDS, 3))
+        rows.append({"prompt": f"Repeat: {words}", "response": f" {words}"})
+    src = workdir / "rep.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = workdir / "data"
+    rc, _, err = _quiet(data_cli.main, ["--format", "jsonl_sft", "--input", src, "--data-dir", root, "--name", "rep"])
+    assert rc == 0, err
+    return root
+
+
+def _args(tiny: Path, data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["stage=sft", f"run_dir={run_dir}", f"model.path={tiny}", f"data.dir={data_dir}", "data.name=rep",
+            "data.max_prompt_tokens=16", "data.max_response_tokens=8", "train.batch_size=8", "train.log_every=1",
+            "train.save_every=1", "train.keep_checkpoints=5", "optim.lr=1e-3", "data.eval_split=none", *extra]
+
+
+def _train(tiny, data_dir, run_dir, *extra) -> tuple[int, str, str]:
+    return _quiet(main_cli.main, _args(tiny, data_dir, run_dir, *extra))
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+
+
+def test_divergence_stops_with_exit_3_and_saves_nothing_non_finite(tiny, data_dir, workdir):
+    """optim.lr=1e9: the first step's update is finite but huge, so step 1 is saved; the loss of a later step
+    is not finite, and the run stops there with exit 3, naming the step, with no export."""
+    run_dir = workdir / "diverged"
+    rc, out, err = _train(tiny, data_dir, run_dir, "train.steps=8", "optim.lr=1e9", "optim.grad_clip=0",
+                          "optim.warmup_steps=0", "optim.schedule=constant")
+    assert rc == 3, err
+    line = _last_line(err)
+    assert line.startswith("error: diverged at step "), line
+    step = int(line.split("step ")[1].split(":")[0])
+    assert 1 < step <= 8 and "try a lower optim.lr" in line
+    assert out == "" and not (run_dir / "export").exists() and not (run_dir / "summary.json").exists()
+    saved = _steps(run_dir)
+    assert saved and max(saved) < step, saved
+    ckpts = TrainCheckpoints(run_dir / "checkpoints", 5)
+    for s in saved:
+        restored = ckpts.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state)), s
+    ckpts.close()
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["loss"]) for m in metrics)  # the non-finite step is reported, not logged
+
+
+def test_export_refuses_non_finite_params(tmp_path):
+    from rlhf_jax import loop
+    from rlhf_jax.errors import DivergedError
+
+    with pytest.raises(DivergedError, match="non-finite values; .* was not written"):
+        loop.export(tmp_path / "export", {"w": np.array([1.0, np.nan])}, None, None)
+    assert not (tmp_path / "export").exists()
+
+
+# ------------------------------------------------------------------------------------------------ corrupt
+
+
+def _truncate_state_files(step_dir: Path) -> None:
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 64 and "ocdbt" in str(path.parent):
+            path.write_bytes(path.read_bytes()[:16])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing_item"])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(damage, tiny, data_dir, workdir):
+    run_dir = workdir / f"corrupt_{damage}"
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=3")
+    assert rc == 0, err
+    assert _steps(run_dir) == [1, 2, 3]
+    if damage == "truncated":
+        _truncate_state_files(run_dir / "checkpoints" / "3")
+    else:
+        import shutil
+
+        shutil.rmtree(run_dir / "checkpoints" / "3" / "data")
+    rc, out, err = _train(tiny, data_dir, run_dir, "train.steps=5")
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: checkpoint step 3")]
+    assert len(warnings) == 1 and "cannot be restored" in warnings[0] and "falling back" in warnings[0], err
+    assert "resumed from" in err and "at step 2" in err
+    assert (run_dir / "unrestorable_checkpoints" / "step_3").is_dir()
+    assert _steps(run_dir) == [1, 2, 3, 4, 5]
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 5
+    assert "Traceback" not in err
+
+
+def test_no_restorable_checkpoint_is_one_line_naming_the_directory(tiny, data_dir, workdir):
+    run_dir = workdir / "all_corrupt"
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=2")
+    assert rc == 0, err
+    for step in (1, 2):
+        _truncate_state_files(run_dir / "checkpoints" / str(step))
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=4")
+    assert rc == 2 and "Traceback" not in err
+    assert _last_line(err) == f"error: {(run_dir / 'checkpoints').resolve()}: no checkpoint can be restored " \
+                              "(newest: step 2); move the directory away to start over"
+    assert _steps(run_dir) == [1, 2]  # nothing moved or deleted
+
+
+# ------------------------------------------------------------------------------------------------ mismatch
+
+
+def test_resume_refuses_another_model_and_allows_harmless_changes(tiny, data_dir, workdir):
+    run_dir = workdir / "mismatch"
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=2")
+    assert rc == 0, err
+    config_before = (run_dir / "config.json").read_text()
+
+    other = build_tiny_model(workdir / "tiny_gpt2", seed=0, family="gpt2")
+    rc, _, err = _quiet(main_cli.main, [*_args(tiny, data_dir, run_dir, "train.steps=4"), f"model.path={other}"])
+    assert rc == 2 and "Traceback" not in err
+    line = _last_line(err)
+    assert line.startswith(f"error: cannot resume {(run_dir / 'checkpoints').resolve()} (step 2) with this config:")
+    assert "model.path=" in line and "params/" in line and "use the checkpoint's values or a new run_dir" in line
+    assert (run_dir / "config.json").read_text() == config_before  # not rewritten before the checks pass
+
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=3", "optim.lr=2e-3")
+    assert rc == 0, err
+    warning = next(x for x in err.splitlines() if x.startswith("warning: resuming with changed settings"))
+    assert "optim.lr=0.001 (now 0.002)" in warning and "train.steps=2 (now 3)" in warning
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 3
+
+
+def test_config_changes_classify_keys():
+    from rlhf_jax.resume import config_changes, shape_changes
+
+    old = {"seed": 0, "model": {"path": "a/b"}, "train": {"steps": 10, "batch_size": 8},
+           "optim": {"lr": 1.0, "grad_clip": 1.0}}
+    new = {"seed": 0, "model": {"path": "a/./b"}, "train": {"steps": 20, "batch_size": 16},
+           "optim": {"lr": 2.0, "grad_clip": 0.5}}
+    refused, allowed = config_changes(old, new)
+    assert refused == ["train.batch_size=8 (now 16)"]
+    assert allowed == ["optim.grad_clip=1.0 (now 0.5)", "optim.lr=1.0 (now 2.0)", "train.steps=10 (now 20)"]
+    refused, _ = config_changes(old, {**new, "optim": {"lr": 1.0, "grad_clip": 0.0}})
+    assert "optim.grad_clip=1.0 (now 0.0)" in refused
+    assert shape_changes(({"w": (2, 3)}, [(2, 3)]), ({"w": (2, 4)}, [(2, 4)])) == ["params/w (2, 3) (now (2, 4))"]
+    assert shape_changes(({"w": (2, 3)}, [()]), ({"w": (2, 3)}, [(), ()])) == ["optimizer state (1 arrays, now 2)"]
+
+
+# ------------------------------------------------------------------------------------------------ OS errors
+
+
+def test_a_failing_save_is_one_line_and_keeps_the_last_checkpoint(tiny, data_dir, workdir, monkeypatch):
+    """The disk fills up at step 3's checkpoint: one line with the directory, the OS reason and the last
+    complete step; steps 1 and 2 stay, and nothing is exported."""
+    run_dir = workdir / "disk_full"
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=5")
+    assert rc == 2 and "Traceback" not in err
+    line = _last_line(err)
+    assert line.startswith(f"error: {(run_dir / 'checkpoints').resolve()}: saving step 3 failed (")
+    assert "No space left on device" in line and "step 2 is the last complete checkpoint" in line
+    assert _steps(run_dir) == [1, 2]
+    assert not (run_dir / "export").exists()
+
+
+def test_run_dir_that_is_a_file(tiny, data_dir, workdir):
+    path = workdir / "a_file"
+    path.write_text("x")
+    rc, _, err = _train(tiny, data_dir, path, "train.steps=1")
+    assert rc == 2 and err.strip() == f"error: run_dir={path}: is a file, expected a directory"
+    assert path.read_text() == "x"
+
+
+def test_a_config_error_found_in_a_new_run_dir_leaves_nothing(tiny, data_dir, workdir):
+    run_dir = workdir / "never_made"
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=1", "data.max_prompt_tokens=1000")
+    assert rc == 2 and "exceeds the model's 512 positions" in _last_line(err)
+    assert not run_dir.exists()
+
+
+def test_sequences_past_a_rotary_model_positions_are_refused(tiny, data_dir, workdir):
+    rc, _, err = _train(tiny, data_dir, workdir / "too_long", "train.steps=1", "data.max_prompt_tokens=500",
+                        "data.max_response_tokens=13")
+    assert rc == 2
+    assert _last_line(err) == ("error: data.max_prompt_tokens + data.max_response_tokens = 513 exceeds the "
+                               "model's 512 positions")
