@@ -170,7 +170,7 @@ def _load_model(path: Path) -> LoadedModel:
 
 
 def _check_vocab(loaded: LoadedModel, where: Path) -> None:
-    """Token ids past vocab_size would index past the embeddings, which XLA clamps silently: refuse them."""
+    """Token ids past vocab_size would silently be embedded as id 0 (the model remaps out-of-range ids)."""
     n = hf.tokenizer_vocab_size(loaded.tokenizer_dir) if loaded.tokenizer_dir is not None else None
     if n is not None and n > loaded.cfg.vocab_size:
         raise CheckpointError(f"{where}: vocab_size {loaded.cfg.vocab_size} is smaller than the tokenizer's "
