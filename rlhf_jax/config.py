@@ -28,6 +28,7 @@ __all__ = [
     "SamplingSection",
     "GenerateSection",
     "OptimSection",
+    "PPOSection",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -370,6 +371,40 @@ class RMSection:
 
 
 @dataclass(frozen=True)
+class PPOSection:
+    reward_model: str = _opt("", "reward model export (scalar head; its reward_norm is applied)")
+    value_model: str = _opt("", 'value model init: "" = the reward model, or another scalar-head export')
+    value_lr: float = _opt(0.0, "value model learning rate; 0 = optim.lr")
+    kl_coef: float = _opt(0.02, "beta of the per-token KL penalty (InstructGPT 0.02); the initial beta when adaptive")
+    kl_target: float = _opt(0.0, "adaptive KL controller target (nats per sequence); 0 = fixed kl_coef")
+    kl_horizon: float = _opt(10000.0, "adaptive KL controller horizon in episodes")
+    kl_estimator: Literal["k1", "k3"] = _opt("k1", "per-token KL estimator: k1 = logp - logp_ref, k3 = exp(d) - d - 1")
+    no_eos_penalty: float | None = _opt(None, "score of a response that never emitted EOS; null = keep its score")
+    gamma: float = _opt(1.0, "GAE discount")
+    lam: float = _opt(0.95, "GAE lambda")
+    clip_ratio: float = _opt(0.2, "policy ratio clip epsilon")
+    clip_value: float = _opt(0.2, "value prediction clip around the rollout's values")
+    vf_coef: float = _opt(0.1, "value loss coefficient")
+    entropy_coef: float = _opt(0.0, "entropy bonus coefficient (none by default)")
+    whiten_rewards: bool = _opt(False, "scale rewards to unit variance over real tokens (mean kept)")
+    epochs: int = _opt(1, "passes over each rollout batch (InstructGPT 1)")
+    minibatches: int = _opt(1, "minibatches per epoch; each one optimizer step of policy and value")
+    ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the pretraining LM loss (InstructGPT 27.8); 0 = off")
+    ptx_dataset: str = _opt("", "PPO-ptx: prepared sft dataset for the LM loss")
+
+    def __post_init__(self):
+        _coerce(self)
+        for name in ("value_lr", "kl_coef", "kl_target", "clip_ratio", "clip_value", "vf_coef", "entropy_coef",
+                     "ptx_coef"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        _check(self, "kl_horizon", self.kl_horizon > 0, "must be > 0")
+        _check(self, "gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")
+        _check(self, "lam", 0 <= self.lam <= 1, "must be in [0, 1]")
+        _check(self, "epochs", self.epochs >= 1, "must be >= 1")
+        _check(self, "minibatches", self.minibatches >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class OptimSection:
     lr: float = _opt(1e-5, "peak learning rate")
     schedule: Literal["constant", "linear", "cosine"] = _opt("cosine", "learning-rate decay after warmup")
@@ -406,6 +441,7 @@ class Config:
     data: DataSection = _section(DataSection, "prepared dataset and how it is tokenized")
     train: TrainSection = _section(TrainSection, "training loop of the sft and rm stages")
     rm: RMSection = _section(RMSection, "reward model specifics")
+    ppo: PPOSection = _section(PPOSection, "PPO specifics (stage 3)")
     optim: OptimSection = _section(OptimSection, "optimizer and learning-rate schedule")
 
     def __post_init__(self):

@@ -1,0 +1,215 @@
+"""One PPO iteration of InstructGPT's stage 3 as one pure function, to be jitted over the mesh with the state
+donated: rollout with the scanned sampler, old / reference log-probs, values and reward-model scores on the same
+tokens, per-token KL rewards, GAE, then `epochs` x `minibatches` clipped policy and value updates as nested
+`lax.scan`s with a fresh permutation per epoch, and the KL controller's update.
+
+Layout: B prompts of P left-padded tokens, N new tokens; every response tensor is (B, N) with mask_BN True up to
+and including the first EOS. values_BN[t] is the value of the state before response token t is drawn, read at
+the same position as the logits that predict it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import ppo_losses as L
+from rlhf_jax.config import PPOSection
+from rlhf_jax.losses import last_token_values, token_logprobs
+from rlhf_jax.model import Transformer, positions_from_mask
+from rlhf_jax.sampling import SamplingParams, sample
+from rlhf_jax.steps import TrainState
+
+
+@flax.struct.dataclass
+class PPOState:
+    """Everything an iteration changes, checkpointed together: both models with their optimizer states, the KL
+    controller and the PRNG key of the next iteration."""
+
+    policy: TrainState
+    value: TrainState
+    kl: L.KLController
+    rng: jax.Array
+
+
+class Frozen(NamedTuple):
+    """Parameters an iteration reads and never changes: the reference policy and the reward model."""
+
+    ref_params: Any
+    reward_params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOModels:
+    """The static parts: the models (the reference shares the policy's), optimizers and settings."""
+
+    policy: Transformer
+    value: Transformer
+    reward: Transformer
+    policy_opt: optax.GradientTransformation
+    value_opt: optax.GradientTransformation
+    sampling: SamplingParams
+    ppo: PPOSection
+    reward_gain: float = 1.0  # the reward model's normalisation: score = gain * raw + bias
+    reward_bias: float = 0.0
+
+
+class Rollout(NamedTuple):
+    prompt_ids_BP: jax.Array
+    prompt_mask_BP: jax.Array
+    tokens_BN: jax.Array
+    mask_BN: jax.Array
+    old_logprobs_BN: jax.Array
+    old_values_BN: jax.Array
+    advantages_BN: jax.Array
+    returns_BN: jax.Array
+
+
+def init_state(policy_params, value_params, models: PPOModels, rng: jax.Array) -> PPOState:
+    """The first state. The iteration donates it, so `Frozen` must hold copies, not these same arrays."""
+    return PPOState(policy=TrainState(jnp.zeros((), jnp.int32), policy_params, models.policy_opt.init(policy_params)),
+                    value=TrainState(jnp.zeros((), jnp.int32), value_params, models.value_opt.init(value_params)),
+                    kl=L.KLController.create(models.ppo.kl_coef), rng=rng)
+
+
+def _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN):
+    ids_BT = jnp.concatenate([prompt_ids_BP, tokens_BN], axis=1)
+    mask_BT = jnp.concatenate([prompt_mask_BP.astype(bool), mask_BN.astype(bool)], axis=1)
+    return ids_BT, mask_BT, positions_from_mask(mask_BT)
+
+
+def policy_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
+                  temperature: float) -> jax.Array:
+    """logits_BNV / T of every response token, from one teacher-forced pass (what the sampler drew from)."""
+    ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
+    logits_BTV, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT)
+    P = prompt_ids_BP.shape[1]
+    return logits_BTV[:, P - 1:-1] / (temperature if temperature > 0 else 1.0)
+
+
+def response_values(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN) -> jax.Array:
+    """values_BN: the value head at the positions whose logits predict each response token."""
+    ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
+    values_BT, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT)
+    P = prompt_ids_BP.shape[1]
+    return values_BT[:, P - 1:-1]
+
+
+def scores(models: PPOModels, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN) -> jax.Array:
+    """Normalised reward-model scores at each sequence's last real token."""
+    ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
+    values_BT, _ = models.reward.apply({"params": params}, ids_BT, positions_BT, mask_BT)
+    return models.reward_gain * last_token_values(values_BT, mask_BT) + models.reward_bias
+
+
+def _logprobs(logits_BNV, tokens_BN, mask_BN, *_):
+    return jnp.where(mask_BN, token_logprobs(logits_BNV, tokens_BN), 0.0)
+
+
+def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng, models: PPOModels):
+    """Samples responses and prepares everything the update needs; returns (rollout, KL per sequence, stats)."""
+    p, c = models.ppo, models.sampling
+    dtype = models.policy.dtype
+    cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)  # once, not per decode step
+    sampled = sample(models.policy, cast(state.policy.params), prompt_ids_BP, prompt_mask_BP, rng, c)
+    tokens_BN, mask_BN = sampled.tokens_BN, sampled.mask_BN
+    args = (prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
+    # The old log-probs come from the training forward itself, in minibatch-sized chunks (the shapes the update
+    # runs), so the first minibatch's ratio is exactly 1: in float32 the sampler's own log-probs agree with it
+    # to 1e-5 (tested); in bf16 the decode rounds differently.
+    def chunk_logprobs(chunk):
+        return _logprobs(policy_logits(models.policy, state.policy.params, *chunk, c.temperature), *chunk[2:])
+
+    chunks = jax.tree.map(lambda x: x.reshape(p.minibatches, -1, *x.shape[1:]), args)
+    old_logprobs_BN = jax.lax.map(chunk_logprobs, chunks).reshape(tokens_BN.shape)
+    ref_logprobs_BN = _logprobs(policy_logits(models.policy, frozen.ref_params, *args, c.temperature),
+                                tokens_BN, mask_BN)
+    old_values_BN = jnp.where(mask_BN, response_values(models.value, state.value.params, *args), 0.0)
+    ended_B = jnp.any(mask_BN & _is_eos(tokens_BN, c.eos_ids), axis=1)
+    raw_scores_B = scores(models, frozen.reward_params, *args)
+    scores_B = L.score_with_eos_penalty(raw_scores_B, ended_B, p.no_eos_penalty)
+
+    kl_BN = L.kl_per_token(old_logprobs_BN, ref_logprobs_BN, mask_BN, p.kl_estimator)
+    rewards_BN = L.token_rewards(scores_B, kl_BN, mask_BN, state.kl.beta)
+    if p.whiten_rewards:
+        rewards_BN = L.whiten(rewards_BN, mask_BN, shift_mean=False)
+    advantages_BN, returns_BN = L.gae(rewards_BN, old_values_BN, mask_BN, p.gamma, p.lam)
+    advantages_BN = L.whiten(advantages_BN, mask_BN)  # returns were taken before whitening
+    batch = Rollout(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, old_logprobs_BN, old_values_BN,
+                    advantages_BN, returns_BN)
+    kl_B = kl_BN.sum(1)
+    stats = {"score_mean": scores_B.mean(), "score_std": scores_B.std(), "kl": kl_B.mean(),
+             "response_length": mask_BN.sum(1).mean(), "eos_rate": ended_B.mean(),
+             "value_explained_var": L.explained_variance(old_values_BN, returns_BN, mask_BN)}
+    return batch, kl_B, stats
+
+
+def _is_eos(tokens_BN, eos_ids):
+    if not eos_ids:
+        return jnp.zeros(tokens_BN.shape, bool)
+    return jnp.any(tokens_BN[..., None] == jnp.asarray(eos_ids, jnp.int32), axis=-1)
+
+
+def _minibatch_loss(policy_params, value_params, mb: Rollout, models: PPOModels):
+    p, temperature = models.ppo, models.sampling.temperature
+    args = (mb.prompt_ids_BP, mb.prompt_mask_BP, mb.tokens_BN, mb.mask_BN)
+    logits_BNV = policy_logits(models.policy, policy_params, *args, temperature)
+    logprobs_BN = _logprobs(logits_BNV, mb.tokens_BN, mb.mask_BN)
+    pg_loss, pg_stats = L.policy_loss(logprobs_BN, mb.old_logprobs_BN, mb.advantages_BN, mb.mask_BN, p.clip_ratio)
+    entropy = L.entropy_from_logits(logits_BNV, mb.mask_BN)
+    values_BN = response_values(models.value, value_params, *args)
+    vf_loss, vf_stats = L.value_loss(values_BN, mb.old_values_BN, mb.returns_BN, mb.mask_BN, p.clip_value)
+    loss = pg_loss - p.entropy_coef * entropy + p.vf_coef * vf_loss
+    return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}
+
+
+def _apply(train: TrainState, grads, optimizer) -> TrainState:
+    updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
+    return TrainState(train.step + 1, optax.apply_updates(train.params, updates), opt_state)
+
+
+def update(state: PPOState, batch: Rollout, rng, models: PPOModels):
+    """`epochs` x `minibatches` optimizer steps of policy and value; returns (state, per-step stats)."""
+    p = models.ppo
+    B = batch.tokens_BN.shape[0]
+    mb_size = B // p.minibatches
+    grad_fn = jax.grad(_minibatch_loss, argnums=(0, 1), has_aux=True)
+
+    def epoch(carry, key):
+        order = jax.random.permutation(key, B).reshape(p.minibatches, mb_size)  # anew every epoch
+
+        def minibatch(carry, rows):
+            policy, value = carry
+            mb = jax.tree.map(lambda x: x[rows], batch)
+            (policy_grads, value_grads), stats = grad_fn(policy.params, value.params, mb, models)
+            return (_apply(policy, policy_grads, models.policy_opt),
+                    _apply(value, value_grads, models.value_opt)), stats
+
+        return jax.lax.scan(minibatch, carry, order)
+
+    (policy, value), stats = jax.lax.scan(epoch, (state.policy, state.value), jax.random.split(rng, p.epochs))
+    return state.replace(policy=policy, value=value), jax.tree.map(lambda x: x.reshape(-1), stats)
+
+
+def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, *, models: PPOModels):
+    """One whole PPO iteration (rollout, scoring, advantages, every update epoch, the KL controller): pure, for
+    one jit over the mesh with `state` donated. Returns (state, metrics)."""
+    rng, sample_rng, update_rng = jax.random.split(state.rng, 3)
+    batch, kl_B, rollout_stats = rollout(state, frozen, prompt_ids_BP, prompt_mask_BP, sample_rng, models)
+    beta = state.kl.beta
+    state, steps = update(state, batch, update_rng, models)
+    p = models.ppo
+    kl = state.kl.update(kl_B.mean(), p.kl_target or None, p.kl_horizon, kl_B.shape[0])
+    metrics = {**rollout_stats, "beta": beta,
+               **{k: steps[k].mean() for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac",
+                                               "value_clip_frac")},
+               "ratio_max": steps["ratio_max"].max(), "ratio_min": steps["ratio_min"].min(),
+               # the first minibatch of the first epoch sees the rollout's own policy: its ratio is exactly 1
+               "first_ratio_max": steps["ratio_max"][0], "first_ratio_min": steps["ratio_min"][0],
+               "first_clip_frac": steps["clip_frac"][0]}
+    return state.replace(kl=kl, rng=rng), metrics

@@ -1,0 +1,147 @@
+"""One PPO iteration as one compiled program on tiny random models: the first minibatch's ratio is exactly 1,
+a learning rate of 0 moves nothing, one compilation serves every iteration, tokens after EOS carry nothing, and
+1 device and a mesh of 8 agree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import loop, ppo, sharding, steps
+from rlhf_jax.config import OptimSection, PPOSection
+from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
+from rlhf_jax.sampling import SamplingParams
+
+CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  d_ff=64, max_position_embeddings=64, eos_token_ids=(1,))
+B, P, N = 8, 6, 8
+
+
+def _models(lr: float = 1e-3, **ppo_kw) -> ppo.PPOModels:
+    optim = OptimSection(lr=lr, schedule="constant", grad_clip=1.0)
+    return ppo.PPOModels(policy=make_model(CFG), value=make_model(CFG, "scalar"), reward=make_model(CFG, "scalar"),
+                         policy_opt=steps.make_optimizer(optim, 100), value_opt=steps.make_optimizer(optim, 100),
+                         sampling=SamplingParams(N, temperature=0.7, eos_ids=(1,), pad_id=PAD_ID),
+                         ppo=PPOSection(**{"minibatches": 2, "epochs": 2, **ppo_kw}), reward_gain=2.0,
+                         reward_bias=-0.5)
+
+
+def _setup(models: ppo.PPOModels, seed: int = 0):
+    policy = init_params(models.policy, jax.random.key(seed))
+    reward = init_params(models.reward, jax.random.key(seed + 1))
+    state = ppo.init_state(policy, reward, models, jax.random.key(seed + 2))
+    # Copies: the state is donated, so the frozen trees must not share its buffers.
+    frozen = ppo.Frozen(ref_params=jax.tree.map(jnp.copy, policy), reward_params=jax.tree.map(jnp.copy, reward))
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, P + 1, B)
+    mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
+    ids = np.where(mask, rng.integers(2, CFG.vocab_size, (B, P)), PAD_ID).astype(np.int32)
+    return state, frozen, jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def test_first_minibatch_ratio_is_exactly_one_and_metrics_are_finite():
+    models = _models()
+    state, frozen, ids, mask = _setup(models)
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))
+    state, metrics = step(state, frozen, ids, mask)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    assert metrics["first_ratio_max"] == 1.0 and metrics["first_ratio_min"] == 1.0, metrics
+    assert metrics["first_clip_frac"] == 0.0
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    assert 1 <= metrics["response_length"] <= N and 0 <= metrics["eos_rate"] <= 1
+    assert abs(metrics["kl"]) < 1e-5  # the reference is the policy itself before the update
+    assert metrics["beta"] == pytest.approx(0.02)
+    assert int(state.policy.step) == int(state.value.step) == 4  # 2 epochs x 2 minibatches
+
+
+def test_learning_rate_zero_moves_nothing():
+    models = _models(lr=0.0)
+    state, frozen, ids, mask = _setup(models)
+    before_policy, before_value = _copy(state.policy.params), _copy(state.value.params)
+    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))(state, frozen, ids, mask)
+    for before, after in ((before_policy, state.policy.params), (before_value, state.value.params)):
+        for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+            np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def test_one_compilation_serves_every_iteration_and_the_state_moves():
+    models = _models()
+    state, frozen, ids, mask = _setup(models)
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models), donate_argnums=0)
+    start = _copy(state.policy.params)
+    for _ in range(3):
+        state, metrics = step(state, frozen, ids, mask)
+    assert step._cache_size() == 1
+    moved = [not np.array_equal(x, np.asarray(y)) for x, y in zip(jax.tree.leaves(start),
+                                                                  jax.tree.leaves(state.policy.params))]
+    assert any(moved)
+    assert float(metrics["kl"]) != 0.0  # the policy has left the reference
+
+
+def test_adaptive_kl_controller_runs_inside_the_iteration():
+    models = _models(kl_target=1e-6, kl_horizon=100.0)
+    state, frozen, ids, mask = _setup(models)
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))
+    state, m1 = step(state, frozen, ids, mask)
+    state, m2 = step(state, frozen, ids, mask)
+    kl = float(m1["kl"])
+    expected = 0.02 * (1 + np.clip(kl / 1e-6 - 1, -0.2, 0.2) * B / 100.0)
+    assert float(m2["beta"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_rollout_carries_nothing_after_eos():
+    models = _models()
+    state, frozen, ids, mask = _setup(models, seed=3)
+    batch, kl_B, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models))(
+        state, frozen, ids, mask, jax.random.key(9))
+    pad = ~np.asarray(batch.mask_BN)
+    for name in ("old_logprobs_BN", "old_values_BN", "advantages_BN", "returns_BN"):
+        assert np.all(np.asarray(getattr(batch, name))[pad] == 0.0), name
+    # every row is real up to its first EOS and padding after it
+    tokens, real = np.asarray(batch.tokens_BN), np.asarray(batch.mask_BN)
+    for row_tokens, row_mask in zip(tokens, real):
+        eos = np.nonzero(row_tokens[row_mask] == 1)[0]
+        assert len(eos) <= 1 and (not len(eos) or eos[0] == row_mask.sum() - 1)
+
+
+def test_sampler_logprobs_equal_the_training_forward_at_temperature():
+    """The rollout takes old log-probs from a teacher-forced pass; in float32 the sampler's own agree."""
+    from rlhf_jax.losses import token_logprobs
+    from rlhf_jax.sampling import sample
+
+    models = _models()
+    state, _, ids, mask = _setup(models, seed=5)
+    out = sample(models.policy, state.policy.params, ids, mask, jax.random.key(1), models.sampling)
+    logits = ppo.policy_logits(models.policy, state.policy.params, ids, mask, out.tokens_BN, out.mask_BN, 0.7)
+    forced = jnp.where(out.mask_BN, token_logprobs(logits, out.tokens_BN), 0.0)
+    np.testing.assert_allclose(np.asarray(out.logprobs_BN), np.asarray(forced), atol=1e-5)
+
+
+def _sharded_iteration(models, mesh):
+    state, frozen, ids, mask = _setup(models)
+    policy_sh = loop.state_shardings(models.policy, models.policy_opt, mesh)
+    value_sh = loop.state_shardings(models.value, models.value_opt, mesh)
+    repl = sharding.replicated(mesh)
+    state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=ppo.L.KLController(repl), rng=repl)
+    frozen_sh = ppo.Frozen(policy_sh.params, value_sh.params)
+    batch_sh = sharding.batch_sharding(mesh)
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models),
+                   in_shardings=(state_sh, frozen_sh, batch_sh, batch_sh), out_shardings=(state_sh, repl))
+    return {k: float(v) for k, v in step(state, frozen, ids, mask)[1].items()}
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_mesh_of_8_agrees_with_one_device(shape):
+    models = _models()
+    one = _sharded_iteration(models, sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1]))
+    many = _sharded_iteration(models, sharding.make_mesh(shape, ("data", "fsdp", "tensor")))
+    for key, value in one.items():
+        assert many[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
