@@ -430,8 +430,9 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class Config:
-    stage: Literal["generate", "sft", "rm"] = _opt(
-        "generate", "stage to run: generate (sample), sft (fine-tune on demonstrations), rm (ranking reward model)")
+    stage: Literal["generate", "sft", "rm", "ppo"] = _opt(
+        "generate", "stage to run: generate (sample), sft (fine-tune on demonstrations), rm (ranking reward model), "
+                    "ppo (optimise the policy against the reward model)")
     run_dir: str = _opt("runs/default", "directory for checkpoints, logs and outputs")
     seed: int = _opt(0, "random seed for init, sampling and data order")
     model: ModelSection = _section(ModelSection, "which model to load and how to run it")

@@ -199,7 +199,7 @@ class Run:
 
     def save(self, step: int, state, data_iter) -> None:
         """Checkpoint `step`, after checking that every parameter is finite (nothing non-finite is saved)."""
-        require_finite(state.params, step, self)
+        require_finite(state, step, self)
         self.ckpts.save(step, state, data_iter.get_state(), self.facts, config_to_dict(self.cfg))
 
     def last_good(self) -> str:
@@ -216,20 +216,25 @@ class Run:
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in floats] or [True]))
 
 
-def require_finite(params, step: int, run: "Run | None" = None) -> None:
-    """Stops the run (DivergedError, exit 3) if any parameter is NaN or infinite."""
-    if not bool(_all_finite(params)):
+def require_finite(state, step: int, run: "Run | None" = None) -> None:
+    """Stops the run (DivergedError, exit 3) if any float in the state (params, optimizer moments) is NaN or
+    infinite."""
+    if not bool(_all_finite(state)):
         where = f"; {run.last_good()}" if run is not None else ""
         raise DivergedError(f"diverged at step {step}: the parameters hold non-finite values; nothing was "
                             f"saved or exported{where}")
 
 
+DIVERGENCE_KEYS = ("loss", "grad_norm", "policy_loss", "value_loss", "kl", "score_mean")
+
+
 def check_metrics(metrics: dict, step: int, run: Run) -> None:
     """Stops the run (DivergedError, exit 3) on a non-finite loss or gradient norm."""
-    bad = {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])}
+    bad = {k: metrics[k] for k in DIVERGENCE_KEYS if k in metrics and not math.isfinite(metrics[k])}
     if bad:
         values = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise DivergedError(f"diverged at step {step}: {values}; nothing non-finite was saved or exported; "
@@ -287,9 +292,10 @@ class Cadence:
 
 
 def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, desc: str,
-          count_tokens: Callable[[dict], int], cadence: Cadence, on_eval: Callable | None = None):
+          count_tokens: Callable[[dict], int], cadence: Cadence, on_eval: Callable | None = None,
+          rate_name: str = "tokens_per_s"):
     """Runs steps start..total-1 of `step_fn` on batches of `data_iter` (a resumable iterator): logs metrics
-    (with tokens/s and the running count of truncated examples), calls `on_eval(done, state) -> metrics` and
+    (with `rate_name`: count_tokens per second, and the running count of truncated examples), calls `on_eval(done, state) -> metrics` and
     saves on the cadence. A non-finite loss, gradient norm or parameter stops it (DivergedError) before anything
     is saved; SIGTERM/SIGINT save the step in hand and stop (Interrupted). Returns (state, the last logged
     metrics, eval metrics included)."""
@@ -309,11 +315,11 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_metrics(metrics, done, run)
             if cadence.log(done):
-                metrics["tokens_per_s"] = window_tokens / (time.perf_counter() - window_start)
+                metrics[rate_name] = window_tokens / (time.perf_counter() - window_start)
                 metrics["truncated_examples"] = truncated  # over-length examples cut so far in this run
                 run.writer.write(done, metrics)
-                bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss",) if k in metrics},
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "score_mean", "kl") if k in metrics},
+                                rate=f"{metrics[rate_name]:.0f}")
                 last = metrics
             if on_eval is not None and cadence.eval(done):
                 eval_metrics = {f"eval_{k}": v for k, v in on_eval(done, state).items()}

@@ -111,22 +111,36 @@ def _logprobs(logits_BNV, tokens_BN, mask_BN, *_):
     return jnp.where(mask_BN, token_logprobs(logits_BNV, tokens_BN), 0.0)
 
 
-def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng, models: PPOModels):
-    """Samples responses and prepares everything the update needs; returns (rollout, KL per sequence, stats)."""
+def minibatch_orders(rng, batch_size: int, models: PPOModels) -> jax.Array:
+    """orders_EMb: the rows of each minibatch of each epoch, a fresh permutation per epoch."""
+    p = models.ppo
+    keys = jax.random.split(rng, p.epochs)
+    return jax.vmap(lambda key: jax.random.permutation(key, batch_size).reshape(p.minibatches, -1))(keys)
+
+
+def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng, models: PPOModels,
+            first_order_MMb=None):
+    """Samples responses and prepares everything the update needs; returns (rollout, KL per sequence, stats).
+    `first_order_MMb` is the first epoch's minibatch rows (default: rows in order)."""
     p, c = models.ppo, models.sampling
     dtype = models.policy.dtype
     cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)  # once, not per decode step
     sampled = sample(models.policy, cast(state.policy.params), prompt_ids_BP, prompt_mask_BP, rng, c)
     tokens_BN, mask_BN = sampled.tokens_BN, sampled.mask_BN
     args = (prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
-    # The old log-probs come from the training forward itself, in minibatch-sized chunks (the shapes the update
-    # runs), so the first minibatch's ratio is exactly 1: in float32 the sampler's own log-probs agree with it
-    # to 1e-5 (tested); in bf16 the decode rounds differently.
-    def chunk_logprobs(chunk):
-        return _logprobs(policy_logits(models.policy, state.policy.params, *chunk, c.temperature), *chunk[2:])
+    # The old log-probs come from the training forward itself, run on the first epoch's minibatches exactly as
+    # the update runs them, so the first minibatch's ratio is exactly 1. In float32 the sampler's own log-probs
+    # agree with it to 1e-5 (tested); in bf16 the decode rounds differently.
+    B = tokens_BN.shape[0]
+    order_MMb = first_order_MMb if first_order_MMb is not None else jnp.arange(B).reshape(p.minibatches, -1)
 
-    chunks = jax.tree.map(lambda x: x.reshape(p.minibatches, -1, *x.shape[1:]), args)
-    old_logprobs_BN = jax.lax.map(chunk_logprobs, chunks).reshape(tokens_BN.shape)
+    def minibatch_logprobs(rows):
+        mb = [x[rows] for x in args]
+        return _logprobs(policy_logits(models.policy, state.policy.params, *mb, c.temperature), *mb[2:])
+
+    per_minibatch = jax.lax.map(minibatch_logprobs, order_MMb)
+    old_logprobs_BN = jnp.zeros(tokens_BN.shape, jnp.float32).at[order_MMb.reshape(-1)].set(
+        per_minibatch.reshape(B, -1))
     ref_logprobs_BN = _logprobs(policy_logits(models.policy, frozen.ref_params, *args, c.temperature),
                                 tokens_BN, mask_BN)
     old_values_BN = jnp.where(mask_BN, response_values(models.value, state.value.params, *args), 0.0)
@@ -173,16 +187,12 @@ def _apply(train: TrainState, grads, optimizer) -> TrainState:
     return TrainState(train.step + 1, optax.apply_updates(train.params, updates), opt_state)
 
 
-def update(state: PPOState, batch: Rollout, rng, models: PPOModels):
-    """`epochs` x `minibatches` optimizer steps of policy and value; returns (state, per-step stats)."""
-    p = models.ppo
-    B = batch.tokens_BN.shape[0]
-    mb_size = B // p.minibatches
+def update(state: PPOState, batch: Rollout, orders_EMMb, models: PPOModels):
+    """`epochs` x `minibatches` optimizer steps of policy and value over the given minibatch rows; returns
+    (state, per-step stats)."""
     grad_fn = jax.grad(_minibatch_loss, argnums=(0, 1), has_aux=True)
 
-    def epoch(carry, key):
-        order = jax.random.permutation(key, B).reshape(p.minibatches, mb_size)  # anew every epoch
-
+    def epoch(carry, order):
         def minibatch(carry, rows):
             policy, value = carry
             mb = jax.tree.map(lambda x: x[rows], batch)
@@ -192,7 +202,7 @@ def update(state: PPOState, batch: Rollout, rng, models: PPOModels):
 
         return jax.lax.scan(minibatch, carry, order)
 
-    (policy, value), stats = jax.lax.scan(epoch, (state.policy, state.value), jax.random.split(rng, p.epochs))
+    (policy, value), stats = jax.lax.scan(epoch, (state.policy, state.value), orders_EMMb)
     return state.replace(policy=policy, value=value), jax.tree.map(lambda x: x.reshape(-1), stats)
 
 
@@ -200,9 +210,11 @@ def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, *,
     """One whole PPO iteration (rollout, scoring, advantages, every update epoch, the KL controller): pure, for
     one jit over the mesh with `state` donated. Returns (state, metrics)."""
     rng, sample_rng, update_rng = jax.random.split(state.rng, 3)
-    batch, kl_B, rollout_stats = rollout(state, frozen, prompt_ids_BP, prompt_mask_BP, sample_rng, models)
+    orders_EMMb = minibatch_orders(update_rng, prompt_ids_BP.shape[0], models)
+    batch, kl_B, rollout_stats = rollout(state, frozen, prompt_ids_BP, prompt_mask_BP, sample_rng, models,
+                                         orders_EMMb[0])
     beta = state.kl.beta
-    state, steps = update(state, batch, update_rng, models)
+    state, steps = update(state, batch, orders_EMMb, models)
     p = models.ppo
     kl = state.kl.update(kl_B.mean(), p.kl_target or None, p.kl_horizon, kl_B.shape[0])
     metrics = {**rollout_stats, "beta": beta,

@@ -51,7 +51,13 @@ def run_train(cfg: Config, run_dir: Path) -> dict:
     return train(cfg, run_dir)
 
 
-STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train}
+def run_ppo(cfg: Config, run_dir: Path) -> dict:
+    from rlhf_jax.ppo_stage import train_ppo
+
+    return train_ppo(cfg, run_dir)
+
+
+STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": run_ppo}
 
 
 def run(cfg: Config) -> dict:

@@ -145,3 +145,98 @@ def test_mesh_of_8_agrees_with_one_device(shape):
     many = _sharded_iteration(models, sharding.make_mesh(shape, ("data", "fsdp", "tensor")))
     for key, value in one.items():
         assert many[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tmp_path_factory):
+    """A tiny policy (HF dir), a reward model export made from it (random scalar head, with a normalisation),
+    and a prompts dataset prepared through the data CLI."""
+    import json
+
+    from rlhf_jax.checkpoint import load_model, save_model
+    from rlhf_jax.data import __main__ as data_cli
+    from rlhf_jax.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("ppo")
+    tiny = build_tiny_model(root / "tiny", seed=0)
+    loaded = load_model(tiny)
+    params = loop.with_head(loaded.params, loaded.cfg, "lm", "scalar", jax.random.key(1))
+    rm = save_model(root / "rm", jax.tree.map(np.asarray, params), loaded.cfg, "scalar", tiny,
+                    extra={"reward_norm": {"gain": 2.0, "bias": 0.5}})
+    words = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish"]
+    src = root / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Tell me about the {a} {b}"}) + "\n" for a in words for b in words))
+    assert data_cli.main(["--format", "jsonl_prompts", "--input", str(src), "--data-dir", str(root / "data"),
+                          "--name", "asks"]) == 0
+    return {"root": root, "tiny": tiny, "rm": rm, "data": root / "data"}
+
+
+def _ppo_args(inputs, run_dir, *extra):
+    return ["stage=ppo", f"run_dir={run_dir}", f"model.path={inputs['tiny']}", f"ppo.reward_model={inputs['rm']}",
+            f"data.dir={inputs['data']}", "data.name=asks", "data.max_prompt_tokens=12", "sampling.max_new_tokens=8",
+            "sampling.temperature=0.7", "train.batch_size=16", "ppo.minibatches=2", "train.log_every=1",
+            "train.save_every=2", "optim.lr=1e-3", *extra]
+
+
+METRIC_KEYS = {"score_mean", "score_std", "kl", "beta", "entropy", "response_length", "eos_rate", "policy_loss",
+               "value_loss", "approx_kl", "clip_frac", "value_clip_frac", "ratio_max", "value_explained_var",
+               "episodes_per_s"}
+
+
+def test_ppo_stage_runs_resumes_and_exports(ppo_inputs):
+    import contextlib
+    import io
+    import json
+
+    from rlhf_jax import main as main_cli
+    from rlhf_jax.checkpoint import load_model
+
+    run_dir = ppo_inputs["root"] / "run"
+
+    def cli(*extra):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main_cli.main(_ppo_args(ppo_inputs, run_dir, *extra))
+        return rc, out.getvalue(), err.getvalue()
+
+    rc, out, err = cli("train.steps=4")
+    assert rc == 0, err
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and all(m["stage"] == "ppo" for m in lines)
+    assert all(METRIC_KEYS <= set(m) for m in lines), set(lines[0])
+    assert lines[0]["first_ratio_max"] == 1.0 and abs(lines[0]["kl"]) < 1e-5
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 4
+    policy, value = load_model(run_dir / "export"), load_model(run_dir / "export_value")
+    assert policy.head == "lm" and value.head == "scalar"
+
+    rc, out, err = cli("train.steps=6")
+    assert rc == 0, err
+    assert "resumed from" in err and "at step 4" in err
+    steps_logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["ppo.reward_model="], "needs ppo.reward_model"),
+    (["ppo.minibatches=3"], "ppo.minibatches=3 does not divide train.batch_size=16"),
+    (["ppo.minibatches=4"], "the minibatch (train.batch_size / ppo.minibatches = 16 / 4 = 4) is not divisible"),
+    (["ppo.reward_model={tiny}"], "a language model, expected a scalar-head"),
+])
+def test_ppo_bad_config_fails_in_one_line(ppo_inputs, overrides, fragment):
+    import contextlib
+    import io
+
+    from rlhf_jax import main as main_cli
+
+    run_dir = ppo_inputs["root"] / f"bad_{len(list(ppo_inputs['root'].glob('bad_*')))}"
+    argv = _ppo_args(ppo_inputs, run_dir, "train.steps=2", *[o.format(tiny=ppo_inputs["tiny"]) for o in overrides])
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = main_cli.main(argv)
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err.getvalue()
+    assert "Traceback" not in err.getvalue()
+    assert not (run_dir / "checkpoints").exists()
