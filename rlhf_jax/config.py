@@ -375,6 +375,8 @@ class PPOSection:
     reward_model: str = _opt("", "reward model export (scalar head; its reward_norm is applied)")
     value_model: str = _opt("", 'value model init: "" = the reward model, or another scalar-head export')
     value_lr: float = _opt(0.0, "value model learning rate; 0 = optim.lr")
+    ema_decay: float = _opt(0.0, "EMA of the policy weights per iteration (InstructGPT 0.992), exported as "
+                                 "export_ema/; 0 = off")
     kl_coef: float = _opt(0.02, "beta of the per-token KL penalty (InstructGPT 0.02); the initial beta when adaptive")
     kl_target: float = _opt(0.0, "adaptive KL controller target (nats per sequence); 0 = fixed kl_coef")
     kl_horizon: float = _opt(10000.0, "adaptive KL controller horizon in episodes")
@@ -398,6 +400,7 @@ class PPOSection:
                      "ptx_coef"):
             _check(self, name, getattr(self, name) >= 0, "must be >= 0")
         _check(self, "kl_horizon", self.kl_horizon > 0, "must be > 0")
+        _check(self, "ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
         _check(self, "gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")
         _check(self, "lam", 0 <= self.lam <= 1, "must be in [0, 1]")
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")

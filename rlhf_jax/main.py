@@ -8,6 +8,9 @@ Stages (config key `stage`):
   sft        fine-tune a language model on (prompt, demonstration) pairs (data.name: an sft dataset).
   rm         train a reward model on rankings, all the comparisons of a prompt in one batch element
              (data.name: a rankings dataset; model.path: usually the sft export); then fit its normalisation.
+  ppo        optimise the policy (model.path) against ppo.reward_model with a per-token KL penalty to it and
+             a value model from the reward model (data.name: a prompts dataset); one compiled program per
+             iteration; exports export/ (policy) and export_value/.
 Training stages write metrics.jsonl, TensorBoard events, Orbax checkpoints (rerun the same command to resume),
 best/ (lowest eval loss) and export/ (the final params-only model for the next stage or convert --to-hf).
 Datasets are prepared with `python -m rlhf_jax.data --help`.

@@ -29,12 +29,13 @@ from rlhf_jax.steps import TrainState
 @flax.struct.dataclass
 class PPOState:
     """Everything an iteration changes, checkpointed together: both models with their optimizer states, the KL
-    controller and the PRNG key of the next iteration."""
+    controller, the PRNG key of the next iteration and the EMA of the policy weights (None when off)."""
 
     policy: TrainState
     value: TrainState
     kl: L.KLController
     rng: jax.Array
+    ema: Any = None
 
 
 class Frozen(NamedTuple):
@@ -72,9 +73,10 @@ class Rollout(NamedTuple):
 
 def init_state(policy_params, value_params, models: PPOModels, rng: jax.Array) -> PPOState:
     """The first state. The iteration donates it, so `Frozen` must hold copies, not these same arrays."""
+    ema = jax.tree.map(jnp.copy, policy_params) if models.ppo.ema_decay else None
     return PPOState(policy=TrainState(jnp.zeros((), jnp.int32), policy_params, models.policy_opt.init(policy_params)),
                     value=TrainState(jnp.zeros((), jnp.int32), value_params, models.value_opt.init(value_params)),
-                    kl=L.KLController.create(models.ppo.kl_coef), rng=rng)
+                    kl=L.KLController.create(models.ppo.kl_coef), rng=rng, ema=ema)
 
 
 def _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN):
@@ -224,4 +226,7 @@ def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, *,
                # the first minibatch of the first epoch sees the rollout's own policy: its ratio is exactly 1
                "first_ratio_max": steps["ratio_max"][0], "first_ratio_min": steps["ratio_min"][0],
                "first_clip_frac": steps["clip_frac"][0]}
+    if state.ema is not None:  # InstructGPT's EMA of the policy weights, once per iteration
+        d = p.ema_decay
+        state = state.replace(ema=jax.tree.map(lambda e, x: d * e + (1 - d) * x, state.ema, state.policy.params))
     return state.replace(kl=kl, rng=rng), metrics

@@ -88,7 +88,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     repl = sharding.replicated(mesh)
     policy_sh = loop.state_shardings(policy_model, models.policy_opt, mesh)
     value_sh = loop.state_shardings(value_model, models.value_opt, mesh)
-    state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=KLController(repl), rng=repl)
+    state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=KLController(repl), rng=repl,
+                            ema=policy_sh.params if cfg.ppo.ema_decay else None)
     reward_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), reward.params)
     reward_sh = sharding.param_shardings(param_logical_axes(reward_model), reward_shapes, mesh)
     loop.report_sharding(policy_model, mesh)
@@ -119,7 +120,10 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         run.close()
     out = loop.export(run_dir / "export", state.policy.params, loaded, policy_model)
     value_out = loop.export(run_dir / "export_value", state.value.params, value, value_model)
-    summary = {"stage": "ppo", "steps": total, "export": str(out), "value_export": str(value_out),
+    exports = {"export": str(out), "value_export": str(value_out)}
+    if state.ema is not None:
+        exports["ema_export"] = str(loop.export(run_dir / "export_ema", state.ema, loaded, policy_model))
+    summary = {"stage": "ppo", "steps": total, **exports,
                **{k: round(v, 6) for k, v in last.items() if isinstance(v, float) and np.isfinite(v)}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

@@ -240,3 +240,40 @@ def test_ppo_bad_config_fails_in_one_line(ppo_inputs, overrides, fragment):
     assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err.getvalue()
     assert "Traceback" not in err.getvalue()
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_ppo_raises_the_reward_model_score_with_bounded_kl(ppo_inputs):
+    """30 iterations through the CLI against a fixed (random, sharpened) reward model: the policy learns what it
+    rewards, and the KL penalty keeps it near the reference."""
+    import contextlib
+    import io
+    import json
+
+    from rlhf_jax import main as main_cli
+    from rlhf_jax.checkpoint import load_model, save_model
+
+    loaded = load_model(ppo_inputs["tiny"])
+    params = jax.tree.map(np.asarray, loop.with_head(loaded.params, loaded.cfg, "lm", "scalar", jax.random.key(1)))
+    params["score"] = params["score"] * 50  # rewards that differ clearly between responses
+    rm = save_model(ppo_inputs["root"] / "rm_sharp", params, loaded.cfg, "scalar", ppo_inputs["tiny"])
+    run_dir = ppo_inputs["root"] / "learns"
+    argv = _ppo_args(ppo_inputs, run_dir, f"ppo.reward_model={rm}", "train.steps=30", "train.save_every=0",
+                     "ppo.epochs=2", "optim.lr=3e-3", "optim.schedule=constant")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = main_cli.main(argv)
+    assert rc == 0, err.getvalue()[-2000:]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = [m["score_mean"] for m in metrics]
+    first, last = np.mean(scores[:5]), np.mean(scores[-5:])
+    assert last > first + 3.0, scores
+    assert all(-1 < m["kl"] < 40 for m in metrics), [m["kl"] for m in metrics]
+
+
+def test_ema_of_the_policy_follows_its_formula():
+    models = _models(ema_decay=0.9)
+    state, frozen, ids, mask = _setup(models)
+    start = _copy(state.policy.params)
+    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))(state, frozen, ids, mask)
+    for e, x0, x1 in zip(jax.tree.leaves(state.ema), jax.tree.leaves(start), jax.tree.leaves(state.policy.params)):
+        np.testing.assert_allclose(np.asarray(e), 0.9 * x0 + 0.1 * np.asarray(x1), rtol=1e-6, atol=1e-7)
+    assert _setup(_models())[0].ema is None  # off by default
