@@ -392,7 +392,9 @@ class PPOSection:
     epochs: int = _opt(1, "passes over each rollout batch (InstructGPT 1)")
     minibatches: int = _opt(1, "minibatches per epoch; each one optimizer step of policy and value")
     ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the pretraining LM loss (InstructGPT 27.8); 0 = off")
-    ptx_dataset: str = _opt("", "PPO-ptx: prepared sft dataset for the LM loss")
+    ptx_dataset: str = _opt("", "PPO-ptx: prepared sft dataset for the LM loss (on every real token)")
+    ptx_batch_size: int = _opt(0, "PPO-ptx: sequences of ptx_dataset per iteration, split over the minibatches; "
+                                  "0 = train.batch_size")
 
     def __post_init__(self):
         _coerce(self)
@@ -404,6 +406,7 @@ class PPOSection:
         _check(self, "gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")
         _check(self, "lam", 0 <= self.lam <= 1, "must be in [0, 1]")
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")
+        _check(self, "ptx_batch_size", self.ptx_batch_size >= 0, "must be >= 0")
         _check(self, "minibatches", self.minibatches >= 1, "must be >= 1")
 
 

@@ -23,7 +23,7 @@ from rlhf_jax.config import PPOSection
 from rlhf_jax.losses import last_token_values, token_logprobs
 from rlhf_jax.model import Transformer, positions_from_mask
 from rlhf_jax.sampling import SamplingParams, sample
-from rlhf_jax.steps import TrainState
+from rlhf_jax.steps import TrainState, sft_sums
 
 
 @flax.struct.dataclass
@@ -171,7 +171,13 @@ def _is_eos(tokens_BN, eos_ids):
     return jnp.any(tokens_BN[..., None] == jnp.asarray(eos_ids, jnp.int32), axis=-1)
 
 
-def _minibatch_loss(policy_params, value_params, mb: Rollout, models: PPOModels):
+def ptx_loss(model: Transformer, params, ptx: dict) -> jax.Array:
+    """PPO-ptx: the mean next-token NLL over every real token of a batch of the pretraining (sft) dataset."""
+    sums = sft_sums(model, params, ptx, ptx["mask"])
+    return sums["nll_sum"] / jnp.maximum(sums["target_tokens"], 1.0)
+
+
+def _minibatch_loss(policy_params, value_params, mb: Rollout, ptx: dict | None, models: PPOModels):
     p, temperature = models.ppo, models.sampling.temperature
     args = (mb.prompt_ids_BP, mb.prompt_mask_BP, mb.tokens_BN, mb.mask_BN)
     logits_BNV = policy_logits(models.policy, policy_params, *args, temperature)
@@ -181,7 +187,12 @@ def _minibatch_loss(policy_params, value_params, mb: Rollout, models: PPOModels)
     values_BN = response_values(models.value, value_params, *args)
     vf_loss, vf_stats = L.value_loss(values_BN, mb.old_values_BN, mb.returns_BN, mb.mask_BN, p.clip_value)
     loss = pg_loss - p.entropy_coef * entropy + p.vf_coef * vf_loss
-    return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}
+    lm_loss = jnp.zeros((), jnp.float32)
+    if ptx is not None:  # InstructGPT's gamma x pretraining loss, in the same gradient as the PPO objective
+        lm_loss = ptx_loss(models.policy, policy_params, ptx)
+        loss = loss + p.ptx_coef * lm_loss
+    return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, "ptx_loss": lm_loss,
+                  **pg_stats, **vf_stats}
 
 
 def _apply(train: TrainState, grads, optimizer) -> TrainState:
@@ -189,39 +200,44 @@ def _apply(train: TrainState, grads, optimizer) -> TrainState:
     return TrainState(train.step + 1, optax.apply_updates(train.params, updates), opt_state)
 
 
-def update(state: PPOState, batch: Rollout, orders_EMMb, models: PPOModels):
-    """`epochs` x `minibatches` optimizer steps of policy and value over the given minibatch rows; returns
-    (state, per-step stats)."""
+def update(state: PPOState, batch: Rollout, orders_EMMb, models: PPOModels, ptx: dict | None = None):
+    """`epochs` x `minibatches` optimizer steps of policy and value over the given minibatch rows, minibatch m
+    adding the LM loss of the m-th slice of the `ptx` batch; returns (state, per-step stats)."""
     grad_fn = jax.grad(_minibatch_loss, argnums=(0, 1), has_aux=True)
+    M = models.ppo.minibatches
+    ptx_slices = None if ptx is None else jax.tree.map(lambda x: x.reshape(M, -1, *x.shape[1:]), ptx)
 
     def epoch(carry, order):
-        def minibatch(carry, rows):
+        def minibatch(carry, xs):
+            rows, ptx_mb = xs
             policy, value = carry
             mb = jax.tree.map(lambda x: x[rows], batch)
-            (policy_grads, value_grads), stats = grad_fn(policy.params, value.params, mb, models)
+            (policy_grads, value_grads), stats = grad_fn(policy.params, value.params, mb, ptx_mb, models)
             return (_apply(policy, policy_grads, models.policy_opt),
                     _apply(value, value_grads, models.value_opt)), stats
 
-        return jax.lax.scan(minibatch, carry, order)
+        return jax.lax.scan(minibatch, carry, (order, ptx_slices))
 
     (policy, value), stats = jax.lax.scan(epoch, (state.policy, state.value), orders_EMMb)
     return state.replace(policy=policy, value=value), jax.tree.map(lambda x: x.reshape(-1), stats)
 
 
-def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, *, models: PPOModels):
+def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, ptx: dict | None = None, *,
+              models: PPOModels):
     """One whole PPO iteration (rollout, scoring, advantages, every update epoch, the KL controller): pure, for
-    one jit over the mesh with `state` donated. Returns (state, metrics)."""
+    one jit over the mesh with `state` donated. `ptx` is a batch of the sft layout for PPO-ptx (None: off).
+    Returns (state, metrics)."""
     rng, sample_rng, update_rng = jax.random.split(state.rng, 3)
     orders_EMMb = minibatch_orders(update_rng, prompt_ids_BP.shape[0], models)
     batch, kl_B, rollout_stats = rollout(state, frozen, prompt_ids_BP, prompt_mask_BP, sample_rng, models,
                                          orders_EMMb[0])
     beta = state.kl.beta
-    state, steps = update(state, batch, orders_EMMb, models)
+    state, steps = update(state, batch, orders_EMMb, models, ptx)
     p = models.ppo
     kl = state.kl.update(kl_B.mean(), p.kl_target or None, p.kl_horizon, kl_B.shape[0])
     metrics = {**rollout_stats, "beta": beta,
                **{k: steps[k].mean() for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac",
-                                               "value_clip_frac")},
+                                               "value_clip_frac", "ptx_loss")},
                "ratio_max": steps["ratio_max"].max(), "ratio_min": steps["ratio_min"].min(),
                # the first minibatch of the first epoch sees the rollout's own policy: its ratio is exactly 1
                "first_ratio_max": steps["ratio_max"][0], "first_ratio_min": steps["ratio_min"][0],

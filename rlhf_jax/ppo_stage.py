@@ -37,8 +37,8 @@ def _check_config(cfg: Config) -> None:
                         f"{cfg.train.batch_size} (the rollout batch)")
     if cfg.optim.grad_accum_steps != 1:
         raise UserError("optim.grad_accum_steps is not supported by the ppo stage yet; use ppo.minibatches")
-    if cfg.ppo.ptx_coef:
-        raise UserError("ppo.ptx_coef (PPO-ptx) is not supported yet; set it to 0")
+    if cfg.ppo.ptx_coef and not cfg.ppo.ptx_dataset:
+        raise UserError("ppo.ptx_coef > 0 needs ppo.ptx_dataset (a prepared sft dataset for the LM loss)")
 
 
 def _scalar_model(path: str, key: str) -> LoadedModel:
@@ -54,12 +54,16 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     if metadata["kind"] != "prompts":
         raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage 'ppo' needs one of "
                         "kind 'prompts'")
+    ptx_spec = _ptx_spec(cfg)
     mesh = mesh or sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    minibatch = cfg.train.batch_size // cfg.ppo.minibatches
     ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-    if minibatch % ways:
-        raise UserError(f"the minibatch (train.batch_size / ppo.minibatches = {cfg.train.batch_size} / "
-                        f"{cfg.ppo.minibatches} = {minibatch}) is not divisible by the {ways} data-parallel devices")
+    sizes = [("train.batch_size", cfg.train.batch_size)]
+    if ptx_spec is not None:
+        sizes.append(("ppo.ptx_batch_size", _ptx_batch(cfg)))
+    for key, size in sizes:
+        if size % cfg.ppo.minibatches or (size // cfg.ppo.minibatches) % ways:
+            raise UserError(f"{key}={size} must split into ppo.minibatches={cfg.ppo.minibatches} minibatches "
+                            f"divisible by the {ways} data-parallel devices")
     total = loop.total_steps(cfg, len(source))
 
     loaded, tokenizer, policy_model = loop.load_for_training(cfg, run_dir, "lm")
@@ -104,14 +108,22 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
                         reward_params=sharding.place(loop.initial_params(reward, reward_model, cfg.seed),
                                                      reward_sh))
     data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed))
+    if ptx_spec is not None:  # prompts and pretraining rows advance, and are checkpointed, together
+        ptx_iter = iter(train_dataset(ptx_spec, ptx_spec.train_split, tokenizer, _ptx_batch(cfg), cfg.seed + 1))
+        data_iter = PromptsAndPtx(data_iter, ptx_iter)
 
     run = loop.Run(cfg, run_dir, "ppo")
     state, start = run.resume(state, data_iter)
     batch_sh = sharding.batch_sharding(mesh)
-    iteration = jax.jit(lambda st, fr, ids, mask: ppo.iteration(st, fr, ids, mask, models=models),
-                        in_shardings=(state_sh, ppo.Frozen(policy_sh.params, reward_sh), batch_sh, batch_sh),
+    iteration = jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models),
+                        in_shardings=(state_sh, ppo.Frozen(policy_sh.params, reward_sh), batch_sh, batch_sh,
+                                      batch_sh),
                         out_shardings=(state_sh, repl), donate_argnums=0)
-    step_fn = lambda st, batch, rng: iteration(st, frozen, batch["prompt_ids"], batch["prompt_mask"])
+
+    def step_fn(st, batch, rng):
+        ptx = {k[len("ptx_"):]: v for k, v in batch.items() if k.startswith("ptx_") and k != "ptx_truncated"}
+        return iteration(st, frozen, batch["prompt_ids"], batch["prompt_mask"], ptx or None)
+
     try:
         state, last = loop.drive(run, state, start=start, total=total, data_iter=data_iter, step_fn=step_fn,
                                  mesh=mesh, desc="ppo", count_tokens=lambda b: len(b["prompt_ids"]),
@@ -128,3 +140,37 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return summary
+
+
+def _ptx_spec(cfg: Config):
+    """The data section of the PPO-ptx dataset (checked to be an sft dataset), or None when ptx is off."""
+    if not cfg.ppo.ptx_coef:
+        return None
+    spec = dataclasses.replace(cfg.data, name=cfg.ppo.ptx_dataset, pack=False)
+    _, metadata = open_split(spec.dir, spec.name, spec.train_split)
+    if metadata["kind"] != "sft":
+        raise UserError(f"ppo.ptx_dataset={spec.name!r} is a {metadata['kind']!r} dataset; PPO-ptx needs one of "
+                        "kind 'sft'")
+    return spec
+
+
+def _ptx_batch(cfg: Config) -> int:
+    return cfg.ppo.ptx_batch_size or cfg.train.batch_size
+
+
+class PromptsAndPtx:
+    """The prompt iterator and the PPO-ptx iterator as one: each batch holds both (ptx keys prefixed 'ptx_'),
+    and the state of both is saved in checkpoints."""
+
+    def __init__(self, prompts, ptx):
+        self.prompts, self.ptx = prompts, ptx
+
+    def __next__(self) -> dict:
+        return {**next(self.prompts), **{f"ptx_{k}": v for k, v in next(self.ptx).items()}}
+
+    def get_state(self) -> dict:
+        return {"prompts": self.prompts.get_state(), "ptx": self.ptx.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.prompts.set_state(state["prompts"])
+        self.ptx.set_state(state["ptx"])

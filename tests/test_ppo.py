@@ -171,6 +171,11 @@ def ppo_inputs(tmp_path_factory):
     src.write_text("".join(json.dumps({"prompt": f"Tell me about the {a} {b}"}) + "\n" for a in words for b in words))
     assert data_cli.main(["--format", "jsonl_prompts", "--input", str(src), "--data-dir", str(root / "data"),
                           "--name", "asks"]) == 0
+    demos = root / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"Name a {a}", "response": f" the {a} {b}"}) + "\n"
+                             for a in words for b in words))
+    assert data_cli.main(["--format", "jsonl_sft", "--input", str(demos), "--data-dir", str(root / "data"),
+                          "--name", "demos"]) == 0
     return {"root": root, "tiny": tiny, "rm": rm, "data": root / "data"}
 
 
@@ -222,7 +227,9 @@ def test_ppo_stage_runs_resumes_and_exports(ppo_inputs):
 @pytest.mark.parametrize("overrides, fragment", [
     (["ppo.reward_model="], "needs ppo.reward_model"),
     (["ppo.minibatches=3"], "ppo.minibatches=3 does not divide train.batch_size=16"),
-    (["ppo.minibatches=4"], "the minibatch (train.batch_size / ppo.minibatches = 16 / 4 = 4) is not divisible"),
+    (["ppo.minibatches=4"], "train.batch_size=16 must split into ppo.minibatches=4 minibatches divisible by the 8"),
+    (["ppo.ptx_coef=1"], "ppo.ptx_coef > 0 needs ppo.ptx_dataset"),
+    (["ppo.ptx_coef=1", "ppo.ptx_dataset=asks"], "ppo.ptx_dataset='asks' is a 'prompts' dataset"),
     (["ppo.reward_model={tiny}"], "a language model, expected a scalar-head"),
 ])
 def test_ppo_bad_config_fails_in_one_line(ppo_inputs, overrides, fragment):
@@ -277,3 +284,43 @@ def test_ema_of_the_policy_follows_its_formula():
     for e, x0, x1 in zip(jax.tree.leaves(state.ema), jax.tree.leaves(start), jax.tree.leaves(state.policy.params)):
         np.testing.assert_allclose(np.asarray(e), 0.9 * x0 + 0.1 * np.asarray(x1), rtol=1e-6, atol=1e-7)
     assert _setup(_models())[0].ema is None  # off by default
+
+
+def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
+    """PPO-ptx: the minibatch gradient with ptx_coef c equals the one without ptx plus c x the gradient of the
+    LM loss on the ptx rows, computed separately."""
+    models = _models(ptx_coef=2.5)
+    state, frozen, ids, mask = _setup(models)
+    batch, _, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models))(
+        state, frozen, ids, mask, jax.random.key(4))
+    rng = np.random.default_rng(0)
+    T = 10
+    lengths = rng.integers(3, T + 1, 4)
+    ptx_mask = np.arange(T)[None, :] < lengths[:, None]
+    ptx = {"ids": jnp.asarray(np.where(ptx_mask, rng.integers(2, CFG.vocab_size, (4, T)), PAD_ID), jnp.int32),
+           "mask": jnp.asarray(ptx_mask), "positions": jnp.asarray(np.maximum(np.cumsum(ptx_mask, 1) - 1, 0)),
+           "segment_ids": jnp.asarray(ptx_mask.astype(np.int32)), "response_mask": jnp.asarray(ptx_mask)}
+    grad = jax.jit(jax.grad(ppo._minibatch_loss, argnums=0, has_aux=True), static_argnums=4)
+    with_ptx, stats = grad(state.policy.params, state.value.params, batch, ptx, models)
+    without, _ = grad(state.policy.params, state.value.params, batch, None, models)
+    lm_grad = jax.jit(jax.grad(lambda p: ppo.ptx_loss(models.policy, p, ptx)))(state.policy.params)
+    for a, b, c in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(without), jax.tree.leaves(lm_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b) + 2.5 * np.asarray(c), rtol=1e-4, atol=1e-6)
+    assert float(stats["ptx_loss"]) > 0
+
+
+def test_ppo_stage_with_ptx(ppo_inputs):
+    import contextlib
+    import io
+    import json
+
+    from rlhf_jax import main as main_cli
+
+    run_dir = ppo_inputs["root"] / "ptx"
+    argv = _ppo_args(ppo_inputs, run_dir, "train.steps=2", "ppo.ptx_coef=1.0", "ppo.ptx_dataset=demos",
+                     "ppo.ptx_batch_size=16", "data.max_response_tokens=8")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = main_cli.main(argv)
+    assert rc == 0, err.getvalue()[-2000:]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["ptx_loss"] > 0 for m in metrics)
