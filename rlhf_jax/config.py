@@ -395,6 +395,8 @@ class PPOSection:
     ptx_dataset: str = _opt("", "PPO-ptx: prepared sft dataset for the LM loss (on every real token)")
     ptx_batch_size: int = _opt(0, "PPO-ptx: sequences of ptx_dataset per iteration, split over the minibatches; "
                                   "0 = train.batch_size")
+    samples_every: int = _opt(10, "iterations between writing a few prompts, responses, scores and KL to "
+                                  "samples.jsonl; 0 = never")
 
     def __post_init__(self):
         _coerce(self)
@@ -407,6 +409,7 @@ class PPOSection:
         _check(self, "lam", 0 <= self.lam <= 1, "must be in [0, 1]")
         _check(self, "epochs", self.epochs >= 1, "must be >= 1")
         _check(self, "ptx_batch_size", self.ptx_batch_size >= 0, "must be >= 0")
+        _check(self, "samples_every", self.samples_every >= 0, "must be >= 0")
         _check(self, "minibatches", self.minibatches >= 1, "must be >= 1")
 
 

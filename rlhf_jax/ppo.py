@@ -58,6 +58,7 @@ class PPOModels:
     ppo: PPOSection
     reward_gain: float = 1.0  # the reward model's normalisation: score = gain * raw + bias
     reward_bias: float = 0.0
+    samples: int = 0  # rollout rows returned under metrics["samples"] for samples.jsonl
 
 
 class Rollout(NamedTuple):
@@ -162,6 +163,10 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
     stats = {"score_mean": scores_B.mean(), "score_std": scores_B.std(), "kl": kl_B.mean(),
              "response_length": mask_BN.sum(1).mean(), "eos_rate": ended_B.mean(),
              "value_explained_var": L.explained_variance(old_values_BN, returns_BN, mask_BN)}
+    if models.samples:
+        n = models.samples
+        stats["samples"] = {"prompt_ids": prompt_ids_BP[:n], "prompt_mask": prompt_mask_BP[:n],
+                            "tokens": tokens_BN[:n], "mask": mask_BN[:n], "score": scores_B[:n], "kl": kl_B[:n]}
     return batch, kl_B, stats
 
 

@@ -87,7 +87,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         policy=policy_model, value=value_model, reward=reward_model,
         policy_opt=steps.make_optimizer(cfg.optim, updates), value_opt=steps.make_optimizer(value_optim, updates),
         sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos), PAD_ID),
-        ppo=cfg.ppo, reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)))
+        ppo=cfg.ppo, reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)),
+        samples=min(SAMPLES, cfg.train.batch_size) if cfg.ppo.samples_every else 0)
 
     repl = sharding.replicated(mesh)
     policy_sh = loop.state_shardings(policy_model, models.policy_opt, mesh)
@@ -120,9 +121,16 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
                                       batch_sh),
                         out_shardings=(state_sh, repl), donate_argnums=0)
 
+    iterations = [start]
+
     def step_fn(st, batch, rng):
         ptx = {k[len("ptx_"):]: v for k, v in batch.items() if k.startswith("ptx_") and k != "ptx_truncated"}
-        return iteration(st, frozen, batch["prompt_ids"], batch["prompt_mask"], ptx or None)
+        st, metrics = iteration(st, frozen, batch["prompt_ids"], batch["prompt_mask"], ptx or None)
+        iterations[0] += 1
+        samples = metrics.pop("samples", None)
+        if samples is not None and iterations[0] % cfg.ppo.samples_every == 0:
+            write_samples(run_dir / "samples.jsonl", iterations[0], jax.device_get(samples), tokenizer)
+        return st, metrics
 
     try:
         state, last = loop.drive(run, state, start=start, total=total, data_iter=data_iter, step_fn=step_fn,
@@ -140,6 +148,21 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return summary
+
+
+SAMPLES = 4  # rollout rows written to samples.jsonl every ppo.samples_every iterations
+
+
+def write_samples(path: Path, step: int, samples: dict, tokenizer) -> None:
+    """Appends one JSON line per sampled rollout row: prompt, response, score and sequence KL."""
+    with open(path, "a") as f:
+        for row in range(len(samples["score"])):
+            prompt = samples["prompt_ids"][row][samples["prompt_mask"][row]].tolist()
+            response = samples["tokens"][row][samples["mask"][row]].tolist()
+            f.write(json.dumps({"step": step, "prompt": tokenizer.decode(prompt),
+                                "response": tokenizer.decode(response, skip_special_tokens=True),
+                                "score": round(float(samples["score"][row]), 6),
+                                "kl": round(float(samples["kl"][row]), 6)}) + "\n")
 
 
 def _ptx_spec(cfg: Config):

@@ -207,17 +207,21 @@ def test_ppo_stage_runs_resumes_and_exports(ppo_inputs):
             rc = main_cli.main(_ppo_args(ppo_inputs, run_dir, *extra))
         return rc, out.getvalue(), err.getvalue()
 
-    rc, out, err = cli("train.steps=4")
+    rc, out, err = cli("train.steps=4", "ppo.samples_every=2")
     assert rc == 0, err
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4] and all(m["stage"] == "ppo" for m in lines)
     assert all(METRIC_KEYS <= set(m) for m in lines), set(lines[0])
     assert lines[0]["first_ratio_max"] == 1.0 and abs(lines[0]["kl"]) < 1e-5
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 4
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] * 4 + [4] * 4  # ppo.samples_every=2, 4 rows each
+    assert all("about the" in s["prompt"] and isinstance(s["response"], str)
+               and np.isfinite(s["score"]) and np.isfinite(s["kl"]) for s in samples)
     policy, value = load_model(run_dir / "export"), load_model(run_dir / "export_value")
     assert policy.head == "lm" and value.head == "scalar"
 
-    rc, out, err = cli("train.steps=6")
+    rc, out, err = cli("train.steps=6", "ppo.samples_every=2")
     assert rc == 0, err
     assert "resumed from" in err and "at step 4" in err
     steps_logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
