@@ -1,7 +1,7 @@
 """What every training stage shares: the model to train and its sharded state, the step count (steps or
 epochs), resuming, the jitted and donated step, the log / eval / checkpoint cadence with progress and
-throughput, micro-batched evaluation and the params-only export. Stage modules compose these pieces (`trainers.py`
-for sft and rm); none of them copies the loop.
+throughput, divergence and signal stops, micro-batched evaluation and the params-only export. Stage modules
+compose these pieces (`trainers.py` for sft and rm, `ppo_stage.py` for ppo); none of them copies the loop.
 """
 
 from __future__ import annotations
@@ -295,10 +295,10 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
           count_tokens: Callable[[dict], int], cadence: Cadence, on_eval: Callable | None = None,
           rate_name: str = "tokens_per_s"):
     """Runs steps start..total-1 of `step_fn` on batches of `data_iter` (a resumable iterator): logs metrics
-    (with `rate_name`: count_tokens per second, and the running count of truncated examples), calls `on_eval(done, state) -> metrics` and
-    saves on the cadence. A non-finite loss, gradient norm or parameter stops it (DivergedError) before anything
-    is saved; SIGTERM/SIGINT save the step in hand and stop (Interrupted). Returns (state, the last logged
-    metrics, eval metrics included)."""
+    (with `rate_name`, count_tokens per second, and the running count of truncated examples), calls
+    `on_eval(done, state) -> metrics` and saves on the cadence. A non-finite loss, gradient norm or parameter
+    stops it (DivergedError) before anything is saved; SIGTERM/SIGINT save the step in hand and stop
+    (Interrupted). Returns (state, the last logged metrics, eval metrics included)."""
     rng = jax.random.key(run.cfg.seed)
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
     last: dict = {}

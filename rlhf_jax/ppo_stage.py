@@ -69,6 +69,9 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     loaded, tokenizer, policy_model = loop.load_for_training(cfg, run_dir, "lm")
     loop.check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                          "data.max_prompt_tokens + sampling.max_new_tokens")
+    if ptx_spec is not None:
+        loop.check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
+                             "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)")
     reward = _scalar_model(cfg.ppo.reward_model, "ppo.reward_model")
     value = _scalar_model(cfg.ppo.value_model, "ppo.value_model") if cfg.ppo.value_model else reward
     for other, key in ((reward, "ppo.reward_model"), (value, "ppo.value_model")):

@@ -4,7 +4,6 @@ a learning rate of 0 moves nothing, one compilation serves every iteration, toke
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
