@@ -22,7 +22,7 @@ from rlhf_jax import ppo_losses as L
 from rlhf_jax.config import PPOSection
 from rlhf_jax.losses import last_token_values, token_logprobs
 from rlhf_jax.model import Transformer, positions_from_mask
-from rlhf_jax.sampling import SamplingParams, sample
+from rlhf_jax.sampling import SamplingParams, is_eos, sample
 from rlhf_jax.steps import TrainState, sft_sums
 
 
@@ -115,7 +115,7 @@ def _logprobs(logits_BNV, tokens_BN, mask_BN, *_):
 
 
 def minibatch_orders(rng, batch_size: int, models: PPOModels) -> jax.Array:
-    """orders_EMb: the rows of each minibatch of each epoch, a fresh permutation per epoch."""
+    """orders_EMMb: the rows of each of the M minibatches of each of the E epochs, a fresh permutation per epoch."""
     p = models.ppo
     keys = jax.random.split(rng, p.epochs)
     return jax.vmap(lambda key: jax.random.permutation(key, batch_size).reshape(p.minibatches, -1))(keys)
@@ -147,7 +147,7 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
     ref_logprobs_BN = _logprobs(policy_logits(models.policy, frozen.ref_params, *args, c.temperature),
                                 tokens_BN, mask_BN)
     old_values_BN = jnp.where(mask_BN, response_values(models.value, state.value.params, *args), 0.0)
-    ended_B = jnp.any(mask_BN & _is_eos(tokens_BN, c.eos_ids), axis=1)
+    ended_B = jnp.any(mask_BN & is_eos(tokens_BN, c.eos_ids), axis=1)
     raw_scores_B = scores(models, frozen.reward_params, *args)
     scores_B = L.score_with_eos_penalty(raw_scores_B, ended_B, p.no_eos_penalty)
 
@@ -168,12 +168,6 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
         stats["samples"] = {"prompt_ids": prompt_ids_BP[:n], "prompt_mask": prompt_mask_BP[:n],
                             "tokens": tokens_BN[:n], "mask": mask_BN[:n], "score": scores_B[:n], "kl": kl_B[:n]}
     return batch, kl_B, stats
-
-
-def _is_eos(tokens_BN, eos_ids):
-    if not eos_ids:
-        return jnp.zeros(tokens_BN.shape, bool)
-    return jnp.any(tokens_BN[..., None] == jnp.asarray(eos_ids, jnp.int32), axis=-1)
 
 
 def ptx_loss(model: Transformer, params, ptx: dict) -> jax.Array:

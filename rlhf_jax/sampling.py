@@ -67,10 +67,11 @@ def _draw(logits_BV: jax.Array, rng: jax.Array, p: SamplingParams) -> tuple[jax.
     return token_B.astype(jnp.int32), logprob_B
 
 
-def _is_eos(token_B: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+def is_eos(token_B: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    """Whether each token (any shape) is one of the EOS ids."""
     if not eos_ids:
         return jnp.zeros(token_B.shape, bool)
-    return jnp.any(token_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)
+    return jnp.any(token_B[..., None] == jnp.asarray(eos_ids, jnp.int32), axis=-1)
 
 
 def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP: jax.Array, rng: jax.Array,
@@ -86,7 +87,7 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
 
     rng, first_rng = jax.random.split(rng)
     token_B, logprob_B = _draw(logits_B1V[:, 0], first_rng, p)
-    done_B = _is_eos(token_B, p.eos_ids)
+    done_B = is_eos(token_B, p.eos_ids)
     position_B = prompt_mask_BP.astype(jnp.int32).sum(-1)  # where the first new token sits
 
     def step(carry: _Carry, t):
@@ -99,7 +100,7 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
         live_B = ~carry.done_B
         token_B = jnp.where(live_B, token_B, p.pad_id)
         logprob_B = jnp.where(live_B, logprob_B, 0.0)
-        done_B = carry.done_B | _is_eos(token_B, p.eos_ids)
+        done_B = carry.done_B | is_eos(token_B, p.eos_ids)
         new = _Carry(cache, key_mask_BS, token_B, carry.position_B + 1, done_B, rng)
         return new, (token_B, logprob_B, live_B)
 
