@@ -7,8 +7,6 @@ module; every generation uses small shapes (batch 8 over the 8 simulated devices
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -23,6 +21,8 @@ from rlhf_jax import generate as generate_cli
 from rlhf_jax import main as main_cli
 from rlhf_jax.tiny import build_tiny_model, bundled_prompts
 
+from cli_helpers import run_quietly as _quiet
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
 PROMPTS = ["Once upon a time", "The sky is blue because", "A good friend is someone who"]
@@ -30,14 +30,6 @@ RECORD_KEYS = {"prompt", "prompt_ids", "ids", "text", "logprobs"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _quiet(fn, argv) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of a CLI main, for module-scoped fixtures (capsys is per test)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = fn(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _run(capsys, fn, argv) -> tuple[int, str, str]:

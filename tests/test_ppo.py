@@ -4,6 +4,7 @@ a learning rate of 0 moves nothing, one compilation serves every iteration, toke
 
 from __future__ import annotations
 
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,12 @@ import numpy as np
 import pytest
 
 from rlhf_jax import loop, ppo, sharding, steps
+from rlhf_jax import main as main_cli
 from rlhf_jax.config import OptimSection, PPOSection
 from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.sampling import SamplingParams
+
+from cli_helpers import run_quietly
 
 CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=64, max_position_embeddings=64, eos_token_ids=(1,))
@@ -153,8 +157,6 @@ def test_mesh_of_8_agrees_with_one_device(shape):
 def ppo_inputs(tmp_path_factory):
     """A tiny policy (HF dir), a reward model export made from it (random scalar head, with a normalisation),
     and a prompts dataset prepared through the data CLI."""
-    import json
-
     from rlhf_jax.checkpoint import load_model, save_model
     from rlhf_jax.data import __main__ as data_cli
     from rlhf_jax.tiny import build_tiny_model
@@ -191,20 +193,12 @@ METRIC_KEYS = {"score_mean", "score_std", "kl", "beta", "entropy", "response_len
 
 
 def test_ppo_stage_runs_resumes_and_exports(ppo_inputs):
-    import contextlib
-    import io
-    import json
-
-    from rlhf_jax import main as main_cli
     from rlhf_jax.checkpoint import load_model
 
     run_dir = ppo_inputs["root"] / "run"
 
     def cli(*extra):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main_cli.main(_ppo_args(ppo_inputs, run_dir, *extra))
-        return rc, out.getvalue(), err.getvalue()
+        return run_quietly(main_cli.main, _ppo_args(ppo_inputs, run_dir, *extra))
 
     rc, out, err = cli("train.steps=4", "ppo.samples_every=2")
     assert rc == 0, err
@@ -236,30 +230,18 @@ def test_ppo_stage_runs_resumes_and_exports(ppo_inputs):
     (["ppo.reward_model={tiny}"], "a language model, expected a scalar-head"),
 ])
 def test_ppo_bad_config_fails_in_one_line(ppo_inputs, overrides, fragment):
-    import contextlib
-    import io
-
-    from rlhf_jax import main as main_cli
-
     run_dir = ppo_inputs["root"] / f"bad_{len(list(ppo_inputs['root'].glob('bad_*')))}"
     argv = _ppo_args(ppo_inputs, run_dir, "train.steps=2", *[o.format(tiny=ppo_inputs["tiny"]) for o in overrides])
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        rc = main_cli.main(argv)
-    lines = err.getvalue().strip().splitlines()
-    assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err.getvalue()
-    assert "Traceback" not in err.getvalue()
+    rc, _, err = run_quietly(main_cli.main, argv)
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err
+    assert "Traceback" not in err
     assert not (run_dir / "checkpoints").exists()
 
 
 def test_ppo_raises_the_reward_model_score_with_bounded_kl(ppo_inputs):
     """30 iterations through the CLI against a fixed (random, sharpened) reward model: the policy learns what it
     rewards, and the KL penalty keeps it near the reference."""
-    import contextlib
-    import io
-    import json
-
-    from rlhf_jax import main as main_cli
     from rlhf_jax.checkpoint import load_model, save_model
 
     loaded = load_model(ppo_inputs["tiny"])
@@ -269,9 +251,8 @@ def test_ppo_raises_the_reward_model_score_with_bounded_kl(ppo_inputs):
     run_dir = ppo_inputs["root"] / "learns"
     argv = _ppo_args(ppo_inputs, run_dir, f"ppo.reward_model={rm}", "train.steps=30", "train.save_every=0",
                      "ppo.epochs=2", "optim.lr=3e-3", "optim.schedule=constant")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-        rc = main_cli.main(argv)
-    assert rc == 0, err.getvalue()[-2000:]
+    rc, _, err = run_quietly(main_cli.main, argv)
+    assert rc == 0, err[-2000:]
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     scores = [m["score_mean"] for m in metrics]
     first, last = np.mean(scores[:5]), np.mean(scores[-5:])
@@ -313,17 +294,10 @@ def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
 
 
 def test_ppo_stage_with_ptx(ppo_inputs):
-    import contextlib
-    import io
-    import json
-
-    from rlhf_jax import main as main_cli
-
     run_dir = ppo_inputs["root"] / "ptx"
     argv = _ppo_args(ppo_inputs, run_dir, "train.steps=2", "ppo.ptx_coef=1.0", "ppo.ptx_dataset=demos",
                      "ppo.ptx_batch_size=16", "data.max_response_tokens=8")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-        rc = main_cli.main(argv)
-    assert rc == 0, err.getvalue()[-2000:]
+    rc, _, err = run_quietly(main_cli.main, argv)
+    assert rc == 0, err[-2000:]
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(m["ptx_loss"] > 0 for m in metrics)

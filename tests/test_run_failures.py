@@ -4,9 +4,7 @@ uninterrupted run they are compared with.)"""
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import random
 from pathlib import Path
@@ -21,17 +19,12 @@ from rlhf_jax.checkpoint import TrainCheckpoints
 from rlhf_jax.data import __main__ as data_cli
 from rlhf_jax.tiny import build_tiny_model
 
+from cli_helpers import run_quietly as _quiet
+
 # A restore that fails leaves Orbax's pending read coroutines unawaited; Python reports them at collection.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 WORDS = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish", "bird", "star"]
-
-
-def _quiet(fn, argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = fn([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _last_line(err: str) -> str:

@@ -31,20 +31,14 @@ from rlhf_jax.config import load_config
 from rlhf_jax.data import __main__ as data_cli
 from rlhf_jax.tiny import build_tiny_model
 
+from cli_helpers import run_quietly as _quiet
+
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish", "bird", "star"]
 SUBPROCESS_TIMEOUT = 180
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _quiet(fn, argv) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of a CLI main called in-process."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = fn([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _metrics(run_dir: Path) -> list[dict]:
