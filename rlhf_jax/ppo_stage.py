@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import loop, ppo, sharding, steps
+from rlhf_jax.clock import LapClock
 from rlhf_jax.checkpoint import LoadedModel, load_model
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split, train_dataset
@@ -35,8 +36,6 @@ def _check_config(cfg: Config) -> None:
     if cfg.train.batch_size % cfg.ppo.minibatches:
         raise UserError(f"ppo.minibatches={cfg.ppo.minibatches} does not divide train.batch_size="
                         f"{cfg.train.batch_size} (the rollout batch)")
-    if cfg.optim.grad_accum_steps != 1:
-        raise UserError("optim.grad_accum_steps is not supported by the ppo stage yet; use ppo.minibatches")
     if cfg.ppo.ptx_coef and not cfg.ppo.ptx_dataset:
         raise UserError("ppo.ptx_coef > 0 needs ppo.ptx_dataset (a prepared sft dataset for the LM loss)")
 
@@ -60,9 +59,11 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     sizes = [("train.batch_size", cfg.train.batch_size)]
     if ptx_spec is not None:
         sizes.append(("ppo.ptx_batch_size", _ptx_batch(cfg)))
+    accum = cfg.optim.grad_accum_steps
     for key, size in sizes:
-        if size % cfg.ppo.minibatches or (size // cfg.ppo.minibatches) % ways:
-            raise UserError(f"{key}={size} must split into ppo.minibatches={cfg.ppo.minibatches} minibatches "
+        if size % cfg.ppo.minibatches or (size // cfg.ppo.minibatches) % (accum * ways):
+            micro = f" of optim.grad_accum_steps={accum} micro-batches each" if accum > 1 else ""
+            raise UserError(f"{key}={size} must split into ppo.minibatches={cfg.ppo.minibatches} minibatches{micro} "
                             f"divisible by the {ways} data-parallel devices")
     total = loop.total_steps(cfg, len(source))
 
@@ -91,7 +92,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         policy_opt=steps.make_optimizer(cfg.optim, updates), value_opt=steps.make_optimizer(value_optim, updates),
         sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos), PAD_ID),
         ppo=cfg.ppo, reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)),
-        samples=min(SAMPLES, cfg.train.batch_size) if cfg.ppo.samples_every else 0)
+        samples=min(SAMPLES, cfg.train.batch_size) if cfg.ppo.samples_every else 0, accum=accum,
+        clock=LapClock())
 
     repl = sharding.replicated(mesh)
     policy_sh = loop.state_shardings(policy_model, models.policy_opt, mesh)

@@ -58,7 +58,7 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def _micro_batches(batch: dict, accum: int) -> dict:
+def micro_batches(batch, accum: int):
     """(B, ...) -> (accum, B / accum, ...), micro-batch a taking rows a, a + accum, ...: every device keeps an
     equal share of each micro-batch under a data-parallel sharding of B."""
     def split(x):
@@ -66,22 +66,27 @@ def _micro_batches(batch: dict, accum: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _accumulate(loss_sums: Callable, params, batch: dict, accum: int):
-    """Sum of grads and aux of `loss_sums(params, micro_batch) -> (scalar, aux)` over micro-batches."""
+def accumulate(loss_sums: Callable, params, batch, accum: int, reduce_aux: Callable | None = None):
+    """Sum of the grads of `loss_sums(params, micro_batch) -> (scalar, aux)` over micro-batches, and the aux of
+    every micro-batch reduced by `reduce_aux` (stacked on a leading axis; default: summed)."""
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     if accum == 1:
         (_, aux), grads = grad_fn(params, batch)
         return grads, aux
 
-    def body(carry, micro):
-        (_, aux), grads = grad_fn(params, micro)
-        return jax.tree.map(jnp.add, carry, (grads, aux)), None
+    def body(grads, micro):
+        (_, aux), micro_grads = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, grads, micro_grads), aux
 
-    micro = _micro_batches(batch, accum)
+    micro = micro_batches(batch, accum)
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first)))
-    (grads, aux), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
-    return grads, aux
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first))[1])
+    grads, aux_A = jax.lax.scan(body, zeros, micro)
+    return grads, (reduce_aux or _sum_leading)(aux_A)
+
+
+def _sum_leading(tree):
+    return jax.tree.map(lambda x: x.sum(0), tree)
 
 
 def _apply(state: TrainState, grads, optimizer, schedule) -> tuple[TrainState, dict]:
@@ -116,7 +121,7 @@ def sft_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transform
         sums = sft_sums(model, params, micro, sft_loss_weights(micro, loss_on_prompt))
         return sums["nll_sum"] / n_tokens, sums
 
-    grads, sums = _accumulate(loss_sums, state.params, batch, accum)
+    grads, sums = accumulate(loss_sums, state.params, batch, accum)
     state, stats = _apply(state, grads, optimizer, schedule)
     loss = sums["nll_sum"] / n_tokens
     return state, {**stats, "loss": loss, "perplexity": jnp.exp(loss), "target_tokens": sums["target_tokens"],
@@ -159,7 +164,7 @@ def rm_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transforme
         sums = rm_sums(model, params, micro)
         return sums["loss_sum"] / n_prompts, sums
 
-    grads, sums = _accumulate(loss_sums, state.params, batch, accum)
+    grads, sums = accumulate(loss_sums, state.params, batch, accum)
     state, stats = _apply(state, grads, optimizer, schedule)
     return state, {**stats, **rm_metrics(sums)}
 

@@ -4,7 +4,14 @@ a learning rate of 0 moves nothing, one compilation serves every iteration, toke
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +20,7 @@ import pytest
 
 from rlhf_jax import loop, ppo, sharding, steps
 from rlhf_jax import main as main_cli
+from rlhf_jax.clock import LapClock
 from rlhf_jax.config import OptimSection, PPOSection
 from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.sampling import SamplingParams
@@ -76,13 +84,19 @@ def test_learning_rate_zero_moves_nothing():
 
 
 def test_one_compilation_serves_every_iteration_and_the_state_moves():
-    models = _models()
+    """With the lap clock on, as in the stage: the laps time the rollout and the update inside the one program."""
+    models = dataclasses.replace(_models(), clock=LapClock())
     state, frozen, ids, mask = _setup(models)
     step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models), donate_argnums=0)
     start = _copy(state.policy.params)
     for _ in range(3):
+        began = time.perf_counter()
         state, metrics = step(state, frozen, ids, mask)
+        jax.block_until_ready(metrics)
+        wall = time.perf_counter() - began
     assert step._cache_size() == 1
+    rollout_s, update_s = float(metrics["rollout_s"]), float(metrics["update_s"])
+    assert 0 < rollout_s and 0 < update_s and rollout_s + update_s <= wall, (rollout_s, update_s, wall)
     moved = [not np.array_equal(x, np.asarray(y)) for x, y in zip(jax.tree.leaves(start),
                                                                   jax.tree.leaves(state.policy.params))]
     assert any(moved)
@@ -189,36 +203,62 @@ def _ppo_args(inputs, run_dir, *extra):
 
 METRIC_KEYS = {"score_mean", "score_std", "kl", "beta", "entropy", "response_length", "eos_rate", "policy_loss",
                "value_loss", "approx_kl", "clip_frac", "value_clip_frac", "ratio_max", "value_explained_var",
-               "episodes_per_s"}
+               "ptx_loss", "rollout_s", "update_s", "episodes_per_s"}
 
 
-def test_ppo_stage_runs_resumes_and_exports(ppo_inputs):
+KILL_STEPS = 30  # enough iterations that the killed run is still going when its step-5 checkpoint appears
+
+
+def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
+    """The straight run logs every key each iteration, writes samples and exports; the same command killed -9
+    after its step-5 checkpoint and rerun resumes there and ends bitwise where the straight run ends."""
     from rlhf_jax.checkpoint import load_model
 
-    run_dir = ppo_inputs["root"] / "run"
+    def args(run_dir):
+        return _ppo_args(ppo_inputs, run_dir, f"train.steps={KILL_STEPS}", "train.save_every=5",
+                         "ppo.samples_every=10", "train.log_every=1")
 
-    def cli(*extra):
-        return run_quietly(main_cli.main, _ppo_args(ppo_inputs, run_dir, *extra))
-
-    rc, out, err = cli("train.steps=4", "ppo.samples_every=2")
-    assert rc == 0, err
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4] and all(m["stage"] == "ppo" for m in lines)
+    straight = ppo_inputs["root"] / "straight"
+    rc, out, err = run_quietly(main_cli.main, args(straight))
+    assert rc == 0, err[-2000:]
+    lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, KILL_STEPS + 1)) and all(m["stage"] == "ppo" for m in lines)
     assert all(METRIC_KEYS <= set(m) for m in lines), set(lines[0])
     assert lines[0]["first_ratio_max"] == 1.0 and abs(lines[0]["kl"]) < 1e-5
-    assert json.loads(out.strip().splitlines()[-1])["steps"] == 4
-    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in samples] == [2] * 4 + [4] * 4  # ppo.samples_every=2, 4 rows each
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == KILL_STEPS
+    samples = [json.loads(x) for x in (straight / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [10] * 4 + [20] * 4 + [30] * 4  # ppo.samples_every=10, 4 rows each
     assert all("about the" in s["prompt"] and isinstance(s["response"], str)
                and np.isfinite(s["score"]) and np.isfinite(s["kl"]) for s in samples)
-    policy, value = load_model(run_dir / "export"), load_model(run_dir / "export_value")
+    policy, value = load_model(straight / "export"), load_model(straight / "export_value")
     assert policy.head == "lm" and value.head == "scalar"
 
-    rc, out, err = cli("train.steps=6", "ppo.samples_every=2")
-    assert rc == 0, err
-    assert "resumed from" in err and "at step 4" in err
-    steps_logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps_logged == [1, 2, 3, 4, 5, 6]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    with open(tmp_path / "killed.err", "w") as log:  # a file: a full pipe could block the run
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.main", *map(str, args(killed))], env=env,
+                                cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 180
+            while not (killed / "checkpoints" / "5").exists():  # Orbax renames a finished step into place
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.err").read_text()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert not (killed / "export").exists(), "the killed run finished: raise KILL_STEPS"
+    rc, _, err = run_quietly(main_cli.main, args(killed))
+    assert rc == 0 and "resumed from" in err, err[-2000:]
+    for name in ("export", "export_value"):
+        for a, b in zip(jax.tree.leaves(load_model(straight / name).params),
+                        jax.tree.leaves(load_model(killed / name).params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    deterministic = lambda run: [{k: m[k] for k in ("step", "score_mean", "kl", "beta", "policy_loss")}
+                                 for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert deterministic(killed) == deterministic(straight)
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -270,6 +310,35 @@ def test_ema_of_the_policy_follows_its_formula():
     assert _setup(_models())[0].ema is None  # off by default
 
 
+def _ptx_rows(n: int, T: int = 10) -> dict:
+    """n rows of the sft batch layout, of random lengths, for PPO-ptx."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, T + 1, n)
+    ptx_mask = np.arange(T)[None, :] < lengths[:, None]
+    return {"ids": jnp.asarray(np.where(ptx_mask, rng.integers(2, CFG.vocab_size, (n, T)), PAD_ID), jnp.int32),
+            "mask": jnp.asarray(ptx_mask), "positions": jnp.asarray(np.maximum(np.cumsum(ptx_mask, 1) - 1, 0)),
+            "segment_ids": jnp.asarray(ptx_mask.astype(np.int32)), "response_mask": jnp.asarray(ptx_mask)}
+
+
+def test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch():
+    """optim.grad_accum_steps=2 splits each minibatch (and its ptx slice) in two: the iteration ends where the
+    unsplit one does, and the first minibatch's ratio is still exactly 1."""
+    ends = []
+    for accum in (1, 2):
+        models = dataclasses.replace(_models(ptx_coef=0.5), accum=accum)
+        state, frozen, ids, mask = _setup(models)
+        state, metrics = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, models=models))(
+            state, frozen, ids, mask, _ptx_rows(8))
+        ends.append((state, {k: float(v) for k, v in metrics.items()}))
+    (whole, whole_metrics), (split, split_metrics) = ends
+    assert split_metrics["first_ratio_max"] == 1.0 == split_metrics["first_ratio_min"]
+    for key, value in whole_metrics.items():
+        assert split_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves((whole.policy.params, whole.value.params)),
+                    jax.tree.leaves((split.policy.params, split.value.params))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
 def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
     """PPO-ptx: the minibatch gradient with ptx_coef c equals the one without ptx plus c x the gradient of the
     LM loss on the ptx rows, computed separately."""
@@ -277,16 +346,11 @@ def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
     state, frozen, ids, mask = _setup(models)
     batch, _, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models))(
         state, frozen, ids, mask, jax.random.key(4))
-    rng = np.random.default_rng(0)
-    T = 10
-    lengths = rng.integers(3, T + 1, 4)
-    ptx_mask = np.arange(T)[None, :] < lengths[:, None]
-    ptx = {"ids": jnp.asarray(np.where(ptx_mask, rng.integers(2, CFG.vocab_size, (4, T)), PAD_ID), jnp.int32),
-           "mask": jnp.asarray(ptx_mask), "positions": jnp.asarray(np.maximum(np.cumsum(ptx_mask, 1) - 1, 0)),
-           "segment_ids": jnp.asarray(ptx_mask.astype(np.int32)), "response_mask": jnp.asarray(ptx_mask)}
-    grad = jax.jit(jax.grad(ppo._minibatch_loss, argnums=0, has_aux=True), static_argnums=4)
-    with_ptx, stats = grad(state.policy.params, state.value.params, batch, ptx, models)
-    without, _ = grad(state.policy.params, state.value.params, batch, None, models)
+    ptx = _ptx_rows(4)
+    grad = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=2)
+    params, tokens = (state.policy.params, state.value.params), jnp.sum(batch.mask_BN, dtype=jnp.float32)
+    (with_ptx, _), stats = grad(params, (batch, ptx), models, tokens, ppo.ptx_target_tokens(ptx))
+    (without, _), _ = grad(params, (batch, None), models, tokens, None)
     lm_grad = jax.jit(jax.grad(lambda p: ppo.ptx_loss(models.policy, p, ptx)))(state.policy.params)
     for a, b, c in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(without), jax.tree.leaves(lm_grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) + 2.5 * np.asarray(c), rtol=1e-4, atol=1e-6)
