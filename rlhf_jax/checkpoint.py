@@ -152,6 +152,22 @@ def load_model(path: str | os.PathLike, need_tokenizer: bool = False) -> LoadedM
     return loaded
 
 
+def model_head(path: str | os.PathLike) -> str:
+    """'lm' or 'scalar' of a model directory, read from its metadata alone (no weights), with load_model's
+    errors for what is not a model directory."""
+    path = Path(path)
+    try:
+        _refuse_non_model(path)
+        if (path / "model.json").exists():
+            return read_model_meta(path)[1]
+        if (path / "config.json").exists():
+            return hf.config_from_hf(hf._read_json(path / "config.json"), where=str(path / "config.json"))[1]
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
+    raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
+                          "(config.json)")
+
+
 def _load_model(path: Path) -> LoadedModel:
     if (path / "model.json").exists():
         cfg, head, extra = read_model_meta(path)

@@ -414,6 +414,32 @@ class PPOSection:
 
 
 @dataclass(frozen=True)
+class EvalSection:
+    policies: tuple[str, ...] = _opt((), "policies to evaluate: export/best/HF dirs, or training run dirs (their "
+                                         "latest checkpoint, eval.step or every step with eval.all_steps)")
+    reference: str = _opt("", "the baseline policy every one is compared with (e.g. the sft export)")
+    reward_model: str = _opt("", "reward model export scoring the responses (its reward_norm applied)")
+    prompts: str = _opt("", "a prompt file (.txt, .jsonl) or a prepared prompts dataset dir, DIR[:SPLIT] "
+                            "(default split: eval)")
+    rankings: str = _opt("", "optional prepared rankings dataset DIR[:SPLIT] (default eval) for RM accuracy")
+    gold: str = _opt("", "optional MODULE:FUNCTION scoring f(prompts, responses) -> scores (a programmatic "
+                         "ground truth)")
+    step: int = _opt(0, "checkpoint step of the run dirs in eval.policies; 0 = the latest")
+    all_steps: bool = _opt(False, "evaluate every saved step of the run dirs in eval.policies")
+    limit: int = _opt(0, "evaluate on the first N prompts; 0 = all")
+    samples: int = _opt(4, "prompts shown with both responses in report.md")
+    runs: tuple[str, ...] = _opt((), "run dirs whose metrics.jsonl training curves are plotted")
+    out: str = _opt("", 'report directory; "" = run_dir')
+
+    def __post_init__(self):
+        _coerce(self)
+        _check(self, "step", self.step >= 0, "must be >= 0")
+        _check(self, "limit", self.limit >= 0, "must be >= 0")
+        _check(self, "samples", self.samples >= 0, "must be >= 0")
+        _check(self, "all_steps", not (self.all_steps and self.step), "cannot be combined with eval.step")
+
+
+@dataclass(frozen=True)
 class OptimSection:
     lr: float = _opt(1e-5, "peak learning rate")
     schedule: Literal["constant", "linear", "cosine"] = _opt("cosine", "learning-rate decay after warmup")
@@ -439,9 +465,9 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class Config:
-    stage: Literal["generate", "sft", "rm", "ppo"] = _opt(
+    stage: Literal["generate", "sft", "rm", "ppo", "eval"] = _opt(
         "generate", "stage to run: generate (sample), sft (fine-tune on demonstrations), rm (ranking reward model), "
-                    "ppo (optimise the policy against the reward model)")
+                    "ppo (optimise the policy against the reward model), eval (win rate, score and KL report)")
     run_dir: str = _opt("runs/default", "directory for checkpoints, logs and outputs")
     seed: int = _opt(0, "random seed for init, sampling and data order")
     model: ModelSection = _section(ModelSection, "which model to load and how to run it")
@@ -453,6 +479,7 @@ class Config:
     rm: RMSection = _section(RMSection, "reward model specifics")
     ppo: PPOSection = _section(PPOSection, "PPO specifics (stage 3)")
     optim: OptimSection = _section(OptimSection, "optimizer and learning-rate schedule")
+    eval: EvalSection = _section(EvalSection, "evaluation of policies against a reference (stage eval)")
 
     def __post_init__(self):
         _coerce(self)

@@ -11,6 +11,8 @@ Stages (config key `stage`):
   ppo        optimise the policy (model.path) against ppo.reward_model with a per-token KL penalty to it and
              a value model from the reward model (data.name: a prompts dataset); one compiled program per
              iteration; exports export/ (policy) and export_value/.
+  eval       compare policies (eval.policies) with a reference on held-out prompts: reward-model and gold win
+             rates, KL, RM accuracy; writes report.json, report.md and plots (also python -m rlhf_jax.evaluate).
 Training stages write metrics.jsonl, TensorBoard events, Orbax checkpoints (rerun the same command to resume),
 best/ (lowest eval loss) and export/ (the final params-only model for the next stage or convert --to-hf).
 Datasets are prepared with `python -m rlhf_jax.data --help`.

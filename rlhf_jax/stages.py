@@ -57,7 +57,13 @@ def run_ppo(cfg: Config, run_dir: Path) -> dict:
     return train_ppo(cfg, run_dir)
 
 
-STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": run_ppo}
+def run_eval(cfg: Config, run_dir: Path) -> dict:
+    from rlhf_jax.evaluate import run_eval as evaluate
+
+    return evaluate(cfg, run_dir)
+
+
+STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": run_ppo, "eval": run_eval}
 
 
 def run(cfg: Config) -> dict:

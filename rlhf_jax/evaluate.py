@@ -1,0 +1,506 @@
+"""Evaluation of policies the way InstructGPT judged them: on the same held-out prompts and sampling seeds, how
+often each policy's response is preferred to the reference's (by the reward model, and by a programmatic gold
+scorer when there is one), how far it moved from the reference (KL on its own samples), and how well the reward
+model orders held-out rankings.
+
+  python -m rlhf_jax.evaluate --policy runs/ppo/export [more ...] --reference runs/sft/export \\
+      --reward-model runs/rm/export --prompts data/prompts[:SPLIT] --out runs/eval \\
+      [--rankings data/rankings[:SPLIT]] [--gold MODULE:FUNCTION] [--step N | --all-steps] [--runs DIR ...]
+
+A policy is a model directory (export/, best/, a HF dir) or a training run directory (sft or ppo): its latest
+checkpoint, `--step N`, or every saved step with `--all-steps`. Writes report.json, report.md and PNG plots to
+--out. The same options are the `eval` section of a config for `stage: eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from rlhf_jax import eval_stats, loop, ppo, sharding
+from rlhf_jax.checkpoint import LoadedModel, load_model, model_head
+from rlhf_jax.config import Config, DataSection, config_from_dict
+from rlhf_jax.data.pipeline import eval_batches, open_split
+from rlhf_jax.data.prepare import VERSION
+from rlhf_jax.errors import UserError, report
+from rlhf_jax.generate import parse_mesh_shape, read_prompts
+from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.model import make_model, param_logical_axes
+from rlhf_jax.sampling import SamplingParams, is_eos, sample, teacher_forced_logprobs
+from rlhf_jax.steps import rm_eval_sums, rm_metrics
+from rlhf_jax.tiny import resolve_model_path
+from rlhf_jax.tokenizer import PAD_ID, PromptEncoder, load_tokenizer
+
+# Where each training stage keeps the policy's params inside its checkpointed state.
+POLICY_PARAMS = {"sft": ("params",), "ppo": ("policy", "params")}
+
+
+SCALAR_NOT_POLICY = "a reward/value model (scalar head), expected a policy (language model)"
+
+
+class PolicySource(NamedTuple):
+    name: str
+    path: Path
+    step: int | None  # a training checkpoint's step; None for a model directory
+
+
+# ------------------------------------------------------------------------------------------- finding policies
+
+
+def policy_sources(paths: Sequence[str], step: int = 0, all_steps: bool = False) -> list[PolicySource]:
+    """Every policy to evaluate, checked to exist (and be a policy) before anything is sampled."""
+    sources: list[PolicySource] = []
+    for text in paths:
+        path = Path(text)
+        if path.parent.name == "checkpoints" and path.name.isdigit():  # one step of a run, named directly
+            run, steps = path.parent.parent, [int(path.name)]
+            _run_stage(run)
+            _check_steps(run, steps, path)
+        elif (path / "checkpoints").is_dir() and not (path / "model.json").exists():
+            run = path
+            _run_stage(run)
+            saved = _saved_steps(run)
+            if all_steps:
+                steps = sorted(saved)
+            elif step:
+                steps = [step]
+                _check_steps(run, steps, run)
+            else:
+                steps = [max(saved)]
+        else:
+            if model_head(path) != "lm":
+                raise UserError(f"{path}: {SCALAR_NOT_POLICY}")
+            sources.append(PolicySource(_name(path), path, None))
+            continue
+        sources += [PolicySource(f"{_name(run)}@{s}", run, s) for s in steps]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise UserError(f"eval.policies: two policies share a name ({sorted(n for n in names if names.count(n) > 1)[0]}"
+                        "); give distinct directories")
+    return sources
+
+
+def _name(path: Path) -> str:
+    """A short name: the run directory for its export/ or best/ (runs/ppo/export -> ppo/export)."""
+    parts = path.resolve().parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else str(path)
+
+
+def _run_stage(run: Path) -> str:
+    config = run / "config.json"
+    try:
+        stage = json.loads(config.read_text())["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run}: a run directory without a readable config.json (expected one written by a "
+                        "training stage)") from None
+    if stage not in POLICY_PARAMS:
+        what = "a reward model" if stage == "rm" else f"stage {stage!r}"
+        raise UserError(f"{run}: a training run of {what}, not a policy; eval.policies takes sft or ppo runs "
+                        "or policy exports")
+    return stage
+
+
+def _saved_steps(run: Path) -> list[int]:
+    """Complete checkpoint steps of a run; an interrupted save (Orbax's temporary directory) is skipped with a
+    warning and never read."""
+    directory = run / "checkpoints"
+    for partial in sorted(p for p in directory.iterdir() if "tmp" in p.name):
+        warnings.warn(f"{partial}: an unfinished (interrupted) checkpoint save; skipped", stacklevel=2)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+        raise UserError(f"{directory}: no complete checkpoint to evaluate")
+    return steps
+
+
+def _check_steps(run: Path, steps: list[int], named: Path) -> None:
+    saved = _saved_steps(run)
+    missing = [s for s in steps if s not in saved]
+    if missing:
+        raise UserError(f"{named}: no complete checkpoint of step {missing[0]}; saved steps: {saved}")
+
+
+def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
+    """The policy's params (numpy) with its config and tokenizer. A run's base model (for its config and
+    tokenizer) is loaded once per run; a checkpoint reads only the policy's params from the saved state."""
+    if source.step is None:
+        loaded = load_model(source.path, need_tokenizer=True)
+        if loaded.head != "lm":
+            raise UserError(f"{source.path}: {SCALAR_NOT_POLICY}")
+        return loaded
+    run = source.path
+    config = json.loads((run / "config.json").read_text())
+    stage = config["stage"]
+    if run not in base_models:
+        model_path = resolve_model_path(config.get("model", {}).get("path", ""), run, config.get("seed", 0))
+        base_models[run] = load_model(model_path, need_tokenizer=True)
+    base = base_models[run]
+    params = restore_params(run / "checkpoints" / str(source.step) / "state", POLICY_PARAMS[stage])
+    return base._replace(params=params, head="lm")
+
+
+def restore_params(state_dir: Path, keys: tuple[str, ...]) -> dict:
+    """The subtree `keys` of a saved train state as numpy arrays; the optimizer state is never read."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = ocp.PyTreeCheckpointHandler().metadata(state_dir)
+    tree = tree.tree if hasattr(tree, "tree") else tree
+    for key in keys:
+        tree = tree[key]
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+    for key in reversed(keys):
+        item = {key: item}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                       partial_restore=True))
+    for key in keys:
+        out = out[key]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def split_spec(text: str) -> tuple[Path, str]:
+    """DIR[:SPLIT] of a prepared dataset (default split eval)."""
+    path, _, split = text.rpartition(":") if ":" in Path(text).name else (text, "", "")
+    return Path(path), split or "eval"
+
+
+def load_prompts(text: str, limit: int = 0) -> list[str]:
+    """A prompt file, or the prompts of a prepared prompts dataset's split, in stored order."""
+    path, split = split_spec(text)
+    if path.is_file():
+        prompts = read_prompts(path)
+    else:
+        source, metadata = _open_dataset(path, split, "eval.prompts")
+        if metadata["kind"] != "prompts":
+            raise UserError(f"eval.prompts={text}: a {metadata['kind']!r} dataset, expected one of kind 'prompts'")
+        prompts = [_text(source[i]["prompt"]) for i in range(len(source))]
+    return prompts[:limit] if limit else prompts
+
+
+def _open_dataset(path: Path, split: str, key: str):
+    if not (path / VERSION / "dataset_info.json").exists():
+        raise UserError(f"{key}={path}: neither a prompt file nor a prepared dataset directory "
+                        "(python -m rlhf_jax.data ... --data-dir DIR --name NAME makes DIR/NAME)")
+    return open_split(path.parent, path.name, split)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def load_gold(spec: str) -> Callable | None:
+    """MODULE:FUNCTION, imported (never downloaded): f(prompts, responses) -> one score per response."""
+    if not spec:
+        return None
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        raise UserError(f"eval.gold={spec!r}: expected MODULE:FUNCTION")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"eval.gold={spec!r}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise UserError(f"eval.gold={spec!r}: {module_name} has no function {function!r}")
+    return fn
+
+
+def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str]) -> np.ndarray:
+    scores = np.asarray(fn(list(prompts), list(responses)), np.float64).reshape(-1)
+    if scores.shape != (len(responses),):
+        raise UserError(f"eval.gold={spec}: returned {scores.size} scores for {len(responses)} responses")
+    if not np.isfinite(scores).all():
+        raise UserError(f"eval.gold={spec}: returned {int((~np.isfinite(scores)).sum())} non-finite scores")
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ programs
+
+
+class Samples(NamedTuple):
+    tokens: np.ndarray  # (n, N) response tokens, PAD_ID after the first EOS
+    mask: np.ndarray  # (n, N) real response tokens (EOS included)
+    ended: np.ndarray  # (n,) produced an EOS
+
+
+class Programs:
+    """The compiled sampler, teacher-forced log-probs and reward scores for fixed (batch, prompt, response)
+    shapes, compiled once per model architecture and reused by every policy of it."""
+
+    def __init__(self, mesh, p: SamplingParams, dtype: str):
+        self.mesh, self.p, self.dtype = mesh, p, dtype
+        self.batch_sh, self.repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        self._jits: dict = {}
+        self._models: dict = {}
+
+    def place(self, loaded: LoadedModel):
+        key = (loaded.cfg, loaded.head)
+        if key not in self._models:  # one model object per architecture: the compiled programs are keyed by it
+            self._models[key] = make_model(loaded.cfg, loaded.head, dtype=self.dtype)
+        model = self._models[key]
+        params = jax.tree.map(lambda x: np.asarray(x).astype(self.dtype), loaded.params)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        return model, sharding.place(params, sharding.param_shardings(param_logical_axes(model), shapes, self.mesh))
+
+    def _jit(self, kind: str, model, fn):
+        key = (kind, model)
+        if key not in self._jits:
+            self._jits[key] = jax.jit(functools.partial(fn, model), out_shardings=self.batch_sh)
+        return self._jits[key]
+
+    def _batch(self, *arrays):
+        return [jax.device_put(x, self.batch_sh) for x in arrays]
+
+    def sample(self, model, params, ids, mask, rng) -> Samples:
+        fn = self._jit("sample", model, functools.partial(sample, p=self.p))
+        out = jax.device_get(fn(params, *self._batch(ids, mask), rng))
+        ended = np.any(out.mask_BN & np.isin(out.tokens_BN, self.p.eos_ids), axis=1)
+        return Samples(out.tokens_BN, out.mask_BN, ended)
+
+    def logprobs(self, model, params, ids, mask, samples: Samples) -> np.ndarray:
+        fn = self._jit("logprobs", model, functools.partial(teacher_forced_logprobs, temperature=self.p.temperature))
+        return np.asarray(jax.device_get(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
+                          np.float64)
+
+    def scores(self, model, params, gain: float, bias: float, ids, mask, samples: Samples) -> np.ndarray:
+        fn = self._jit("scores", model, functools.partial(_reward_scores, gain=gain, bias=bias))
+        return np.asarray(jax.device_get(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
+                          np.float64)
+
+
+def _reward_scores(model, params, ids, mask, tokens, tokens_mask, *, gain: float, bias: float):
+    return ppo.reward_scores(model, params, gain, bias, ids, mask, tokens, tokens_mask)
+
+
+def prompt_batches(encoder: PromptEncoder, prompts: list[str], batch_size: int):
+    """(start, n real rows, ids, mask) of fixed-shape batches; filler rows keep one real token."""
+    ids_all, mask_all = encoder.batch(prompts)
+    width = ids_all.shape[1]
+    for start in range(0, len(prompts), batch_size):
+        n = min(batch_size, len(prompts) - start)
+        ids = np.full((batch_size, width), PAD_ID, np.int32)
+        mask = np.zeros((batch_size, width), bool)
+        ids[:n], mask[:n] = ids_all[start:start + n], mask_all[start:start + n]
+        mask[n:, -1] = True
+        yield start, n, ids, mask
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+class Evaluator:
+    """The reward model, the reference and the prompt batches, placed and encoded once; `responses` samples one
+    policy on every prompt (the same seed per batch for every policy) and scores what it wrote."""
+
+    def __init__(self, cfg: Config, prompts: list[str], gold_fn: Callable | None, mesh):
+        e, s = cfg.eval, cfg.sampling
+        self.prompts, self.gold_fn, self.gold_spec = prompts, gold_fn, e.gold
+        reward = load_model(e.reward_model)
+        if reward.head != "scalar":
+            raise UserError(f"eval.reward_model={e.reward_model}: a language model, expected a reward model "
+                            "export (scalar head)")
+        self.reference = load_model(e.reference, need_tokenizer=True)
+        if self.reference.head != "lm":
+            raise UserError(f"eval.reference={e.reference}: {SCALAR_NOT_POLICY}")
+        self.check_vocab(reward, "eval.reward_model")
+        self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
+        encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
+        eos = self.reference.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
+        self.programs = Programs(mesh, SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos),
+                                                      PAD_ID), cfg.model.dtype)
+        self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
+        loop.check_positions(self.reference.cfg, self.batches[0][2].shape[1] + s.max_new_tokens,
+                             "sampling.max_prompt_tokens + sampling.max_new_tokens")
+        norm = reward.extra.get("reward_norm") or {}
+        self.gain, self.bias = float(norm.get("gain", 1.0)), float(norm.get("bias", 0.0))
+        self.reward = reward
+        self.reward_model, self.reward_params = self.programs.place(reward)
+        self.ref_model, self.ref_params = self.programs.place(self.reference)
+        self.rng = jax.random.key(cfg.seed)
+
+    def check_vocab(self, other: LoadedModel, what: str) -> None:
+        if other.cfg.vocab_size != self.reference.cfg.vocab_size:
+            raise UserError(f"{what}: vocab_size {other.cfg.vocab_size} differs from the reference's "
+                            f"{self.reference.cfg.vocab_size} (the models must read the same tokens)")
+
+    def responses(self, model, params, bar, policy: bool = True) -> dict:
+        """Samples, texts, RM (and gold) scores of every prompt; for a policy also its and the reference's
+        log-probs of its samples (for the KL)."""
+        programs, parts = self.programs, []
+        for start, n, ids, mask in self.batches:
+            smp = programs.sample(model, params, ids, mask, jax.random.fold_in(self.rng, start))
+            part = {"samples": smp, "score": programs.scores(self.reward_model, self.reward_params, self.gain,
+                                                              self.bias, ids, mask, smp)}
+            if policy:
+                part["logprobs"] = programs.logprobs(model, params, ids, mask, smp)
+                part["ref_logprobs"] = programs.logprobs(self.ref_model, self.ref_params, ids, mask, smp)
+            parts.append(jax.tree.map(lambda x: x[:n], part))
+            bar.update(n)
+            bar.set_postfix(tokens=int(sum(p["samples"].mask.sum() for p in parts)))
+        joined = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+        smp = joined["samples"]
+        joined["texts"] = [self.tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
+                           for t, m in zip(smp.tokens, smp.mask)]
+        if self.gold_fn is not None:
+            joined["gold"] = gold_scores(self.gold_fn, self.gold_spec, self.prompts, joined["texts"])
+        return joined
+
+
+def run_eval(cfg: Config, run_dir: Path) -> dict:
+    """Every check that can fail (flags, files, kinds) runs before the first sample."""
+    e, s = cfg.eval, cfg.sampling
+    for key in ("policies", "reference", "reward_model", "prompts"):
+        if not getattr(e, key):
+            raise UserError(f"stage 'eval' needs eval.{key}")
+    out_dir = Path(e.out or run_dir)
+    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")
+    gold_fn = load_gold(e.gold)
+    prompts = load_prompts(e.prompts, e.limit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sources = policy_sources(e.policies, e.step, e.all_steps)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    ev = Evaluator(cfg, prompts, gold_fn, mesh)
+    rm_accuracy = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
+    base_models: dict = {}
+    rows, samples = [], []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(prompts) * (len(sources) + 1), desc="eval", unit="response", file=sys.stderr) as bar, \
+            MetricsWriter(out_dir, "eval") as metrics:
+        ref = ev.responses(ev.ref_model, ev.ref_params, bar, policy=False)
+        for index, source in enumerate(sources):
+            loaded = load_policy(source, base_models)
+            ev.check_vocab(loaded, str(source.path))
+            model, params = ev.programs.place(loaded)
+            pol = ev.responses(model, params, bar)
+            del params, loaded
+            row = _policy_row(source, pol, ref, rm_accuracy)
+            rows.append(row)
+            metrics.write(source.step if source.step is not None else index + 1,
+                          {k: v for k, v in row.items() if isinstance(v, float)})
+            samples += [_sample_row(source.name, prompts[i], ref, pol, i) for i in range(min(e.samples, len(prompts)))]
+    result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": str(e.reward_model),
+              "prompts": len(prompts), "seed": cfg.seed, "gold": e.gold or None, "rm_accuracy": rm_accuracy,
+              "sampling": dataclasses.asdict(s), "policies": rows}
+    from rlhf_jax.report import headline, write_report  # matplotlib only when a report is written
+
+    written = write_report(out_dir, result, samples, [Path(r) for r in e.runs])
+    for line in headline(result):
+        print(line, file=sys.stderr)
+    summary = {"stage": "eval", "policies": len(rows), "prompts": len(prompts), "report": str(out_dir / "report.md"),
+               "files": [str(p) for p in written]}
+    print(json.dumps(summary))
+    return result
+
+
+def _sample_row(name: str, prompt: str, ref: dict, pol: dict, i: int) -> dict:
+    row = {"policy": name, "prompt": prompt, "reference_response": ref["texts"][i], "policy_response": pol["texts"][i],
+           "reference_score": float(ref["score"][i]), "policy_score": float(pol["score"][i])}
+    if "gold" in pol:
+        row.update(reference_gold=float(ref["gold"][i]), policy_gold=float(pol["gold"][i]))
+    return row
+
+
+def _response_stats(r: dict) -> dict:
+    smp = r["samples"]
+    return {"score_mean": float(r["score"].mean()), "score_std": float(r["score"].std()),
+            "gold_score_mean": float(r["gold"].mean()) if "gold" in r else None,
+            "response_length": float(smp.mask.sum(1).mean()), "eos_rate": float(smp.ended.mean())}
+
+
+def _policy_row(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float | None) -> dict:
+    wins = eval_stats.win_rate(pol["score"], ref["score"])
+    kl = eval_stats.sequence_kl(pol["logprobs"], pol["ref_logprobs"], pol["samples"].mask)
+    row = {"name": source.name, "path": str(source.path), "step": source.step, **_response_stats(pol),
+           "win_rate": wins["win_rate"], "win_rate_ci": wins["win_rate_ci"], "gold_win_rate": None,
+           "gold_win_rate_ci": None, "kl": kl["kl"], "kl_k3": kl["kl_k3"], "rm_accuracy": rm_accuracy}
+    if "gold" in pol:
+        gold = eval_stats.win_rate(pol["gold"], ref["gold"])
+        row.update(gold_win_rate=gold["win_rate"], gold_win_rate_ci=gold["win_rate_ci"])
+    return row
+
+
+def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> float | None:
+    """Held-out pairs the reward model orders correctly (tied rankings make no pair), over a rankings split."""
+    if not rankings:
+        return None
+    path, split = split_spec(rankings)
+    _, metadata = _open_dataset(path, split, "eval.rankings")
+    if metadata["kind"] != "rankings":
+        raise UserError(f"eval.rankings={rankings}: a {metadata['kind']!r} dataset, expected one of kind 'rankings'")
+    spec = dataclasses.replace(cfg.data, dir=str(path.parent), name=path.name)
+    fn = jax.jit(functools.partial(rm_eval_sums, model=model), out_shardings=sharding.replicated(mesh))
+    sums = loop.evaluate(fn, params, eval_batches(spec, split, tokenizer, cfg.sampling.batch_size), mesh)
+    return float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if sums else None
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def config_from_flags(args: argparse.Namespace) -> Config:
+    return config_from_dict({
+        "stage": "eval", "run_dir": args.out, "seed": args.seed,
+        "mesh": {"shape": parse_mesh_shape(args.mesh_shape)},
+        "model": {"dtype": args.dtype}, "data": {"chat_template": args.chat_template},
+        "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                     "top_p": args.top_p, "batch_size": args.batch_size, "max_prompt_tokens": args.max_prompt_tokens},
+        "eval": {"policies": args.policy, "reference": args.reference, "reward_model": args.reward_model,
+                 "prompts": args.prompts, "rankings": args.rankings, "gold": args.gold, "step": args.step,
+                 "all_steps": args.all_steps, "limit": args.limit, "samples": args.samples, "runs": args.runs,
+                 "out": args.out}})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rlhf_jax.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", nargs="+", required=True, help="policies: model dirs or sft/ppo run dirs")
+    ap.add_argument("--reference", required=True, help="the baseline policy (e.g. the sft export)")
+    ap.add_argument("--reward-model", required=True, help="a reward model export")
+    ap.add_argument("--prompts", required=True, help="prompt file, or prepared prompts dataset DIR[:SPLIT]")
+    ap.add_argument("--rankings", default="", help="prepared rankings dataset DIR[:SPLIT] for RM accuracy")
+    ap.add_argument("--gold", default="", help="MODULE:FUNCTION, f(prompts, responses) -> scores")
+    ap.add_argument("--step", type=int, default=0, help="checkpoint step of run dirs (default: latest)")
+    ap.add_argument("--all-steps", action="store_true", help="every saved step of run dirs")
+    ap.add_argument("--runs", nargs="*", default=[], help="run dirs whose training curves are plotted")
+    ap.add_argument("--out", required=True, help="report directory")
+    ap.add_argument("--limit", type=int, default=0, help="first N prompts only")
+    ap.add_argument("--samples", type=int, default=4, help="prompts shown in report.md")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-prompt-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat-template", action="store_true")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--mesh-shape", default="-1,1,1", help="devices per (data, fsdp, tensor) axis")
+    args = ap.parse_args(argv)
+    try:
+        from rlhf_jax import stages
+
+        stages.run(config_from_flags(args))
+    except UserError as e:
+        return report(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Writes an evaluation's outputs: report.json, report.md, a few small PNG plots; and terminal headline lines.
+
+Every file is written whole (to a temporary name beside it, then renamed), so a reader never sees half a file.
+matplotlib is imported only when a plot is drawn, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# Training curves drawn from run directories: (panel title, stage, metric key, held-out metric key or None).
+CURVES = (
+    ("SFT loss", "sft", "loss", "eval_loss"),
+    ("RM accuracy", "rm", "accuracy", "eval_accuracy"),
+    ("PPO score", "ppo", "score_mean", None),
+    ("PPO KL", "ppo", "kl", None),
+    ("PPO entropy", "ppo", "entropy", None),
+)
+PLOT_TITLES = {"score_kl_by_step.png": "RM score and KL by checkpoint step",
+               "gold_vs_kl.png": "Gold score against KL to the reference",
+               "training_curves.png": "Training curves"}
+NONE = "–"  # a table cell with no value
+
+
+def write_report(out_dir: Path, report: dict, samples: list[dict], runs: Sequence[Path] = ()) -> list[Path]:
+    """Writes report.json, the plots that apply, and report.md (which embeds them) into `out_dir`; returns the
+    paths written. Run directories in `runs` whose metrics.jsonl is missing or unreadable are skipped with a
+    one-line warning on stderr."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_write_atomic(out_dir / "report.json", (json.dumps(_plain(report), indent=2) + "\n").encode())]
+    plots = []
+    if len(_stepped(report["policies"])) >= 2:
+        plots.append(_write_atomic(out_dir / "score_kl_by_step.png", _score_kl_by_step_png(report)))
+    if _has_gold(report):
+        plots.append(_write_atomic(out_dir / "gold_vs_kl.png", _gold_vs_kl_png(report)))
+    curves = _read_runs(runs)
+    if curves:
+        plots.append(_write_atomic(out_dir / "training_curves.png", _training_curves_png(curves)))
+    markdown = markdown_report(report, samples, [p.name for p in plots])
+    written += plots
+    written.append(_write_atomic(out_dir / "report.md", markdown.encode()))
+    return written
+
+
+def headline(report: dict) -> list[str]:
+    """One line per policy for the terminal: win rate vs the reference (by RM score, and gold when scored), KL."""
+    lines = []
+    for p in report["policies"]:
+        parts = [f"{p['name']}: win rate {_rate_ci(p['win_rate'], p['win_rate_ci'])} vs reference by RM score"]
+        if p.get("gold_win_rate") is not None:
+            parts.append(f"gold win rate {_rate_ci(p['gold_win_rate'], p.get('gold_win_rate_ci'))}")
+        parts.append(f"KL {_num(p.get('kl'), 2)} nats")
+        lines.append(", ".join(parts))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+
+
+def markdown_report(report: dict, samples: list[dict], plot_names: Sequence[str] = ()) -> str:
+    """The report.md text: settings, the headline table, the plots `plot_names` (files beside it), samples."""
+    ref = report["reference"]
+    settings = (f"{report.get('prompts')} prompts, seed {report.get('seed')}, "
+                f"reward model `{report.get('reward_model')}`, reference `{ref.get('path')}`")
+    settings += f", gold scorer `{report['gold']}`." if report.get("gold") else "."
+    lines = ["# Policy evaluation", "", settings, ""]
+    if report.get("sampling"):
+        lines += ["Sampling: " + ", ".join(f"{k}={v}" for k, v in report["sampling"].items()) + ".", ""]
+    lines += _headline_table(report) + [""]
+    if report.get("rm_accuracy") is not None:
+        lines += [f"Reward model accuracy on held-out preference pairs: {_num(report['rm_accuracy'])}.", ""]
+    for name in plot_names:
+        lines += [f"![{PLOT_TITLES.get(name, name)}]({name})", ""]
+    if samples:
+        lines += ["## Samples", ""]
+        for i, sample in enumerate(samples, 1):
+            lines += _sample_block(i, sample, has_gold=_has_gold(report))
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _headline_table(report: dict) -> list[str]:
+    policies, ref = report["policies"], report["reference"]
+    gold = _has_gold(report)
+    per_policy_acc = any(p.get("rm_accuracy") is not None for p in policies)
+    header = ["Policy", "Step", "RM score", "Win rate vs reference"]
+    header += ["Gold score", "Gold win rate"] if gold else []
+    header += ["KL (nats)", "KL k3", "Response length", "EOS rate"] + (["RM accuracy"] if per_policy_acc else [])
+    rows = []
+    for p in policies:
+        row = [p["name"], p.get("step"), _mean_std(p.get("score_mean"), p.get("score_std")),
+               _rate_ci(p.get("win_rate"), p.get("win_rate_ci"))]
+        if gold:
+            row += [_num(p.get("gold_score_mean")), _rate_ci(p.get("gold_win_rate"), p.get("gold_win_rate_ci"))]
+        row += [_num(p.get("kl")), _num(p.get("kl_k3")), _num(p.get("response_length"), 1), _num(p.get("eos_rate"))]
+        rows.append(row + ([_num(p.get("rm_accuracy"))] if per_policy_acc else []))
+    # The reference against itself: KL 0 and no win rate.
+    row = ["reference", None, _mean_std(ref.get("score_mean"), ref.get("score_std")), None]
+    row += [_num(ref.get("gold_score_mean")), None] if gold else []
+    row += [_num(0.0), _num(0.0), _num(ref.get("response_length"), 1), _num(ref.get("eos_rate"))]
+    rows.append(row + ([None] if per_policy_acc else []))
+    return _table(header, rows)
+
+
+def _sample_block(i: int, sample: dict, has_gold: bool) -> list[str]:
+    gold = has_gold or sample.get("policy_gold") is not None or sample.get("reference_gold") is not None
+    header = ["Model", "Response", "RM score"] + (["Gold score"] if gold else [])
+    rows = []
+    for who, name in (("reference", "reference"), ("policy", sample["policy"])):
+        row = [name, sample[f"{who}_response"], _num(sample.get(f"{who}_score"))]
+        rows.append(row + ([_num(sample.get(f"{who}_gold"))] if gold else []))
+    return [f"### {i}. {_escape_cell(sample['policy'])}", "", "Prompt:", "", *_fenced(sample["prompt"]), "",
+            *_table(header, rows), ""]
+
+
+def _table(header: list, rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(_escape_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_escape_cell(c) for c in row) + " |" for row in rows]
+
+
+def _escape_cell(value) -> str:
+    """A value as one markdown table cell: a `|` would end the cell, a newline the row, `<` could open HTML."""
+    if value is None:
+        return NONE
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
+    return text if text.strip() else " "
+
+
+def _fenced(text: str) -> list[str]:
+    """`text` verbatim in a code block whose fence is longer than any run of backticks inside it."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text, fence]
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return NONE
+    return f"{value:.{digits}f}"
+
+
+def _mean_std(mean, std) -> str:
+    return NONE if mean is None else f"{mean:.3f} ± {std:.3f}" if std is not None else _num(mean)
+
+
+def _rate_ci(rate, ci) -> str:
+    if rate is None:
+        return NONE
+    return f"{rate:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci is not None else f"{rate:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------- json
+
+
+def _plain(value):
+    """`value` as strict JSON data: numpy numbers become Python ones, floats keep 6 significant digits, and a
+    non-finite float becomes null (json.dumps would write NaN, which JSON readers refuse)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # a numpy scalar or array
+        return _plain(value.tolist())
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+
+
+def _stepped(policies: list[dict]) -> list[dict]:
+    return sorted((p for p in policies if p.get("step") is not None), key=lambda p: p["step"])
+
+
+def _has_gold(report: dict) -> bool:
+    return report["reference"].get("gold_score_mean") is not None or any(
+        p.get("gold_score_mean") is not None for p in report["policies"])
+
+
+def _figure(nrows: int = 1, ncols: int = 1, figsize=(6, 4)):
+    # Figure without pyplot: no global backend or figure registry, renders with Agg on savefig.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _score_kl_by_step_png(report: dict) -> bytes:
+    policies = _stepped(report["policies"])
+    steps = [p["step"] for p in policies]
+    fig, (score_ax, kl_ax) = _figure(1, 2, figsize=(8, 3.5))
+    score_ax.plot(steps, [p["score_mean"] for p in policies], "o-", color="C0", label="RM score")
+    if report["reference"].get("score_mean") is not None:
+        score_ax.axhline(report["reference"]["score_mean"], color="C0", ls=":", lw=1, label="reference RM score")
+    score_ax.set(xlabel="step", ylabel="RM score", title="Score by checkpoint")
+    handles = score_ax.get_legend_handles_labels()
+    gold = [(p["step"], p["gold_score_mean"]) for p in policies if p.get("gold_score_mean") is not None]
+    if gold:
+        gold_ax = score_ax.twinx()  # the gold scorer has its own scale
+        gold_ax.plot(*zip(*gold), "s--", color="C1", label="gold score")
+        gold_ax.set_ylabel("gold score")
+        more = gold_ax.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    fig.legend(*handles, loc="outside lower center", ncols=3, fontsize="small")  # clear of both axes' points
+    kl_ax.plot(steps, [p["kl"] for p in policies], "o-", color="C2")
+    kl_ax.set(xlabel="step", ylabel="KL to reference (nats)", title="KL by checkpoint")
+    return _png(fig)
+
+
+def _gold_vs_kl_png(report: dict) -> bytes:
+    fig, (ax,) = _figure()
+    points = [(p["kl"], p["gold_score_mean"], p["name"]) for p in report["policies"]
+              if p.get("gold_score_mean") is not None and p.get("kl") is not None]
+    if report["reference"].get("gold_score_mean") is not None:
+        points.append((0.0, report["reference"]["gold_score_mean"], "reference"))
+    points.sort()
+    ax.plot([k for k, _, _ in points], [g for _, g, _ in points], "o-", color="C1")
+    for kl, gold, name in points:
+        ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    ax.set(xlabel="KL to reference (nats)", ylabel="gold score", title="Gold score against KL")
+    return _png(fig)
+
+
+def _read_runs(runs: Sequence[Path]) -> dict:
+    """{(title, key): {run label: [(step, value), ...]}} for every curve in CURVES that some run has."""
+    curves: dict = {}
+    names = [Path(run).name for run in runs]
+    for run, name in zip(runs, names):
+        lines = _read_metrics(Path(run))
+        if lines is None:
+            continue
+        label = name if name and names.count(name) == 1 else str(run)  # the full path only where names clash
+        for title, stage, key, eval_key in CURVES:
+            for k in (key, eval_key) if eval_key else (key,):
+                points = [(line["step"], float(line[k])) for line in lines if line["stage"] == stage and k in line]
+                if points:
+                    curves.setdefault((title, key), {})[label + (" (held-out)" if k == eval_key else "")] = points
+    return curves
+
+
+def _read_metrics(run: Path) -> list[dict] | None:
+    """The lines of `run`/metrics.jsonl; None (after a one-line warning) when the file is missing or has a line
+    that is not a metrics record, since a curve with silently dropped points would mislead."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        _warn(f"run {run}: no metrics.jsonl, left out of the training curves")
+        return None
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        _warn(f"run {run}: cannot read metrics.jsonl ({type(e).__name__}: {e}), left out of the training curves")
+        return None
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError:
+            line = None
+        if not _is_metrics_line(line):
+            _warn(f"run {run}: metrics.jsonl line {number} is not a metrics record, run left out of the training "
+                  "curves")
+            return None
+        lines.append(line)
+    return lines
+
+
+def _is_metrics_line(line) -> bool:
+    if not isinstance(line, dict) or not isinstance(line.get("stage"), str):
+        return False
+    if not isinstance(line.get("step"), int) or isinstance(line.get("step"), bool):
+        return False
+    plotted = {k for _, _, key, eval_key in CURVES for k in (key, eval_key) if k}
+    return all(isinstance(line[k], (int, float)) and not isinstance(line[k], bool) for k in plotted & line.keys())
+
+
+def _training_curves_png(curves: dict) -> bytes:
+    ncols = min(len(curves), 3)
+    nrows = -(-len(curves) // ncols)
+    fig, axes = _figure(nrows, ncols, figsize=(4 * ncols, 3 * nrows))
+    for ax, ((title, _), by_run) in zip(axes, curves.items()):
+        for label, points in by_run.items():
+            style = "o--" if label.endswith("(held-out)") else "-"
+            ax.plot(*zip(*points), style, label=label, markersize=3)
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize="x-small")
+    for ax in axes[len(curves):]:
+        ax.set_visible(False)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

@@ -1,0 +1,123 @@
+import math
+
+import numpy as np
+import pytest
+
+from rlhf_jax import eval_stats
+
+
+def brute_force_win_rate(policy, reference):
+    outcomes = []
+    for p, r in zip(policy, reference):
+        outcomes.append(1.0 if p > r else 0.5 if p == r else 0.0)
+    n = len(outcomes)
+    mean = sum(outcomes) / n
+    var = sum((o - mean) ** 2 for o in outcomes) / (n - 1)
+    half = 1.959964 * math.sqrt(var) / math.sqrt(n)
+    return outcomes, mean, [max(mean - half, 0.0), min(mean + half, 1.0)]
+
+
+def score_table(n=200, seed=0):
+    """Scores on a coarse grid, so that about a fifth of the prompts are ties."""
+    rng = np.random.default_rng(seed)
+    reference = rng.integers(0, 5, n) / 2.0
+    policy = rng.integers(0, 6, n) / 2.0
+    return policy, reference
+
+
+def test_win_rate_matches_brute_force():
+    policy, reference = score_table()
+    outcomes, mean, ci = brute_force_win_rate(policy.tolist(), reference.tolist())
+    got = eval_stats.win_rate(policy, reference)
+    assert got["n"] == 200
+    assert (got["wins"], got["ties"], got["losses"]) == (outcomes.count(1.0), outcomes.count(0.5),
+                                                         outcomes.count(0.0))
+    assert got["ties"] > 10  # the table does exercise ties
+    assert got["win_rate"] == pytest.approx(mean, abs=1e-12)
+    assert got["win_rate_ci"] == pytest.approx(ci, abs=1e-12)
+    assert got["win_rate_ci"][0] < got["win_rate"] < got["win_rate_ci"][1]
+
+
+def test_win_rate_ci_is_clipped_to_unit_interval():
+    got = eval_stats.win_rate([1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0])  # mean 0.875, CI reaches past 1
+    assert got["win_rate"] == 0.875
+    assert got["win_rate_ci"][1] == 1.0
+    assert got["win_rate_ci"][0] == pytest.approx(brute_force_win_rate([1, 1, 1, 0], [0, 0, 0, 0])[2][0])
+
+
+def test_self_against_self_is_exactly_half():
+    scores = np.random.default_rng(1).normal(size=37)
+    got = eval_stats.win_rate(scores, scores.copy())
+    assert got["win_rate"] == 0.5
+    assert got["win_rate_ci"] == [0.5, 0.5]
+    assert (got["wins"], got["ties"], got["losses"], got["n"]) == (0, 37, 0, 37)
+
+
+def test_single_prompt_and_constant_outcomes_have_a_point_interval():
+    assert eval_stats.win_rate([2.0], [1.0])["win_rate_ci"] == [1.0, 1.0]
+    assert eval_stats.win_rate([0.0, 0.0], [1.0, 3.0])["win_rate_ci"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("policy,reference,match", [
+    ([1.0, 2.0], [1.0], "paired"),
+    ([], [], "no prompts"),
+    ([[1.0]], [[1.0]], "one score per prompt"),
+    ([1.0, float("nan"), float("inf")], [0.0, 0.0, float("nan")], r"3 non-finite scores \(2 policy, 1 reference\)"),
+])
+def test_win_rate_refuses_bad_scores(policy, reference, match):
+    with pytest.raises(ValueError, match=match):
+        eval_stats.win_rate(policy, reference)
+
+
+def naive_kl(logp, ref, mask):
+    k1, k3 = [], []
+    for row_p, row_r, row_m in zip(logp, ref, mask):
+        s1 = s3 = 0.0
+        for p, r, m in zip(row_p, row_r, row_m):
+            if m:
+                d = r - p
+                s1 += p - r
+                s3 += math.exp(d) - 1 - d
+        k1.append(s1)
+        k3.append(s3)
+    return k1, k3
+
+
+def test_sequence_kl_matches_naive_loop():
+    rng = np.random.default_rng(2)
+    logp_BN = np.log(rng.uniform(0.05, 1.0, (5, 9))).astype(np.float32)
+    ref_BN = np.log(rng.uniform(0.05, 1.0, (5, 9))).astype(np.float32)
+    mask_BN = np.arange(9)[None, :] < np.array([9, 4, 0, 1, 7])[:, None]
+    ref_BN[~mask_BN] = -np.inf  # padding may hold anything
+    k1, k3 = naive_kl(logp_BN.astype(np.float64), ref_BN.astype(np.float64), mask_BN)
+    got = eval_stats.sequence_kl(logp_BN, ref_BN, mask_BN.astype(np.int32))
+    assert got["kl_per_sequence"] == pytest.approx(k1, abs=1e-9)
+    assert got["kl_per_sequence"][2] == 0.0  # an empty response
+    assert got["kl"] == pytest.approx(sum(k1) / 5, abs=1e-9)
+    assert got["kl_k3"] == pytest.approx(sum(k3) / 5, abs=1e-9)
+    assert got["kl_k3"] >= 0.0
+
+
+def test_sequence_kl_of_identical_models_is_zero():
+    logp_BN = np.log(np.full((3, 4), 0.25))
+    got = eval_stats.sequence_kl(logp_BN, logp_BN, np.ones((3, 4)))
+    assert got == {"kl": 0.0, "kl_k3": 0.0, "kl_per_sequence": [0.0, 0.0, 0.0]}
+
+
+def test_sequence_kl_refuses_bad_input():
+    with pytest.raises(ValueError, match="shapes"):
+        eval_stats.sequence_kl(np.zeros((2, 3)), np.zeros((2, 4)), np.ones((2, 3)))
+    with pytest.raises(ValueError, match="no sequences"):
+        eval_stats.sequence_kl(np.zeros((0, 3)), np.zeros((0, 3)), np.ones((0, 3)))
+    with pytest.raises(ValueError, match="1 real tokens"):
+        eval_stats.sequence_kl(np.array([[0.0, np.nan]]), np.zeros((1, 2)), np.ones((1, 2)))
+
+
+def test_summary_and_rm_accuracy():
+    assert eval_stats.summary([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
+    with pytest.raises(ValueError):
+        eval_stats.summary([])
+    assert eval_stats.rm_accuracy(3, 4) == 0.75
+    assert eval_stats.rm_accuracy(0, 0) is None
+    with pytest.raises(ValueError):
+        eval_stats.rm_accuracy(5, 4)

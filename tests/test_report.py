@@ -1,0 +1,143 @@
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from rlhf_jax import report as report_lib
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_report(gold=True, steps=True):
+    policies = []
+    for i, (name, step) in enumerate([("ppo-100", 100), ("ppo-200", 200), ("ppo-300", 300)]):
+        policies.append({
+            "name": name, "path": f"runs/ppo/checkpoints/{step}", "step": step if steps else None,
+            "score_mean": 0.5 + i, "score_std": 0.25, "win_rate": 0.625 + 0.125 * i,
+            "win_rate_ci": [0.5, min(0.75 + 0.125 * i, 1.0)],
+            "gold_score_mean": (0.25 - 0.5 * i) if gold else None, "gold_win_rate": 0.5 if gold else None,
+            "gold_win_rate_ci": [0.375, 0.625] if gold else None,
+            "kl": 1.5 * (i + 1), "kl_k3": 1.25 * (i + 1), "response_length": 40.5, "eos_rate": 0.875,
+            "rm_accuracy": None})
+    return {
+        "reference": {"path": "runs/sft/best", "score_mean": 0.125, "score_std": 0.5,
+                      "gold_score_mean": 0.75 if gold else None, "response_length": 38.0, "eos_rate": 0.9375},
+        "reward_model": "runs/rm/best", "prompts": 64, "seed": 7,
+        "sampling": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 64},
+        "rm_accuracy": 0.6875, "gold": "gold-rm" if gold else None, "policies": policies}
+
+
+SAMPLES = [
+    {"policy": "ppo-300", "prompt": "Say | and ```code```", "reference_response": "plain answer",
+     "policy_response": "a | b\nsecond line <|endoftext|>", "reference_score": 0.5, "policy_score": 1.5,
+     "reference_gold": 0.25, "policy_gold": -0.75},
+]
+
+
+def write_run(run_dir, lines):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def make_runs(tmp_path):
+    sft = tmp_path / "runs" / "sft"
+    write_run(sft, [{"stage": "sft", "step": s, "time": 0.0, "loss": 3.0 / s} for s in (1, 2, 3, 4)]
+              + [{"stage": "sft", "step": 4, "time": 0.0, "eval_loss": 0.9}])
+    ppo = tmp_path / "runs" / "ppo"
+    write_run(ppo, [{"stage": "ppo", "step": s, "time": 0.0, "score_mean": 0.1 * s, "kl": 0.05 * s,
+                     "entropy": 2.0 - 0.1 * s} for s in (1, 2, 3)])
+    broken = tmp_path / "runs" / "broken"
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text('{"stage": "sft", "step": 1, "loss": 2.0}\n{"stage": "sft", "st\n')
+    missing = tmp_path / "runs" / "missing"
+    missing.mkdir()
+    return [sft, ppo, broken, missing]
+
+
+def cells(row):
+    """Cells of a markdown table row, splitting only on unescaped pipes."""
+    return re.split(r"(?<!\\)\|", row.strip())[1:-1]
+
+
+def table_after(md, header_start):
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return table
+
+
+def test_full_report(tmp_path, capsys):
+    report = make_report()
+    out = tmp_path / "eval"
+    written = report_lib.write_report(out, report, SAMPLES, runs=make_runs(tmp_path))
+
+    names = {p.name for p in written}
+    assert names == {"report.json", "report.md", "score_kl_by_step.png", "gold_vs_kl.png", "training_curves.png"}
+    assert all(p.parent == out and p.is_file() for p in written)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temporary files left behind
+    assert json.loads((out / "report.json").read_text()) == report
+
+    for name in ("score_kl_by_step.png", "gold_vs_kl.png", "training_curves.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) < 150_000, name
+
+    md = (out / "report.md").read_text()
+    headline = table_after(md, "| Policy")
+    width = len(cells(headline[0]))
+    assert "Gold score" in headline[0] and "Gold win rate" in headline[0]
+    assert [cells(r)[0].strip() for r in headline[2:]] == ["ppo-100", "ppo-200", "ppo-300", "reference"]
+    assert all(len(cells(r)) == width for r in headline)
+    assert "0.62 [0.50, 0.75]" in headline[2]
+    for name in ("score_kl_by_step.png", "gold_vs_kl.png", "training_curves.png"):
+        assert f"]({name})" in md
+
+    sample = table_after(md, "| Model | Response")
+    assert len(sample) == 4 and all(len(cells(r)) == 4 for r in sample)
+    assert "a \\| b<br>second line &lt;\\|endoftext\\|>" in sample[3]
+    assert "````\nSay | and ```code```\n````" in md  # the prompt verbatim, fenced past its own backticks
+
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: run ") for w in warnings)
+    assert "broken" in warnings[0] and "line 2" in warnings[0] and "missing" in warnings[1]
+
+
+def test_without_gold_or_steps_only_the_applicable_files_are_written(tmp_path, capsys):
+    report = make_report(gold=False, steps=False)
+    written = report_lib.write_report(tmp_path, report, [])
+    assert {p.name for p in written} == {"report.json", "report.md"}
+    md = (tmp_path / "report.md").read_text()
+    assert "Gold" not in md and ".png" not in md and "## Samples" not in md
+    assert all(len(cells(r)) == 8 for r in table_after(md, "| Policy"))
+    assert capsys.readouterr().err == ""
+
+
+def test_json_is_strict_and_plain(tmp_path):
+    report = make_report()
+    report["policies"][0]["kl"] = np.float32(0.5)
+    report["policies"][0]["step"] = np.int64(100)
+    report["reference"]["score_std"] = float("nan")
+    report_lib.write_report(tmp_path, report, [])
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text
+    loaded = json.loads(text)
+    assert loaded["policies"][0]["kl"] == 0.5 and loaded["policies"][0]["step"] == 100
+    assert loaded["reference"]["score_std"] is None
+
+
+def test_headline_lines():
+    lines = report_lib.headline(make_report())
+    assert lines[0] == ("ppo-100: win rate 0.62 [0.50, 0.75] vs reference by RM score, "
+                        "gold win rate 0.50 [0.38, 0.62], KL 1.50 nats")
+    assert len(lines) == 3
+    assert "gold" not in report_lib.headline(make_report(gold=False))[0]
+
+
+def test_import_does_not_load_matplotlib():
+    code = "import sys, rlhf_jax.report; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
