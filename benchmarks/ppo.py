@@ -1,18 +1,42 @@
-"""Episodes/s of one whole PPO iteration (rollout, scoring, advantages, update) and its share of the FLOP bound.
+"""Episodes/s of one whole PPO iteration (rollout, scoring, advantages, update), its rollout / update split and its
+share of the FLOP bound, side by side with Google Tunix's PPOLearner on the same shapes.
 
   python benchmarks/ppo.py --out benchmarks/results/ppo_cpu.json
 
 The tiny Llama of the decode benchmark (vocab 2048, d 256, 4 layers, 4 heads, 2 KV heads, MLP 688) as policy,
 reference, value and reward model; 16 prompts of 64 tokens, 64 new tokens, 1 epoch, 1 minibatch, float32. The
 FLOPs of an iteration come from XLA's cost analysis of the compiled program; the peak is a 2048^3 float32
-matmul measured in the same run.
+matmul measured in the same run, round by round. Besides the whole iteration (one program,
+`ppo.iteration`), `ppo.rollout` (sampling, old / reference log-probs, values, scores, GAE) and `ppo.update` (the
+optimizer steps) are compiled and timed on their own (`rollout_s`, `update_s`; each with its own FLOPs and share
+of the bound).
+
+Tunix runs in its own environment, `.venv-tunix` (it pins its own dependencies; rlhf_jax is not installed
+there), created once from the repository root with:
+
+  python3 -m venv .venv-tunix
+  .venv-tunix/bin/pip install "google-tunix==0.1.7"
+  # or, every dependency pinned as measured (jax 0.10.2, flax 0.12.8, optax 0.2.8, as in requirements.txt):
+  .venv-tunix/bin/pip install -r benchmarks/requirements-tunix.txt
+
+`--tunix-python` (default `.venv-tunix/bin/python` when it exists; otherwise Tunix is skipped with a note in
+the JSON) runs benchmarks/tunix_ppo.py in that interpreter as one subprocess, built and compiled once, before any
+timing. Then, `--rounds` times: `--iterations` of our whole iteration, as many of Tunix's learner (this process
+waiting), then our rollout, update and the matmul peak; so load on the machine falls on both sides alike.
+Every reported time is the median over the rounds; every per-round value is kept under "round_results".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +46,8 @@ from rlhf_jax import ppo, steps
 from rlhf_jax.config import OptimSection, PPOSection
 from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -34,10 +60,64 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
+def flops_of(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def timed(fn, args_of, iterations: int):
+    """Seconds per call of `fn(*args_of(previous output))`, after one untimed call."""
+    out = fn(*args_of(None))
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        out = fn(*args_of(out))
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iterations, out
+
+
+class Tunix:
+    """benchmarks/tunix_ppo.py --serve in the Tunix interpreter: built and warmed up once (the constructor waits
+    for it), then `run(k)` times k PPO iterations there while this process waits."""
+
+    def __init__(self, python: str, warmup: int):
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / "tunix_ppo.py"), "--serve", "--warmup",
+                                      str(warmup)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self._result()  # the warm-up (compilation), before any timing here
+
+    def run(self, iterations: int) -> dict:
+        self.proc.stdin.write(f"{iterations}\n")
+        self.proc.stdin.flush()
+        return self._result()
+
+    def _result(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.log.seek(0)
+        raise RuntimeError(f"tunix_ppo.py ended ({self.proc.wait()}): {self.log.read()[-2000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # ends its training loop
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
-    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--iterations", type=int, default=5, help="timed calls of each program per round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternations of our measurement and Tunix's")
+    default_tunix = ROOT / ".venv-tunix" / "bin" / "python"
+    ap.add_argument("--tunix-python", default=str(default_tunix) if default_tunix.exists() else "",
+                    help="interpreter of the Tunix environment ('' skips Tunix)")
+    ap.add_argument("--tunix-warmup", type=int, default=2, help="untimed Tunix iterations (compilation)")
     args = ap.parse_args()
     cfg = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
                       head_dim=64, d_ff=688, max_position_embeddings=512, eos_token_ids=(1,))
@@ -53,23 +133,92 @@ def main() -> None:
     frozen = ppo.Frozen(jax.tree.map(jnp.copy, policy), jax.tree.map(jnp.copy, reward))
     ids = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (B, P)), jnp.int32)
     mask = jnp.ones((B, P), bool)
-    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models), donate_argnums=0)
-    compiled = step.lower(state, frozen, ids, mask).compile()
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
-    state, metrics = step(state, frozen, ids, mask)
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(args.iterations):
-        state, metrics = step(state, frozen, ids, mask)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - t0) / args.iterations
-    peak = matmul_peak()
-    result = {"device": jax.devices()[0].device_kind, "batch": B, "prompt": P, "new_tokens": N,
+    rng = jax.random.PRNGKey(3)
+    orders = ppo.minibatch_orders(jax.random.PRNGKey(4), B, models)
+
+    # The whole iteration, and its two halves as the iteration calls them, each one program.
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models), donate_argnums=0).lower(
+        state, frozen, ids, mask).compile()
+    rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, o)).lower(
+        state, frozen, ids, mask, rng, orders[0]).compile()
+    batch = rollout(state, frozen, ids, mask, rng, orders[0])[0]
+    update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models), donate_argnums=0).lower(
+        state, batch, orders).compile()
+    flops = {"iteration": flops_of(step), "rollout": flops_of(rollout), "update": flops_of(update)}
+
+    tunix_python = args.tunix_python
+    tunix_note = "" if tunix_python else (
+        "Tunix skipped: --tunix-python ''" if default_tunix.exists() else
+        f"Tunix skipped: no {default_tunix.relative_to(ROOT)} (see the docstring of benchmarks/ppo.py to create it)")
+    if tunix_python and not Path(tunix_python).exists():
+        tunix_note, tunix_python = f"Tunix skipped: {tunix_python} does not exist", ""
+
+    load_before = os.getloadavg()
+    tunix = None
+    if tunix_python:
+        try:
+            tunix = Tunix(tunix_python, args.tunix_warmup)
+        except RuntimeError as e:
+            tunix_note = f"Tunix failed: {e}"
+    rounds = []
+    try:
+        for r in range(args.rounds):
+            # The two whole iterations back to back (what the speedup compares), then the split and the peak.
+            row = {}
+            row["iteration_s"], (state, _) = timed(
+                step, lambda out: (state if out is None else out[0], frozen, ids, mask), args.iterations)
+            if tunix is not None:
+                try:
+                    tunix_result = tunix.run(args.iterations)
+                    row["tunix_iteration_s"] = tunix_result["iteration_s"]
+                except RuntimeError as e:
+                    tunix_note, tunix = f"Tunix failed: {e}", None
+            row["rollout_s"], _ = timed(rollout, lambda out: (state, frozen, ids, mask, rng, orders[0]),
+                                        args.iterations)
+            row["update_s"], (state, _) = timed(
+                update, lambda out: (state if out is None else out[0], batch, orders), args.iterations)
+            row["matmul_peak_gflops"] = max(matmul_peak() for _ in range(3)) / 1e9
+            row = {k: round(v, 4) for k, v in row.items()}
+            print(json.dumps({"round": r, **row}), file=sys.stderr)
+            rounds.append(row)
+    finally:
+        if tunix is not None:
+            tunix.close()
+
+    med = lambda key: statistics.median(row[key] for row in rounds)
+    # Shares of the FLOP bound and the speedup are taken round by round (against the matmul peak and the Tunix
+    # time of the same round, measured next to ours under the same load), then the median over the rounds.
+    share = lambda key, name: statistics.median(flops[name] / row[key] / (row["matmul_peak_gflops"] * 1e9)
+                                                for row in rounds)
+    seconds = med("iteration_s")
+    result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "batch": B, "prompt": P,
+              "new_tokens": N, "epochs": 1, "minibatches": 1, "dtype": "float32", "iterations": args.iterations,
+              "rounds": args.rounds,
               "iteration_s": round(seconds, 4), "episodes_per_s": round(B / seconds, 2),
-              "gflop_per_iteration": round(flops / 1e9, 2), "gflop_per_episode": round(flops / 1e9 / B, 3),
-              "achieved_gflops": round(flops / seconds / 1e9, 1), "matmul_peak_gflops": round(peak / 1e9, 1),
-              "fraction_of_flop_bound": round(flops / seconds / peak, 3)}
+              "rollout_s": round(med("rollout_s"), 4), "update_s": round(med("update_s"), 4),
+              "gflop_per_iteration": round(flops["iteration"] / 1e9, 2),
+              "gflop_per_episode": round(flops["iteration"] / 1e9 / B, 3),
+              "gflop_rollout": round(flops["rollout"] / 1e9, 2), "gflop_update": round(flops["update"] / 1e9, 2),
+              "achieved_gflops": round(flops["iteration"] / seconds / 1e9, 1),
+              "matmul_peak_gflops": round(med("matmul_peak_gflops"), 1),
+              "fraction_of_flop_bound": round(share("iteration_s", "iteration"), 3),
+              "rollout_fraction_of_flop_bound": round(share("rollout_s", "rollout"), 3),
+              "update_fraction_of_flop_bound": round(share("update_s", "update"), 3)}
+    if all("tunix_iteration_s" in row for row in rounds):
+        tunix_seconds = med("tunix_iteration_s")
+        per_round = [row["tunix_iteration_s"] / row["iteration_s"] for row in rounds]
+        result.update(tunix_iteration_s=round(tunix_seconds, 4), tunix_episodes_per_s=round(B / tunix_seconds, 2),
+                      speedup_vs_tunix=round(statistics.median(per_round), 2),
+                      speedup_vs_tunix_per_round=[round(x, 2) for x in per_round],
+                      tunix={k: v for k, v in tunix_result.items() if k not in ("iteration_s", "episodes_per_s")})
+    else:
+        result["tunix_note"] = tunix_note
+    # The machine's 1-minute load average before and after: above the core count, other work was running.
+    result["loadavg_1m"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    result["cpu_count"] = os.cpu_count()
+    result["env"] = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
+                                                "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    result["round_results"] = rounds
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

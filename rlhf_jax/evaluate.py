@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
 import json
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -31,16 +29,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from rlhf_jax import eval_stats, loop, ppo, sharding
+from rlhf_jax import eval_stats, imports, loop, ppo, sharding
 from rlhf_jax.checkpoint import LoadedModel, load_model, model_head
-from rlhf_jax.config import Config, DataSection, config_from_dict
-from rlhf_jax.data.pipeline import eval_batches, open_split
+from rlhf_jax.config import Config, config_from_dict
+from rlhf_jax.data.pipeline import eval_batches, open_split, stored_prompts
 from rlhf_jax.data.prepare import VERSION
 from rlhf_jax.errors import UserError, report
 from rlhf_jax.generate import parse_mesh_shape, read_prompts
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.model import make_model, param_logical_axes
-from rlhf_jax.sampling import SamplingParams, is_eos, sample, teacher_forced_logprobs
+from rlhf_jax.sampling import SamplingParams, sample, teacher_forced_logprobs
 from rlhf_jax.steps import rm_eval_sums, rm_metrics
 from rlhf_jax.tiny import resolve_model_path
 from rlhf_jax.tokenizer import PAD_ID, PromptEncoder, load_tokenizer
@@ -188,7 +186,7 @@ def load_prompts(text: str, limit: int = 0) -> list[str]:
         source, metadata = _open_dataset(path, split, "eval.prompts")
         if metadata["kind"] != "prompts":
             raise UserError(f"eval.prompts={text}: a {metadata['kind']!r} dataset, expected one of kind 'prompts'")
-        prompts = [_text(source[i]["prompt"]) for i in range(len(source))]
+        return stored_prompts(source, limit)
     return prompts[:limit] if limit else prompts
 
 
@@ -199,25 +197,9 @@ def _open_dataset(path: Path, split: str, key: str):
     return open_split(path.parent, path.name, split)
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def load_gold(spec: str) -> Callable | None:
-    """MODULE:FUNCTION, imported (never downloaded): f(prompts, responses) -> one score per response."""
-    if not spec:
-        return None
-    module_name, _, function = spec.partition(":")
-    if not module_name or not function:
-        raise UserError(f"eval.gold={spec!r}: expected MODULE:FUNCTION")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"eval.gold={spec!r}: cannot import {module_name!r} ({e})") from None
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise UserError(f"eval.gold={spec!r}: {module_name} has no function {function!r}")
-    return fn
+    """MODULE:FUNCTION: f(prompts, responses) -> one score per response."""
+    return imports.function(spec, "eval.gold")[0] if spec else None
 
 
 def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -378,12 +360,12 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     ev = Evaluator(cfg, prompts, gold_fn, mesh)
-    rm_accuracy = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
+    rm_accuracy, ceiling = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
     rows, samples = [], []
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(prompts) * (len(sources) + 1), desc="eval", unit="response", file=sys.stderr) as bar, \
-            MetricsWriter(out_dir, "eval") as metrics:
+            MetricsWriter(run_dir, "eval") as metrics:
         ref = ev.responses(ev.ref_model, ev.ref_params, bar, policy=False)
         for index, source in enumerate(sources):
             loaded = load_policy(source, base_models)
@@ -398,16 +380,22 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
             samples += [_sample_row(source.name, prompts[i], ref, pol, i) for i in range(min(e.samples, len(prompts)))]
     result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": str(e.reward_model),
               "prompts": len(prompts), "seed": cfg.seed, "gold": e.gold or None, "rm_accuracy": rm_accuracy,
+              "labeler_ceiling": ceiling,
               "sampling": dataclasses.asdict(s), "policies": rows}
-    from rlhf_jax.report import headline, write_report  # matplotlib only when a report is written
+    from rlhf_jax.report import headline, verdict, write_report  # matplotlib only when a report is written
 
     written = write_report(out_dir, result, samples, [Path(r) for r in e.runs])
     for line in headline(result):
         print(line, file=sys.stderr)
+    last = rows[-1]  # the headline numbers of the last policy (the final checkpoint of a run)
     summary = {"stage": "eval", "policies": len(rows), "prompts": len(prompts), "report": str(out_dir / "report.md"),
-               "files": [str(p) for p in written]}
+               "files": [str(p) for p in written],
+               **{k: last[k] for k in ("win_rate", "gold_win_rate", "kl") if last.get(k) is not None},
+               "verdict": verdict(result)}
     print(json.dumps(summary))
-    return result
+    for line in summary["verdict"]:
+        print(line, file=sys.stderr)
+    return summary
 
 
 def _sample_row(name: str, prompt: str, ref: dict, pol: dict, i: int) -> dict:
@@ -437,10 +425,11 @@ def _policy_row(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float |
     return row
 
 
-def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> float | None:
-    """Held-out pairs the reward model orders correctly (tied rankings make no pair), over a rankings split."""
+def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> tuple[float | None, float | None]:
+    """(held-out pairs the reward model orders correctly (tied rankings make no pair) over a rankings split, the
+    best accuracy its labeler allows when the dataset records it)."""
     if not rankings:
-        return None
+        return None, None
     path, split = split_spec(rankings)
     _, metadata = _open_dataset(path, split, "eval.rankings")
     if metadata["kind"] != "rankings":
@@ -448,7 +437,8 @@ def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> 
     spec = dataclasses.replace(cfg.data, dir=str(path.parent), name=path.name)
     fn = jax.jit(functools.partial(rm_eval_sums, model=model), out_shardings=sharding.replicated(mesh))
     sums = loop.evaluate(fn, params, eval_batches(spec, split, tokenizer, cfg.sampling.batch_size), mesh)
-    return float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if sums else None
+    accuracy = float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if sums else None
+    return accuracy, metadata.get("labeler_ceiling")
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

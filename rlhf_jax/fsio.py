@@ -15,6 +15,7 @@ them). Call `check_out_dir` with the same arguments to refuse a bad `out` before
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -114,3 +115,14 @@ def _swap_in(tmp: Path, out: Path) -> None:
         os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a file under a temporary name beside it, then rename: a reader never sees half of it."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomically(path: Path, data) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2))

@@ -6,9 +6,7 @@ compose these pieces (`trainers.py` for sft and rm, `ppo_stage.py` for ppo); non
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -22,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rlhf_jax import resume, sharding, steps
+from rlhf_jax import fsio, resume, sharding, steps
 from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, save_model, state_shapes
 from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.errors import DivergedError, Interrupted, UserError
@@ -184,7 +182,7 @@ class Run:
             print(f"warning: moved step {step} to {kept}", file=sys.stderr)
         if start:
             print(f"resumed from {self.ckpts.directory} at step {start}", file=sys.stderr)
-        write_json_atomically(self.run_dir / "config.json", config)
+        fsio.write_json_atomically(self.run_dir / "config.json", config)
         self.writer = MetricsWriter(self.run_dir, self.stage, resume_step=start)
         return state, start
 
@@ -346,12 +344,6 @@ def evaluate(eval_fn, params, batches: Iterator[dict], mesh, limit: int = 0) -> 
         sums = jax.device_get(eval_fn(params, to_global(batch, mesh)))
         totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
     return totals
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None) -> Path:

@@ -13,6 +13,11 @@ Stages (config key `stage`):
              iteration; exports export/ (policy) and export_value/.
   eval       compare policies (eval.policies) with a reference on held-out prompts: reward-model and gold win
              rates, KL, RM accuracy; writes report.json, report.md and plots (also python -m rlhf_jax.evaluate).
+  task       generate a bundled task's datasets and base model (the demo's first step).
+  label      sample K responses per prompt from a policy and rank them with a programmatic labeler
+             (label.labeler), as a rankings dataset for the rm stage.
+A config with a `pipeline:` mapping runs several stages in order, each in run_dir/NAME, skipping those finished
+(see rlhf_jax/pipeline.py and configs/demo.yaml).
 Training stages write metrics.jsonl, TensorBoard events, Orbax checkpoints (rerun the same command to resume),
 best/ (lowest eval loss) and export/ (the final params-only model for the next stage or convert --to-hf).
 Datasets are prepared with `python -m rlhf_jax.data --help`.
@@ -27,6 +32,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from rlhf_jax import pipeline
 from rlhf_jax.config import config_help, load_config
 from rlhf_jax.errors import UserError, os_error_message, report
 
@@ -43,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [o for o in overrides if o.startswith("-")]
         if bad:
             raise UserError(f"unknown option {bad[0]!r}; overrides are written section.key=value")
+        if pipeline.is_pipeline(args.config):
+            pipeline.run(args.config, overrides)
+            return 0
         cfg = load_config(args.config, overrides)
         from rlhf_jax import stages  # after validation: config errors come before any heavy import or compile
 

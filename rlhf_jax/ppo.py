@@ -265,14 +265,15 @@ def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, pt
     """One whole PPO iteration (rollout, scoring, advantages, every update epoch, the KL controller): pure (but
     for `models.clock`'s laps), for one jit over the mesh with `state` donated. `ptx` is a batch of the sft
     layout for PPO-ptx (None: off). Returns (state, metrics)."""
-    lap = models.clock.lap if models.clock is not None else lambda values: (None, values)
+    lap = models.clock.lap if models.clock is not None else lambda values, gate=True: (None, values)
     host_wait_s, (prompt_ids_BP, prompt_mask_BP) = lap((prompt_ids_BP, prompt_mask_BP))
     rng, sample_rng, update_rng = jax.random.split(state.rng, 3)
     orders_EMMb = minibatch_orders(update_rng, prompt_ids_BP.shape[0], models)
     rollout_s, (batch, kl_B, rollout_stats) = lap(rollout(state, frozen, prompt_ids_BP, prompt_mask_BP, sample_rng,
                                                           models, orders_EMMb[0]))
     beta = state.kl.beta
-    update_s, (state, steps) = lap(update(state, batch, orders_EMMb, models, ptx))
+    state, steps = update(state, batch, orders_EMMb, models, ptx)
+    update_s, steps = lap(steps, gate=False)  # the per-step stats: complete with the last minibatch's gradients
     p = models.ppo
     kl = state.kl.update(kl_B.mean(), p.kl_target or None, p.kl_horizon, kl_B.shape[0])
     metrics = {**rollout_stats, "beta": beta,

@@ -62,6 +62,34 @@ def headline(report: dict) -> list[str]:
     return lines
 
 
+def verdict(report: dict) -> list[str]:
+    """In words: did the last policy improve on the reference, and by how much. Judged by the gold scorer's win
+    rate when there is one (else the reward model's): improved when its 95% interval lies above one half,
+    worse when below, no clear change otherwise."""
+    p, ref = report["policies"][-1], report["reference"]
+    gold = p.get("gold_win_rate") is not None
+    rate, ci = (p["gold_win_rate"], p["gold_win_rate_ci"]) if gold else (p["win_rate"], p["win_rate_ci"])
+    judge = "the gold reward" if gold else "the reward model (no gold scorer given)"
+    if ci[0] > 0.5:
+        outcome = "RLHF improved the policy"
+    elif ci[1] < 0.5:
+        outcome = "RLHF made the policy worse"
+    else:
+        outcome = "RLHF made no clear difference to the policy"
+    lines = [f"{outcome}: on {report['prompts']} held-out prompts {p['name']}'s response beats the reference's "
+             f"{100 * rate:.0f}% of the time by {judge} (95% CI {100 * ci[0]:.0f}-{100 * ci[1]:.0f}%, ties half)."]
+    detail = f"By the reward model it wins {100 * p['win_rate']:.0f}%"
+    if gold:
+        detail += f"; the gold score goes from {ref['gold_score_mean']:.2f} to {p['gold_score_mean']:.2f}"
+    lines.append(detail + f", at a KL of {p['kl']:.2f} nats from the reference.")
+    if report.get("rm_accuracy") is not None:
+        ceiling = report.get("labeler_ceiling")
+        lines.append(f"The reward model orders {100 * report['rm_accuracy']:.1f}% of held-out labeled pairs "
+                     "correctly" + (f" (the labeler's ceiling: {100 * ceiling:.1f}%)." if ceiling is not None
+                                    else "."))
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------- markdown
 
 
@@ -74,9 +102,11 @@ def markdown_report(report: dict, samples: list[dict], plot_names: Sequence[str]
     lines = ["# Policy evaluation", "", settings, ""]
     if report.get("sampling"):
         lines += ["Sampling: " + ", ".join(f"{k}={v}" for k, v in report["sampling"].items()) + ".", ""]
-    lines += _headline_table(report) + [""]
+    lines += _headline_table(report) + [""] + verdict(report) + [""]
     if report.get("rm_accuracy") is not None:
-        lines += [f"Reward model accuracy on held-out preference pairs: {_num(report['rm_accuracy'])}.", ""]
+        ceiling = report.get("labeler_ceiling")
+        against = f" (the labeler's ceiling: {_num(ceiling)})" if ceiling is not None else ""
+        lines += [f"Reward model accuracy on held-out preference pairs: {_num(report['rm_accuracy'])}{against}.", ""]
     for name in plot_names:
         lines += [f"![{PLOT_TITLES.get(name, name)}]({name})", ""]
     if samples:

@@ -63,7 +63,36 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     return evaluate(cfg, run_dir)
 
 
-STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": run_ppo, "eval": run_eval}
+def run_task(cfg: Config, run_dir: Path) -> dict:
+    from rlhf_jax.tasks import run_task as generate_task
+
+    return generate_task(cfg, run_dir)
+
+
+def run_label(cfg: Config, run_dir: Path) -> dict:
+    from rlhf_jax.label import run_label as label
+
+    return label(cfg, run_dir)
+
+
+def run_prepare(cfg: Config, run_dir: Path) -> dict:
+    """Imports prepare.inputs as dataset prepare.name in data.dir (replacing it: a pipeline reruns an
+    unfinished step whole)."""
+    from rlhf_jax.data.prepare import prepare
+
+    p = cfg.prepare
+    for key in ("format", "inputs", "name"):
+        if not getattr(p, key):
+            raise UserError(f"stage 'prepare' needs prepare.{key}")
+    summary = {"stage": "prepare", **prepare(p.format, list(p.inputs), cfg.data.dir, p.name, p.eval_fraction,
+                                              p.skip_invalid, overwrite=True)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return summary
+
+
+STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": run_ppo, "eval": run_eval,
+          "task": run_task, "label": run_label, "prepare": run_prepare}
 
 
 def run(cfg: Config) -> dict:

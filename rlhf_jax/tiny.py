@@ -27,10 +27,12 @@ def tiny_config(vocab_size: int, eos_id: int, pad_id: int, family: str = "llama"
 
 
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, family: str = "llama",
-                     vocab_size: int = 512, overwrite: bool = False) -> Path:
-    """Write a random tiny model with its tokenizer to `out_dir` (an HF checkpoint directory), as a whole: an
-    existing non-empty `out_dir` is refused unless `overwrite` (fsio.replace_dir)."""
-    corpus = resources.files("rlhf_jax").joinpath("assets/corpus.txt").read_text().splitlines()
+                     vocab_size: int = 512, overwrite: bool = False, corpus: list[str] | None = None) -> Path:
+    """Write a random tiny model with its tokenizer (trained on `corpus`, default the bundled text) to `out_dir`
+    (an HF checkpoint directory), as a whole: an existing non-empty `out_dir` is refused unless `overwrite`
+    (fsio.replace_dir)."""
+    if corpus is None:
+        corpus = resources.files("rlhf_jax").joinpath("assets/corpus.txt").read_text().splitlines()
     with fsio.replace_dir(out_dir, overwrite) as tmp:
         tokenizer = train_tiny_tokenizer(corpus, vocab_size, tmp)
         cfg = tiny_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, family)

@@ -314,9 +314,9 @@ def test_transformers_loads_export_and_logits_match(converted):
 # ------------------------------------------------------------------------------------------------ main
 
 
-def test_main_demo_config_runs_generate_stage(capsys, tmp_path):
+def test_main_generate_config_runs_generate_stage(capsys, tmp_path):
     run_dir = tmp_path / "demo_run"
-    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "demo.yaml", f"run_dir={run_dir}",
+    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml", f"run_dir={run_dir}",
                                                 f"sampling.max_new_tokens={MAX_NEW}"])
     assert rc == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
@@ -343,7 +343,7 @@ def test_main_demo_config_runs_generate_stage(capsys, tmp_path):
 
 def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
     rc, out, err = _run(capsys, main_cli.main,
-                        ["--config", REPO / "configs" / "demo.yaml", f"run_dir={tmp_path / 'r'}", "optim.lrr=1"])
+                        ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path / 'r'}", "optim.lrr=1"])
     _assert_user_error(rc, err, "did you mean 'optim.lr'")
     assert out == ""
     assert not (tmp_path / "r").exists(), "a config error must come before any run-dir work"
@@ -351,14 +351,14 @@ def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
 
 def test_main_out_of_range_value(capsys, tmp_path):
     rc, out, err = _run(capsys, main_cli.main,
-                        ["--config", REPO / "configs" / "demo.yaml", f"run_dir={tmp_path / 'r'}", "sampling.top_p=2"])
+                        ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path / 'r'}", "sampling.top_p=2"])
     _assert_user_error(rc, err, "sampling.top_p")
     assert out == ""
 
 
 def test_main_output_that_is_a_directory_fails_before_generating(capsys, tmp_path):
     (tmp_path / "out").mkdir()
-    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "demo.yaml", f"run_dir={tmp_path / 'r'}",
+    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path / 'r'}",
                                                 f"generate.output={tmp_path / 'out'}"])
     _assert_user_error(rc, err, "generate.output", "is a directory")
     assert not (tmp_path / "r" / "tiny_model").exists()

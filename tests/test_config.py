@@ -247,7 +247,12 @@ def test_help_lists_every_section_and_key():
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
+    from rlhf_jax import pipeline
+
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        load_config(str(path))
+        if pipeline.is_pipeline(str(path)):
+            assert pipeline.load(str(path))[1]
+        else:
+            load_config(str(path))

@@ -67,6 +67,8 @@ def comparison(choice, subreddit="tifu", texts=("first summary ", "  second summ
 def test_formats_map_to_kinds():
     assert set(formats.FORMATS.values()) == set(formats.KINDS)
     assert formats.FORMATS["hh_rlhf"] == "rankings" and formats.FORMATS["tldr_sft"] == "sft"
+    assert formats.FORMATS["hh_rlhf_sft"] == "sft" and formats.FORMATS["hh_rlhf_prompts"] == "prompts"
+    assert formats.FORMATS["tldr_prompts"] == "prompts"
 
 
 def test_jsonl_sft_keeps_metadata_as_compact_sorted_json(tmp_path):
@@ -149,6 +151,47 @@ def test_tldr_sft_query_template(tmp_path):
     }
     assert second["prompt"].startswith("SUBREDDIT: r/\n\nTITLE:")
     assert tldr_query("a", "t", " p ") == "SUBREDDIT: r/a\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
+
+
+def test_hh_rlhf_sft_and_prompts_share_the_rankings_prompts(tmp_path):
+    rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: What."}]
+    path = tmp_path / "train.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    rankings, sft, prompts = (records(fmt, str(path)) for fmt in ("hh_rlhf", "hh_rlhf_sft", "hh_rlhf_prompts"))
+    assert [r["prompt"] for r in sft] == [r["prompt"] for r in prompts] == [r["prompt"] for r in rankings]
+    assert [r["response"] for r in sft] == [r["responses"][0] for r in rankings]  # the chosen reply
+    assert [r["prompt"] + r["response"] for r in sft] == [row["chosen"] for row in rows]
+    assert prompts[0] == {"prompt": HH_PROMPT, "metadata": ""} and sft[0]["metadata"] == ""
+    only_chosen = write_jsonl(tmp_path / "chosen.jsonl", [{"chosen": HH_CHOSEN}])  # 'rejected' is not needed
+    assert records("hh_rlhf_prompts", only_chosen) == [prompts[0]]
+    assert records("hh_rlhf_sft", only_chosen) == [sft[0]]
+
+
+def test_tldr_prompts_are_the_sft_queries(tmp_path):
+    rows = [TLDR_SFT_ROW, dict(TLDR_SFT_ROW, subreddit=None), {k: v for k, v in TLDR_SFT_ROW.items() if k != "summary"}]
+    path = write_jsonl(tmp_path / "valid.jsonl", rows)
+    prompts = records("tldr_prompts", path)
+    assert [r["prompt"] for r in prompts[:2]] == [r["prompt"] for r in records("tldr_sft", write_jsonl(
+        tmp_path / "sft.jsonl", rows[:2]))]
+    assert prompts[2] == prompts[0] == {"prompt": tldr_query(TLDR_SFT_ROW["subreddit"], TLDR_SFT_ROW["title"],
+                                                             TLDR_SFT_ROW["post"]), "metadata": ""}
+
+
+def test_prompt_and_sft_formats_report_their_siblings_problems(tmp_path):
+    """A row the sibling format refuses for its prompt is refused with the very same message."""
+    for fmt, sibling, row in [
+        ("hh_rlhf_sft", "hh_rlhf", {"chosen": "\n\nHuman: hi there", "rejected": "x"}),
+        ("hh_rlhf_prompts", "hh_rlhf", {"chosen": 3, "rejected": "x"}),
+        ("hh_rlhf_sft", "hh_rlhf", {"chosen": HH_PROMPT + " ", "rejected": HH_REJECTED}),
+        ("tldr_prompts", "tldr_sft", {k: v for k, v in TLDR_SFT_ROW.items() if k != "title"}),
+        ("tldr_prompts", "tldr_sft", dict(TLDR_SFT_ROW, subreddit=5)),
+    ]:
+        path = write_jsonl(tmp_path / "row.jsonl", [row])
+        mine, theirs = single_error(fmt, path), single_error(sibling, path)
+        assert (str(mine), mine.reason) == (str(theirs), theirs.reason), fmt
 
 
 def test_tldr_comparisons_put_the_chosen_summary_first(tmp_path):
@@ -255,6 +298,14 @@ BAD_ROWS = [
     ("tldr_comparisons", dict(comparison(0), info="a post"), "wrong_type"),
     ("tldr_comparisons", comparison(0, texts=("same ", " same")), "identical_responses"),  # equal once stripped
     ("tldr_comparisons", {"summaries": [], "choice": 0}, "missing_field"),
+    ("hh_rlhf_sft", {"rejected": HH_REJECTED}, "missing_field"),
+    ("hh_rlhf_sft", {"chosen": "\n\nHuman: hi there"}, "missing_field"),
+    ("hh_rlhf_sft", {"chosen": HH_PROMPT + "  "}, "empty_response"),
+    ("hh_rlhf_prompts", {"chosen": ["a"]}, "wrong_type"),
+    ("hh_rlhf_prompts", {"chosen": "\n\nHuman: no reply yet"}, "missing_field"),
+    ("tldr_prompts", {k: v for k, v in TLDR_SFT_ROW.items() if k != "post"}, "missing_field"),
+    ("tldr_prompts", dict(TLDR_SFT_ROW, title=None), "wrong_type"),
+    ("tldr_prompts", '{"post": "p", ', "invalid_json"),
 ]
 
 
@@ -262,7 +313,8 @@ BAD_ROWS = [
 def test_bad_row_gives_row_error_with_reason(tmp_path, fmt, line, reason):
     good = {"jsonl_sft": {"prompt": "p", "response": "r"}, "jsonl_prompts": {"prompt": "p"},
             "jsonl_rankings": {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}, "hh_rlhf": GOOD_HH,
-            "tldr_sft": TLDR_SFT_ROW, "tldr_comparisons": comparison(0)}[fmt]
+            "tldr_sft": TLDR_SFT_ROW, "tldr_comparisons": comparison(0), "hh_rlhf_sft": GOOD_HH,
+            "hh_rlhf_prompts": GOOD_HH, "tldr_prompts": TLDR_SFT_ROW}[fmt]
     bad = line if isinstance(line, str) else json.dumps(line)
     path = write_lines(tmp_path / "data.jsonl", [json.dumps(good), json.dumps(good), bad, json.dumps(good)])
     rows = read_all(fmt, path)

@@ -4,6 +4,8 @@ initialising a model, the step count from epochs, and the one prompt encoder (tr
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +148,16 @@ def test_sequences_past_the_model_positions_are_refused(family):
                                         "model's 32 positions"):
         loop.check_positions(_tiny(family), 40, "data.max_prompt_tokens + data.max_response_tokens")
     loop.check_positions(_tiny(family), 32, "x")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signals_record_the_first_signal_stop_at_the_second_and_restore_handlers(sig):
+    """The handler behind the exit-4 stop (the subprocess test sends SIGTERM): both signals are caught, the
+    second one stops at once, and the previous handlers come back."""
+    before = signal.getsignal(sig)
+    with loop.StopSignals() as stop:
+        os.kill(os.getpid(), sig)
+        assert stop.received == sig
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), sig)
+    assert signal.getsignal(sig) is before

@@ -155,14 +155,13 @@ def test_one_forward_pass_per_completion(monkeypatch):
     B, K, R = batch["response_ids"].shape
     assert calls == [(B * K, batch["prompt_ids"].shape[1] + R)]  # every completion once, in one pass
     monkeypatch.setattr(Transformer, "apply", original)
-    # and each reward is that of the completion scored on its own, unpadded
-    for b in range(B):
-        for k in range(K):
-            ids = np.concatenate([batch["prompt_ids"][b][batch["prompt_mask"][b]],
-                                  batch["response_ids"][b, k][batch["response_mask"][b, k]]])[None]
-            values, _ = model.apply({"params": params}, ids, np.arange(ids.shape[1])[None], np.ones_like(ids, bool))
-            if batch["response_mask"][b, k].any():
-                np.testing.assert_allclose(float(rewards[b, k]), float(values[0, -1]), atol=1e-5)
+    # and each reward is that of the completion scored on its own, unpadded (a few: each length compiles anew)
+    for b, k in ((0, 0), (1, K - 1), (B - 1, 1)):
+        ids = np.concatenate([batch["prompt_ids"][b][batch["prompt_mask"][b]],
+                              batch["response_ids"][b, k][batch["response_mask"][b, k]]])[None]
+        values, _ = model.apply({"params": params}, ids, np.arange(ids.shape[1])[None], np.ones_like(ids, bool))
+        assert batch["response_mask"][b, k].any()
+        np.testing.assert_allclose(float(rewards[b, k]), float(values[0, -1]), atol=1e-5)
 
 
 def test_next_token_nll_equals_loop():

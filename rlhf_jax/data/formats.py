@@ -36,8 +36,11 @@ FORMATS: dict[str, str] = {
     "jsonl_rankings": "rankings",
     "jsonl_prompts": "prompts",
     "hh_rlhf": "rankings",
+    "hh_rlhf_sft": "sft",
+    "hh_rlhf_prompts": "prompts",
     "tldr_sft": "sft",
     "tldr_comparisons": "rankings",
+    "tldr_prompts": "prompts",
 }
 
 # Canonical field names each generic format lets the user rename with `fields`.
@@ -287,8 +290,11 @@ def _converter(fmt: str, names: dict[str, str]) -> Callable[[dict, list], dict]:
         "jsonl_rankings": lambda row, notes: _generic_rankings(row, names, notes),
         "jsonl_prompts": lambda row, notes: _generic_prompt(row, names),
         "hh_rlhf": lambda row, notes: _hh_rlhf(row),
+        "hh_rlhf_sft": lambda row, notes: _hh_rlhf_sft(row),
+        "hh_rlhf_prompts": lambda row, notes: _hh_rlhf_prompt(row),
         "tldr_sft": lambda row, notes: _tldr_sft(row),
         "tldr_comparisons": lambda row, notes: _tldr_comparison(row),
+        "tldr_prompts": lambda row, notes: {"prompt": _tldr_prompt(row, ""), "metadata": ""},
     }
     return converters[fmt]
 
@@ -327,13 +333,18 @@ def _pairwise(prompt: str, row: dict, chosen_name: str, rejected_name: str) -> d
     return {"prompt": prompt, "responses": [chosen, rejected], "ranks": [0, 1]}
 
 
-def _hh_rlhf(row: dict) -> dict:
-    """HH-RLHF: both texts are the whole dialogue; the prompt is everything up to the chosen text's last turn."""
-    chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
+def _hh_prompt(chosen: str) -> str:
+    """The dialogue of an HH-RLHF text up to and including its last "\\n\\nAssistant:"."""
     cut = chosen.rfind(_ASSISTANT)
     if cut < 0:
         raise _Invalid("missing_field", "field 'chosen' has no Assistant turn ('\\n\\nAssistant:')")
-    prompt = chosen[: cut + len(_ASSISTANT)]
+    return chosen[: cut + len(_ASSISTANT)]
+
+
+def _hh_rlhf(row: dict) -> dict:
+    """HH-RLHF: both texts are the whole dialogue; the prompt is everything up to the chosen text's last turn."""
+    chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
+    prompt = _hh_prompt(chosen)
     if not rejected.startswith(prompt):
         raise _Invalid("prefix_mismatch", "field 'rejected' does not start with the same dialogue as 'chosen' "
                                           "(up to its last Assistant turn)")
@@ -342,6 +353,19 @@ def _hh_rlhf(row: dict) -> dict:
     if responses[0] == responses[1]:
         raise _Invalid("identical_responses", "fields 'chosen' and 'rejected' are identical")
     return {"prompt": prompt, "responses": responses, "ranks": [0, 1]}
+
+
+def _hh_rlhf_sft(row: dict) -> dict:
+    """HH-RLHF as demonstrations: the prompt `hh_rlhf` builds and the chosen Assistant reply ('rejected' unread)."""
+    chosen = _string(row, "chosen")
+    prompt = _hh_prompt(chosen)
+    return {"prompt": prompt, "response": _response(chosen[len(prompt):], "the chosen Assistant reply"),
+            "metadata": ""}
+
+
+def _hh_rlhf_prompt(row: dict) -> dict:
+    """HH-RLHF as prompts: the dialogue up to the chosen text's last Assistant turn, the prompt `hh_rlhf` builds."""
+    return {"prompt": _hh_prompt(_string(row, "chosen")), "metadata": ""}
 
 
 def tldr_query(subreddit: str, title: str, post: str) -> str:

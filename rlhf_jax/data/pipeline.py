@@ -45,6 +45,13 @@ def open_split(data_dir: str | Path, name: str, split: str):
     return builder.as_data_source(split=split), dict(builder.info.metadata)
 
 
+def stored_prompts(source, limit: int = 0) -> list[str]:
+    """The prompt texts of an opened split (`open_split`), in stored order; the first `limit` when > 0."""
+    n = min(limit or len(source), len(source))
+    texts = (source[i]["prompt"] for i in range(n))
+    return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+
+
 def has_split(spec: DataSection, split: str) -> bool:
     """Whether the prepared dataset `spec.name` has `split`."""
     try:

@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -123,7 +123,7 @@ def _inconsistent_pairs(better: Sequence[int], worse: Sequence[int]) -> int:
     return sum(1 for b, w in seen if b < w and (w, b) in seen)
 
 
-def _is_eval(prompt: str, eval_fraction: float) -> bool:
+def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
     """Split by a hash of the prompt, so one prompt never lands in both splits and reruns agree."""
     digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < eval_fraction
@@ -134,9 +134,12 @@ def dataset_dir(data_dir: str | Path, name: str) -> Path:
 
 
 def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, eval_fraction: float = 0.0,
-            skip_invalid: bool = False, fields: Mapping[str, str] | None = None, overwrite: bool = False) -> dict:
+            skip_invalid: bool = False, fields: Mapping[str, str] | None = None, overwrite: bool = False,
+            extra_metadata: Mapping | None = None, eval_prompts: Collection[str] | None = None) -> dict:
     """Import `inputs` in format `fmt` as dataset `name`; returns the summary (examples per split, skips, and for
-    rankings the counts of `group_comparisons`: rows, prompts, pairs, inconsistent and dropped pairs)."""
+    rankings the counts of `group_comparisons`: rows, prompts, pairs, inconsistent and dropped pairs).
+    `extra_metadata` is stored with the dataset's metadata (e.g. the labeler's accuracy ceiling). With
+    `eval_prompts`, exactly the rows of those prompts are held out (instead of a hash of each prompt)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
@@ -157,7 +160,9 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
             skipped[row.error.reason] += 1
             continue
         noted.update(row.notes)
-        splits[EVAL if _is_eval(row.record["prompt"], eval_fraction) else TRAIN].append(row.record)
+        prompt = row.record["prompt"]
+        held_out = prompt in eval_prompts if eval_prompts is not None else is_eval_prompt(prompt, eval_fraction)
+        splits[EVAL if held_out else TRAIN].append(row.record)
     grouping: dict = {}
     if kind == "rankings":  # per split: the hash split already keeps each prompt in one of them
         splits, grouping = _group_splits(splits)
@@ -171,7 +176,8 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
     max_responses = max((len(r.get("responses", ())) for rows in splits.values() for r in rows), default=0)
     metadata = {"kind": kind, "format": fmt, "inputs": [str(p) for p in inputs], "examples": counts,
                 "skipped": dict(skipped), "max_responses": max_responses,
-                **({"rankings_layout": RANKINGS_LAYOUT, **grouping} if kind == "rankings" else {})}
+                **({"rankings_layout": RANKINGS_LAYOUT, **grouping} if kind == "rankings" else {}),
+                **(extra_metadata or {})}
     _write(Path(data_dir), name, kind, splits, metadata, overwrite, inputs)
     return {"dataset": str(out), "kind": kind, "format": fmt, "examples": counts,
             "skipped": dict(skipped), "skipped_total": sum(skipped.values()),

@@ -1,0 +1,92 @@
+"""The label stage: collects rankings the way InstructGPT's labelers did, from a programmatic labeler. For the
+prompts of data.name (a prompts dataset) it samples label.responses responses each from the policy (model.path)
+with the compiled sampler, has label.labeler rank them, and prepares the result as the rankings dataset
+label.dataset in data.dir, ready for the rm stage: rankings of the train split's prompts for training, of the
+eval split's prompts held out (split 'eval'), so held-out rankings share no prompt with training.
+
+Identical responses of one prompt are merged first (comparing a text with itself teaches nothing); a prompt left
+with fewer than 2 distinct responses is dropped and counted. When the labeler's module also has
+`labeler_ceiling(prompts, responses)`, the best accuracy any reward model can reach on the held-out rankings is
+stored in the dataset's metadata (evaluation reports it beside the RM's accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf_jax import imports, sharding
+from rlhf_jax.checkpoint import load_model
+import tensorflow_datasets as tfds
+
+from rlhf_jax.config import Config
+from rlhf_jax.data.pipeline import has_split, open_split, stored_prompts
+from rlhf_jax.data.prepare import prepare
+from rlhf_jax.errors import UserError
+from rlhf_jax.fsio import write_json_atomically, write_text_atomically
+from rlhf_jax.generate import Generator
+from rlhf_jax.sampling import SamplingParams
+from rlhf_jax.tokenizer import PAD_ID
+
+
+def run_label(cfg: Config, run_dir: Path) -> dict:
+    lab, s = cfg.label, cfg.sampling
+    if not lab.labeler:
+        raise UserError("stage 'label' needs label.labeler (MODULE:FUNCTION ranking the responses of each prompt)")
+    if not cfg.model.path:
+        raise UserError("stage 'label' needs model.path (the policy whose samples are ranked, e.g. the sft export)")
+    labeler, module = imports.function(lab.labeler, "label.labeler")
+    source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
+    if metadata["kind"] != "prompts":
+        raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage 'label' needs one of "
+                        "kind 'prompts'")
+    held_out = []
+    if has_split(cfg.data, cfg.data.eval_split):
+        held_out = stored_prompts(open_split(cfg.data.dir, cfg.data.name, cfg.data.eval_split)[0], lab.eval_prompts)
+    prompts = stored_prompts(source, lab.prompts) + held_out
+    n = len(prompts)
+    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    generator = Generator(load_model(cfg.model.path, need_tokenizer=True), mesh,
+                          SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
+                          cfg.model.dtype, cfg.data.chat_template)
+    K = lab.responses
+    repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
+    texts = [r["text"] for r in generator.generate(repeated, s.batch_size, s.max_prompt_tokens, cfg.seed)]
+    kept_prompts, kept_responses = [], []
+    for i, prompt in enumerate(prompts):
+        distinct = list(dict.fromkeys(texts[i * K:(i + 1) * K]))
+        if len(distinct) >= 2:
+            kept_prompts.append(prompt)
+            kept_responses.append(distinct)
+    if not kept_prompts:
+        raise UserError(f"label: every prompt's {K} samples were identical; raise sampling.temperature")
+    ranks = labeler(kept_prompts, kept_responses, cfg.seed)
+    _check_ranks(ranks, kept_responses, lab.labeler)
+    path = run_dir / "rankings.jsonl"
+    write_text_atomically(path, "".join(json.dumps({"prompt": p, "responses": r, "ranks": [int(x) for x in k]}) + "\n"
+                                        for p, r, k in zip(kept_prompts, kept_responses, ranks)))
+    extra = {"labeler": lab.labeler}
+    ceiling_fn = getattr(module, "labeler_ceiling", None)
+    held_out = set(held_out)
+    eval_rows = [i for i, p in enumerate(kept_prompts) if p in held_out]
+    if callable(ceiling_fn) and eval_rows:
+        extra["labeler_ceiling"] = float(ceiling_fn([kept_prompts[i] for i in eval_rows],
+                                                    [kept_responses[i] for i in eval_rows]))
+    tfds.disable_progress_bar()  # the summary below says what was written
+    prepared = prepare("jsonl_rankings", [str(path)], cfg.data.dir, lab.dataset, overwrite=True,
+                       extra_metadata=extra, eval_prompts=held_out)
+    summary = {"stage": "label", "dataset": prepared["dataset"], "prompts": n, "labeled_prompts": len(kept_prompts),
+               "dropped_prompts": n - len(kept_prompts),
+               "responses": sum(len(r) for r in kept_responses), "examples": prepared["examples"],
+               "pairs": prepared.get("pairs"), **{k: v for k, v in extra.items() if k != "labeler"}}
+    write_json_atomically(run_dir / "summary.json", summary)
+    print(json.dumps(summary))
+    return summary
+
+
+def _check_ranks(ranks, responses: list[list[str]], spec: str) -> None:
+    if len(ranks) != len(responses):
+        raise UserError(f"label.labeler={spec}: returned {len(ranks)} rankings for {len(responses)} prompts")
+    for i, (rank, texts) in enumerate(zip(ranks, responses)):
+        if len(rank) != len(texts):
+            raise UserError(f"label.labeler={spec}: prompt {i}: {len(rank)} ranks for {len(texts)} responses")

@@ -1,0 +1,161 @@
+"""The pipeline: several stages from one YAML config, each in its own directory under the pipeline's run_dir,
+each step reading what the steps before it exported.
+
+    run_dir: runs/demo                # every other top-level key is shared by all steps
+    seed: 0
+    pipeline:                         # steps in order: name -> that stage's own config body
+      sft: {stage: sft, model: {path: gpt2}, data: {name: tldr_sft}, train: {epochs: 1}}
+      rm:  {stage: rm, model: {path: "{run_dir}/sft/export"}, data: {name: tldr_rankings}}
+
+`{run_dir}` in any string is the pipeline's run_dir; step NAME runs in `{run_dir}/NAME`. A finished step leaves
+`pipeline_step.json` (its resolved config and summary) and is skipped on a rerun; a step that finished with
+other settings stops the run in one line naming what changed. An interrupted step resumes when the same command
+is rerun (training stages from their checkpoints; the others redo their work, which they write whole).
+Overrides: `key=value` sets a key for every step, `pipeline.NAME.key=value` for step NAME alone. Every step's
+config is validated before the first one runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from rlhf_jax.config import Config, ConfigError, apply_override, config_from_dict, config_to_dict, read_yaml_mapping
+from rlhf_jax.errors import UserError
+from rlhf_jax.fsio import write_json_atomically
+
+MARKER = "pipeline_step.json"
+# What a finished step's one-line summary shows, when its stage reports it.
+SUMMARY_KEYS = ("steps", "loss", "eval_loss", "accuracy", "eval_accuracy", "labeled_prompts", "labeler_ceiling",
+                "score_mean", "kl", "win_rate", "gold_win_rate")
+
+
+class Step(NamedTuple):
+    name: str
+    cfg: Config
+
+
+def is_pipeline(path: str | None) -> bool:
+    """Whether a config file is a pipeline (a top-level `pipeline:` mapping)."""
+    return path is not None and "pipeline" in read_yaml_mapping(path)
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
+    """(the pipeline's run_dir, its validated steps in order)."""
+    data = read_yaml_mapping(path)
+    bodies = data.pop("pipeline")
+    if not isinstance(bodies, Mapping) or not bodies:
+        raise ConfigError(f"config file {path!r}: 'pipeline' expects a mapping of step names to stage configs")
+    bodies = {str(name): copy.deepcopy(body) for name, body in bodies.items()}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.startswith("pipeline."):
+            name, _, rest = key[len("pipeline."):].partition(".")
+            if name not in bodies:
+                raise ConfigError(f"override {key!r}: no step {name!r}; steps: {list(bodies)}")
+            value = item.partition("=")[2]
+            _step_error(name, lambda: apply_override(bodies[name], f"{rest}={value}"))
+        else:
+            apply_override(data, item)
+    run_dir = str(data.pop("run_dir", "runs/pipeline"))
+    steps = []
+    for name, body in bodies.items():
+        if not isinstance(body, Mapping) or "stage" not in body:
+            raise ConfigError(f"pipeline.{name}: expects a stage config with its `stage`")
+        if body.get("run_dir") is not None:
+            raise ConfigError(f"pipeline.{name}.run_dir: a step runs in {run_dir}/{name}; set the pipeline's run_dir")
+        merged = _substitute(_merge(data, body), run_dir)
+        merged["run_dir"] = f"{run_dir}/{name}"
+        steps.append(Step(name, _step_error(name, lambda: config_from_dict(merged))))
+    return Path(run_dir), steps
+
+
+def _step_error(name: str, build):
+    try:
+        return build()
+    except ConfigError as e:
+        raise ConfigError(f"pipeline.{name}: {e}") from None
+
+
+def _merge(base: Mapping, over: Mapping) -> dict:
+    """`over` on top of `base`, section by section."""
+    out = dict(copy.deepcopy(base))
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
+            else copy.deepcopy(value)
+    return out
+
+
+def _substitute(value, run_dir: str):
+    if isinstance(value, str):
+        return value.replace("{run_dir}", run_dir)
+    if isinstance(value, Mapping):
+        return {k: _substitute(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, run_dir) for v in value]
+    return value
+
+
+def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
+    """Runs every step not finished yet, in order; returns their summaries."""
+    from rlhf_jax import stages
+
+    run_dir, steps = load(path, overrides)
+    summaries, started = [], time.perf_counter()
+    for i, step in enumerate(steps, 1):
+        step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
+        done = _finished(step, step_dir)
+        if done is not None:
+            print(f"{where}: finished earlier, skipped ({_one_line(done)})", file=sys.stderr)
+            summaries.append(done)
+            continue
+        print(f"{where}: stage {step.cfg.stage} in {step_dir}", file=sys.stderr)
+        t0 = time.perf_counter()
+        summary = stages.run(step.cfg) or {}
+        write_json_atomically(step_dir / MARKER, {"config": config_to_dict(step.cfg), "summary": summary})
+        print(f"{where}: done in {time.perf_counter() - t0:.0f} s ({_one_line(summary)}); "
+              f"{time.perf_counter() - started:.0f} s so far", file=sys.stderr)
+        summaries.append(summary)
+    write_json_atomically(run_dir / "pipeline.json", {"steps": [s.name for s in steps], "summaries": summaries})
+    print(f"pipeline finished in {time.perf_counter() - started:.0f} s: {run_dir}", file=sys.stderr)
+    for line in summaries[-1].get("verdict", ()):  # an evaluation's last word, also when every step was skipped
+        print(line, file=sys.stderr)
+    return summaries
+
+
+def _finished(step: Step, step_dir: Path) -> dict | None:
+    """The summary of a step finished earlier with the same config; None when it has not finished."""
+    marker = step_dir / MARKER
+    if not marker.exists():
+        return None
+    try:
+        recorded = json.loads(marker.read_text())
+        before, summary = recorded["config"], recorded["summary"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a marker we cannot read: run the step again
+    changed = _changes(before, config_to_dict(step.cfg))
+    if changed:
+        raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
+                        f"delete {step_dir} to run it again")
+    return summary
+
+
+def _changes(before: Mapping, now: Mapping, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def _one_line(summary: Mapping) -> str:
+    parts = [f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in summary.items() if k in SUMMARY_KEYS]
+    return ", ".join(parts) or "ok"

@@ -1,0 +1,134 @@
+"""The pipeline config: steps validated up front with shared and per-step overrides, {run_dir} substituted,
+finished steps skipped and a finished step with other settings refused in one line; and the bundled demo task's
+labeler and gold reward."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from rlhf_jax import main as main_cli
+from rlhf_jax import pipeline
+from rlhf_jax.config import ConfigError
+from rlhf_jax.tasks import sentiment
+
+from cli_helpers import run_quietly
+
+PIPELINE = """
+run_dir: {root}/run
+seed: 3
+train: {{batch_size: 16}}
+pipeline:
+  first:
+    stage: generate
+    generate: {{prompt_file: "{root}/prompts.txt", output: "{{run_dir}}/first.jsonl"}}
+    sampling: {{max_new_tokens: 4, batch_size: 8}}
+  second:
+    stage: sft
+    model: {{path: "{{run_dir}}/first/export"}}
+    data: {{name: demos}}
+    train: {{steps: 5}}
+"""
+
+
+def _write(tmp_path, text=PIPELINE) -> str:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(text.format(root=tmp_path))
+    return str(path)
+
+
+def test_steps_merge_shared_keys_substitute_run_dir_and_take_overrides(tmp_path):
+    run_dir, steps = pipeline.load(_write(tmp_path), ["seed=5", "pipeline.second.train.steps=7"])
+    assert run_dir == tmp_path / "run" and [s.name for s in steps] == ["first", "second"]
+    first, second = (s.cfg for s in steps)
+    assert first.run_dir == f"{tmp_path}/run/first" and second.run_dir == f"{tmp_path}/run/second"
+    assert first.generate.output == f"{tmp_path}/run/first.jsonl"
+    assert second.model.path == f"{tmp_path}/run/first/export"
+    assert first.seed == second.seed == 5 and second.train.steps == 7
+    assert second.train.batch_size == 16 and first.sampling.batch_size == 8  # shared and own keys together
+
+
+@pytest.mark.parametrize("text, overrides, fragment", [
+    (PIPELINE.replace("steps: 5", "stepz: 5"), [], "pipeline.second: unknown key 'train.stepz'"),
+    (PIPELINE, ["pipeline.third.seed=1"], "no step 'third'"),
+    (PIPELINE, ["pipeline.second.train.steps=-1"], "pipeline.second: 'train.steps' must be >= 0"),
+    (PIPELINE.replace("    stage: sft\n", ""), [], "pipeline.second: expects a stage config with its `stage`"),
+    (PIPELINE.replace("    stage: sft\n", "    stage: sft\n    run_dir: elsewhere\n"), [],
+     "a step runs in"),
+    ("run_dir: x\npipeline: []\n", [], "'pipeline' expects a mapping"),
+])
+def test_bad_pipelines_fail_before_any_step_runs(tmp_path, text, overrides, fragment):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        pipeline.load(path, overrides)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, *overrides])
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and fragment in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_step_is_skipped_and_one_with_other_settings_is_refused(tmp_path):
+    (tmp_path / "prompts.txt").write_text("Hello there\nOnce upon a time\n")
+    path = _write(tmp_path, PIPELINE.split("  second:")[0])
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0, err[-2000:]
+    marker = json.loads((tmp_path / "run" / "first" / pipeline.MARKER).read_text())
+    assert marker["summary"]["prompts"] == 2 and marker["config"]["seed"] == 3
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0 and "[1/1] first: finished earlier, skipped" in err
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, "pipeline.first.sampling.max_new_tokens=5"])
+    assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.max_new_tokens: 4 -> 5)" in err
+
+
+# ------------------------------------------------------------------------------------------- the demo task
+
+
+def test_labeler_follows_bradley_terry_and_its_ceiling_is_the_gold_rewards_agreement():
+    """Two responses whose gold differs by d: the labeler prefers the better one with probability
+    sigmoid(d / T), and the ceiling of these rankings is that same probability."""
+    good, bad = " the pizza was superb.", " the pizza was dull."
+    d = np.subtract(*sentiment.gold(["p", "p"], [good, bad]))
+    assert d > 0
+    ranks = sentiment.label(["p"] * 4000, [[good, bad]] * 4000, seed=0)
+    preferred = np.mean([r[0] == 0 for r in ranks])
+    expected = 1 / (1 + math.exp(-d / sentiment.LABELER_TEMPERATURE))
+    assert preferred == pytest.approx(expected, abs=0.025)
+    assert sentiment.labeler_ceiling(["p"], [[good, bad]]) == pytest.approx(expected)
+    assert all(sorted(r) == [0, 1] for r in ranks)
+
+
+def test_gold_is_the_mean_adjective_valence():
+    v = sentiment.VALENCE
+    assert sentiment.gold(["p"] * 3, [" the lamp was great and dull.", " the lamp was.", " GREAT lamp"]) == \
+        pytest.approx([(v["great"] + v["dull"]) / 2, 0.0, v["great"]])
+    assert all(v[w] > 0.5 for w in sentiment.POSITIVE) and all(v[w] < -0.5 for w in sentiment.NEGATIVE)
+
+
+# ------------------------------------------------------------------------------------- the main job, shortened
+
+
+def test_the_demo_pipeline_shortened_shows_every_effect_and_resumes_to_the_same_report(demo_run):
+    """configs/demo.yaml with fewer steps (conftest.SHORT_DEMO): the RM beats chance, PPO raises the score and the
+    gold score over SFT's while its KL stays under the target. Then the state a kill would leave (PPO between
+    checkpoints, labeling unfinished) reruns with the same command to the same report."""
+    run_dir, report = demo_run["dir"], demo_run["report"]
+    (ppo,) = report["policies"]
+    assert report["rm_accuracy"] > 0.55, report  # above chance (the labeler's ceiling is about 0.78)
+    assert ppo["gold_score_mean"] > report["reference"]["gold_score_mean"] and ppo["gold_win_rate"] > 0.5, ppo
+    assert 0 < ppo["kl"] < 4.0, ppo  # configs/demo.yaml: ppo.kl_target 4
+    scores = [json.loads(line)["score_mean"] for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert scores[-1] > scores[0], scores
+    assert demo_run["stderr"].strip().splitlines()[-3].startswith("RLHF improved the policy"), demo_run["stderr"][-2000:]
+
+    for path in (run_dir / "ppo" / pipeline.MARKER, run_dir / "label" / pipeline.MARKER, run_dir / "report.json"):
+        path.unlink()
+    for path in (run_dir / "ppo" / "export", run_dir / "ppo" / "checkpoints" / "24", run_dir / "eval"):
+        shutil.rmtree(path)
+    rc, _, err = run_quietly(main_cli.main, demo_run["argv"])
+    assert rc == 0, err[-3000:]
+    assert "[5/7] rm: finished earlier, skipped" in err and "resumed from" in err and "at step 16" in err
+    assert json.loads((run_dir / "report.json").read_text()) == report
