@@ -314,10 +314,12 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, key_mask_BS, cache: KVCache | None = None, cache_index=0,
-                 last_only: bool = False, segment_ids_BT=None):
+                 head_last: int = 0, segment_ids_BT=None):
         """Full pass when `cache` is None (key_mask_BS is then the T-token mask), else a cached step that writes
         slots [cache_index, cache_index + T) and attends over every valid slot. `segment_ids_BT` (full pass
-        only) keeps packed examples apart. Returns (out, new_cache)."""
+        only) keeps packed examples apart. `head_last` > 0 applies the final norm and head to the last
+        `head_last` positions only (the sampler's prefill needs 1; log-probs of a response, its length + 1).
+        Returns (out, new_cache)."""
         cfg = self.cfg
         kw = dict(cfg=cfg, param_dtype=self.param_dtype)
         embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -343,8 +345,8 @@ class Transformer(nn.Module):
                 new_v.append(layer_new[1])
         new_cache = KVCache(tuple(new_k), tuple(new_v)) if cache is not None else None
 
-        if last_only:
-            x_BTD = x_BTD[:, -1:]
+        if head_last:
+            x_BTD = x_BTD[:, -head_last:]
         x_BTD = Norm(**kw, name="final_norm")(x_BTD)
         if self.head == "scalar":
             w = _param(self, "score", (cfg.d_model, 1), ("embed", None), _score_init, self.param_dtype)

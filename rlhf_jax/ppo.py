@@ -24,7 +24,7 @@ from rlhf_jax.clock import LapClock
 from rlhf_jax.config import PPOSection
 from rlhf_jax.losses import last_token_values, token_logprobs
 from rlhf_jax.model import Transformer, positions_from_mask
-from rlhf_jax.sampling import SamplingParams, is_eos, sample
+from rlhf_jax.sampling import SamplingParams, is_eos, response_logits, sample
 from rlhf_jax.steps import TrainState, accumulate, micro_batches, sft_sums
 
 
@@ -90,15 +90,6 @@ def _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN):
     return ids_BT, mask_BT, positions_from_mask(mask_BT)
 
 
-def policy_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
-                  temperature: float) -> jax.Array:
-    """logits_BNV / T of every response token, from one teacher-forced pass (what the sampler drew from)."""
-    ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
-    logits_BTV, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT)
-    P = prompt_ids_BP.shape[1]
-    return logits_BTV[:, P - 1:-1] / (temperature if temperature > 0 else 1.0)
-
-
 def response_values(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN) -> jax.Array:
     """values_BN: the value head at the positions whose logits predict each response token."""
     ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
@@ -157,7 +148,7 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
 
     def micro_batch_passes(rows):
         mb = [x[rows] for x in args]
-        logprobs = lambda params: _logprobs(policy_logits(models.policy, params, *mb, c.temperature), *mb[2:])
+        logprobs = lambda params: _logprobs(response_logits(models.policy, params, *mb, c.temperature), *mb[2:])
         return (logprobs(state.policy.params), logprobs(frozen.ref_params),
                 jnp.where(mb[3], response_values(models.value, state.value.params, *mb), 0.0),
                 scores(models, frozen.reward_params, *mb))
@@ -207,7 +198,7 @@ def _minibatch_loss(params, micro, models: PPOModels, tokens, ptx_tokens):
     (policy_params, value_params), (mb, ptx) = params, micro
     p, temperature = models.ppo, models.sampling.temperature
     args = (mb.prompt_ids_BP, mb.prompt_mask_BP, mb.tokens_BN, mb.mask_BN)
-    logits_BNV = policy_logits(models.policy, policy_params, *args, temperature)
+    logits_BNV = response_logits(models.policy, policy_params, *args, temperature)
     logprobs_BN = _logprobs(logits_BNV, mb.tokens_BN, mb.mask_BN)
     pg_loss, pg_stats = L.policy_loss(logprobs_BN, mb.old_logprobs_BN, mb.advantages_BN, mb.mask_BN, p.clip_ratio,
                                       tokens)

@@ -83,7 +83,7 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
     cache = KVCache.zeros(model.cfg, B, P + N, model.dtype)
     key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)
     positions_BP = positions_from_mask(prompt_mask_BP)
-    logits_B1V, cache = model.apply(variables, prompt_ids_BP, positions_BP, key_mask_BS, cache, 0, last_only=True)
+    logits_B1V, cache = model.apply(variables, prompt_ids_BP, positions_BP, key_mask_BS, cache, 0, head_last=1)
 
     rng, first_rng = jax.random.split(rng)
     token_B, logprob_B = _draw(logits_B1V[:, 0], first_rng, p)
@@ -112,13 +112,21 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
     return SampleOutput(tokens_BN, logprobs_BN, mask_BN)
 
 
-def teacher_forced_logprobs(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
-                            temperature: float = 1.0) -> jax.Array:
-    """Log-probs of given response tokens under logits / temperature, from one full forward pass."""
-    P = prompt_ids_BP.shape[1]
+def response_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
+                    temperature: float = 1.0) -> jax.Array:
+    """logits_BNV / temperature of every response token (what the sampler drew from), from one teacher-forced
+    pass over [left-padded prompt | right-padded response]; the LM head runs only on the positions that
+    predict response tokens (and the last one)."""
     ids_BT = jnp.concatenate([prompt_ids_BP, tokens_BN], axis=1)
     mask_BT = jnp.concatenate([prompt_mask_BP.astype(bool), mask_BN.astype(bool)], axis=1)
-    logits_BTV, _ = model.apply({"params": params}, ids_BT, positions_from_mask(mask_BT), mask_BT)
-    logits_BNV = logits_BTV[:, P - 1:-1] / (temperature if temperature > 0 else 1.0)
+    N = tokens_BN.shape[1]
+    logits_BTV, _ = model.apply({"params": params}, ids_BT, positions_from_mask(mask_BT), mask_BT, head_last=N + 1)
+    return logits_BTV[:, :-1] / (temperature if temperature > 0 else 1.0)  # positions P-1 .. T-2
+
+
+def teacher_forced_logprobs(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
+                            temperature: float = 1.0) -> jax.Array:
+    """Log-probs of given response tokens under logits / temperature (0 at padding)."""
+    logits_BNV = response_logits(model, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, temperature)
     logprobs_BN = jnp.take_along_axis(jax.nn.log_softmax(logits_BNV, -1), tokens_BN[..., None], -1)[..., 0]
     return jnp.where(mask_BN, logprobs_BN, 0.0)

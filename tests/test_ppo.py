@@ -23,7 +23,7 @@ from rlhf_jax import main as main_cli
 from rlhf_jax.clock import LapClock
 from rlhf_jax.config import OptimSection, PPOSection
 from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
-from rlhf_jax.sampling import SamplingParams
+from rlhf_jax.sampling import SamplingParams, response_logits
 
 from cli_helpers import run_quietly
 
@@ -149,7 +149,7 @@ def test_sampler_logprobs_equal_the_training_forward_at_temperature():
     models = _models()
     state, _, ids, mask = _setup(models, seed=5)
     out = sample(models.policy, state.policy.params, ids, mask, jax.random.key(1), models.sampling)
-    logits = ppo.policy_logits(models.policy, state.policy.params, ids, mask, out.tokens_BN, out.mask_BN, 0.7)
+    logits = response_logits(models.policy, state.policy.params, ids, mask, out.tokens_BN, out.mask_BN, 0.7)
     forced = jnp.where(out.mask_BN, token_logprobs(logits, out.tokens_BN), 0.0)
     np.testing.assert_allclose(np.asarray(out.logprobs_BN), np.asarray(forced), atol=1e-5)
 
