@@ -16,22 +16,27 @@ def win_rate(policy_scores, reference_scores) -> dict:
     """How often the policy's response scores higher than the reference's on the same prompt.
 
     Returns {"win_rate", "win_rate_ci": [lo, hi], "wins", "ties", "losses", "n"}; a tie (exactly equal scores)
-    counts half. The CI is the 95% normal approximation of the mean outcome, clipped to [0, 1], and collapses to
-    [mean, mean] when it cannot be estimated (one prompt) or the outcomes do not vary (e.g. a policy against
-    itself, which gives exactly 0.5). Raises ValueError for empty, mismatched or non-finite scores.
+    counts half. The CI is the 95% Wilson score interval of the mean outcome: it stays honest at small n and
+    near 0 or 1 (one won prompt gives [0.21, 1], not a point). Only when every prompt is a tie (e.g. a policy
+    against itself, exactly 0.5) is it the point [0.5, 0.5]. Raises ValueError for empty, mismatched or
+    non-finite scores.
     """
     policy_B, reference_B = _paired_scores(policy_scores, reference_scores)
     outcome_B = np.where(policy_B > reference_B, 1.0, np.where(policy_B == reference_B, 0.5, 0.0))
     n = outcome_B.size
     mean = float(outcome_B.mean())
-    std = float(outcome_B.std(ddof=1)) if n > 1 else 0.0
-    if std == 0.0:
-        ci = [mean, mean]
-    else:
-        half = Z_95 * std / np.sqrt(n)
-        ci = [float(max(mean - half, 0.0)), float(min(mean + half, 1.0))]
-    return {"win_rate": mean, "win_rate_ci": ci, "wins": int((outcome_B == 1.0).sum()),
-            "ties": int((outcome_B == 0.5).sum()), "losses": int((outcome_B == 0.0).sum()), "n": n}
+    ties = int((outcome_B == 0.5).sum())
+    ci = [mean, mean] if ties == n else wilson_interval(mean, n)
+    return {"win_rate": mean, "win_rate_ci": ci, "wins": int((outcome_B == 1.0).sum()), "ties": ties,
+            "losses": int((outcome_B == 0.0).sum()), "n": n}
+
+
+def wilson_interval(p: float, n: int, z: float = Z_95) -> list[float]:
+    """Wilson score interval of a proportion p observed over n trials (ties counted half)."""
+    denominator = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * np.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
+    return [float(max(center - half, 0.0)), float(min(center + half, 1.0))]
 
 
 def _paired_scores(policy_scores, reference_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -80,18 +85,3 @@ def sequence_kl(logprobs_BN, ref_logprobs_BN, mask_BN) -> dict:
     k1_B = (-d_BN).sum(axis=1)
     k3_B = (np.expm1(d_BN) - d_BN).sum(axis=1)  # expm1 keeps precision when d is near 0
     return {"kl": float(k1_B.mean()), "kl_k3": float(k3_B.mean()), "kl_per_sequence": [float(v) for v in k1_B]}
-
-
-def summary(values) -> dict:
-    """{"mean", "std"} of a list of numbers (population std, as the training logs report score_std)."""
-    values_B = np.asarray(values, dtype=np.float64).reshape(-1)
-    if values_B.size == 0:
-        raise ValueError("summary of no values")
-    return {"mean": float(values_B.mean()), "std": float(values_B.std())}
-
-
-def rm_accuracy(correct: int, pairs: int) -> float | None:
-    """Fraction of preference pairs the reward model ranks the right way round; None without pairs."""
-    if pairs < 0 or not 0 <= correct <= pairs:
-        raise ValueError(f"reward model accuracy: {correct} correct out of {pairs} pairs")
-    return correct / pairs if pairs else None

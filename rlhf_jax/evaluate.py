@@ -343,12 +343,18 @@ class Evaluator:
         return joined
 
 
+def check_config(cfg: Config) -> None:
+    """What can be known wrong before reading any file."""
+    for key in ("policies", "reference", "reward_model", "prompts"):
+        if not getattr(cfg.eval, key):
+            raise UserError(f"stage 'eval' needs eval.{key}")
+    load_gold(cfg.eval.gold)
+
+
 def run_eval(cfg: Config, run_dir: Path) -> dict:
     """Every check that can fail (flags, files, kinds) runs before the first sample."""
+    check_config(cfg)
     e, s = cfg.eval, cfg.sampling
-    for key in ("policies", "reference", "reward_model", "prompts"):
-        if not getattr(e, key):
-            raise UserError(f"stage 'eval' needs eval.{key}")
     out_dir = Path(e.out or run_dir)
     mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")
@@ -365,7 +371,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     rows, samples = [], []
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(prompts) * (len(sources) + 1), desc="eval", unit="response", file=sys.stderr) as bar, \
-            MetricsWriter(run_dir, "eval") as metrics:
+            MetricsWriter(run_dir, "eval", resume_step=0) as metrics:  # a rerun replaces the eval lines
         ref = ev.responses(ev.ref_model, ev.ref_params, bar, policy=False)
         for index, source in enumerate(sources):
             loaded = load_policy(source, base_models)
@@ -414,6 +420,13 @@ def _response_stats(r: dict) -> dict:
 
 
 def _policy_row(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float | None) -> dict:
+    try:
+        return _measures(source, pol, ref, rm_accuracy)
+    except ValueError as e:  # non-finite scores or log-probs: a model that diverged
+        raise UserError(f"{source.path}: {e}") from None
+
+
+def _measures(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float | None) -> dict:
     wins = eval_stats.win_rate(pol["score"], ref["score"])
     kl = eval_stats.sequence_kl(pol["logprobs"], pol["ref_logprobs"], pol["samples"].mask)
     row = {"name": source.name, "path": str(source.path), "step": source.step, **_response_stats(pol),

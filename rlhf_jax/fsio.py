@@ -117,11 +117,22 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a file under a temporary name beside it, then rename: a reader never sees half of it."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_bytes_atomically(path: Path, data: bytes) -> Path:
+    """Write a file under a temporary name beside it, then rename: a reader never sees half of it, and a
+    failed write leaves no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    return write_bytes_atomically(path, text.encode())
 
 
 def write_json_atomically(path: Path, data) -> None:

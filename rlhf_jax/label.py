@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_jax import imports, sharding
-from rlhf_jax.checkpoint import load_model
+import numpy as np
 import tensorflow_datasets as tfds
 
+from rlhf_jax import imports, sharding
+from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import has_split, open_split, stored_prompts
 from rlhf_jax.data.prepare import prepare
@@ -29,12 +30,20 @@ from rlhf_jax.sampling import SamplingParams
 from rlhf_jax.tokenizer import PAD_ID
 
 
-def run_label(cfg: Config, run_dir: Path) -> dict:
-    lab, s = cfg.label, cfg.sampling
-    if not lab.labeler:
+def check_config(cfg: Config) -> None:
+    """What can be known wrong before reading any file."""
+    if not cfg.label.labeler:
         raise UserError("stage 'label' needs label.labeler (MODULE:FUNCTION ranking the responses of each prompt)")
     if not cfg.model.path:
         raise UserError("stage 'label' needs model.path (the policy whose samples are ranked, e.g. the sft export)")
+    if not cfg.data.name:
+        raise UserError("stage 'label' needs data.name (a prompts dataset)")
+    imports.function(cfg.label.labeler, "label.labeler")
+
+
+def run_label(cfg: Config, run_dir: Path) -> dict:
+    check_config(cfg)
+    lab, s = cfg.label, cfg.sampling
     labeler, module = imports.function(lab.labeler, "label.labeler")
     source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
     if metadata["kind"] != "prompts":
@@ -69,9 +78,10 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
     ceiling_fn = getattr(module, "labeler_ceiling", None)
     held_out = set(held_out)
     eval_rows = [i for i, p in enumerate(kept_prompts) if p in held_out]
-    if callable(ceiling_fn) and eval_rows:
-        extra["labeler_ceiling"] = float(ceiling_fn([kept_prompts[i] for i in eval_rows],
-                                                    [kept_responses[i] for i in eval_rows]))
+    ceiling = ceiling_fn([kept_prompts[i] for i in eval_rows], [kept_responses[i] for i in eval_rows]) \
+        if callable(ceiling_fn) and eval_rows else None
+    if ceiling is not None:
+        extra["labeler_ceiling"] = float(ceiling)
     tfds.disable_progress_bar()  # the summary below says what was written
     prepared = prepare("jsonl_rankings", [str(path)], cfg.data.dir, lab.dataset, overwrite=True,
                        extra_metadata=extra, eval_prompts=held_out)
@@ -90,3 +100,7 @@ def _check_ranks(ranks, responses: list[list[str]], spec: str) -> None:
     for i, (rank, texts) in enumerate(zip(ranks, responses)):
         if len(rank) != len(texts):
             raise UserError(f"label.labeler={spec}: prompt {i}: {len(rank)} ranks for {len(texts)} responses")
+        if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and 0 <= r < len(texts)
+                   for r in rank):
+            raise UserError(f"label.labeler={spec}: prompt {i}: ranks {list(rank)} are not integers in "
+                            f"[0, {len(texts)})")

@@ -8,9 +8,11 @@ each step reading what the steps before it exported.
       rm:  {stage: rm, model: {path: "{run_dir}/sft/export"}, data: {name: tldr_rankings}}
 
 `{run_dir}` in any string is the pipeline's run_dir; step NAME runs in `{run_dir}/NAME`. A finished step leaves
-`pipeline_step.json` (its resolved config and summary) and is skipped on a rerun; a step that finished with
-other settings stops the run in one line naming what changed. An interrupted step resumes when the same command
-is rerun (training stages from their checkpoints; the others redo their work, which they write whole).
+`pipeline_step.json` (its resolved config, its summary and a fingerprint of the steps before it) and is skipped
+on a rerun; a finished step with other settings, or one that followed other results of the steps before it (one
+of them ran again and came out differently), stops the run in one line. An interrupted step resumes when the
+same command is rerun (training stages from their checkpoints; the others redo their work, which they write
+whole).
 Overrides: `key=value` sets a key for every step, `pipeline.NAME.key=value` for step NAME alone. Every step's
 config is validated before the first one runs.
 """
@@ -18,6 +20,7 @@ config is validated before the first one runs.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import sys
 import time
@@ -72,13 +75,17 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
         merged = _substitute(_merge(data, body), run_dir)
         merged["run_dir"] = f"{run_dir}/{name}"
         steps.append(Step(name, _step_error(name, lambda: config_from_dict(merged))))
+    from rlhf_jax import stages  # after the schema: its errors come before heavier imports
+
+    for step in steps:
+        _step_error(step.name, lambda: stages.check(step.cfg))
     return Path(run_dir), steps
 
 
 def _step_error(name: str, build):
     try:
         return build()
-    except ConfigError as e:
+    except UserError as e:
         raise ConfigError(f"pipeline.{name}: {e}") from None
 
 
@@ -106,18 +113,22 @@ def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
     from rlhf_jax import stages
 
     run_dir, steps = load(path, overrides)
-    summaries, started = [], time.perf_counter()
+    summaries, records, started = [], [], time.perf_counter()
     for i, step in enumerate(steps, 1):
         step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
-        done = _finished(step, step_dir)
+        upstream = _fingerprint(records)
+        done = _finished(step, step_dir, upstream)
         if done is not None:
             print(f"{where}: finished earlier, skipped ({_one_line(done)})", file=sys.stderr)
             summaries.append(done)
+            records.append({"config": config_to_dict(step.cfg), "summary": done})
             continue
         print(f"{where}: stage {step.cfg.stage} in {step_dir}", file=sys.stderr)
         t0 = time.perf_counter()
         summary = stages.run(step.cfg) or {}
-        write_json_atomically(step_dir / MARKER, {"config": config_to_dict(step.cfg), "summary": summary})
+        record = {"config": config_to_dict(step.cfg), "summary": json.loads(json.dumps(summary))}
+        write_json_atomically(step_dir / MARKER, {**record, "upstream": upstream})
+        records.append(record)
         print(f"{where}: done in {time.perf_counter() - t0:.0f} s ({_one_line(summary)}); "
               f"{time.perf_counter() - started:.0f} s so far", file=sys.stderr)
         summaries.append(summary)
@@ -128,20 +139,32 @@ def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
     return summaries
 
 
-def _finished(step: Step, step_dir: Path) -> dict | None:
-    """The summary of a step finished earlier with the same config; None when it has not finished."""
+def _fingerprint(records: list[dict]) -> str:
+    """What the steps so far were run with and came out as: their configs and summaries (timings left out, so
+    a step that reran to the same results leaves the steps after it valid)."""
+    results = [{"config": r["config"], "summary": {k: v for k, v in r["summary"].items()
+                                                   if not (k.endswith("_s") or k == "seconds")}} for r in records]
+    return hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
+
+
+def _finished(step: Step, step_dir: Path, upstream: str) -> dict | None:
+    """The summary of a step finished earlier with the same config after the same earlier steps; None when it
+    has not finished."""
     marker = step_dir / MARKER
     if not marker.exists():
         return None
     try:
         recorded = json.loads(marker.read_text())
-        before, summary = recorded["config"], recorded["summary"]
+        before, summary, after = recorded["config"], recorded["summary"], recorded["upstream"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a marker we cannot read: run the step again
     changed = _changes(before, config_to_dict(step.cfg))
     if changed:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
                         f"delete {step_dir} to run it again")
+    if after != upstream:
+        raise UserError(f"pipeline.{step.name}: finished earlier after other results of the steps before it (one "
+                        f"ran again and came out differently); delete {step_dir} to run it again")
     return summary
 
 

@@ -26,7 +26,7 @@ from rlhf_jax.sampling import SamplingParams
 from rlhf_jax.tokenizer import PAD_ID
 
 
-def _check_config(cfg: Config) -> None:
+def check_config(cfg: Config) -> None:
     """Everything that can be known wrong before loading a model."""
     if not cfg.ppo.reward_model:
         raise UserError("stage 'ppo' needs ppo.reward_model (a reward model export from the rm stage)")
@@ -48,7 +48,7 @@ def _scalar_model(path: str, key: str) -> LoadedModel:
 
 
 def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> dict:
-    _check_config(cfg)
+    check_config(cfg)
     source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
     if metadata["kind"] != "prompts":
         raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage 'ppo' needs one of "

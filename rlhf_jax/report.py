@@ -10,10 +10,11 @@ import io
 import json
 import math
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from rlhf_jax.fsio import write_bytes_atomically
 
 # Training curves drawn from run directories: (panel title, stage, metric key, held-out metric key or None).
 CURVES = (
@@ -35,18 +36,18 @@ def write_report(out_dir: Path, report: dict, samples: list[dict], runs: Sequenc
     one-line warning on stderr."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [_write_atomic(out_dir / "report.json", (json.dumps(_plain(report), indent=2) + "\n").encode())]
+    written = [write_bytes_atomically(out_dir / "report.json", (json.dumps(_plain(report), indent=2) + "\n").encode())]
     plots = []
     if len(_stepped(report["policies"])) >= 2:
-        plots.append(_write_atomic(out_dir / "score_kl_by_step.png", _score_kl_by_step_png(report)))
+        plots.append(write_bytes_atomically(out_dir / "score_kl_by_step.png", _score_kl_by_step_png(report)))
     if _has_gold(report):
-        plots.append(_write_atomic(out_dir / "gold_vs_kl.png", _gold_vs_kl_png(report)))
+        plots.append(write_bytes_atomically(out_dir / "gold_vs_kl.png", _gold_vs_kl_png(report)))
     curves = _read_runs(runs)
     if curves:
-        plots.append(_write_atomic(out_dir / "training_curves.png", _training_curves_png(curves)))
+        plots.append(write_bytes_atomically(out_dir / "training_curves.png", _training_curves_png(curves)))
     markdown = markdown_report(report, samples, [p.name for p in plots])
     written += plots
-    written.append(_write_atomic(out_dir / "report.md", markdown.encode()))
+    written.append(write_bytes_atomically(out_dir / "report.md", markdown.encode()))
     return written
 
 
@@ -341,18 +342,6 @@ def _training_curves_png(curves: dict) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------- files
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _warn(message: str) -> None:

@@ -120,8 +120,9 @@ def response_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, t
     ids_BT = jnp.concatenate([prompt_ids_BP, tokens_BN], axis=1)
     mask_BT = jnp.concatenate([prompt_mask_BP.astype(bool), mask_BN.astype(bool)], axis=1)
     N = tokens_BN.shape[1]
-    logits_BTV, _ = model.apply({"params": params}, ids_BT, positions_from_mask(mask_BT), mask_BT, head_last=N + 1)
-    return logits_BTV[:, :-1] / (temperature if temperature > 0 else 1.0)  # positions P-1 .. T-2
+    # the head on positions P-1 .. T-1 (N + 1 of them); the last predicts nothing of the response
+    logits_BMV, _ = model.apply({"params": params}, ids_BT, positions_from_mask(mask_BT), mask_BT, head_last=N + 1)
+    return logits_BMV[:, :-1] / (temperature if temperature > 0 else 1.0)
 
 
 def teacher_forced_logprobs(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,

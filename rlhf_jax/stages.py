@@ -11,6 +11,7 @@ from rlhf_jax import sharding
 from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.errors import UserError, os_error_message
+from rlhf_jax.fsio import write_json_atomically
 from rlhf_jax.generate import Generator, read_prompts
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.sampling import SamplingParams
@@ -75,18 +76,48 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
     return label(cfg, run_dir)
 
 
-def run_prepare(cfg: Config, run_dir: Path) -> dict:
-    """Imports prepare.inputs as dataset prepare.name in data.dir (replacing it: a pipeline reruns an
-    unfinished step whole)."""
-    from rlhf_jax.data.prepare import prepare
+def check_prepare(cfg: Config) -> None:
+    from rlhf_jax.data.formats import FORMATS
+    from rlhf_jax.data.prepare import check_name
 
     p = cfg.prepare
     for key in ("format", "inputs", "name"):
         if not getattr(p, key):
             raise UserError(f"stage 'prepare' needs prepare.{key}")
+    if p.format not in FORMATS:
+        raise UserError(f"prepare.format={p.format!r}: unknown; expected one of {sorted(FORMATS)}")
+    check_name(p.name)
+
+
+def check(cfg: Config) -> None:
+    """What can be known wrong about a stage's config without reading its data or models: a pipeline checks
+    every step with it before the first one runs."""
+    if cfg.stage in ("sft", "rm"):
+        from rlhf_jax.trainers import check_config
+        check_config(cfg)
+    elif cfg.stage == "ppo":
+        from rlhf_jax.ppo_stage import check_config
+        check_config(cfg)
+    elif cfg.stage == "eval":
+        from rlhf_jax.evaluate import check_config
+        check_config(cfg)
+    elif cfg.stage == "label":
+        from rlhf_jax.label import check_config
+        check_config(cfg)
+    elif cfg.stage == "prepare":
+        check_prepare(cfg)
+
+
+def run_prepare(cfg: Config, run_dir: Path) -> dict:
+    """Imports prepare.inputs as dataset prepare.name in data.dir (replacing it: a pipeline reruns an
+    unfinished step whole)."""
+    from rlhf_jax.data.prepare import prepare
+
+    check_prepare(cfg)
+    p = cfg.prepare
     summary = {"stage": "prepare", **prepare(p.format, list(p.inputs), cfg.data.dir, p.name, p.eval_fraction,
                                               p.skip_invalid, overwrite=True)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomically(run_dir / "summary.json", summary)
     print(json.dumps(summary))
     return summary
 

@@ -54,11 +54,16 @@ class _Stage:
         return {k: float(v) for k, v in steps.rm_metrics(sums).items()}
 
 
+def check_config(cfg: Config) -> None:
+    """What can be known wrong before reading any file."""
+    if not cfg.data.name:
+        raise UserError(f"stage {cfg.stage!r} needs data.name (a dataset prepared with python -m rlhf_jax.data)")
+
+
 def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> dict:
     """Run the sft or rm stage in `run_dir` (resuming from its latest checkpoint) on `mesh` (default: from
     cfg.mesh over all devices); returns the summary it also prints."""
-    if not cfg.data.name:
-        raise UserError(f"stage {cfg.stage!r} needs data.name (a dataset prepared with python -m rlhf_jax.data)")
+    check_config(cfg)
     # The data is checked before any model is loaded.
     source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
     kind = {"sft": "sft", "rm": "rankings"}[cfg.stage]

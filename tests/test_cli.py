@@ -350,16 +350,16 @@ def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
 
 
 def test_main_out_of_range_value(capsys, tmp_path):
-    rc, out, err = _run(capsys, main_cli.main,
-                        ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path / 'r'}", "sampling.top_p=2"])
+    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml",
+                                                f"run_dir={tmp_path / 'r'}", "sampling.top_p=2"])
     _assert_user_error(rc, err, "sampling.top_p")
     assert out == ""
 
 
 def test_main_output_that_is_a_directory_fails_before_generating(capsys, tmp_path):
     (tmp_path / "out").mkdir()
-    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path / 'r'}",
-                                                f"generate.output={tmp_path / 'out'}"])
+    rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml",
+                                                f"run_dir={tmp_path / 'r'}", f"generate.output={tmp_path / 'out'}"])
     _assert_user_error(rc, err, "generate.output", "is a directory")
     assert not (tmp_path / "r" / "tiny_model").exists()
 

@@ -61,6 +61,13 @@ def test_steps_merge_shared_keys_substitute_run_dir_and_take_overrides(tmp_path)
     (PIPELINE.replace("    stage: sft\n", "    stage: sft\n    run_dir: elsewhere\n"), [],
      "a step runs in"),
     ("run_dir: x\npipeline: []\n", [], "'pipeline' expects a mapping"),
+    (PIPELINE + "  report:\n    stage: eval\n    eval: {{policies: [a]}}\n", [],
+     "pipeline.report: stage 'eval' needs eval.reference"),
+    (PIPELINE + "  data:\n    stage: prepare\n    prepare: {{format: csv, inputs: [x], name: d}}\n", [],
+     "pipeline.data: prepare.format='csv': unknown"),
+    (PIPELINE + "  rank:\n    stage: label\n    model: {{path: m}}\n    data: {{name: p}}\n"
+                "    label: {{labeler: 'no_such_module:f'}}\n", [],
+     "pipeline.rank: label.labeler='no_such_module:f': cannot import"),
 ])
 def test_bad_pipelines_fail_before_any_step_runs(tmp_path, text, overrides, fragment):
     path = _write(tmp_path, text)
@@ -84,6 +91,22 @@ def test_a_finished_step_is_skipped_and_one_with_other_settings_is_refused(tmp_p
     assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.max_new_tokens: 4 -> 5)" in err
 
 
+def test_a_step_after_one_that_came_out_differently_is_refused(tmp_path):
+    """Steps finished after an earlier step whose results have changed since (it ran again) are stale."""
+    (tmp_path / "prompts.txt").write_text("Hello there\n")
+    text = PIPELINE.split("  second:")[0] + PIPELINE.split("  second:")[0].split("pipeline:\n")[1].replace(
+        "first:", "again:").replace("first.jsonl", "again.jsonl")
+    path = _write(tmp_path, text)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0 and "[2/2] again: done" in err, err[-2000:]
+    marker = tmp_path / "run" / "first" / pipeline.MARKER
+    recorded = json.loads(marker.read_text())
+    recorded["summary"]["new_tokens"] += 1  # what a rerun that came out differently leaves
+    marker.write_text(json.dumps(recorded))
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 2 and "pipeline.again: finished earlier after other results of the steps before it" in err
+
+
 # ------------------------------------------------------------------------------------------- the demo task
 
 
@@ -98,6 +121,7 @@ def test_labeler_follows_bradley_terry_and_its_ceiling_is_the_gold_rewards_agree
     expected = 1 / (1 + math.exp(-d / sentiment.LABELER_TEMPERATURE))
     assert preferred == pytest.approx(expected, abs=0.025)
     assert sentiment.labeler_ceiling(["p"], [[good, bad]]) == pytest.approx(expected)
+    assert sentiment.labeler_ceiling(["p"], [[good, good]]) == 0.5 and sentiment.labeler_ceiling([], []) is None
     assert all(sorted(r) == [0, 1] for r in ranks)
 
 
@@ -122,7 +146,8 @@ def test_the_demo_pipeline_shortened_shows_every_effect_and_resumes_to_the_same_
     assert 0 < ppo["kl"] < 4.0, ppo  # configs/demo.yaml: ppo.kl_target 4
     scores = [json.loads(line)["score_mean"] for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert scores[-1] > scores[0], scores
-    assert demo_run["stderr"].strip().splitlines()[-3].startswith("RLHF improved the policy"), demo_run["stderr"][-2000:]
+    last_lines = demo_run["stderr"].strip().splitlines()[-3:]
+    assert last_lines[0].startswith("RLHF improved the policy"), last_lines
 
     for path in (run_dir / "ppo" / pipeline.MARKER, run_dir / "label" / pipeline.MARKER, run_dir / "report.json"):
         path.unlink()

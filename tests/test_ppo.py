@@ -111,7 +111,7 @@ def test_one_compilation_serves_every_iteration_and_the_laps_time_each_phase():
     assert all(0 < r and 0 < u and r + u <= wall for (r, u), wall in zip(laps, walls)), (laps, walls)
     _, _, longer, _ = _timed_iterations(dataclasses.replace(_models(epochs=8), clock=LapClock()))
     rollout, update = min(r for r, _ in laps[1:]), min(u for _, u in laps[1:])
-    assert min(u for _, u in longer[1:]) > 2 * update, (laps, longer)
+    assert min(u for _, u in longer[1:]) > 1.7 * update, (laps, longer)
     assert min(r for r, _ in longer[1:]) < 3 * rollout, (laps, longer)
 
 

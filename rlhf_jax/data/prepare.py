@@ -129,6 +129,11 @@ def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < eval_fraction
 
 
+def check_name(name: str) -> None:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise UserError(f"dataset name {name!r} must be lower_snake_case (letters, digits, underscores)")
+
+
 def dataset_dir(data_dir: str | Path, name: str) -> Path:
     return Path(data_dir) / name / VERSION
 
@@ -142,8 +147,7 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
     `eval_prompts`, exactly the rows of those prompts are held out (instead of a hash of each prompt)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise UserError(f"dataset name {name!r} must be lower_snake_case (letters, digits, underscores)")
+    check_name(name)
     if not 0.0 <= eval_fraction < 1.0:
         raise UserError(f"eval fraction must be in [0, 1), got {eval_fraction}")
     out = dataset_dir(data_dir, name)

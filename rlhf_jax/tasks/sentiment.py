@@ -70,17 +70,17 @@ def label(prompts: list[str], responses: list[list[str]], seed: int) -> list[lis
     return ranks
 
 
-def labeler_ceiling(prompts: list[str], responses: list[list[str]]) -> float:
+def labeler_ceiling(prompts: list[str], responses: list[list[str]]) -> float | None:
     """Expected accuracy of the gold reward itself on this labeler's pairwise choices among these responses:
-    the best any reward model can score on held-out rankings (pairs of equal gold are left out)."""
+    the best any reward model can score on held-out rankings. A pair of equal gold is a coin flip for the
+    labeler, so no model beats 1/2 on it. None without pairs."""
     agree = []
     for prompt, texts in zip(prompts, responses):
         g = np.asarray(gold([prompt] * len(texts), texts))
         for i in range(len(texts)):
             for j in range(i + 1, len(texts)):
-                if g[i] != g[j]:
-                    agree.append(1.0 / (1.0 + math.exp(-abs(g[i] - g[j]) / LABELER_TEMPERATURE)))
-    return float(np.mean(agree)) if agree else float("nan")
+                agree.append(1.0 / (1.0 + math.exp(-abs(g[i] - g[j]) / LABELER_TEMPERATURE)))
+    return float(np.mean(agree)) if agree else None
 
 
 def _review(rng: np.random.Generator, thing: str, words: list[str]) -> str:
