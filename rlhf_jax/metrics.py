@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from rlhf_jax.fsio import write_text_atomically
+
 
 class MetricsWriter:
     """Appends to a run's metrics. A run resumed from step N first drops this stage's lines after N (written
@@ -20,7 +22,7 @@ class MetricsWriter:
         self.stage = stage
         path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and path.exists():
-            _drop_lines_after(path, stage, resume_step)
+            drop_lines_after(path, resume_step, stage)
         self._jsonl = open(path, "a")
         purge = None if resume_step is None else resume_step + 1
         self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
@@ -43,16 +45,17 @@ class MetricsWriter:
         self.close()
 
 
-def _drop_lines_after(path: Path, stage: str, step: int) -> None:
-    """Rewrite metrics.jsonl without this stage's lines past `step` (written whole, then swapped in)."""
+def drop_lines_after(path: Path, step: int, stage: str | None = None) -> None:
+    """Rewrite a JSON-lines log without the lines past `step` (of `stage` only, when given): what an attempt cut
+    off after its last checkpoint wrote, about to be written again. Written whole, then swapped in."""
+    if not path.exists():
+        return
     kept = []
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut off by a kill
             continue
-        if not (row.get("stage") == stage and row.get("step", 0) > step):
+        if not ((stage is None or row.get("stage") == stage) and row.get("step", 0) > step):
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))

@@ -16,6 +16,7 @@ import numpy as np
 
 from rlhf_jax import loop, ppo, sharding, steps
 from rlhf_jax.clock import LapClock
+from rlhf_jax.metrics import drop_lines_after
 from rlhf_jax.checkpoint import LoadedModel, load_model
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split, train_dataset
@@ -120,6 +121,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
 
     run = loop.Run(cfg, run_dir, "ppo")
     state, start = run.resume(state, data_iter)
+    drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
     batch_sh = sharding.batch_sharding(mesh)
     iteration = jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models),
                         in_shardings=(state_sh, ppo.Frozen(policy_sh.params, reward_sh), batch_sh, batch_sh,

@@ -271,6 +271,8 @@ def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
     deterministic = lambda run: [{k: m[k] for k in ("step", "score_mean", "kl", "beta", "policy_loss")}
                                  for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     assert deterministic(killed) == deterministic(straight)
+    # samples.jsonl holds each sampled iteration once, as in the straight run
+    assert (killed / "samples.jsonl").read_text() == (straight / "samples.jsonl").read_text()
 
 
 @pytest.mark.parametrize("overrides, fragment", [
