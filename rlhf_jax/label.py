@@ -4,10 +4,11 @@ with the compiled sampler, has label.labeler rank them, and prepares the result 
 label.dataset in data.dir, ready for the rm stage: rankings of the train split's prompts for training, of the
 eval split's prompts held out (split 'eval'), so held-out rankings share no prompt with training.
 
-Identical responses of one prompt are merged first (comparing a text with itself teaches nothing); a prompt left
-with fewer than 2 distinct responses is dropped and counted. When the labeler's module also has
-`labeler_ceiling(prompts, responses)`, the best accuracy any reward model can reach on the held-out rankings is
-stored in the dataset's metadata (evaluation reports it beside the RM's accuracy).
+Identical responses of one prompt are merged first (comparing a text with itself teaches nothing) and empty ones
+(an immediate EOS) dropped; a prompt left with fewer than 2 distinct responses is dropped; both are counted.
+When the labeler's module also has `labeler_ceiling(prompts, responses)`, the best accuracy any reward model can
+reach on the held-out rankings is stored in the dataset's metadata (evaluation reports it beside the RM's
+accuracy).
 """
 
 from __future__ import annotations
@@ -61,14 +62,9 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
     K = lab.responses
     repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
     texts = [r["text"] for r in generator.generate(repeated, s.batch_size, s.max_prompt_tokens, cfg.seed)]
-    kept_prompts, kept_responses = [], []
-    for i, prompt in enumerate(prompts):
-        distinct = list(dict.fromkeys(texts[i * K:(i + 1) * K]))
-        if len(distinct) >= 2:
-            kept_prompts.append(prompt)
-            kept_responses.append(distinct)
+    kept_prompts, kept_responses, empty = group_responses(prompts, texts, K)
     if not kept_prompts:
-        raise UserError(f"label: every prompt's {K} samples were identical; raise sampling.temperature")
+        raise UserError(f"label: no prompt has 2 distinct non-empty samples of {K}; raise sampling.temperature")
     ranks = labeler(kept_prompts, kept_responses, cfg.seed)
     _check_ranks(ranks, kept_responses, lab.labeler)
     path = run_dir / "rankings.jsonl"
@@ -86,12 +82,24 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
     prepared = prepare("jsonl_rankings", [str(path)], cfg.data.dir, lab.dataset, overwrite=True,
                        extra_metadata=extra, eval_prompts=held_out)
     summary = {"stage": "label", "dataset": prepared["dataset"], "prompts": n, "labeled_prompts": len(kept_prompts),
-               "dropped_prompts": n - len(kept_prompts),
+               "dropped_prompts": n - len(kept_prompts), "empty_responses_dropped": empty,
                "responses": sum(len(r) for r in kept_responses), "examples": prepared["examples"],
                "pairs": prepared.get("pairs"), **{k: v for k, v in extra.items() if k != "labeler"}}
     write_json_atomically(run_dir / "summary.json", summary)
     print(json.dumps(summary))
     return summary
+
+
+def group_responses(prompts: list[str], texts: list[str], K: int) -> tuple[list[str], list[list[str]], int]:
+    """(prompts kept, the distinct non-empty responses of each, empty responses dropped) from K samples per
+    prompt in prompt order; a prompt with fewer than 2 such responses is not kept."""
+    kept_prompts, kept_responses = [], []
+    for i, prompt in enumerate(prompts):
+        distinct = list(dict.fromkeys(t for t in texts[i * K:(i + 1) * K] if t.strip()))
+        if len(distinct) >= 2:
+            kept_prompts.append(prompt)
+            kept_responses.append(distinct)
+    return kept_prompts, kept_responses, sum(not t.strip() for t in texts)
 
 
 def _check_ranks(ranks, responses: list[list[str]], spec: str) -> None:

@@ -125,6 +125,18 @@ def test_labeler_follows_bradley_terry_and_its_ceiling_is_the_gold_rewards_agree
     assert all(sorted(r) == [0, 1] for r in ranks)
 
 
+def test_labeling_merges_identical_drops_empty_and_checks_ranks():
+    from rlhf_jax.errors import UserError
+    from rlhf_jax.label import _check_ranks, group_responses
+
+    texts = [" a", " a", " b", "", " c", " ", " c", ""]  # prompt 1: a, a, b, ""; prompt 2: c, " ", c, ""
+    assert group_responses(["p1", "p2"], texts, 4) == (["p1"], [[" a", " b"]], 3)
+    _check_ranks([[1, 0]], [[" a", " b"]], "m:f")
+    for bad in ([[0]], [[0, 2]], [[0.5, 1]], [[True, 0]]):
+        with pytest.raises(UserError, match="label.labeler=m:f: prompt 0"):
+            _check_ranks(bad, [[" a", " b"]], "m:f")
+
+
 def test_gold_is_the_mean_adjective_valence():
     v = sentiment.VALENCE
     assert sentiment.gold(["p"] * 3, [" the lamp was great and dull.", " the lamp was.", " GREAT lamp"]) == \
