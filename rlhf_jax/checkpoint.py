@@ -48,7 +48,9 @@ def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str =
     """Write a model checkpoint directory as a whole (fsio.replace_dir): an existing non-empty one is refused
     unless `overwrite`, and is then replaced, never mixed; a failed write (a full disk) leaves it as it was."""
     with fsio.replace_dir(out_dir, overwrite) as tmp:
-        _save_params(tmp / "params", params)
+        _save_params(tmp / "params", params)  # with several processes: each writes its shards
+        if jax.process_index() != 0:
+            return Path(out_dir).resolve()  # process 0 writes the rest and swaps the directory in
         (tmp / "model.json").write_text(json.dumps(
             {"format": FORMAT, "config": hf.model_config_to_json(cfg), "head": head, **(extra or {})}, indent=2))
         names = [n for n in hf.TOKENIZER_FILES if tokenizer_dir is not None and (Path(tokenizer_dir) / n).is_file()]
@@ -79,7 +81,9 @@ def _load_params(params_dir: Path) -> dict:
             if tree is None:
                 raise ValueError("its metadata (_METADATA, manifest.ocdbt) is missing or unreadable")
             target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-            params = ckptr.restore(params_dir, item=target)
+            # read as host arrays whatever mesh wrote them (exports are written shard by shard)
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+            params = ckptr.restore(params_dir, item=target, restore_args=as_numpy)
     except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
         raise CheckpointError(f"{params_dir}: corrupt or truncated Orbax checkpoint ({os_reason(e)})") from None
     return jax.tree.map(np.asarray, params)

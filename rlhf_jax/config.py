@@ -273,9 +273,17 @@ class ModelSection:
 class MeshSection:
     shape: tuple[int, ...] = _opt((-1, 1, 1), "devices per mesh axis; one -1 takes all remaining devices")
     axes: tuple[str, ...] = _opt(("data", "fsdp", "tensor"), "mesh axis names, one per shape entry")
+    preset: str = _opt("", "a named topology instead of shape (v5e-16, v5p-64, 8xH100, 2x8xH100; see "
+                            "rlhf_jax/sharding.py MESH_PRESETS); its device count is checked at start")
 
     def __post_init__(self):
         _coerce(self)
+        from rlhf_jax.sharding import MESH_PRESETS  # the table lives with the mesh code
+
+        _check(self, "preset", not self.preset or self.preset in MESH_PRESETS,
+               f"unknown; expected one of {sorted(MESH_PRESETS)}")
+        _check(self, "preset", not self.preset or (self.shape, self.axes) == ((-1, 1, 1), ("data", "fsdp", "tensor")),
+               "set mesh.preset or mesh.shape/mesh.axes, not both")
         _check(self, "shape", len(self.shape) > 0, "must not be empty")
         _check(self, "shape", all(n == -1 or n >= 1 for n in self.shape), "entries must be >= 1 or -1")
         _check(self, "shape", self.shape.count(-1) <= 1, "may contain at most one -1")
@@ -283,6 +291,19 @@ class MeshSection:
                f"must have one name per shape entry ({len(self.shape)})")
         _check(self, "axes", all(self.axes), "names must be non-empty")
         _check(self, "axes", len(set(self.axes)) == len(self.axes), "names must be unique")
+
+
+@dataclass(frozen=True)
+class DistributedSection:
+    coordinator_address: str = _opt("", "host:port of process 0 (else $JAX_COORDINATOR_ADDRESS; SLURM and TPU VMs "
+                                        "are detected); empty with one process")
+    num_processes: int = _opt(0, "processes in the run (else $JAX_NUM_PROCESSES); 0: from the environment")
+    process_id: int = _opt(-1, "this process's index (else $JAX_PROCESS_ID); -1: from the environment")
+
+    def __post_init__(self):
+        _coerce(self)
+        _check(self, "num_processes", self.num_processes >= 0, "must be >= 0")
+        _check(self, "process_id", self.process_id >= -1, "must be >= -1")
 
 
 @dataclass(frozen=True)
@@ -519,6 +540,7 @@ class Config:
     seed: int = _opt(0, "random seed for init, sampling and data order")
     model: ModelSection = _section(ModelSection, "which model to load and how to run it")
     mesh: MeshSection = _section(MeshSection, "device mesh for sharding")
+    distributed: DistributedSection = _section(DistributedSection, "joining several processes (multi-host runs)")
     sampling: SamplingSection = _section(SamplingSection, "text generation settings")
     generate: GenerateSection = _section(GenerateSection, "inputs and outputs of the generate stage")
     data: DataSection = _section(DataSection, "prepared dataset and how it is tokenized")

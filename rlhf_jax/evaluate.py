@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from rlhf_jax import eval_stats, imports, loop, ppo, sharding
+from rlhf_jax import distributed, eval_stats, imports, loop, ppo, sharding
 from rlhf_jax.checkpoint import LoadedModel, load_model, model_head
 from rlhf_jax.config import Config, config_from_dict
 from rlhf_jax.data.pipeline import eval_batches, open_split, stored_prompts
@@ -250,18 +250,18 @@ class Programs:
 
     def sample(self, model, params, ids, mask, rng) -> Samples:
         fn = self._jit("sample", model, functools.partial(sample, p=self.p))
-        out = jax.device_get(fn(params, *self._batch(ids, mask), rng))
+        out = distributed.to_host(fn(params, *self._batch(ids, mask), rng))
         ended = np.any(out.mask_BN & np.isin(out.tokens_BN, self.p.eos_ids), axis=1)
         return Samples(out.tokens_BN, out.mask_BN, ended)
 
     def logprobs(self, model, params, ids, mask, samples: Samples) -> np.ndarray:
         fn = self._jit("logprobs", model, functools.partial(teacher_forced_logprobs, temperature=self.p.temperature))
-        return np.asarray(jax.device_get(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
+        return np.asarray(distributed.to_host(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
                           np.float64)
 
     def scores(self, model, params, gain: float, bias: float, ids, mask, samples: Samples) -> np.ndarray:
         fn = self._jit("scores", model, functools.partial(_reward_scores, gain=gain, bias=bias))
-        return np.asarray(jax.device_get(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
+        return np.asarray(distributed.to_host(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
                           np.float64)
 
 
@@ -356,7 +356,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     check_config(cfg)
     e, s = cfg.eval, cfg.sampling
     out_dir = Path(e.out or run_dir)
-    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")
     gold_fn = load_gold(e.gold)
     prompts = load_prompts(e.prompts, e.limit)
@@ -369,8 +369,8 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     rm_accuracy, ceiling = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
     rows, samples = [], []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(prompts) * (len(sources) + 1), desc="eval", unit="response", file=sys.stderr) as bar, \
+    with tqdm(total=len(prompts) * (len(sources) + 1), desc="eval", unit="response", file=sys.stderr,
+              disable=not distributed.is_primary()) as bar, \
             MetricsWriter(run_dir, "eval", resume_step=0) as metrics:  # a rerun replaces the eval lines
         ref = ev.responses(ev.ref_model, ev.ref_params, bar, policy=False)
         for index, source in enumerate(sources):
@@ -390,12 +390,13 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
               "sampling": dataclasses.asdict(s), "policies": rows}
     from rlhf_jax.report import headline, verdict, write_report  # matplotlib only when a report is written
 
-    written = write_report(out_dir, result, samples, [Path(r) for r in e.runs])
+    written = distributed.on_primary(lambda: [str(p) for p in write_report(out_dir, result, samples,
+                                                                            [Path(r) for r in e.runs])])
     for line in headline(result):
         print(line, file=sys.stderr)
     last = rows[-1]  # the headline numbers of the last policy (the final checkpoint of a run)
     summary = {"stage": "eval", "policies": len(rows), "prompts": len(prompts), "report": str(out_dir / "report.md"),
-               "files": [str(p) for p in written],
+               "files": written,
                **{k: last[k] for k in ("win_rate", "gold_win_rate", "kl") if last.get(k) is not None},
                "verdict": verdict(result)}
     print(json.dumps(summary))

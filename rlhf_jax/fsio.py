@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -54,25 +55,45 @@ def check_out_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathL
 @contextlib.contextmanager
 def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
     """Yields an empty temporary directory beside `out` to write into; on a clean exit it replaces `out`
-    (see the module docstring). Checks `out` with `check_out_dir` first."""
+    (see the module docstring). Checks `out` with `check_out_dir` first.
+
+    With several JAX processes every process enters it (each may write its part, e.g. its shards of a
+    checkpoint): they share one temporary name, process 0 creates it and swaps it in once all have written."""
     out = check_out_dir(out, overwrite, inputs)
+    primary, barrier, token = _processes()
     new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     tmp, done = None, False
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(3)}"
-        tmp.mkdir()  # not tempfile.mkdtemp: that is mode 0700, this follows the umask like any new directory
+        tmp = out.parent / f".{out.name}.partial-{token}"
+        if primary:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()  # not tempfile.mkdtemp: that is mode 0700, this follows the umask like any new directory
+        barrier(f"created {tmp}")
         yield tmp
-        _swap_in(tmp, out)
+        barrier(f"written {tmp}")
+        if primary:
+            _swap_in(tmp, out)
+        barrier(f"swapped {tmp}")
         done = True
     except OSError as e:
         raise write_error(out, e) from None
     finally:
-        if tmp is not None:
+        if tmp is not None and primary:
             _remove(tmp)  # gone already after a successful swap
-        for parent in new_parents if not done else ():
+        for parent in new_parents if not done and primary else ():
             with contextlib.suppress(OSError):  # only while empty: nothing else is ever removed
                 parent.rmdir()
+
+
+def _processes():
+    """(whether this process creates and swaps directories, a barrier between processes, a temporary name token
+    every process agrees on). Without JAX loaded there is one process."""
+    if "jax" in sys.modules:
+        from rlhf_jax import distributed
+
+        if distributed.is_multiprocess():
+            return distributed.is_primary(), distributed.barrier, distributed.shared_token()
+    return True, lambda name: None, f"{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def write_error(out: Path, error: OSError) -> OutputDirError:

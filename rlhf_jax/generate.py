@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from rlhf_jax import sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.errors import UserError, report
 from rlhf_jax.checkpoint import LoadedModel, load_model
 from rlhf_jax.model import make_model, param_logical_axes
@@ -103,7 +103,8 @@ class Generator:
             raise UserError(f"prompt ({width}) + new tokens ({self.params_cfg.max_new_tokens}) exceed the model's "
                              f"{self.cfg.max_position_embeddings} positions")
         rng = jax.random.key(seed)
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, file=sys.stderr)
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
+                   disable=not progress or not distributed.is_primary())
         for start in range(0, len(prompts), batch_size):
             n = min(batch_size, len(prompts) - start)
             ids = np.full((batch_size, width), PAD_ID, np.int32)
@@ -111,7 +112,7 @@ class Generator:
             ids[:n], mask[:n] = ids_all[start:start + n], mask_all[start:start + n]
             mask[n:, -1] = True  # filler rows keep one real token so every row is well defined
             t0 = time.perf_counter()
-            out = jax.device_get(self._sample(self.params, ids, mask, jax.random.fold_in(rng, start)))
+            out = distributed.to_host(self._sample(self.params, ids, mask, jax.random.fold_in(rng, start)))
             new_tokens = int(out.mask_BN[:n].sum())
             bar.update(n)
             bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax import imports, sharding
+from rlhf_jax import distributed, imports, sharding
 from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import has_split, open_split, stored_prompts
@@ -55,7 +55,7 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
         held_out = stored_prompts(open_split(cfg.data.dir, cfg.data.name, cfg.data.eval_split)[0], lab.eval_prompts)
     prompts = stored_prompts(source, lab.prompts) + held_out
     n = len(prompts)
-    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    mesh = sharding.mesh_from_config(cfg.mesh)
     generator = Generator(load_model(cfg.model.path, need_tokenizer=True), mesh,
                           SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                           cfg.model.dtype, cfg.data.chat_template)
@@ -67,6 +67,16 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
         raise UserError(f"label: no prompt has 2 distinct non-empty samples of {K}; raise sampling.temperature")
     ranks = labeler(kept_prompts, kept_responses, cfg.seed)
     _check_ranks(ranks, kept_responses, lab.labeler)
+    summary = distributed.on_primary(lambda: _write_rankings(cfg, run_dir, n, kept_prompts, kept_responses, ranks,
+                                                             empty, module, held_out))
+    print(json.dumps(summary))
+    return summary
+
+
+def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_responses, ranks, empty: int, module,
+                    held_out) -> dict:
+    """The rankings file, its prepared dataset and the summary (process 0 alone, with several processes)."""
+    lab = cfg.label
     path = run_dir / "rankings.jsonl"
     write_text_atomically(path, "".join(json.dumps({"prompt": p, "responses": r, "ranks": [int(x) for x in k]}) + "\n"
                                         for p, r, k in zip(kept_prompts, kept_responses, ranks)))
@@ -86,7 +96,6 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
                "responses": sum(len(r) for r in kept_responses), "examples": prepared["examples"],
                "pairs": prepared.get("pairs"), **{k: v for k, v in extra.items() if k != "labeler"}}
     write_json_atomically(run_dir / "summary.json", summary)
-    print(json.dumps(summary))
     return summary
 
 

@@ -7,6 +7,7 @@ compose these pieces (`trainers.py` for sft and rm, `ppo_stage.py` for ppo); non
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rlhf_jax import fsio, resume, sharding, steps
+from rlhf_jax import distributed, fsio, resume, sharding, steps
 from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, save_model, state_shapes
 from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.errors import DivergedError, Interrupted, UserError
@@ -163,7 +164,9 @@ class Run:
             allowed = self._check_compatible(step, stored_config or {}, stored_shapes, state)
             try:
                 state, data_state, facts = self.ckpts.restore(step, state)
-                data_iter.set_state(data_state)
+                data_iter.set_state(self._own_data_state(data_state))
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001
                 unreadable.append((step, e))
                 continue
@@ -182,7 +185,8 @@ class Run:
             print(f"warning: moved step {step} to {kept}", file=sys.stderr)
         if start:
             print(f"resumed from {self.ckpts.directory} at step {start}", file=sys.stderr)
-        fsio.write_json_atomically(self.run_dir / "config.json", config)
+        if distributed.is_primary():
+            fsio.write_json_atomically(self.run_dir / "config.json", config)
         self.writer = MetricsWriter(self.run_dir, self.stage, resume_step=start)
         return state, start
 
@@ -196,9 +200,26 @@ class Run:
         return allowed
 
     def save(self, step: int, state, data_iter) -> None:
-        """Checkpoint `step`, after checking that every parameter is finite (nothing non-finite is saved)."""
+        """Checkpoint `step`, after checking that every parameter is finite (nothing non-finite is saved). The
+        data item holds every process's iterator state (each reads its own share of the batches)."""
         require_finite(state, step, self)
-        self.ckpts.save(step, state, data_iter.get_state(), self.facts, config_to_dict(self.cfg))
+        data = {"process_count": jax.process_count(), "states": distributed.all_gather_json(data_iter.get_state())}
+        self.ckpts.save(step, state, data, self.facts, config_to_dict(self.cfg))
+
+    def _own_data_state(self, stored: dict) -> dict:
+        """This process's iterator state from a checkpoint saved by any number of processes. Unpacked data is at
+        the same position in every process's share, and that position holds for any process count (each global
+        batch is the same rows however it is split); packed data is not, so it resumes only with the same count."""
+        if "states" not in stored:  # saved before per-process states were kept: one process
+            return stored
+        states = stored["states"]
+        if len(states) == jax.process_count():
+            return states[jax.process_index()]
+        if self.cfg.data.pack or any(s != states[0] for s in states):
+            raise UserError(f"{self.ckpts.directory}: saved by {len(states)} processes with packed data "
+                            f"(data.pack), whose positions do not carry over to {jax.process_count()}; resume it "
+                            f"with {len(states)} processes")
+        return states[0]
 
     def last_good(self) -> str:
         step = self.ckpts.latest_step()
@@ -241,24 +262,38 @@ def check_metrics(metrics: dict, step: int, run: Run) -> None:
 
 class StopSignals:
     """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to finish its step, save and stop, instead of
-    killing the process; a second signal stops at once."""
+    killing the process; a second signal stops at once.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    With several processes every one must save the same step, so the stop is agreed through JAX's preemption
+    sync point: its notifier keeps SIGTERM (a signal to any one process stops them all at the same step), and
+    SIGINT is passed on to it as SIGTERM."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
+        self._multiprocess = distributed.is_multiprocess()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            handled = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
+            self._previous = {s: signal.signal(s, self._handle) for s in handled}
         return self
 
     def _handle(self, signum, frame):
+        if self._multiprocess:
+            self.received = signum
+            os.kill(os.getpid(), signal.SIGTERM)  # to the preemption notifier, which tells every process
+            return
         if self.received is not None:
             self.__exit__()
             raise KeyboardInterrupt
         self.received = signum
+
+    def stop_at(self, step: int) -> bool:
+        """Whether to save `step` and stop (called after every step, by every process)."""
+        if self._multiprocess:
+            return distributed.preemption_reached(step)
+        return self.received is not None
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
@@ -298,7 +333,8 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
     stops it (DivergedError) before anything is saved; SIGTERM/SIGINT save the step in hand and stop
     (Interrupted). Returns (state, the last logged metrics, eval metrics included)."""
     rng = jax.random.key(run.cfg.seed)
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not distributed.is_primary())
     last: dict = {}
     window_start, window_tokens, truncated = time.perf_counter(), 0, 0
     with StopSignals() as signals, bar:  # the bar ends its line before any error is printed
@@ -308,7 +344,8 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
             truncated += int(batch["truncated"].sum())
             state, metrics = step_fn(state, to_global(batch, mesh), jax.random.fold_in(rng, step))
             done = step + 1
-            save = cadence.save(done) or signals.received is not None
+            stop = signals.stop_at(done)
+            save = cadence.save(done) or stop
             if cadence.log(done) or save:  # checked at least every log_every steps and before every save
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_metrics(metrics, done, run)
@@ -327,7 +364,7 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
             if save:
                 run.save(done, state, data_iter)
             bar.update(1)
-            if signals.received is not None:
+            if stop:
                 run.ckpts.wait()
                 raise Interrupted(f"interrupted at step {done}; saved; rerun the same command to resume")
             if cadence.log(done):  # throughput windows exclude evaluation and saving
@@ -347,8 +384,14 @@ def evaluate(eval_fn, params, batches: Iterator[dict], mesh, limit: int = 0) -> 
 
 
 def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None) -> Path:
-    """Params-only model checkpoint (Orbax, with tokenizer) for the next stage and for convert --to-hf."""
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(np.float32), params)
-    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host)):
+    """Params-only model checkpoint (Orbax, with tokenizer) for the next stage and for convert --to-hf: float32,
+    written shard by shard from the mesh (with several processes, each writes its own shards)."""
+    params = _as_float32(params)
+    if not bool(_all_finite(params)):
         raise DivergedError(f"the parameters hold non-finite values; {out_dir} was not written")
-    return save_model(out_dir, host, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True, extra=extra)
+    return save_model(out_dir, params, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True, extra=extra)
+
+
+@jax.jit
+def _as_float32(params):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,9 @@ class MetricsWriter:
     def __init__(self, run_dir: str | os.PathLike, stage: str, resume_step: int | None = None):
         from tensorboardX import SummaryWriter
 
+        self.enabled = _is_primary()  # with several processes, process 0 writes the run's metrics
+        if not self.enabled:
+            return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
@@ -28,6 +32,8 @@ class MetricsWriter:
         self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         values = {k: float(v) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **values}) + "\n")
         self._jsonl.flush()
@@ -35,6 +41,8 @@ class MetricsWriter:
             self._tb.add_scalar(f"{self.stage}/{k}", v, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._jsonl.close()
         self._tb.close()
 
@@ -43,6 +51,14 @@ class MetricsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _is_primary() -> bool:
+    if "jax" not in sys.modules:
+        return True
+    import jax
+
+    return jax.process_index() == 0
 
 
 def drop_lines_after(path: Path, step: int, stage: str | None = None) -> None:

@@ -110,9 +110,11 @@ def _substitute(value, run_dir: str):
 
 def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
     """Runs every step not finished yet, in order; returns their summaries."""
-    from rlhf_jax import stages
+    from rlhf_jax import distributed, stages
 
     run_dir, steps = load(path, overrides)
+    if steps:  # before anything touches a device (the steps share the top-level `distributed` section)
+        distributed.initialize(steps[0].cfg.distributed)
     summaries, records, started = [], [], time.perf_counter()
     for i, step in enumerate(steps, 1):
         step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
@@ -127,12 +129,14 @@ def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
         t0 = time.perf_counter()
         summary = stages.run(step.cfg) or {}
         record = {"config": config_to_dict(step.cfg), "summary": json.loads(json.dumps(summary))}
-        write_json_atomically(step_dir / MARKER, {**record, "upstream": upstream})
+        if distributed.is_primary():
+            write_json_atomically(step_dir / MARKER, {**record, "upstream": upstream})
         records.append(record)
         print(f"{where}: done in {time.perf_counter() - t0:.0f} s ({_one_line(summary)}); "
               f"{time.perf_counter() - started:.0f} s so far", file=sys.stderr)
         summaries.append(summary)
-    write_json_atomically(run_dir / "pipeline.json", {"steps": [s.name for s in steps], "summaries": summaries})
+    if distributed.is_primary():
+        write_json_atomically(run_dir / "pipeline.json", {"steps": [s.name for s in steps], "summaries": summaries})
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s: {run_dir}", file=sys.stderr)
     for line in summaries[-1].get("verdict", ()):  # an evaluation's last word, also when every step was skipped
         print(line, file=sys.stderr)

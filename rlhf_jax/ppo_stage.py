@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rlhf_jax import loop, ppo, sharding, steps
+from rlhf_jax import distributed, loop, ppo, sharding, steps
 from rlhf_jax.clock import LapClock
 from rlhf_jax.metrics import drop_lines_after
 from rlhf_jax.checkpoint import LoadedModel, load_model
@@ -55,7 +55,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage 'ppo' needs one of "
                         "kind 'prompts'")
     ptx_spec = _ptx_spec(cfg)
-    mesh = mesh or sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    mesh = mesh or sharding.mesh_from_config(cfg.mesh)
     ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
     sizes = [("train.batch_size", cfg.train.batch_size)]
     if ptx_spec is not None:
@@ -121,7 +121,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
 
     run = loop.Run(cfg, run_dir, "ppo")
     state, start = run.resume(state, data_iter)
-    drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
+    if distributed.is_primary():  # process 0 writes the run's files
+        drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
     batch_sh = sharding.batch_sharding(mesh)
     iteration = jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models),
                         in_shardings=(state_sh, ppo.Frozen(policy_sh.params, reward_sh), batch_sh, batch_sh,
@@ -135,8 +136,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         st, metrics = iteration(st, frozen, batch["prompt_ids"], batch["prompt_mask"], ptx or None)
         iterations[0] += 1
         samples = metrics.pop("samples", None)
-        if samples is not None and iterations[0] % cfg.ppo.samples_every == 0:
-            write_samples(run_dir / "samples.jsonl", iterations[0], jax.device_get(samples), tokenizer)
+        if samples is not None and iterations[0] % cfg.ppo.samples_every == 0 and distributed.is_primary():
+            write_samples(run_dir / "samples.jsonl", iterations[0], distributed.to_host(samples), tokenizer)
         return st, metrics
 
     try:
@@ -152,7 +153,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         exports["ema_export"] = str(loop.export(run_dir / "export_ema", state.ema, loaded, policy_model))
     summary = {"stage": "ppo", "steps": total, **exports,
                **{k: round(v, 6) for k, v in last.items() if isinstance(v, float) and np.isfinite(v)}}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_primary():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return summary
 

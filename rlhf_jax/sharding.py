@@ -31,6 +31,28 @@ class MeshError(UserError):
     """A mesh shape that does not fit the devices or the batch."""
 
 
+# Named topologies -> (shape, axes). Parameters and optimizer state are split (FSDP) over the devices that share
+# fast links (a slice's ICI, a node's NVLink); the data axis spans the slower links between nodes.
+MESH_PRESETS: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
+    "v5e-16": ((1, 16, 1), ("data", "fsdp", "tensor")),  # 4 hosts x 4 chips
+    "v5p-64": ((1, 32, 1), ("data", "fsdp", "tensor")),  # 8 hosts x 4 chips (64 TensorCores, 32 devices)
+    "8xH100": ((1, 8, 1), ("data", "fsdp", "tensor")),  # one node
+    "2x8xH100": ((2, 8, 1), ("data", "fsdp", "tensor")),  # two nodes: data across them, FSDP inside each
+}
+
+
+def mesh_from_config(section, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of a config's `mesh` section: its preset (whose device count must match) or its shape."""
+    if section.preset:
+        shape, axes = MESH_PRESETS[section.preset]
+        found = len(devices if devices is not None else jax.devices())
+        if math.prod(shape) != found:
+            raise MeshError(f"mesh.preset {section.preset} needs {math.prod(shape)} devices, found {found} "
+                            f"({jax.process_count()} processes)")
+        return make_mesh(shape, axes, devices)
+    return make_mesh(section.shape, section.axes, devices)
+
+
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh over all (or the given) devices; one -1 in `shape` takes the remaining devices."""
     devices = list(devices if devices is not None else jax.devices())

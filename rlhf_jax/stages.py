@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
-from rlhf_jax import sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.errors import UserError, os_error_message
@@ -20,26 +21,30 @@ from rlhf_jax.tokenizer import PAD_ID
 
 
 def run_generate(cfg: Config, run_dir: Path) -> dict:
-    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    primary = distributed.is_primary()  # with several processes all sample, process 0 writes
+    if primary:
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     out_path = Path(cfg.generate.output or run_dir / "samples.jsonl")
     if out_path.is_dir():
         raise UserError(f"generate.output: {out_path} is a directory, expected a JSONL file path")
-    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    mesh = sharding.mesh_from_config(cfg.mesh)
     prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
     s = cfg.sampling
     gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                     cfg.model.dtype, cfg.data.chat_template)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if primary:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
     t0, n_tokens, n = time.perf_counter(), 0, 0
-    with open(tmp, "w") as f, MetricsWriter(run_dir, "generate") as metrics:
+    with open(tmp if primary else os.devnull, "w") as f, MetricsWriter(run_dir, "generate") as metrics:
         for record in gen.generate(prompts, s.batch_size, s.max_prompt_tokens, cfg.seed):
             f.write(json.dumps(record) + "\n")
             n, n_tokens = n + 1, n_tokens + len(record["ids"])
             if n % s.batch_size == 0 or n == len(prompts):
                 metrics.write(n, {"new_tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0)})
-    tmp.replace(out_path)
+    if primary:
+        tmp.replace(out_path)
     summary = {"stage": "generate", "prompts": n, "new_tokens": n_tokens, "output": str(out_path),
                "seconds": round(time.perf_counter() - t0, 2)}
     print(json.dumps(summary))
@@ -129,12 +134,17 @@ STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": ru
 def run(cfg: Config) -> dict:
     """Run the configured stage in its run dir. A stage that stops on a user error before it has recorded any
     progress leaves no run dir behind if it created one."""
+    distributed.initialize(cfg.distributed)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir={cfg.run_dir}: is a file, expected a directory")
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_multiprocess():
+            check_shared(run_dir, "run_dir")
+        if cfg.stage in HOST_ONLY:  # nothing to share between processes: process 0 writes, the others wait
+            return distributed.on_primary(lambda: STAGES[cfg.stage](cfg, run_dir))
         return STAGES[cfg.stage](cfg, run_dir)
     except OSError as e:
         raise UserError(os_error_message(e)) from None
@@ -142,6 +152,26 @@ def run(cfg: Config) -> dict:
         if created and not _has_progress(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+HOST_ONLY = ("task", "prepare")  # stages that write files and run no sharded program
+
+
+def check_shared(directory: Path, key: str) -> None:
+    """With several processes: every one must see the same `directory` (checkpoints are written by all of them
+    into one place, and they read process 0's files), so a directory local to each host is refused in one line."""
+    name = f".shared-check-{distributed.shared_token()}"
+    if distributed.is_primary():
+        (directory / name).write_text("")
+    distributed.barrier(f"wrote {name}")
+    seen = distributed.all_gather_json((directory / name).exists())
+    distributed.barrier(f"checked {name}")
+    if distributed.is_primary():
+        (directory / name).unlink(missing_ok=True)
+    blind = [i for i, ok in enumerate(seen) if not ok]
+    if blind:
+        raise UserError(f"{key}={directory}: not shared between the processes (process {blind[0]} cannot see "
+                        "process 0's files); put it on storage every host mounts (NFS, Filestore, a gcsfuse bucket)")
 
 
 def _has_progress(run_dir: Path) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rlhf_jax import loop, sharding, steps
+from rlhf_jax import distributed, loop, sharding, steps
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import eval_batches, has_split, open_split, response_slots, train_dataset
 from rlhf_jax.errors import UserError
@@ -75,7 +75,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     if not has_eval:
         print(f"warning: dataset {cfg.data.name!r} has no split {cfg.data.eval_split!r}: no held-out evaluation "
               "and no best/ export", file=sys.stderr)
-    mesh = mesh or sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    mesh = mesh or sharding.mesh_from_config(cfg.mesh)
     loop.micro_batch_size(cfg, mesh)
     eval_size = loop.eval_batch_size(cfg, mesh)
     total = loop.total_steps(cfg, len(source))
@@ -120,7 +120,8 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     out = loop.export(run_dir / "export", state.params, loaded, model, extra)
     summary = {"stage": cfg.stage, "steps": total, "export": str(out),
                **{k: round(v, 6) for k, v in last_metrics.items() if isinstance(v, float)}, **extra}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_primary():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return summary
 
@@ -177,8 +178,10 @@ def reference_rewards(cfg: Config, model: Transformer, params, tokenizer, mesh, 
         fn = jax.jit(functools.partial(steps.completion_rewards, model))
         select = lambda batch: best_responses(batch["pairs"]) & batch["valid"][:, None]
     for batch in eval_batches(spec, split, tokenizer, batch_size):
-        rewards = np.asarray(jax.device_get(fn(params, loop.to_global(batch, mesh))))
-        out.extend(rewards[select(batch)].tolist())
+        # every process's rows, and which of them to keep, gathered the same way
+        rewards, keep = distributed.to_host((fn(params, loop.to_global(batch, mesh)),
+                                             loop.to_global({"keep": select(batch)}, mesh)["keep"]))
+        out.extend(rewards[keep].tolist())
         if len(out) >= limit:
             break
     return np.asarray(out[:limit])

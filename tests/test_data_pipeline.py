@@ -225,16 +225,31 @@ def test_restored_iterator_continues_exactly(datasets, tokenizer):
             np.testing.assert_array_equal(x[key], y[key])
 
 
-def test_hosts_together_see_the_global_batch(datasets, tokenizer):
+def test_hosts_together_see_the_global_batch_in_order(datasets, tokenizer):
+    """Host h reads the h-th block of each global batch: the blocks in host order are the one-host batch, row for
+    row (so sampling, which depends on a row's place in the batch, is the same for any host count), and every
+    host's iterator position is the one-host position."""
     spec = _spec(datasets, "prompts")
-    whole = _take(iter(train_dataset(spec, "train", tokenizer, 8, seed=2, process_index=0, process_count=1)), 3)
-    parts = [_take(iter(train_dataset(spec, "train", tokenizer, 8, seed=2, process_index=h, process_count=2)), 3)
+    one = iter(train_dataset(spec, "train", tokenizer, 8, seed=2, process_index=0, process_count=1))
+    hosts = [iter(train_dataset(spec, "train", tokenizer, 8, seed=2, process_index=h, process_count=2))
              for h in range(2)]
+    whole, parts = _take(one, 3), [_take(it, 3) for it in hosts]
     for step in range(3):
-        global_rows = {tuple(r) for r in whole[step]["prompt_ids"]}
-        host_rows = {tuple(r) for h in range(2) for r in parts[h][step]["prompt_ids"]}
         assert parts[0][step]["prompt_ids"].shape[0] == 4
-        assert global_rows == host_rows
+        np.testing.assert_array_equal(np.concatenate([parts[h][step]["prompt_ids"] for h in range(2)]),
+                                      whole[step]["prompt_ids"])
+    assert hosts[0].get_state() == hosts[1].get_state() == one.get_state()
+
+
+def test_eval_batches_split_each_global_batch_into_host_blocks(datasets, tokenizer):
+    spec = _spec(datasets, "prompts")
+    whole = list(eval_batches(spec, "eval", tokenizer, batch_size=4, process_index=0, process_count=1))
+    parts = [list(eval_batches(spec, "eval", tokenizer, batch_size=4, process_index=h, process_count=2))
+             for h in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for b, batch in enumerate(whole):
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([parts[h][b][key] for h in range(2)]), batch[key])
 
 
 def test_packing_keeps_examples_apart(datasets, tokenizer):

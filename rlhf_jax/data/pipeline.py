@@ -166,32 +166,38 @@ def train_dataset(spec: DataSection, split: str, tokenizer, global_batch: int, s
     if spec.pack and kind != "sft":
         raise UserError("data.pack applies to sft datasets only")
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
-    ds = ds[index::count].map(Tokenize(tokenizer, kind, spec, response_slots(kind, metadata, spec)))
+    tokenize = Tokenize(tokenizer, kind, spec, response_slots(kind, metadata, spec))
     per_host = global_batch // count
     # Tokenization runs in reader threads (the tokenizer releases the GIL); order stays deterministic.
-    read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=4 * per_host)
     if not spec.pack:
-        return ds.batch(per_host, drop_remainder=True).to_iter_dataset(read)
+        # Host i reads the i-th block of rows of each global batch, so a global batch holds the same rows in the
+        # same order for any number of hosts (and an iterator position, in batches, means the same for all).
+        batches = ds.map(tokenize).batch(per_host, drop_remainder=True)[index::count]
+        return batches.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=4))
     length = spec.max_prompt_tokens + spec.max_response_tokens
     packed = grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(read), length_struct={"ids": length, "response_mask": length, "truncated": length},
+        ds[index::count].map(tokenize).to_iter_dataset(
+            grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=4 * per_host)),
+        length_struct={"ids": length, "response_mask": length, "truncated": length},
         num_packing_bins=max(per_host, 8), seed=seed)
     return packed.map(_packed_layout).batch(per_host, drop_remainder=True)
 
 
 def eval_batches(spec: DataSection, split: str, tokenizer, batch_size: int, process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[dict]:
-    """Every example of a split once, in stored order, in full batches; `valid` marks the real rows of the last."""
+    """Every example of a split once, in stored order, in global batches of `batch_size` rows of which this host
+    yields its block (the i-th of `process_count`); `valid` marks the real rows of the last batch."""
     source, metadata = open_split(spec.dir, spec.name, split)
     kind = metadata["kind"]
     index, count = _host(process_index, process_count)
+    if batch_size % count:
+        raise UserError(f"eval batch {batch_size} is not divisible by {count} hosts")
+    per_host = batch_size // count
     tokenize = Tokenize(tokenizer, kind, dataclasses.replace(spec, pack=False), response_slots(kind, metadata, spec))
-    rows = grain.MapDataset.source(source)[index::count].map(tokenize)
-    # Every host runs the same number of batches (collectives must line up), the last ones padded.
-    n_batches = -(-(-(-len(source) // count)) // batch_size)
     filler = tokenize(source[0])
-    for b in range(n_batches):
-        examples = [rows[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(rows)))]
-        valid = np.arange(batch_size) < len(examples)
-        examples += [filler] * (batch_size - len(examples))  # masked out by `valid`
+    for b in range(-(-len(source) // batch_size)):  # every host runs the same batches: collectives line up
+        start = b * batch_size + index * per_host
+        examples = [tokenize(source[i]) for i in range(start, min(start + per_host, len(source)))]
+        valid = np.arange(per_host) < len(examples)
+        examples += [filler] * (per_host - len(examples))  # masked out by `valid`
         yield {**{k: np.stack([e[k] for e in examples]) for k in filler}, "valid": valid}

@@ -1,0 +1,169 @@
+"""Several processes, one program: JAX's multi-controller runtime over TPU pod slices, SLURM clusters and
+processes on one machine (`launch/local.sh`). Every process runs the same stage; each reads its share of every
+global batch, all of them take part in each compiled step and in Orbax checkpoints, and process 0 alone writes
+the run's files (metrics, samples, exports' metadata, reports).
+
+`initialize` joins the processes (a no-op with one process). Where the processes are is found in this order:
+  1. the `distributed` config section, key by key;
+  2. the environment: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID
+     (set by launch/local.sh and launch/gpu_slurm.sbatch);
+  3. automatic detection under SLURM (more than one task) and on a TPU VM;
+otherwise there is one process.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+
+import jax
+import numpy as np
+
+from rlhf_jax.errors import UserError
+
+_STATE: dict = {}  # the settings this process joined with; set once per process
+
+
+def settings(section=None, environ=None) -> dict | None:
+    """{coordinator_address, num_processes, process_id} to join with, {} to let JAX detect the cluster, or
+    None for a single process. Raises UserError on an incomplete or inconsistent explicit setting."""
+    environ = os.environ if environ is None else environ
+
+    def pick(key: str, env: str, unset):
+        value = getattr(section, key, unset) if section is not None else unset
+        if value == unset and environ.get(env, "") != "":
+            raw = environ[env]
+            try:
+                value = raw if isinstance(unset, str) else int(raw)
+            except ValueError:
+                raise UserError(f"{env}={raw!r}: expected an integer") from None
+        return value
+
+    address = pick("coordinator_address", "JAX_COORDINATOR_ADDRESS", "")
+    count = pick("num_processes", "JAX_NUM_PROCESSES", 0)
+    index = pick("process_id", "JAX_PROCESS_ID", -1)
+    if address or count > 1:
+        missing = [name for name, v in (("coordinator_address / JAX_COORDINATOR_ADDRESS", address),
+                                        ("num_processes / JAX_NUM_PROCESSES", count > 0),
+                                        ("process_id / JAX_PROCESS_ID", index >= 0)) if not v]
+        if missing:
+            raise UserError(f"distributed: {', '.join(missing)} not set (all three are needed to join "
+                            "processes explicitly)")
+        if not 0 <= index < count:
+            raise UserError(f"distributed: process_id {index} is outside 0..{count - 1}")
+        return {"coordinator_address": address, "num_processes": count, "process_id": index}
+    if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:
+        return {}
+    if environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or _on_tpu_vm():
+        return {}
+    return None
+
+
+def _on_tpu_vm() -> bool:
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def initialize(section=None) -> None:
+    """Join the other processes of this run (once per process; later calls must ask for the same)."""
+    wanted = settings(section)
+    if _STATE:
+        if wanted is not None and wanted != _STATE["settings"] and _STATE["settings"] != {}:
+            raise UserError(f"distributed: already joined as {_STATE['settings']}, now asked for {wanted}")
+        return
+    _STATE["settings"] = wanted
+    if wanted is None:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU arrays' collectives between processes
+    try:
+        jax.distributed.initialize(**wanted)
+    except Exception as e:  # noqa: BLE001 - a wrong address or a missing peer surfaces as many error types
+        raise UserError(f"distributed: cannot join {wanted or 'the detected cluster'} ({_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def is_primary() -> bool:
+    """Process 0 writes the run's files."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (no-op with one process)."""
+    if is_multiprocess():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+    """Numpy copies of (possibly sharded, possibly other processes') arrays, on every process. Collective
+    with several processes (every process must call it with the same tree); one leaf is gathered at a time,
+    so no device ever holds more than one whole leaf."""
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
+def preemption_reached(step: int) -> bool:
+    """With several processes: whether every process has agreed to stop and save at this step because one of
+    them received SIGTERM (JAX's preemption sync point; call it at every step, with the same step ids)."""
+    if not is_multiprocess():
+        return False
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(step)
+
+
+def broadcast_json(value):
+    """Process 0's JSON-serialisable `value`, on every process."""
+    return all_gather_json(value)[0] if is_multiprocess() else value
+
+
+def all_gather_json(value) -> list:
+    """[value of process 0, value of process 1, ...]: small JSON-serialisable values from every process."""
+    if not is_multiprocess():
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths.reshape(-1))]
+
+
+def on_primary(fn):
+    """fn() run by process 0 alone (it writes files), and its JSON-serialisable result, or the UserError it
+    raised, given to every process (which waits for it)."""
+    if not is_multiprocess():
+        return fn()
+    result = error = None
+    if is_primary():
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    result, error = broadcast_json([result, error])
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def shared_token(nbytes: int = 3) -> str:
+    """A random token that every process agrees on (temporary names must not differ between processes)."""
+    return broadcast_json(secrets.token_hex(nbytes))
