@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax import fsio, hf
+from rlhf_jax import distributed, fsio, hf
 from rlhf_jax.errors import UserError, os_error_message, os_reason
 from rlhf_jax.model import ModelConfig
 
@@ -293,9 +293,11 @@ class TrainCheckpoints:
     def set_aside(self, step: int, dest: Path) -> Path:
         """Move an unrestorable step out of the way (kept for inspection) so the run can save that step again."""
         target = dest / f"step_{step}"
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(self.directory / str(step), target)
+        if jax.process_index() == 0:  # with several processes, one moves it and all wait for the move
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(self.directory / str(step), target)
+        distributed.barrier(f"set aside step {step}")
         self.manager.reload()
         return target
 

@@ -152,6 +152,7 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
 
 def restore_params(state_dir: Path, keys: tuple[str, ...]) -> dict:
     """The subtree `keys` of a saved train state as numpy arrays; the optimizer state is never read."""
+    state_dir = state_dir.absolute()  # Orbax reads only absolute paths
     checkpointer = ocp.PyTreeCheckpointer()
     tree = ocp.PyTreeCheckpointHandler().metadata(state_dir)
     tree = tree.tree if hasattr(tree, "tree") else tree

@@ -88,7 +88,7 @@ class Generator:
         for warning in sharding.sharding_report(param_logical_axes(self.model), shapes, mesh).fallbacks:
             print(warning, file=sys.stderr)  # a replicated dimension costs memory: never silently
         self.params = sharding.place(params, param_sh)
-        batch_sh = sharding.batch_sharding(mesh)
+        batch_sh = self.batch_sh = sharding.batch_sharding(mesh)
         self._sample = jax.jit(functools.partial(sample, self.model, p=self.params_cfg),
                                in_shardings=(param_sh, batch_sh, batch_sh, sharding.replicated(mesh)),
                                out_shardings=batch_sh)
@@ -112,7 +112,8 @@ class Generator:
             ids[:n], mask[:n] = ids_all[start:start + n], mask_all[start:start + n]
             mask[n:, -1] = True  # filler rows keep one real token so every row is well defined
             t0 = time.perf_counter()
-            out = distributed.to_host(self._sample(self.params, ids, mask, jax.random.fold_in(rng, start)))
+            out = distributed.to_host(self._sample(self.params, *sharding.place((ids, mask), (self.batch_sh,) * 2),
+                                                   jax.random.fold_in(rng, start)))
             new_tokens = int(out.mask_BN[:n].sum())
             bar.update(n)
             bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")

@@ -51,14 +51,15 @@ def test_a_policy_against_itself_ties_exactly(inputs):
     assert "Review #1 of the lamp:" in md and "RLHF made no clear difference" in md
 
 
-def test_all_steps_evaluates_every_saved_step_and_skips_an_interrupted_save(inputs):
+def test_all_steps_evaluates_every_saved_step_and_skips_an_interrupted_save(inputs, monkeypatch):
     run = inputs["ppo"]
     partial = run / "checkpoints" / "30.orbax-checkpoint-tmp-1700000000"
     partial.mkdir()
     (partial / "garbage").write_text("not a checkpoint")
+    monkeypatch.chdir(run.parent)  # the run named by a relative path, as users type it
     try:
         out = inputs["root"] / "steps"
-        rc, _, err = _eval(inputs, out, "--policy", run, "--all-steps", "--prompts", f"{inputs['data'] / 'prompts'}",
+        rc, _, err = _eval(inputs, out, "--policy", run.name, "--all-steps", "--prompts", f"{inputs['data'] / 'prompts'}",
                            "--gold", GOLD, "--runs", run)
     finally:
         shutil.rmtree(partial)

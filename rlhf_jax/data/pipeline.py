@@ -173,7 +173,7 @@ def train_dataset(spec: DataSection, split: str, tokenizer, global_batch: int, s
         # Host i reads the i-th block of rows of each global batch, so a global batch holds the same rows in the
         # same order for any number of hosts (and an iterator position, in batches, means the same for all).
         batches = ds.map(tokenize).batch(per_host, drop_remainder=True)[index::count]
-        return batches.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=4))
+        return batches.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_THREADS))
     length = spec.max_prompt_tokens + spec.max_response_tokens
     packed = grain.experimental.FirstFitPackIterDataset(
         ds[index::count].map(tokenize).to_iter_dataset(
