@@ -61,8 +61,19 @@ def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str =
     return Path(out_dir).resolve()
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    """Orbax over every process (each writes its shards), or this process alone (`distributed.alone`)."""
+    if not distributed.acting_alone():
+        return ocp.PyTreeCheckpointer()
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                 barrier_sync_key_prefix=f"alone{me}")
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                            multiprocessing_options=options)
+
+
 def _save_params(path: Path, params) -> None:
-    with _orbax_quietly(), ocp.PyTreeCheckpointer() as ckptr:
+    with _orbax_quietly(), _checkpointer() as ckptr:
         try:
             ckptr.save(path, params)
         except ValueError as e:  # tensorstore reports I/O errors (a full disk) as ValueErrors
@@ -74,7 +85,7 @@ def _load_params(params_dir: Path) -> dict:
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: does not exist (an incomplete model checkpoint)")
     try:
-        with _orbax_quietly(), ocp.PyTreeCheckpointer() as ckptr:
+        with _orbax_quietly(), _checkpointer() as ckptr:
             meta = ckptr.metadata(params_dir)
             item = getattr(meta, "item_metadata", meta)
             tree = getattr(item, "tree", item)

@@ -13,6 +13,7 @@ otherwise there is one process.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -88,7 +89,24 @@ def _first_line(error: BaseException) -> str:
 
 
 def is_multiprocess() -> bool:
-    return jax.process_count() > 1
+    """Several processes take part in what this process does now (not inside `alone()`)."""
+    return jax.process_count() > 1 and not _STATE.get("alone")
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside, this process works as if it were the only one: no barriers or gathers, and Orbax writes and reads
+    for this process alone (what process 0 does by itself, see `on_primary`)."""
+    before = _STATE.get("alone", False)
+    _STATE["alone"] = True
+    try:
+        yield
+    finally:
+        _STATE["alone"] = before
+
+
+def acting_alone() -> bool:
+    return bool(_STATE.get("alone")) and jax.process_count() > 1
 
 
 def is_primary() -> bool:
@@ -155,7 +173,8 @@ def on_primary(fn):
     result = error = None
     if is_primary():
         try:
-            result = fn()
+            with alone():
+                result = fn()
         except UserError as e:
             error = str(e)
     result, error = broadcast_json([result, error])
