@@ -5,6 +5,7 @@ Exit statuses (documented in the README's "When things go wrong"):
   2  user error: a bad config, file, checkpoint or argument (nothing new is written)
   3  diverged: a non-finite loss, gradient norm or parameter; the last finite checkpoint stays
   4  interrupted by SIGTERM or SIGINT after saving a checkpoint; rerun the same command to resume
+  5  a dry run (--dry-run, rlhf_jax/plan.py) found a step that does not fit the device memory
 """
 
 import os

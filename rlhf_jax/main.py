@@ -22,8 +22,16 @@ Training stages write metrics.jsonl, TensorBoard events, Orbax checkpoints (reru
 best/ (lowest eval loss) and export/ (the final params-only model for the next stage or convert --to-hf).
 Datasets are prepared with `python -m rlhf_jax.data --help`.
 
-Exit status: 0 done; 2 a user error (one `error:` line); 3 diverged (non-finite loss, gradient or parameters;
-nothing non-finite is saved); 4 interrupted by SIGTERM/SIGINT after saving (rerun the same command to resume).
+  python -m rlhf_jax.main --config CFG [overrides] --dry-run [--device-memory GIB] [--peak-tflops T]
+plans memory before launch: compiles each sft / rm / ppo step (every such step of a pipeline) for its mesh on
+abstract inputs, reading only the models' model.json / config.json and writing nothing, and prints per device the
+arguments, outputs, temporaries and total memory, the FLOPs per step and the least step time at the peak; a step
+that does not fit gets the largest micro-batch (optim.grad_accum_steps) and model.remat that fit. Device memory
+and peak default to the device's (none on CPU: without --device-memory there is no verdict). See rlhf_jax/plan.py.
+
+Exit status: 0 done (a dry run: everything fits, or no verdict); 2 a user error (one `error:` line); 3 diverged
+(non-finite loss, gradient or parameters; nothing non-finite is saved); 4 interrupted by SIGTERM/SIGINT after
+saving (rerun the same command to resume); 5 a dry run found a step that does not fit the device memory.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlhf_jax.main", add_help=False)
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("-h", "--help", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="plan memory and step time; run nothing")
+    ap.add_argument("--device-memory", metavar="GIB", help="memory per device for the dry run's verdict")
+    ap.add_argument("--peak-tflops", metavar="T", help="peak TFLOP/s per device for the dry run's step times")
     args, overrides = ap.parse_known_args(argv)
     if args.help:
         print(__doc__ + "\nConfig sections (override any key as section.key=value):\n" + config_help())
@@ -49,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [o for o in overrides if o.startswith("-")]
         if bad:
             raise UserError(f"unknown option {bad[0]!r}; overrides are written section.key=value")
+        if args.dry_run or args.device_memory is not None or args.peak_tflops is not None:
+            return _dry_run(args, overrides)
         if pipeline.is_pipeline(args.config):
             pipeline.run(args.config, overrides)
             return 0
@@ -61,6 +74,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # a full disk or an unwritable path met anywhere: still one line, naming the path
         return report(UserError(os_error_message(e)))
     return 0
+
+
+def _dry_run(args, overrides: Sequence[str]) -> int:
+    """--dry-run: the config (every step of a pipeline) validated first, then planned by rlhf_jax/plan.py."""
+    if not args.dry_run:
+        raise UserError("--device-memory and --peak-tflops go with --dry-run")
+    limits = {}
+    for flag, value in (("--device-memory", args.device_memory), ("--peak-tflops", args.peak_tflops)):
+        try:
+            limits[flag] = None if value is None else float(value)
+        except ValueError:
+            raise UserError(f"{flag} {value!r}: expected a number") from None
+        if limits[flag] is not None and not limits[flag] > 0:
+            raise UserError(f"{flag} {value!r}: must be > 0")
+    is_pipeline = pipeline.is_pipeline(args.config)
+    if is_pipeline:
+        _, steps = pipeline.load(args.config, overrides)
+    else:
+        cfg = load_config(args.config, overrides)
+        steps = [pipeline.Step(cfg.stage, cfg)]
+    from rlhf_jax import plan  # after validation: config errors come before any heavy import or compile
+
+    return plan.dry_run(steps, is_pipeline, args.config, limits["--device-memory"], limits["--peak-tflops"])
 
 
 if __name__ == "__main__":

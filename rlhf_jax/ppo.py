@@ -63,6 +63,15 @@ class PPOModels:
     samples: int = 0  # rollout rows returned under metrics["samples"] for samples.jsonl
     accum: int = 1  # micro-batches per minibatch (gradient accumulation, optim.grad_accum_steps)
     clock: LapClock | None = None  # times the rollout and the update inside the program (metrics rollout_s, ...)
+    # A batch's NamedSharding over the data-parallel axes: rows gathered for a (micro-)batch are put back on it,
+    # since a gather of permuted rows would otherwise leave the whole minibatch on every device (None: unsharded).
+    batch_sharding: Any = None
+
+    def on_batch_axes(self, tree):
+        """`tree`'s leading (row) dimension split over the data-parallel devices, like the batch it came from."""
+        if self.batch_sharding is None:
+            return tree
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding), tree)
 
 
 class Rollout(NamedTuple):
@@ -147,15 +156,15 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
     rows_Km = micro_batch_rows(order_MMb, models.accum)
 
     def micro_batch_passes(rows):
-        mb = [x[rows] for x in args]
+        mb = models.on_batch_axes([x[rows] for x in args])
         logprobs = lambda params: _logprobs(response_logits(models.policy, params, *mb, c.temperature), *mb[2:])
         return (logprobs(state.policy.params), logprobs(frozen.ref_params),
                 jnp.where(mb[3], response_values(models.value, state.value.params, *mb), 0.0),
                 scores(models, frozen.reward_params, *mb))
 
     unsorted = jax.lax.map(micro_batch_passes, rows_Km)
-    in_rows = lambda x: jnp.zeros((B, *x.shape[2:]), x.dtype).at[rows_Km.reshape(-1)].set(
-        x.reshape(B, *x.shape[2:]))
+    in_rows = lambda x: models.on_batch_axes(jnp.zeros((B, *x.shape[2:]), x.dtype).at[rows_Km.reshape(-1)].set(
+        x.reshape(B, *x.shape[2:])))
     old_logprobs_BN, ref_logprobs_BN, old_values_BN, raw_scores_B = (in_rows(x) for x in unsorted)
     ended_B = jnp.any(mask_BN & is_eos(tokens_BN, c.eos_ids), axis=1)
     scores_B = L.score_with_eos_penalty(raw_scores_B, ended_B, p.no_eos_penalty)
@@ -236,7 +245,8 @@ def update(state: PPOState, batch: Rollout, orders_EMMb, models: PPOModels, ptx:
         def minibatch(carry, xs):
             rows, ptx_mb = xs
             policy, value = carry
-            mb = jax.tree.map(lambda x: x[rows], batch)
+            mb = models.on_batch_axes(jax.tree.map(lambda x: x[rows], batch))
+            ptx_mb = models.on_batch_axes(ptx_mb)
             tokens = jnp.maximum(jnp.sum(mb.mask_BN, dtype=jnp.float32), 1.0)
             ptx_tokens = None if ptx_mb is None else jnp.maximum(ptx_target_tokens(ptx_mb), 1.0)
             loss = functools.partial(_minibatch_loss, models=models, tokens=tokens, ptx_tokens=ptx_tokens)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ from rlhf_jax.checkpoint import LoadedModel, load_model
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split, train_dataset
 from rlhf_jax.errors import UserError
-from rlhf_jax.model import make_model, param_logical_axes
+from rlhf_jax.model import init_params, make_model, param_logical_axes
 from rlhf_jax.ppo_losses import KLController
 from rlhf_jax.sampling import SamplingParams
 from rlhf_jax.tokenizer import PAD_ID
@@ -41,6 +42,21 @@ def check_config(cfg: Config) -> None:
         raise UserError("ppo.ptx_coef > 0 needs ppo.ptx_dataset (a prepared sft dataset for the LM loss)")
 
 
+def check_sizes(cfg: Config, mesh) -> None:
+    """Every minibatch of the rollout (and of the ptx rows) splits into optim.grad_accum_steps micro-batches over
+    the data-parallel devices."""
+    ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    sizes = [("train.batch_size", cfg.train.batch_size)]
+    if cfg.ppo.ptx_coef:
+        sizes.append(("ppo.ptx_batch_size", _ptx_batch(cfg)))
+    accum = cfg.optim.grad_accum_steps
+    for key, size in sizes:
+        if size % cfg.ppo.minibatches or (size // cfg.ppo.minibatches) % (accum * ways):
+            micro = f" of optim.grad_accum_steps={accum} micro-batches each" if accum > 1 else ""
+            raise UserError(f"{key}={size} must split into ppo.minibatches={cfg.ppo.minibatches} minibatches{micro} "
+                            f"divisible by the {ways} data-parallel devices")
+
+
 def _scalar_model(path: str, key: str) -> LoadedModel:
     loaded = load_model(path)
     if loaded.head != "scalar":
@@ -56,16 +72,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
                         "kind 'prompts'")
     ptx_spec = _ptx_spec(cfg)
     mesh = mesh or sharding.mesh_from_config(cfg.mesh)
-    ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-    sizes = [("train.batch_size", cfg.train.batch_size)]
-    if ptx_spec is not None:
-        sizes.append(("ppo.ptx_batch_size", _ptx_batch(cfg)))
-    accum = cfg.optim.grad_accum_steps
-    for key, size in sizes:
-        if size % cfg.ppo.minibatches or (size // cfg.ppo.minibatches) % (accum * ways):
-            micro = f" of optim.grad_accum_steps={accum} micro-batches each" if accum > 1 else ""
-            raise UserError(f"{key}={size} must split into ppo.minibatches={cfg.ppo.minibatches} minibatches{micro} "
-                            f"divisible by the {ways} data-parallel devices")
+    check_sizes(cfg, mesh)
     total = loop.total_steps(cfg, len(source))
 
     loaded, tokenizer, policy_model = loop.load_for_training(cfg, run_dir, "lm")
@@ -83,26 +90,11 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
     value_model, reward_model = make_model(value.cfg, "scalar", **dtypes), make_model(reward.cfg, "scalar", **dtypes)
 
-    updates = total * cfg.ppo.epochs * cfg.ppo.minibatches
-    value_optim = dataclasses.replace(cfg.optim, lr=cfg.ppo.value_lr or cfg.optim.lr)
-    norm = reward.extra.get("reward_norm") or {}
-    eos = loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,)
-    s = cfg.sampling
-    models = ppo.PPOModels(
-        policy=policy_model, value=value_model, reward=reward_model,
-        policy_opt=steps.make_optimizer(cfg.optim, updates), value_opt=steps.make_optimizer(value_optim, updates),
-        sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos), PAD_ID),
-        ppo=cfg.ppo, reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)),
-        samples=min(SAMPLES, cfg.train.batch_size) if cfg.ppo.samples_every else 0, accum=accum,
-        clock=LapClock())
-
+    models = build_models(cfg, policy_model, value_model, reward_model, total,
+                          loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,), reward.extra.get("reward_norm"))
     repl = sharding.replicated(mesh)
-    policy_sh = loop.state_shardings(policy_model, models.policy_opt, mesh)
-    value_sh = loop.state_shardings(value_model, models.value_opt, mesh)
-    state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=KLController(repl), rng=repl,
-                            ema=policy_sh.params if cfg.ppo.ema_decay else None)
-    reward_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), reward.params)
-    reward_sh = sharding.param_shardings(param_logical_axes(reward_model), reward_shapes, mesh)
+    state_sh, frozen_sh = iteration_shardings(cfg, models, mesh)
+    policy_sh, value_sh, reward_sh = state_sh.policy, state_sh.value, frozen_sh.reward_params
     loop.report_sharding(policy_model, mesh)
 
     policy_params = loop.initial_params(loaded, policy_model, cfg.seed)
@@ -123,11 +115,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     state, start = run.resume(state, data_iter)
     if distributed.is_primary():  # process 0 writes the run's files
         drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
-    batch_sh = sharding.batch_sharding(mesh)
-    iteration = jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models),
-                        in_shardings=(state_sh, ppo.Frozen(policy_sh.params, reward_sh), batch_sh, batch_sh,
-                                      batch_sh),
-                        out_shardings=(state_sh, repl), donate_argnums=0)
+    iteration = jit_iteration(models, state_sh, frozen_sh, mesh)
 
     iterations = [start]
 
@@ -160,6 +148,46 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
 
 
 SAMPLES = 4  # rollout rows written to samples.jsonl every ppo.samples_every iterations
+
+
+# The iteration's program, built the same way by train_ppo and by the dry run (rlhf_jax/plan.py).
+
+
+def build_models(cfg: Config, policy_model, value_model, reward_model, total: int, eos_ids: Sequence[int],
+                 reward_norm: dict | None = None) -> ppo.PPOModels:
+    """The static parts of an iteration: models, both optimizers over `total` iterations' updates, settings."""
+    updates = total * cfg.ppo.epochs * cfg.ppo.minibatches
+    value_optim = dataclasses.replace(cfg.optim, lr=cfg.ppo.value_lr or cfg.optim.lr)
+    norm, s = reward_norm or {}, cfg.sampling
+    return ppo.PPOModels(
+        policy=policy_model, value=value_model, reward=reward_model,
+        policy_opt=steps.make_optimizer(cfg.optim, updates), value_opt=steps.make_optimizer(value_optim, updates),
+        sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID),
+        ppo=cfg.ppo, reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)),
+        samples=min(SAMPLES, cfg.train.batch_size) if cfg.ppo.samples_every else 0,
+        accum=cfg.optim.grad_accum_steps, clock=LapClock())
+
+
+def iteration_shardings(cfg: Config, models: ppo.PPOModels, mesh) -> tuple[ppo.PPOState, ppo.Frozen]:
+    """NamedShardings of the iteration's state and of its frozen params (the reference and the reward model)."""
+    repl = sharding.replicated(mesh)
+    policy_sh = loop.state_shardings(models.policy, models.policy_opt, mesh)
+    value_sh = loop.state_shardings(models.value, models.value_opt, mesh)
+    state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=KLController(repl), rng=repl,
+                            ema=policy_sh.params if cfg.ppo.ema_decay else None)
+    reward_shapes = jax.eval_shape(lambda: init_params(models.reward, jax.random.key(0)))
+    reward_sh = sharding.param_shardings(param_logical_axes(models.reward), reward_shapes, mesh)
+    return state_sh, ppo.Frozen(ref_params=policy_sh.params, reward_params=reward_sh)
+
+
+def jit_iteration(models: ppo.PPOModels, state_sh: ppo.PPOState, frozen_sh: ppo.Frozen, mesh):
+    """`(state, frozen, prompt_ids, prompt_mask, ptx) -> (state, metrics)` jitted over the mesh: prompts (and
+    ptx rows) split over the data-parallel axes, metrics replicated, the state donated."""
+    batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    models = dataclasses.replace(models, batch_sharding=batch_sh)
+    return jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models),
+                   in_shardings=(state_sh, frozen_sh, batch_sh, batch_sh, batch_sh),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
 
 
 def write_samples(path: Path, step: int, samples: dict, tokenizer) -> None:

@@ -2,8 +2,8 @@
 and accelerators to run for real: every step validates and fits together, the real architectures have their
 published parameter counts, and every training step (sft, rm, ppo) compiles on the 8-device CPU mesh with the
 step's own batch sizes, sequence lengths, optimizer, accumulation and PPO settings, on a tiny stand-in model of
-the same family. Inputs are abstract (jax.ShapeDtypeStruct with shardings): nothing is downloaded, nothing large
-is allocated and nothing runs."""
+the same family, built by rlhf_jax/plan.py as --dry-run builds them. Inputs are abstract (jax.ShapeDtypeStruct with
+shardings): nothing is downloaded, nothing large is allocated and nothing runs."""
 
 from __future__ import annotations
 
@@ -12,16 +12,12 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import hf, loop, pipeline, ppo, ppo_stage, sharding, steps, trainers
-from rlhf_jax.clock import LapClock
+from rlhf_jax import hf, loop, pipeline, plan, sharding
 from rlhf_jax.data import formats
-from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
-from rlhf_jax.ppo_losses import KLController
-from rlhf_jax.sampling import SamplingParams
+from rlhf_jax.model import ModelConfig, init_params, make_model
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -58,8 +54,6 @@ URLS = {"tldr_sft": [formats.TLDR_SFT_URLS["train"]], "tldr_prompts": [formats.T
         **{fmt: [formats.HH_RLHF_URLS["helpful-base/train"]] for fmt in ("hh_rlhf", "hh_rlhf_sft", "hh_rlhf_prompts")}}
 STAND_IN_EXAMPLES = 10_000  # train.epochs needs the dataset's size, only for the schedule's length
 STAND_IN_RESPONSES = 4  # ranking slots per prompt (at run time: the prepared dataset's largest K)
-# Whether a step compiles does not depend on how hard LLVM optimises the CPU code; this halves the compile time.
-FAST_CODEGEN = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _steps(name: str) -> dict[str, pipeline.Step]:
@@ -123,81 +117,23 @@ def test_real_architecture_has_its_published_parameter_count(name):
 # ----------------------------------------------------------------------------------------------------- compiling
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _inputs(shapes: dict, mesh) -> dict:
-    batch_sh = sharding.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
-
-
-def _compile_train_step(cfg, tiny: ModelConfig):
-    """The sft / rm step as trainers.train builds and jits it, lowered on abstract inputs and compiled."""
-    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    loop.micro_batch_size(cfg, mesh)  # the stage's own batch / accumulation / mesh check
-    model = make_model(tiny, "lm" if cfg.stage == "sft" else "scalar", cfg.model.dtype, cfg.model.param_dtype,
-                       remat=cfg.model.remat == "block")
+def _compile(cfg, tiny: ModelConfig):
+    """The stage's program as its stage builds and jits it (rlhf_jax/plan.py, what --dry-run compiles), on
+    abstract inputs, compiled for the step's mesh."""
+    mesh = sharding.mesh_from_config(cfg.mesh)
     total = cfg.train.steps or loop.total_steps(cfg, STAND_IN_EXAMPLES)
-    optimizer = steps.make_optimizer(cfg.optim, total)
-    stage = trainers._Stage(cfg, model, optimizer, steps.lr_schedule(cfg.optim, total))
-    state_sh = loop.state_shardings(model, optimizer, mesh)
-    state = _abstract(jax.eval_shape(lambda: steps.init_state(init_params(model, jax.random.key(0)), optimizer)),
-                      state_sh)
-    B, P, R = cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
-    if cfg.stage == "sft":
-        shapes = {"ids": ((B, P + R), jnp.int32), "mask": ((B, P + R), bool), "response_mask": ((B, P + R), bool),
-                  "positions": ((B, P + R), jnp.int32), "segment_ids": ((B, P + R), jnp.int32)}
+    if cfg.stage == "ppo":
+        lowered = plan.ppo_iteration_program(cfg, tiny, mesh, total_steps=total)
     else:
-        K = STAND_IN_RESPONSES
-        shapes = {"prompt_ids": ((B, P), jnp.int32), "prompt_mask": ((B, P), bool),
-                  "response_ids": ((B, K, R), jnp.int32), "response_mask": ((B, K, R), bool),
-                  "pairs": ((B, K, K), jnp.int32)}
-    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                               sharding=sharding.replicated(mesh))
-    batch = _inputs({**shapes, "truncated": ((B,), bool)}, mesh)
-    return loop.jit_step(stage.step, state_sh, mesh).lower(state, batch, rng).compile(FAST_CODEGEN)
-
-
-def _compile_ppo_iteration(cfg, tiny: ModelConfig):
-    """One PPO iteration as ppo_stage.train_ppo builds and jits it, lowered on abstract inputs and compiled."""
-    mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-    p, s, B, accum = cfg.ppo, cfg.sampling, cfg.train.batch_size, cfg.optim.grad_accum_steps
-    ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-    assert B % p.minibatches == 0 and (B // p.minibatches) % (accum * ways) == 0  # the stage's own check
-    dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
-    policy, value = make_model(tiny, "lm", **dtypes), make_model(tiny, "scalar", **dtypes)
-    updates = cfg.train.steps * p.epochs * p.minibatches
-    value_optim = dataclasses.replace(cfg.optim, lr=p.value_lr or cfg.optim.lr)
-    models = ppo.PPOModels(
-        policy=policy, value=value, reward=value, policy_opt=steps.make_optimizer(cfg.optim, updates),
-        value_opt=steps.make_optimizer(value_optim, updates),
-        sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tiny.eos_token_ids, PAD_ID),
-        ppo=p, samples=min(ppo_stage.SAMPLES, B) if p.samples_every else 0, accum=accum, clock=LapClock())
-    repl = sharding.replicated(mesh)
-    policy_sh = loop.state_shardings(policy, models.policy_opt, mesh)
-    value_sh = loop.state_shardings(value, models.value_opt, mesh)
-    state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=KLController(repl), rng=repl,
-                            ema=policy_sh.params if p.ema_decay else None)
-    key = jax.random.key(0)
-    state = _abstract(jax.eval_shape(lambda: ppo.init_state(init_params(policy, key), init_params(value, key), models,
-                                                            jax.random.PRNGKey(0))), state_sh)
-    frozen = ppo.Frozen(ref_params=state.policy.params, reward_params=state.value.params)
-    P = cfg.data.max_prompt_tokens
-    prompts = _inputs({"ids": ((B, P), jnp.int32), "mask": ((B, P), bool)}, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
-    iteration = jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models),
-                        in_shardings=(state_sh, ppo.Frozen(policy_sh.params, value_sh.params), batch_sh, batch_sh,
-                                      batch_sh),
-                        out_shardings=(state_sh, repl), donate_argnums=0)
-    return iteration.lower(state, frozen, prompts["ids"], prompts["mask"], None).compile(FAST_CODEGEN)
+        lowered = plan.train_step_program(cfg, tiny, mesh, STAND_IN_RESPONSES, total_steps=total)
+    return plan.compile_program(lowered, mesh)
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_training_step_compiles_at_the_configs_sizes(name, stage):
     cfg, tiny = _stage(name, stage), REFERENCES[name][2]
-    compiled = _compile_ppo_iteration(cfg, tiny) if stage == "ppo" else _compile_train_step(cfg, tiny)
+    compiled = _compile(cfg, tiny)
     state_out, metrics_out = compiled.output_shardings
     assert all(s.mesh.devices.size == 8 for s in jax.tree.leaves(state_out))
     assert np.all([m.is_fully_replicated for m in jax.tree.leaves(metrics_out)])

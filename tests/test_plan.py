@@ -1,0 +1,291 @@
+"""--dry-run (rlhf_jax/plan.py): each training program compiled on abstract inputs for the configured mesh, its
+memory per device, FLOPs and verdict; a suggestion that is real; nothing written; a Llama-3-8B-shaped pipeline
+planned for 64 simulated devices in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+import yaml
+
+from cli_helpers import run_quietly
+from rlhf_jax import main as main_cli
+from rlhf_jax import pipeline, plan, sharding
+from rlhf_jax.config import load_config
+from rlhf_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+# A small sft step whose memory gradient accumulation visibly changes.
+SFT = ["stage=sft", "data.name=demos", "train.batch_size=32", "train.steps=10", "data.max_prompt_tokens=16",
+       "data.max_response_tokens=48"]
+# Meta-Llama-3-8B's config.json (the fields that matter); the weights are never needed.
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
+             "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+
+
+def dry_run(*argv) -> tuple[int, str, str]:
+    return run_quietly(main_cli.main, [*argv, "--dry-run"])
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """step -> the cells of its row in the dry run's table (cells are separated by two or more spaces)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "stage", "batch"])
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != 13:
+            break
+        rows[cells[0]] = cells
+    return rows
+
+
+BYTES = re.compile(r"^\d+(\.\d)? (B|KiB|MiB|GiB|TiB)$")
+
+
+def _sft_cfg(tmp_path, *extra):
+    return load_config(None, [*SFT, f"run_dir={tmp_path / 'run'}", *extra])
+
+
+_measured: dict = {}
+
+
+def _measure(cfg, mesh=None) -> plan.Measured:
+    key = (cfg.optim.grad_accum_steps, cfg.model.remat, None if mesh is None else mesh.size)
+    if key not in _measured:
+        mesh = mesh or sharding.mesh_from_config(cfg.mesh)
+        _measured[key] = plan.measure(plan.train_step_program(cfg, plan.tiny_model_config(), mesh), mesh)
+    return _measured[key]
+
+
+# ----------------------------------------------------------------------------------------------------- the CLI
+
+
+def test_dry_run_of_the_demo_plans_sft_rm_and_ppo_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    rc, out, err = dry_run("--config", DEMO, f"run_dir={run_dir}")
+    assert rc == 0, err
+    rows = table_rows(out)
+    assert {step: cells[1] for step, cells in rows.items()} == {"pretrain": "sft", "sft": "sft", "rm": "rm",
+                                                                "ppo": "ppo"}
+    assert rows["rm"][2] == "32 x 4 x (16+16) tokens"  # K from the label step that writes the rankings
+    assert rows["ppo"][2] == "64 x (16+16 new) tokens"
+    for cells in rows.values():
+        arguments, outputs, temps, aliased, total = cells[5:10]
+        assert all(BYTES.match(c) for c in cells[5:10]), cells
+        assert re.match(r"^\d+(\.\d+)? [KMGTP]$", cells[10]), cells  # FLOPs per step per device
+        assert cells[11:] == ["-", "-"]  # CPU: no peak and no memory known, so no time and no verdict
+    for step in ("task", "label", "eval"):
+        assert f"{step} ({step}): not planned" in out
+    # the models the steps before make, traced back to the tiny model the task step builds
+    assert f"rm: model {run_dir}/sft/export is not made yet: taken as the lm-head model steps sft <- pretrain " \
+           "<- task make from a tiny model" in out
+    assert f"ppo: ppo.reward_model {run_dir}/rm/export is not made yet" in out
+    assert "no verdict: the device memory is unknown (pass --device-memory GIB)" in out
+    assert "sharding: params over mesh data=8 fsdp=1 tensor=1 (8 devices)" in out
+    assert not run_dir.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_step_that_does_not_fit_gets_a_real_suggestion(tmp_path):
+    one, four = (_measure(_sft_cfg(tmp_path, f"optim.grad_accum_steps={a}")) for a in (1, 4))
+    assert four.footprint.total < one.footprint.total
+    assert four.footprint.arguments == one.footprint.arguments  # params, optimizer state and batch: the same
+    memory = four.footprint.total  # no remat with 1 or 2 micro-batches needs more
+    rc, out, err = dry_run(*SFT, f"run_dir={tmp_path / 'run'}", "--device-memory", str(memory / plan.GIB))
+    assert rc == plan.NO_FIT == 5, err
+    assert table_rows(out)["sft"][12] == "NO"
+    found = re.search(r"sft: does not fit: needs (.+) of (.+) per device; fits with optim.grad_accum_steps=(\d+) "
+                      r"model.remat=(none|block) \((.+)\)", out)
+    assert found, out
+    accum, remat = int(found.group(3)), found.group(4)
+    assert (accum, remat) == (4, "none")  # no remat first, then the fewest micro-batches that fit
+    suggested = _measure(_sft_cfg(tmp_path, f"optim.grad_accum_steps={accum}", f"model.remat={remat}"))
+    assert suggested.footprint.total <= memory
+    assert f"({plan.gib(suggested.footprint.total)})" in out
+    assert f"does not fit: sft (exit status {plan.NO_FIT})" in out
+    assert not (tmp_path / "run").exists()
+
+    # Accumulating in a loop does not change the step's FLOPs (XLA alone would count the loop body once).
+    assert four.flops == pytest.approx(one.flops, rel=0.05)  # elementwise ops in loop bodies still count once
+
+    rc, out, _ = dry_run(*SFT, f"run_dir={tmp_path / 'run'}", "--device-memory", "0.0001")
+    assert rc == plan.NO_FIT
+    assert re.search(r"sft: does not fit: needs .+ of 104\.9 KiB per device; nothing fits: its arguments and "
+                     r"outputs alone \(params, optimizer state, frozen models, batch\) take .+; shard them", out)
+
+
+def test_config_and_flag_errors_are_one_line_before_anything_compiles(tmp_path):
+    for argv, message in [
+        ([*SFT, "optim.lr=x"], "error: 'optim.lr' expects a float"),
+        ([*SFT, "--device-memory", "lots"], "error: --device-memory 'lots': expected a number"),
+        ([*SFT, "--peak-tflops", "0"], "error: --peak-tflops '0': must be > 0"),
+        (["stage=rm", "data.name=nowhere", f"data.dir={tmp_path}"],
+         "error: data.max_responses: the rm dry run needs the response slots per prompt K"),
+        (["stage=ppo", "data.name=prompts"], "error: stage 'ppo' needs ppo.reward_model"),
+    ]:
+        rc, out, err = dry_run(*argv, f"run_dir={tmp_path / 'run'}")
+        assert rc == 2 and err.startswith(message) and len(err.splitlines()) == 1, (argv, err)
+    rc, _, err = run_quietly(main_cli.main, [*SFT, "--device-memory", "8"])
+    assert rc == 2 and err == "error: --device-memory and --peak-tflops go with --dry-run\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_models_come_from_their_config_files_and_a_missing_reward_model_from_the_policy(tmp_path):
+    def program(*overrides):
+        cfg = load_config(None, ["stage=ppo", "data.name=prompts", f"run_dir={tmp_path / 'run'}", *overrides])
+        planner = plan.Planner([pipeline.Step("ppo", cfg)], plan.budget(jax.devices()[0]), False)
+        return planner.program(planner.steps[0])
+
+    tiny = plan.tiny_model_config()
+    missing = program(f"ppo.reward_model={tmp_path / 'rm'}")  # read nothing, compiled nothing
+    assert missing.models == [(tiny, "lm"), (tiny, "scalar")] and missing.batch == "16 x (256+64 new) tokens"
+    assert missing.notes == ["policy: the tiny built-in model", f"ppo.reward_model: {tmp_path / 'rm'} does not "
+                             "exist: the policy's architecture with a scalar head"]
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(LLAMA3_8B))  # config.json alone: no weights
+    with pytest.raises(UserError, match="ppo.reward_model: vocab_size 128256 differs from the policy's 512"):
+        program(f"ppo.reward_model={tmp_path / 'llama'}")
+    llama = program(f"model.path={tmp_path / 'llama'}", f"ppo.reward_model={tmp_path / 'llama'}")
+    assert llama.models[0][0].n_layers == 32 and llama.models[0][0].rope_theta == 500000.0 and not llama.notes
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- the numbers
+
+
+def test_flops_are_per_device_and_fast_cpu_codegen_leaves_memory_alone(tmp_path):
+    cfg = _sft_cfg(tmp_path)
+    eight = _measure(cfg)
+    one_device = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
+    alone = _measure(cfg, one_device)
+    assert eight.flops * 8 == pytest.approx(alone.flops, rel=0.05)  # each device does an eighth of the batch
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    lowered = plan.train_step_program(cfg, plan.tiny_model_config(), mesh)
+    assert plan.footprint(lowered.compile()) == eight.footprint  # without CPU_COMPILE_OPTIONS
+
+
+def test_matmul_flops_count_loop_bodies_by_their_trip_count():
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]{1,0}) parameter(0)
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%i, %d)
+}
+
+%cond (p: (s32[], f32[8,16])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  %w0 = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %e = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+    body, entry = 2 * 8 * 16 * 16, 2 * 8 * 4 * 16
+    assert plan.hlo_matmul_flops(hlo) == (entry + 5 * body, entry + body, 0)
+
+
+def test_device_defaults():
+    class Device:
+        def __init__(self, kind, platform, limit=None):
+            self.device_kind, self.platform, self._limit = kind, platform, limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self._limit} if self._limit else None
+
+    h100 = plan.budget(Device("NVIDIA H100 80GB HBM3", "gpu"))
+    assert h100.memory == 80 * plan.GIB and h100.peak == {"bfloat16": 989e12, "float32": 67e12}
+    assert plan.budget(Device("NVIDIA H100 80GB HBM3", "gpu", limit=60 * plan.GIB)).memory == 60 * plan.GIB
+    v5e = plan.budget(Device("TPU v5 lite", "tpu"))
+    assert v5e.memory == 16 * plan.GIB and v5e.peak == {"bfloat16": 197e12, "float32": None}
+    assert plan.device_spec("TPU v5p").name == plan.device_spec("TPU v5").name == "TPU v5p"
+    cpu = plan.budget(Device("cpu", "cpu"))
+    assert cpu.memory is None and cpu.peak == {} and "--device-memory" in cpu.memory_source
+    given = plan.budget(Device("cpu", "cpu"), memory_gib=2, peak_tflops=3)
+    assert given.memory == 2 * plan.GIB and given.peak == {"bfloat16": 3e12, "float32": 3e12}
+
+
+# ----------------------------------------------------------------------------------------------------- Llama-3-8B
+
+
+EIGHT_B_TEST = "test_llama3_8b_pipeline_on_64_devices"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def llama3_8b_dry_run(request, tmp_path_factory):
+    """The dry run of configs/llama3_8b_plan.yaml with Llama-3-8B's config.json (no weights, no tokenizer) on 64
+    simulated CPU devices, in a subprocess started before this module's first test: XLA compiles on one core, so
+    it runs beside the tests above on the other. Compiling a 32-layer step takes about 20 s on 2 cores (sft, rm)
+    and the whole ppo iteration about 100 s, so the suite plans the sft step at the full shape and
+    RLHF_JAX_PLAN_8B=all plans every step of the config (about 3.5 minutes)."""
+    if not any(item.name == EIGHT_B_TEST for item in request.session.items):
+        yield None
+        return
+    tmp = tmp_path_factory.mktemp("llama3_8b")
+    model = tmp / "llama-3-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA3_8B))
+    config = yaml.safe_load((ROOT / "configs" / "llama3_8b_plan.yaml").read_text())
+    every_step = os.environ.get("RLHF_JAX_PLAN_8B") == "all"
+    if not every_step:
+        config["pipeline"] = {"sft": config["pipeline"]["sft"]}
+    path = tmp / "plan.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # the steps in order
+    run_dir = tmp / "run"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=64", "JAX_PLATFORMS": "cpu"}
+    argv = [sys.executable, "-m", "rlhf_jax.main", "--config", str(path), f"run_dir={run_dir}",
+            f"pipeline.sft.model.path={model}", "--dry-run", "--device-memory", "80", "--peak-tflops", "989"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    started = time.perf_counter()
+    yield {"proc": proc, "started": started, "model": model, "run_dir": run_dir, "every_step": every_step}
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_llama3_8b_pipeline_on_64_devices(llama3_8b_dry_run):
+    run = llama3_8b_dry_run
+    out, err = run["proc"].communicate(timeout=900)
+    print(f"dry run of Llama-3-8B on 64 devices: {time.perf_counter() - run['started']:.0f} s after it started")
+    rc, model, run_dir = run["proc"].returncode, run["model"], run["run_dir"]
+    assert rc in (0, plan.NO_FIT), err[-3000:]
+    assert "64 cpu devices" in out and "device memory: 80.0 GiB (--device-memory)" in out
+    assert "lm-head model (d_model 4096, 32 layers, vocab 128256):" in out
+    assert re.search(r"total\s+195\s+29\.9 GiB\s+3\.7 GiB", out)  # 8.03 B float32 params, FSDP over 8
+    rows = table_rows(out)
+    assert list(rows) == (["sft", "rm", "ppo"] if run["every_step"] else ["sft"])
+    for step, cells in rows.items():
+        assert all(BYTES.match(c) for c in cells[5:10]), cells
+        assert cells[5].endswith("GiB")  # the params and Adam moments alone: gigabytes per device
+        assert re.match(r"^\d+(\.\d+)? (ms|s)$", cells[11]), cells  # the least step time at 989 TFLOP/s
+        assert cells[12] in ("yes", "NO")
+        if cells[12] == "NO":
+            assert re.search(rf"{step}: does not fit: needs .+ of 80\.0 GiB per device; ", out)
+    assert (rc == plan.NO_FIT) == any(cells[12] == "NO" for cells in rows.values())
+    assert rows["sft"][2] == "64 x 1024 tokens"
+    # 6 x 8.03e9 params x 1024 tokens per device = 49 TFLOPs per step
+    assert re.match(r"^4[5-9](\.\d+)? T$", rows["sft"][10]), rows["sft"]
+    # As XLA's CPU compiler assigns the buffers, the sft step (one 1024-token row per device) fits 80 GiB.
+    assert rows["sft"][12] == "yes"
+    if run["every_step"]:
+        assert f"rm: model {run_dir}/sft/export is not made yet: taken as the lm-head model step sft makes from " \
+               f"{model}" in out
+        assert f"ppo: ppo.reward_model {run_dir}/rm/export is not made yet: taken as the scalar-head model steps " \
+               f"rm <- sft make from {model}" in out
+    assert not run_dir.exists()
