@@ -94,8 +94,9 @@ def _dry_run(args, overrides: Sequence[str]) -> int:
     else:
         cfg = load_config(args.config, overrides)
         steps = [pipeline.Step(cfg.stage, cfg)]
-    from rlhf_jax import plan  # after validation: config errors come before any heavy import or compile
+    from rlhf_jax import distributed, plan  # after validation: config errors come before any heavy import
 
+    distributed.initialize(steps[0].cfg.distributed)  # on a pod: plan for the whole slice's devices
     return plan.dry_run(steps, is_pipeline, args.config, limits["--device-memory"], limits["--peak-tflops"])
 
 

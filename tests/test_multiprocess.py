@@ -32,7 +32,7 @@ def _pipeline(demo: Path) -> dict:
         "optim": {"lr": 1.0e-3, "schedule": "constant", "warmup_steps": 0},
         "pipeline": {
             "sft": {"stage": "sft", "model": {"path": str(demo / "sft" / "export")}, "data": {"name": "demos"},
-                    "train": {"steps": 40}},
+                    "train": {"steps": 24}},
             "rm": {"stage": "rm", "model": {"path": str(demo / "sft" / "export")}, "data": {"name": "rankings"},
                    "train": {"steps": 4, "batch_size": 8}},
             "ppo": {"stage": "ppo", "model": {"path": str(demo / "sft" / "export")}, "data": {"name": "prompts"},
@@ -90,7 +90,7 @@ def test_two_processes_match_one_survive_sigterm_and_resume_on_another_mesh(demo
     rc, out = _finish(proc)
     assert rc == 4, out[-3000:]  # interrupted after saving (main.py's documented exit status)
     saved = sorted(int(p.name) for p in (two / "sft" / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and 3 <= saved[-1] < 40, out[-3000:]
+    assert saved and 3 <= saved[-1] < 24, out[-3000:]
     assert f"interrupted at step {saved[-1]}" in out
 
     # The same command resumes, and runs the rest of the pipeline.
@@ -101,7 +101,7 @@ def test_two_processes_match_one_survive_sigterm_and_resume_on_another_mesh(demo
     # 1 process x 8 devices, straight through, PPO one iteration longer.
     rc, _, err = run_quietly(main_cli.main, ["--config", config, f"run_dir={one}", "pipeline.ppo.train.steps=3"])
     assert rc == 0, err[-3000:]
-    _assert_close(_metrics(one, "sft"), _metrics(two, "sft"), range(1, 41))
+    _assert_close(_metrics(one, "sft"), _metrics(two, "sft"), range(1, 25))
     _assert_close(_metrics(one, "rm"), _metrics(two, "rm"), range(1, 5))
     _assert_close(_metrics(one, "ppo"), _metrics(two, "ppo"), range(1, 3))
 

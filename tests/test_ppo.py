@@ -254,7 +254,10 @@ def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, KILL_STEPS + 1)) and all(m["stage"] == "ppo" for m in lines)
     assert all(METRIC_KEYS <= set(m) for m in lines), set(lines[0])
-    assert lines[0]["first_ratio_max"] == 1.0 and abs(lines[0]["kl"]) < 1e-5
+    # One row per device here: the rollout's pass and the update's differentiated pass are separate matmuls that
+    # may round the last bit differently (exactly 1 unsharded: test_first_minibatch_ratio_is_exactly_one...).
+    assert abs(lines[0]["first_ratio_max"] - 1.0) < 2e-6 and lines[0]["first_clip_frac"] == 0.0
+    assert abs(lines[0]["kl"]) < 1e-5
     assert json.loads(out.strip().splitlines()[-1])["steps"] == KILL_STEPS
     samples = [json.loads(x) for x in (straight / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [10] * 4 + [20] * 4 + [30] * 4  # ppo.samples_every=10, 4 rows each

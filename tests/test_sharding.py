@@ -115,3 +115,18 @@ def test_printed_report_is_a_table_then_each_warning_once(capsys):
     # Layers collapse: each kind appears once however many layers there are.
     assert sum("layer_*/attn/qkv " in line for line in err) == 1
     assert not any("layer_0" in line for line in err)
+
+
+def test_mesh_presets_set_the_shape_and_check_the_device_count():
+    from rlhf_jax.config import ConfigError, config_from_dict
+
+    mesh = sharding.mesh_from_config(config_from_dict({"mesh": {"preset": "8xH100"}}).mesh)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    with pytest.raises(sharding.MeshError, match="mesh.preset 2x8xH100 needs 16 devices, found 8"):
+        sharding.mesh_from_config(config_from_dict({"mesh": {"preset": "2x8xH100"}}).mesh)
+    with pytest.raises(ConfigError, match="mesh.preset.*not both"):
+        config_from_dict({"mesh": {"preset": "8xH100", "shape": [2, 4, 1]}})
+    with pytest.raises(ConfigError, match="mesh.preset.*unknown"):
+        config_from_dict({"mesh": {"preset": "v9-1"}})
+    for name, (shape, axes) in sharding.MESH_PRESETS.items():  # every preset splits params over fsdp
+        assert len(shape) == len(axes) and shape[axes.index("fsdp")] > 1, name

@@ -1,0 +1,60 @@
+"""Where the processes of a run are found (config, environment, SLURM), and the helpers that are no-ops with one
+process. The multi-process runs themselves are in test_multiprocess.py."""
+
+import numpy as np
+import pytest
+
+from rlhf_jax import distributed
+from rlhf_jax.config import DistributedSection
+from rlhf_jax.errors import UserError
+
+EXPLICIT = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+
+
+def test_one_process_unless_told_or_detected(monkeypatch):
+    monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
+    assert distributed.settings(None, {}) is None
+    assert distributed.settings(DistributedSection(), {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+
+
+def test_environment_then_config_key_by_key(monkeypatch):
+    monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
+    assert distributed.settings(None, EXPLICIT) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                                                    "process_id": 2}
+    section = DistributedSection(coordinator_address="head:99", process_id=3)
+    assert distributed.settings(section, EXPLICIT) == {"coordinator_address": "head:99", "num_processes": 4,
+                                                       "process_id": 3}
+
+
+def test_slurm_and_tpu_slices_are_left_to_jax_detection(monkeypatch):
+    monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
+    assert distributed.settings(None, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == {}
+    assert distributed.settings(None, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == {}
+    monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: True)
+    assert distributed.settings(None, {}) == {}
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"JAX_NUM_PROCESSES": "2"}, "coordinator_address / JAX_COORDINATOR_ADDRESS, process_id / JAX_PROCESS_ID"),
+    ({**EXPLICIT, "JAX_PROCESS_ID": "4"}, "process_id 4 is outside 0..3"),
+    ({**EXPLICIT, "JAX_NUM_PROCESSES": "four"}, "JAX_NUM_PROCESSES='four': expected an integer"),
+])
+def test_incomplete_or_inconsistent_settings_are_one_line(env, fragment, monkeypatch):
+    monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
+    with pytest.raises(UserError, match="") as e:
+        distributed.settings(None, env)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_with_one_process_the_helpers_are_plain():
+    assert not distributed.is_multiprocess() and distributed.is_primary()
+    distributed.barrier("nothing to wait for")
+    assert distributed.all_gather_json({"next_index": 3}) == [{"next_index": 3}]
+    assert distributed.broadcast_json([1, "a"]) == [1, "a"]
+    assert distributed.on_primary(lambda: {"done": True}) == {"done": True}
+    with distributed.alone():
+        assert not distributed.acting_alone()  # alone only means something with several processes
+    import jax
+
+    x = jax.device_put(np.arange(8.0))
+    np.testing.assert_array_equal(distributed.to_host({"x": x})["x"], np.arange(8.0))
