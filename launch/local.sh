@@ -3,7 +3,7 @@
 # as a TPU pod slice or a SLURM job (rlhf_jax/distributed.py), for trying it out and for tests.
 #
 #   launch/local.sh [--dry-run] N CONFIG [section.key=value ...]
-#   launch/local.sh 2 configs/demo.yaml stage=generate run_dir=/tmp/lgen
+#   launch/local.sh 2 configs/generate.yaml run_dir=/tmp/lgen
 #
 # Expects: a Linux machine with bash >= 4.3, the project installed in .venv (or python3 able to import
 # rlhf_jax), and setsid (util-linux; without it the processes share this script's process group).

@@ -245,7 +245,9 @@ if [ -n "$bucket" ]; then
     mount+="; curl -fsS https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee $key >/dev/null"
     mount+="; sudo apt-get update -qq; sudo apt-get install -y -qq gcsfuse; fi"
     mount+="; sudo mkdir -p /mnt/shared; sudo chown \"\$(id -u):\$(id -g)\" /mnt/shared"
-    mount+="; gcsfuse --implicit-dirs $(quote "$bucket") /mnt/shared; fi"
+    # Checkpoints and exports are written beside their place and renamed in: a flat bucket renames directories
+    # only up to --rename-dir-limit objects.
+    mount+="; gcsfuse --implicit-dirs --rename-dir-limit=200000 $(quote "$bucket") /mnt/shared; fi"
     remote "$mount"
 fi
 

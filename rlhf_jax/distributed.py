@@ -55,7 +55,8 @@ def settings(section=None, environ=None) -> dict | None:
         if not 0 <= index < count:
             raise UserError(f"distributed: process_id {index} is outside 0..{count - 1}")
         return {"coordinator_address": address, "num_processes": count, "process_id": index}
-    if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:
+    # Inside an srun step of several tasks (not the batch script or an salloc shell, where SLURM_NTASKS is set too).
+    if int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:
         return {}
     if environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or _on_tpu_vm():
         return {}
@@ -63,7 +64,11 @@ def settings(section=None, environ=None) -> dict | None:
 
 
 def _on_tpu_vm() -> bool:
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    """TPU chips on this host (v4/v5e: /dev/accel*; v5p/v6e: vfio devices, with libtpu installed)."""
+    import importlib.util
+
+    return bool(glob.glob("/dev/accel[0-9]*")) or bool(
+        glob.glob("/dev/vfio/[0-9]*") and importlib.util.find_spec("libtpu") is not None)
 
 
 def initialize(section=None) -> None:
@@ -77,8 +82,14 @@ def initialize(section=None) -> None:
     if wanted is None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU arrays' collectives between processes
+    # SIGTERM stays ours (loop.StopSignals agrees on it between processes): JAX's preemption notifier would take
+    # it over for the whole process, also where no training loop asks it to stop.
+    jax.config.update("jax_enable_preemption_service", False)
+    # Given all three, nothing is detected: under srun JAX would otherwise keep one GPU per task
+    # (JAX_LOCAL_DEVICE_IDS still chooses them for one task per GPU).
+    detect = {"cluster_detection_method": "deactivate"} if wanted else {}
     try:
-        jax.distributed.initialize(**wanted)
+        jax.distributed.initialize(**wanted, **detect)
     except Exception as e:  # noqa: BLE001 - a wrong address or a missing peer surfaces as many error types
         raise UserError(f"distributed: cannot join {wanted or 'the detected cluster'} ({_first_line(e)})") from None
 
@@ -88,9 +99,14 @@ def _first_line(error: BaseException) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
+def _joined() -> bool:
+    """Whether this process joined others (asking jax before that would start its backend single-process)."""
+    return _STATE.get("settings") is not None
+
+
 def is_multiprocess() -> bool:
     """Several processes take part in what this process does now (not inside `alone()`)."""
-    return jax.process_count() > 1 and not _STATE.get("alone")
+    return _joined() and jax.process_count() > 1 and not _STATE.get("alone")
 
 
 @contextlib.contextmanager
@@ -106,12 +122,12 @@ def alone():
 
 
 def acting_alone() -> bool:
-    return bool(_STATE.get("alone")) and jax.process_count() > 1
+    return bool(_STATE.get("alone")) and _joined() and jax.process_count() > 1
 
 
 def is_primary() -> bool:
     """Process 0 writes the run's files."""
-    return jax.process_index() == 0
+    return not _joined() or jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
@@ -136,14 +152,13 @@ def to_host(tree):
     return jax.tree.map(one, tree)
 
 
-def preemption_reached(step: int) -> bool:
-    """With several processes: whether every process has agreed to stop and save at this step because one of
-    them received SIGTERM (JAX's preemption sync point; call it at every step, with the same step ids)."""
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (collective: every process calls it at the same point)."""
     if not is_multiprocess():
-        return False
+        return flag
     from jax.experimental import multihost_utils
 
-    return multihost_utils.reached_preemption_sync_point(step)
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
 
 
 def broadcast_json(value):
@@ -171,13 +186,16 @@ def on_primary(fn):
     if not is_multiprocess():
         return fn()
     result = error = None
+    failure: BaseException | None = None
     if is_primary():
         try:
             with alone():
                 result = fn()
-        except UserError as e:
-            error = str(e)
+        except BaseException as e:  # noqa: BLE001 - the others must hear of any failure, not wait for it
+            failure, error = e, str(e) if isinstance(e, UserError) else f"process 0 failed ({_first_line(e)})"
     result, error = broadcast_json([result, error])
+    if failure is not None:
+        raise failure
     if error is not None:
         raise UserError(error)
     return result

@@ -60,7 +60,7 @@ def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLik
     With several JAX processes every process enters it (each may write its part, e.g. its shards of a
     checkpoint): they share one temporary name, process 0 creates it and swaps it in once all have written."""
     out = check_out_dir(out, overwrite, inputs)
-    primary, barrier, token = _processes()
+    primary, barrier, token, on_primary = _processes()
     new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     tmp, done = None, False
     try:
@@ -71,9 +71,7 @@ def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLik
         barrier(f"created {tmp}")
         yield tmp
         barrier(f"written {tmp}")
-        if primary:
-            _swap_in(tmp, out)
-        barrier(f"swapped {tmp}")
+        on_primary(lambda: _swap_in(tmp, out))  # every process hears whether the swap worked
         done = True
     except OSError as e:
         raise write_error(out, e) from None
@@ -87,13 +85,12 @@ def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLik
 
 def _processes():
     """(whether this process creates and swaps directories, a barrier between processes, a temporary name token
-    every process agrees on). Without JAX loaded there is one process."""
-    if "jax" in sys.modules:
-        from rlhf_jax import distributed
-
-        if distributed.is_multiprocess():
-            return distributed.is_primary(), distributed.barrier, distributed.shared_token()
-    return True, lambda name: None, f"{os.getpid()}-{secrets.token_hex(3)}"
+    every process agrees on, a runner of what process 0 does alone that tells every process how it went). Without
+    rlhf_jax.distributed loaded there is one process."""
+    distributed = sys.modules.get("rlhf_jax.distributed")  # not loaded: one process
+    if distributed is not None and distributed.is_multiprocess():
+        return distributed.is_primary(), distributed.barrier, distributed.shared_token(), distributed.on_primary
+    return True, lambda name: None, f"{os.getpid()}-{secrets.token_hex(3)}", lambda fn: fn()
 
 
 def write_error(out: Path, error: OSError) -> OutputDirError:

@@ -65,18 +65,20 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
     kept_prompts, kept_responses, empty = group_responses(prompts, texts, K)
     if not kept_prompts:
         raise UserError(f"label: no prompt has 2 distinct non-empty samples of {K}; raise sampling.temperature")
-    ranks = labeler(kept_prompts, kept_responses, cfg.seed)
-    _check_ranks(ranks, kept_responses, lab.labeler)
-    summary = distributed.on_primary(lambda: _write_rankings(cfg, run_dir, n, kept_prompts, kept_responses, ranks,
+    # process 0 alone asks the labeler (it may be a paid service or a person) and writes the dataset
+    summary = distributed.on_primary(lambda: _write_rankings(cfg, run_dir, n, kept_prompts, kept_responses, labeler,
                                                              empty, module, held_out))
     print(json.dumps(summary))
     return summary
 
 
-def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_responses, ranks, empty: int, module,
+def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_responses, labeler, empty: int, module,
                     held_out) -> dict:
-    """The rankings file, its prepared dataset and the summary (process 0 alone, with several processes)."""
+    """The labeler's rankings, their file, its prepared dataset and the summary (process 0 alone, with several
+    processes)."""
     lab = cfg.label
+    ranks = labeler(kept_prompts, kept_responses, cfg.seed)
+    _check_ranks(ranks, kept_responses, lab.labeler)
     path = run_dir / "rankings.jsonl"
     write_text_atomically(path, "".join(json.dumps({"prompt": p, "responses": r, "ranks": [int(x) for x in k]}) + "\n"
                                         for p, r, k in zip(kept_prompts, kept_responses, ranks)))

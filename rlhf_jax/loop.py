@@ -7,7 +7,6 @@ compose these pieces (`trainers.py` for sft and rm, `ppo_stage.py` for ppo); non
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import threading
@@ -156,20 +155,26 @@ class Run:
         config = config_to_dict(self.cfg)
         start, unreadable = 0, []
         for step in self.ckpts.steps():
+            error: Exception | None = None
             try:
                 stored_config, stored_shapes = self.ckpts.stored(step)
             except Exception as e:  # noqa: BLE001 - any failure to read a step means the step is unusable
-                unreadable.append((step, e))
+                error = e
+            if error is None:
+                allowed = self._check_compatible(step, stored_config or {}, stored_shapes, state)
+                try:
+                    restored, data_state, facts = self.ckpts.restore(step, state)
+                    data_state = self._own_data_state(data_state)
+                except UserError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            # with several processes all fall back together: a step one of them cannot read is unusable for all
+            if distributed.any_process(error is not None):
+                unreadable.append((step, error or RuntimeError("another process cannot restore it")))
                 continue
-            allowed = self._check_compatible(step, stored_config or {}, stored_shapes, state)
-            try:
-                state, data_state, facts = self.ckpts.restore(step, state)
-                data_iter.set_state(self._own_data_state(data_state))
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                unreadable.append((step, e))
-                continue
+            state = restored
+            data_iter.set_state(data_state)
             start, self.facts = step, facts
             if allowed:
                 print(f"warning: resuming with changed settings: {', '.join(allowed)}", file=sys.stderr)
@@ -210,9 +215,7 @@ class Run:
         """This process's iterator state from a checkpoint saved by any number of processes. Unpacked data is at
         the same position in every process's share, and that position holds for any process count (each global
         batch is the same rows however it is split); packed data is not, so it resumes only with the same count."""
-        if "states" not in stored:  # saved before per-process states were kept: one process
-            return stored
-        states = stored["states"]
+        states = stored["states"] if "states" in stored else [stored]  # older checkpoints: one process's
         if len(states) == jax.process_count():
             return states[jax.process_index()]
         if self.cfg.data.pack or any(s != states[0] for s in states):
@@ -262,38 +265,29 @@ def check_metrics(metrics: dict, step: int, run: Run) -> None:
 
 class StopSignals:
     """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to finish its step, save and stop, instead of
-    killing the process; a second signal stops at once.
+    killing the process; a second signal stops at once. With several processes every one must save the same
+    step: after each step they agree whether any of them was signalled."""
 
-    With several processes every one must save the same step, so the stop is agreed through JAX's preemption
-    sync point: its notifier keeps SIGTERM (a signal to any one process stops them all at the same step), and
-    SIGINT is passed on to it as SIGTERM."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
-        self._multiprocess = distributed.is_multiprocess()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            handled = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
-            self._previous = {s: signal.signal(s, self._handle) for s in handled}
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self._multiprocess:
-            self.received = signum
-            os.kill(os.getpid(), signal.SIGTERM)  # to the preemption notifier, which tells every process
-            return
         if self.received is not None:
             self.__exit__()
             raise KeyboardInterrupt
         self.received = signum
 
-    def stop_at(self, step: int) -> bool:
-        """Whether to save `step` and stop (called after every step, by every process)."""
-        if self._multiprocess:
-            return distributed.preemption_reached(step)
-        return self.received is not None
+    def stop_now(self) -> bool:
+        """Whether to save the step just run and stop (called after every step, by every process)."""
+        return distributed.any_process(self.received is not None)
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
@@ -344,7 +338,7 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
             truncated += int(batch["truncated"].sum())
             state, metrics = step_fn(state, to_global(batch, mesh), jax.random.fold_in(rng, step))
             done = step + 1
-            stop = signals.stop_at(done)
+            stop = signals.stop_now()
             save = cadence.save(done) or stop
             if cadence.log(done) or save:  # checked at least every log_every steps and before every save
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -54,11 +54,8 @@ class MetricsWriter:
 
 
 def _is_primary() -> bool:
-    if "jax" not in sys.modules:
-        return True
-    import jax
-
-    return jax.process_index() == 0
+    distributed = sys.modules.get("rlhf_jax.distributed")  # not loaded: one process
+    return distributed is None or distributed.is_primary()
 
 
 def drop_lines_after(path: Path, step: int, stage: str | None = None) -> None:

@@ -119,7 +119,7 @@ def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
     for i, step in enumerate(steps, 1):
         step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
         upstream = _fingerprint(records)
-        done = _finished(step, step_dir, upstream)
+        done = distributed.on_primary(lambda: _finished(step, step_dir, upstream))  # one answer for all processes
         if done is not None:
             print(f"{where}: finished earlier, skipped ({_one_line(done)})", file=sys.stderr)
             summaries.append(done)

@@ -49,8 +49,28 @@ def mesh_from_config(section, devices: Sequence[jax.Device] | None = None) -> Me
         if math.prod(shape) != found:
             raise MeshError(f"mesh.preset {section.preset} needs {math.prod(shape)} devices, found {found} "
                             f"({jax.process_count()} processes)")
-        return make_mesh(shape, axes, devices)
-    return make_mesh(section.shape, section.axes, devices)
+        mesh = make_mesh(shape, axes, devices)
+    else:
+        mesh = make_mesh(section.shape, section.axes, devices)
+    check_process_blocks(mesh)
+    return mesh
+
+
+def check_process_blocks(mesh: Mesh) -> None:
+    """With several processes each must hold one block of every batch, process i the i-th (as the data pipeline
+    reads it): the data-parallel axes split over the processes in order, and no other axis spans them."""
+    count = jax.process_count()
+    if count == 1:
+        return
+    ways = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    placement = batch_sharding(mesh).devices_indices_map((ways,))
+    per_process = ways // count if ways % count == 0 else 0
+    if not per_process or any((index[0].start or 0) // per_process != device.process_index
+                              for device, index in placement.items()):
+        shape = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        raise MeshError(f"mesh {shape}: with {count} processes every process must hold its own block of each "
+                        f"batch, so the data-parallel axes ({', '.join(batch_axes(mesh))}: {ways} ways) must split "
+                        "over the processes; keep the other axes (tensor) within a host")
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -45,7 +45,9 @@ def resolve_model_path(path: str, run_dir: str | os.PathLike, seed: int = 0) -> 
     """The configured model, or (for an empty path) the tiny built-in one, built once into the run dir."""
     if path:
         return Path(path)
+    from rlhf_jax import distributed
+
     tiny = Path(run_dir) / "tiny_model"
-    if not (tiny / "config.json").exists():
-        build_tiny_model(tiny, seed=seed, overwrite=True)  # a half-built one from an older version
+    if not distributed.on_primary(lambda: (tiny / "config.json").exists()):  # process 0 builds it for all
+        distributed.on_primary(lambda: str(build_tiny_model(tiny, seed=seed, overwrite=True)))
     return tiny

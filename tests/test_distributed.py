@@ -28,7 +28,9 @@ def test_environment_then_config_key_by_key(monkeypatch):
 
 def test_slurm_and_tpu_slices_are_left_to_jax_detection(monkeypatch):
     monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
-    assert distributed.settings(None, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == {}
+    assert distributed.settings(None, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16"}) == {}
+    # the batch script and salloc shells see SLURM_NTASKS too, but run one process
+    assert distributed.settings(None, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) is None
     assert distributed.settings(None, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == {}
     monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: True)
     assert distributed.settings(None, {}) == {}

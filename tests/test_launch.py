@@ -118,7 +118,7 @@ def _check_tpu_sequence(cmds):
     install, mount, job = (_flag(c, "--command") for c in (install, mount, job))
     assert "pip install -q -r requirements.txt" in install and f"'jax[tpu]=={JAX_PIN}'" in install
     assert "pip install -q --no-deps -e ." in install and "tar -xzf ~/rlhf_jax.tar.gz" in install
-    assert "gcsfuse --implicit-dirs my-bucket /mnt/shared" in mount
+    assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 my-bucket /mnt/shared" in mount
     assert "launch/single_host.sh configs/sft.yaml run_dir=/mnt/shared/runs/sft 'data.name=it'\\''s mine'" in job
     for script in (install, mount, job):
         assert run(["bash", "-n", "-c", script]).returncode == 0, script
