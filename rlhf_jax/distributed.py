@@ -74,7 +74,7 @@ def _on_tpu_vm() -> bool:
 def initialize(section=None) -> None:
     """Join the other processes of this run (once per process; later calls must ask for the same)."""
     wanted = settings(section)
-    if _STATE:
+    if "settings" in _STATE:
         if wanted is not None and wanted != _STATE["settings"] and _STATE["settings"] != {}:
             raise UserError(f"distributed: already joined as {_STATE['settings']}, now asked for {wanted}")
         return

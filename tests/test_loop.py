@@ -36,8 +36,12 @@ def test_weight_decay_hits_only_weight_matrices(cfg):
     params = init_params(make_model(cfg), jax.random.key(0))
     params = jax.tree.map(lambda x: x + 1.0, params)  # norms and biases start at 1/0: make every leaf non-zero
     optimizer = steps.make_optimizer(OptimSection(lr=0.1, schedule="constant", weight_decay=0.5, grad_clip=0.0), 10)
-    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
-    new = optax.apply_updates(params, updates)
+    @jax.jit
+    def apply(params):
+        updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    new = apply(params)
     decayed, kept = set(), set()
     for path, before in jax.tree_util.tree_leaves_with_path(params):
         after = new

@@ -151,7 +151,7 @@ def test_one_forward_pass_per_completion(monkeypatch):
         return original(self, variables, tokens, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "apply", counting_apply)
-    rewards = steps.completion_rewards(model, params, batch)
+    rewards = jax.jit(lambda p, b: steps.completion_rewards(model, p, b))(params, batch)  # counted while tracing
     B, K, R = batch["response_ids"].shape
     assert calls == [(B * K, batch["prompt_ids"].shape[1] + R)]  # every completion once, in one pass
     monkeypatch.setattr(Transformer, "apply", original)
@@ -159,7 +159,8 @@ def test_one_forward_pass_per_completion(monkeypatch):
     for b, k in ((0, 0), (1, K - 1), (B - 1, 1)):
         ids = np.concatenate([batch["prompt_ids"][b][batch["prompt_mask"][b]],
                               batch["response_ids"][b, k][batch["response_mask"][b, k]]])[None]
-        values, _ = model.apply({"params": params}, ids, np.arange(ids.shape[1])[None], np.ones_like(ids, bool))
+        values, _ = jax.jit(model.apply)({"params": params}, ids, np.arange(ids.shape[1])[None],
+                                         np.ones_like(ids, bool))
         assert batch["response_mask"][b, k].any()
         np.testing.assert_allclose(float(rewards[b, k]), float(values[0, -1]), atol=1e-5)
 
@@ -225,8 +226,9 @@ def test_zero_learning_rate_moves_nothing():
     optim = OptimSection(lr=0.0, weight_decay=0.1)
     opt = steps.make_optimizer(optim, 5)
     state = steps.init_state(params, opt)
-    new_state, metrics = steps.sft_step(state, _sft_batch(np.random.default_rng(3)), jax.random.key(0), model=model,
-                                        optimizer=opt, schedule=steps.lr_schedule(optim, 5))
+    step = jax.jit(lambda st, b, r: steps.sft_step(st, b, r, model=model, optimizer=opt,
+                                                  schedule=steps.lr_schedule(optim, 5)))
+    new_state, metrics = step(state, _sft_batch(np.random.default_rng(3)), jax.random.key(0))
     assert float(metrics["grad_norm"]) > 0
     jax.tree.map(np.testing.assert_array_equal, new_state.params, params)
 
