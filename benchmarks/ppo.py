@@ -4,12 +4,15 @@ share of the FLOP bound, side by side with Google Tunix's PPOLearner on the same
   python benchmarks/ppo.py --out benchmarks/results/ppo_cpu.json
 
 The tiny Llama of the decode benchmark (vocab 2048, d 256, 4 layers, 4 heads, 2 KV heads, MLP 688) as policy,
-reference, value and reward model; 16 prompts of 64 tokens, 64 new tokens, 1 epoch, 1 minibatch, float32. The
-FLOPs of an iteration come from XLA's cost analysis of the compiled program; the peak is a 2048^3 float32
-matmul measured in the same run, round by round. Besides the whole iteration (one program,
-`ppo.iteration`), `ppo.rollout` (sampling, old / reference log-probs, values, scores, GAE) and `ppo.update` (the
-optimizer steps) are compiled and timed on their own (`rollout_s`, `update_s`; each with its own FLOPs and share
-of the bound).
+reference, value and reward model; 16 prompts of 64 tokens, 64 new tokens, 1 epoch, 1 minibatch, float32. FLOPs
+come from XLA's cost analysis. The share of the FLOP bound counts an episode's nominal FLOPs (sampling, four
+teacher-forced passes, the update's forward and backward: `ppo.rollout` and `ppo.update` compiled alone);
+the iteration executes fewer, since the update reuses the rollout's forward of its first micro-batch
+(`executed_fraction_of_peak` counts those). The peak is a 2048^3 float32 matmul measured in the same run, round
+by round. The iteration is the stage's one program (`ppo.iteration`),
+lap clock included: `rollout_s` (sampling, old / reference log-probs, values, scores, GAE) and `update_s` (the
+optimizer steps) are its own laps, each with its share of the bound (the rollout's FLOPs from `ppo.rollout`
+compiled alone, the update's the rest).
 
 Tunix runs in its own environment, `.venv-tunix` (it pins its own dependencies; rlhf_jax is not installed
 there), created once from the repository root with:
@@ -29,6 +32,7 @@ Every reported time is the median over the rounds; every per-round value is kept
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -43,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import ppo, steps
+from rlhf_jax.clock import LapClock
 from rlhf_jax.config import OptimSection, PPOSection
 from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.sampling import SamplingParams
@@ -65,15 +70,17 @@ def flops_of(compiled) -> float:
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def timed(fn, args_of, iterations: int):
-    """Seconds per call of `fn(*args_of(previous output))`, after one untimed call."""
-    out = fn(*args_of(None))
-    jax.block_until_ready(out)
+def timed_iterations(step, state, inputs, iterations: int):
+    """(seconds per iteration, state, metrics of each) of `iterations` calls of the iteration, after one untimed."""
+    state, metrics = step(state, *inputs)
+    jax.block_until_ready(metrics)
+    every = []
     t0 = time.perf_counter()
     for _ in range(iterations):
-        out = fn(*args_of(out))
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iterations, out
+        state, metrics = step(state, *inputs)
+        every.append(metrics)
+    jax.block_until_ready(every)
+    return (time.perf_counter() - t0) / iterations, state, every
 
 
 class Tunix:
@@ -136,15 +143,20 @@ def main() -> None:
     rng = jax.random.PRNGKey(3)
     orders = ppo.minibatch_orders(jax.random.PRNGKey(4), B, models)
 
-    # The whole iteration, and its two halves as the iteration calls them, each one program.
+    # The whole iteration as the stage runs it (one program, with the lap clock that times its rollout and its
+    # update from inside). The rollout alone is compiled for its FLOPs (the update's are the rest of the
+    # iteration's), and the update alone, with its own forward of the first minibatch, for an episode's nominal
+    # FLOPs: sampling, four teacher-forced passes, and the update's forward and backward.
+    models = dataclasses.replace(models, clock=LapClock())
     step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models), donate_argnums=0).lower(
         state, frozen, ids, mask).compile()
-    rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, o)).lower(
-        state, frozen, ids, mask, rng, orders[0]).compile()
+    rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, o)[:3])
     batch = rollout(state, frozen, ids, mask, rng, orders[0])[0]
-    update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models), donate_argnums=0).lower(
-        state, batch, orders).compile()
-    flops = {"iteration": flops_of(step), "rollout": flops_of(rollout), "update": flops_of(update)}
+    update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models)).lower(state, batch, orders).compile()
+    flops = {"iteration": flops_of(step), "rollout": flops_of(rollout.lower(state, frozen, ids, mask, rng,
+                                                                            orders[0]).compile())}
+    flops["update"] = flops["iteration"] - flops["rollout"]
+    flops["nominal"] = flops["rollout"] + flops_of(update)
 
     tunix_python = args.tunix_python
     tunix_note = "" if tunix_python else (
@@ -165,18 +177,15 @@ def main() -> None:
         for r in range(args.rounds):
             # The two whole iterations back to back (what the speedup compares), then the split and the peak.
             row = {}
-            row["iteration_s"], (state, _) = timed(
-                step, lambda out: (state if out is None else out[0], frozen, ids, mask), args.iterations)
+            row["iteration_s"], state, laps = timed_iterations(step, state, (frozen, ids, mask), args.iterations)
             if tunix is not None:
                 try:
                     tunix_result = tunix.run(args.iterations)
                     row["tunix_iteration_s"] = tunix_result["iteration_s"]
                 except RuntimeError as e:
                     tunix_note, tunix = f"Tunix failed: {e}", None
-            row["rollout_s"], _ = timed(rollout, lambda out: (state, frozen, ids, mask, rng, orders[0]),
-                                        args.iterations)
-            row["update_s"], (state, _) = timed(
-                update, lambda out: (state if out is None else out[0], batch, orders), args.iterations)
+            row["rollout_s"], row["update_s"] = (statistics.median(float(m[k]) for m in laps)
+                                                 for k in ("rollout_s", "update_s"))
             row["matmul_peak_gflops"] = max(matmul_peak() for _ in range(3)) / 1e9
             row = {k: round(v, 4) for k, v in row.items()}
             print(json.dumps({"round": r, **row}), file=sys.stderr)
@@ -196,12 +205,13 @@ def main() -> None:
               "rounds": args.rounds,
               "iteration_s": round(seconds, 4), "episodes_per_s": round(B / seconds, 2),
               "rollout_s": round(med("rollout_s"), 4), "update_s": round(med("update_s"), 4),
-              "gflop_per_iteration": round(flops["iteration"] / 1e9, 2),
-              "gflop_per_episode": round(flops["iteration"] / 1e9 / B, 3),
+              "gflop_per_episode": round(flops["nominal"] / 1e9 / B, 3),
+              "gflop_executed_per_iteration": round(flops["iteration"] / 1e9, 2),
               "gflop_rollout": round(flops["rollout"] / 1e9, 2), "gflop_update": round(flops["update"] / 1e9, 2),
               "achieved_gflops": round(flops["iteration"] / seconds / 1e9, 1),
               "matmul_peak_gflops": round(med("matmul_peak_gflops"), 1),
-              "fraction_of_flop_bound": round(share("iteration_s", "iteration"), 3),
+              "fraction_of_flop_bound": round(share("iteration_s", "nominal"), 3),
+              "executed_fraction_of_peak": round(share("iteration_s", "iteration"), 3),
               "rollout_fraction_of_flop_bound": round(share("rollout_s", "rollout"), 3),
               "update_fraction_of_flop_bound": round(share("update_s", "update"), 3)}
     if all("tunix_iteration_s" in row for row in rounds):

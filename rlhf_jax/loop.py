@@ -251,7 +251,8 @@ def require_finite(state, step: int, run: "Run | None" = None) -> None:
                             f"saved or exported{where}")
 
 
-DIVERGENCE_KEYS = ("loss", "grad_norm", "policy_loss", "value_loss", "kl", "score_mean")
+DIVERGENCE_KEYS = ("loss", "grad_norm", "policy_loss", "value_loss", "policy_grad_norm", "value_grad_norm", "kl",
+                   "score_mean")
 
 
 def check_metrics(metrics: dict, step: int, run: Run) -> None:

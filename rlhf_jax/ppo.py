@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -25,7 +25,7 @@ from rlhf_jax.config import PPOSection
 from rlhf_jax.losses import last_token_values, token_logprobs
 from rlhf_jax.model import Transformer, positions_from_mask
 from rlhf_jax.sampling import SamplingParams, is_eos, response_logits, sample
-from rlhf_jax.steps import TrainState, accumulate, micro_batches, sft_sums
+from rlhf_jax.steps import TrainState, micro_batches, sft_sums
 
 
 @flax.struct.dataclass
@@ -137,10 +137,18 @@ def micro_batch_rows(order_MMb, accum: int) -> jax.Array:
     return jax.vmap(lambda rows: micro_batches(rows, accum))(order_MMb).reshape(-1, order_MMb.shape[1] // accum)
 
 
+class FirstForward(NamedTuple):
+    """The first optimizer step's forward on its first micro-batch, run by the rollout (whose old log-probs and
+    values it gives) and kept by `jax.vjp` for that step's backward: the rollout and the update share one pass."""
+
+    outputs: tuple  # (logits_BNV, values_BN), as `_forward` returns them
+    pullback: Callable  # cotangents of `outputs` -> ((policy grads, value grads),)
+
+
 def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng, models: PPOModels,
             first_order_MMb=None):
-    """Samples responses and prepares everything the update needs; returns (rollout, KL per sequence, stats).
-    `first_order_MMb` is the first epoch's minibatch rows (default: rows in order)."""
+    """Samples responses and prepares everything the update needs; returns (rollout, KL per sequence, stats,
+    FirstForward). `first_order_MMb` is the first epoch's minibatch rows (default: rows in order)."""
     p, c = models.ppo, models.sampling
     dtype = models.policy.dtype
     cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)  # once, not per decode step
@@ -148,24 +156,41 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
     tokens_BN, mask_BN = sampled.tokens_BN, sampled.mask_BN
     args = (prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
     # Every teacher-forced pass runs micro-batch by micro-batch (the update's own split, so it fits where the
-    # update fits). The old log-probs come from the training forward itself on the first epoch's micro-batches,
-    # exactly as the update runs them, so the first minibatch's ratio is exactly 1. In float32 the sampler's
-    # own log-probs agree with it to 1e-5 (tested); in bf16 the decode rounds differently.
+    # update fits). The old log-probs and values come from the training forward itself on the first epoch's
+    # micro-batches, exactly as the update runs them, so the first minibatch's ratio is exactly 1; the first
+    # micro-batch's forward is the update's own (`FirstForward`), not run twice. In float32 the sampler's own
+    # log-probs agree with it to 1e-5 (tested); in bf16 the decode rounds differently.
     B = tokens_BN.shape[0]
     order_MMb = first_order_MMb if first_order_MMb is not None else jnp.arange(B).reshape(p.minibatches, -1)
     rows_Km = micro_batch_rows(order_MMb, models.accum)
+    gather = lambda rows: models.on_batch_axes([x[rows] for x in args])
+    params = (state.policy.params, state.value.params)
 
-    def micro_batch_passes(rows):
-        mb = models.on_batch_axes([x[rows] for x in args])
-        logprobs = lambda params: _logprobs(response_logits(models.policy, params, *mb, c.temperature), *mb[2:])
-        return (logprobs(state.policy.params), logprobs(frozen.ref_params),
-                jnp.where(mb[3], response_values(models.value, state.value.params, *mb), 0.0),
-                scores(models, frozen.reward_params, *mb))
+    def old_logprobs_and_values(outputs, mb):
+        logits_BNV, values_BN = outputs
+        return _logprobs(logits_BNV, *mb[2:]), jnp.where(mb[3], values_BN, 0.0)
 
-    unsorted = jax.lax.map(micro_batch_passes, rows_Km)
+    def frozen_passes(rows):
+        mb = gather(rows)
+        logprobs_BN = _logprobs(response_logits(models.policy, frozen.ref_params, *mb, c.temperature), *mb[2:])
+        return logprobs_BN, scores(models, frozen.reward_params, *mb)
+
+    def trained_passes(rows):
+        mb = gather(rows)
+        return old_logprobs_and_values(_forward(params, mb, models), mb)
+
+    frozen_K, trained_rest = jax.lax.map(frozen_passes, rows_Km), jax.lax.map(trained_passes, rows_Km[1:])
+    # The first micro-batch's forward keeps its activations for the update's backward: it runs last, so that they
+    # live beside no other pass's.
+    first_mb, frozen_K, trained_rest = jax.lax.optimization_barrier((gather(rows_Km[0]), frozen_K, trained_rest))
+    outputs, pullback = jax.vjp(lambda params: _forward(params, first_mb, models), params)
+    trained = jax.tree.map(lambda a, rest: jnp.concatenate([a[None], rest]),
+                           old_logprobs_and_values(outputs, first_mb), trained_rest)
+    ref_logprobs, raw_scores = frozen_K
     in_rows = lambda x: models.on_batch_axes(jnp.zeros((B, *x.shape[2:]), x.dtype).at[rows_Km.reshape(-1)].set(
         x.reshape(B, *x.shape[2:])))
-    old_logprobs_BN, ref_logprobs_BN, old_values_BN, raw_scores_B = (in_rows(x) for x in unsorted)
+    old_logprobs_BN, old_values_BN, ref_logprobs_BN, raw_scores_B = (
+        in_rows(x) for x in (*trained, ref_logprobs, raw_scores))
     ended_B = jnp.any(mask_BN & is_eos(tokens_BN, c.eos_ids), axis=1)
     scores_B = L.score_with_eos_penalty(raw_scores_B, ended_B, p.no_eos_penalty)
 
@@ -185,7 +210,7 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
         n = models.samples
         stats["samples"] = {"prompt_ids": prompt_ids_BP[:n], "prompt_mask": prompt_mask_BP[:n],
                             "tokens": tokens_BN[:n], "mask": mask_BN[:n], "score": scores_B[:n], "kl": kl_B[:n]}
-    return batch, kl_B, stats
+    return batch, kl_B, stats, FirstForward(outputs, pullback)
 
 
 def ptx_target_tokens(ptx: dict) -> jax.Array:
@@ -201,26 +226,55 @@ def ptx_loss(model: Transformer, params, ptx: dict, denominator=None) -> jax.Arr
     return sums["nll_sum"] / (jnp.maximum(sums["target_tokens"], 1.0) if denominator is None else denominator)
 
 
-def _minibatch_loss(params, micro, models: PPOModels, tokens, ptx_tokens):
-    """The PPO objective of one micro-batch, its means taken over the whole minibatch's `tokens` (and
-    `ptx_tokens`) so that micro-batch losses and gradients add up to the minibatch's exactly."""
-    (policy_params, value_params), (mb, ptx) = params, micro
-    p, temperature = models.ppo, models.sampling.temperature
-    args = (mb.prompt_ids_BP, mb.prompt_mask_BP, mb.tokens_BN, mb.mask_BN)
-    logits_BNV = response_logits(models.policy, policy_params, *args, temperature)
+def _forward(params, mb, models: PPOModels):
+    """(logits_BNV, values_BN): what the PPO objective reads of the policy and the value model on the rows
+    `mb` = (prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)."""
+    policy_params, value_params = params
+    return (response_logits(models.policy, policy_params, *mb, models.sampling.temperature),
+            response_values(models.value, value_params, *mb))
+
+
+def _objective(outputs, mb: Rollout, models: PPOModels, tokens):
+    """The clipped PPO objective of one micro-batch from its forward's `outputs`, means taken over the whole
+    minibatch's `tokens`; returns (loss, stats)."""
+    logits_BNV, values_BN = outputs
+    p = models.ppo
     logprobs_BN = _logprobs(logits_BNV, mb.tokens_BN, mb.mask_BN)
     pg_loss, pg_stats = L.policy_loss(logprobs_BN, mb.old_logprobs_BN, mb.advantages_BN, mb.mask_BN, p.clip_ratio,
                                       tokens)
     entropy = L.entropy_from_logits(logits_BNV, mb.mask_BN, tokens)
-    values_BN = response_values(models.value, value_params, *args)
     vf_loss, vf_stats = L.value_loss(values_BN, mb.old_values_BN, mb.returns_BN, mb.mask_BN, p.clip_value, tokens)
     loss = pg_loss - p.entropy_coef * entropy + p.vf_coef * vf_loss
+    return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}
+
+
+def _inputs(mb: Rollout):
+    return mb.prompt_ids_BP, mb.prompt_mask_BP, mb.tokens_BN, mb.mask_BN
+
+
+def _minibatch_loss(params, micro, models: PPOModels, tokens, ptx_tokens):
+    """The PPO objective of one micro-batch, its means taken over the whole minibatch's `tokens` (and
+    `ptx_tokens`) so that micro-batch losses and gradients add up to the minibatch's exactly."""
+    (policy_params, _), (mb, ptx) = params, micro
+    loss, stats = _objective(_forward(params, _inputs(mb), models), mb, models, tokens)
     lm_loss = jnp.zeros((), jnp.float32)
     if ptx is not None:  # InstructGPT's gamma x pretraining loss, in the same gradient as the PPO objective
         lm_loss = ptx_loss(models.policy, policy_params, ptx, ptx_tokens)
-        loss = loss + p.ptx_coef * lm_loss
-    return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, "ptx_loss": lm_loss,
-                  **pg_stats, **vf_stats}
+        loss = loss + models.ppo.ptx_coef * lm_loss
+    return loss, {**stats, "ptx_loss": lm_loss}
+
+
+def _first_micro_batch_grads(first: FirstForward, params, micro, models: PPOModels, tokens, ptx_tokens):
+    """`_minibatch_loss`'s gradients on the micro-batch whose forward the rollout already ran: the objective's
+    cotangents through `first.pullback`, plus the ptx term's own gradient."""
+    mb, ptx = micro
+    (_, stats), cotangents = jax.value_and_grad(_objective, has_aux=True)(first.outputs, mb, models, tokens)
+    policy_grads, value_grads = first.pullback(cotangents)[0]
+    lm_loss = jnp.zeros((), jnp.float32)
+    if ptx is not None:
+        lm_loss, lm_grads = jax.value_and_grad(ptx_loss, argnums=1)(models.policy, params[0], ptx, ptx_tokens)
+        policy_grads = jax.tree.map(lambda g, lm: g + models.ppo.ptx_coef * lm, policy_grads, lm_grads)
+    return (policy_grads, value_grads), {**stats, "ptx_loss": lm_loss}
 
 
 def _combine_micro_batches(stats_A: dict) -> dict:
@@ -235,30 +289,65 @@ def _apply(train: TrainState, grads, optimizer) -> TrainState:
     return TrainState(train.step + 1, optax.apply_updates(train.params, updates), opt_state)
 
 
-def update(state: PPOState, batch: Rollout, orders_EMMb, models: PPOModels, ptx: dict | None = None):
+def _optimizer_step(carry, batch: Rollout, rows_Am, ptx_mb, models: PPOModels, first: FirstForward | None):
+    """One optimizer step of policy and value on the minibatch whose A micro-batches hold rows `rows_Am` (and
+    the ptx slice `ptx_mb`, split alike), gradients summed micro-batch by micro-batch; with `first`, micro-batch
+    0's forward is the rollout's. Returns ((policy, value), stats)."""
+    policy, value = carry
+    params = (policy.params, value.params)
+    gather = lambda rows: models.on_batch_axes(jax.tree.map(lambda x: x[rows], batch))
+    tokens = jnp.maximum(jnp.sum(batch.mask_BN[rows_Am.reshape(-1)], dtype=jnp.float32), 1.0)
+    ptx_tokens, ptx_Am = None, None
+    if ptx_mb is not None:
+        ptx_mb = models.on_batch_axes(ptx_mb)
+        ptx_tokens = jnp.maximum(ptx_target_tokens(ptx_mb), 1.0)
+        ptx_Am = micro_batches(ptx_mb, rows_Am.shape[0])
+    grad_fn = jax.value_and_grad(functools.partial(_minibatch_loss, models=models, tokens=tokens,
+                                                   ptx_tokens=ptx_tokens), has_aux=True)
+
+    def micro_batch(grads, xs):
+        rows, ptx_micro = xs
+        (_, stats), micro_grads = grad_fn(params, (gather(rows), models.on_batch_axes(ptx_micro)))
+        return jax.tree.map(jnp.add, grads, micro_grads), stats
+
+    xs = (rows_Am, ptx_Am)
+    if first is None:
+        grads, stats_A = jax.lax.scan(micro_batch, jax.tree.map(jnp.zeros_like, params), xs)
+    else:
+        head = jax.tree.map(lambda x: x[0], xs)
+        grads, stats = _first_micro_batch_grads(first, params, (gather(head[0]), head[1]), models, tokens,
+                                                ptx_tokens)
+        grads, stats_rest = jax.lax.scan(micro_batch, grads, jax.tree.map(lambda x: x[1:], xs))
+        stats_A = jax.tree.map(lambda a, rest: jnp.concatenate([a[None], rest]), stats, stats_rest)
+    policy_grads, value_grads = grads
+    # The norms read every gradient: the update's lap, taken on these stats, waits for the whole backward.
+    stats = {**_combine_micro_batches(stats_A), "policy_grad_norm": optax.tree.norm(policy_grads),
+             "value_grad_norm": optax.tree.norm(value_grads)}
+    return (_apply(policy, policy_grads, models.policy_opt), _apply(value, value_grads, models.value_opt)), stats
+
+
+def update(state: PPOState, batch: Rollout, orders_EMMb, models: PPOModels, ptx: dict | None = None,
+           first: FirstForward | None = None):
     """`epochs` x `minibatches` optimizer steps of policy and value over the given minibatch rows, minibatch m
-    adding the LM loss of the m-th slice of the `ptx` batch; returns (state, per-step stats)."""
-    M = models.ppo.minibatches
+    adding the LM loss of the m-th slice of the `ptx` batch; `first` is the rollout's forward of the first
+    step's first micro-batch. Returns (state, per-step stats)."""
+    E, M, _ = orders_EMMb.shape
+    rows_SAm = jax.vmap(lambda rows: micro_batches(rows, models.accum))(orders_EMMb.reshape(E * M, -1))
     ptx_slices = None if ptx is None else jax.tree.map(lambda x: x.reshape(M, -1, *x.shape[1:]), ptx)
 
-    def epoch(carry, order):
-        def minibatch(carry, xs):
-            rows, ptx_mb = xs
-            policy, value = carry
-            mb = models.on_batch_axes(jax.tree.map(lambda x: x[rows], batch))
-            ptx_mb = models.on_batch_axes(ptx_mb)
-            tokens = jnp.maximum(jnp.sum(mb.mask_BN, dtype=jnp.float32), 1.0)
-            ptx_tokens = None if ptx_mb is None else jnp.maximum(ptx_target_tokens(ptx_mb), 1.0)
-            loss = functools.partial(_minibatch_loss, models=models, tokens=tokens, ptx_tokens=ptx_tokens)
-            (policy_grads, value_grads), stats = accumulate(loss, (policy.params, value.params), (mb, ptx_mb),
-                                                            models.accum, _combine_micro_batches)
-            return (_apply(policy, policy_grads, models.policy_opt),
-                    _apply(value, value_grads, models.value_opt)), stats
+    def step(carry, xs, first=None):
+        rows_Am, m = xs
+        ptx_mb = None if ptx_slices is None else jax.tree.map(lambda x: x[m], ptx_slices)
+        return _optimizer_step(carry, batch, rows_Am, ptx_mb, models, first)
 
-        return jax.lax.scan(minibatch, carry, (order, ptx_slices))
-
-    (policy, value), stats = jax.lax.scan(epoch, (state.policy, state.value), orders_EMMb)
-    return state.replace(policy=policy, value=value), jax.tree.map(lambda x: x.reshape(-1), stats)
+    carry, xs = (state.policy, state.value), (rows_SAm, jnp.arange(E * M) % M)
+    if first is not None:
+        carry, first_stats = step(carry, jax.tree.map(lambda x: x[0], xs), first)
+        xs = jax.tree.map(lambda x: x[1:], xs)
+    (policy, value), stats = jax.lax.scan(step, carry, xs)
+    if first is not None:
+        stats = jax.tree.map(lambda a, rest: jnp.concatenate([a[None], rest]), first_stats, stats)
+    return state.replace(policy=policy, value=value), stats
 
 
 def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, ptx: dict | None = None, *,
@@ -270,16 +359,18 @@ def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, pt
     host_wait_s, (prompt_ids_BP, prompt_mask_BP) = lap((prompt_ids_BP, prompt_mask_BP))
     rng, sample_rng, update_rng = jax.random.split(state.rng, 3)
     orders_EMMb = minibatch_orders(update_rng, prompt_ids_BP.shape[0], models)
-    rollout_s, (batch, kl_B, rollout_stats) = lap(rollout(state, frozen, prompt_ids_BP, prompt_mask_BP, sample_rng,
-                                                          models, orders_EMMb[0]))
+    batch, kl_B, rollout_stats, first = rollout(state, frozen, prompt_ids_BP, prompt_mask_BP, sample_rng, models,
+                                                orders_EMMb[0])
+    rollout_s, (batch, kl_B, rollout_stats) = lap((batch, kl_B, rollout_stats))
     beta = state.kl.beta
-    state, steps = update(state, batch, orders_EMMb, models, ptx)
-    update_s, steps = lap(steps, gate=False)  # the per-step stats: complete with the last minibatch's gradients
+    state, steps = update(state, batch, orders_EMMb, models, ptx, first)
+    update_s, steps = lap(steps, gate=False)  # the per-step stats: complete with the last step's gradient norms
     p = models.ppo
     kl = state.kl.update(kl_B.mean(), p.kl_target or None, p.kl_horizon, kl_B.shape[0])
     metrics = {**rollout_stats, "beta": beta,
                **{k: steps[k].mean() for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac",
-                                               "value_clip_frac", "ptx_loss")},
+                                               "value_clip_frac", "ptx_loss", "policy_grad_norm",
+                                               "value_grad_norm")},
                "ratio_max": steps["ratio_max"].max(), "ratio_min": steps["ratio_min"].min(),
                # the first minibatch of the first epoch sees the rollout's own policy: its ratio is exactly 1
                "first_ratio_max": steps["ratio_max"][0], "first_ratio_min": steps["ratio_min"][0],

@@ -55,6 +55,34 @@ def _filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits_BV
 
 
+def _categorical(rng: jax.Array, logits_BV: jax.Array) -> jax.Array:
+    """token_B: one draw per row from softmax(logits_BV) (-inf never drawn), by inverse CDF in two levels (blocks
+    of about sqrt(V) tokens, then the tokens of the chosen block). One uniform per row instead of a Gumbel per
+    logit, whose random bits cost a large part of a small decode step."""
+    B, V = logits_BV.shape
+    S = 1 << max(0, (V - 1).bit_length() + 1) // 2  # the power of two at or above sqrt(V)
+    weights_BV = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
+    weights_BGS = jnp.pad(weights_BV, ((0, 0), (0, -V % S))).reshape(B, -1, S)
+    u_B = jax.random.uniform(rng, (B,), jnp.float32)
+    block_B, offset_B = _inverse_cdf(weights_BGS.sum(-1), u_B)
+    within_BS = jnp.take_along_axis(weights_BGS, block_B[:, None, None], axis=1)[:, 0]
+    # the same point of the mass, within the block: its share past the block's start
+    inside_B = jnp.clip((u_B * weights_BGS.sum((1, 2)) - offset_B) / within_BS.sum(-1), 0.0, 1.0)
+    token_B, _ = _inverse_cdf(within_BS, inside_B)
+    return block_B * S + token_B
+
+
+def _inverse_cdf(weights_BK: jax.Array, u_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(index_B, mass before it_B): the first index whose cumulative weight exceeds u x the total, never one of
+    weight 0 (rounding at u near 1 falls back to the last index of positive weight)."""
+    ends_BK = jnp.cumsum(weights_BK, axis=-1)
+    index_B = jnp.sum(ends_BK <= (u_B * ends_BK[:, -1])[:, None], axis=-1)
+    last_B = jnp.max(jnp.where(weights_BK > 0, jnp.arange(weights_BK.shape[1]), 0), axis=-1)
+    index_B = jnp.minimum(index_B, last_B)
+    before_B = jnp.take_along_axis(ends_BK - weights_BK, index_B[:, None], axis=-1)[:, 0]
+    return index_B, before_B
+
+
 def _draw(logits_BV: jax.Array, rng: jax.Array, p: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """(token_B, logprob_B) from one step's float32 logits."""
     if p.temperature == 0.0:
@@ -62,7 +90,7 @@ def _draw(logits_BV: jax.Array, rng: jax.Array, p: SamplingParams) -> tuple[jax.
         scaled_BV = logits_BV
     else:
         scaled_BV = logits_BV / p.temperature
-        token_B = jax.random.categorical(rng, _filter_logits(scaled_BV, p.top_k, p.top_p), axis=-1)
+        token_B = _categorical(rng, _filter_logits(scaled_BV, p.top_k, p.top_p))
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logprob_B
 

@@ -13,7 +13,8 @@ from rlhf_jax import hf, sharding
 from rlhf_jax import tokenizer
 from rlhf_jax.model import (PAD_ID, Attention, KVCache, ModelConfig, forward, init_params, init_scalar_head,
                             make_model, param_logical_axes, positions_from_mask)
-from rlhf_jax.sampling import SamplingParams, _filter_logits, sample, teacher_forced_logprobs
+from rlhf_jax.sampling import (SamplingParams, _categorical, _filter_logits, _inverse_cdf, sample,
+                               teacher_forced_logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,40 @@ def test_top_k_and_top_p_filters_match_brute_force():
                 keep[tok] = True
                 kept_mass += probs[tok]
             np.testing.assert_array_equal(got[row], keep)
+
+
+@pytest.mark.parametrize("vocab", [7, 50, 300])
+def test_inverse_cdf_draws_follow_the_softmax_and_never_a_filtered_token(vocab):
+    """400k draws per case: every token's frequency is within 5 standard errors of its softmax probability
+    (vocabularies that fill their blocks or not), and a token at -inf (filtered, or in an all -inf block) never
+    comes."""
+    rng = np.random.default_rng(vocab)
+    logits = (rng.normal(size=vocab) * 2).astype(np.float32)
+    logits[rng.choice(vocab, vocab // 4 + 1, replace=False)] = -np.inf
+    if vocab > 16:
+        logits[8:16] = -np.inf  # a whole block (of 8 or 32 tokens) partly or fully filtered
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    n = 400_000
+    draws = jax.jit(lambda k: _categorical(k, jnp.broadcast_to(jnp.asarray(logits), (n, vocab))))(jax.random.key(3))
+    freq = np.bincount(np.asarray(draws), minlength=vocab) / n
+    assert freq.shape == (vocab,)
+    np.testing.assert_array_equal(freq[probs == 0], 0.0)
+    z = np.abs(freq - probs) / np.sqrt(probs * (1 - probs) / n + 1e-30)
+    assert z.max() < 5, (z.max(), freq, probs)
+
+
+def test_inverse_cdf_edges_never_pick_a_zero_weight():
+    """u = 0 picks the first token of positive weight; u just below 1, where rounding can push u x total past the
+    last cumulative weight, picks the last of positive weight."""
+    weights = jnp.asarray([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0], [1e-30, 0.0, 0.0, 0.0, 0.0, 1.0]], jnp.float32)
+    first, before = _inverse_cdf(weights, jnp.zeros(2))
+    np.testing.assert_array_equal(np.asarray(first), [1, 0])
+    np.testing.assert_array_equal(np.asarray(before), [0.0, 0.0])
+    last, _ = _inverse_cdf(weights, jnp.full(2, np.nextafter(np.float32(1), np.float32(0))))
+    np.testing.assert_array_equal(np.asarray(last), [3, 5])
+    over, _ = _inverse_cdf(weights, jnp.full(2, 1.5))  # past the total: still a token of positive weight
+    np.testing.assert_array_equal(np.asarray(over), [3, 5])
 
 
 def test_remat_gives_same_gradients(llama):

@@ -129,7 +129,7 @@ def test_adaptive_kl_controller_runs_inside_the_iteration():
 def test_rollout_carries_nothing_after_eos():
     models = _models()
     state, frozen, ids, mask = _setup(models, seed=3)
-    batch, kl_B, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models))(
+    batch, kl_B, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models)[:3])(
         state, frozen, ids, mask, jax.random.key(9))
     pad = ~np.asarray(batch.mask_BN)
     for name in ("old_logprobs_BN", "old_values_BN", "advantages_BN", "returns_BN"):
@@ -177,7 +177,7 @@ def test_mesh_of_8_agrees_with_one_device(shape):
     """Metrics agree, and the minibatches stay split over the data-parallel devices: gathering a minibatch's
     permuted rows must not leave the whole minibatch on every device, so with 8 data-parallel devices the largest
     per-device buffers (the rollout's and the update's logits) shrink to about an eighth of one device's."""
-    models = _models(minibatches=1)  # 8 rows: one per device
+    models = _models(minibatches=1, epochs=3)  # 8 rows: one per device
     one, one_temps = _sharded_iteration(models, sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"),
                                                                    jax.devices()[:1]))
     many, many_temps = _sharded_iteration(models, sharding.make_mesh(shape, ("data", "fsdp", "tensor")))
@@ -247,9 +247,8 @@ def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, KILL_STEPS + 1)) and all(m["stage"] == "ppo" for m in lines)
     assert all(METRIC_KEYS <= set(m) for m in lines), set(lines[0])
-    # One row per device here: the rollout's pass and the update's differentiated pass are separate matmuls that
-    # may round the last bit differently (exactly 1 unsharded: test_first_minibatch_ratio_is_exactly_one...).
-    assert abs(lines[0]["first_ratio_max"] - 1.0) < 2e-6 and lines[0]["first_clip_frac"] == 0.0
+    # The first minibatch's old log-probs come from the update's own forward: exactly 1 on a mesh too.
+    assert lines[0]["first_ratio_max"] == 1.0 == lines[0]["first_ratio_min"] and lines[0]["first_clip_frac"] == 0.0
     assert abs(lines[0]["kl"]) < 1e-5
     assert json.loads(out.strip().splitlines()[-1])["steps"] == KILL_STEPS
     samples = [json.loads(x) for x in (straight / "samples.jsonl").read_text().splitlines()]
@@ -346,12 +345,42 @@ def test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_first_step_reusing_the_rollout_forward_equals_a_direct_gradient(accum):
+    """The first optimizer step's backward runs through the rollout's own forward of its first micro-batch
+    (`FirstForward`); with plain SGD at lr 1 the step moves the params by exactly minus the gradient of the
+    minibatch loss (ptx included) computed directly on the rollout's rows, with or without accumulation."""
+    import optax
+
+    sgd = optax.sgd(1.0)
+    models = dataclasses.replace(_models(ptx_coef=0.5, epochs=1, minibatches=1), policy_opt=sgd, value_opt=sgd,
+                                 accum=accum)
+    state, frozen, ids, mask = _setup(models)
+    ptx = _ptx_rows(8)
+    params = (_copy(state.policy.params), _copy(state.value.params))
+    _, sample_rng, update_rng = jax.random.split(state.rng, 3)
+    order = ppo.minibatch_orders(update_rng, B, models)[0]
+    batch = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, o)[0])(
+        state, frozen, ids, mask, sample_rng, order)
+    rows = order[0]
+    tokens = jnp.sum(batch.mask_BN, dtype=jnp.float32)
+    direct = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=2)(
+        params, (jax.tree.map(lambda x: x[rows], batch), ptx), models, tokens, ppo.ptx_target_tokens(ptx))[0]
+    state, _ = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, models=models))(
+        state, frozen, ids, mask, ptx)
+    moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, (state.policy.params,
+                                                                              state.value.params))
+    for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-6)
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(direct)) > 1e-3  # a gradient that moves things
+
+
 def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
     """PPO-ptx: the minibatch gradient with ptx_coef c equals the one without ptx plus c x the gradient of the
     LM loss on the ptx rows, computed separately."""
     models = _models(ptx_coef=2.5)
     state, frozen, ids, mask = _setup(models)
-    batch, _, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models))(
+    batch, _, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models)[:3])(
         state, frozen, ids, mask, jax.random.key(4))
     ptx = _ptx_rows(4)
     grad = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=2)
