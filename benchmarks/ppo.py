@@ -9,10 +9,9 @@ come from XLA's cost analysis. The share of the FLOP bound counts an episode's n
 teacher-forced passes, the update's forward and backward: `ppo.rollout` and `ppo.update` compiled alone);
 the iteration executes fewer, since the update reuses the rollout's forward of its first micro-batch
 (`executed_fraction_of_peak` counts those). The peak is a 2048^3 float32 matmul measured in the same run, round
-by round. The iteration is the stage's one program (`ppo.iteration`),
-lap clock included: `rollout_s` (sampling, old / reference log-probs, values, scores, GAE) and `update_s` (the
-optimizer steps) are its own laps, each with its share of the bound (the rollout's FLOPs from `ppo.rollout`
-compiled alone, the update's the rest).
+by round. The timed iteration is the stage's own program (`ppo.iteration`, lap clock included): `rollout_s`
+(sampling, old / reference log-probs, values, scores, GAE) and `update_s` (the optimizer steps) are its laps,
+each with its share of the peak (the rollout's FLOPs from `ppo.rollout` compiled alone, the update's the rest).
 
 Tunix runs in its own environment, `.venv-tunix` (it pins its own dependencies; rlhf_jax is not installed
 there), created once from the repository root with:
@@ -150,11 +149,11 @@ def main() -> None:
     models = dataclasses.replace(models, clock=LapClock())
     step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models), donate_argnums=0).lower(
         state, frozen, ids, mask).compile()
-    rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, o)[:3])
+    rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, o)[:3]).lower(
+        state, frozen, ids, mask, rng, orders[0]).compile()
     batch = rollout(state, frozen, ids, mask, rng, orders[0])[0]
     update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models)).lower(state, batch, orders).compile()
-    flops = {"iteration": flops_of(step), "rollout": flops_of(rollout.lower(state, frozen, ids, mask, rng,
-                                                                            orders[0]).compile())}
+    flops = {"iteration": flops_of(step), "rollout": flops_of(rollout)}
     flops["update"] = flops["iteration"] - flops["rollout"]
     flops["nominal"] = flops["rollout"] + flops_of(update)
 
@@ -175,7 +174,7 @@ def main() -> None:
     rounds = []
     try:
         for r in range(args.rounds):
-            # The two whole iterations back to back (what the speedup compares), then the split and the peak.
+            # The two whole iterations back to back (what the speedup compares), then the peak.
             row = {}
             row["iteration_s"], state, laps = timed_iterations(step, state, (frozen, ids, mask), args.iterations)
             if tunix is not None:

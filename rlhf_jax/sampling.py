@@ -60,7 +60,7 @@ def _categorical(rng: jax.Array, logits_BV: jax.Array) -> jax.Array:
     of about sqrt(V) tokens, then the tokens of the chosen block). One uniform per row instead of a Gumbel per
     logit, whose random bits cost a large part of a small decode step."""
     B, V = logits_BV.shape
-    S = 1 << max(0, (V - 1).bit_length() + 1) // 2  # the power of two at or above sqrt(V)
+    S = 1 << (((V - 1).bit_length() + 1) // 2)  # the power of two at or above sqrt(V)
     weights_BV = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
     weights_BGS = jnp.pad(weights_BV, ((0, 0), (0, -V % S))).reshape(B, -1, S)
     u_B = jax.random.uniform(rng, (B,), jnp.float32)
