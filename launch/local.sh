@@ -5,6 +5,8 @@
 #   launch/local.sh [--dry-run] N CONFIG [section.key=value ...]
 #   launch/local.sh 2 configs/generate.yaml run_dir=/tmp/lgen
 #
+# --dry-run first validates the config with its overrides (`$PY -m rlhf_jax.main ... --check`, on the CPU) and
+# stops with its one-line error and status 2 when it is wrong; then it prints the N commands.
 # Expects: a Linux machine with bash >= 4.3, the project installed in .venv (or python3 able to import
 # rlhf_jax), and setsid (util-linux; without it the processes share this script's process group).
 # Relative paths (CONFIG, PY, LOG_DIR, run_dir overrides) are relative to the repository root: the script
@@ -113,6 +115,8 @@ log_of() {
 }
 
 if [ "$dry_run" = 1 ]; then
+    JAX_PLATFORMS=cpu "$PY" -m rlhf_jax.main --config "$config" ${overrides[@]+"${overrides[@]}"} --check >&2 ||
+        exit $?
     echo "# cd $PWD"
     for ((i = 0; i < nproc; i++)); do
         command_of "$i"

@@ -12,6 +12,11 @@
 # apt able to install it (--python; Ubuntu 22.04 images install it from jammy-updates), and internet access
 # for pip (and for gcsfuse with --bucket).
 #
+# Before anything, the config with its overrides is validated here (`$PY -m rlhf_jax.main ... --check`, on the
+# CPU; PY defaults to .venv/bin/python, else python3): a wrong one stops the script with its one-line error and
+# status 2, with --dry-run too, before any slice is created. Where PY cannot run rlhf_jax, a warning says the
+# config was not validated and the launch goes on.
+#
 # Steps, each a gcloud command (--dry-run prints them all, in order, and runs nothing):
 #   1. `tpu-vm describe NAME`: the slice exists -> reuse it; otherwise `tpu-vm create` it (--accelerator-type,
 #      --version, --spot).
@@ -171,6 +176,18 @@ if [ "$dry_run" = 0 ]; then
     command -v gcloud >/dev/null || die "gcloud not found (install the Google Cloud SDK)"
 fi
 
+validate() {  # the config checked here, as every worker will check it, before anything is created or run
+    local py=${PY:-.venv/bin/python} out rc=0
+    [ -x "$py" ] || py=python3
+    out=$(JAX_PLATFORMS=cpu "$py" -m rlhf_jax.main --config "$config" ${overrides[@]+"${overrides[@]}"} --check \
+        2>&1) || rc=$?
+    case $rc in
+        0) echo "tpu_pod.sh: ${out##*$'\n'}" >&2 ;;
+        2) echo "$out" >&2; exit 2 ;;
+        *) echo "tpu_pod.sh: warning: $config not validated here ($py cannot run rlhf_jax: ${out##*$'\n'})" >&2 ;;
+    esac
+}
+
 logs=\$HOME/rlhf_jax_logs  # on the workers; expanded there
 metadata=http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number
 # This worker's number: from the metadata server, else from the hostname (...-w-<i>).
@@ -190,6 +207,8 @@ if [ -z "$config" ]; then  # --delete alone
     run gcloud compute tpus tpu-vm delete "$name" "${where[@]}" --quiet
     exit 0
 fi
+
+validate
 
 # 1. Create the slice unless it exists.
 create=(gcloud compute tpus tpu-vm create "$name" "${where[@]}" --accelerator-type "$accelerator" --version "$version")

@@ -2,7 +2,8 @@
 
 Layout of a model checkpoint directory:
   params/      Orbax PyTree checkpoint of the parameter tree
-  model.json   {"format": "rlhf_jax.model", "config": ModelConfig, "head": "lm" | "scalar"}
+  model.json   {"format": "rlhf_jax.model", "config": ModelConfig, "head": "lm" | "scalar",
+                "role": "policy" | "reward" | "value" (absent in older exports), ...}
   tokenizer/   the HF tokenizer files (and generation_config.json) the model was built with
 A checkpoint is written under a temporary name and renamed into place, so a crash never leaves a half one,
 and an overwrite replaces the old directory as a whole (fsio.replace_dir).
@@ -11,6 +12,7 @@ and an overwrite replaces the old directory as a whole (fsio.replace_dir).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +30,9 @@ from rlhf_jax.errors import UserError, os_error_message, os_reason
 from rlhf_jax.model import ModelConfig
 
 FORMAT = "rlhf_jax.model"
+# What an export is for, so that a model read by role (a reward model, a policy) is never another kind of model
+# with the same head: a value model (ppo's export_value) is no reward model.
+ROLES = {"policy": "a policy", "reward": "a reward model", "value": "a value model (a ppo run's export_value)"}
 
 
 class LoadedModel(NamedTuple):
@@ -40,6 +45,10 @@ class LoadedModel(NamedTuple):
 
 class CheckpointError(UserError):
     """A path that is neither a rlhf_jax model checkpoint nor a HF checkpoint directory."""
+
+
+class UnrestorableCheckpoint(CheckpointError):
+    """A training checkpoint that cannot be read back (truncated, half-written, an item missing)."""
 
 
 def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str = "lm",
@@ -115,13 +124,20 @@ def _orbax_quietly():
 
 
 def _is_abandoned_call_noise(text: str) -> bool:
-    return text == "Event loop is closed" or (text.startswith("Task exception was never retrieved") and "orbax" in text)
+    first = text.split("\n", 1)[0]  # "Task exception was never retrieved", "Future ...", "_GatheringFuture ..."
+    return text == "Event loop is closed" or (first.endswith("exception was never retrieved") and "orbax" in text)
+
+
+def _is_orbax_failure_log(record: logging.LogRecord) -> bool:
+    """Orbax's own error log of a failed asynchronous save (its background threads log the tracebacks before the
+    failure is raised to the caller, who reports it in one line)."""
+    return record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
 
 
 def _drop_abandoned_call_noise() -> None:
     """Drop (only) what orbax's abandoned reads and writes raise in threads after a failure: 'Event loop is
-    closed' errors (printed as tracebacks by sys.unraisablehook) and asyncio's 'Task exception was never
-    retrieved' logs of orbax tasks. Installed once."""
+    closed' errors (printed as tracebacks by sys.unraisablehook), asyncio's 'exception was never retrieved'
+    logs of orbax tasks, and orbax's error logs from its save threads. Installed once."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_call_noise", False):
         return
@@ -133,6 +149,7 @@ def _drop_abandoned_call_noise() -> None:
     hook.drops_abandoned_call_noise = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_call_noise(record.getMessage()))
+    logging.getLogger("absl").addFilter(lambda record: not _is_orbax_failure_log(record))
 
 
 def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
@@ -148,6 +165,8 @@ def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
         raise CheckpointError(f"{path}: invalid \"config\" ({e})") from None
     if head not in ("lm", "scalar"):
         raise CheckpointError(f"{path}: head {head!r}, expected 'lm' or 'scalar'")
+    if meta.get("role", "policy") not in ROLES:
+        raise CheckpointError(f"{path}: role {meta['role']!r}, expected one of {sorted(ROLES)}")
     extra = {k: v for k, v in meta.items() if k not in ("format", "config", "head")}
     return cfg, head, extra
 
@@ -191,7 +210,8 @@ def _load_model(path: Path) -> LoadedModel:
     elif (path / "config.json").exists():
         cfg, head, params = hf.load_hf(path)
         where = path / "config.json"
-        extra = {k: v for k, v in hf._read_json(where).items() if k == "reward_norm"}
+        extra = {k: v for k, v in hf._read_json(where).items()
+                 if k == "reward_norm" or (k == "role" and v in ROLES)}  # config.json extras of our exports
         loaded = LoadedModel(cfg, head, params, path if hf.has_tokenizer(path) else None, extra)
     else:
         raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
@@ -200,12 +220,69 @@ def _load_model(path: Path) -> LoadedModel:
     return loaded
 
 
+def check_role(loaded: LoadedModel, key: str, *expected: str) -> None:
+    """Refuses a model whose recorded role is not one of `expected` (`key` names where it was given, e.g.
+    'ppo.reward_model=PATH'); an export without a role (older runs, other tools) is accepted."""
+    role = loaded.extra.get("role")
+    if role is not None and role not in expected:
+        raise CheckpointError(f"{key}: {ROLES[role]}, expected {' or '.join(ROLES[r] for r in expected)}")
+
+
+# Small files (metadata, tokenizer) whole, weight files by size and 3 fixed slices: cheap at 8B, blind to mtimes
+_WHOLE_BYTES, _SLICE_BYTES = 1 << 20, 1 << 16
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """A digest of the files of a model directory (hidden files, such as a swap's leftovers, excluded)."""
+    root = Path(path).resolve()
+    digest = hashlib.sha256()
+    try:
+        files = sorted(p for p in root.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        for file in files:
+            size = file.stat().st_size
+            digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
+            with open(file, "rb") as f:
+                if size <= _WHOLE_BYTES:
+                    digest.update(f.read())
+                    continue
+                for offset in (0, size // 2, size - _SLICE_BYTES):
+                    f.seek(offset)
+                    digest.update(f.read(_SLICE_BYTES))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
+    return digest.hexdigest()
+
+
 def _check_vocab(loaded: LoadedModel, where: Path) -> None:
     """Token ids past vocab_size would silently be embedded as id 0 (the model remaps out-of-range ids)."""
     n = hf.tokenizer_vocab_size(loaded.tokenizer_dir) if loaded.tokenizer_dir is not None else None
     if n is not None and n > loaded.cfg.vocab_size:
         raise CheckpointError(f"{where}: vocab_size {loaded.cfg.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({n} ids) in {loaded.tokenizer_dir}")
+
+
+def restore_params(state_dir: Path, keys: tuple[str, ...]) -> dict:
+    """The subtree `keys` of a saved train state as numpy arrays (the optimizer state is never read); a
+    checkpoint that cannot be restored (truncated, half-written) is one line."""
+    state_dir = state_dir.absolute()  # Orbax reads only absolute paths
+    try:
+        with _orbax_quietly():
+            tree = ocp.PyTreeCheckpointHandler().metadata(state_dir)
+            tree = tree.tree if hasattr(tree, "tree") else tree
+            for key in keys:
+                tree = tree[key]
+            item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+            for key in reversed(keys):
+                item = {key: item}
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
+        raise UnrestorableCheckpoint(_first_line(e)) from None
+    for key in keys:
+        out = out[key]
+    return out
 
 
 def _refuse_non_model(path: Path) -> None:
@@ -243,10 +320,12 @@ class TrainCheckpoints:
     the last N.
     Orbax writes each step under a temporary name and renames it when complete, so a kill mid-save leaves
     the previous checkpoint as the latest. A failed save (a full or unwritable disk) is one UserError naming
-    the directory; the checkpoints before it stay."""
+    the directory and the step; its partial directory is removed and the checkpoints before it stay."""
 
     def __init__(self, directory: str | os.PathLike, keep: int):
         self.directory = Path(directory).resolve()
+        self.in_flight: int | None = None  # the step being written in the background
+        _drop_abandoned_call_noise()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "loop": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
@@ -263,35 +342,44 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, loop: dict, config: dict) -> None:
+        self.wait()  # the previous save's failure is reported as that step's
         try:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             data=ocp.args.JsonSave(data_state),
                                                             loop=ocp.args.JsonSave(loop),
                                                             config=ocp.args.JsonSave(config)))
-        except Exception as e:  # noqa: BLE001 - an earlier async save's failure surfaces here too
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore fail in many ways
             raise self._save_error(step, e) from None
+        self.in_flight = step
 
     def wait(self) -> None:
         """Blocks until every save has been written (an async save's error is raised here)."""
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise self._save_error(None, e) from None
+            raise self._save_error(self.in_flight, e) from None
+        finally:
+            self.in_flight = None
 
     def _save_error(self, step: int | None, error: Exception) -> UserError:
-        reason = os_error_message(error) if isinstance(error, OSError) else _first_line(error)
+        """One line for a failed save, once its partial directory (orbax's temporary name) is removed."""
+        if jax.process_index() == 0:
+            for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                fsio._remove(partial)
+        reason = os_error_message(error) if isinstance(error, OSError) else os_reason(error)
         kept = self.latest_step()
         what = f"step {step}" if step is not None else "a checkpoint"
         return UserError(f"{self.directory}: saving {what} failed ({reason}); "
                          f"{f'step {kept} is the last complete checkpoint' if kept else 'no checkpoint was saved'}")
 
-    def stored(self, step: int) -> tuple[dict | None, dict]:
+    def stored(self, step: int) -> tuple[dict | None, tuple[dict, list], dict]:
         """(the config saved with `step`, or None; shapes of its state: {param path: shape} and the sorted
-        shapes of everything else), read from metadata without restoring any array."""
+        shapes of everything else; its loop facts), read without restoring any array."""
         meta = self.manager.item_metadata(step)
         tree = meta.state.tree if hasattr(meta.state, "tree") else meta.state
-        config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        return config, state_shapes(tree)
+        items = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                                   loop=ocp.args.JsonRestore()))
+        return items.config, state_shapes(tree), items.loop or {}
 
     def restore(self, step: int, like_state):
         """(state placed like `like_state`, data iterator state, loop facts) of a saved step."""

@@ -402,7 +402,10 @@ class PPOSection:
     kl_target: float = _opt(0.0, "adaptive KL controller target (nats per sequence); 0 = fixed kl_coef")
     kl_horizon: float = _opt(10000.0, "adaptive KL controller horizon in episodes")
     kl_estimator: Literal["k1", "k3"] = _opt("k1", "per-token KL estimator: k1 = logp - logp_ref, k3 = exp(d) - d - 1")
-    no_eos_penalty: float | None = _opt(None, "score of a response that never emitted EOS; null = keep its score")
+    no_eos_penalty: float | None = _opt(None, "score of a response that never emitted EOS, in the reward model's "
+                                              "normalised units (after its reward_norm gain and bias; with "
+                                              "rm.normalize bias_gain, reference responses score mean 0, std 1); "
+                                              "null = keep its score")
     gamma: float = _opt(1.0, "GAE discount")
     lam: float = _opt(0.95, "GAE lambda")
     clip_ratio: float = _opt(0.2, "policy ratio clip epsilon")
@@ -412,7 +415,8 @@ class PPOSection:
     whiten_rewards: bool = _opt(False, "scale rewards to unit variance over real tokens (mean kept)")
     epochs: int = _opt(1, "passes over each rollout batch (InstructGPT 1)")
     minibatches: int = _opt(1, "minibatches per epoch; each one optimizer step of policy and value")
-    ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the pretraining LM loss (InstructGPT 27.8); 0 = off")
+    ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the per-token mean pretraining LM loss; 0 = off (InstructGPT's "
+                                "27.8 was for its own loss scaling: tune it, see the README)")
     ptx_dataset: str = _opt("", "PPO-ptx: prepared sft dataset for the LM loss (on every real token)")
     ptx_batch_size: int = _opt(0, "PPO-ptx: sequences of ptx_dataset per iteration, split over the minibatches; "
                                   "0 = train.batch_size")
@@ -421,9 +425,9 @@ class PPOSection:
 
     def __post_init__(self):
         _coerce(self)
-        for name in ("value_lr", "kl_coef", "kl_target", "clip_ratio", "clip_value", "vf_coef", "entropy_coef",
-                     "ptx_coef"):
+        for name in ("value_lr", "kl_coef", "kl_target", "clip_value", "vf_coef", "entropy_coef", "ptx_coef"):
             _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        _check(self, "clip_ratio", self.clip_ratio > 0, "must be > 0 (0 clips every ratio to 1)")
         _check(self, "kl_horizon", self.kl_horizon > 0, "must be > 0")
         _check(self, "ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
         _check(self, "gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")

@@ -7,8 +7,11 @@ Language models export as *ForCausalLM, reward/value models (scalar head) as *Fo
 one label, a pad id that is never an EOS id (transformers scores the last non-pad token) and the reward gain
 folded into the score weights (normalised reward = logits[:, 0] + config.reward_norm["bias"]).
 
-A non-empty --out is replaced only with --overwrite, and then as a whole once the new directory is complete
-(a failed write leaves it as it was); --out may not be, be inside or contain the input.
+A non-empty --out is replaced only with --overwrite, only when it holds a model (model.json, or config.json with
+safetensors weights: never a directory of other files), and then as a whole once the new directory is complete
+(a failed write leaves it as it was); --out may not be, be inside or contain the input. A model without
+tokenizer files converts with a warning: its export has none either, so generation and training refuse it until
+they are copied in.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from rlhf_jax import fsio, hf
 from rlhf_jax.checkpoint import load_model, save_model
-from rlhf_jax.errors import UserError, report
+from rlhf_jax.errors import UserError, naming_flags, report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--to-hf needs --checkpoint CKPT_DIR")
         source = args.from_hf or args.checkpoint
         fsio.check_out_dir(args.out, args.overwrite, [source])  # before the (slow) load
+        _check_replaceable(Path(args.out))
         loaded = load_model(source)
+        if loaded.tokenizer_dir is None:
+            print(f"warning: {source} has no tokenizer files (tokenizer.json, vocab.json or tokenizer.model), so "
+                  f"{args.out} has none: generation and training refuse it until they are copied in", file=sys.stderr)
         if args.from_hf:
             out = save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite,
                              extra=loaded.extra)
@@ -48,10 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = hf.save_hf(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
                              extra_config=loaded.extra, overwrite=args.overwrite)
     except UserError as e:
-        return report(e)
+        return report(naming_flags(e, {}, [("--out", args.out), ("--from-hf", args.from_hf),
+                                           ("--checkpoint", args.checkpoint)]))
     print(json.dumps({"out": str(out), "family": loaded.cfg.family, "head": loaded.head,
                       "layers": loaded.cfg.n_layers, "d_model": loaded.cfg.d_model}))
     return 0
+
+
+def _check_replaceable(out: Path) -> None:
+    """--overwrite replaces a model directory as a whole: a directory of other files (a project, a home) would
+    be deleted with it, so it is refused."""
+    if out.is_dir() and any(out.iterdir()) and not ((out / "model.json").is_file()
+                                                    or ((out / "config.json").is_file() and hf.has_weights(out))):
+        raise UserError(f"--out {out}: holds files but no model (no model.json, nor config.json with safetensors "
+                        "weights); --overwrite replaces only a model directory, so write to another --out")
 
 
 if __name__ == "__main__":

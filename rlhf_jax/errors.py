@@ -11,6 +11,7 @@ Exit statuses (documented in the README's "When things go wrong"):
 import os
 import re
 import sys
+from typing import Sequence
 
 
 class UserError(ValueError):
@@ -58,3 +59,28 @@ def os_error_message(error: OSError) -> str:
     """'<path>: <what the OS said>' for an OSError, on one line."""
     where = error.filename if error.filename is not None else "?"
     return f"{where}: {os_reason(error)}".replace("\n", " ")
+
+
+_KEY = re.compile(r"(')?(?<![\w./-])([A-Za-z_][\w.]*\w)(?![\w./-])(')?(=)?")
+
+
+def naming_flags(error: UserError, flags: dict[str, str], paths: Sequence[tuple[str, str]] = ()) -> UserError:
+    """The error of a CLI, naming the flags the user typed: config keys the CLI filled from its flags are written as
+    those flags (`'eval.limit' must be >= 0` -> `--limit must be >= 0`, `run_dir=/x: ...` -> `--out /x: ...`; a
+    key without a dot only where it reads as a key: quoted, or followed by `=`), and a message about a path given
+    by a flag, one of `paths` as (flag, path), gets the flag in front (`/x: does not exist` -> `--checkpoint /x:
+    does not exist`)."""
+    def flag(match: re.Match) -> str:
+        quote, key, _, equals = match.groups()
+        if key not in flags or not ("." in key or quote or equals):
+            return match.group(0)
+        return flags[key] + (" " if equals else "")
+
+    text = _KEY.sub(flag, str(error))
+    for name, path in paths:
+        if path and any(text.startswith(f"{form}{end}") for form in {str(path), os.path.realpath(path)}
+                        for end in ":/"):
+            text = f"{name} {text}"
+            break
+    error.args = (text,)
+    return error

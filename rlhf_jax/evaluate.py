@@ -26,22 +26,23 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from rlhf_jax import distributed, eval_stats, imports, loop, ppo, sharding
-from rlhf_jax.checkpoint import LoadedModel, load_model, model_head
+from rlhf_jax.checkpoint import (LoadedModel, UnrestorableCheckpoint, check_role, load_model, model_head,
+                                 restore_params)
 from rlhf_jax.config import Config, config_from_dict
 from rlhf_jax.data.pipeline import eval_batches, open_split, stored_prompts
 from rlhf_jax.data.prepare import VERSION
-from rlhf_jax.errors import UserError, report
+from rlhf_jax.errors import UserError, naming_flags, report
 from rlhf_jax.generate import parse_mesh_shape, read_prompts
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.model import make_model, param_logical_axes
+from rlhf_jax.progress import progress
 from rlhf_jax.sampling import SamplingParams, sample, teacher_forced_logprobs
 from rlhf_jax.steps import rm_eval_sums, rm_metrics
 from rlhf_jax.tiny import resolve_model_path
-from rlhf_jax.tokenizer import PAD_ID, PromptEncoder, load_tokenizer
+from rlhf_jax.tokenizer import PAD_ID, PromptEncoder, check_same_tokenizer, load_tokenizer
 
 # Where each training stage keeps the policy's params inside its checkpointed state.
 POLICY_PARAMS = {"sft": ("params",), "ppo": ("policy", "params")}
@@ -54,6 +55,8 @@ class PolicySource(NamedTuple):
     name: str
     path: Path
     step: int | None  # a training checkpoint's step; None for a model directory
+    older: tuple[int, ...] = ()  # a run's latest step: the steps to fall back on, newest first
+    optional: bool = False  # one of --all-steps: skipped when it cannot be restored
 
 
 # ------------------------------------------------------------------------------------------- finding policies
@@ -65,26 +68,24 @@ def policy_sources(paths: Sequence[str], step: int = 0, all_steps: bool = False)
     for text in paths:
         path = Path(text)
         if path.parent.name == "checkpoints" and path.name.isdigit():  # one step of a run, named directly
-            run, steps = path.parent.parent, [int(path.name)]
+            run, named = path.parent.parent, int(path.name)
             _run_stage(run)
-            _check_steps(run, steps, path)
+            _check_steps(run, [named], path)
+            sources.append(PolicySource(f"{_name(run)}@{named}", run, named))
         elif (path / "checkpoints").is_dir() and not (path / "model.json").exists():
-            run = path
-            _run_stage(run)
-            saved = _saved_steps(run)
+            _run_stage(path)
+            saved = sorted(_saved_steps(path), reverse=True)
             if all_steps:
-                steps = sorted(saved)
+                sources += [PolicySource(f"{_name(path)}@{s}", path, s, optional=True) for s in reversed(saved)]
             elif step:
-                steps = [step]
-                _check_steps(run, steps, run)
-            else:
-                steps = [max(saved)]
+                _check_steps(path, [step], path)
+                sources.append(PolicySource(f"{_name(path)}@{step}", path, step))
+            else:  # the latest step, with the older ones to fall back on
+                sources.append(PolicySource(f"{_name(path)}@{saved[0]}", path, saved[0], tuple(saved[1:])))
         else:
             if model_head(path) != "lm":
                 raise UserError(f"{path}: {SCALAR_NOT_POLICY}")
             sources.append(PolicySource(_name(path), path, None))
-            continue
-        sources += [PolicySource(f"{_name(run)}@{s}", run, s) for s in steps]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise UserError(f"eval.policies: two policies share a name ({sorted(n for n in names if names.count(n) > 1)[0]}"
@@ -150,23 +151,24 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
     return base._replace(params=params, head="lm")
 
 
-def restore_params(state_dir: Path, keys: tuple[str, ...]) -> dict:
-    """The subtree `keys` of a saved train state as numpy arrays; the optimizer state is never read."""
-    state_dir = state_dir.absolute()  # Orbax reads only absolute paths
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = ocp.PyTreeCheckpointHandler().metadata(state_dir)
-    tree = tree.tree if hasattr(tree, "tree") else tree
-    for key in keys:
-        tree = tree[key]
-    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-    for key in reversed(keys):
-        item = {key: item}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                       partial_restore=True))
-    for key in keys:
-        out = out[key]
-    return out
+def restorable_policy(source: PolicySource, base_models: dict) -> tuple[PolicySource, LoadedModel] | None:
+    """(the source, its policy). A checkpoint that cannot be restored (truncated, half-written) is passed over
+    with a warning, as training does: a run's latest step falls back to the step before it, a step of
+    --all-steps is skipped (None); a step named by --step or by its path stops the run in one line."""
+    steps = (source.step, *source.older)
+    for i, step in enumerate(steps):
+        candidate = source._replace(name=f"{_name(source.path)}@{step}", step=step) if i else source
+        try:
+            return candidate, load_policy(candidate, base_models)
+        except UnrestorableCheckpoint as e:
+            problem = f"checkpoint step {step} in {source.path / 'checkpoints'} cannot be restored ({e})"
+            if i + 1 < len(steps):  # tqdm.write: on a line of its own while the progress bar runs
+                tqdm.write(f"warning: {problem}; falling back to step {steps[i + 1]}", file=sys.stderr)
+            elif source.optional:
+                tqdm.write(f"warning: {problem}; skipped", file=sys.stderr)
+            else:
+                raise UserError(problem) from None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -204,11 +206,21 @@ def load_gold(spec: str) -> Callable | None:
 
 
 def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str]) -> np.ndarray:
-    scores = np.asarray(fn(list(prompts), list(responses)), np.float64).reshape(-1)
-    if scores.shape != (len(responses),):
-        raise UserError(f"eval.gold={spec}: returned {scores.size} scores for {len(responses)} responses")
-    if not np.isfinite(scores).all():
-        raise UserError(f"eval.gold={spec}: returned {int((~np.isfinite(scores)).sum())} non-finite scores")
+    """One finite score per response from the user's scorer; anything else (an exception, None, strings, the
+    wrong count, NaN) is one line naming the scorer and what it returned."""
+    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses))
+    try:
+        scores = np.asarray(returned)
+    except ValueError:  # ragged nesting
+        scores = np.asarray(None)
+    if scores.dtype.kind not in "biuf" or scores.size != len(responses):
+        raise UserError(f"eval.gold={spec}: returned {imports.shown(returned)}; expected {len(responses)} numbers, "
+                        "one per response")
+    scores = scores.astype(np.float64).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise UserError(f"eval.gold={spec}: returned {imports.shown(returned)}; {bad.size} of {len(responses)} "
+                        f"scores are not finite (the first: response {bad[0]})")
     return scores
 
 
@@ -297,10 +309,11 @@ class Evaluator:
         if reward.head != "scalar":
             raise UserError(f"eval.reward_model={e.reward_model}: a language model, expected a reward model "
                             "export (scalar head)")
+        check_role(reward, f"eval.reward_model={e.reward_model}", "reward")
         self.reference = load_model(e.reference, need_tokenizer=True)
         if self.reference.head != "lm":
             raise UserError(f"eval.reference={e.reference}: {SCALAR_NOT_POLICY}")
-        self.check_vocab(reward, "eval.reward_model")
+        self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
         self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
         encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
         eos = self.reference.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
@@ -317,9 +330,11 @@ class Evaluator:
         self.rng = jax.random.key(cfg.seed)
 
     def check_vocab(self, other: LoadedModel, what: str) -> None:
+        """The models must read the same tokens: the same vocabulary size, and tokenizers that agree."""
         if other.cfg.vocab_size != self.reference.cfg.vocab_size:
             raise UserError(f"{what}: vocab_size {other.cfg.vocab_size} differs from the reference's "
                             f"{self.reference.cfg.vocab_size} (the models must read the same tokens)")
+        check_same_tokenizer(other.tokenizer_dir, self.reference.tokenizer_dir, what, "the reference")
 
     def responses(self, model, params, bar, policy: bool = True) -> dict:
         """Samples, texts, RM (and gold) scores of every prompt; for a policy also its and the reference's
@@ -369,22 +384,30 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     ev = Evaluator(cfg, prompts, gold_fn, mesh)
     rm_accuracy, ceiling = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
-    rows, samples = [], []
-    with tqdm(total=len(prompts) * (len(sources) + 1), desc="eval", unit="response", file=sys.stderr,
-              disable=not distributed.is_primary()) as bar, \
-            MetricsWriter(run_dir, "eval", resume_step=0) as metrics:  # a rerun replaces the eval lines
+    rows, samples, logged = [], [], []
+    with progress(len(prompts) * (len(sources) + 1), "eval", "response", enabled=distributed.is_primary()) as bar:
         ref = ev.responses(ev.ref_model, ev.ref_params, bar, policy=False)
         for index, source in enumerate(sources):
-            loaded = load_policy(source, base_models)
+            found = restorable_policy(source, base_models)
+            if found is None:
+                bar.total -= len(prompts)
+                continue
+            source, loaded = found
             ev.check_vocab(loaded, str(source.path))
             model, params = ev.programs.place(loaded)
             pol = ev.responses(model, params, bar)
             del params, loaded
             row = _policy_row(source, pol, ref, rm_accuracy)
             rows.append(row)
-            metrics.write(source.step if source.step is not None else index + 1,
-                          {k: v for k, v in row.items() if isinstance(v, float)})
+            logged.append((source.step if source.step is not None else index + 1,
+                           {k: v for k, v in row.items() if isinstance(v, float)}))
             samples += [_sample_row(source.name, prompts[i], ref, pol, i) for i in range(min(e.samples, len(prompts)))]
+    if not rows:
+        raise UserError(f"eval.policies: no checkpoint of {', '.join(map(str, e.policies))} can be restored")
+    # Written only once every policy is evaluated: a failed evaluation leaves nothing half-made.
+    with MetricsWriter(run_dir, "eval", resume_step=0) as metrics:  # a rerun replaces the eval lines
+        for step, values in logged:
+            metrics.write(step, values)
     result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": str(e.reward_model),
               "prompts": len(prompts), "seed": cfg.seed, "gold": e.gold or None, "rm_accuracy": rm_accuracy,
               "labeler_ceiling": ceiling,
@@ -472,6 +495,16 @@ def config_from_flags(args: argparse.Namespace) -> Config:
                  "out": args.out}})
 
 
+# The config keys config_from_flags fills, as the flags that set them: errors name what the user typed.
+FLAGS = {"run_dir": "--out", "eval.out": "--out", "seed": "--seed", "mesh.shape": "--mesh-shape",
+         "model.dtype": "--dtype", "data.chat_template": "--chat-template",
+         **{f"sampling.{k}": f"--{k.replace('_', '-')}" for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                                   "batch_size", "max_prompt_tokens")},
+         "eval.policies": "--policy", "eval.reference": "--reference", "eval.reward_model": "--reward-model",
+         **{f"eval.{k}": f"--{k.replace('_', '-')}" for k in ("prompts", "rankings", "gold", "step", "all_steps",
+                                                               "limit", "samples", "runs")}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlhf_jax.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -503,7 +536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         stages.run(config_from_flags(args))
     except UserError as e:
-        return report(e)
+        return report(naming_flags(e, FLAGS, [("--out", args.out), ("--reward-model", args.reward_model),
+                                              ("--reference", args.reference),
+                                              *(("--policy", p) for p in args.policy)]))
     return 0
 
 

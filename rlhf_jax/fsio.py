@@ -10,15 +10,21 @@ an OSError there (a full disk, an unwritable parent) is re-raised as a one-line 
 and the OS reason. Refused up front, also as OutputDirError: an `out` that is a file, that exists and is not
 empty (without `overwrite`), or that is, is inside or contains one of `inputs` (replacing it would delete
 them). Call `check_out_dir` with the same arguments to refuse a bad `out` before any slow loading.
+
+`run_dir_lock(run_dir)` holds an OS lock on `{run_dir}/.lock` for a run's life, so that two runs never write
+one run_dir at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import secrets
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -81,6 +87,42 @@ def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLik
         for parent in new_parents if not done and primary else ():
             with contextlib.suppress(OSError):  # only while empty: nothing else is ever removed
                 parent.rmdir()
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: PathLike, key: str = "run_dir") -> Iterator[None]:
+    """Holds an exclusive lock on `{run_dir}/.lock` (which records the holder's pid and host) for the block; a run
+    dir locked by another process is refused in one line naming it. The OS drops the lock when its holder ends,
+    however it ends, so a killed run never leaves a stale lock. With several JAX processes, process 0 locks for
+    all of them. A filesystem without locks (some FUSE mounts) gets a warning and no lock."""
+    run_dir = Path(run_dir)
+    on_primary = _processes()[3]
+    fds: list[int] = []
+
+    def lock() -> None:
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fds.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{key}={run_dir}: in use by {holder}; wait for that run to end or use another "
+                            f"{key}") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            print(f"warning: {key}={run_dir}: cannot be locked ({os_reason(e)}); nothing stops a second run on "
+                  "it at the same time", file=sys.stderr)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    try:
+        on_primary(lock)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _processes():

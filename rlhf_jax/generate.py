@@ -20,12 +20,12 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from rlhf_jax import distributed, sharding
-from rlhf_jax.errors import UserError, report
+from rlhf_jax.errors import UserError, naming_flags, report
 from rlhf_jax.checkpoint import LoadedModel, load_model
 from rlhf_jax.model import make_model, param_logical_axes
+from rlhf_jax.progress import progress as progress_bar
 from rlhf_jax.sampling import SamplingParams, sample
 from rlhf_jax.tokenizer import PAD_ID, PromptEncoder, load_tokenizer
 
@@ -103,8 +103,7 @@ class Generator:
             raise UserError(f"prompt ({width}) + new tokens ({self.params_cfg.max_new_tokens}) exceed the model's "
                              f"{self.cfg.max_position_embeddings} positions")
         rng = jax.random.key(seed)
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr,
-                   disable=not progress or not distributed.is_primary())
+        bar = progress_bar(len(prompts), "generate", "prompt", enabled=progress and distributed.is_primary())
         for start in range(0, len(prompts), batch_size):
             n = min(batch_size, len(prompts) - start)
             ids = np.full((batch_size, width), PAD_ID, np.int32)
@@ -178,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):
             print(json.dumps(record) if args.output == "jsonl" else record["text"], flush=True)
     except UserError as e:
-        return report(e)
+        return report(naming_flags(e, {"batch_size": "--batch-size", "mesh.shape": "--mesh-shape"},
+                                   [("--model", args.model), ("--prompt-file", args.prompt_file)]))
     return 0
 
 

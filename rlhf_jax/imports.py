@@ -1,9 +1,11 @@
 """User code named in a config as MODULE:FUNCTION (a gold scorer, a labeler): imported from the Python path,
-never downloaded; a bad name is one line naming the key."""
+never downloaded; a bad name, and a call that raises, is one line naming the key and the function."""
 
 from __future__ import annotations
 
 import importlib
+import reprlib
+import traceback
 from types import ModuleType
 from typing import Callable
 
@@ -23,3 +25,20 @@ def function(spec: str, key: str) -> tuple[Callable, ModuleType]:
     if not callable(fn):
         raise UserError(f"{key}={spec!r}: {module_name} has no function {name!r}")
     return fn, module
+
+
+def call(fn: Callable, who: str, *args):
+    """fn(*args): an exception from the user's code becomes one line starting with `who` (e.g.
+    `eval.gold=MODULE:FUNCTION`) that names the exception and the line that raised it."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - user code can fail in any way
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        text = str(e).strip().splitlines()
+        what = f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        raise UserError(f"{who}: raised {what} ({frame.filename}:{frame.lineno})") from None
+
+
+def shown(value) -> str:
+    """A short repr of what user code returned, for a one-line error."""
+    return reprlib.repr(value)

@@ -77,7 +77,7 @@ def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_respo
     """The labeler's rankings, their file, its prepared dataset and the summary (process 0 alone, with several
     processes)."""
     lab = cfg.label
-    ranks = labeler(kept_prompts, kept_responses, cfg.seed)
+    ranks = imports.call(labeler, f"label.labeler={lab.labeler}", kept_prompts, kept_responses, cfg.seed)
     _check_ranks(ranks, kept_responses, lab.labeler)
     path = run_dir / "rankings.jsonl"
     write_text_atomically(path, "".join(json.dumps({"prompt": p, "responses": r, "ranks": [int(x) for x in k]}) + "\n"
@@ -86,10 +86,13 @@ def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_respo
     ceiling_fn = getattr(module, "labeler_ceiling", None)
     held_out = set(held_out)
     eval_rows = [i for i, p in enumerate(kept_prompts) if p in held_out]
-    ceiling = ceiling_fn([kept_prompts[i] for i in eval_rows], [kept_responses[i] for i in eval_rows]) \
-        if callable(ceiling_fn) and eval_rows else None
+    ceiling = None
+    if callable(ceiling_fn) and eval_rows:
+        ceiling = _check_ceiling(imports.call(ceiling_fn, f"{module.__name__}:labeler_ceiling",
+                                              [kept_prompts[i] for i in eval_rows],
+                                              [kept_responses[i] for i in eval_rows]), module)
     if ceiling is not None:
-        extra["labeler_ceiling"] = float(ceiling)
+        extra["labeler_ceiling"] = ceiling
     tfds.disable_progress_bar()  # the summary below says what was written
     prepared = prepare("jsonl_rankings", [str(path)], cfg.data.dir, lab.dataset, overwrite=True,
                        extra_metadata=extra, eval_prompts=held_out)
@@ -114,12 +117,24 @@ def group_responses(prompts: list[str], texts: list[str], K: int) -> tuple[list[
 
 
 def _check_ranks(ranks, responses: list[list[str]], spec: str) -> None:
-    if len(ranks) != len(responses):
-        raise UserError(f"label.labeler={spec}: returned {len(ranks)} rankings for {len(responses)} prompts")
+    """One list of integer ranks in [0, K) per prompt (0 = best); anything else is one line naming the labeler
+    and what it returned."""
+    if not isinstance(ranks, (list, tuple, np.ndarray)) or len(ranks) != len(responses):
+        raise UserError(f"label.labeler={spec}: returned {imports.shown(ranks)}; expected {len(responses)} "
+                        "lists of ranks, one per prompt")
     for i, (rank, texts) in enumerate(zip(ranks, responses)):
-        if len(rank) != len(texts):
-            raise UserError(f"label.labeler={spec}: prompt {i}: {len(rank)} ranks for {len(texts)} responses")
-        if not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and 0 <= r < len(texts)
-                   for r in rank):
-            raise UserError(f"label.labeler={spec}: prompt {i}: ranks {list(rank)} are not integers in "
-                            f"[0, {len(texts)})")
+        if not (isinstance(rank, (list, tuple, np.ndarray)) and len(rank) == len(texts)
+                and all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and 0 <= r < len(texts)
+                        for r in rank)):
+            raise UserError(f"label.labeler={spec}: prompt {i}: returned {imports.shown(rank)}; expected "
+                            f"{len(texts)} integer ranks in [0, {len(texts)}), one per response (0 = best)")
+
+
+def _check_ceiling(ceiling, module) -> float | None:
+    """labeler_ceiling's answer: None (no pairs) or an accuracy in [0, 1]."""
+    if ceiling is None:
+        return None
+    if not isinstance(ceiling, (int, float, np.integer, np.floating)) or not 0 <= ceiling <= 1:
+        raise UserError(f"{module.__name__}:labeler_ceiling: returned {imports.shown(ceiling)}; expected an "
+                        "accuracy in [0, 1] or None")
+    return float(ceiling)

@@ -6,6 +6,8 @@ compose these pieces (`trainers.py` for sft and rm, `ppo_stage.py` for ppo); non
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import signal
 import sys
@@ -18,13 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from rlhf_jax import distributed, fsio, resume, sharding, steps
-from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, save_model, state_shapes
+from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, model_fingerprint, save_model, state_shapes
 from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.errors import DivergedError, Interrupted, UserError
 from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.progress import progress
 from rlhf_jax.model import Transformer, _init_boxed, init_scalar_head, make_model, param_logical_axes
 from rlhf_jax.tiny import resolve_model_path
 from rlhf_jax.tokenizer import load_tokenizer
@@ -138,30 +140,38 @@ def total_steps(cfg: Config, train_examples: int) -> int:
 
 class Run:
     """One run directory: Orbax checkpoints with the loop facts saved beside them, metrics (JSONL +
-    TensorBoard) and the resolved config.json, which is written only once resuming is known to be sound."""
+    TensorBoard) and the resolved config.json, which is written only once resuming is known to be sound.
+    The loop facts record a fingerprint of every model the run reads (model.path, the start model and PPO's
+    KL reference, and the `models` a stage names, such as ppo.reward_model), so that a resumed run refuses a
+    model replaced at the same path."""
 
-    def __init__(self, cfg: Config, run_dir: Path, stage: str):
+    def __init__(self, cfg: Config, run_dir: Path, stage: str, models: dict[str, str] | None = None):
         self.cfg, self.run_dir, self.stage = cfg, run_dir, stage
         self.ckpts = TrainCheckpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
-        self.facts: dict = {"seed": cfg.seed}  # small JSON facts of the loop (e.g. the best eval loss)
+        paths = {"model.path": resolve_model_path(cfg.model.path, run_dir, cfg.seed), **(models or {})}
+        self.models = {key: {"path": str(Path(path).resolve()), "fingerprint": model_fingerprint(path)}
+                       for key, path in paths.items()}
+        self.facts: dict = {"seed": cfg.seed, "models": self.models}  # small JSON facts (e.g. the best eval loss)
         self.writer: MetricsWriter | None = None
 
-    def resume(self, state, data_iter):
+    def resume(self, state, data_iter, adjust: Callable | None = None):
         """(state, first step to run): the newest checkpoint that restores, or step 0 for a new run.
 
-        A checkpoint from another config is refused before anything is restored or written; an unrestorable
-        step (half-written, truncated, an item missing) is skipped with a warning, and set aside once an older
-        one restores; if none restores the run stops, naming the directory."""
+        A checkpoint from another config or of other models is refused before anything is restored or written;
+        an unrestorable step (half-written, truncated, an item missing) is skipped with a warning, and set aside
+        once an older one restores; if none restores the run stops, naming the directory. `adjust(restored
+        state, the checkpoint's config) -> (state, note)` applies changed settings that live in the state; its
+        note joins the warning that lists the changes."""
         config = config_to_dict(self.cfg)
         start, unreadable = 0, []
         for step in self.ckpts.steps():
             error: Exception | None = None
             try:
-                stored_config, stored_shapes = self.ckpts.stored(step)
+                stored_config, stored_shapes, stored_facts = self.ckpts.stored(step)
             except Exception as e:  # noqa: BLE001 - any failure to read a step means the step is unusable
                 error = e
             if error is None:
-                allowed = self._check_compatible(step, stored_config or {}, stored_shapes, state)
+                allowed = self._check_compatible(step, stored_config or {}, stored_shapes, stored_facts, state)
                 try:
                     restored, data_state, facts = self.ckpts.restore(step, state)
                     data_state = self._own_data_state(data_state)
@@ -173,11 +183,12 @@ class Run:
             if distributed.any_process(error is not None):
                 unreadable.append((step, error or RuntimeError("another process cannot restore it")))
                 continue
-            state = restored
+            state, note = adjust(restored, stored_config or {}) if adjust is not None else (restored, "")
             data_iter.set_state(data_state)
-            start, self.facts = step, facts
-            if allowed:
-                print(f"warning: resuming with changed settings: {', '.join(allowed)}", file=sys.stderr)
+            start, self.facts = step, {**facts, "models": self.models}
+            if allowed or note:
+                changes = "; ".join(filter(None, [", ".join(allowed), note]))
+                print(f"warning: resuming with changed settings: {changes}", file=sys.stderr)
             break
         for step, error in unreadable:
             print(f"warning: checkpoint step {step} in {self.ckpts.directory} cannot be restored "
@@ -195,9 +206,16 @@ class Run:
         self.writer = MetricsWriter(self.run_dir, self.stage, resume_step=start)
         return state, start
 
-    def _check_compatible(self, step: int, stored_config: dict, stored_shapes, state) -> list[str]:
-        """Refuses a checkpoint of another run (UserError naming the keys); returns the allowed changes."""
-        refused, allowed = resume.config_changes(stored_config, config_to_dict(self.cfg))
+    def _check_compatible(self, step: int, stored_config: dict, stored_shapes, stored_facts: dict,
+                          state) -> list[str]:
+        """Refuses a checkpoint of another run or of other models (UserError naming the keys); returns the
+        allowed changes."""
+        changed, same = resume.model_changes(stored_facts.get("models") or {}, self.models)
+        if changed:
+            raise UserError(f"cannot resume {self.ckpts.directory} (step {step}): {', '.join(changed)}: not the "
+                            "model the run started from (its files changed since); restore that model or use a "
+                            "new run_dir")
+        refused, allowed = resume.config_changes(stored_config, config_to_dict(self.cfg), same)
         shapes = resume.shape_changes(stored_shapes, state_shapes(state))
         if refused or shapes:
             raise UserError(f"cannot resume {self.ckpts.directory} (step {step}) with this config: "
@@ -264,16 +282,23 @@ def check_metrics(metrics: dict, step: int, run: Run) -> None:
                             f"{run.last_good()} (try a lower optim.lr)")
 
 
+class SecondSignal(KeyboardInterrupt):
+    """Raised by the second SIGTERM/SIGINT: it passes every `except Exception` on its way out, and StopSignals
+    turns it into a one-line Interrupted."""
+
+
 class StopSignals:
     """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to finish its step, save and stop, instead of
-    killing the process; a second signal stops at once. With several processes every one must save the same
-    step: after each step they agree whether any of them was signalled."""
+    killing the process; a second signal stops at once, with exit 4 too (a save under way is finished first), and
+    a rerun resumes from the last complete checkpoint; a third one kills the process. With several processes
+    every one must save the same step: after each step they agree whether any of them was signalled."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
+        self._holding, self._held = False, False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -281,16 +306,38 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:
-            self.__exit__()
-            raise KeyboardInterrupt
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+            return
+        self._restore()  # a third signal kills the process
+        if self._holding:
+            self._held = True
+            return
+        raise SecondSignal
+
+    @contextlib.contextmanager
+    def holding_second(self):
+        """A second signal waits for the end of the block: an Orbax save abandoned halfway leaves a thread
+        waiting for the rest, and the process could not exit."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._held:
+            raise SecondSignal
 
     def stop_now(self) -> bool:
         """Whether to save the step just run and stop (called after every step, by every process)."""
         return distributed.any_process(self.received is not None)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        self._restore()
+        if isinstance(exc, SecondSignal):
+            raise Interrupted("interrupted again: stopped at once; rerun the same command to resume from the last "
+                              "complete checkpoint") from None
+
+    def _restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
@@ -319,6 +366,20 @@ class Cadence:
         return bool(self.t.save_every and done % self.t.save_every == 0) or done == self.total
 
 
+def _logged(run: Run, step: int) -> dict:
+    """What `run` logged at `step` in metrics.jsonl (the training and the eval lines together)."""
+    logged: dict = {}
+    path = run.run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+        if row.get("stage") == run.stage and row.get("step") == step:
+            logged.update({k: v for k, v in row.items() if k not in ("stage", "step", "time")})
+    return logged
+
+
 def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, desc: str,
           count_tokens: Callable[[dict], int], cadence: Cadence, on_eval: Callable | None = None,
           rate_name: str = "tokens_per_s"):
@@ -328,9 +389,8 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
     stops it (DivergedError) before anything is saved; SIGTERM/SIGINT save the step in hand and stop
     (Interrupted). Returns (state, the last logged metrics, eval metrics included)."""
     rng = jax.random.key(run.cfg.seed)
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=not distributed.is_primary())
-    last: dict = {}
+    bar = progress(total, desc, "step", initial=start, enabled=distributed.is_primary())
+    last: dict = {} if start < total else _logged(run, total)  # a finished run, run again, reports its end
     window_start, window_tokens, truncated = time.perf_counter(), 0, 0
     with StopSignals() as signals, bar:  # the bar ends its line before any error is printed
         for step in range(start, total):
@@ -357,7 +417,8 @@ def drive(run: Run, state, *, start: int, total: int, data_iter, step_fn, mesh, 
                     run.writer.write(done, eval_metrics)
                     last.update(eval_metrics)
             if save:
-                run.save(done, state, data_iter)
+                with signals.holding_second():
+                    run.save(done, state, data_iter)
             bar.update(1)
             if stop:
                 run.ckpts.wait()
@@ -378,13 +439,18 @@ def evaluate(eval_fn, params, batches: Iterator[dict], mesh, limit: int = 0) -> 
     return totals
 
 
-def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None) -> Path:
+def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None,
+           role: str | None = None) -> Path:
     """Params-only model checkpoint (Orbax, with tokenizer) for the next stage and for convert --to-hf: float32,
-    written shard by shard from the mesh (with several processes, each writes its own shards)."""
+    written shard by shard from the mesh (with several processes, each writes its own shards). Its `role` is
+    recorded: by default a language model is a policy and a scalar head a reward model (ppo's value model says
+    so)."""
     params = _as_float32(params)
     if not bool(_all_finite(params)):
         raise DivergedError(f"the parameters hold non-finite values; {out_dir} was not written")
-    return save_model(out_dir, params, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True, extra=extra)
+    role = role or ("policy" if model.head == "lm" else "reward")
+    return save_model(out_dir, params, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True,
+                      extra={**(extra or {}), "role": role})
 
 
 @jax.jit

@@ -29,6 +29,10 @@ arguments, outputs, temporaries and total memory, the FLOPs per step and the lea
 that does not fit gets the largest micro-batch (optim.grad_accum_steps) and model.remat that fit. Device memory
 and peak default to the device's (none on CPU: without --device-memory there is no verdict). See rlhf_jax/plan.py.
 
+  python -m rlhf_jax.main --config CFG [overrides] --check
+validates the config (every step of a pipeline) as a run would before its first step, reading no data or models
+and compiling nothing, and prints its stages; the launchers run it before they start or create anything.
+
 Exit status: 0 done (a dry run: everything fits, or no verdict); 2 a user error (one `error:` line); 3 diverged
 (non-finite loss, gradient or parameters; nothing non-finite is saved); 4 interrupted by SIGTERM/SIGINT after
 saving (rerun the same command to resume); 5 a dry run found a step that does not fit the device memory.
@@ -50,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("-h", "--help", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="plan memory and step time; run nothing")
+    ap.add_argument("--check", action="store_true", help="validate the config; run nothing")
     ap.add_argument("--device-memory", metavar="GIB", help="memory per device for the dry run's verdict")
     ap.add_argument("--peak-tflops", metavar="T", help="peak TFLOP/s per device for the dry run's step times")
     args, overrides = ap.parse_known_args(argv)
@@ -60,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [o for o in overrides if o.startswith("-")]
         if bad:
             raise UserError(f"unknown option {bad[0]!r}; overrides are written section.key=value")
+        if args.check:
+            return _check(args.config, overrides)
         if args.dry_run or args.device_memory is not None or args.peak_tflops is not None:
             return _dry_run(args, overrides)
         if pipeline.is_pipeline(args.config):
@@ -73,6 +80,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(e)
     except OSError as e:  # a full disk or an unwritable path met anywhere: still one line, naming the path
         return report(UserError(os_error_message(e)))
+    return 0
+
+
+def _check(path: str | None, overrides: Sequence[str]) -> int:
+    """--check: what a run validates before its first step, with nothing run, read or written."""
+    if pipeline.is_pipeline(path):
+        _, steps = pipeline.load(path, overrides)
+    else:
+        cfg = load_config(path, overrides)
+        from rlhf_jax import stages  # after validation: config errors come before any heavy import
+
+        stages.check(cfg)
+        steps = [pipeline.Step(cfg.stage, cfg)]
+    print(f"{path}: config OK: " + ", ".join(s.name if s.name == s.cfg.stage else f"{s.name} ({s.cfg.stage})"
+                                            for s in steps))
     return 0
 
 

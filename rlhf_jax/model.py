@@ -350,13 +350,14 @@ class Transformer(nn.Module):
         x_BTD = Norm(**kw, name="final_norm")(x_BTD)
         if self.head == "scalar":
             w = _param(self, "score", (cfg.d_model, 1), ("embed", None), _score_init, self.param_dtype)
-            return _einsum(self.dtype, "btd,do->bto", x_BTD, w.astype(self.dtype))[..., 0].astype(jnp.float32), new_cache
+            return _einsum(self.dtype, "btd,do->bto", x_BTD, w.astype(self.dtype), jnp.float32)[..., 0], new_cache
         if cfg.tie_embeddings:
             w_DV = embedding.astype(self.dtype).T
         else:
             w_DV = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _dense_init(),
                                self.param_dtype).astype(self.dtype)
-        return _einsum(self.dtype, "btd,dv->btv", x_BTD, w_DV).astype(jnp.float32), new_cache
+        # Both heads keep the float32 accumulator: bf16-rounded logits would make PPO's ratios rounding noise.
+        return _einsum(self.dtype, "btd,dv->btv", x_BTD, w_DV, jnp.float32), new_cache
 
 
 def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param_dtype: str = "float32",

@@ -14,7 +14,11 @@ of them ran again and came out differently), stops the run in one line. An inter
 same command is rerun (training stages from their checkpoints; the others redo their work, which they write
 whole).
 Overrides: `key=value` sets a key for every step, `pipeline.NAME.key=value` for step NAME alone. Every step's
-config is validated before the first one runs.
+config is validated before the first one runs, and so is every `{run_dir}/NAME/...` a step reads: NAME must be
+that step or an earlier one (paths under data.dir are datasets, not steps). Step names are simple names (letters,
+digits, `_`, `-`, and `.` but not first), so a step's directory is always inside run_dir.
+The run holds an OS lock on `{run_dir}/.lock` while it runs: a second run on the same run_dir is refused. Finished
+steps are recorded relative to run_dir, so a run_dir moved elsewhere still has them finished.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -29,13 +36,16 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from rlhf_jax.config import Config, ConfigError, apply_override, config_from_dict, config_to_dict, read_yaml_mapping
-from rlhf_jax.errors import UserError
-from rlhf_jax.fsio import write_json_atomically
+from rlhf_jax.errors import UserError, os_reason
+from rlhf_jax.fsio import run_dir_lock, write_json_atomically
 
 MARKER = "pipeline_step.json"
 # What a finished step's one-line summary shows, when its stage reports it.
 SUMMARY_KEYS = ("steps", "loss", "eval_loss", "accuracy", "eval_accuracy", "labeled_prompts", "labeler_ceiling",
                 "score_mean", "kl", "win_rate", "gold_win_rate")
+STEP_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+REFERENCE = re.compile(r"\{run_dir\}/+([^/:]+)")  # `{run_dir}/NAME...`: what step NAME made
+OUTPUT_KEYS = ("data.dir", "eval.out", "generate.output")  # where a step writes, not what it reads
 
 
 class Step(NamedTuple):
@@ -55,6 +65,10 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
     if not isinstance(bodies, Mapping) or not bodies:
         raise ConfigError(f"config file {path!r}: 'pipeline' expects a mapping of step names to stage configs")
     bodies = {str(name): copy.deepcopy(body) for name, body in bodies.items()}
+    for name in bodies:
+        if not STEP_NAME.fullmatch(name):
+            raise ConfigError(f"pipeline: step name {name!r}: expected a simple name (letters, digits, '_', '-' "
+                              "and '.', not first), since the step runs in {run_dir}/NAME")
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key.startswith("pipeline."):
@@ -65,7 +79,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
             _step_error(name, lambda: apply_override(bodies[name], f"{rest}={value}"))
         else:
             apply_override(data, item)
-    run_dir = str(data.pop("run_dir", "runs/pipeline"))
+    run_dir = str(Path(str(data.pop("run_dir", "runs/pipeline"))))  # as Path spells it: one spelling per run_dir
     steps = []
     for name, body in bodies.items():
         if not isinstance(body, Mapping) or "stage" not in body:
@@ -75,6 +89,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
         merged = _substitute(_merge(data, body), run_dir)
         merged["run_dir"] = f"{run_dir}/{name}"
         steps.append(Step(name, _step_error(name, lambda: config_from_dict(merged))))
+    _check_references(data, bodies)
     from rlhf_jax import stages  # after the schema: its errors come before heavier imports
 
     for step in steps:
@@ -89,6 +104,41 @@ def _step_error(name: str, build):
         raise ConfigError(f"pipeline.{name}: {e}") from None
 
 
+def _check_references(shared: Mapping, bodies: Mapping[str, Mapping]) -> None:
+    """Every `{run_dir}/NAME...` a step reads names a step that has run by then: this step or an earlier one (a
+    later one has not made it yet, and a typo would otherwise fail only after the steps before it had trained).
+    A shared key applies to every step, so it needs only name some step."""
+    names = list(bodies)
+    for i, (name, body) in enumerate([("", shared), *bodies.items()]):
+        data_dir = str(_merge(shared, body).get("data", {}).get("dir", "data"))
+        for key, text in _strings(body):
+            if key in OUTPUT_KEYS:
+                continue
+            for match in REFERENCE.finditer(text):
+                target, path = match.group(1), text[match.start():]
+                if path == data_dir or path.startswith((data_dir + "/", data_dir + ":")):
+                    continue  # a dataset
+                where = f"pipeline.{name}.{key}" if name else f"{key} (shared by every step)"
+                if target not in names:
+                    raise ConfigError(f"{where}: {text!r} names step {target!r}, which this pipeline does not have "
+                                      f"(steps: {', '.join(names)})")
+                if name and names.index(target) >= i:
+                    raise ConfigError(f"{where}: {text!r} names step {target!r}, which runs after {name} (its "
+                                      "results would not exist yet)")
+
+
+def _strings(value, key: str = ""):
+    """(dotted key, string) for every string in a config body."""
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v, key)
+
+
 def _merge(base: Mapping, over: Mapping) -> dict:
     """`over` on top of `base`, section by section."""
     out = dict(copy.deepcopy(base))
@@ -99,39 +149,69 @@ def _merge(base: Mapping, over: Mapping) -> dict:
 
 
 def _substitute(value, run_dir: str):
+    return _map_strings(value, lambda text: text.replace("{run_dir}", run_dir))
+
+
+def _map_strings(value, fn):
+    """`value` (a config body or summary) with `fn` applied to every string in it."""
     if isinstance(value, str):
-        return value.replace("{run_dir}", run_dir)
+        return fn(value)
     if isinstance(value, Mapping):
-        return {k: _substitute(v, run_dir) for k, v in value.items()}
+        return {k: _map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, run_dir) for v in value]
+        return [_map_strings(v, fn) for v in value]
     return value
 
 
 def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
-    """Runs every step not finished yet, in order; returns their summaries."""
-    from rlhf_jax import distributed, stages
+    """Runs every step not finished yet, in order, holding run_dir's lock; returns their summaries. A run that
+    stops on a user error leaves no run_dir behind if it created it and no step has written to it."""
+    from rlhf_jax import distributed
 
     run_dir, steps = load(path, overrides)
-    if steps:  # before anything touches a device (the steps share the top-level `distributed` section)
-        distributed.initialize(steps[0].cfg.distributed)
+    # before anything touches a device (the steps share the top-level `distributed` section)
+    distributed.initialize(steps[0].cfg.distributed)
+    created = not run_dir.exists()
+    try:
+        distributed.on_primary(lambda: _make_run_dir(run_dir))
+        with run_dir_lock(run_dir):
+            return _run_steps(run_dir, steps)
+    except UserError:
+        if created and distributed.is_primary() and run_dir.is_dir() and \
+                {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run_dir={run_dir}: cannot create ({os_reason(e)})") from None
+
+
+def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
+    from rlhf_jax import distributed, stages
+
     summaries, records, started = [], [], time.perf_counter()
     for i, step in enumerate(steps, 1):
         step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
         upstream = _fingerprint(records)
-        done = distributed.on_primary(lambda: _finished(step, step_dir, upstream))  # one answer for all processes
+        config = _relative(config_to_dict(step.cfg), str(run_dir))
+        done = distributed.on_primary(lambda: _finished(step, config, upstream))  # one answer for all processes
         if done is not None:
-            print(f"{where}: finished earlier, skipped ({_one_line(done)})", file=sys.stderr)
-            summaries.append(done)
-            records.append({"config": config_to_dict(step.cfg), "summary": done})
+            summary = _substitute(done, str(run_dir))
+            print(f"{where}: finished earlier, skipped ({_one_line(summary)})", file=sys.stderr)
+            summaries.append(summary)
+            records.append({"config": config, "summary": done})
             continue
         print(f"{where}: stage {step.cfg.stage} in {step_dir}", file=sys.stderr)
         t0 = time.perf_counter()
-        summary = stages.run(step.cfg) or {}
-        record = {"config": config_to_dict(step.cfg), "summary": json.loads(json.dumps(summary))}
+        summary = json.loads(json.dumps(stages.run(step.cfg) or {}))
         if distributed.is_primary():
-            write_json_atomically(step_dir / MARKER, {**record, "upstream": upstream})
-        records.append(record)
+            write_json_atomically(step_dir / MARKER, {"config": config_to_dict(step.cfg), "summary": summary,
+                                                      "upstream": upstream})
+        records.append({"config": config, "summary": _relative(summary, str(run_dir))})
         print(f"{where}: done in {time.perf_counter() - t0:.0f} s ({_one_line(summary)}); "
               f"{time.perf_counter() - started:.0f} s so far", file=sys.stderr)
         summaries.append(summary)
@@ -144,32 +224,46 @@ def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
 
 
 def _fingerprint(records: list[dict]) -> str:
-    """What the steps so far were run with and came out as: their configs and summaries (timings left out, so
-    a step that reran to the same results leaves the steps after it valid)."""
+    """What the steps so far were run with and came out as: their configs and summaries, relative to run_dir
+    (timings left out, so a step that reran to the same results leaves the steps after it valid)."""
     results = [{"config": r["config"], "summary": {k: v for k, v in r["summary"].items()
                                                    if not (k.endswith("_s") or k == "seconds")}} for r in records]
     return hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
 
 
-def _finished(step: Step, step_dir: Path, upstream: str) -> dict | None:
-    """The summary of a step finished earlier with the same config after the same earlier steps; None when it
-    has not finished."""
+def _finished(step: Step, config: dict, upstream: str) -> dict | None:
+    """The summary (relative to run_dir) of a step finished earlier with the same config (relative to run_dir)
+    after the same earlier steps; None when it has not finished."""
+    step_dir = Path(step.cfg.run_dir)
     marker = step_dir / MARKER
     if not marker.exists():
         return None
     try:
         recorded = json.loads(marker.read_text())
         before, summary, after = recorded["config"], recorded["summary"], recorded["upstream"]
-    except (OSError, ValueError, KeyError, TypeError):
+        root = before["run_dir"].removesuffix(f"/{step.name}")  # the pipeline's run_dir when the step ran
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # a marker we cannot read: run the step again
-    changed = _changes(before, config_to_dict(step.cfg))
+    changed = _changes(_relative(before, root), config)
     if changed:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
                         f"delete {step_dir} to run it again")
     if after != upstream:
         raise UserError(f"pipeline.{step.name}: finished earlier after other results of the steps before it (one "
                         f"ran again and came out differently); delete {step_dir} to run it again")
-    return summary
+    return _relative(summary, root)
+
+
+def _relative(value, run_dir: str):
+    """`value` with every path in or at `run_dir` (as written, absolute, or with its links resolved) written
+    `{run_dir}/...`: how finished steps are compared, so a run_dir moved elsewhere still has them finished."""
+    roots = sorted({run_dir, os.path.abspath(run_dir), os.path.realpath(run_dir)}, key=len, reverse=True)
+
+    def relative(text: str) -> str:
+        root = next((r for r in roots if text == r or text.startswith(r + "/")), None)
+        return text if root is None else "{run_dir}" + text[len(root):]
+
+    return _map_strings(value, relative)
 
 
 def _changes(before: Mapping, now: Mapping, prefix: str = "") -> list[str]:

@@ -60,6 +60,10 @@ class PPOModels:
     ppo: PPOSection
     reward_gain: float = 1.0  # the reward model's normalisation: score = gain * raw + bias
     reward_bias: float = 0.0
+    # The value model's outputs in the same units: initialised from the reward model, V = gain * head + bias
+    # predicts normalised returns from the start (its raw head would be off by the RM's arbitrary offset).
+    value_gain: float = 1.0
+    value_bias: float = 0.0
     samples: int = 0  # rollout rows returned under metrics["samples"] for samples.jsonl
     accum: int = 1  # micro-batches per minibatch (gradient accumulation, optim.grad_accum_steps)
     clock: LapClock | None = None  # times the rollout and the update inside the program (metrics rollout_s, ...)
@@ -99,12 +103,14 @@ def _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN):
     return ids_BT, mask_BT, positions_from_mask(mask_BT)
 
 
-def response_values(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN) -> jax.Array:
-    """values_BN: the value head at the positions whose logits predict each response token."""
+def response_values(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
+                    gain: float = 1.0, bias: float = 0.0) -> jax.Array:
+    """values_BN: gain * (the value head) + bias at the positions whose logits predict each response token, so
+    values_BN[:, t] reads the prefix that ends just before token t."""
     ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
     values_BT, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT)
     P = prompt_ids_BP.shape[1]
-    return values_BT[:, P - 1:-1]
+    return gain * values_BT[:, P - 1:-1] + bias
 
 
 def scores(models: PPOModels, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN) -> jax.Array:
@@ -186,13 +192,13 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
     outputs, pullback = jax.vjp(lambda params: _forward(params, first_mb, models), params)
     trained = jax.tree.map(lambda a, rest: jnp.concatenate([a[None], rest]),
                            old_logprobs_and_values(outputs, first_mb), trained_rest)
-    ref_logprobs, raw_scores = frozen_K
+    ref_logprobs, rm_scores = frozen_K
     in_rows = lambda x: models.on_batch_axes(jnp.zeros((B, *x.shape[2:]), x.dtype).at[rows_Km.reshape(-1)].set(
         x.reshape(B, *x.shape[2:])))
-    old_logprobs_BN, old_values_BN, ref_logprobs_BN, raw_scores_B = (
-        in_rows(x) for x in (*trained, ref_logprobs, raw_scores))
+    old_logprobs_BN, old_values_BN, ref_logprobs_BN, rm_scores_B = (
+        in_rows(x) for x in (*trained, ref_logprobs, rm_scores))
     ended_B = jnp.any(mask_BN & is_eos(tokens_BN, c.eos_ids), axis=1)
-    scores_B = L.score_with_eos_penalty(raw_scores_B, ended_B, p.no_eos_penalty)
+    scores_B = L.score_with_eos_penalty(rm_scores_B, ended_B, p.no_eos_penalty)  # both in normalised units
 
     kl_BN = L.kl_per_token(old_logprobs_BN, ref_logprobs_BN, mask_BN, p.kl_estimator)
     rewards_BN = L.token_rewards(scores_B, kl_BN, mask_BN, state.kl.beta)
@@ -203,7 +209,11 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
     batch = Rollout(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, old_logprobs_BN, old_values_BN,
                     advantages_BN, returns_BN)
     kl_B = kl_BN.sum(1)
+    real = jnp.maximum(mask_BN.sum(), 1)
+    # The sampler's own log-probs against the training forward's: float rounding only (large in bf16).
+    mismatch = jnp.sum(jnp.where(mask_BN, jnp.abs(sampled.logprobs_BN - old_logprobs_BN), 0.0)) / real
     stats = {"score_mean": scores_B.mean(), "score_std": scores_B.std(), "kl": kl_B.mean(),
+             "logprob_mismatch": mismatch,
              "response_length": mask_BN.sum(1).mean(), "eos_rate": ended_B.mean(),
              "value_explained_var": L.explained_variance(old_values_BN, returns_BN, mask_BN)}
     if models.samples:
@@ -231,7 +241,7 @@ def _forward(params, mb, models: PPOModels):
     `mb` = (prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)."""
     policy_params, value_params = params
     return (response_logits(models.policy, policy_params, *mb, models.sampling.temperature),
-            response_values(models.value, value_params, *mb))
+            response_values(models.value, value_params, *mb, models.value_gain, models.value_bias))
 
 
 def _objective(outputs, mb: Rollout, models: PPOModels, tokens):

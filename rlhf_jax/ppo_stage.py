@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -18,14 +19,14 @@ import numpy as np
 from rlhf_jax import distributed, loop, ppo, sharding, steps
 from rlhf_jax.clock import LapClock
 from rlhf_jax.metrics import drop_lines_after
-from rlhf_jax.checkpoint import LoadedModel, load_model
+from rlhf_jax.checkpoint import LoadedModel, check_role, load_model
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.model import init_params, make_model, param_logical_axes
 from rlhf_jax.ppo_losses import KLController
 from rlhf_jax.sampling import SamplingParams
-from rlhf_jax.tokenizer import PAD_ID
+from rlhf_jax.tokenizer import PAD_ID, check_same_tokenizer
 
 
 def check_config(cfg: Config) -> None:
@@ -40,6 +41,21 @@ def check_config(cfg: Config) -> None:
                         f"{cfg.train.batch_size} (the rollout batch)")
     if cfg.ppo.ptx_coef and not cfg.ppo.ptx_dataset:
         raise UserError("ppo.ptx_coef > 0 needs ppo.ptx_dataset (a prepared sft dataset for the LM loss)")
+    if cfg.ppo.ptx_dataset and not cfg.ppo.ptx_coef:
+        print(f"warning: ppo.ptx_dataset={cfg.ppo.ptx_dataset!r} is not used: ppo.ptx_coef is 0 (PPO-ptx off)",
+              file=sys.stderr)
+    check_own_samples(cfg.sampling, "ppo")
+
+
+def check_own_samples(s, stage: str) -> None:
+    """A stage that trains on its own samples must draw them from the distribution its ratio and KL use:
+    top-k, top-p and greedy decoding each draw from another one."""
+    changed = [f"{key}={value}" for key, value, plain in (("sampling.temperature", s.temperature, s.temperature > 0),
+                                                          ("sampling.top_k", s.top_k, s.top_k == 0),
+                                                          ("sampling.top_p", s.top_p, s.top_p == 1.0)) if not plain]
+    if changed:
+        raise UserError(f"stage {stage!r} trains on its own samples and needs plain sampling (temperature > 0, "
+                        f"top_k 0, top_p 1); got {', '.join(changed)}")
 
 
 def check_sizes(cfg: Config, mesh) -> None:
@@ -57,11 +73,31 @@ def check_sizes(cfg: Config, mesh) -> None:
                             f"divisible by the {ways} data-parallel devices")
 
 
-def _scalar_model(path: str, key: str) -> LoadedModel:
+def _scalar_model(path: str, key: str, *roles: str) -> LoadedModel:
+    """A scalar-head model of one of `roles` (when its export records one)."""
     loaded = load_model(path)
     if loaded.head != "scalar":
         raise UserError(f"{key}={path}: a language model, expected a scalar-head (reward/value) export")
+    check_role(loaded, f"{key}={path}", *roles)
     return loaded
+
+
+def kl_on_resume(cfg: Config):
+    """`loop.Run.resume`'s adjustment of the restored KL coefficient: with a fixed penalty (ppo.kl_target 0)
+    beta is ppo.kl_coef, also a changed one; the adaptive controller goes on from the restored beta, which
+    ppo.kl_coef only started."""
+    def adjust(state, stored_config: dict):
+        beta = float(state.kl.beta)
+        if not cfg.ppo.kl_target:
+            if beta == np.float32(cfg.ppo.kl_coef):
+                return state, ""
+            kl = KLController(jax.device_put(np.float32(cfg.ppo.kl_coef), state.kl.beta.sharding))
+            return state.replace(kl=kl), f"beta is now ppo.kl_coef={cfg.ppo.kl_coef} (was {beta:.6g})"
+        if stored_config.get("ppo", {}).get("kl_coef") != cfg.ppo.kl_coef:
+            return state, (f"ppo.kl_coef is not applied: the adaptive KL controller (ppo.kl_target) continues "
+                           f"from the restored beta {beta:.6g}")
+        return state, ""
+    return adjust
 
 
 def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> dict:
@@ -76,22 +112,28 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     total = loop.total_steps(cfg, len(source))
 
     loaded, tokenizer, policy_model = loop.load_for_training(cfg, run_dir, "lm")
+    check_role(loaded, f"model.path={cfg.model.path}", "policy")
     loop.check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                          "data.max_prompt_tokens + sampling.max_new_tokens")
     if ptx_spec is not None:
         loop.check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
                              "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)")
-    reward = _scalar_model(cfg.ppo.reward_model, "ppo.reward_model")
-    value = _scalar_model(cfg.ppo.value_model, "ppo.value_model") if cfg.ppo.value_model else reward
-    for other, key in ((reward, "ppo.reward_model"), (value, "ppo.value_model")):
+    reward = _scalar_model(cfg.ppo.reward_model, "ppo.reward_model", "reward")
+    value = _scalar_model(cfg.ppo.value_model, "ppo.value_model", "reward", "value") if cfg.ppo.value_model else reward
+    scalars = {"ppo.reward_model": (cfg.ppo.reward_model, reward)}
+    if cfg.ppo.value_model:
+        scalars["ppo.value_model"] = (cfg.ppo.value_model, value)
+    for key, (path, other) in scalars.items():
         if other.cfg.vocab_size != loaded.cfg.vocab_size:
             raise UserError(f"{key}: vocab_size {other.cfg.vocab_size} differs from the policy's "
                             f"{loaded.cfg.vocab_size} (it must read the policy's tokens)")
+        check_same_tokenizer(other.tokenizer_dir, loaded.tokenizer_dir, f"{key}={path}", "the policy")
     dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
     value_model, reward_model = make_model(value.cfg, "scalar", **dtypes), make_model(reward.cfg, "scalar", **dtypes)
 
     models = build_models(cfg, policy_model, value_model, reward_model, total,
-                          loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,), reward.extra.get("reward_norm"))
+                          loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,), reward.extra.get("reward_norm"),
+                          value.extra.get("reward_norm"))
     repl = sharding.replicated(mesh)
     state_sh, frozen_sh = iteration_shardings(cfg, models, mesh)
     policy_sh, value_sh, reward_sh = state_sh.policy, state_sh.value, frozen_sh.reward_params
@@ -111,8 +153,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         ptx_iter = iter(train_dataset(ptx_spec, ptx_spec.train_split, tokenizer, _ptx_batch(cfg), cfg.seed + 1))
         data_iter = PromptsAndPtx(data_iter, ptx_iter)
 
-    run = loop.Run(cfg, run_dir, "ppo")
-    state, start = run.resume(state, data_iter)
+    run = loop.Run(cfg, run_dir, "ppo", models={key: path for key, (path, _) in scalars.items()})
+    state, start = run.resume(state, data_iter, adjust=kl_on_resume(cfg))
     if distributed.is_primary():  # process 0 writes the run's files
         drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
     iteration = jit_iteration(models, state_sh, frozen_sh, mesh)
@@ -135,7 +177,10 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     finally:
         run.close()
     out = loop.export(run_dir / "export", state.policy.params, loaded, policy_model)
-    value_out = loop.export(run_dir / "export_value", state.value.params, value, value_model)
+    # The value head's normalisation travels with it: reading it back (ppo.value_model) applies it again.
+    value_norm = {"reward_norm": {"gain": models.value_gain, "bias": models.value_bias}}
+    value_out = loop.export(run_dir / "export_value", state.value.params, value, value_model, value_norm,
+                            role="value")
     exports = {"export": str(out), "value_export": str(value_out)}
     if state.ema is not None:
         exports["ema_export"] = str(loop.export(run_dir / "export_ema", state.ema, loaded, policy_model))
@@ -154,16 +199,18 @@ SAMPLES = 4  # rollout rows written to samples.jsonl every ppo.samples_every ite
 
 
 def build_models(cfg: Config, policy_model, value_model, reward_model, total: int, eos_ids: Sequence[int],
-                 reward_norm: dict | None = None) -> ppo.PPOModels:
-    """The static parts of an iteration: models, both optimizers over `total` iterations' updates, settings."""
+                 reward_norm: dict | None = None, value_norm: dict | None = None) -> ppo.PPOModels:
+    """The static parts of an iteration: models, both optimizers over `total` iterations' updates, settings.
+    `reward_norm` / `value_norm`: the `reward_norm` ({gain, bias}) of the exports the two scalar models come from."""
     updates = total * cfg.ppo.epochs * cfg.ppo.minibatches
     value_optim = dataclasses.replace(cfg.optim, lr=cfg.ppo.value_lr or cfg.optim.lr)
-    norm, s = reward_norm or {}, cfg.sampling
+    norm, vnorm, s = reward_norm or {}, value_norm or {}, cfg.sampling
     return ppo.PPOModels(
         policy=policy_model, value=value_model, reward=reward_model,
         policy_opt=steps.make_optimizer(cfg.optim, updates), value_opt=steps.make_optimizer(value_optim, updates),
         sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID),
         ppo=cfg.ppo, reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)),
+        value_gain=float(vnorm.get("gain", 1.0)), value_bias=float(vnorm.get("bias", 0.0)),
         samples=min(SAMPLES, cfg.train.batch_size) if cfg.ppo.samples_every else 0,
         accum=cfg.optim.grad_accum_steps, clock=LapClock())
 

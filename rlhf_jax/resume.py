@@ -2,7 +2,9 @@
 
 A change that would make the resumed run a different run (another model, seed, dataset, batch, or anything
 that changes the shapes of the saved state) is refused in one line naming the keys; a change that only steers
-the rest of the run (more steps, another learning rate, eval cadence) is allowed and listed in a warning.
+the rest of the run (more steps, another learning rate, eval cadence) is allowed and listed in a warning. The
+models a run reads are judged by their files' fingerprints where the checkpoint recorded them: another model
+at the same path is refused, the same model at another path is allowed.
 Pure functions over plain dicts, so each rule is tested directly.
 """
 
@@ -13,7 +15,8 @@ from typing import Any
 
 # Keys whose change makes the saved state, the data order or the step keys meaningless for the new run.
 REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data.name", "data.train_split",
-           "data.pack", "data.max_responses", "train.batch_size")
+           "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model")
+MODELS = ("model.path", "ppo.reward_model", "ppo.value_model")  # model directories, compared where they lead
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -28,7 +31,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _same(key: str, old: Any, new: Any) -> bool:
-    if key in ("model.path", "data.dir") and old and new:  # the same place, however it is spelled
+    if key in (*MODELS, "data.dir") and old and new:  # the same place, however it is spelled
         return os.path.realpath(old) == os.path.realpath(new)
     return old == new
 
@@ -39,16 +42,32 @@ def _refused(key: str, old: Any, new: Any) -> bool:
     return key in REFUSED
 
 
-def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(refused, allowed) changes between a checkpoint's config and the new one, as 'key=old (now new)'."""
+def config_changes(old: dict, new: dict, same_models=frozenset()) -> tuple[list[str], list[str]]:
+    """(refused, allowed) changes between a checkpoint's config and the new one, as 'key=old (now new)'; a
+    model key in `same_models` names the same files (`model_changes`), so its new path is allowed."""
     before, after = flatten(old), flatten(new)
     refused, allowed = [], []
     for key in sorted(set(before) | set(after)):
         old_value, new_value = before.get(key), after.get(key)
         if not _same(key, old_value, new_value):
             change = f"{key}={old_value!r} (now {new_value!r})"
-            (refused if _refused(key, old_value, new_value) else allowed).append(change)
+            refuse = _refused(key, old_value, new_value) and key not in same_models
+            (refused if refuse else allowed).append(change)
     return refused, allowed
+
+
+def model_changes(old: dict, new: dict) -> tuple[list[str], set[str]]:
+    """(models replaced at their path since the run started, as 'key=path'; keys of the models with the same
+    files, wherever they are now) between two {key: {"path", "fingerprint"}} records. Another model at another
+    path is left to `config_changes`, and so is a model one record lacks (a checkpoint from before
+    fingerprints)."""
+    changed, same = [], set()
+    for key in sorted(set(old) & set(new)):
+        if old[key].get("fingerprint") == new[key]["fingerprint"]:
+            same.add(key)
+        elif os.path.realpath(old[key]["path"]) == os.path.realpath(new[key]["path"]):
+            changed.append(f"{key}={new[key]['path']}")
+    return changed, same
 
 
 def shape_changes(old: tuple[dict, list], new: tuple[dict, list], limit: int = 3) -> list[str]:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.errors import UserError
 from rlhf_jax.model import PAD_ID, KVCache, Transformer, positions_from_mask
 
 
@@ -57,30 +58,33 @@ def _filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 def _categorical(rng: jax.Array, logits_BV: jax.Array) -> jax.Array:
     """token_B: one draw per row from softmax(logits_BV) (-inf never drawn), by inverse CDF in two levels (blocks
-    of about sqrt(V) tokens, then the tokens of the chosen block). One uniform per row instead of a Gumbel per
+    of about sqrt(V) tokens, then the tokens of the chosen block). Two uniforms per row instead of a Gumbel per
     logit, whose random bits cost a large part of a small decode step."""
+    u_B2 = jax.random.uniform(rng, (logits_BV.shape[0], 2), jnp.float32)
+    return categorical_from_uniforms(logits_BV, u_B2[:, 0], u_B2[:, 1])
+
+
+def categorical_from_uniforms(logits_BV: jax.Array, u_block_B: jax.Array, u_within_B: jax.Array) -> jax.Array:
+    """The draw of `_categorical` for given uniforms: `u_block_B` picks a block by its mass, `u_within_B` a token
+    by its share of that block. One float32 uniform for both would resolve only 2^-23 of the whole mass, so
+    tokens below about 1e-7 would never be drawn; a second one resolves 2^-23 of the block's mass."""
     B, V = logits_BV.shape
     S = 1 << (((V - 1).bit_length() + 1) // 2)  # the power of two at or above sqrt(V)
     weights_BV = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
     weights_BGS = jnp.pad(weights_BV, ((0, 0), (0, -V % S))).reshape(B, -1, S)
-    u_B = jax.random.uniform(rng, (B,), jnp.float32)
-    block_B, offset_B = _inverse_cdf(weights_BGS.sum(-1), u_B)
+    block_B = _inverse_cdf(weights_BGS.sum(-1), u_block_B)
     within_BS = jnp.take_along_axis(weights_BGS, block_B[:, None, None], axis=1)[:, 0]
-    # the same point of the mass, within the block: its share past the block's start
-    inside_B = jnp.clip((u_B * weights_BGS.sum((1, 2)) - offset_B) / within_BS.sum(-1), 0.0, 1.0)
-    token_B, _ = _inverse_cdf(within_BS, inside_B)
+    token_B = _inverse_cdf(within_BS, u_within_B)
     return block_B * S + token_B
 
 
-def _inverse_cdf(weights_BK: jax.Array, u_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(index_B, mass before it_B): the first index whose cumulative weight exceeds u x the total, never one of
-    weight 0 (rounding at u near 1 falls back to the last index of positive weight)."""
+def _inverse_cdf(weights_BK: jax.Array, u_B: jax.Array) -> jax.Array:
+    """index_B: the first index whose cumulative weight exceeds u x the total, never one of weight 0 (rounding at
+    u near 1 falls back to the last index of positive weight)."""
     ends_BK = jnp.cumsum(weights_BK, axis=-1)
     index_B = jnp.sum(ends_BK <= (u_B * ends_BK[:, -1])[:, None], axis=-1)
     last_B = jnp.max(jnp.where(weights_BK > 0, jnp.arange(weights_BK.shape[1]), 0), axis=-1)
-    index_B = jnp.minimum(index_B, last_B)
-    before_B = jnp.take_along_axis(ends_BK - weights_BK, index_B[:, None], axis=-1)[:, 0]
-    return index_B, before_B
+    return jnp.minimum(index_B, last_B)
 
 
 def _draw(logits_BV: jax.Array, rng: jax.Array, p: SamplingParams) -> tuple[jax.Array, jax.Array]:
@@ -107,6 +111,8 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
     """Generate `p.max_new_tokens` tokens after left-padded prompts. Pure; call it under jit."""
     B, P = prompt_ids_BP.shape
     N = p.max_new_tokens
+    if p.top_k > model.cfg.vocab_size:
+        raise UserError(f"top_k={p.top_k} exceeds the model's vocabulary of {model.cfg.vocab_size} tokens")
     variables = {"params": params}
     cache = KVCache.zeros(model.cfg, B, P + N, model.dtype)
     key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)

@@ -11,8 +11,8 @@ from pathlib import Path
 from rlhf_jax import distributed, sharding
 from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import Config, config_to_dict
-from rlhf_jax.errors import UserError, os_error_message
-from rlhf_jax.fsio import write_json_atomically
+from rlhf_jax.errors import UserError, os_error_message, os_reason
+from rlhf_jax.fsio import run_dir_lock, write_json_atomically
 from rlhf_jax.generate import Generator, read_prompts
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.sampling import SamplingParams
@@ -22,11 +22,14 @@ from rlhf_jax.tokenizer import PAD_ID
 
 def run_generate(cfg: Config, run_dir: Path) -> dict:
     primary = distributed.is_primary()  # with several processes all sample, process 0 writes
-    if primary:
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     out_path = Path(cfg.generate.output or run_dir / "samples.jsonl")
     if out_path.is_dir():
         raise UserError(f"generate.output: {out_path} is a directory, expected a JSONL file path")
+    if out_path.exists() and not _own_output(run_dir, out_path):
+        raise UserError(f"generate.output={cfg.generate.output}: already exists and is not this run_dir's earlier "
+                        "output; choose another path, or delete the file to replace it")
+    if primary:
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     mesh = sharding.mesh_from_config(cfg.mesh)
     prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
     s = cfg.sampling
@@ -49,6 +52,18 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
                "seconds": round(time.perf_counter() - t0, 2)}
     print(json.dumps(summary))
     return summary
+
+
+def _own_output(run_dir: Path, out_path: Path) -> bool:
+    """Whether `out_path` is what a generate run in `run_dir` wrote before (its samples.jsonl, or the
+    generate.output its config.json names): the one existing file a rerun replaces."""
+    if out_path == run_dir / "samples.jsonl":
+        return True
+    try:
+        earlier = json.loads((run_dir / "config.json").read_text())["generate"]["output"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(earlier) and Path(earlier).resolve() == out_path.resolve()
 
 
 def run_train(cfg: Config, run_dir: Path) -> dict:
@@ -116,9 +131,10 @@ def check(cfg: Config) -> None:
 def run_prepare(cfg: Config, run_dir: Path) -> dict:
     """Imports prepare.inputs as dataset prepare.name in data.dir (replacing it: a pipeline reruns an
     unfinished step whole)."""
-    from rlhf_jax.data.prepare import prepare
+    from rlhf_jax.data.prepare import prepare, quiet_tfds
 
     check_prepare(cfg)
+    quiet_tfds()  # the summary below says what was written
     p = cfg.prepare
     summary = {"stage": "prepare", **prepare(p.format, list(p.inputs), cfg.data.dir, p.name, p.eval_fraction,
                                               p.skip_invalid, overwrite=True)}
@@ -132,8 +148,8 @@ STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": ru
 
 
 def run(cfg: Config) -> dict:
-    """Run the configured stage in its run dir. A stage that stops on a user error before it has recorded any
-    progress leaves no run dir behind if it created one."""
+    """Run the configured stage in its run dir, holding the run dir's lock. A stage that stops on a user error
+    before it has recorded any progress leaves no run dir behind if it created one."""
     distributed.initialize(cfg.distributed)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -141,11 +157,15 @@ def run(cfg: Config) -> dict:
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run_dir={cfg.run_dir}: cannot create ({os_reason(e)})") from None
+    try:
         if distributed.is_multiprocess():
             check_shared(run_dir, "run_dir")
-        if cfg.stage in HOST_ONLY:  # nothing to share between processes: process 0 writes, the others wait
-            return distributed.on_primary(lambda: STAGES[cfg.stage](cfg, run_dir))
-        return STAGES[cfg.stage](cfg, run_dir)
+        with run_dir_lock(run_dir):
+            if cfg.stage in HOST_ONLY:  # nothing to share between processes: process 0 writes, the others wait
+                return distributed.on_primary(lambda: STAGES[cfg.stage](cfg, run_dir))
+            return STAGES[cfg.stage](cfg, run_dir)
     except OSError as e:
         raise UserError(os_error_message(e)) from None
     except UserError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -9,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import transformers
 
+from rlhf_jax import hf
 from rlhf_jax.errors import UserError
 from rlhf_jax.model import PAD_ID  # lives with the model that embeds it; importable from here too
 
@@ -18,6 +20,33 @@ EOS_TOKEN = "<|endoftext|>"
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer saved in a model directory; local files only, no remote code."""
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+
+
+def check_same_tokenizer(tokenizer_dir, reference_dir, key: str, reference: str) -> None:
+    """Refuses (one line naming `key`) a model whose tokenizer reads text otherwise than `reference`'s: other
+    tokens behind the same ids, or another EOS or BOS id (the pad token is never read: padding is masked).
+    Models without tokenizer files are not compared; identical files are the same without building either."""
+    if tokenizer_dir is None or reference_dir is None or _files_digest(tokenizer_dir) == _files_digest(reference_dir):
+        return
+    mine, theirs = load_tokenizer(tokenizer_dir), load_tokenizer(reference_dir)
+    tokens, reference_tokens = ({i: t for t, i in tok.get_vocab().items()} for tok in (mine, theirs))
+    ids = set(tokens) | set(reference_tokens)
+    differ = sum(tokens.get(i) != reference_tokens.get(i) for i in ids)
+    if differ:
+        raise UserError(f"{key}: its tokenizer differs from {reference}'s ({differ} of {len(ids)} ids differ)")
+    for name, attr in (("EOS", "eos_token_id"), ("BOS", "bos_token_id")):
+        if getattr(mine, attr) != getattr(theirs, attr):
+            raise UserError(f"{key}: its tokenizer differs from {reference}'s (its {name} id is "
+                            f"{getattr(mine, attr)}, {reference}'s {getattr(theirs, attr)})")
+
+
+def _files_digest(tokenizer_dir) -> str:
+    digest = hashlib.sha256()
+    for name in hf.TOKENIZER_FILES:
+        path = Path(tokenizer_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 class PromptEncoder:

@@ -221,7 +221,7 @@ def test_error_batch_size_not_divisible_by_devices(capsys, hf_dir, prompt_file):
     argv = _gen_argv(hf_dir, prompt_file)
     argv[argv.index("--batch-size") + 1] = "4"
     rc, out, err = _run(capsys, generate_cli.main, argv)
-    _assert_user_error(rc, err, "batch_size=4", "8 data-parallel devices")
+    _assert_user_error(rc, err, "--batch-size 4", "8 data-parallel devices")
     assert out == ""
 
 

@@ -98,11 +98,11 @@ def test_jsonl_prompts(tmp_path):
 
 def test_jsonl_rankings_normalises_ranks_and_keeps_ties(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [
-        {"prompt": "p1", "responses": ["a", "b", "c"], "ranks": [3, 1, 1]},
+        {"prompt": "p1", "responses": ["a", "b", "c"], "ranks": [2, 1, 1]},
         {"prompt": "p2", "responses": ["a", "b", "c", "d"], "ranks": [0, 1, 2, 3]},
-        {"prompt": "p3", "responses": ["a", "b"], "ranks": [10, 4]},
+        {"prompt": "p3", "responses": ["a", "b", "c"], "ranks": [2, 0, 2]},
     ])
-    assert [r["ranks"] for r in records("jsonl_rankings", path)] == [[1, 0, 0], [0, 1, 2, 3], [1, 0]]
+    assert [r["ranks"] for r in records("jsonl_rankings", path)] == [[1, 0, 0], [0, 1, 2, 3], [1, 0, 1]]
     assert records("jsonl_rankings", path)[0] == {"prompt": "p1", "responses": ["a", "b", "c"], "ranks": [1, 0, 0]}
 
 
@@ -213,7 +213,7 @@ def test_tldr_comparison_with_more_than_two_summaries_ties_the_unchosen(tmp_path
 
 
 def test_parquet_matches_jsonl_and_numbers_rows_from_one(tmp_path):
-    rows = [{"prompt": "p1", "responses": ["a", "b"], "ranks": [2, 0]},
+    rows = [{"prompt": "p1", "responses": ["a", "b"], "ranks": [1, 0]},
             {"prompt": "p2", "responses": ["a"], "ranks": [0]},
             {"prompt": "p3", "responses": ["x", "y", "z"], "ranks": [0, 0, 1]}]
     path = tmp_path / "r.parquet"
@@ -347,12 +347,12 @@ def test_identical_responses_name_both_indices(tmp_path):
 
 
 def test_non_dense_ranks_are_renumbered_and_noted(tmp_path):
-    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 2, 5]},
-                                              {"prompt": "p", "responses": ["a", "b"], "ranks": [3, 1]},
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 2, 2]},
+                                              {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [2, 1, 1]},
                                               {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 0, 0]},
                                               {"prompt": "p", "chosen": "a", "rejected": "b"}])
     rows = read_all("jsonl_rankings", path)
-    assert [r.record["ranks"] for r in rows] == [[0, 1, 2], [1, 0], [1, 0, 0], [0, 1]]
+    assert [r.record["ranks"] for r in rows] == [[0, 1, 1], [1, 0, 0], [1, 0, 0], [0, 1]]
     assert [r.notes for r in rows] == [("non_dense_ranks",), ("non_dense_ranks",), (), ()]
 
 

@@ -1,5 +1,5 @@
-"""Evaluation through the real CLI on the shortened demo run (conftest.demo_run): a policy against itself ties
-exactly (win rate 0.5, KL 0); every saved step of a PPO run is evaluated and plotted while an interrupted save is
+"""Evaluation through the real CLI on the shortened demo run (conftest.demo_run): win rates count the paired
+samples the report shows, scored by the gold function itself; every saved step of a PPO run is evaluated and plotted while an interrupted save is
 skipped; wrong-kind models and inputs fail in one line before anything is sampled."""
 
 from __future__ import annotations
@@ -35,20 +35,39 @@ def _eval(inputs, out, *args):
     return run_quietly(evaluate.main, argv)
 
 
-def test_a_policy_against_itself_ties_exactly(inputs):
-    out = inputs["root"] / "self"
-    rc, _, err = _eval(inputs, out, "--policy", inputs["sft"], "--prompts", inputs["prompt_file"], "--gold", GOLD,
-                       "--rankings", f"{inputs['data'] / 'rankings'}:eval")
+def test_win_rates_are_those_of_the_paired_samples(inputs, monkeypatch):
+    """The PPO policy against the SFT reference on 4 prompts: the gold scores in the report are the gold
+    function's own on the texts shown side by side, and both win rates count those pairs (ties half)."""
+    from rlhf_jax import report as report_module
+    from rlhf_jax.tasks.sentiment import gold
+
+    shown = []
+    write_report = report_module.write_report
+    monkeypatch.setattr(report_module, "write_report", lambda out, result, samples, runs=(): (
+        shown.extend(samples), write_report(out, result, samples, runs))[1])
+    out = inputs["root"] / "pair"
+    rc, _, err = _eval(inputs, out, "--policy", inputs["ppo"] / "export", "--prompts", inputs["prompt_file"],
+                       "--gold", GOLD, "--rankings", f"{inputs['data'] / 'rankings'}:eval")
     assert rc == 0, err[-2000:]
     report = json.loads((out / "report.json").read_text())
     (policy,) = report["policies"]
-    assert policy["win_rate"] == 0.5 and policy["win_rate_ci"] == [0.5, 0.5]
-    assert policy["gold_win_rate"] == 0.5 and policy["kl"] == 0.0 and policy["kl_k3"] == 0.0
-    assert policy["score_mean"] == report["reference"]["score_mean"] and report["prompts"] == 4
+    assert len(shown) == report["prompts"] == 4
+    prompts = [row["prompt"] for row in shown]
+    for side in ("policy", "reference"):
+        expected = gold(prompts, [row[f"{side}_response"] for row in shown])
+        assert [row[f"{side}_gold"] for row in shown] == pytest.approx(expected), side
+
+    def wins(ours, theirs):
+        return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(ours)
+
+    assert policy["gold_win_rate"] == pytest.approx(wins([r["policy_gold"] for r in shown],
+                                                         [r["reference_gold"] for r in shown]))
+    assert policy["win_rate"] == pytest.approx(wins([r["policy_score"] for r in shown],
+                                                    [r["reference_score"] for r in shown]))
+    assert policy["kl"] > 0  # the PPO policy has left the reference
     assert 0.5 < report["rm_accuracy"] < 1.0 and policy["rm_accuracy"] == report["rm_accuracy"]
     assert 0.7 < report["labeler_ceiling"] < 0.9  # recorded by the label stage with the rankings
-    md = (out / "report.md").read_text()
-    assert "Review #1 of the lamp:" in md and "RLHF made no clear difference" in md
+    assert "Review #1 of the lamp:" in (out / "report.md").read_text()
 
 
 def test_all_steps_evaluates_every_saved_step_and_skips_an_interrupted_save(inputs, monkeypatch):

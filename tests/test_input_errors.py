@@ -140,8 +140,8 @@ def test_identical_responses_are_an_invalid_row(capsys, tmp_path, fmt, bad, mess
 
 
 def test_non_dense_ranks_are_counted_in_the_summary(capsys, tmp_path):
-    path = _write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a", "responses": ["x", "y", "z"], "ranks": [0, 2, 5]},
-                                               {"prompt": "b", "responses": ["x", "y"], "ranks": [3, 1]},
+    path = _write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a", "responses": ["x", "y", "z"], "ranks": [0, 2, 2]},
+                                               {"prompt": "b", "responses": ["x", "y", "z"], "ranks": [2, 1, 1]},
                                                {"prompt": "c", "responses": ["x", "y", "z"], "ranks": [1, 0, 0]},
                                                {"prompt": "d", "chosen": "x", "rejected": "y"}])
     summary = _summary(capsys, _prepare_argv("jsonl_rankings", path, tmp_path / "d"))

@@ -36,9 +36,14 @@ def clean_env(extra=None) -> dict:
     return {**env, **(extra or {})}
 
 
+# The interpreter the launchers validate the config with (`--check`) in these tests, where it is not what they
+# test: it accepts any config at once. tests/test_pipeline_safety.py runs the real check through each launcher.
+CHECK_PASSES = shutil.which("true")
+
+
 def run(argv, env=None, timeout=30, **kw):
-    return subprocess.run([str(a) for a in argv], env=clean_env(env), capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run([str(a) for a in argv], env=clean_env({"PY": CHECK_PASSES, **(env or {})}),
+                          capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def write_exe(path: Path, text: str) -> Path:

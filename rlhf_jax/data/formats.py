@@ -480,12 +480,15 @@ def _int_list(row: dict, name: str) -> list[int]:
 
 
 def _dense_ranks(ranks: list[int], n_responses: int, name: str) -> list[int]:
-    """Ranks renumbered 0, 1, 2, ... in order, ties kept: [3, 1, 1] -> [1, 0, 0]."""
+    """Ranks renumbered 0, 1, 2, ... in order, ties kept: [2, 1, 1] -> [1, 0, 0]. A rank outside [0, K) is
+    refused: K responses have at most K places, so it is a mistake (1-based ranks, a score, another row's)."""
     if len(ranks) != n_responses:
         raise _Invalid("invalid_ranks", f"field {name!r} must have one rank per response ({n_responses}), "
                                         f"got {len(ranks)}")
-    if min(ranks) < 0:
-        raise _Invalid("invalid_ranks", f"field {name!r} must hold ranks >= 0 (0 = best), got {min(ranks)}")
+    outside = [r for r in ranks if not 0 <= r < n_responses]
+    if outside:
+        raise _Invalid("invalid_ranks", f"field {name!r} must hold ranks in [0, {n_responses}) for its "
+                                        f"{n_responses} responses (0 = best), got {outside[0]}")
     levels = sorted(set(ranks))
     if len(levels) < 2:
         raise _Invalid("invalid_ranks", f"field {name!r} ties every response, so there is no preference to learn")
