@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.model import PAD_ID, ModelConfig, forward, init_params, make_model
+from rlhf_jax.models.transformer import PAD_ID, ModelConfig, forward, init_params, make_model
 
 
 def _loss_fn(model, ids, mask):

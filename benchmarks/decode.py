@@ -19,9 +19,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from rlhf_jax import hf  # noqa: E402
-from rlhf_jax.model import ModelConfig, init_params, make_model  # noqa: E402
-from rlhf_jax.sampling import SamplingParams, sample  # noqa: E402
+from rlhf_jax.models import hf  # noqa: E402
+from rlhf_jax.models.sampling import SamplingParams, sample  # noqa: E402
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # noqa: E402
 
 CONFIGS = {
     # The CPU reference point: the tiny Llama of the foundation issue.

@@ -45,11 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import ppo, steps
-from rlhf_jax.clock import LapClock
 from rlhf_jax.config import OptimSection, PPOSection
-from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
-from rlhf_jax.sampling import SamplingParams
+from rlhf_jax.models.sampling import SamplingParams
+from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
+from rlhf_jax.rl import ppo
+from rlhf_jax.runtime.clock import LapClock
+from rlhf_jax.training import steps
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rlhf_jax.config import DataSection  # noqa: E402
 from rlhf_jax.data.pipeline import train_dataset  # noqa: E402
 from rlhf_jax.data.prepare import prepare, quiet_tfds  # noqa: E402
-from rlhf_jax.tiny import bundled_prompts  # noqa: E402
-from rlhf_jax.tokenizer import train_tiny_tokenizer  # noqa: E402
+from rlhf_jax.models.tiny import bundled_prompts  # noqa: E402
+from rlhf_jax.models.tokenizer import train_tiny_tokenizer  # noqa: E402
 
 
 def main() -> None:

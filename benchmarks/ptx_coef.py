@@ -14,7 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from rlhf_jax import pipeline, stages
+from rlhf_jax import pipeline
+from rlhf_jax.stages import dispatch as stages
 
 
 def _step(steps, name):

@@ -38,10 +38,12 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from rlhf_jax import hf, steps  # noqa: E402
 from rlhf_jax.config import OptimSection  # noqa: E402
-from rlhf_jax.losses import last_token_values, pairs_from_ranks  # noqa: E402
-from rlhf_jax.model import ModelConfig, init_params, make_model  # noqa: E402
+from rlhf_jax.data.rankings import pairs_from_ranks  # noqa: E402
+from rlhf_jax.models import hf
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # noqa: E402
+from rlhf_jax.training import steps  # noqa: E402
+from rlhf_jax.training.losses import last_token_values
 
 TINY = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                    d_ff=688, max_position_embeddings=1024, eos_token_ids=(), bos_token_id=0)

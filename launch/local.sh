@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run one stage as N processes on this machine, joined over CPU collectives: the same multi-process code path
-# as a TPU pod slice or a SLURM job (rlhf_jax/distributed.py), for trying it out and for tests.
+# as a TPU pod slice or a SLURM job (rlhf_jax/runtime/distributed.py), for trying it out and for tests.
 #
 #   launch/local.sh [--dry-run] N CONFIG [section.key=value ...]
 #   launch/local.sh 2 configs/generate.yaml run_dir=/tmp/lgen

@@ -274,11 +274,11 @@ class MeshSection:
     shape: tuple[int, ...] = _opt((-1, 1, 1), "devices per mesh axis; one -1 takes all remaining devices")
     axes: tuple[str, ...] = _opt(("data", "fsdp", "tensor"), "mesh axis names, one per shape entry")
     preset: str = _opt("", "a named topology instead of shape (v5e-16, v5p-64, 8xH100, 2x8xH100; see "
-                            "rlhf_jax/sharding.py MESH_PRESETS); its device count is checked at start")
+                            "rlhf_jax/runtime/sharding.py MESH_PRESETS); its device count is checked at start")
 
     def __post_init__(self):
         _coerce(self)
-        from rlhf_jax.sharding import MESH_PRESETS  # the table lives with the mesh code
+        from rlhf_jax.runtime.sharding import MESH_PRESETS  # the table lives with the mesh code
 
         _check(self, "preset", not self.preset or self.preset in MESH_PRESETS,
                f"unknown; expected one of {sorted(MESH_PRESETS)}")

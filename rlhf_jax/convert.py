@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_jax import fsio, hf
-from rlhf_jax.checkpoint import load_model, save_model
 from rlhf_jax.errors import UserError, naming_flags, report
+from rlhf_jax.models import hf
+from rlhf_jax.models.checkpoint import load_model, save_model
+from rlhf_jax.runtime import fsio
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pipeline.run(args.config, overrides)
             return 0
         cfg = load_config(args.config, overrides)
-        from rlhf_jax import stages  # after validation: config errors come before any heavy import or compile
+        from rlhf_jax.stages import dispatch as stages  # after validation: config errors come before any heavy import or compile
 
         stages.run(cfg)
     except UserError as e:
@@ -89,7 +89,7 @@ def _check(path: str | None, overrides: Sequence[str]) -> int:
         _, steps = pipeline.load(path, overrides)
     else:
         cfg = load_config(path, overrides)
-        from rlhf_jax import stages  # after validation: config errors come before any heavy import
+        from rlhf_jax.stages import dispatch as stages  # after validation: config errors come before any heavy import
 
         stages.check(cfg)
         steps = [pipeline.Step(cfg.stage, cfg)]
@@ -116,7 +116,8 @@ def _dry_run(args, overrides: Sequence[str]) -> int:
     else:
         cfg = load_config(args.config, overrides)
         steps = [pipeline.Step(cfg.stage, cfg)]
-    from rlhf_jax import distributed, plan  # after validation: config errors come before any heavy import
+    from rlhf_jax import plan  # after validation: config errors come before any heavy import
+    from rlhf_jax.runtime import distributed
 
     distributed.initialize(steps[0].cfg.distributed)  # on a pod: plan for the whole slice's devices
     return plan.dry_run(steps, is_pipeline, args.config, limits["--device-memory"], limits["--peak-tflops"])

@@ -37,7 +37,7 @@ from typing import NamedTuple, Sequence
 
 from rlhf_jax.config import Config, ConfigError, apply_override, config_from_dict, config_to_dict, read_yaml_mapping
 from rlhf_jax.errors import UserError, os_reason
-from rlhf_jax.fsio import run_dir_lock, write_json_atomically
+from rlhf_jax.runtime.fsio import run_dir_lock, write_json_atomically
 
 MARKER = "pipeline_step.json"
 # What a finished step's one-line summary shows, when its stage reports it.
@@ -90,7 +90,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
         merged["run_dir"] = f"{run_dir}/{name}"
         steps.append(Step(name, _step_error(name, lambda: config_from_dict(merged))))
     _check_references(data, bodies)
-    from rlhf_jax import stages  # after the schema: its errors come before heavier imports
+    from rlhf_jax.stages import dispatch as stages  # after the schema: its errors come before heavier imports
 
     for step in steps:
         _step_error(step.name, lambda: stages.check(step.cfg))
@@ -166,7 +166,7 @@ def _map_strings(value, fn):
 def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
     """Runs every step not finished yet, in order, holding run_dir's lock; returns their summaries. A run that
     stops on a user error leaves no run_dir behind if it created it and no step has written to it."""
-    from rlhf_jax import distributed
+    from rlhf_jax.runtime import distributed
 
     run_dir, steps = load(path, overrides)
     # before anything touches a device (the steps share the top-level `distributed` section)
@@ -191,7 +191,8 @@ def _make_run_dir(run_dir: Path) -> None:
 
 
 def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
-    from rlhf_jax import distributed, stages
+    from rlhf_jax.runtime import distributed
+    from rlhf_jax.stages import dispatch as stages
 
     summaries, records, started = [], [], time.perf_counter()
     for i, step in enumerate(steps, 1):

@@ -1,7 +1,7 @@
 """Memory planned before launch: `python -m rlhf_jax.main --config CFG [overrides] --dry-run`.
 
 Every training program of the config (the sft and rm step, the whole ppo iteration; every such step of a
-pipeline) is built exactly as its stage builds it (`trainers._Stage` and `loop.jit_step`; `ppo_stage`'s builders),
+pipeline) is built exactly as its stage builds it (`trainers.Stage` and `loop.jit_step`; `ppo_stage`'s builders),
 lowered on abstract inputs (jax.ShapeDtypeStruct with the run's shardings, params from jax.eval_shape) and
 compiled for the configured mesh. Nothing is allocated on the devices, no weights and no tokenizer are read (only
 a model's model.json or config.json) and nothing is written. Per stage it prints the per-device memory of the
@@ -40,11 +40,16 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import checkpoint, hf, loop, pipeline, ppo, ppo_stage, sharding, steps, trainers
+from rlhf_jax import pipeline
 from rlhf_jax.config import Config
 from rlhf_jax.errors import UserError
-from rlhf_jax.model import ModelConfig, init_params, make_model, param_logical_axes
-from rlhf_jax.tiny import tiny_config
+from rlhf_jax.models import checkpoint, hf
+from rlhf_jax.models.tiny import tiny_config
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, param_logical_axes
+from rlhf_jax.rl import ppo
+from rlhf_jax.runtime import sharding
+from rlhf_jax.stages import ppo as ppo_stage, train as trainers
+from rlhf_jax.training import loop, steps
 
 NO_FIT = 5  # exit status of a dry run in which some stage does not fit the device memory
 PLANNED = ("sft", "rm", "ppo")
@@ -155,7 +160,7 @@ def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
         return cfg, head
     if (path / "config.json").exists():
         gen = path / "generation_config.json"
-        return hf.config_from_hf(hf._read_json(path / "config.json"), hf._read_json(gen) if gen.exists() else None,
+        return hf.config_from_hf(hf.read_json(path / "config.json"), hf.read_json(gen) if gen.exists() else None,
                                  where=str(path / "config.json"))
     raise checkpoint.CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
                                      "(config.json)")
@@ -269,7 +274,7 @@ def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int
                        remat=cfg.model.remat == "block")
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
     optimizer = steps.make_optimizer(cfg.optim, total)
-    stage = trainers._Stage(cfg, model, optimizer, steps.lr_schedule(cfg.optim, total))
+    stage = trainers.Stage(cfg, model, optimizer, steps.lr_schedule(cfg.optim, total))
     state_sh = loop.state_shardings(model, optimizer, mesh)
     state = abstract(jax.eval_shape(lambda: steps.init_state(init_params(model, jax.random.key(0)), optimizer)),
                      state_sh)
@@ -590,7 +595,7 @@ def candidates(cfg: Config, mesh) -> list[tuple[str, int]]:
 
 
 def gib(n: int) -> str:
-    return sharding._format_bytes(int(n))
+    return sharding.format_bytes(int(n))
 
 
 def si(flops: float) -> str:
@@ -634,7 +639,7 @@ def dry_run(steps: Sequence[pipeline.Step], is_pipeline: bool, label: str | None
     returns the exit status: 0 when every planned step fits (or there is no verdict), NO_FIT when one does not."""
     out = out or sys.stdout
     if not is_pipeline:  # a pipeline's steps were checked when it was loaded
-        from rlhf_jax import stages
+        from rlhf_jax.stages import dispatch as stages
 
         for step in steps:
             stages.check(step.cfg)

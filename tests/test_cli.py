@@ -19,7 +19,7 @@ import pytest
 from rlhf_jax import convert as convert_cli
 from rlhf_jax import generate as generate_cli
 from rlhf_jax import main as main_cli
-from rlhf_jax.tiny import build_tiny_model, bundled_prompts
+from rlhf_jax.models.tiny import build_tiny_model, bundled_prompts
 
 from cli_helpers import run_quietly as _quiet
 
@@ -166,7 +166,7 @@ def test_generate_chat_template_encodes_prompts_as_training_does(capsys, hf_dir,
 
     from rlhf_jax.config import DataSection
     from rlhf_jax.data.pipeline import Tokenize
-    from rlhf_jax.tokenizer import load_tokenizer
+    from rlhf_jax.models.tokenizer import load_tokenizer
 
     chat_dir = workdir / "tiny_chat"
     shutil.copytree(hf_dir, chat_dir)
@@ -287,8 +287,8 @@ def test_generate_from_orbax_checkpoint_matches_hf(capsys, converted, prompt_fil
 def test_transformers_loads_export_and_logits_match(converted):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from rlhf_jax.checkpoint import load_model
-    from rlhf_jax.model import forward, make_model
+    from rlhf_jax.models.checkpoint import load_model
+    from rlhf_jax.models.transformer import forward, make_model
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(converted["hf2"])).float().eval()
     assert isinstance(hf_model, transformers.LlamaForCausalLM)

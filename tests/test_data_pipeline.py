@@ -11,8 +11,8 @@ from rlhf_jax.config import DataSection
 from rlhf_jax.data.__main__ import main as data_main
 from rlhf_jax.data.pipeline import Tokenize, eval_batches, train_dataset
 from rlhf_jax.errors import UserError
-from rlhf_jax.tiny import bundled_prompts
-from rlhf_jax.tokenizer import PAD_ID, train_tiny_tokenizer
+from rlhf_jax.models.tiny import bundled_prompts
+from rlhf_jax.models.tokenizer import PAD_ID, train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

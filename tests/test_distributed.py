@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from rlhf_jax import distributed
 from rlhf_jax.config import DistributedSection
 from rlhf_jax.errors import UserError
+from rlhf_jax.runtime import distributed
 
 EXPLICIT = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_jax import eval_stats
+from rlhf_jax.eval import stats as eval_stats
 
 
 def brute_force_win_rate(policy, reference):

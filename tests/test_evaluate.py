@@ -38,7 +38,7 @@ def _eval(inputs, out, *args):
 def test_win_rates_are_those_of_the_paired_samples(inputs, monkeypatch):
     """The PPO policy against the SFT reference on 4 prompts: the gold scores in the report are the gold
     function's own on the texts shown side by side, and both win rates count those pairs (ties half)."""
-    from rlhf_jax import report as report_module
+    from rlhf_jax.eval import report as report_module
     from rlhf_jax.tasks.sentiment import gold
 
     shown = []

@@ -11,8 +11,8 @@ from safetensors.numpy import load_file, save_file
 import jax
 
 from hf_fixtures import FAMILIES, VOCAB, make_hf_model, make_tokenizer
-from rlhf_jax import hf
-from rlhf_jax.model import forward, init_params, make_model
+from rlhf_jax.models import hf
+from rlhf_jax.models.transformer import forward, init_params, make_model
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_export_then_import_is_exact(hf_dirs, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa_llama3", "qwen2"])
 def test_transformers_loads_our_export(tmp_path, name):
-    from rlhf_jax.tiny import tiny_config
+    from rlhf_jax.models.tiny import tiny_config
     import dataclasses
 
     base = tiny_config(VOCAB, eos_id=1, pad_id=0, family=name.split("_")[0])
@@ -92,7 +92,7 @@ def test_transformers_loads_our_export(tmp_path, name):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_scalar_head_exports_as_sequence_classification(tmp_path, family):
-    from rlhf_jax.tiny import tiny_config
+    from rlhf_jax.models.tiny import tiny_config
 
     cfg = tiny_config(VOCAB, eos_id=1, pad_id=0, family=family)
     model = make_model(cfg, head="scalar")
@@ -153,7 +153,7 @@ def _reward_model(family: str, seed: int = 0):
     """A tiny scalar-head model whose pad id is its EOS id (1), as with Qwen2.5 or pad = eos setups."""
     import dataclasses
 
-    from rlhf_jax.tiny import tiny_config
+    from rlhf_jax.models.tiny import tiny_config
 
     cfg = dataclasses.replace(tiny_config(VOCAB, eos_id=1, pad_id=1, family=family), qkv_bias=family == "qwen2")
     model = make_model(cfg, head="scalar")
@@ -176,7 +176,7 @@ def _eos_ending_batch(pad_id: int):
 
 def _ours(model, params, ids, mask):
     """rlhf_jax's raw reward: the value at the last real token."""
-    from rlhf_jax.losses import last_token_values
+    from rlhf_jax.training.losses import last_token_values
 
     return np.asarray(last_token_values(forward(model, params, ids, mask), mask))
 
@@ -220,8 +220,8 @@ def test_reward_export_without_tokenizer_refuses_batches_in_transformers(tmp_pat
 
 
 def test_reward_norm_folds_into_the_hf_export_and_round_trips(tmp_path):
-    from rlhf_jax.checkpoint import load_model, save_model
     from rlhf_jax.convert import main as convert
+    from rlhf_jax.models.checkpoint import load_model, save_model
 
     make_tokenizer(tmp_path / "tok", pad_is_eos=True)
     cfg, model, params = _reward_model("qwen2", seed=1)

@@ -194,7 +194,7 @@ def test_tpu_pod_runs_what_the_dry_run_prints(fake_gcloud):
     assert [tar_of(c) for c in ran] == [tar_of(c) for c in dry]
     with tarfile.open(str(log) + ".tar.gz") as tar:
         names = set(tar.getnames())
-    assert {"rlhf_jax/main.py", "rlhf_jax/distributed.py", "launch/local.sh", "requirements.txt",
+    assert {"rlhf_jax/main.py", "rlhf_jax/runtime/distributed.py", "launch/local.sh", "requirements.txt",
             "pyproject.toml"} <= names
     assert not any(n.startswith((".venv/", ".git/", "runs/")) for n in names)
 

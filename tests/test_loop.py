@@ -15,11 +15,12 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 import transformers
 
-from rlhf_jax import hf, loop, steps
 from rlhf_jax.config import load_config, OptimSection
 from rlhf_jax.errors import UserError
-from rlhf_jax.model import ModelConfig, init_params, make_model
-from rlhf_jax.tokenizer import PromptEncoder
+from rlhf_jax.models import hf
+from rlhf_jax.models.tokenizer import PromptEncoder
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
+from rlhf_jax.training import loop, steps
 
 from test_model import FULL_SIZE
 

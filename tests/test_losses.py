@@ -11,10 +11,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import steps
 from rlhf_jax.config import OptimSection
-from rlhf_jax.losses import last_token_values, next_token_nll, pairs_from_ranks, ranking_loss
-from rlhf_jax.model import ModelConfig, Transformer, init_params, make_model
+from rlhf_jax.data.rankings import pairs_from_ranks
+from rlhf_jax.models.transformer import ModelConfig, Transformer, init_params, make_model
+from rlhf_jax.training import steps
+from rlhf_jax.training.losses import last_token_values, next_token_nll, ranking_loss
 
 CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=48, eos_token_ids=(1,))

@@ -9,13 +9,16 @@ import jax
 import jax.numpy as jnp
 
 from hf_fixtures import FAMILIES, VOCAB, make_hf_model
-from rlhf_jax import hf, sharding
-from rlhf_jax import tokenizer
-from rlhf_jax.model import (PAD_ID, Attention, KVCache, ModelConfig, forward, init_params, init_scalar_head,
-                            make_model, param_logical_axes, positions_from_mask)
+from rlhf_jax.models import hf
+from rlhf_jax.models import tokenizer
+from rlhf_jax.runtime import sharding
+from rlhf_jax.models.transformer import (
+    PAD_ID, Attention, KVCache, ModelConfig, forward, init_params, init_scalar_head, make_model, param_logical_axes,
+    positions_from_mask)
 from rlhf_jax.errors import UserError
-from rlhf_jax.sampling import (SamplingParams, _categorical, _draw, _filter_logits, _inverse_cdf,
-                               categorical_from_uniforms, sample, teacher_forced_logprobs)
+from rlhf_jax.models.sampling import (
+    SamplingParams, _categorical, _draw, _filter_logits, _inverse_cdf, categorical_from_uniforms, sample,
+    teacher_forced_logprobs)
 
 
 @pytest.fixture(scope="module")

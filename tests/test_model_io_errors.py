@@ -21,12 +21,12 @@ import pytest
 from safetensors import SafetensorError
 
 from rlhf_jax import convert as convert_cli
-from rlhf_jax import hf
 from rlhf_jax import generate as generate_cli
-from rlhf_jax.checkpoint import load_model
 from rlhf_jax.errors import UserError
-from rlhf_jax.model import init_params, make_model
-from rlhf_jax.tiny import build_tiny_model, tiny_config
+from rlhf_jax.models import hf
+from rlhf_jax.models.checkpoint import load_model
+from rlhf_jax.models.tiny import build_tiny_model, tiny_config
+from rlhf_jax.models.transformer import init_params, make_model
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

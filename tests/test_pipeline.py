@@ -127,7 +127,7 @@ def test_labeler_follows_bradley_terry_and_its_ceiling_is_the_gold_rewards_agree
 
 def test_labeling_merges_identical_drops_empty_and_checks_ranks():
     from rlhf_jax.errors import UserError
-    from rlhf_jax.label import _check_ranks, group_responses
+    from rlhf_jax.stages.label import _check_ranks, group_responses
 
     texts = [" a", " a", " b", "", " c", " ", " c", ""]  # prompt 1: a, a, b, ""; prompt 2: c, " ", c, ""
     assert group_responses(["p1", "p2"], texts, 4) == (["p1"], [[" a", " b"]], 3)

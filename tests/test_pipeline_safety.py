@@ -20,10 +20,13 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_jax import convert as convert_cli
-from rlhf_jax import fsio, hf, loop, pipeline
+from rlhf_jax import pipeline
 from rlhf_jax import main as main_cli
 from rlhf_jax.config import ConfigError
-from rlhf_jax.tiny import build_tiny_model
+from rlhf_jax.models import hf
+from rlhf_jax.models.tiny import build_tiny_model
+from rlhf_jax.runtime import fsio
+from rlhf_jax.training import loop
 
 from cli_helpers import run_quietly
 

@@ -18,9 +18,10 @@ import yaml
 
 from cli_helpers import run_quietly
 from rlhf_jax import main as main_cli
-from rlhf_jax import pipeline, plan, sharding
+from rlhf_jax import pipeline, plan
 from rlhf_jax.config import load_config
 from rlhf_jax.errors import UserError
+from rlhf_jax.runtime import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

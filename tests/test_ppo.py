@@ -19,12 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import loop, ppo, ppo_stage, sharding, steps
 from rlhf_jax import main as main_cli
-from rlhf_jax.clock import LapClock
 from rlhf_jax.config import OptimSection, PPOSection
-from rlhf_jax.model import PAD_ID, ModelConfig, init_params, make_model
-from rlhf_jax.sampling import SamplingParams, response_logits
+from rlhf_jax.models.sampling import SamplingParams, response_logits
+from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
+from rlhf_jax.rl import ppo
+from rlhf_jax.runtime import sharding
+from rlhf_jax.runtime.clock import LapClock
+from rlhf_jax.stages import ppo as ppo_stage
+from rlhf_jax.training import loop, steps
 
 from cli_helpers import run_quietly
 
@@ -118,7 +121,7 @@ def _rollout(models, state, frozen, ids, mask, rng=9):
 
 
 def _forced_logprobs(models, params, batch):
-    from rlhf_jax.sampling import teacher_forced_logprobs
+    from rlhf_jax.models.sampling import teacher_forced_logprobs
 
     return np.asarray(teacher_forced_logprobs(models.policy, params, batch.prompt_ids_BP, batch.prompt_mask_BP,
                                               batch.tokens_BN, batch.mask_BN, models.sampling.temperature))
@@ -276,8 +279,8 @@ def test_rollout_carries_nothing_after_eos():
 
 def test_sampler_logprobs_equal_the_training_forward_at_temperature():
     """The rollout takes old log-probs from a teacher-forced pass; in float32 the sampler's own agree."""
-    from rlhf_jax.losses import token_logprobs
-    from rlhf_jax.sampling import sample
+    from rlhf_jax.models.sampling import sample
+    from rlhf_jax.training.losses import token_logprobs
 
     models = _models()
     state, _, ids, mask = _setup(models, seed=5)
@@ -336,9 +339,9 @@ def test_mesh_of_8_agrees_with_one_device(shape):
 def ppo_inputs(tmp_path_factory):
     """A tiny policy (HF dir), a reward model export made from it (random scalar head, with a normalisation),
     and a prompts dataset prepared through the data CLI."""
-    from rlhf_jax.checkpoint import load_model, save_model
     from rlhf_jax.data import __main__ as data_cli
-    from rlhf_jax.tiny import build_tiny_model
+    from rlhf_jax.models.checkpoint import load_model, save_model
+    from rlhf_jax.models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("ppo")
     tiny = build_tiny_model(root / "tiny", seed=0)
@@ -377,7 +380,7 @@ KILL_STEPS = 30  # enough iterations that the killed run is still going when its
 def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
     """The straight run logs every key each iteration, writes samples and exports; the same command killed -9
     after its step-5 checkpoint and rerun resumes there and ends bitwise where the straight run ends."""
-    from rlhf_jax.checkpoint import load_model
+    from rlhf_jax.models.checkpoint import load_model
 
     def args(run_dir):
         return _ppo_args(ppo_inputs, run_dir, f"train.steps={KILL_STEPS}", "train.save_every=5",

@@ -11,7 +11,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import ppo_losses as P
+from rlhf_jax.rl import ppo_math as P
 
 B, N = 6, 9
 EOS_AT = [0, 3, 5, N - 1, None, 2]  # index of the first EOS per row; None: the response never ended

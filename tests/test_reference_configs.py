@@ -15,9 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import hf, loop, pipeline, plan, sharding
+from rlhf_jax import pipeline, plan
 from rlhf_jax.data import formats
-from rlhf_jax.model import ModelConfig, init_params, make_model
+from rlhf_jax.models import hf
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
+from rlhf_jax.runtime import sharding
+from rlhf_jax.training import loop
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

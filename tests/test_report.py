@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from rlhf_jax import report as report_lib
+from rlhf_jax.eval import report as report_lib
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -139,5 +139,5 @@ def test_headline_lines():
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, rlhf_jax.report; assert 'matplotlib' not in sys.modules"
+    code = "import sys, rlhf_jax.eval.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

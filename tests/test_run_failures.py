@@ -15,9 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from rlhf_jax import main as main_cli
-from rlhf_jax.checkpoint import TrainCheckpoints
 from rlhf_jax.data import __main__ as data_cli
-from rlhf_jax.tiny import build_tiny_model
+from rlhf_jax.models.checkpoint import TrainCheckpoints
+from rlhf_jax.models.tiny import build_tiny_model
 
 from cli_helpers import run_quietly as _quiet
 
@@ -97,8 +97,8 @@ def test_divergence_stops_with_exit_3_and_saves_nothing_non_finite(tiny, data_di
 
 
 def test_export_refuses_non_finite_params(tmp_path):
-    from rlhf_jax import loop
     from rlhf_jax.errors import DivergedError
+    from rlhf_jax.training import loop
 
     with pytest.raises(DivergedError, match="non-finite values; .* was not written"):
         loop.export(tmp_path / "export", {"w": np.array([1.0, np.nan])}, None, None)
@@ -175,7 +175,7 @@ def test_resume_refuses_another_model_and_allows_harmless_changes(tiny, data_dir
 
 
 def test_config_changes_classify_keys():
-    from rlhf_jax.resume import config_changes, shape_changes
+    from rlhf_jax.training.resume import config_changes, shape_changes
 
     old = {"seed": 0, "model": {"path": "a/b"}, "train": {"steps": 10, "batch_size": 8},
            "optim": {"lr": 1.0, "grad_clip": 1.0}}

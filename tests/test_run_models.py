@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import evaluate, loop
+from rlhf_jax import evaluate
 from rlhf_jax import main as main_cli
-from rlhf_jax.checkpoint import load_model, model_fingerprint, save_model
 from rlhf_jax.data import __main__ as data_cli
 from rlhf_jax.errors import UserError
-from rlhf_jax.tiny import build_tiny_model
+from rlhf_jax.models.checkpoint import load_model, model_fingerprint, save_model
+from rlhf_jax.models.tiny import build_tiny_model
+from rlhf_jax.training import loop
 
 from cli_helpers import run_quietly
 
@@ -103,7 +104,7 @@ def test_a_reward_model_with_another_tokenizer_is_refused_by_ppo_and_eval(inputs
 
 
 def test_tokenizers_are_compared_by_vocabulary_and_end_of_text(inputs, tmp_path):
-    from rlhf_jax.tokenizer import check_same_tokenizer
+    from rlhf_jax.models.tokenizer import check_same_tokenizer
 
     tiny = inputs["tiny"]
     same = tmp_path / "same"  # other bytes, the same vocabulary: what convert --to-hf makes of a reward model
@@ -153,7 +154,7 @@ def test_a_value_model_is_refused_where_a_reward_model_is_read(inputs, tmp_path)
 
 def test_exports_record_their_role(tmp_path):
     """A language model exports as a policy, a scalar head as a reward model unless it is ppo's value model."""
-    from rlhf_jax.model import make_model
+    from rlhf_jax.models.transformer import make_model
 
     tiny = build_tiny_model(tmp_path / "tiny", seed=0)
     loaded = load_model(tiny)
@@ -178,7 +179,7 @@ def test_a_fingerprint_follows_the_files_not_their_place_or_time(inputs, tmp_pat
 
 
 def test_model_changes_judge_models_by_their_files():
-    from rlhf_jax.resume import config_changes, model_changes
+    from rlhf_jax.training.resume import config_changes, model_changes
 
     record = lambda sft, rm, files: {"model.path": {"path": sft, "fingerprint": "1"},
                                      "ppo.reward_model": {"path": rm, "fingerprint": files}}
@@ -289,8 +290,8 @@ class _State:
 
 def test_the_adaptive_kl_controller_continues_from_the_restored_beta():
     from rlhf_jax.config import config_from_dict
-    from rlhf_jax.ppo_losses import KLController
-    from rlhf_jax.ppo_stage import kl_on_resume
+    from rlhf_jax.rl.ppo_math import KLController
+    from rlhf_jax.stages.ppo import kl_on_resume
 
     state = _State(kl=KLController(jnp.asarray(0.125, jnp.float32)))
     adaptive = config_from_dict({"stage": "ppo", "ppo": {"kl_coef": 0.05, "kl_target": 6.0}})

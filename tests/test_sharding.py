@@ -6,8 +6,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import sharding
-from rlhf_jax.model import ModelConfig, init_params, make_model, param_logical_axes
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, param_logical_axes
+from rlhf_jax.runtime import sharding
 
 AXES = ("data", "fsdp", "tensor")
 

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 
 from rlhf_jax import main as main_cli
-from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import load_config
 from rlhf_jax.data import __main__ as data_cli
-from rlhf_jax.tiny import build_tiny_model
+from rlhf_jax.models.checkpoint import load_model
+from rlhf_jax.models.tiny import build_tiny_model
 
 from cli_helpers import run_quietly as _quiet
 
@@ -203,7 +203,7 @@ def test_loss_on_prompt_trains_on_prompt_tokens(tiny, data_dir, workdir):
     """The first batch's target tokens: with loss_on_prompt every real token that follows a real token (the
     first prompt token has no context), without it only response tokens."""
     from rlhf_jax.data.pipeline import train_dataset
-    from rlhf_jax.tokenizer import load_tokenizer
+    from rlhf_jax.models.tokenizer import load_tokenizer
 
     args = _mesh_args("sft", tiny, data_dir)
     batch = next(iter(train_dataset(load_config(None, args).data, "train", load_tokenizer(tiny), 16, seed=0)))
@@ -246,10 +246,10 @@ def test_rm_bias_gain_normalises_reference_rewards(rm_run):
     import jax.numpy as jnp
 
     from rlhf_jax.data.pipeline import eval_batches
-    from rlhf_jax.trainers import best_responses
-    from rlhf_jax.model import make_model
-    from rlhf_jax.steps import completion_rewards
-    from rlhf_jax.tokenizer import load_tokenizer
+    from rlhf_jax.models.tokenizer import load_tokenizer
+    from rlhf_jax.models.transformer import make_model
+    from rlhf_jax.stages.train import best_responses
+    from rlhf_jax.training.steps import completion_rewards
 
     assert rm_run["rc"] == 0, rm_run["err"]
     cfg = load_config(None, rm_run["argv"])
@@ -287,11 +287,12 @@ def test_rm_epoch_reference_dataset_bias_and_micro_batched_eval(tiny, data_dir, 
 
     import jax.numpy as jnp
 
-    from rlhf_jax import sharding, trainers
     from rlhf_jax.data.pipeline import eval_batches, open_split
-    from rlhf_jax.losses import last_token_values
-    from rlhf_jax.model import forward, make_model
-    from rlhf_jax.tokenizer import load_tokenizer
+    from rlhf_jax.models.tokenizer import load_tokenizer
+    from rlhf_jax.models.transformer import forward, make_model
+    from rlhf_jax.runtime import sharding
+    from rlhf_jax.stages import train as trainers
+    from rlhf_jax.training.losses import last_token_values
 
     sizes = []
     real_eval_batches = trainers.eval_batches
@@ -326,7 +327,7 @@ def test_rm_epoch_reference_dataset_bias_and_micro_batched_eval(tiny, data_dir, 
 
 
 def test_rm_warns_when_it_would_repeat_comparisons(capsys):
-    from rlhf_jax.trainers import _warn_if_repeating
+    from rlhf_jax.stages.train import _warn_if_repeating
 
     cfg = load_config(None, ["stage=rm", "train.batch_size=16"])
     _warn_if_repeating(cfg, 10, 160)
@@ -344,8 +345,8 @@ MESH_STEPS = 3
 
 
 def _train_on_mesh(cfg_args: list[str], run_dir: Path, shape, devices=None) -> dict[int, float]:
-    from rlhf_jax import sharding
-    from rlhf_jax.trainers import train
+    from rlhf_jax.runtime import sharding
+    from rlhf_jax.stages.train import train
 
     cfg = load_config(None, [*cfg_args, f"run_dir={run_dir}"])
     mesh = sharding.make_mesh(shape, ("data", "fsdp", "tensor"), devices=devices)

@@ -21,13 +21,13 @@ import pytest
 
 from rlhf_jax import convert, evaluate, generate
 from rlhf_jax import main as main_cli
-from rlhf_jax.checkpoint import load_model, save_model
 from rlhf_jax.data import __main__ as data_cli
 from rlhf_jax.errors import UserError
-from rlhf_jax.label import _check_ceiling, _check_ranks
-from rlhf_jax.model import init_params, make_model
-from rlhf_jax.progress import Lines, progress
-from rlhf_jax.tiny import build_tiny_model
+from rlhf_jax.models.checkpoint import load_model, save_model
+from rlhf_jax.models.tiny import build_tiny_model
+from rlhf_jax.models.transformer import init_params, make_model
+from rlhf_jax.runtime.progress import Lines, progress
+from rlhf_jax.stages.label import _check_ceiling, _check_ranks
 
 from cli_helpers import run_quietly
 
@@ -224,7 +224,7 @@ def test_importing_without_torch_prints_nothing():
     would print that line."""
     hide_torch = ("import importlib.util as u; real = u.find_spec; "
                   "u.find_spec = lambda name, *a, **k: None if name == 'torch' else real(name, *a, **k); "
-                  "import rlhf_jax.tokenizer")
+                  "import rlhf_jax.models.tokenizer")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
     done = subprocess.run([sys.executable, "-c", hide_torch], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax.config import DataSection
 from rlhf_jax.data.prepare import RANKINGS_LAYOUT, dataset_dir
 from rlhf_jax.errors import UserError
-from rlhf_jax.tokenizer import PAD_ID, PromptEncoder
+from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder
 
 
 READ_THREADS = 8

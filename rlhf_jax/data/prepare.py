@@ -27,10 +27,10 @@ from typing import Collection, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax import fsio
 from rlhf_jax.data.formats import FORMATS, read_rows
+from rlhf_jax.data.rankings import pairs_from_ranks
 from rlhf_jax.errors import UserError
-from rlhf_jax.losses import pairs_from_ranks
+from rlhf_jax.runtime import fsio
 
 VERSION = "1.0.0"
 TRAIN, EVAL = "train", "eval"

@@ -15,9 +15,9 @@ import tensorflow_datasets as tfds
 
 from rlhf_jax.config import Config
 from rlhf_jax.data.prepare import prepare
-from rlhf_jax.fsio import write_text_atomically
+from rlhf_jax.models.tiny import build_tiny_model
+from rlhf_jax.runtime.fsio import write_text_atomically
 from rlhf_jax.tasks import sentiment
-from rlhf_jax.tiny import build_tiny_model
 
 TASKS = {"sentiment": sentiment}
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.config import OptimSection
-from rlhf_jax.losses import last_token_values, next_token_nll, ranking_loss
-from rlhf_jax.model import Transformer
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.training.losses import last_token_values, next_token_nll, ranking_loss
 
 
 @flax.struct.dataclass

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax import distributed, imports, sharding
-from rlhf_jax.checkpoint import load_model
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import has_split, open_split, stored_prompts
 from rlhf_jax.data.prepare import prepare
 from rlhf_jax.errors import UserError
-from rlhf_jax.fsio import write_json_atomically, write_text_atomically
-from rlhf_jax.generate import Generator
-from rlhf_jax.sampling import SamplingParams
-from rlhf_jax.tokenizer import PAD_ID
+from rlhf_jax.models.checkpoint import load_model
+from rlhf_jax.models.generation import Generator
+from rlhf_jax.models.sampling import SamplingParams
+from rlhf_jax.models.tokenizer import PAD_ID
+from rlhf_jax.runtime import distributed, plugins as imports, sharding
+from rlhf_jax.runtime.fsio import write_json_atomically, write_text_atomically
 
 
 def check_config(cfg: Config) -> None:

@@ -83,7 +83,7 @@ def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLik
         raise write_error(out, e) from None
     finally:
         if tmp is not None and primary:
-            _remove(tmp)  # gone already after a successful swap
+            remove_dir(tmp)  # gone already after a successful swap
         for parent in new_parents if not done and primary else ():
             with contextlib.suppress(OSError):  # only while empty: nothing else is ever removed
                 parent.rmdir()
@@ -128,8 +128,8 @@ def run_dir_lock(run_dir: PathLike, key: str = "run_dir") -> Iterator[None]:
 def _processes():
     """(whether this process creates and swaps directories, a barrier between processes, a temporary name token
     every process agrees on, a runner of what process 0 does alone that tells every process how it went). Without
-    rlhf_jax.distributed loaded there is one process."""
-    distributed = sys.modules.get("rlhf_jax.distributed")  # not loaded: one process
+    rlhf_jax.runtime.distributed loaded there is one process."""
+    distributed = sys.modules.get("rlhf_jax.runtime.distributed")  # not loaded: one process
     if distributed is not None and distributed.is_multiprocess():
         return distributed.is_primary(), distributed.barrier, distributed.shared_token(), distributed.on_primary
     return True, lambda name: None, f"{os.getpid()}-{secrets.token_hex(3)}", lambda fn: fn()
@@ -151,7 +151,7 @@ def _check_apart(out: Path, src: Path) -> None:
         raise OutputDirError(f"{out}: contains the input {src}; replacing it would delete the input")
 
 
-def _remove(tmp: Path) -> None:
+def remove_dir(tmp: Path) -> None:
     """Delete a temporary directory, and again after pauses while it reappears: writes that a failed library
     call left in flight (orbax's, after a full disk) can recreate files in it after the first pass."""
     for pause in (0.0, 0.2, 1.0):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_jax.fsio import write_bytes_atomically
+from rlhf_jax.runtime.fsio import write_bytes_atomically
 
 # Training curves drawn from run directories: (panel title, stage, metric key, held-out metric key or None).
 CURVES = (

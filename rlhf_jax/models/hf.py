@@ -15,9 +15,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax import fsio
 from rlhf_jax.errors import UserError, os_reason
-from rlhf_jax.model import ModelConfig
+from rlhf_jax.models.transformer import ModelConfig
+from rlhf_jax.runtime import fsio
 
 # (family, head) for each supported HF architecture.
 ARCHITECTURES = {
@@ -44,7 +44,7 @@ def _supported() -> str:
     return ", ".join(sorted(ARCHITECTURES))
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -322,7 +322,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint dir: model.safetensors or those of a sharded index."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFFormatError(f"{index}: no \"weight_map\" of tensor names to files")
         files = [model_dir / name for name in sorted(set(map(str, weight_map.values())))]
@@ -370,8 +370,8 @@ def load_hf(model_dir: str | os.PathLike, head: str | None = None) -> tuple[Mode
     if not model_dir.is_dir():
         raise HFFormatError(f"{model_dir}: is a file, expected a HF checkpoint directory")
     gen_path = model_dir / "generation_config.json"
-    generation = _read_json(gen_path) if gen_path.exists() else None
-    cfg, hf_head = config_from_hf(_read_json(model_dir / "config.json"), generation, str(model_dir / "config.json"))
+    generation = read_json(gen_path) if gen_path.exists() else None
+    cfg, hf_head = config_from_hf(read_json(model_dir / "config.json"), generation, str(model_dir / "config.json"))
     head = head or hf_head
     return cfg, head, params_from_hf(read_tensors(model_dir), cfg, head)
 
@@ -392,7 +392,7 @@ def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike) -> int | None:
     files without building it; None for a sentencepiece-only tokenizer."""
     tokenizer_dir = Path(tokenizer_dir)
     if (tokenizer_dir / "tokenizer.json").is_file():
-        spec = _read_json(tokenizer_dir / "tokenizer.json")
+        spec = read_json(tokenizer_dir / "tokenizer.json")
         spec = spec if isinstance(spec, dict) else {}
         model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
         vocab = model.get("vocab") or {}
@@ -408,7 +408,7 @@ def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike) -> int | None:
 
 def _json_values(path: Path) -> list:
     """The values of a JSON object file (a token -> id map); [] when there is none."""
-    data = _read_json(path) if path.is_file() else {}
+    data = read_json(path) if path.is_file() else {}
     return list(data.values()) if isinstance(data, dict) else []
 
 
@@ -417,7 +417,7 @@ def _tokenizer_facts(tokenizer_dir) -> tuple[int | None, int | None, int | None]
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if tokenizer_dir is None or not any((Path(tokenizer_dir) / n).exists() for n in names):
         return None, None, None
-    from rlhf_jax.tokenizer import load_tokenizer  # lazy: transformers is only needed for this lookup
+    from rlhf_jax.models.tokenizer import load_tokenizer  # lazy: transformers is only needed for this lookup
 
     tok = load_tokenizer(tokenizer_dir)
     return tok.pad_token_id, tok.eos_token_id, max(tok.get_vocab().values()) + 1
@@ -458,7 +458,7 @@ def _left_pad_tokenizer(out_dir: Path) -> None:
     correctly whatever id pads them (needed when the tokenizer pads with an EOS id)."""
     path = out_dir / "tokenizer_config.json"
     if path.exists():
-        path.write_text(json.dumps({**_read_json(path), "padding_side": "left"}, indent=2))
+        path.write_text(json.dumps({**read_json(path), "padding_side": "left"}, indent=2))
 
 
 def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: str = "lm",

@@ -17,15 +17,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rlhf_jax import distributed, loop, sharding, steps
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import eval_batches, has_split, open_split, response_slots, train_dataset
 from rlhf_jax.errors import UserError
-from rlhf_jax.losses import last_token_values
-from rlhf_jax.model import Transformer, positions_from_mask
+from rlhf_jax.models.transformer import Transformer, positions_from_mask
+from rlhf_jax.runtime import distributed, sharding
+from rlhf_jax.training import loop, steps
+from rlhf_jax.training.losses import last_token_values
 
 
-class _Stage:
+class Stage:
     """What differs between sft and rm: head, step, eval reduction and its metrics."""
 
     def __init__(self, cfg: Config, model: Transformer, optimizer, schedule):
@@ -87,7 +88,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
                          "data.max_prompt_tokens + data.max_response_tokens")
     schedule = steps.lr_schedule(cfg.optim, total)
     optimizer = steps.make_optimizer(cfg.optim, total)
-    stage = _Stage(cfg, model, optimizer, schedule)
+    stage = Stage(cfg, model, optimizer, schedule)
     state_sh = loop.state_shardings(model, optimizer, mesh)
     loop.report_sharding(model, mesh)
     state = loop.place_state(loop.initial_params(loaded, model, cfg.seed), optimizer, state_sh)
@@ -142,7 +143,7 @@ def real_tokens(batch: dict) -> int:
     return int((batch["prompt_mask"].sum(1) * responses_B).sum() + batch["response_mask"].sum())
 
 
-def fit_reward_norm(cfg: Config, stage: _Stage, params, tokenizer, mesh, batch_size: int) -> dict:
+def fit_reward_norm(cfg: Config, stage: Stage, params, tokenizer, mesh, batch_size: int) -> dict:
     """Gain and bias so that reference responses score mean 0 (and std 1 with 'bias_gain'):
     normalised reward = gain * reward + bias. Stored in the exported model's model.json."""
     if cfg.rm.normalize == "none":

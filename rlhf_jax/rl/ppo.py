@@ -19,13 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import ppo_losses as L
-from rlhf_jax.clock import LapClock
-from rlhf_jax.config import PPOSection
-from rlhf_jax.losses import last_token_values, token_logprobs
-from rlhf_jax.model import Transformer, positions_from_mask
-from rlhf_jax.sampling import SamplingParams, is_eos, response_logits, sample
-from rlhf_jax.steps import TrainState, micro_batches, sft_sums
+from rlhf_jax.models.sampling import SamplingParams, is_eos, response_logits, sample
+from rlhf_jax.models.transformer import Transformer, positions_from_mask
+from rlhf_jax.rl import ppo_math as L
+from rlhf_jax.runtime.clock import LapClock
+from rlhf_jax.training.losses import last_token_values, token_logprobs
+from rlhf_jax.training.steps import TrainState, micro_batches, sft_sums
 
 
 @flax.struct.dataclass
@@ -57,7 +56,7 @@ class PPOModels:
     policy_opt: optax.GradientTransformation
     value_opt: optax.GradientTransformation
     sampling: SamplingParams
-    ppo: PPOSection
+    ppo: Any  # the config's ppo section (rlhf_jax.config.PPOSection): rl/ never imports the config
     reward_gain: float = 1.0  # the reward model's normalisation: score = gain * raw + bias
     reward_bias: float = 0.0
     # The value model's outputs in the same units: initialised from the reward model, V = gain * head + bias

@@ -26,7 +26,7 @@ NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keep
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture; built from a HF config.json by `rlhf_jax.hf`, or directly for tests and the demo."""
+    """Architecture; built from a HF config.json by `rlhf_jax.models.hf`, or directly for tests and the demo."""
 
     family: Family
     vocab_size: int
@@ -146,7 +146,7 @@ def _use_cudnn_attention(impl: AttentionImpl, dtype, full_pass: bool, T: int, H:
 
 
 def _param(module: nn.Module, name: str, shape, axes, init, dtype):
-    """Declares a parameter with its logical axis names (used by `rlhf_jax.sharding`)."""
+    """Declares a parameter with its logical axis names (used by `rlhf_jax.runtime.sharding`)."""
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
@@ -368,17 +368,17 @@ def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param
 
 def init_params(model: Transformer, rng: jax.Array) -> dict:
     """Random parameters, unboxed (logical names are read separately with `param_logical_axes`)."""
-    return nn.unbox(_init_boxed(model, rng))
+    return nn.unbox(init_boxed(model, rng))
 
 
-def _init_boxed(model: Transformer, rng: jax.Array):
+def init_boxed(model: Transformer, rng: jax.Array):
     tokens = jnp.zeros((1, 1), jnp.int32)
     return model.init(rng, tokens, tokens, jnp.ones((1, 1), bool))["params"]
 
 
 def param_logical_axes(model: Transformer):
     """Pytree of logical axis-name tuples matching the params, without allocating any weights."""
-    boxed = jax.eval_shape(lambda: _init_boxed(model, jax.random.key(0)))
+    boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.key(0)))
     return nn.get_partition_spec(boxed)
 
 

@@ -213,9 +213,9 @@ def _summary_lines(rows: list[KindSummary], total: int, per_device: int, mesh: M
     table = [("kind", "n", "shape", "logical axes", "split as", "total", "per device")]
     for r in rows:
         table.append((r.kind, str(r.count), _dims(r.shape), _dims(r.logical_axes), _dims(_spec_names(r.spec)),
-                      _format_bytes(r.bytes_total), _format_bytes(r.bytes_per_device)))
-    table.append(("total", str(sum(r.count for r in rows)), "", "", "", _format_bytes(total),
-                  _format_bytes(per_device)))
+                      format_bytes(r.bytes_total), format_bytes(r.bytes_per_device)))
+    table.append(("total", str(sum(r.count for r in rows)), "", "", "", format_bytes(total),
+                  format_bytes(per_device)))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     right = {1, 5, 6}  # numbers right-aligned
     render = lambda row: "  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -231,7 +231,7 @@ def _dims(items) -> str:
     return "(" + ", ".join("-" if i is None else str(i) for i in items) + ")"
 
 
-def _format_bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import jax
 
-from rlhf_jax import fsio, hf
-from rlhf_jax.model import ModelConfig, init_params, make_model
-from rlhf_jax.tokenizer import train_tiny_tokenizer
+from rlhf_jax.models import hf
+from rlhf_jax.models.tokenizer import train_tiny_tokenizer
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
+from rlhf_jax.runtime import fsio
 
 
 def bundled_prompts() -> list[str]:
@@ -45,7 +46,7 @@ def resolve_model_path(path: str, run_dir: str | os.PathLike, seed: int = 0) -> 
     """The configured model, or (for an empty path) the tiny built-in one, built once into the run dir."""
     if path:
         return Path(path)
-    from rlhf_jax import distributed
+    from rlhf_jax.runtime import distributed
 
     tiny = Path(run_dir) / "tiny_model"
     if not distributed.on_primary(lambda: (tiny / "config.json").exists()):  # process 0 builds it for all

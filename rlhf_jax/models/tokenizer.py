@@ -10,9 +10,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import transformers
 
-from rlhf_jax import hf
 from rlhf_jax.errors import UserError
-from rlhf_jax.model import PAD_ID  # lives with the model that embeds it; importable from here too
+from rlhf_jax.models import hf
+from rlhf_jax.models.transformer import PAD_ID  # lives with the model that embeds it; importable from here too
 
 EOS_TOKEN = "<|endoftext|>"
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf_jax.fsio import write_text_atomically
+from rlhf_jax.runtime.fsio import write_text_atomically
 
 
 class MetricsWriter:
@@ -54,7 +54,7 @@ class MetricsWriter:
 
 
 def _is_primary() -> bool:
-    distributed = sys.modules.get("rlhf_jax.distributed")  # not loaded: one process
+    distributed = sys.modules.get("rlhf_jax.runtime.distributed")  # not loaded: one process
     return distributed is None or distributed.is_primary()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 
@@ -21,14 +20,6 @@ def next_token_nll(logits_BTV: jax.Array, ids_BT: jax.Array, weight_BT: jax.Arra
     w_BT = weight_BT[:, 1:].astype(jnp.float32) * same_segment_BT
     nll_BT = -token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:])
     return jnp.sum(nll_BT * w_BT), jnp.sum(w_BT)
-
-
-def pairs_from_ranks(ranks) -> tuple[np.ndarray, np.ndarray]:
-    """(better, worse) response indices of every ordered pair of one dense ranking (0 best): a K-way ranking
-    is all its pairs, K*(K-1)/2 without ties. Ties give no pair (InstructGPT drops them)."""
-    ranks = np.asarray(ranks)
-    better, worse = np.nonzero(ranks[:, None] < ranks[None, :])
-    return better.astype(np.int32), worse.astype(np.int32)
 
 
 def ranking_loss(rewards_BK: jax.Array, pairs_BKK: jax.Array, weight_B: jax.Array | None = None) -> dict:

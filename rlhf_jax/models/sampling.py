@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.errors import UserError
-from rlhf_jax.model import PAD_ID, KVCache, Transformer, positions_from_mask
+from rlhf_jax.models.transformer import PAD_ID, KVCache, Transformer, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,9 +25,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax import distributed, fsio, hf
 from rlhf_jax.errors import UserError, os_error_message, os_reason
-from rlhf_jax.model import ModelConfig
+from rlhf_jax.models import hf
+from rlhf_jax.models.transformer import ModelConfig
+from rlhf_jax.runtime import distributed, fsio
 
 FORMAT = "rlhf_jax.model"
 # What an export is for, so that a model read by role (a reward model, a policy) is never another kind of model
@@ -154,7 +155,7 @@ def _drop_abandoned_call_noise() -> None:
 
 def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
     path = ckpt_dir / "model.json"
-    meta = hf._read_json(path)
+    meta = hf.read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} file")
     try:
@@ -195,7 +196,7 @@ def model_head(path: str | os.PathLike) -> str:
         if (path / "model.json").exists():
             return read_model_meta(path)[1]
         if (path / "config.json").exists():
-            return hf.config_from_hf(hf._read_json(path / "config.json"), where=str(path / "config.json"))[1]
+            return hf.config_from_hf(hf.read_json(path / "config.json"), where=str(path / "config.json"))[1]
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
     raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
@@ -210,7 +211,7 @@ def _load_model(path: Path) -> LoadedModel:
     elif (path / "config.json").exists():
         cfg, head, params = hf.load_hf(path)
         where = path / "config.json"
-        extra = {k: v for k, v in hf._read_json(where).items()
+        extra = {k: v for k, v in hf.read_json(where).items()
                  if k == "reward_norm" or (k == "role" and v in ROLES)}  # config.json extras of our exports
         loaded = LoadedModel(cfg, head, params, path if hf.has_tokenizer(path) else None, extra)
     else:
@@ -365,7 +366,7 @@ class TrainCheckpoints:
         """One line for a failed save, once its partial directory (orbax's temporary name) is removed."""
         if jax.process_index() == 0:
             for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                fsio._remove(partial)
+                fsio.remove_dir(partial)
         reason = os_error_message(error) if isinstance(error, OSError) else os_reason(error)
         kept = self.latest_step()
         what = f"step {step}" if step is not None else "a checkpoint"

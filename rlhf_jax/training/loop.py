@@ -21,15 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import distributed, fsio, resume, sharding, steps
-from rlhf_jax.checkpoint import LoadedModel, TrainCheckpoints, load_model, model_fingerprint, save_model, state_shapes
+from rlhf_jax.runtime import distributed, fsio, sharding
+from rlhf_jax.training import resume, steps
+from rlhf_jax.models.checkpoint import (
+    LoadedModel, TrainCheckpoints, load_model, model_fingerprint, save_model, state_shapes)
 from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.errors import DivergedError, Interrupted, UserError
-from rlhf_jax.metrics import MetricsWriter
-from rlhf_jax.progress import progress
-from rlhf_jax.model import Transformer, _init_boxed, init_scalar_head, make_model, param_logical_axes
-from rlhf_jax.tiny import resolve_model_path
-from rlhf_jax.tokenizer import load_tokenizer
+from rlhf_jax.models.tiny import resolve_model_path
+from rlhf_jax.models.tokenizer import load_tokenizer
+from rlhf_jax.models.transformer import Transformer, init_boxed, init_scalar_head, make_model, param_logical_axes
+from rlhf_jax.runtime.metrics import MetricsWriter
+from rlhf_jax.runtime.progress import progress
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -63,7 +65,7 @@ def check_positions(model_cfg, length: int, keys: str) -> None:
 
 def report_sharding(model: Transformer, mesh) -> None:
     """Print how the params are split over the mesh (one screen) and warn once per replicated fallback."""
-    abstract = jax.eval_shape(lambda: nn.unbox(_init_boxed(model, jax.random.key(0))))
+    abstract = jax.eval_shape(lambda: nn.unbox(init_boxed(model, jax.random.key(0))))
     sharding.print_sharding_report(sharding.sharding_report(param_logical_axes(model), abstract, mesh))
 
 
@@ -75,7 +77,7 @@ def initial_params(loaded: LoadedModel, model: Transformer, seed: int) -> dict:
 
 def state_shardings(model: Transformer, optimizer, mesh):
     """NamedShardings of the whole TrainState from the params' logical names: optimizer moments inherit them."""
-    boxed = jax.eval_shape(lambda: _init_boxed(model, jax.random.key(0)))
+    boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.key(0)))
     abstract = jax.eval_shape(lambda p: steps.init_state(p, optimizer), boxed)
     specs = nn.get_partition_spec(abstract)
     shapes = nn.unbox(abstract)

@@ -16,17 +16,19 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import distributed, loop, ppo, sharding, steps
-from rlhf_jax.clock import LapClock
-from rlhf_jax.metrics import drop_lines_after
-from rlhf_jax.checkpoint import LoadedModel, check_role, load_model
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split, train_dataset
 from rlhf_jax.errors import UserError
-from rlhf_jax.model import init_params, make_model, param_logical_axes
-from rlhf_jax.ppo_losses import KLController
-from rlhf_jax.sampling import SamplingParams
-from rlhf_jax.tokenizer import PAD_ID, check_same_tokenizer
+from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
+from rlhf_jax.models.sampling import SamplingParams
+from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
+from rlhf_jax.models.transformer import init_params, make_model, param_logical_axes
+from rlhf_jax.rl import ppo
+from rlhf_jax.rl.ppo_math import KLController
+from rlhf_jax.runtime import distributed, sharding
+from rlhf_jax.runtime.clock import LapClock
+from rlhf_jax.runtime.metrics import drop_lines_after
+from rlhf_jax.training import loop, steps
 
 
 def check_config(cfg: Config) -> None:

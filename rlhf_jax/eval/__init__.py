@@ -1,0 +1,1 @@
+"""Evaluation of policies: the evaluator, its statistics and the report."""

@@ -1,0 +1,471 @@
+"""Evaluation of policies the way InstructGPT judged them (preference rates by the reward model and a gold scorer, KL
+from the reference, held-out ranking accuracy); `python -m rlhf_jax.evaluate` and `stage: eval` run it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from rlhf_jax.eval import stats as eval_stats
+from rlhf_jax.rl import ppo
+from rlhf_jax.runtime import distributed, plugins as imports, sharding
+from rlhf_jax.training import loop
+from rlhf_jax.models.checkpoint import (
+    LoadedModel, UnrestorableCheckpoint, check_role, load_model, model_head, restore_params)
+from rlhf_jax.config import Config
+from rlhf_jax.data.pipeline import eval_batches, open_split, stored_prompts
+from rlhf_jax.data.prepare import VERSION
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.generation import read_prompts
+from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs
+from rlhf_jax.models.tiny import resolve_model_path
+from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, check_same_tokenizer, load_tokenizer
+from rlhf_jax.models.transformer import make_model, param_logical_axes
+from rlhf_jax.runtime.metrics import MetricsWriter
+from rlhf_jax.runtime.progress import progress
+from rlhf_jax.training.steps import rm_eval_sums, rm_metrics
+
+
+# Where each training stage keeps the policy's params inside its checkpointed state.
+POLICY_PARAMS = {"sft": ("params",), "ppo": ("policy", "params")}
+
+
+SCALAR_NOT_POLICY = "a reward/value model (scalar head), expected a policy (language model)"
+
+
+class PolicySource(NamedTuple):
+    name: str
+    path: Path
+    step: int | None  # a training checkpoint's step; None for a model directory
+    older: tuple[int, ...] = ()  # a run's latest step: the steps to fall back on, newest first
+    optional: bool = False  # one of --all-steps: skipped when it cannot be restored
+
+
+# ------------------------------------------------------------------------------------------- finding policies
+
+
+def policy_sources(paths: Sequence[str], step: int = 0, all_steps: bool = False) -> list[PolicySource]:
+    """Every policy to evaluate, checked to exist (and be a policy) before anything is sampled."""
+    sources: list[PolicySource] = []
+    for text in paths:
+        path = Path(text)
+        if path.parent.name == "checkpoints" and path.name.isdigit():  # one step of a run, named directly
+            run, named = path.parent.parent, int(path.name)
+            _run_stage(run)
+            _check_steps(run, [named], path)
+            sources.append(PolicySource(f"{_name(run)}@{named}", run, named))
+        elif (path / "checkpoints").is_dir() and not (path / "model.json").exists():
+            _run_stage(path)
+            saved = sorted(_saved_steps(path), reverse=True)
+            if all_steps:
+                sources += [PolicySource(f"{_name(path)}@{s}", path, s, optional=True) for s in reversed(saved)]
+            elif step:
+                _check_steps(path, [step], path)
+                sources.append(PolicySource(f"{_name(path)}@{step}", path, step))
+            else:  # the latest step, with the older ones to fall back on
+                sources.append(PolicySource(f"{_name(path)}@{saved[0]}", path, saved[0], tuple(saved[1:])))
+        else:
+            if model_head(path) != "lm":
+                raise UserError(f"{path}: {SCALAR_NOT_POLICY}")
+            sources.append(PolicySource(_name(path), path, None))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise UserError(f"eval.policies: two policies share a name ({sorted(n for n in names if names.count(n) > 1)[0]}"
+                        "); give distinct directories")
+    return sources
+
+
+def _name(path: Path) -> str:
+    """A short name: the run directory for its export/ or best/ (runs/ppo/export -> ppo/export)."""
+    parts = path.resolve().parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else str(path)
+
+
+def _run_stage(run: Path) -> str:
+    config = run / "config.json"
+    try:
+        stage = json.loads(config.read_text())["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run}: a run directory without a readable config.json (expected one written by a "
+                        "training stage)") from None
+    if stage not in POLICY_PARAMS:
+        what = "a reward model" if stage == "rm" else f"stage {stage!r}"
+        raise UserError(f"{run}: a training run of {what}, not a policy; eval.policies takes sft or ppo runs "
+                        "or policy exports")
+    return stage
+
+
+def _saved_steps(run: Path) -> list[int]:
+    """Complete checkpoint steps of a run; an interrupted save (Orbax's temporary directory) is skipped with a
+    warning and never read."""
+    directory = run / "checkpoints"
+    for partial in sorted(p for p in directory.iterdir() if "tmp" in p.name):
+        warnings.warn(f"{partial}: an unfinished (interrupted) checkpoint save; skipped", stacklevel=2)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+        raise UserError(f"{directory}: no complete checkpoint to evaluate")
+    return steps
+
+
+def _check_steps(run: Path, steps: list[int], named: Path) -> None:
+    saved = _saved_steps(run)
+    missing = [s for s in steps if s not in saved]
+    if missing:
+        raise UserError(f"{named}: no complete checkpoint of step {missing[0]}; saved steps: {saved}")
+
+
+def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
+    """The policy's params (numpy) with its config and tokenizer. A run's base model (for its config and
+    tokenizer) is loaded once per run; a checkpoint reads only the policy's params from the saved state."""
+    if source.step is None:
+        loaded = load_model(source.path, need_tokenizer=True)
+        if loaded.head != "lm":
+            raise UserError(f"{source.path}: {SCALAR_NOT_POLICY}")
+        return loaded
+    run = source.path
+    config = json.loads((run / "config.json").read_text())
+    stage = config["stage"]
+    if run not in base_models:
+        model_path = resolve_model_path(config.get("model", {}).get("path", ""), run, config.get("seed", 0))
+        base_models[run] = load_model(model_path, need_tokenizer=True)
+    base = base_models[run]
+    params = restore_params(run / "checkpoints" / str(source.step) / "state", POLICY_PARAMS[stage])
+    return base._replace(params=params, head="lm")
+
+
+def restorable_policy(source: PolicySource, base_models: dict) -> tuple[PolicySource, LoadedModel] | None:
+    """(the source, its policy). A checkpoint that cannot be restored (truncated, half-written) is passed over
+    with a warning, as training does: a run's latest step falls back to the step before it, a step of
+    --all-steps is skipped (None); a step named by --step or by its path stops the run in one line."""
+    steps = (source.step, *source.older)
+    for i, step in enumerate(steps):
+        candidate = source._replace(name=f"{_name(source.path)}@{step}", step=step) if i else source
+        try:
+            return candidate, load_policy(candidate, base_models)
+        except UnrestorableCheckpoint as e:
+            problem = f"checkpoint step {step} in {source.path / 'checkpoints'} cannot be restored ({e})"
+            if i + 1 < len(steps):  # tqdm.write: on a line of its own while the progress bar runs
+                tqdm.write(f"warning: {problem}; falling back to step {steps[i + 1]}", file=sys.stderr)
+            elif source.optional:
+                tqdm.write(f"warning: {problem}; skipped", file=sys.stderr)
+            else:
+                raise UserError(problem) from None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def split_spec(text: str) -> tuple[Path, str]:
+    """DIR[:SPLIT] of a prepared dataset (default split eval)."""
+    path, _, split = text.rpartition(":") if ":" in Path(text).name else (text, "", "")
+    return Path(path), split or "eval"
+
+
+def load_prompts(text: str, limit: int = 0) -> list[str]:
+    """A prompt file, or the prompts of a prepared prompts dataset's split, in stored order."""
+    path, split = split_spec(text)
+    if path.is_file():
+        prompts = read_prompts(path)
+    else:
+        source, metadata = _open_dataset(path, split, "eval.prompts")
+        if metadata["kind"] != "prompts":
+            raise UserError(f"eval.prompts={text}: a {metadata['kind']!r} dataset, expected one of kind 'prompts'")
+        return stored_prompts(source, limit)
+    return prompts[:limit] if limit else prompts
+
+
+def _open_dataset(path: Path, split: str, key: str):
+    if not (path / VERSION / "dataset_info.json").exists():
+        raise UserError(f"{key}={path}: neither a prompt file nor a prepared dataset directory "
+                        "(python -m rlhf_jax.data ... --data-dir DIR --name NAME makes DIR/NAME)")
+    return open_split(path.parent, path.name, split)
+
+
+def load_gold(spec: str) -> Callable | None:
+    """MODULE:FUNCTION: f(prompts, responses) -> one score per response."""
+    return imports.function(spec, "eval.gold")[0] if spec else None
+
+
+def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str]) -> np.ndarray:
+    """One finite score per response from the user's scorer; anything else (an exception, None, strings, the
+    wrong count, NaN) is one line naming the scorer and what it returned."""
+    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses))
+    try:
+        scores = np.asarray(returned)
+    except ValueError:  # ragged nesting
+        scores = np.asarray(None)
+    if scores.dtype.kind not in "biuf" or scores.size != len(responses):
+        raise UserError(f"eval.gold={spec}: returned {imports.shown(returned)}; expected {len(responses)} numbers, "
+                        "one per response")
+    scores = scores.astype(np.float64).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise UserError(f"eval.gold={spec}: returned {imports.shown(returned)}; {bad.size} of {len(responses)} "
+                        f"scores are not finite (the first: response {bad[0]})")
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ programs
+
+
+class Samples(NamedTuple):
+    tokens: np.ndarray  # (n, N) response tokens, PAD_ID after the first EOS
+    mask: np.ndarray  # (n, N) real response tokens (EOS included)
+    ended: np.ndarray  # (n,) produced an EOS
+
+
+class Programs:
+    """The compiled sampler, teacher-forced log-probs and reward scores for fixed (batch, prompt, response)
+    shapes, compiled once per model architecture and reused by every policy of it."""
+
+    def __init__(self, mesh, p: SamplingParams, dtype: str):
+        self.mesh, self.p, self.dtype = mesh, p, dtype
+        self.batch_sh, self.repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        self._jits: dict = {}
+        self._models: dict = {}
+
+    def place(self, loaded: LoadedModel):
+        key = (loaded.cfg, loaded.head)
+        if key not in self._models:  # one model object per architecture: the compiled programs are keyed by it
+            self._models[key] = make_model(loaded.cfg, loaded.head, dtype=self.dtype)
+        model = self._models[key]
+        params = jax.tree.map(lambda x: np.asarray(x).astype(self.dtype), loaded.params)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        return model, sharding.place(params, sharding.param_shardings(param_logical_axes(model), shapes, self.mesh))
+
+    def _jit(self, kind: str, model, fn):
+        key = (kind, model)
+        if key not in self._jits:
+            self._jits[key] = jax.jit(functools.partial(fn, model), out_shardings=self.batch_sh)
+        return self._jits[key]
+
+    def _batch(self, *arrays):
+        return [jax.device_put(x, self.batch_sh) for x in arrays]
+
+    def sample(self, model, params, ids, mask, rng) -> Samples:
+        fn = self._jit("sample", model, functools.partial(sample, p=self.p))
+        out = distributed.to_host(fn(params, *self._batch(ids, mask), rng))
+        ended = np.any(out.mask_BN & np.isin(out.tokens_BN, self.p.eos_ids), axis=1)
+        return Samples(out.tokens_BN, out.mask_BN, ended)
+
+    def logprobs(self, model, params, ids, mask, samples: Samples) -> np.ndarray:
+        fn = self._jit("logprobs", model, functools.partial(teacher_forced_logprobs, temperature=self.p.temperature))
+        return np.asarray(distributed.to_host(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
+                          np.float64)
+
+    def scores(self, model, params, gain: float, bias: float, ids, mask, samples: Samples) -> np.ndarray:
+        fn = self._jit("scores", model, functools.partial(_reward_scores, gain=gain, bias=bias))
+        return np.asarray(distributed.to_host(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
+                          np.float64)
+
+
+def _reward_scores(model, params, ids, mask, tokens, tokens_mask, *, gain: float, bias: float):
+    return ppo.reward_scores(model, params, gain, bias, ids, mask, tokens, tokens_mask)
+
+
+def prompt_batches(encoder: PromptEncoder, prompts: list[str], batch_size: int):
+    """(start, n real rows, ids, mask) of fixed-shape batches; filler rows keep one real token."""
+    ids_all, mask_all = encoder.batch(prompts)
+    width = ids_all.shape[1]
+    for start in range(0, len(prompts), batch_size):
+        n = min(batch_size, len(prompts) - start)
+        ids = np.full((batch_size, width), PAD_ID, np.int32)
+        mask = np.zeros((batch_size, width), bool)
+        ids[:n], mask[:n] = ids_all[start:start + n], mask_all[start:start + n]
+        mask[n:, -1] = True
+        yield start, n, ids, mask
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+class Evaluator:
+    """The reward model, the reference and the prompt batches, placed and encoded once; `responses` samples one
+    policy on every prompt (the same seed per batch for every policy) and scores what it wrote."""
+
+    def __init__(self, cfg: Config, prompts: list[str], gold_fn: Callable | None, mesh):
+        e, s = cfg.eval, cfg.sampling
+        self.prompts, self.gold_fn, self.gold_spec = prompts, gold_fn, e.gold
+        reward = load_model(e.reward_model)
+        if reward.head != "scalar":
+            raise UserError(f"eval.reward_model={e.reward_model}: a language model, expected a reward model "
+                            "export (scalar head)")
+        check_role(reward, f"eval.reward_model={e.reward_model}", "reward")
+        self.reference = load_model(e.reference, need_tokenizer=True)
+        if self.reference.head != "lm":
+            raise UserError(f"eval.reference={e.reference}: {SCALAR_NOT_POLICY}")
+        self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
+        self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
+        encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
+        eos = self.reference.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
+        self.programs = Programs(mesh, SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos),
+                                                      PAD_ID), cfg.model.dtype)
+        self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
+        loop.check_positions(self.reference.cfg, self.batches[0][2].shape[1] + s.max_new_tokens,
+                             "sampling.max_prompt_tokens + sampling.max_new_tokens")
+        norm = reward.extra.get("reward_norm") or {}
+        self.gain, self.bias = float(norm.get("gain", 1.0)), float(norm.get("bias", 0.0))
+        self.reward = reward
+        self.reward_model, self.reward_params = self.programs.place(reward)
+        self.ref_model, self.ref_params = self.programs.place(self.reference)
+        self.rng = jax.random.key(cfg.seed)
+
+    def check_vocab(self, other: LoadedModel, what: str) -> None:
+        """The models must read the same tokens: the same vocabulary size, and tokenizers that agree."""
+        if other.cfg.vocab_size != self.reference.cfg.vocab_size:
+            raise UserError(f"{what}: vocab_size {other.cfg.vocab_size} differs from the reference's "
+                            f"{self.reference.cfg.vocab_size} (the models must read the same tokens)")
+        check_same_tokenizer(other.tokenizer_dir, self.reference.tokenizer_dir, what, "the reference")
+
+    def responses(self, model, params, bar, policy: bool = True) -> dict:
+        """Samples, texts, RM (and gold) scores of every prompt; for a policy also its and the reference's
+        log-probs of its samples (for the KL)."""
+        programs, parts = self.programs, []
+        for start, n, ids, mask in self.batches:
+            smp = programs.sample(model, params, ids, mask, jax.random.fold_in(self.rng, start))
+            part = {"samples": smp, "score": programs.scores(self.reward_model, self.reward_params, self.gain,
+                                                              self.bias, ids, mask, smp)}
+            if policy:
+                part["logprobs"] = programs.logprobs(model, params, ids, mask, smp)
+                part["ref_logprobs"] = programs.logprobs(self.ref_model, self.ref_params, ids, mask, smp)
+            parts.append(jax.tree.map(lambda x: x[:n], part))
+            bar.update(n)
+            bar.set_postfix(tokens=int(sum(p["samples"].mask.sum() for p in parts)))
+        joined = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+        smp = joined["samples"]
+        joined["texts"] = [self.tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
+                           for t, m in zip(smp.tokens, smp.mask)]
+        if self.gold_fn is not None:
+            joined["gold"] = gold_scores(self.gold_fn, self.gold_spec, self.prompts, joined["texts"])
+        return joined
+
+
+def check_config(cfg: Config) -> None:
+    """What can be known wrong before reading any file."""
+    for key in ("policies", "reference", "reward_model", "prompts"):
+        if not getattr(cfg.eval, key):
+            raise UserError(f"stage 'eval' needs eval.{key}")
+    load_gold(cfg.eval.gold)
+
+
+def run_eval(cfg: Config, run_dir: Path) -> dict:
+    """Every check that can fail (flags, files, kinds) runs before the first sample."""
+    check_config(cfg)
+    e, s = cfg.eval, cfg.sampling
+    out_dir = Path(e.out or run_dir)
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")
+    gold_fn = load_gold(e.gold)
+    prompts = load_prompts(e.prompts, e.limit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sources = policy_sources(e.policies, e.step, e.all_steps)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    ev = Evaluator(cfg, prompts, gold_fn, mesh)
+    rm_accuracy, ceiling = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
+    base_models: dict = {}
+    rows, samples, logged = [], [], []
+    with progress(len(prompts) * (len(sources) + 1), "eval", "response", enabled=distributed.is_primary()) as bar:
+        ref = ev.responses(ev.ref_model, ev.ref_params, bar, policy=False)
+        for index, source in enumerate(sources):
+            found = restorable_policy(source, base_models)
+            if found is None:
+                bar.total -= len(prompts)
+                continue
+            source, loaded = found
+            ev.check_vocab(loaded, str(source.path))
+            model, params = ev.programs.place(loaded)
+            pol = ev.responses(model, params, bar)
+            del params, loaded
+            row = _policy_row(source, pol, ref, rm_accuracy)
+            rows.append(row)
+            logged.append((source.step if source.step is not None else index + 1,
+                           {k: v for k, v in row.items() if isinstance(v, float)}))
+            samples += [_sample_row(source.name, prompts[i], ref, pol, i) for i in range(min(e.samples, len(prompts)))]
+    if not rows:
+        raise UserError(f"eval.policies: no checkpoint of {', '.join(map(str, e.policies))} can be restored")
+    # Written only once every policy is evaluated: a failed evaluation leaves nothing half-made.
+    with MetricsWriter(run_dir, "eval", resume_step=0) as metrics:  # a rerun replaces the eval lines
+        for step, values in logged:
+            metrics.write(step, values)
+    result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": str(e.reward_model),
+              "prompts": len(prompts), "seed": cfg.seed, "gold": e.gold or None, "rm_accuracy": rm_accuracy,
+              "labeler_ceiling": ceiling,
+              "sampling": dataclasses.asdict(s), "policies": rows}
+    from rlhf_jax.eval.report import headline, verdict, write_report  # matplotlib only when a report is written
+
+    written = distributed.on_primary(lambda: [str(p) for p in write_report(out_dir, result, samples,
+                                                                            [Path(r) for r in e.runs])])
+    for line in headline(result):
+        print(line, file=sys.stderr)
+    last = rows[-1]  # the headline numbers of the last policy (the final checkpoint of a run)
+    summary = {"stage": "eval", "policies": len(rows), "prompts": len(prompts), "report": str(out_dir / "report.md"),
+               "files": written,
+               **{k: last[k] for k in ("win_rate", "gold_win_rate", "kl") if last.get(k) is not None},
+               "verdict": verdict(result)}
+    print(json.dumps(summary))
+    for line in summary["verdict"]:
+        print(line, file=sys.stderr)
+    return summary
+
+
+def _sample_row(name: str, prompt: str, ref: dict, pol: dict, i: int) -> dict:
+    row = {"policy": name, "prompt": prompt, "reference_response": ref["texts"][i], "policy_response": pol["texts"][i],
+           "reference_score": float(ref["score"][i]), "policy_score": float(pol["score"][i])}
+    if "gold" in pol:
+        row.update(reference_gold=float(ref["gold"][i]), policy_gold=float(pol["gold"][i]))
+    return row
+
+
+def _response_stats(r: dict) -> dict:
+    smp = r["samples"]
+    return {"score_mean": float(r["score"].mean()), "score_std": float(r["score"].std()),
+            "gold_score_mean": float(r["gold"].mean()) if "gold" in r else None,
+            "response_length": float(smp.mask.sum(1).mean()), "eos_rate": float(smp.ended.mean())}
+
+
+def _policy_row(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float | None) -> dict:
+    try:
+        return _measures(source, pol, ref, rm_accuracy)
+    except ValueError as e:  # non-finite scores or log-probs: a model that diverged
+        raise UserError(f"{source.path}: {e}") from None
+
+
+def _measures(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float | None) -> dict:
+    wins = eval_stats.win_rate(pol["score"], ref["score"])
+    kl = eval_stats.sequence_kl(pol["logprobs"], pol["ref_logprobs"], pol["samples"].mask)
+    row = {"name": source.name, "path": str(source.path), "step": source.step, **_response_stats(pol),
+           "win_rate": wins["win_rate"], "win_rate_ci": wins["win_rate_ci"], "gold_win_rate": None,
+           "gold_win_rate_ci": None, "kl": kl["kl"], "kl_k3": kl["kl_k3"], "rm_accuracy": rm_accuracy}
+    if "gold" in pol:
+        gold = eval_stats.win_rate(pol["gold"], ref["gold"])
+        row.update(gold_win_rate=gold["win_rate"], gold_win_rate_ci=gold["win_rate_ci"])
+    return row
+
+
+def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> tuple[float | None, float | None]:
+    """(held-out pairs the reward model orders correctly (tied rankings make no pair) over a rankings split, the
+    best accuracy its labeler allows when the dataset records it)."""
+    if not rankings:
+        return None, None
+    path, split = split_spec(rankings)
+    _, metadata = _open_dataset(path, split, "eval.rankings")
+    if metadata["kind"] != "rankings":
+        raise UserError(f"eval.rankings={rankings}: a {metadata['kind']!r} dataset, expected one of kind 'rankings'")
+    spec = dataclasses.replace(cfg.data, dir=str(path.parent), name=path.name)
+    fn = jax.jit(functools.partial(rm_eval_sums, model=model), out_shardings=sharding.replicated(mesh))
+    sums = loop.evaluate(fn, params, eval_batches(spec, split, tokenizer, cfg.sampling.batch_size), mesh)
+    accuracy = float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if sums else None
+    return accuracy, metadata.get("labeler_ceiling")

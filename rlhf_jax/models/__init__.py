@@ -1,0 +1,1 @@
+"""The transformer, sampling, tokenizers, HF conversion, checkpoints, generation and the tiny model."""

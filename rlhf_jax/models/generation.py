@@ -1,0 +1,128 @@
+"""Batch text generation with the jit-compiled, mesh-sharded sampler: prompt files and the Generator that `python -m
+rlhf_jax.generate`, the generate and label stages and the evaluator share."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.checkpoint import LoadedModel
+from rlhf_jax.models.sampling import SamplingParams, sample
+from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, load_tokenizer
+from rlhf_jax.models.transformer import make_model, param_logical_axes
+from rlhf_jax.runtime import distributed, sharding
+from rlhf_jax.runtime.progress import progress as progress_bar
+
+
+class PromptFileError(UserError):
+    """A prompt file that cannot be read."""
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line) or a .jsonl file ({"prompt": ...} per line)."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise PromptFileError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise PromptFileError(f"{path}: {e.strerror}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise PromptFileError(f'{path}:{n}: expected an object with a string "prompt" field')
+            line = row["prompt"]
+        if not line.strip():
+            raise PromptFileError(f"{path}:{n}: empty prompt")
+        prompts.append(line)
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompts")
+    return prompts
+
+
+class Generator:
+    """Holds a model placed on a mesh and one compiled sampler for fixed (batch, prompt, new-token) shapes."""
+
+    def __init__(self, loaded: LoadedModel, mesh, params: SamplingParams, dtype: str = "float32",
+                 chat_template: bool = False):
+        if loaded.head != "lm":
+            raise UserError("generation needs a language-model checkpoint, got a scalar-head (reward/value) one")
+        if loaded.tokenizer_dir is None:  # callers load with need_tokenizer=True, which names the path
+            raise UserError("the checkpoint has no tokenizer files")
+        self.cfg = loaded.cfg
+        self.mesh = mesh
+        self.model = make_model(loaded.cfg, dtype=dtype)
+        self.tokenizer = load_tokenizer(loaded.tokenizer_dir)
+        self.chat_template = chat_template  # as the model was trained: prompts are encoded the same way
+        eos = params.eos_ids or loaded.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
+        self.params_cfg = dataclasses.replace(params, eos_ids=tuple(i for i in eos if i is not None))
+        # Inference stores weights in the compute dtype, so the decode loop never re-casts them.
+        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), loaded.params)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        param_sh = sharding.param_shardings(param_logical_axes(self.model), shapes, mesh)
+        for warning in sharding.sharding_report(param_logical_axes(self.model), shapes, mesh).fallbacks:
+            print(warning, file=sys.stderr)  # a replicated dimension costs memory: never silently
+        self.params = sharding.place(params, param_sh)
+        batch_sh = self.batch_sh = sharding.batch_sharding(mesh)
+        self._sample = jax.jit(functools.partial(sample, self.model, p=self.params_cfg),
+                               in_shardings=(param_sh, batch_sh, batch_sh, sharding.replicated(mesh)),
+                               out_shardings=batch_sh)
+
+    def generate(self, prompts: Sequence[str], batch_size: int, max_prompt_tokens: int, seed: int = 0,
+                 progress: bool = True) -> Iterator[dict]:
+        """One record per prompt, in order: prompt, prompt_ids, ids (EOS kept, padding dropped), text, logprobs."""
+        sharding.check_batch_size(batch_size, self.mesh, "batch_size")
+        ids_all, mask_all = PromptEncoder(self.tokenizer, max_prompt_tokens, self.chat_template).batch(prompts)
+        width = ids_all.shape[1]  # one prompt width for the whole file: one compilation
+        if width + self.params_cfg.max_new_tokens > self.cfg.max_position_embeddings:
+            raise UserError(f"prompt ({width}) + new tokens ({self.params_cfg.max_new_tokens}) exceed the model's "
+                             f"{self.cfg.max_position_embeddings} positions")
+        rng = jax.random.key(seed)
+        bar = progress_bar(len(prompts), "generate", "prompt", enabled=progress and distributed.is_primary())
+        for start in range(0, len(prompts), batch_size):
+            n = min(batch_size, len(prompts) - start)
+            ids = np.full((batch_size, width), PAD_ID, np.int32)
+            mask = np.zeros((batch_size, width), bool)
+            ids[:n], mask[:n] = ids_all[start:start + n], mask_all[start:start + n]
+            mask[n:, -1] = True  # filler rows keep one real token so every row is well defined
+            t0 = time.perf_counter()
+            out = distributed.to_host(self._sample(self.params, *sharding.place((ids, mask), (self.batch_sh,) * 2),
+                                                   jax.random.fold_in(rng, start)))
+            new_tokens = int(out.mask_BN[:n].sum())
+            bar.update(n)
+            bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+            for row in range(n):
+                keep = out.mask_BN[row]
+                gen_ids = out.tokens_BN[row][keep].tolist()
+                yield {"prompt": prompts[start + row], "prompt_ids": ids[row][mask[row]].tolist(), "ids": gen_ids,
+                       "text": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
+                       "logprobs": [round(float(x), 6) for x in out.logprobs_BN[row][keep]]}
+        bar.close()
+
+
+def parse_mesh_shape(text: str) -> list[int]:
+    try:
+        shape = [int(s) for s in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3:
+        raise UserError(f"--mesh-shape expects 3 comma-separated ints (data,fsdp,tensor), got {text!r}")
+    return shape

@@ -1,0 +1,1 @@
+"""Process plumbing: distributed start-up, meshes, atomic writes, metrics, plugins, clocks, progress."""

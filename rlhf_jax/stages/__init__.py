@@ -1,0 +1,1 @@
+"""One module per pipeline stage (sft/rm, ppo, generate, prepare, label) and their dispatch."""

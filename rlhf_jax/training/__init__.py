@@ -1,0 +1,1 @@
+"""Supervised training: losses, jitted steps, the training loop and resumption."""
