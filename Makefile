@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 DEVICES ?= 8
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) JAX_PLATFORMS=cpu
 # On CPU, XLA maps its scratch memory anew for every step through glibc; keeping freed memory in the process
-# removes that cost (see the README's performance section).
+# removes that cost (see docs/performance.md).
 CPU_MALLOC := MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=8589934592
 
-.PHONY: setup setup-dev demo test bench clean
+.PHONY: setup setup-dev demo test test-all bench clean
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ setup-dev: $(VENV)/.dev
 demo: setup
 	$(CPU_MALLOC) $(PY) -m rlhf_jax.main --config configs/demo.yaml
 
+# The fast tier: every stage end to end once and every numerical oracle. The full tier adds the slow ones
+# (multi-process runs, kills and resumes, every mesh shape, the reference configs' compiles); CI runs it.
 test: setup-dev
+	$(TEST_ENV) $(PY) -m pytest -q -m "not full" tests
+
+test-all: setup-dev
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
 bench: setup-dev

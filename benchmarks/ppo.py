@@ -31,7 +31,6 @@ Every reported time is the median over the rounds; every per-round value is kept
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -45,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import OptimSection, PPOSection
+from rlhf_jax.config import OptimSection
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.rl import ppo
@@ -132,28 +131,28 @@ def main() -> None:
     optim = OptimSection(lr=1e-5, schedule="constant")
     models = ppo.PPOModels(policy=make_model(cfg), value=make_model(cfg, "scalar"), reward=make_model(cfg, "scalar"),
                            policy_opt=steps.make_optimizer(optim, 100), value_opt=steps.make_optimizer(optim, 100),
-                           sampling=SamplingParams(N, temperature=1.0, eos_ids=(1,), pad_id=PAD_ID),
-                           ppo=PPOSection(epochs=1, minibatches=1))
+                           sampling=SamplingParams(N, temperature=1.0, eos_ids=(1,), pad_id=PAD_ID))
+    settings = ppo.PPOSettings(epochs=1, minibatches=1)
     policy = init_params(models.policy, jax.random.key(0))
     reward = init_params(models.reward, jax.random.key(1))
-    state = ppo.init_state(policy, reward, models, jax.random.PRNGKey(2))
+    state = ppo.init_state(policy, reward, models, settings, jax.random.PRNGKey(2))
     frozen = ppo.Frozen(jax.tree.map(jnp.copy, policy), jax.tree.map(jnp.copy, reward))
     ids = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (B, P)), jnp.int32)
     mask = jnp.ones((B, P), bool)
     rng = jax.random.PRNGKey(3)
-    orders = ppo.minibatch_orders(jax.random.PRNGKey(4), B, models)
+    orders = ppo.minibatch_orders(jax.random.PRNGKey(4), B, settings)
 
     # The whole iteration as the stage runs it (one program, with the lap clock that times its rollout and its
     # update from inside). The rollout alone is compiled for its FLOPs (the update's are the rest of the
     # iteration's), and the update alone, with its own forward of the first minibatch, for an episode's nominal
     # FLOPs: sampling, four teacher-forced passes, and the update's forward and backward.
-    models = dataclasses.replace(models, clock=LapClock())
-    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models), donate_argnums=0).lower(
-        state, frozen, ids, mask).compile()
-    rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, o)[:3]).lower(
-        state, frozen, ids, mask, rng, orders[0]).compile()
+    runtime = ppo.Runtime(clock=LapClock())
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models, settings=settings, runtime=runtime),
+                   donate_argnums=0).lower(state, frozen, ids, mask).compile()
+    rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, settings, first_order_MMb=o)[:3]
+                      ).lower(state, frozen, ids, mask, rng, orders[0]).compile()
     batch = rollout(state, frozen, ids, mask, rng, orders[0])[0]
-    update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models)).lower(state, batch, orders).compile()
+    update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models, settings)).lower(state, batch, orders).compile()
     flops = {"iteration": flops_of(step), "rollout": flops_of(rollout)}
     flops["update"] = flops["iteration"] - flops["rollout"]
     flops["nominal"] = flops["rollout"] + flops_of(update)

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rlhf_jax.config import OptimSection  # noqa: E402
 from rlhf_jax.data.rankings import pairs_from_ranks  # noqa: E402
 from rlhf_jax.models import hf
+from rlhf_jax.models.checkpoint import model_config_to_json  # noqa: E402
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # noqa: E402
 from rlhf_jax.training import steps  # noqa: E402
 from rlhf_jax.training.losses import last_token_values
@@ -195,7 +196,7 @@ def run_sft(args) -> dict:
     t = interleave({"torch": (pt, per), "ours": (ours, per)}, args.rounds)
     speedup = t["torch"]["median_s"] / t["ours"]["median_s"]
     out = dict(
-        model=hf.model_config_to_json(TINY), n_params=count_params(params), batch=args.batch, seq=args.seq,
+        model=model_config_to_json(TINY), n_params=count_params(params), batch=args.batch, seq=args.seq,
         tokens_per_step=tokens, timed_steps_each=per * args.rounds, rounds=args.rounds,
         ours_median_step_s=r(t["ours"]["median_s"]), ours_min_step_s=r(t["ours"]["min_s"]),
         ours_tokens_per_s=r(tokens / t["ours"]["median_s"], 1), ours_compile_s=r(ours.compile_s, 2),
@@ -252,7 +253,7 @@ def run_mfu(args) -> dict:
     model_fps = flops / t["ours"]["median_s"]
     mfu = model_fps / peak
     out = dict(
-        model=hf.model_config_to_json(MFU_MODEL), n_params=count_params(params),
+        model=model_config_to_json(MFU_MODEL), n_params=count_params(params),
         n_params_nonembedding_plus_head=n_counted, batch=args.batch, seq=args.seq,
         tokens_per_step=args.batch * args.seq, timed_steps=per * args.rounds, rounds=args.rounds,
         model_flops_per_step=flops, median_step_s=r(t["ours"]["median_s"]), min_step_s=r(t["ours"]["min_s"]),
@@ -335,7 +336,7 @@ def run_rm(args) -> dict:
     t = interleave({"ours": (ours, per), "pairwise": (base, per)}, args.rounds)
     ratio = t["pairwise"]["median_s"] / t["ours"]["median_s"]
     out = dict(
-        model=hf.model_config_to_json(TINY), head="scalar", prompts=B, K=K, prompt_len=P, response_len=R,
+        model=model_config_to_json(TINY), head="scalar", prompts=B, K=K, prompt_len=P, response_len=R,
         comparisons_per_step=comparisons, timed_steps_each=per * args.rounds, rounds=args.rounds,
         ours_sequences_per_step=B * K, pairwise_sequences_per_step=2 * comparisons,
         ours_median_step_s=r(t["ours"]["median_s"]), ours_comparisons_per_s=r(comparisons / t["ours"]["median_s"], 1),

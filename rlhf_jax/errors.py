@@ -1,11 +1,11 @@
 """How a run ends when it cannot go on: one line on stderr, no traceback, and a distinct exit status.
 
-Exit statuses (documented in the README's "When things go wrong"):
+Exit statuses (documented in docs/reliability.md):
   0  done
   2  user error: a bad config, file, checkpoint or argument (nothing new is written)
   3  diverged: a non-finite loss, gradient norm or parameter; the last finite checkpoint stays
   4  interrupted by SIGTERM or SIGINT after saving a checkpoint; rerun the same command to resume
-  5  a dry run (--dry-run, rlhf_jax/plan.py) found a step that does not fit the device memory
+  5  a dry run (--dry-run, rlhf_jax/plan/) found a step that does not fit the device memory
 """
 
 import os

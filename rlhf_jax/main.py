@@ -27,7 +27,7 @@ plans memory before launch: compiles each sft / rm / ppo step (every such step o
 abstract inputs, reading only the models' model.json / config.json and writing nothing, and prints per device the
 arguments, outputs, temporaries and total memory, the FLOPs per step and the least step time at the peak; a step
 that does not fit gets the largest micro-batch (optim.grad_accum_steps) and model.remat that fit. Device memory
-and peak default to the device's (none on CPU: without --device-memory there is no verdict). See rlhf_jax/plan.py.
+and peak default to the device's (none on CPU: without --device-memory there is no verdict). See rlhf_jax/plan/.
 
   python -m rlhf_jax.main --config CFG [overrides] --check
 validates the config (every step of a pipeline) as a run would before its first step, reading no data or models
@@ -99,7 +99,7 @@ def _check(path: str | None, overrides: Sequence[str]) -> int:
 
 
 def _dry_run(args, overrides: Sequence[str]) -> int:
-    """--dry-run: the config (every step of a pipeline) validated first, then planned by rlhf_jax/plan.py."""
+    """--dry-run: the config (every step of a pipeline) validated first, then planned by rlhf_jax/plan/."""
     if not args.dry_run:
         raise UserError("--device-memory and --peak-tflops go with --dry-run")
     limits = {}

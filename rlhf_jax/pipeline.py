@@ -35,9 +35,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from rlhf_jax.config import Config, ConfigError, apply_override, config_from_dict, config_to_dict, read_yaml_mapping
+from rlhf_jax.config import Config, apply_override, config_from_dict, config_to_dict
 from rlhf_jax.errors import UserError, os_reason
 from rlhf_jax.runtime.fsio import run_dir_lock, write_json_atomically
+from rlhf_jax.typed_yaml import ConfigError, read_yaml_mapping
 
 MARKER = "pipeline_step.json"
 # What a finished step's one-line summary shows, when its stage reports it.

@@ -6,8 +6,13 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Tests compile far more than they run: LLVM without its expensive passes compiles faster and computes the same
+# functions. (XLA's --xla_backend_optimization_level=0 would too, but it makes a resumed run differ from a straight
+# one in the last bits.)
+FAST_COMPILE = ("--xla_force_host_platform_device_count=8", "--xla_llvm_disable_expensive_passes=true")
+for flag in FAST_COMPILE:
+    if flag.partition("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 # Many tests (and the CLI runs they start as subprocesses) compile the same programs: a compilation cache for this
 # session only, so every session still compiles everything once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -42,3 +47,46 @@ def demo_run(tmp_path_factory):
     rc, _, err = run_quietly(main_cli.main, argv)
     assert rc == 0, err[-3000:]
     return {"dir": run_dir, "argv": argv, "stderr": err, "report": json.loads((run_dir / "report.json").read_text())}
+
+
+# The full tier only (`make test-all`, CI): what `make test` leaves out to stay within a few minutes. The fast tier
+# still runs every stage end to end (the demo pipeline of `demo_run`) and every numerical oracle at least once;
+# these are the slow repeats: other processes and meshes, kills and resumes, more shapes of a checked property,
+# the reference configs' full-size compiles and the whole-pipeline plans.
+FULL_TIER = (
+    "test_multiprocess.py::",
+    "test_ppo.py::test_ppo_stage_runs_and_resumes_bitwise_after_sigkill",
+    "test_ppo.py::test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch",
+    "test_ppo.py::test_mesh_of_8_agrees_with_one_device[8x1x1]",
+    "test_ppo.py::test_ppo_stage_with_ptx",
+    "test_ppo.py::test_value_lr_sets_the_value_models_learning_rate",
+    "test_ppo.py::test_ema_of_the_policy_follows_its_formula",
+    "test_ppo.py::test_adaptive_kl_controller_runs_inside_the_iteration",
+    "test_ppo.py::test_learning_rate_zero_moves_nothing",
+    "test_ppo.py::test_one_compilation_serves_every_iteration_and_the_laps_time_each_phase",
+    "test_train.py::test_signal_saves_the_step_in_hand_and_exits_4",
+    "test_train.py::test_resume_after_sigkill_is_bitwise_identical",
+    "test_train.py::test_rm_epoch_reference_dataset_bias_and_micro_batched_eval",
+    "test_train.py::test_losses_independent_of_mesh[8x1x1",
+    "test_train.py::test_losses_independent_of_mesh[1x2x4",
+    "test_train.py::test_loss_on_prompt_trains_on_prompt_tokens",
+    "test_plan.py::test_dry_run_of_the_demo_plans_sft_rm_and_ppo_and_writes_nothing",
+    "test_plan.py::test_a_step_that_does_not_fit_gets_a_real_suggestion",
+    "test_plan.py::test_llama3_8b_pipeline_on_64_devices",
+    "test_plan.py::test_flops_are_per_device_and_fast_cpu_codegen_leaves_memory_alone",
+    "test_pipeline.py::test_the_demo_pipeline_shortened_shows_every_effect_and_resumes_to_the_same_report",
+    "test_reference_configs.py::test_training_step_compiles_at_the_configs_sizes",
+    "test_run_models.py::test_a_changed_fixed_kl_coef_is_applied_on_resume",
+    "test_run_models.py::test_resume_refuses_a_model_replaced_at_its_path",
+    "test_run_failures.py::test_corrupt_latest_checkpoint_falls_back_to_the_previous_one",
+    "test_run_failures.py::test_resume_refuses_another_model_and_allows_harmless_changes",
+    "test_losses.py::test_gradient_accumulation_equals_one_large_batch[sft]",
+    "test_model.py::test_sampler_logprobs_equal_teacher_forced[1.0-0-1.0]",
+)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        node = item.nodeid.removeprefix("tests/")
+        if any(node.startswith(prefix) for prefix in FULL_TIER):
+            item.add_marker(pytest.mark.full)

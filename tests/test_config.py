@@ -5,7 +5,6 @@ import pytest
 
 from rlhf_jax.config import (
     Config,
-    ConfigError,
     MeshSection,
     OptimSection,
     SamplingSection,
@@ -14,6 +13,7 @@ from rlhf_jax.config import (
     config_to_dict,
     load_config,
 )
+from rlhf_jax.typed_yaml import ConfigError
 
 
 def _error(overrides=(), path=None) -> str:

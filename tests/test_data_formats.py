@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhf_jax.data import formats
-from rlhf_jax.data.formats import RowError, read_rows, tldr_query
+from rlhf_jax.data.formats import download, hh_rlhf, read_rows, tldr
+from rlhf_jax.data.formats.rows import RowError
+from rlhf_jax.data.formats.tldr import tldr_query
 from rlhf_jax.data.prepare import group_comparisons
 from rlhf_jax.errors import UserError
 
@@ -456,21 +458,21 @@ def test_fetch_copies_once_into_cache(tmp_path):
     source = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p"}])
     url = (tmp_path / "train.jsonl").as_uri()
     cache = tmp_path / "cache"
-    first = formats.fetch(url, cache)
+    first = download.fetch(url, cache)
     assert first.parent == cache and first.name.endswith("train.jsonl") and first.read_text() == open(source).read()
     first.write_text("cached copy\n")  # a second fetch must reuse the file, not download again
-    assert formats.fetch(url, cache) == first and first.read_text() == "cached copy\n"
+    assert download.fetch(url, cache) == first and first.read_text() == "cached copy\n"
     assert [p.name for p in cache.iterdir()] == [first.name]  # no temp file left behind
     (tmp_path / "test").mkdir()
     write_jsonl(tmp_path / "test" / "train.jsonl", [{"prompt": "q"}])
-    other = formats.fetch((tmp_path / "test" / "train.jsonl").as_uri(), cache)
+    other = download.fetch((tmp_path / "test" / "train.jsonl").as_uri(), cache)
     assert other != first and "q" in other.read_text()  # same file name, different URL: separate cache entries
 
 
 def test_fetch_failure_is_user_error_and_leaves_no_partial_file(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match="download failed"):
-        formats.fetch((tmp_path / "missing.jsonl").as_uri(), cache)
+        download.fetch((tmp_path / "missing.jsonl").as_uri(), cache)
     assert list(cache.iterdir()) == []
 
 
@@ -485,18 +487,18 @@ def test_read_rows_downloads_http_urls_into_cache(tmp_path, monkeypatch):
         return target
 
     monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(formats, "fetch", fake_fetch)
+    monkeypatch.setattr(download, "fetch", fake_fetch)
     [record] = records("hh_rlhf", "https://example.invalid/helpful-base/train.jsonl")
     assert record["prompt"] == HH_PROMPT
     assert fetched == [("https://example.invalid/helpful-base/train.jsonl", tmp_path / "cache")]
 
 
 def test_download_urls_are_well_formed():
-    assert formats.HH_RLHF_URLS["helpful-base/train"] == (
+    assert hh_rlhf.HH_RLHF_URLS["helpful-base/train"] == (
         "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz")
-    assert formats.TLDR_SFT_URLS["valid"].endswith("/datasets/tldr_3_filtered/valid.jsonl")
-    assert formats.TLDR_COMPARISONS_URL.format(n=3).endswith("/dataset/comparisons/batch3.json")
-    assert list(formats.TLDR_COMPARISONS_BATCHES) == list(range(3, 23))
+    assert tldr.TLDR_SFT_URLS["valid"].endswith("/datasets/tldr_3_filtered/valid.jsonl")
+    assert tldr.TLDR_COMPARISONS_URL.format(n=3).endswith("/dataset/comparisons/batch3.json")
+    assert list(tldr.TLDR_COMPARISONS_BATCHES) == list(range(3, 23))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import jax
 
 from hf_fixtures import FAMILIES, VOCAB, make_hf_model, make_tokenizer
 from rlhf_jax.models import hf
+from rlhf_jax.models.hf_config import HFFormatError, config_from_hf
 from rlhf_jax.models.transformer import forward, init_params, make_model
 
 
@@ -36,27 +37,27 @@ def test_both_rope_layouts_give_the_same_config():
     v5 = {**BASE, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}}
     old_style_type = {**BASE, "rope_theta": 500000.0,
                       "rope_scaling": {**{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}, "type": "llama3"}}
-    a, b, c = (hf.config_from_hf(x)[0] for x in (legacy, v5, old_style_type))
+    a, b, c = (config_from_hf(x)[0] for x in (legacy, v5, old_style_type))
     assert a == b == c
     assert a.rope_type == "llama3" and a.rope_theta == 500000.0 and a.rope_factor == 8.0
     assert a.rope_original_max_position == 16
 
 
 def test_eos_list_and_generation_config():
-    cfg, _ = hf.config_from_hf({**BASE, "eos_token_id": [5, 6]})
+    cfg, _ = config_from_hf({**BASE, "eos_token_id": [5, 6]})
     assert cfg.eos_token_ids == (5, 6)
-    cfg, _ = hf.config_from_hf({**BASE, "eos_token_id": 5}, generation={"eos_token_id": [5, 7, 8]})
+    cfg, _ = config_from_hf({**BASE, "eos_token_id": 5}, generation={"eos_token_id": [5, 7, 8]})
     assert cfg.eos_token_ids == (5, 7, 8)
 
 
 def test_unsupported_architecture_lists_supported():
-    with pytest.raises(hf.HFFormatError) as e:
-        hf.config_from_hf({**BASE, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+    with pytest.raises(HFFormatError) as e:
+        config_from_hf({**BASE, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
     msg = str(e.value)
     assert "MistralForCausalLM" in msg and "LlamaForCausalLM" in msg and "GPT2LMHeadModel" in msg
     assert "\n" not in msg
-    with pytest.raises(hf.HFFormatError, match="rope type 'yarn'"):
-        hf.config_from_hf({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(HFFormatError, match="rope type 'yarn'"):
+        config_from_hf({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -128,15 +129,15 @@ def test_bad_weights_give_clear_errors(hf_dirs, tmp_path):
     tensors = load_file(src / "model.safetensors")
     missing = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
     save_file(missing, str(tmp_path / "model.safetensors"))
-    with pytest.raises(hf.HFFormatError, match="'model.norm.weight' is missing"):
+    with pytest.raises(HFFormatError, match="'model.norm.weight' is missing"):
         hf.load_hf(tmp_path)
     wrong = {**tensors, "model.norm.weight": np.zeros(7, np.float32)}
     save_file(wrong, str(tmp_path / "model.safetensors"))
-    with pytest.raises(hf.HFFormatError, match=r"shape \(7,\), expected \(32,\)"):
+    with pytest.raises(HFFormatError, match=r"shape \(7,\), expected \(32,\)"):
         hf.load_hf(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(hf.HFFormatError, match="pickle formats are not loaded"):
+    with pytest.raises(HFFormatError, match="pickle formats are not loaded"):
         hf.load_hf(tmp_path)
 
 
@@ -230,7 +231,7 @@ def test_reward_norm_folds_into_the_hf_export_and_round_trips(tmp_path):
     assert convert(["--to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
     one, batch, mask = _eos_ending_batch(1)
     expected = norm["gain"] * _ours(model, params, batch, mask) + norm["bias"]
-    # The README's rule: normalised reward = logits[:, 0] + config.reward_norm["bias"].
+    # docs/stages/rm.md's rule: normalised reward = logits[:, 0] + config.reward_norm["bias"].
     hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     logits = _theirs(tmp_path / "hf", batch, mask).numpy()[:, 0]
     np.testing.assert_allclose(logits + hf_config.reward_norm["bias"], expected, atol=1e-4)

@@ -1,7 +1,7 @@
 """The package layering of pyproject.toml's [tool.importlinter] contracts holds: imports only go
 down the layers (main and the CLIs > plan > pipeline > stages > eval | tasks > rl > training > data > models >
-config > runtime > errors), rl/ never imports the config, stages do not import each other and no siblings import
-each other in a cycle. The public entry points still run as `python -m`."""
+config > typed_yaml > runtime > errors), rl/ never imports the config, stages do not import each other and no siblings
+import each other in a cycle. The public entry points still run as `python -m`."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import transformers
 
 from rlhf_jax.config import load_config, OptimSection
 from rlhf_jax.errors import UserError
-from rlhf_jax.models import hf
+from rlhf_jax.models.hf_config import config_from_hf
 from rlhf_jax.models.tokenizer import PromptEncoder
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
 from rlhf_jax.training import loop, steps
@@ -62,7 +62,7 @@ def test_weight_decay_hits_only_weight_matrices(cfg):
 def test_reward_head_from_an_lm_allocates_nothing_model_sized():
     """Turning an 8B LM into a reward model adds a (d_model, 1) head: traced on abstract 8B params, no
     intermediate of the computation is bigger than the head."""
-    cfg, _ = hf.config_from_hf(FULL_SIZE["llama3_8b"][0])
+    cfg, _ = config_from_hf(FULL_SIZE["llama3_8b"][0])
     abstract = jax.eval_shape(lambda: init_params(make_model(cfg), jax.random.key(0)))
     jaxpr = jax.make_jaxpr(lambda p: loop.with_head(p, cfg, "lm", "scalar", jax.random.key(0)))(abstract)
     sizes = [math.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from hf_fixtures import FAMILIES, VOCAB, make_hf_model
 from rlhf_jax.models import hf
+from rlhf_jax.models.hf_config import config_from_hf
 from rlhf_jax.models import tokenizer
 from rlhf_jax.runtime import sharding
 from rlhf_jax.models.transformer import (
@@ -312,7 +313,7 @@ FULL_SIZE = {
 @pytest.mark.parametrize("name", list(FULL_SIZE))
 def test_full_size_configs_build_abstractly(name):
     hf_config, n_params = FULL_SIZE[name]
-    cfg, head = hf.config_from_hf(hf_config)
+    cfg, head = config_from_hf(hf_config)
     model = make_model(cfg, dtype="bfloat16")
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == n_params

@@ -14,7 +14,7 @@ import pytest
 
 from rlhf_jax import main as main_cli
 from rlhf_jax import pipeline
-from rlhf_jax.config import ConfigError
+from rlhf_jax.typed_yaml import ConfigError
 from rlhf_jax.tasks import sentiment
 
 from cli_helpers import run_quietly

@@ -22,7 +22,7 @@ import pytest
 from rlhf_jax import convert as convert_cli
 from rlhf_jax import pipeline
 from rlhf_jax import main as main_cli
-from rlhf_jax.config import ConfigError
+from rlhf_jax.typed_yaml import ConfigError
 from rlhf_jax.models import hf
 from rlhf_jax.models.tiny import build_tiny_model
 from rlhf_jax.runtime import fsio
@@ -142,7 +142,7 @@ def test_a_run_dir_in_use_is_refused_for_a_pipeline_and_a_single_stage(tmp_path,
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rlhf_jax import fsio\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rlhf_jax.runtime import fsio\n"
                                "with fsio.run_dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n"
                                "    time.sleep(60)\n", str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:

@@ -1,4 +1,4 @@
-"""--dry-run (rlhf_jax/plan.py): each training program compiled on abstract inputs for the configured mesh, its
+"""--dry-run (rlhf_jax/plan/): each training program compiled on abstract inputs for the configured mesh, its
 memory per device, FLOPs and verdict; a suggestion that is real; nothing written; a Llama-3-8B-shaped pipeline
 planned for 64 simulated devices in a subprocess."""
 
@@ -21,6 +21,12 @@ from rlhf_jax import main as main_cli
 from rlhf_jax import pipeline, plan
 from rlhf_jax.config import load_config
 from rlhf_jax.errors import UserError
+from rlhf_jax.plan.devices import GIB, budget, device_spec, gib
+from rlhf_jax.plan.figures import Measured, footprint, measure
+from rlhf_jax.plan.flops import hlo_matmul_flops
+from rlhf_jax.plan.models import tiny_model_config
+from rlhf_jax.plan.planner import Planner
+from rlhf_jax.plan.programs import train_step_program
 from rlhf_jax.runtime import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,11 +68,11 @@ def _sft_cfg(tmp_path, *extra):
 _measured: dict = {}
 
 
-def _measure(cfg, mesh=None) -> plan.Measured:
+def _measure(cfg, mesh=None) -> Measured:
     key = (cfg.optim.grad_accum_steps, cfg.model.remat, None if mesh is None else mesh.size)
     if key not in _measured:
         mesh = mesh or sharding.mesh_from_config(cfg.mesh)
-        _measured[key] = plan.measure(plan.train_step_program(cfg, plan.tiny_model_config(), mesh), mesh)
+        _measured[key] = measure(train_step_program(cfg, tiny_model_config(), mesh), mesh)
     return _measured[key]
 
 
@@ -103,7 +109,7 @@ def test_a_step_that_does_not_fit_gets_a_real_suggestion(tmp_path):
     assert four.footprint.total < one.footprint.total
     assert four.footprint.arguments == one.footprint.arguments  # params, optimizer state and batch: the same
     memory = four.footprint.total  # no remat with 1 or 2 micro-batches needs more
-    rc, out, err = dry_run(*SFT, f"run_dir={tmp_path / 'run'}", "--device-memory", str(memory / plan.GIB))
+    rc, out, err = dry_run(*SFT, f"run_dir={tmp_path / 'run'}", "--device-memory", str(memory / GIB))
     assert rc == plan.NO_FIT == 5, err
     assert table_rows(out)["sft"][12] == "NO"
     found = re.search(r"sft: does not fit: needs (.+) of (.+) per device; fits with optim.grad_accum_steps=(\d+) "
@@ -113,7 +119,7 @@ def test_a_step_that_does_not_fit_gets_a_real_suggestion(tmp_path):
     assert (accum, remat) == (4, "none")  # no remat first, then the fewest micro-batches that fit
     suggested = _measure(_sft_cfg(tmp_path, f"optim.grad_accum_steps={accum}", f"model.remat={remat}"))
     assert suggested.footprint.total <= memory
-    assert f"({plan.gib(suggested.footprint.total)})" in out
+    assert f"({gib(suggested.footprint.total)})" in out
     assert f"does not fit: sft (exit status {plan.NO_FIT})" in out
     assert not (tmp_path / "run").exists()
 
@@ -145,10 +151,10 @@ def test_config_and_flag_errors_are_one_line_before_anything_compiles(tmp_path):
 def test_models_come_from_their_config_files_and_a_missing_reward_model_from_the_policy(tmp_path):
     def program(*overrides):
         cfg = load_config(None, ["stage=ppo", "data.name=prompts", f"run_dir={tmp_path / 'run'}", *overrides])
-        planner = plan.Planner([pipeline.Step("ppo", cfg)], plan.budget(jax.devices()[0]), False)
+        planner = Planner([pipeline.Step("ppo", cfg)], budget(jax.devices()[0]), False)
         return planner.program(planner.steps[0])
 
-    tiny = plan.tiny_model_config()
+    tiny = tiny_model_config()
     missing = program(f"ppo.reward_model={tmp_path / 'rm'}")  # read nothing, compiled nothing
     assert missing.models == [(tiny, "lm"), (tiny, "scalar")] and missing.batch == "16 x (256+64 new) tokens"
     assert missing.notes == ["policy: the tiny built-in model", f"ppo.reward_model: {tmp_path / 'rm'} does not "
@@ -172,8 +178,8 @@ def test_flops_are_per_device_and_fast_cpu_codegen_leaves_memory_alone(tmp_path)
     alone = _measure(cfg, one_device)
     assert eight.flops * 8 == pytest.approx(alone.flops, rel=0.05)  # each device does an eighth of the batch
     mesh = sharding.mesh_from_config(cfg.mesh)
-    lowered = plan.train_step_program(cfg, plan.tiny_model_config(), mesh)
-    assert plan.footprint(lowered.compile()) == eight.footprint  # without CPU_COMPILE_OPTIONS
+    lowered = train_step_program(cfg, tiny_model_config(), mesh)
+    assert footprint(lowered.compile()) == eight.footprint  # without CPU_COMPILE_OPTIONS
 
 
 def test_matmul_flops_count_loop_bodies_by_their_trip_count():
@@ -199,7 +205,7 @@ ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
 }
 """
     body, entry = 2 * 8 * 16 * 16, 2 * 8 * 4 * 16
-    assert plan.hlo_matmul_flops(hlo) == (entry + 5 * body, entry + body, 0)
+    assert hlo_matmul_flops(hlo) == (entry + 5 * body, entry + body, 0)
 
 
 def test_device_defaults():
@@ -210,16 +216,16 @@ def test_device_defaults():
         def memory_stats(self):
             return {"bytes_limit": self._limit} if self._limit else None
 
-    h100 = plan.budget(Device("NVIDIA H100 80GB HBM3", "gpu"))
-    assert h100.memory == 80 * plan.GIB and h100.peak == {"bfloat16": 989e12, "float32": 67e12}
-    assert plan.budget(Device("NVIDIA H100 80GB HBM3", "gpu", limit=60 * plan.GIB)).memory == 60 * plan.GIB
-    v5e = plan.budget(Device("TPU v5 lite", "tpu"))
-    assert v5e.memory == 16 * plan.GIB and v5e.peak == {"bfloat16": 197e12, "float32": None}
-    assert plan.device_spec("TPU v5p").name == plan.device_spec("TPU v5").name == "TPU v5p"
-    cpu = plan.budget(Device("cpu", "cpu"))
+    h100 = budget(Device("NVIDIA H100 80GB HBM3", "gpu"))
+    assert h100.memory == 80 * GIB and h100.peak == {"bfloat16": 989e12, "float32": 67e12}
+    assert budget(Device("NVIDIA H100 80GB HBM3", "gpu", limit=60 * GIB)).memory == 60 * GIB
+    v5e = budget(Device("TPU v5 lite", "tpu"))
+    assert v5e.memory == 16 * GIB and v5e.peak == {"bfloat16": 197e12, "float32": None}
+    assert device_spec("TPU v5p").name == device_spec("TPU v5").name == "TPU v5p"
+    cpu = budget(Device("cpu", "cpu"))
     assert cpu.memory is None and cpu.peak == {} and "--device-memory" in cpu.memory_source
-    given = plan.budget(Device("cpu", "cpu"), memory_gib=2, peak_tflops=3)
-    assert given.memory == 2 * plan.GIB and given.peak == {"bfloat16": 3e12, "float32": 3e12}
+    given = budget(Device("cpu", "cpu"), memory_gib=2, peak_tflops=3)
+    assert given.memory == 2 * GIB and given.peak == {"bfloat16": 3e12, "float32": 3e12}
 
 
 # ----------------------------------------------------------------------------------------------------- Llama-3-8B

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,19 +37,41 @@ CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads
 B, P, N = 8, 6, 8
 
 
-def _models(lr: float = 1e-3, **ppo_kw) -> ppo.PPOModels:
+class PPO(NamedTuple):
+    """An iteration's static parts as the tests vary them: models (with optimizers and sampling), settings and
+    the runtime; `replace` routes each field to its part."""
+
+    models: ppo.PPOModels
+    settings: ppo.PPOSettings
+    runtime: ppo.Runtime = ppo.Runtime()
+
+    def replace(self, **changes) -> "PPO":
+        parts = {}
+        for name, part in (("models", self.models), ("settings", self.settings), ("runtime", self.runtime)):
+            mine = {k: v for k, v in changes.items() if k in {f.name for f in dataclasses.fields(part)}}
+            parts[name] = dataclasses.replace(part, **mine)
+        return PPO(**parts)
+
+    @property
+    def kw(self) -> dict:
+        return {"models": self.models, "settings": self.settings, "runtime": self.runtime}
+
+    def __getattr__(self, name):  # models.policy, models.sampling, ...
+        return getattr(self.models, name)
+
+
+def _models(lr: float = 1e-3, **ppo_kw) -> PPO:
     optim = OptimSection(lr=lr, schedule="constant", grad_clip=1.0)
-    return ppo.PPOModels(policy=make_model(CFG), value=make_model(CFG, "scalar"), reward=make_model(CFG, "scalar"),
-                         policy_opt=steps.make_optimizer(optim, 100), value_opt=steps.make_optimizer(optim, 100),
-                         sampling=SamplingParams(N, temperature=0.7, eos_ids=(1,), pad_id=PAD_ID),
-                         ppo=PPOSection(**{"minibatches": 2, "epochs": 2, **ppo_kw}), reward_gain=2.0,
-                         reward_bias=-0.5)
+    return PPO(ppo.PPOModels(policy=make_model(CFG), value=make_model(CFG, "scalar"), reward=make_model(CFG, "scalar"),
+                             policy_opt=steps.make_optimizer(optim, 100), value_opt=steps.make_optimizer(optim, 100),
+                             sampling=SamplingParams(N, temperature=0.7, eos_ids=(1,), pad_id=PAD_ID)),
+               ppo.PPOSettings(**{"minibatches": 2, "epochs": 2, **ppo_kw}, reward_gain=2.0, reward_bias=-0.5))
 
 
-def _setup(models: ppo.PPOModels, seed: int = 0):
+def _setup(models: PPO, seed: int = 0):
     policy = init_params(models.policy, jax.random.key(seed))
     reward = init_params(models.reward, jax.random.key(seed + 1))
-    state = ppo.init_state(policy, reward, models, jax.random.key(seed + 2))
+    state = ppo.init_state(policy, reward, models.models, models.settings, jax.random.key(seed + 2))
     # Copies: the state is donated, so the frozen trees must not share its buffers.
     frozen = ppo.Frozen(ref_params=jax.tree.map(jnp.copy, policy), reward_params=jax.tree.map(jnp.copy, reward))
     rng = np.random.default_rng(seed)
@@ -65,7 +88,7 @@ def _copy(tree):
 def test_first_minibatch_ratio_is_exactly_one_and_metrics_are_finite():
     models = _models()
     state, frozen, ids, mask = _setup(models)
-    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
     state, metrics = step(state, frozen, ids, mask)
     metrics = {k: float(v) for k, v in metrics.items()}
     assert metrics["first_ratio_max"] == 1.0 and metrics["first_ratio_min"] == 1.0, metrics
@@ -81,16 +104,16 @@ def test_learning_rate_zero_moves_nothing():
     models = _models(lr=0.0)
     state, frozen, ids, mask = _setup(models)
     before_policy, before_value = _copy(state.policy.params), _copy(state.value.params)
-    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))(state, frozen, ids, mask)
+    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
     for before, after in ((before_policy, state.policy.params), (before_value, state.value.params)):
         for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
             np.testing.assert_array_equal(x, np.asarray(y))
 
 
-def _timed_iterations(models: ppo.PPOModels, n: int = 3):
+def _timed_iterations(models: PPO, n: int = 3):
     """(state, metrics of the last, laps of each, wall seconds of each) of n iterations of one jitted program."""
     state, frozen, ids, mask = _setup(models)
-    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models), donate_argnums=0)
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw), donate_argnums=0)
     laps, walls = [], []
     for _ in range(n):
         began = time.perf_counter()
@@ -105,7 +128,7 @@ def _timed_iterations(models: ppo.PPOModels, n: int = 3):
 def test_one_compilation_serves_every_iteration_and_the_laps_time_each_phase():
     """With the lap clock on, as in the stage: one compilation, the state moves, and the laps read inside the
     program are positive and fit in each iteration's wall time (their speed is the benchmark's business)."""
-    models = dataclasses.replace(_models(epochs=2), clock=LapClock())
+    models = _models(epochs=2).replace(clock=LapClock())
     start = _copy(_setup(models)[0].policy.params)
     state, metrics, laps, walls = _timed_iterations(models)
     moved = [not np.array_equal(x, np.asarray(y)) for x, y in zip(jax.tree.leaves(start),
@@ -116,7 +139,7 @@ def test_one_compilation_serves_every_iteration_and_the_laps_time_each_phase():
 
 
 def _rollout(models, state, frozen, ids, mask, rng=9):
-    return jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models)[:3])(
+    return jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
         state, frozen, ids, mask, jax.random.key(rng))
 
 
@@ -142,7 +165,7 @@ def test_the_value_model_from_the_reward_model_starts_at_normalised_scores():
     """At initialisation (value = reward model, whose normalisation is gain 2, bias 20) the rollout's old value
     at response position t is the normalised RM score of the prefix that ends just before token t: the value
     is read at the right position and in the units of the returns."""
-    models = dataclasses.replace(_models(), reward_gain=2.0, reward_bias=20.0, value_gain=2.0, value_bias=20.0)
+    models = _models().replace(reward_gain=2.0, reward_bias=20.0, value_gain=2.0, value_bias=20.0)
     state, frozen, ids, mask = _setup(models, seed=4)
     batch, _, _ = _rollout(models, state, frozen, ids, mask)
     old_values, real = np.asarray(batch.old_values_BN), np.asarray(batch.mask_BN)
@@ -154,7 +177,7 @@ def test_the_value_model_from_the_reward_model_starts_at_normalised_scores():
 def test_scores_are_normalised_and_the_no_eos_penalty_replaces_them():
     """Rows that ended score gain x (RM head at their last token) + bias; rows that never ended score exactly
     ppo.no_eos_penalty, in those normalised units."""
-    models = dataclasses.replace(_models(no_eos_penalty=-3.0), reward_gain=2.0, reward_bias=20.0, samples=B,
+    models = _models(no_eos_penalty=-3.0).replace(reward_gain=2.0, reward_bias=20.0, samples=B,
                                  sampling=SamplingParams(N, temperature=0.7, eos_ids=tuple(range(1, 9)),
                                                          pad_id=PAD_ID))
     state, frozen, ids, mask = _setup(models, seed=6)
@@ -190,7 +213,7 @@ def test_rollout_advantages_follow_a_plain_loop_with_whitened_rewards():
     scaled to unit variance over real tokens with their mean kept, then GAE (gamma 1, lambda 0.95) in a plain loop;
     returns = advantages + values; advantages whitened after."""
     for whiten in (False, True):
-        models = dataclasses.replace(_models(whiten_rewards=whiten), samples=B)
+        models = _models(whiten_rewards=whiten).replace(samples=B)
         state, frozen, ids, mask = _setup(models, seed=8)
         frozen = frozen._replace(ref_params=jax.tree.map(lambda x: x * 1.2, frozen.ref_params))
         batch, _, stats = _rollout(models, state, frozen, ids, mask)
@@ -226,10 +249,10 @@ def test_value_lr_sets_the_value_models_learning_rate():
         cfg = Config(optim=OptimSection(lr=1e-3, schedule="constant"), ppo=PPOSection(value_lr=value_lr))
         built = ppo_stage.build_models(cfg, make_model(CFG), make_model(CFG, "scalar"), make_model(CFG, "scalar"),
                                        10, (1,))
-        models = dataclasses.replace(_models(), policy_opt=built.policy_opt, value_opt=built.value_opt)
+        models = _models().replace(policy_opt=built[0].policy_opt, value_opt=built[0].value_opt)
         state, frozen, ids, mask = _setup(models)
         before = _copy((state.policy.params, state.value.params))
-        state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))(state, frozen, ids, mask)
+        state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
         return [max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(after),
                                                                                jax.tree.leaves(old)))
                 for after, old in zip((state.policy.params, state.value.params), before)]
@@ -242,19 +265,19 @@ def test_value_lr_sets_the_value_models_learning_rate():
 
 def test_minibatch_rows_are_a_fresh_permutation_every_epoch():
     models = _models(epochs=3, minibatches=2)
-    orders = np.asarray(ppo.minibatch_orders(jax.random.key(0), 16, models))
+    orders = np.asarray(ppo.minibatch_orders(jax.random.key(0), 16, models.settings))
     assert orders.shape == (3, 2, 8)
     for epoch in orders:
         assert sorted(epoch.reshape(-1).tolist()) == list(range(16))
     assert len({tuple(epoch.reshape(-1)) for epoch in orders}) == 3
-    again = np.asarray(ppo.minibatch_orders(jax.random.key(1), 16, models))
+    again = np.asarray(ppo.minibatch_orders(jax.random.key(1), 16, models.settings))
     assert not np.array_equal(orders, again)  # the next iteration's key gives other orders
 
 
 def test_adaptive_kl_controller_runs_inside_the_iteration():
     models = _models(kl_target=1e-6, kl_horizon=100.0)
     state, frozen, ids, mask = _setup(models)
-    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
     state, m1 = step(state, frozen, ids, mask)
     state, m2 = step(state, frozen, ids, mask)
     kl = float(m1["kl"])
@@ -265,7 +288,7 @@ def test_adaptive_kl_controller_runs_inside_the_iteration():
 def test_rollout_carries_nothing_after_eos():
     models = _models()
     state, frozen, ids, mask = _setup(models, seed=3)
-    batch, kl_B, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models)[:3])(
+    batch, kl_B, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
         state, frozen, ids, mask, jax.random.key(9))
     pad = ~np.asarray(batch.mask_BN)
     for name in ("old_logprobs_BN", "old_values_BN", "advantages_BN", "returns_BN"):
@@ -297,7 +320,8 @@ def _sharded_program(models, mesh):
     value_sh = loop.state_shardings(models.value, models.value_opt, mesh)
     repl = sharding.replicated(mesh)
     state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=ppo.L.KLController(repl), rng=repl)
-    step = ppo_stage.jit_iteration(models, state_sh, ppo.Frozen(policy_sh.params, value_sh.params), mesh)
+    step = ppo_stage.jit_iteration(models.models, models.settings, state_sh,
+                                   ppo.Frozen(policy_sh.params, value_sh.params), mesh)
     return step, (state, frozen, ids, mask, None)
 
 
@@ -459,7 +483,7 @@ def test_ema_of_the_policy_follows_its_formula():
     models = _models(ema_decay=0.9)
     state, frozen, ids, mask = _setup(models)
     start = _copy(state.policy.params)
-    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models))(state, frozen, ids, mask)
+    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
     for e, x0, x1 in zip(jax.tree.leaves(state.ema), jax.tree.leaves(start), jax.tree.leaves(state.policy.params)):
         np.testing.assert_allclose(np.asarray(e), 0.9 * x0 + 0.1 * np.asarray(x1), rtol=1e-6, atol=1e-7)
     assert _setup(_models())[0].ema is None  # off by default
@@ -480,9 +504,9 @@ def test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch():
     unsplit one does, and the first minibatch's ratio is still exactly 1."""
     ends = []
     for accum in (1, 2):
-        models = dataclasses.replace(_models(ptx_coef=0.5), accum=accum)
+        models = _models(ptx_coef=0.5).replace(accum=accum)
         state, frozen, ids, mask = _setup(models)
-        state, metrics = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, models=models))(
+        state, metrics = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
             state, frozen, ids, mask, _ptx_rows(8))
         ends.append((state, {k: float(v) for k, v in metrics.items()}))
     (whole, whole_metrics), (split, split_metrics) = ends
@@ -504,20 +528,20 @@ def test_first_step_reusing_the_rollout_forward_equals_a_direct_gradient():
     import optax
 
     sgd = optax.sgd(1.0)
-    models = dataclasses.replace(_models(ptx_coef=0.5, epochs=1, minibatches=1), policy_opt=sgd, value_opt=sgd,
-                                 accum=accum)
+    models = _models(ptx_coef=0.5, epochs=1, minibatches=1).replace(policy_opt=sgd, value_opt=sgd, accum=accum)
     state, frozen, ids, mask = _setup(models)
     ptx = _ptx_rows(8)
     params = (_copy(state.policy.params), _copy(state.value.params))
     _, sample_rng, update_rng = jax.random.split(state.rng, 3)
-    order = ppo.minibatch_orders(update_rng, B, models)[0]
-    batch = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, o)[0])(
+    order = ppo.minibatch_orders(update_rng, B, models.settings)[0]
+    batch = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models.models, models.settings, first_order_MMb=o)[0])(
         state, frozen, ids, mask, sample_rng, order)
     rows = order[0]
     tokens = jnp.sum(batch.mask_BN, dtype=jnp.float32)
-    direct = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=2)(
-        params, (jax.tree.map(lambda x: x[rows], batch), ptx), models, tokens, ppo.ptx_target_tokens(ptx))[0]
-    state, _ = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, models=models))(
+    direct = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))(
+        params, (jax.tree.map(lambda x: x[rows], batch), ptx), models.models, models.settings, tokens,
+        ppo.ptx_target_tokens(ptx))[0]
+    state, _ = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
         state, frozen, ids, mask, ptx)
     moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, (state.policy.params,
                                                                               state.value.params))
@@ -531,13 +555,14 @@ def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
     LM loss on the ptx rows, computed separately."""
     models = _models(ptx_coef=2.5)
     state, frozen, ids, mask = _setup(models)
-    batch, _, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models)[:3])(
+    batch, _, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
         state, frozen, ids, mask, jax.random.key(4))
     ptx = _ptx_rows(4)
-    grad = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=2)
+    grad = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))
     params, tokens = (state.policy.params, state.value.params), jnp.sum(batch.mask_BN, dtype=jnp.float32)
-    (with_ptx, _), stats = grad(params, (batch, ptx), models, tokens, ppo.ptx_target_tokens(ptx))
-    (without, _), _ = grad(params, (batch, None), models, tokens, None)
+    (with_ptx, _), stats = grad(params, (batch, ptx), models.models, models.settings, tokens,
+                                ppo.ptx_target_tokens(ptx))
+    (without, _), _ = grad(params, (batch, None), models.models, models.settings, tokens, None)
     lm_grad = jax.jit(jax.grad(lambda p: ppo.ptx_loss(models.policy, p, ptx)))(state.policy.params)
     for a, b, c in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(without), jax.tree.leaves(lm_grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) + 2.5 * np.asarray(c), rtol=1e-4, atol=1e-6)

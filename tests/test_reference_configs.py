@@ -2,7 +2,7 @@
 and accelerators to run for real: every step validates and fits together, the real architectures have their
 published parameter counts, and every training step (sft, rm, ppo) compiles on the 8-device CPU mesh with the
 step's own batch sizes, sequence lengths, optimizer, accumulation and PPO settings, on a tiny stand-in model of
-the same family, built by rlhf_jax/plan.py as --dry-run builds them. Inputs are abstract (jax.ShapeDtypeStruct with
+the same family, built by rlhf_jax/plan/ as --dry-run builds them. Inputs are abstract (jax.ShapeDtypeStruct with
 shardings): nothing is downloaded, nothing large is allocated and nothing runs."""
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import pipeline, plan
+from rlhf_jax import pipeline
 from rlhf_jax.data import formats
-from rlhf_jax.models import hf
+from rlhf_jax.data.formats import hh_rlhf, tldr
+from rlhf_jax.models.hf_config import config_from_hf
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
+from rlhf_jax.plan.figures import compile_program
+from rlhf_jax.plan.programs import ppo_iteration_program, train_step_program
 from rlhf_jax.runtime import sharding
 from rlhf_jax.training import loop
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
-# The real architectures, as our hf.config_from_hf reads their published config.json.
+# The real architectures, as our config_from_hf reads their published config.json.
 GPT2_124M = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                         head_dim=64, d_ff=3072, max_position_embeddings=1024, norm_eps=1e-5, tie_embeddings=True,
                         bos_token_id=50256, eos_token_ids=(50256,))
@@ -52,9 +55,9 @@ REFERENCES = {
     "hh_qwen2.5_0.5b": (QWEN25_05B, 494_032_768, dataclasses.replace(QWEN25_05B, n_heads=4, n_kv_heads=2, **TINY),
                         "models/qwen2.5-0.5b"),
 }
-URLS = {"tldr_sft": [formats.TLDR_SFT_URLS["train"]], "tldr_prompts": [formats.TLDR_SFT_URLS["train"]],
-        "tldr_comparisons": [formats.TLDR_COMPARISONS_URL.format(n=n) for n in formats.TLDR_COMPARISONS_BATCHES],
-        **{fmt: [formats.HH_RLHF_URLS["helpful-base/train"]] for fmt in ("hh_rlhf", "hh_rlhf_sft", "hh_rlhf_prompts")}}
+URLS = {"tldr_sft": [tldr.TLDR_SFT_URLS["train"]], "tldr_prompts": [tldr.TLDR_SFT_URLS["train"]],
+        "tldr_comparisons": [tldr.TLDR_COMPARISONS_URL.format(n=n) for n in tldr.TLDR_COMPARISONS_BATCHES],
+        **{fmt: [hh_rlhf.HH_RLHF_URLS["helpful-base/train"]] for fmt in ("hh_rlhf", "hh_rlhf_sft", "hh_rlhf_prompts")}}
 STAND_IN_EXAMPLES = 10_000  # train.epochs needs the dataset's size, only for the schedule's length
 STAND_IN_RESPONSES = 4  # ranking slots per prompt (at run time: the prepared dataset's largest K)
 
@@ -112,7 +115,7 @@ def test_every_step_validates_and_the_steps_fit_together(name):
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_real_architecture_has_its_published_parameter_count(name):
     real, n_params, _, _ = REFERENCES[name]
-    assert hf.config_from_hf(HF_CONFIGS[name]) == (real, "lm")
+    assert config_from_hf(HF_CONFIGS[name]) == (real, "lm")
     shapes = jax.eval_shape(lambda: init_params(make_model(real, dtype="bfloat16"), jax.random.key(0)))
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) == n_params
 
@@ -121,15 +124,15 @@ def test_real_architecture_has_its_published_parameter_count(name):
 
 
 def _compile(cfg, tiny: ModelConfig):
-    """The stage's program as its stage builds and jits it (rlhf_jax/plan.py, what --dry-run compiles), on
+    """The stage's program as its stage builds and jits it (rlhf_jax/plan/, what --dry-run compiles), on
     abstract inputs, compiled for the step's mesh."""
     mesh = sharding.mesh_from_config(cfg.mesh)
     total = cfg.train.steps or loop.total_steps(cfg, STAND_IN_EXAMPLES)
     if cfg.stage == "ppo":
-        lowered = plan.ppo_iteration_program(cfg, tiny, mesh, total_steps=total)
+        lowered = ppo_iteration_program(cfg, tiny, mesh, total_steps=total)
     else:
-        lowered = plan.train_step_program(cfg, tiny, mesh, STAND_IN_RESPONSES, total_steps=total)
-    return plan.compile_program(lowered, mesh)
+        lowered = train_step_program(cfg, tiny, mesh, STAND_IN_RESPONSES, total_steps=total)
+    return compile_program(lowered, mesh)
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])

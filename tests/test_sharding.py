@@ -118,7 +118,8 @@ def test_printed_report_is_a_table_then_each_warning_once(capsys):
 
 
 def test_mesh_presets_set_the_shape_and_check_the_device_count():
-    from rlhf_jax.config import ConfigError, config_from_dict
+    from rlhf_jax.config import config_from_dict
+    from rlhf_jax.typed_yaml import ConfigError
 
     mesh = sharding.mesh_from_config(config_from_dict({"mesh": {"preset": "8xH100"}}).mesh)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}

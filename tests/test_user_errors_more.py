@@ -23,6 +23,7 @@ from rlhf_jax import convert, evaluate, generate
 from rlhf_jax import main as main_cli
 from rlhf_jax.data import __main__ as data_cli
 from rlhf_jax.errors import UserError
+from rlhf_jax.eval.inputs import gold_scores
 from rlhf_jax.models.checkpoint import load_model, save_model
 from rlhf_jax.models.tiny import build_tiny_model
 from rlhf_jax.models.transformer import init_params, make_model
@@ -119,7 +120,7 @@ def _eval(tiny, reward_model, out, *flags):
 def test_a_gold_scorer_that_fails_is_one_line_naming_it_and_what_it_returned(fn, returned):
     spec = f"{HERE}:{fn.__name__}"
     with pytest.raises(UserError) as caught:
-        evaluate.gold_scores(fn, spec, ["p", "q"], [" a", " b"])
+        gold_scores(fn, spec, ["p", "q"], [" a", " b"])
     assert str(caught.value).startswith(f"eval.gold={spec}: {returned}")
 
 

@@ -12,6 +12,7 @@ and an overwrite replaces the old directory as a whole (fsio.replace_dir).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from rlhf_jax.errors import UserError, os_error_message, os_reason
 from rlhf_jax.models import hf
+from rlhf_jax.models.hf_config import config_from_hf, read_json
 from rlhf_jax.models.transformer import ModelConfig
 from rlhf_jax.runtime import distributed, fsio
 
@@ -52,6 +54,16 @@ class UnrestorableCheckpoint(CheckpointError):
     """A training checkpoint that cannot be read back (truncated, half-written, an item missing)."""
 
 
+def model_config_to_json(cfg: ModelConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["eos_token_ids"] = list(cfg.eos_token_ids)
+    return d
+
+
+def model_config_from_json(d: dict) -> ModelConfig:
+    return ModelConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
+
+
 def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str = "lm",
                tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
                extra: dict | None = None) -> Path:
@@ -62,7 +74,7 @@ def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str =
         if jax.process_index() != 0:
             return Path(out_dir).resolve()  # process 0 writes the rest and swaps the directory in
         (tmp / "model.json").write_text(json.dumps(
-            {"format": FORMAT, "config": hf.model_config_to_json(cfg), "head": head, **(extra or {})}, indent=2))
+            {"format": FORMAT, "config": model_config_to_json(cfg), "head": head, **(extra or {})}, indent=2))
         names = [n for n in hf.TOKENIZER_FILES if tokenizer_dir is not None and (Path(tokenizer_dir) / n).is_file()]
         if names:
             (tmp / "tokenizer").mkdir()
@@ -155,11 +167,11 @@ def _drop_abandoned_call_noise() -> None:
 
 def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
     path = ckpt_dir / "model.json"
-    meta = hf.read_json(path)
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} file")
     try:
-        cfg, head = hf.model_config_from_json(meta["config"]), meta["head"]
+        cfg, head = model_config_from_json(meta["config"]), meta["head"]
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
@@ -196,7 +208,7 @@ def model_head(path: str | os.PathLike) -> str:
         if (path / "model.json").exists():
             return read_model_meta(path)[1]
         if (path / "config.json").exists():
-            return hf.config_from_hf(hf.read_json(path / "config.json"), where=str(path / "config.json"))[1]
+            return config_from_hf(read_json(path / "config.json"), where=str(path / "config.json"))[1]
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
     raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
@@ -211,7 +223,7 @@ def _load_model(path: Path) -> LoadedModel:
     elif (path / "config.json").exists():
         cfg, head, params = hf.load_hf(path)
         where = path / "config.json"
-        extra = {k: v for k, v in hf.read_json(where).items()
+        extra = {k: v for k, v in read_json(where).items()
                  if k == "reward_norm" or (k == "role" and v in ROLES)}  # config.json extras of our exports
         loaded = LoadedModel(cfg, head, params, path if hf.has_tokenizer(path) else None, extra)
     else:

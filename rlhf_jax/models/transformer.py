@@ -26,7 +26,7 @@ NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keep
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture; built from a HF config.json by `rlhf_jax.models.hf`, or directly for tests and the demo."""
+    """Architecture; built from a HF config.json by `rlhf_jax.models.hf_config`, or directly for tests and the demo."""
 
     family: Family
     vocab_size: int

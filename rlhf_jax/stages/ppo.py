@@ -133,7 +133,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
     value_model, reward_model = make_model(value.cfg, "scalar", **dtypes), make_model(reward.cfg, "scalar", **dtypes)
 
-    models = build_models(cfg, policy_model, value_model, reward_model, total,
+    models, settings = build_models(cfg, policy_model, value_model, reward_model, total,
                           loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,), reward.extra.get("reward_norm"),
                           value.extra.get("reward_norm"))
     repl = sharding.replicated(mesh)
@@ -143,7 +143,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
 
     policy_params = loop.initial_params(loaded, policy_model, cfg.seed)
     value_params = loop.initial_params(value, value_model, cfg.seed)
-    init = jax.jit(lambda p, v, key: ppo.init_state(p, v, models, key),
+    init = jax.jit(lambda p, v, key: ppo.init_state(p, v, models, settings, key),
                    in_shardings=(policy_sh.params, value_sh.params, repl), out_shardings=state_sh)
     state = init(policy_params, value_params, jax.random.PRNGKey(cfg.seed))
     # The reference and the reward model are separate buffers: the state is donated every iteration.
@@ -159,7 +159,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     state, start = run.resume(state, data_iter, adjust=kl_on_resume(cfg))
     if distributed.is_primary():  # process 0 writes the run's files
         drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
-    iteration = jit_iteration(models, state_sh, frozen_sh, mesh)
+    iteration = jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock())
 
     iterations = [start]
 
@@ -180,7 +180,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         run.close()
     out = loop.export(run_dir / "export", state.policy.params, loaded, policy_model)
     # The value head's normalisation travels with it: reading it back (ppo.value_model) applies it again.
-    value_norm = {"reward_norm": {"gain": models.value_gain, "bias": models.value_bias}}
+    value_norm = {"reward_norm": {"gain": settings.value_gain, "bias": settings.value_bias}}
     value_out = loop.export(run_dir / "export_value", state.value.params, value, value_model, value_norm,
                             role="value")
     exports = {"export": str(out), "value_export": str(value_out)}
@@ -197,24 +197,29 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
 SAMPLES = 4  # rollout rows written to samples.jsonl every ppo.samples_every iterations
 
 
-# The iteration's program, built the same way by train_ppo and by the dry run (rlhf_jax/plan.py).
+# The iteration's program, built the same way by train_ppo and by the dry run (rlhf_jax/plan/).
 
 
 def build_models(cfg: Config, policy_model, value_model, reward_model, total: int, eos_ids: Sequence[int],
-                 reward_norm: dict | None = None, value_norm: dict | None = None) -> ppo.PPOModels:
-    """The static parts of an iteration: models, both optimizers over `total` iterations' updates, settings.
-    `reward_norm` / `value_norm`: the `reward_norm` ({gain, bias}) of the exports the two scalar models come from."""
+                 reward_norm: dict | None = None, value_norm: dict | None = None
+                 ) -> tuple[ppo.PPOModels, ppo.PPOSettings]:
+    """The static parts of an iteration: the models with both optimizers over `total` iterations' updates, and
+    the settings. `reward_norm` / `value_norm`: the `reward_norm` ({gain, bias}) of the exports the two scalar
+    models come from."""
     updates = total * cfg.ppo.epochs * cfg.ppo.minibatches
     value_optim = dataclasses.replace(cfg.optim, lr=cfg.ppo.value_lr or cfg.optim.lr)
     norm, vnorm, s = reward_norm or {}, value_norm or {}, cfg.sampling
-    return ppo.PPOModels(
+    models = ppo.PPOModels(
         policy=policy_model, value=value_model, reward=reward_model,
         policy_opt=steps.make_optimizer(cfg.optim, updates), value_opt=steps.make_optimizer(value_optim, updates),
-        sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID),
-        ppo=cfg.ppo, reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)),
+        sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID))
+    from_config = {f.name: getattr(cfg.ppo, f.name) for f in dataclasses.fields(ppo.PPOSettings)
+                   if hasattr(cfg.ppo, f.name)}
+    settings = ppo.PPOSettings(
+        **from_config, reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)),
         value_gain=float(vnorm.get("gain", 1.0)), value_bias=float(vnorm.get("bias", 0.0)),
-        samples=min(SAMPLES, cfg.train.batch_size) if cfg.ppo.samples_every else 0,
-        accum=cfg.optim.grad_accum_steps, clock=LapClock())
+        accum=cfg.optim.grad_accum_steps, samples=min(SAMPLES, cfg.train.batch_size) if cfg.ppo.samples_every else 0)
+    return models, settings
 
 
 def iteration_shardings(cfg: Config, models: ppo.PPOModels, mesh) -> tuple[ppo.PPOState, ppo.Frozen]:
@@ -229,12 +234,15 @@ def iteration_shardings(cfg: Config, models: ppo.PPOModels, mesh) -> tuple[ppo.P
     return state_sh, ppo.Frozen(ref_params=policy_sh.params, reward_params=reward_sh)
 
 
-def jit_iteration(models: ppo.PPOModels, state_sh: ppo.PPOState, frozen_sh: ppo.Frozen, mesh):
+def jit_iteration(models: ppo.PPOModels, settings: ppo.PPOSettings, state_sh: ppo.PPOState,
+                  frozen_sh: ppo.Frozen, mesh, clock: LapClock | None = None):
     """`(state, frozen, prompt_ids, prompt_mask, ptx) -> (state, metrics)` jitted over the mesh: prompts (and
-    ptx rows) split over the data-parallel axes, metrics replicated, the state donated."""
+    ptx rows) split over the data-parallel axes, metrics replicated, the state donated; `clock` times the
+    rollout and the update inside the program."""
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    models = dataclasses.replace(models, batch_sharding=batch_sh)
-    return jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models),
+    runtime = ppo.Runtime(clock=clock, batch_sharding=batch_sh)
+    return jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models,
+                                                                settings=settings, runtime=runtime),
                    in_shardings=(state_sh, frozen_sh, batch_sh, batch_sh, batch_sh),
                    out_shardings=(state_sh, repl), donate_argnums=0)
 

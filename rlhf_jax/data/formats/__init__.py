@@ -1,0 +1,79 @@
+"""Importers from the dataset formats users have into three canonical record kinds, validating every row; this
+package's registry maps each format name to its kind and to the converter of its module (`jsonl`: the generic
+formats with renamable fields; `hh_rlhf`; `tldr`).
+
+Canonical records are plain dicts:
+  sft       {"prompt": str, "response": str, "metadata": str}
+  rankings  {"prompt": str, "responses": list[str], "ranks": list[int]}   ranks[i]: dense rank of responses[i], 0 = best
+  prompts   {"prompt": str, "metadata": str}
+metadata is a compact JSON string (sorted keys) of the row's "metadata" field, "" when there is none.
+
+`read_rows` streams one `Row` per input row (JSONL, gzipped JSONL, JSON lines named .json, or Parquet, local or
+http(s) URLs downloaded into a cache; `files`, `download`); an invalid row comes back as a `RowError` instead of
+stopping the read, so callers can count and report skipped rows by `reason`, and a row accepted with a change (ranks
+renumbered) carries `notes` for them to count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from rlhf_jax.data.formats import hh_rlhf, jsonl, tldr
+from rlhf_jax.data.formats.files import local_file, read_file
+from rlhf_jax.data.formats.rows import Row
+from rlhf_jax.errors import UserError
+
+KINDS = ("sft", "rankings", "prompts")
+
+FORMATS: dict[str, str] = {
+    "jsonl_sft": "sft",
+    "jsonl_rankings": "rankings",
+    "jsonl_prompts": "prompts",
+    "hh_rlhf": "rankings",
+    "hh_rlhf_sft": "sft",
+    "hh_rlhf_prompts": "prompts",
+    "tldr_sft": "sft",
+    "tldr_comparisons": "rankings",
+    "tldr_prompts": "prompts",
+}
+
+
+def read_rows(fmt: str, paths: Sequence[str], fields: Mapping[str, str] | None = None) -> Iterator[Row]:
+    """One Row per input row of every file in order. Format, fields and files are checked before anything is read."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown dataset format {fmt!r}; expected one of: {', '.join(FORMATS)}")
+    convert = _converter(fmt, _field_names(fmt, fields))
+    if isinstance(paths, (str, Path)):  # one path given bare would otherwise be read character by character
+        paths = [paths]
+    files = [local_file(str(p)) for p in paths]
+    return (row for path in files for row in read_file(path, convert))
+
+
+def _field_names(fmt: str, fields: Mapping[str, str] | None) -> dict[str, str]:
+    """Canonical name -> the name in the user's rows."""
+    renamable = jsonl.RENAMABLE.get(fmt, ())
+    fields = dict(fields or {})
+    if fields and not renamable:
+        raise UserError(f"format {fmt!r} has fixed field names; "
+                        f"field remapping only applies to {', '.join(jsonl.RENAMABLE)}")
+    unknown = sorted(set(fields) - set(renamable))
+    if unknown:
+        raise UserError(f"format {fmt!r} has no field {unknown[0]!r} to remap; it has: {', '.join(renamable)}")
+    return {name: fields.get(name, name) for name in renamable}
+
+
+def _converter(fmt: str, names: dict[str, str]) -> Callable[[dict, list], dict]:
+    """(raw row, notes) -> canonical record; a converter appends to `notes` what it accepted but changed."""
+    converters = {
+        "jsonl_sft": lambda row, notes: jsonl.sft(row, names),
+        "jsonl_rankings": lambda row, notes: jsonl.rankings(row, names, notes),
+        "jsonl_prompts": lambda row, notes: jsonl.prompts(row, names),
+        "hh_rlhf": lambda row, notes: hh_rlhf.rankings(row),
+        "hh_rlhf_sft": lambda row, notes: hh_rlhf.sft(row),
+        "hh_rlhf_prompts": lambda row, notes: hh_rlhf.prompts(row),
+        "tldr_sft": lambda row, notes: tldr.sft(row),
+        "tldr_comparisons": lambda row, notes: tldr.comparisons(row),
+        "tldr_prompts": lambda row, notes: tldr.prompts(row),
+    }
+    return converters[fmt]

@@ -1,0 +1,42 @@
+"""Downloads of http(s) inputs into a local cache, once per URL; a partial download never looks complete."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from rlhf_jax.errors import UserError
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RLHF_JAX_CACHE") or Path.home() / ".cache" / "rlhf_jax" / "downloads")
+
+
+def fetch(url: str, cache_dir: str | Path) -> Path:
+    """The local copy of `url` in `cache_dir`, downloaded once; a partial download never looks complete."""
+    cache_dir = Path(cache_dir)
+    url_path = urllib.parse.urlparse(url).path
+    # Different URLs share file names (every HH-RLHF subset has a train.jsonl.gz), so the name carries a URL hash.
+    target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{Path(url_path).name or 'download'}"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=target.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise UserError(f"{url}: download failed ({reason})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

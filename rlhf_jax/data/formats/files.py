@@ -1,0 +1,136 @@
+"""Reading input files into raw rows: local paths or http(s) URLs (downloaded into the cache first), JSON lines
+(plain, gzipped, or named .json) decoded line by line so one bad byte costs only its own row, and Parquet files
+read in batches; every row converted by the format's converter into a `Row`."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import urllib.parse
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rlhf_jax.data.formats import download, rows
+from rlhf_jax.errors import UserError
+
+_BOM = "\ufeff"
+_PARQUET_BATCH_ROWS = 1024
+
+
+def local_file(path: str) -> Path:
+    """The local file to read for `path`, downloading URLs into the cache first."""
+    if path.startswith(("http://", "https://")):
+        _checked_suffix(Path(urllib.parse.urlparse(path).path))  # before a download, not after
+        return download.fetch(path, download.default_cache_dir())
+    local = _checked_suffix(Path(path))
+    if not local.is_file():
+        raise UserError(f"{path}: file not found")
+    return local
+
+
+def _file_type(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".jsonl.gz", ".json.gz")):
+        return "gzip"
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    return None
+
+
+def _checked_suffix(path: Path) -> Path:
+    if _file_type(path) is None:
+        raise UserError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .json.gz or .parquet)")
+    return path
+
+
+def read_file(path: Path, convert: Callable[[dict, list], dict]) -> Iterator[rows.Row]:
+    source = _parquet_rows(path) if _file_type(path) == "parquet" else _json_lines(path)
+    for n, raw in source:
+        where = f"{path}:{n}"
+        notes: list[str] = []
+        try:
+            obj = _parse_line(raw) if isinstance(raw, bytes) else raw
+            yield rows.Row(convert(obj, notes), None, where, tuple(notes))
+        except rows.Invalid as e:
+            yield rows.Row(None, rows.RowError(where, e.reason, e.problem), where)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of a (gzipped) JSON-lines file; blank lines at the very end are dropped."""
+    opener = gzip.open if _file_type(path) == "gzip" else open
+    try:
+        with opener(path, "rb") as f:
+            blank: list[tuple[int, bytes]] = []  # held back until we know whether they are trailing
+            first = True
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    blank.append((n, line))
+                    continue
+                if first and _is_json_array(line):
+                    raise UserError(f"{path}: is a JSON array; expected JSON lines (one object per line)")
+                first = False
+                yield from blank
+                blank.clear()
+                yield n, line
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+
+
+def _is_json_array(first_line: bytes) -> bool:
+    """Whether a file whose first non-blank line is `first_line` holds a JSON array rather than JSON lines: the
+    line opens a list it does not close, or is a whole list of objects. (A list of anything else on the first line
+    is a bad row of a JSON-lines file, reported as such.)"""
+    text = first_line.decode("utf-8", "replace").lstrip(_BOM).strip()
+    if not text.startswith("["):
+        return False
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return True
+    return bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _parse_line(line: bytes) -> dict:
+    # Decoding per line keeps one bad byte from costing more than its own row.
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise rows.Invalid("invalid_utf8", f"not valid UTF-8 (byte {e.start} of the line)") from None
+    if not text.strip():
+        raise rows.Invalid("invalid_json", "blank line (expected a JSON object)")
+    # A byte order mark (files saved by some editors) is not JSON; columns still count it, as in the raw line.
+    bom = len(text) - len(text.lstrip(_BOM))
+    try:
+        obj = json.loads(text[bom:])
+    except json.JSONDecodeError as e:
+        raise rows.Invalid("invalid_json", f"invalid JSON ({e.msg} at column {bom + e.colno})") from None
+    if not isinstance(obj, dict):
+        raise rows.Invalid("not_an_object", f"expected a JSON object, got {rows.type_name(obj)}")
+    return obj
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based row index, row) of a Parquet file with the same field names as the JSONL formats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                # A Parquet column exists for every row, so a null is how a row lacks that field.
+                yield n, {k: v for k, v in row.items() if v is not None}
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (pa.ArrowException, OSError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable Parquet file ({first_line})") from None

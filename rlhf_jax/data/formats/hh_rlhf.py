@@ -1,0 +1,51 @@
+"""Anthropic's HH-RLHF (chosen/rejected whole dialogues) as rankings (`hh_rlhf`), demonstrations (`hh_rlhf_sft`)
+or prompts (`hh_rlhf_prompts`), and its download URLs."""
+
+from __future__ import annotations
+
+from rlhf_jax.data.formats import rows
+
+# Download locations, for users with network access; `read_rows` accepts these URLs directly.
+_HH_RLHF_BASE = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
+HH_RLHF_URLS: dict[str, str] = {
+    f"{subset}/{split}": f"{_HH_RLHF_BASE}/{subset}/{split}.jsonl.gz"
+    for subset in ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base")
+    for split in ("train", "test")
+}
+
+_ASSISTANT = "\n\nAssistant:"
+
+
+def _hh_prompt(chosen: str) -> str:
+    """The dialogue of an HH-RLHF text up to and including its last "\\n\\nAssistant:"."""
+    cut = chosen.rfind(_ASSISTANT)
+    if cut < 0:
+        raise rows.Invalid("missing_field", "field 'chosen' has no Assistant turn ('\\n\\nAssistant:')")
+    return chosen[: cut + len(_ASSISTANT)]
+
+
+def rankings(row: dict) -> dict:
+    """HH-RLHF: both texts are the whole dialogue; the prompt is everything up to the chosen text's last turn."""
+    chosen, rejected = rows.string(row, "chosen"), rows.string(row, "rejected")
+    prompt = _hh_prompt(chosen)
+    if not rejected.startswith(prompt):
+        raise rows.Invalid("prefix_mismatch", "field 'rejected' does not start with the same dialogue as 'chosen' "
+                                              "(up to its last Assistant turn)")
+    responses = [rows.response(chosen[len(prompt):], "the chosen Assistant reply"),
+                 rows.response(rejected[len(prompt):], "the rejected Assistant reply")]
+    if responses[0] == responses[1]:
+        raise rows.Invalid("identical_responses", "fields 'chosen' and 'rejected' are identical")
+    return {"prompt": prompt, "responses": responses, "ranks": [0, 1]}
+
+
+def sft(row: dict) -> dict:
+    """HH-RLHF as demonstrations: the prompt `hh_rlhf` builds and the chosen Assistant reply ('rejected' unread)."""
+    chosen = rows.string(row, "chosen")
+    prompt = _hh_prompt(chosen)
+    return {"prompt": prompt, "response": rows.response(chosen[len(prompt):], "the chosen Assistant reply"),
+            "metadata": ""}
+
+
+def prompts(row: dict) -> dict:
+    """HH-RLHF as prompts: the dialogue up to the chosen text's last Assistant turn, the prompt `hh_rlhf` builds."""
+    return {"prompt": _hh_prompt(rows.string(row, "chosen")), "metadata": ""}

@@ -1,0 +1,98 @@
+"""The generic formats `jsonl_sft`, `jsonl_rankings` and `jsonl_prompts`: rows that already hold the canonical
+fields, under names the user may remap (`fields`); rankings as a list of responses with their ranks (renumbered
+dense) or as a chosen/rejected pair."""
+
+from __future__ import annotations
+
+import json
+
+from rlhf_jax.data.formats import rows
+
+# Canonical field names each generic format lets the user rename with `fields`.
+RENAMABLE = {
+    "jsonl_sft": ("prompt", "response", "metadata"),
+    "jsonl_rankings": ("prompt", "responses", "ranks", "chosen", "rejected"),
+    "jsonl_prompts": ("prompt", "metadata"),
+}
+
+
+def sft(row: dict, names: dict[str, str]) -> dict:
+    prompt = rows.prompt(row, names["prompt"])
+    response = rows.response(rows.string(row, names["response"]), f"field {names['response']!r}")
+    return {"prompt": prompt, "response": response, "metadata": _metadata(row, names["metadata"])}
+
+
+def prompts(row: dict, names: dict[str, str]) -> dict:
+    return {"prompt": rows.prompt(row, names["prompt"]), "metadata": _metadata(row, names["metadata"])}
+
+
+def rankings(row: dict, names: dict[str, str], notes: list[str]) -> dict:
+    prompt = rows.prompt(row, names["prompt"])
+    has_pair = names["chosen"] in row or names["rejected"] in row
+    if names["responses"] not in row and has_pair:
+        return _pairwise(prompt, row, names["chosen"], names["rejected"])
+    if names["responses"] not in row:
+        raise rows.Invalid("missing_field", f"missing field {names['responses']!r} "
+                                            f"(or a {names['chosen']!r}/{names['rejected']!r} pair)")
+    responses = _responses(row, names["responses"])
+    ranks = _int_list(row, names["ranks"])
+    dense = _dense_ranks(ranks, len(responses), names["ranks"])
+    if dense != ranks:
+        notes.append("non_dense_ranks")  # accepted, but the user may not have meant gaps or an offset
+    return {"prompt": prompt, "responses": responses, "ranks": dense}
+
+
+def _pairwise(prompt: str, row: dict, chosen_name: str, rejected_name: str) -> dict:
+    chosen = rows.response(rows.string(row, chosen_name), f"field {chosen_name!r}")
+    rejected = rows.response(rows.string(row, rejected_name), f"field {rejected_name!r}")
+    if chosen == rejected:
+        raise rows.Invalid("identical_responses", f"fields {chosen_name!r} and {rejected_name!r} are identical")
+    return {"prompt": prompt, "responses": [chosen, rejected], "ranks": [0, 1]}
+
+
+def _responses(row: dict, name: str) -> list[str]:
+    responses = rows.field(row, name)
+    expected = f"field {name!r} must be a list of at least 2 strings"
+    if not isinstance(responses, list):
+        raise rows.Invalid("wrong_type", f"{expected}, got {rows.type_name(responses)}")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise rows.Invalid("wrong_type", f"field '{name}[{i}]' must be a string, got {rows.type_name(response)}")
+        rows.response(response, f"field '{name}[{i}]'")
+    if len(responses) < 2:
+        raise rows.Invalid("too_few_responses", f"{expected}, got {len(responses)}")
+    rows.check_distinct(responses, name)
+    return responses
+
+
+def _int_list(row: dict, name: str) -> list[int]:
+    values = rows.field(row, name)
+    if not isinstance(values, list) or not all(rows.is_int(v) for v in values):
+        got = rows.type_name(values) if not isinstance(values, list) else "a list with a non-integer"
+        raise rows.Invalid("wrong_type", f"field {name!r} must be a list of integers, got {got}")
+    return values
+
+
+def _dense_ranks(ranks: list[int], n_responses: int, name: str) -> list[int]:
+    """Ranks renumbered 0, 1, 2, ... in order, ties kept: [2, 1, 1] -> [1, 0, 0]. A rank outside [0, K) is
+    refused: K responses have at most K places, so it is a mistake (1-based ranks, a score, another row's)."""
+    if len(ranks) != n_responses:
+        raise rows.Invalid("invalid_ranks", f"field {name!r} must have one rank per response ({n_responses}), "
+                                            f"got {len(ranks)}")
+    outside = [r for r in ranks if not 0 <= r < n_responses]
+    if outside:
+        raise rows.Invalid("invalid_ranks", f"field {name!r} must hold ranks in [0, {n_responses}) for its "
+                                            f"{n_responses} responses (0 = best), got {outside[0]}")
+    levels = sorted(set(ranks))
+    if len(levels) < 2:
+        raise rows.Invalid("invalid_ranks", f"field {name!r} ties every response, so there is no preference to learn")
+    dense = {rank: i for i, rank in enumerate(levels)}
+    return [dense[r] for r in ranks]
+
+
+def _metadata(row: dict, name: str) -> str:
+    value = row.get(name)
+    if value is None:
+        return ""
+    # default=str: Parquet rows can hold dates and bytes, which JSON has no type for.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)

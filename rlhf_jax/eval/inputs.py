@@ -1,0 +1,65 @@
+"""What an evaluation reads besides the models: its prompts (a prompt file or a prepared prompts dataset's split),
+prepared datasets named DIR[:SPLIT], and the user's gold scorer (MODULE:FUNCTION) with its scores checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rlhf_jax.data.pipeline import open_split, stored_prompts
+from rlhf_jax.data.prepare import VERSION
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.generation import read_prompts
+from rlhf_jax.runtime import plugins as imports
+
+
+def split_spec(text: str) -> tuple[Path, str]:
+    """DIR[:SPLIT] of a prepared dataset (default split eval)."""
+    path, _, split = text.rpartition(":") if ":" in Path(text).name else (text, "", "")
+    return Path(path), split or "eval"
+
+
+def load_prompts(text: str, limit: int = 0) -> list[str]:
+    """A prompt file, or the prompts of a prepared prompts dataset's split, in stored order."""
+    path, split = split_spec(text)
+    if path.is_file():
+        prompts = read_prompts(path)
+    else:
+        source, metadata = open_dataset(path, split, "eval.prompts")
+        if metadata["kind"] != "prompts":
+            raise UserError(f"eval.prompts={text}: a {metadata['kind']!r} dataset, expected one of kind 'prompts'")
+        return stored_prompts(source, limit)
+    return prompts[:limit] if limit else prompts
+
+
+def open_dataset(path: Path, split: str, key: str):
+    if not (path / VERSION / "dataset_info.json").exists():
+        raise UserError(f"{key}={path}: neither a prompt file nor a prepared dataset directory "
+                        "(python -m rlhf_jax.data ... --data-dir DIR --name NAME makes DIR/NAME)")
+    return open_split(path.parent, path.name, split)
+
+
+def load_gold(spec: str) -> Callable | None:
+    """MODULE:FUNCTION: f(prompts, responses) -> one score per response."""
+    return imports.function(spec, "eval.gold")[0] if spec else None
+
+
+def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str]) -> np.ndarray:
+    """One finite score per response from the user's scorer; anything else (an exception, None, strings, the
+    wrong count, NaN) is one line naming the scorer and what it returned."""
+    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses))
+    try:
+        scores = np.asarray(returned)
+    except ValueError:  # ragged nesting
+        scores = np.asarray(None)
+    if scores.dtype.kind not in "biuf" or scores.size != len(responses):
+        raise UserError(f"eval.gold={spec}: returned {imports.shown(returned)}; expected {len(responses)} numbers, "
+                        "one per response")
+    scores = scores.astype(np.float64).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise UserError(f"eval.gold={spec}: returned {imports.shown(returned)}; {bad.size} of {len(responses)} "
+                        f"scores are not finite (the first: response {bad[0]})")
+    return scores

@@ -1,0 +1,140 @@
+"""The policies an evaluation compares: finding them (export/best/HF directories, a training run's latest checkpoint
+with the older ones to fall back on, a named step, or every saved step), checked to exist and to be policies before
+anything is sampled, and restoring a checkpoint's policy params through `models.checkpoint`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from tqdm import tqdm
+
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.checkpoint import LoadedModel, UnrestorableCheckpoint, load_model, model_head, restore_params
+from rlhf_jax.models.tiny import resolve_model_path
+
+# Where each training stage keeps the policy's params inside its checkpointed state.
+POLICY_PARAMS = {"sft": ("params",), "ppo": ("policy", "params")}
+
+
+SCALAR_NOT_POLICY = "a reward/value model (scalar head), expected a policy (language model)"
+
+
+class PolicySource(NamedTuple):
+    name: str
+    path: Path
+    step: int | None  # a training checkpoint's step; None for a model directory
+    older: tuple[int, ...] = ()  # a run's latest step: the steps to fall back on, newest first
+    optional: bool = False  # one of --all-steps: skipped when it cannot be restored
+
+
+def policy_sources(paths: Sequence[str], step: int = 0, all_steps: bool = False) -> list[PolicySource]:
+    """Every policy to evaluate, checked to exist (and be a policy) before anything is sampled."""
+    sources: list[PolicySource] = []
+    for text in paths:
+        path = Path(text)
+        if path.parent.name == "checkpoints" and path.name.isdigit():  # one step of a run, named directly
+            run, named = path.parent.parent, int(path.name)
+            _run_stage(run)
+            _check_steps(run, [named], path)
+            sources.append(PolicySource(f"{_name(run)}@{named}", run, named))
+        elif (path / "checkpoints").is_dir() and not (path / "model.json").exists():
+            _run_stage(path)
+            saved = sorted(_saved_steps(path), reverse=True)
+            if all_steps:
+                sources += [PolicySource(f"{_name(path)}@{s}", path, s, optional=True) for s in reversed(saved)]
+            elif step:
+                _check_steps(path, [step], path)
+                sources.append(PolicySource(f"{_name(path)}@{step}", path, step))
+            else:  # the latest step, with the older ones to fall back on
+                sources.append(PolicySource(f"{_name(path)}@{saved[0]}", path, saved[0], tuple(saved[1:])))
+        else:
+            if model_head(path) != "lm":
+                raise UserError(f"{path}: {SCALAR_NOT_POLICY}")
+            sources.append(PolicySource(_name(path), path, None))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise UserError(f"eval.policies: two policies share a name ({sorted(n for n in names if names.count(n) > 1)[0]}"
+                        "); give distinct directories")
+    return sources
+
+
+def _name(path: Path) -> str:
+    """A short name: the run directory for its export/ or best/ (runs/ppo/export -> ppo/export)."""
+    parts = path.resolve().parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else str(path)
+
+
+def _run_stage(run: Path) -> str:
+    config = run / "config.json"
+    try:
+        stage = json.loads(config.read_text())["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run}: a run directory without a readable config.json (expected one written by a "
+                        "training stage)") from None
+    if stage not in POLICY_PARAMS:
+        what = "a reward model" if stage == "rm" else f"stage {stage!r}"
+        raise UserError(f"{run}: a training run of {what}, not a policy; eval.policies takes sft or ppo runs "
+                        "or policy exports")
+    return stage
+
+
+def _saved_steps(run: Path) -> list[int]:
+    """Complete checkpoint steps of a run; an interrupted save (Orbax's temporary directory) is skipped with a
+    warning and never read."""
+    directory = run / "checkpoints"
+    for partial in sorted(p for p in directory.iterdir() if "tmp" in p.name):
+        warnings.warn(f"{partial}: an unfinished (interrupted) checkpoint save; skipped", stacklevel=2)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+        raise UserError(f"{directory}: no complete checkpoint to evaluate")
+    return steps
+
+
+def _check_steps(run: Path, steps: list[int], named: Path) -> None:
+    saved = _saved_steps(run)
+    missing = [s for s in steps if s not in saved]
+    if missing:
+        raise UserError(f"{named}: no complete checkpoint of step {missing[0]}; saved steps: {saved}")
+
+
+def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
+    """The policy's params (numpy) with its config and tokenizer. A run's base model (for its config and
+    tokenizer) is loaded once per run; a checkpoint reads only the policy's params from the saved state."""
+    if source.step is None:
+        loaded = load_model(source.path, need_tokenizer=True)
+        if loaded.head != "lm":
+            raise UserError(f"{source.path}: {SCALAR_NOT_POLICY}")
+        return loaded
+    run = source.path
+    config = json.loads((run / "config.json").read_text())
+    stage = config["stage"]
+    if run not in base_models:
+        model_path = resolve_model_path(config.get("model", {}).get("path", ""), run, config.get("seed", 0))
+        base_models[run] = load_model(model_path, need_tokenizer=True)
+    base = base_models[run]
+    params = restore_params(run / "checkpoints" / str(source.step) / "state", POLICY_PARAMS[stage])
+    return base._replace(params=params, head="lm")
+
+
+def restorable_policy(source: PolicySource, base_models: dict) -> tuple[PolicySource, LoadedModel] | None:
+    """(the source, its policy). A checkpoint that cannot be restored (truncated, half-written) is passed over
+    with a warning, as training does: a run's latest step falls back to the step before it, a step of
+    --all-steps is skipped (None); a step named by --step or by its path stops the run in one line."""
+    steps = (source.step, *source.older)
+    for i, step in enumerate(steps):
+        candidate = source._replace(name=f"{_name(source.path)}@{step}", step=step) if i else source
+        try:
+            return candidate, load_policy(candidate, base_models)
+        except UnrestorableCheckpoint as e:
+            problem = f"checkpoint step {step} in {source.path / 'checkpoints'} cannot be restored ({e})"
+            if i + 1 < len(steps):  # tqdm.write: on a line of its own while the progress bar runs
+                tqdm.write(f"warning: {problem}; falling back to step {steps[i + 1]}", file=sys.stderr)
+            elif source.optional:
+                tqdm.write(f"warning: {problem}; skipped", file=sys.stderr)
+            else:
+                raise UserError(problem) from None
+    return None

@@ -1,0 +1,189 @@
+"""Planning the steps of one config: each step's models, shapes and mesh read and checked, its program compiled
+and judged against the budget, its params' split over the mesh reported once per model, and, when it does not
+fit, the candidate settings (model.remat, optim.grad_accum_steps) compiled until one fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+
+from rlhf_jax import pipeline
+from rlhf_jax.config import Config
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import checkpoint
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, param_logical_axes
+from rlhf_jax.plan.devices import Budget, gib
+from rlhf_jax.plan.figures import Footprint, Measured, measure
+from rlhf_jax.plan.models import Models, ModelSource, response_slots
+from rlhf_jax.plan.programs import ppo_iteration_program, train_step_program
+from rlhf_jax.runtime import sharding
+
+
+class StagePlan(NamedTuple):
+    step: str
+    stage: str
+    batch: str  # the step's shapes, in words
+    measured: Measured | None  # None: not planned
+    fits: bool | None  # None: no verdict (no memory known, or not planned)
+    lines: list[str]  # notes and the verdict, one line each
+
+
+class Program(NamedTuple):
+    """A planned step before compiling: everything read and checked, nothing printed yet."""
+
+    step: pipeline.Step
+    build: Callable[[Config], jax.stages.Lowered]  # the step's config (or a candidate setting of it) -> program
+    batch: str
+    notes: list[str]
+    models: list[tuple[ModelConfig, str]]  # (architecture, head) of each model it trains or reads
+    mesh: jax.sharding.Mesh
+
+
+class Planner:
+    """Builds, compiles and judges the programs of one config's steps."""
+
+    def __init__(self, steps: Sequence[pipeline.Step], budget: Budget, is_pipeline: bool, out=None):
+        self.steps, self.budget, self.is_pipeline = list(steps), budget, is_pipeline
+        self.models = Models(self.steps)
+        self.out = out or sys.stdout
+        self._reported: set = set()
+
+    def key(self, step: pipeline.Step, name: str) -> str:
+        """How to set `name` for this step on the command line."""
+        return f"pipeline.{step.name}.{name}" if self.is_pipeline else name
+
+    def program(self, step: pipeline.Step) -> Program:
+        """The step's models (model.json / config.json), shapes and mesh, read and checked; a UserError for what
+        the run itself would refuse."""
+        cfg, notes, models = step.cfg, [], []
+        mesh = sharding.mesh_from_config(cfg.mesh)
+
+        def source(path: str, what: str, head: str) -> ModelConfig:
+            try:
+                found = self.models.resolve(path, cfg.run_dir)
+            except checkpoint.CheckpointError:
+                if head != "scalar" or not models:
+                    raise
+                found = ModelSource(models[0][0], "scalar", origin=f"{path} does not exist: the policy's "
+                                    "architecture with a scalar head")
+            if found.note(what, path):
+                notes.append(found.note(what, path))
+            if models and found.cfg.vocab_size != models[0][0].vocab_size:
+                raise UserError(f"{what}: vocab_size {found.cfg.vocab_size} differs from the policy's "
+                                f"{models[0][0].vocab_size} (it must read the policy's tokens)")
+            models.append((found.cfg, head))
+            return found.cfg
+
+        B, P, R = cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
+        if cfg.stage in ("sft", "rm"):
+            model_cfg = source(cfg.model.path, "model", "lm" if cfg.stage == "sft" else "scalar")
+            K = response_slots(cfg, self.steps) if cfg.stage == "rm" else 0
+            batch = f"{B} x {P + R} tokens" if cfg.stage == "sft" else f"{B} x {K} x ({P}+{R}) tokens"
+            return Program(step, lambda c: train_step_program(c, model_cfg, mesh, K), batch, notes, models, mesh)
+        policy = source(cfg.model.path, "policy", "lm")
+        reward = source(cfg.ppo.reward_model, "ppo.reward_model", "scalar")
+        value = source(cfg.ppo.value_model, "ppo.value_model", "scalar") if cfg.ppo.value_model else reward
+        batch = f"{B} x ({P}+{cfg.sampling.max_new_tokens} new) tokens"
+        return Program(step, lambda c: ppo_iteration_program(c, policy, mesh, value, reward), batch, notes, models,
+                       mesh)
+
+    def report_sharding(self, cfg: Config, model_cfg: ModelConfig, head: str, mesh) -> None:
+        """How the params split over the mesh, once per model (one line for a second head on the same body)."""
+        body = (model_cfg, cfg.model.param_dtype, tuple(mesh.shape.items()))
+        if (body, head) in self._reported:
+            return
+        model = make_model(model_cfg, head, cfg.model.dtype, cfg.model.param_dtype)
+        shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+        report = sharding.sharding_report(param_logical_axes(model), shapes, mesh)
+        name = f"{head}-head model (d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, vocab " \
+               f"{model_cfg.vocab_size})"
+        if any(seen == body for seen, _ in self._reported):
+            print(f"{name}: split as above, {gib(report.bytes_total)} of params, {gib(report.bytes_per_device)} "
+                  "per device", file=self.out)
+        else:
+            print(f"{name}:", file=self.out)
+            sharding.print_sharding_report(report, file=self.out)
+        self._reported.add((body, head))
+
+    def plan(self, program: Program) -> StagePlan:
+        step, cfg = program.step, program.step.cfg
+        for model_cfg, head in program.models:
+            self.report_sharding(cfg, model_cfg, head, program.mesh)
+        t0 = time.perf_counter()
+        print(f"compiling {step.name} ({cfg.stage}) ...", file=sys.stderr, flush=True)
+        measured = measure(program.build(cfg), program.mesh)
+        print(f"compiled {step.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        memory = self.budget.memory
+        if memory is None:
+            return StagePlan(step.name, cfg.stage, program.batch, measured, None, program.notes)
+        if measured.footprint.total <= memory:
+            return StagePlan(step.name, cfg.stage, program.batch, measured, True, program.notes)
+        return StagePlan(step.name, cfg.stage, program.batch, measured, False,
+                         program.notes + [self._no_fit(program, measured.footprint)])
+
+    def _no_fit(self, program: Program, found: Footprint) -> str:
+        step, cfg, mesh, memory = program.step, program.step.cfg, program.mesh, self.budget.memory
+        head = f"does not fit: needs {gib(found.total)} of {gib(memory)} per device"
+        fixed = found.arguments + found.outputs - found.aliased  # does not shrink with accumulation or remat
+        if fixed > memory:
+            return (f"{head}; nothing fits: its arguments and outputs alone (params, optimizer state, frozen "
+                    f"models, batch) take {gib(fixed)}; shard them over more devices (mesh)")
+        tries = candidates(cfg, mesh)
+        if not tries:
+            return (f"{head}; nothing smaller to try (model.remat=block and {micro_rows(cfg, mesh)} row(s) per device "
+                    "in a micro-batch at most): use more devices, a smaller batch or shorter sequences")
+        best = None
+        for remat, accum in tries:
+            print(f"  {step.name} does not fit: compiling it with accumulation {accum}, remat {remat} ...",
+                  file=sys.stderr, flush=True)
+            total = measure(program.build(with_setting(cfg, remat, accum)), mesh).footprint.total
+            if best is None or total < best[2]:
+                best = (remat, accum, total)
+            if total <= memory:
+                setting = f"{self.key(step, 'optim.grad_accum_steps')}={accum} {self.key(step, 'model.remat')}={remat}"
+                return f"{head}; fits with {setting} ({gib(total)})"
+        return (f"{head}; no micro-batch fits, with or without model.remat=block (the least: {gib(best[2])} with "
+                f"accumulation {best[1]}, remat {best[0]})")
+
+
+def with_setting(cfg: Config, remat: str, accum: int) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat),
+                               optim=dataclasses.replace(cfg.optim, grad_accum_steps=accum))
+
+
+def micro_rows(cfg: Config, mesh, accum: int | None = None) -> int:
+    """Rows per device of one micro-batch (of one minibatch, for ppo)."""
+    ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    rows = cfg.train.batch_size // (cfg.ppo.minibatches if cfg.stage == "ppo" else 1)
+    return rows // ((accum or cfg.optim.grad_accum_steps) * ways)
+
+
+def _splits(cfg: Config, accum: int, mesh) -> bool:
+    """Whether the step's batch splits into `accum` micro-batches over the data-parallel devices."""
+    ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    if cfg.stage != "ppo":
+        return cfg.train.batch_size % (accum * ways) == 0
+    sizes = [cfg.train.batch_size] + ([cfg.ppo.ptx_batch_size or cfg.train.batch_size] if cfg.ppo.ptx_coef else [])
+    m = cfg.ppo.minibatches
+    return all(size % m == 0 and (size // m) % (accum * ways) == 0 for size in sizes)
+
+
+def candidates(cfg: Config, mesh) -> list[tuple[str, int]]:
+    """(remat, accum) to try in order: no remat then block, accumulation 1, 2, 4, ... while the micro-batch
+    splits. Memory is taken not to grow with the accumulation: settings below one known not to fit (the
+    config's own, or the same accumulation without remat) are skipped."""
+    out = []
+    for remat in ("none", "block"):
+        accum = 1
+        while _splits(cfg, accum, mesh):
+            known_bad = (remat == cfg.model.remat and accum <= cfg.optim.grad_accum_steps) or \
+                        (remat == "none" and cfg.model.remat == "block" and accum <= cfg.optim.grad_accum_steps)
+            if not known_bad:
+                out.append((remat, accum))
+            accum *= 2
+    return out

@@ -1,0 +1,92 @@
+"""The training programs a dry run compiles: the sft / rm step and the whole PPO iteration, built exactly as
+their stages build and jit them (`trainers.Stage` and `loop.jit_step`; `ppo_stage`'s builders), lowered on abstract
+inputs (jax.ShapeDtypeStruct with the run's shardings, params from jax.eval_shape), so nothing is allocated."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.config import Config
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
+from rlhf_jax.rl import ppo
+from rlhf_jax.runtime import sharding
+from rlhf_jax.runtime.clock import LapClock
+from rlhf_jax.stages import ppo as ppo_stage, train as trainers
+from rlhf_jax.training import loop, steps
+
+STAND_IN_STEPS = 1000  # schedule length when train.epochs needs the dataset's size (no shape depends on it)
+
+
+def abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying `shardings`: what a jitted function is lowered on."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_batch(shapes: dict, mesh) -> dict:
+    """{key: ((shape), dtype)} -> abstract arrays split over the data-parallel axes."""
+    batch_sh = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
+
+
+def sft_shapes(rows: int, cfg: Config) -> dict:
+    T = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    return {"ids": ((rows, T), jnp.int32), "mask": ((rows, T), bool), "response_mask": ((rows, T), bool),
+            "positions": ((rows, T), jnp.int32), "segment_ids": ((rows, T), jnp.int32)}
+
+
+def train_batch_shapes(cfg: Config, responses: int = 0) -> dict:
+    """The sft / rm training batch of the data pipeline's layout (`data/pipeline.py`)."""
+    B, P, R, K = cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, responses
+    if cfg.stage == "sft":
+        shapes = sft_shapes(B, cfg)
+    else:
+        shapes = {"prompt_ids": ((B, P), jnp.int32), "prompt_mask": ((B, P), bool),
+                  "response_ids": ((B, K, R), jnp.int32), "response_mask": ((B, K, R), bool),
+                  "pairs": ((B, K, K), jnp.int32)}
+    return {**shapes, "truncated": ((B,), bool)}
+
+
+def _rng(mesh):
+    return jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
+
+
+def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int = 0,
+                       total_steps: int | None = None) -> jax.stages.Lowered:
+    """The sft / rm step as trainers.train builds and jits it, lowered on abstract inputs (`responses`: K of rm)."""
+    loop.micro_batch_size(cfg, mesh)  # the stage's own batch / accumulation / mesh check
+    model = make_model(model_cfg, "lm" if cfg.stage == "sft" else "scalar", cfg.model.dtype, cfg.model.param_dtype,
+                       remat=cfg.model.remat == "block")
+    total = total_steps or cfg.train.steps or STAND_IN_STEPS
+    optimizer = steps.make_optimizer(cfg.optim, total)
+    stage = trainers.Stage(cfg, model, optimizer, steps.lr_schedule(cfg.optim, total))
+    state_sh = loop.state_shardings(model, optimizer, mesh)
+    state = abstract(jax.eval_shape(lambda: steps.init_state(init_params(model, jax.random.key(0)), optimizer)),
+                     state_sh)
+    batch = abstract_batch(train_batch_shapes(cfg, responses), mesh)
+    return loop.jit_step(stage.step, state_sh, mesh).lower(state, batch, _rng(mesh))
+
+
+def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg: ModelConfig | None = None,
+                          reward_cfg: ModelConfig | None = None, total_steps: int | None = None) -> jax.stages.Lowered:
+    """One PPO iteration as ppo_stage.train_ppo builds and jits it, lowered on abstract inputs; the frozen
+    reference and reward params are arguments. The value and reward models default to the policy's
+    architecture with a scalar head."""
+    ppo_stage.check_sizes(cfg, mesh)  # the stage's own check
+    dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
+    reward_cfg = reward_cfg or policy_cfg
+    policy = make_model(policy_cfg, "lm", **dtypes)
+    value, reward = make_model(value_cfg or reward_cfg, "scalar", **dtypes), make_model(reward_cfg, "scalar", **dtypes)
+    total = total_steps or cfg.train.steps or STAND_IN_STEPS
+    models, settings = ppo_stage.build_models(cfg, policy, value, reward, total, policy_cfg.eos_token_ids or (0,))
+    state_sh, frozen_sh = ppo_stage.iteration_shardings(cfg, models, mesh)
+    key = jax.random.key(0)
+    state = abstract(jax.eval_shape(lambda: ppo.init_state(init_params(policy, key), init_params(value, key), models,
+                                                           settings, jax.random.PRNGKey(0))), state_sh)
+    frozen = abstract(ppo.Frozen(jax.eval_shape(lambda: init_params(policy, key)),
+                                 jax.eval_shape(lambda: init_params(reward, key))), frozen_sh)
+    B, P = cfg.train.batch_size, cfg.data.max_prompt_tokens
+    prompts = abstract_batch({"ids": ((B, P), jnp.int32), "mask": ((B, P), bool)}, mesh)
+    ptx = abstract_batch(sft_shapes(cfg.ppo.ptx_batch_size or B, cfg), mesh) if cfg.ppo.ptx_coef else None
+    program = ppo_stage.jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock())  # as the stage runs it
+    return program.lower(state, frozen, prompts["ids"], prompts["mask"], ptx)
