@@ -57,7 +57,7 @@ FULL_TIER = (
     "test_multiprocess.py::",
     "test_ppo.py::test_ppo_stage_runs_and_resumes_bitwise_after_sigkill",
     "test_ppo.py::test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch",
-    "test_ppo.py::test_mesh_of_8_agrees_with_one_device[8x1x1]",
+    "test_ppo.py::test_mesh_of_8_agrees_with_one_device",  # 1 device vs 8: test_model, test_train (fast tier)
     "test_ppo.py::test_ppo_stage_with_ptx",
     "test_ppo.py::test_value_lr_sets_the_value_models_learning_rate",
     "test_ppo.py::test_ema_of_the_policy_follows_its_formula",
@@ -69,6 +69,8 @@ FULL_TIER = (
     "test_train.py::test_rm_epoch_reference_dataset_bias_and_micro_batched_eval",
     "test_train.py::test_losses_independent_of_mesh[8x1x1",
     "test_train.py::test_losses_independent_of_mesh[1x2x4",
+    "test_train.py::test_losses_independent_of_mesh[2x2x2-sft]",
+    "test_loop.py::test_weight_decay_hits_only_weight_matrices[gpt2]",
     "test_train.py::test_loss_on_prompt_trains_on_prompt_tokens",
     "test_plan.py::test_dry_run_of_the_demo_plans_sft_rm_and_ppo_and_writes_nothing",
     "test_plan.py::test_a_step_that_does_not_fit_gets_a_real_suggestion",
@@ -80,7 +82,7 @@ FULL_TIER = (
     "test_run_models.py::test_resume_refuses_a_model_replaced_at_its_path",
     "test_run_failures.py::test_corrupt_latest_checkpoint_falls_back_to_the_previous_one",
     "test_run_failures.py::test_resume_refuses_another_model_and_allows_harmless_changes",
-    "test_losses.py::test_gradient_accumulation_equals_one_large_batch[sft]",
+    "test_losses.py::test_gradient_accumulation_equals_one_large_batch",  # accumulation: test_train (fast tier)
     "test_model.py::test_sampler_logprobs_equal_teacher_forced[1.0-0-1.0]",
 )
 
