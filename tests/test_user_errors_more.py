@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import random
 import resource
 import signal
@@ -310,10 +311,13 @@ def test_a_full_disk_during_an_async_save_is_one_line_and_leaves_no_partial_chec
     leaked = capfd.readouterr().err + "".join(f"{r.levelname}: {r.getMessage()}\n" for r in caplog.records
                                               if r.levelno >= logging.ERROR)  # orbax logs its threads' failures
     assert rc == 2 and "Traceback" not in err + leaked and "ERROR" not in err + leaked, err + leaked
-    assert _last_line(err) == (f"error: {(run_dir / 'checkpoints').resolve()}: saving step 3 failed "
-                               f"({os.strerror(errno.EFBIG)}); step 2 is the last complete checkpoint")
+    # A save's files may stay under the limit (Orbax's layout varies), so the first that fails is step 3 or later.
+    failed = int(re.search(r"saving step (\d+) failed", _last_line(err)).group(1))
+    assert failed >= 3
+    assert _last_line(err) == (f"error: {(run_dir / 'checkpoints').resolve()}: saving step {failed} failed "
+                               f"({os.strerror(errno.EFBIG)}); step {failed - 1} is the last complete checkpoint")
     assert "\r" not in err  # the training loop's progress, redirected, is plain lines
-    assert _steps(run_dir) == ["1", "2"]
+    assert _steps(run_dir) == [str(k) for k in range(1, failed)]
 
 
 def test_a_second_signal_during_a_save_stops_in_one_line_with_exit_4(tiny, data_dir, workdir, monkeypatch):
