@@ -20,7 +20,7 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.hf_config import config_from_hf
 from rlhf_jax.models.tokenizer import PromptEncoder
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
-from rlhf_jax.training import loop, steps
+from rlhf_jax.training import run, state as training_state, steps
 
 from test_model import FULL_SIZE
 
@@ -64,14 +64,14 @@ def test_reward_head_from_an_lm_allocates_nothing_model_sized():
     intermediate of the computation is bigger than the head."""
     cfg, _ = config_from_hf(FULL_SIZE["llama3_8b"][0])
     abstract = jax.eval_shape(lambda: init_params(make_model(cfg), jax.random.key(0)))
-    jaxpr = jax.make_jaxpr(lambda p: loop.with_head(p, cfg, "lm", "scalar", jax.random.key(0)))(abstract)
+    jaxpr = jax.make_jaxpr(lambda p: training_state.with_head(p, cfg, "lm", "scalar", jax.random.key(0)))(abstract)
     sizes = [math.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars]
     assert sizes and max(sizes) <= cfg.d_model
-    out = jax.eval_shape(lambda p: loop.with_head(p, cfg, "lm", "scalar", jax.random.key(0)), abstract)
+    out = jax.eval_shape(lambda p: training_state.with_head(p, cfg, "lm", "scalar", jax.random.key(0)), abstract)
     assert "lm_head" not in out and out["score"].shape == (cfg.d_model, 1)
     assert out["embed"].shape == abstract["embed"].shape
     with pytest.raises(UserError, match="'lm'-head model from a 'scalar'-head"):
-        loop.with_head(abstract, cfg, "scalar", "lm", jax.random.key(0))
+        training_state.with_head(abstract, cfg, "scalar", "lm", jax.random.key(0))
 
 
 @pytest.mark.parametrize("overrides, examples, expected", [
@@ -82,14 +82,14 @@ def test_reward_head_from_an_lm_allocates_nothing_model_sized():
     (["train.epochs=1", "train.batch_size=64"], 10, 1),
 ])
 def test_total_steps_from_steps_or_epochs(overrides, examples, expected):
-    assert loop.total_steps(load_config(None, overrides), examples) == expected
+    assert training_state.total_steps(load_config(None, overrides), examples) == expected
 
 
 def test_total_steps_needs_steps_or_epochs():
     with pytest.raises(UserError, match="train.steps or train.epochs"):
-        loop.total_steps(load_config(None, []), 100)
+        training_state.total_steps(load_config(None, []), 100)
     with pytest.raises(UserError, match="data.pack"):
-        loop.total_steps(load_config(None, ["train.epochs=1", "data.pack=true"]), 100)
+        training_state.total_steps(load_config(None, ["train.epochs=1", "data.pack=true"]), 100)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -151,8 +151,8 @@ def test_sequences_past_the_model_positions_are_refused(family):
     """GPT-2 would read past its position table (NaN); rotary models were never trained there."""
     with pytest.raises(UserError, match="data.max_prompt_tokens \\+ data.max_response_tokens = 40 exceeds the "
                                         "model's 32 positions"):
-        loop.check_positions(_tiny(family), 40, "data.max_prompt_tokens + data.max_response_tokens")
-    loop.check_positions(_tiny(family), 32, "x")
+        training_state.check_positions(_tiny(family), 40, "data.max_prompt_tokens + data.max_response_tokens")
+    training_state.check_positions(_tiny(family), 32, "x")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -160,7 +160,7 @@ def test_stop_signals_record_the_first_signal_stop_at_the_second_and_restore_han
     """The handler behind the exit-4 stop (the subprocess test sends SIGTERM): both signals are caught, the
     second one stops at once, and the previous handlers come back."""
     before = signal.getsignal(sig)
-    with loop.StopSignals() as stop:
+    with run.StopSignals() as stop:
         os.kill(os.getpid(), sig)
         assert stop.received == sig
         with pytest.raises(KeyboardInterrupt):

@@ -26,7 +26,7 @@ from rlhf_jax.typed_yaml import ConfigError
 from rlhf_jax.models import hf
 from rlhf_jax.models.tiny import build_tiny_model
 from rlhf_jax.runtime import fsio
-from rlhf_jax.training import loop
+from rlhf_jax.training.loop import TrainingLoop
 
 from cli_helpers import run_quietly
 
@@ -158,17 +158,17 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
 
 
 def test_a_finished_run_run_again_reports_what_it_logged_at_its_end(tmp_path):
-    """drive() with nothing left to run returns the metrics logged at the last step, so the stage's summary.json
-    keeps its loss and eval results instead of being rewritten without them."""
+    """A training loop with nothing left to run reports the metrics logged at the last step, so the stage's
+    summary.json keeps its loss and eval results instead of being rewritten without them."""
     lines = [{"stage": "sft", "step": 4, "time": 1.0, "loss": 2.0},
              {"stage": "sft", "step": 5, "time": 2.0, "loss": 1.5, "tokens_per_s": 10.0},
              {"stage": "sft", "step": 5, "time": 3.0, "eval_loss": 1.75},
              {"stage": "rm", "step": 5, "time": 4.0, "loss": 9.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"cut off')
-    run = SimpleNamespace(cfg=SimpleNamespace(seed=0), run_dir=tmp_path, stage="sft")
-    state, last = loop.drive(run, "state", start=5, total=5, data_iter=iter(()), step_fn=None, mesh=None,
-                             desc="sft", count_tokens=len, cadence=None)
-    assert state == "state" and last == {"loss": 1.5, "tokens_per_s": 10.0, "eval_loss": 1.75}
+    run = SimpleNamespace(cfg=SimpleNamespace(seed=0, train=None), run_dir=tmp_path, stage="sft")
+    with TrainingLoop(run, 5, 5, "sft") as loop:
+        assert list(loop) == []
+    assert loop.last == {"loss": 1.5, "tokens_per_s": 10.0, "eval_loss": 1.75}
 
 
 # ------------------------------------------------------------------------------------------------ pipeline config

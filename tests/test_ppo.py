@@ -28,7 +28,7 @@ from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.stages import ppo as ppo_stage
-from rlhf_jax.training import loop, steps
+from rlhf_jax.training import state as training_state, steps
 
 from cli_helpers import run_quietly
 
@@ -316,8 +316,8 @@ def test_sampler_logprobs_equal_the_training_forward_at_temperature():
 def _sharded_program(models, mesh):
     """The iteration as the stage jits it (ppo_stage.jit_iteration), and its inputs."""
     state, frozen, ids, mask = _setup(models)
-    policy_sh = loop.state_shardings(models.policy, models.policy_opt, mesh)
-    value_sh = loop.state_shardings(models.value, models.value_opt, mesh)
+    policy_sh = training_state.state_shardings(models.policy, models.policy_opt, mesh)
+    value_sh = training_state.state_shardings(models.value, models.value_opt, mesh)
     repl = sharding.replicated(mesh)
     state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=ppo.L.KLController(repl), rng=repl)
     step = ppo_stage.jit_iteration(models.models, models.settings, state_sh,
@@ -370,7 +370,7 @@ def ppo_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
     tiny = build_tiny_model(root / "tiny", seed=0)
     loaded = load_model(tiny)
-    params = loop.with_head(loaded.params, loaded.cfg, "lm", "scalar", jax.random.key(1))
+    params = training_state.with_head(loaded.params, loaded.cfg, "lm", "scalar", jax.random.key(1))
     rm = save_model(root / "rm", jax.tree.map(np.asarray, params), loaded.cfg, "scalar", tiny,
                     extra={"reward_norm": {"gain": 2.0, "bias": 0.5}})
     words = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish"]

@@ -23,7 +23,7 @@ from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
 from rlhf_jax.plan.figures import compile_program
 from rlhf_jax.plan.programs import ppo_iteration_program, train_step_program
 from rlhf_jax.runtime import sharding
-from rlhf_jax.training import loop
+from rlhf_jax.training import state as training_state
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -108,8 +108,8 @@ def test_every_step_validates_and_the_steps_fit_together(name):
         assert cfg.train.batch_size % 8 == 0 and cfg.sampling.batch_size % 8 == 0
         assert cfg.sampling.max_prompt_tokens == cfg.data.max_prompt_tokens
     # Sequences fit the real model's positions, as the stages check before training.
-    loop.check_positions(real, sft.data.max_prompt_tokens + sft.data.max_response_tokens, "sft")
-    loop.check_positions(real, ppo_cfg.data.max_prompt_tokens + ppo_cfg.sampling.max_new_tokens, "ppo")
+    training_state.check_positions(real, sft.data.max_prompt_tokens + sft.data.max_response_tokens, "sft")
+    training_state.check_positions(real, ppo_cfg.data.max_prompt_tokens + ppo_cfg.sampling.max_new_tokens, "ppo")
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -127,7 +127,7 @@ def _compile(cfg, tiny: ModelConfig):
     """The stage's program as its stage builds and jits it (rlhf_jax/plan/, what --dry-run compiles), on
     abstract inputs, compiled for the step's mesh."""
     mesh = sharding.mesh_from_config(cfg.mesh)
-    total = cfg.train.steps or loop.total_steps(cfg, STAND_IN_EXAMPLES)
+    total = cfg.train.steps or training_state.total_steps(cfg, STAND_IN_EXAMPLES)
     if cfg.stage == "ppo":
         lowered = ppo_iteration_program(cfg, tiny, mesh, total_steps=total)
     else:

@@ -98,10 +98,10 @@ def test_divergence_stops_with_exit_3_and_saves_nothing_non_finite(tiny, data_di
 
 def test_export_refuses_non_finite_params(tmp_path):
     from rlhf_jax.errors import DivergedError
-    from rlhf_jax.training import loop
+    from rlhf_jax.training import state as training_state
 
     with pytest.raises(DivergedError, match="non-finite values; .* was not written"):
-        loop.export(tmp_path / "export", {"w": np.array([1.0, np.nan])}, None, None)
+        training_state.export(tmp_path / "export", {"w": np.array([1.0, np.nan])}, None, None)
     assert not (tmp_path / "export").exists()
 
 

@@ -22,7 +22,7 @@ from rlhf_jax.data import __main__ as data_cli
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import load_model, model_fingerprint, save_model
 from rlhf_jax.models.tiny import build_tiny_model
-from rlhf_jax.training import loop
+from rlhf_jax.training import state as training_state
 
 from cli_helpers import run_quietly
 
@@ -39,7 +39,7 @@ def _last_line(err: str) -> str:
 def _scalar_export(model_dir: Path, out: Path, role: str, seed: int = 1) -> Path:
     """A scalar-head export of `model_dir` (random head) with its tokenizer, recording `role`."""
     loaded = load_model(model_dir)
-    params = loop.with_head(loaded.params, loaded.cfg, "lm", "scalar", jax.random.key(seed))
+    params = training_state.with_head(loaded.params, loaded.cfg, "lm", "scalar", jax.random.key(seed))
     return save_model(out, jax.tree.map(np.asarray, params), loaded.cfg, "scalar", loaded.tokenizer_dir,
                       extra={"role": role, "reward_norm": {"gain": 1.0, "bias": 0.0}})
 
@@ -159,8 +159,8 @@ def test_exports_record_their_role(tmp_path):
     tiny = build_tiny_model(tmp_path / "tiny", seed=0)
     loaded = load_model(tiny)
     for head, role, expected in (("lm", None, "policy"), ("scalar", None, "reward"), ("scalar", "value", "value")):
-        params = loop.with_head(loaded.params, loaded.cfg, "lm", head, jax.random.key(0))
-        out = loop.export(tmp_path / f"{head}_{expected}", params, loaded, make_model(loaded.cfg, head), role=role)
+        params = training_state.with_head(loaded.params, loaded.cfg, "lm", head, jax.random.key(0))
+        out = training_state.export(tmp_path / f"{head}_{expected}", params, loaded, make_model(loaded.cfg, head), role=role)
         assert json.loads((out / "model.json").read_text())["role"] == expected
 
 

@@ -32,7 +32,7 @@ from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.metrics import MetricsWriter
 from rlhf_jax.runtime.progress import progress
-from rlhf_jax.training import loop
+from rlhf_jax.training.state import check_positions, eval_sums
 from rlhf_jax.training.steps import rm_eval_sums, rm_metrics
 
 
@@ -132,7 +132,7 @@ class Evaluator:
         self.programs = Programs(mesh, SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos),
                                                       PAD_ID), cfg.model.dtype)
         self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
-        loop.check_positions(self.reference.cfg, self.batches[0][2].shape[1] + s.max_new_tokens,
+        check_positions(self.reference.cfg, self.batches[0][2].shape[1] + s.max_new_tokens,
                              "sampling.max_prompt_tokens + sampling.max_new_tokens")
         norm = reward.extra.get("reward_norm") or {}
         self.gain, self.bias = float(norm.get("gain", 1.0)), float(norm.get("bias", 0.0))
@@ -286,6 +286,6 @@ def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> 
         raise UserError(f"eval.rankings={rankings}: a {metadata['kind']!r} dataset, expected one of kind 'rankings'")
     spec = dataclasses.replace(cfg.data, dir=str(path.parent), name=path.name)
     fn = jax.jit(functools.partial(rm_eval_sums, model=model), out_shardings=sharding.replicated(mesh))
-    sums = loop.evaluate(fn, params, eval_batches(spec, split, tokenizer, cfg.sampling.batch_size), mesh)
+    sums = eval_sums(fn, params, eval_batches(spec, split, tokenizer, cfg.sampling.batch_size), mesh)
     accuracy = float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if sums else None
     return accuracy, metadata.get("labeler_ceiling")

@@ -1,5 +1,5 @@
 """The training programs a dry run compiles: the sft / rm step and the whole PPO iteration, built exactly as
-their stages build and jit them (`trainers.Stage` and `loop.jit_step`; `ppo_stage`'s builders), lowered on abstract
+their stages build and jit them (`stages.train.Stage` and `training.state.jit_step`; `stages.ppo`'s builders), lowered on abstract
 inputs (jax.ShapeDtypeStruct with the run's shardings, params from jax.eval_shape), so nothing is allocated."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.stages import ppo as ppo_stage, train as trainers
-from rlhf_jax.training import loop, steps
+from rlhf_jax.training import steps
+from rlhf_jax.training.state import jit_step, micro_batch_size, state_shardings
 
 STAND_IN_STEPS = 1000  # schedule length when train.epochs needs the dataset's size (no shape depends on it)
 
@@ -54,17 +55,17 @@ def _rng(mesh):
 def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int = 0,
                        total_steps: int | None = None) -> jax.stages.Lowered:
     """The sft / rm step as trainers.train builds and jits it, lowered on abstract inputs (`responses`: K of rm)."""
-    loop.micro_batch_size(cfg, mesh)  # the stage's own batch / accumulation / mesh check
+    micro_batch_size(cfg, mesh)  # the stage's own batch / accumulation / mesh check
     model = make_model(model_cfg, "lm" if cfg.stage == "sft" else "scalar", cfg.model.dtype, cfg.model.param_dtype,
                        remat=cfg.model.remat == "block")
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
     optimizer = steps.make_optimizer(cfg.optim, total)
     stage = trainers.Stage(cfg, model, optimizer, steps.lr_schedule(cfg.optim, total))
-    state_sh = loop.state_shardings(model, optimizer, mesh)
+    state_sh = state_shardings(model, optimizer, mesh)
     state = abstract(jax.eval_shape(lambda: steps.init_state(init_params(model, jax.random.key(0)), optimizer)),
                      state_sh)
     batch = abstract_batch(train_batch_shapes(cfg, responses), mesh)
-    return loop.jit_step(stage.step, state_sh, mesh).lower(state, batch, _rng(mesh))
+    return jit_step(stage.step, state_sh, mesh).lower(state, batch, _rng(mesh))
 
 
 def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg: ModelConfig | None = None,

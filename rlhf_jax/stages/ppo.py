@@ -1,7 +1,7 @@
 """The ppo stage: the policy (model.path, the SFT export) against a frozen reward model (ppo.reward_model), with
 a value model initialised from it (or from ppo.value_model) and the initial policy as the KL reference. Each
 iteration is one compiled program (`ppo.iteration`); this host loop only feeds prompts, logs and checkpoints,
-through the same loop pieces as sft and rm (resume, divergence and signal stops, corrupt checkpoints).
+in the training loop every stage writes out (resume, divergence and signal stops, corrupt checkpoints).
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ from rlhf_jax.rl.ppo_math import KLController
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
-from rlhf_jax.training import loop, steps
+from rlhf_jax.training import steps
+from rlhf_jax.training.loop import TrainingLoop
+from rlhf_jax.training.run import Run
+from rlhf_jax.training.state import (
+    check_positions, export, initial_params, load_for_training, report_sharding, state_shardings, to_global,
+    total_steps)
 
 
 def check_config(cfg: Config) -> None:
@@ -85,7 +90,7 @@ def _scalar_model(path: str, key: str, *roles: str) -> LoadedModel:
 
 
 def kl_on_resume(cfg: Config):
-    """`loop.Run.resume`'s adjustment of the restored KL coefficient: with a fixed penalty (ppo.kl_target 0)
+    """`Run.resume`'s adjustment of the restored KL coefficient: with a fixed penalty (ppo.kl_target 0)
     beta is ppo.kl_coef, also a changed one; the adaptive controller goes on from the restored beta, which
     ppo.kl_coef only started."""
     def adjust(state, stored_config: dict):
@@ -111,14 +116,14 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     ptx_spec = _ptx_spec(cfg)
     mesh = mesh or sharding.mesh_from_config(cfg.mesh)
     check_sizes(cfg, mesh)
-    total = loop.total_steps(cfg, len(source))
+    total = total_steps(cfg, len(source))
 
-    loaded, tokenizer, policy_model = loop.load_for_training(cfg, run_dir, "lm")
+    loaded, tokenizer, policy_model = load_for_training(cfg, run_dir, "lm")
     check_role(loaded, f"model.path={cfg.model.path}", "policy")
-    loop.check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
+    check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                          "data.max_prompt_tokens + sampling.max_new_tokens")
     if ptx_spec is not None:
-        loop.check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
+        check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
                              "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)")
     reward = _scalar_model(cfg.ppo.reward_model, "ppo.reward_model", "reward")
     value = _scalar_model(cfg.ppo.value_model, "ppo.value_model", "reward", "value") if cfg.ppo.value_model else reward
@@ -139,55 +144,51 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     repl = sharding.replicated(mesh)
     state_sh, frozen_sh = iteration_shardings(cfg, models, mesh)
     policy_sh, value_sh, reward_sh = state_sh.policy, state_sh.value, frozen_sh.reward_params
-    loop.report_sharding(policy_model, mesh)
+    report_sharding(policy_model, mesh)
 
-    policy_params = loop.initial_params(loaded, policy_model, cfg.seed)
-    value_params = loop.initial_params(value, value_model, cfg.seed)
+    policy_params = initial_params(loaded, policy_model, cfg.seed)
+    value_params = initial_params(value, value_model, cfg.seed)
     init = jax.jit(lambda p, v, key: ppo.init_state(p, v, models, settings, key),
                    in_shardings=(policy_sh.params, value_sh.params, repl), out_shardings=state_sh)
     state = init(policy_params, value_params, jax.random.PRNGKey(cfg.seed))
     # The reference and the reward model are separate buffers: the state is donated every iteration.
     frozen = ppo.Frozen(ref_params=sharding.place(policy_params, policy_sh.params),
-                        reward_params=sharding.place(loop.initial_params(reward, reward_model, cfg.seed),
+                        reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed),
                                                      reward_sh))
     data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed))
     if ptx_spec is not None:  # prompts and pretraining rows advance, and are checkpointed, together
         ptx_iter = iter(train_dataset(ptx_spec, ptx_spec.train_split, tokenizer, _ptx_batch(cfg), cfg.seed + 1))
         data_iter = PromptsAndPtx(data_iter, ptx_iter)
 
-    run = loop.Run(cfg, run_dir, "ppo", models={key: path for key, (path, _) in scalars.items()})
+    run = Run(cfg, run_dir, "ppo", models={key: path for key, (path, _) in scalars.items()})
     state, start = run.resume(state, data_iter, adjust=kl_on_resume(cfg))
     if distributed.is_primary():  # process 0 writes the run's files
         drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
     iteration = jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock())
 
-    iterations = [start]
-
-    def step_fn(st, batch, rng):
-        ptx = {k[len("ptx_"):]: v for k, v in batch.items() if k.startswith("ptx_") and k != "ptx_truncated"}
-        st, metrics = iteration(st, frozen, batch["prompt_ids"], batch["prompt_mask"], ptx or None)
-        iterations[0] += 1
-        samples = metrics.pop("samples", None)
-        if samples is not None and iterations[0] % cfg.ppo.samples_every == 0 and distributed.is_primary():
-            write_samples(run_dir / "samples.jsonl", iterations[0], distributed.to_host(samples), tokenizer)
-        return st, metrics
-
     try:
-        state, last = loop.drive(run, state, start=start, total=total, data_iter=data_iter, step_fn=step_fn,
-                                 mesh=mesh, desc="ppo", count_tokens=lambda b: len(b["prompt_ids"]),
-                                 rate_name="episodes_per_s", cadence=loop.Cadence(cfg, total, False))
+        with TrainingLoop(run, start, total, "ppo", rate_name="episodes_per_s") as loop:
+            for step in loop:
+                batch = next(data_iter)
+                prompts, ptx = split_ptx(to_global(batch, mesh))
+                state, metrics = iteration(state, frozen, prompts["prompt_ids"], prompts["prompt_mask"], ptx)
+                samples = metrics.pop("samples", None)
+                loop.log(step, metrics, items=len(batch["prompt_ids"]), truncated=batch["truncated"].sum())
+                if samples is not None and step % cfg.ppo.samples_every == 0 and distributed.is_primary():
+                    write_samples(run_dir / "samples.jsonl", step, distributed.to_host(samples), tokenizer)
+                loop.save_when_due(step, state, data_iter)
     finally:
         run.close()
-    out = loop.export(run_dir / "export", state.policy.params, loaded, policy_model)
+    out = export(run_dir / "export", state.policy.params, loaded, policy_model)
     # The value head's normalisation travels with it: reading it back (ppo.value_model) applies it again.
     value_norm = {"reward_norm": {"gain": settings.value_gain, "bias": settings.value_bias}}
-    value_out = loop.export(run_dir / "export_value", state.value.params, value, value_model, value_norm,
-                            role="value")
+    value_out = export(run_dir / "export_value", state.value.params, value, value_model, value_norm,
+                       role="value")
     exports = {"export": str(out), "value_export": str(value_out)}
     if state.ema is not None:
-        exports["ema_export"] = str(loop.export(run_dir / "export_ema", state.ema, loaded, policy_model))
+        exports["ema_export"] = str(export(run_dir / "export_ema", state.ema, loaded, policy_model))
     summary = {"stage": "ppo", "steps": total, **exports,
-               **{k: round(v, 6) for k, v in last.items() if isinstance(v, float) and np.isfinite(v)}}
+               **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float) and np.isfinite(v)}}
     if distributed.is_primary():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
@@ -225,8 +226,8 @@ def build_models(cfg: Config, policy_model, value_model, reward_model, total: in
 def iteration_shardings(cfg: Config, models: ppo.PPOModels, mesh) -> tuple[ppo.PPOState, ppo.Frozen]:
     """NamedShardings of the iteration's state and of its frozen params (the reference and the reward model)."""
     repl = sharding.replicated(mesh)
-    policy_sh = loop.state_shardings(models.policy, models.policy_opt, mesh)
-    value_sh = loop.state_shardings(models.value, models.value_opt, mesh)
+    policy_sh = state_shardings(models.policy, models.policy_opt, mesh)
+    value_sh = state_shardings(models.value, models.value_opt, mesh)
     state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=KLController(repl), rng=repl,
                             ema=policy_sh.params if cfg.ppo.ema_decay else None)
     reward_shapes = jax.eval_shape(lambda: init_params(models.reward, jax.random.key(0)))
@@ -291,3 +292,9 @@ class PromptsAndPtx:
     def set_state(self, state: dict) -> None:
         self.prompts.set_state(state["prompts"])
         self.ptx.set_state(state["ptx"])
+
+
+def split_ptx(batch: dict) -> tuple[dict, dict | None]:
+    """(the prompts' arrays, the PPO-ptx rows' arrays or None) of a batch of PromptsAndPtx or of prompts alone."""
+    ptx = {k[len("ptx_"):]: v for k, v in batch.items() if k.startswith("ptx_") and k != "ptx_truncated"}
+    return {k: v for k, v in batch.items() if not k.startswith("ptx_")}, ptx or None

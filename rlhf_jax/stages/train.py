@@ -1,5 +1,5 @@
 """The sft and rm stages: what differs between them (head, step, evaluation, the final reward normalisation),
-composed from the shared loop pieces in `loop.py`.
+trained by the loop that every training stage writes out (`training/loop.py`).
 
 Rerunning the same command resumes from the latest checkpoint (state, data iterator, loop facts), and on CPU
 reaches bitwise the same params as an uninterrupted run.
@@ -22,7 +22,12 @@ from rlhf_jax.data.pipeline import eval_batches, has_split, open_split, response
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import Transformer, positions_from_mask
 from rlhf_jax.runtime import distributed, sharding
-from rlhf_jax.training import loop, steps
+from rlhf_jax.training import steps
+from rlhf_jax.training.loop import TrainingLoop
+from rlhf_jax.training.run import Run
+from rlhf_jax.training.state import (
+    check_positions, eval_batch_size, eval_sums, export, initial_params, jit_step, load_for_training, micro_batch_size,
+    place_state, report_sharding, state_shardings, to_global, total_steps)
 from rlhf_jax.training.losses import last_token_values
 
 
@@ -77,50 +82,56 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
         print(f"warning: dataset {cfg.data.name!r} has no split {cfg.data.eval_split!r}: no held-out evaluation "
               "and no best/ export", file=sys.stderr)
     mesh = mesh or sharding.mesh_from_config(cfg.mesh)
-    loop.micro_batch_size(cfg, mesh)
-    eval_size = loop.eval_batch_size(cfg, mesh)
-    total = loop.total_steps(cfg, len(source))
+    micro_batch_size(cfg, mesh)
+    eval_size = eval_batch_size(cfg, mesh)
+    total = total_steps(cfg, len(source))
     if cfg.stage == "rm":
         _warn_if_repeating(cfg, total, len(source))
 
-    loaded, tokenizer, model = loop.load_for_training(cfg, run_dir, "lm" if cfg.stage == "sft" else "scalar")
-    loop.check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
-                         "data.max_prompt_tokens + data.max_response_tokens")
+    loaded, tokenizer, model = load_for_training(cfg, run_dir, "lm" if cfg.stage == "sft" else "scalar")
+    check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
+                    "data.max_prompt_tokens + data.max_response_tokens")
     schedule = steps.lr_schedule(cfg.optim, total)
     optimizer = steps.make_optimizer(cfg.optim, total)
     stage = Stage(cfg, model, optimizer, schedule)
-    state_sh = loop.state_shardings(model, optimizer, mesh)
-    loop.report_sharding(model, mesh)
-    state = loop.place_state(loop.initial_params(loaded, model, cfg.seed), optimizer, state_sh)
+    state_sh = state_shardings(model, optimizer, mesh)
+    report_sharding(model, mesh)
+    state = place_state(initial_params(loaded, model, cfg.seed), optimizer, state_sh)
+    train_step = jit_step(stage.step, state_sh, mesh)
     data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed))
 
-    run = loop.Run(cfg, run_dir, cfg.stage)
+    run = Run(cfg, run_dir, cfg.stage)
     state, start = run.resume(state, data_iter)
     run.facts.setdefault("best_eval_loss", None)
 
-    def on_eval(done: int, state) -> dict:
+    def evaluate_and_keep_best(state) -> dict:
+        """Held-out metrics; a new best eval loss exports the params to best/."""
         batches = eval_batches(cfg.data, cfg.data.eval_split, tokenizer, eval_size)
-        sums = loop.evaluate(stage.eval_fn(mesh), state.params, batches, mesh, cfg.train.eval_batches)
+        sums = eval_sums(stage.eval_fn(mesh), state.params, batches, mesh, cfg.train.eval_batches)
         if not sums:
             return {}
         metrics = stage.eval_metrics(sums)
         best = run.facts["best_eval_loss"]
         if best is None or metrics["loss"] < best:
             run.facts["best_eval_loss"] = metrics["loss"]
-            loop.export(run_dir / "best", state.params, loaded, model)
+            export(run_dir / "best", state.params, loaded, model)
         return metrics
 
     try:
-        state, last_metrics = loop.drive(run, state, start=start, total=total, data_iter=data_iter,
-                                         step_fn=loop.jit_step(stage.step, state_sh, mesh), mesh=mesh,
-                                         desc=cfg.stage, count_tokens=real_tokens,
-                                         cadence=loop.Cadence(cfg, total, has_eval), on_eval=on_eval)
+        with TrainingLoop(run, start, total, cfg.stage, has_eval) as loop:
+            for step in loop:
+                batch = next(data_iter)
+                state, metrics = train_step(state, to_global(batch, mesh), loop.rng(step))
+                loop.log(step, metrics, items=real_tokens(batch), truncated=batch["truncated"].sum())
+                if loop.eval_due(step):
+                    loop.log_eval(step, evaluate_and_keep_best(state))
+                loop.save_when_due(step, state, data_iter)
     finally:
         run.close()  # pending asynchronous saves complete (or report their failure) before the run ends
     extra = fit_reward_norm(cfg, stage, state.params, tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
-    out = loop.export(run_dir / "export", state.params, loaded, model, extra)
+    out = export(run_dir / "export", state.params, loaded, model, extra)
     summary = {"stage": cfg.stage, "steps": total, "export": str(out),
-               **{k: round(v, 6) for k, v in last_metrics.items() if isinstance(v, float)}, **extra}
+               **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float)}, **extra}
     if distributed.is_primary():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
@@ -180,8 +191,8 @@ def reference_rewards(cfg: Config, model: Transformer, params, tokenizer, mesh, 
         select = lambda batch: best_responses(batch["pairs"]) & batch["valid"][:, None]
     for batch in eval_batches(spec, split, tokenizer, batch_size):
         # every process's rows, and which of them to keep, gathered the same way
-        rewards, keep = distributed.to_host((fn(params, loop.to_global(batch, mesh)),
-                                             loop.to_global({"keep": select(batch)}, mesh)["keep"]))
+        rewards, keep = distributed.to_host((fn(params, to_global(batch, mesh)),
+                                             to_global({"keep": select(batch)}, mesh)["keep"]))
         out.extend(rewards[keep].tolist())
         if len(out) >= limit:
             break

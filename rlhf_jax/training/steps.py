@@ -1,5 +1,5 @@
 """Pure train and eval steps `(state, batch, rng) -> (state, metrics)`; jit, shardings and donation are applied
-by the caller (`trainers.py`). Gradient accumulation scans over micro-batches inside the step and divides by
+by the caller (`stages/train.py`). Gradient accumulation scans over micro-batches inside the step and divides by
 the whole batch's token (or prompt) count, so it equals one large batch exactly."""
 
 from __future__ import annotations

@@ -1,0 +1,166 @@
+"""The state a training stage trains: the model loaded for training (with its head), the sharded TrainState and
+its jitted, donated step, batch sizes and step counts checked against the mesh, micro-batched evaluation and the
+params-only export.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.config import Config
+from rlhf_jax.errors import DivergedError, UserError
+from rlhf_jax.models.checkpoint import LoadedModel, load_model, save_model
+from rlhf_jax.models.tiny import resolve_model_path
+from rlhf_jax.models.tokenizer import load_tokenizer
+from rlhf_jax.models.transformer import Transformer, init_boxed, init_scalar_head, make_model, param_logical_axes
+from rlhf_jax.runtime import sharding
+from rlhf_jax.training import steps
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+def load_for_training(cfg: Config, run_dir: Path, head: str):
+    """(loaded checkpoint, tokenizer, model with `head`) of cfg.model.path (the tiny built-in model when empty)."""
+    loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True)
+    model = make_model(loaded.cfg, head, cfg.model.dtype, cfg.model.param_dtype, remat=cfg.model.remat == "block")
+    return loaded, load_tokenizer(loaded.tokenizer_dir), model
+
+
+def with_head(params: dict, cfg, from_head: str, to_head: str, rng: jax.Array) -> dict:
+    """A checkpoint's params for a model with `to_head`: a language model becoming a reward or value model
+    drops its LM head and gets a fresh scalar head, and nothing else is initialised."""
+    if to_head == from_head:
+        return dict(params)
+    if to_head == "scalar" and from_head == "lm":
+        out = {k: v for k, v in params.items() if k != "lm_head"}
+        out["score"] = init_scalar_head(cfg, rng)
+        return out
+    raise UserError(f"cannot train a {to_head!r}-head model from a {from_head!r}-head checkpoint")
+
+
+def check_positions(model_cfg, length: int, keys: str) -> None:
+    """Sequences must fit the model's positions: GPT-2 would read past its position table (NaN), and rotary
+    models were never trained there."""
+    if length > model_cfg.max_position_embeddings:
+        raise UserError(f"{keys} = {length} exceeds the model's {model_cfg.max_position_embeddings} positions")
+
+
+def report_sharding(model: Transformer, mesh) -> None:
+    """Print how the params are split over the mesh (one screen) and warn once per replicated fallback."""
+    abstract = jax.eval_shape(lambda: nn.unbox(init_boxed(model, jax.random.key(0))))
+    sharding.print_sharding_report(sharding.sharding_report(param_logical_axes(model), abstract, mesh))
+
+
+def initial_params(loaded: LoadedModel, model: Transformer, seed: int) -> dict:
+    """Host params in the model's layout and parameter dtype."""
+    params = with_head(loaded.params, loaded.cfg, loaded.head, model.head, jax.random.key(seed))
+    return jax.tree.map(lambda x: np.asarray(x).astype(model.param_dtype), params)
+
+
+def state_shardings(model: Transformer, optimizer, mesh):
+    """NamedShardings of the whole TrainState from the params' logical names: optimizer moments inherit them."""
+    boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.key(0)))
+    abstract = jax.eval_shape(lambda p: steps.init_state(p, optimizer), boxed)
+    specs = nn.get_partition_spec(abstract)
+    shapes = nn.unbox(abstract)
+    return jax.tree.map(lambda spec, x: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+        tuple(spec), x.shape, mesh)), specs, shapes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def place_state(params: dict, optimizer, state_sh):
+    """The initial TrainState, built on the mesh (optimizer moments are created sharded, never on one device)."""
+    init = jax.jit(lambda p: steps.init_state(p, optimizer), in_shardings=(state_sh.params,), out_shardings=state_sh)
+    return init(params)
+
+
+def jit_step(step: Callable, state_sh, mesh):
+    """`step(state, batch, rng) -> (state, metrics)` jitted over the mesh: batches split over the data-parallel
+    axes, metrics replicated, and the old state's buffers donated to the new one."""
+    repl = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh), repl),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """This host's rows -> one global array per key, split over the data-parallel axes."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), v) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------- sizes
+
+
+def micro_batch_size(cfg: Config, mesh) -> int:
+    """Rows forwarded at once: train.batch_size / optim.grad_accum_steps, checked against the mesh."""
+    batch, accum = cfg.train.batch_size, cfg.optim.grad_accum_steps
+    if batch % accum:
+        raise UserError(f"train.batch_size={batch} is not divisible by optim.grad_accum_steps={accum}")
+    sharding.check_batch_size(batch // accum, mesh, "train.batch_size" if accum == 1 else
+                              f"train.batch_size / optim.grad_accum_steps ({batch} / {accum})")
+    return batch // accum
+
+
+def eval_batch_size(cfg: Config, mesh) -> int:
+    """Rows per evaluation forward: train.eval_batch_size, or the training micro-batch, which is known to fit."""
+    size = cfg.train.eval_batch_size or micro_batch_size(cfg, mesh)
+    sharding.check_batch_size(size, mesh, "train.eval_batch_size")
+    return size
+
+
+def total_steps(cfg: Config, train_examples: int) -> int:
+    """train.steps, or the steps of train.epochs passes over the training split (never past the last epoch)."""
+    t = cfg.train
+    if t.steps:
+        return t.steps
+    if not t.epochs:
+        raise UserError("set train.steps or train.epochs (passes over the training split)")
+    if cfg.data.pack:
+        raise UserError("train.epochs cannot be used with data.pack (the packed row count is not known in "
+                        "advance); set train.steps")
+    return max(1, math.floor(t.epochs * train_examples / t.batch_size))
+
+
+# --------------------------------------------------------------------------------------------- evaluation and export
+
+
+def eval_sums(eval_fn, params, batches: Iterator[dict], mesh, limit: int = 0) -> dict:
+    """Sums of `eval_fn(params, batch)` over the batches (the first `limit` when > 0), as floats."""
+    totals: dict = {}
+    for i, batch in enumerate(batches):
+        if limit and i >= limit:
+            break
+        sums = jax.device_get(eval_fn(params, to_global(batch, mesh)))
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    return totals
+
+
+def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None,
+           role: str | None = None) -> Path:
+    """Params-only model checkpoint (Orbax, with tokenizer) for the next stage and for convert --to-hf: float32,
+    written shard by shard from the mesh (with several processes, each writes its own shards). Its `role` is
+    recorded: by default a language model is a policy and a scalar head a reward model (ppo's value model says
+    so)."""
+    params = as_float32(params)
+    if not bool(all_finite(params)):
+        raise DivergedError(f"the parameters hold non-finite values; {out_dir} was not written")
+    role = role or ("policy" if model.head == "lm" else "reward")
+    return save_model(out_dir, params, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True,
+                      extra={**(extra or {}), "role": role})
+
+
+@jax.jit
+def as_float32(params):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in floats] or [True]))
