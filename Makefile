@@ -17,8 +17,9 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt tests/install_browser.sh
 	$(PY) -m pip install -q -r requirements-dev.txt
+	bash tests/install_browser.sh
 	touch $@
 
 setup: $(VENV)/.runtime
@@ -29,11 +30,14 @@ demo: setup
 
 # The fast tier: every stage end to end once and every numerical oracle. The full tier adds the slow ones
 # (multi-process runs, kills and resumes, every mesh shape, the reference configs' compiles); CI runs it.
+# Tests mostly wait on XLA's single-threaded compiler, so they run in one worker per core.
+PYTEST := $(TEST_ENV) $(PY) -m pytest -q -n auto --dist loadgroup
+
 test: setup-dev
-	$(TEST_ENV) $(PY) -m pytest -q -m "not full" tests
+	$(PYTEST) -m "not full" tests
 
 test-all: setup-dev
-	$(TEST_ENV) $(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 bench: setup-dev
 	$(CPU_MALLOC) $(PY) benchmarks/decode.py --out benchmarks/results/decode_cpu_tiny_fp32.json

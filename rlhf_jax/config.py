@@ -164,6 +164,9 @@ class RMSection:
         "", "prepared sft dataset whose responses are the reference; "
             "\"\" = the best responses (never dispreferred) of data.eval_split")
     reference_examples: int = opt(512, "reference responses scored for the normalisation")
+    init: Literal["previous", "sft"] = opt(
+        "previous", "in a pipeline's later rounds: start from the previous round's reward model, or from model.path "
+                    "as written (the SFT model)")
 
     def __post_init__(self):
         coerce(self)
@@ -174,6 +177,8 @@ class RMSection:
 class PPOSection:
     reward_model: str = opt("", "reward model export (scalar head; its reward_norm is applied)")
     value_model: str = opt("", 'value model init: "" = the reward model, or another scalar-head export')
+    reference: str = opt("", 'the KL reference policy: "" = model.path (a later round of a pipeline continues '
+                             "from its last policy and keeps the SFT model here)")
     value_lr: float = opt(0.0, "value model learning rate; 0 = optim.lr")
     ema_decay: float = opt(0.0, "EMA of the policy weights per iteration (InstructGPT 0.992), exported as "
                                  "export_ema/; 0 = off")
@@ -248,17 +253,36 @@ class TaskSection:
 @dataclass(frozen=True)
 class LabelSection:
     labeler: str = opt("", "MODULE:FUNCTION ranking responses: f(prompts, responses_per_prompt, seed) -> ranks "
-                            "(0 = best); a sibling labeler_ceiling(prompts, responses) is recorded when present")
-    responses: int = opt(4, "responses sampled per prompt and ranked together (InstructGPT K = 4..9)")
+                            "(0 = best); a sibling labeler_ceiling(prompts, responses) is recorded when present; "
+                            "'people': people rank them on a web page served by the step")
+    responses: int = opt(4, "responses sampled per prompt from each policy and ranked together (InstructGPT "
+                            "K = 4..9)")
+    policies: tuple[str, ...] = opt((), "more model dirs whose samples are ranked with model.path's (identical "
+                                         "responses merged)")
     prompts: int = opt(0, "prompts of data.name's train split to label (the rankings' train split); 0 = all")
     eval_prompts: int = opt(0, "prompts of data.name's eval split to label (the rankings' held-out split); 0 = all")
     dataset: str = opt("rankings", "name of the prepared rankings dataset written to data.dir")
+    host: str = opt("127.0.0.1", "labeler=people: address the ranking page is served on; any but loopback needs "
+                                 "label.token")
+    port: int = opt(8000, "labeler=people: port of the ranking page; 0 picks a free one")
+    token: str = opt("", "labeler=people: a secret every request must carry (labelers open /?token=TOKEN)")
+    target: int = opt(0, "labeler=people: rankings to collect before the dataset is written; 0 = one per prompt")
+    overlap: float = opt(0.1, "labeler=people: fraction of prompts every labeler ranks, to measure their "
+                              "agreement; the others are ranked once")
+    finish: bool = opt(False, "labeler=people: write the dataset from the rankings stored so far, serving nothing")
+    include: tuple[str, ...] = opt((), "rankings.jsonl files of earlier label steps prepared into the dataset with "
+                                       "this step's (a pipeline's later rounds set it)")
 
     def __post_init__(self):
         coerce(self)
         check(self, "responses", self.responses >= 2, "must be >= 2")
         check(self, "prompts", self.prompts >= 0, "must be >= 0")
         check(self, "eval_prompts", self.eval_prompts >= 0, "must be >= 0")
+        check(self, "policies", all(self.policies), "entries must be non-empty model dirs")
+        check(self, "host", bool(self.host), "must not be empty")
+        check(self, "port", 0 <= self.port <= 65535, "must be in [0, 65535]")
+        check(self, "target", self.target >= 0, "must be >= 0")
+        check(self, "overlap", 0 <= self.overlap <= 1, "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -277,6 +301,8 @@ class EvalSection:
     limit: int = opt(0, "evaluate on the first N prompts; 0 = all")
     samples: int = opt(4, "prompts shown with both responses in report.md")
     runs: tuple[str, ...] = opt((), "run dirs whose metrics.jsonl training curves are plotted")
+    rounds: tuple[str, ...] = opt((), "report dirs of a pipeline's earlier rounds: the report adds a table and plots "
+                                      "per round (a pipeline's rounds set it)")
     out: str = opt("", 'report directory; "" = run_dir')
 
     def __post_init__(self):
@@ -333,7 +359,8 @@ class Config:
     optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
     eval: EvalSection = section(EvalSection, "evaluation of policies against a reference (stage eval)")
     task: TaskSection = section(TaskSection, "the bundled task generated by stage task")
-    label: LabelSection = section(LabelSection, "programmatic labeling of sampled responses (stage label)")
+    label: LabelSection = section(LabelSection, "ranking of sampled responses by a programmatic labeler or by "
+                                                "people (stage label)")
     prepare: PrepareSection = section(PrepareSection, "a dataset to import into data.dir (stage prepare)")
 
     def __post_init__(self):

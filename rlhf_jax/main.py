@@ -14,8 +14,9 @@ Stages (config key `stage`):
   eval       compare policies (eval.policies) with a reference on held-out prompts: reward-model and gold win
              rates, KL, RM accuracy; writes report.json, report.md and plots (also python -m rlhf_jax.evaluate).
   task       generate a bundled task's datasets and base model (the demo's first step).
-  label      sample K responses per prompt from a policy and rank them with a programmatic labeler
-             (label.labeler), as a rankings dataset for the rm stage.
+  label      sample K responses per prompt from one or more policies and have them ranked by a programmatic
+             labeler (label.labeler) or by people on a served web page (label.labeler: people), as a
+             rankings dataset for the rm stage.
 A config with a `pipeline:` mapping runs several stages in order, each in run_dir/NAME, skipping those finished
 (see rlhf_jax/pipeline.py and configs/demo.yaml).
 Training stages write metrics.jsonl, TensorBoard events, Orbax checkpoints (rerun the same command to resume),

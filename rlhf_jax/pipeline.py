@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import yaml
+
 from rlhf_jax.config import Config, apply_override, config_from_dict, config_to_dict
 from rlhf_jax.errors import UserError, os_reason
 from rlhf_jax.runtime.fsio import run_dir_lock, write_json_atomically
@@ -47,6 +49,9 @@ SUMMARY_KEYS = ("steps", "loss", "eval_loss", "accuracy", "eval_accuracy", "labe
 STEP_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 REFERENCE = re.compile(r"\{run_dir\}/+([^/:]+)")  # `{run_dir}/NAME...`: what step NAME made
 OUTPUT_KEYS = ("data.dir", "eval.out", "generate.output")  # where a step writes, not what it reads
+ROUND_KEYS = ("rounds", "repeat")  # the pipeline's own keys: how many times which steps run
+# How a label step serves its page, not what it makes: a finished step stays finished when they change.
+SERVING_KEYS = ("label.host", "label.port", "label.token", "label.finish")
 
 
 class Step(NamedTuple):
@@ -78,24 +83,128 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
                 raise ConfigError(f"override {key!r}: no step {name!r}; steps: {list(bodies)}")
             value = item.partition("=")[2]
             _step_error(name, lambda: apply_override(bodies[name], f"{rest}={value}"))
+        elif key in ROUND_KEYS:
+            data[key] = yaml.safe_load(item.partition("=")[2])
         else:
             apply_override(data, item)
     run_dir = str(Path(str(data.pop("run_dir", "runs/pipeline"))))  # as Path spells it: one spelling per run_dir
-    steps = []
+    rounds, repeat = _rounds(data.pop("rounds", None), data.pop("repeat", None), list(bodies))
     for name, body in bodies.items():
         if not isinstance(body, Mapping) or "stage" not in body:
             raise ConfigError(f"pipeline.{name}: expects a stage config with its `stage`")
         if body.get("run_dir") is not None:
             raise ConfigError(f"pipeline.{name}.run_dir: a step runs in {run_dir}/{name}; set the pipeline's run_dir")
-        merged = _substitute(_merge(data, body), run_dir)
+    _check_references(data, bodies)
+    steps = []
+    for name, merged in _in_rounds({name: _merge(data, body) for name, body in bodies.items()}, rounds, repeat):
+        merged = _substitute(merged, run_dir)
         merged["run_dir"] = f"{run_dir}/{name}"
         steps.append(Step(name, _step_error(name, lambda: config_from_dict(merged))))
-    _check_references(data, bodies)
     from rlhf_jax.stages import dispatch as stages  # after the schema: its errors come before heavier imports
 
     for step in steps:
         _step_error(step.name, lambda: stages.check(step.cfg))
     return Path(run_dir), steps
+
+
+def _rounds(rounds, repeat, names: list[str]) -> tuple[int, list[str]]:
+    """(rounds, the repeated steps) from the top-level `rounds: R` and `repeat: [NAME, ...]` (consecutive steps)."""
+    if rounds is None and repeat is None:
+        return 1, []
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ConfigError(f"rounds: expected a whole number >= 1, got {rounds!r}")
+    if not isinstance(repeat, list) or not repeat or not all(isinstance(n, str) for n in repeat):
+        raise ConfigError(f"repeat: expected a list of the step names repeated each round, got {repeat!r}")
+    unknown = [n for n in repeat if n not in names]
+    if unknown:
+        raise ConfigError(f"repeat: no step {unknown[0]!r}; steps: {', '.join(names)}")
+    first = names.index(repeat[0])
+    if names[first:first + len(repeat)] != repeat:
+        raise ConfigError(f"repeat: {repeat} must name consecutive steps in the pipeline's order "
+                          f"({', '.join(names)})")
+    return rounds, repeat
+
+
+def _in_rounds(merged: dict[str, dict], rounds: int, repeat: list[str]) -> list[tuple[str, dict]]:
+    """(step name, merged body) in running order: the steps before the repeated ones once, the repeated ones once
+    per round as `round{r}/NAME` (running in `{run_dir}/round{r}/NAME`), the steps after them once.
+
+    In round r a repeated step reads this round's results of the repeated steps (`{run_dir}/NAME` becomes
+    `{run_dir}/round{r}/NAME`), and each round's labels are a dataset of their own (label.dataset + `_round{r}`);
+    from round 2 on, the label step samples round r-1's PPO policy and adds the rankings of every earlier round,
+    the rm step starts from round r-1's reward model (unless rm.init is sft), and the ppo step continues from
+    round r-1's policy and value model with the KL reference kept at its first model.path, and the eval step
+    writes its report in its own directory, with the earlier rounds' in it. Steps after the repeated ones read
+    the last round's results."""
+    if not repeat:
+        return list(merged.items())
+    stage = {name: merged[name].get("stage") for name in repeat}
+    one = {kind: next((n for n in repeat if stage[n] == kind), None) for kind in ("label", "rm", "ppo")}
+    datasets = {str((merged[n].get("label") or {}).get("dataset", "rankings")) for n in repeat if stage[n] == "label"}
+    first = list(merged).index(repeat[0])
+    out = [(name, merged[name]) for name in list(merged)[:first]]
+    for r in range(1, rounds + 1):
+        for name in repeat:
+            body = _this_round(merged[name], r, repeat, datasets)
+            if r > 1:
+                _continue_from(body, stage[name], f"{{run_dir}}/round{r - 1}", one, merged[name])
+            earlier = [f"{{run_dir}}/round{q}/{name}" for q in range(1, r)]
+            if stage[name] == "label" and earlier:
+                _set(body, "label.include", [f"{path}/rankings.jsonl" for path in earlier])
+            if stage[name] == "eval":  # each round's report in its own directory, with the earlier rounds'
+                _set(body, "eval.rounds", earlier)
+                _set(body, "eval.out", "")
+            out.append((f"round{r}/{name}", body))
+    out += [(name, _this_round(merged[name], rounds, repeat, datasets))
+            for name in list(merged)[first + len(repeat):]]
+    return out
+
+
+def _this_round(body: dict, r: int, repeat: list[str], datasets: set[str]) -> dict:
+    """`body` reading round r's results: `{run_dir}/NAME` of a repeated step and the label datasets."""
+    data_dir = str((body.get("data") or {}).get("dir", "data"))
+
+    def rewrite(text: str) -> str:
+        text = REFERENCE.sub(lambda m: f"{{run_dir}}/round{r}/{m.group(1)}" if m.group(1) in repeat
+                             else m.group(0), text)
+        for name in datasets:
+            path = f"{data_dir}/{name}"
+            if text == path or text.startswith(path + ":"):
+                text = f"{path}_round{r}" + text[len(path):]
+        return text
+
+    out = _map_strings(body, rewrite)
+    for key in ("data.name", "label.dataset"):
+        if _get(out, key) in datasets:
+            _set(out, key, f"{_get(out, key)}_round{r}")
+    if body.get("stage") == "label" and not _get(out, "label.dataset"):
+        _set(out, "label.dataset", f"rankings_round{r}")
+    return out
+
+
+def _continue_from(body: dict, stage: str, previous: str, one: dict, written: dict) -> None:
+    """A later round's step starts from the previous round's models (see `_in_rounds`)."""
+    if stage == "label" and one["ppo"]:
+        _set(body, "model.path", f"{previous}/{one['ppo']}/export")
+    elif stage == "rm" and _get(written, "rm.init") != "sft":
+        _set(body, "model.path", f"{previous}/{one['rm']}/export")
+    elif stage == "ppo":
+        _set(body, "ppo.reference", _get(written, "ppo.reference") or _get(written, "model.path"))
+        _set(body, "model.path", f"{previous}/{one['ppo']}/export")
+        _set(body, "ppo.value_model", f"{previous}/{one['ppo']}/export_value")
+
+
+def _get(body: Mapping, key: str):
+    for part in key.split("."):
+        body = body.get(part) if isinstance(body, Mapping) else None
+    return body
+
+
+def _set(body: dict, key: str, value) -> None:
+    *sections, last = key.split(".")
+    for part in sections:
+        body = body.setdefault(part, {})
+    body[last] = value
 
 
 def _step_error(name: str, build):
@@ -246,7 +355,7 @@ def _finished(step: Step, config: dict, upstream: str) -> dict | None:
         root = before["run_dir"].removesuffix(f"/{step.name}")  # the pipeline's run_dir when the step ran
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # a marker we cannot read: run the step again
-    changed = _changes(_relative(before, root), config)
+    changed = [c for c in _changes(_relative(before, root), config) if c.partition(":")[0] not in SERVING_KEYS]
     if changed:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
                         f"delete {step_dir} to run it again")

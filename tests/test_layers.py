@@ -1,5 +1,5 @@
 """The package layering of pyproject.toml's [tool.importlinter] contracts holds: imports only go
-down the layers (main and the CLIs > plan > pipeline > stages > eval | tasks > rl > training > data > models >
+down the layers (main and the CLIs > plan > pipeline > stages > eval | tasks | label > rl > training > data > models >
 config > typed_yaml > runtime > errors), rl/ never imports the config, stages do not import each other and no siblings
 import each other in a cycle. The public entry points still run as `python -m`."""
 
@@ -25,7 +25,7 @@ def test_import_contracts_hold():
 
 
 @pytest.mark.parametrize("module", ["rlhf_jax.main", "rlhf_jax.generate", "rlhf_jax.convert", "rlhf_jax.evaluate",
-                                    "rlhf_jax.data"])
+                                    "rlhf_jax.data", "rlhf_jax.label"])
 def test_public_entry_points_run_as_modules(module):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "JAX_PLATFORMS": "cpu"}

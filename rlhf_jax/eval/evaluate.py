@@ -194,7 +194,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     ev = Evaluator(cfg, prompts, gold_fn, mesh)
-    rm_accuracy, ceiling = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
+    rm_accuracy, labels = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
     rows, samples, logged = [], [], []
     with progress(len(prompts) * (len(sources) + 1), "eval", "response", enabled=distributed.is_primary()) as bar:
@@ -222,8 +222,10 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
             metrics.write(step, values)
     result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": str(e.reward_model),
               "prompts": len(prompts), "seed": cfg.seed, "gold": e.gold or None, "rm_accuracy": rm_accuracy,
-              "labeler_ceiling": ceiling,
+              "labeler_ceiling": labels.get("labeler_ceiling"), "labeler_agreement": labels.get("labeler_agreement"),
               "sampling": dataclasses.asdict(s), "policies": rows}
+    if e.rounds:
+        result["rounds"] = [*(round_row(read_round(path)) for path in e.rounds), round_row(result)]
     from rlhf_jax.eval.report import headline, verdict, write_report  # matplotlib only when a report is written
 
     written = distributed.on_primary(lambda: [str(p) for p in write_report(out_dir, result, samples,
@@ -239,6 +241,25 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     for line in summary["verdict"]:
         print(line, file=sys.stderr)
     return summary
+
+
+def read_round(path: str) -> dict:
+    """An earlier round's report.json (in its eval step's directory)."""
+    try:
+        return json.loads((Path(path) / "report.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"eval.rounds: {path}/report.json cannot be read ({type(e).__name__}); that round's eval "
+                        "step must have finished") from None
+
+
+def round_row(report: dict) -> dict:
+    """One round in the rounds table: its last policy's gold score, RM score and KL, its RM's accuracy, and every
+    evaluated checkpoint (the round's KL frontier)."""
+    last = report["policies"][-1]
+    return {"gold_score_mean": last.get("gold_score_mean"), "score_mean": last.get("score_mean"), "kl": last.get("kl"),
+            "rm_accuracy": report.get("rm_accuracy"),
+            "checkpoints": [{k: p.get(k) for k in ("name", "kl", "score_mean", "gold_score_mean")}
+                            for p in report["policies"]]}
 
 
 def _sample_row(name: str, prompt: str, ref: dict, pol: dict, i: int) -> dict:
@@ -275,11 +296,11 @@ def _measures(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float | N
     return row
 
 
-def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> tuple[float | None, float | None]:
-    """(held-out pairs the reward model orders correctly (tied rankings make no pair) over a rankings split, the
-    best accuracy its labeler allows when the dataset records it)."""
+def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> tuple[float | None, dict]:
+    """(held-out pairs the reward model orders correctly (tied rankings make no pair) over a rankings split, what
+    the dataset records of its labels: the best accuracy a programmatic labeler allows, people's agreement)."""
     if not rankings:
-        return None, None
+        return None, {}
     path, split = split_spec(rankings)
     _, metadata = open_dataset(path, split, "eval.rankings")
     if metadata["kind"] != "rankings":
@@ -288,4 +309,4 @@ def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> 
     fn = jax.jit(functools.partial(rm_eval_sums, model=model), out_shardings=sharding.replicated(mesh))
     sums = eval_sums(fn, params, eval_batches(spec, split, tokenizer, cfg.sampling.batch_size), mesh)
     accuracy = float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if sums else None
-    return accuracy, metadata.get("labeler_ceiling")
+    return accuracy, {k: metadata.get(k) for k in ("labeler_ceiling", "labeler_agreement")}

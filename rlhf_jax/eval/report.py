@@ -26,6 +26,7 @@ CURVES = (
 )
 PLOT_TITLES = {"score_kl_by_step.png": "RM score and KL by checkpoint step",
                "gold_vs_kl.png": "Gold score against KL to the reference",
+               "rounds.png": "Gold score, RM score, KL and RM accuracy per round",
                "training_curves.png": "Training curves"}
 NONE = "–"  # a table cell with no value
 
@@ -42,6 +43,8 @@ def write_report(out_dir: Path, report: dict, samples: list[dict], runs: Sequenc
         plots.append(write_bytes_atomically(out_dir / "score_kl_by_step.png", _score_kl_by_step_png(report)))
     if _has_gold(report):
         plots.append(write_bytes_atomically(out_dir / "gold_vs_kl.png", _gold_vs_kl_png(report)))
+    if report.get("rounds"):
+        plots.append(write_bytes_atomically(out_dir / "rounds.png", _rounds_png(report["rounds"])))
     curves = _read_runs(runs)
     if curves:
         plots.append(write_bytes_atomically(out_dir / "training_curves.png", _training_curves_png(curves)))
@@ -108,6 +111,14 @@ def markdown_report(report: dict, samples: list[dict], plot_names: Sequence[str]
         ceiling = report.get("labeler_ceiling")
         against = f" (the labeler's ceiling: {_num(ceiling)})" if ceiling is not None else ""
         lines += [f"Reward model accuracy on held-out preference pairs: {_num(report['rm_accuracy'])}{against}.", ""]
+    if report.get("labeler_agreement") is not None:  # people labeled: how often two of them order a pair alike
+        lines += [f"Labelers agree on {_num(report['labeler_agreement'])} of the response pairs they both ranked "
+                  "(InstructGPT's training labelers: 0.726).", ""]
+    if report.get("rounds"):
+        lines += ["## Rounds", ""] + _table(
+            ["round", "gold score", "RM score", "KL", "RM accuracy"],
+            [[i, _num(r["gold_score_mean"]), _num(r["score_mean"]), _num(r["kl"]), _num(r["rm_accuracy"])]
+             for i, r in enumerate(report["rounds"], 1)]) + [""]
     for name in plot_names:
         lines += [f"![{PLOT_TITLES.get(name, name)}]({name})", ""]
     if samples:
@@ -259,16 +270,41 @@ def _score_kl_by_step_png(report: dict) -> bytes:
 
 
 def _gold_vs_kl_png(report: dict) -> bytes:
+    """Gold score against KL of every evaluated policy; with rounds, one line (a frontier) per round."""
     fig, (ax,) = _figure()
-    points = [(p["kl"], p["gold_score_mean"], p["name"]) for p in report["policies"]
-              if p.get("gold_score_mean") is not None and p.get("kl") is not None]
-    if report["reference"].get("gold_score_mean") is not None:
-        points.append((0.0, report["reference"]["gold_score_mean"], "reference"))
-    points.sort()
-    ax.plot([k for k, _, _ in points], [g for _, g, _ in points], "o-", color="C1")
-    for kl, gold, name in points:
-        ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    reference = report["reference"].get("gold_score_mean")
+    frontiers = [r["checkpoints"] for r in report["rounds"]] if report.get("rounds") else [report["policies"]]
+    start = None if reference is None else (0.0, reference, "reference")
+    for i, policies in enumerate(frontiers):
+        points = [(p["kl"], p["gold_score_mean"], p["name"]) for p in policies
+                  if p.get("gold_score_mean") is not None and p.get("kl") is not None]
+        if len(frontiers) == 1:
+            points.sort()
+        # else in checkpoint order: each round's path from where the round before it ended
+        if start is not None:
+            points.insert(0, start)
+        if policies and policies[-1].get("gold_score_mean") is not None:  # the next round starts from this one's end
+            start = (policies[-1]["kl"], policies[-1]["gold_score_mean"], policies[-1]["name"])
+        label = f"round {i + 1}" if len(frontiers) > 1 else None
+        ax.plot([k for k, _, _ in points], [g for _, g, _ in points], "o-", color=f"C{i + 1}", label=label)
+        if len(frontiers) == 1:
+            for kl, gold, name in points:
+                ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    if len(frontiers) > 1:
+        ax.legend(fontsize="small")
     ax.set(xlabel="KL to reference (nats)", ylabel="gold score", title="Gold score against KL")
+    return _png(fig)
+
+
+def _rounds_png(rounds: list[dict]) -> bytes:
+    fig, axes = _figure(1, 4, figsize=(12, 3))
+    numbers = list(range(1, len(rounds) + 1))
+    for ax, (key, title) in zip(axes, (("gold_score_mean", "gold score"), ("score_mean", "RM score (its round's RM)"),
+                                       ("kl", "KL to reference (nats)"), ("rm_accuracy", "RM accuracy"))):
+        values = [(n, r[key]) for n, r in zip(numbers, rounds) if r.get(key) is not None]
+        if values:
+            ax.plot(*zip(*values), "o-")
+        ax.set(xlabel="round", title=title, xticks=numbers)
     return _png(fig)
 
 

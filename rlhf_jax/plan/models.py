@@ -109,6 +109,7 @@ def response_slots(cfg: Config, steps: Sequence[pipeline.Step]) -> int:
     for step in steps:
         s = step.cfg
         if s.stage == "label" and s.label.dataset == cfg.data.name and _same_path(s.data.dir, cfg.data.dir):
-            return s.label.responses
+            # every policy's samples, and with earlier rounds' rankings every round's, share a prompt's element
+            return s.label.responses * (1 + len(s.label.policies)) * (1 + len(s.label.include))
     raise UserError(f"data.max_responses: the rm dry run needs the response slots per prompt K, and dataset "
                     f"{cfg.data.name!r} is not prepared yet; set data.max_responses")

@@ -114,7 +114,8 @@ def check_shared(directory: Path, key: str) -> None:
 
 
 def _has_progress(run_dir: Path) -> bool:
-    """Checkpoints, exports or logged metrics: what a failed run must keep."""
+    """Checkpoints, exports, logged metrics or a labeling task (with what people answered): what a failed run
+    must keep."""
     metrics = run_dir / "metrics.jsonl"
     return (any((run_dir / "checkpoints").glob("[0-9]*")) or (run_dir / "export").exists()
-            or (metrics.exists() and metrics.stat().st_size > 0))
+            or (metrics.exists() and metrics.stat().st_size > 0) or (run_dir / "label.db").exists())

@@ -1,14 +1,21 @@
-"""The label stage: collects rankings the way InstructGPT's labelers did, from a programmatic labeler. For the
-prompts of data.name (a prompts dataset) it samples label.responses responses each from the policy (model.path)
-with the compiled sampler, has label.labeler rank them, and prepares the result as the rankings dataset
-label.dataset in data.dir, ready for the rm stage: rankings of the train split's prompts for training, of the
-eval split's prompts held out (split 'eval'), so held-out rankings share no prompt with training.
+"""The label stage: collects rankings the way InstructGPT's labelers did. For the prompts of data.name (a prompts
+dataset) it samples label.responses responses each from the policy (model.path) and from every model of
+label.policies with the compiled sampler, has them ranked, and prepares the result as the rankings dataset
+label.dataset in data.dir, ready for the rm stage: rankings of the train split's prompts for training, of the eval
+split's prompts held out (split 'eval'), so held-out rankings share no prompt with training.
 
 Identical responses of one prompt are merged first (comparing a text with itself teaches nothing) and empty ones
 (an immediate EOS) dropped; a prompt left with fewer than 2 distinct responses is dropped; both are counted.
-When the labeler's module also has `labeler_ceiling(prompts, responses)`, the best accuracy any reward model can
-reach on the held-out rankings is stored in the dataset's metadata (evaluation reports it beside the RM's
-accuracy).
+
+label.labeler=MODULE:FUNCTION ranks them at once. When the labeler's module also has
+`labeler_ceiling(prompts, responses)`, the best accuracy any reward model can reach on the held-out rankings is
+stored in the dataset's metadata (evaluation reports it beside the RM's accuracy).
+
+label.labeler=people stores the task in RUN_DIR/label.db (each response shuffled within its prompt, with the
+policy and step that wrote it) and serves the ranking page (rlhf_jax/label/) until label.target rankings are
+stored; then each (prompt, labeler) ranking becomes a row of the dataset, ties giving no pair. A rerun keeps the
+stored task and rankings and serves again; Ctrl-C or SIGTERM stops it (exit 4), and label.finish=true writes the
+dataset from what is stored without serving.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import tensorflow_datasets as tfds
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import has_split, open_split, stored_prompts
 from rlhf_jax.data.prepare import prepare
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import Interrupted, UserError
+from rlhf_jax.label import agreement, server, store as label_store
 from rlhf_jax.models.checkpoint import load_model
 from rlhf_jax.models.generation import Generator
 from rlhf_jax.models.sampling import SamplingParams
@@ -30,38 +38,38 @@ from rlhf_jax.models.tokenizer import PAD_ID
 from rlhf_jax.runtime import distributed, plugins as imports, sharding
 from rlhf_jax.runtime.fsio import write_json_atomically, write_text_atomically
 
+PEOPLE = "people"
+DB = "label.db"
+
 
 def check_config(cfg: Config) -> None:
     """What can be known wrong before reading any file."""
     if not cfg.label.labeler:
-        raise UserError("stage 'label' needs label.labeler (MODULE:FUNCTION ranking the responses of each prompt)")
+        raise UserError("stage 'label' needs label.labeler (MODULE:FUNCTION ranking the responses of each prompt, "
+                        f"or {PEOPLE!r})")
     if not cfg.model.path:
         raise UserError("stage 'label' needs model.path (the policy whose samples are ranked, e.g. the sft export)")
     if not cfg.data.name:
         raise UserError("stage 'label' needs data.name (a prompts dataset)")
-    imports.function(cfg.label.labeler, "label.labeler")
+    if cfg.label.labeler == PEOPLE:
+        server.check_binding(cfg.label.host, cfg.label.token)
+    else:
+        imports.function(cfg.label.labeler, "label.labeler")
 
 
 def run_label(cfg: Config, run_dir: Path) -> dict:
     check_config(cfg)
-    lab, s = cfg.label, cfg.sampling
+    for path in cfg.label.include:
+        if not Path(path).is_file():
+            raise UserError(f"label.include: {path}: no such file (expected the rankings.jsonl of an earlier label "
+                            "step)")
+    if cfg.label.labeler == PEOPLE:
+        return _label_by_people(cfg, run_dir)
+    lab = cfg.label
     labeler, module = imports.function(lab.labeler, "label.labeler")
-    source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
-    if metadata["kind"] != "prompts":
-        raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage 'label' needs one of "
-                        "kind 'prompts'")
-    held_out = []
-    if has_split(cfg.data, cfg.data.eval_split):
-        held_out = stored_prompts(open_split(cfg.data.dir, cfg.data.name, cfg.data.eval_split)[0], lab.eval_prompts)
-    prompts = stored_prompts(source, lab.prompts) + held_out
-    n = len(prompts)
-    mesh = sharding.mesh_from_config(cfg.mesh)
-    generator = Generator(load_model(cfg.model.path, need_tokenizer=True), mesh,
-                          SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
-                          cfg.model.dtype, cfg.data.chat_template)
-    K = lab.responses
-    repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
-    texts = [r["text"] for r in generator.generate(repeated, s.batch_size, s.max_prompt_tokens, cfg.seed)]
+    prompts, held_out = _prompts(cfg)
+    n, K = len(prompts), lab.responses * (1 + len(lab.policies))
+    texts = [text for samples in sample_responses(cfg, prompts) for text, _ in samples]
     kept_prompts, kept_responses, empty = group_responses(prompts, texts, K)
     if not kept_prompts:
         raise UserError(f"label: no prompt has 2 distinct non-empty samples of {K}; raise sampling.temperature")
@@ -69,6 +77,143 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
     summary = distributed.on_primary(lambda: _write_rankings(cfg, run_dir, n, kept_prompts, kept_responses, labeler,
                                                              empty, module, held_out))
     print(json.dumps(summary))
+    return summary
+
+
+def _prompts(cfg: Config) -> tuple[list[str], list[str]]:
+    """(every prompt to label: the train split's, then the held-out ones; the held-out ones)."""
+    lab = cfg.label
+    source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
+    if metadata["kind"] != "prompts":
+        raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage 'label' needs one of "
+                        "kind 'prompts'")
+    held_out = []
+    if has_split(cfg.data, cfg.data.eval_split):
+        held_out = stored_prompts(open_split(cfg.data.dir, cfg.data.name, cfg.data.eval_split)[0], lab.eval_prompts)
+    return stored_prompts(source, lab.prompts) + held_out, held_out
+
+
+def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, dict]]]:
+    """Per prompt, label.responses samples of model.path then of each of label.policies, each with its source
+    ({"policy": path, "step": training step or None}); one model on the mesh at a time."""
+    s, K = cfg.sampling, cfg.label.responses
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    samples: list[list[tuple[str, dict]]] = [[] for _ in prompts]
+    repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
+    for i, path in enumerate((cfg.model.path, *cfg.label.policies)):
+        generator = Generator(load_model(path, need_tokenizer=True), mesh,
+                              SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
+                              cfg.model.dtype, cfg.data.chat_template)
+        source = {"policy": str(path), "step": source_step(path)}
+        for j, record in enumerate(generator.generate(repeated, s.batch_size, s.max_prompt_tokens, cfg.seed + i)):
+            samples[j // K].append((record["text"], source))
+        del generator
+    return samples
+
+
+def source_step(path: str) -> int | None:
+    """The training step of a model dir where its run recorded it: an export/ is its run's last step."""
+    summary = Path(path).resolve().parent / "summary.json"
+    if Path(path).resolve().name != "export" or not summary.is_file():
+        return None
+    steps = json.loads(summary.read_text()).get("steps")
+    return steps if isinstance(steps, int) else None
+
+
+def _label_by_people(cfg: Config, run_dir: Path) -> dict:
+    """The task stored once (a rerun keeps it and what people answered), served until label.target rankings are
+    stored, then written as the rankings dataset."""
+    db = run_dir / DB
+    if not db.exists():
+        prompts, held_out = _prompts(cfg)
+        samples = sample_responses(cfg, prompts)
+        distributed.on_primary(lambda: _store_task(cfg, db, prompts, set(held_out), samples))
+    summary = distributed.on_primary(lambda: _serve_and_write(cfg, run_dir, db))
+    print(json.dumps(summary))
+    return summary
+
+
+def _store_task(cfg: Config, db: Path, prompts: list[str], held_out: set[str],
+                samples: list[list[tuple[str, dict]]]) -> None:
+    """label.db: the prompts with at least 2 distinct non-empty responses, in a seeded order, each with its
+    responses merged and shuffled."""
+    task, empty = [], 0
+    for i, (prompt, prompt_samples) in enumerate(zip(prompts, samples)):
+        merged, dropped = merge_responses(prompt_samples)
+        empty += dropped
+        if len(merged) >= 2:
+            order = np.random.default_rng([cfg.seed, i]).permutation(len(merged))
+            task.append((prompt, prompt in held_out, [merged[j] for j in order]))
+    if not task:
+        raise UserError("label: no prompt has 2 distinct non-empty samples; raise sampling.temperature")
+    task = [task[j] for j in np.random.default_rng(cfg.seed).permutation(len(task))]
+    label_store.create(db, task, {"data": cfg.data.name, "models": [cfg.model.path, *cfg.label.policies],
+                                  "responses_per_model": cfg.label.responses, "seed": cfg.seed,
+                                  "prompts": len(prompts), "dropped_prompts": len(prompts) - len(task),
+                                  "empty_responses_dropped": empty})
+
+
+def merge_responses(samples: list[tuple[str, dict]]) -> tuple[list[tuple[str, list[dict]]], int]:
+    """(the distinct non-empty texts in first-seen order, each with the sources that wrote it; empty ones
+    dropped)."""
+    merged: dict[str, list[dict]] = {}
+    empty = 0
+    for text, source in samples:
+        if not text.strip():
+            empty += 1
+            continue
+        sources = merged.setdefault(text, [])
+        if source not in sources:
+            sources.append(source)
+    return list(merged.items()), empty
+
+
+def _serve_and_write(cfg: Config, run_dir: Path, db: Path) -> dict:
+    lab = cfg.label
+    task = label_store.Store(db)
+    try:
+        target = lab.target or len(task.prompts)
+        task.set_meta("target", target)
+        task.set_meta("overlap", lab.overlap)
+        if not lab.finish and not server.serve(task, lab.host, lab.port, lab.token, target, lab.overlap):
+            raise Interrupted(f"label: stopped with {task.done()}/{target} rankings stored in {db}; rerun to "
+                              "continue labeling, or rerun with label.finish=true to write the dataset from them")
+        return _write_people_rankings(cfg, run_dir, task)
+    finally:
+        task.close()
+
+
+def _write_people_rankings(cfg: Config, run_dir: Path, task: label_store.Store) -> dict:
+    """One row per (prompt, labeler) ranking: the prompt's responses in the order shown and each one's level as
+    its rank (a tie gives no pair); the held-out prompts' rankings become the eval split."""
+    rankings = task.rankings()
+    if not rankings:
+        raise UserError(f"{task.path}: no rankings stored yet, so there is no dataset to write; rerun without "
+                        "label.finish to serve the ranking page")
+    rows = []
+    for ranking in rankings:
+        prompt = task.prompts[ranking.prompt_id]
+        level = {rid: i for i, ids in enumerate(ranking.levels) for rid in ids}
+        rows.append({"prompt": prompt.text, "responses": [r.text for r in prompt.responses],
+                     "ranks": [level[r.id] for r in prompt.responses]})
+    path = run_dir / "rankings.jsonl"
+    write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+    figures = agreement.stats(rankings, task.skips())
+    extra = {"labeler": PEOPLE, "labelers": len(figures["labelers"]), "labeler_agreement": figures["agreement"]}
+    tfds.disable_progress_bar()  # the summary below says what was written
+    prepared = prepare("jsonl_rankings", [str(path), *cfg.label.include], cfg.data.dir, cfg.label.dataset,
+                       overwrite=True, extra_metadata=extra,
+                       eval_prompts={p.text for p in task.prompts.values() if p.held_out})
+    summary = {"stage": "label", "labeler": PEOPLE, "dataset": prepared["dataset"],
+               "prompts": task.meta.get("prompts", len(task.prompts)), "task_prompts": len(task.prompts),
+               "labeled_prompts": len({r.prompt_id for r in rankings}), "rankings": len(rankings),
+               "labelers": len(figures["labelers"]), "skips": sum(task.skips().values()),
+               "dropped_prompts": task.meta.get("dropped_prompts"),
+               "empty_responses_dropped": task.meta.get("empty_responses_dropped"),
+               "examples": prepared["examples"], "pairs": prepared.get("pairs"),
+               "labeler_agreement": figures["agreement"], "tied_pairs_excluded": figures["tied_pairs_excluded"],
+               "flags": figures["flags"]}
+    write_json_atomically(run_dir / "summary.json", summary)
     return summary
 
 
@@ -94,7 +239,7 @@ def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_respo
     if ceiling is not None:
         extra["labeler_ceiling"] = ceiling
     tfds.disable_progress_bar()  # the summary below says what was written
-    prepared = prepare("jsonl_rankings", [str(path)], cfg.data.dir, lab.dataset, overwrite=True,
+    prepared = prepare("jsonl_rankings", [str(path), *lab.include], cfg.data.dir, lab.dataset, overwrite=True,
                        extra_metadata=extra, eval_prompts=held_out)
     summary = {"stage": "label", "dataset": prepared["dataset"], "prompts": n, "labeled_prompts": len(kept_prompts),
                "dropped_prompts": n - len(kept_prompts), "empty_responses_dropped": empty,

@@ -89,6 +89,23 @@ def _scalar_model(path: str, key: str, *roles: str) -> LoadedModel:
     return loaded
 
 
+def reference_params(cfg: Config, loaded: LoadedModel, policy_model, policy_params: dict) -> dict:
+    """The KL reference's host params: the starting policy's, or ppo.reference's (a policy of the same shape and
+    tokenizer, such as the SFT model when a later round starts from the previous round's policy)."""
+    if not cfg.ppo.reference:
+        return policy_params
+    key = f"ppo.reference={cfg.ppo.reference}"
+    reference = load_model(cfg.ppo.reference)
+    if reference.head != "lm":
+        raise UserError(f"{key}: a reward/value model (scalar head), expected a policy")
+    check_role(reference, key, "policy")
+    if reference.cfg != loaded.cfg:
+        raise UserError(f"{key}: its architecture differs from model.path's (the reference must be the policy's "
+                        "starting point, such as the SFT export)")
+    check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, key, "the policy")
+    return initial_params(reference, policy_model, cfg.seed)
+
+
 def kl_on_resume(cfg: Config):
     """`Run.resume`'s adjustment of the restored KL coefficient: with a fixed penalty (ppo.kl_target 0)
     beta is ppo.kl_coef, also a changed one; the adaptive controller goes on from the restored beta, which
@@ -151,8 +168,9 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     init = jax.jit(lambda p, v, key: ppo.init_state(p, v, models, settings, key),
                    in_shardings=(policy_sh.params, value_sh.params, repl), out_shardings=state_sh)
     state = init(policy_params, value_params, jax.random.PRNGKey(cfg.seed))
+    reference = reference_params(cfg, loaded, policy_model, policy_params)
     # The reference and the reward model are separate buffers: the state is donated every iteration.
-    frozen = ppo.Frozen(ref_params=sharding.place(policy_params, policy_sh.params),
+    frozen = ppo.Frozen(ref_params=sharding.place(reference, policy_sh.params),
                         reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed),
                                                      reward_sh))
     data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed))
@@ -160,6 +178,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         ptx_iter = iter(train_dataset(ptx_spec, ptx_spec.train_split, tokenizer, _ptx_batch(cfg), cfg.seed + 1))
         data_iter = PromptsAndPtx(data_iter, ptx_iter)
 
+    if cfg.ppo.reference:
+        scalars["ppo.reference"] = (cfg.ppo.reference, None)
     run = Run(cfg, run_dir, "ppo", models={key: path for key, (path, _) in scalars.items()})
     state, start = run.resume(state, data_iter, adjust=kl_on_resume(cfg))
     if distributed.is_primary():  # process 0 writes the run's files

@@ -1,0 +1,138 @@
+"""The ranking web app (Starlette): the page and its script and style (static/, served by the package: labeling
+machines may be offline), and the pinned JSON API of the labeling service. Every refusal is a 4xx JSON
+`{"error": ...}` naming the problem, and writes nothing.
+
+With a token, every request must carry it: an `Authorization: Bearer TOKEN` header, a `token` query parameter,
+or the cookie the page gets when opened as `/?token=TOKEN` (so its script, style and API calls carry it too).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from http.cookies import CookieError, SimpleCookie
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rlhf_jax.label.service import LabelService
+from rlhf_jax.label.validate import ApiError
+
+MAX_BODY = 64 * 1024  # bytes; a ranking of 9 responses with ratings and flags is under 1 KiB
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8"}
+COOKIE = "label_token"
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'", "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+ROUTES = "/, /static/app.js, /static/style.css, /api/next, /api/rankings, /api/skip, /api/stats"
+
+
+def make_app(service: LabelService, token: str = "") -> Starlette:
+    assets = {name: (STATIC / name).read_bytes() for name in ASSETS}
+
+    async def page(request: Request) -> Response:
+        response = Response(assets["index.html"], media_type=ASSETS["index.html"], headers=PAGE_HEADERS)
+        if token and request.query_params.get("token"):
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    async def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in ASSETS or name == "index.html":
+            raise HTTPException(404)
+        return Response(assets[name], media_type=ASSETS[name], headers=PAGE_HEADERS)
+
+    async def next_prompt(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(service.next, request.query_params.get("labeler")))
+
+    async def rankings(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(service.rank, await _json_body(request)))
+
+    async def skip(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(service.skip, await _json_body(request)))
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(service.stats))
+
+    app = Starlette(routes=[Route("/", page), Route("/static/{name}", asset), Route("/api/next", next_prompt),
+                            Route("/api/rankings", rankings, methods=["POST"]),
+                            Route("/api/skip", skip, methods=["POST"]), Route("/api/stats", stats)],
+                    exception_handlers={ApiError: _refused, HTTPException: _http_error, Exception: _failed})
+    return TokenCheck(app, token) if token else app
+
+
+async def _json_body(request: Request):
+    """The body as JSON, read up to MAX_BODY bytes."""
+    length = request.headers.get("content-length", "")
+    if length.isdecimal() and int(length) > MAX_BODY:
+        raise ApiError(413, f"the body has {length} bytes; the limit is {MAX_BODY}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ApiError(413, f"the body is over the limit of {MAX_BODY} bytes")
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+
+
+async def _refused(request: Request, error: ApiError) -> Response:
+    return JSONResponse({"error": str(error)}, status_code=error.status)
+
+
+async def _http_error(request: Request, error: HTTPException) -> Response:
+    if error.status_code == 404:
+        message = f"no such path {request.url.path}; the app serves {ROUTES}"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = error.detail
+    return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+
+
+async def _failed(request: Request, error: Exception) -> Response:
+    return JSONResponse({"error": f"internal error ({type(error).__name__}); nothing was saved"}, status_code=500)
+
+
+class TokenCheck:
+    """ASGI middleware refusing, with 401, every HTTP request that does not carry the token."""
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._carries_token(scope):
+            return await self.app(scope, receive, send)
+        supplied = bool(self._supplied(scope))
+        message = ("wrong token" if supplied else "missing token") + \
+            ": open the page as /?token=TOKEN, or send the header Authorization: Bearer TOKEN"
+        await JSONResponse({"error": message}, status_code=401)(scope, receive, send)
+
+    def _carries_token(self, scope) -> bool:
+        return any(hmac.compare_digest(candidate.encode(), self.token.encode()) for candidate in self._supplied(scope))
+
+    @staticmethod
+    def _supplied(scope) -> list[str]:
+        """The tokens a request carries: in its Authorization header, query string and cookie."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        found = []
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and value:
+            found.append(value.strip())
+        found += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get("cookie", ""))
+        except CookieError:  # a malformed cookie header carries no token
+            return found
+        if COOKIE in cookie:
+            found.append(cookie[COOKIE].value)
+        return found

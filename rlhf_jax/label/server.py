@@ -1,0 +1,104 @@
+"""Serving the ranking app with uvicorn until enough rankings are stored or the operator stops it (Ctrl-C,
+SIGTERM), with a progress line per tenth of the target on stderr. Binding beyond loopback needs a token."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import signal
+import socket
+import sys
+import threading
+
+import uvicorn
+
+from rlhf_jax.errors import UserError, os_reason
+from rlhf_jax.label.app import make_app
+from rlhf_jax.label.service import LabelService
+from rlhf_jax.label.store import Store
+from rlhf_jax.runtime.progress import progress
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(host: str, token: str) -> None:
+    """Another machine may reach any address but loopback: then every request must carry a token."""
+    if not is_loopback(host) and not token:
+        raise UserError(f"label.host={host}: other machines can reach it; set label.token too (every request must "
+                        "then carry it)")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, or one line saying why not (a port in use, an address not of this machine)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"label.port={port}: in use on {host}; choose another (0 picks a free one)") from None
+        raise UserError(f"label.host={host}: cannot listen there ({os_reason(e)})") from None
+
+
+def serve(store: Store, host: str, port: int, token: str, target: int, overlap: float) -> bool:
+    """Serve the app on host:port until `target` rankings are stored (True) or SIGTERM/SIGINT (False)."""
+    check_binding(host, token)
+    if store.done() >= target:
+        return True
+    sock = listen(host, port)
+    lock = threading.Lock()
+    bar = progress(target, "label", "rankings", initial=store.done())
+
+    def saved(done: int) -> None:
+        with lock:
+            if done > bar.n:
+                bar.update(min(done, target) - bar.n)
+            if done >= target:
+                server.should_exit = True
+
+    service = LabelService(store, target, overlap, on_saved=saved)
+    # log_config=None: uvicorn leaves the process's logging as it is (its own would replace every handler)
+    server = uvicorn.Server(uvicorn.Config(make_app(service, token), log_config=None, log_level="warning",
+                                           access_log=False, lifespan="off", timeout_graceful_shutdown=5))
+    bound_host, bound_port = sock.getsockname()[:2]
+    print(f"label: the ranking page is at http://{_url_host(bound_host)}:{bound_port}/"
+          f"{'?token=<label.token>' if token else ''} ({store.done()}/{target} rankings stored; Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    with StopSignals(server) as signals:
+        server.run(sockets=[sock])
+    bar.close()
+    return signals.received is None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class StopSignals:
+    """SIGTERM and SIGINT stop the server gracefully (requests in flight are answered) and are remembered: the
+    server lends them to uvicorn while it runs and hands them back on the way out."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, server: uvicorn.Server):
+        self.server, self.received = server, None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        self.server.should_exit = True
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,283 @@
+"""The ranking app's pinned JSON API in-process: answers of the documented shape, every bad input refused with a 4xx
+JSON error naming the problem and nothing written, the token when one is set; and the `python -m rlhf_jax.label`
+CLI: stats, user errors in one line with exit 2, serving until the target (exit 0) or a signal (exit 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from rlhf_jax.errors import UserError
+from rlhf_jax.label import __main__ as label_cli
+from rlhf_jax.label.app import MAX_BODY, make_app
+from rlhf_jax.label.service import LabelService
+from rlhf_jax.label.store import Ranking, Store
+
+from cli_helpers import run_quietly
+from test_label_store import make_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def task(tmp_path) -> Store:
+    return make_task(tmp_path / "label.db", prompts=10, responses=4)
+
+
+@pytest.fixture
+def client(task) -> TestClient:
+    return TestClient(make_app(LabelService(task, target=10, overlap=0.2)))
+
+
+def snapshot(task: Store) -> tuple:
+    return task.rankings(), task.skips()
+
+
+def test_next_rank_skip_and_stats_answer_the_pinned_shapes(client, task):
+    first = client.get("/api/next", params={"labeler": "ann"}).json()
+    assert first == {"prompt_id": 0, "prompt": "prompt 0", "done": 0, "target": 10,
+                     "responses": [{"id": i, "text": f"response 0.{i}"} for i in range(4)]}  # no sources
+    saved = client.post("/api/rankings", json={"labeler": "ann", "prompt_id": 0, "order": [[2], [0, 1], [3]],
+                                               "ratings": {"2": 7, "3": 1}, "flags": {"3": ["harmful", "other"]},
+                                               "seconds": 12.5})
+    assert saved.status_code == 200 and saved.json() == {"saved": True, "done": 1, "target": 10}
+    assert task.rankings() == [Ranking("ann", 0, ((2,), (0, 1), (3,)), {2: 7, 3: 1}, {3: ("harmful", "other")}, 12.5)]
+    assert client.get("/api/next", params={"labeler": "ann"}).json()["prompt_id"] == 1
+    assert client.post("/api/skip", json={"labeler": "ann", "prompt_id": 1}).json() == \
+        {"skipped": True, "done": 1, "target": 10}
+    assert client.get("/api/next", params={"labeler": " ann "}).json()["prompt_id"] == 2  # the name as typed
+    stats = client.get("/api/stats").json()
+    assert stats["rankings"] == 1 and stats["labelers"]["ann"]["skips"] == 1 and stats["flags"]["harmful"] == 1
+    page = client.get("/")
+    assert page.status_code == 200 and "Rank the responses" in page.text
+    assert page.headers["content-security-policy"] == "default-src 'self'"
+    assert "http" not in page.text.lower().replace('http-equiv', '')  # nothing loaded from elsewhere
+    assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+
+
+GOOD = {"labeler": "ann", "prompt_id": 0, "order": [[0], [1], [2], [3]]}
+
+
+@pytest.mark.parametrize("change, status, message", [
+    ({"order": [[0], [1], [2]]}, 422, "order: response 3 is missing"),
+    ({"order": [[0], [1], [2], [3, 1]]}, 422, "order: response 1 appears more than once"),
+    ({"order": [[0], [1], [2], [3], [4]]}, 422, "order: 4 is not a response id of prompt 0"),
+    ({"order": [[0, 1, 2, 3]]}, 422, "order: every response is on one level"),
+    ({"order": [[0], [], [1, 2, 3]]}, 422, "order: expected a list of levels"),
+    ({"order": [["0"], [1], [2], [3]]}, 422, "order: '0' is not a response id"),
+    ({"prompt_id": 99}, 422, "prompt_id: unknown prompt 99"),
+    ({"prompt_id": "0"}, 422, "prompt_id: expected an integer"),
+    ({"ratings": {"0": 8}}, 422, "ratings: response 0: expected an integer from 1 to 7, got 8"),
+    ({"ratings": {"0": 0}}, 422, "ratings: response 0: expected an integer from 1 to 7, got 0"),
+    ({"ratings": {"0": 4.5}}, 422, "ratings: response 0: expected an integer from 1 to 7"),
+    ({"ratings": {"7": 4}}, 422, "ratings: '7' is not a response id of this prompt"),
+    ({"flags": {"1": ["rude"]}}, 422, "flags: response 1: unknown flag 'rude'"),
+    ({"flags": {"1": "harmful"}}, 422, "flags: response 1: expected a list of flags"),
+    ({"flags": {"1": ["harmful", "harmful"]}}, 422, "flags: response 1: a flag appears more than once"),
+    ({"seconds": -1}, 422, "seconds: expected a number >= 0"),
+    ({"labeler": ""}, 422, "labeler: expected a non-empty name"),
+    ({"labeler": "x" * 65}, 422, "labeler: expected at most 64 printable characters"),
+    ({"labeler": "a\nb"}, 422, "labeler: expected at most 64 printable characters"),
+    ({"source": "m"}, 422, "unknown field 'source'"),
+    ({"labeler": None, "prompt_id": None, "order": None, "ratings": None}, 422, "labeler: expected a non-empty"),
+])
+def test_a_bad_ranking_is_refused_naming_the_problem_and_writes_nothing(client, task, change, status, message):
+    client.post("/api/rankings", json={**GOOD, "labeler": "bob"})  # something stored that must stay as it is
+    before = snapshot(task)
+    answer = client.post("/api/rankings", json={**GOOD, **change})
+    assert answer.status_code == status and answer.json()["error"].startswith(message), answer.text
+    assert snapshot(task) == before
+
+
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("POST", "/api/rankings", b"{not json", 400, "the body is not valid JSON"),
+    ("POST", "/api/rankings", b"[1, 2]", 400, "the body must be a JSON object"),
+    ("POST", "/api/rankings", b"\xff\xfe", 400, "the body is not valid JSON"),
+    ("POST", "/api/rankings", b'{"labeler": "' + b"a" * MAX_BODY + b'"}', 413, "the body has"),
+    ("POST", "/api/rankings", json.dumps({"labeler": "ann", "prompt_id": 0}).encode(), 422, "missing field 'order'"),
+    ("POST", "/api/skip", json.dumps({"labeler": "ann", "prompt_id": 42}).encode(), 422, "prompt_id: unknown prompt"),
+    ("POST", "/api/skip", json.dumps({"labeler": "ann"}).encode(), 422, "missing field 'prompt_id'"),
+    ("POST", "/api/skip", b'{"labeler": "bob", "prompt_id": 0}', 409, "prompt_id: prompt 0 is ranked"),
+    ("GET", "/api/next", None, 422, "labeler: expected a non-empty name"),
+    ("GET", "/api/rankings", None, 405, "GET is not allowed on /api/rankings"),
+    ("POST", "/api/next", b"{}", 405, "POST is not allowed on /api/next"),
+    ("GET", "/admin", None, 404, "no such path /admin; the app serves /, "),
+    ("GET", "/static/../store.py", None, 404, "no such path"),
+    ("GET", "/static/index.html", None, 404, "no such path"),
+])
+def test_bad_requests_get_a_json_error_and_write_nothing(client, task, method, path, body, status, message):
+    client.post("/api/rankings", json={**GOOD, "labeler": "bob"})
+    before = snapshot(task)
+    answer = client.request(method, path, content=body)
+    assert answer.status_code == status and answer.json()["error"].startswith(message), answer.text
+    assert snapshot(task) == before
+
+
+def test_a_body_over_the_limit_without_a_length_is_refused_while_read(client, task):
+    def chunks():
+        for _ in range(MAX_BODY // 1024 + 2):
+            yield b" " * 1024
+
+    answer = client.post("/api/rankings", content=chunks())  # sent chunked: no Content-Length
+    assert answer.status_code == 413 and "over the limit" in answer.json()["error"]
+    assert task.done() == 0
+
+
+def test_with_a_token_every_request_must_carry_it(task):
+    client = TestClient(make_app(LabelService(task, target=10, overlap=0.0), token="s3cret"))
+    for path in ("/", "/static/app.js", "/api/next?labeler=ann", "/api/stats", "/nowhere"):
+        answer = client.get(path)
+        assert answer.status_code == 401 and answer.json()["error"].startswith("missing token"), path
+    assert client.get("/api/stats", headers={"Authorization": "Bearer wrong"}).json()["error"].startswith("wrong token")
+    assert client.get("/api/stats?token=s3cre").status_code == 401
+    answer = client.post("/api/rankings", json=GOOD, headers={"Authorization": "Bearer nope"})
+    assert answer.status_code == 401 and task.done() == 0
+    assert client.get("/api/stats", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/api/next?labeler=ann&token=s3cret").json()["prompt_id"] == 0
+    page = client.get("/?token=s3cret")  # the page's cookie carries the token for its script and calls
+    assert page.status_code == 200 and "httponly" in page.headers["set-cookie"].lower()
+    assert client.get("/static/app.js").status_code == 200
+    assert client.post("/api/rankings", json=GOOD).json()["saved"] and task.done() == 1
+
+
+# -------------------------------------------------------------------------------------------------------- the CLI
+
+
+def test_stats_prints_the_figures_and_says_ties_are_left_out(task, capsys):
+    task.save_ranking(Ranking("ann", 0, ((0,), (1,), (2,), (3,)), {}, {3: ("harmful",)}, 10.0), now=1.0)
+    task.save_ranking(Ranking("bob", 0, ((0,), (2,), (1, 3)), {}, {}, 30.0), now=2.0)
+    rc, out, err = run_quietly(label_cli.main, ["stats", task.path.parent])
+    assert rc == 0, err
+    assert "2 rankings of 10 by 2 labelers; 1 prompts ranked by more than one" in out
+    assert "pairwise agreement on shared prompts: 80.0% of 5 response pairs" in out
+    assert "(1 pairs tied by either are left out)" in out and "harmful 1" in out
+    assert [line.split()[:4] for line in out.splitlines() if line.startswith(("ann", "bob"))] == \
+        [["ann", "1", "0", "10.0"], ["bob", "1", "0", "30.0"]]
+    rc, out, _ = run_quietly(label_cli.main, ["stats", task.path.parent, "--json"])
+    assert rc == 0 and json.loads(out)["agreement"] == pytest.approx(0.8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--host", "0.0.0.0"], "error: --host 0.0.0.0: other machines can reach it; set --token too"),
+    (["--port", "70000"], "error: --port '70000': expected an integer from 0 to 65535"),
+    (["--target", "0"], "error: --target '0': expected an integer >= 1"),
+    (["--overlap", "nan"], "error: --overlap 'nan': expected a number from 0 to 1"),
+    (["--host", "192.0.2.1", "--token", "t"], "error: --host 192.0.2.1: cannot listen there"),
+])
+def test_serve_user_errors_are_one_line_with_exit_2(task, flags, message):
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.label", "serve", str(task.path.parent), "--port",
+                           str(_free_port()), *flags], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=60)  # a server that started instead would be stopped here
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and len(proc.stderr.splitlines()) == 1, \
+        proc.stderr
+
+
+def test_a_port_in_use_and_a_run_dir_without_a_task_are_one_line_with_exit_2(task, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, _, err = run_quietly(label_cli.main, ["serve", task.path.parent, "--port", port])
+    assert rc == 2 and err.strip() == f"error: --port {port}: in use on 127.0.0.1; choose another (0 picks a free one)"
+    rc, _, err = run_quietly(label_cli.main, ["stats", tmp_path / "nowhere"])
+    assert rc == 2 and err.strip().endswith("label.db: no labeling task (the label stage with label.labeler=people "
+                                            "writes it)")
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def start_server(run_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`python -m rlhf_jax.label serve RUN_DIR` in a subprocess on a free loopback port; (process, base URL) once
+    it answers."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.label", "serve", str(run_dir), "--port", str(port),
+                             *flags], cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            httpx.get(f"{url}/api/stats", timeout=1)
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the server did not start: {proc.communicate()}")
+
+
+@pytest.fixture
+def servers():
+    """start_server for one test; a server still running after the test is killed."""
+    started = []
+
+    def start(run_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+        proc, url = start_server(run_dir, *flags)
+        started.append(proc)
+        return proc, url
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_serve_stops_at_the_target_with_exit_0_and_on_sigterm_with_exit_4(task, servers):
+    task.close()
+    proc, url = servers(task.path.parent, "--target", "2")
+    for pid in (0, 1):
+        assert httpx.post(f"{url}/api/rankings", json={**GOOD, "prompt_id": pid, "order": [
+            [i] for i in range(4 * pid, 4 * pid + 4)]}).json()["saved"]
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines()[-1].startswith("label: 2/2 rankings stored in ") and "rerun the label step" in err
+    proc, url = servers(task.path.parent)  # the label step's target (10): serves again, resuming
+    assert httpx.get(f"{url}/api/next", params={"labeler": "ann"}).json()["prompt_id"] == 2
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 4, err
+    assert err.strip().splitlines()[-1] == (f"label: stopped with 2/10 rankings stored in {task.path}; serve again to "
+                                            "continue, or run the label step with label.finish=true to write the "
+                                            "dataset")
+
+
+def test_an_unexpected_failure_is_a_json_500_that_saved_nothing(task):
+    client = TestClient(make_app(LabelService(task, target=10, overlap=0.0)), raise_server_exceptions=False)
+    task.close()  # every store call now fails
+    answer = client.get("/api/stats")
+    assert answer.status_code == 500 and answer.json() == {"error": "internal error (ProgrammingError); nothing "
+                                                                    "was saved"}
+
+
+@pytest.mark.parametrize("host, loopback, url_host", [
+    ("127.0.0.1", True, "127.0.0.1"), ("localhost", True, "localhost"), ("::1", True, "[::1]"),
+    ("127.8.0.1", True, "127.8.0.1"), ("0.0.0.0", False, "0.0.0.0"), ("::", False, "[::]"),
+    ("labels.example.org", False, "labels.example.org"),
+])
+def test_only_loopback_binds_without_a_token(host, loopback, url_host):
+    from rlhf_jax.label import server
+
+    assert server.is_loopback(host) == loopback and server._url_host(host) == url_host
+    if loopback:
+        server.check_binding(host, "")
+    else:
+        with pytest.raises(UserError, match=f"^label.host={host}: other machines can reach it; set label.token"):
+            server.check_binding(host, "")
+    server.check_binding(host, "t")

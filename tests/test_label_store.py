@@ -1,0 +1,200 @@
+"""The labeling task's store (a second ranking replaces the first, a skip never erases a ranking, the task is written
+whole), who sees which prompt (shared prompts reach every labeler, the others one; a labeler resumes where they
+left off), and the agreement figures against a brute-force count."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sqlite3
+import statistics
+from pathlib import Path
+
+import pytest
+
+from rlhf_jax.errors import UserError
+from rlhf_jax.label import agreement, store
+from rlhf_jax.label.assign import Assigner, is_shared
+from rlhf_jax.label.service import LabelService
+from rlhf_jax.label.store import Ranking, Store
+
+SOURCE = {"policy": "runs/sft/export", "step": 30}
+
+
+def make_task(path: Path, prompts: int = 10, responses: int = 4) -> Store:
+    store.create(path, [(f"prompt {i}", i % 5 == 4, [(f"response {i}.{j}", [SOURCE]) for j in range(responses)])
+                        for i in range(prompts)], {"target": prompts})
+    return Store(path)
+
+
+def ids(task: Store, pid: int) -> list[int]:
+    return [r.id for r in task.prompts[pid].responses]
+
+
+def test_the_task_is_stored_whole_with_each_responses_sources(tmp_path):
+    db = tmp_path / "label.db"
+    task = make_task(db, prompts=3)
+    assert not (tmp_path / "label.db.tmp").exists()
+    assert [p.text for p in task.prompts.values()] == ["prompt 0", "prompt 1", "prompt 2"]
+    assert [r.id for p in task.prompts.values() for r in p.responses] == list(range(12))  # ids in the order shown
+    assert task.prompts[1].responses[2].text == "response 1.2" and task.prompts[1].responses[2].sources == (SOURCE,)
+    assert task.meta["target"] == 3 and task.done() == 0
+    task.close()
+
+
+def test_a_second_ranking_replaces_the_first_and_a_skip_never_erases_one(tmp_path):
+    task = make_task(tmp_path / "label.db")
+    a, b, c, d = ids(task, 0)
+    first = Ranking("ann", 0, ((a,), (b, c), (d,)), {a: 7}, {d: ("harmful",)}, 3.0)
+    second = Ranking("ann", 0, ((d,), (c,), (b,), (a,)), {}, {}, None)
+    assert task.save_ranking(first, now=1.0) == 1
+    assert task.save_ranking(Ranking("bob", 0, ((a,), (b, c, d)), {}, {}, 1.0), now=2.0) == 2
+    assert task.save_ranking(second, now=3.0) == 2
+    assert task.rankings()[0] == second and len(task.rankings()) == 2
+    assert not task.save_skip("ann", 0, now=4.0)  # ranked: the skip writes nothing
+    assert task.skips() == {} and task.rankings()[0] == second
+    assert task.save_skip("ann", 1, now=5.0) and task.save_skip("ann", 1, now=6.0)
+    assert task.skips() == {"ann": 1} and task.answered("ann") == {0, 1}
+    task.save_ranking(Ranking("ann", 1, ((a,), (b,)), {}, {}, None), now=7.0)  # ranking a skipped prompt: no skip
+    assert task.skips() == {} and task.answered("ann") == {0, 1} and task.ranked_by_others("bob") == {0, 1}
+    task.close()
+    assert Store(tmp_path / "label.db").rankings()[0] == second  # on disk
+
+
+def test_what_is_no_task_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="label.db: no labeling task"):
+        Store(tmp_path / "label.db")
+    (tmp_path / "label.db").write_text("not a database at all" * 100)
+    with pytest.raises(UserError, match="label.db: not a labeling database"):
+        Store(tmp_path / "label.db")
+
+
+def test_a_failed_write_rolls_back_and_leaves_the_database_as_it_was(tmp_path):
+    task = make_task(tmp_path / "label.db")
+    a, b, c, d = ids(task, 0)
+    task.save_ranking(Ranking("ann", 0, ((a,), (b, c, d)), {}, {}, None), now=1.0)
+    task.save_skip("bob", 0, now=2.0)
+    with pytest.raises(sqlite3.IntegrityError):  # no prompt 99: the foreign key refuses it
+        task.save_ranking(Ranking("ann", 99, ((a,), (b,)), {}, {}, None), now=3.0)
+    with pytest.raises(sqlite3.IntegrityError):  # bob's skip is deleted first, then the ranking is refused
+        task.save_ranking(Ranking("bob", 0, ((a,), (b, c, d)), {}, {}, None), now=None)
+    assert task.done() == 1 and task.skips() == {"bob": 1}
+    task.close()
+    assert Store(tmp_path / "label.db").skips() == {"bob": 1}
+
+
+def test_serving_settings_are_recorded_for_the_next_serve(tmp_path):
+    make_task(tmp_path / "label.db").set_meta("overlap", 0.5)
+    assert Store(tmp_path / "label.db").meta == {"target": 10, "overlap": 0.5, "schema_version": 1}
+
+
+@pytest.mark.parametrize("overlap, shared", [(0.0, []), (0.25, [3, 7, 11, 15, 19]), (0.1, [9, 19]),
+                                             (0.3, [3, 6, 9, 13, 16, 19]), (1.0, list(range(20)))])
+def test_shared_prompts_are_spread_evenly(overlap, shared):
+    assert [i for i in range(20) if is_shared(i, overlap)] == shared  # the last of every 1/overlap
+
+
+def test_unshared_prompts_go_to_one_labeler_and_shared_ones_to_every_labeler(tmp_path):
+    task = make_task(tmp_path / "label.db", prompts=20)
+    service = LabelService(task, target=100, overlap=0.25)
+    seen: dict[str, list[int]] = {"ann": [], "bob": [], "cy": []}
+    for _ in range(40):  # the three take turns until nothing is left for them
+        for name in seen:
+            pid = service.next(name)["prompt_id"]
+            if pid is not None:
+                seen[name].append(pid)
+                service.rank({"labeler": name, "prompt_id": pid, "order": [[i] for i in ids(task, pid)]})
+    shared = {pid for pid in task.prompts if pid in service.assigner.shared}
+    assert len(shared) == 5
+    for name, pids in seen.items():
+        assert shared <= set(pids) and len(pids) == len(set(pids))
+    unshared = [pid for pids in seen.values() for pid in pids if pid not in shared]
+    assert sorted(unshared) == sorted(set(task.prompts) - shared)  # each ranked by exactly one labeler
+    assert all(service.next(name)["prompt_id"] is None for name in seen)
+
+
+def test_a_labeler_resumes_where_they_left_off_and_others_do_not_take_their_prompt(tmp_path):
+    now = [0.0]
+    task = make_task(tmp_path / "label.db")
+    assigner = Assigner(sorted(task.prompts), overlap=0.0, lease=60, clock=lambda: now[0])
+    assert assigner.next("ann", set(), set()) == 0
+    assert assigner.next("ann", set(), set()) == 0  # shown again until answered (a reload resumes there)
+    assert assigner.next("bob", set(), set()) == 1  # held for ann
+    now[0] = 61.0
+    assert assigner.next("cy", set(), set()) == 0  # ann left it for longer than the lease
+    assigner.release(0, "cy")
+    assert assigner.next("bob", {1}, {0}) == 2  # ranked by another labeler: taken
+    assert assigner.next("ann", {0}, set()) == 1  # skipped by ann (answered): ann goes on with the next one
+
+
+def test_a_skip_frees_an_unshared_prompt_for_the_others(tmp_path):
+    task = make_task(tmp_path / "label.db", prompts=3)
+    service = LabelService(task, target=3, overlap=0.0)
+    assert service.next("ann")["prompt_id"] == 0 and service.next("bob")["prompt_id"] == 1
+    service.skip({"labeler": "ann", "prompt_id": 0})
+    assert service.next("ann")["prompt_id"] == 2
+    service.rank({"labeler": "bob", "prompt_id": 1, "order": [[i] for i in ids(task, 1)]})
+    assert service.next("bob")["prompt_id"] == 0
+    assert service.next("cy") == {"prompt_id": None, "done": 1, "target": 3}  # 0 held for bob, 1 ranked, 2 ann's
+
+
+def brute_force(rankings: list[Ranking]) -> dict:
+    """Agreement counted the slow way: every two rankings of one prompt by two labelers, every ordered pair."""
+    agreed = compared = tied = 0
+    per_labeler = {}
+    for x, y in itertools.combinations(rankings, 2):
+        if x.prompt_id != y.prompt_id or x.labeler == y.labeler:
+            continue
+        place = [{rid: n for n, level in enumerate(r.levels) for rid in level} for r in (x, y)]
+        responses = sorted(place[0])
+        for i in responses:
+            for j in responses:
+                if i >= j:
+                    continue
+                prefer = [(p[i] < p[j]) - (p[i] > p[j]) for p in place]
+                if 0 in prefer:
+                    tied += 1
+                    continue
+                compared += 1
+                agreed += prefer[0] == prefer[1]
+                for name in (x.labeler, y.labeler):
+                    a, c = per_labeler.get(name, (0, 0))
+                    per_labeler[name] = (a + (prefer[0] == prefer[1]), c + 1)
+    return {"agreed": agreed, "compared": compared, "tied": tied, "per_labeler": per_labeler}
+
+
+def test_agreement_of_a_hand_made_set():
+    # prompt 0, responses 0..3: ann 0 > 1 > 2 > 3; bob 0 > 2 > 1 = 3 -> of 6 pairs bob ties (1, 3): 5 compared,
+    # they disagree on (1, 2) only: 4 of 5. cy ranks prompt 1 alone: no pairs.
+    rankings = [Ranking("ann", 0, ((0,), (1,), (2,), (3,)), {0: 6}, {3: ("hallucination",)}, 10.0),
+                Ranking("bob", 0, ((0,), (2,), (1, 3)), {}, {3: ("hallucination", "harmful")}, 20.0),
+                Ranking("cy", 1, ((4,), (5,)), {}, {}, None)]
+    s = agreement.stats(rankings, {"cy": 2})
+    assert s["agreement"] == pytest.approx(4 / 5) and s["compared_pairs"] == 5 and s["tied_pairs_excluded"] == 1
+    assert s["labeler_pairs"] == [{"labelers": ["ann", "bob"], "prompts": 1, "compared_pairs": 5,
+                                   "tied_pairs_excluded": 1, "agreement": pytest.approx(0.8)}]
+    assert s["labelers"]["cy"] == {"rankings": 1, "skips": 2, "median_seconds": None, "agreement_with_others": None,
+                                   "compared_pairs": 0}
+    assert s["labelers"]["bob"]["median_seconds"] == 20.0 and s["shared_prompts"] == 1
+    assert s["flags"] == {"fails_instruction": 0, "hallucination": 2, "harmful": 1, "other": 0}
+
+
+def test_agreement_equals_a_brute_force_count_on_random_rankings():
+    rng = random.Random(0)
+    rankings = []
+    for pid in range(12):
+        responses = list(range(pid * 10, pid * 10 + rng.randint(2, 6)))
+        for name in rng.sample(["ann", "bob", "cy", "dee"], rng.randint(1, 4)):
+            shuffled = rng.sample(responses, len(responses))
+            cuts = sorted(rng.sample(range(1, len(responses)), rng.randint(1, len(responses) - 1)))
+            levels = tuple(tuple(shuffled[a:b]) for a, b in zip([0, *cuts], [*cuts, len(responses)]))
+            rankings.append(Ranking(name, pid, levels, {}, {}, rng.choice([None, rng.uniform(1, 60)])))
+    s, expected = agreement.stats(rankings, {}), brute_force(rankings)
+    assert expected["tied"] > 0 and expected["compared"] > 50
+    assert s["agreement"] == pytest.approx(expected["agreed"] / expected["compared"])
+    assert (s["compared_pairs"], s["tied_pairs_excluded"]) == (expected["compared"], expected["tied"])
+    for name, (agreed, compared) in expected["per_labeler"].items():
+        assert s["labelers"][name]["agreement_with_others"] == pytest.approx(agreed / compared)
+        seconds = [r.seconds for r in rankings if r.labeler == name and r.seconds is not None]
+        assert s["labelers"][name]["median_seconds"] == (statistics.median(seconds) if seconds else None)
+    assert sum(p["compared_pairs"] for p in s["labeler_pairs"]) == expected["compared"]
