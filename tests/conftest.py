@@ -87,11 +87,8 @@ FULL_TIER = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
         node = item.nodeid.removeprefix("tests/")
         if any(node.startswith(prefix) for prefix in FULL_TIER):
             item.add_marker(pytest.mark.full)
-        if "demo_run" in getattr(item, "fixturenames", ()):  # one worker runs the demo once for all its readers
-            item.add_marker(pytest.mark.xdist_group("demo_run"))
