@@ -20,10 +20,10 @@ REGENERATE = "python -m rlhf_jax.config_reference > docs/configuration.md"
 _INTRO = f"""\
 # Configuration reference
 
-<!-- Generated from rlhf_jax/config.py; do not edit. Regenerate with `{REGENERATE}`. -->
+<!-- Generated from rlhf_jax/config/; do not edit. Regenerate with `{REGENERATE}`. -->
 
 A run is configured by a YAML file (`--config`) whose keys are loaded into typed, frozen dataclasses
-(`rlhf_jax/config.py`); any key can be overridden on the command line as `section.key=value`, the last one
+(`rlhf_jax/config/`); any key can be overridden on the command line as `section.key=value`, the last one
 winning. Unknown keys, wrong types and bad values stop the run before anything is compiled, with one line naming
 the key (and the closest valid key for a typo). `python -m rlhf_jax.main --config CFG --check` validates a config
 (every step of a pipeline) and runs nothing; `python -m rlhf_jax.main --help` prints the same keys as below.

@@ -116,12 +116,11 @@ def test_ppo_reference_is_the_kl_reference_and_must_be_the_policys_kind(tmp_path
     import jax
     import numpy as np
 
-    from rlhf_jax.config import load_config
     from rlhf_jax.errors import UserError
     from rlhf_jax.models.checkpoint import load_model, save_model
     from rlhf_jax.models.tiny import build_tiny_model
     from rlhf_jax.models.transformer import make_model
-    from rlhf_jax.stages.ppo import reference_params
+    from rlhf_jax.stages.policy_common import reference_params
     from rlhf_jax.training.state import initial_params, with_head
 
     policy, sft = build_tiny_model(tmp_path / "policy", seed=0), build_tiny_model(tmp_path / "sft", seed=1)
@@ -130,9 +129,9 @@ def test_ppo_reference_is_the_kl_reference_and_must_be_the_policys_kind(tmp_path
     own = initial_params(loaded, model, 0)
 
     def reference(path: str):
-        return reference_params(load_config(None, [f"ppo.reference={path}"]), loaded, model, own)
+        return reference_params(path, "ppo.reference", loaded, model, own, 0)
 
-    assert reference_params(load_config(None, []), loaded, model, own) is own
+    assert reference_params("", "ppo.reference", loaded, model, own, 0) is own
     expected = initial_params(load_model(sft), model, 0)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(reference(str(sft))), jax.tree.leaves(expected)))
     rm = save_model(tmp_path / "rm", jax.tree.map(np.asarray, with_head(loaded.params, loaded.cfg, "lm", "scalar",

@@ -25,6 +25,12 @@ def run_ppo(cfg: Config, run_dir: Path) -> dict:
     return train_ppo(cfg, run_dir)
 
 
+def run_group(cfg: Config, run_dir: Path) -> dict:
+    from rlhf_jax.stages.grpo import train_group
+
+    return train_group(cfg, run_dir)
+
+
 def run_eval(cfg: Config, run_dir: Path) -> dict:
     from rlhf_jax.eval.evaluate import run_eval as evaluate
 
@@ -46,11 +52,14 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
 def check(cfg: Config) -> None:
     """What can be known wrong about a stage's config without reading its data or models: a pipeline checks
     every step with it before the first one runs."""
-    if cfg.stage in ("sft", "rm"):
+    if cfg.stage in ("sft", "rm", "dpo"):
         from rlhf_jax.stages.train import check_config
         check_config(cfg)
     elif cfg.stage == "ppo":
         from rlhf_jax.stages.ppo import check_config
+        check_config(cfg)
+    elif cfg.stage in ("grpo", "rloo"):
+        from rlhf_jax.stages.grpo import check_config
         check_config(cfg)
     elif cfg.stage == "eval":
         from rlhf_jax.eval.evaluate import check_config
@@ -62,7 +71,8 @@ def check(cfg: Config) -> None:
         check_prepare(cfg)
 
 
-STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": run_ppo, "eval": run_eval,
+STAGES = {"generate": run_generate, "sft": run_train, "rm": run_train, "ppo": run_ppo, "dpo": run_train,
+          "grpo": run_group, "rloo": run_group, "eval": run_eval,
           "task": run_task, "label": run_label, "prepare": run_prepare}
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split, train_dataset
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
+from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
 from rlhf_jax.models.transformer import init_params, make_model, param_logical_axes
@@ -28,6 +28,7 @@ from rlhf_jax.rl.ppo_math import KLController
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
+from rlhf_jax.stages.policy_common import check_own_samples, reference_params, scalar_model, write_samples
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
@@ -54,17 +55,6 @@ def check_config(cfg: Config) -> None:
     check_own_samples(cfg.sampling, "ppo")
 
 
-def check_own_samples(s, stage: str) -> None:
-    """A stage that trains on its own samples must draw them from the distribution its ratio and KL use:
-    top-k, top-p and greedy decoding each draw from another one."""
-    changed = [f"{key}={value}" for key, value, plain in (("sampling.temperature", s.temperature, s.temperature > 0),
-                                                          ("sampling.top_k", s.top_k, s.top_k == 0),
-                                                          ("sampling.top_p", s.top_p, s.top_p == 1.0)) if not plain]
-    if changed:
-        raise UserError(f"stage {stage!r} trains on its own samples and needs plain sampling (temperature > 0, "
-                        f"top_k 0, top_p 1); got {', '.join(changed)}")
-
-
 def check_sizes(cfg: Config, mesh) -> None:
     """Every minibatch of the rollout (and of the ptx rows) splits into optim.grad_accum_steps micro-batches over
     the data-parallel devices."""
@@ -78,32 +68,6 @@ def check_sizes(cfg: Config, mesh) -> None:
             micro = f" of optim.grad_accum_steps={accum} micro-batches each" if accum > 1 else ""
             raise UserError(f"{key}={size} must split into ppo.minibatches={cfg.ppo.minibatches} minibatches{micro} "
                             f"divisible by the {ways} data-parallel devices")
-
-
-def _scalar_model(path: str, key: str, *roles: str) -> LoadedModel:
-    """A scalar-head model of one of `roles` (when its export records one)."""
-    loaded = load_model(path)
-    if loaded.head != "scalar":
-        raise UserError(f"{key}={path}: a language model, expected a scalar-head (reward/value) export")
-    check_role(loaded, f"{key}={path}", *roles)
-    return loaded
-
-
-def reference_params(cfg: Config, loaded: LoadedModel, policy_model, policy_params: dict) -> dict:
-    """The KL reference's host params: the starting policy's, or ppo.reference's (a policy of the same shape and
-    tokenizer, such as the SFT model when a later round starts from the previous round's policy)."""
-    if not cfg.ppo.reference:
-        return policy_params
-    key = f"ppo.reference={cfg.ppo.reference}"
-    reference = load_model(cfg.ppo.reference)
-    if reference.head != "lm":
-        raise UserError(f"{key}: a reward/value model (scalar head), expected a policy")
-    check_role(reference, key, "policy")
-    if reference.cfg != loaded.cfg:
-        raise UserError(f"{key}: its architecture differs from model.path's (the reference must be the policy's "
-                        "starting point, such as the SFT export)")
-    check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, key, "the policy")
-    return initial_params(reference, policy_model, cfg.seed)
 
 
 def kl_on_resume(cfg: Config):
@@ -142,8 +106,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     if ptx_spec is not None:
         check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
                              "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)")
-    reward = _scalar_model(cfg.ppo.reward_model, "ppo.reward_model", "reward")
-    value = _scalar_model(cfg.ppo.value_model, "ppo.value_model", "reward", "value") if cfg.ppo.value_model else reward
+    reward = scalar_model(cfg.ppo.reward_model, "ppo.reward_model", "reward")
+    value = scalar_model(cfg.ppo.value_model, "ppo.value_model", "reward", "value") if cfg.ppo.value_model else reward
     scalars = {"ppo.reward_model": (cfg.ppo.reward_model, reward)}
     if cfg.ppo.value_model:
         scalars["ppo.value_model"] = (cfg.ppo.value_model, value)
@@ -168,7 +132,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     init = jax.jit(lambda p, v, key: ppo.init_state(p, v, models, settings, key),
                    in_shardings=(policy_sh.params, value_sh.params, repl), out_shardings=state_sh)
     state = init(policy_params, value_params, jax.random.PRNGKey(cfg.seed))
-    reference = reference_params(cfg, loaded, policy_model, policy_params)
+    reference = reference_params(cfg.ppo.reference, "ppo.reference", loaded, policy_model, policy_params,
+                                 cfg.seed)
     # The reference and the reward model are separate buffers: the state is donated every iteration.
     frozen = ppo.Frozen(ref_params=sharding.place(reference, policy_sh.params),
                         reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed),
@@ -266,18 +231,6 @@ def jit_iteration(models: ppo.PPOModels, settings: ppo.PPOSettings, state_sh: pp
                                                                 settings=settings, runtime=runtime),
                    in_shardings=(state_sh, frozen_sh, batch_sh, batch_sh, batch_sh),
                    out_shardings=(state_sh, repl), donate_argnums=0)
-
-
-def write_samples(path: Path, step: int, samples: dict, tokenizer) -> None:
-    """Appends one JSON line per sampled rollout row: prompt, response, score and sequence KL."""
-    with open(path, "a") as f:
-        for row in range(len(samples["score"])):
-            prompt = samples["prompt_ids"][row][samples["prompt_mask"][row]].tolist()
-            response = samples["tokens"][row][samples["mask"][row]].tolist()
-            f.write(json.dumps({"step": step, "prompt": tokenizer.decode(prompt),
-                                "response": tokenizer.decode(response, skip_special_tokens=True),
-                                "score": round(float(samples["score"][row]), 6),
-                                "kl": round(float(samples["kl"][row]), 6)}) + "\n")
 
 
 def _ptx_spec(cfg: Config):

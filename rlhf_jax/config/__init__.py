@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf_jax import typed_yaml
+from rlhf_jax.config.algorithms import DPOSection, GroupSection, GRPOSection, PPOSection, RLOOSection
 from rlhf_jax.typed_yaml import check, coerce, opt, section
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "TrainSection",
     "RMSection",
     "PPOSection",
+    "DPOSection",
+    "GroupSection",
+    "GRPOSection",
+    "RLOOSection",
     "PrepareSection",
     "TaskSection",
     "LabelSection",
@@ -174,55 +179,6 @@ class RMSection:
 
 
 @dataclass(frozen=True)
-class PPOSection:
-    reward_model: str = opt("", "reward model export (scalar head; its reward_norm is applied)")
-    value_model: str = opt("", 'value model init: "" = the reward model, or another scalar-head export')
-    reference: str = opt("", 'the KL reference policy: "" = model.path (a later round of a pipeline continues '
-                             "from its last policy and keeps the SFT model here)")
-    value_lr: float = opt(0.0, "value model learning rate; 0 = optim.lr")
-    ema_decay: float = opt(0.0, "EMA of the policy weights per iteration (InstructGPT 0.992), exported as "
-                                 "export_ema/; 0 = off")
-    kl_coef: float = opt(0.02, "beta of the per-token KL penalty (InstructGPT 0.02); the initial beta when adaptive")
-    kl_target: float = opt(0.0, "adaptive KL controller target (nats per sequence); 0 = fixed kl_coef")
-    kl_horizon: float = opt(10000.0, "adaptive KL controller horizon in episodes")
-    kl_estimator: Literal["k1", "k3"] = opt("k1", "per-token KL estimator: k1 = logp - logp_ref, k3 = exp(d) - d - 1")
-    no_eos_penalty: float | None = opt(None, "score of a response that never emitted EOS, in the reward model's "
-                                              "normalised units (after its reward_norm gain and bias; with "
-                                              "rm.normalize bias_gain, reference responses score mean 0, std 1); "
-                                              "null = keep its score")
-    gamma: float = opt(1.0, "GAE discount")
-    lam: float = opt(0.95, "GAE lambda")
-    clip_ratio: float = opt(0.2, "policy ratio clip epsilon")
-    clip_value: float = opt(0.2, "value prediction clip around the rollout's values")
-    vf_coef: float = opt(0.1, "value loss coefficient")
-    entropy_coef: float = opt(0.0, "entropy bonus coefficient (none by default)")
-    whiten_rewards: bool = opt(False, "scale rewards to unit variance over real tokens (mean kept)")
-    epochs: int = opt(1, "passes over each rollout batch (InstructGPT 1)")
-    minibatches: int = opt(1, "minibatches per epoch; each one optimizer step of policy and value")
-    ptx_coef: float = opt(0.0, "PPO-ptx: weight of the per-token mean pretraining LM loss; 0 = off (InstructGPT's "
-                                "27.8 was for its own loss scaling: tune it, see docs/stages/ppo.md)")
-    ptx_dataset: str = opt("", "PPO-ptx: prepared sft dataset for the LM loss (on every real token)")
-    ptx_batch_size: int = opt(0, "PPO-ptx: sequences of ptx_dataset per iteration, split over the minibatches; "
-                                  "0 = train.batch_size")
-    samples_every: int = opt(10, "iterations between writing a few prompts, responses, scores and KL to "
-                                  "samples.jsonl; 0 = never")
-
-    def __post_init__(self):
-        coerce(self)
-        for name in ("value_lr", "kl_coef", "kl_target", "clip_value", "vf_coef", "entropy_coef", "ptx_coef"):
-            check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        check(self, "clip_ratio", self.clip_ratio > 0, "must be > 0 (0 clips every ratio to 1)")
-        check(self, "kl_horizon", self.kl_horizon > 0, "must be > 0")
-        check(self, "ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
-        check(self, "gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")
-        check(self, "lam", 0 <= self.lam <= 1, "must be in [0, 1]")
-        check(self, "epochs", self.epochs >= 1, "must be >= 1")
-        check(self, "ptx_batch_size", self.ptx_batch_size >= 0, "must be >= 0")
-        check(self, "samples_every", self.samples_every >= 0, "must be >= 0")
-        check(self, "minibatches", self.minibatches >= 1, "must be >= 1")
-
-
-@dataclass(frozen=True)
 class PrepareSection:
     format: str = opt("", "input format (python -m rlhf_jax.data --help lists them)")
     inputs: tuple[str, ...] = opt((), "input files or http(s) URLs")
@@ -237,7 +193,7 @@ class PrepareSection:
 
 @dataclass(frozen=True)
 class TaskSection:
-    name: Literal["sentiment"] = opt("sentiment", "the bundled task to generate (rlhf_jax/tasks/)")
+    name: Literal["sentiment", "arithmetic"] = opt("sentiment", "the bundled task to generate (rlhf_jax/tasks/)")
     corpus: int = opt(4000, "pretraining reviews (dataset 'corpus')")
     demonstrations: int = opt(2000, "SFT demonstrations (dataset 'demos')")
     prompts: int = opt(2000, "prompts for PPO and evaluation (dataset 'prompts')")
@@ -339,9 +295,11 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class Config:
-    stage: Literal["generate", "sft", "rm", "ppo", "eval", "task", "label", "prepare"] = opt(
+    stage: Literal["generate", "sft", "rm", "ppo", "dpo", "grpo", "rloo", "eval", "task", "label", "prepare"] = opt(
         "generate", "stage to run: generate (sample), sft (fine-tune on demonstrations), rm (ranking reward model), "
-                    "ppo (optimise the policy against the reward model), eval (win rate, score and KL report), "
+                    "ppo (optimise the policy against the reward model), dpo (optimise the policy on the rankings "
+                    "directly), grpo / rloo (optimise the policy on groups of samples per prompt, scored by a "
+                    "reward model or a reward function), eval (win rate, score and KL report), "
                     "task (generate a bundled task's data and base model), label (sample K responses per prompt "
                     "and rank them with a programmatic labeler), prepare (import a dataset into data.dir, as "
                     "python -m rlhf_jax.data does); a YAML with a `pipeline:` mapping chains stages")
@@ -356,6 +314,9 @@ class Config:
     train: TrainSection = section(TrainSection, "training loop of the sft and rm stages")
     rm: RMSection = section(RMSection, "reward model specifics")
     ppo: PPOSection = section(PPOSection, "PPO specifics (stage 3)")
+    dpo: DPOSection = section(DPOSection, "DPO on rankings (stage dpo)")
+    grpo: GRPOSection = section(GRPOSection, "GRPO on groups of samples per prompt (stage grpo)")
+    rloo: RLOOSection = section(RLOOSection, "RLOO, REINFORCE with a leave-one-out baseline (stage rloo)")
     optim: OptimSection = section(OptimSection, "optimizer and learning-rate schedule")
     eval: EvalSection = section(EvalSection, "evaluation of policies against a reference (stage eval)")
     task: TaskSection = section(TaskSection, "the bundled task generated by stage task")

@@ -1,0 +1,64 @@
+"""What the stages that train a policy against something share: the reward and value models they load, the
+frozen reference policy, the plain sampling that on-policy training needs, and the samples they write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
+from rlhf_jax.models.tokenizer import check_same_tokenizer
+from rlhf_jax.training.state import initial_params
+
+
+def check_own_samples(s, stage: str) -> None:
+    """A stage that trains on its own samples must draw them from the distribution its ratio and KL use:
+    top-k, top-p and greedy decoding each draw from another one."""
+    changed = [f"{key}={value}" for key, value, plain in (("sampling.temperature", s.temperature, s.temperature > 0),
+                                                          ("sampling.top_k", s.top_k, s.top_k == 0),
+                                                          ("sampling.top_p", s.top_p, s.top_p == 1.0)) if not plain]
+    if changed:
+        raise UserError(f"stage {stage!r} trains on its own samples and needs plain sampling (temperature > 0, "
+                        f"top_k 0, top_p 1); got {', '.join(changed)}")
+
+
+def scalar_model(path: str, key: str, *roles: str) -> LoadedModel:
+    """A scalar-head model of one of `roles` (when its export records one)."""
+    loaded = load_model(path)
+    if loaded.head != "scalar":
+        raise UserError(f"{key}={path}: a language model, expected a scalar-head (reward/value) export")
+    check_role(loaded, f"{key}={path}", *roles)
+    return loaded
+
+
+def reference_params(path: str, key: str, loaded: LoadedModel, policy_model, policy_params: dict,
+                     seed: int) -> dict:
+    """The frozen reference's host params: the starting policy's when `path` is empty, else those of the policy
+    at `path` (config key `key`), which must have the starting policy's shape and tokenizer (such as the SFT
+    model when a later round starts from the previous round's policy)."""
+    if not path:
+        return policy_params
+    where = f"{key}={path}"
+    reference = load_model(path)
+    if reference.head != "lm":
+        raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
+    check_role(reference, where, "policy")
+    if reference.cfg != loaded.cfg:
+        raise UserError(f"{where}: its architecture differs from model.path's (the reference must be the policy's "
+                        "starting point, such as the SFT export)")
+    check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, where, "the policy")
+    return initial_params(reference, policy_model, seed)
+
+
+def write_samples(path: Path, step: int, samples: dict, tokenizer) -> None:
+    """Appends one JSON line per sampled row: prompt, response and every per-row number of `samples` (such as
+    score and kl) beside the token arrays prompt_ids, prompt_mask, tokens and mask."""
+    numbers = [k for k in samples if k not in ("prompt_ids", "prompt_mask", "tokens", "mask")]
+    with open(path, "a") as f:
+        for row in range(len(samples["tokens"])):
+            prompt = samples["prompt_ids"][row][samples["prompt_mask"][row]].tolist()
+            response = samples["tokens"][row][samples["mask"][row]].tolist()
+            f.write(json.dumps({"step": step, "prompt": tokenizer.decode(prompt),
+                                "response": tokenizer.decode(response, skip_special_tokens=True),
+                                **{k: round(float(samples[k][row]), 6) for k in numbers}}) + "\n")
