@@ -32,21 +32,32 @@ SHORT_DEMO = ["pipeline.task.task.corpus=1500", "pipeline.task.task.demonstratio
               "pipeline.rm.train.epochs=3", "pipeline.ppo.train.steps=24", "pipeline.ppo.train.log_every=4",
               "pipeline.ppo.train.save_every=8", "pipeline.ppo.train.keep_checkpoints=3",
               "pipeline.ppo.ppo.samples_every=0"]
+# The fast tier (`make test`) shortens it further: every stage runs end to end once; the full tier, which checks
+# what each stage achieves (tests/test_pipeline.py), runs SHORT_DEMO.
+FAST_DEMO = [*SHORT_DEMO, "pipeline.task.task.prompts=300", "pipeline.pretrain.train.steps=100",
+             "pipeline.sft.train.steps=20", "pipeline.rm.train.epochs=2", "pipeline.ppo.train.steps=12",
+             "pipeline.ppo.train.save_every=4"]
+
+
+def fast_tier(config) -> bool:
+    return config.getoption("markexpr") == "not full"
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """The main job's pipeline, shortened, run once through the CLI: {"dir", "argv", "stderr", "report"}.
-    Tests that change its files must leave them as they found them."""
+def demo_run(tmp_path_factory, request):
+    """The main job's pipeline, shortened, run once through the CLI: {"dir", "argv", "stderr", "report",
+    "ppo_saves"} (the PPO run's saved steps). Tests that change its files must leave them as they found them."""
     from cli_helpers import run_quietly
     from rlhf_jax import main as main_cli
 
     run_dir = tmp_path_factory.mktemp("demo") / "run"
     argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), f"run_dir={run_dir}",
-            *SHORT_DEMO]
+            *(FAST_DEMO if fast_tier(request.config) else SHORT_DEMO)]
     rc, _, err = run_quietly(main_cli.main, argv)
     assert rc == 0, err[-3000:]
-    return {"dir": run_dir, "argv": argv, "stderr": err, "report": json.loads((run_dir / "report.json").read_text())}
+    saves = sorted(int(p.name) for p in (run_dir / "ppo" / "checkpoints").iterdir() if p.name.isdigit())
+    return {"dir": run_dir, "argv": argv, "stderr": err, "report": json.loads((run_dir / "report.json").read_text()),
+            "ppo_saves": saves}
 
 
 # The full tier only (`make test-all`, CI): what `make test` leaves out to stay within a few minutes. The fast tier
@@ -90,6 +101,27 @@ FULL_TIER = (
     "test_model.py::test_mesh_of_8_equals_one_device[mesh_shape3]",
     "test_model.py::test_left_padding_does_not_change_logits[gpt2]",
     "test_hf.py::test_reward_export_scores_our_last_token_in_transformers[llama-False]",
+    # the oracle of a speed-up and of PPO-ptx (the fast tier checks the iteration's first ratio and its rollout)
+    "test_ppo.py::test_first_step_reusing_the_rollout_forward_equals_a_direct_gradient",
+    "test_ppo.py::test_ptx_adds_exactly_coef_times_the_lm_loss_gradient",
+    # batteries: the fast tier keeps one case of each kind of failure
+    "test_label_load.py::",
+    "test_cli.py::test_generate_sharded_mesh_matches_default",
+    "test_cli.py::test_generate_greedy_ignores_seed",
+    "test_cli.py::test_generate_jsonl_prompt_file_with_line_breaks",
+    "test_run_failures.py::test_no_restorable_checkpoint_is_one_line_naming_the_directory",
+    "test_run_failures.py::test_a_failing_save_is_one_line_and_keeps_the_last_checkpoint",
+    "test_run_models.py::test_all_steps_skips_a_checkpoint_it_cannot_restore",
+    "test_run_models.py::test_a_named_step_that_cannot_be_restored_stops_and_leaves_no_output",
+    "test_user_errors_more.py::test_a_second_signal_during_a_save_stops_in_one_line_with_exit_4",
+    "test_train.py::test_bad_training_config_fails_fast[batch_not_divisible]",
+    "test_train.py::test_bad_training_config_fails_fast[unprepared_dataset]",
+    "test_train.py::test_bad_training_config_fails_fast[no_steps]",
+    "test_pipeline_safety.py::test_generate_output_never_replaces_an_unrelated_file",
+    "test_pipeline_safety.py::test_a_moved_pipeline_run_dir_keeps_its_finished_steps",
+    "test_layers.py::test_public_entry_points_run_as_modules[rlhf_jax.convert]",
+    "test_layers.py::test_public_entry_points_run_as_modules[rlhf_jax.evaluate]",
+    "test_layers.py::test_public_entry_points_run_as_modules[rlhf_jax.generate]",
 )
 
 

@@ -31,6 +31,7 @@ from rlhf_jax.stages import ppo as ppo_stage
 from rlhf_jax.training import state as training_state, steps
 
 from cli_helpers import run_quietly
+from compile_helpers import jit
 
 CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=64, max_position_embeddings=64, eos_token_ids=(1,))
@@ -88,7 +89,7 @@ def _copy(tree):
 def test_first_minibatch_ratio_is_exactly_one_and_metrics_are_finite():
     models = _models()
     state, frozen, ids, mask = _setup(models)
-    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
+    step = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
     state, metrics = step(state, frozen, ids, mask)
     metrics = {k: float(v) for k, v in metrics.items()}
     assert metrics["first_ratio_max"] == 1.0 and metrics["first_ratio_min"] == 1.0, metrics
@@ -104,7 +105,7 @@ def test_learning_rate_zero_moves_nothing():
     models = _models(lr=0.0)
     state, frozen, ids, mask = _setup(models)
     before_policy, before_value = _copy(state.policy.params), _copy(state.value.params)
-    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
+    state, _ = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
     for before, after in ((before_policy, state.policy.params), (before_value, state.value.params)):
         for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
             np.testing.assert_array_equal(x, np.asarray(y))
@@ -113,7 +114,7 @@ def test_learning_rate_zero_moves_nothing():
 def _timed_iterations(models: PPO, n: int = 3):
     """(state, metrics of the last, laps of each, wall seconds of each) of n iterations of one jitted program."""
     state, frozen, ids, mask = _setup(models)
-    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw), donate_argnums=0)
+    step = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw), donate_argnums=0)
     laps, walls = [], []
     for _ in range(n):
         began = time.perf_counter()
@@ -139,7 +140,7 @@ def test_one_compilation_serves_every_iteration_and_the_laps_time_each_phase():
 
 
 def _rollout(models, state, frozen, ids, mask, rng=9):
-    return jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
+    return jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
         state, frozen, ids, mask, jax.random.key(rng))
 
 
@@ -155,89 +156,110 @@ def _raw_last_token_scores(models, params, batch, upto=None):
     tokens, mask = np.asarray(batch.tokens_BN)[:, :upto], np.asarray(batch.mask_BN)[:, :upto]
     ids = np.concatenate([np.asarray(batch.prompt_ids_BP), tokens], 1)
     real = np.concatenate([np.asarray(batch.prompt_mask_BP), mask], 1)
-    values = np.asarray(jax.jit(lambda p, i, m: models.reward.apply(
+    values = np.asarray(jit(lambda p, i, m: models.reward.apply(
         {"params": p}, i, jnp.maximum(jnp.cumsum(m, 1) - 1, 0), m)[0])(params, ids, real))
     last = real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)
     return values[np.arange(len(values)), last]
 
 
-def test_the_value_model_from_the_reward_model_starts_at_normalised_scores():
+# The rollout checks share two compiled rollouts that between them cover every setting they check: a reward model
+# normalised with gain 2 and bias 20, a value model with the same normalisation (as when initialised from it), the
+# no-EOS penalty (-3) with EOS ids 1..8 so that some rows end and some do not, a reference that differs from the
+# policy, and the k1 estimator with raw rewards or the k3 estimator with whitened rewards.
+ROLLOUT_VARIANTS = {"k1": {"kl_estimator": "k1", "whiten_rewards": False},
+                    "k3, whitened": {"kl_estimator": "k3", "whiten_rewards": True}}
+EOS_IDS = tuple(range(1, 9))
+
+
+class Rolled(NamedTuple):
+    models: PPO
+    state: ppo.PPOState
+    frozen: ppo.Frozen
+    batch: ppo.Rollout
+    kl_B: np.ndarray
+    scores_B: np.ndarray
+    mismatch: float
+
+
+@functools.cache
+def _rolled(variant: str) -> Rolled:
+    models = _models(no_eos_penalty=-3.0, **ROLLOUT_VARIANTS[variant]).replace(
+        reward_gain=2.0, reward_bias=20.0, value_gain=2.0, value_bias=20.0, samples=B,
+        sampling=SamplingParams(N, temperature=0.7, eos_ids=EOS_IDS, pad_id=PAD_ID))
+    state, frozen, ids, mask = _setup(models, seed=6)
+    frozen = frozen._replace(ref_params=jax.tree.map(lambda x: x * 1.3, frozen.ref_params))
+    batch, kl_B, stats = _rollout(models, state, frozen, ids, mask)
+    return Rolled(models, state, frozen, batch, np.asarray(kl_B), np.asarray(stats["samples"]["score"]),
+                  float(stats["logprob_mismatch"]))
+
+
+@pytest.mark.parametrize("variant", ROLLOUT_VARIANTS)
+def test_the_value_model_from_the_reward_model_starts_at_normalised_scores(variant):
     """At initialisation (value = reward model, whose normalisation is gain 2, bias 20) the rollout's old value
     at response position t is the normalised RM score of the prefix that ends just before token t: the value
     is read at the right position and in the units of the returns."""
-    models = _models().replace(reward_gain=2.0, reward_bias=20.0, value_gain=2.0, value_bias=20.0)
-    state, frozen, ids, mask = _setup(models, seed=4)
-    batch, _, _ = _rollout(models, state, frozen, ids, mask)
-    old_values, real = np.asarray(batch.old_values_BN), np.asarray(batch.mask_BN)
+    r = _rolled(variant)
+    old_values, real = np.asarray(r.batch.old_values_BN), np.asarray(r.batch.mask_BN)
     for t in range(N):
-        expected = 2.0 * _raw_last_token_scores(models, frozen.reward_params, batch, upto=t) + 20.0
+        expected = 2.0 * _raw_last_token_scores(r.models, r.frozen.reward_params, r.batch, upto=t) + 20.0
         np.testing.assert_allclose(old_values[real[:, t], t], expected[real[:, t]], rtol=1e-5, atol=1e-4)
 
 
-def test_scores_are_normalised_and_the_no_eos_penalty_replaces_them():
+@pytest.mark.parametrize("variant", ROLLOUT_VARIANTS)
+def test_scores_are_normalised_and_the_no_eos_penalty_replaces_them(variant):
     """Rows that ended score gain x (RM head at their last token) + bias; rows that never ended score exactly
     ppo.no_eos_penalty, in those normalised units."""
-    models = _models(no_eos_penalty=-3.0).replace(reward_gain=2.0, reward_bias=20.0, samples=B,
-                                 sampling=SamplingParams(N, temperature=0.7, eos_ids=tuple(range(1, 9)),
-                                                         pad_id=PAD_ID))
-    state, frozen, ids, mask = _setup(models, seed=6)
-    batch, _, stats = _rollout(models, state, frozen, ids, mask)
-    tokens, real = np.asarray(batch.tokens_BN), np.asarray(batch.mask_BN)
-    ended = np.any(real & (tokens >= 1) & (tokens <= 8), axis=1)
+    r = _rolled(variant)
+    tokens, real = np.asarray(r.batch.tokens_BN), np.asarray(r.batch.mask_BN)
+    ended = np.any(real & np.isin(tokens, EOS_IDS), axis=1)
     assert 0 < ended.sum() < B, ended  # both kinds of rows
-    scores = np.asarray(stats["samples"]["score"])
-    expected = 2.0 * _raw_last_token_scores(models, frozen.reward_params, batch) + 20.0
-    np.testing.assert_allclose(scores[ended], expected[ended], rtol=1e-5)
-    np.testing.assert_array_equal(scores[~ended], -3.0)
+    expected = 2.0 * _raw_last_token_scores(r.models, r.frozen.reward_params, r.batch) + 20.0
+    np.testing.assert_allclose(r.scores_B[ended], expected[ended], rtol=1e-5)
+    np.testing.assert_array_equal(r.scores_B[~ended], -3.0)
 
 
-def test_rollout_kl_uses_the_configured_estimator_and_logprob_mismatch_is_rounding():
+@pytest.mark.parametrize("variant", ROLLOUT_VARIANTS)
+def test_rollout_kl_uses_the_configured_estimator_and_logprob_mismatch_is_rounding(variant):
     """Against a reference that differs from the policy: the rollout's per-sequence KL is the sum over real
     tokens of k1 = logp - logp_ref or of k3 = expm1(d) - d (d = logp_ref - logp), from teacher-forced log-probs
     at the sampling temperature; the sampler's own log-probs agree with the training forward (float32)."""
-    for estimator in ("k1", "k3"):
-        models = _models(kl_estimator=estimator)
-        state, frozen, ids, mask = _setup(models, seed=7)
-        frozen = frozen._replace(ref_params=jax.tree.map(lambda x: x * 1.3, frozen.ref_params))
-        batch, kl_B, stats = _rollout(models, state, frozen, ids, mask)
-        logp = _forced_logprobs(models, state.policy.params, batch)
-        d = _forced_logprobs(models, frozen.ref_params, batch) - logp
-        per_token = -d if estimator == "k1" else np.expm1(d) - d
-        expected = np.where(np.asarray(batch.mask_BN), per_token, 0.0).sum(1)
-        np.testing.assert_allclose(np.asarray(kl_B), expected, rtol=1e-4, atol=1e-5)
-        assert 0 <= float(stats["logprob_mismatch"]) < 1e-5
+    r = _rolled(variant)
+    logp = _forced_logprobs(r.models, r.state.policy.params, r.batch)
+    d = _forced_logprobs(r.models, r.frozen.ref_params, r.batch) - logp
+    per_token = -d if r.models.settings.kl_estimator == "k1" else np.expm1(d) - d
+    expected = np.where(np.asarray(r.batch.mask_BN), per_token, 0.0).sum(1)
+    np.testing.assert_allclose(r.kl_B, expected, rtol=1e-4, atol=1e-5)
+    assert 0 <= r.mismatch < 1e-5
 
 
-def test_rollout_advantages_follow_a_plain_loop_with_whitened_rewards():
-    """ppo.whiten_rewards at the iteration level: rewards (-beta x k1 per token, the score at the last real token)
-    scaled to unit variance over real tokens with their mean kept, then GAE (gamma 1, lambda 0.95) in a plain loop;
-    returns = advantages + values; advantages whitened after."""
-    for whiten in (False, True):
-        models = _models(whiten_rewards=whiten).replace(samples=B)
-        state, frozen, ids, mask = _setup(models, seed=8)
-        frozen = frozen._replace(ref_params=jax.tree.map(lambda x: x * 1.2, frozen.ref_params))
-        batch, _, stats = _rollout(models, state, frozen, ids, mask)
-        real = np.asarray(batch.mask_BN)
-        kl = _forced_logprobs(models, state.policy.params, batch) - _forced_logprobs(models, frozen.ref_params,
-                                                                                      batch)
-        rewards = np.where(real, -0.02 * kl, 0.0)
-        last = real.sum(1) - 1
-        rewards[np.arange(B), last] += np.asarray(stats["samples"]["score"])
-        if whiten:  # lm-human-preferences' whiten(shift_mean=False): unit variance, the mean added back
-            mean = rewards[real].mean()
-            rewards = np.where(real, (rewards - mean) / rewards[real].std() + mean, 0.0)
-        values = np.asarray(batch.old_values_BN)
-        advantages = np.zeros((B, N))
-        for b in range(B):
-            running = 0.0
-            for t in reversed(range(real[b].sum())):
-                next_value = values[b, t + 1] if t + 1 < real[b].sum() else 0.0
-                running = rewards[b, t] + next_value - values[b, t] + 0.95 * running
-                advantages[b, t] = running
-        np.testing.assert_allclose(np.asarray(batch.returns_BN)[real], (advantages + values)[real], rtol=1e-4,
-                                   atol=1e-4)
-        whitened = (advantages[real] - advantages[real].mean()) / advantages[real].std()
-        np.testing.assert_allclose(np.asarray(batch.advantages_BN)[real], whitened, rtol=1e-3, atol=1e-3)
+@pytest.mark.parametrize("variant", ROLLOUT_VARIANTS)
+def test_rollout_advantages_follow_a_plain_loop_with_whitened_rewards(variant):
+    """ppo.whiten_rewards at the iteration level: rewards (-beta x KL per token, the score at the last real token)
+    scaled to unit variance over real tokens with their mean kept when whitened, then GAE (gamma 1, lambda 0.95)
+    in a plain loop; returns = advantages + values; advantages whitened after."""
+    r = _rolled(variant)
+    real = np.asarray(r.batch.mask_BN)
+    d = _forced_logprobs(r.models, r.frozen.ref_params, r.batch) - _forced_logprobs(r.models, r.state.policy.params,
+                                                                                   r.batch)
+    kl = -d if r.models.settings.kl_estimator == "k1" else np.expm1(d) - d
+    rewards = np.where(real, -0.02 * kl, 0.0)
+    last = real.sum(1) - 1
+    rewards[np.arange(B), last] += r.scores_B
+    if r.models.settings.whiten_rewards:  # lm-human-preferences' whiten(shift_mean=False): unit variance, mean kept
+        mean = rewards[real].mean()
+        rewards = np.where(real, (rewards - mean) / rewards[real].std() + mean, 0.0)
+    values = np.asarray(r.batch.old_values_BN)
+    advantages = np.zeros((B, N))
+    for b in range(B):
+        running = 0.0
+        for t in reversed(range(real[b].sum())):
+            next_value = values[b, t + 1] if t + 1 < real[b].sum() else 0.0
+            running = rewards[b, t] + next_value - values[b, t] + 0.95 * running
+            advantages[b, t] = running
+    np.testing.assert_allclose(np.asarray(r.batch.returns_BN)[real], (advantages + values)[real], rtol=1e-4,
+                               atol=1e-4)
+    whitened = (advantages[real] - advantages[real].mean()) / advantages[real].std()
+    np.testing.assert_allclose(np.asarray(r.batch.advantages_BN)[real], whitened, rtol=1e-3, atol=1e-3)
 
 
 def test_value_lr_sets_the_value_models_learning_rate():
@@ -252,7 +274,7 @@ def test_value_lr_sets_the_value_models_learning_rate():
         models = _models().replace(policy_opt=built[0].policy_opt, value_opt=built[0].value_opt)
         state, frozen, ids, mask = _setup(models)
         before = _copy((state.policy.params, state.value.params))
-        state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
+        state, _ = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
         return [max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(after),
                                                                                jax.tree.leaves(old)))
                 for after, old in zip((state.policy.params, state.value.params), before)]
@@ -277,7 +299,7 @@ def test_minibatch_rows_are_a_fresh_permutation_every_epoch():
 def test_adaptive_kl_controller_runs_inside_the_iteration():
     models = _models(kl_target=1e-6, kl_horizon=100.0)
     state, frozen, ids, mask = _setup(models)
-    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
+    step = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
     state, m1 = step(state, frozen, ids, mask)
     state, m2 = step(state, frozen, ids, mask)
     kl = float(m1["kl"])
@@ -285,18 +307,16 @@ def test_adaptive_kl_controller_runs_inside_the_iteration():
     assert float(m2["beta"]) == pytest.approx(expected, rel=1e-6)
 
 
-def test_rollout_carries_nothing_after_eos():
-    models = _models()
-    state, frozen, ids, mask = _setup(models, seed=3)
-    batch, kl_B, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
-        state, frozen, ids, mask, jax.random.key(9))
+@pytest.mark.parametrize("variant", ROLLOUT_VARIANTS)
+def test_rollout_carries_nothing_after_eos(variant):
+    batch = _rolled(variant).batch
     pad = ~np.asarray(batch.mask_BN)
     for name in ("old_logprobs_BN", "old_values_BN", "advantages_BN", "returns_BN"):
         assert np.all(np.asarray(getattr(batch, name))[pad] == 0.0), name
     # every row is real up to its first EOS and padding after it
     tokens, real = np.asarray(batch.tokens_BN), np.asarray(batch.mask_BN)
     for row_tokens, row_mask in zip(tokens, real):
-        eos = np.nonzero(row_tokens[row_mask] == 1)[0]
+        eos = np.nonzero(np.isin(row_tokens[row_mask], EOS_IDS))[0]
         assert len(eos) <= 1 and (not len(eos) or eos[0] == row_mask.sum() - 1)
 
 
@@ -483,7 +503,7 @@ def test_ema_of_the_policy_follows_its_formula():
     models = _models(ema_decay=0.9)
     state, frozen, ids, mask = _setup(models)
     start = _copy(state.policy.params)
-    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
+    state, _ = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
     for e, x0, x1 in zip(jax.tree.leaves(state.ema), jax.tree.leaves(start), jax.tree.leaves(state.policy.params)):
         np.testing.assert_allclose(np.asarray(e), 0.9 * x0 + 0.1 * np.asarray(x1), rtol=1e-6, atol=1e-7)
     assert _setup(_models())[0].ema is None  # off by default
@@ -506,7 +526,7 @@ def test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch():
     for accum in (1, 2):
         models = _models(ptx_coef=0.5).replace(accum=accum)
         state, frozen, ids, mask = _setup(models)
-        state, metrics = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
+        state, metrics = jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
             state, frozen, ids, mask, _ptx_rows(8))
         ends.append((state, {k: float(v) for k, v in metrics.items()}))
     (whole, whole_metrics), (split, split_metrics) = ends
@@ -534,14 +554,14 @@ def test_first_step_reusing_the_rollout_forward_equals_a_direct_gradient():
     params = (_copy(state.policy.params), _copy(state.value.params))
     _, sample_rng, update_rng = jax.random.split(state.rng, 3)
     order = ppo.minibatch_orders(update_rng, B, models.settings)[0]
-    batch = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models.models, models.settings, first_order_MMb=o)[0])(
+    batch = jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models.models, models.settings, first_order_MMb=o)[0])(
         state, frozen, ids, mask, sample_rng, order)
     rows = order[0]
     tokens = jnp.sum(batch.mask_BN, dtype=jnp.float32)
-    direct = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))(
+    direct = jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))(
         params, (jax.tree.map(lambda x: x[rows], batch), ptx), models.models, models.settings, tokens,
         ppo.ptx_target_tokens(ptx))[0]
-    state, _ = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
+    state, _ = jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
         state, frozen, ids, mask, ptx)
     moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, (state.policy.params,
                                                                               state.value.params))
@@ -555,15 +575,15 @@ def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
     LM loss on the ptx rows, computed separately."""
     models = _models(ptx_coef=2.5)
     state, frozen, ids, mask = _setup(models)
-    batch, _, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
+    batch, _, _ = jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
         state, frozen, ids, mask, jax.random.key(4))
     ptx = _ptx_rows(4)
-    grad = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))
+    grad = jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))
     params, tokens = (state.policy.params, state.value.params), jnp.sum(batch.mask_BN, dtype=jnp.float32)
     (with_ptx, _), stats = grad(params, (batch, ptx), models.models, models.settings, tokens,
                                 ppo.ptx_target_tokens(ptx))
     (without, _), _ = grad(params, (batch, None), models.models, models.settings, tokens, None)
-    lm_grad = jax.jit(jax.grad(lambda p: ppo.ptx_loss(models.policy, p, ptx)))(state.policy.params)
+    lm_grad = jit(jax.grad(lambda p: ppo.ptx_loss(models.policy, p, ptx)))(state.policy.params)
     for a, b, c in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(without), jax.tree.leaves(lm_grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) + 2.5 * np.asarray(c), rtol=1e-4, atol=1e-6)
     assert float(stats["ptx_loss"]) > 0

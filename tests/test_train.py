@@ -32,6 +32,7 @@ from rlhf_jax.models.checkpoint import load_model
 from rlhf_jax.models.tiny import build_tiny_model
 
 from cli_helpers import run_quietly as _quiet
+from compile_helpers import jit
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish", "bird", "star"]
@@ -257,7 +258,7 @@ def test_rm_bias_gain_normalises_reference_rewards(rm_run):
     model = make_model(loaded.cfg, "scalar")
     tokenizer = load_tokenizer(loaded.tokenizer_dir)
     params = jax.tree.map(jnp.asarray, loaded.params)
-    fn = jax.jit(lambda p, b: completion_rewards(model, p, b))
+    fn = jit(lambda p, b: completion_rewards(model, p, b))
 
     reference, correct, pairs = [], 0, 0
     for batch in eval_batches(cfg.data, cfg.data.eval_split, tokenizer, cfg.train.batch_size):
@@ -317,7 +318,7 @@ def test_rm_epoch_reference_dataset_bias_and_micro_batched_eval(tiny, data_dir, 
     assert norm["gain"] == 1.0 and norm["reference"] == "rep"
     loaded = load_model(run_dir / "export")
     model, params = make_model(loaded.cfg, "scalar"), jax.tree.map(jnp.asarray, loaded.params)
-    score = jax.jit(lambda p, ids, mask: last_token_values(forward(model, p, ids, mask), mask))
+    score = jit(lambda p, ids, mask: last_token_values(forward(model, p, ids, mask), mask))
     rewards = []
     for batch in eval_batches(dataclasses.replace(cfg.data, name="rep"), "eval", load_tokenizer(tiny), 16):
         rewards.extend(np.asarray(score(params, batch["ids"], batch["mask"]))[batch["valid"]].tolist())
