@@ -27,6 +27,7 @@ from rlhf_jax.plan.flops import hlo_matmul_flops
 from rlhf_jax.plan.models import tiny_model_config
 from rlhf_jax.plan.planner import Planner
 from rlhf_jax.plan.programs import train_step_program
+from rlhf_jax.models.transformer import init_params, make_model
 from rlhf_jax.runtime import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,3 +297,22 @@ def test_llama3_8b_pipeline_on_64_devices(llama3_8b_dry_run):
         assert f"ppo: ppo.reward_model {run_dir}/rm/export is not made yet: taken as the scalar-head model steps " \
                f"rm <- sft make from {model}" in out
     assert not run_dir.exists()
+
+
+def test_dpo_holds_its_reference_as_an_argument_unless_precomputed(tmp_path):
+    """The dpo step's arguments hold the frozen reference beside the policy's state; with
+    dpo.precompute_reference they hold its (B, K) log-probs instead."""
+    args = ["stage=dpo", "data.name=rankings", "data.max_responses=4", "train.batch_size=16", "train.steps=5",
+            "data.max_prompt_tokens=16", "data.max_response_tokens=16", f"run_dir={tmp_path / 'run'}"]
+    mesh = sharding.mesh_from_config(load_config(None, args).mesh)
+    sizes = {}
+    for precompute in (False, True):
+        cfg = load_config(None, [*args, f"dpo.precompute_reference={str(precompute).lower()}"])
+        sizes[precompute] = measure(train_step_program(cfg, tiny_model_config(), mesh, responses=4),
+                                    mesh).footprint.arguments
+    model = make_model(tiny_model_config())
+    reference_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+        jax.eval_shape(lambda: init_params(model, jax.random.key(0)))))
+    # the default mesh is data-parallel: every device holds the whole reference, or its rows' (B, K) log-probs
+    ref_logps_bytes = 16 * 4 * 4 // mesh.size
+    assert sizes[False] - sizes[True] == reference_bytes - ref_logps_bytes, (sizes, reference_bytes)

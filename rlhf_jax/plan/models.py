@@ -52,7 +52,8 @@ def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
 
 # The models a pipeline step leaves in its directory, and their heads.
 OUTPUTS = {"sft": {"export": "lm", "best": "lm"}, "rm": {"export": "scalar", "best": "scalar"},
-           "ppo": {"export": "lm", "export_ema": "lm", "export_value": "scalar"}, "task": {"base_model": "lm"}}
+           "ppo": {"export": "lm", "export_ema": "lm", "export_value": "scalar"}, "task": {"base_model": "lm"},
+           "dpo": {"export": "lm", "best": "lm"}, "grpo": {"export": "lm"}, "rloo": {"export": "lm"}}
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -94,7 +95,7 @@ class Models:
 
 
 def response_slots(cfg: Config, steps: Sequence[pipeline.Step]) -> int:
-    """K of an rm step: data.max_responses, else the prepared dataset's largest K, else the responses of the
+    """K of an rm or dpo step: data.max_responses, else the prepared dataset's largest K, else the responses of the
     pipeline's label step that writes the dataset."""
     if cfg.data.max_responses:
         return cfg.data.max_responses

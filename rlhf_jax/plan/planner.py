@@ -80,9 +80,9 @@ class Planner:
             return found.cfg
 
         B, P, R = cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
-        if cfg.stage in ("sft", "rm"):
-            model_cfg = source(cfg.model.path, "model", "lm" if cfg.stage == "sft" else "scalar")
-            K = response_slots(cfg, self.steps) if cfg.stage == "rm" else 0
+        if cfg.stage in ("sft", "rm", "dpo"):
+            model_cfg = source(cfg.model.path, "model", "scalar" if cfg.stage == "rm" else "lm")
+            K = response_slots(cfg, self.steps) if cfg.stage != "sft" else 0
             batch = f"{B} x {P + R} tokens" if cfg.stage == "sft" else f"{B} x {K} x ({P}+{R}) tokens"
             return Program(step, lambda c: train_step_program(c, model_cfg, mesh, K), batch, notes, models, mesh)
         policy = source(cfg.model.path, "policy", "lm")

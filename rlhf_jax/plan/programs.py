@@ -1,4 +1,4 @@
-"""The training programs a dry run compiles: the sft / rm step and the whole PPO iteration, built exactly as
+"""The training programs a dry run compiles: the sft / rm / dpo step and the whole PPO iteration, built exactly as
 their stages build and jit them (`stages.train.Stage` and `training.state.jit_step`; `stages.ppo`'s builders), lowered on abstract
 inputs (jax.ShapeDtypeStruct with the run's shardings, params from jax.eval_shape), so nothing is allocated."""
 
@@ -37,14 +37,17 @@ def sft_shapes(rows: int, cfg: Config) -> dict:
 
 
 def train_batch_shapes(cfg: Config, responses: int = 0) -> dict:
-    """The sft / rm training batch of the data pipeline's layout (`data/pipeline.py`)."""
+    """The sft / rm / dpo training batch of the data pipeline's layout (`data/pipeline.py`); dpo's precomputed
+    reference log-probs ride along (`stages/dpo_parts.py`)."""
     B, P, R, K = cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, responses
     if cfg.stage == "sft":
         shapes = sft_shapes(B, cfg)
     else:
         shapes = {"prompt_ids": ((B, P), jnp.int32), "prompt_mask": ((B, P), bool),
                   "response_ids": ((B, K, R), jnp.int32), "response_mask": ((B, K, R), bool),
-                  "pairs": ((B, K, K), jnp.int32)}
+                  "pairs": ((B, K, K), jnp.int32), "example_index": ((B,), jnp.int32)}
+        if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
+            shapes["ref_logps"] = ((B, K), jnp.float32)
     return {**shapes, "truncated": ((B,), bool)}
 
 
@@ -54,9 +57,10 @@ def _rng(mesh):
 
 def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int = 0,
                        total_steps: int | None = None) -> jax.stages.Lowered:
-    """The sft / rm step as trainers.train builds and jits it, lowered on abstract inputs (`responses`: K of rm)."""
+    """The sft / rm / dpo step as trainers.train builds and jits it, lowered on abstract inputs (`responses`: K of
+    rm and dpo); dpo's live reference is a frozen argument with the policy's shardings."""
     micro_batch_size(cfg, mesh)  # the stage's own batch / accumulation / mesh check
-    model = make_model(model_cfg, "lm" if cfg.stage == "sft" else "scalar", cfg.model.dtype, cfg.model.param_dtype,
+    model = make_model(model_cfg, trainers.HEADS[cfg.stage], cfg.model.dtype, cfg.model.param_dtype,
                        remat=cfg.model.remat == "block")
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
     optimizer = steps.make_optimizer(cfg.optim, total)
@@ -65,7 +69,10 @@ def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int
     state = abstract(jax.eval_shape(lambda: steps.init_state(init_params(model, jax.random.key(0)), optimizer)),
                      state_sh)
     batch = abstract_batch(train_batch_shapes(cfg, responses), mesh)
-    return jit_step(stage.step, state_sh, mesh).lower(state, batch, _rng(mesh))
+    if cfg.stage != "dpo" or cfg.dpo.precompute_reference:
+        return jit_step(stage.step, state_sh, mesh).lower(state, batch, _rng(mesh))
+    reference = abstract(jax.eval_shape(lambda: init_params(model, jax.random.key(0))), state_sh.params)
+    return jit_step(stage.step, state_sh, mesh, state_sh.params).lower(state, batch, _rng(mesh), reference)
 
 
 def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg: ModelConfig | None = None,
