@@ -3,9 +3,10 @@
 Layouts (numpy, fixed shapes; P prompt tokens, R response tokens, K responses, T = P + R):
   sft       ids_T, mask_T, response_mask_T, positions_T, segment_ids_T, truncated
             [left-padded prompt | right-padded response]; packed: several examples per row, segment ids 1, 2, ...
-  rankings  prompt_ids_P, prompt_mask_P, response_ids_KR, response_mask_KR, pairs_KK, truncated
-            one example per prompt: its unique responses in slots 0.. (empty slots all padding), and
-            pairs_KK[i, j] = how many times response i was preferred to response j (int32)
+  rankings  prompt_ids_P, prompt_mask_P, response_ids_KR, response_mask_KR, pairs_KK, example_index, truncated
+            one example per prompt: its unique responses in slots 0.. (empty slots all padding),
+            pairs_KK[i, j] = how many times response i was preferred to response j (int32), and the example's
+            position in its split (int32), by which values computed once per example are looked up
   prompts   prompt_ids_P, prompt_mask_P, truncated
 Prompts are truncated from the left (the end of a dialogue matters most), responses from the right; `truncated`
 marks each example that lost tokens so that trainers count them. Pad ids are PAD_ID; masks carry the truth.
@@ -61,6 +62,20 @@ def has_split(spec: DataSection, split: str) -> bool:
         return False
 
 
+STORED_INDEX = "stored_index"  # the key `WithStoredIndex` adds to a stored example
+
+
+class WithStoredIndex:
+    """A stored example with its position in its split of `size` examples (read by `Tokenize` for rankings). A
+    map before grain's `repeat` is handed the index over all epochs, whose remainder is the stored position."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, index: int, example: dict) -> dict:
+        return {**example, STORED_INDEX: index % self.size}
+
+
 class Tokenize:
     """Turns one stored example into fixed-shape numpy arrays (see the module docstring)."""
 
@@ -108,7 +123,8 @@ class Tokenize:
         pairs = np.zeros((self.K, self.K), np.int32)  # add.at: a repeated pair counts once per repeat
         np.add.at(pairs, (np.asarray(example["better"], np.intp), np.asarray(example["worse"], np.intp)), 1)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-                "response_mask": response_mask, "pairs": pairs, "truncated": np.bool_(cut)}
+                "response_mask": response_mask, "pairs": pairs,
+                "example_index": np.int32(example.get(STORED_INDEX, -1)), "truncated": np.bool_(cut)}
 
 
 def _left_pad(ids: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +181,8 @@ def train_dataset(spec: DataSection, split: str, tokenizer, global_batch: int, s
         raise UserError(f"global batch {global_batch} is not divisible by {count} hosts")
     if spec.pack and kind != "sft":
         raise UserError("data.pack applies to sft datasets only")
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+    ds = grain.MapDataset.source(source).map_with_index(WithStoredIndex(len(source)))
+    ds = ds.seed(seed).shuffle().repeat(num_epochs)
     tokenize = Tokenize(tokenizer, kind, spec, response_slots(kind, metadata, spec))
     per_host = global_batch // count
     # Tokenization runs in reader threads (the tokenizer releases the GIL); order stays deterministic.
@@ -194,10 +211,12 @@ def eval_batches(spec: DataSection, split: str, tokenizer, batch_size: int, proc
         raise UserError(f"eval batch {batch_size} is not divisible by {count} hosts")
     per_host = batch_size // count
     tokenize = Tokenize(tokenizer, kind, dataclasses.replace(spec, pack=False), response_slots(kind, metadata, spec))
-    filler = tokenize(source[0])
+    indexed = WithStoredIndex(len(source))
+    filler = tokenize(indexed(0, source[0]))
     for b in range(-(-len(source) // batch_size)):  # every host runs the same batches: collectives line up
         start = b * batch_size + index * per_host
-        examples = [tokenize(source[i]) for i in range(start, min(start + per_host, len(source)))]
+        stop = min(start + per_host, len(source))
+        examples = [tokenize(indexed(i, source[i])) for i in range(start, stop)]
         valid = np.arange(per_host) < len(examples)
         examples += [filler] * (per_host - len(examples))  # masked out by `valid`
         yield {**{k: np.stack([e[k] for e in examples]) for k in filler}, "valid": valid}

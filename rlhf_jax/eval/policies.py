@@ -17,7 +17,8 @@ from rlhf_jax.models.checkpoint import LoadedModel, UnrestorableCheckpoint, load
 from rlhf_jax.models.tiny import resolve_model_path
 
 # Where each training stage keeps the policy's params inside its checkpointed state.
-POLICY_PARAMS = {"sft": ("params",), "ppo": ("policy", "params")}
+POLICY_PARAMS = {"sft": ("params",), "dpo": ("params",), "ppo": ("policy", "params"), "grpo": ("policy", "params"),
+                 "rloo": ("policy", "params")}
 
 
 SCALAR_NOT_POLICY = "a reward/value model (scalar head), expected a policy (language model)"

@@ -23,6 +23,12 @@ CURVES = (
     ("PPO score", "ppo", "score_mean", None),
     ("PPO KL", "ppo", "kl", None),
     ("PPO entropy", "ppo", "entropy", None),
+    ("DPO loss", "dpo", "loss", "eval_loss"),
+    ("DPO reward accuracy", "dpo", "reward_accuracy", "eval_reward_accuracy"),
+    ("GRPO reward", "grpo", "reward_mean", None),
+    ("GRPO KL", "grpo", "kl", None),
+    ("RLOO reward", "rloo", "reward_mean", None),
+    ("RLOO KL", "rloo", "kl", None),
 )
 PLOT_TITLES = {"score_kl_by_step.png": "RM score and KL by checkpoint step",
                "gold_vs_kl.png": "Gold score against KL to the reference",

@@ -1,5 +1,6 @@
-"""The sft and rm stages: what differs between them (head, step, evaluation, the final reward normalisation),
-trained by the loop that every training stage writes out (`training/loop.py`).
+"""The sft, rm and dpo stages: what differs between them (head, step, evaluation, the final reward
+normalisation, dpo's frozen reference in `dpo_parts`), trained by the loop that every training stage writes out
+(`training/loop.py`).
 
 Rerunning the same command resumes from the latest checkpoint (state, data iterator, loop facts), and on CPU
 reaches bitwise the same params as an uninterrupted run.
@@ -21,7 +22,9 @@ from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import eval_batches, has_split, open_split, response_slots, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import Transformer, positions_from_mask
+from rlhf_jax.rl import dpo
 from rlhf_jax.runtime import distributed, sharding
+from rlhf_jax.stages import dpo_parts
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
@@ -31,8 +34,13 @@ from rlhf_jax.training.state import (
 from rlhf_jax.training.losses import last_token_values
 
 
+HEADS = {"sft": "lm", "rm": "scalar", "dpo": "lm"}
+KINDS = {"sft": "sft", "rm": "rankings", "dpo": "rankings"}  # of the dataset each stage trains on
+
+
 class Stage:
-    """What differs between sft and rm: head, step, eval reduction and its metrics."""
+    """What differs between sft, rm and dpo: step, eval reduction and its metrics. dpo's step and eval reduction
+    take the frozen reference params as a last argument, unless dpo.precompute_reference (`dpo_parts`)."""
 
     def __init__(self, cfg: Config, model: Transformer, optimizer, schedule):
         self.cfg, self.model = cfg, model
@@ -41,10 +49,12 @@ class Stage:
                                           accum=cfg.optim.grad_accum_steps, loss_on_prompt=cfg.train.loss_on_prompt)
             self.eval_sums = functools.partial(steps.sft_eval_sums, model=model,
                                                loss_on_prompt=cfg.train.loss_on_prompt)
-        else:
+        elif cfg.stage == "rm":
             self.step = functools.partial(steps.rm_step, model=model, optimizer=optimizer, schedule=schedule,
                                           accum=cfg.optim.grad_accum_steps)
             self.eval_sums = functools.partial(steps.rm_eval_sums, model=model)
+        else:
+            self.step, self.eval_sums = dpo_parts.step_fns(cfg, model, optimizer, schedule)
         self._eval_jit = None
 
     def eval_fn(self, mesh):
@@ -57,7 +67,8 @@ class Stage:
         if self.cfg.stage == "sft":
             loss = sums["nll_sum"] / max(sums["target_tokens"], 1.0)
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": sums["target_tokens"]}
-        return {k: float(v) for k, v in steps.rm_metrics(sums).items()}
+        metrics = steps.rm_metrics(sums) if self.cfg.stage == "rm" else dpo.dpo_metrics(sums)
+        return {k: float(v) for k, v in metrics.items()}
 
 
 def check_config(cfg: Config) -> None:
@@ -67,12 +78,12 @@ def check_config(cfg: Config) -> None:
 
 
 def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> dict:
-    """Run the sft or rm stage in `run_dir` (resuming from its latest checkpoint) on `mesh` (default: from
+    """Run the sft, rm or dpo stage in `run_dir` (resuming from its latest checkpoint) on `mesh` (default: from
     cfg.mesh over all devices); returns the summary it also prints."""
     check_config(cfg)
     # The data is checked before any model is loaded.
     source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
-    kind = {"sft": "sft", "rm": "rankings"}[cfg.stage]
+    kind = KINDS[cfg.stage]
     if metadata["kind"] != kind:
         raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage {cfg.stage!r} needs "
                         f"one of kind {kind!r}")
@@ -88,7 +99,9 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     if cfg.stage == "rm":
         _warn_if_repeating(cfg, total, len(source))
 
-    loaded, tokenizer, model = load_for_training(cfg, run_dir, "lm" if cfg.stage == "sft" else "scalar")
+    loaded, tokenizer, model = load_for_training(cfg, run_dir, HEADS[cfg.stage])
+    params = initial_params(loaded, model, cfg.seed)
+    reference_host = dpo_parts.reference_host_params(cfg, loaded, model, params) if cfg.stage == "dpo" else None
     check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
                     "data.max_prompt_tokens + data.max_response_tokens")
     schedule = steps.lr_schedule(cfg.optim, total)
@@ -96,18 +109,27 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     stage = Stage(cfg, model, optimizer, schedule)
     state_sh = state_shardings(model, optimizer, mesh)
     report_sharding(model, mesh)
-    state = place_state(initial_params(loaded, model, cfg.seed), optimizer, state_sh)
-    train_step = jit_step(stage.step, state_sh, mesh)
-    data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed))
+    state = place_state(params, optimizer, state_sh)
+    splits = (cfg.data.train_split, cfg.data.eval_split) if has_eval else (cfg.data.train_split,)
+    reference = dpo_parts.Reference.build(cfg, reference_host, model, state_sh.params, mesh, tokenizer, eval_size,
+                                          splits)
+    del params, reference_host  # on the mesh now
+    train_step = jit_step(stage.step, state_sh, mesh, reference.shardings)
+    data_iter = reference.train_batches(
+        iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed)),
+        cfg.data.train_split)
 
-    run = Run(cfg, run_dir, cfg.stage)
+    run = Run(cfg, run_dir, cfg.stage, models=reference.models)
     state, start = run.resume(state, data_iter)
     run.facts.setdefault("best_eval_loss", None)
 
     def evaluate_and_keep_best(state) -> dict:
         """Held-out metrics; a new best eval loss exports the params to best/."""
-        batches = eval_batches(cfg.data, cfg.data.eval_split, tokenizer, eval_size)
-        sums = eval_sums(stage.eval_fn(mesh), state.params, batches, mesh, cfg.train.eval_batches)
+        batches = reference.eval_batches(eval_batches(cfg.data, cfg.data.eval_split, tokenizer, eval_size),
+                                         cfg.data.eval_split)
+        eval_fn = stage.eval_fn(mesh)
+        sums = eval_sums(lambda p, b: eval_fn(p, b, *reference.frozen), state.params, batches, mesh,
+                         cfg.train.eval_batches)
         if not sums:
             return {}
         metrics = stage.eval_metrics(sums)
@@ -121,7 +143,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
         with TrainingLoop(run, start, total, cfg.stage, has_eval) as loop:
             for step in loop:
                 batch = next(data_iter)
-                state, metrics = train_step(state, to_global(batch, mesh), loop.rng(step))
+                state, metrics = train_step(state, to_global(batch, mesh), loop.rng(step), *reference.frozen)
                 loop.log(step, metrics, items=real_tokens(batch), truncated=batch["truncated"].sum())
                 if loop.eval_due(step):
                     loop.log_eval(step, evaluate_and_keep_best(state))

@@ -81,12 +81,16 @@ def place_state(params: dict, optimizer, state_sh):
     return init(params)
 
 
-def jit_step(step: Callable, state_sh, mesh):
+def jit_step(step: Callable, state_sh, mesh, frozen_sh=None):
     """`step(state, batch, rng) -> (state, metrics)` jitted over the mesh: batches split over the data-parallel
-    axes, metrics replicated, and the old state's buffers donated to the new one."""
+    axes, metrics replicated, and the old state's buffers donated to the new one. With `frozen_sh`, the
+    shardings of frozen params (dpo's reference), the step is `step(state, batch, rng, frozen)`; they are never
+    donated."""
     repl = sharding.replicated(mesh)
-    return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh), repl),
-                   out_shardings=(state_sh, repl), donate_argnums=0)
+    in_shardings = (state_sh, sharding.batch_sharding(mesh), repl)
+    if frozen_sh is not None:
+        in_shardings += (frozen_sh,)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_sh, repl), donate_argnums=0)
 
 
 def to_global(batch: dict, mesh) -> dict:

@@ -89,7 +89,8 @@ def _sum_leading(tree):
     return jax.tree.map(lambda x: x.sum(0), tree)
 
 
-def _apply(state: TrainState, grads, optimizer, schedule) -> tuple[TrainState, dict]:
+def apply_grads(state: TrainState, grads, optimizer, schedule) -> tuple[TrainState, dict]:
+    """One optimizer update with the summed `grads`; its grad_norm and learning rate."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     stats = {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -122,7 +123,7 @@ def sft_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transform
         return sums["nll_sum"] / n_tokens, sums
 
     grads, sums = accumulate(loss_sums, state.params, batch, accum)
-    state, stats = _apply(state, grads, optimizer, schedule)
+    state, stats = apply_grads(state, grads, optimizer, schedule)
     loss = sums["nll_sum"] / n_tokens
     return state, {**stats, "loss": loss, "perplexity": jnp.exp(loss), "target_tokens": sums["target_tokens"],
                    "tokens": jnp.sum(batch["mask"])}
@@ -165,7 +166,7 @@ def rm_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transforme
         return sums["loss_sum"] / n_prompts, sums
 
     grads, sums = accumulate(loss_sums, state.params, batch, accum)
-    state, stats = _apply(state, grads, optimizer, schedule)
+    state, stats = apply_grads(state, grads, optimizer, schedule)
     return state, {**stats, **rm_metrics(sums)}
 
 

@@ -1,0 +1,117 @@
+"""What the dpo stage adds to the training stage (`stages/train.py`): its step and evaluation with their settings,
+and the frozen reference policy, either held on the mesh and passed to every step or, with
+dpo.precompute_reference, scored once into per-example tables that the batches carry."""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from rlhf_jax.config import Config
+from rlhf_jax.data.pipeline import eval_batches, open_split
+from rlhf_jax.models.checkpoint import LoadedModel, check_role
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.rl import dpo
+from rlhf_jax.runtime import distributed, sharding
+from rlhf_jax.stages.policy_common import reference_params
+from rlhf_jax.training.state import to_global
+
+
+def settings(cfg: Config) -> dpo.DPOSettings:
+    return dpo.DPOSettings(beta=cfg.dpo.beta, loss=cfg.dpo.loss, label_smoothing=cfg.dpo.label_smoothing)
+
+
+def step_fns(cfg: Config, model: Transformer, optimizer, schedule):
+    """(step, eval_sums): `step(state, batch, rng, *frozen)` and `eval_sums(params, batch, *frozen)`, where
+    `frozen` is (reference params,), or () when the batches carry the precomputed `ref_logps`."""
+    s = settings(cfg)
+    step = functools.partial(dpo.dpo_step, model=model, optimizer=optimizer, schedule=schedule,
+                             accum=cfg.optim.grad_accum_steps, settings=s)
+    eval_sums = functools.partial(dpo.dpo_eval_sums, model=model, settings=s)
+    if not cfg.dpo.precompute_reference:
+        return step, eval_sums
+    return (lambda state, batch, rng: step(state, batch, rng, None),
+            lambda params, batch: eval_sums(params, batch, None))
+
+
+def reference_host_params(cfg: Config, loaded: LoadedModel, model: Transformer, policy_params: dict) -> dict:
+    """The reference's host params, checked before anything is placed: model.path must be a policy, and
+    dpo.reference (default: model.path) one of its architecture and tokenizer."""
+    check_role(loaded, f"model.path={cfg.model.path}", "policy")
+    return reference_params(cfg.dpo.reference, "dpo.reference", loaded, model, policy_params, cfg.seed)
+
+
+class Reference:
+    """The frozen inputs of a training stage's step beyond its state and batch: none for sft and rm (`none()`);
+    for dpo, the reference policy (dpo.reference, default model.path). Live, its params sit on the mesh with the
+    policy's shardings and are the step's and the evaluation's extra argument (`frozen`, `shardings`).
+    Precomputed, it scores every response of the given splits once before training, its params are then
+    dropped, and the batches carry each example's `ref_logps` (B, K), looked up by `example_index`."""
+
+    def __init__(self, frozen: tuple = (), shardings=None, tables: dict | None = None, models: dict | None = None):
+        self.frozen, self.shardings, self.tables, self.models = frozen, shardings, tables or {}, models or {}
+
+    @classmethod
+    def none(cls) -> "Reference":
+        return cls()
+
+    @classmethod
+    def build(cls, cfg: Config, host: dict | None, model: Transformer, params_sh, mesh, tokenizer, batch_size: int,
+              splits: tuple[str, ...]) -> "Reference":
+        """dpo's reference from its host params (`reference_host_params`; None: sft and rm have none) placed
+        with the policy's shardings `params_sh`; precomputed, over `splits` in batches of `batch_size` prompts."""
+        if host is None:
+            return cls.none()
+        params = sharding.place(host, params_sh)  # its own buffers: the policy's are donated every step
+        models = {"dpo.reference": cfg.dpo.reference} if cfg.dpo.reference else {}
+        if not cfg.dpo.precompute_reference:
+            return cls((params,), params_sh, models=models)
+        score = jax.jit(functools.partial(dpo.response_logprobs, model), out_shardings=sharding.replicated(mesh))
+        tables = {split: score_split(score, params, cfg, split, tokenizer, batch_size, mesh) for split in splits}
+        return cls(tables=tables, models=models)  # the params go out of scope here: freed
+
+    def train_batches(self, data_iter, split: str):
+        return WithReference(data_iter, self.tables[split]) if self.tables else data_iter
+
+    def eval_batches(self, batches: Iterator[dict], split: str) -> Iterator[dict]:
+        if not self.tables:
+            return batches
+        return (with_ref_logps(batch, self.tables[split]) for batch in batches)
+
+
+def score_split(score, params, cfg: Config, split: str, tokenizer, batch_size: int, mesh) -> np.ndarray:
+    """ref_logps_NK: `score(params, batch)` (B, K) of every example of `split`, by its stored index."""
+    source, _ = open_split(cfg.data.dir, cfg.data.name, split)
+    table = None
+    for batch in eval_batches(cfg.data, split, tokenizer, batch_size):
+        # every process's rows and their indices, gathered the same way
+        logps, index, valid = distributed.to_host((
+            score(params, to_global(batch, mesh)),
+            *(to_global({k: batch[k]}, mesh)[k] for k in ("example_index", "valid"))))
+        if table is None:
+            table = np.zeros((len(source), logps.shape[1]), np.float32)
+        table[index[valid]] = logps[valid]
+    return table
+
+
+def with_ref_logps(batch: dict, table: np.ndarray) -> dict:
+    return {**batch, "ref_logps": table[batch["example_index"]]}
+
+
+class WithReference:
+    """A training data iterator whose batches carry their precomputed `ref_logps`; its state is the inner one's."""
+
+    def __init__(self, data_iter, table: np.ndarray):
+        self.data_iter, self.table = data_iter, table
+
+    def __next__(self) -> dict:
+        return with_ref_logps(next(self.data_iter), self.table)
+
+    def get_state(self):
+        return self.data_iter.get_state()
+
+    def set_state(self, state) -> None:
+        self.data_iter.set_state(state)
