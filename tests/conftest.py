@@ -124,6 +124,14 @@ FULL_TIER = (
     "test_layers.py::test_public_entry_points_run_as_modules[rlhf_jax.generate]",
     "test_dpo.py::test_gradient_at_the_reference_is_the_closed_form[ipo-0.0]",  # sigmoid (with smoothing): fast
     "test_dpo.py::test_accumulation_and_precomputed_reference_equal_one_batch",  # the stage run compares them too
+    # grpo's and rloo's repeats: the fast tier runs each stage, the first ratio, learning and one reward-function
+    # mistake once
+    "test_grpo.py::test_first_minibatch_ratio_is_exactly_one[rloo]",
+    "test_grpo.py::test_a_reward_function_preferring_some_tokens_raises_the_reward[rloo]",
+    "test_grpo.py::test_first_step_through_the_rollouts_forward_equals_a_direct_gradient",
+    "test_grpo.py::test_grpo_stage_resumes_bitwise",
+    "test_grpo.py::test_reward_function_mistakes_stop_the_stage_in_one_line[raises",
+    "test_grpo.py::test_reward_function_mistakes_stop_the_stage_in_one_line[not_finite",
 )
 
 

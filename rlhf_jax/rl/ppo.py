@@ -215,7 +215,7 @@ def teacher_force(state: PPOState, frozen: Frozen, responses, models: PPOModels,
     def frozen_passes(rows):
         mb = gather(rows)
         logits_BNV = response_logits(models.policy, frozen.ref_params, *mb, models.sampling.temperature)
-        return _logprobs(logits_BNV, *mb[2:]), scores(models, settings, frozen.reward_params, *mb)
+        return masked_logprobs(logits_BNV, *mb[2:]), scores(models, settings, frozen.reward_params, *mb)
 
     def trained_passes(rows):
         mb = gather(rows)
@@ -337,13 +337,14 @@ def reward_scores(reward: Transformer, params, gain: float, bias: float, prompt_
     return gain * last_token_values(values_BT, mask_BT) + bias
 
 
-def _logprobs(logits_BNV, tokens_BN, mask_BN, *_):
+def masked_logprobs(logits_BNV, tokens_BN, mask_BN, *_):
+    """log p of each response token under the logits, 0 at padding."""
     return jnp.where(mask_BN, token_logprobs(logits_BNV, tokens_BN), 0.0)
 
 
 def _old_logprobs_and_values(outputs, mb):
     logits_BNV, values_BN = outputs
-    return _logprobs(logits_BNV, *mb[2:]), jnp.where(mb[3], values_BN, 0.0)
+    return masked_logprobs(logits_BNV, *mb[2:]), jnp.where(mb[3], values_BN, 0.0)
 
 
 def ptx_target_tokens(ptx: dict) -> jax.Array:
@@ -372,7 +373,7 @@ def _objective(outputs, mb: Rollout, settings: PPOSettings, tokens):
     minibatch's `tokens`; returns (loss, stats)."""
     logits_BNV, values_BN = outputs
     s = settings
-    logprobs_BN = _logprobs(logits_BNV, mb.tokens_BN, mb.mask_BN)
+    logprobs_BN = masked_logprobs(logits_BNV, mb.tokens_BN, mb.mask_BN)
     pg_loss, pg_stats = L.policy_loss(logprobs_BN, mb.old_logprobs_BN, mb.advantages_BN, mb.mask_BN, s.clip_ratio,
                                       tokens)
     entropy = L.entropy_from_logits(logits_BNV, mb.mask_BN, tokens)
@@ -397,7 +398,8 @@ def _minibatch_loss(params, micro, models: PPOModels, settings: PPOSettings, tok
     return loss, {**stats, "ptx_loss": lm_loss}
 
 
-def _apply(train: TrainState, grads, optimizer) -> TrainState:
+def apply_gradients(train: TrainState, grads, optimizer) -> TrainState:
+    """One optimizer step of `train` along `grads`."""
     updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
     return TrainState(train.step + 1, optax.apply_updates(train.params, updates), opt_state)
 
@@ -435,9 +437,10 @@ def _optimizer_step(carry, batch: Rollout, rows_Am, ptx_mb, models: PPOModels, s
         stats_A = jax.tree.map(lambda a, rest: jnp.concatenate([a[None], rest]), stats, stats_rest)
     policy_grads, value_grads = grads
     # The norms read every gradient: the update's lap, taken on these stats, waits for the whole backward.
-    stats = {**_combine_micro_batches(stats_A), "policy_grad_norm": optax.tree.norm(policy_grads),
+    stats = {**combine_micro_batches(stats_A), "policy_grad_norm": optax.tree.norm(policy_grads),
              "value_grad_norm": optax.tree.norm(value_grads)}
-    return (_apply(policy, policy_grads, models.policy_opt), _apply(value, value_grads, models.value_opt)), stats
+    return (apply_gradients(policy, policy_grads, models.policy_opt),
+            apply_gradients(value, value_grads, models.value_opt)), stats
 
 
 # --------------------------------------------------------------------------------------------- the speed-ups
@@ -472,7 +475,7 @@ def _first_micro_batch_grads(first: FirstForward, params, micro, models: PPOMode
     return (policy_grads, value_grads), {**stats, "ptx_loss": lm_loss}
 
 
-def _combine_micro_batches(stats_A: dict) -> dict:
+def combine_micro_batches(stats_A: dict) -> dict:
     """Per-micro-batch stats (leading axis) to the minibatch's: means were taken over the whole minibatch, so
     they add; the ratio extremes combine by max / min."""
     pick = {"ratio_max": jnp.max, "ratio_min": jnp.min}

@@ -17,15 +17,18 @@ from rlhf_jax.config import Config
 from rlhf_jax.data.prepare import prepare
 from rlhf_jax.models.tiny import build_tiny_model
 from rlhf_jax.runtime.fsio import write_text_atomically
-from rlhf_jax.tasks import sentiment
+from rlhf_jax.tasks import arithmetic, sentiment
 
-TASKS = {"sentiment": sentiment}
+# A task module has corpus(n, seed), prompts(n, seed) and, when its SFT demonstrations are not more of its corpus,
+# demonstrations(n, seed).
+TASKS = {"sentiment": sentiment, "arithmetic": arithmetic}
 
 
 def run_task(cfg: Config, run_dir: Path) -> dict:
     t, task = cfg.task, TASKS[cfg.task.name]
+    demonstrations = getattr(task, "demonstrations", task.corpus)
     rows = {"corpus": ("jsonl_sft", task.corpus(t.corpus, cfg.seed)),
-            "demos": ("jsonl_sft", task.corpus(t.demonstrations, cfg.seed + 1)),
+            "demos": ("jsonl_sft", demonstrations(t.demonstrations, cfg.seed + 1)),
             "prompts": ("jsonl_prompts", task.prompts(t.prompts, cfg.seed + 2))}
     datasets = {}
     tfds.disable_progress_bar()  # the summary below says what was written

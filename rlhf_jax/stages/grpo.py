@@ -1,0 +1,295 @@
+"""The grpo and rloo stages: the policy (model.path, the SFT export) trained on groups of its own responses per
+prompt, scored by a frozen reward model or by a reward function (MODULE:FUNCTION on the decoded texts), with the
+initial policy as the KL reference; no value model. `cfg.stage` picks the algorithm and its config section
+(cfg.grpo or cfg.rloo). Each iteration is one compiled program (`group.iteration`), the reward function
+included (a host callback); this host loop only feeds prompts, logs and checkpoints, in the training loop every
+stage writes out (resume, divergence and signal stops, corrupt checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from rlhf_jax.config import Config
+from rlhf_jax.data.pipeline import open_split, train_dataset
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.checkpoint import check_role
+from rlhf_jax.models.sampling import SamplingParams
+from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
+from rlhf_jax.models.transformer import init_params, make_model, param_logical_axes
+from rlhf_jax.rl import group
+from rlhf_jax.rl.ppo import Runtime
+from rlhf_jax.runtime import distributed, plugins, sharding
+from rlhf_jax.runtime.clock import LapClock
+from rlhf_jax.runtime.metrics import drop_lines_after
+from rlhf_jax.stages.policy_common import check_own_samples, reference_params, scalar_model, write_samples
+from rlhf_jax.training import steps
+from rlhf_jax.training.loop import TrainingLoop
+from rlhf_jax.training.run import Run
+from rlhf_jax.training.state import (
+    check_positions, export, initial_params, load_for_training, report_sharding, state_shardings, total_steps)
+
+
+def section_of(cfg: Config):
+    """(the algorithm's config section, its name): cfg.grpo or cfg.rloo, as cfg.stage says."""
+    if cfg.stage not in group.ALGORITHMS:
+        raise UserError(f"stage={cfg.stage!r}: expected one of {group.ALGORITHMS}")
+    return getattr(cfg, cfg.stage), cfg.stage
+
+
+def check_config(cfg: Config) -> None:
+    """Everything that can be known wrong before loading a model (the reward function is imported)."""
+    section, name = section_of(cfg)
+    if not (section.reward_model or section.reward_function):
+        raise UserError(f"stage {name!r} needs {name}.reward_model (a reward model export from the rm stage) or "
+                        f"{name}.reward_function (MODULE:FUNCTION scoring the decoded responses)")
+    if not cfg.data.name:
+        raise UserError(f"stage {name!r} needs data.name (a prompts dataset: python -m rlhf_jax.data --format "
+                        "jsonl_prompts ...)")
+    rows, accum = cfg.train.batch_size * section.group_size, cfg.optim.grad_accum_steps
+    if rows % section.minibatches or (rows // section.minibatches) % accum:
+        micro = f" of optim.grad_accum_steps={accum} micro-batches each" if accum > 1 else ""
+        raise UserError(f"{name}.minibatches={section.minibatches}: the {rows} responses of an iteration "
+                        f"(train.batch_size={cfg.train.batch_size} x {name}.group_size={section.group_size}) do not "
+                        f"split into {section.minibatches} minibatches{micro}")
+    check_own_samples(cfg.sampling, name)
+    if section.reward_function:
+        plugins.function(section.reward_function, f"{name}.reward_function")
+
+
+def check_sizes(cfg: Config, mesh) -> None:
+    """Every minibatch of the B x G responses splits into optim.grad_accum_steps micro-batches over the
+    data-parallel devices."""
+    section, name = section_of(cfg)
+    ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    rows, accum, M = cfg.train.batch_size * section.group_size, cfg.optim.grad_accum_steps, section.minibatches
+    if rows % M or (rows // M) % (accum * ways):
+        micro = f" of optim.grad_accum_steps={accum} micro-batches each" if accum > 1 else ""
+        raise UserError(f"train.batch_size x {name}.group_size = {cfg.train.batch_size} x {section.group_size} = "
+                        f"{rows} responses must split into {name}.minibatches={M} minibatches{micro} divisible by "
+                        f"the {ways} data-parallel devices")
+
+
+def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> dict:
+    check_config(cfg)
+    section, name = section_of(cfg)
+    source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
+    if metadata["kind"] != "prompts":
+        raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage {name!r} needs one of "
+                        "kind 'prompts'")
+    mesh = mesh or sharding.mesh_from_config(cfg.mesh)
+    check_sizes(cfg, mesh)
+    total = total_steps(cfg, len(source))
+
+    loaded, tokenizer, policy_model = load_for_training(cfg, run_dir, "lm")
+    check_role(loaded, f"model.path={cfg.model.path}", "policy")
+    check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
+                    "data.max_prompt_tokens + sampling.max_new_tokens")
+    eos_ids = tuple(loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,))
+    models_read, reward, reward_model, rewards_fn = {}, None, None, None
+    if section.reward_model:
+        key = f"{name}.reward_model"
+        reward = scalar_model(section.reward_model, key, "reward")
+        if reward.cfg.vocab_size != loaded.cfg.vocab_size:
+            raise UserError(f"{key}: vocab_size {reward.cfg.vocab_size} differs from the policy's "
+                            f"{loaded.cfg.vocab_size} (it must read the policy's tokens)")
+        check_same_tokenizer(reward.tokenizer_dir, loaded.tokenizer_dir, f"{key}={section.reward_model}",
+                             "the policy")
+        reward_model = make_model(reward.cfg, "scalar", dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                  remat=cfg.model.remat == "block")
+        models_read[key] = section.reward_model
+    else:
+        rewards_fn = RewardFunction.load(section.reward_function, f"{name}.reward_function", tokenizer, eos_ids)
+    if section.reference:
+        models_read[f"{name}.reference"] = section.reference
+
+    models, settings = build_models(cfg, policy_model, reward_model, total, eos_ids,
+                                    reward.extra.get("reward_norm") if reward is not None else None)
+    state_sh, frozen_sh = iteration_shardings(cfg, models, mesh)
+    report_sharding(policy_model, mesh)
+    policy_params = initial_params(loaded, policy_model, cfg.seed)
+    init = jax.jit(lambda p, key: group.init_state(p, models, key),
+                   in_shardings=(state_sh.policy.params, sharding.replicated(mesh)), out_shardings=state_sh)
+    state = init(policy_params, jax.random.PRNGKey(cfg.seed))
+    # The frozen params are separate buffers: the state is donated every iteration.
+    frozen = group.Frozen()
+    if settings.uses_reference:
+        reference = reference_params(section.reference, f"{name}.reference", loaded, policy_model, policy_params,
+                                     cfg.seed)
+        frozen = frozen._replace(ref_params=sharding.place(reference, frozen_sh.ref_params))
+    if reward is not None:
+        frozen = frozen._replace(reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed),
+                                                              frozen_sh.reward_params))
+    # Every process reads every prompt of a batch: the B prompts are replicated (the B x G rows are split).
+    data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed,
+                                   process_index=0, process_count=1))
+
+    run = Run(cfg, run_dir, name, models=models_read)
+    state, start = run.resume(state, data_iter)
+    if distributed.is_primary():  # process 0 writes the run's files
+        drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
+    iteration = jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock(), rewards_fn)
+
+    try:
+        with TrainingLoop(run, start, total, name, rate_name="episodes_per_s") as loop:
+            for step in loop:
+                batch = next(data_iter)
+                prompts = replicated(batch, mesh)
+                state, metrics = iteration(state, frozen, prompts["prompt_ids"], prompts["prompt_mask"])
+                if rewards_fn is not None:  # before anything of this iteration is logged or saved
+                    rewards_fn.raise_if_failed(metrics, step)
+                samples = metrics.pop("samples", None)
+                loop.log(step, metrics, items=len(batch["prompt_ids"]) * settings.group_size,
+                         truncated=batch["truncated"].sum())
+                if samples is not None and step % section.samples_every == 0 and distributed.is_primary():
+                    write_samples(run_dir / "samples.jsonl", step, distributed.to_host(samples), tokenizer)
+                loop.save_when_due(step, state, data_iter)
+    finally:
+        run.close()
+    out = export(run_dir / "export", state.policy.params, loaded, policy_model, role="policy")
+    summary = {"stage": name, "steps": total, "export": str(out),
+               **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float) and np.isfinite(v)}}
+    if distributed.is_primary():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return summary
+
+
+def replicated(batch: dict, mesh) -> dict:
+    """A batch every process holds whole -> global arrays replicated over the mesh."""
+    repl = sharding.replicated(mesh)
+    return {k: jax.make_array_from_process_local_data(repl, np.asarray(v)) for k, v in batch.items()}
+
+
+SAMPLES = 8  # rollout rows (the first group's, up to this many) written every samples_every iterations
+
+
+# The iteration's program, built the same way by train_group and by a dry run.
+
+
+def build_models(cfg: Config, policy_model, reward_model, total: int, eos_ids: Sequence[int],
+                 reward_norm: dict | None = None) -> tuple[group.GroupModels, group.GroupSettings]:
+    """The static parts of an iteration: the models with the optimizer over `total` iterations' updates, and the
+    settings. `reward_model` is None with a reward function; `reward_norm` ({gain, bias}) is its export's."""
+    section, name = section_of(cfg)
+    updates = total * section.epochs * section.minibatches
+    norm, s = reward_norm or {}, cfg.sampling
+    models = group.GroupModels(
+        policy=policy_model, policy_opt=steps.make_optimizer(cfg.optim, updates), reward=reward_model,
+        sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID))
+    shared = ("group_size", "epochs", "minibatches", "clip_ratio", "kl_coef", "clip_ratio_high", "scale_by_std",
+              "loss_average")
+    rows = cfg.train.batch_size * section.group_size
+    settings = group.GroupSettings(
+        algorithm=name, **{key: getattr(section, key) for key in shared if hasattr(section, key)},
+        reward_gain=float(norm.get("gain", 1.0)), reward_bias=float(norm.get("bias", 0.0)),
+        accum=cfg.optim.grad_accum_steps,
+        samples=min(SAMPLES, section.group_size, rows) if section.samples_every else 0)
+    return models, settings
+
+
+def iteration_shardings(cfg: Config, models: group.GroupModels, mesh) -> tuple[group.GroupState, group.Frozen]:
+    """NamedShardings of the iteration's state and of its frozen params (the reference, when kl_coef > 0, and
+    the reward model, when there is one)."""
+    section, _ = section_of(cfg)
+    policy_sh = state_shardings(models.policy, models.policy_opt, mesh)
+    reward_sh = None
+    if models.reward is not None:
+        reward_shapes = jax.eval_shape(lambda: init_params(models.reward, jax.random.key(0)))
+        reward_sh = sharding.param_shardings(param_logical_axes(models.reward), reward_shapes, mesh)
+    frozen_sh = group.Frozen(ref_params=policy_sh.params if section.kl_coef > 0 else None, reward_params=reward_sh)
+    return group.GroupState(policy=policy_sh, rng=sharding.replicated(mesh)), frozen_sh
+
+
+def jit_iteration(models: group.GroupModels, settings: group.GroupSettings, state_sh: group.GroupState,
+                  frozen_sh: group.Frozen, mesh, clock: LapClock | None = None,
+                  rewards_fn: group.RewardsFn | None = None):
+    """`(state, frozen, prompt_ids, prompt_mask) -> (state, metrics)` jitted over the mesh: the B prompts
+    replicated (their B x G rows split over the data-parallel axes inside), metrics replicated, the state
+    donated; `clock` times the rollout and the update inside the program."""
+    repl = sharding.replicated(mesh)
+    runtime = Runtime(clock=clock, batch_sharding=sharding.batch_sharding(mesh))
+    return jax.jit(lambda st, fr, ids, mask: group.iteration(st, fr, ids, mask, models=models, settings=settings,
+                                                             rewards_fn=rewards_fn, runtime=runtime),
+                   in_shardings=(state_sh, frozen_sh, repl, repl), out_shardings=(state_sh, repl), donate_argnums=0)
+
+
+# --------------------------------------------------------------------------------------------- the reward function
+
+
+class RewardFunction:
+    """The user's MODULE:FUNCTION as the iteration's host callback: it decodes the rows (each prompt; each
+    response up to its first EOS, special tokens skipped), calls the function with (prompts, responses) and
+    checks that it returned one finite number per response. A problem cannot leave a callback as a clean error
+    (it would surface as an XLA traceback), so it is recorded, the callback returns zeros, and the host loop
+    raises it as one line once the iteration has returned (`raise_if_failed`), before anything is logged or
+    saved."""
+
+    def __init__(self, fn: Callable, who: str, tokenizer, eos_ids: Sequence[int]):
+        self.fn, self.who, self.tokenizer, self.eos_ids = fn, who, tokenizer, tuple(eos_ids)
+        self.problem: str | None = None
+
+    @classmethod
+    def load(cls, spec: str, key: str, tokenizer, eos_ids: Sequence[int]) -> "RewardFunction":
+        return cls(plugins.function(spec, key)[0], f"{key}={spec}", tokenizer, eos_ids)
+
+    def texts(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> tuple[list[str], list[str]]:
+        """(prompts, responses) as the function sees them: one of each per row."""
+        prompts, decoded = [], {}
+        for ids, mask in zip(np.asarray(prompt_ids_RP), np.asarray(prompt_mask_RP, bool)):
+            key = tuple(ids[mask].tolist())  # a prompt repeats G times: decoded once
+            if key not in decoded:
+                decoded[key] = self.tokenizer.decode(list(key))
+            prompts.append(decoded[key])
+        responses = []
+        for tokens, mask in zip(np.asarray(tokens_RN), np.asarray(mask_RN, bool)):
+            ids = tokens[mask].tolist()
+            if ids and ids[-1] in self.eos_ids:  # the mask ends at the first EOS, included
+                ids = ids[:-1]
+            responses.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return prompts, responses
+
+    def __call__(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> np.ndarray:
+        R = len(tokens_RN)
+        if self.problem is not None:  # a failed run stops at the end of this iteration
+            return np.zeros(R, np.float32)
+        try:
+            prompts, responses = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
+            return self.checked(plugins.call(self.fn, self.who, prompts, responses), R)
+        except UserError as e:
+            self.problem = str(e)
+        except Exception as e:  # noqa: BLE001 - anything else (decoding) must not escape the callback either
+            self.problem = f"{self.who}: the responses could not be prepared ({type(e).__name__}: {e})"
+        return np.zeros(R, np.float32)
+
+    def checked(self, returned, n: int) -> np.ndarray:
+        """One finite float per response, or a UserError naming the function and what it returned."""
+        try:
+            rewards = np.asarray(returned, np.float64)
+        except (TypeError, ValueError):  # strings, None inside, ragged nesting
+            raise UserError(f"{self.who} returned {plugins.shown(returned)}; expected {n} numbers, one per "
+                            "response") from None
+        if rewards.ndim != 1:
+            raise UserError(f"{self.who} returned {plugins.shown(returned)}; expected a list of {n} numbers, one "
+                            "per response")
+        if rewards.size != n:
+            raise UserError(f"{self.who} returned {rewards.size} values for {n} responses")
+        bad = np.flatnonzero(~np.isfinite(rewards))
+        if bad.size:
+            raise UserError(f"{self.who} returned {bad.size} non-finite values for {n} responses (the first: "
+                            f"{rewards[bad[0]]} for response {bad[0]})")
+        return rewards.astype(np.float32)
+
+    def raise_if_failed(self, metrics: dict, step: int) -> None:
+        """Waits for the iteration that returned `metrics`; raises the problem its reward function met, if any
+        (on every process: the callback runs on one)."""
+        jax.block_until_ready(metrics)
+        problems = [p for p in distributed.all_gather_json(self.problem) if p]
+        if problems:
+            raise UserError(f"{problems[0]} (iteration {step})")

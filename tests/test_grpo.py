@@ -1,0 +1,533 @@
+"""GRPO and RLOO: the group math against plain loops; one iteration as one compiled program on a tiny random model
+(the first minibatch's ratio exactly 1, the reward function sees exactly the decoded responses cut at EOS, the
+reward rises); the stages end to end (metrics, samples, export, resume) and the reward function's mistakes as one
+line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import main as main_cli
+from rlhf_jax.config import OptimSection
+from rlhf_jax.models.sampling import SamplingParams
+from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
+from rlhf_jax.rl import group, group_math as GM
+from rlhf_jax.stages.grpo import RewardFunction
+from rlhf_jax.training import state as training_state, steps
+
+import grpo_fixtures
+from cli_helpers import run_quietly
+
+CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  d_ff=64, max_position_embeddings=64, eos_token_ids=(1,))
+B, G, P, N = 4, 4, 6, 8
+R = B * G
+EOS_IDS = (1, 2, 3)  # three EOS ids: about a third of the responses end within N tokens
+
+
+def _prefix_mask(rng, rows: int, n: int) -> np.ndarray:
+    """Right-padded response masks of random lengths 1..n (one of exactly 1 token, one full)."""
+    lengths = rng.integers(1, n + 1, rows)
+    lengths[0], lengths[-1] = 1, n
+    return np.arange(n)[None, :] < lengths[:, None]
+
+
+# ------------------------------------------------------------------------------------------------ the math
+
+
+def _rewards_with_a_flat_group(seed: int = 0) -> np.ndarray:
+    rewards = np.random.default_rng(seed).normal(size=R).astype(np.float32)
+    rewards[G:2 * G] = 0.5  # group 1: every reward equal
+    return rewards
+
+
+def test_grpo_advantages_equal_a_loop_over_groups():
+    rewards = _rewards_with_a_flat_group()
+    for scale_by_std in (True, False):
+        got = np.asarray(GM.grpo_advantages(jnp.asarray(rewards), G, scale_by_std))
+        expected = []
+        for b in range(B):
+            rows = [float(r) for r in rewards[b * G:(b + 1) * G]]
+            mean, std = sum(rows) / G, statistics.stdev(rows)
+            expected += [(r - mean) / (std + 1e-4) if scale_by_std else r - mean for r in rows]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert np.all(got[G:2 * G] == 0.0)  # a flat group teaches nothing
+    np.testing.assert_allclose(np.asarray(GM.group_std(GM.grouped(jnp.asarray(rewards), G))),
+                               [statistics.stdev(map(float, rewards[b * G:(b + 1) * G])) for b in range(B)], rtol=1e-5)
+
+
+def test_rloo_advantages_equal_a_loop_over_groups():
+    scores = _rewards_with_a_flat_group(1)
+    kl = np.random.default_rng(2).uniform(0, 3, R).astype(np.float32)
+    got = np.asarray(GM.rloo_advantages(GM.rloo_rewards(jnp.asarray(scores), jnp.asarray(kl), 0.1), G))
+    rewards = [float(s) - 0.1 * float(k) for s, k in zip(scores, kl)]
+    expected = []
+    for i in range(R):
+        others = [rewards[j] for j in range(i // G * G, i // G * G + G) if j != i]
+        expected.append(rewards[i] - sum(others) / len(others))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    no_kl = np.asarray(GM.rloo_advantages(GM.rloo_rewards(jnp.asarray(scores), None, 0.1), G))
+    assert np.all(no_kl[G:2 * G] == 0.0)
+
+
+def test_the_iterations_advantages_follow_the_algorithm():
+    """GRPO's ignore the KL (it is a loss term there); RLOO's take kl_coef x KL off each reward first."""
+    rewards, kl = _rewards_with_a_flat_group(2), np.linspace(0.0, 3.0, R).astype(np.float32)
+    grpo = group.GroupSettings(algorithm="grpo", group_size=G, scale_by_std=False, kl_coef=0.5)
+    np.testing.assert_allclose(np.asarray(group.advantages(jnp.asarray(rewards), jnp.asarray(kl), grpo)),
+                               rewards - rewards.reshape(B, G).mean(1).repeat(G), rtol=1e-5, atol=1e-6)
+    rloo = group.GroupSettings(algorithm="rloo", group_size=G, kl_coef=0.5)
+    penalised = (rewards - 0.5 * kl).reshape(B, G)
+    others = (penalised.sum(1, keepdims=True) - penalised) / (G - 1)
+    np.testing.assert_allclose(np.asarray(group.advantages(jnp.asarray(rewards), jnp.asarray(kl), rloo)),
+                               (penalised - others).reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+def _random_rows(seed: int = 0, V: int = 11):
+    """Logits, old and reference log-probs, advantages and masks of R random responses."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(R, N, V)).astype(np.float32)
+    tokens = rng.integers(0, V, (R, N)).astype(np.int32)
+    mask = _prefix_mask(rng, R, N)
+    logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), tokens[..., None], -1)[..., 0]
+    old = np.where(mask, logp + rng.normal(scale=0.3, size=(R, N)), 0.0).astype(np.float32)
+    ref = np.where(mask, logp + rng.normal(scale=0.5, size=(R, N)), 0.0).astype(np.float32)
+    advantages = rng.normal(size=R).astype(np.float32)
+    return logits, tokens, mask, np.where(mask, logp, 0.0), old, ref, advantages
+
+
+def _loop_token_losses(logp, old, adv, mask, low, high):
+    """Per-token losses in a loop: -min(r A, clip(r, 1 - low, 1 + high) A), or -r A without clipping."""
+    out = np.zeros(mask.shape)
+    for i in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[i, t]:
+                ratio = float(np.exp(np.float64(logp[i, t]) - old[i, t]))
+                if low is None:
+                    out[i, t] = -ratio * adv[i]
+                else:
+                    out[i, t] = -min(ratio * adv[i], min(max(ratio, 1 - low), 1 + high) * adv[i])
+    return out
+
+
+def _loop_average(losses, mask, mode):
+    rows = [[losses[i, t] for t in range(mask.shape[1]) if mask[i, t]] for i in range(mask.shape[0])]
+    if mode == "token":
+        return sum(map(sum, rows)) / sum(map(len, rows))
+    per_row = [sum(row) / (len(row) if mode == "sequence" else 1) for row in rows]
+    return sum(per_row) / len(per_row)
+
+
+def test_surrogate_losses_and_their_stats_equal_a_loop():
+    _, _, mask, logp, old, _, adv = _random_rows()
+    for low, high in ((0.2, 0.28), (0.2, None), (None, None)):
+        losses, stats = GM.surrogate_losses(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                                            low, high)
+        np.testing.assert_allclose(np.asarray(losses), _loop_token_losses(logp, old, adv, mask, low, high or low),
+                                   rtol=1e-5, atol=1e-6)
+        ratio = np.exp(logp - old)[mask]
+        assert float(stats["ratio_max"]) == pytest.approx(ratio.max(), rel=1e-5)
+        assert float(stats["ratio_min"]) == pytest.approx(ratio.min(), rel=1e-5)
+        assert float(stats["approx_kl"]) == pytest.approx(0.5 * np.mean((logp - old)[mask] ** 2), rel=1e-5)
+        a = np.broadcast_to(adv[:, None], mask.shape)[mask]
+        clipped = (0.0 if low is None else
+                   np.mean(-a * np.clip(ratio, 1 - low, 1 + (high or low)) > -a * ratio))
+        assert float(stats["clip_frac"]) == pytest.approx(clipped, abs=1e-7)
+        assert low is None or 0 < clipped < 1
+
+
+def test_loss_averages_equal_loops_and_add_up_over_micro_batches():
+    rng = np.random.default_rng(3)
+    losses = rng.normal(size=(R, N)).astype(np.float32)
+    mask = _prefix_mask(rng, R, N)
+    losses[~mask] = np.nan  # padding must not leak
+    tokens = float(mask.sum())
+    for mode in ("sequence", "token", "sum"):
+        whole = float(GM.average_losses(jnp.asarray(losses), jnp.asarray(mask), mode))
+        assert whole == pytest.approx(_loop_average(losses, mask, mode), rel=1e-5), mode
+        halves = sum(float(GM.average_losses(jnp.asarray(losses[rows]), jnp.asarray(mask[rows]), mode, rows=R,
+                                             tokens=tokens)) for rows in (slice(0, R // 2), slice(R // 2, R)))
+        assert halves == pytest.approx(whole, rel=1e-5), mode
+    assert float(GM.average_losses(jnp.asarray(losses), jnp.asarray(mask), "token")) != pytest.approx(
+        float(GM.average_losses(jnp.asarray(losses), jnp.asarray(mask), "sequence")), rel=1e-3)
+
+
+def _batch(tokens, mask, old, ref, adv) -> group.GroupBatch:
+    zeros = jnp.zeros((R, P), jnp.int32)
+    return group.GroupBatch(zeros, zeros.astype(bool), jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(old),
+                            jnp.asarray(ref), jnp.asarray(adv))
+
+
+@pytest.mark.parametrize("algorithm, clip_ratio, average", [
+    ("grpo", 0.2, "sequence"), ("grpo", 0.2, "token"), ("rloo", 0.0, "sequence"), ("rloo", 0.2, "sequence")])
+def test_the_objective_equals_a_loop_with_k3_by_its_formula(algorithm, clip_ratio, average):
+    """GRPO: the clipped surrogate (upper clip 0.28) plus kl_coef x k3, k3 = exp(ref - logp) - (ref - logp) - 1,
+    averaged per response or per token; RLOO: -A r (or the clipped surrogate) summed over each response's
+    tokens, averaged over responses, no KL term (it is in RLOO's reward)."""
+    logits, tokens, mask, logp, old, ref, adv = _random_rows(4)
+    settings = group.GroupSettings(algorithm=algorithm, group_size=G, clip_ratio=clip_ratio, clip_ratio_high=0.28,
+                                   kl_coef=0.3, loss_average=average)
+    loss, stats = group.objective(jnp.asarray(logits), _batch(tokens, mask, old, ref, adv), settings)
+    low, high = (None, None) if algorithm == "rloo" and not clip_ratio else (0.2, 0.28 if algorithm == "grpo" else 0.2)
+    per_token = _loop_token_losses(logp, old, adv, mask, low, high)
+    if algorithm == "grpo":
+        d = np.float64(ref) - logp
+        k3 = np.where(mask, np.exp(d) - d - 1, 0.0)
+        assert np.all(k3[mask] >= 0) and k3[mask].max() > 1e-2
+        per_token = per_token + 0.3 * k3
+    expected = _loop_average(per_token, mask, average if algorithm == "grpo" else "sum")
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(stats["policy_loss"]) == float(loss)
+
+
+def test_reinforce_gradient_is_minus_advantage_times_the_log_prob_gradient():
+    """RLOO without clipping at ratio 1: the gradient of the loss is -mean_i A_i grad log pi(y_i)."""
+    logits, tokens, mask, logp, _, ref, adv = _random_rows(5)
+    settings = group.GroupSettings(algorithm="rloo", group_size=G, clip_ratio=0.0, kl_coef=0.3)
+    batch = _batch(tokens, mask, logp, ref, adv)  # old = current: ratio 1
+    grad = jax.grad(lambda x: group.objective(x, batch, settings)[0])(jnp.asarray(logits))
+
+    def reinforce(x):
+        logp_RN = jnp.take_along_axis(jax.nn.log_softmax(x, -1), jnp.asarray(tokens)[..., None], -1)[..., 0]
+        return -jnp.mean(jnp.asarray(adv) * jnp.sum(jnp.where(jnp.asarray(mask), logp_RN, 0.0), axis=1))
+
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(reinforce)(jnp.asarray(logits))), rtol=1e-5,
+                               atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ one iteration
+
+
+class WordTokenizer:
+    """Token i decodes to the word "t{i}"; nothing is skipped, so a leaked EOS or padding token would show."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return " ".join(f"t{int(i)}" for i in ids)
+
+
+def even_share(prompts, responses):
+    """A reward function preferring the even token ids: their share of the response's tokens."""
+    return [sum(int(w[1:]) % 2 == 0 for w in r.split()) / max(len(r.split()), 1) for r in responses]
+
+
+@functools.cache
+def _program(algorithm: str):
+    """(models, settings, the reward function's calls, the jitted iteration) of a tiny model with 2 epochs of
+    2 minibatches of 2 micro-batches, the reward function `even_share` through the stage's host wrapper."""
+    calls = []
+
+    def recorded(prompts, responses):
+        calls.append((prompts, responses))
+        return even_share(prompts, responses)
+
+    optim = OptimSection(lr=1e-2, schedule="constant", grad_clip=1.0)
+    models = group.GroupModels(policy=make_model(CFG), policy_opt=steps.make_optimizer(optim, 100),
+                               sampling=SamplingParams(N, temperature=1.0, eos_ids=EOS_IDS, pad_id=PAD_ID))
+    settings = group.GroupSettings(algorithm=algorithm, group_size=G, epochs=2, minibatches=2, accum=2, samples=R,
+                                   clip_ratio=0.2 if algorithm == "grpo" else 0.0, kl_coef=0.01)
+    rewards_fn = RewardFunction(recorded, f"{algorithm}.reward_function=test", WordTokenizer(), EOS_IDS)
+    step = jax.jit(lambda s, f, i, m: group.iteration(s, f, i, m, models=models, settings=settings,
+                                                      rewards_fn=rewards_fn), donate_argnums=0)
+    return models, settings, calls, rewards_fn, step
+
+
+def _setup(models, seed: int = 0):
+    policy = init_params(models.policy, jax.random.key(seed))
+    state = group.init_state(policy, models, jax.random.key(seed + 1))
+    frozen = group.Frozen(ref_params=jax.tree.map(jnp.copy, policy))  # a copy: the state is donated
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, P + 1, B)
+    mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
+    ids = np.where(mask, rng.integers(4, CFG.vocab_size, (B, P)), PAD_ID).astype(np.int32)
+    return state, frozen, jnp.asarray(ids), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_first_minibatch_ratio_is_exactly_one(algorithm):
+    models, settings, _, rewards_fn, step = _program(algorithm)
+    state, frozen, ids, mask = _setup(models)
+    state, metrics = step(state, frozen, ids, mask)
+    assert rewards_fn.problem is None
+    metrics.pop("samples")
+    metrics = {k: float(v) for k, v in metrics.items()}
+    assert metrics["first_ratio_max"] == 1.0 and metrics["first_ratio_min"] == 1.0, metrics
+    assert metrics["first_clip_frac"] == 0.0
+    assert metrics["ratio_max"] > 1.0 > metrics["ratio_min"]  # the later steps see a policy that moved
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    assert abs(metrics["kl"]) < 1e-5  # the reference is the policy itself before the update
+    assert metrics["logprob_mismatch"] < 1e-5
+    assert int(state.policy.step) == 4  # 2 epochs x 2 minibatches
+
+
+def test_the_reward_function_sees_exactly_the_decoded_responses_cut_at_eos():
+    """Row by row: the prompt's real tokens, and the response's tokens before its first EOS (none of the EOS, none
+    of the padding after it), decoded independently of the stage's code from the rows the iteration returns; the
+    rewards are the function's, row by row, and groups are consecutive rows of one prompt."""
+    models, settings, calls, rewards_fn, step = _program("grpo")
+    state, frozen, ids, mask = _setup(models, seed=3)
+    calls.clear()
+    _, metrics = step(state, frozen, ids, mask)
+    (prompts, responses), = calls
+    samples = jax.tree.map(np.asarray, metrics["samples"])
+    expected_prompts, expected_responses, cut = [], [], []
+    for row in range(R):
+        expected_prompts.append(" ".join(f"t{i}" for i in np.asarray(ids)[row // G][np.asarray(mask)[row // G]]))
+        tokens = samples["tokens"][row].tolist()
+        ends = [t for t, token in enumerate(tokens) if token in EOS_IDS]
+        cut.append(ends[0] if ends else N)
+        expected_responses.append(" ".join(f"t{i}" for i in tokens[:cut[-1]]))
+    assert prompts == expected_prompts and responses == expected_responses
+    assert 0 < sum(c < N for c in cut) < R, cut  # rows that ended (padding after them) and rows that did not
+    assert all(samples["tokens"][row][cut[row] + 1:].tolist() == [PAD_ID] * (N - cut[row] - 1) for row in range(R))
+    rewards = np.asarray(even_share(prompts, responses))
+    np.testing.assert_allclose(samples["reward"], rewards, rtol=1e-6)
+    assert rewards_fn.problem is None
+    groups = [list(rewards[b * G:(b + 1) * G]) for b in range(B)]
+    expected = {"reward_mean": rewards.mean(), "reward_std": rewards.std(),
+                "group_reward_std": np.mean([statistics.stdev(g) for g in groups]),
+                "zero_std_groups": np.mean([len(set(g)) == 1 for g in groups]),
+                "response_length": samples["mask"].sum(1).mean(), "eos_rate": np.mean([c < N for c in cut])}
+    for key, value in expected.items():
+        assert float(metrics[key]) == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_first_step_through_the_rollouts_forward_equals_a_direct_gradient():
+    """The first optimizer step's backward runs through the rollout's own forward of its first micro-batch
+    (`FirstForward`) and the other micro-batch through its own; with plain SGD at lr 1 the step moves the params
+    by exactly minus the gradient of the whole minibatch's loss (k3 to a reference that differs included),
+    computed directly in one piece."""
+    import optax
+
+    from rlhf_jax.models.sampling import response_logits
+
+    settings = group.GroupSettings(algorithm="grpo", group_size=G, epochs=1, minibatches=1, accum=2, kl_coef=0.5,
+                                   loss_average="sequence")
+    models = group.GroupModels(policy=make_model(CFG), policy_opt=optax.sgd(1.0),
+                               sampling=SamplingParams(N, temperature=0.7, eos_ids=(1,), pad_id=PAD_ID))
+    params = init_params(models.policy, jax.random.key(0))
+    ref = jax.tree.map(lambda x: x * 1.1, params)
+    rng = np.random.default_rng(6)
+    mask = _prefix_mask(rng, R, N)
+    responses = (jnp.asarray(rng.integers(4, CFG.vocab_size, (R, P)), jnp.int32), jnp.ones((R, P), bool),
+                 jnp.asarray(np.where(mask, rng.integers(4, CFG.vocab_size, (R, N)), PAD_ID), jnp.int32),
+                 jnp.asarray(mask))
+    advantages = jnp.asarray(rng.normal(size=R), jnp.float32)
+
+    @jax.jit
+    def first_step(params, ref):
+        state = group.init_state(params, models, jax.random.key(0))
+        forced, first = group.teacher_force(state, group.Frozen(ref), responses, models, settings, group.Runtime())
+        batch = group.GroupBatch(*responses, forced.old_logprobs_RN, forced.ref_logprobs_RN, advantages)
+        policy, _ = group.update(state.policy, batch, jnp.arange(R).reshape(1, 1, R), models, settings,
+                                 group.Runtime(), first)
+        return policy.params, batch
+
+    moved_params, batch = first_step(params, ref)
+    direct = jax.jit(jax.grad(lambda p: group.objective(response_logits(models.policy, p, *responses, 0.7), batch,
+                                                        settings)[0]))(params)
+    for before, after, grad in zip(jax.tree.leaves(params), jax.tree.leaves(moved_params), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(np.asarray(before) - np.asarray(after), np.asarray(grad), rtol=1e-4, atol=1e-6)
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(direct)) > 1e-3  # a gradient that moves things
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_a_reward_function_preferring_some_tokens_raises_the_reward(algorithm):
+    models, settings, _, rewards_fn, step = _program(algorithm)
+    state, frozen, ids, mask = _setup(models, seed=5)
+    rewards = []
+    for _ in range(20):  # (the reward starts near 0.5 and ends above 0.9 on three seeds tried)
+        state, metrics = step(state, frozen, ids, mask)
+        rewards.append(float(metrics["reward_mean"]))
+    assert rewards_fn.problem is None
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.25, rewards
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+
+
+@pytest.fixture(scope="module")
+def group_inputs(tmp_path_factory):
+    """A tiny policy (HF dir), a reward model export made from it (random scalar head, with a normalisation) and
+    a prompts dataset prepared through the data CLI."""
+    from rlhf_jax.data import __main__ as data_cli
+    from rlhf_jax.models.checkpoint import load_model, save_model
+    from rlhf_jax.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("grpo")
+    tiny = build_tiny_model(root / "tiny", seed=0)
+    loaded = load_model(tiny)
+    params = training_state.with_head(loaded.params, loaded.cfg, "lm", "scalar", jax.random.key(1))
+    rm = save_model(root / "rm", jax.tree.map(np.asarray, params), loaded.cfg, "scalar", tiny,
+                    extra={"reward_norm": {"gain": 2.0, "bias": 0.5}})
+    words = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish"]
+    src = root / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Tell me about the {a} {b}"}) + "\n" for a in words for b in words))
+    assert data_cli.main(["--format", "jsonl_prompts", "--input", str(src), "--data-dir", str(root / "data"),
+                          "--name", "asks"]) == 0
+    return {"root": root, "tiny": tiny, "rm": rm, "data": root / "data"}
+
+
+def _args(inputs, run_dir, stage, *extra):
+    return [f"stage={stage}", f"run_dir={run_dir}", f"model.path={inputs['tiny']}", f"data.dir={inputs['data']}",
+            "data.name=asks", "data.max_prompt_tokens=12", "sampling.max_new_tokens=8", "sampling.temperature=0.7",
+            "train.batch_size=4", f"{stage}.group_size=4", f"{stage}.minibatches=2", "train.log_every=1",
+            "optim.lr=1e-3", *extra]
+
+
+METRIC_KEYS = {"reward_mean", "reward_std", "group_reward_std", "zero_std_groups", "kl", "entropy",
+               "response_length", "eos_rate", "clip_frac", "approx_kl", "policy_loss", "grad_norm", "first_ratio_max",
+               "first_ratio_min", "rollout_s", "update_s", "episodes_per_s"}
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(group_inputs):
+    """4 grpo iterations against the reward model, checkpoints at steps 2 and 4, one group of samples every 2:
+    (run dir, argv, stdout)."""
+    run_dir = group_inputs["root"] / "grpo_run"
+    argv = _args(group_inputs, run_dir, "grpo", f"grpo.reward_model={group_inputs['rm']}", "train.steps=4",
+                 "train.save_every=2", "grpo.samples_every=2")
+    rc, out, err = run_quietly(main_cli.main, argv)
+    assert rc == 0, err[-2000:]
+    return run_dir, argv, out
+
+
+def test_grpo_stage_with_a_reward_model(grpo_run):
+    """Every key logged each iteration, the first ratio exactly 1 on the mesh, samples (one group) every 2
+    iterations, a policy export and summary.json."""
+    from rlhf_jax.models.checkpoint import load_model
+
+    run_dir, _, out = grpo_run
+    lines = _metrics(run_dir)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and all(m["stage"] == "grpo" for m in lines)
+    assert all(METRIC_KEYS <= set(m) for m in lines), METRIC_KEYS - set(lines[0])
+    assert lines[0]["first_ratio_max"] == 1.0 == lines[0]["first_ratio_min"] and abs(lines[0]["kl"]) < 1e-5
+    assert lines[-1]["episodes_per_s"] > 0 and lines[-1]["kl"] != 0.0
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] * 4 + [4] * 4
+    assert all(len({s["prompt"] for s in samples if s["step"] == step}) == 1 for step in (2, 4))  # one group
+    assert all("about the" in s["prompt"] and isinstance(s["response"], str) and np.isfinite(s["reward"])
+               for s in samples)
+    policy = load_model(run_dir / "export")
+    assert policy.head == "lm" and policy.extra.get("role") == "policy"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stage"] == "grpo" and summary["steps"] == 4 and json.loads(out.strip().splitlines()[-1]) == summary
+
+
+def test_grpo_stage_resumes_bitwise(grpo_run, tmp_path):
+    """The run resumed from its step-2 checkpoint ends bitwise where it ended, with the same metrics and
+    samples."""
+    from rlhf_jax.models.checkpoint import load_model
+
+    straight, argv, _ = grpo_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for gone in ("checkpoints/4", "export", "summary.json"):
+        shutil.rmtree(resumed / gone) if (resumed / gone).is_dir() else (resumed / gone).unlink()
+    rc, _, err = run_quietly(main_cli.main, [a.replace(str(straight), str(resumed)) for a in argv])
+    assert rc == 0 and "resumed from" in err and "at step 2" in err, err[-2000:]
+    for a, b in zip(jax.tree.leaves(load_model(straight / "export").params),
+                    jax.tree.leaves(load_model(resumed / "export").params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    deterministic = lambda run: [{k: m[k] for k in ("step", "reward_mean", "kl", "policy_loss", "grad_norm")}
+                                 for m in _metrics(run)]
+    assert deterministic(resumed) == deterministic(straight)
+    assert (resumed / "samples.jsonl").read_text() == (straight / "samples.jsonl").read_text()
+
+
+def test_rloo_stage_with_a_reward_function(group_inputs, tmp_path):
+    """The reward function gets every iteration's B x G decoded prompts and responses (none with the EOS text),
+    and its values are the rewards written to samples.jsonl."""
+    grpo_fixtures.CALLS.clear()
+    run_dir = tmp_path / "rloo"
+    rc, _, err = run_quietly(main_cli.main, _args(group_inputs, run_dir, "rloo", "rloo.reward_function="
+                                                  "grpo_fixtures:recorded", "train.steps=2", "rloo.samples_every=1"))
+    assert rc == 0, err[-2000:]
+    lines = _metrics(run_dir)
+    assert [m["step"] for m in lines] == [1, 2] and all(METRIC_KEYS <= set(m) for m in lines)
+    assert lines[0]["first_ratio_max"] == 1.0 == lines[0]["first_ratio_min"]
+    assert len(grpo_fixtures.CALLS) == 2 and all(len(p) == len(r) == 16 for p, r in grpo_fixtures.CALLS)
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    for step, (prompts, responses) in enumerate(grpo_fixtures.CALLS, start=1):
+        assert all("about the" in p for p in prompts) and len(set(prompts)) <= 4
+        assert all(prompts[b * 4:(b + 1) * 4] == [prompts[b * 4]] * 4 for b in range(4))  # groups of one prompt
+        assert not any("</s>" in r or "<|endoftext|>" in r for r in responses)
+        rows = [s for s in samples if s["step"] == step]
+        assert [s["response"] for s in rows] == responses[:4] and [s["prompt"] for s in rows] == prompts[:4]
+        assert [s["reward"] for s in rows] == [-float(len(r)) for r in responses[:4]]
+
+
+@pytest.mark.parametrize("stage, function, fragment", [
+    ("rloo", "one_short", "rloo.reward_function=grpo_fixtures:one_short returned 7 values for 8 responses"),
+    ("grpo", "raises", "grpo.reward_function=grpo_fixtures:raises: raised ValueError: cannot score these"),
+    ("grpo", "not_finite", "grpo.reward_function=grpo_fixtures:not_finite returned 1 non-finite values for 8 "
+                           "responses"),
+], ids=["one_short", "raises", "not_finite"])
+def test_reward_function_mistakes_stop_the_stage_in_one_line(group_inputs, tmp_path, stage, function, fragment):
+    run_dir = tmp_path / "bad"
+    argv = _args(group_inputs, run_dir, stage, f"{stage}.reward_function=grpo_fixtures:{function}", "train.steps=2",
+                 "train.batch_size=4", f"{stage}.group_size=2", f"{stage}.minibatches=1", f"{stage}.kl_coef=0")
+    rc, _, err = run_quietly(main_cli.main, argv)
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1] and "(iteration 1)" in lines[-1], err
+    assert "Traceback" not in err and "XlaRuntimeError" not in err
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "export").exists()
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ([], "stage 'grpo' needs grpo.reward_model (a reward model export from the rm stage) or grpo.reward_function"),
+    (["grpo.reward_model={rm}", "grpo.reward_function=grpo_fixtures:recorded"], "are both set"),
+    (["grpo.reward_model={rm}", "grpo.minibatches=3"], "grpo.minibatches=3: the 16 responses of an iteration "
+                                                       "(train.batch_size=4 x grpo.group_size=4) do not split"),
+    (["grpo.reward_model={rm}", "grpo.minibatches=4"], "train.batch_size x grpo.group_size = 4 x 4 = 16 responses "
+                                                       "must split into grpo.minibatches=4 minibatches divisible by "
+                                                       "the 8 data-parallel devices"),
+    (["grpo.reward_model={rm}", "optim.grad_accum_steps=2"], "minibatches of optim.grad_accum_steps=2 micro-batches"),
+    (["grpo.reward_function=nowhere_to_be_found:f"], "grpo.reward_function='nowhere_to_be_found:f': cannot import"),
+    (["grpo.reward_function=grpo_fixtures:missing"], "grpo_fixtures has no function 'missing'"),
+    (["grpo.reward_model={tiny}"], "a language model, expected a scalar-head"),
+    (["grpo.reward_model={rm}", "sampling.top_k=5"], "stage 'grpo' trains on its own samples"),
+    (["grpo.reward_model={rm}", "data.name="], "stage 'grpo' needs data.name"),
+    (["stage=rloo", "rloo.reward_model={rm}", "rloo.group_size=1"], "'rloo.group_size' must be >= 2"),
+    (["stage=rloo"], "stage 'rloo' needs rloo.reward_model"),
+])
+def test_bad_config_fails_in_one_line(group_inputs, tmp_path, overrides, fragment):
+    run_dir = tmp_path / "bad"
+    argv = _args(group_inputs, run_dir, "grpo", "train.steps=2",
+                 *[o.format(rm=group_inputs["rm"], tiny=group_inputs["tiny"]) for o in overrides])
+    rc, _, err = run_quietly(main_cli.main, argv)
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err
+    assert "Traceback" not in err and not run_dir.exists()
+
+
+def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
+    """What the callback does with a function that raises, returns the wrong length, strings, or NaN: zeros
+    back to the program, the first problem kept for the host loop."""
+    tokens = np.array([[5, 1, PAD_ID], [6, 7, 8]])
+    args = (np.array([[4, 9]] * 2), np.array([[False, True]] * 2), tokens, tokens != PAD_ID)
+    for fn, fragment in ((grpo_fixtures.raises, "raised ValueError: cannot score these"),
+                         (grpo_fixtures.one_short, "returned 1 values for 2 responses"),
+                         (lambda p, r: ["a", "b"], "returned ['a', 'b']; expected 2 numbers"),
+                         (lambda p, r: [[1.0], [2.0]], "expected a list of 2 numbers"),
+                         (grpo_fixtures.not_finite, "returned 1 non-finite values for 2 responses (the first: nan")):
+        wrapper = RewardFunction(fn, "grpo.reward_function=m:f", WordTokenizer(), (1,))
+        assert wrapper(*args).tolist() == [0.0, 0.0] and wrapper.problem.startswith("grpo.reward_function=m:f")
+        assert fragment in wrapper.problem, wrapper.problem
+        with pytest.raises(Exception, match="iteration 3"):
+            wrapper.raise_if_failed({}, 3)
+    seen = []
+    wrapper = RewardFunction(lambda p, r: seen.append((p, r)) or [1, 2.5], "k=m:f", WordTokenizer(), (1,))
+    assert wrapper(*args).tolist() == [1.0, 2.5] and wrapper.problem is None
+    assert seen == [(["t9", "t9"], ["t5", "t6 t7 t8"])]
