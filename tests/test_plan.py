@@ -316,3 +316,22 @@ def test_dpo_holds_its_reference_as_an_argument_unless_precomputed(tmp_path):
     # the default mesh is data-parallel: every device holds the whole reference, or its rows' (B, K) log-probs
     ref_logps_bytes = 16 * 4 * 4 // mesh.size
     assert sizes[False] - sizes[True] == reference_bytes - ref_logps_bytes, (sizes, reference_bytes)
+
+
+def test_grpo_iteration_holds_the_reward_model_only_when_it_scores(tmp_path):
+    """The planned GRPO iteration's arguments hold the policy's state and reference, plus the reward model when
+    one scores the responses; with a reward function (a host callback) they do not."""
+    from rlhf_jax.plan.programs import group_iteration_program
+
+    args = ["stage=grpo", "data.name=prompts", "train.batch_size=4", "grpo.group_size=4", "train.steps=5",
+            "data.max_prompt_tokens=8", "sampling.max_new_tokens=8", f"run_dir={tmp_path / 'run'}"]
+    mesh = sharding.mesh_from_config(load_config(None, args).mesh)
+    tiny = tiny_model_config()
+    with_model = measure(group_iteration_program(load_config(None, [*args, "grpo.reward_model=rm"]), tiny, mesh,
+                                                 tiny), mesh).footprint.arguments
+    with_function = measure(group_iteration_program(load_config(None, [*args, "grpo.reward_function=m:f"]), tiny,
+                                                    mesh), mesh).footprint.arguments
+    scalar = make_model(tiny, "scalar")
+    reward_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+        jax.eval_shape(lambda: init_params(scalar, jax.random.key(0)))))
+    assert with_model - with_function == reward_bytes  # replicated on the data-parallel mesh

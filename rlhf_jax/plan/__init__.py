@@ -44,12 +44,12 @@ from rlhf_jax.plan.planner import Planner, StagePlan
 from rlhf_jax.plan.report import table
 
 NO_FIT = 5  # exit status of a dry run in which some stage does not fit the device memory
-PLANNED = ("sft", "rm", "dpo", "ppo")
+PLANNED = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
 
 
 def dry_run(steps: Sequence[pipeline.Step], is_pipeline: bool, label: str | None, device_memory: float | None = None,
             peak_tflops: float | None = None, out=None) -> int:
-    """Plans every sft / rm / dpo / ppo step of validated `steps` (one config's, or a pipeline's) and prints the report;
+    """Plans every training step of validated `steps` (one config's, or a pipeline's) and prints the report;
     returns the exit status: 0 when every planned step fits (or there is no verdict), NO_FIT when one does not."""
     out = out or sys.stdout
     if not is_pipeline:  # a pipeline's steps were checked when it was loaded
@@ -67,7 +67,7 @@ def dry_run(steps: Sequence[pipeline.Step], is_pipeline: bool, label: str | None
                 programs[step.name] = planner.program(step)
             except UserError as e:
                 raise UserError(f"pipeline.{step.name}: {e}" if is_pipeline else str(e)) from None
-    print(f"dry run of {label or 'the default config'}: each sft / rm / dpo / ppo step compiled for its mesh on abstract "
+    print(f"dry run of {label or 'the default config'}: each training step compiled for its mesh on abstract "
           f"inputs ({len(devices)} {devices[0].platform} devices; no parameter allocated, no weights read, nothing "
           "written)", file=out)
     memory = f"{gib(b.memory)} ({b.memory_source})" if b.memory else b.memory_source

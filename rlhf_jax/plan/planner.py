@@ -20,7 +20,7 @@ from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, pa
 from rlhf_jax.plan.devices import Budget, gib
 from rlhf_jax.plan.figures import Footprint, Measured, measure
 from rlhf_jax.plan.models import Models, ModelSource, response_slots
-from rlhf_jax.plan.programs import ppo_iteration_program, train_step_program
+from rlhf_jax.plan.programs import group_iteration_program, ppo_iteration_program, train_step_program
 from rlhf_jax.runtime import sharding
 
 
@@ -86,6 +86,13 @@ class Planner:
             batch = f"{B} x {P + R} tokens" if cfg.stage == "sft" else f"{B} x {K} x ({P}+{R}) tokens"
             return Program(step, lambda c: train_step_program(c, model_cfg, mesh, K), batch, notes, models, mesh)
         policy = source(cfg.model.path, "policy", "lm")
+        if cfg.stage in ("grpo", "rloo"):
+            section = getattr(cfg, cfg.stage)
+            reward = (source(section.reward_model, f"{cfg.stage}.reward_model", "scalar") if section.reward_model
+                      else None)
+            batch = f"{B} x {section.group_size} x ({P}+{cfg.sampling.max_new_tokens} new) tokens"
+            return Program(step, lambda c: group_iteration_program(c, policy, mesh, reward), batch, notes, models,
+                           mesh)
         reward = source(cfg.ppo.reward_model, "ppo.reward_model", "scalar")
         value = source(cfg.ppo.value_model, "ppo.value_model", "scalar") if cfg.ppo.value_model else reward
         batch = f"{B} x ({P}+{cfg.sampling.max_new_tokens} new) tokens"
@@ -160,12 +167,19 @@ def micro_rows(cfg: Config, mesh, accum: int | None = None) -> int:
     """Rows per device of one micro-batch (of one minibatch, for ppo)."""
     ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
     rows = cfg.train.batch_size // (cfg.ppo.minibatches if cfg.stage == "ppo" else 1)
+    if cfg.stage in ("grpo", "rloo"):
+        section = getattr(cfg, cfg.stage)
+        rows = cfg.train.batch_size * section.group_size // section.minibatches
     return rows // ((accum or cfg.optim.grad_accum_steps) * ways)
 
 
 def _splits(cfg: Config, accum: int, mesh) -> bool:
     """Whether the step's batch splits into `accum` micro-batches over the data-parallel devices."""
     ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    if cfg.stage in ("grpo", "rloo"):
+        section = getattr(cfg, cfg.stage)
+        rows, m = cfg.train.batch_size * section.group_size, section.minibatches
+        return rows % m == 0 and (rows // m) % (accum * ways) == 0
     if cfg.stage != "ppo":
         return cfg.train.batch_size % (accum * ways) == 0
     sizes = [cfg.train.batch_size] + ([cfg.ppo.ptx_batch_size or cfg.train.batch_size] if cfg.ppo.ptx_coef else [])

@@ -1,4 +1,4 @@
-"""The training programs a dry run compiles: the sft / rm / dpo step and the whole PPO iteration, built exactly as
+"""The training programs a dry run compiles: the sft / rm / dpo step and the whole PPO, GRPO or RLOO iteration, built exactly as
 their stages build and jit them (`stages.train.Stage` and `training.state.jit_step`; `stages.ppo`'s builders), lowered on abstract
 inputs (jax.ShapeDtypeStruct with the run's shardings, params from jax.eval_shape), so nothing is allocated."""
 
@@ -12,7 +12,8 @@ from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
 from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
-from rlhf_jax.stages import ppo as ppo_stage, train as trainers
+from rlhf_jax.rl import group
+from rlhf_jax.stages import grpo as group_stage, ppo as ppo_stage, train as trainers
 from rlhf_jax.training import steps
 from rlhf_jax.training.state import jit_step, micro_batch_size, state_shardings
 
@@ -98,3 +99,28 @@ def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg:
     ptx = abstract_batch(sft_shapes(cfg.ppo.ptx_batch_size or B, cfg), mesh) if cfg.ppo.ptx_coef else None
     program = ppo_stage.jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock())  # as the stage runs it
     return program.lower(state, frozen, prompts["ids"], prompts["mask"], ptx)
+
+
+def group_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, reward_cfg: ModelConfig | None = None,
+                            total_steps: int | None = None) -> jax.stages.Lowered:
+    """One GRPO / RLOO iteration as group_stage.train_group builds and jits it, lowered on abstract inputs: the
+    reference (when the KL coefficient is > 0) and the reward model (None with a reward function, whose host
+    callback is a stand-in: lowering never calls it) are frozen arguments; the B prompts are replicated."""
+    group_stage.check_sizes(cfg, mesh)  # the stage's own check
+    dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
+    policy = make_model(policy_cfg, "lm", **dtypes)
+    reward = make_model(reward_cfg, "scalar", **dtypes) if reward_cfg is not None else None
+    total = total_steps or cfg.train.steps or STAND_IN_STEPS
+    models, settings = group_stage.build_models(cfg, policy, reward, total, policy_cfg.eos_token_ids or (0,))
+    state_sh, frozen_sh = group_stage.iteration_shardings(cfg, models, mesh)
+    key = jax.random.key(0)
+    state = abstract(jax.eval_shape(lambda: group.init_state(init_params(policy, key), models,
+                                                             jax.random.PRNGKey(0))), state_sh)
+    shapes = lambda model: None if model is None else jax.eval_shape(lambda: init_params(model, key))
+    frozen = group.Frozen(*(None if sh is None else abstract(shapes(model), sh) for model, sh in
+                            ((policy, frozen_sh.ref_params), (reward, frozen_sh.reward_params))))
+    B, P = cfg.train.batch_size, cfg.data.max_prompt_tokens
+    prompt = lambda dtype: jax.ShapeDtypeStruct((B, P), dtype, sharding=sharding.replicated(mesh))
+    stand_in = None if reward is not None else (lambda *rows: jnp.zeros(len(rows[2]), jnp.float32))
+    program = group_stage.jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock(), stand_in)
+    return program.lower(state, frozen, prompt(jnp.int32), prompt(bool))

@@ -15,8 +15,10 @@ from typing import Any
 
 # Keys whose change makes the saved state, the data order or the step keys meaningless for the new run.
 REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data.name", "data.train_split",
-           "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model")
-MODELS = ("model.path", "ppo.reward_model", "ppo.value_model")  # model directories, compared where they lead
+           "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model",
+           "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function")
+# model directories, compared where they lead
+MODELS = ("model.path", "ppo.reward_model", "ppo.value_model", "grpo.reward_model", "rloo.reward_model")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
