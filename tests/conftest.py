@@ -123,6 +123,7 @@ FULL_TIER = (
     "test_layers.py::test_public_entry_points_run_as_modules[rlhf_jax.evaluate]",
     "test_layers.py::test_public_entry_points_run_as_modules[rlhf_jax.generate]",
     "test_plan.py::test_grpo_iteration_holds_the_reward_model_only_when_it_scores",
+    "test_plan.py::test_dpo_holds_its_reference_as_an_argument_unless_precomputed",
     "test_dpo.py::test_gradient_at_the_reference_is_the_closed_form[ipo-0.0]",  # sigmoid (with smoothing): fast
     "test_dpo.py::test_accumulation_and_precomputed_reference_equal_one_batch",  # the stage run compares them too
     # grpo's and rloo's repeats: the fast tier runs each stage, the first ratio, learning and one reward-function

@@ -10,7 +10,7 @@ from rlhf_jax import pipeline
 from rlhf_jax.typed_yaml import ConfigError
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-ROUNDS = ["rounds=3", "repeat=[label, rm, ppo, eval]"]
+ROUNDS = ["rounds=3", "repeat=[label, rm, dpo, ppo, eval]"]
 
 
 def _steps(*overrides):
@@ -21,7 +21,7 @@ def _steps(*overrides):
 def test_repeated_steps_run_once_per_round_in_their_own_directories():
     steps = _steps(*ROUNDS)
     assert list(steps) == ["task", "pretrain", "sft"] + [f"round{r}/{name}" for r in (1, 2, 3)
-                                                         for name in ("label", "rm", "ppo", "eval")]
+                                                         for name in ("label", "rm", "dpo", "ppo", "eval")]
     assert steps["round2/rm"].run_dir == "/runs/demo/round2/rm"
     assert steps["sft"].run_dir == "/runs/demo/sft"
 
@@ -33,7 +33,7 @@ def test_round_one_starts_from_the_sft_model_and_reads_its_own_round():
     assert label.label.dataset == rm.data.name == "rankings_round1"
     assert not label.label.include and not ppo.ppo.reference and not ppo.ppo.value_model
     assert ppo.ppo.reward_model == "/runs/demo/round1/rm/export"
-    assert ev.eval.policies == ("/runs/demo/round1/ppo/export",)
+    assert ev.eval.policies == ("/runs/demo/round1/dpo/export", "/runs/demo/round1/ppo/export")
     assert ev.eval.reward_model == "/runs/demo/round1/rm/export"
     assert ev.eval.rankings == "/runs/demo/data/rankings_round1:eval"
     assert ev.eval.reference == "/runs/demo/sft/export"  # not a repeated step: the same in every round
@@ -51,6 +51,8 @@ def test_a_later_round_continues_from_the_previous_one_with_the_sft_reference():
     assert ppo.ppo.value_model == "/runs/demo/round2/ppo/export_value"
     assert ppo.ppo.reference == "/runs/demo/sft/export"
     assert ppo.ppo.reward_model == "/runs/demo/round3/rm/export"
+    dpo = steps["round3/dpo"]  # DPO on every round's rankings so far, from the SFT model
+    assert dpo.data.name == "rankings_round3" and dpo.model.path == "/runs/demo/sft/export"
     ev = steps["round3/eval"]
     assert ev.eval.rounds == ("/runs/demo/round1/eval", "/runs/demo/round2/eval") and ev.eval.out == ""
 
@@ -62,7 +64,7 @@ def test_rm_init_sft_retrains_each_round_from_the_sft_model():
 
 def test_without_rounds_the_pipeline_is_unchanged():
     steps = _steps()
-    assert list(steps) == ["task", "pretrain", "sft", "label", "rm", "ppo", "eval"]
+    assert list(steps) == ["task", "pretrain", "sft", "label", "rm", "dpo", "ppo", "eval"]
     assert steps["rm"].data.name == "rankings" and steps["ppo"].ppo.reward_model == "/runs/demo/rm/export"
 
 

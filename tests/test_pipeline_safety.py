@@ -264,7 +264,7 @@ def test_main_check_validates_without_running(tmp_path):
     assert rc == 0 and "--check" in out
     rc, out, err = run_quietly(main_cli.main, ["--config", ROOT / "configs" / "demo.yaml", "--check",
                                                f"run_dir={tmp_path / 'run'}"])
-    assert rc == 0 and "config OK: task, pretrain (sft), sft, label, rm, ppo, eval" in out, err
+    assert rc == 0 and "config OK: task, pretrain (sft), sft, label, rm, dpo, ppo, eval" in out, err
     assert not (tmp_path / "run").exists()
 
 

@@ -194,7 +194,7 @@ class PrepareSection:
 @dataclass(frozen=True)
 class TaskSection:
     name: Literal["sentiment", "arithmetic"] = opt("sentiment", "the bundled task to generate (rlhf_jax/tasks/)")
-    corpus: int = opt(4000, "pretraining reviews (dataset 'corpus')")
+    corpus: int = opt(4000, "pretraining texts (dataset 'corpus')")
     demonstrations: int = opt(2000, "SFT demonstrations (dataset 'demos')")
     prompts: int = opt(2000, "prompts for PPO and evaluation (dataset 'prompts')")
     eval_fraction: float = opt(0.1, "share of each dataset held out (split 'eval')")
