@@ -149,10 +149,12 @@ def test_gold_is_the_mean_adjective_valence():
 
 def test_the_demo_pipeline_shortened_shows_every_effect_and_resumes_to_the_same_report(demo_run):
     """configs/demo.yaml with fewer steps (conftest.SHORT_DEMO): the RM beats chance, PPO raises the score and the
-    gold score over SFT's while its KL stays under the target. Then the state a kill would leave (PPO between
+    gold score over SFT's while its KL stays under the target, DPO raises the gold score too. Then the state a kill would leave (PPO between
     checkpoints, labeling unfinished) reruns with the same command to the same report."""
     run_dir, report = demo_run["dir"], demo_run["report"]
-    (ppo,) = report["policies"]
+    dpo, ppo = report["policies"]  # the verdict speaks of the last one
+    assert dpo["name"] == "dpo/export" and ppo["name"] == "ppo/export", report["policies"]
+    assert dpo["gold_score_mean"] > report["reference"]["gold_score_mean"] and dpo["gold_win_rate"] > 0.5, dpo
     assert report["rm_accuracy"] > 0.55, report  # above chance (the labeler's ceiling is about 0.78)
     assert ppo["gold_score_mean"] > report["reference"]["gold_score_mean"] and ppo["gold_win_rate"] > 0.5, ppo
     assert 0 < ppo["kl"] < 4.0, ppo  # configs/demo.yaml: ppo.kl_target 4
@@ -167,5 +169,5 @@ def test_the_demo_pipeline_shortened_shows_every_effect_and_resumes_to_the_same_
         shutil.rmtree(path)
     rc, _, err = run_quietly(main_cli.main, demo_run["argv"])
     assert rc == 0, err[-3000:]
-    assert "[5/7] rm: finished earlier, skipped" in err and "resumed from" in err and "at step 16" in err
+    assert "[5/8] rm: finished earlier, skipped" in err and "[6/8] dpo: finished earlier, skipped" in err and "resumed from" in err and "at step 16" in err
     assert json.loads((run_dir / "report.json").read_text()) == report

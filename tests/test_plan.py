@@ -86,7 +86,8 @@ def test_dry_run_of_the_demo_plans_sft_rm_and_ppo_and_writes_nothing(tmp_path):
     assert rc == 0, err
     rows = table_rows(out)
     assert {step: cells[1] for step, cells in rows.items()} == {"pretrain": "sft", "sft": "sft", "rm": "rm",
-                                                                "ppo": "ppo"}
+                                                                "dpo": "dpo", "ppo": "ppo"}
+    assert rows["dpo"][2] == "32 x 4 x (16+16) tokens"
     assert rows["rm"][2] == "32 x 4 x (16+16) tokens"  # K from the label step that writes the rankings
     assert rows["ppo"][2] == "64 x (16+16 new) tokens"
     for cells in rows.values():
