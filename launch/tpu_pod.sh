@@ -271,8 +271,9 @@ if [ -n "$bucket" ]; then
 fi
 
 # 4. Run on every worker; worker 0's output streams here.
-job="cd ~/rlhf_jax || exit 2; mkdir -p $logs; $worker_number; log=$logs/worker\$w.log"
-job+="; launch/single_host.sh $(quote "$config" ${overrides[@]+"${overrides[@]}"}) >\"\$log\" 2>&1 </dev/null & pid=\$!"
+# The log exists before the run starts, so worker 0's `tail -f` never misses it however fast the run ends.
+job="cd ~/rlhf_jax || exit 2; mkdir -p $logs; $worker_number; log=$logs/worker\$w.log; : >\"\$log\""
+job+="; launch/single_host.sh $(quote "$config" ${overrides[@]+"${overrides[@]}"}) >>\"\$log\" 2>&1 </dev/null & pid=\$!"
 job+="; echo \$pid >$logs/run.pid; t="
 job+="; if [ \"\$w\" = 0 ]; then tail -n +1 -f --pid=\$pid \"\$log\" & t=\$!; fi"
 job+="; wait \$pid; rc=\$?; if [ -n \"\$t\" ]; then wait \$t; fi"
