@@ -1,12 +1,10 @@
-"""Programs the tests compile themselves, with XLA's backend optimisation off: an oracle test runs its program
-once or twice on tiny shapes, so compiling takes seconds and running milliseconds. The same computations, in
-fewer compile seconds; the stages the tests run compile as a user's run does (a resumed run is compared bitwise
-with a straight one, and optimisation levels differ in the last bits)."""
+"""The environment of a run a test starts as a subprocess: this session's XLA flags (its fast-compile ones too,
+so the subprocess compiles the programs the test process compiles, to the last bit) with a device count."""
 
-import functools
+import os
 
-import jax
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+def subprocess_env(devices: int = 8) -> dict:
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])}

@@ -16,7 +16,7 @@ from rlhf_jax.data.rankings import pairs_from_ranks
 from rlhf_jax.models.transformer import ModelConfig, Transformer, init_params, make_model
 from rlhf_jax.training import steps
 from rlhf_jax.training.losses import last_token_values, next_token_nll, ranking_loss
-from compile_helpers import jit
+
 
 CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=48, eos_token_ids=(1,))
@@ -153,7 +153,7 @@ def test_one_forward_pass_per_completion(monkeypatch):
         return original(self, variables, tokens, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "apply", counting_apply)
-    rewards = jit(lambda p, b: steps.completion_rewards(model, p, b))(params, batch)  # counted while tracing
+    rewards = jax.jit(lambda p, b: steps.completion_rewards(model, p, b))(params, batch)  # counted while tracing
     B, K, R = batch["response_ids"].shape
     assert calls == [(B * K, batch["prompt_ids"].shape[1] + R)]  # every completion once, in one pass
     monkeypatch.setattr(Transformer, "apply", original)
@@ -161,7 +161,7 @@ def test_one_forward_pass_per_completion(monkeypatch):
     for b, k in ((0, 0), (1, K - 1), (B - 1, 1)):
         ids = np.concatenate([batch["prompt_ids"][b][batch["prompt_mask"][b]],
                               batch["response_ids"][b, k][batch["response_mask"][b, k]]])[None]
-        values, _ = jit(model.apply)({"params": params}, ids, np.arange(ids.shape[1])[None],
+        values, _ = jax.jit(model.apply)({"params": params}, ids, np.arange(ids.shape[1])[None],
                                          np.ones_like(ids, bool))
         assert batch["response_mask"][b, k].any()
         np.testing.assert_allclose(float(rewards[b, k]), float(values[0, -1]), atol=1e-5)
@@ -212,7 +212,7 @@ def test_gradient_accumulation_equals_one_large_batch(stage):
     for accum in (1, 2, 4):
         opt = steps.make_optimizer(optim, 10)
         state = steps.init_state(params, opt)
-        fn = jit(lambda s, b: step(s, b, jax.random.key(0), model=model, optimizer=opt,
+        fn = jax.jit(lambda s, b: step(s, b, jax.random.key(0), model=model, optimizer=opt,
                                        schedule=steps.lr_schedule(optim, 10), accum=accum))
         new_state, metrics = fn(state, batch)
         results.append((new_state.params, float(metrics["loss"]), float(metrics["grad_norm"])))
@@ -230,7 +230,7 @@ def test_zero_learning_rate_moves_nothing():
     optim = OptimSection(lr=0.0, weight_decay=0.1)
     opt = steps.make_optimizer(optim, 5)
     state = steps.init_state(params, opt)
-    step = jit(lambda st, b, r: steps.sft_step(st, b, r, model=model, optimizer=opt,
+    step = jax.jit(lambda st, b, r: steps.sft_step(st, b, r, model=model, optimizer=opt,
                                                   schedule=steps.lr_schedule(optim, 5)))
     new_state, metrics = step(state, _sft_batch(np.random.default_rng(3)), jax.random.key(0))
     assert float(metrics["grad_norm"]) > 0
@@ -253,7 +253,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
         model = make_model(CFG, dtype=dtype)
         opt = steps.make_optimizer(optim, 5)
         state = steps.init_state(init_params(make_model(CFG), jax.random.key(3)), opt)
-        new_state, metrics = jit(lambda s, b: steps.sft_step(
+        new_state, metrics = jax.jit(lambda s, b: steps.sft_step(
             s, b, jax.random.key(0), model=model, optimizer=opt, schedule=steps.lr_schedule(optim, 5)))(state, batch)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
         results[dtype] = float(metrics["loss"])

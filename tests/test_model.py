@@ -20,7 +20,7 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.sampling import (
     SamplingParams, _categorical, _draw, _filter_logits, _inverse_cdf, categorical_from_uniforms, sample,
     teacher_forced_logprobs)
-from compile_helpers import jit
+
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_greedy_generation_matches_transformers(hf_models, name):
                                    attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=32,
                                    min_new_tokens=32, do_sample=False, eos_token_id=[], pad_token_id=0)
     p = SamplingParams(max_new_tokens=32, temperature=0.0)
-    out = jit(lambda pr, i, m: sample(make_model(cfg), pr, i, m, jax.random.key(0), p))(params, ids, mask)
+    out = jax.jit(lambda pr, i, m: sample(make_model(cfg), pr, i, m, jax.random.key(0), p))(params, ids, mask)
     np.testing.assert_array_equal(np.asarray(out.tokens_BN), ref[:, ids.shape[1]:].numpy())
 
 
@@ -116,7 +116,7 @@ def test_mesh_of_8_equals_one_device(llama, mesh_shape):
     cfg, model, params = llama
     ids, mask = _left_padded_batch(seed=4, batch=8)
     mask[4:] = mask[:4]
-    one = np.asarray(jit(lambda p, i, m: forward(model, p, i, m))(params, ids, mask))
+    one = np.asarray(jax.jit(lambda p, i, m: forward(model, p, i, m))(params, ids, mask))
     mesh = sharding.make_mesh(mesh_shape, ("data", "fsdp", "tensor"))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     param_sh = sharding.param_shardings(param_logical_axes(model), shapes, mesh)
@@ -124,12 +124,12 @@ def test_mesh_of_8_equals_one_device(llama, mesh_shape):
     assert any(len(s.device_set) > 1 and not s.is_fully_replicated for s in jax.tree.leaves(param_sh)) or \
         mesh_shape == (8, 1, 1)
     batch_sh = sharding.batch_sharding(mesh)
-    fwd = jit(lambda p, i, m: forward(model, p, i, m), in_shardings=(param_sh, batch_sh, batch_sh))
+    fwd = jax.jit(lambda p, i, m: forward(model, p, i, m), in_shardings=(param_sh, batch_sh, batch_sh))
     np.testing.assert_allclose(np.asarray(fwd(placed, ids, mask)), one, atol=1e-5)
     p = SamplingParams(max_new_tokens=8, temperature=0.0)
     samp = lambda pr, i, m: sample(model, pr, i, m, jax.random.key(0), p).tokens_BN
-    sharded = jit(samp, in_shardings=(param_sh, batch_sh, batch_sh), out_shardings=batch_sh)(placed, ids, mask)
-    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jit(samp)(params, ids, mask)))
+    sharded = jax.jit(samp, in_shardings=(param_sh, batch_sh, batch_sh), out_shardings=batch_sh)(placed, ids, mask)
+    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(samp)(params, ids, mask)))
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 10, 0.9), (0.0, 0, 1.0)])
@@ -137,7 +137,7 @@ def test_sampler_logprobs_equal_teacher_forced(llama, temperature, top_k, top_p)
     cfg, model, params = llama
     ids, mask = _left_padded_batch(seed=5)
     p = SamplingParams(max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=(1, 2), pad_id=-1)
-    out = jit(lambda pr, i, m, r: sample(model, pr, i, m, r, p))(params, ids, mask, jax.random.key(7))
+    out = jax.jit(lambda pr, i, m, r: sample(model, pr, i, m, r, p))(params, ids, mask, jax.random.key(7))
     tf = teacher_forced_logprobs(model, params, ids, mask, out.tokens_BN, out.mask_BN, temperature)
     np.testing.assert_allclose(np.asarray(out.logprobs_BN), np.asarray(tf), atol=1e-5)
 
@@ -191,7 +191,7 @@ def test_inverse_cdf_draws_follow_the_softmax_and_never_a_filtered_token(vocab):
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     n = 400_000
-    draws = jit(lambda k: _categorical(k, jnp.broadcast_to(jnp.asarray(logits), (n, vocab))))(jax.random.key(3))
+    draws = jax.jit(lambda k: _categorical(k, jnp.broadcast_to(jnp.asarray(logits), (n, vocab))))(jax.random.key(3))
     freq = np.bincount(np.asarray(draws), minlength=vocab) / n
     assert freq.shape == (vocab,)
     np.testing.assert_array_equal(freq[probs == 0], 0.0)
@@ -224,7 +224,7 @@ def test_the_draw_resolves_a_heavy_tail_inside_one_block():
     probs[rest] = (1 - probs.sum()) / len(rest)
     logits = jnp.asarray(np.log(probs), jnp.float32)
     grid = jnp.asarray((np.arange(n) + 0.5) / n, jnp.float32)
-    draw = jit(lambda u_block, u_within: categorical_from_uniforms(
+    draw = jax.jit(lambda u_block, u_within: categorical_from_uniforms(
         jnp.broadcast_to(logits, (n, V)), u_block, u_within))
 
     block_freq = np.bincount(np.asarray(draw(grid, jnp.full(n, 0.5))) // S, minlength=V // S) / n
@@ -247,7 +247,7 @@ def test_draw_frequencies_follow_the_temperature_of_the_logprobs():
     probs /= probs.sum()
     n = 200_000
     p = SamplingParams(max_new_tokens=1, temperature=0.5)
-    tokens, logprobs = jit(lambda k: _draw(jnp.broadcast_to(jnp.asarray(logits), (n, 5)), k, p))(
+    tokens, logprobs = jax.jit(lambda k: _draw(jnp.broadcast_to(jnp.asarray(logits), (n, 5)), k, p))(
         jax.random.key(0))
     freq = np.bincount(np.asarray(tokens), minlength=5) / n
     z = np.abs(freq - probs) / np.sqrt(probs * (1 - probs) / n)
@@ -271,8 +271,8 @@ def test_remat_gives_same_gradients(llama):
     def loss(model, p):
         return jnp.where(mask, forward(model, p, ids, mask).max(-1), 0.0).sum()
 
-    g_plain = jit(jax.grad(lambda p: loss(make_model(cfg), p)))(params)
-    g_remat = jit(jax.grad(lambda p: loss(make_model(cfg, remat=True), p)))(params)
+    g_plain = jax.jit(jax.grad(lambda p: loss(make_model(cfg), p)))(params)
+    g_remat = jax.jit(jax.grad(lambda p: loss(make_model(cfg, remat=True), p)))(params)
     for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -474,15 +474,15 @@ def cudnn_attention_errors(seed: int = 0) -> dict:
 
     def run(dtype, attention):
         model = make_model(cfg, dtype=dtype, attention=attention)
-        fwd = jit(lambda p: forward(model, p, ids, mask))
+        fwd = jax.jit(lambda p: forward(model, p, ids, mask))
 
         def loss(p):  # mean next-token log-prob over real tokens, as a training step would differentiate
             logp = jax.nn.log_softmax(forward(model, p, ids, mask)[:, :-1], -1)
             picked = jnp.take_along_axis(logp, jnp.maximum(ids[:, 1:], 0)[..., None], -1)[..., 0]
             return jnp.where(mask[:, 1:], picked, 0.0).sum() / mask[:, 1:].sum()
 
-        hlo = fwd.lower(params).as_text() + jit(jax.grad(loss)).lower(params).as_text()
-        return np.asarray(fwd(params)), jit(jax.grad(loss))(params), "__cudnn$fmha" in hlo
+        hlo = fwd.lower(params).as_text() + jax.jit(jax.grad(loss)).lower(params).as_text()
+        return np.asarray(fwd(params)), jax.jit(jax.grad(loss))(params), "__cudnn$fmha" in hlo
 
     ref_logits, ref_grads, _ = run("float32", "einsum")
     ref_norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(ref_grads)))

@@ -57,7 +57,6 @@ def _assert_close(a: dict[int, dict], b: dict[int, dict], steps) -> None:
 
 def _local(n: int, config: Path, *overrides: str, log_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "DEVICES_PER_PROCESS": "4", "LOG_DIR": str(log_dir), "PY": sys.executable}
-    env.pop("XLA_FLAGS", None)  # local.sh sets each process's device count
     return subprocess.Popen(["bash", str(ROOT / "launch" / "local.sh"), str(n), str(config), *overrides], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -31,7 +31,8 @@ from rlhf_jax.stages import ppo as ppo_stage
 from rlhf_jax.training import state as training_state, steps
 
 from cli_helpers import run_quietly
-from compile_helpers import jit
+from compile_helpers import subprocess_env
+
 
 CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=64, max_position_embeddings=64, eos_token_ids=(1,))
@@ -89,7 +90,7 @@ def _copy(tree):
 def test_first_minibatch_ratio_is_exactly_one_and_metrics_are_finite():
     models = _models()
     state, frozen, ids, mask = _setup(models)
-    step = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
     state, metrics = step(state, frozen, ids, mask)
     metrics = {k: float(v) for k, v in metrics.items()}
     assert metrics["first_ratio_max"] == 1.0 and metrics["first_ratio_min"] == 1.0, metrics
@@ -105,7 +106,7 @@ def test_learning_rate_zero_moves_nothing():
     models = _models(lr=0.0)
     state, frozen, ids, mask = _setup(models)
     before_policy, before_value = _copy(state.policy.params), _copy(state.value.params)
-    state, _ = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
+    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
     for before, after in ((before_policy, state.policy.params), (before_value, state.value.params)):
         for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
             np.testing.assert_array_equal(x, np.asarray(y))
@@ -114,7 +115,7 @@ def test_learning_rate_zero_moves_nothing():
 def _timed_iterations(models: PPO, n: int = 3):
     """(state, metrics of the last, laps of each, wall seconds of each) of n iterations of one jitted program."""
     state, frozen, ids, mask = _setup(models)
-    step = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw), donate_argnums=0)
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw), donate_argnums=0)
     laps, walls = [], []
     for _ in range(n):
         began = time.perf_counter()
@@ -140,7 +141,7 @@ def test_one_compilation_serves_every_iteration_and_the_laps_time_each_phase():
 
 
 def _rollout(models, state, frozen, ids, mask, rng=9):
-    return jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
+    return jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
         state, frozen, ids, mask, jax.random.key(rng))
 
 
@@ -156,7 +157,7 @@ def _raw_last_token_scores(models, params, batch, upto=None):
     tokens, mask = np.asarray(batch.tokens_BN)[:, :upto], np.asarray(batch.mask_BN)[:, :upto]
     ids = np.concatenate([np.asarray(batch.prompt_ids_BP), tokens], 1)
     real = np.concatenate([np.asarray(batch.prompt_mask_BP), mask], 1)
-    values = np.asarray(jit(lambda p, i, m: models.reward.apply(
+    values = np.asarray(jax.jit(lambda p, i, m: models.reward.apply(
         {"params": p}, i, jnp.maximum(jnp.cumsum(m, 1) - 1, 0), m)[0])(params, ids, real))
     last = real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)
     return values[np.arange(len(values)), last]
@@ -274,7 +275,7 @@ def test_value_lr_sets_the_value_models_learning_rate():
         models = _models().replace(policy_opt=built[0].policy_opt, value_opt=built[0].value_opt)
         state, frozen, ids, mask = _setup(models)
         before = _copy((state.policy.params, state.value.params))
-        state, _ = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
+        state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
         return [max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(after),
                                                                                jax.tree.leaves(old)))
                 for after, old in zip((state.policy.params, state.value.params), before)]
@@ -299,7 +300,7 @@ def test_minibatch_rows_are_a_fresh_permutation_every_epoch():
 def test_adaptive_kl_controller_runs_inside_the_iteration():
     models = _models(kl_target=1e-6, kl_horizon=100.0)
     state, frozen, ids, mask = _setup(models)
-    step = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
     state, m1 = step(state, frozen, ids, mask)
     state, m2 = step(state, frozen, ids, mask)
     kl = float(m1["kl"])
@@ -448,7 +449,7 @@ def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
     assert policy.head == "lm" and value.head == "scalar"
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     with open(tmp_path / "killed.err", "w") as log:  # a file: a full pipe could block the run
         proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.main", *map(str, args(killed))], env=env,
                                 cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=log)
@@ -503,7 +504,7 @@ def test_ema_of_the_policy_follows_its_formula():
     models = _models(ema_decay=0.9)
     state, frozen, ids, mask = _setup(models)
     start = _copy(state.policy.params)
-    state, _ = jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
+    state, _ = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))(state, frozen, ids, mask)
     for e, x0, x1 in zip(jax.tree.leaves(state.ema), jax.tree.leaves(start), jax.tree.leaves(state.policy.params)):
         np.testing.assert_allclose(np.asarray(e), 0.9 * x0 + 0.1 * np.asarray(x1), rtol=1e-6, atol=1e-7)
     assert _setup(_models())[0].ema is None  # off by default
@@ -526,7 +527,7 @@ def test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch():
     for accum in (1, 2):
         models = _models(ptx_coef=0.5).replace(accum=accum)
         state, frozen, ids, mask = _setup(models)
-        state, metrics = jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
+        state, metrics = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
             state, frozen, ids, mask, _ptx_rows(8))
         ends.append((state, {k: float(v) for k, v in metrics.items()}))
     (whole, whole_metrics), (split, split_metrics) = ends
@@ -554,14 +555,14 @@ def test_first_step_reusing_the_rollout_forward_equals_a_direct_gradient():
     params = (_copy(state.policy.params), _copy(state.value.params))
     _, sample_rng, update_rng = jax.random.split(state.rng, 3)
     order = ppo.minibatch_orders(update_rng, B, models.settings)[0]
-    batch = jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models.models, models.settings, first_order_MMb=o)[0])(
+    batch = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models.models, models.settings, first_order_MMb=o)[0])(
         state, frozen, ids, mask, sample_rng, order)
     rows = order[0]
     tokens = jnp.sum(batch.mask_BN, dtype=jnp.float32)
-    direct = jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))(
+    direct = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))(
         params, (jax.tree.map(lambda x: x[rows], batch), ptx), models.models, models.settings, tokens,
         ppo.ptx_target_tokens(ptx))[0]
-    state, _ = jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
+    state, _ = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(
         state, frozen, ids, mask, ptx)
     moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, (state.policy.params,
                                                                               state.value.params))
@@ -575,15 +576,15 @@ def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
     LM loss on the ptx rows, computed separately."""
     models = _models(ptx_coef=2.5)
     state, frozen, ids, mask = _setup(models)
-    batch, _, _ = jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
+    batch, _, _ = jax.jit(lambda s, f, i, m, r: ppo.rollout(s, f, i, m, r, models.models, models.settings)[:3])(
         state, frozen, ids, mask, jax.random.key(4))
     ptx = _ptx_rows(4)
-    grad = jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))
+    grad = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))
     params, tokens = (state.policy.params, state.value.params), jnp.sum(batch.mask_BN, dtype=jnp.float32)
     (with_ptx, _), stats = grad(params, (batch, ptx), models.models, models.settings, tokens,
                                 ppo.ptx_target_tokens(ptx))
     (without, _), _ = grad(params, (batch, None), models.models, models.settings, tokens, None)
-    lm_grad = jit(jax.grad(lambda p: ppo.ptx_loss(models.policy, p, ptx)))(state.policy.params)
+    lm_grad = jax.jit(jax.grad(lambda p: ppo.ptx_loss(models.policy, p, ptx)))(state.policy.params)
     for a, b, c in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(without), jax.tree.leaves(lm_grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) + 2.5 * np.asarray(c), rtol=1e-4, atol=1e-6)
     assert float(stats["ptx_loss"]) > 0

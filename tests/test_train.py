@@ -32,7 +32,8 @@ from rlhf_jax.models.checkpoint import load_model
 from rlhf_jax.models.tiny import build_tiny_model
 
 from cli_helpers import run_quietly as _quiet
-from compile_helpers import jit
+from compile_helpers import subprocess_env
+
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish", "bird", "star"]
@@ -62,13 +63,6 @@ def _assert_trees_equal(a: dict, b: dict) -> None:
         for key in path:
             y = y[key.key]
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
-
-
-def _subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -258,7 +252,7 @@ def test_rm_bias_gain_normalises_reference_rewards(rm_run):
     model = make_model(loaded.cfg, "scalar")
     tokenizer = load_tokenizer(loaded.tokenizer_dir)
     params = jax.tree.map(jnp.asarray, loaded.params)
-    fn = jit(lambda p, b: completion_rewards(model, p, b))
+    fn = jax.jit(lambda p, b: completion_rewards(model, p, b))
 
     reference, correct, pairs = [], 0, 0
     for batch in eval_batches(cfg.data, cfg.data.eval_split, tokenizer, cfg.train.batch_size):
@@ -318,7 +312,7 @@ def test_rm_epoch_reference_dataset_bias_and_micro_batched_eval(tiny, data_dir, 
     assert norm["gain"] == 1.0 and norm["reference"] == "rep"
     loaded = load_model(run_dir / "export")
     model, params = make_model(loaded.cfg, "scalar"), jax.tree.map(jnp.asarray, loaded.params)
-    score = jit(lambda p, ids, mask: last_token_values(forward(model, p, ids, mask), mask))
+    score = jax.jit(lambda p, ids, mask: last_token_values(forward(model, p, ids, mask), mask))
     rewards = []
     for batch in eval_batches(dataclasses.replace(cfg.data, name="rep"), "eval", load_tokenizer(tiny), 16):
         rewards.extend(np.asarray(score(params, batch["ids"], batch["mask"]))[batch["valid"]].tolist())
@@ -420,7 +414,7 @@ def _cli_command(tiny: Path, data_dir: Path, run_dir: Path) -> list[str]:
 def straight_run(tiny, data_dir, workdir) -> Path:
     """The uninterrupted run that interrupted and killed runs of the same command are compared with."""
     run_dir = workdir / "straight"
-    proc = subprocess.run(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=_subprocess_env(),
+    proc = subprocess.run(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed" not in proc.stderr
@@ -440,7 +434,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, err_file: Path) -> None:
 
 
 def _assert_resumes_to_the_straight_run(tiny, data_dir, run_dir: Path, straight_run: Path) -> str:
-    resumed = subprocess.run(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=_subprocess_env(),
+    resumed = subprocess.run(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=subprocess_env(),
                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr
     match = re.search(r"resumed from .* at step (\d+)", resumed.stderr)
@@ -457,7 +451,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tiny, data_dir, workdir, stra
     uninterrupted run and so are the losses logged after resuming, each step once."""
     killed_dir, err_file = workdir / "killed", workdir / "killed.err"
     with open(workdir / "killed.out", "w") as out, open(err_file, "w") as err:  # files: a full pipe could block
-        killed = subprocess.Popen(_cli_command(tiny, data_dir, killed_dir), cwd=REPO, env=_subprocess_env(),
+        killed = subprocess.Popen(_cli_command(tiny, data_dir, killed_dir), cwd=REPO, env=subprocess_env(),
                                   stdout=out, stderr=err)
         try:
             # Wait for the finished (renamed) checkpoint of step 20; Orbax writes it under a tmp name first.
@@ -483,7 +477,7 @@ def test_signal_saves_the_step_in_hand_and_exits_4(tiny, data_dir, workdir, stra
     sig = signal.SIGTERM
     run_dir, err_file = workdir / f"signalled_{sig.name}", workdir / f"signalled_{sig.name}.err"
     with open(workdir / f"signalled_{sig.name}.out", "w") as out, open(err_file, "w") as err:
-        proc = subprocess.Popen(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=_subprocess_env(),
+        proc = subprocess.Popen(_cli_command(tiny, data_dir, run_dir), cwd=REPO, env=subprocess_env(),
                                 stdout=out, stderr=err)
         try:
             _wait_for(run_dir / "metrics.jsonl", proc, err_file)
@@ -531,7 +525,7 @@ def test_bad_training_config_fails_fast(overrides, fragments, tiny, data_dir, wo
     run_dir = workdir / f"bad_{len(list(workdir.glob('bad_*')))}"
     cmd = [sys.executable, "-m", "rlhf_jax.main", *_sft_args(tiny, data_dir, run_dir, "train.steps=5"), *overrides]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     _assert_user_error(proc, *fragments)
     assert time.monotonic() - start < 60
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "export").exists()
