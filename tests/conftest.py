@@ -35,9 +35,9 @@ SHORT_DEMO = ["pipeline.task.task.corpus=1500", "pipeline.task.task.demonstratio
               "pipeline.ppo.ppo.samples_every=0"]
 # The fast tier (`make test`) shortens it further: every stage runs end to end once; the full tier, which checks
 # what each stage achieves (tests/test_pipeline.py), runs SHORT_DEMO.
-FAST_DEMO = [*SHORT_DEMO, "pipeline.task.task.prompts=300", "pipeline.pretrain.train.steps=100",
-             "pipeline.sft.train.steps=20", "pipeline.rm.train.epochs=2", "pipeline.ppo.train.steps=12",
-             "pipeline.ppo.train.save_every=4"]
+FAST_DEMO = [*SHORT_DEMO, "pipeline.task.task.prompts=300", "pipeline.pretrain.train.steps=40",
+             "pipeline.sft.train.steps=20", "pipeline.rm.train.epochs=1", "pipeline.dpo.train.epochs=1",
+             "pipeline.ppo.train.steps=6", "pipeline.ppo.train.save_every=2", "pipeline.ppo.train.log_every=2"]
 
 
 def fast_tier(config) -> bool:

@@ -34,7 +34,7 @@ from cli_helpers import run_quietly
 from compile_helpers import subprocess_env
 
 
-CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+CFG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=64, max_position_embeddings=64, eos_token_ids=(1,))
 B, P, N = 8, 6, 8
 
