@@ -31,10 +31,38 @@ FAMILIES = {
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rope_theta=1000000.0, tie_word_embeddings=True,
         eos_token_id=1, pad_token_id=0)),
+    # The newer families, each with its own head_dim != hidden / heads where it has one. Windows of 6 slots: the
+    # tests' prompts (12 wide, left-padded) and generations run past them.
+    "qwen3": (transformers.Qwen3Config, dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rope_theta=1000000.0,
+        tie_word_embeddings=True, use_sliding_window=True, sliding_window=6, max_window_layers=1,  # layer 1 slides
+        eos_token_id=1, pad_token_id=0)),
+    "mistral": (transformers.MistralConfig, dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=6, eos_token_id=1, bos_token_id=3,
+        pad_token_id=0)),
+    # Soft-caps small enough to bend this tiny model's scores (|scores| ~ 0.1) and logits (~ 0.5).
+    "gemma2": (transformers.Gemma2Config, dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=128,
+        sliding_window=6, attn_logit_softcapping=0.1, final_logit_softcapping=0.5, eos_token_id=1, bos_token_id=3,
+        pad_token_id=0)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20, max_position_embeddings=128,
+        sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1000000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=100.0)},
+        eos_token_id=[1, 2], bos_token_id=3, pad_token_id=0)),
 }
 CAUSAL_LM = {transformers.GPT2Config: transformers.GPT2LMHeadModel,
              transformers.LlamaConfig: transformers.LlamaForCausalLM,
-             transformers.Qwen2Config: transformers.Qwen2ForCausalLM}
+             transformers.Qwen2Config: transformers.Qwen2ForCausalLM,
+             transformers.Qwen3Config: transformers.Qwen3ForCausalLM,
+             transformers.MistralConfig: transformers.MistralForCausalLM,
+             transformers.Gemma2Config: transformers.Gemma2ForCausalLM,
+             transformers.Gemma3TextConfig: transformers.Gemma3ForCausalLM}
 
 
 def make_hf_model(name: str, out_dir, seed: int = 0):

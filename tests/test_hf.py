@@ -52,9 +52,10 @@ def test_eos_list_and_generation_config():
 
 def test_unsupported_architecture_lists_supported():
     with pytest.raises(HFFormatError) as e:
-        config_from_hf({**BASE, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+        config_from_hf({**BASE, "architectures": ["PhiForCausalLM"], "model_type": "phi"})
     msg = str(e.value)
-    assert "MistralForCausalLM" in msg and "LlamaForCausalLM" in msg and "GPT2LMHeadModel" in msg
+    assert "PhiForCausalLM" in msg and "LlamaForCausalLM" in msg and "GPT2LMHeadModel" in msg
+    assert "Gemma3ForCausalLM" in msg and "MistralForCausalLM" in msg and "Qwen3ForCausalLM" in msg
     assert "\n" not in msg
     with pytest.raises(HFFormatError, match="rope type 'yarn'"):
         config_from_hf({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

@@ -1,8 +1,9 @@
-"""A dry run of the reference pipelines (configs/tldr_gpt2.yaml, configs/hh_qwen2.5_0.5b.yaml), which need network
-and accelerators to run for real: every step validates and fits together, the real architectures have their
-published parameter counts, and every training step (sft, rm, ppo) compiles on the 8-device CPU mesh with the
-step's own batch sizes, sequence lengths, optimizer, accumulation and PPO settings, on a tiny stand-in model of
-the same family, built by rlhf_jax/plan/ as --dry-run builds them. Inputs are abstract (jax.ShapeDtypeStruct with
+"""A dry run of the reference pipelines (configs/tldr_gpt2.yaml, configs/hh_qwen2.5_0.5b.yaml,
+configs/hh_qwen3_0.6b.yaml, configs/tldr_gemma3_1b.yaml), which need network and accelerators to run for real:
+every step validates and fits together, the real architectures have their published parameter counts, and every
+training step (sft, rm, ppo) compiles on the 8-device CPU mesh with the step's own batch sizes, sequence lengths,
+optimizer, accumulation and PPO settings, on a tiny stand-in model of the same family, built by rlhf_jax/plan/ as
+--dry-run builds them. Inputs are abstract (jax.ShapeDtypeStruct with
 shardings): nothing is downloaded, nothing large is allocated and nothing runs."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from rlhf_jax import pipeline
 from rlhf_jax.data import formats
 from rlhf_jax.data.formats import hh_rlhf, tldr
+from rlhf_jax.models.architecture import FULL, SLIDING
 from rlhf_jax.models.hf_config import config_from_hf
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
 from rlhf_jax.plan.figures import compile_program
@@ -34,7 +36,17 @@ GPT2_124M = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=1
 QWEN25_05B = ModelConfig(family="qwen2", vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
                          head_dim=64, d_ff=4864, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1e6,
                          qkv_bias=True, tie_embeddings=True, bos_token_id=151643, eos_token_ids=(151643,))
-# The fields of their config.json that matter to us (openai-community/gpt2, Qwen/Qwen2.5-0.5B).
+QWEN3_06B = ModelConfig(family="qwen3", vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                        head_dim=128, d_ff=3072, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1e6,
+                        tie_embeddings=True, bos_token_id=151643, eos_token_ids=(151643,))
+# Gemma 3: every 6th layer global, the others slide over 512 tokens with their own RoPE base.
+GEMMA3_1B = ModelConfig(family="gemma3", vocab_size=262144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1,
+                        head_dim=256, d_ff=6912, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1e6,
+                        tie_embeddings=True, bos_token_id=2, eos_token_ids=(1,), pad_token_id=0, sliding_window=512,
+                        layer_types=tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(26)),
+                        rope_local_theta=10000.0, query_pre_attn_scalar=256.0)
+# The fields of their config.json that matter to us (openai-community/gpt2, Qwen/Qwen2.5-0.5B, Qwen/Qwen3-0.6B-Base,
+# google/gemma-3-1b-pt).
 HF_CONFIGS = {
     "tldr_gpt2": dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12,
                       n_head=12, n_positions=1024, layer_norm_epsilon=1e-5, activation_function="gelu_new",
@@ -44,6 +56,19 @@ HF_CONFIGS = {
                             num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
                             rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=True,
                             use_sliding_window=False, bos_token_id=151643, eos_token_id=151643),
+    "hh_qwen3_0.6b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
+                          intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                          head_dim=128, max_position_embeddings=32768, max_window_layers=28, rms_norm_eps=1e-6,
+                          rope_theta=1000000, rope_scaling=None, hidden_act="silu", attention_bias=False,
+                          tie_word_embeddings=True, sliding_window=None, use_sliding_window=False,
+                          bos_token_id=151643, eos_token_id=151643),
+    "tldr_gemma3_1b": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262144,
+                           hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                           hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, rope_theta=1000000,
+                           rope_local_base_freq=10000, rope_scaling=None, sliding_window=512,
+                           sliding_window_pattern=6, attn_logit_softcapping=None, final_logit_softcapping=None,
+                           attention_bias=False, bos_token_id=2, eos_token_id=1, pad_token_id=0),
 }
 # Tiny stand-ins: the same family, flags and position table; one small layer (compile time grows with layers).
 TINY = dict(vocab_size=128, d_model=32, n_layers=1, head_dim=8, d_ff=64, eos_token_ids=(1,))
@@ -54,6 +79,12 @@ REFERENCES = {
                   "models/gpt2"),
     "hh_qwen2.5_0.5b": (QWEN25_05B, 494_032_768, dataclasses.replace(QWEN25_05B, n_heads=4, n_kv_heads=2, **TINY),
                         "models/qwen2.5-0.5b"),
+    "hh_qwen3_0.6b": (QWEN3_06B, 596_049_920, dataclasses.replace(QWEN3_06B, n_heads=4, n_kv_heads=2, **TINY),
+                      "models/qwen3-0.6b-base"),
+    # the stand-in's one layer slides (512 tokens, shorter than TL;DR's sequences)
+    "tldr_gemma3_1b": (GEMMA3_1B, 999_885_952, dataclasses.replace(GEMMA3_1B, n_heads=4, n_kv_heads=1,
+                                                                   layer_types=(SLIDING,), **TINY),
+                       "models/gemma-3-1b-pt"),
 }
 URLS = {"tldr_sft": [tldr.TLDR_SFT_URLS["train"]], "tldr_prompts": [tldr.TLDR_SFT_URLS["train"]],
         "tldr_comparisons": [tldr.TLDR_COMPARISONS_URL.format(n=n) for n in tldr.TLDR_COMPARISONS_BATCHES],

@@ -1,6 +1,7 @@
-"""Hugging Face config.json <-> ModelConfig for the supported architectures (GPT-2, Llama, Qwen2; language-model
-and sequence-classification heads), with the reading of a checkpoint's JSON files and the `HFFormatError` for a
-directory that is not a supported HF model. No torch, no code execution.
+"""Hugging Face config.json <-> ModelConfig for the supported architectures (GPT-2, Llama, Qwen2, Qwen3, Mistral,
+Gemma 2, Gemma 3 text; language-model and sequence-classification heads), with the reading of a checkpoint's JSON
+files and the `HFFormatError` for a directory that is not a supported HF model. No torch, no code execution.
+Keys a config.json leaves out take the defaults of transformers' config class for the newer families.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import json
 from pathlib import Path
 
 from rlhf_jax.errors import UserError, os_reason
-from rlhf_jax.models.transformer import ModelConfig
+from rlhf_jax.models.architecture import FULL, SLIDING, ModelConfig
 
 # (family, head) for each supported HF architecture.
 ARCHITECTURES = {
@@ -19,10 +20,36 @@ ARCHITECTURES = {
     "LlamaForSequenceClassification": ("llama", "scalar"),
     "Qwen2ForCausalLM": ("qwen2", "lm"),
     "Qwen2ForSequenceClassification": ("qwen2", "scalar"),
+    "Qwen3ForCausalLM": ("qwen3", "lm"),
+    "Qwen3ForSequenceClassification": ("qwen3", "scalar"),
+    "MistralForCausalLM": ("mistral", "lm"),
+    "MistralForSequenceClassification": ("mistral", "scalar"),
+    "Gemma2ForCausalLM": ("gemma2", "lm"),
+    "Gemma2ForSequenceClassification": ("gemma2", "scalar"),
+    "Gemma3ForCausalLM": ("gemma3", "lm"),
+    "Gemma3TextForSequenceClassification": ("gemma3", "scalar"),
 }
-_ARCH_NAMES = {("gpt2", "lm"): "GPT2LMHeadModel", ("gpt2", "scalar"): "GPT2ForSequenceClassification",
-               ("llama", "lm"): "LlamaForCausalLM", ("llama", "scalar"): "LlamaForSequenceClassification",
-               ("qwen2", "lm"): "Qwen2ForCausalLM", ("qwen2", "scalar"): "Qwen2ForSequenceClassification"}
+_ARCH_NAMES = {family_head: arch for arch, family_head in ARCHITECTURES.items()}
+# config.json's model_type of each family (Gemma 3's text-only model is "gemma3_text").
+MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
+               "gemma2": "gemma2", "gemma3": "gemma3_text"}
+_FAMILY_OF_TYPE = {model_type: family for family, model_type in MODEL_TYPES.items()}
+# Defaults for keys a config.json may leave out: transformers' for the newer families; for Llama and Qwen2 the ones
+# rlhf_jax has always read them with.
+_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0),
+    "qwen2": dict(max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0),
+    "qwen3": dict(max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=10000.0, head_dim=128,
+                  sliding_window=4096, max_window_layers=28),
+    "mistral": dict(max_position_embeddings=4096 * 32, tie_word_embeddings=False, rope_theta=10000.0,
+                    sliding_window=4096),
+    "gemma2": dict(max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=10000.0, head_dim=256,
+                   sliding_window=4096, query_pre_attn_scalar=256, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
+    "gemma3": dict(max_position_embeddings=131072, tie_word_embeddings=True, rope_theta=1_000_000.0, head_dim=256,
+                   sliding_window=4096, query_pre_attn_scalar=256, final_logit_softcapping=None,
+                   rope_local_base_freq=10000.0, sliding_window_pattern=6),
+}
 
 
 class HFFormatError(UserError):
@@ -52,11 +79,13 @@ def _as_tuple(ids) -> tuple[int, ...]:
     return tuple(int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
 
 
-def _rope_fields(hf: dict) -> dict:
+def _rope_fields(hf: dict, default_theta: float = 10000.0) -> dict:
     """Both layouts: transformers 5 `rope_parameters`, and top-level `rope_theta` + `rope_scaling`."""
     params = dict(hf.get("rope_parameters") or {})
+    if FULL in params or SLIDING in params:  # per layer type (Gemma 3): the global layers' rope here
+        params = dict(params.get(FULL) or {})
     scaling = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
@@ -71,6 +100,96 @@ def _rope_fields(hf: dict) -> dict:
     return out
 
 
+def _local_rope_theta(hf: dict, where: str) -> float:
+    """Gemma 3's sliding layers' RoPE base: rope_parameters["sliding_attention"] or rope_local_base_freq."""
+    local = (hf.get("rope_parameters") or {}).get(SLIDING) or {}
+    rope_type = local.get("rope_type", local.get("type", "default"))
+    if rope_type != "default":
+        raise HFFormatError(f"{where}: sliding layers' rope type {rope_type!r} is not supported; supported: default")
+    return float(local.get("rope_theta", hf.get("rope_local_base_freq", _DEFAULTS["gemma3"]["rope_local_base_freq"])))
+
+
+def _get(hf: dict, family: str, key: str):
+    """A config.json value, or transformers' default for the family when the key is absent (null stays None)."""
+    return hf[key] if key in hf else _DEFAULTS[family][key]
+
+
+def _layer_types(hf: dict, family: str, n_layers: int, window: int | None, where: str) -> tuple[str, ...]:
+    """Which layers slide, as transformers derives it: config.json's `layer_types`, else Gemma 2's even layers,
+    Gemma 3's `sliding_window_pattern` (every pattern-th layer is global) or Qwen3's layers from
+    `max_window_layers` on. () without a window (every layer is global) and for Mistral (every layer slides)."""
+    if window is None or family == "mistral":
+        return ()
+    types = hf.get("layer_types")
+    if types is None:
+        if family == "gemma2":
+            types = [SLIDING if (i + 1) % 2 else FULL for i in range(n_layers)]
+        elif family == "gemma3":
+            pattern = int(_get(hf, family, "sliding_window_pattern"))
+            types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+        else:  # qwen3
+            first = int(_get(hf, family, "max_window_layers"))
+            types = [SLIDING if i >= first else FULL for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {SLIDING, FULL}:
+        raise HFFormatError(f"{where}: layer_types must list {n_layers} entries, each {SLIDING!r} or {FULL!r}")
+    return tuple(types)
+
+
+def _gpt2_config(hf: dict, common: dict, where: str) -> ModelConfig:
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise HFFormatError(f"{where}: GPT-2 activation {hf['activation_function']!r} is not supported")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+        raise HFFormatError(f"{where}: only standard GPT-2 attention scaling is supported")
+    d = hf["n_embd"]
+    return ModelConfig(**common, d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"], n_kv_heads=hf["n_head"],
+                       head_dim=d // hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
+                       max_position_embeddings=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def _decoder_config(hf: dict, family: str, common: dict, where: str) -> ModelConfig:
+    """Llama, Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3 text."""
+    gemma = family in ("gemma2", "gemma3")
+    act_key = "hidden_activation" if gemma else "hidden_act"
+    expected = "gelu_pytorch_tanh" if gemma else "silu"
+    if hf.get(act_key, expected) != expected:
+        raise HFFormatError(f"{where}: {act_key} {hf[act_key]!r} is not supported (expected {expected})")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        raise HFFormatError(f"{where}: sliding-window attention is not supported for qwen2")
+    if family in ("qwen3", "gemma2", "gemma3") and hf.get("attention_bias"):  # their o_proj would have one too
+        raise HFFormatError(f"{where}: attention_bias: true is not supported for {family}")
+    if gemma and hf.get("use_bidirectional_attention"):
+        raise HFFormatError(f"{where}: use_bidirectional_attention: true is not supported (a decoder is causal)")
+    n_heads, n_layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+    defaults = _DEFAULTS[family]
+    window = None
+    if family in ("qwen3", "mistral", "gemma2", "gemma3"):
+        window = _get(hf, family, "sliding_window")
+        if family == "qwen3" and not hf.get("use_sliding_window", False):
+            window = None  # as Qwen3Config: the window holds only with use_sliding_window
+    extra = {}
+    if gemma:
+        extra = dict(query_pre_attn_scalar=float(_get(hf, family, "query_pre_attn_scalar")),
+                     final_softcap=_get(hf, family, "final_logit_softcapping"),
+                     # transformers' Gemma 3 attention ignores attn_logit_softcapping: so do we
+                     attn_softcap=_get(hf, family, "attn_logit_softcapping") if family == "gemma2" else None)
+        extra = {k: (float(v) if v is not None else None) for k, v in extra.items()}
+    if family == "gemma3":
+        extra["rope_local_theta"] = _local_rope_theta(hf, where)
+    return ModelConfig(**common, d_model=hf["hidden_size"], n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                       head_dim=hf.get("head_dim") or defaults.get("head_dim") or hf["hidden_size"] // n_heads,
+                       d_ff=hf["intermediate_size"],
+                       max_position_embeddings=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       qkv_bias=family == "qwen2" or (family == "llama" and bool(hf.get("attention_bias", False))),
+                       mlp_bias=family in ("llama", "qwen2") and bool(hf.get("mlp_bias", False)),
+                       tie_embeddings=hf.get("tie_word_embeddings", defaults["tie_word_embeddings"]),
+                       sliding_window=None if window is None else int(window),
+                       layer_types=_layer_types(hf, family, n_layers, window, where),
+                       **_rope_fields(hf, defaults["rope_theta"]), **extra)
+
+
 def config_from_hf(hf: dict, generation: dict | None = None, where: str = "config.json") -> tuple[ModelConfig, str]:
     """(ModelConfig, head) from a parsed config.json (and generation_config.json, whose EOS ids win)."""
     archs = hf.get("architectures") or []
@@ -78,8 +197,8 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None and archs:
         raise HFFormatError(f"{where}: architecture {archs[0]!r} is not supported; supported: {_supported()}")
-    family, head = ARCHITECTURES[arch] if arch else (model_type, "lm")
-    if family not in ("gpt2", "llama", "qwen2"):
+    family, head = ARCHITECTURES[arch] if arch else (_FAMILY_OF_TYPE.get(model_type), "lm")
+    if family is None:
         raise HFFormatError(f"{where}: model_type {model_type!r} is not supported; supported: {_supported()}")
     generation = generation or {}
     eos = _as_tuple(generation.get("eos_token_id", hf.get("eos_token_id")))
@@ -89,40 +208,25 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
                   eos_token_ids=eos, pad_token_id=pad)
     try:
         if family == "gpt2":
-            if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise HFFormatError(f"{where}: GPT-2 activation {hf['activation_function']!r} is not supported")
-            if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-                raise HFFormatError(f"{where}: only standard GPT-2 attention scaling is supported")
-            d = hf["n_embd"]
-            cfg = ModelConfig(**common, d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                              n_kv_heads=hf["n_head"], head_dim=d // hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-                              max_position_embeddings=hf["n_positions"],
-                              norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                              tie_embeddings=hf.get("tie_word_embeddings", True))
-        else:
-            if hf.get("hidden_act", "silu") != "silu":
-                raise HFFormatError(f"{where}: activation {hf['hidden_act']!r} is not supported (expected silu)")
-            if hf.get("use_sliding_window"):
-                raise HFFormatError(f"{where}: sliding-window attention is not supported")
-            n_heads = hf["num_attention_heads"]
-            cfg = ModelConfig(**common, d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                              n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                              head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-                              d_ff=hf["intermediate_size"],
-                              max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                              norm_eps=hf.get("rms_norm_eps", 1e-6),
-                              qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-                              mlp_bias=bool(hf.get("mlp_bias", False)),
-                              tie_embeddings=hf.get("tie_word_embeddings", False), **_rope_fields(hf))
+            return _gpt2_config(hf, common, where), head
+        return _decoder_config(hf, family, common, where), head
     except KeyError as e:
         raise HFFormatError(f"{where}: missing key {e.args[0]!r} for a {family} model") from None
-    return cfg, head
+    except HFFormatError:
+        raise
+    except (TypeError, ValueError) as e:  # ModelConfig's own checks, a null or non-numeric number
+        raise HFFormatError(f"{where}: invalid value for a {family} model ({e})") from None
+
+
+def _number(x: float | None):
+    """An integral float as an int (transformers types query_pre_attn_scalar as int)."""
+    return int(x) if x is not None and float(x).is_integer() else x
 
 
 def config_to_hf(cfg: ModelConfig, head: str = "lm") -> dict:
     """A config.json dict that transformers loads as the matching architecture."""
-    out = dict(architectures=[_ARCH_NAMES[(cfg.family, head)]], model_type=cfg.family, vocab_size=cfg.vocab_size,
-               bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id,
+    out = dict(architectures=[_ARCH_NAMES[(cfg.family, head)]], model_type=MODEL_TYPES[cfg.family],
+               vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id,
                eos_token_id=(list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0]),
                tie_word_embeddings=cfg.tie_embeddings, torch_dtype="float32")
     if head == "scalar":
@@ -146,4 +250,18 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm") -> dict:
                attention_dropout=0.0)
     if cfg.family == "llama":
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.family in ("qwen3", "mistral", "gemma2", "gemma3"):
+        out["sliding_window"] = cfg.sliding_window
+    if cfg.family in ("qwen3", "gemma2", "gemma3"):
+        out.update(attention_bias=False,
+                   layer_types=[SLIDING if cfg.is_sliding(i) else FULL for i in range(cfg.n_layers)])
+    if cfg.family == "qwen3":
+        out.update(use_sliding_window=cfg.sliding_window is not None, max_window_layers=cfg.n_layers)
+    if cfg.is_gemma:
+        del out["hidden_act"]
+        out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar),
+                   final_logit_softcapping=cfg.final_softcap, attn_logit_softcapping=cfg.attn_softcap)
+    if cfg.family == "gemma3":  # rope per layer type; rope_local_base_freq for older readers
+        local = dict(rope_type="default", rope_theta=cfg.rope_local_theta)
+        out.update(rope_parameters={FULL: rope, SLIDING: local}, rope_local_base_freq=cfg.rope_local_theta)
     return out

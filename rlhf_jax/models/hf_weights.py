@@ -1,5 +1,5 @@
-"""Hugging Face safetensors tensors <-> rlhf_jax params: every tensor's HF name, transpose and reshape, in
-explicit tables so that each is visible next to its HF name.
+"""Hugging Face safetensors tensors <-> rlhf_jax params, for every supported family: every tensor's HF name,
+transpose and reshape, in explicit tables so that each is visible next to its HF name.
 """
 
 from __future__ import annotations
@@ -12,6 +12,16 @@ from rlhf_jax.models.transformer import ModelConfig
 
 def _prefix(cfg: ModelConfig) -> str:
     return "transformer." if cfg.is_gpt2 else "model."
+
+
+def _layer_norms(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(HF name, our name) of a decoder layer's norms. Llama's post_attention_layernorm is the MLP's input norm;
+    Gemma's normalises the attention output, and pre_feedforward_layernorm is the MLP's input norm."""
+    if cfg.is_gemma:
+        return [("input_layernorm.weight", "attn_norm"), ("post_attention_layernorm.weight", "post_attn_norm"),
+                ("pre_feedforward_layernorm.weight", "mlp_norm"),
+                ("post_feedforward_layernorm.weight", "post_mlp_norm")]
+    return [("input_layernorm.weight", "attn_norm"), ("post_attention_layernorm.weight", "mlp_norm")]
 
 
 def params_to_hf(params: dict, cfg: ModelConfig, head: str = "lm") -> dict[str, np.ndarray]:
@@ -52,8 +62,11 @@ def params_to_hf(params: dict, cfg: ModelConfig, head: str = "lm") -> dict[str, 
             out[lp + "mlp.c_proj.bias"] = a(mlp["wo_bias"])
         else:
             lp = f"{pre}layers.{i}."
-            out[lp + "input_layernorm.weight"] = a(layer["attn_norm"]["scale"])
-            out[lp + "post_attention_layernorm.weight"] = a(layer["mlp_norm"]["scale"])
+            for hf_name, ours in _layer_norms(cfg):
+                out[lp + hf_name] = a(layer[ours]["scale"])
+            if cfg.qk_norm:
+                out[lp + "self_attn.q_norm.weight"] = a(attn["q_norm"]["scale"])
+                out[lp + "self_attn.k_norm.weight"] = a(attn["k_norm"]["scale"])
             out[lp + "self_attn.q_proj.weight"] = q_DN.T  # Linear: (out, in)
             out[lp + "self_attn.k_proj.weight"] = k_DK.T
             out[lp + "self_attn.v_proj.weight"] = v_DK.T
@@ -132,6 +145,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, head: str =
             attn = {"qkv": qkv_from(get(sa + "q_proj.weight", (N * H, D)).T, get(sa + "k_proj.weight", (K * H, D)).T,
                                     get(sa + "v_proj.weight", (K * H, D)).T),
                     "o": get(sa + "o_proj.weight", (D, N * H)).T.reshape(N, H, D)}
+            if cfg.qk_norm:
+                attn["q_norm"] = {"scale": get(sa + "q_norm.weight", (H,))}
+                attn["k_norm"] = {"scale": get(sa + "k_norm.weight", (H,))}
             if cfg.qkv_bias:
                 attn["qkv_bias"] = qkv_bias_from(get(sa + "q_proj.bias", (N * H,)), get(sa + "k_proj.bias", (K * H,)),
                                                  get(sa + "v_proj.bias", (K * H,)))
@@ -141,9 +157,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, head: str =
             if cfg.mlp_bias:
                 mlp["wi_bias"] = np.stack([get(lp + "mlp.gate_proj.bias", (F,)), get(lp + "mlp.up_proj.bias", (F,))])
                 mlp["wo_bias"] = get(lp + "mlp.down_proj.bias", (D,))
-            layer = {"attn_norm": {"scale": get(lp + "input_layernorm.weight", (D,))},
-                     "mlp_norm": {"scale": get(lp + "post_attention_layernorm.weight", (D,))},
-                     "attn": attn, "mlp": mlp}
+            layer = {ours: {"scale": get(lp + hf_name, (D,))} for hf_name, ours in _layer_norms(cfg)}
+            layer.update(attn=attn, mlp=mlp)
         p[f"layer_{i}"] = layer
     if cfg.is_gpt2:
         p["final_norm"] = {"scale": get(pre + "ln_f.weight", (D,)), "bias": get(pre + "ln_f.bias", (D,))}

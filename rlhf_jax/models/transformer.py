@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.architecture import Family, ModelConfig  # noqa: F401 (re-exported)
-from rlhf_jax.models.layers import (  # noqa: F401 (re-exported)
-    MLP, NEG_INF, Attention, AttentionImpl, Norm, apply_rope, dense_init, einsum, param, rope_inv_freq, softcap)
+from rlhf_jax.models.architecture import ModelConfig
+from rlhf_jax.models.layers import MLP, Attention, AttentionImpl, Norm, dense_init, einsum, param, softcap
 
 PAD_ID = -1  # never a real token: masks carry the truth and the model embeds out-of-range ids as 0
 

@@ -1,0 +1,242 @@
+"""The transformer's layers: RoPE, norms, attention (full, sliding-window, soft-capped; einsum or cuDNN) and the
+MLP, for every variation a `ModelConfig` describes.
+
+Shape suffixes: B batch, T query length, S key length (cache slots), D model width, K KV heads,
+G query heads per KV head, N = K * G query heads, H head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.architecture import ModelConfig
+
+AttentionImpl = Literal["auto", "einsum", "cudnn"]
+NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keeps one allowed key, see Attention)
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies with HF's rope_scaling rules ('default', 'linear', 'llama3'); `local`: a sliding
+    layer's own base (Gemma 3's rope_local_base_freq), which HF never scales."""
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta is not None else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    if cfg.rope_type == "default" or (local and cfg.rope_local_theta is not None):
+        return inv_freq
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        low_wavelen = cfg.rope_original_max_position / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_position / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (cfg.rope_original_max_position / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {cfg.rope_type!r}; supported: default, linear, llama3")
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_H2: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF layout), computed in float32."""
+    angles_BTH2 = positions_BT[..., None].astype(jnp.float32) * inv_freq_H2
+    cos = jnp.cos(angles_BTH2)[:, :, None, :]
+    sin = jnp.sin(angles_BTH2)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def einsum(dtype, spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+    """float32 compute means float32 matmuls on every backend (GPUs would otherwise use TF32); bf16 is the
+    fast path. `out_dtype=jnp.float32` keeps a bf16 matmul's float32 accumulator instead of rounding it."""
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=out_dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft-capping, tanh(x / cap) * cap; the identity without a cap."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _cudnn_attention_available() -> bool:
+    """An NVIDIA GPU that cuDNN's fused attention runs on (Ampere or newer); never on CPU, TPU or ROCm."""
+    if jax.default_backend() != "gpu":
+        return False
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if "cuda" not in device.client.platform_version.lower() or capability is None:
+        return False
+    return tuple(int(x) for x in str(capability).split(".")[:2]) >= (8, 0)
+
+
+def _use_cudnn_attention(impl: AttentionImpl, dtype, full_pass: bool, T: int, H: int,
+                         softcapped: bool = False) -> bool:
+    """cuDNN flash attention for bf16 full-sequence passes (training, teacher forcing, scoring). float32 keeps
+    the HIGHEST-precision einsum and cached decode keeps the einsum; so do soft-capped scores, which cuDNN's
+    call cannot express. The shape limits are cuDNN's: head dim a multiple of 8 up to 128, and an even length
+    (its backward pass with a mask needs one)."""
+    if not full_pass or impl == "einsum" or softcapped:
+        return False
+    if impl == "cudnn":
+        return True
+    return (jnp.dtype(dtype) == jnp.bfloat16 and H % 8 == 0 and H <= 128 and T % 2 == 0
+            and _cudnn_attention_available())
+
+
+def param(module: nn.Module, name: str, shape, axes, init, dtype):
+    """Declares a parameter with its logical axis names (used by `rlhf_jax.runtime.sharding`)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def dense_init(scale: float = 0.02):
+    return nn.initializers.normal(stddev=scale)
+
+
+class Norm(nn.Module):
+    """LayerNorm with bias (GPT-2) or RMSNorm over the last axis, in float32; Gemma's RMSNorm scales by (1 + w)
+    (its checkpoints store w, initialised at 0). `dim`: the normalised width, d_model unless given."""
+
+    cfg: ModelConfig
+    param_dtype: Any = jnp.float32
+    dim: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        d = self.dim or self.cfg.d_model
+        init = nn.initializers.zeros if self.cfg.is_gemma else nn.initializers.ones
+        scale = param(self, "scale", (d,), ("norm",), init, self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        if self.cfg.is_gpt2:  # LayerNorm with bias
+            bias = param(self, "bias", (d,), ("norm",), nn.initializers.zeros, self.param_dtype)
+            mean = x32.mean(-1, keepdims=True)
+            var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale + bias
+        else:  # RMSNorm
+            y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.cfg.norm_eps)
+            y = y * (1.0 + scale.astype(jnp.float32)) if self.cfg.is_gemma else y * scale
+        return y.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over this call's tokens or a KV cache. `sliding`: this layer attends within
+    cfg.sliding_window cache slots (and, with cfg.rope_local_theta, rotates by its local RoPE base)."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention: AttentionImpl = "auto"
+    sliding: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
+        cfg = self.cfg
+        D, K, G, H = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
+        B, T, _ = x_BTD.shape
+        # Per KV head: its G query heads, then its key head, then its value head.
+        w_qkv = param(self, "qkv", (D, K, G + 2, H), ("embed", "kv_heads", None, "head_dim"), dense_init(),
+                      self.param_dtype)
+        qkv_BTKCH = einsum(self.dtype, "btd,dkch->btkch", x_BTD, w_qkv.astype(self.dtype))
+        if cfg.qkv_bias or cfg.is_gpt2:
+            b_qkv = param(self, "qkv_bias", (K, G + 2, H), ("kv_heads", None, "head_dim"), nn.initializers.zeros,
+                          self.param_dtype)
+            qkv_BTKCH = qkv_BTKCH + b_qkv.astype(self.dtype)
+        q_BTKGH = qkv_BTKCH[:, :, :, :G]
+        k_BTKH = qkv_BTKCH[:, :, :, G]
+        v_BTKH = qkv_BTKCH[:, :, :, G + 1]
+        if cfg.qk_norm:  # per head, before RoPE
+            q_BTKGH = Norm(cfg=cfg, param_dtype=self.param_dtype, dim=H, name="q_norm")(q_BTKGH)
+            k_BTKH = Norm(cfg=cfg, param_dtype=self.param_dtype, dim=H, name="k_norm")(k_BTKH)
+        if not cfg.is_gpt2:
+            inv_freq = rope_inv_freq(cfg, local=self.sliding)
+            q_BTKGH = apply_rope(q_BTKGH.reshape(B, T, K * G, H), positions_BT, inv_freq).reshape(B, T, K, G, H)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+
+        if layer_cache is None:  # full sequence: keys are this call's tokens
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+            query_slot_T = jnp.arange(T)
+            new_cache = None
+        else:  # write this call's keys into the cache in place, attend over every slot
+            k_cache, v_cache = layer_cache
+            start = (0, cache_index, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
+            query_slot_T = cache_index + jnp.arange(T)
+            new_cache = (k_BSKH, v_BSKH)
+        S = k_BSKH.shape[1]
+        causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+        if self.sliding and cfg.sliding_window is not None:  # by slot distance, as HF's masks; rows are contiguous
+            causal_TS = causal_TS & (query_slot_T[:, None] - jnp.arange(S)[None, :] < cfg.sliding_window)
+        allowed_BTS = causal_TS[None] & key_mask_BS[:, None, :].astype(bool)
+        if segment_ids_BT is not None:  # packed rows: attend only within one's own example
+            allowed_BTS = allowed_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+        # A left-pad query has no allowed key; letting it see its own slot leaves no row fully masked, so no
+        # implementation can give NaN. Real tokens already see their own slot, so their outputs are unchanged.
+        allowed_BTS = allowed_BTS | (jnp.arange(S)[None, :] == query_slot_T[:, None])[None]
+
+        scale = 1 / math.sqrt(H) if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
+        if _use_cudnn_attention(self.attention, self.dtype, layer_cache is None, T, H, cfg.attn_softcap is not None):
+            # Query head k * G + g uses KV head k, which is dot_product_attention's GQA grouping too.
+            out_BTNH = jax.nn.dot_product_attention(
+                q_BTKGH.reshape(B, T, K * G, H).astype(self.dtype), k_BSKH, v_BSKH, mask=allowed_BTS[:, None],
+                scale=scale, implementation="cudnn")
+        else:
+            # float32 scores even for bf16 inputs: rounding logits to bf16 before the softmax costs accuracy.
+            scores_BKGTS = einsum(self.dtype, "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, out_dtype=jnp.float32)
+            if cfg.query_pre_attn_scalar is None:
+                scores_BKGTS = scores_BKGTS / math.sqrt(H)
+            else:
+                scores_BKGTS = scores_BKGTS * scale
+            scores_BKGTS = softcap(scores_BKGTS, cfg.attn_softcap)
+            scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, NEG_INF)
+            probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
+            out_BTKGH = einsum(self.dtype, "bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+            out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
+
+        w_o = param(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), dense_init(), self.param_dtype)
+        out_BTD = einsum(self.dtype, "btnh,nhd->btd", out_BTNH, w_o.astype(self.dtype))
+        if cfg.is_gpt2:
+            b_o = param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
+            out_BTD = out_BTD + b_o.astype(self.dtype)
+        return out_BTD, new_cache
+
+
+class MLP(nn.Module):
+    """GPT-2's GELU MLP, SwiGLU (Llama, Qwen, Mistral) or GeGLU (Gemma, tanh-approximated GELU)."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        gated = not cfg.is_gpt2
+        n_in = 2 if gated else 1  # the gated MLPs stack gate and up into one matmul
+        has_bias = cfg.is_gpt2 or cfg.mlp_bias
+        w_in = param(self, "wi", (cfg.d_model, n_in, cfg.d_ff), ("embed", None, "mlp"), dense_init(),
+                     self.param_dtype)
+        h_BTCF = einsum(self.dtype, "btd,dcf->btcf", x_BTD, w_in.astype(self.dtype))
+        if has_bias:
+            b_in = param(self, "wi_bias", (n_in, cfg.d_ff), (None, "mlp"), nn.initializers.zeros, self.param_dtype)
+            h_BTCF = h_BTCF + b_in.astype(self.dtype)
+        if cfg.is_gemma:
+            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True) * h_BTCF[:, :, 1]  # gelu_pytorch_tanh
+        elif gated:
+            h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
+        else:
+            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True)  # GPT-2's gelu_new
+        w_out = param(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), dense_init(), self.param_dtype)
+        out_BTD = einsum(self.dtype, "btf,fd->btd", h_BTF, w_out.astype(self.dtype))
+        if has_bias:
+            b_out = param(self, "wo_bias", (cfg.d_model,), ("embed",), nn.initializers.zeros, self.param_dtype)
+            out_BTD = out_BTD + b_out.astype(self.dtype)
+        return out_BTD
