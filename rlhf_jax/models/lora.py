@@ -1,0 +1,137 @@
+"""LoRA (Hu et al. 2021): a rank-R update W + (alpha / R) * A @ B of each targeted projection, on the fused layout of
+`rlhf_jax.models.transformer` (q/k/v inside `qkv`, gate/up inside `wi`); its merge into the params, and the PEFT
+adapter layout (adapter_config.json + adapter_model.safetensors) that loads on the HF base model.
+
+An adapter is {"a_IR": (I, R), "b_RO": (R, O)} for a matrix that maps I inputs to O outputs (x_BTI @ W_IO): `b`
+starts at zero, so a fresh adapter leaves the model exactly as it was. PEFT stores the transposes
+(lora_A.weight (R, I), lora_B.weight (O, R)) with the same scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.transformer import ModelConfig
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# The HF module each target adapts, under model.layers.<i>.
+HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise UserError(f"lora.rank must be at least 1, got {self.rank}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise UserError(f"lora.targets must be a non-empty list of {', '.join(TARGETS)}; got {list(self.targets)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def check_family(cfg: ModelConfig) -> None:
+    if cfg.is_gpt2:  # its fused c_attn has no separate q/k/v modules for an adapter to name
+        raise UserError("LoRA is supported for the Llama-style families (llama, qwen2, qwen3, mistral, gemma2, "
+                        "gemma3), not gpt2")
+
+
+def matrix_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
+    """(I, O) of the projection a target adapts, as HF's Linear(I, O) has it."""
+    D, F, N, KH = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q": (D, N), "k": (D, KH), "v": (D, KH), "o": (N, D), "gate": (D, F), "up": (D, F), "down": (F, D)}[target]
+
+
+def init_adapters(cfg: ModelConfig, spec: LoraSpec, rng: jax.Array, dtype=jnp.float32) -> dict:
+    """Fresh adapters {"layer_<i>": {target: {"a_IR", "b_RO"}}}: A uniform in +-1/sqrt(I) (PEFT's default,
+    Kaiming-uniform with a = sqrt(5)), B zero."""
+    check_family(cfg)
+    out = {}
+    for i, layer_rng in enumerate(jax.random.split(rng, cfg.n_layers)):
+        layer = {}
+        for target, key in zip(spec.targets, jax.random.split(layer_rng, len(spec.targets))):
+            I, O = matrix_shape(cfg, target)
+            bound = 1.0 / math.sqrt(I)
+            layer[target] = {"a_IR": jax.random.uniform(key, (I, spec.rank), dtype, -bound, bound),
+                             "b_RO": jnp.zeros((spec.rank, O), dtype)}
+        out[f"layer_{i}"] = layer
+    return out
+
+
+def _add_delta(layer: dict, target: str, delta_IO: jax.Array, cfg: ModelConfig) -> dict:
+    """`layer` with delta_IO added to the slice of the fused tensor that holds the target's HF matrix."""
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+    K, G, H, D = cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.d_model
+    add = lambda w, where, d: jnp.asarray(w).at[where].add(d.astype(w.dtype))
+    if target == "q":  # qkv_DKCH: per KV head, its G query heads, then k, then v (HF's q row (k * G + g) * H + h)
+        attn["qkv"] = add(attn["qkv"], np.s_[:, :, :G], delta_IO.reshape(D, K, G, H))
+    elif target in ("k", "v"):
+        attn["qkv"] = add(attn["qkv"], np.s_[:, :, G + (target == "v")], delta_IO.reshape(D, K, H))
+    elif target == "o":
+        attn["o"] = add(attn["o"], np.s_[...], delta_IO.reshape(K * G, H, D))
+    elif target in ("gate", "up"):  # wi_DCF stacks gate (0) and up (1)
+        mlp["wi"] = add(mlp["wi"], np.s_[:, int(target == "up")], delta_IO)
+    else:
+        mlp["wo"] = add(mlp["wo"], np.s_[...], delta_IO)
+    return {**layer, "attn": attn, "mlp": mlp}
+
+
+def merge(params: dict, adapters: dict, cfg: ModelConfig, spec: LoraSpec) -> dict:
+    """The params with every adapter's (alpha / R) * A @ B added (float32 product, rounded once to the params'
+    dtype). Traceable: a training step merges inside its program."""
+    out = dict(params)
+    for layer_name, layer_adapters in adapters.items():
+        layer = out[layer_name]
+        for target, ab in layer_adapters.items():
+            a = jnp.asarray(ab["a_IR"], jnp.float32)
+            b = jnp.asarray(ab["b_RO"], jnp.float32)
+            layer = _add_delta(layer, target, spec.scale * (a @ b), cfg)
+        out[layer_name] = layer
+    return out
+
+
+def peft_tensors(adapters: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """PEFT's adapter_model.safetensors names and layouts: lora_A.weight (R, I), lora_B.weight (O, R)."""
+    out = {}
+    for i in range(cfg.n_layers):
+        for target, ab in adapters.get(f"layer_{i}", {}).items():
+            name = f"base_model.model.model.layers.{i}.{HF_MODULES[target]}"
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["a_IR"], np.float32).T)
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(ab["b_RO"], np.float32).T)
+    return out
+
+
+def peft_config(spec: LoraSpec, base_model: str) -> dict:
+    """adapter_config.json of a causal-LM adapter that `peft.PeftModel.from_pretrained` reads."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": spec.rank,
+            "lora_alpha": spec.alpha, "lora_dropout": 0.0, "target_modules": sorted(HF_MODULES[t].split(".")[-1]
+                                                                                   for t in spec.targets),
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None}
+
+
+def write_adapter(out_dir: str | os.PathLike, adapters: dict, cfg: ModelConfig, spec: LoraSpec,
+                  base_model: str) -> None:
+    """The PEFT files of `adapters` into the existing empty directory `out_dir` (inside fsio.replace_dir)."""
+    out_dir = Path(out_dir)
+    save_file(peft_tensors(adapters, cfg), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, base_model), indent=2))

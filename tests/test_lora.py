@@ -1,0 +1,94 @@
+"""LoRA adapters: a fresh adapter changes nothing; a merge adds (alpha / R) * B @ A to exactly the HF matrix each
+target names; the PEFT adapter we write loads with peft on the transformers model and gives our merged export's
+logits."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_fixtures import VOCAB, make_hf_model
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import hf, lora
+from rlhf_jax.models.hf_weights import params_to_hf
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
+
+# GQA (2 query heads per KV head), so that a q slice put in the wrong place of the fused qkv shows.
+CFG = ModelConfig(family="llama", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  d_ff=48, eos_token_ids=(1,))
+ALL = lora.LoraSpec(rank=4, alpha=8.0, targets=lora.TARGETS)
+
+
+def _trained(adapters, seed=1):
+    """Adapters as after some training: B no longer zero."""
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_a_fresh_adapter_leaves_every_weight_exactly_as_it_was():
+    params = jax.device_get(init_params(make_model(CFG), jax.random.key(0)))
+    adapters = lora.init_adapters(CFG, ALL, jax.random.key(1))
+    merged = lora.merge(params, adapters, CFG, ALL)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, merged)
+    assert all(np.abs(np.asarray(ab["a_IR"])).max() > 0 for layer in adapters.values() for ab in layer.values())
+
+
+@pytest.mark.parametrize("targets", [lora.TARGETS, ("q", "v")])
+def test_merge_adds_scale_times_b_at_a_to_the_named_hf_matrices_only(targets):
+    spec = lora.LoraSpec(rank=3, alpha=6.0, targets=targets)
+    params = jax.device_get(init_params(make_model(CFG), jax.random.key(0)))
+    adapters = _trained(lora.init_adapters(CFG, spec, jax.random.key(1)))
+    before, after = params_to_hf(params, CFG), params_to_hf(lora.merge(params, adapters, CFG, spec), CFG)
+    peft = lora.peft_tensors(adapters, CFG)
+    changed = set()
+    for i in range(CFG.n_layers):
+        for target in targets:
+            name = f"model.layers.{i}.{lora.HF_MODULES[target]}"
+            A, B = peft[f"base_model.{name.replace('model.', 'model.model.', 1)}.lora_A.weight"], \
+                peft[f"base_model.{name.replace('model.', 'model.model.', 1)}.lora_B.weight"]
+            assert A.shape == (3, lora.matrix_shape(CFG, target)[0]) and B.shape[1] == 3
+            np.testing.assert_allclose(after[name + ".weight"] - before[name + ".weight"], 2.0 * B @ A, atol=1e-6)
+            changed.add(name + ".weight")
+    for name in set(before) - changed:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_peft_loads_our_adapter_on_the_transformers_model_with_our_merged_logits(tmp_path):
+    import peft
+
+    base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    for d in (adapter_dir, merged_dir):
+        d.mkdir()
+    make_hf_model("llama_gqa_llama3", base_dir, seed=2)
+    cfg, _, params = hf.load_hf(base_dir)
+    adapters = _trained(lora.init_adapters(cfg, ALL, jax.random.key(3)), seed=4)
+    lora.write_adapter(adapter_dir, adapters, cfg, ALL, base_model=str(base_dir))
+    assert json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    hf.write_hf(merged_dir, jax.device_get(lora.merge(params, adapters, cfg, ALL)), cfg)
+
+    ids = torch.tensor(np.random.default_rng(0).integers(2, VOCAB, (2, 11)))
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        base_logits = base(input_ids=ids).logits.numpy()
+        theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits.numpy()
+        ours = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()(input_ids=ids).logits.numpy()
+    assert np.abs(theirs - base_logits).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+def test_bad_specs_and_families_are_one_line_errors():
+    with pytest.raises(UserError, match="lora.rank"):
+        lora.LoraSpec(rank=0, alpha=1.0, targets=("q",))
+    with pytest.raises(UserError, match="lora.targets .*'qkv'"):
+        lora.LoraSpec(rank=2, alpha=1.0, targets=("qkv",))
+    gpt2 = ModelConfig(family="gpt2", vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=4, head_dim=8,
+                       d_ff=64)
+    with pytest.raises(UserError, match="not gpt2"):
+        lora.init_adapters(gpt2, ALL, jax.random.key(0))
