@@ -34,7 +34,7 @@ def _trained(adapters, seed=1):
 def test_a_fresh_adapter_leaves_every_weight_exactly_as_it_was():
     params = jax.device_get(init_params(make_model(CFG), jax.random.key(0)))
     adapters = lora.init_adapters(CFG, ALL, jax.random.key(1))
-    merged = lora.merge(params, adapters, CFG, ALL)
+    merged = jax.jit(lambda p, a: lora.merge(p, a, CFG, ALL))(params, adapters)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, merged)
     assert all(np.abs(np.asarray(ab["a_IR"])).max() > 0 for layer in adapters.values() for ab in layer.values())
 
@@ -44,7 +44,8 @@ def test_merge_adds_scale_times_b_at_a_to_the_named_hf_matrices_only(targets):
     spec = lora.LoraSpec(rank=3, alpha=6.0, targets=targets)
     params = jax.device_get(init_params(make_model(CFG), jax.random.key(0)))
     adapters = _trained(lora.init_adapters(CFG, spec, jax.random.key(1)))
-    before, after = params_to_hf(params, CFG), params_to_hf(lora.merge(params, adapters, CFG, spec), CFG)
+    before, after = params_to_hf(params, CFG), params_to_hf(
+        jax.jit(lambda p, a: lora.merge(p, a, CFG, spec))(params, adapters), CFG)
     peft = lora.peft_tensors(adapters, CFG)
     changed = set()
     for i in range(CFG.n_layers):
