@@ -143,6 +143,14 @@ FULL_TIER = (
     *(f"test_families.py::test_cached_decode_and_left_padding_equal_the_full_pass_past_the_window[{f}]"
       for f in ("mistral", "gemma2", "qwen3")),
     "test_lora.py::test_merge_adds_scale_times_b_at_a_to_the_named_hf_matrices_only[targets1]",
+    # repeats of checks the fast tier makes once: greedy decoding (cached decode of gpt2 and llama, logits of every
+    # family stay), sampling at 0.7 without filters (0.7 with top-k and top-p stays), qwen2's export read by
+    # transformers (its exact round trip stays), the second full-size config
+    "test_model.py::test_greedy_generation_matches_transformers[gpt2]",
+    "test_model.py::test_greedy_generation_matches_transformers[qwen2]",
+    "test_model.py::test_sampler_logprobs_equal_teacher_forced[0.7-0-1.0]",
+    "test_hf.py::test_transformers_loads_our_export[qwen2]",
+    "test_model.py::test_full_size_configs_build_abstractly[qwen2.5_7b]",
 )
 
 
