@@ -58,8 +58,8 @@ from rlhf_jax.training import steps
 from rlhf_jax.training.state import jit_step, place_state, state_shardings, to_global
 
 # benchmarks/ppo.py and benchmarks/grpo.py (this script's folder is on the path): the measurement pieces
-from grpo import Peer, own_cpu_seconds, peer_python
-from ppo import ROOT, flops_of, matmul_peak
+from grpo import own_cpu_seconds, peer_python
+from ppo import ROOT, Peer, flops_of, matmul_peak
 
 EOS, K = 1, 4
 # TRL runs with glibc's malloc defaults: the MALLOC_* settings `make bench` gives XLA (docs/performance.md) are

@@ -40,9 +40,7 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -58,7 +56,7 @@ from rlhf_jax.stages.grpo import RewardFunction
 from rlhf_jax.training import steps
 
 # benchmarks/ppo.py (this script's folder is on the path): the measurement pieces of the PPO comparison
-from ppo import ROOT, flops_of, matmul_peak, timed_iterations
+from ppo import ROOT, Peer, flops_of, matmul_peak, timed_iterations
 
 EOS = 1
 
@@ -71,54 +69,6 @@ def even_token_share(prompts, completions, **_):
         ids = [int(t) for t in text.split()]
         rewards.append(sum(i % 2 == 0 for i in ids) / len(ids) if ids else 0.0)
     return rewards
-
-
-class Peer:
-    """A peer's benchmark script run with --serve in its own interpreter (benchmarks/tunix_grpo.py,
-    benchmarks/trl_dpo.py): built and warmed up once (the constructor waits for it), then `run(k)` times k of its
-    iterations there while this process waits, and returns its JSON line. `env`: its environment (default:
-    this process's)."""
-
-    def __init__(self, python: str, script: str, args: list[str], env: dict | None = None):
-        self.log = tempfile.TemporaryFile("w+")
-        self.script = script
-        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / script), "--serve", *args], cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env)
-        self.warmup = self._result()  # the warm-up (compilation), before any timing here
-
-    def run(self, iterations: int) -> dict:
-        """Its JSON line for `iterations` timed there, with `cpu_s`: the CPU seconds (user and system, every
-        thread) its process spent meanwhile."""
-        cpu0 = self.cpu_seconds()
-        self.proc.stdin.write(f"{iterations}\n")
-        self.proc.stdin.flush()
-        result = self._result()
-        return {**result, "cpu_s": self.cpu_seconds() - cpu0}
-
-    def cpu_seconds(self) -> float:
-        """User and system CPU seconds of the peer's process so far (Linux /proc; NaN elsewhere)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def _result(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        self.log.seek(0)
-        raise RuntimeError(f"{self.script} ended ({self.proc.wait()}): {self.log.read()[-2000:]}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()  # ends its training loop
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def peer_python(given: str, default: Path, name: str) -> tuple[str, str]:

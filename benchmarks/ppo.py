@@ -82,28 +82,43 @@ def timed_iterations(step, state, inputs, iterations: int):
     return (time.perf_counter() - t0) / iterations, state, every
 
 
-class Tunix:
-    """benchmarks/tunix_ppo.py --serve in the Tunix interpreter: built and warmed up once (the constructor waits
-    for it), then `run(k)` times k PPO iterations there while this process waits."""
+class Peer:
+    """A peer's benchmark script run with --serve in its own interpreter (benchmarks/tunix_ppo.py,
+    tunix_grpo.py, trl_dpo.py): built and warmed up once (the constructor waits for it), then `run(k)` times k of
+    its iterations there while this process waits, and returns its JSON line. `env`: its environment (default:
+    this process's)."""
 
-    def __init__(self, python: str, warmup: int):
+    def __init__(self, python: str, script: str, args: list[str], env: dict | None = None):
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / "tunix_ppo.py"), "--serve", "--warmup",
-                                      str(warmup)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
-        self._result()  # the warm-up (compilation), before any timing here
+        self.script = script
+        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / script), "--serve", *args], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env)
+        self.warmup = self._result()  # the warm-up (compilation), before any timing here
 
     def run(self, iterations: int) -> dict:
+        """Its JSON line for `iterations` timed there, with `cpu_s`: the CPU seconds (user and system, every
+        thread) its process spent meanwhile."""
+        cpu0 = self.cpu_seconds()
         self.proc.stdin.write(f"{iterations}\n")
         self.proc.stdin.flush()
-        return self._result()
+        result = self._result()
+        return {**result, "cpu_s": self.cpu_seconds() - cpu0}
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU seconds of the peer's process so far (Linux /proc; NaN elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _result(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith("{"):
                 return json.loads(line)
         self.log.seek(0)
-        raise RuntimeError(f"tunix_ppo.py ended ({self.proc.wait()}): {self.log.read()[-2000:]}")
+        raise RuntimeError(f"{self.script} ended ({self.proc.wait()}): {self.log.read()[-2000:]}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -168,7 +183,7 @@ def main() -> None:
     tunix = None
     if tunix_python:
         try:
-            tunix = Tunix(tunix_python, args.tunix_warmup)
+            tunix = Peer(tunix_python, "tunix_ppo.py", ["--warmup", str(args.tunix_warmup)])
         except RuntimeError as e:
             tunix_note = f"Tunix failed: {e}"
     rounds = []
