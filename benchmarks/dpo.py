@@ -130,12 +130,12 @@ def main() -> None:
     step = functools.partial(dpo.dpo_step, model=model, optimizer=optimizer, schedule=schedule, accum=1,
                              settings=settings)
     reference = sharding.place(params, state_sh.params)
-    live = Stepper(jit_step(step, state_sh, mesh, state_sh.params), place_state(params, optimizer, state_sh), batch,
-                   (reference,), mesh)
+    live = Stepper(jit_step(step, state_sh, mesh, {}, state_sh.params), place_state(params, optimizer, state_sh),
+                   batch, ({}, reference), mesh)
     score = jax.jit(functools.partial(dpo.response_logprobs, model))
     with_ref = {**batch, "ref_logps": np.asarray(score(reference, to_global(batch, mesh)))}
-    precomputed = Stepper(jit_step(lambda s, b, r: step(s, b, r, None), state_sh, mesh),
-                          place_state(params, optimizer, state_sh), with_ref, (), mesh)
+    precomputed = Stepper(jit_step(lambda s, b, r, f: step(s, b, r, f, None), state_sh, mesh, {}),
+                          place_state(params, optimizer, state_sh), with_ref, ({},), mesh)
     flops = {"live": flops_of(live.compiled), "precomputed": flops_of(precomputed.compiled)}
 
     trl_python, trl_note = peer_python(args.trl_python, default_trl, "TRL")

@@ -110,7 +110,7 @@ def usage_fields(prefix: str, t: dict) -> dict:
 
 
 class JaxStepper:
-    """A jitted, donated `(state, batch, rng) -> (state, metrics)` step, compiled and warmed up on creation;
+    """A jitted, donated `(state, batch, rng, frozen) -> (state, metrics)` step, compiled and warmed up on creation;
     calling it runs one step and blocks until it is done."""
 
     def __init__(self, step_fn, params, optimizer, batch: dict):
@@ -125,7 +125,7 @@ class JaxStepper:
         self()  # a second warm-up step, compiled already
 
     def __call__(self):
-        self.state, self.metrics = self.step(self.state, self.batch, self.rng)
+        self.state, self.metrics = self.step(self.state, self.batch, self.rng, {})  # {}: nothing frozen
         jax.block_until_ready((self.state, self.metrics))
 
 

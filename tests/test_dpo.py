@@ -237,7 +237,7 @@ def _run_step(model, params, batch, accum: int, frozen, ref_logps=None, settings
     opt = optax.sgd(1.0)  # the new params are the old minus the gradient (and the program compiles fast)
     if ref_logps is not None:
         batch = {**batch, "ref_logps": ref_logps}
-    fn = jax.jit(lambda p, b, f: dpo.dpo_step(steps.init_state(p, opt), b, jax.random.key(0), f, model=model,
+    fn = jax.jit(lambda p, b, f: dpo.dpo_step(steps.init_state(p, opt), b, jax.random.key(0), {}, f, model=model,
                                               optimizer=opt, schedule=optax.constant_schedule(1.0), accum=accum,
                                               settings=settings))
     new_state, metrics = fn(params, batch, frozen)

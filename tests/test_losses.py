@@ -212,7 +212,7 @@ def test_gradient_accumulation_equals_one_large_batch(stage):
     for accum in (1, 2, 4):
         opt = steps.make_optimizer(optim, 10)
         state = steps.init_state(params, opt)
-        fn = jax.jit(lambda s, b: step(s, b, jax.random.key(0), model=model, optimizer=opt,
+        fn = jax.jit(lambda s, b: step(s, b, jax.random.key(0), {}, model=model, optimizer=opt,
                                        schedule=steps.lr_schedule(optim, 10), accum=accum))
         new_state, metrics = fn(state, batch)
         results.append((new_state.params, float(metrics["loss"]), float(metrics["grad_norm"])))
@@ -230,7 +230,7 @@ def test_zero_learning_rate_moves_nothing():
     optim = OptimSection(lr=0.0, weight_decay=0.1)
     opt = steps.make_optimizer(optim, 5)
     state = steps.init_state(params, opt)
-    step = jax.jit(lambda st, b, r: steps.sft_step(st, b, r, model=model, optimizer=opt,
+    step = jax.jit(lambda st, b, r: steps.sft_step(st, b, r, {}, model=model, optimizer=opt,
                                                   schedule=steps.lr_schedule(optim, 5)))
     new_state, metrics = step(state, _sft_batch(np.random.default_rng(3)), jax.random.key(0))
     assert float(metrics["grad_norm"]) > 0
@@ -254,7 +254,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
         opt = steps.make_optimizer(optim, 5)
         state = steps.init_state(init_params(make_model(CFG), jax.random.key(3)), opt)
         new_state, metrics = jax.jit(lambda s, b: steps.sft_step(
-            s, b, jax.random.key(0), model=model, optimizer=opt, schedule=steps.lr_schedule(optim, 5)))(state, batch)
+            s, b, jax.random.key(0), {}, model=model, optimizer=opt, schedule=steps.lr_schedule(optim, 5)))(state, batch)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
         results[dtype] = float(metrics["loss"])
     np.testing.assert_allclose(results["bfloat16"], results["float32"], rtol=2e-2)

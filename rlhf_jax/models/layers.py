@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.architecture import ModelConfig
+from rlhf_jax.models.lora import LoraSpec, matrix_shape
 
 AttentionImpl = Literal["auto", "einsum", "cudnn"]
 NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keeps one allowed key, see Attention)
@@ -100,6 +101,37 @@ def dense_init(scale: float = 0.02):
     return nn.initializers.normal(stddev=scale)
 
 
+class LoraDelta(nn.Module):
+    """One target's LoRA update x_BTI @ A @ B * alpha / R (`rlhf_jax.models.lora`), added to its projection's
+    output. The adapter is kept in float32 (its optimizer moments are tiny); B starts at zero, so a fresh adapter
+    adds exactly 0. Dropout on the input applies only where the caller passes a 'dropout' rng (training steps)."""
+
+    cfg: ModelConfig
+    spec: LoraSpec
+    target: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTI):
+        I, O = matrix_shape(self.cfg, self.target)
+        bound = 1.0 / math.sqrt(I)  # PEFT's default: Kaiming-uniform with a = sqrt(5)
+        a = param(self, "a_IR", (I, self.spec.rank), (None, None),
+                  lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound), jnp.float32)
+        b = param(self, "b_RO", (self.spec.rank, O), (None, None), nn.initializers.zeros, jnp.float32)
+        if self.spec.dropout and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.spec.dropout, x_BTI.shape)
+            x_BTI = jnp.where(keep, x_BTI / (1.0 - self.spec.dropout), 0).astype(x_BTI.dtype)
+        h_BTR = einsum(self.dtype, "bti,ir->btr", x_BTI, a.astype(self.dtype))
+        return einsum(self.dtype, "btr,ro->bto", h_BTR, (b * self.spec.scale).astype(self.dtype))
+
+
+def lora_delta(module: nn.Module, spec: LoraSpec | None, target: str, x_BTI, dtype):
+    """The target's LoRA update of `x_BTI` when the model adapts it, else None."""
+    if spec is None or target not in spec.targets:
+        return None
+    return LoraDelta(cfg=module.cfg, spec=spec, target=target, dtype=dtype, name=f"{target}_lora")(x_BTI)
+
+
 class Norm(nn.Module):
     """LayerNorm with bias (GPT-2) or RMSNorm over the last axis, in float32; Gemma's RMSNorm scales by (1 + w)
     (its checkpoints store w, initialised at 0). `dim`: the normalised width, d_model unless given."""
@@ -134,6 +166,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     attention: AttentionImpl = "auto"
     sliding: bool = False
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
@@ -151,6 +184,12 @@ class Attention(nn.Module):
         q_BTKGH = qkv_BTKCH[:, :, :, :G]
         k_BTKH = qkv_BTKCH[:, :, :, G]
         v_BTKH = qkv_BTKCH[:, :, :, G + 1]
+        if (dq := lora_delta(self, self.lora, "q", x_BTD, self.dtype)) is not None:  # HF's q row (k * G + g) * H + h
+            q_BTKGH = q_BTKGH + dq.reshape(B, T, K, G, H)
+        if (dk := lora_delta(self, self.lora, "k", x_BTD, self.dtype)) is not None:
+            k_BTKH = k_BTKH + dk.reshape(B, T, K, H)
+        if (dv := lora_delta(self, self.lora, "v", x_BTD, self.dtype)) is not None:
+            v_BTKH = v_BTKH + dv.reshape(B, T, K, H)
         if cfg.qk_norm:  # per head, before RoPE
             q_BTKGH = Norm(cfg=cfg, param_dtype=self.param_dtype, dim=H, name="q_norm")(q_BTKGH)
             k_BTKH = Norm(cfg=cfg, param_dtype=self.param_dtype, dim=H, name="k_norm")(k_BTKH)
@@ -203,6 +242,8 @@ class Attention(nn.Module):
 
         w_o = param(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), dense_init(), self.param_dtype)
         out_BTD = einsum(self.dtype, "btnh,nhd->btd", out_BTNH, w_o.astype(self.dtype))
+        if (do := lora_delta(self, self.lora, "o", out_BTNH.reshape(B, T, K * G * H), self.dtype)) is not None:
+            out_BTD = out_BTD + do
         if cfg.is_gpt2:
             b_o = param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
             out_BTD = out_BTD + b_o.astype(self.dtype)
@@ -215,6 +256,7 @@ class MLP(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BTD):
@@ -228,6 +270,9 @@ class MLP(nn.Module):
         if has_bias:
             b_in = param(self, "wi_bias", (n_in, cfg.d_ff), (None, "mlp"), nn.initializers.zeros, self.param_dtype)
             h_BTCF = h_BTCF + b_in.astype(self.dtype)
+        for c, target in enumerate(("gate", "up")):
+            if (d := lora_delta(self, self.lora, target, x_BTD, self.dtype)) is not None:
+                h_BTCF = h_BTCF.at[:, :, c].add(d)
         if cfg.is_gemma:
             h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True) * h_BTCF[:, :, 1]  # gelu_pytorch_tanh
         elif gated:
@@ -236,6 +281,8 @@ class MLP(nn.Module):
             h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True)  # GPT-2's gelu_new
         w_out = param(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), dense_init(), self.param_dtype)
         out_BTD = einsum(self.dtype, "btf,fd->btd", h_BTF, w_out.astype(self.dtype))
+        if (d := lora_delta(self, self.lora, "down", h_BTF, self.dtype)) is not None:
+            out_BTD = out_BTD + d
         if has_bias:
             b_out = param(self, "wo_bias", (cfg.d_model,), ("embed",), nn.initializers.zeros, self.param_dtype)
             out_BTD = out_BTD + b_out.astype(self.dtype)

@@ -1,10 +1,14 @@
 """LoRA (Hu et al. 2021): a rank-R update W + (alpha / R) * A @ B of each targeted projection, on the fused layout of
-`rlhf_jax.models.transformer` (q/k/v inside `qkv`, gate/up inside `wi`); its merge into the params, and the PEFT
-adapter layout (adapter_config.json + adapter_model.safetensors) that loads on the HF base model.
+`rlhf_jax.models.transformer` (q/k/v inside `qkv`, gate/up inside `wi`): which params train and which stay frozen,
+the merge into plain params, and the PEFT adapter layout (adapter_config.json + adapter_model.safetensors) that
+loads on the HF base model.
 
 An adapter is {"a_IR": (I, R), "b_RO": (R, O)} for a matrix that maps I inputs to O outputs (x_BTI @ W_IO): `b`
-starts at zero, so a fresh adapter leaves the model exactly as it was. PEFT stores the transposes
-(lora_A.weight (R, I), lora_B.weight (O, R)) with the same scale.
+starts at zero, so a fresh adapter leaves the model exactly as it was. A model with a `LoraSpec` holds each
+target's adapter beside the matrix, as `<target>_lora` under its layer's `attn` or `mlp`, and adds
+x @ A @ B * alpha / R to the projection's output (`layers.LoraDelta`); `adapters` gathers them as
+{"layer_<i>": {target: adapter}}. PEFT stores the transposes (lora_A.weight (R, I), lora_B.weight (O, R)) with the
+same scale.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from safetensors.numpy import save_file
 
+from rlhf_jax.config import LORA_TARGETS
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.transformer import ModelConfig
+from rlhf_jax.models.architecture import ModelConfig
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = LORA_TARGETS  # the config's names: q, k, v, o, gate, up, down
 # The HF module each target adapts, under model.layers.<i>.
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -36,6 +42,8 @@ class LoraSpec:
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    dropout: float = 0.0  # on each adapter's input, in training steps only
+
 
     def __post_init__(self):
         if self.rank < 1:
@@ -43,6 +51,8 @@ class LoraSpec:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise UserError(f"lora.targets must be a non-empty list of {', '.join(TARGETS)}; got {list(self.targets)}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scale(self) -> float:
@@ -75,6 +85,48 @@ def init_adapters(cfg: ModelConfig, spec: LoraSpec, rng: jax.Array, dtype=jnp.fl
                              "b_RO": jnp.zeros((spec.rank, O), dtype)}
         out[f"layer_{i}"] = layer
     return out
+
+
+def module_of(target: str) -> str:
+    """The block submodule whose projection a target adapts."""
+    return "attn" if target in ("q", "k", "v", "o") else "mlp"
+
+
+def _is_trainable(path: tuple[str, ...]) -> bool:
+    return path == ("score",) or any(key.endswith("_lora") for key in path)
+
+
+def split(params: dict) -> tuple[dict, dict]:
+    """(trainable, frozen) of a LoRA model's params: the adapters and a scalar head train, the base stays frozen.
+    Works on boxed trees (logical axis names) too."""
+    flat = traverse_util.flatten_dict(params)
+    pick = lambda keep: traverse_util.unflatten_dict({k: v for k, v in flat.items() if _is_trainable(k) == keep})
+    return pick(True), pick(False)
+
+
+def join(trainable: dict, frozen: dict) -> dict:
+    """The whole params of `split`'s two parts; only dicts are rebuilt, no array is copied."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
+
+
+def adapters(params: dict) -> dict:
+    """{"layer_<i>": {target: {"a_IR", "b_RO"}}} of a LoRA model's params (its trainable part or the whole)."""
+    return {name: {key[:-len("_lora")]: ab for sub in ("attn", "mlp") for key, ab in layer.get(sub, {}).items()
+                   if key.endswith("_lora")}
+            for name, layer in params.items() if name.startswith("layer_")}
+
+
+def with_adapters(params: dict, adapters_by_layer: dict) -> dict:
+    """`params` (a LoRA model's base) holding `adapters_by_layer` ({"layer_<i>": {target: adapter}}) in place."""
+    flat = {(name, module_of(t), f"{t}_lora"): ab for name, layer in adapters_by_layer.items() for t, ab in layer.items()}
+    return join(traverse_util.unflatten_dict(flat), params)
+
+
+def merged(params: dict, cfg: ModelConfig, spec: LoraSpec) -> dict:
+    """A LoRA model's whole params as plain params (adapters merged, their subtrees gone): what `export/` holds."""
+    trainable, frozen = split(params)
+    return merge({**frozen, **({"score": trainable["score"]} if "score" in trainable else {})},
+                 adapters(trainable), cfg, spec)
 
 
 def _add_delta(layer: dict, target: str, delta_IO: jax.Array, cfg: ModelConfig) -> dict:

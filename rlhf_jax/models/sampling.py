@@ -147,7 +147,7 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
 
 
 def response_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
-                    temperature: float = 1.0) -> jax.Array:
+                    temperature: float = 1.0, rngs=None) -> jax.Array:
     """logits_BNV / temperature of every response token (what the sampler drew from), from one teacher-forced
     pass over [left-padded prompt | right-padded response]; the LM head runs only on the positions that
     predict response tokens (and the last one)."""
@@ -155,7 +155,8 @@ def response_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, t
     mask_BT = jnp.concatenate([prompt_mask_BP.astype(bool), mask_BN.astype(bool)], axis=1)
     N = tokens_BN.shape[1]
     # the head on positions P-1 .. T-1 (N + 1 of them); the last predicts nothing of the response
-    logits_BMV, _ = model.apply({"params": params}, ids_BT, positions_from_mask(mask_BT), mask_BT, head_last=N + 1)
+    logits_BMV, _ = model.apply({"params": params}, ids_BT, positions_from_mask(mask_BT), mask_BT, head_last=N + 1,
+                                rngs=rngs)
     return logits_BMV[:, :-1] / (temperature if temperature > 0 else 1.0)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.architecture import ModelConfig
 from rlhf_jax.models.layers import MLP, Attention, AttentionImpl, Norm, dense_init, einsum, param, softcap
+from rlhf_jax.models.lora import LoraSpec, check_family
 
 PAD_ID = -1  # never a real token: masks carry the truth and the model embeds out-of-range ids as 0
 
@@ -60,18 +61,19 @@ class Block(nn.Module):
     param_dtype: Any = jnp.float32
     attention: AttentionImpl = "auto"
     sliding: bool = False
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
         kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
         h, new_cache = Attention(**kw, dtype=self.dtype, attention=self.attention, sliding=self.sliding,
-                                 name="attn")(
+                                 lora=self.lora, name="attn")(
             Norm(**kw, name="attn_norm")(x_BTD), positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT
         )
         if self.cfg.is_gemma:
             h = Norm(**kw, name="post_attn_norm")(h)
         x_BTD = x_BTD + h
-        h = MLP(**kw, dtype=self.dtype, name="mlp")(Norm(**kw, name="mlp_norm")(x_BTD))
+        h = MLP(**kw, dtype=self.dtype, lora=self.lora, name="mlp")(Norm(**kw, name="mlp_norm")(x_BTD))
         if self.cfg.is_gemma:
             h = Norm(**kw, name="post_mlp_norm")(h)
         return x_BTD + h, new_cache
@@ -80,7 +82,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder LM. `head='lm'` returns float32 logits_BTV; `head='scalar'` returns float32 values_BT.
     `attention`: 'auto' uses cuDNN fused attention for bf16 full passes on NVIDIA GPUs and the einsum
-    elsewhere; 'einsum' always the einsum; 'cudnn' cuDNN for every full pass (bf16/fp16 on a GPU only)."""
+    elsewhere; 'einsum' always the einsum; 'cudnn' cuDNN for every full pass (bf16/fp16 on a GPU only).
+    `lora`: the model holds LoRA adapters on the projections it targets (`rlhf_jax.models.lora`); the same
+    model without it, on the base params, is the model before any adapter."""
 
     cfg: ModelConfig
     head: Literal["lm", "scalar"] = "lm"
@@ -88,6 +92,7 @@ class Transformer(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     attention: AttentionImpl = "auto"
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, key_mask_BS, cache: KVCache | None = None, cache_index=0,
@@ -117,7 +122,7 @@ class Transformer(nn.Module):
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x_BTD, layer_new = block_cls(**kw, dtype=self.dtype, attention=self.attention,
-                                         sliding=cfg.is_sliding(i), name=f"layer_{i}")(
+                                         sliding=cfg.is_sliding(i), lora=self.lora, name=f"layer_{i}")(
                 x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT
             )
             if layer_new is not None:
@@ -142,9 +147,17 @@ class Transformer(nn.Module):
 
 
 def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param_dtype: str = "float32",
-               remat: bool = False, attention: AttentionImpl = "auto") -> Transformer:
+               remat: bool = False, attention: AttentionImpl = "auto", lora: LoraSpec | None = None) -> Transformer:
+    if lora is not None:
+        check_family(cfg)
     return Transformer(cfg, head=head, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), remat=remat,
-                       attention=attention)
+                       attention=attention, lora=lora)
+
+
+def without_adapters(model: Transformer) -> Transformer:
+    """The model before any LoRA adapter (a LoRA policy's reference, on its base params); the model itself when
+    it has none."""
+    return model if model.lora is None else model.clone(lora=None)
 
 
 def init_params(model: Transformer, rng: jax.Array) -> dict:

@@ -8,14 +8,15 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import Config
-from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, without_adapters
 from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.rl import group
 from rlhf_jax.stages import grpo as group_stage, ppo as ppo_stage, train as trainers
 from rlhf_jax.training import steps
-from rlhf_jax.training.state import jit_step, micro_batch_size, state_shardings
+from rlhf_jax.training.state import (
+    frozen_shardings, jit_step, micro_batch_size, param_shardings, split_trainable, state_shardings, trained_model)
 
 STAND_IN_STEPS = 1000  # schedule length when train.epochs needs the dataset's size (no shape depends on it)
 
@@ -59,21 +60,26 @@ def _rng(mesh):
 def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int = 0,
                        total_steps: int | None = None) -> jax.stages.Lowered:
     """The sft / rm / dpo step as trainers.train builds and jits it, lowered on abstract inputs (`responses`: K of
-    rm and dpo); dpo's live reference is a frozen argument with the policy's shardings."""
+    rm and dpo); a LoRA model's base and dpo's live reference are frozen arguments (a LoRA policy's reference is
+    its base: the same buffers, passed twice)."""
     micro_batch_size(cfg, mesh)  # the stage's own batch / accumulation / mesh check
-    model = make_model(model_cfg, trainers.HEADS[cfg.stage], cfg.model.dtype, cfg.model.param_dtype,
-                       remat=cfg.model.remat == "block")
+    model = trained_model(cfg, model_cfg, trainers.HEADS[cfg.stage])
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
     optimizer = steps.make_optimizer(cfg.optim, total)
     stage = trainers.Stage(cfg, model, optimizer, steps.lr_schedule(cfg.optim, total))
-    state_sh = state_shardings(model, optimizer, mesh)
-    state = abstract(jax.eval_shape(lambda: steps.init_state(init_params(model, jax.random.key(0)), optimizer)),
-                     state_sh)
+    state_sh, frozen_sh = state_shardings(model, optimizer, mesh), frozen_shardings(model, mesh)
+    trainable, frozen = split_trainable(model, jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
+    state = abstract(jax.eval_shape(lambda: steps.init_state(trainable, optimizer)), state_sh)
+    frozen = abstract(frozen, frozen_sh)
     batch = abstract_batch(train_batch_shapes(cfg, responses), mesh)
     if cfg.stage != "dpo" or cfg.dpo.precompute_reference:
-        return jit_step(stage.step, state_sh, mesh).lower(state, batch, _rng(mesh))
-    reference = abstract(jax.eval_shape(lambda: init_params(model, jax.random.key(0))), state_sh.params)
-    return jit_step(stage.step, state_sh, mesh, state_sh.params).lower(state, batch, _rng(mesh), reference)
+        return jit_step(stage.step, state_sh, mesh, frozen_sh).lower(state, batch, _rng(mesh), frozen)
+    plain = without_adapters(model)
+    reference_sh = param_shardings(plain, mesh)
+    reference = (frozen if model.lora is not None and not cfg.dpo.reference else
+                 abstract(jax.eval_shape(lambda: init_params(plain, jax.random.key(0))), reference_sh))
+    return jit_step(stage.step, state_sh, mesh, frozen_sh, reference_sh).lower(state, batch, _rng(mesh), frozen,
+                                                                              reference)
 
 
 def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg: ModelConfig | None = None,

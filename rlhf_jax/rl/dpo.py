@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.sampling import response_logits
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.training.losses import token_logprobs
 from rlhf_jax.training.steps import TrainState, accumulate, apply_grads
 
@@ -32,7 +32,7 @@ class DPOSettings:
     label_smoothing: float = 0.0  # sigmoid: the assumed probability that a preference is flipped
 
 
-def response_logprobs(model: Transformer, params, batch: dict) -> jax.Array:
+def response_logprobs(model: Transformer, params, batch: dict, rngs=None) -> jax.Array:
     """logps_BK: the summed log-prob (temperature 1) of each response slot given its prompt, from one
     teacher-forced pass over the B*K [prompt | response] sequences (the prompt tiled K times)."""
     B, K, R = batch["response_ids"].shape
@@ -41,7 +41,7 @@ def response_logprobs(model: Transformer, params, batch: dict) -> jax.Array:
     tokens_NR = batch["response_ids"].reshape(B * K, R)
     mask_NR = batch["response_mask"].reshape(B * K, R)
     logits_NRV = response_logits(model, params, tile(batch["prompt_ids"]), tile(batch["prompt_mask"]), tokens_NR,
-                                 mask_NR)
+                                 mask_NR, rngs=rngs)
     logps_NR = token_logprobs(logits_NRV.astype(jnp.float32), tokens_NR)
     return jnp.sum(jnp.where(mask_NR, logps_NR, 0.0), axis=1).reshape(B, K)
 
@@ -92,35 +92,38 @@ def dpo_metrics(sums: dict) -> dict:
             "pairs": sums["pairs"], "prompts": sums["prompts"]}
 
 
-def reference_logprobs(model: Transformer, frozen, batch: dict) -> jax.Array:
-    """ref_logps_BK: the frozen reference's, scored now, or (`frozen` None) those precomputed into the batch."""
-    if frozen is None:
+def reference_logprobs(model: Transformer, reference, batch: dict) -> jax.Array:
+    """ref_logps_BK: the frozen reference's, scored now by `model` without adapters (a LoRA policy's reference is
+    its base), or (`reference` None) those precomputed into the batch."""
+    if reference is None:
         return batch["ref_logps"]
-    return jax.lax.stop_gradient(response_logprobs(model, frozen, batch))
+    return jax.lax.stop_gradient(response_logprobs(without_adapters(model), reference, batch))
 
 
-def dpo_sums(model: Transformer, params, batch: dict, frozen, settings: DPOSettings, weight_B=None) -> dict:
-    return dpo_loss(response_logprobs(model, params, batch), reference_logprobs(model, frozen, batch),
+def dpo_sums(model: Transformer, params, batch: dict, reference, settings: DPOSettings, weight_B=None,
+             rngs=None) -> dict:
+    return dpo_loss(response_logprobs(model, params, batch, rngs), reference_logprobs(model, reference, batch),
                     batch["pairs"], settings.beta, settings.loss, settings.label_smoothing, weight_B)
 
 
-def dpo_step(state: TrainState, batch: dict, rng: jax.Array, frozen, *, model: Transformer, optimizer, schedule,
-             accum: int = 1, settings: DPOSettings = DPOSettings()) -> tuple[TrainState, dict]:
-    """One optimizer step on a rankings batch; `frozen`: the reference params, or None when the batch carries
-    the precomputed `ref_logps` (B, K). Micro-batches divide by the whole batch's prompt count, so accumulating
-    equals one large batch."""
-    del rng  # no dropout: kept in the signature of every step
+def dpo_step(state: TrainState, batch: dict, rng: jax.Array, frozen, reference, *, model: Transformer, optimizer,
+             schedule, accum: int = 1, settings: DPOSettings = DPOSettings()) -> tuple[TrainState, dict]:
+    """One optimizer step on a rankings batch; `frozen`: a LoRA policy's base ({} in full fine-tuning);
+    `reference`: the reference params, or None when the batch carries the precomputed `ref_logps` (B, K).
+    Micro-batches divide by the whole batch's prompt count, so accumulating equals one large batch."""
     n_prompts = jnp.maximum(jnp.sum(batch["pairs"].sum((1, 2)) > 0), 1.0)
 
-    def loss_sums(params, micro):
-        sums = dpo_sums(model, params, micro, frozen, settings)
+    def loss_sums(params, micro, rngs):
+        sums = dpo_sums(model, params, micro, reference, settings, rngs=rngs)
         return sums["loss_sum"] / n_prompts, sums
 
-    grads, sums = accumulate(loss_sums, state.params, batch, accum)
+    grads, sums = accumulate(loss_sums, state.params, batch, accum, frozen, rng)
     state, stats = apply_grads(state, grads, optimizer, schedule)
     return state, {**stats, **dpo_metrics(sums)}
 
 
-def dpo_eval_sums(params, batch: dict, frozen, *, model: Transformer, settings: DPOSettings = DPOSettings()) -> dict:
-    """Sums over the real rows (`valid`) of an eval batch, to be added up across batches."""
-    return dpo_sums(model, params, batch, frozen, settings, batch["valid"].astype(jnp.float32))
+def dpo_eval_sums(params, batch: dict, reference, *, model: Transformer,
+                  settings: DPOSettings = DPOSettings()) -> dict:
+    """Sums over the real rows (`valid`) of an eval batch (`params`: the policy's whole params), to be added up
+    across batches."""
+    return dpo_sums(model, params, batch, reference, settings, batch["valid"].astype(jnp.float32))

@@ -13,11 +13,12 @@ import numpy as np
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import eval_batches, open_split
 from rlhf_jax.models.checkpoint import LoadedModel, check_role
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.models import lora
+from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.rl import dpo
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.stages.policy_common import reference_params
-from rlhf_jax.training.state import to_global
+from rlhf_jax.training.state import param_shardings, to_global
 
 
 def settings(cfg: Config) -> dpo.DPOSettings:
@@ -25,15 +26,16 @@ def settings(cfg: Config) -> dpo.DPOSettings:
 
 
 def step_fns(cfg: Config, model: Transformer, optimizer, schedule):
-    """(step, eval_sums): `step(state, batch, rng, *frozen)` and `eval_sums(params, batch, *frozen)`, where
-    `frozen` is (reference params,), or () when the batches carry the precomputed `ref_logps`."""
+    """(step, eval_sums): `step(state, batch, rng, frozen, *reference)` and `eval_sums(params, batch,
+    *reference)`, where `reference` is (reference params,), or () when the batches carry the precomputed
+    `ref_logps`."""
     s = settings(cfg)
     step = functools.partial(dpo.dpo_step, model=model, optimizer=optimizer, schedule=schedule,
                              accum=cfg.optim.grad_accum_steps, settings=s)
     eval_sums = functools.partial(dpo.dpo_eval_sums, model=model, settings=s)
     if not cfg.dpo.precompute_reference:
         return step, eval_sums
-    return (lambda state, batch, rng: step(state, batch, rng, None),
+    return (lambda state, batch, rng, frozen: step(state, batch, rng, frozen, None),
             lambda params, batch: eval_sums(params, batch, None))
 
 
@@ -51,7 +53,8 @@ class Reference:
     Precomputed, it scores every response of the given splits once before training, its params are then
     dropped, and the batches carry each example's `ref_logps` (B, K), looked up by `example_index`."""
 
-    def __init__(self, frozen: tuple = (), shardings=None, tables: dict | None = None, models: dict | None = None):
+    def __init__(self, frozen: tuple = (), shardings: tuple = (), tables: dict | None = None,
+                 models: dict | None = None):
         self.frozen, self.shardings, self.tables, self.models = frozen, shardings, tables or {}, models or {}
 
     @classmethod
@@ -59,17 +62,24 @@ class Reference:
         return cls()
 
     @classmethod
-    def build(cls, cfg: Config, host: dict | None, model: Transformer, params_sh, mesh, tokenizer, batch_size: int,
-              splits: tuple[str, ...]) -> "Reference":
+    def build(cls, cfg: Config, host: dict | None, model: Transformer, mesh, tokenizer, batch_size: int,
+              splits: tuple[str, ...], frozen=None, frozen_sh=None) -> "Reference":
         """dpo's reference from its host params (`reference_host_params`; None: sft and rm have none) placed
-        with the policy's shardings `params_sh`; precomputed, over `splits` in batches of `batch_size` prompts."""
+        with the policy's shardings; precomputed, over `splits` in batches of `batch_size` prompts. A LoRA
+        policy's default reference is its own base, `frozen` (on the mesh already, shardings `frozen_sh`): the
+        same buffers, no second copy."""
         if host is None:
             return cls.none()
-        params = sharding.place(host, params_sh)  # its own buffers: the policy's are donated every step
         models = {"dpo.reference": cfg.dpo.reference} if cfg.dpo.reference else {}
+        plain = without_adapters(model)
+        params_sh = param_shardings(plain, mesh)
+        if model.lora is not None and not cfg.dpo.reference:
+            params, params_sh = frozen, frozen_sh
+        else:  # its own buffers: the policy's are donated every step
+            params = sharding.place(host if model.lora is None else lora.split(host)[1], params_sh)
         if not cfg.dpo.precompute_reference:
-            return cls((params,), params_sh, models=models)
-        score = jax.jit(functools.partial(dpo.response_logprobs, model), out_shardings=sharding.replicated(mesh))
+            return cls((params,), (params_sh,), models=models)
+        score = jax.jit(functools.partial(dpo.response_logprobs, plain), out_shardings=sharding.replicated(mesh))
         tables = {split: score_split(score, params, cfg, split, tokenizer, batch_size, mesh) for split in splits}
         return cls(tables=tables, models=models)  # the params go out of scope here: freed
 

@@ -45,6 +45,8 @@ def section_of(cfg: Config):
 
 def check_config(cfg: Config) -> None:
     """Everything that can be known wrong before loading a model (the reward function is imported)."""
+    if cfg.lora.rank:
+        raise UserError(f"lora.rank={cfg.lora.rank}: stage {cfg.stage!r} does not train LoRA adapters yet (sft, rm and dpo do)")
     section, name = section_of(cfg)
     if not (section.reward_model or section.reward_function):
         raise UserError(f"stage {name!r} needs {name}.reward_model (a reward model export from the rm stage) or "

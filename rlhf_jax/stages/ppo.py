@@ -39,6 +39,8 @@ from rlhf_jax.training.state import (
 
 def check_config(cfg: Config) -> None:
     """Everything that can be known wrong before loading a model."""
+    if cfg.lora.rank:
+        raise UserError(f"lora.rank={cfg.lora.rank}: stage {cfg.stage!r} does not train LoRA adapters yet (sft, rm and dpo do)")
     if not cfg.ppo.reward_model:
         raise UserError("stage 'ppo' needs ppo.reward_model (a reward model export from the rm stage)")
     if not cfg.data.name:

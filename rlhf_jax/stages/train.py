@@ -29,8 +29,9 @@ from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
 from rlhf_jax.training.state import (
-    check_positions, eval_batch_size, eval_sums, export, initial_params, jit_step, load_for_training, micro_batch_size,
-    place_state, report_sharding, state_shardings, to_global, total_steps)
+    check_positions, eval_batch_size, eval_sums, export, export_adapter, frozen_shardings, initial_params, jit_step,
+    load_for_training, micro_batch_size, place_state, report_sharding, split_trainable, state_shardings, to_global,
+    total_steps)
 from rlhf_jax.training.losses import last_token_values
 
 
@@ -107,18 +108,21 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     schedule = steps.lr_schedule(cfg.optim, total)
     optimizer = steps.make_optimizer(cfg.optim, total)
     stage = Stage(cfg, model, optimizer, schedule)
-    state_sh = state_shardings(model, optimizer, mesh)
+    state_sh, frozen_sh = state_shardings(model, optimizer, mesh), frozen_shardings(model, mesh)
     report_sharding(model, mesh)
-    state = place_state(params, optimizer, state_sh)
+    trainable, frozen = split_trainable(model, params)
+    state = place_state(trainable, optimizer, state_sh)
+    frozen = sharding.place(frozen, frozen_sh)  # a LoRA model's base: never donated, never checkpointed
     splits = (cfg.data.train_split, cfg.data.eval_split) if has_eval else (cfg.data.train_split,)
-    reference = dpo_parts.Reference.build(cfg, reference_host, model, state_sh.params, mesh, tokenizer, eval_size,
-                                          splits)
-    del params, reference_host  # on the mesh now
-    train_step = jit_step(stage.step, state_sh, mesh, reference.shardings)
+    reference = dpo_parts.Reference.build(cfg, reference_host, model, mesh, tokenizer, eval_size, splits, frozen,
+                                          frozen_sh)
+    del params, trainable, reference_host  # on the mesh now
+    train_step = jit_step(stage.step, state_sh, mesh, frozen_sh, *reference.shardings)
     data_iter = reference.train_batches(
         iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed)),
         cfg.data.train_split)
 
+    whole = lambda state: steps.whole_params(state.params, frozen)  # what evaluation and export read
     run = Run(cfg, run_dir, cfg.stage, models=reference.models)
     state, start = run.resume(state, data_iter)
     run.facts.setdefault("best_eval_loss", None)
@@ -128,7 +132,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
         batches = reference.eval_batches(eval_batches(cfg.data, cfg.data.eval_split, tokenizer, eval_size),
                                          cfg.data.eval_split)
         eval_fn = stage.eval_fn(mesh)
-        sums = eval_sums(lambda p, b: eval_fn(p, b, *reference.frozen), state.params, batches, mesh,
+        sums = eval_sums(lambda p, b: eval_fn(p, b, *reference.frozen), whole(state), batches, mesh,
                          cfg.train.eval_batches)
         if not sums:
             return {}
@@ -136,23 +140,27 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
         best = run.facts["best_eval_loss"]
         if best is None or metrics["loss"] < best:
             run.facts["best_eval_loss"] = metrics["loss"]
-            export(run_dir / "best", state.params, loaded, model)
+            export(run_dir / "best", whole(state), loaded, model)
         return metrics
 
     try:
         with TrainingLoop(run, start, total, cfg.stage, has_eval) as loop:
             for step in loop:
                 batch = next(data_iter)
-                state, metrics = train_step(state, to_global(batch, mesh), loop.rng(step), *reference.frozen)
+                state, metrics = train_step(state, to_global(batch, mesh), loop.rng(step), frozen, *reference.frozen)
                 loop.log(step, metrics, items=real_tokens(batch), truncated=batch["truncated"].sum())
                 if loop.eval_due(step):
                     loop.log_eval(step, evaluate_and_keep_best(state))
                 loop.save_when_due(step, state, data_iter)
     finally:
         run.close()  # pending asynchronous saves complete (or report their failure) before the run ends
-    extra = fit_reward_norm(cfg, stage, state.params, tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
-    out = export(run_dir / "export", state.params, loaded, model, extra)
-    summary = {"stage": cfg.stage, "steps": total, "export": str(out),
+    extra = fit_reward_norm(cfg, stage, whole(state), tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
+    out = export(run_dir / "export", whole(state), loaded, model, extra)
+    exports = {"export": str(out)}
+    if model.lora is not None and model.head == "lm":
+        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", state.params, loaded, model,
+                                                       cfg.model.path))
+    summary = {"stage": cfg.stage, "steps": total, **exports,
                **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float)}, **extra}
     if distributed.is_primary():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

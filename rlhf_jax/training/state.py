@@ -1,10 +1,11 @@
-"""The state a training stage trains: the model loaded for training (with its head), the sharded TrainState and
-its jitted, donated step, batch sizes and step counts checked against the mesh, micro-batched evaluation and the
-params-only export.
+"""The state a training stage trains: the model loaded for training (with its head and, with `lora.rank`, its
+adapters), the sharded TrainState of what trains and the frozen rest, its jitted, donated step, batch sizes and
+step counts checked against the mesh, micro-batched evaluation and the params-only export (and the PEFT adapter).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,22 +17,39 @@ import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.errors import DivergedError, UserError
+from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoint import LoadedModel, load_model, save_model
 from rlhf_jax.models.tiny import resolve_model_path
 from rlhf_jax.models.tokenizer import load_tokenizer
 from rlhf_jax.models.transformer import Transformer, init_boxed, init_scalar_head, make_model, param_logical_axes
-from rlhf_jax.runtime import sharding
+from rlhf_jax.runtime import distributed, fsio, sharding
 from rlhf_jax.training import steps
 
 
 # --------------------------------------------------------------------------------------------- the model
 
 
+def lora_spec(cfg: Config) -> lora.LoraSpec | None:
+    """The adapters the trained models hold (the config's `lora` section), or None for full fine-tuning."""
+    if not cfg.lora.rank:
+        return None
+    return lora.LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
+
+
 def load_for_training(cfg: Config, run_dir: Path, head: str):
-    """(loaded checkpoint, tokenizer, model with `head`) of cfg.model.path (the tiny built-in model when empty)."""
+    """(loaded checkpoint, tokenizer, model with `head`, and adapters with `lora.rank`) of cfg.model.path (the
+    tiny built-in model when empty)."""
     loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True)
-    model = make_model(loaded.cfg, head, cfg.model.dtype, cfg.model.param_dtype, remat=cfg.model.remat == "block")
-    return loaded, load_tokenizer(loaded.tokenizer_dir), model
+    return loaded, load_tokenizer(loaded.tokenizer_dir), trained_model(cfg, loaded.cfg, head)
+
+
+def trained_model(cfg: Config, model_cfg, head: str) -> Transformer:
+    """The model a stage trains, as the config asks (dtypes, remat, LoRA)."""
+    try:
+        return make_model(model_cfg, head, cfg.model.dtype, cfg.model.param_dtype, remat=cfg.model.remat == "block",
+                          lora=lora_spec(cfg))
+    except UserError as e:
+        raise UserError(f"lora.rank={cfg.lora.rank}: {e}") from None
 
 
 def with_head(params: dict, cfg, from_head: str, to_head: str, rng: jax.Array) -> dict:
@@ -60,17 +78,40 @@ def report_sharding(model: Transformer, mesh) -> None:
 
 
 def initial_params(loaded: LoadedModel, model: Transformer, seed: int) -> dict:
-    """Host params in the model's layout and parameter dtype."""
+    """Host params in the model's layout and parameter dtype; a LoRA model's fresh adapters (float32) added."""
     params = with_head(loaded.params, loaded.cfg, loaded.head, model.head, jax.random.key(seed))
-    return jax.tree.map(lambda x: np.asarray(x).astype(model.param_dtype), params)
+    params = jax.tree.map(lambda x: np.asarray(x).astype(model.param_dtype), params)
+    if model.lora is None:
+        return params
+    adapters = lora.init_adapters(loaded.cfg, model.lora, jax.random.fold_in(jax.random.key(seed), 1))
+    return lora.with_adapters(params, jax.tree.map(np.asarray, adapters))
+
+
+def split_trainable(model: Transformer, params) -> tuple[dict, dict]:
+    """(what trains, the frozen rest) of a model's params: every weight and {}, or a LoRA model's adapters and
+    scalar head and its base."""
+    return lora.split(params) if model.lora is not None else (params, {})
 
 
 def state_shardings(model: Transformer, optimizer, mesh):
-    """NamedShardings of the whole TrainState from the params' logical names: optimizer moments inherit them."""
-    boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.key(0)))
-    abstract = jax.eval_shape(lambda p: steps.init_state(p, optimizer), boxed)
-    specs = nn.get_partition_spec(abstract)
-    shapes = nn.unbox(abstract)
+    """NamedShardings of the whole TrainState (of what trains) from the params' logical names: optimizer moments
+    inherit them."""
+    trainable, _ = split_trainable(model, jax.eval_shape(lambda: init_boxed(model, jax.random.key(0))))
+    return _named(jax.eval_shape(lambda p: steps.init_state(p, optimizer), trainable), mesh)
+
+
+def frozen_shardings(model: Transformer, mesh):
+    """NamedShardings of the frozen params (a LoRA model's base; {} in full fine-tuning)."""
+    return split_trainable(model, param_shardings(model, mesh))[1]
+
+
+def param_shardings(model: Transformer, mesh):
+    """NamedShardings of the model's whole params."""
+    return _named(jax.eval_shape(lambda: init_boxed(model, jax.random.key(0))), mesh)
+
+
+def _named(abstract_boxed, mesh):
+    specs, shapes = nn.get_partition_spec(abstract_boxed), nn.unbox(abstract_boxed)
     return jax.tree.map(lambda spec, x: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
         tuple(spec), x.shape, mesh)), specs, shapes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
@@ -81,15 +122,12 @@ def place_state(params: dict, optimizer, state_sh):
     return init(params)
 
 
-def jit_step(step: Callable, state_sh, mesh, frozen_sh=None):
-    """`step(state, batch, rng) -> (state, metrics)` jitted over the mesh: batches split over the data-parallel
-    axes, metrics replicated, and the old state's buffers donated to the new one. With `frozen_sh`, the
-    shardings of frozen params (dpo's reference), the step is `step(state, batch, rng, frozen)`; they are never
-    donated."""
+def jit_step(step: Callable, state_sh, mesh, *frozen_sh):
+    """`step(state, batch, rng, *frozen) -> (state, metrics)` jitted over the mesh: batches split over the
+    data-parallel axes, metrics replicated, and the old state's buffers donated to the new one. `frozen_sh`: the
+    shardings of each frozen argument (a LoRA model's base, dpo's reference), never donated."""
     repl = sharding.replicated(mesh)
-    in_shardings = (state_sh, sharding.batch_sharding(mesh), repl)
-    if frozen_sh is not None:
-        in_shardings += (frozen_sh,)
+    in_shardings = (state_sh, sharding.batch_sharding(mesh), repl, *frozen_sh)
     return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_sh, repl), donate_argnums=0)
 
 
@@ -148,15 +186,30 @@ def eval_sums(eval_fn, params, batches: Iterator[dict], mesh, limit: int = 0) ->
 def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None,
            role: str | None = None) -> Path:
     """Params-only model checkpoint (Orbax, with tokenizer) for the next stage and for convert --to-hf: float32,
-    written shard by shard from the mesh (with several processes, each writes its own shards). Its `role` is
-    recorded: by default a language model is a policy and a scalar head a reward model (ppo's value model says
-    so)."""
-    params = as_float32(params)
+    written shard by shard from the mesh (with several processes, each writes its own shards); a LoRA model's
+    adapters merged into its weights. Its `role` is recorded: by default a language model is a policy and a
+    scalar head a reward model (ppo's value model says so)."""
+    params = as_float32(params) if model.lora is None else merged_float32(params, model)
     if not bool(all_finite(params)):
         raise DivergedError(f"the parameters hold non-finite values; {out_dir} was not written")
     role = role or ("policy" if model.head == "lm" else "reward")
     return save_model(out_dir, params, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True,
                       extra={**(extra or {}), "role": role})
+
+
+def export_adapter(out_dir: Path, params, loaded: LoadedModel, model: Transformer, base_model: str) -> Path:
+    """A LoRA model's adapters in PEFT's layout (adapter_config.json + adapter_model.safetensors), for
+    `peft.PeftModel.from_pretrained` on the HF base model at `base_model`; written by the primary process."""
+    adapters = distributed.to_host(lora.adapters(params))
+    with fsio.replace_dir(out_dir, overwrite=True) as tmp:
+        if distributed.is_primary():
+            lora.write_adapter(tmp, adapters, loaded.cfg, model.lora, base_model)
+    return out_dir
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def merged_float32(params, model: Transformer):
+    return lora.merged(as_float32(params), model.cfg, model.lora)
 
 
 @jax.jit

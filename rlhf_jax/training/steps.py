@@ -1,6 +1,9 @@
 """Pure train and eval steps `(state, batch, rng) -> (state, metrics)`; jit, shardings and donation are applied
 by the caller (`stages/train.py`). Gradient accumulation scans over micro-batches inside the step and divides by
-the whole batch's token (or prompt) count, so it equals one large batch exactly."""
+the whole batch's token (or prompt) count, so it equals one large batch exactly.
+
+`state.params` is what trains: every weight, or with LoRA the adapters and a scalar head, whose frozen base is
+the step's `frozen` argument ({} in full fine-tuning); losses see both joined (`whole_params`)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.config import OptimSection
+from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.training.losses import last_token_values, next_token_nll, ranking_loss
 
@@ -58,6 +62,11 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
+def whole_params(trainable, frozen):
+    """The model's params from what trains and the frozen rest (a LoRA model's base; {} when everything trains)."""
+    return lora.join(trainable, frozen) if frozen else trainable
+
+
 def micro_batches(batch, accum: int):
     """(B, ...) -> (accum, B / accum, ...), micro-batch a taking rows a, a + accum, ...: every device keeps an
     equal share of each micro-batch under a data-parallel sharding of B."""
@@ -66,22 +75,29 @@ def micro_batches(batch, accum: int):
     return jax.tree.map(split, batch)
 
 
-def accumulate(loss_sums: Callable, params, batch, accum: int, reduce_aux: Callable | None = None):
-    """Sum of the grads of `loss_sums(params, micro_batch) -> (scalar, aux)` over micro-batches, and the aux of
-    every micro-batch reduced by `reduce_aux` (stacked on a leading axis; default: summed)."""
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+def accumulate(loss_sums: Callable, params, batch, accum: int, frozen=None, rng: jax.Array | None = None,
+               reduce_aux: Callable | None = None):
+    """Sum of the grads (of the trained `params` only) of `loss_sums(whole params, micro_batch, rngs) ->
+    (scalar, aux)` over micro-batches, and the aux of every micro-batch reduced by `reduce_aux` (stacked on a
+    leading axis; default: summed). The whole params join `params` with `frozen`; `rngs` is {"dropout": a key
+    per micro-batch} from `rng` (LoRA dropout), else None."""
+    def loss_of(trainable, micro, index):
+        rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, index)}
+        return loss_sums(whole_params(trainable, frozen), micro, rngs)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if accum == 1:
-        (_, aux), grads = grad_fn(params, batch)
+        (_, aux), grads = grad_fn(params, batch, 0)
         return grads, aux
 
-    def body(grads, micro):
-        (_, aux), micro_grads = grad_fn(params, micro)
+    def body(grads, xs):
+        micro, index = xs
+        (_, aux), micro_grads = grad_fn(params, micro, index)
         return jax.tree.map(jnp.add, grads, micro_grads), aux
 
     micro = micro_batches(batch, accum)
-    first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first))[1])
-    grads, aux_A = jax.lax.scan(body, zeros, micro)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, aux_A = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
     return grads, (reduce_aux or _sum_leading)(aux_A)
 
 
@@ -104,25 +120,24 @@ def sft_loss_weights(batch: dict, loss_on_prompt: bool) -> jax.Array:
     return batch["mask"] if loss_on_prompt else batch["response_mask"]
 
 
-def sft_sums(model: Transformer, params, batch: dict, weights_BT: jax.Array) -> dict:
+def sft_sums(model: Transformer, params, batch: dict, weights_BT: jax.Array, rngs=None) -> dict:
     """Sum of token NLL and number of target tokens of one batch."""
     logits_BTV, _ = model.apply({"params": params}, batch["ids"], batch["positions"], batch["mask"],
-                                segment_ids_BT=batch["segment_ids"])
+                                segment_ids_BT=batch["segment_ids"], rngs=rngs)
     nll, count = next_token_nll(logits_BTV, batch["ids"], weights_BT, batch["segment_ids"])
     return {"nll_sum": nll, "target_tokens": count}
 
 
-def sft_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transformer, optimizer, schedule,
+def sft_step(state: TrainState, batch: dict, rng: jax.Array, frozen, *, model: Transformer, optimizer, schedule,
              accum: int = 1, loss_on_prompt: bool = False) -> tuple[TrainState, dict]:
-    del rng  # no dropout: kept in the signature for stages that sample
     same_BT = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
     n_tokens = jnp.maximum(jnp.sum(sft_loss_weights(batch, loss_on_prompt)[:, 1:] * same_BT), 1.0)
 
-    def loss_sums(params, micro):
-        sums = sft_sums(model, params, micro, sft_loss_weights(micro, loss_on_prompt))
+    def loss_sums(params, micro, rngs):
+        sums = sft_sums(model, params, micro, sft_loss_weights(micro, loss_on_prompt), rngs)
         return sums["nll_sum"] / n_tokens, sums
 
-    grads, sums = accumulate(loss_sums, state.params, batch, accum)
+    grads, sums = accumulate(loss_sums, state.params, batch, accum, frozen, rng)
     state, stats = apply_grads(state, grads, optimizer, schedule)
     loss = sums["nll_sum"] / n_tokens
     return state, {**stats, "loss": loss, "perplexity": jnp.exp(loss), "target_tokens": sums["target_tokens"],
@@ -138,7 +153,7 @@ def sft_eval_sums(params, batch: dict, *, model: Transformer, loss_on_prompt: bo
 # ------------------------------------------------------------------------------------------------------- RM
 
 
-def completion_rewards(model: Transformer, params, batch: dict) -> jax.Array:
+def completion_rewards(model: Transformer, params, batch: dict, rngs=None) -> jax.Array:
     """rewards_BK: ONE forward pass over all B*K [prompt | response] sequences, read at each last real token.
     Each unique response of a prompt has one slot, however many pairs it is in; empty (padding) slots are
     scored too but belong to no pair."""
@@ -148,24 +163,23 @@ def completion_rewards(model: Transformer, params, batch: dict) -> jax.Array:
     ids = jnp.concatenate([tile(batch["prompt_ids"]), batch["response_ids"].reshape(B * K, R)], axis=1)
     mask = jnp.concatenate([tile(batch["prompt_mask"]), batch["response_mask"].reshape(B * K, R)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    values_NT, _ = model.apply({"params": params}, ids, positions, mask)
+    values_NT, _ = model.apply({"params": params}, ids, positions, mask, rngs=rngs)
     return last_token_values(values_NT, mask).reshape(B, K)
 
 
-def rm_sums(model: Transformer, params, batch: dict, weight_B=None) -> dict:
-    return ranking_loss(completion_rewards(model, params, batch), batch["pairs"], weight_B)
+def rm_sums(model: Transformer, params, batch: dict, weight_B=None, rngs=None) -> dict:
+    return ranking_loss(completion_rewards(model, params, batch, rngs), batch["pairs"], weight_B)
 
 
-def rm_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Transformer, optimizer, schedule,
+def rm_step(state: TrainState, batch: dict, rng: jax.Array, frozen, *, model: Transformer, optimizer, schedule,
             accum: int = 1) -> tuple[TrainState, dict]:
-    del rng
     n_prompts = jnp.maximum(jnp.sum(batch["pairs"].sum((1, 2)) > 0), 1.0)
 
-    def loss_sums(params, micro):
-        sums = rm_sums(model, params, micro)
+    def loss_sums(params, micro, rngs):
+        sums = rm_sums(model, params, micro, rngs=rngs)
         return sums["loss_sum"] / n_prompts, sums
 
-    grads, sums = accumulate(loss_sums, state.params, batch, accum)
+    grads, sums = accumulate(loss_sums, state.params, batch, accum, frozen, rng)
     state, stats = apply_grads(state, grads, optimizer, schedule)
     return state, {**stats, **rm_metrics(sums)}
 

@@ -1,0 +1,159 @@
+"""LoRA in the training stages, end to end through the CLI: only the adapters (and a scalar head) train and are
+checkpointed; export/ is the base with the adapters merged, and export_adapter/ loads with peft on the HF base
+model with export/'s logits; a resumed run is bitwise the straight one; dpo's reference is the base without the
+adapter; a LoRA model's logits at initialisation are the base model's exactly, and its in-block update equals
+the merged weights.
+
+The tiny model and the datasets are test_train's (its module fixtures, built here again)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from cli_helpers import run_quietly
+from hf_fixtures import VOCAB
+from rlhf_jax import main as main_cli
+from rlhf_jax.models import lora
+from rlhf_jax.models.checkpoint import TrainCheckpoints, load_model
+from rlhf_jax.models.transformer import ModelConfig, forward, init_params, make_model
+from test_train import _assert_trees_equal, _metrics, _rm_args, _sft_args, data_dir, tiny, workdir  # noqa: F401
+
+TARGETS = ("q", "v", "gate", "down")  # k, o and up stay untouched: their weights must come out exactly as they went in
+
+
+def _lora_args(*extra: str) -> list[str]:
+    return ["lora.rank=4", "lora.alpha=8", f"lora.targets=[{','.join(TARGETS)}]", "optim.lr=1e-2",
+            "train.eval_every=0", "train.log_every=1", *extra]
+
+
+def _run(argv: list[str]) -> str:
+    rc, out, err = run_quietly(main_cli.main, argv)
+    assert rc == 0, err[-3000:]
+    return out
+
+
+def _peft_adapters(adapter_dir) -> dict:
+    """{"layer_<i>": {target: {"a_IR", "b_RO"}}} read back from PEFT's file."""
+    tensors = load_file(str(adapter_dir / lora.ADAPTER_WEIGHTS))
+    out: dict = {}
+    for name, x in tensors.items():
+        parts = name.split(".")
+        i, module, kind = int(parts[4]), parts[6], parts[7]
+        target = next(t for t, m in lora.HF_MODULES.items() if m.endswith(module))
+        ab = out.setdefault(f"layer_{i}", {}).setdefault(target, {})
+        ab["a_IR" if kind == "lora_A" else "b_RO"] = x.T
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_sft(tiny, data_dir, workdir):
+    run_dir = workdir / "sft_lora"
+    argv = _sft_args(tiny, data_dir, run_dir, *_lora_args("train.steps=4", "train.save_every=2"))
+    _run(argv)
+    return {"dir": run_dir, "argv": argv}
+
+
+def test_lora_sft_trains_and_checkpoints_only_the_adapters(lora_sft):
+    ckpts = TrainCheckpoints(lora_sft["dir"] / "checkpoints", 2)
+    params = json.dumps(ckpts.stored(ckpts.latest_step())[1][0])  # {param path: shape}
+    assert "_lora" in params and "embed" not in params and "qkv" not in params, params[:300]
+    losses = [m["loss"] for m in _metrics(lora_sft["dir"]) if "loss" in m]
+    assert losses[-1] < losses[0], losses
+
+
+def test_lora_exports_are_the_merged_model_and_a_peft_adapter_with_its_logits(lora_sft, tiny):
+    import peft
+    import torch
+    import transformers
+
+    base, exported = load_model(tiny), load_model(lora_sft["dir"] / "export")
+    adapter_dir = lora_sft["dir"] / "export_adapter"
+    config = json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(tiny)
+    adapters = _peft_adapters(adapter_dir)
+    assert sorted(adapters["layer_0"]) == sorted(TARGETS)
+    assert all(np.abs(ab["b_RO"]).max() > 0 for layer in adapters.values() for ab in layer.values())  # trained
+    spec = lora.LoraSpec(4, 8.0, TARGETS)
+    expected = jax.device_get(lora.merge(base.params, adapters, base.cfg, spec))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), exported.params, expected)
+    # what no adapter targets is the base, bit for bit
+    K = base.cfg.q_per_kv
+    for name in ("embed", "lm_head", "final_norm"):
+        _assert_trees_equal(exported.params[name], base.params[name])
+    np.testing.assert_array_equal(exported.params["layer_0"]["attn"]["qkv"][:, :, K],
+                                  base.params["layer_0"]["attn"]["qkv"][:, :, K])  # k
+    np.testing.assert_array_equal(exported.params["layer_1"]["attn"]["o"], base.params["layer_1"]["attn"]["o"])
+
+    ids = np.random.default_rng(0).integers(3, base.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(tiny).eval()
+        theirs = peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()(input_ids=torch.tensor(ids)).logits
+    ours = forward(make_model(exported.cfg), exported.params, jnp.asarray(ids), jnp.ones(ids.shape, bool))
+    np.testing.assert_allclose(theirs.numpy(), np.asarray(ours), atol=1e-4)
+
+
+def test_lora_sft_resumes_bitwise(lora_sft, workdir):
+    run_dir = workdir / "sft_lora_resumed"
+    shutil.copytree(lora_sft["dir"], run_dir)
+    for done in ("checkpoints/4", "export", "export_adapter", "summary.json"):
+        shutil.rmtree(run_dir / done) if (run_dir / done).is_dir() else (run_dir / done).unlink()
+    argv = [a if not a.startswith("run_dir=") else f"run_dir={run_dir}" for a in lora_sft["argv"]]
+    _run(argv)
+    _assert_trees_equal(load_model(run_dir / "export").params, load_model(lora_sft["dir"] / "export").params)
+
+
+def test_lora_rm_trains_adapters_and_its_scalar_head(tiny, data_dir, workdir):
+    run_dir = workdir / "rm_lora"
+    _run(_rm_args(tiny, data_dir, run_dir, *_lora_args("train.steps=3", "train.save_every=3")))
+    ckpts = TrainCheckpoints(run_dir / "checkpoints", 2)
+    params = json.dumps(ckpts.stored(3)[1][0])
+    assert "score" in params and "_lora" in params and "embed" not in params, params[:300]
+    base, exported = load_model(tiny), load_model(run_dir / "export")
+    assert exported.head == "scalar" and not (run_dir / "export_adapter").exists()
+    _assert_trees_equal(exported.params["embed"], base.params["embed"])
+    assert np.abs(exported.params["layer_0"]["mlp"]["wo"] - base.params["layer_0"]["mlp"]["wo"]).max() > 0
+
+
+def test_lora_dpo_reference_is_the_base_without_the_adapter(tiny, data_dir, workdir):
+    run_dir = workdir / "dpo_lora"
+    argv = _rm_args(tiny, data_dir, run_dir, *_lora_args("train.steps=3", "train.save_every=0"))
+    _run([a if a != "stage=rm" else "stage=dpo" for a in argv])
+    rows = [m for m in _metrics(run_dir) if "loss" in m]
+    np.testing.assert_allclose(rows[0]["loss"], np.log(2.0), rtol=1e-5)  # the policy starts as its reference
+    # the implicit rewards measure the adapter against the base: a reference that had the adapter too reads 0
+    assert abs(rows[-1]["reward_margin"]) > 1e-4, rows[-1]
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+CFG = ModelConfig(family="qwen3", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  d_ff=48)
+
+
+def test_a_fresh_lora_model_is_the_base_exactly_and_a_trained_one_its_merge():
+    spec = lora.LoraSpec(rank=3, alpha=6.0, targets=lora.TARGETS)
+    plain, adapted = make_model(CFG), make_model(CFG, lora=spec)
+    base = jax.device_get(init_params(plain, jax.random.key(0)))
+    fresh = lora.with_adapters(base, lora.init_adapters(CFG, spec, jax.random.key(1)))
+    ids = jax.random.randint(jax.random.key(2), (2, 10), 0, VOCAB)
+    mask = jnp.arange(10)[None] >= jnp.array([[0], [3]])  # one left-padded row
+    run = jax.jit(lambda model, p: forward(model, p, ids, mask), static_argnums=0)
+    np.testing.assert_array_equal(np.asarray(run(adapted, fresh)), np.asarray(run(plain, base)))
+    leaves, tree = jax.tree.flatten(lora.adapters(fresh))
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    trained = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params = lora.with_adapters(base, trained)
+    in_block, merged = run(adapted, params), run(plain, lora.merged(params, CFG, spec))
+    assert np.abs(np.asarray(in_block) - np.asarray(run(plain, base))).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(in_block), np.asarray(merged), atol=1e-5)
+    trainable, frozen = lora.split(params)
+    assert lora.adapters(trainable) == lora.adapters(params) and "embed" in frozen and "embed" not in trainable
+    _assert_trees_equal(lora.join(trainable, frozen), params)
