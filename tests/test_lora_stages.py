@@ -23,6 +23,7 @@ from rlhf_jax import main as main_cli
 from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoint import TrainCheckpoints, load_model
 from rlhf_jax.models.transformer import ModelConfig, forward, init_params, make_model
+from test_ppo import ppo_inputs  # noqa: F401
 from test_train import _assert_trees_equal, _metrics, _rm_args, _sft_args, data_dir, tiny, workdir  # noqa: F401
 
 TARGETS = ("q", "v", "gate", "down")  # k, o and up stay untouched: their weights must come out exactly as they went in
@@ -157,3 +158,66 @@ def test_a_fresh_lora_model_is_the_base_exactly_and_a_trained_one_its_merge():
     trainable, frozen = lora.split(params)
     assert lora.adapters(trainable) == lora.adapters(params) and "embed" in frozen and "embed" not in trainable
     _assert_trees_equal(lora.join(trainable, frozen), params)
+
+
+# ------------------------------------------------------------------------------------------------ ppo
+
+
+def test_lora_ppo_starts_at_its_reference_moves_away_from_it_and_exports(ppo_inputs):
+    """The policy's reference is its base without the adapter: the KL is exactly 0 before the first update and
+    grows after (a reference that had the adapter would stay at 0); the value model shares the reward model's
+    base; only adapters and the value head are checkpointed."""
+    from test_ppo import _ppo_args
+
+    run_dir = ppo_inputs["root"] / "lora"
+    _run(_ppo_args(ppo_inputs, run_dir, "train.steps=3", "train.save_every=3", "lora.rank=4", "lora.alpha=8",
+                   "optim.lr=3e-2", "ppo.ema_decay=0.5"))
+    rows = [m for m in _metrics(run_dir) if "kl" in m]
+    assert rows[0]["kl"] == 0.0 and max(abs(m["kl"]) for m in rows[1:]) > 1e-3, [m["kl"] for m in rows]  # k1: +-
+    assert all(m["first_ratio_max"] == 1.0 for m in rows)
+    policy, reward, value = (load_model(d) for d in (ppo_inputs["tiny"], ppo_inputs["rm"], run_dir / "export_value"))
+    meta = TrainCheckpoints(run_dir / "checkpoints", 2).manager.item_metadata(3).state
+    saved = " ".join(jax.tree_util.keystr(path) for path, _ in
+                     jax.tree_util.tree_leaves_with_path(getattr(meta, "tree", meta)))
+    assert "_lora" in saved and "score" in saved and "embed" not in saved and "'qkv'" not in saved, saved[:300]
+    _assert_trees_equal(value.params["embed"], reward.params["embed"])
+    assert np.abs(value.params["layer_0"]["mlp"]["wo"] - reward.params["layer_0"]["mlp"]["wo"]).max() > 0
+    exported, adapters = load_model(run_dir / "export"), _peft_adapters(run_dir / "export_adapter")
+    expected = lora.merge(policy.params, adapters, policy.cfg, lora.LoraSpec(4, 8.0, lora.TARGETS))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), exported.params,
+                 jax.device_get(expected))
+    assert (run_dir / "export_ema").is_dir()
+
+
+def test_lora_ppo_holds_one_copy_of_the_policy_base(ppo_inputs):
+    """The compiled iteration's arguments: with LoRA the policy base, the reward model and small adapters; the
+    full fine-tuning program holds the policy twice (trained and reference), a value model and their moments."""
+    from rlhf_jax.config import load_config
+    from rlhf_jax.plan.programs import ppo_iteration_program
+    from rlhf_jax.runtime import sharding
+
+    policy = load_model(ppo_inputs["tiny"])
+    mesh = sharding.mesh_from_config(load_config(None).mesh)
+    args = lambda *extra: ppo_iteration_program(
+        load_config(None, ["stage=ppo", "train.batch_size=16", "ppo.minibatches=2", "data.max_prompt_tokens=12",
+                           "sampling.max_new_tokens=8", *extra]), policy.cfg, mesh).compile().memory_analysis()
+    full, adapted = args().argument_size_in_bytes, args("lora.rank=4").argument_size_in_bytes
+    weights = sum(x.size * 4 for x in jax.tree.leaves(policy.params))  # float32
+    assert weights * 2 <= adapted < weights * 2.2, (adapted, weights)  # policy base + reward model (+ adapters)
+    assert full > weights * 5, (full, weights)  # two policies, value, reward, two optimizers' moments
+
+
+def test_lora_grpo_reference_is_the_base_and_exports(ppo_inputs):
+    from test_grpo import _args
+
+    run_dir = ppo_inputs["root"] / "grpo_lora"
+    _run(_args(ppo_inputs, run_dir, "grpo", f"grpo.reward_model={ppo_inputs['rm']}", "grpo.kl_coef=0.1",
+               "train.steps=3", "train.save_every=0", "lora.rank=4", "lora.alpha=8", "optim.lr=3e-2"))
+    rows = [m for m in _metrics(run_dir) if "kl" in m]
+    assert rows[0]["kl"] == 0.0 and max(abs(m["kl"]) for m in rows[1:]) > 1e-3, [m["kl"] for m in rows]
+    assert all(m["first_ratio_max"] == 1.0 for m in rows)
+    policy, exported = load_model(ppo_inputs["tiny"]), load_model(run_dir / "export")
+    expected = lora.merge(policy.params, _peft_adapters(run_dir / "export_adapter"), policy.cfg,
+                          lora.LoraSpec(4, 8.0, lora.TARGETS))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), exported.params,
+                 jax.device_get(expected))

@@ -90,16 +90,22 @@ def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg:
     ppo_stage.check_sizes(cfg, mesh)  # the stage's own check
     dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
     reward_cfg = reward_cfg or policy_cfg
-    policy = make_model(policy_cfg, "lm", **dtypes)
-    value, reward = make_model(value_cfg or reward_cfg, "scalar", **dtypes), make_model(reward_cfg, "scalar", **dtypes)
+    policy, value = trained_model(cfg, policy_cfg, "lm"), trained_model(cfg, value_cfg or reward_cfg, "scalar")
+    reward = make_model(reward_cfg, "scalar", **dtypes)
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
     models, settings = ppo_stage.build_models(cfg, policy, value, reward, total, policy_cfg.eos_token_ids or (0,))
     state_sh, frozen_sh = ppo_stage.iteration_shardings(cfg, models, mesh)
     key = jax.random.key(0)
-    state = abstract(jax.eval_shape(lambda: ppo.init_state(init_params(policy, key), init_params(value, key), models,
-                                                           settings, jax.random.PRNGKey(0))), state_sh)
-    frozen = abstract(ppo.Frozen(jax.eval_shape(lambda: init_params(policy, key)),
-                                 jax.eval_shape(lambda: init_params(reward, key))), frozen_sh)
+    shapes = lambda model: jax.eval_shape(lambda: init_params(model, key))
+    (policy_params, policy_base), (value_params, value_base) = (split_trainable(m, shapes(m)) for m in (policy, value))
+    state = abstract(jax.eval_shape(lambda: ppo.init_state(policy_params, value_params, models, settings,
+                                                           jax.random.PRNGKey(0))), state_sh)
+    frozen = ppo.Frozen(
+        ref_params=None if frozen_sh.ref_params is None else abstract(shapes(without_adapters(policy)),
+                                                                      frozen_sh.ref_params),
+        reward_params=abstract(shapes(reward), frozen_sh.reward_params),
+        policy_base=abstract(policy_base, frozen_sh.policy_base),
+        value_base=None if frozen_sh.value_base is None else abstract(value_base, frozen_sh.value_base))
     B, P = cfg.train.batch_size, cfg.data.max_prompt_tokens
     prompts = abstract_batch({"ids": ((B, P), jnp.int32), "mask": ((B, P), bool)}, mesh)
     ptx = abstract_batch(sft_shapes(cfg.ppo.ptx_batch_size or B, cfg), mesh) if cfg.ppo.ptx_coef else None
@@ -114,17 +120,19 @@ def group_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, reward_c
     callback is a stand-in: lowering never calls it) are frozen arguments; the B prompts are replicated."""
     group_stage.check_sizes(cfg, mesh)  # the stage's own check
     dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
-    policy = make_model(policy_cfg, "lm", **dtypes)
+    policy = trained_model(cfg, policy_cfg, "lm")
     reward = make_model(reward_cfg, "scalar", **dtypes) if reward_cfg is not None else None
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
     models, settings = group_stage.build_models(cfg, policy, reward, total, policy_cfg.eos_token_ids or (0,))
     state_sh, frozen_sh = group_stage.iteration_shardings(cfg, models, mesh)
     key = jax.random.key(0)
-    state = abstract(jax.eval_shape(lambda: group.init_state(init_params(policy, key), models,
-                                                             jax.random.PRNGKey(0))), state_sh)
-    shapes = lambda model: None if model is None else jax.eval_shape(lambda: init_params(model, key))
+    shapes = lambda model: jax.eval_shape(lambda: init_params(model, key))
+    policy_params, policy_base = split_trainable(policy, shapes(policy))
+    state = abstract(jax.eval_shape(lambda: group.init_state(policy_params, models, jax.random.PRNGKey(0))),
+                     state_sh)
     frozen = group.Frozen(*(None if sh is None else abstract(shapes(model), sh) for model, sh in
-                            ((policy, frozen_sh.ref_params), (reward, frozen_sh.reward_params))))
+                            ((without_adapters(policy), frozen_sh.ref_params), (reward, frozen_sh.reward_params))),
+                          policy_base=abstract(policy_base, frozen_sh.policy_base))
     B, P = cfg.train.batch_size, cfg.data.max_prompt_tokens
     prompt = lambda dtype: jax.ShapeDtypeStruct((B, P), dtype, sharding=sharding.replicated(mesh))
     stand_in = None if reward is not None else (lambda *rows: jnp.zeros(len(rows[2]), jnp.float32))

@@ -25,10 +25,10 @@ import numpy as np
 import optax
 
 from rlhf_jax.models.sampling import SamplingParams, is_eos, response_logits
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.rl import group_math as G, ppo, ppo_math as L
 from rlhf_jax.rl.ppo import FirstForward, Runtime, masked_logprobs
-from rlhf_jax.training.steps import TrainState, micro_batches
+from rlhf_jax.training.steps import TrainState, micro_batches, whole_params
 
 ALGORITHMS = ("grpo", "rloo")
 
@@ -94,11 +94,16 @@ class GroupState:
 
 
 class Frozen(NamedTuple):
-    """Parameters an iteration reads and never changes: the reference policy (None when kl_coef is 0) and the
-    reward model (None with a reward function)."""
+    """Parameters an iteration reads and never changes: the reference policy (None when kl_coef is 0, or when it
+    is a LoRA policy's own base), the reward model (None with a reward function) and a LoRA policy's frozen base
+    ({} in full fine-tuning)."""
 
     ref_params: Any = None
     reward_params: Any = None
+    policy_base: Any = {}
+
+    def reference(self):
+        return self.policy_base if self.ref_params is None else self.ref_params
 
 
 class GroupBatch(NamedTuple):
@@ -141,7 +146,7 @@ def iteration(state: GroupState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, 
                                   rewards_fn, runtime, orders_EMMb[0])
     rollout_s, (batch, stats) = runtime.lap((batch, stats))
     # 6: epochs x minibatches of policy updates
-    policy, steps = update(state.policy, batch, orders_EMMb, models, settings, runtime, first)
+    policy, steps = update(state.policy, batch, orders_EMMb, models, settings, runtime, first, frozen.policy_base)
     update_s, steps = runtime.lap(steps, gate=False)  # complete with the last step's gradient norm
     metrics = {**stats, **update_metrics(steps)}
     if runtime.clock is not None:  # host_wait_s: from the previous iteration's end (host loop work, compilation)
@@ -154,7 +159,8 @@ def rollout(state: GroupState, frozen: Frozen, prompt_ids_RP, prompt_mask_RP, rn
             first_order_MMb=None):
     """Steps 2-5 on the repeated prompts: everything the update needs. Returns (batch, stats, FirstForward);
     `first_order_MMb` is the first epoch's minibatch rows (default: rows in order)."""
-    sampled = ppo.sample_responses(state.policy.params, prompt_ids_RP, prompt_mask_RP, rng, models)
+    sampled = ppo.sample_responses(whole_params(state.policy.params, frozen.policy_base), prompt_ids_RP,
+                                   prompt_mask_RP, rng, models)
     responses = (prompt_ids_RP, prompt_mask_RP, sampled.tokens_BN, sampled.mask_BN)
     forced, first = teacher_force(state, frozen, responses, models, settings, runtime, first_order_MMb)
     rewards_R = forced.scores_R if rewards_fn is None else function_rewards(rewards_fn, responses)
@@ -211,22 +217,22 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
 
     def frozen_passes(rows):
         mb = gather(rows)
-        ref_logprobs = (masked_logprobs(_forward(frozen.ref_params, mb, models), *mb[2:]) if with_reference
-                        else None)
+        ref_logprobs = (masked_logprobs(_forward(frozen.reference(), mb, models, reference=True), *mb[2:])
+                        if with_reference else None)
         scores = (ppo.reward_scores(models.reward, frozen.reward_params, settings.reward_gain, settings.reward_bias,
                                     *mb) if with_reward_model else None)
         return ref_logprobs, scores
 
     def trained_pass(rows):
         mb = gather(rows)
-        return masked_logprobs(_forward(params, mb, models), *mb[2:])
+        return masked_logprobs(_forward(params, mb, models, frozen.policy_base), *mb[2:])
 
     frozen_K = jax.lax.map(frozen_passes, rows_Km) if with_reference or with_reward_model else (None, None)
     trained_rest = jax.lax.map(trained_pass, rows_Km[1:]) if rows_Km.shape[0] > 1 else None
     # The first micro-batch's forward keeps its activations for the update's backward: it runs last, so that they
     # live beside no other pass's.
     first_mb, frozen_K, trained_rest = jax.lax.optimization_barrier((gather(rows_Km[0]), frozen_K, trained_rest))
-    logits_mNV, pullback = jax.vjp(lambda p: _forward(p, first_mb, models), params)
+    logits_mNV, pullback = jax.vjp(lambda p: _forward(p, first_mb, models, frozen.policy_base), params)
     old_K = _stacked(masked_logprobs(logits_mNV, *first_mb[2:]), trained_rest)
 
     def in_rows(x_K):  # (K, m, ...) in micro-batch order -> (R, ...) in row order
@@ -247,14 +253,15 @@ def advantages(rewards_R, kl_R, settings: GroupSettings) -> jax.Array:
 
 
 def update(policy: TrainState, batch: GroupBatch, orders_EMMb, models: GroupModels, settings: GroupSettings,
-           runtime: Runtime = Runtime(), first: FirstForward | None = None):
+           runtime: Runtime = Runtime(), first: FirstForward | None = None, base=None):
     """6. `epochs` x `minibatches` optimizer steps over the given minibatch rows (one flat scan); `first` is the
-    rollout's forward of the first step's first micro-batch. Returns (policy, per-step stats)."""
+    rollout's forward of the first step's first micro-batch; `base`: a LoRA policy's frozen base. Returns
+    (policy, per-step stats)."""
     E, M, _ = orders_EMMb.shape
     rows_SAm = jax.vmap(lambda rows: micro_batches(rows, settings.accum))(orders_EMMb.reshape(E * M, -1))
 
     def step(policy, rows_Am, first=None):
-        return _optimizer_step(policy, batch, rows_Am, models, settings, runtime, first)
+        return _optimizer_step(policy, batch, rows_Am, models, settings, runtime, first, base)
 
     if first is None:
         return jax.lax.scan(step, policy, rows_SAm)
@@ -297,10 +304,12 @@ def update_metrics(steps: dict) -> dict:
 # --------------------------------------------------------------------------------------------- the objective
 
 
-def _forward(params, mb, models: GroupModels) -> jax.Array:
-    """logits_RNV / temperature of the policy with `params` on the rows mb = (prompt ids, prompt mask, tokens,
-    mask): what the sampler drew from."""
-    return response_logits(models.policy, params, *mb, models.sampling.temperature)
+def _forward(params, mb, models: GroupModels, base=None, reference: bool = False) -> jax.Array:
+    """logits_RNV / temperature of the policy with `params` (joined with a LoRA policy's `base`) on the rows
+    mb = (prompt ids, prompt mask, tokens, mask): what the sampler drew from; `reference`: of the policy without
+    adapters, on the reference's params."""
+    model = without_adapters(models.policy) if reference else models.policy
+    return response_logits(model, whole_params(params, base), *mb, models.sampling.temperature)
 
 
 class Sizes(NamedTuple):
@@ -328,8 +337,8 @@ def objective(logits_RNV, mb: GroupBatch, settings: GroupSettings, sizes: Sizes 
     return loss, {"policy_loss": loss, "entropy": jax.lax.stop_gradient(entropy), **stats}
 
 
-def _micro_batch_loss(params, mb: GroupBatch, models: GroupModels, settings: GroupSettings, sizes: Sizes):
-    return objective(_forward(params, _inputs(mb), models), mb, settings, sizes)
+def _micro_batch_loss(params, mb: GroupBatch, models: GroupModels, settings: GroupSettings, sizes: Sizes, base=None):
+    return objective(_forward(params, _inputs(mb), models, base), mb, settings, sizes)
 
 
 def _inputs(mb: GroupBatch):
@@ -337,7 +346,7 @@ def _inputs(mb: GroupBatch):
 
 
 def _optimizer_step(policy: TrainState, batch: GroupBatch, rows_Am, models: GroupModels, settings: GroupSettings,
-                    runtime: Runtime, first: FirstForward | None):
+                    runtime: Runtime, first: FirstForward | None, base=None):
     """One optimizer step on the minibatch whose A micro-batches hold rows `rows_Am`, gradients summed
     micro-batch by micro-batch; with `first`, micro-batch 0's forward is the rollout's. Returns (policy, stats)."""
     params = policy.params
@@ -345,8 +354,8 @@ def _optimizer_step(policy: TrainState, batch: GroupBatch, rows_Am, models: Grou
     all_rows = rows_Am.reshape(-1)
     sizes = Sizes(jnp.float32(all_rows.shape[0]),
                   jnp.maximum(jnp.sum(batch.mask_RN[all_rows], dtype=jnp.float32), 1.0))
-    grad_fn = jax.value_and_grad(functools.partial(_micro_batch_loss, models=models, settings=settings, sizes=sizes),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(_micro_batch_loss, models=models, settings=settings, sizes=sizes,
+                                                   base=base), has_aux=True)
 
     def micro_batch(grads, rows):
         (_, stats), micro_grads = grad_fn(params, gather(rows))

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.models.sampling import SamplingParams, is_eos, response_logits, sample
-from rlhf_jax.models.transformer import Transformer, positions_from_mask
+from rlhf_jax.models.transformer import Transformer, positions_from_mask, without_adapters
 from rlhf_jax.rl import ppo_math as L
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.training.losses import last_token_values, token_logprobs
-from rlhf_jax.training.steps import TrainState, micro_batches, sft_sums
+from rlhf_jax.training.steps import TrainState, micro_batches, sft_sums, whole_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +104,25 @@ class PPOState:
 
 
 class Frozen(NamedTuple):
-    """Parameters an iteration reads and never changes: the reference policy and the reward model."""
+    """Parameters an iteration reads and never changes: the reference policy and the reward model, and with LoRA
+    the policy's and the value model's frozen bases ({} in full fine-tuning). A LoRA policy's reference is its
+    own base (`ref_params` None: the same buffers), and a value model initialised from the reward model shares
+    its base (`value_base` None: the reward model's params but its head)."""
 
     ref_params: Any
     reward_params: Any
+    policy_base: Any = {}
+    value_base: Any = {}
+
+    def reference(self):
+        return self.policy_base if self.ref_params is None else self.ref_params
+
+    def bases(self) -> tuple:
+        """(policy base, value base) to join with what trains (`steps.whole_params`)."""
+        value_base = self.value_base
+        if value_base is None:
+            value_base = {k: v for k, v in self.reward_params.items() if k != "score"}
+        return self.policy_base, value_base
 
 
 class Rollout(NamedTuple):
@@ -147,7 +162,7 @@ def iteration(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, pt
     rollout_s, (batch, kl_B, stats) = runtime.lap((batch, kl_B, stats))
     # 5: epochs x minibatches of clipped policy and value updates
     beta = state.kl.beta
-    state, steps = update(state, batch, orders_EMMb, models, settings, runtime, ptx, first)
+    state, steps = update(state, batch, orders_EMMb, models, settings, runtime, ptx, first, frozen.bases())
     update_s, steps = runtime.lap(steps, gate=False)  # complete with the last step's gradient norms
     # 6: the KL controller (fixed beta unless kl_target), then InstructGPT's EMA of the policy weights
     kl = state.kl.update(kl_B.mean(), settings.kl_target or None, settings.kl_horizon, kl_B.shape[0])
@@ -164,7 +179,8 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
             settings: PPOSettings, runtime: Runtime = Runtime(), first_order_MMb=None):
     """Steps 1-4: everything the update needs. Returns (rollout, KL per sequence, stats, FirstForward);
     `first_order_MMb` is the first epoch's minibatch rows (default: rows in order)."""
-    sampled = sample_responses(state.policy.params, prompt_ids_BP, prompt_mask_BP, rng, models)
+    sampled = sample_responses(whole_params(state.policy.params, frozen.policy_base), prompt_ids_BP, prompt_mask_BP,
+                               rng, models)
     responses = (prompt_ids_BP, prompt_mask_BP, sampled.tokens_BN, sampled.mask_BN)
     forced, first = teacher_force(state, frozen, responses, models, settings, runtime, first_order_MMb)
     mask_BN = sampled.mask_BN
@@ -210,23 +226,24 @@ def teacher_force(state: PPOState, frozen: Frozen, responses, models: PPOModels,
         first_order_MMb = jnp.arange(B).reshape(settings.minibatches, -1)
     rows_Km = micro_batch_rows(first_order_MMb, settings.accum)
     gather = lambda rows: runtime.on_batch_axes([x[rows] for x in responses])
-    params = (state.policy.params, state.value.params)
+    params, bases = (state.policy.params, state.value.params), frozen.bases()
 
     def frozen_passes(rows):
         mb = gather(rows)
-        logits_BNV = response_logits(models.policy, frozen.ref_params, *mb, models.sampling.temperature)
+        logits_BNV = response_logits(without_adapters(models.policy), frozen.reference(), *mb,
+                                     models.sampling.temperature)
         return masked_logprobs(logits_BNV, *mb[2:]), scores(models, settings, frozen.reward_params, *mb)
 
     def trained_passes(rows):
         mb = gather(rows)
-        return _old_logprobs_and_values(_forward(params, mb, models, settings), mb)
+        return _old_logprobs_and_values(_forward(params, mb, models, settings, bases), mb)
 
     # Every pass runs micro-batch by micro-batch (the update's own split: it fits where the update fits).
     frozen_K, trained_rest = jax.lax.map(frozen_passes, rows_Km), jax.lax.map(trained_passes, rows_Km[1:])
     # The first micro-batch's forward keeps its activations for the update's backward: it runs last, so that they
     # live beside no other pass's.
     first_mb, frozen_K, trained_rest = jax.lax.optimization_barrier((gather(rows_Km[0]), frozen_K, trained_rest))
-    outputs, pullback = jax.vjp(lambda params: _forward(params, first_mb, models, settings), params)
+    outputs, pullback = jax.vjp(lambda params: _forward(params, first_mb, models, settings, bases), params)
     trained = jax.tree.map(lambda a, rest: jnp.concatenate([a[None], rest]),
                            _old_logprobs_and_values(outputs, first_mb), trained_rest)
     in_rows = lambda x: runtime.on_batch_axes(jnp.zeros((B, *x.shape[2:]), x.dtype).at[rows_Km.reshape(-1)].set(
@@ -255,10 +272,12 @@ def minibatch_orders(rng, batch_size: int, settings: PPOSettings) -> jax.Array:
 
 
 def update(state: PPOState, batch: Rollout, orders_EMMb, models: PPOModels, settings: PPOSettings,
-           runtime: Runtime = Runtime(), ptx: dict | None = None, first: FirstForward | None = None):
+           runtime: Runtime = Runtime(), ptx: dict | None = None, first: FirstForward | None = None,
+           bases: tuple = ({}, {})):
     """5. `epochs` x `minibatches` optimizer steps of policy and value over the given minibatch rows (one flat
     scan), minibatch m adding the LM loss of the m-th slice of the `ptx` batch; `first` is the rollout's forward
-    of the first step's first micro-batch. Returns (state, per-step stats)."""
+    of the first step's first micro-batch; `bases`: the frozen (policy, value) bases of LoRA models. Returns
+    (state, per-step stats)."""
     E, M, _ = orders_EMMb.shape
     rows_SAm = jax.vmap(lambda rows: micro_batches(rows, settings.accum))(orders_EMMb.reshape(E * M, -1))
     ptx_slices = None if ptx is None else jax.tree.map(lambda x: x.reshape(M, -1, *x.shape[1:]), ptx)
@@ -266,7 +285,7 @@ def update(state: PPOState, batch: Rollout, orders_EMMb, models: PPOModels, sett
     def step(carry, xs, first=None):
         rows_Am, m = xs
         ptx_mb = None if ptx_slices is None else jax.tree.map(lambda x: x[m], ptx_slices)
-        return _optimizer_step(carry, batch, rows_Am, ptx_mb, models, settings, runtime, first)
+        return _optimizer_step(carry, batch, rows_Am, ptx_mb, models, settings, runtime, first, bases)
 
     carry, xs = (state.policy, state.value), (rows_SAm, jnp.arange(E * M) % M)
     if first is not None:
@@ -360,10 +379,11 @@ def ptx_loss(model: Transformer, params, ptx: dict, denominator=None) -> jax.Arr
     return sums["nll_sum"] / (jnp.maximum(sums["target_tokens"], 1.0) if denominator is None else denominator)
 
 
-def _forward(params, mb, models: PPOModels, settings: PPOSettings):
+def _forward(params, mb, models: PPOModels, settings: PPOSettings, bases: tuple = ({}, {})):
     """(logits_BNV, values_BN): what the PPO objective reads of the policy and the value model on the rows
-    `mb` = (prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)."""
-    policy_params, value_params = params
+    `mb` = (prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN); `params`: what trains of both, joined with their
+    frozen `bases`."""
+    policy_params, value_params = (whole_params(p, base) for p, base in zip(params, bases))
     return (response_logits(models.policy, policy_params, *mb, models.sampling.temperature),
             response_values(models.value, value_params, *mb, settings.value_gain, settings.value_bias))
 
@@ -386,14 +406,14 @@ def _inputs(mb: Rollout):
     return mb.prompt_ids_BP, mb.prompt_mask_BP, mb.tokens_BN, mb.mask_BN
 
 
-def _minibatch_loss(params, micro, models: PPOModels, settings: PPOSettings, tokens, ptx_tokens):
+def _minibatch_loss(params, micro, models: PPOModels, settings: PPOSettings, tokens, ptx_tokens, bases):
     """The PPO objective of one micro-batch, its means taken over the whole minibatch's `tokens` (and
     `ptx_tokens`) so that micro-batch losses and gradients add up to the minibatch's exactly."""
     (policy_params, _), (mb, ptx) = params, micro
-    loss, stats = _objective(_forward(params, _inputs(mb), models, settings), mb, settings, tokens)
+    loss, stats = _objective(_forward(params, _inputs(mb), models, settings, bases), mb, settings, tokens)
     lm_loss = jnp.zeros((), jnp.float32)
     if ptx is not None:  # InstructGPT's gamma x pretraining loss, in the same gradient as the PPO objective
-        lm_loss = ptx_loss(models.policy, policy_params, ptx, ptx_tokens)
+        lm_loss = ptx_loss(models.policy, whole_params(policy_params, bases[0]), ptx, ptx_tokens)
         loss = loss + settings.ptx_coef * lm_loss
     return loss, {**stats, "ptx_loss": lm_loss}
 
@@ -405,7 +425,7 @@ def apply_gradients(train: TrainState, grads, optimizer) -> TrainState:
 
 
 def _optimizer_step(carry, batch: Rollout, rows_Am, ptx_mb, models: PPOModels, settings: PPOSettings,
-                    runtime: Runtime, first: FirstForward | None):
+                    runtime: Runtime, first: FirstForward | None, bases: tuple = ({}, {})):
     """One optimizer step of policy and value on the minibatch whose A micro-batches hold rows `rows_Am` (and
     the ptx slice `ptx_mb`, split alike), gradients summed micro-batch by micro-batch; with `first`, micro-batch
     0's forward is the rollout's. Returns ((policy, value), stats)."""
@@ -419,7 +439,7 @@ def _optimizer_step(carry, batch: Rollout, rows_Am, ptx_mb, models: PPOModels, s
         ptx_tokens = jnp.maximum(ptx_target_tokens(ptx_mb), 1.0)
         ptx_Am = micro_batches(ptx_mb, rows_Am.shape[0])
     grad_fn = jax.value_and_grad(functools.partial(_minibatch_loss, models=models, settings=settings, tokens=tokens,
-                                                   ptx_tokens=ptx_tokens), has_aux=True)
+                                                   ptx_tokens=ptx_tokens, bases=bases), has_aux=True)
 
     def micro_batch(grads, xs):
         rows, ptx_micro = xs
@@ -432,7 +452,7 @@ def _optimizer_step(carry, batch: Rollout, rows_Am, ptx_mb, models: PPOModels, s
     else:
         head = jax.tree.map(lambda x: x[0], xs)
         grads, stats = _first_micro_batch_grads(first, params, (gather(head[0]), head[1]), models, settings, tokens,
-                                                ptx_tokens)
+                                                ptx_tokens, bases[0])
         grads, stats_rest = jax.lax.scan(micro_batch, grads, jax.tree.map(lambda x: x[1:], xs))
         stats_A = jax.tree.map(lambda a, rest: jnp.concatenate([a[None], rest]), stats, stats_rest)
     policy_grads, value_grads = grads
@@ -462,7 +482,7 @@ class FirstForward(NamedTuple):
 
 
 def _first_micro_batch_grads(first: FirstForward, params, micro, models: PPOModels, settings: PPOSettings, tokens,
-                             ptx_tokens):
+                             ptx_tokens, policy_base=None):
     """`_minibatch_loss`'s gradients on the micro-batch whose forward the rollout already ran: the objective's
     cotangents through `first.pullback`, plus the ptx term's own gradient."""
     mb, ptx = micro
@@ -470,7 +490,8 @@ def _first_micro_batch_grads(first: FirstForward, params, micro, models: PPOMode
     policy_grads, value_grads = first.pullback(cotangents)[0]
     lm_loss = jnp.zeros((), jnp.float32)
     if ptx is not None:
-        lm_loss, lm_grads = jax.value_and_grad(ptx_loss, argnums=1)(models.policy, params[0], ptx, ptx_tokens)
+        lm_loss, lm_grads = jax.value_and_grad(lambda p: ptx_loss(models.policy, whole_params(p, policy_base), ptx,
+                                                                  ptx_tokens))(params[0])
         policy_grads = jax.tree.map(lambda g, lm: g + settings.ptx_coef * lm, policy_grads, lm_grads)
     return (policy_grads, value_grads), {**stats, "ptx_loss": lm_loss}
 

@@ -22,7 +22,8 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
-from rlhf_jax.models.transformer import init_params, make_model, param_logical_axes
+from rlhf_jax.models import lora
+from rlhf_jax.models.transformer import make_model, without_adapters
 from rlhf_jax.rl import group
 from rlhf_jax.rl.ppo import Runtime
 from rlhf_jax.runtime import distributed, plugins, sharding
@@ -33,7 +34,9 @@ from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
 from rlhf_jax.training.state import (
-    check_positions, export, initial_params, load_for_training, report_sharding, state_shardings, total_steps)
+    check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params, load_for_training,
+    param_shardings, report_sharding, split_trainable, state_shardings, total_steps)
+from rlhf_jax.training.steps import whole_params
 
 
 def section_of(cfg: Config):
@@ -45,8 +48,7 @@ def section_of(cfg: Config):
 
 def check_config(cfg: Config) -> None:
     """Everything that can be known wrong before loading a model (the reward function is imported)."""
-    if cfg.lora.rank:
-        raise UserError(f"lora.rank={cfg.lora.rank}: stage {cfg.stage!r} does not train LoRA adapters yet (sft, rm and dpo do)")
+    check_lora(cfg)
     section, name = section_of(cfg)
     if not (section.reward_model or section.reward_function):
         raise UserError(f"stage {name!r} needs {name}.reward_model (a reward model export from the rm stage) or "
@@ -115,15 +117,17 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
                                     reward.extra.get("reward_norm") if reward is not None else None)
     state_sh, frozen_sh = iteration_shardings(cfg, models, mesh)
     report_sharding(policy_model, mesh)
-    policy_params = initial_params(loaded, policy_model, cfg.seed)
+    policy_params, policy_base = split_trainable(policy_model, initial_params(loaded, policy_model, cfg.seed))
     init = jax.jit(lambda p, key: group.init_state(p, models, key),
                    in_shardings=(state_sh.policy.params, sharding.replicated(mesh)), out_shardings=state_sh)
     state = init(policy_params, jax.random.PRNGKey(cfg.seed))
-    # The frozen params are separate buffers: the state is donated every iteration.
-    frozen = group.Frozen()
-    if settings.uses_reference:
+    # The frozen params are separate buffers: the state is donated every iteration. A LoRA policy's reference is
+    # its own base.
+    frozen = group.Frozen(policy_base=sharding.place(policy_base, frozen_sh.policy_base))
+    if frozen_sh.ref_params is not None:
         reference = reference_params(section.reference, f"{name}.reference", loaded, policy_model, policy_params,
                                      cfg.seed)
+        reference = reference if policy_model.lora is None else lora.split(reference)[1]
         frozen = frozen._replace(ref_params=sharding.place(reference, frozen_sh.ref_params))
     if reward is not None:
         frozen = frozen._replace(reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed),
@@ -154,8 +158,13 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
                 loop.save_when_due(step, state, data_iter)
     finally:
         run.close()
-    out = export(run_dir / "export", state.policy.params, loaded, policy_model, role="policy")
-    summary = {"stage": name, "steps": total, "export": str(out),
+    out = export(run_dir / "export", whole_params(state.policy.params, frozen.policy_base), loaded, policy_model,
+                 role="policy")
+    exports = {"export": str(out)}
+    if policy_model.lora is not None:
+        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", state.policy.params, loaded,
+                                                       policy_model, cfg.model.path))
+    summary = {"stage": name, "steps": total, **exports,
                **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float) and np.isfinite(v)}}
     if distributed.is_primary():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -201,11 +210,12 @@ def iteration_shardings(cfg: Config, models: group.GroupModels, mesh) -> tuple[g
     the reward model, when there is one)."""
     section, _ = section_of(cfg)
     policy_sh = state_shardings(models.policy, models.policy_opt, mesh)
-    reward_sh = None
-    if models.reward is not None:
-        reward_shapes = jax.eval_shape(lambda: init_params(models.reward, jax.random.key(0)))
-        reward_sh = sharding.param_shardings(param_logical_axes(models.reward), reward_shapes, mesh)
-    frozen_sh = group.Frozen(ref_params=policy_sh.params if section.kl_coef > 0 else None, reward_params=reward_sh)
+    reward_sh = None if models.reward is None else param_shardings(models.reward, mesh)
+    # with LoRA and no `reference`, the reference is the policy's base (ref_params None: the same buffers)
+    own_reference = section.kl_coef > 0 and (models.policy.lora is None or bool(section.reference))
+    frozen_sh = group.Frozen(
+        ref_params=param_shardings(without_adapters(models.policy), mesh) if own_reference else None,
+        reward_params=reward_sh, policy_base=frozen_shardings(models.policy, mesh))
     return group.GroupState(policy=policy_sh, rng=sharding.replicated(mesh)), frozen_sh
 
 

@@ -22,7 +22,8 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
-from rlhf_jax.models.transformer import init_params, make_model, param_logical_axes
+from rlhf_jax.models import lora
+from rlhf_jax.models.transformer import make_model, without_adapters
 from rlhf_jax.rl import ppo
 from rlhf_jax.rl.ppo_math import KLController
 from rlhf_jax.runtime import distributed, sharding
@@ -33,14 +34,14 @@ from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
 from rlhf_jax.training.state import (
-    check_positions, export, initial_params, load_for_training, report_sharding, state_shardings, to_global,
-    total_steps)
+    check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params, load_for_training,
+    param_shardings, report_sharding, split_trainable, state_shardings, to_global, total_steps, trained_model)
+from rlhf_jax.training.steps import whole_params
 
 
 def check_config(cfg: Config) -> None:
     """Everything that can be known wrong before loading a model."""
-    if cfg.lora.rank:
-        raise UserError(f"lora.rank={cfg.lora.rank}: stage {cfg.stage!r} does not train LoRA adapters yet (sft, rm and dpo do)")
+    check_lora(cfg)
     if not cfg.ppo.reward_model:
         raise UserError("stage 'ppo' needs ppo.reward_model (a reward model export from the rm stage)")
     if not cfg.data.name:
@@ -119,7 +120,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
                             f"{loaded.cfg.vocab_size} (it must read the policy's tokens)")
         check_same_tokenizer(other.tokenizer_dir, loaded.tokenizer_dir, f"{key}={path}", "the policy")
     dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
-    value_model, reward_model = make_model(value.cfg, "scalar", **dtypes), make_model(reward.cfg, "scalar", **dtypes)
+    value_model, reward_model = trained_model(cfg, value.cfg, "scalar"), make_model(reward.cfg, "scalar", **dtypes)
 
     models, settings = build_models(cfg, policy_model, value_model, reward_model, total,
                           loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,), reward.extra.get("reward_norm"),
@@ -129,17 +130,23 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     policy_sh, value_sh, reward_sh = state_sh.policy, state_sh.value, frozen_sh.reward_params
     report_sharding(policy_model, mesh)
 
-    policy_params = initial_params(loaded, policy_model, cfg.seed)
-    value_params = initial_params(value, value_model, cfg.seed)
+    policy_params, policy_base = split_trainable(policy_model, initial_params(loaded, policy_model, cfg.seed))
+    value_params, value_base = split_trainable(value_model, initial_params(value, value_model, cfg.seed))
     init = jax.jit(lambda p, v, key: ppo.init_state(p, v, models, settings, key),
                    in_shardings=(policy_sh.params, value_sh.params, repl), out_shardings=state_sh)
     state = init(policy_params, value_params, jax.random.PRNGKey(cfg.seed))
-    reference = reference_params(cfg.ppo.reference, "ppo.reference", loaded, policy_model, policy_params,
-                                 cfg.seed)
-    # The reference and the reward model are separate buffers: the state is donated every iteration.
-    frozen = ppo.Frozen(ref_params=sharding.place(reference, policy_sh.params),
-                        reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed),
-                                                     reward_sh))
+    # The frozen params are separate buffers from the state, which is donated every iteration. A LoRA policy's
+    # reference is its base, and a LoRA value model from the reward model shares that model's base.
+    reference = None
+    if frozen_sh.ref_params is not None:
+        host = reference_params(cfg.ppo.reference, "ppo.reference", loaded, policy_model, policy_params, cfg.seed)
+        reference = sharding.place(host if policy_model.lora is None else lora.split(host)[1], frozen_sh.ref_params)
+    frozen = ppo.Frozen(ref_params=reference,
+                        reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed), reward_sh),
+                        policy_base=sharding.place(policy_base, frozen_sh.policy_base),
+                        value_base=None if frozen_sh.value_base is None else sharding.place(value_base,
+                                                                                            frozen_sh.value_base))
+    del policy_params, value_params, policy_base, value_base
     data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed))
     if ptx_spec is not None:  # prompts and pretraining rows advance, and are checkpointed, together
         ptx_iter = iter(train_dataset(ptx_spec, ptx_spec.train_split, tokenizer, _ptx_batch(cfg), cfg.seed + 1))
@@ -166,14 +173,19 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
                 loop.save_when_due(step, state, data_iter)
     finally:
         run.close()
-    out = export(run_dir / "export", state.policy.params, loaded, policy_model)
+    policy_base, value_base = frozen.bases()
+    out = export(run_dir / "export", whole_params(state.policy.params, policy_base), loaded, policy_model)
     # The value head's normalisation travels with it: reading it back (ppo.value_model) applies it again.
     value_norm = {"reward_norm": {"gain": settings.value_gain, "bias": settings.value_bias}}
-    value_out = export(run_dir / "export_value", state.value.params, value, value_model, value_norm,
-                       role="value")
+    value_out = export(run_dir / "export_value", whole_params(state.value.params, value_base), value, value_model,
+                       value_norm, role="value")
     exports = {"export": str(out), "value_export": str(value_out)}
+    if policy_model.lora is not None:
+        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", state.policy.params, loaded,
+                                                       policy_model, cfg.model.path))
     if state.ema is not None:
-        exports["ema_export"] = str(export(run_dir / "export_ema", state.ema, loaded, policy_model))
+        exports["ema_export"] = str(export(run_dir / "export_ema", whole_params(state.ema, policy_base), loaded,
+                                           policy_model))
     summary = {"stage": "ppo", "steps": total, **exports,
                **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float) and np.isfinite(v)}}
     if distributed.is_primary():
@@ -211,15 +223,19 @@ def build_models(cfg: Config, policy_model, value_model, reward_model, total: in
 
 
 def iteration_shardings(cfg: Config, models: ppo.PPOModels, mesh) -> tuple[ppo.PPOState, ppo.Frozen]:
-    """NamedShardings of the iteration's state and of its frozen params (the reference and the reward model)."""
+    """NamedShardings of the iteration's state and of its frozen params (the reference, the reward model and the
+    LoRA bases); None where the frozen params are shared (`ppo.Frozen`)."""
     repl = sharding.replicated(mesh)
     policy_sh = state_shardings(models.policy, models.policy_opt, mesh)
     value_sh = state_shardings(models.value, models.value_opt, mesh)
     state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=KLController(repl), rng=repl,
                             ema=policy_sh.params if cfg.ppo.ema_decay else None)
-    reward_shapes = jax.eval_shape(lambda: init_params(models.reward, jax.random.key(0)))
-    reward_sh = sharding.param_shardings(param_logical_axes(models.reward), reward_shapes, mesh)
-    return state_sh, ppo.Frozen(ref_params=policy_sh.params, reward_params=reward_sh)
+    lora = models.policy.lora is not None
+    shares_reward_base = lora and not cfg.ppo.value_model
+    return state_sh, ppo.Frozen(
+        ref_params=None if lora and not cfg.ppo.reference else param_shardings(without_adapters(models.policy), mesh),
+        reward_params=param_shardings(models.reward, mesh), policy_base=frozen_shardings(models.policy, mesh),
+        value_base=None if shares_reward_base else frozen_shardings(models.value, mesh))
 
 
 def jit_iteration(models: ppo.PPOModels, settings: ppo.PPOSettings, state_sh: ppo.PPOState,

@@ -36,6 +36,14 @@ def lora_spec(cfg: Config) -> lora.LoraSpec | None:
     return lora.LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
 
 
+def check_lora(cfg: Config) -> None:
+    """The stages that train on their own samples (ppo, grpo, rloo) take no LoRA dropout: it would make the
+    policy's log-probs random, so the rollout's and the update's would differ before any step (ratio != 1)."""
+    if cfg.lora.rank and cfg.lora.dropout:
+        raise UserError(f"lora.dropout={cfg.lora.dropout}: stage {cfg.stage!r} trains on its own samples and needs "
+                        "lora.dropout 0 (dropout would make the policy's log-probs random)")
+
+
 def load_for_training(cfg: Config, run_dir: Path, head: str):
     """(loaded checkpoint, tokenizer, model with `head`, and adapters with `lora.rank`) of cfg.model.path (the
     tiny built-in model when empty)."""
