@@ -45,6 +45,8 @@ def _peft_adapters(adapter_dir) -> dict:
     tensors = load_file(str(adapter_dir / lora.ADAPTER_WEIGHTS))
     out: dict = {}
     for name, x in tensors.items():
+        if ".lora_" not in name:  # a whole weight of modules_to_save
+            continue
         parts = name.split(".")
         i, module, kind = int(parts[4]), parts[6], parts[7]
         target = next(t for t, m in lora.HF_MODULES.items() if m.endswith(module))
@@ -55,8 +57,10 @@ def _peft_adapters(adapter_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def lora_sft(tiny, data_dir, workdir):
+    """LoRA on TARGETS, with the norms and the LM head trained whole (lora.also_train)."""
     run_dir = workdir / "sft_lora"
-    argv = _sft_args(tiny, data_dir, run_dir, *_lora_args("train.steps=4", "train.save_every=2"))
+    argv = _sft_args(tiny, data_dir, run_dir, *_lora_args("train.steps=4", "train.save_every=2",
+                                                          "lora.also_train=[norms,lm_head]"))
     _run(argv)
     return {"dir": run_dir, "argv": argv}
 
@@ -64,7 +68,8 @@ def lora_sft(tiny, data_dir, workdir):
 def test_lora_sft_trains_and_checkpoints_only_the_adapters(lora_sft):
     ckpts = TrainCheckpoints(lora_sft["dir"] / "checkpoints", 2)
     params = json.dumps(ckpts.stored(ckpts.latest_step())[1][0])  # {param path: shape}
-    assert "_lora" in params and "embed" not in params and "qkv" not in params, params[:300]
+    assert "_lora" in params and "lm_head" in params and "final_norm/scale" in params, params[:300]
+    assert "embed" not in params and "qkv" not in params, params[:300]
     losses = [m["loss"] for m in _metrics(lora_sft["dir"]) if "loss" in m]
     assert losses[-1] < losses[0], losses
 
@@ -78,16 +83,22 @@ def test_lora_exports_are_the_merged_model_and_a_peft_adapter_with_its_logits(lo
     adapter_dir = lora_sft["dir"] / "export_adapter"
     config = json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(tiny)
+    assert config["modules_to_save"] == ["norm", "lm_head"]
     adapters = _peft_adapters(adapter_dir)
     assert sorted(adapters["layer_0"]) == sorted(TARGETS)
     assert all(np.abs(ab["b_RO"]).max() > 0 for layer in adapters.values() for ab in layer.values())  # trained
-    spec = lora.LoraSpec(4, 8.0, TARGETS)
-    expected = jax.device_get(lora.merge(base.params, adapters, base.cfg, spec))
+    spec = lora.LoraSpec(4, 8.0, TARGETS, also_train=("norms", "lm_head"))
+    saved = load_file(str(adapter_dir / lora.ADAPTER_WEIGHTS))
+    np.testing.assert_array_equal(saved["base_model.model.lm_head.weight"], exported.params["lm_head"].T)
+    np.testing.assert_array_equal(saved["base_model.model.model.layers.1.post_attention_layernorm.weight"],
+                                  exported.params["layer_1"]["mlp_norm"]["scale"])
+    assert np.abs(exported.params["lm_head"] - base.params["lm_head"]).max() > 0  # trained whole
+    trained_base = lora.join(lora.also_trained(exported.params, spec), base.params)
+    expected = jax.device_get(lora.merge(trained_base, adapters, base.cfg, spec))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), exported.params, expected)
-    # what no adapter targets is the base, bit for bit
+    # what nothing trains is the base, bit for bit
     K = base.cfg.q_per_kv
-    for name in ("embed", "lm_head", "final_norm"):
-        _assert_trees_equal(exported.params[name], base.params[name])
+    _assert_trees_equal(exported.params["embed"], base.params["embed"])
     np.testing.assert_array_equal(exported.params["layer_0"]["attn"]["qkv"][:, :, K],
                                   base.params["layer_0"]["attn"]["qkv"][:, :, K])  # k
     np.testing.assert_array_equal(exported.params["layer_1"]["attn"]["o"], base.params["layer_1"]["attn"]["o"])
@@ -128,6 +139,11 @@ def test_lora_dpo_reference_is_the_base_without_the_adapter(tiny, data_dir, work
     _run([a if a != "stage=rm" else "stage=dpo" for a in argv])
     rows = [m for m in _metrics(run_dir) if "loss" in m]
     np.testing.assert_allclose(rows[0]["loss"], np.log(2.0), rtol=1e-5)  # the policy starts as its reference
+    # with the norms trained whole too, the reference keeps them as they were: still exactly log 2 at the start
+    also = workdir / "dpo_lora_norms"
+    _run([a if a != "stage=rm" else "stage=dpo" for a in _rm_args(
+        tiny, data_dir, also, *_lora_args("train.steps=2", "train.save_every=0", "lora.also_train=[norms]"))])
+    np.testing.assert_allclose([m for m in _metrics(also) if "loss" in m][0]["loss"], np.log(2.0), rtol=1e-5)
     # the implicit rewards measure the adapter against the base: a reference that had the adapter too reads 0
     assert abs(rows[-1]["reward_margin"]) > 1e-4, rows[-1]
 
@@ -155,7 +171,7 @@ def test_a_fresh_lora_model_is_the_base_exactly_and_a_trained_one_its_merge():
     in_block, merged = run(adapted, params), run(plain, lora.merged(params, CFG, spec))
     assert np.abs(np.asarray(in_block) - np.asarray(run(plain, base))).max() > 1e-2
     np.testing.assert_allclose(np.asarray(in_block), np.asarray(merged), atol=1e-5)
-    trainable, frozen = lora.split(params)
+    trainable, frozen = lora.split(params, spec)
     assert lora.adapters(trainable) == lora.adapters(params) and "embed" in frozen and "embed" not in trainable
     _assert_trees_equal(lora.join(trainable, frozen), params)
 
@@ -171,7 +187,7 @@ def test_lora_ppo_starts_at_its_reference_moves_away_from_it_and_exports(ppo_inp
 
     run_dir = ppo_inputs["root"] / "lora"
     _run(_ppo_args(ppo_inputs, run_dir, "train.steps=3", "train.save_every=3", "lora.rank=4", "lora.alpha=8",
-                   "optim.lr=3e-2", "ppo.ema_decay=0.5"))
+                   "optim.lr=3e-2", "ppo.ema_decay=0.5", "lora.also_train=[norms]"))
     rows = [m for m in _metrics(run_dir) if "kl" in m]
     assert rows[0]["kl"] == 0.0 and max(abs(m["kl"]) for m in rows[1:]) > 1e-3, [m["kl"] for m in rows]  # k1: +-
     assert all(m["first_ratio_max"] == 1.0 for m in rows)
@@ -183,7 +199,9 @@ def test_lora_ppo_starts_at_its_reference_moves_away_from_it_and_exports(ppo_inp
     _assert_trees_equal(value.params["embed"], reward.params["embed"])
     assert np.abs(value.params["layer_0"]["mlp"]["wo"] - reward.params["layer_0"]["mlp"]["wo"]).max() > 0
     exported, adapters = load_model(run_dir / "export"), _peft_adapters(run_dir / "export_adapter")
-    expected = lora.merge(policy.params, adapters, policy.cfg, lora.LoraSpec(4, 8.0, lora.TARGETS))
+    spec = lora.LoraSpec(4, 8.0, lora.TARGETS, also_train=("norms",))
+    expected = lora.merge(lora.join(lora.also_trained(exported.params, spec), policy.params), adapters, policy.cfg,
+                          spec)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), exported.params,
                  jax.device_get(expected))
     assert (run_dir / "export_ema").is_dir()

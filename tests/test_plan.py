@@ -53,7 +53,7 @@ def table_rows(out: str) -> dict[str, list[str]]:
     rows = {}
     for line in lines[start + 1:]:
         cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) != 13:
+        if len(cells) != len(re.split(r"\s{2,}", lines[start].strip())):
             break
         rows[cells[0]] = cells
     return rows
@@ -298,6 +298,23 @@ def test_llama3_8b_pipeline_on_64_devices(llama3_8b_dry_run):
         assert f"ppo: ppo.reward_model {run_dir}/rm/export is not made yet: taken as the scalar-head model steps " \
                f"rm <- sft make from {model}" in out
     assert not run_dir.exists()
+
+
+def test_lora_steps_are_planned_beside_full_finetuning(tmp_path):
+    """With lora.rank, each step's row has its rank and the same step's total without LoRA; a LoRA dpo step holds
+    one copy of the policy (its base, also the reference), full fine-tuning two and the optimizer's moments."""
+    demo = yaml.safe_load(DEMO.read_text())
+    demo["pipeline"] = {name: demo["pipeline"][name] for name in ("task", "pretrain", "sft", "label", "dpo")}
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(demo, sort_keys=False))
+    rc, out, err = dry_run("--config", path, f"run_dir={tmp_path / 'run'}", "lora.rank=4")
+    assert rc == 0, err
+    rows = table_rows(out)
+    assert list(rows) == ["pretrain", "sft", "dpo"] and all(cells[5] == "r4" for cells in rows.values()), rows
+    size = lambda cell: float(cell.split()[0]) * {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}[cell.split()[1]]
+    for cells in rows.values():
+        lora_total, full_total = size(cells[10]), size(cells[11])
+        assert lora_total < full_total, cells
 
 
 def test_dpo_holds_its_reference_as_an_argument_unless_precomputed(tmp_path):

@@ -295,6 +295,7 @@ class OptimSection:
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_ALSO_TRAIN = ("norms", "embed", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,8 @@ class LoraSection:
     targets: tuple[str, ...] = opt(LORA_TARGETS, "projections adapted: any of q, k, v, o (attention), gate, up, "
                                                  "down (MLP)")
     dropout: float = opt(0.0, "dropout on each adapter's input in training steps (sft, rm, dpo)")
+    also_train: tuple[str, ...] = opt((), "whole weights trained beside the adapters (PEFT's modules_to_save): any "
+                                          "of norms (every RMSNorm scale), embed, lm_head")
 
     def __post_init__(self):
         coerce(self)
@@ -313,6 +316,8 @@ class LoraSection:
               f"must be a non-empty list of {', '.join(LORA_TARGETS)}")
         check(self, "targets", len(set(self.targets)) == len(self.targets), "must not repeat a target")
         check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+        check(self, "also_train", all(m in LORA_ALSO_TRAIN for m in self.also_train),
+              f"entries must be among {', '.join(LORA_ALSO_TRAIN)}")
 
 
 @dataclass(frozen=True)

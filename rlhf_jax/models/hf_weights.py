@@ -94,6 +94,28 @@ def params_to_hf(params: dict, cfg: ModelConfig, head: str = "lm") -> dict[str, 
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def whole_weights_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The embedding, LM head and norm scales that `params` (any part of a Llama-style tree) holds, under HF's
+    names: the weights LoRA's `also_train` trains, which a PEFT adapter saves whole."""
+    pre, a = _prefix(cfg), np.asarray
+    out: dict[str, np.ndarray] = {}
+    if "embed" in params:
+        out[pre + "embed_tokens.weight"] = a(params["embed"])
+    if "lm_head" in params:
+        out["lm_head.weight"] = a(params["lm_head"]).T
+    if "final_norm" in params:
+        out[pre + "norm.weight"] = a(params["final_norm"]["scale"])
+    for i in range(cfg.n_layers):
+        layer = params.get(f"layer_{i}", {})
+        for hf_name, ours in _layer_norms(cfg):
+            if ours in layer:
+                out[f"{pre}layers.{i}.{hf_name}"] = a(layer[ours]["scale"])
+        for name in ("q_norm", "k_norm"):
+            if name in layer.get("attn", {}):
+                out[f"{pre}layers.{i}.self_attn.{name}.weight"] = a(layer["attn"][name]["scale"])
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, head: str = "lm") -> dict:
     """HF state dict (numpy) -> our param tree; every expected tensor must be present with its exact shape."""
     pre = _prefix(cfg)

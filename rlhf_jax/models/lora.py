@@ -25,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from rlhf_jax.config import LORA_TARGETS
+from rlhf_jax.config import LORA_ALSO_TRAIN, LORA_TARGETS
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.architecture import ModelConfig
 
@@ -43,6 +43,7 @@ class LoraSpec:
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0  # on each adapter's input, in training steps only
+    also_train: tuple[str, ...] = ()  # whole weights that train too: norms, embed, lm_head
 
 
     def __post_init__(self):
@@ -53,6 +54,9 @@ class LoraSpec:
             raise UserError(f"lora.targets must be a non-empty list of {', '.join(TARGETS)}; got {list(self.targets)}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if any(m not in LORA_ALSO_TRAIN for m in self.also_train):
+            raise UserError(f"lora.also_train entries must be among {', '.join(LORA_ALSO_TRAIN)}; got "
+                            f"{list(self.also_train)}")
 
     @property
     def scale(self) -> float:
@@ -92,16 +96,37 @@ def module_of(target: str) -> str:
     return "attn" if target in ("q", "k", "v", "o") else "mlp"
 
 
-def _is_trainable(path: tuple[str, ...]) -> bool:
-    return path == ("score",) or any(key.endswith("_lora") for key in path)
+def _is_adapter(path: tuple[str, ...]) -> bool:
+    return any(key.endswith("_lora") for key in path)
 
 
-def split(params: dict) -> tuple[dict, dict]:
-    """(trainable, frozen) of a LoRA model's params: the adapters and a scalar head train, the base stays frozen.
-    Works on boxed trees (logical axis names) too."""
+def _is_also_trained(path: tuple[str, ...], also_train: tuple[str, ...]) -> bool:
+    """A whole weight that `also_train` names: every norm's scale, the embedding, the LM head."""
+    return (("norms" in also_train and any(key.endswith("norm") for key in path[:-1]))
+            or (path[0] in also_train and path[0] in ("embed", "lm_head")))
+
+
+def _select(params: dict, keep) -> dict:
     flat = traverse_util.flatten_dict(params)
-    pick = lambda keep: traverse_util.unflatten_dict({k: v for k, v in flat.items() if _is_trainable(k) == keep})
-    return pick(True), pick(False)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep(k)})
+
+
+def split(params: dict, spec: LoraSpec) -> tuple[dict, dict]:
+    """(trainable, frozen) of a LoRA model's params: the adapters, a scalar head and what `spec.also_train`
+    names train, the rest of the base stays frozen. Works on boxed trees (logical axis names) too."""
+    trains = lambda path: path == ("score",) or _is_adapter(path) or _is_also_trained(path, spec.also_train)
+    return _select(params, trains), _select(params, lambda path: not trains(path))
+
+
+def also_trained(params: dict, spec: LoraSpec) -> dict:
+    """The weights of `params` that `spec.also_train` names ({} without any): with the frozen base, the model
+    before training, which is a LoRA policy's reference."""
+    return _select(params, lambda path: _is_also_trained(path, spec.also_train))
+
+
+def without_adapters(params: dict) -> dict:
+    """`params` with every adapter's subtree dropped."""
+    return _select(params, lambda path: not _is_adapter(path))
 
 
 def join(trainable: dict, frozen: dict) -> dict:
@@ -124,9 +149,7 @@ def with_adapters(params: dict, adapters_by_layer: dict) -> dict:
 
 def merged(params: dict, cfg: ModelConfig, spec: LoraSpec) -> dict:
     """A LoRA model's whole params as plain params (adapters merged, their subtrees gone): what `export/` holds."""
-    trainable, frozen = split(params)
-    return merge({**frozen, **({"score": trainable["score"]} if "score" in trainable else {})},
-                 adapters(trainable), cfg, spec)
+    return merge(without_adapters(params), adapters(params), cfg, spec)
 
 
 def _add_delta(layer: dict, target: str, delta_IO: jax.Array, cfg: ModelConfig) -> dict:
@@ -172,18 +195,26 @@ def peft_tensors(adapters: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return out
 
 
+# PEFT's modules_to_save entry of each also_train name (it matches module names by suffix: "norm" is every norm).
+PEFT_MODULES_TO_SAVE = {"norms": "norm", "embed": "embed_tokens", "lm_head": "lm_head"}
+
+
 def peft_config(spec: LoraSpec, base_model: str) -> dict:
     """adapter_config.json of a causal-LM adapter that `peft.PeftModel.from_pretrained` reads."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": spec.rank,
             "lora_alpha": spec.alpha, "lora_dropout": 0.0, "target_modules": sorted(HF_MODULES[t].split(".")[-1]
                                                                                    for t in spec.targets),
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
-            "inference_mode": True, "modules_to_save": None}
+            "inference_mode": True,
+            "modules_to_save": [PEFT_MODULES_TO_SAVE[m] for m in spec.also_train] or None}
 
 
 def write_adapter(out_dir: str | os.PathLike, adapters: dict, cfg: ModelConfig, spec: LoraSpec,
-                  base_model: str) -> None:
-    """The PEFT files of `adapters` into the existing empty directory `out_dir` (inside fsio.replace_dir)."""
+                  base_model: str, saved_modules: dict[str, np.ndarray] | None = None) -> None:
+    """The PEFT files of `adapters` into the existing empty directory `out_dir` (inside fsio.replace_dir);
+    `saved_modules`: the also-trained weights under their HF names (PEFT's modules_to_save)."""
     out_dir = Path(out_dir)
-    save_file(peft_tensors(adapters, cfg), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    tensors = {**peft_tensors(adapters, cfg),
+               **{f"base_model.model.{name}": np.ascontiguousarray(x) for name, x in (saved_modules or {}).items()}}
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, base_model), indent=2))

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 
 from rlhf_jax import pipeline
-from rlhf_jax.config import Config
+from rlhf_jax.config import Config, LoraSection
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import checkpoint
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, param_logical_axes
@@ -31,6 +31,7 @@ class StagePlan(NamedTuple):
     measured: Measured | None  # None: not planned
     fits: bool | None  # None: no verdict (no memory known, or not planned)
     lines: list[str]  # notes and the verdict, one line each
+    full_finetuning: Footprint | None = None  # a LoRA step's footprint without LoRA (lora.rank 0), to compare
 
 
 class Program(NamedTuple):
@@ -125,13 +126,18 @@ class Planner:
         print(f"compiling {step.name} ({cfg.stage}) ...", file=sys.stderr, flush=True)
         measured = measure(program.build(cfg), program.mesh)
         print(f"compiled {step.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        full = None
+        if cfg.lora.rank:
+            print(f"compiling {step.name} ({cfg.stage}) without LoRA, to compare ...", file=sys.stderr, flush=True)
+            full = measure(program.build(dataclasses.replace(cfg, lora=LoraSection())), program.mesh).footprint
+        plan = lambda fits, lines=(): StagePlan(step.name, cfg.stage, program.batch, measured, fits,
+                                                program.notes + list(lines), full)
         memory = self.budget.memory
         if memory is None:
-            return StagePlan(step.name, cfg.stage, program.batch, measured, None, program.notes)
+            return plan(None)
         if measured.footprint.total <= memory:
-            return StagePlan(step.name, cfg.stage, program.batch, measured, True, program.notes)
-        return StagePlan(step.name, cfg.stage, program.batch, measured, False,
-                         program.notes + [self._no_fit(program, measured.footprint)])
+            return plan(True)
+        return plan(False, [self._no_fit(program, measured.footprint)])
 
     def _no_fit(self, program: Program, found: Footprint) -> str:
         step, cfg, mesh, memory = program.step, program.step.cfg, program.mesh, self.budget.memory

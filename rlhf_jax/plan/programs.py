@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import Config
+from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, without_adapters
 from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
@@ -53,6 +54,14 @@ def train_batch_shapes(cfg: Config, responses: int = 0) -> dict:
     return {**shapes, "truncated": ((B,), bool)}
 
 
+def _reference_shapes(path: str, policy, trainable) -> dict:
+    """Shapes of what a reference holds beyond the policy's frozen base (`stages.policy_common`): a LoRA
+    policy's own reference, the initial values of what lora.also_train trains; any other, a whole model."""
+    if policy.lora is not None and not path:
+        return lora.also_trained(trainable, policy.lora)
+    return jax.eval_shape(lambda: init_params(without_adapters(policy), jax.random.key(0)))
+
+
 def _rng(mesh):
     return jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
 
@@ -74,10 +83,14 @@ def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int
     batch = abstract_batch(train_batch_shapes(cfg, responses), mesh)
     if cfg.stage != "dpo" or cfg.dpo.precompute_reference:
         return jit_step(stage.step, state_sh, mesh, frozen_sh).lower(state, batch, _rng(mesh), frozen)
-    plain = without_adapters(model)
-    reference_sh = param_shardings(plain, mesh)
-    reference = (frozen if model.lora is not None and not cfg.dpo.reference else
-                 abstract(jax.eval_shape(lambda: init_params(plain, jax.random.key(0))), reference_sh))
+    shardings = param_shardings(model, mesh)
+    if model.lora is not None and not cfg.dpo.reference:  # the base itself, and what lora.also_train trains
+        extras_sh = lora.also_trained(shardings, model.lora)
+        reference_sh = lora.join(extras_sh, frozen_sh)
+        reference = lora.join(abstract(_reference_shapes("", model, trainable), extras_sh), frozen)
+    else:
+        reference_sh = param_shardings(without_adapters(model), mesh)
+        reference = abstract(_reference_shapes(cfg.dpo.reference, model, trainable), reference_sh)
     return jit_step(stage.step, state_sh, mesh, frozen_sh, reference_sh).lower(state, batch, _rng(mesh), frozen,
                                                                               reference)
 
@@ -101,8 +114,7 @@ def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg:
     state = abstract(jax.eval_shape(lambda: ppo.init_state(policy_params, value_params, models, settings,
                                                            jax.random.PRNGKey(0))), state_sh)
     frozen = ppo.Frozen(
-        ref_params=None if frozen_sh.ref_params is None else abstract(shapes(without_adapters(policy)),
-                                                                      frozen_sh.ref_params),
+        ref_params=abstract(_reference_shapes(cfg.ppo.reference, policy, policy_params), frozen_sh.ref_params),
         reward_params=abstract(shapes(reward), frozen_sh.reward_params),
         policy_base=abstract(policy_base, frozen_sh.policy_base),
         value_base=None if frozen_sh.value_base is None else abstract(value_base, frozen_sh.value_base))
@@ -130,9 +142,12 @@ def group_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, reward_c
     policy_params, policy_base = split_trainable(policy, shapes(policy))
     state = abstract(jax.eval_shape(lambda: group.init_state(policy_params, models, jax.random.PRNGKey(0))),
                      state_sh)
-    frozen = group.Frozen(*(None if sh is None else abstract(shapes(model), sh) for model, sh in
-                            ((without_adapters(policy), frozen_sh.ref_params), (reward, frozen_sh.reward_params))),
-                          policy_base=abstract(policy_base, frozen_sh.policy_base))
+    section = getattr(cfg, cfg.stage)
+    frozen = group.Frozen(
+        ref_params=(None if frozen_sh.ref_params is None else
+                    abstract(_reference_shapes(section.reference, policy, policy_params), frozen_sh.ref_params)),
+        reward_params=None if reward is None else abstract(shapes(reward), frozen_sh.reward_params),
+        policy_base=abstract(policy_base, frozen_sh.policy_base))
     B, P = cfg.train.batch_size, cfg.data.max_prompt_tokens
     prompt = lambda dtype: jax.ShapeDtypeStruct((B, P), dtype, sharding=sharding.replicated(mesh))
     stand_in = None if reward is not None else (lambda *rows: jnp.zeros(len(rows[2]), jnp.float32))

@@ -22,21 +22,25 @@ def seconds(s: float) -> str:
 
 
 def table(plans: Sequence[StagePlan], cfgs: dict[str, Config], b: Budget) -> list[str]:
-    """One row per step: memory per device, FLOPs per step per device, the least step time, the verdict."""
-    head = ("step", "stage", "batch", "accum", "remat", "arguments", "outputs", "temps", "aliased", "total",
-            "FLOPs", "time >=", "fits")
+    """One row per step: memory per device, FLOPs per step per device, the least step time, the verdict; with
+    LoRA steps, the lora column and the total of the same step in full fine-tuning beside it."""
+    with_lora = any(p.full_finetuning is not None for p in plans)
+    head = ("step", "stage", "batch", "accum", "remat", *(("lora",) if with_lora else ()), "arguments", "outputs",
+            "temps", "aliased", "total", *(("full FT",) if with_lora else ()), "FLOPs", "time >=", "fits")
     rows = [head]
     for p in plans:
         if p.measured is None:
             continue
         cfg, f = cfgs[p.step], p.measured.footprint
         peak = b.peak.get(cfg.model.dtype)
-        rows.append((p.step, p.stage, p.batch, str(cfg.optim.grad_accum_steps), cfg.model.remat, gib(f.arguments),
-                     gib(f.outputs), gib(f.temporaries), gib(f.aliased), gib(f.total), si(p.measured.flops),
-                     seconds(p.measured.flops / peak) if peak else "-",
+        lora = (f"r{cfg.lora.rank}" if cfg.lora.rank else "-",) if with_lora else ()
+        full = ((gib(p.full_finetuning.total) if p.full_finetuning is not None else "-",) if with_lora else ())
+        rows.append((p.step, p.stage, p.batch, str(cfg.optim.grad_accum_steps), cfg.model.remat, *lora,
+                     gib(f.arguments), gib(f.outputs), gib(f.temporaries), gib(f.aliased), gib(f.total), *full,
+                     si(p.measured.flops), seconds(p.measured.flops / peak) if peak else "-",
                      "-" if p.fits is None else ("yes" if p.fits else "NO")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    left = {0, 1, 2, 4}
+    left = {0, 1, 2, 4, 5} if with_lora else {0, 1, 2, 4}
     render = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)
                                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     lines = ["per device, per step:"] + [render(r) for r in rows] if len(rows) > 1 else []

@@ -94,16 +94,16 @@ class GroupState:
 
 
 class Frozen(NamedTuple):
-    """Parameters an iteration reads and never changes: the reference policy (None when kl_coef is 0, or when it
-    is a LoRA policy's own base), the reward model (None with a reward function) and a LoRA policy's frozen base
-    ({} in full fine-tuning)."""
+    """Parameters an iteration reads and never changes: the reference policy (None when kl_coef is 0; for a LoRA
+    policy, what it holds beyond the policy's base, as in `ppo.Frozen`), the reward model (None with a reward
+    function) and a LoRA policy's frozen base ({} in full fine-tuning)."""
 
     ref_params: Any = None
     reward_params: Any = None
     policy_base: Any = {}
 
     def reference(self):
-        return self.policy_base if self.ref_params is None else self.ref_params
+        return whole_params(self.ref_params, self.policy_base)
 
 
 class GroupBatch(NamedTuple):

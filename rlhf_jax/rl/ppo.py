@@ -105,8 +105,9 @@ class PPOState:
 
 class Frozen(NamedTuple):
     """Parameters an iteration reads and never changes: the reference policy and the reward model, and with LoRA
-    the policy's and the value model's frozen bases ({} in full fine-tuning). A LoRA policy's reference is its
-    own base (`ref_params` None: the same buffers), and a value model initialised from the reward model shares
+    the policy's and the value model's frozen bases ({} in full fine-tuning). `ref_params` is what the reference
+    holds beyond the policy's base: a LoRA policy's reference is its own base (the same buffers) with the initial
+    values of what lora.also_train trains ({} without); a value model initialised from the reward model shares
     its base (`value_base` None: the reward model's params but its head)."""
 
     ref_params: Any
@@ -115,7 +116,7 @@ class Frozen(NamedTuple):
     value_base: Any = {}
 
     def reference(self):
-        return self.policy_base if self.ref_params is None else self.ref_params
+        return whole_params(self.ref_params, self.policy_base)
 
     def bases(self) -> tuple:
         """(policy base, value base) to join with what trains (`steps.whole_params`)."""

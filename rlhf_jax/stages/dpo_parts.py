@@ -67,16 +67,18 @@ class Reference:
         """dpo's reference from its host params (`reference_host_params`; None: sft and rm have none) placed
         with the policy's shardings; precomputed, over `splits` in batches of `batch_size` prompts. A LoRA
         policy's default reference is its own base, `frozen` (on the mesh already, shardings `frozen_sh`): the
-        same buffers, no second copy."""
+        same buffers, no second copy (but of the weights lora.also_train trains, as they were)."""
         if host is None:
             return cls.none()
         models = {"dpo.reference": cfg.dpo.reference} if cfg.dpo.reference else {}
         plain = without_adapters(model)
-        params_sh = param_shardings(plain, mesh)
-        if model.lora is not None and not cfg.dpo.reference:
-            params, params_sh = frozen, frozen_sh
+        if model.lora is not None and not cfg.dpo.reference:  # the base, with what lora.also_train trains as it was
+            extras_sh = lora.also_trained(param_shardings(model, mesh), model.lora)
+            params = lora.join(sharding.place(lora.also_trained(host, model.lora), extras_sh), frozen)
+            params_sh = lora.join(extras_sh, frozen_sh)
         else:  # its own buffers: the policy's are donated every step
-            params = sharding.place(host if model.lora is None else lora.split(host)[1], params_sh)
+            params_sh = param_shardings(plain, mesh)
+            params = sharding.place(host if model.lora is None else lora.without_adapters(host), params_sh)
         if not cfg.dpo.precompute_reference:
             return cls((params,), (params_sh,), models=models)
         score = jax.jit(functools.partial(dpo.response_logprobs, plain), out_shardings=sharding.replicated(mesh))

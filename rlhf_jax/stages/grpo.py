@@ -22,14 +22,14 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
-from rlhf_jax.models import lora
-from rlhf_jax.models.transformer import make_model, without_adapters
+from rlhf_jax.models.transformer import make_model
 from rlhf_jax.rl import group
 from rlhf_jax.rl.ppo import Runtime
 from rlhf_jax.runtime import distributed, plugins, sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
-from rlhf_jax.stages.policy_common import check_own_samples, reference_params, scalar_model, write_samples
+from rlhf_jax.stages.policy_common import (
+    check_own_samples, reference_beyond_base, reference_shardings, scalar_model, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
@@ -125,9 +125,8 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
     # its own base.
     frozen = group.Frozen(policy_base=sharding.place(policy_base, frozen_sh.policy_base))
     if frozen_sh.ref_params is not None:
-        reference = reference_params(section.reference, f"{name}.reference", loaded, policy_model, policy_params,
-                                     cfg.seed)
-        reference = reference if policy_model.lora is None else lora.split(reference)[1]
+        reference = reference_beyond_base(section.reference, f"{name}.reference", loaded, policy_model,
+                                          policy_params, cfg.seed)
         frozen = frozen._replace(ref_params=sharding.place(reference, frozen_sh.ref_params))
     if reward is not None:
         frozen = frozen._replace(reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed),
@@ -162,7 +161,8 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
                  role="policy")
     exports = {"export": str(out)}
     if policy_model.lora is not None:
-        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", state.policy.params, loaded,
+        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter",
+                                                       whole_params(state.policy.params, frozen.policy_base), loaded,
                                                        policy_model, cfg.model.path))
     summary = {"stage": name, "steps": total, **exports,
                **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float) and np.isfinite(v)}}
@@ -211,10 +211,9 @@ def iteration_shardings(cfg: Config, models: group.GroupModels, mesh) -> tuple[g
     section, _ = section_of(cfg)
     policy_sh = state_shardings(models.policy, models.policy_opt, mesh)
     reward_sh = None if models.reward is None else param_shardings(models.reward, mesh)
-    # with LoRA and no `reference`, the reference is the policy's base (ref_params None: the same buffers)
-    own_reference = section.kl_coef > 0 and (models.policy.lora is None or bool(section.reference))
     frozen_sh = group.Frozen(
-        ref_params=param_shardings(without_adapters(models.policy), mesh) if own_reference else None,
+        ref_params=(reference_shardings(section.reference, models.policy, policy_sh.params, mesh)
+                    if section.kl_coef > 0 else None),
         reward_params=reward_sh, policy_base=frozen_shardings(models.policy, mesh))
     return group.GroupState(policy=policy_sh, rng=sharding.replicated(mesh)), frozen_sh
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
 from rlhf_jax.models.tokenizer import check_same_tokenizer
-from rlhf_jax.training.state import initial_params
+from rlhf_jax.models import lora
+from rlhf_jax.models.transformer import without_adapters
+from rlhf_jax.training.state import initial_params, param_shardings
 
 
 def check_own_samples(s, stage: str) -> None:
@@ -49,6 +51,25 @@ def reference_params(path: str, key: str, loaded: LoadedModel, policy_model, pol
                         "starting point, such as the SFT export)")
     check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, where, "the policy")
     return initial_params(reference, policy_model, seed)
+
+
+def reference_beyond_base(path: str, key: str, loaded: LoadedModel, policy_model, policy_params: dict,
+                          seed: int) -> dict:
+    """The host params the frozen reference holds beyond the policy's frozen base (`ppo.Frozen.ref_params`): all
+    of `reference_params` in full fine-tuning or with `path` (its adapters dropped); for a LoRA policy's own
+    reference, only the initial values of what lora.also_train trains (`policy_params`: what trains)."""
+    if policy_model.lora is None:
+        return reference_params(path, key, loaded, policy_model, policy_params, seed)
+    if not path:
+        return lora.also_trained(policy_params, policy_model.lora)
+    return lora.without_adapters(reference_params(path, key, loaded, policy_model, policy_params, seed))
+
+
+def reference_shardings(path: str, policy_model, trainable_sh, mesh):
+    """NamedShardings of `reference_beyond_base`'s params; `trainable_sh`: those of what the policy trains."""
+    if policy_model.lora is not None and not path:
+        return lora.also_trained(trainable_sh, policy_model.lora)
+    return param_shardings(without_adapters(policy_model), mesh)
 
 
 def write_samples(path: Path, step: int, samples: dict, tokenizer) -> None:

@@ -22,14 +22,14 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
-from rlhf_jax.models import lora
-from rlhf_jax.models.transformer import make_model, without_adapters
+from rlhf_jax.models.transformer import make_model
 from rlhf_jax.rl import ppo
 from rlhf_jax.rl.ppo_math import KLController
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
-from rlhf_jax.stages.policy_common import check_own_samples, reference_params, scalar_model, write_samples
+from rlhf_jax.stages.policy_common import (
+    check_own_samples, reference_beyond_base, reference_shardings, scalar_model, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
@@ -137,11 +137,9 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     state = init(policy_params, value_params, jax.random.PRNGKey(cfg.seed))
     # The frozen params are separate buffers from the state, which is donated every iteration. A LoRA policy's
     # reference is its base, and a LoRA value model from the reward model shares that model's base.
-    reference = None
-    if frozen_sh.ref_params is not None:
-        host = reference_params(cfg.ppo.reference, "ppo.reference", loaded, policy_model, policy_params, cfg.seed)
-        reference = sharding.place(host if policy_model.lora is None else lora.split(host)[1], frozen_sh.ref_params)
-    frozen = ppo.Frozen(ref_params=reference,
+    reference = reference_beyond_base(cfg.ppo.reference, "ppo.reference", loaded, policy_model, policy_params,
+                                      cfg.seed)
+    frozen = ppo.Frozen(ref_params=sharding.place(reference, frozen_sh.ref_params),
                         reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed), reward_sh),
                         policy_base=sharding.place(policy_base, frozen_sh.policy_base),
                         value_base=None if frozen_sh.value_base is None else sharding.place(value_base,
@@ -181,7 +179,8 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
                        value_norm, role="value")
     exports = {"export": str(out), "value_export": str(value_out)}
     if policy_model.lora is not None:
-        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", state.policy.params, loaded,
+        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter",
+                                                       whole_params(state.policy.params, policy_base), loaded,
                                                        policy_model, cfg.model.path))
     if state.ema is not None:
         exports["ema_export"] = str(export(run_dir / "export_ema", whole_params(state.ema, policy_base), loaded,
@@ -230,10 +229,9 @@ def iteration_shardings(cfg: Config, models: ppo.PPOModels, mesh) -> tuple[ppo.P
     value_sh = state_shardings(models.value, models.value_opt, mesh)
     state_sh = ppo.PPOState(policy=policy_sh, value=value_sh, kl=KLController(repl), rng=repl,
                             ema=policy_sh.params if cfg.ppo.ema_decay else None)
-    lora = models.policy.lora is not None
-    shares_reward_base = lora and not cfg.ppo.value_model
+    shares_reward_base = models.policy.lora is not None and not cfg.ppo.value_model
     return state_sh, ppo.Frozen(
-        ref_params=None if lora and not cfg.ppo.reference else param_shardings(without_adapters(models.policy), mesh),
+        ref_params=reference_shardings(cfg.ppo.reference, models.policy, policy_sh.params, mesh),
         reward_params=param_shardings(models.reward, mesh), policy_base=frozen_shardings(models.policy, mesh),
         value_base=None if shares_reward_base else frozen_shardings(models.value, mesh))
 

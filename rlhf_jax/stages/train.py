@@ -158,7 +158,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     out = export(run_dir / "export", whole(state), loaded, model, extra)
     exports = {"export": str(out)}
     if model.lora is not None and model.head == "lm":
-        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", state.params, loaded, model,
+        exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", whole(state), loaded, model,
                                                        cfg.model.path))
     summary = {"stage": cfg.stage, "steps": total, **exports,
                **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float)}, **extra}

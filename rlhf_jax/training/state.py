@@ -19,6 +19,7 @@ from rlhf_jax.config import Config
 from rlhf_jax.errors import DivergedError, UserError
 from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoint import LoadedModel, load_model, save_model
+from rlhf_jax.models.hf_weights import whole_weights_to_hf
 from rlhf_jax.models.tiny import resolve_model_path
 from rlhf_jax.models.tokenizer import load_tokenizer
 from rlhf_jax.models.transformer import Transformer, init_boxed, init_scalar_head, make_model, param_logical_axes
@@ -33,7 +34,7 @@ def lora_spec(cfg: Config) -> lora.LoraSpec | None:
     """The adapters the trained models hold (the config's `lora` section), or None for full fine-tuning."""
     if not cfg.lora.rank:
         return None
-    return lora.LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
+    return lora.LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, cfg.lora.also_train)
 
 
 def check_lora(cfg: Config) -> None:
@@ -53,6 +54,9 @@ def load_for_training(cfg: Config, run_dir: Path, head: str):
 
 def trained_model(cfg: Config, model_cfg, head: str) -> Transformer:
     """The model a stage trains, as the config asks (dtypes, remat, LoRA)."""
+    if cfg.lora.rank and "lm_head" in cfg.lora.also_train and model_cfg.tie_embeddings:
+        raise UserError("lora.also_train: the model ties its LM head to its embeddings; name embed instead of "
+                        "lm_head")
     try:
         return make_model(model_cfg, head, cfg.model.dtype, cfg.model.param_dtype, remat=cfg.model.remat == "block",
                           lora=lora_spec(cfg))
@@ -98,7 +102,7 @@ def initial_params(loaded: LoadedModel, model: Transformer, seed: int) -> dict:
 def split_trainable(model: Transformer, params) -> tuple[dict, dict]:
     """(what trains, the frozen rest) of a model's params: every weight and {}, or a LoRA model's adapters and
     scalar head and its base."""
-    return lora.split(params) if model.lora is not None else (params, {})
+    return lora.split(params, model.lora) if model.lora is not None else (params, {})
 
 
 def state_shardings(model: Transformer, optimizer, mesh):
@@ -206,12 +210,14 @@ def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra
 
 
 def export_adapter(out_dir: Path, params, loaded: LoadedModel, model: Transformer, base_model: str) -> Path:
-    """A LoRA model's adapters in PEFT's layout (adapter_config.json + adapter_model.safetensors), for
+    """A LoRA model's adapters (from its whole `params`) in PEFT's layout (adapter_config.json +
+    adapter_model.safetensors), with the weights lora.also_train trains as its modules_to_save, for
     `peft.PeftModel.from_pretrained` on the HF base model at `base_model`; written by the primary process."""
     adapters = distributed.to_host(lora.adapters(params))
+    saved = whole_weights_to_hf(distributed.to_host(as_float32(lora.also_trained(params, model.lora))), loaded.cfg)
     with fsio.replace_dir(out_dir, overwrite=True) as tmp:
         if distributed.is_primary():
-            lora.write_adapter(tmp, adapters, loaded.cfg, model.lora, base_model)
+            lora.write_adapter(tmp, adapters, loaded.cfg, model.lora, base_model, saved)
     return out_dir
 
 
