@@ -61,7 +61,9 @@ def program(rank: int, mesh):
     state = jax.jit(lambda p, v: ppo.init_state(p, v, models, settings, jax.random.PRNGKey(4)),
                     out_shardings=state_sh)(policy_params, value_params)
     copy = lambda tree, sh: None if sh is None else sharding.place(jax.tree.map(np.asarray, tree), sh)
-    frozen = ppo.Frozen(ref_params=copy(base, frozen_sh.ref_params), reward_params=copy(reward, frozen_sh.reward_params),
+    reference = base if policy_model.lora is None else lora.also_trained(policy_params, policy_model.lora)
+    frozen = ppo.Frozen(ref_params=copy(reference, frozen_sh.ref_params),
+                        reward_params=copy(reward, frozen_sh.reward_params),
                         policy_base=copy(policy_base, frozen_sh.policy_base),
                         value_base=copy(value_base, frozen_sh.value_base))
     iteration = ppo_stage.jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock())

@@ -85,6 +85,13 @@ FULL_TIER = (
     "test_loop.py::test_weight_decay_hits_only_weight_matrices[gpt2]",
     "test_train.py::test_loss_on_prompt_trains_on_prompt_tokens",
     "test_plan.py::test_dry_run_of_the_demo_plans_sft_rm_and_ppo_and_writes_nothing",
+    "test_lora_stages.py::test_lora_sft_on_the_demo_task_reaches_nine_tenths_of_full_finetunings_improvement",  # 3 sft runs
+    # LoRA repeats: resume (bitwise, as test_train's), rm (sft's adapters plus a head), grpo (ppo's reference rule),
+    # the dry run's comparison column (the one-copy check of test_lora_stages compiles LoRA programs in the fast tier)
+    "test_lora_stages.py::test_lora_sft_resumes_bitwise",
+    "test_lora_stages.py::test_lora_rm_trains_adapters_and_its_scalar_head",
+    "test_lora_stages.py::test_lora_grpo_reference_is_the_base_and_exports",
+    "test_plan.py::test_lora_steps_are_planned_beside_full_finetuning",
     "test_plan.py::test_a_step_that_does_not_fit_gets_a_real_suggestion",
     "test_plan.py::test_llama3_8b_pipeline_on_64_devices",
     "test_plan.py::test_flops_are_per_device_and_fast_cpu_codegen_leaves_memory_alone",

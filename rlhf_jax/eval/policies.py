@@ -10,9 +10,11 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import jax
 from tqdm import tqdm
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoint import LoadedModel, UnrestorableCheckpoint, load_model, model_head, restore_params
 from rlhf_jax.models.tiny import resolve_model_path
 
@@ -118,6 +120,11 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
         base_models[run] = load_model(model_path, need_tokenizer=True)
     base = base_models[run]
     params = restore_params(run / "checkpoints" / str(source.step) / "state", POLICY_PARAMS[stage])
+    lora_config = config.get("lora", {})
+    if lora_config.get("rank"):  # the checkpoint holds what trained: merged into the run's base model
+        spec = lora.LoraSpec(lora_config["rank"], lora_config["alpha"], tuple(lora_config["targets"]),
+                             also_train=tuple(lora_config.get("also_train", ())))
+        params = jax.device_get(lora.merged(lora.join(params, base.params), base.cfg, spec))
     return base._replace(params=params, head="lm")
 
 

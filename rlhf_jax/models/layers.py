@@ -270,15 +270,17 @@ class MLP(nn.Module):
         if has_bias:
             b_in = param(self, "wi_bias", (n_in, cfg.d_ff), (None, "mlp"), nn.initializers.zeros, self.param_dtype)
             h_BTCF = h_BTCF + b_in.astype(self.dtype)
-        for c, target in enumerate(("gate", "up")):
-            if (d := lora_delta(self, self.lora, target, x_BTD, self.dtype)) is not None:
-                h_BTCF = h_BTCF.at[:, :, c].add(d)
+        gate_BTF, up_BTF = h_BTCF[:, :, 0], (h_BTCF[:, :, 1] if gated else None)
+        if (d := lora_delta(self, self.lora, "gate", x_BTD, self.dtype)) is not None:
+            gate_BTF = gate_BTF + d
+        if (d := lora_delta(self, self.lora, "up", x_BTD, self.dtype)) is not None:
+            up_BTF = up_BTF + d
         if cfg.is_gemma:
-            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True) * h_BTCF[:, :, 1]  # gelu_pytorch_tanh
+            h_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF  # gelu_pytorch_tanh
         elif gated:
-            h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
+            h_BTF = jax.nn.silu(gate_BTF) * up_BTF
         else:
-            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=True)  # GPT-2's gelu_new
+            h_BTF = jax.nn.gelu(gate_BTF, approximate=True)  # GPT-2's gelu_new
         w_out = param(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), dense_init(), self.param_dtype)
         out_BTD = einsum(self.dtype, "btf,fd->btd", h_BTF, w_out.astype(self.dtype))
         if (d := lora_delta(self, self.lora, "down", h_BTF, self.dtype)) is not None:

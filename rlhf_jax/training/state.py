@@ -100,8 +100,8 @@ def initial_params(loaded: LoadedModel, model: Transformer, seed: int) -> dict:
 
 
 def split_trainable(model: Transformer, params) -> tuple[dict, dict]:
-    """(what trains, the frozen rest) of a model's params: every weight and {}, or a LoRA model's adapters and
-    scalar head and its base."""
+    """(what trains, the frozen rest) of a model's params: every weight and {}, or a LoRA model's adapters, scalar
+    head and lora.also_train weights, and the rest of its base."""
     return lora.split(params, model.lora) if model.lora is not None else (params, {})
 
 
