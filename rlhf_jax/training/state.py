@@ -201,9 +201,9 @@ def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra
     written shard by shard from the mesh (with several processes, each writes its own shards); a LoRA model's
     adapters merged into its weights. Its `role` is recorded: by default a language model is a policy and a
     scalar head a reward model (ppo's value model says so)."""
-    params = as_float32(params) if model.lora is None else merged_float32(params, model)
     if not bool(all_finite(params)):
         raise DivergedError(f"the parameters hold non-finite values; {out_dir} was not written")
+    params = as_float32(params) if model.lora is None else merged_float32(params, model)
     role = role or ("policy" if model.head == "lm" else "reward")
     return save_model(out_dir, params, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True,
                       extra={**(extra or {}), "role": role})
