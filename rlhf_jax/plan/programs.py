@@ -78,7 +78,7 @@ def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int
     stage = trainers.Stage(cfg, model, optimizer, steps.lr_schedule(cfg.optim, total))
     state_sh, frozen_sh = state_shardings(model, optimizer, mesh), frozen_shardings(model, mesh)
     trainable, frozen = split_trainable(model, jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
-    state = abstract(jax.eval_shape(lambda: steps.init_state(trainable, optimizer)), state_sh)
+    state = abstract(jax.eval_shape(lambda p: steps.init_state(p, optimizer), trainable), state_sh)
     frozen = abstract(frozen, frozen_sh)
     batch = abstract_batch(train_batch_shapes(cfg, responses), mesh)
     if cfg.stage != "dpo" or cfg.dpo.precompute_reference:
@@ -111,8 +111,8 @@ def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg:
     key = jax.random.key(0)
     shapes = lambda model: jax.eval_shape(lambda: init_params(model, key))
     (policy_params, policy_base), (value_params, value_base) = (split_trainable(m, shapes(m)) for m in (policy, value))
-    state = abstract(jax.eval_shape(lambda: ppo.init_state(policy_params, value_params, models, settings,
-                                                           jax.random.PRNGKey(0))), state_sh)
+    state = abstract(jax.eval_shape(lambda p, v: ppo.init_state(p, v, models, settings, jax.random.PRNGKey(0)),
+                                    policy_params, value_params), state_sh)
     frozen = ppo.Frozen(
         ref_params=abstract(_reference_shapes(cfg.ppo.reference, policy, policy_params), frozen_sh.ref_params),
         reward_params=abstract(shapes(reward), frozen_sh.reward_params),
@@ -140,7 +140,7 @@ def group_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, reward_c
     key = jax.random.key(0)
     shapes = lambda model: jax.eval_shape(lambda: init_params(model, key))
     policy_params, policy_base = split_trainable(policy, shapes(policy))
-    state = abstract(jax.eval_shape(lambda: group.init_state(policy_params, models, jax.random.PRNGKey(0))),
+    state = abstract(jax.eval_shape(lambda p: group.init_state(p, models, jax.random.PRNGKey(0)), policy_params),
                      state_sh)
     section = getattr(cfg, cfg.stage)
     frozen = group.Frozen(

@@ -407,7 +407,8 @@ def _inputs(mb: Rollout):
     return mb.prompt_ids_BP, mb.prompt_mask_BP, mb.tokens_BN, mb.mask_BN
 
 
-def _minibatch_loss(params, micro, models: PPOModels, settings: PPOSettings, tokens, ptx_tokens, bases):
+def _minibatch_loss(params, micro, models: PPOModels, settings: PPOSettings, tokens, ptx_tokens,
+                    bases: tuple = ({}, {})):
     """The PPO objective of one micro-batch, its means taken over the whole minibatch's `tokens` (and
     `ptx_tokens`) so that micro-batch losses and gradients add up to the minibatch's exactly."""
     (policy_params, _), (mb, ptx) = params, micro
