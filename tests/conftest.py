@@ -93,6 +93,9 @@ FULL_TIER = (
     "test_lora_stages.py::test_lora_grpo_reference_is_the_base_and_exports",
     "test_lora_stages.py::test_lora_ppo_starts_at_its_reference_moves_away_from_it_and_exports",  # dpo's in fast
     "test_lora_stages.py::test_lora_dpo_reference_keeps_the_also_trained_weights_as_they_were",
+    "test_lora_stages.py::test_lora_losses_on_a_mesh_of_8_are_one_devices",  # test_train's in the fast tier
+    "test_lora_stages.py::test_lora_ppo_holds_one_copy_of_the_policy_base",
+    "test_ppo.py::test_the_value_model_from_the_reward_model_starts_at_normalised_scores[k3, whitened]",
     "test_train.py::test_grad_accumulation_matches_one_batch",  # the steps' accumulation oracle: test_losses
     "test_plan.py::test_lora_steps_are_planned_beside_full_finetuning",
     "test_plan.py::test_a_step_that_does_not_fit_gets_a_real_suggestion",

@@ -122,16 +122,50 @@ def test_lora_sft_resumes_bitwise(lora_sft, workdir):
     _assert_trees_equal(load_model(run_dir / "export").params, load_model(lora_sft["dir"] / "export").params)
 
 
-def test_lora_rm_trains_adapters_and_its_scalar_head(tiny, data_dir, workdir):
+def test_lora_losses_on_a_mesh_of_8_are_one_devices(tiny, data_dir, workdir):
+    """Adapters are replicated while the frozen base is sharded by its logical axes (fsdp and tensor): the same
+    LoRA training (also_train norms) gives one device's losses step for step."""
+    from test_train import MESH_STEPS, _mesh_args, _train_on_mesh
+
+    args = [*_mesh_args("sft", tiny, data_dir), *_lora_args("lora.also_train=[norms]")]
+    one = _train_on_mesh(args, workdir / "lora_mesh_1", (1, 1, 1), devices=jax.devices()[:1])
+    eight = _train_on_mesh(args, workdir / "lora_mesh_8", (2, 2, 2))
+    assert len(set(one.values())) == MESH_STEPS, one
+    for step, loss in one.items():
+        assert abs(eight[step] - loss) <= 1e-5, (step, one, eight)
+
+
+def test_lora_rm_trains_adapters_and_its_scalar_head_and_exports_a_peft_classifier(tiny, data_dir, workdir):
+    """export_adapter/ of a reward model is a sequence-classification adapter: on transformers' classifier of the
+    base, peft gives export/'s rewards with the normalisation's gain (folded into `score`) applied."""
+    import peft
+    import torch
+    import transformers
+
     run_dir = workdir / "rm_lora"
-    _run(_rm_args(tiny, data_dir, run_dir, *_lora_args("train.steps=3", "train.save_every=3")))
+    _run(_rm_args(tiny, data_dir, run_dir, *_lora_args("train.steps=3", "train.save_every=3", "rm.normalize=bias_gain")))
     ckpts = TrainCheckpoints(run_dir / "checkpoints", 2)
     params = json.dumps(ckpts.stored(3)[1][0])
     assert "score" in params and "_lora" in params and "embed" not in params, params[:300]
     base, exported = load_model(tiny), load_model(run_dir / "export")
-    assert exported.head == "scalar" and not (run_dir / "export_adapter").exists()
+    assert exported.head == "scalar"
     _assert_trees_equal(exported.params["embed"], base.params["embed"])
     assert np.abs(exported.params["layer_0"]["mlp"]["wo"] - base.params["layer_0"]["mlp"]["wo"]).max() > 0
+
+    adapter_dir = run_dir / "export_adapter"
+    config = json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"], config
+    norm = exported.extra["reward_norm"]
+    saved_norm = json.loads((adapter_dir / "reward_norm.json").read_text())
+    assert saved_norm["gain"] == 1.0 and saved_norm["folded_gain"] == norm["gain"] != 1.0, (saved_norm, norm)
+    assert saved_norm["bias"] == norm["bias"]
+    ids = np.random.default_rng(0).integers(3, base.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1).eval()
+        hf_base.config.pad_token_id = 0  # never in `ids`: every row's last token is its last position
+        theirs = peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()(input_ids=torch.tensor(ids)).logits
+    ours = forward(make_model(exported.cfg, "scalar"), exported.params, jnp.asarray(ids), jnp.ones(ids.shape, bool))
+    np.testing.assert_allclose(theirs.numpy()[:, 0], np.asarray(ours)[:, -1] * norm["gain"], rtol=1e-4, atol=1e-4)
 
 
 def test_lora_dpo_reference_is_the_base_without_the_adapter(tiny, data_dir, workdir):
@@ -212,6 +246,9 @@ def test_lora_ppo_starts_at_its_reference_moves_away_from_it_and_exports(ppo_inp
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), exported.params,
                  jax.device_get(expected))
     assert (run_dir / "export_ema").is_dir()
+    value_adapter = json.loads((run_dir / "export_value_adapter" / lora.ADAPTER_CONFIG).read_text())
+    assert value_adapter["task_type"] == "SEQ_CLS" and value_adapter["base_model_name_or_path"] == str(
+        ppo_inputs["rm"]), value_adapter
 
 
 def test_lora_ppo_holds_one_copy_of_the_policy_base(ppo_inputs):

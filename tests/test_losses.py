@@ -167,22 +167,53 @@ def test_one_forward_pass_per_completion(monkeypatch):
         np.testing.assert_allclose(float(rewards[b, k]), float(values[0, -1]), atol=1e-5)
 
 
-def test_next_token_nll_equals_loop():
+@pytest.mark.parametrize("chunk", [1, 4, 6, 128])  # 4: a remainder chunk; 128: one chunk of the whole row
+def test_next_token_nll_equals_loop(chunk):
+    """The chunked head + cross-entropy against a loop over every (row, position), value and gradients."""
     rng = np.random.default_rng(1)
-    logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
-    ids = rng.integers(0, 11, (3, 6))
-    weights = rng.random((3, 6)) > 0.3
+    B, T, D, V = 3, 6, 5, 11
+    hidden = rng.normal(size=(B, T, D)).astype(np.float32)
+    w_DV = rng.normal(size=(D, V)).astype(np.float32)
+    ids = rng.integers(0, V, (B, T))
+    weights = rng.random((B, T)) > 0.3
     segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
-    total, count = next_token_nll(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(weights), jnp.asarray(segments))
-    exp_total, exp_count = 0.0, 0
-    for b in range(3):
-        for t in range(5):
-            if weights[b, t + 1] and segments[b, t] == segments[b, t + 1]:
-                logp = logits[b, t] - np.log(np.exp(logits[b, t]).sum())
-                exp_total -= logp[ids[b, t + 1]]
-                exp_count += 1
-    np.testing.assert_allclose(float(total), exp_total, rtol=1e-5)
+
+    def nll(hidden, w_DV):
+        return next_token_nll(hidden, lambda x: jnp.einsum("bcd,dv->bcv", x, w_DV), jnp.asarray(ids),
+                              jnp.asarray(weights), jnp.asarray(segments), chunk)
+
+    def loop(hidden, w_DV):
+        total, count = 0.0, 0
+        for b in range(B):
+            for t in range(T - 1):
+                if weights[b, t + 1] and segments[b, t] == segments[b, t + 1]:
+                    total -= jax.nn.log_softmax(hidden[b, t] @ w_DV)[ids[b, t + 1]]
+                    count += 1
+        return total, count
+
+    (total, count), (exp_total, exp_count) = nll(hidden, w_DV), loop(hidden, w_DV)
+    np.testing.assert_allclose(float(total), float(exp_total), rtol=1e-5)
     assert int(count) == exp_count
+    grads = jax.grad(lambda h, w: nll(h, w)[0], argnums=(0, 1))(hidden, w_DV)
+    exp_grads = jax.grad(lambda h, w: loop(h, w)[0], argnums=(0, 1))(hidden, w_DV)
+    for got, expected in zip(grads, exp_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_next_token_nll_never_holds_the_whole_logits():
+    """Value and gradient at T = 256 positions in chunks of 16 need several times less temporary memory than in
+    one chunk (which holds float32 logits and their gradient for every position)."""
+    B, T, D, V = 4, 256, 32, 2048
+    args = (jnp.zeros((B, T, D)), jnp.zeros((D, V)), jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), bool),
+            jnp.ones((B, T), jnp.int32))
+
+    def temp_bytes(chunk):
+        loss = lambda h, w, *rest: next_token_nll(h, lambda x: jnp.einsum("bcd,dv->bcv", x, w), *rest, chunk)[0]
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp_bytes(T), temp_bytes(16)
+    assert whole >= B * T * V * 4 and chunked * 4 < whole, (chunked, whole)
 
 
 def test_last_token_values_reads_the_last_real_token():

@@ -28,7 +28,7 @@ from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
 from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, check_same_tokenizer, load_tokenizer
 from rlhf_jax.models.transformer import make_model, param_logical_axes
-from rlhf_jax.rl import ppo
+from rlhf_jax.rl.scoring import reward_scores
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.metrics import MetricsWriter
 from rlhf_jax.runtime.progress import progress
@@ -91,7 +91,7 @@ class Programs:
 
 
 def _reward_scores(model, params, ids, mask, tokens, tokens_mask, *, gain: float, bias: float):
-    return ppo.reward_scores(model, params, gain, bias, ids, mask, tokens, tokens_mask)
+    return reward_scores(model, params, gain, bias, ids, mask, tokens, tokens_mask)
 
 
 def prompt_batches(encoder: PromptEncoder, prompts: list[str], batch_size: int):

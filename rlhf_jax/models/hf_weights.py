@@ -95,14 +95,16 @@ def params_to_hf(params: dict, cfg: ModelConfig, head: str = "lm") -> dict[str, 
 
 
 def whole_weights_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """The embedding, LM head and norm scales that `params` (any part of a Llama-style tree) holds, under HF's
-    names: the weights LoRA's `also_train` trains, which a PEFT adapter saves whole."""
+    """The embedding, LM head, scalar (`score`) head and norm scales that `params` (any part of a Llama-style tree)
+    holds, under HF's names: the weights a LoRA model trains whole, which a PEFT adapter saves whole."""
     pre, a = _prefix(cfg), np.asarray
     out: dict[str, np.ndarray] = {}
     if "embed" in params:
         out[pre + "embed_tokens.weight"] = a(params["embed"])
     if "lm_head" in params:
         out["lm_head.weight"] = a(params["lm_head"]).T
+    if "score" in params:
+        out["score.weight"] = a(params["score"]).T
     if "final_norm" in params:
         out[pre + "norm.weight"] = a(params["final_norm"]["scale"])
     for i in range(cfg.n_layers):

@@ -199,22 +199,27 @@ def peft_tensors(adapters: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 PEFT_MODULES_TO_SAVE = {"norms": "norm", "embed": "embed_tokens", "lm_head": "lm_head"}
 
 
-def peft_config(spec: LoraSpec, base_model: str) -> dict:
-    """adapter_config.json of a causal-LM adapter that `peft.PeftModel.from_pretrained` reads."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": spec.rank,
+def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False) -> dict:
+    """adapter_config.json that `peft.PeftModel.from_pretrained` reads: a causal-LM adapter, or with `scalar_head`
+    a sequence-classification one (a reward or value model) whose `score` head is saved whole."""
+    saved = [PEFT_MODULES_TO_SAVE[m] for m in spec.also_train] + (["score"] if scalar_head else [])
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS" if scalar_head else "CAUSAL_LM",
+            "base_model_name_or_path": base_model, "r": spec.rank,
             "lora_alpha": spec.alpha, "lora_dropout": 0.0, "target_modules": sorted(HF_MODULES[t].split(".")[-1]
                                                                                    for t in spec.targets),
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
             "inference_mode": True,
-            "modules_to_save": [PEFT_MODULES_TO_SAVE[m] for m in spec.also_train] or None}
+            "modules_to_save": saved or None}
 
 
 def write_adapter(out_dir: str | os.PathLike, adapters: dict, cfg: ModelConfig, spec: LoraSpec,
                   base_model: str, saved_modules: dict[str, np.ndarray] | None = None) -> None:
     """The PEFT files of `adapters` into the existing empty directory `out_dir` (inside fsio.replace_dir);
-    `saved_modules`: the also-trained weights under their HF names (PEFT's modules_to_save)."""
+    `saved_modules`: the weights trained whole under their HF names (PEFT's modules_to_save); a `score.weight`
+    among them makes it a sequence-classification adapter."""
     out_dir = Path(out_dir)
     tensors = {**peft_tensors(adapters, cfg),
                **{f"base_model.model.{name}": np.ascontiguousarray(x) for name, x in (saved_modules or {}).items()}}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config(spec, base_model), indent=2))
+    config = peft_config(spec, base_model, scalar_head="score.weight" in (saved_modules or {}))
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

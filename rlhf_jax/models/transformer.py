@@ -96,12 +96,13 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, key_mask_BS, cache: KVCache | None = None, cache_index=0,
-                 head_last: int = 0, segment_ids_BT=None):
+                 head_last: int = 0, segment_ids_BT=None, hidden: bool = False):
         """Full pass when `cache` is None (key_mask_BS is then the T-token mask), else a cached step that writes
         slots [cache_index, cache_index + T) and attends over every valid slot. `segment_ids_BT` (full pass
         only) keeps packed examples apart. `head_last` > 0 applies the final norm and head to the last
         `head_last` positions only (the sampler's prefill needs 1; log-probs of a response, its length + 1).
-        Returns (out, new_cache)."""
+        `hidden`: an LM returns the final norm's output x_BTD instead of logits, for a loss that applies the
+        head itself a few positions at a time (`lm_head_DV`, `head_logits`). Returns (out, new_cache)."""
         cfg = self.cfg
         kw = dict(cfg=cfg, param_dtype=self.param_dtype)
         embedding = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dense_init(),
@@ -141,9 +142,19 @@ class Transformer(nn.Module):
         else:
             w_DV = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dense_init(),
                          self.param_dtype).astype(self.dtype)
-        # Both heads keep the float32 accumulator: bf16-rounded logits would make PPO's ratios rounding noise.
-        logits_BTV = einsum(self.dtype, "btd,dv->btv", x_BTD, w_DV, jnp.float32)
-        return softcap(logits_BTV, cfg.final_softcap), new_cache
+        return (x_BTD if hidden else head_logits(self, x_BTD, w_DV)), new_cache
+
+
+def head_logits(model: Transformer, x_BTD: jax.Array, w_DV: jax.Array) -> jax.Array:
+    """float32 logits_BTV of the LM head `w_DV` on final-norm outputs (soft-capped where the family caps them).
+    Both heads keep the float32 accumulator: bf16-rounded logits would make PPO's ratios rounding noise."""
+    return softcap(einsum(model.dtype, "btd,dv->btv", x_BTD, w_DV, jnp.float32), model.cfg.final_softcap)
+
+
+def lm_head_DV(model: Transformer, params) -> jax.Array:
+    """The LM head's (D, V) matrix in `params` (the embedding's transpose when tied), in the compute dtype."""
+    w_DV = params["embed"].T if model.cfg.tie_embeddings else params["lm_head"]
+    return w_DV.astype(model.dtype)
 
 
 def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param_dtype: str = "float32",

@@ -27,7 +27,8 @@ import optax
 from rlhf_jax.models.sampling import SamplingParams, is_eos, response_logits
 from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.rl import group_math as G, ppo, ppo_math as L
-from rlhf_jax.rl.ppo import FirstForward, Runtime, masked_logprobs
+from rlhf_jax.rl.ppo import FirstForward, Runtime
+from rlhf_jax.rl.scoring import masked_logprobs, reward_scores
 from rlhf_jax.training.steps import TrainState, micro_batches, whole_params
 
 ALGORITHMS = ("grpo", "rloo")
@@ -219,7 +220,7 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
         mb = gather(rows)
         ref_logprobs = (masked_logprobs(_forward(frozen.reference(), mb, models, reference=True), *mb[2:])
                         if with_reference else None)
-        scores = (ppo.reward_scores(models.reward, frozen.reward_params, settings.reward_gain, settings.reward_bias,
+        scores = (reward_scores(models.reward, frozen.reward_params, settings.reward_gain, settings.reward_bias,
                                     *mb) if with_reward_model else None)
         return ref_logprobs, scores
 

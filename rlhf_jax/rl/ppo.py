@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.models.sampling import SamplingParams, is_eos, response_logits, sample
-from rlhf_jax.models.transformer import Transformer, positions_from_mask, without_adapters
+from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.rl import ppo_math as L
+from rlhf_jax.rl.scoring import masked_logprobs, response_values, reward_scores
 from rlhf_jax.runtime.clock import LapClock
-from rlhf_jax.training.losses import last_token_values, token_logprobs
 from rlhf_jax.training.steps import TrainState, micro_batches, sft_sums, whole_params
 
 
@@ -326,40 +326,11 @@ def update_metrics(steps: dict) -> dict:
 # --------------------------------------------------------------------------------------------- the math
 
 
-def _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN):
-    ids_BT = jnp.concatenate([prompt_ids_BP, tokens_BN], axis=1)
-    mask_BT = jnp.concatenate([prompt_mask_BP.astype(bool), mask_BN.astype(bool)], axis=1)
-    return ids_BT, mask_BT, positions_from_mask(mask_BT)
-
-
-def response_values(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
-                    gain: float = 1.0, bias: float = 0.0) -> jax.Array:
-    """values_BN: gain * (the value head) + bias at the positions whose logits predict each response token, so
-    values_BN[:, t] reads the prefix that ends just before token t."""
-    ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
-    values_BT, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT)
-    P = prompt_ids_BP.shape[1]
-    return gain * values_BT[:, P - 1:-1] + bias
-
-
 def scores(models: PPOModels, settings: PPOSettings, params, prompt_ids_BP, prompt_mask_BP, tokens_BN,
            mask_BN) -> jax.Array:
     """Normalised reward-model scores at each sequence's last real token."""
     return reward_scores(models.reward, params, settings.reward_gain, settings.reward_bias, prompt_ids_BP,
                          prompt_mask_BP, tokens_BN, mask_BN)
-
-
-def reward_scores(reward: Transformer, params, gain: float, bias: float, prompt_ids_BP, prompt_mask_BP, tokens_BN,
-                  mask_BN) -> jax.Array:
-    """gain * (the scalar head at each [prompt | response]'s last real token) + bias."""
-    ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
-    values_BT, _ = reward.apply({"params": params}, ids_BT, positions_BT, mask_BT)
-    return gain * last_token_values(values_BT, mask_BT) + bias
-
-
-def masked_logprobs(logits_BNV, tokens_BN, mask_BN, *_):
-    """log p of each response token under the logits, 0 at padding."""
-    return jnp.where(mask_BN, token_logprobs(logits_BNV, tokens_BN), 0.0)
 
 
 def _old_logprobs_and_values(outputs, mb):
@@ -397,7 +368,9 @@ def _objective(outputs, mb: Rollout, settings: PPOSettings, tokens):
     logprobs_BN = masked_logprobs(logits_BNV, mb.tokens_BN, mb.mask_BN)
     pg_loss, pg_stats = L.policy_loss(logprobs_BN, mb.old_logprobs_BN, mb.advantages_BN, mb.mask_BN, s.clip_ratio,
                                       tokens)
-    entropy = L.entropy_from_logits(logits_BNV, mb.mask_BN, tokens)
+    # With a coefficient of 0 the entropy is a metric: no backward through its full-vocabulary softmax.
+    entropy = L.entropy_from_logits(logits_BNV if s.entropy_coef else jax.lax.stop_gradient(logits_BNV),
+                                    mb.mask_BN, tokens)
     vf_loss, vf_stats = L.value_loss(values_BN, mb.old_values_BN, mb.returns_BN, mb.mask_BN, s.clip_value, tokens)
     loss = pg_loss - s.entropy_coef * entropy + s.vf_coef * vf_loss
     return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}

@@ -182,6 +182,10 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter",
                                                        whole_params(state.policy.params, policy_base), loaded,
                                                        policy_model, cfg.model.path))
+    if value_model.lora is not None:
+        exports["value_adapter_export"] = str(export_adapter(
+            run_dir / "export_value_adapter", whole_params(state.value.params, value_base), value, value_model,
+            cfg.ppo.value_model or cfg.ppo.reward_model, value_norm))
     if state.ema is not None:
         exports["ema_export"] = str(export(run_dir / "export_ema", whole_params(state.ema, policy_base), loaded,
                                            policy_model))

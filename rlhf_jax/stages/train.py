@@ -157,9 +157,9 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     extra = fit_reward_norm(cfg, stage, whole(state), tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
     out = export(run_dir / "export", whole(state), loaded, model, extra)
     exports = {"export": str(out)}
-    if model.lora is not None and model.head == "lm":
+    if model.lora is not None:
         exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", whole(state), loaded, model,
-                                                       cfg.model.path))
+                                                       cfg.model.path, extra))
     summary = {"stage": cfg.stage, "steps": total, **exports,
                **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float)}, **extra}
     if distributed.is_primary():

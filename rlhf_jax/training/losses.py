@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -12,14 +14,32 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, jnp.maximum(targets_BT, 0))
 
 
-def next_token_nll(logits_BTV: jax.Array, ids_BT: jax.Array, weight_BT: jax.Array,
-                   segment_ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted NLL, sum of weights) for predicting ids[t+1] from position t. A target counts when its
-    weight is set and it belongs to the same packed example as its context."""
+def next_token_nll(hidden_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], ids_BT: jax.Array,
+                           weight_BT: jax.Array, segment_ids_BT: jax.Array, chunk: int = 128
+                           ) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted NLL, sum of weights) for predicting ids[t+1] from position t's final hidden state. A
+    target counts when its weight is set and it belongs to the same packed example as its context.
+    No float32 B x T x V tensor: `logits_fn` (the LM head, x_BCD -> logits_BCV) and the cross-entropy run on
+    `chunk` positions of every row at a time, and the backward pass recomputes each chunk's logits instead of
+    keeping them. Chunks span all rows, so a batch-sharded step keeps every device busy."""
+    B, T, D = hidden_BTD.shape
     same_segment_BT = segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]
-    w_BT = weight_BT[:, 1:].astype(jnp.float32) * same_segment_BT
-    nll_BT = -token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:])
-    return jnp.sum(nll_BT * w_BT), jnp.sum(w_BT)
+    # position t predicts ids[t + 1]; the last position predicts nothing (weight 0), nor do the chunks' padding
+    w_BT = jnp.pad(weight_BT[:, 1:].astype(jnp.float32) * same_segment_BT, ((0, 0), (0, 1)))
+    targets_BT = jnp.pad(ids_BT[:, 1:], ((0, 0), (0, 1)))
+    C = min(chunk, T)
+    pad = -T % C
+    chunks = lambda x_BT: jnp.moveaxis(jnp.pad(x_BT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BT.ndim - 2))
+                                       .reshape(B, (T + pad) // C, C, *x_BT.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_nll(total, xs):
+        x_BCD, targets_BC, w_BC = xs
+        return total - jnp.sum(token_logprobs(logits_fn(x_BCD), targets_BC) * w_BC), None
+
+    total, _ = jax.lax.scan(chunk_nll, jnp.zeros((), jnp.float32),
+                            (chunks(hidden_BTD), chunks(targets_BT), chunks(w_BT)))
+    return total, jnp.sum(w_BT)
 
 
 def ranking_loss(rewards_BK: jax.Array, pairs_BKK: jax.Array, weight_B: jax.Array | None = None) -> dict:

@@ -6,6 +6,7 @@ step counts checked against the mesh, micro-batched evaluation and the params-on
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,12 +20,15 @@ from rlhf_jax.config import Config
 from rlhf_jax.errors import DivergedError, UserError
 from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoint import LoadedModel, load_model, save_model
+from rlhf_jax.models.hf import fold_reward_gain
 from rlhf_jax.models.hf_weights import whole_weights_to_hf
 from rlhf_jax.models.tiny import resolve_model_path
 from rlhf_jax.models.tokenizer import load_tokenizer
 from rlhf_jax.models.transformer import Transformer, init_boxed, init_scalar_head, make_model, param_logical_axes
 from rlhf_jax.runtime import distributed, fsio, sharding
 from rlhf_jax.training import steps
+
+REWARD_NORM_FILE = "reward_norm.json"  # a scalar model's adapter: the normalisation HF's score layer cannot hold
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -209,15 +213,25 @@ def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra
                       extra={**(extra or {}), "role": role})
 
 
-def export_adapter(out_dir: Path, params, loaded: LoadedModel, model: Transformer, base_model: str) -> Path:
+def export_adapter(out_dir: Path, params, loaded: LoadedModel, model: Transformer, base_model: str,
+                   extra: dict | None = None) -> Path:
     """A LoRA model's adapters (from its whole `params`) in PEFT's layout (adapter_config.json +
     adapter_model.safetensors), with the weights lora.also_train trains as its modules_to_save, for
-    `peft.PeftModel.from_pretrained` on the HF base model at `base_model`; written by the primary process."""
+    `peft.PeftModel.from_pretrained` on the HF base model at `base_model`; written by the primary process.
+    A reward or value model's adapter is a sequence-classification one: its `score` head is saved whole with the
+    reward normalisation of `extra` folded in as `convert --to-hf` does (the gain into the weights; the bias,
+    which HF's score layer lacks, in reward_norm.json)."""
     adapters = distributed.to_host(lora.adapters(params))
-    saved = whole_weights_to_hf(distributed.to_host(as_float32(lora.also_trained(params, model.lora))), loaded.cfg)
+    whole = lora.also_trained(params, model.lora)
+    if model.head == "scalar":
+        whole = {**whole, "score": params["score"]}
+    whole, extra = fold_reward_gain(distributed.to_host(as_float32(whole)), extra)
+    saved = whole_weights_to_hf(whole, loaded.cfg)
     with fsio.replace_dir(out_dir, overwrite=True) as tmp:
         if distributed.is_primary():
             lora.write_adapter(tmp, adapters, loaded.cfg, model.lora, base_model, saved)
+            if extra.get("reward_norm"):
+                (tmp / REWARD_NORM_FILE).write_text(json.dumps(extra["reward_norm"], indent=2))
     return out_dir
 
 

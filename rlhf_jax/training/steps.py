@@ -16,7 +16,7 @@ import optax
 
 from rlhf_jax.config import OptimSection
 from rlhf_jax.models import lora
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.models.transformer import Transformer, head_logits, lm_head_DV
 from rlhf_jax.training.losses import last_token_values, next_token_nll, ranking_loss
 
 
@@ -121,10 +121,13 @@ def sft_loss_weights(batch: dict, loss_on_prompt: bool) -> jax.Array:
 
 
 def sft_sums(model: Transformer, params, batch: dict, weights_BT: jax.Array, rngs=None) -> dict:
-    """Sum of token NLL and number of target tokens of one batch."""
-    logits_BTV, _ = model.apply({"params": params}, batch["ids"], batch["positions"], batch["mask"],
-                                segment_ids_BT=batch["segment_ids"], rngs=rngs)
-    nll, count = next_token_nll(logits_BTV, batch["ids"], weights_BT, batch["segment_ids"])
+    """Sum of token NLL and number of target tokens of one batch (the head applied a chunk of positions at a
+    time: no float32 B x T x V logits)."""
+    hidden_BTD, _ = model.apply({"params": params}, batch["ids"], batch["positions"], batch["mask"],
+                                segment_ids_BT=batch["segment_ids"], rngs=rngs, hidden=True)
+    w_DV = lm_head_DV(model, params)
+    nll, count = next_token_nll(hidden_BTD, lambda x_BCD: head_logits(model, x_BCD, w_DV), batch["ids"],
+                                        weights_BT, batch["segment_ids"])
     return {"nll_sum": nll, "target_tokens": count}
 
 
