@@ -92,6 +92,13 @@ class DistributedSection:
 
 
 @dataclass(frozen=True)
+class RuntimeSection:
+    compile_cache: str = opt("~/.cache/rlhf_jax/xla", "directory of XLA's compilation cache, kept across runs (a "
+                                                      "program compiles once per machine); empty = off; "
+                                                      "$JAX_COMPILATION_CACHE_DIR wins when set")
+
+
+@dataclass(frozen=True)
 class SamplingSection:
     max_new_tokens: int = opt(64, "tokens to generate per prompt")
     temperature: float = opt(1.0, "softmax temperature; 0 means greedy")
@@ -130,11 +137,21 @@ class DataSection:
     max_responses: int = opt(0, "rankings: response slots per prompt; 0 = the dataset's largest K")
     chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template")
     pack: bool = opt(False, "sft: pack several examples into each sequence")
+    prompt_buckets: tuple[int, ...] = opt((), "widths a batch's prompts are padded to (the smallest that holds its "
+                                              "longest prompt; each compiles once); empty = powers of two from 16 "
+                                              "up to max_prompt_tokens, which is always one")
+    response_buckets: tuple[int, ...] = opt((), "the same for the responses of unpacked sft and rankings batches, "
+                                                "up to max_response_tokens")
 
     def __post_init__(self):
         coerce(self)
         check(self, "max_prompt_tokens", self.max_prompt_tokens > 0, "must be > 0")
         check(self, "max_response_tokens", self.max_response_tokens > 0, "must be > 0")
+        for key, limit in (("prompt_buckets", self.max_prompt_tokens),
+                           ("response_buckets", self.max_response_tokens)):
+            widths = getattr(self, key)
+            check(self, key, all(0 < w <= limit for w in widths) and list(widths) == sorted(set(widths)),
+                  f"must be increasing widths in [1, {limit}]")
         check(self, "max_responses", self.max_responses == 0 or self.max_responses >= 2, "must be 0 or >= 2")
 
 
@@ -335,6 +352,7 @@ class Config:
     model: ModelSection = section(ModelSection, "which model to load and how to run it")
     mesh: MeshSection = section(MeshSection, "device mesh for sharding")
     distributed: DistributedSection = section(DistributedSection, "joining several processes (multi-host runs)")
+    runtime: RuntimeSection = section(RuntimeSection, "how programs are compiled and cached")
     sampling: SamplingSection = section(SamplingSection, "text generation settings")
     generate: GenerateSection = section(GenerateSection, "inputs and outputs of the generate stage")
     data: DataSection = section(DataSection, "prepared dataset and how it is tokenized")

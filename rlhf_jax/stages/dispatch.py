@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rlhf_jax.config import Config
 from rlhf_jax.errors import UserError, os_error_message, os_reason
-from rlhf_jax.runtime import distributed
+from rlhf_jax.runtime import compile_cache, distributed
 from rlhf_jax.runtime.fsio import run_dir_lock
 from rlhf_jax.stages.generate import run_generate
 from rlhf_jax.stages.prepare import check_prepare, run_prepare
@@ -80,6 +80,7 @@ def run(cfg: Config) -> dict:
     """Run the configured stage in its run dir, holding the run dir's lock. A stage that stops on a user error
     before it has recorded any progress leaves no run dir behind if it created one."""
     distributed.initialize(cfg.distributed)
+    compile_cache.use(cfg.runtime.compile_cache)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir={cfg.run_dir}: is a file, expected a directory")

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import Config
+from rlhf_jax.data.buckets import Trimmer
 from rlhf_jax.data.pipeline import open_split, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import check_role
@@ -132,6 +133,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
         frozen = frozen._replace(reward_params=sharding.place(initial_params(reward, reward_model, cfg.seed),
                                                               frozen_sh.reward_params))
     # Every process reads every prompt of a batch: the B prompts are replicated (the B x G rows are split).
+    trim = Trimmer(cfg.data, distributed.max_over_processes)
     data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed,
                                    process_index=0, process_count=1))
 
@@ -144,7 +146,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
     try:
         with TrainingLoop(run, start, total, name, rate_name="episodes_per_s") as loop:
             for step in loop:
-                batch = next(data_iter)
+                batch = trim(next(data_iter))  # to its length bucket
                 prompts = replicated(batch, mesh)
                 state, metrics = iteration(state, frozen, prompts["prompt_ids"], prompts["prompt_mask"])
                 if rewards_fn is not None:  # before anything of this iteration is logged or saved

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import Config
+from rlhf_jax.data.buckets import Trimmer
 from rlhf_jax.data.pipeline import open_split, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import check_role
@@ -145,6 +146,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
                         value_base=None if frozen_sh.value_base is None else sharding.place(value_base,
                                                                                             frozen_sh.value_base))
     del policy_params, value_params, policy_base, value_base
+    trim = Trimmer(cfg.data, distributed.max_over_processes)
     data_iter = iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed))
     if ptx_spec is not None:  # prompts and pretraining rows advance, and are checkpointed, together
         ptx_iter = iter(train_dataset(ptx_spec, ptx_spec.train_split, tokenizer, _ptx_batch(cfg), cfg.seed + 1))
@@ -161,7 +163,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     try:
         with TrainingLoop(run, start, total, "ppo", rate_name="episodes_per_s") as loop:
             for step in loop:
-                batch = next(data_iter)
+                batch = trim(next(data_iter))  # to its length bucket
                 prompts, ptx = split_ptx(to_global(batch, mesh))
                 state, metrics = iteration(state, frozen, prompts["prompt_ids"], prompts["prompt_mask"], ptx)
                 samples = metrics.pop("samples", None)

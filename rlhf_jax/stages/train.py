@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import Config
+from rlhf_jax.data.buckets import Trimmer
 from rlhf_jax.data.pipeline import eval_batches, has_split, open_split, response_slots, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import Transformer, positions_from_mask
@@ -118,6 +119,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
                                           frozen_sh)
     del params, trainable, reference_host  # on the mesh now
     train_step = jit_step(stage.step, state_sh, mesh, frozen_sh, *reference.shardings)
+    trim = Trimmer(cfg.data, distributed.max_over_processes)
     data_iter = reference.train_batches(
         iter(train_dataset(cfg.data, cfg.data.train_split, tokenizer, cfg.train.batch_size, cfg.seed)),
         cfg.data.train_split)
@@ -129,8 +131,8 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
 
     def evaluate_and_keep_best(state) -> dict:
         """Held-out metrics; a new best eval loss exports the params to best/."""
-        batches = reference.eval_batches(eval_batches(cfg.data, cfg.data.eval_split, tokenizer, eval_size),
-                                         cfg.data.eval_split)
+        batches = map(trim, reference.eval_batches(eval_batches(cfg.data, cfg.data.eval_split, tokenizer, eval_size),
+                                                   cfg.data.eval_split))
         eval_fn = stage.eval_fn(mesh)
         sums = eval_sums(lambda p, b: eval_fn(p, b, *reference.frozen), whole(state), batches, mesh,
                          cfg.train.eval_batches)
@@ -146,7 +148,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     try:
         with TrainingLoop(run, start, total, cfg.stage, has_eval) as loop:
             for step in loop:
-                batch = next(data_iter)
+                batch = trim(next(data_iter))  # to its length bucket
                 state, metrics = train_step(state, to_global(batch, mesh), loop.rng(step), frozen, *reference.frozen)
                 loop.log(step, metrics, items=real_tokens(batch), truncated=batch["truncated"].sum())
                 if loop.eval_due(step):
