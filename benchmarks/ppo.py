@@ -4,7 +4,10 @@ share of the FLOP bound, side by side with Google Tunix's PPOLearner on the same
   python benchmarks/ppo.py --out benchmarks/results/ppo_cpu.json
 
 The tiny Llama of the decode benchmark (vocab 2048, d 256, 4 layers, 4 heads, 2 KV heads, MLP 688) as policy,
-reference, value and reward model; 16 prompts of 64 tokens, 64 new tokens, 1 epoch, 1 minibatch, float32. FLOPs
+reference, value and reward model; 16 prompts of 64 tokens, 64 new tokens, 1 epoch, 1 minibatch, float32. With
+`--shape qwen2.5-0.5b`: Qwen2.5-0.5B's architecture with random weights, 64 prompts of 256 tokens, 128 new
+tokens, bfloat16 compute on accelerators (Tunix is then skipped); `--compile-only` reports its compile time and
+XLA's planned memory per device without running it (what a CPU can do at that size). FLOPs
 come from XLA's cost analysis. The share of the FLOP bound counts an episode's nominal FLOPs (sampling, four
 teacher-forced passes, the update's forward and backward: `ppo.rollout` and `ppo.update` compiled alone);
 the iteration executes fewer, since the update reuses the rollout's forward of its first micro-batch
@@ -54,8 +57,8 @@ from rlhf_jax.training import steps
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    a = jnp.ones((n, n), jnp.float32)
+def matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     t0 = time.perf_counter()
@@ -130,8 +133,37 @@ class Peer:
         self.log.close()
 
 
+# The benchmark's model shapes: `tiny` (the decode benchmark's Llama) and Qwen2.5-0.5B's architecture (random
+# weights), with their prompts: (config, batch, prompt tokens, new tokens).
+SHAPES = {
+    "tiny": (ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                         head_dim=64, d_ff=688, max_position_embeddings=512, eos_token_ids=(1,)), 16, 64, 64),
+    "qwen2.5-0.5b": (ModelConfig(family="qwen2", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
+                                 n_kv_heads=2, head_dim=64, d_ff=4864, max_position_embeddings=32768, norm_eps=1e-6,
+                                 rope_theta=1e6, qkv_bias=True, tie_embeddings=True, eos_token_ids=(1,)), 64, 256, 128),
+}
+
+
+def memory_per_device(compiled) -> dict:
+    """GiB per device: XLA's plan for the program (arguments, temporaries) and, on accelerators, the peak the
+    device has seen so far."""
+    gib = lambda n: round(n / 2**30, 3)
+    plan = compiled.memory_analysis()
+    out = {"arguments_gib": gib(plan.argument_size_in_bytes), "temporaries_gib": gib(plan.temp_size_in_bytes)}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_gib"] = gib(stats["peak_bytes_in_use"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                    help="model and prompt shapes (qwen2.5-0.5b: 64 prompts of 256 tokens, 128 new tokens)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="",
+                    help="compute dtype (default: bfloat16 on accelerators at qwen2.5-0.5b, else float32)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile and report compile time and planned memory; run nothing (sizes a CPU cannot run)")
     ap.add_argument("--out", default="")
     ap.add_argument("--iterations", type=int, default=5, help="timed calls of each program per round")
     ap.add_argument("--rounds", type=int, default=5, help="alternations of our measurement and Tunix's")
@@ -140,18 +172,27 @@ def main() -> None:
                     help="interpreter of the Tunix environment ('' skips Tunix)")
     ap.add_argument("--tunix-warmup", type=int, default=2, help="untimed Tunix iterations (compilation)")
     args = ap.parse_args()
-    cfg = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
-                      head_dim=64, d_ff=688, max_position_embeddings=512, eos_token_ids=(1,))
-    B, P, N = 16, 64, 64
+    cfg, B, P, N = SHAPES[args.shape]
+    on_accelerator = jax.devices()[0].platform != "cpu"
+    dtype = args.dtype or ("bfloat16" if on_accelerator and args.shape != "tiny" else "float32")
     optim = OptimSection(lr=1e-5, schedule="constant")
-    models = ppo.PPOModels(policy=make_model(cfg), value=make_model(cfg, "scalar"), reward=make_model(cfg, "scalar"),
+    model = lambda head="lm": make_model(cfg, head, dtype=dtype)
+    models = ppo.PPOModels(policy=model(), value=model("scalar"), reward=model("scalar"),
                            policy_opt=steps.make_optimizer(optim, 100), value_opt=steps.make_optimizer(optim, 100),
                            sampling=SamplingParams(N, temperature=1.0, eos_ids=(1,), pad_id=PAD_ID))
     settings = ppo.PPOSettings(epochs=1, minibatches=1)
-    policy = init_params(models.policy, jax.random.key(0))
-    reward = init_params(models.reward, jax.random.key(1))
-    state = ppo.init_state(policy, reward, models, settings, jax.random.PRNGKey(2))
-    frozen = ppo.Frozen(jax.tree.map(jnp.copy, policy), jax.tree.map(jnp.copy, reward))
+    if args.compile_only:  # abstract arguments: nothing is allocated
+        policy = jax.eval_shape(lambda: init_params(models.policy, jax.random.key(0)))
+        reward = jax.eval_shape(lambda: init_params(models.reward, jax.random.key(1)))
+        state = jax.eval_shape(lambda: ppo.init_state(init_params(models.policy, jax.random.key(0)),
+                                                      init_params(models.reward, jax.random.key(1)), models,
+                                                      settings, jax.random.PRNGKey(2)))
+        frozen = ppo.Frozen(policy, reward)
+    else:
+        policy = init_params(models.policy, jax.random.key(0))
+        reward = init_params(models.reward, jax.random.key(1))
+        state = ppo.init_state(policy, reward, models, settings, jax.random.PRNGKey(2))
+        frozen = ppo.Frozen(jax.tree.map(jnp.copy, policy), jax.tree.map(jnp.copy, reward))
     ids = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (B, P)), jnp.int32)
     mask = jnp.ones((B, P), bool)
     rng = jax.random.PRNGKey(3)
@@ -162,8 +203,19 @@ def main() -> None:
     # iteration's), and the update alone, with its own forward of the first minibatch, for an episode's nominal
     # FLOPs: sampling, four teacher-forced passes, and the update's forward and backward.
     runtime = ppo.Runtime(clock=LapClock())
+    t0 = time.perf_counter()
     step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, models=models, settings=settings, runtime=runtime),
                    donate_argnums=0).lower(state, frozen, ids, mask).compile()
+    compile_s = time.perf_counter() - t0
+    shape = {"shape": args.shape, "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "batch": B,
+             "prompt": P, "new_tokens": N, "dtype": dtype, "compile_s": round(compile_s, 1),
+             "memory_per_device": memory_per_device(step)}
+    if args.compile_only:
+        result = {**shape, "gflop_executed_per_iteration": round(flops_of(step) / 1e9, 2)}
+        print(json.dumps(result))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return
     rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, settings, first_order_MMb=o)[:3]
                       ).lower(state, frozen, ids, mask, rng, orders[0]).compile()
     batch = rollout(state, frozen, ids, mask, rng, orders[0])[0]
@@ -172,8 +224,9 @@ def main() -> None:
     flops["update"] = flops["iteration"] - flops["rollout"]
     flops["nominal"] = flops["rollout"] + flops_of(update)
 
-    tunix_python = args.tunix_python
+    tunix_python = args.tunix_python if args.shape == "tiny" else ""
     tunix_note = "" if tunix_python else (
+        "Tunix skipped: its learner is timed at the tiny shape only" if args.shape != "tiny" else
         "Tunix skipped: --tunix-python ''" if default_tunix.exists() else
         f"Tunix skipped: no {default_tunix.relative_to(ROOT)} (see the docstring of benchmarks/ppo.py to create it)")
     if tunix_python and not Path(tunix_python).exists():
@@ -200,7 +253,8 @@ def main() -> None:
                     tunix_note, tunix = f"Tunix failed: {e}", None
             row["rollout_s"], row["update_s"] = (statistics.median(float(m[k]) for m in laps)
                                                  for k in ("rollout_s", "update_s"))
-            row["matmul_peak_gflops"] = max(matmul_peak() for _ in range(3)) / 1e9
+            row["matmul_peak_gflops"] = max(matmul_peak(8192 if on_accelerator else 2048, dtype=dtype)
+                                            for _ in range(3)) / 1e9
             row = {k: round(v, 4) for k, v in row.items()}
             print(json.dumps({"round": r, **row}), file=sys.stderr)
             rounds.append(row)
@@ -214,8 +268,8 @@ def main() -> None:
     share = lambda key, name: statistics.median(flops[name] / row[key] / (row["matmul_peak_gflops"] * 1e9)
                                                 for row in rounds)
     seconds = med("iteration_s")
-    result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "batch": B, "prompt": P,
-              "new_tokens": N, "epochs": 1, "minibatches": 1, "dtype": "float32", "iterations": args.iterations,
+    shape["memory_per_device"] = memory_per_device(step)  # with the device's peak after running
+    result = {**shape, "epochs": 1, "minibatches": 1, "iterations": args.iterations,
               "rounds": args.rounds,
               "iteration_s": round(seconds, 4), "episodes_per_s": round(B / seconds, 2),
               "rollout_s": round(med("rollout_s"), 4), "update_s": round(med("update_s"), 4),

@@ -19,6 +19,10 @@ from rlhf_jax.models.lora import LoraSpec, matrix_shape
 
 AttentionImpl = Literal["auto", "einsum", "cudnn"]
 NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keeps one allowed key, see Attention)
+# Queries (rows x positions) attended per chunk outside cuDNN: a chunk's float32 scores are N x QUERY_ROWS x S,
+# not B x N x T x S (gigabytes per layer for a prefill of hundreds of prompts, or passes of 1-2k tokens). A pass
+# of B rows takes QUERY_ROWS // B positions per chunk; smaller passes (and every decode step) are one chunk.
+QUERY_ROWS = 16384
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
@@ -65,6 +69,61 @@ def einsum(dtype, spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """Gemma 2's soft-capping, tanh(x / cap) * cap; the identity without a cap."""
     return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def attention_mask(query_slot_T, key_mask_BS, window: int | None, seg_q_BT=None, seg_k_BS=None) -> jax.Array:
+    """allowed_BTS: which cache slots each query sees (causal by slot, within `window` slots when given, valid
+    keys, same packed segment). A query may always see its own slot: a left-pad query has no allowed key, and
+    its own slot leaves no row fully masked, so no implementation can give NaN; real tokens already see it."""
+    S = key_mask_BS.shape[1]
+    causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+    if window is not None:  # by slot distance, as HF's masks; rows are contiguous
+        causal_TS = causal_TS & (query_slot_T[:, None] - jnp.arange(S)[None, :] < window)
+    allowed_BTS = causal_TS[None] & key_mask_BS[:, None, :].astype(bool)
+    if seg_q_BT is not None:  # packed rows: attend only within one's own example
+        allowed_BTS = allowed_BTS & (seg_q_BT[:, :, None] == seg_k_BS[:, None, :])
+    return allowed_BTS | (jnp.arange(S)[None, :] == query_slot_T[:, None])[None]
+
+
+def einsum_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BSKH, v_BSKH, allowed_BTS) -> jax.Array:
+    """Softmax attention of every query over all S keys, as einsums; returns out_BTKGH."""
+    H = q_BTKGH.shape[-1]
+    # float32 scores even for bf16 inputs: rounding logits to bf16 before the softmax costs accuracy.
+    scores_BKGTS = einsum(dtype, "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, out_dtype=jnp.float32)
+    if cfg.query_pre_attn_scalar is None:
+        scores_BKGTS = scores_BKGTS / math.sqrt(H)
+    else:
+        scores_BKGTS = scores_BKGTS * cfg.query_pre_attn_scalar ** -0.5
+    scores_BKGTS = softcap(scores_BKGTS, cfg.attn_softcap)
+    scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, NEG_INF)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
+    return einsum(dtype, "bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+
+
+def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BSKH, v_BSKH, query_slot_T, key_mask_BS,
+                      window: int | None, segment_ids_BT, chunk: int) -> jax.Array:
+    """`einsum_attention` over chunks of `chunk` queries, each chunk's mask built from its own rows; returns
+    out_BTKGH. T <= chunk is one chunk, exactly the unchunked computation. Otherwise the queries are padded to a
+    multiple of `chunk` (the padded rows' outputs are dropped) and a `lax.map` attends chunk by chunk, its body
+    rematerialised so that the backward pass keeps no chunk's probabilities: memory O(B*N*chunk*S)."""
+    B, T, K, G, H = q_BTKGH.shape
+
+    def attend(q_BCKGH, slot_C, seg_BC):
+        allowed_BCS = attention_mask(slot_C, key_mask_BS, window, seg_BC, segment_ids_BT)
+        return einsum_attention(cfg, dtype, q_BCKGH, k_BSKH, v_BSKH, allowed_BCS)
+
+    if T <= chunk:
+        return attend(q_BTKGH, query_slot_T, segment_ids_BT)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    # A padded row's zero slot (or segment) only needs to keep its softmax finite: its output is dropped.
+    to_chunks = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
+        B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+    q_nBCKGH = to_chunks(q_BTKGH)
+    slot_nC = jnp.pad(query_slot_T, (0, pad)).reshape(n, chunk)
+    seg_nBC = None if segment_ids_BT is None else to_chunks(segment_ids_BT)
+    out_nBCKGH = jax.lax.map(lambda xs: jax.checkpoint(attend, prevent_cse=False)(*xs), (q_nBCKGH, slot_nC, seg_nBC))
+    return out_nBCKGH.swapaxes(0, 1).reshape(B, n * chunk, K, G, H)[:, :T]
 
 
 def _cudnn_attention_available() -> bool:
@@ -167,6 +226,7 @@ class Attention(nn.Module):
     attention: AttentionImpl = "auto"
     sliding: bool = False
     lora: LoraSpec | None = None
+    query_chunk: int | None = None  # query positions per chunk outside cuDNN; None: QUERY_ROWS // B (at call time)
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
@@ -209,35 +269,19 @@ class Attention(nn.Module):
             v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
             query_slot_T = cache_index + jnp.arange(T)
             new_cache = (k_BSKH, v_BSKH)
-        S = k_BSKH.shape[1]
-        causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
-        if self.sliding and cfg.sliding_window is not None:  # by slot distance, as HF's masks; rows are contiguous
-            causal_TS = causal_TS & (query_slot_T[:, None] - jnp.arange(S)[None, :] < cfg.sliding_window)
-        allowed_BTS = causal_TS[None] & key_mask_BS[:, None, :].astype(bool)
-        if segment_ids_BT is not None:  # packed rows: attend only within one's own example
-            allowed_BTS = allowed_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-        # A left-pad query has no allowed key; letting it see its own slot leaves no row fully masked, so no
-        # implementation can give NaN. Real tokens already see their own slot, so their outputs are unchanged.
-        allowed_BTS = allowed_BTS | (jnp.arange(S)[None, :] == query_slot_T[:, None])[None]
-
-        scale = 1 / math.sqrt(H) if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        window = cfg.sliding_window if self.sliding else None
         k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
         if _use_cudnn_attention(self.attention, self.dtype, layer_cache is None, T, H, cfg.attn_softcap is not None):
+            allowed_BTS = attention_mask(query_slot_T, key_mask_BS, window, segment_ids_BT, segment_ids_BT)
+            scale = 1 / math.sqrt(H) if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
             # Query head k * G + g uses KV head k, which is dot_product_attention's GQA grouping too.
             out_BTNH = jax.nn.dot_product_attention(
                 q_BTKGH.reshape(B, T, K * G, H).astype(self.dtype), k_BSKH, v_BSKH, mask=allowed_BTS[:, None],
                 scale=scale, implementation="cudnn")
         else:
-            # float32 scores even for bf16 inputs: rounding logits to bf16 before the softmax costs accuracy.
-            scores_BKGTS = einsum(self.dtype, "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, out_dtype=jnp.float32)
-            if cfg.query_pre_attn_scalar is None:
-                scores_BKGTS = scores_BKGTS / math.sqrt(H)
-            else:
-                scores_BKGTS = scores_BKGTS * scale
-            scores_BKGTS = softcap(scores_BKGTS, cfg.attn_softcap)
-            scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, NEG_INF)
-            probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
-            out_BTKGH = einsum(self.dtype, "bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+            chunk = max(1, QUERY_ROWS // B) if self.query_chunk is None else self.query_chunk
+            out_BTKGH = chunked_attention(cfg, self.dtype, q_BTKGH, k_BSKH, v_BSKH, query_slot_T, key_mask_BS,
+                                          window, segment_ids_BT, chunk)
             out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
 
         w_o = param(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), dense_init(), self.param_dtype)
