@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEVICES ?= 8
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) JAX_PLATFORMS=cpu
 # On CPU, XLA maps its scratch memory anew for every step through glibc; keeping freed memory in the process
-# removes that cost (see docs/performance.md).
+# removes that cost (see docs/performance.md). `python -m rlhf_jax.main` sets this itself; the benchmarks compare.
 CPU_MALLOC := MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=8589934592
 
 .PHONY: setup setup-dev demo test test-all bench clean
@@ -26,7 +26,7 @@ setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
 
 demo: setup
-	$(CPU_MALLOC) $(PY) -m rlhf_jax.main --config configs/demo.yaml
+	$(PY) -m rlhf_jax.main --config configs/demo.yaml
 
 # The fast tier: every stage end to end once and every numerical oracle. The full tier adds the slow ones
 # (multi-process runs, kills and resumes, every mesh shape, the reference configs' compiles); CI runs it.

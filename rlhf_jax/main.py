@@ -48,6 +48,7 @@ from typing import Sequence
 from rlhf_jax import pipeline
 from rlhf_jax.config import config_help, load_config
 from rlhf_jax.errors import UserError, os_error_message, report
+from rlhf_jax.runtime import cpu_memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,4 +126,5 @@ def _dry_run(args, overrides: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+    cpu_memory.keep_freed_memory()  # before XLA allocates its first step (see rlhf_jax/runtime/cpu_memory.py)
     sys.exit(main())
