@@ -208,6 +208,9 @@ ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
 """
     body, entry = 2 * 8 * 16 * 16, 2 * 8 * 4 * 16
     assert hlo_matmul_flops(hlo) == (entry + 5 * body, entry + body, 0)
+    # a loop that may stop early (no known trip count) is counted at the bound given
+    early = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
+    assert hlo_matmul_flops(early, unknown_trips=7) == (entry + 7 * body, entry + body, 1)
 
 
 def test_device_defaults():

@@ -1,4 +1,5 @@
-"""Prefill plus a `lax.scan` decode loop over a functional KV cache; static shapes throughout.
+"""Prefill plus a `lax.while_loop` decode loop over a functional KV cache, which stops once every row has ended;
+static shapes throughout.
 
 Prompts are left-padded so that every row's next token lands in the same cache slot; positions come from the
 attention mask. Log-probs are always of the UNFILTERED logits / temperature (greedy: logits), which is what a
@@ -34,12 +35,14 @@ class SampleOutput(NamedTuple):
 
 
 class _Carry(NamedTuple):
+    t: jax.Array  # decode steps taken; step t writes column t + 1
     cache: KVCache
     key_mask_BS: jax.Array
     token_B: jax.Array
     position_B: jax.Array
     done_B: jax.Array
     rng: jax.Array
+    out: SampleOutput  # preallocated: pad_id / 0 / False where no step reaches
 
 
 def _filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -47,13 +50,35 @@ def _filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
         kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     if top_p < 1.0:
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        cutoff_B1 = jnp.min(jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+        # Keep the smallest prefix (by logit) whose mass reaches top_p, ties at the cutoff all kept: the cutoff is
+        # the smallest logit x whose mass of strictly larger logits, M(x), is < top_p. M falls as x rises, so a
+        # bisection over the logits' ordered bit patterns finds it in 32 masked sums over the vocabulary, where a
+        # sort of the whole vocabulary every decode step costs far more.
+        probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+        keys_BV = _ordered_keys(logits_BV)
+        mass_above = lambda k_B: jnp.sum(jnp.where(keys_BV > k_B[:, None], probs_BV, 0.0), axis=-1)
+
+        def halve(_, bounds):  # invariant: M(hi) < top_p, and M(lo) >= top_p unless lo is still below every key
+            lo_B, hi_B = bounds
+            mid_B = lo_B + (hi_B - lo_B) // 2
+            below_B = mass_above(mid_B) < top_p
+            return jnp.where(below_B, lo_B, mid_B), jnp.where(below_B, mid_B, hi_B)
+
+        # M(largest key) = 0; starting lo one under the smallest key (-inf's key is far above 0: no wrap-around)
+        # lets a row that needs every token keep them all. A uint32 range halves to width 1 in 32 steps.
+        bounds = (jnp.min(keys_BV, axis=-1) - 1, jnp.max(keys_BV, axis=-1))
+        _, hi_B = jax.lax.fori_loop(0, 32, halve, bounds)
+        # no logit's key lies between hi and the cutoff (the smallest logit at or above hi): comparing with hi is
+        # comparing with the cutoff
+        logits_BV = jnp.where(keys_BV < hi_B[:, None], -jnp.inf, logits_BV)
     return logits_BV
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys in the order of the float32 values (-0.0 made +0.0 so that the two tie, as they compare)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.uint32)
+    # negative floats: flip every bit (larger magnitude sorts lower); others: set the sign bit (above negatives)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
 def _categorical(rng: jax.Array, logits_BV: jax.Array) -> jax.Array:
@@ -124,26 +149,33 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
     done_B = is_eos(token_B, p.eos_ids)
     position_B = prompt_mask_BP.astype(jnp.int32).sum(-1)  # where the first new token sits
 
-    def step(carry: _Carry, t):
-        slot = P + t
+    # Column 0 is the prefill's draw; the rest stay pad_id / 0 / False unless a step writes them, which is what
+    # a step of a row that has ended would write.
+    out = SampleOutput(jnp.full((B, N), p.pad_id, token_B.dtype).at[:, 0].set(token_B),
+                       jnp.zeros((B, N), logprob_B.dtype).at[:, 0].set(logprob_B),
+                       jnp.zeros((B, N), bool).at[:, 0].set(True))
+
+    def step(carry: _Carry) -> _Carry:
+        slot = P + carry.t
         key_mask_BS = jax.lax.dynamic_update_slice(carry.key_mask_BS, jnp.ones((B, 1), bool), (0, slot))
         logits_B1V, cache = model.apply(variables, carry.token_B[:, None], carry.position_B[:, None], key_mask_BS,
                                         carry.cache, slot)
-        rng, step_rng = jax.random.split(carry.rng)
+        rng, step_rng = jax.random.split(carry.rng)  # the same key per step however early the loop stops
         token_B, logprob_B = _draw(logits_B1V[:, 0], step_rng, p)
         live_B = ~carry.done_B
         token_B = jnp.where(live_B, token_B, p.pad_id)
         logprob_B = jnp.where(live_B, logprob_B, 0.0)
         done_B = carry.done_B | is_eos(token_B, p.eos_ids)
-        new = _Carry(cache, key_mask_BS, token_B, carry.position_B + 1, done_B, rng)
-        return new, (token_B, logprob_B, live_B)
+        write = lambda buf_BN, x_B: jax.lax.dynamic_update_slice(buf_BN, x_B[:, None].astype(buf_BN.dtype),
+                                                                 (0, carry.t + 1))
+        out = SampleOutput(*map(write, carry.out, (token_B, logprob_B, live_B)))
+        return _Carry(carry.t + 1, cache, key_mask_BS, token_B, carry.position_B + 1, done_B, rng, out)
 
-    carry = _Carry(cache, key_mask_BS, token_B, position_B, done_B, rng)
-    _, (tokens_NB, logprobs_NB, live_NB) = jax.lax.scan(step, carry, jnp.arange(N - 1))
-    tokens_BN = jnp.concatenate([token_B[:, None], tokens_NB.T], axis=1)
-    logprobs_BN = jnp.concatenate([logprob_B[:, None], logprobs_NB.T], axis=1)
-    mask_BN = jnp.concatenate([jnp.ones((B, 1), bool), live_NB.T], axis=1)
-    return SampleOutput(tokens_BN, logprobs_BN, mask_BN)
+    def running(carry: _Carry) -> jax.Array:  # once every row has ended the remaining steps would write nothing
+        return (carry.t < N - 1) & ~jnp.all(carry.done_B)
+
+    carry = _Carry(jnp.zeros((), jnp.int32), cache, key_mask_BS, token_B, position_B, done_B, rng, out)
+    return jax.lax.while_loop(running, step, carry).out
 
 
 def response_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,

@@ -47,7 +47,8 @@ def footprint(compiled: jax.stages.Compiled) -> Footprint:
                      m.generated_code_size_in_bytes)
 
 
-def measure(lowered: jax.stages.Lowered, mesh) -> Measured:
+def measure(lowered: jax.stages.Lowered, mesh, unknown_trips: int = 1) -> Measured:
+    """`unknown_trips`: the most steps of a loop that may stop early (the sampler's decode)."""
     compiled = compile_program(lowered, mesh)
-    flops, note = flops_per_device(compiled)
+    flops, note = flops_per_device(compiled, unknown_trips)
     return Measured(footprint(compiled), flops, note)
