@@ -95,6 +95,11 @@ FULL_TIER = (
     "test_lora_stages.py::test_lora_dpo_reference_keeps_the_also_trained_weights_as_they_were",
     "test_lora_stages.py::test_lora_losses_on_a_mesh_of_8_are_one_devices",  # test_train's in the fast tier
     "test_buckets.py::test_an_sft_run_in_buckets_logs_the_full_widths_losses",  # test_train's sft runs in buckets
+    # the early-exit sampler's other cases (the fast tier: rows ending early, top-k with top-p, one sharded run)
+    *(f"test_sampling_exit.py::test_while_loop_equals_the_scan_and_stops_when_every_row_has_ended[{c}]"
+      for c in ("no_eos", "greedy", "top_p")),
+    "test_sampling_exit.py::test_sharded_over_8_devices_equals_the_scan[none]",
+    "test_sampling_exit.py::test_threshold_top_p_keeps_the_sorts_tokens[50-",
     "test_lora_stages.py::test_lora_ppo_holds_one_copy_of_the_policy_base",
     "test_ppo.py::test_the_value_model_from_the_reward_model_starts_at_normalised_scores[k3, whitened]",
     "test_train.py::test_grad_accumulation_matches_one_batch",  # the steps' accumulation oracle: test_losses
