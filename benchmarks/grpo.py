@@ -49,14 +49,14 @@ import numpy as np
 
 from rlhf_jax.config import OptimSection
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.transformer import PAD_ID, KVCache, ModelConfig, init_params, make_model
+from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.rl import group, ppo
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.stages.grpo import RewardFunction
 from rlhf_jax.training import steps
 
 # benchmarks/ppo.py (this script's folder is on the path): the measurement pieces of the PPO comparison
-from ppo import ROOT, Peer, flops_of, matmul_peak, timed_iterations
+from ppo import ROOT, Peer, decode_step_flops, flops_of, matmul_peak, timed_iterations
 
 EOS = 1
 
@@ -79,18 +79,6 @@ def peer_python(given: str, default: Path, name: str) -> tuple[str, str]:
     if not Path(given).exists():
         return "", f"{name} skipped: {given} does not exist"
     return given, ""
-
-
-def decode_step_flops(model, params, rows: int, prompt: int, new_tokens: int) -> float:
-    """XLA's FLOPs of one step of the sampler's decode loop: one token per row through the model with the KV
-    cache, as `models.sampling.sample` runs it. XLA's cost analysis counts a loop's body once, whatever its trip
-    count, so a compiled sampler's count holds one of its N - 1 decode steps; this adds the other N - 2."""
-    cache = KVCache.zeros(model.cfg, rows, prompt + new_tokens, model.dtype)
-    token_B1 = jnp.full((rows, 1), 2, jnp.int32)
-    position_B1 = jnp.full((rows, 1), prompt, jnp.int32)
-    key_mask_BS = jnp.arange(prompt + new_tokens)[None, :].repeat(rows, 0) <= prompt
-    one_step = jax.jit(lambda p, c: model.apply({"params": p}, token_B1, position_B1, key_mask_BS, c, prompt))
-    return flops_of(one_step.lower(params, cache).compile())
 
 
 def own_cpu_seconds() -> float:

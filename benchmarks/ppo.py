@@ -49,7 +49,7 @@ import numpy as np
 
 from rlhf_jax.config import OptimSection
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
+from rlhf_jax.models.transformer import PAD_ID, KVCache, ModelConfig, init_params, make_model
 from rlhf_jax.rl import ppo
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.training import steps
@@ -70,6 +70,18 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> floa
 def flops_of(compiled) -> float:
     cost = compiled.cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def decode_step_flops(model, params, rows: int, prompt: int, new_tokens: int) -> float:
+    """XLA's FLOPs of one step of the sampler's decode loop: one token per row through the model with the KV
+    cache, as `models.sampling.sample` runs it. XLA's cost analysis counts a loop's body once, whatever its trip
+    count, so a compiled sampler's count holds one of its N - 1 decode steps; this adds the other N - 2."""
+    cache = KVCache.zeros(model.cfg, rows, prompt + new_tokens, model.dtype)
+    token_B1 = jnp.full((rows, 1), 2, jnp.int32)
+    position_B1 = jnp.full((rows, 1), prompt, jnp.int32)
+    key_mask_BS = jnp.arange(prompt + new_tokens)[None, :].repeat(rows, 0) <= prompt
+    one_step = jax.jit(lambda p, c: model.apply({"params": p}, token_B1, position_B1, key_mask_BS, c, prompt))
+    return flops_of(one_step.lower(params, cache).compile())
 
 
 def timed_iterations(step, state, inputs, iterations: int):
@@ -220,7 +232,9 @@ def main() -> None:
                       ).lower(state, frozen, ids, mask, rng, orders[0]).compile()
     batch = rollout(state, frozen, ids, mask, rng, orders[0])[0]
     update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models, settings)).lower(state, batch, orders).compile()
-    flops = {"iteration": flops_of(step), "rollout": flops_of(rollout)}
+    # The decode loop's other N - 2 steps, which the cost analysis leaves out (see decode_step_flops).
+    decode_rest = (N - 2) * decode_step_flops(models.policy, policy, B, P, N)
+    flops = {"iteration": flops_of(step) + decode_rest, "rollout": flops_of(rollout) + decode_rest}
     flops["update"] = flops["iteration"] - flops["rollout"]
     flops["nominal"] = flops["rollout"] + flops_of(update)
 
