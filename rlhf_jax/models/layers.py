@@ -22,7 +22,7 @@ NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keep
 # Queries (rows x positions) attended per chunk outside cuDNN: a chunk's float32 scores are N x QUERY_ROWS x S,
 # not B x N x T x S (gigabytes per layer for a prefill of hundreds of prompts, or passes of 1-2k tokens). A pass
 # of B rows takes QUERY_ROWS // B positions per chunk; smaller passes (and every decode step) are one chunk.
-QUERY_ROWS = 16384
+QUERY_ROWS = 4096
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
