@@ -4,6 +4,8 @@ log-probs, and the SFT and ranking losses are those of the full width, to float3
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -20,13 +22,13 @@ from test_train import data_dir, tiny, workdir  # noqa: F401
 P, R, V = 40, 24, 64
 CFG = ModelConfig(family="llama", vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=64, max_position_embeddings=128)
-SPEC = DataSection(max_prompt_tokens=P, max_response_tokens=R)
+SPEC = DataSection(max_prompt_tokens=P, max_response_tokens=R, prompt_buckets=(16, 32), response_buckets=(16,))
 
 
 def test_default_widths_are_powers_of_two_up_to_the_limit_and_the_smallest_fit_is_chosen():
-    assert buckets.widths(40) == (16, 32, 40)
-    assert buckets.widths(64) == (16, 32, 64)
-    assert buckets.widths(10) == (10,)
+    assert buckets.widths(300) == (64, 128, 256, 300)
+    assert buckets.widths(256) == (64, 128, 256)
+    assert buckets.widths(40) == (40,)  # below 64: one width (another compile would cost more than it saves)
     assert buckets.widths(40, (8, 24)) == (8, 24, 40)
     assert [buckets.fit(n, (16, 32, 40)) for n in (0, 1, 16, 17, 33, 40)] == [16, 16, 16, 32, 40, 40]
 
@@ -76,7 +78,7 @@ def test_each_layout_keeps_its_real_tokens_in_the_smallest_width_and_asks_every_
     wide = buckets.Trimmer(SPEC, agree=lambda needed: np.maximum(needed, [33, 20]))(sft)
     assert wide["ids"].shape == (3, 40 + 24)
     # packed sft rows are left as they are
-    packed = buckets.Trimmer(DataSection(max_prompt_tokens=P, max_response_tokens=R, pack=True))(sft)
+    packed = buckets.Trimmer(dataclasses.replace(SPEC, pack=True))(sft)
     assert packed["ids"].shape == sft["ids"].shape
 
 
@@ -124,9 +126,10 @@ def test_an_sft_run_in_buckets_logs_the_full_widths_losses(tiny, data_dir, workd
     trim = buckets.Trimmer.__call__
     monkeypatch.setattr(buckets.Trimmer, "__call__", lambda self, batch: widths.append(
         (out := trim(self, batch))["ids"].shape[1]) or out)
-    args = [*_mesh_args("sft", tiny, data_dir), "data.max_prompt_tokens=40", "data.max_response_tokens=24"]
-    full = _train_on_mesh([*args, "data.prompt_buckets=[40]", "data.response_buckets=[24]"], workdir / "full",
-                          (8, 1, 1))
+    args = [*_mesh_args("sft", tiny, data_dir), "data.max_prompt_tokens=40", "data.max_response_tokens=24",
+            "data.prompt_buckets=[16,32]", "data.response_buckets=[16]"]
+    full = _train_on_mesh([*args, "data.prompt_buckets=[]", "data.response_buckets=[]"], workdir / "full",
+                          (8, 1, 1))  # below 64 tokens the default is one width
     assert set(widths) == {40 + 24}
     widths.clear()
     bucketed = _train_on_mesh(args, workdir / "bucketed", (8, 1, 1))

@@ -138,7 +138,7 @@ class DataSection:
     chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template")
     pack: bool = opt(False, "sft: pack several examples into each sequence")
     prompt_buckets: tuple[int, ...] = opt((), "widths a batch's prompts are padded to (the smallest that holds its "
-                                              "longest prompt; each compiles once); empty = powers of two from 16 "
+                                              "longest prompt; each compiles once); empty = powers of two from 64 "
                                               "up to max_prompt_tokens, which is always one")
     response_buckets: tuple[int, ...] = opt((), "the same for the responses of unpacked sft and rankings batches, "
                                                 "up to max_response_tokens")

@@ -15,11 +15,11 @@ import numpy as np
 
 from rlhf_jax.config import DataSection
 
-SMALLEST_DEFAULT = 16
+SMALLEST_DEFAULT = 64  # narrower widths save less than the compile of another program costs
 
 
 def widths(limit: int, buckets: Sequence[int] = ()) -> tuple[int, ...]:
-    """The widths a dimension padded to `limit` may take: `buckets`, or powers of two from 16, and `limit`."""
+    """The widths a dimension padded to `limit` may take: `buckets`, or powers of two from 64, and `limit`."""
     chosen = buckets or [1 << k for k in range(SMALLEST_DEFAULT.bit_length() - 1, limit.bit_length())]
     return tuple(sorted({w for w in chosen if w < limit} | {limit}))
 
