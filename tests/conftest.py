@@ -86,19 +86,23 @@ FULL_TIER = (
     "test_train.py::test_loss_on_prompt_trains_on_prompt_tokens",
     "test_plan.py::test_dry_run_of_the_demo_plans_sft_rm_and_ppo_and_writes_nothing",
     "test_lora_stages.py::test_lora_sft_on_the_demo_task_reaches_nine_tenths_of_full_finetunings_improvement",  # 3 sft runs
-    # LoRA repeats: resume (bitwise, as test_train's), rm (sft's adapters plus a head), grpo (ppo's reference rule),
-    # the dry run's comparison column (the one-copy check of test_lora_stages compiles LoRA programs in the fast tier)
+    # LoRA beyond its SFT run, PEFT export and exactness at initialisation (the fast tier): resume (bitwise, as
+    # test_train's), rm, the stages' reference rules, the mesh, the one-copy check and the dry run's column
     "test_lora_stages.py::test_lora_sft_resumes_bitwise",
     "test_lora_stages.py::test_lora_rm_trains_adapters_and_its_scalar_head",
     "test_lora_stages.py::test_lora_grpo_reference_is_the_base_and_exports",
-    "test_lora_stages.py::test_lora_ppo_starts_at_its_reference_moves_away_from_it_and_exports",  # dpo's in fast
+    "test_lora_stages.py::test_lora_ppo_starts_at_its_reference_moves_away_from_it_and_exports",
     "test_lora_stages.py::test_lora_dpo_reference_keeps_the_also_trained_weights_as_they_were",
     "test_lora_stages.py::test_lora_losses_on_a_mesh_of_8_are_one_devices",  # test_train's in the fast tier
     "test_buckets.py::test_an_sft_run_in_buckets_logs_the_full_widths_losses",  # test_train's sft runs in buckets
-    # the early-exit sampler's other cases (the fast tier: rows ending early, top-k with top-p, one sharded run)
+    # the early-exit sampler's other cases (the fast tier: rows ending early against the scan; test_model runs the
+    # sampler on a mesh of 8 against one device)
     *(f"test_sampling_exit.py::test_while_loop_equals_the_scan_and_stops_when_every_row_has_ended[{c}]"
-      for c in ("no_eos", "greedy", "top_p")),
-    "test_sampling_exit.py::test_sharded_over_8_devices_equals_the_scan[none]",
+      for c in ("no_eos", "greedy", "top_p", "top_k_top_p")),
+    "test_sampling_exit.py::test_sharded_over_8_devices_equals_the_scan",
+    # sampling with top-k and top-p against teacher forcing: test_ppo's check at a temperature stays in the fast tier
+    "test_model.py::test_sampler_logprobs_equal_teacher_forced[0.7-10-0.9]",
+    "test_lora_stages.py::test_lora_dpo_reference_is_the_base_without_the_adapter",  # dpo's LoRA reference rule
     "test_sampling_exit.py::test_threshold_top_p_keeps_the_sorts_tokens[50-",
     # chunked attention: the fast tier keeps the oracles (a per-query loop), the cache prefill with a window, the
     # soft-capped and packed cases, the whole model and the memory check
