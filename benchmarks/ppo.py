@@ -76,7 +76,7 @@ def decode_step_flops(model, params, rows: int, prompt: int, new_tokens: int) ->
     """XLA's FLOPs of one step of the sampler's decode loop: one token per row through the model with the KV
     cache, as `models.sampling.sample` runs it. XLA's cost analysis counts a loop's body once, whatever its trip
     count, so a compiled sampler's count holds one of its N - 1 decode steps; this adds the other N - 2."""
-    cache = KVCache.zeros(model.cfg, rows, prompt + new_tokens, model.dtype)
+    cache = KVCache.zeros(model.cfg, rows, prompt + new_tokens, model.dtype, stacked=model.scan_layers)
     token_B1 = jnp.full((rows, 1), 2, jnp.int32)
     position_B1 = jnp.full((rows, 1), prompt, jnp.int32)
     key_mask_BS = jnp.arange(prompt + new_tokens)[None, :].repeat(rows, 0) <= prompt

@@ -253,7 +253,7 @@ def test_gemma_embeddings_are_scaled_by_the_normalizer_in_the_compute_dtype(dtyp
 
         def record(next_fun, args, kwargs, context):
             if isinstance(context.module, Block) and context.method_name == "__call__":
-                seen.append(args[0])
+                seen.append(args[0][0])  # carry = (x_BTD, cache)
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(record):

@@ -97,6 +97,7 @@ class _Counting:
 
     def __init__(self, model):
         self.model, self.cfg, self.dtype, self.calls = model, model.cfg, model.dtype, 0
+        self.scan_layers = model.scan_layers
 
     def apply(self, *args, **kwargs):
         jax.debug.callback(self._count)

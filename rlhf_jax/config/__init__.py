@@ -49,6 +49,8 @@ class ModelSection:
     dtype: Dtype = opt("float32", "compute dtype (params stay in param_dtype)")
     param_dtype: Dtype = opt("float32", "dtype parameters are stored in")
     remat: Literal["none", "block"] = opt("none", "'block' recomputes each block's activations in the backward pass")
+    scan_layers: bool | None = opt(None, "run the layers as one scan over params stacked on a layer axis (compile "
+                                         "time flat in depth); null: when the model has more than 8 layers")
 
     def __post_init__(self):
         coerce(self)

@@ -27,7 +27,7 @@ from rlhf_jax.eval.policies import SCALAR_NOT_POLICY, PolicySource, policy_sourc
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
 from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, check_same_tokenizer, load_tokenizer
-from rlhf_jax.models.transformer import make_model, param_logical_axes
+from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
 from rlhf_jax.rl.scoring import reward_scores
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.metrics import MetricsWriter
@@ -60,7 +60,7 @@ class Programs:
         if key not in self._models:  # one model object per architecture: the compiled programs are keyed by it
             self._models[key] = make_model(loaded.cfg, loaded.head, dtype=self.dtype)
         model = self._models[key]
-        params = jax.tree.map(lambda x: np.asarray(x).astype(self.dtype), loaded.params)
+        params = params_for(model, jax.tree.map(lambda x: np.asarray(x).astype(self.dtype), loaded.params))
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         return model, sharding.place(params, sharding.param_shardings(param_logical_axes(model), shapes, self.mesh))
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoint import LoadedModel, UnrestorableCheckpoint, load_model, model_head, restore_params
+from rlhf_jax.models.layer_stack import unstack_layers
 from rlhf_jax.models.tiny import resolve_model_path
 
 # Where each training stage keeps the policy's params inside its checkpointed state.
@@ -119,7 +120,7 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
         model_path = resolve_model_path(config.get("model", {}).get("path", ""), run, config.get("seed", 0))
         base_models[run] = load_model(model_path, need_tokenizer=True)
     base = base_models[run]
-    params = restore_params(run / "checkpoints" / str(source.step) / "state", POLICY_PARAMS[stage])
+    params = unstack_layers(restore_params(run / "checkpoints" / str(source.step) / "state", POLICY_PARAMS[stage]))
     lora_config = config.get("lora", {})
     if lora_config.get("rank"):  # the checkpoint holds what trained: merged into the run's base model
         spec = lora.LoraSpec(lora_config["rank"], lora_config["alpha"], tuple(lora_config["targets"]),

@@ -18,7 +18,7 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import LoadedModel
 from rlhf_jax.models.sampling import SamplingParams, sample
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, load_tokenizer
-from rlhf_jax.models.transformer import make_model, param_logical_axes
+from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.progress import progress as progress_bar
 
@@ -75,7 +75,7 @@ class Generator:
         eos = params.eos_ids or loaded.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.params_cfg = dataclasses.replace(params, eos_ids=tuple(i for i in eos if i is not None))
         # Inference stores weights in the compute dtype, so the decode loop never re-casts them.
-        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), loaded.params)
+        params = params_for(self.model, jax.tree.map(lambda x: np.asarray(x).astype(dtype), loaded.params))
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         param_sh = sharding.param_shardings(param_logical_axes(self.model), shapes, mesh)
         for warning in sharding.sharding_report(param_logical_axes(self.model), shapes, mesh).fallbacks:

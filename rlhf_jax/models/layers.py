@@ -229,7 +229,11 @@ class Attention(nn.Module):
     query_chunk: int | None = None  # query positions per chunk outside cuDNN; None: QUERY_ROWS // B (at call time)
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
+    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None,
+                 cache_layer=None, sliding_flag=None):
+        """`layer_cache`: (k_BSKH, v_BSKH) of this layer, or with `cache_layer` every layer's (a tuple per layer, or
+        k_LBSKH, v_LBSKH stacked), written and read at that (possibly traced) index. `sliding_flag`: a traced bool that
+        overrides `sliding` (a scanned stack whose layers differ)."""
         cfg = self.cfg
         D, K, G, H = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
         B, T, _ = x_BTD.shape
@@ -253,8 +257,11 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # per head, before RoPE
             q_BTKGH = Norm(cfg=cfg, param_dtype=self.param_dtype, dim=H, name="q_norm")(q_BTKGH)
             k_BTKH = Norm(cfg=cfg, param_dtype=self.param_dtype, dim=H, name="k_norm")(k_BTKH)
+        sliding = self.sliding if sliding_flag is None else sliding_flag
+        window = _window(cfg, sliding)
         if not cfg.is_gpt2:
-            inv_freq = rope_inv_freq(cfg, local=self.sliding)
+            inv_freq = (rope_inv_freq(cfg, local=sliding) if isinstance(sliding, bool) else
+                        jnp.where(sliding, rope_inv_freq(cfg, local=True), rope_inv_freq(cfg)))
             q_BTKGH = apply_rope(q_BTKGH.reshape(B, T, K * G, H), positions_BT, inv_freq).reshape(B, T, K, G, H)
             k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
@@ -263,13 +270,10 @@ class Attention(nn.Module):
             query_slot_T = jnp.arange(T)
             new_cache = None
         else:  # write this call's keys into the cache in place, attend over every slot
-            k_cache, v_cache = layer_cache
-            start = (0, cache_index, 0, 0)
-            k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), start)
-            v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
+            (k_cache, k_BSKH), (v_cache, v_BSKH) = (_write_cache(cache, x, cache_layer, cache_index)
+                                                    for cache, x in zip(layer_cache, (k_BTKH, v_BTKH)))
+            new_cache = (k_cache, v_cache)
             query_slot_T = cache_index + jnp.arange(T)
-            new_cache = (k_BSKH, v_BSKH)
-        window = cfg.sliding_window if self.sliding else None
         k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
         if _use_cudnn_attention(self.attention, self.dtype, layer_cache is None, T, H, cfg.attn_softcap is not None):
             allowed_BTS = attention_mask(query_slot_T, key_mask_BS, window, segment_ids_BT, segment_ids_BT)
@@ -292,6 +296,31 @@ class Attention(nn.Module):
             b_o = param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
             out_BTD = out_BTD + b_o.astype(self.dtype)
         return out_BTD, new_cache
+
+
+def _window(cfg: ModelConfig, sliding):
+    """The layer's window in cache slots: None when it attends to everything; with a traced `sliding`, a traced
+    width that is beyond any cache for a full layer."""
+    if cfg.sliding_window is None or sliding is False:
+        return None
+    if sliding is True:
+        return cfg.sliding_window
+    return jnp.where(sliding, cfg.sliding_window, jnp.iinfo(jnp.int32).max)
+
+
+def _write_cache(cache, new_BTKH, layer, index):
+    """(the cache with this call's keys or values written at slot `index`, this layer's keys or values after it).
+    `cache`: this layer's array (`layer` None), a tuple of every layer's, or one array stacked over layers."""
+    write = lambda c, start: jax.lax.dynamic_update_slice(c, new_BTKH.astype(c.dtype).reshape(
+        (1,) * (c.ndim - 4) + new_BTKH.shape), start)
+    if layer is None:
+        out = write(cache, (0, index, 0, 0))
+        return out, out
+    if isinstance(cache, tuple):  # a Python loop's layers: replacing one entry copies nothing
+        out = write(cache[layer], (0, index, 0, 0))
+        return cache[:layer] + (out,) + cache[layer + 1:], out
+    out = write(cache, (layer, 0, index, 0, 0))
+    return out, out[layer]
 
 
 class MLP(nn.Module):

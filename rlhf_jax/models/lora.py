@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 from rlhf_jax.config import LORA_ALSO_TRAIN, LORA_TARGETS
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.architecture import ModelConfig
+from rlhf_jax.models.layer_stack import unstack_layers
 
 TARGETS = LORA_TARGETS  # the config's names: q, k, v, o, gate, up, down
 # The HF module each target adapts, under model.layers.<i>.
@@ -135,7 +136,9 @@ def join(trainable: dict, frozen: dict) -> dict:
 
 
 def adapters(params: dict) -> dict:
-    """{"layer_<i>": {target: {"a_IR", "b_RO"}}} of a LoRA model's params (its trainable part or the whole)."""
+    """{"layer_<i>": {target: {"a_IR", "b_RO"}}} of a LoRA model's params (its trainable part or the whole, in
+    either layer layout)."""
+    params = unstack_layers(_select(params, _is_adapter))
     return {name: {key[:-len("_lora")]: ab for sub in ("attn", "mlp") for key, ab in layer.get(sub, {}).items()
                    if key.endswith("_lora")}
             for name, layer in params.items() if name.startswith("layer_")}
@@ -148,8 +151,9 @@ def with_adapters(params: dict, adapters_by_layer: dict) -> dict:
 
 
 def merged(params: dict, cfg: ModelConfig, spec: LoraSpec) -> dict:
-    """A LoRA model's whole params as plain params (adapters merged, their subtrees gone): what `export/` holds."""
-    return merge(without_adapters(params), adapters(params), cfg, spec)
+    """A LoRA model's whole params as plain params (adapters merged, their subtrees gone) in the per-layer layout:
+    what `export/` holds."""
+    return merge(unstack_layers(without_adapters(params)), adapters(params), cfg, spec)
 
 
 def _add_delta(layer: dict, target: str, delta_IO: jax.Array, cfg: ModelConfig) -> dict:

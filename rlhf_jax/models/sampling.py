@@ -139,7 +139,7 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
     if p.top_k > model.cfg.vocab_size:
         raise UserError(f"top_k={p.top_k} exceeds the model's vocabulary of {model.cfg.vocab_size} tokens")
     variables = {"params": params}
-    cache = KVCache.zeros(model.cfg, B, P + N, model.dtype)
+    cache = KVCache.zeros(model.cfg, B, P + N, model.dtype, stacked=model.scan_layers)
     key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)
     positions_BP = positions_from_mask(prompt_mask_BP)
     logits_B1V, cache = model.apply(variables, prompt_ids_BP, positions_BP, key_mask_BS, cache, 0, head_last=1)

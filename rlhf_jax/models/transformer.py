@@ -19,21 +19,26 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.architecture import ModelConfig
+from rlhf_jax.models.layer_stack import STACKED, in_layout, layer_name
 from rlhf_jax.models.layers import MLP, Attention, AttentionImpl, Norm, dense_init, einsum, param, softcap
 from rlhf_jax.models.lora import LoraSpec, check_family
 
+SCAN_LAYERS_ABOVE = 8  # deeper models scan their layers by default: compile time then stays flat in depth
 PAD_ID = -1  # never a real token: masks carry the truth and the model embeds out-of-range ids as 0
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values, `k_BSKH` of every layer stacked in a tuple."""
+    """Keys and values of every layer: a tuple of k_BSKH per layer for a model that loops over its layers, one
+    k_LBSKH stacked over layers for one that scans them (`stacked`)."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32, stacked: bool = False) -> "KVCache":
         shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        if stacked:
+            return cls(jnp.zeros((cfg.n_layers, *shape), dtype), jnp.zeros((cfg.n_layers, *shape), dtype))
         make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
         return cls(make(), make())
 
@@ -54,29 +59,32 @@ def init_scalar_head(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> jax
 
 class Block(nn.Module):
     """Pre-norm residual block; Gemma also normalises each branch's output (post_attn_norm, post_mlp_norm).
-    `sliding`: the layer attends within the config's sliding window."""
+    Called as one step of a scan over layers: carry (x_BTD, cache) -> (carry, None), where `cache` is the
+    stacked KVCache (read and written at index `layer`) or None for a full pass. `sliding`: whether the layer
+    attends within the config's sliding window, a Python bool or (a scanned stack whose layers differ) traced."""
 
     cfg: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: AttentionImpl = "auto"
-    sliding: bool = False
     lora: LoraSpec | None = None
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None):
+    def __call__(self, carry, layer, sliding, positions_BT, key_mask_BS, cache_index, segment_ids_BT):
+        x_BTD, cache = carry
         kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
-        h, new_cache = Attention(**kw, dtype=self.dtype, attention=self.attention, sliding=self.sliding,
-                                 lora=self.lora, name="attn")(
-            Norm(**kw, name="attn_norm")(x_BTD), positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT
-        )
+        static = isinstance(sliding, bool)
+        h, cache = Attention(**kw, dtype=self.dtype, attention=self.attention, sliding=static and sliding,
+                             lora=self.lora, name="attn")(
+            Norm(**kw, name="attn_norm")(x_BTD), positions_BT, key_mask_BS, cache, cache_index, segment_ids_BT,
+            cache_layer=layer, sliding_flag=None if static else sliding)
         if self.cfg.is_gemma:
             h = Norm(**kw, name="post_attn_norm")(h)
         x_BTD = x_BTD + h
         h = MLP(**kw, dtype=self.dtype, lora=self.lora, name="mlp")(Norm(**kw, name="mlp_norm")(x_BTD))
         if self.cfg.is_gemma:
             h = Norm(**kw, name="post_mlp_norm")(h)
-        return x_BTD + h, new_cache
+        return (x_BTD + h, None if cache is None else KVCache(*cache)), None
 
 
 class Transformer(nn.Module):
@@ -93,6 +101,7 @@ class Transformer(nn.Module):
     remat: bool = False
     attention: AttentionImpl = "auto"
     lora: LoraSpec | None = None
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, key_mask_BS, cache: KVCache | None = None, cache_index=0,
@@ -118,18 +127,7 @@ class Transformer(nn.Module):
                         dense_init(0.01), self.param_dtype)
             x_BTD = x_BTD + jnp.take(wpe, positions_BT, axis=0).astype(self.dtype)
 
-        block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
-        new_k, new_v = [], []
-        for i in range(cfg.n_layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x_BTD, layer_new = block_cls(**kw, dtype=self.dtype, attention=self.attention,
-                                         sliding=cfg.is_sliding(i), lora=self.lora, name=f"layer_{i}")(
-                x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT
-            )
-            if layer_new is not None:
-                new_k.append(layer_new[0])
-                new_v.append(layer_new[1])
-        new_cache = KVCache(tuple(new_k), tuple(new_v)) if cache is not None else None
+        x_BTD, new_cache = self._layers(x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT)
 
         if head_last:
             x_BTD = x_BTD[:, -head_last:]
@@ -145,6 +143,31 @@ class Transformer(nn.Module):
         return (x_BTD if hidden else head_logits(self, x_BTD, w_DV)), new_cache
 
 
+    def _layers(self, x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT):
+        """Every block in turn: a Python loop (params `layer_<i>`) or, with scan_layers, one `nn.scan` over params
+        stacked under `layers` (compiled once, whatever the depth)."""
+        cfg = self.cfg
+        kw = dict(cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention, lora=self.lora)
+        sliding = [cfg.is_sliding(i) for i in range(cfg.n_layers)]
+        carry = (x_BTD, cache)
+        if not self.scan_layers:
+            block = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+            for i in range(cfg.n_layers):
+                carry, _ = block(**kw, name=layer_name(i))(carry, i, sliding[i], positions_BT, key_mask_BS,
+                                                            cache_index, segment_ids_BT)
+            return carry
+        # Layers that all slide or all attend fully keep a static flag; a mix scans the flag with the params.
+        uniform = len(set(sliding)) == 1
+        block = nn.remat(Block, prevent_cse=False) if self.remat else Block
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast if uniform else 0) + (nn.broadcast,) * 4, length=cfg.n_layers,
+                        metadata_params={nn.PARTITION_NAME: STACKED})
+        flags = sliding[0] if uniform else jnp.asarray(sliding)
+        carry, _ = stack(**kw, name=STACKED)(carry, jnp.arange(cfg.n_layers), flags, positions_BT, key_mask_BS,
+                                             cache_index, segment_ids_BT)
+        return carry
+
+
 def head_logits(model: Transformer, x_BTD: jax.Array, w_DV: jax.Array) -> jax.Array:
     """float32 logits_BTV of the LM head `w_DV` on final-norm outputs (soft-capped where the family caps them).
     Both heads keep the float32 accumulator: bf16-rounded logits would make PPO's ratios rounding noise."""
@@ -158,11 +181,19 @@ def lm_head_DV(model: Transformer, params) -> jax.Array:
 
 
 def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param_dtype: str = "float32",
-               remat: bool = False, attention: AttentionImpl = "auto", lora: LoraSpec | None = None) -> Transformer:
+               remat: bool = False, attention: AttentionImpl = "auto", lora: LoraSpec | None = None,
+               scan_layers: bool | None = None) -> Transformer:
+    """`scan_layers` None: scan when the model has more than SCAN_LAYERS_ABOVE layers."""
     if lora is not None:
         check_family(cfg)
+    scan = cfg.n_layers > SCAN_LAYERS_ABOVE if scan_layers is None else scan_layers
     return Transformer(cfg, head=head, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), remat=remat,
-                       attention=attention, lora=lora)
+                       attention=attention, lora=lora, scan_layers=scan)
+
+
+def params_for(model: Transformer, params: dict) -> dict:
+    """`params` (either layout: a checkpoint's per-layer subtrees or a scanned stack) in the model's layout."""
+    return in_layout(params, model.scan_layers, model.cfg.n_layers)
 
 
 def without_adapters(model: Transformer) -> Transformer:

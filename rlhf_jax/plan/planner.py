@@ -16,12 +16,13 @@ from rlhf_jax import pipeline
 from rlhf_jax.config import Config, LoraSection
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import checkpoint
-from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, param_logical_axes
+from rlhf_jax.models.transformer import ModelConfig, init_params, param_logical_axes
 from rlhf_jax.plan.devices import Budget, gib
 from rlhf_jax.plan.figures import Footprint, Measured, measure
 from rlhf_jax.plan.models import Models, ModelSource, response_slots
 from rlhf_jax.plan.programs import group_iteration_program, ppo_iteration_program, train_step_program
 from rlhf_jax.runtime import sharding
+from rlhf_jax.training.state import stage_model
 
 
 class StagePlan(NamedTuple):
@@ -105,7 +106,7 @@ class Planner:
         body = (model_cfg, cfg.model.param_dtype, tuple(mesh.shape.items()))
         if (body, head) in self._reported:
             return
-        model = make_model(model_cfg, head, cfg.model.dtype, cfg.model.param_dtype)
+        model = stage_model(cfg, model_cfg, head)
         shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
         report = sharding.sharding_report(param_logical_axes(model), shapes, mesh)
         name = f"{head}-head model (d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, vocab " \

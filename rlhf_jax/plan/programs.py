@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.config import Config
 from rlhf_jax.models import lora
-from rlhf_jax.models.transformer import ModelConfig, init_params, make_model, without_adapters
+from rlhf_jax.models.transformer import ModelConfig, init_params, without_adapters
 from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
@@ -17,7 +17,8 @@ from rlhf_jax.rl import group
 from rlhf_jax.stages import grpo as group_stage, ppo as ppo_stage, train as trainers
 from rlhf_jax.training import steps
 from rlhf_jax.training.state import (
-    frozen_shardings, jit_step, micro_batch_size, param_shardings, split_trainable, state_shardings, trained_model)
+    frozen_shardings, jit_step, micro_batch_size, param_shardings, split_trainable, stage_model, state_shardings,
+    trained_model)
 
 STAND_IN_STEPS = 1000  # schedule length when train.epochs needs the dataset's size (no shape depends on it)
 
@@ -101,10 +102,9 @@ def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg:
     reference and reward params are arguments. The value and reward models default to the policy's
     architecture with a scalar head."""
     ppo_stage.check_sizes(cfg, mesh)  # the stage's own check
-    dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
     reward_cfg = reward_cfg or policy_cfg
     policy, value = trained_model(cfg, policy_cfg, "lm"), trained_model(cfg, value_cfg or reward_cfg, "scalar")
-    reward = make_model(reward_cfg, "scalar", **dtypes)
+    reward = stage_model(cfg, reward_cfg, "scalar")
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
     models, settings = ppo_stage.build_models(cfg, policy, value, reward, total, policy_cfg.eos_token_ids or (0,))
     state_sh, frozen_sh = ppo_stage.iteration_shardings(cfg, models, mesh)
@@ -131,9 +131,8 @@ def group_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, reward_c
     reference (when the KL coefficient is > 0) and the reward model (None with a reward function, whose host
     callback is a stand-in: lowering never calls it) are frozen arguments; the B prompts are replicated."""
     group_stage.check_sizes(cfg, mesh)  # the stage's own check
-    dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
     policy = trained_model(cfg, policy_cfg, "lm")
-    reward = make_model(reward_cfg, "scalar", **dtypes) if reward_cfg is not None else None
+    reward = stage_model(cfg, reward_cfg, "scalar") if reward_cfg is not None else None
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
     models, settings = group_stage.build_models(cfg, policy, reward, total, policy_cfg.eos_token_ids or (0,))
     state_sh, frozen_sh = group_stage.iteration_shardings(cfg, models, mesh)

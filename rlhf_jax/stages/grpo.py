@@ -23,7 +23,6 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
-from rlhf_jax.models.transformer import make_model
 from rlhf_jax.rl import group
 from rlhf_jax.rl.ppo import Runtime
 from rlhf_jax.runtime import distributed, plugins, sharding
@@ -36,7 +35,7 @@ from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
 from rlhf_jax.training.state import (
     check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params, load_for_training,
-    param_shardings, report_sharding, split_trainable, state_shardings, total_steps)
+    param_shardings, report_sharding, split_trainable, stage_model, state_shardings, total_steps)
 from rlhf_jax.training.steps import whole_params
 
 
@@ -106,8 +105,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
                             f"{loaded.cfg.vocab_size} (it must read the policy's tokens)")
         check_same_tokenizer(reward.tokenizer_dir, loaded.tokenizer_dir, f"{key}={section.reward_model}",
                              "the policy")
-        reward_model = make_model(reward.cfg, "scalar", dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                                  remat=cfg.model.remat == "block")
+        reward_model = stage_model(cfg, reward.cfg, "scalar")
         models_read[key] = section.reward_model
     else:
         rewards_fn = RewardFunction.load(section.reward_function, f"{name}.reward_function", tokenizer, eos_ids)

@@ -23,7 +23,6 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
-from rlhf_jax.models.transformer import make_model
 from rlhf_jax.rl import ppo
 from rlhf_jax.rl.ppo_math import KLController
 from rlhf_jax.runtime import distributed, sharding
@@ -36,7 +35,8 @@ from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run
 from rlhf_jax.training.state import (
     check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params, load_for_training,
-    param_shardings, report_sharding, split_trainable, state_shardings, to_global, total_steps, trained_model)
+    param_shardings, report_sharding, split_trainable, stage_model, state_shardings, to_global, total_steps,
+    trained_model)
 from rlhf_jax.training.steps import whole_params
 
 
@@ -120,8 +120,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
             raise UserError(f"{key}: vocab_size {other.cfg.vocab_size} differs from the policy's "
                             f"{loaded.cfg.vocab_size} (it must read the policy's tokens)")
         check_same_tokenizer(other.tokenizer_dir, loaded.tokenizer_dir, f"{key}={path}", "the policy")
-    dtypes = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat == "block")
-    value_model, reward_model = trained_model(cfg, value.cfg, "scalar"), make_model(reward.cfg, "scalar", **dtypes)
+    value_model, reward_model = trained_model(cfg, value.cfg, "scalar"), stage_model(cfg, reward.cfg, "scalar")
 
     models, settings = build_models(cfg, policy_model, value_model, reward_model, total,
                           loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,), reward.extra.get("reward_norm"),

@@ -24,7 +24,10 @@ from rlhf_jax.models.hf import fold_reward_gain
 from rlhf_jax.models.hf_weights import whole_weights_to_hf
 from rlhf_jax.models.tiny import resolve_model_path
 from rlhf_jax.models.tokenizer import load_tokenizer
-from rlhf_jax.models.transformer import Transformer, init_boxed, init_scalar_head, make_model, param_logical_axes
+from rlhf_jax.models.layer_stack import unstack_layers
+from rlhf_jax.models.transformer import (
+    Transformer, init_boxed, init_scalar_head, make_model, param_logical_axes, params_for,
+)
 from rlhf_jax.runtime import distributed, fsio, sharding
 from rlhf_jax.training import steps
 
@@ -62,10 +65,17 @@ def trained_model(cfg: Config, model_cfg, head: str) -> Transformer:
         raise UserError("lora.also_train: the model ties its LM head to its embeddings; name embed instead of "
                         "lm_head")
     try:
-        return make_model(model_cfg, head, cfg.model.dtype, cfg.model.param_dtype, remat=cfg.model.remat == "block",
-                          lora=lora_spec(cfg))
+        return stage_model(cfg, model_cfg, head, lora_spec(cfg))
     except UserError as e:
         raise UserError(f"lora.rank={cfg.lora.rank}: {e}") from None
+
+
+def stage_model(cfg: Config, model_cfg, head: str, spec: lora.LoraSpec | None = None) -> Transformer:
+    """A model as the config's model section runs it (dtypes, remat, scanned layers), with LoRA adapters when
+    `spec` is given."""
+    m = cfg.model
+    return make_model(model_cfg, head, m.dtype, m.param_dtype, remat=m.remat == "block", lora=spec,
+                      scan_layers=m.scan_layers)
 
 
 def with_head(params: dict, cfg, from_head: str, to_head: str, rng: jax.Array) -> dict:
@@ -97,10 +107,10 @@ def initial_params(loaded: LoadedModel, model: Transformer, seed: int) -> dict:
     """Host params in the model's layout and parameter dtype; a LoRA model's fresh adapters (float32) added."""
     params = with_head(loaded.params, loaded.cfg, loaded.head, model.head, jax.random.key(seed))
     params = jax.tree.map(lambda x: np.asarray(x).astype(model.param_dtype), params)
-    if model.lora is None:
-        return params
-    adapters = lora.init_adapters(loaded.cfg, model.lora, jax.random.fold_in(jax.random.key(seed), 1))
-    return lora.with_adapters(params, jax.tree.map(np.asarray, adapters))
+    if model.lora is not None:
+        adapters = lora.init_adapters(loaded.cfg, model.lora, jax.random.fold_in(jax.random.key(seed), 1))
+        params = lora.with_adapters(params, jax.tree.map(np.asarray, adapters))
+    return params_for(model, params)
 
 
 def split_trainable(model: Transformer, params) -> tuple[dict, dict]:
@@ -207,7 +217,7 @@ def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra
     scalar head a reward model (ppo's value model says so)."""
     if not bool(all_finite(params)):
         raise DivergedError(f"the parameters hold non-finite values; {out_dir} was not written")
-    params = as_float32(params) if model.lora is None else merged_float32(params, model)
+    params = canonical_float32(params) if model.lora is None else merged_float32(params, model)
     role = role or ("policy" if model.head == "lm" else "reward")
     return save_model(out_dir, params, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True,
                       extra={**(extra or {}), "role": role})
@@ -222,7 +232,7 @@ def export_adapter(out_dir: Path, params, loaded: LoadedModel, model: Transforme
     reward normalisation of `extra` folded in as `convert --to-hf` does (the gain into the weights; the bias,
     which HF's score layer lacks, in reward_norm.json)."""
     adapters = distributed.to_host(lora.adapters(params))
-    whole = lora.also_trained(params, model.lora)
+    whole = unstack_layers(lora.also_trained(params, model.lora))
     if model.head == "scalar":
         whole = {**whole, "score": params["score"]}
     whole, extra = fold_reward_gain(distributed.to_host(as_float32(whole)), extra)
@@ -241,6 +251,11 @@ def merged_float32(params, model: Transformer):
 
 
 @jax.jit
+def canonical_float32(params):
+    """float32 params in the per-layer layout that checkpoints hold (a scanned stack's layers split apart)."""
+    return unstack_layers(as_float32(params))
+
+
 def as_float32(params):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
