@@ -34,6 +34,7 @@ Every reported time is the median over the rounds; every per-round value is kept
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,7 +50,8 @@ import numpy as np
 
 from rlhf_jax.config import OptimSection
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.transformer import PAD_ID, KVCache, ModelConfig, init_params, make_model
+from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
+from rlhf_jax.plan.flops import flops_per_device
 from rlhf_jax.rl import ppo
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.training import steps
@@ -67,21 +69,11 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> floa
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
-
-
-def decode_step_flops(model, params, rows: int, prompt: int, new_tokens: int) -> float:
-    """XLA's FLOPs of one step of the sampler's decode loop: one token per row through the model with the KV
-    cache, as `models.sampling.sample` runs it. XLA's cost analysis counts a loop's body once, whatever its trip
-    count, so a compiled sampler's count holds one of its N - 1 decode steps; this adds the other N - 2."""
-    cache = KVCache.zeros(model.cfg, rows, prompt + new_tokens, model.dtype, stacked=model.scan_layers)
-    token_B1 = jnp.full((rows, 1), 2, jnp.int32)
-    position_B1 = jnp.full((rows, 1), prompt, jnp.int32)
-    key_mask_BS = jnp.arange(prompt + new_tokens)[None, :].repeat(rows, 0) <= prompt
-    one_step = jax.jit(lambda p, c: model.apply({"params": p}, token_B1, position_B1, key_mask_BS, c, prompt))
-    return flops_of(one_step.lower(params, cache).compile())
+def flops_of(compiled, decode_steps: int = 1) -> float:
+    """FLOPs of one call on one device, with the matmuls of every loop (layers, chunks, minibatches) counted once per
+    trip, and a loop that may stop early (the sampler's decode) at `decode_steps` trips: XLA's cost analysis
+    alone counts each loop body once."""
+    return flops_per_device(compiled, decode_steps)[0]
 
 
 def timed_iterations(step, state, inputs, iterations: int):
@@ -176,6 +168,9 @@ def main() -> None:
                     help="compute dtype (default: bfloat16 on accelerators at qwen2.5-0.5b, else float32)")
     ap.add_argument("--compile-only", action="store_true",
                     help="compile and report compile time and planned memory; run nothing (sizes a CPU cannot run)")
+    ap.add_argument("--layers", type=int, default=0, help="the shape's model with this many layers (0: its own)")
+    ap.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
+                    help="the layers as one scan (auto: above 8 layers, as model.scan_layers does)")
     ap.add_argument("--out", default="")
     ap.add_argument("--iterations", type=int, default=5, help="timed calls of each program per round")
     ap.add_argument("--rounds", type=int, default=5, help="alternations of our measurement and Tunix's")
@@ -185,10 +180,12 @@ def main() -> None:
     ap.add_argument("--tunix-warmup", type=int, default=2, help="untimed Tunix iterations (compilation)")
     args = ap.parse_args()
     cfg, B, P, N = SHAPES[args.shape]
+    cfg = dataclasses.replace(cfg, n_layers=args.layers or cfg.n_layers)
+    scan = {"auto": None, "on": True, "off": False}[args.scan_layers]
     on_accelerator = jax.devices()[0].platform != "cpu"
     dtype = args.dtype or ("bfloat16" if on_accelerator and args.shape != "tiny" else "float32")
     optim = OptimSection(lr=1e-5, schedule="constant")
-    model = lambda head="lm": make_model(cfg, head, dtype=dtype)
+    model = lambda head="lm": make_model(cfg, head, dtype=dtype, scan_layers=scan)
     models = ppo.PPOModels(policy=model(), value=model("scalar"), reward=model("scalar"),
                            policy_opt=steps.make_optimizer(optim, 100), value_opt=steps.make_optimizer(optim, 100),
                            sampling=SamplingParams(N, temperature=1.0, eos_ids=(1,), pad_id=PAD_ID))
@@ -220,10 +217,11 @@ def main() -> None:
                    donate_argnums=0).lower(state, frozen, ids, mask).compile()
     compile_s = time.perf_counter() - t0
     shape = {"shape": args.shape, "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "batch": B,
-             "prompt": P, "new_tokens": N, "dtype": dtype, "compile_s": round(compile_s, 1),
+             "prompt": P, "new_tokens": N, "dtype": dtype, "layers": cfg.n_layers,
+             "scan_layers": models.policy.scan_layers, "compile_s": round(compile_s, 1),
              "memory_per_device": memory_per_device(step)}
     if args.compile_only:
-        result = {**shape, "gflop_executed_per_iteration": round(flops_of(step) / 1e9, 2)}
+        result = {**shape, "gflop_executed_per_iteration": round(flops_of(step, N - 1) / 1e9, 2)}
         print(json.dumps(result))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
@@ -232,9 +230,8 @@ def main() -> None:
                       ).lower(state, frozen, ids, mask, rng, orders[0]).compile()
     batch = rollout(state, frozen, ids, mask, rng, orders[0])[0]
     update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models, settings)).lower(state, batch, orders).compile()
-    # The decode loop's other N - 2 steps, which the cost analysis leaves out (see decode_step_flops).
-    decode_rest = (N - 2) * decode_step_flops(models.policy, policy, B, P, N)
-    flops = {"iteration": flops_of(step) + decode_rest, "rollout": flops_of(rollout) + decode_rest}
+    # Responses run to the end here (random weights rarely draw EOS): the decode loop's N - 1 steps all run.
+    flops = {"iteration": flops_of(step, N - 1), "rollout": flops_of(rollout, N - 1)}
     flops["update"] = flops["iteration"] - flops["rollout"]
     flops["nominal"] = flops["rollout"] + flops_of(update)
 

@@ -48,7 +48,8 @@ class ModelSection:
     path: str = opt("", 'HF or rlhf_jax checkpoint dir; "" builds the tiny built-in model')
     dtype: Dtype = opt("float32", "compute dtype (params stay in param_dtype)")
     param_dtype: Dtype = opt("float32", "dtype parameters are stored in")
-    remat: Literal["none", "block"] = opt("none", "'block' recomputes each block's activations in the backward pass")
+    remat: Literal["none", "block"] = opt("none", "'block' recomputes each block's activations in the backward pass; "
+                                                  "scanned layers under 'none' keep matmul outputs, recompute the rest")
     scan_layers: bool | None = opt(None, "run the layers as one scan over params stacked on a layer axis (compile "
                                          "time flat in depth); null: when the model has more than 8 layers")
 
