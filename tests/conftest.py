@@ -68,6 +68,7 @@ def demo_run(tmp_path_factory, request):
 FULL_TIER = (
     "test_multiprocess.py::",
     "test_scan_layers.py::test_a_scanned_stage_trains",  # the model-level oracles stay in the fast tier
+    "test_scan_layers.py::test_generation_scans",
     "test_ppo.py::test_ppo_stage_runs_and_resumes_bitwise_after_sigkill",
     "test_ppo.py::test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch",
     "test_ppo.py::test_mesh_of_8_agrees_with_one_device",  # 1 device vs 8: test_model, test_train (fast tier)

@@ -188,6 +188,12 @@ def test_config_changes_classify_keys():
     assert "optim.grad_clip=1.0 (now 0.0)" in refused
     assert shape_changes(({"w": (2, 3)}, [(2, 3)]), ({"w": (2, 4)}, [(2, 4)])) == ["params/w (2, 3) (now (2, 4))"]
     assert shape_changes(({"w": (2, 3)}, [()]), ({"w": (2, 3)}, [(), ()])) == ["optimizer state (1 arrays, now 2)"]
+    per_layer = {"layer_0/mlp/wo": (4, 2), "layer_1/mlp/wo": (4, 2)}, []
+    scanned = {"layers/mlp/wo": (2, 4, 2)}, []
+    assert shape_changes(per_layer, scanned) == [
+        "the checkpoint's layers are one subtree per layer (set model.scan_layers=false to resume it)"]
+    assert shape_changes(scanned, per_layer) == [
+        "the checkpoint's layers are scanned (set model.scan_layers=true to resume it)"]
 
 
 # ------------------------------------------------------------------------------------------------ OS errors

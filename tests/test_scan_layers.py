@@ -2,6 +2,7 @@
 on a layer axis, in every family (layers that mix sliding and full attention scan their flags); checkpoints and
 exports keep one subtree per layer; one compiled body whatever the depth; a stage trains as unscanned."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -170,3 +171,34 @@ def test_a_scanned_stage_trains_as_the_loop_and_exports_per_layer(tiny, data_dir
     assert json.loads((run_dir / "config.json").read_text())["model"]["scan_layers"] is True
     exported = load_model(run_dir / "export")
     assert "layer_0" in exported.params and STACKED not in exported.params
+
+
+def test_generation_scans_a_deep_checkpoint_and_writes_what_the_loop_writes(tmp_path, monkeypatch):
+    """A checkpoint of more than SCAN_LAYERS_ABOVE layers (one subtree per layer on disk) is stacked on load by
+    the generator, which then samples the loop's tokens and log-probs."""
+    from rlhf_jax.models import transformer
+    from rlhf_jax.models.checkpoint import save_model
+    from rlhf_jax.models.generation import Generator
+    from rlhf_jax.models.tiny import build_tiny_model
+    from rlhf_jax.runtime import sharding
+
+    small = load_model(build_tiny_model(tmp_path / "tiny"), need_tokenizer=True)
+    cfg = dataclasses.replace(small.cfg, n_layers=SCAN_LAYERS_ABOVE + 1)
+    params = jax.device_get(init_params(make_model(cfg, scan_layers=False), jax.random.key(5)))
+    deep = load_model(save_model(tmp_path / "deep", params, cfg, "lm", small.tokenizer_dir), need_tokenizer=True)
+    assert "layer_0" in deep.params
+    mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    prompts = ["the cat sat", "a long road home", "x"]
+
+    def generated():
+        gen = Generator(deep, mesh, SamplingParams(max_new_tokens=6, temperature=1.0))
+        return gen.model.scan_layers, list(gen.generate(prompts, batch_size=4, max_prompt_tokens=16, seed=1,
+                                                        progress=False))
+
+    scanned, records = generated()
+    monkeypatch.setattr(transformer, "SCAN_LAYERS_ABOVE", 64)
+    looped, expected = generated()
+    assert scanned and not looped
+    assert [r["ids"] for r in records] == [r["ids"] for r in expected]
+    np.testing.assert_allclose(sum((r["logprobs"] for r in records), []),
+                               sum((r["logprobs"] for r in expected), []), atol=1e-5)

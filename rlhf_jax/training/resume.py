@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from rlhf_jax.models.layer_stack import STACKED
+
 # Keys whose change makes the saved state, the data order or the step keys meaningless for the new run.
 REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data.name", "data.train_split",
            "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model",
@@ -76,6 +78,10 @@ def shape_changes(old: tuple[dict, list], new: tuple[dict, list], limit: int = 3
     """Differences between two `checkpoint.state_shapes` results: parameters by path, then the optimizer."""
     old_params, old_other = old
     new_params, new_other = new
+    scanned = lambda params: any(path.startswith(f"{STACKED}/") for path in params)
+    if scanned(old_params) != scanned(new_params):  # the same weights in the other layout: say which key
+        return [f"the checkpoint's layers are {'scanned' if scanned(old_params) else 'one subtree per layer'} "
+                f"(set model.scan_layers={str(scanned(old_params)).lower()} to resume it)"]
     diffs = [f"params/{path} {old_params.get(path)} (now {new_params.get(path)})"
              for path in sorted(set(old_params) | set(new_params)) if old_params.get(path) != new_params.get(path)]
     if len(diffs) > limit:
