@@ -20,8 +20,11 @@ from rlhf_jax.config import OptimSection
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.rl import group, group_math as GM
+from rlhf_jax.rl.ppo_math import token_entropy
+from rlhf_jax.rl.scoring import TokenStats
 from rlhf_jax.stages.grpo import RewardFunction
 from rlhf_jax.training import state as training_state, steps
+from rlhf_jax.training.losses import token_logprobs
 
 import grpo_fixtures
 from cli_helpers import run_quietly
@@ -166,6 +169,11 @@ def _batch(tokens, mask, old, ref, adv) -> group.GroupBatch:
                             jnp.asarray(ref), jnp.asarray(adv))
 
 
+def _token_stats(logits_RNV, tokens, mask) -> TokenStats:
+    """What the policy's forward gives the objective, from given logits."""
+    return TokenStats(jnp.where(mask, token_logprobs(logits_RNV, jnp.asarray(tokens)), 0.0), token_entropy(logits_RNV))
+
+
 @pytest.mark.parametrize("algorithm, clip_ratio, average", [
     ("grpo", 0.2, "sequence"), ("grpo", 0.2, "token"), ("rloo", 0.0, "sequence"), ("rloo", 0.2, "sequence")])
 def test_the_objective_equals_a_loop_with_k3_by_its_formula(algorithm, clip_ratio, average):
@@ -175,7 +183,8 @@ def test_the_objective_equals_a_loop_with_k3_by_its_formula(algorithm, clip_rati
     logits, tokens, mask, logp, old, ref, adv = _random_rows(4)
     settings = group.GroupSettings(algorithm=algorithm, group_size=G, clip_ratio=clip_ratio, clip_ratio_high=0.28,
                                    kl_coef=0.3, loss_average=average)
-    loss, stats = group.objective(jnp.asarray(logits), _batch(tokens, mask, old, ref, adv), settings)
+    loss, stats = group.objective(_token_stats(jnp.asarray(logits), tokens, mask), _batch(tokens, mask, old, ref, adv),
+                                  settings)
     low, high = (None, None) if algorithm == "rloo" and not clip_ratio else (0.2, 0.28 if algorithm == "grpo" else 0.2)
     per_token = _loop_token_losses(logp, old, adv, mask, low, high)
     if algorithm == "grpo":
@@ -193,7 +202,7 @@ def test_reinforce_gradient_is_minus_advantage_times_the_log_prob_gradient():
     logits, tokens, mask, logp, _, ref, adv = _random_rows(5)
     settings = group.GroupSettings(algorithm="rloo", group_size=G, clip_ratio=0.0, kl_coef=0.3)
     batch = _batch(tokens, mask, logp, ref, adv)  # old = current: ratio 1
-    grad = jax.grad(lambda x: group.objective(x, batch, settings)[0])(jnp.asarray(logits))
+    grad = jax.grad(lambda x: group.objective(_token_stats(x, tokens, mask), batch, settings)[0])(jnp.asarray(logits))
 
     def reinforce(x):
         logp_RN = jnp.take_along_axis(jax.nn.log_softmax(x, -1), jnp.asarray(tokens)[..., None], -1)[..., 0]
@@ -306,7 +315,7 @@ def test_first_step_through_the_rollouts_forward_equals_a_direct_gradient():
     computed directly in one piece."""
     import optax
 
-    from rlhf_jax.models.sampling import response_logits
+    from rlhf_jax.rl.scoring import response_token_stats
 
     settings = group.GroupSettings(algorithm="grpo", group_size=G, epochs=1, minibatches=1, accum=2, kl_coef=0.5,
                                    loss_average="sequence")
@@ -331,8 +340,8 @@ def test_first_step_through_the_rollouts_forward_equals_a_direct_gradient():
         return policy.params, batch
 
     moved_params, batch = first_step(params, ref)
-    direct = jax.jit(jax.grad(lambda p: group.objective(response_logits(models.policy, p, *responses, 0.7), batch,
-                                                        settings)[0]))(params)
+    direct = jax.jit(jax.grad(lambda p: group.objective(response_token_stats(models.policy, p, *responses, 0.7),
+                                                        batch, settings)[0]))(params)
     for before, after, grad in zip(jax.tree.leaves(params), jax.tree.leaves(moved_params), jax.tree.leaves(direct)):
         np.testing.assert_allclose(np.asarray(before) - np.asarray(after), np.asarray(grad), rtol=1e-4, atol=1e-6)
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(direct)) > 1e-3  # a gradient that moves things

@@ -22,7 +22,7 @@ import pytest
 
 from rlhf_jax import main as main_cli
 from rlhf_jax.config import OptimSection, PPOSection
-from rlhf_jax.models.sampling import SamplingParams, response_logits
+from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
@@ -322,16 +322,16 @@ def test_rollout_carries_nothing_after_eos(variant):
 
 
 def test_sampler_logprobs_equal_the_training_forward_at_temperature():
-    """The rollout takes old log-probs from a teacher-forced pass; in float32 the sampler's own agree."""
+    """The rollout takes old log-probs from a teacher-forced pass (the LM head in chunks); in float32 the
+    sampler's own agree."""
     from rlhf_jax.models.sampling import sample
-    from rlhf_jax.training.losses import token_logprobs
+    from rlhf_jax.rl.scoring import response_token_stats
 
     models = _models()
     state, _, ids, mask = _setup(models, seed=5)
     out = sample(models.policy, state.policy.params, ids, mask, jax.random.key(1), models.sampling)
-    logits = response_logits(models.policy, state.policy.params, ids, mask, out.tokens_BN, out.mask_BN, 0.7)
-    forced = jnp.where(out.mask_BN, token_logprobs(logits, out.tokens_BN), 0.0)
-    np.testing.assert_allclose(np.asarray(out.logprobs_BN), np.asarray(forced), atol=1e-5)
+    forced = response_token_stats(models.policy, state.policy.params, ids, mask, out.tokens_BN, out.mask_BN, 0.7)
+    np.testing.assert_allclose(np.asarray(out.logprobs_BN), np.asarray(forced.logprobs_BN), atol=1e-5)
 
 
 def _sharded_program(models, mesh):

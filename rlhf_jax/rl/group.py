@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax.models.sampling import SamplingParams, is_eos, response_logits
+from rlhf_jax.models.sampling import SamplingParams, is_eos
 from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.rl import group_math as G, ppo, ppo_math as L
 from rlhf_jax.rl.ppo import FirstForward, Runtime
-from rlhf_jax.rl.scoring import masked_logprobs, reward_scores
+from rlhf_jax.rl.scoring import TokenStats, response_token_stats, reward_scores
 from rlhf_jax.training.steps import TrainState, micro_batches, whole_params
 
 ALGORITHMS = ("grpo", "rloo")
@@ -218,7 +218,7 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
 
     def frozen_passes(rows):
         mb = gather(rows)
-        ref_logprobs = (masked_logprobs(_forward(frozen.reference(), mb, models, reference=True), *mb[2:])
+        ref_logprobs = (_forward(frozen.reference(), mb, models, reference=True).logprobs_BN
                         if with_reference else None)
         scores = (reward_scores(models.reward, frozen.reward_params, settings.reward_gain, settings.reward_bias,
                                     *mb) if with_reward_model else None)
@@ -226,15 +226,15 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
 
     def trained_pass(rows):
         mb = gather(rows)
-        return masked_logprobs(_forward(params, mb, models, frozen.policy_base), *mb[2:])
+        return _forward(params, mb, models, frozen.policy_base).logprobs_BN
 
     frozen_K = jax.lax.map(frozen_passes, rows_Km) if with_reference or with_reward_model else (None, None)
     trained_rest = jax.lax.map(trained_pass, rows_Km[1:]) if rows_Km.shape[0] > 1 else None
     # The first micro-batch's forward keeps its activations for the update's backward: it runs last, so that they
     # live beside no other pass's.
     first_mb, frozen_K, trained_rest = jax.lax.optimization_barrier((gather(rows_Km[0]), frozen_K, trained_rest))
-    logits_mNV, pullback = jax.vjp(lambda p: _forward(p, first_mb, models, frozen.policy_base), params)
-    old_K = _stacked(masked_logprobs(logits_mNV, *first_mb[2:]), trained_rest)
+    stats_m, pullback = jax.vjp(lambda p: _forward(p, first_mb, models, frozen.policy_base), params)
+    old_K = _stacked(stats_m.logprobs_BN, trained_rest)
 
     def in_rows(x_K):  # (K, m, ...) in micro-batch order -> (R, ...) in row order
         if x_K is None:
@@ -242,7 +242,7 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
         x_R = x_K.reshape(R, *x_K.shape[2:])
         return runtime.on_batch_axes(jnp.zeros_like(x_R).at[rows_Km.reshape(-1)].set(x_R))
 
-    return Forced(in_rows(old_K), *map(in_rows, frozen_K)), FirstForward(logits_mNV, pullback)
+    return Forced(in_rows(old_K), *map(in_rows, frozen_K)), FirstForward(stats_m, pullback)
 
 
 def advantages(rewards_R, kl_R, settings: GroupSettings) -> jax.Array:
@@ -305,12 +305,12 @@ def update_metrics(steps: dict) -> dict:
 # --------------------------------------------------------------------------------------------- the objective
 
 
-def _forward(params, mb, models: GroupModels, base=None, reference: bool = False) -> jax.Array:
-    """logits_RNV / temperature of the policy with `params` (joined with a LoRA policy's `base`) on the rows
-    mb = (prompt ids, prompt mask, tokens, mask): what the sampler drew from; `reference`: of the policy without
-    adapters, on the reference's params."""
+def _forward(params, mb, models: GroupModels, base=None, reference: bool = False) -> TokenStats:
+    """Response-token log-probs and entropies under logits / temperature of the policy with `params` (joined with
+    a LoRA policy's `base`) on the rows mb = (prompt ids, prompt mask, tokens, mask): what the sampler drew from;
+    `reference`: of the policy without adapters, on the reference's params."""
     model = without_adapters(models.policy) if reference else models.policy
-    return response_logits(model, whole_params(params, base), *mb, models.sampling.temperature)
+    return response_token_stats(model, whole_params(params, base), *mb, models.sampling.temperature)
 
 
 class Sizes(NamedTuple):
@@ -321,21 +321,21 @@ class Sizes(NamedTuple):
     tokens: jax.Array
 
 
-def objective(logits_RNV, mb: GroupBatch, settings: GroupSettings, sizes: Sizes | None = None):
-    """The policy loss of (micro-)batch `mb` from its forward's logits; returns (loss, stats). GRPO: the clipped
+def objective(token_stats: TokenStats, mb: GroupBatch, settings: GroupSettings, sizes: Sizes | None = None):
+    """The policy loss of (micro-)batch `mb` from its forward's `TokenStats`; returns (loss, stats). GRPO: the clipped
     surrogate plus kl_coef x k3 per token, averaged per settings.loss_average; RLOO: REINFORCE (or the clipped
     surrogate) summed over each response's tokens, averaged over responses."""
     mask_RN = mb.mask_RN
     if sizes is None:
         sizes = Sizes(jnp.float32(mask_RN.shape[0]), jnp.maximum(jnp.sum(mask_RN, dtype=jnp.float32), 1.0))
-    logprobs_RN = masked_logprobs(logits_RNV, mb.tokens_RN, mask_RN)
+    logprobs_RN = token_stats.logprobs_BN
     losses_RN, stats = G.surrogate_losses(logprobs_RN, mb.old_logprobs_RN, mb.advantages_R, mask_RN,
                                           *settings.clip_range(), tokens=sizes.tokens)
     if settings.algorithm == "grpo" and settings.uses_reference:  # k3 >= 0, unbiased; its gradient pulls to ref
         losses_RN = losses_RN + settings.kl_coef * L.kl_per_token(logprobs_RN, mb.ref_logprobs_RN, mask_RN, "k3")
     loss = G.average_losses(losses_RN, mask_RN, settings.average, sizes.rows, sizes.tokens)
-    entropy = L.entropy_from_logits(logits_RNV, mask_RN, sizes.tokens)
-    return loss, {"policy_loss": loss, "entropy": jax.lax.stop_gradient(entropy), **stats}
+    entropy = L.masked_mean(token_stats.entropy_BN, mask_RN, sizes.tokens)  # a metric: no gradient flows
+    return loss, {"policy_loss": loss, "entropy": entropy, **stats}
 
 
 def _micro_batch_loss(params, mb: GroupBatch, models: GroupModels, settings: GroupSettings, sizes: Sizes, base=None):

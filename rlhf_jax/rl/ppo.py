@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.models.sampling import SamplingParams, is_eos, response_logits, sample
+from rlhf_jax.models.sampling import SamplingParams, is_eos, sample
 from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.rl import ppo_math as L
-from rlhf_jax.rl.scoring import masked_logprobs, response_values, reward_scores
+from rlhf_jax.rl.scoring import response_token_stats, response_values, reward_scores
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.training.steps import TrainState, micro_batches, sft_sums, whole_params
 
@@ -231,9 +231,9 @@ def teacher_force(state: PPOState, frozen: Frozen, responses, models: PPOModels,
 
     def frozen_passes(rows):
         mb = gather(rows)
-        logits_BNV = response_logits(without_adapters(models.policy), frozen.reference(), *mb,
-                                     models.sampling.temperature)
-        return masked_logprobs(logits_BNV, *mb[2:]), scores(models, settings, frozen.reward_params, *mb)
+        ref = response_token_stats(without_adapters(models.policy), frozen.reference(), *mb,
+                                   models.sampling.temperature)
+        return ref.logprobs_BN, scores(models, settings, frozen.reward_params, *mb)
 
     def trained_passes(rows):
         mb = gather(rows)
@@ -334,8 +334,8 @@ def scores(models: PPOModels, settings: PPOSettings, params, prompt_ids_BP, prom
 
 
 def _old_logprobs_and_values(outputs, mb):
-    logits_BNV, values_BN = outputs
-    return masked_logprobs(logits_BNV, *mb[2:]), jnp.where(mb[3], values_BN, 0.0)
+    stats, values_BN = outputs
+    return stats.logprobs_BN, jnp.where(mb[3], values_BN, 0.0)
 
 
 def ptx_target_tokens(ptx: dict) -> jax.Array:
@@ -352,25 +352,23 @@ def ptx_loss(model: Transformer, params, ptx: dict, denominator=None) -> jax.Arr
 
 
 def _forward(params, mb, models: PPOModels, settings: PPOSettings, bases: tuple = ({}, {})):
-    """(logits_BNV, values_BN): what the PPO objective reads of the policy and the value model on the rows
+    """(TokenStats, values_BN): what the PPO objective reads of the policy and the value model on the rows
     `mb` = (prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN); `params`: what trains of both, joined with their
-    frozen `bases`."""
+    frozen `bases`. With a coefficient of 0 the entropy is a metric: no backward through its softmax."""
     policy_params, value_params = (whole_params(p, base) for p, base in zip(params, bases))
-    return (response_logits(models.policy, policy_params, *mb, models.sampling.temperature),
+    return (response_token_stats(models.policy, policy_params, *mb, models.sampling.temperature,
+                                 entropy_grad=settings.entropy_coef != 0),
             response_values(models.value, value_params, *mb, settings.value_gain, settings.value_bias))
 
 
 def _objective(outputs, mb: Rollout, settings: PPOSettings, tokens):
     """The clipped PPO objective of one micro-batch from its forward's `outputs`, means taken over the whole
     minibatch's `tokens`; returns (loss, stats)."""
-    logits_BNV, values_BN = outputs
+    stats, values_BN = outputs
     s = settings
-    logprobs_BN = masked_logprobs(logits_BNV, mb.tokens_BN, mb.mask_BN)
-    pg_loss, pg_stats = L.policy_loss(logprobs_BN, mb.old_logprobs_BN, mb.advantages_BN, mb.mask_BN, s.clip_ratio,
-                                      tokens)
-    # With a coefficient of 0 the entropy is a metric: no backward through its full-vocabulary softmax.
-    entropy = L.entropy_from_logits(logits_BNV if s.entropy_coef else jax.lax.stop_gradient(logits_BNV),
-                                    mb.mask_BN, tokens)
+    pg_loss, pg_stats = L.policy_loss(stats.logprobs_BN, mb.old_logprobs_BN, mb.advantages_BN, mb.mask_BN,
+                                      s.clip_ratio, tokens)
+    entropy = L.masked_mean(stats.entropy_BN, mb.mask_BN, tokens)
     vf_loss, vf_stats = L.value_loss(values_BN, mb.old_values_BN, mb.returns_BN, mb.mask_BN, s.clip_value, tokens)
     loss = pg_loss - s.entropy_coef * entropy + s.vf_coef * vf_loss
     return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}
@@ -452,7 +450,7 @@ class FirstForward(NamedTuple):
     """The first optimizer step's forward on its first micro-batch, run by the rollout (whose old log-probs and
     values it gives) and kept by `jax.vjp` for that step's backward: the rollout and the update share one pass."""
 
-    outputs: tuple  # (logits_BNV, values_BN), as `_forward` returns them
+    outputs: tuple  # (TokenStats, values_BN), as `_forward` returns them
     pullback: Callable  # cotangents of `outputs` -> ((policy grads, value grads),)
 
 

@@ -170,14 +170,18 @@ def explained_variance(values_BN: jax.Array, returns_BN: jax.Array, mask_BN: jax
     return jnp.where(var_ret > 0, 1.0 - var_err / jnp.where(var_ret > 0, var_ret, 1.0), 0.0)
 
 
-def entropy_from_logits(logits_BNV: jax.Array, mask_BN: jax.Array, denominator=None) -> jax.Array:
-    """Mean over real tokens of the entropy of softmax(logits), in float32. Pass logits already divided by the
-    sampling temperature. Logits of -inf (masked vocabulary) are fine: they contribute 0, not nan."""
+def token_entropy(logits_BNV: jax.Array) -> jax.Array:
+    """entropy_BN of softmax(logits) at each position, in float32. Pass logits already divided by the sampling
+    temperature. Logits of -inf (masked vocabulary) are fine: they contribute 0, not nan."""
     logp_BNV = jax.nn.log_softmax(_f32(logits_BNV), axis=-1)
     p_BNV = jnp.exp(logp_BNV)
     # p log p -> 0 as p -> 0; the inner where keeps -inf out of the product and of its gradient
-    entropy_BN = -jnp.sum(p_BNV * jnp.where(p_BNV > 0, logp_BNV, 0.0), axis=-1)
-    return masked_mean(entropy_BN, mask_BN, denominator)
+    return -jnp.sum(p_BNV * jnp.where(p_BNV > 0, logp_BNV, 0.0), axis=-1)
+
+
+def entropy_from_logits(logits_BNV: jax.Array, mask_BN: jax.Array, denominator=None) -> jax.Array:
+    """Mean over real tokens of `token_entropy`."""
+    return masked_mean(token_entropy(logits_BNV), mask_BN, denominator)
 
 
 class KLController(NamedTuple):

@@ -1,14 +1,59 @@
 """What the RL algorithms read of their models on [left-padded prompt | right-padded response] rows: the
-response tokens' log-probs, the value head at each response position and the reward model's score of each
-sequence. Shapes: B rows, P prompt tokens, N response tokens, V vocabulary."""
+response tokens' log-probs and entropies, the value head at each response position and the reward model's score
+of each sequence. Shapes: B rows, P prompt tokens, N response tokens, D model width, V vocabulary."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.transformer import Transformer, positions_from_mask
+from rlhf_jax.models.transformer import Transformer, head_logits, lm_head_DV, positions_from_mask
+from rlhf_jax.rl.ppo_math import token_entropy
 from rlhf_jax.training.losses import last_token_values, token_logprobs
+
+# Rows x positions whose float32 logits exist at once in `response_token_stats` (a B x N x V tensor is gigabytes
+# at a real vocabulary: 32 rows x 128 tokens x 151936 is 2.5 GB).
+LOGIT_ROWS = 1024
+
+
+class TokenStats(NamedTuple):
+    """Per response token, under the logits / temperature the sampler drew from: log p of the token (0 at
+    padding) and the entropy of the distribution."""
+
+    logprobs_BN: jax.Array
+    entropy_BN: jax.Array
+
+
+def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
+                         temperature: float = 1.0, entropy_grad: bool = False, rngs=None) -> TokenStats:
+    """`TokenStats` of the response tokens from one teacher-forced pass, the LM head applied to LOGIT_ROWS rows x
+    positions at a time and recomputed in the backward pass, so that no float32 B x N x V logits exist.
+    `entropy_grad`: the entropy is differentiated (an entropy bonus); otherwise it is a metric and its
+    full-vocabulary backward is never built."""
+    ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
+    B, N = tokens_BN.shape
+    # final hidden states at P-1 .. T-2: position t predicts token t + 1, the first response token onwards
+    x_BMD, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT, head_last=N + 1, hidden=True,
+                           rngs=rngs)
+    w_DV = lm_head_DV(model, params)
+    t = temperature if temperature > 0 else 1.0
+    C = min(N, max(1, LOGIT_ROWS // B))
+    pad = -N % C
+    chunks = lambda x: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+                                    .reshape(B, (N + pad) // C, C, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_stats(_, xs):
+        x_BCD, tokens_BC = xs
+        logits_BCV = head_logits(model, x_BCD, w_DV) / t
+        entropy_BC = token_entropy(logits_BCV if entropy_grad else jax.lax.stop_gradient(logits_BCV))
+        return None, (token_logprobs(logits_BCV, tokens_BC), entropy_BC)
+
+    _, (logprobs_nBC, entropy_nBC) = jax.lax.scan(chunk_stats, None, (chunks(x_BMD[:, :-1]), chunks(tokens_BN)))
+    unchunk = lambda y_nBC: jnp.moveaxis(y_nBC, 0, 1).reshape(B, N + pad)[:, :N]
+    return TokenStats(jnp.where(mask_BN, unchunk(logprobs_nBC), 0.0), unchunk(entropy_nBC))
 
 
 def _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN):
@@ -34,7 +79,3 @@ def reward_scores(reward: Transformer, params, gain: float, bias: float, prompt_
     values_BT, _ = reward.apply({"params": params}, ids_BT, positions_BT, mask_BT)
     return gain * last_token_values(values_BT, mask_BT) + bias
 
-
-def masked_logprobs(logits_BNV, tokens_BN, mask_BN, *_):
-    """log p of each response token under the logits, 0 at padding."""
-    return jnp.where(mask_BN, token_logprobs(logits_BNV, tokens_BN), 0.0)
