@@ -279,7 +279,7 @@ def test_llama3_8b_pipeline_on_64_devices(llama3_8b_dry_run):
     assert rc in (0, plan.NO_FIT), err[-3000:]
     assert "64 cpu devices" in out and "device memory: 80.0 GiB (--device-memory)" in out
     assert "lm-head model (d_model 4096, 32 layers, vocab 128256):" in out
-    assert re.search(r"total\s+195\s+29\.9 GiB\s+3\.7 GiB", out)  # 8.03 B float32 params, FSDP over 8
+    assert re.search(r"total\s+9\s+29\.9 GiB\s+3\.7 GiB", out)  # 8.03 B float32 params, 32 layers stacked, FSDP
     rows = table_rows(out)
     assert list(rows) == (["sft", "rm", "ppo"] if run["every_step"] else ["sft"])
     for step, cells in rows.items():
