@@ -1,6 +1,7 @@
 """Where the processes of a run are found (config, environment, SLURM), and the helpers that are no-ops with one
 process. The multi-process runs themselves are in test_multiprocess.py."""
 
+import json
 import re
 
 import numpy as np
@@ -62,3 +63,39 @@ def test_with_one_process_the_helpers_are_plain():
 
     x = jax.device_put(np.arange(8.0))
     np.testing.assert_array_equal(distributed.to_host({"x": x})["x"], np.arange(8.0))
+
+
+_TWO_PROCESSES = """
+import json, sys
+import numpy as np
+from rlhf_jax.runtime import distributed
+distributed.initialize()
+me = distributed.jax.process_index()
+widths = np.array([[3, 90], [70, 2]][me])  # each process's own widths: the agreed ones are the larger of each
+print(json.dumps({"max": distributed.max_over_processes(widths).tolist(),
+                  "all": distributed.all_gather_json({"process": me}),
+                  "primary": distributed.broadcast_json(me)}))
+"""
+
+
+def test_two_processes_agree_on_the_largest_width_and_gather_in_order(tmp_path):
+    """Buckets take the widest batch of any process: max_over_processes is the element-wise maximum (a minimum
+    would cut another process's rows); gathers come in process order and a broadcast is process 0's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2",
+                                              "JAX_PROCESS_ID": str(i),
+                                              "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
+             for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1] == {"max": [70, 90], "all": [{"process": 0}, {"process": 1}], "primary": 0}
