@@ -60,7 +60,7 @@ def init_scalar_head(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> jax
 class Block(nn.Module):
     """Pre-norm residual block; Gemma also normalises each branch's output (post_attn_norm, post_mlp_norm).
     Called as one step of a scan over layers: carry (x_BTD, cache) -> (carry, None), where `cache` is the
-    stacked KVCache (read and written at index `layer`) or None for a full pass. `sliding`: whether the layer
+    KVCache of every layer (read and written at index `layer`) or None for a full pass. `sliding`: whether the layer
     attends within the config's sliding window, a Python bool or (a scanned stack whose layers differ) traced."""
 
     cfg: ModelConfig
@@ -141,7 +141,6 @@ class Transformer(nn.Module):
             w_DV = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dense_init(),
                          self.param_dtype).astype(self.dtype)
         return (x_BTD if hidden else head_logits(self, x_BTD, w_DV)), new_cache
-
 
     def _layers(self, x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT):
         """Every block in turn: a Python loop (params `layer_<i>`) or, with scan_layers, one `nn.scan` over params
