@@ -64,7 +64,7 @@ def _inputs(cfg, mask_BT, prefill, seed=0):
     key_mask[:, CACHE_INDEX:CACHE_INDEX + T] = mask
     key_mask[0, :CACHE_INDEX] = True
     start = np.array([CACHE_INDEX, 0, 0])[:, None]
-    shape = (B, SLOTS, cfg.n_kv_heads, cfg.head_dim)
+    shape = (B, cfg.n_kv_heads, SLOTS, cfg.head_dim)  # KVCache's layout: heads before slots
     cache = (rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32))
     return x, _positions(mask, start), key_mask, cache, CACHE_INDEX
 
@@ -143,7 +143,7 @@ def _oracle(cfg, sliding, params, inputs, seg):
         if cache is None:
             k_slots, v_slots = k_new, qkv[:, :, G + 1]
         else:
-            k_slots, v_slots = cache[0][b].astype(np.float64), cache[1][b].astype(np.float64)
+            k_slots, v_slots = (c[b].swapaxes(0, 1).astype(np.float64) for c in cache)  # slots, then heads
             k_slots[ci:ci + T], v_slots[ci:ci + T] = k_new, qkv[:, :, G + 1]
         heads = np.zeros((T, K * G, H))
         for t in range(T):

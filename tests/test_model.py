@@ -18,7 +18,7 @@ from rlhf_jax.models.transformer import (
     positions_from_mask)
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.sampling import (
-    SamplingParams, _categorical, _draw, _filter_logits, _inverse_cdf, categorical_from_uniforms, sample,
+    SamplingParams, _draw, _filter_logits, _inverse_cdf, categorical_from_uniforms, sample,
     teacher_forced_logprobs)
 
 
@@ -84,17 +84,18 @@ def gpt2(hf_models):
 def test_cached_decode_equals_full_forward(request, which):
     cfg, model, params = request.getfixturevalue(which)
     ids, mask = _left_padded_batch(seed=2)
-    full = np.asarray(forward(model, params, ids, mask))
+    full = np.asarray(jax.jit(lambda p: forward(model, p, ids, mask))(params))
+    apply = jax.jit(lambda p, *args: model.apply({"params": p}, *args))  # one program for every decode step
     prefix = 5  # prefill 5 tokens, then feed the remaining 7 one at a time through the cache
     cache = KVCache.zeros(cfg, ids.shape[0], ids.shape[1])
     key_mask = np.concatenate([mask[:, :prefix], np.zeros_like(mask[:, prefix:])], axis=1)
     positions = np.asarray(positions_from_mask(mask))
     step_logits = []
-    logits, cache = model.apply({"params": params}, ids[:, :prefix], positions[:, :prefix], key_mask, cache, 0)
+    logits, cache = apply(params, ids[:, :prefix], positions[:, :prefix], key_mask, cache, 0)
     step_logits.append(np.asarray(logits))
     for t in range(prefix, ids.shape[1]):
         key_mask[:, t] = mask[:, t]
-        logits, cache = model.apply({"params": params}, ids[:, t:t + 1], positions[:, t:t + 1], key_mask, cache, t)
+        logits, cache = apply(params, ids[:, t:t + 1], positions[:, t:t + 1], key_mask, cache, t)
         step_logits.append(np.asarray(logits))
     cached = np.concatenate(step_logits, axis=1)
     np.testing.assert_allclose(cached[mask], full[mask], atol=1e-5)
@@ -104,10 +105,11 @@ def test_cached_decode_equals_full_forward(request, which):
 def test_left_padding_does_not_change_logits(request, which):
     cfg, model, params = request.getfixturevalue(which)
     ids, mask = _left_padded_batch(seed=3)
-    padded = np.asarray(forward(model, params, ids, mask))
+    run = jax.jit(lambda p, i, m: forward(model, p, i, m))
+    padded = np.asarray(run(params, ids, mask))
     for row in range(ids.shape[0]):
         real = ids[row][mask[row]][None]
-        alone = np.asarray(forward(model, params, real, np.ones_like(real, bool)))[0]
+        alone = np.asarray(run(params, real, np.ones_like(real, bool)))[0]
         np.testing.assert_allclose(padded[row][mask[row]], alone, atol=1e-5)
 
 
@@ -192,7 +194,8 @@ def test_inverse_cdf_draws_follow_the_softmax_and_never_a_filtered_token(vocab):
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     n = 400_000
-    draws = jax.jit(lambda k: _categorical(k, jnp.broadcast_to(jnp.asarray(logits), (n, vocab))))(jax.random.key(3))
+    draws = jax.jit(lambda k: categorical_from_uniforms(jnp.broadcast_to(jnp.asarray(logits), (n, vocab)),
+                                                        *jax.random.uniform(k, (2, n))))(jax.random.key(3))
     freq = np.bincount(np.asarray(draws), minlength=vocab) / n
     assert freq.shape == (vocab,)
     np.testing.assert_array_equal(freq[probs == 0], 0.0)
@@ -248,8 +251,8 @@ def test_draw_frequencies_follow_the_temperature_of_the_logprobs():
     probs /= probs.sum()
     n = 200_000
     p = SamplingParams(max_new_tokens=1, temperature=0.5)
-    tokens, logprobs = jax.jit(lambda k: _draw(jnp.broadcast_to(jnp.asarray(logits), (n, 5)), k, p))(
-        jax.random.key(0))
+    tokens, logprobs = jax.jit(lambda k: _draw(jnp.broadcast_to(jnp.asarray(logits), (n, 5)),
+                                               jax.random.uniform(k, (n, 2)), p))(jax.random.key(0))
     freq = np.bincount(np.asarray(tokens), minlength=5) / n
     z = np.abs(freq - probs) / np.sqrt(probs * (1 - probs) / n)
     assert z.max() < 5, (freq, probs)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.sampling import (
-    SampleOutput, SamplingParams, _categorical, _filter_logits, is_eos, sample)
+    SampleOutput, SamplingParams, _filter_logits, categorical_from_uniforms, draw_uniforms, is_eos, sample)
 from rlhf_jax.models.tiny import tiny_config
 from rlhf_jax.models.transformer import KVCache, init_params, make_model, param_logical_axes, positions_from_mask
 from rlhf_jax.runtime import sharding
@@ -32,13 +32,13 @@ def _sort_filter(logits_BV, top_k, top_p):
     return logits_BV
 
 
-def _scan_draw(logits_BV, rng, p):
+def _scan_draw(logits_BV, u_B2, p):
     if p.temperature == 0.0:
         token_B = jnp.argmax(logits_BV, axis=-1)
         scaled_BV = logits_BV
     else:
         scaled_BV = logits_BV / p.temperature
-        token_B = _categorical(rng, _sort_filter(scaled_BV, p.top_k, p.top_p))
+        token_B = categorical_from_uniforms(_sort_filter(scaled_BV, p.top_k, p.top_p), u_B2[:, 0], u_B2[:, 1])
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logprob_B
 
@@ -51,25 +51,24 @@ def _scan_sample(model, params, prompt_ids_BP, prompt_mask_BP, rng, p):
     key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)
     positions_BP = positions_from_mask(prompt_mask_BP)
     logits_B1V, cache = model.apply(variables, prompt_ids_BP, positions_BP, key_mask_BS, cache, 0, head_last=1)
-    rng, first_rng = jax.random.split(rng)
-    token_B, logprob_B = _scan_draw(logits_B1V[:, 0], first_rng, p)
+    u_NB2 = draw_uniforms(rng, B, p)
+    token_B, logprob_B = _scan_draw(logits_B1V[:, 0], u_NB2[0], p)
     done_B = is_eos(token_B, p.eos_ids)
     position_B = prompt_mask_BP.astype(jnp.int32).sum(-1)
 
     def step(carry, t):
-        cache, key_mask_BS, token_B, position_B, done_B, rng = carry
+        cache, key_mask_BS, token_B, position_B, done_B = carry
         slot = P + t
         key_mask_BS = jax.lax.dynamic_update_slice(key_mask_BS, jnp.ones((B, 1), bool), (0, slot))
         logits_B1V, cache = model.apply(variables, token_B[:, None], position_B[:, None], key_mask_BS, cache, slot)
-        rng, step_rng = jax.random.split(rng)
-        new_B, logprob_B = _scan_draw(logits_B1V[:, 0], step_rng, p)
+        new_B, logprob_B = _scan_draw(logits_B1V[:, 0], u_NB2[t + 1], p)
         live_B = ~done_B
         new_B = jnp.where(live_B, new_B, p.pad_id)
         logprob_B = jnp.where(live_B, logprob_B, 0.0)
         done_B = done_B | is_eos(new_B, p.eos_ids)
-        return (cache, key_mask_BS, new_B, position_B + 1, done_B, rng), (new_B, logprob_B, live_B)
+        return (cache, key_mask_BS, new_B, position_B + 1, done_B), (new_B, logprob_B, live_B)
 
-    carry = (cache, key_mask_BS, token_B, position_B, done_B, rng)
+    carry = (cache, key_mask_BS, token_B, position_B, done_B)
     _, (tokens_NB, logprobs_NB, live_NB) = jax.lax.scan(step, carry, jnp.arange(N - 1))
     return SampleOutput(jnp.concatenate([token_B[:, None], tokens_NB.T], axis=1),
                         jnp.concatenate([logprob_B[:, None], logprobs_NB.T], axis=1),

@@ -43,16 +43,17 @@ def test_chunked_stats_and_gradients_are_the_dense_ones(logit_rows, monkeypatch)
     model = make_model(CFG)
     params = init_params(model, jax.random.key(0))
     rows = _rows()
-    stats = scoring.response_token_stats(model, params, *rows, T, entropy_grad=True)
-    logprobs, entropy = _dense(model, params, rows)
+    stats = jax.jit(lambda p: scoring.response_token_stats(model, p, *rows, T, entropy_grad=True))(params)
+    logprobs, entropy = jax.jit(lambda p: _dense(model, p, rows))(params)
     np.testing.assert_allclose(stats.logprobs_BN, logprobs, atol=1e-5)
     np.testing.assert_allclose(stats.entropy_BN, entropy, atol=1e-5)
     assert np.all(np.asarray(stats.logprobs_BN)[~rows[3]] == 0.0)
 
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, B, N)), jnp.float32)
     objective = lambda lp, ent: jnp.sum(weights[0] * lp) + jnp.sum(weights[1] * ent * rows[3])
-    chunked = jax.grad(lambda p: objective(*scoring.response_token_stats(model, p, *rows, T, entropy_grad=True)))
-    dense = jax.grad(lambda p: objective(*_dense(model, p, rows)))
+    chunked = jax.jit(jax.grad(lambda p: objective(*scoring.response_token_stats(model, p, *rows, T,
+                                                                                 entropy_grad=True))))
+    dense = jax.jit(jax.grad(lambda p: objective(*_dense(model, p, rows))))
     for a, b in zip(jax.tree.leaves(chunked(params)), jax.tree.leaves(dense(params))):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 

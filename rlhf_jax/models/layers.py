@@ -85,11 +85,11 @@ def attention_mask(query_slot_T, key_mask_BS, window: int | None, seg_q_BT=None,
     return allowed_BTS | (jnp.arange(S)[None, :] == query_slot_T[:, None])[None]
 
 
-def einsum_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BSKH, v_BSKH, allowed_BTS) -> jax.Array:
+def einsum_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
     """Softmax attention of every query over all S keys, as einsums; returns out_BTKGH."""
     H = q_BTKGH.shape[-1]
     # float32 scores even for bf16 inputs: rounding logits to bf16 before the softmax costs accuracy.
-    scores_BKGTS = einsum(dtype, "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, out_dtype=jnp.float32)
+    scores_BKGTS = einsum(dtype, "btkgh,bksh->bkgts", q_BTKGH, k_BKSH, out_dtype=jnp.float32)
     if cfg.query_pre_attn_scalar is None:
         scores_BKGTS = scores_BKGTS / math.sqrt(H)
     else:
@@ -97,10 +97,12 @@ def einsum_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BSKH, v_BSKH, allowed_B
     scores_BKGTS = softcap(scores_BKGTS, cfg.attn_softcap)
     scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, NEG_INF)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-    return einsum(dtype, "bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    # the matmul's own output order (batch, then the probabilities' rows): XLA then keeps the probabilities as the
+    # left operand, where with the output already in BTKGH order it reads V transposed, which CPU backends do slowly
+    return einsum(dtype, "bkgts,bksh->bkgth", probs_BKGTS, v_BKSH).transpose(0, 3, 1, 2, 4)
 
 
-def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BSKH, v_BSKH, query_slot_T, key_mask_BS,
+def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, query_slot_T, key_mask_BS,
                       window: int | None, segment_ids_BT, chunk: int) -> jax.Array:
     """`einsum_attention` over chunks of `chunk` queries, each chunk's mask built from its own rows; returns
     out_BTKGH. T <= chunk is one chunk, exactly the unchunked computation. Otherwise the queries are padded to a
@@ -110,7 +112,7 @@ def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BSKH, v_BSKH, query_sl
 
     def attend(q_BCKGH, slot_C, seg_BC):
         allowed_BCS = attention_mask(slot_C, key_mask_BS, window, seg_BC, segment_ids_BT)
-        return einsum_attention(cfg, dtype, q_BCKGH, k_BSKH, v_BSKH, allowed_BCS)
+        return einsum_attention(cfg, dtype, q_BCKGH, k_BKSH, v_BKSH, allowed_BCS)
 
     if T <= chunk:
         return attend(q_BTKGH, query_slot_T, segment_ids_BT)
@@ -231,8 +233,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None,
                  cache_layer=None, sliding_flag=None):
-        """`layer_cache`: (k_BSKH, v_BSKH) of this layer, or with `cache_layer` every layer's (a tuple per layer, or
-        k_LBSKH, v_LBSKH stacked), written and read at that (possibly traced) index. `sliding_flag`: a traced bool that
+        """`layer_cache`: (k_BKSH, v_BKSH) of this layer, or with `cache_layer` every layer's (a tuple per layer, or
+        k_LBKSH, v_LBKSH stacked), written and read at that (possibly traced) index. `sliding_flag`: a traced bool that
         overrides `sliding` (a scanned stack whose layers differ)."""
         cfg = self.cfg
         D, K, G, H = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
@@ -266,25 +268,26 @@ class Attention(nn.Module):
             k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
         if layer_cache is None:  # full sequence: keys are this call's tokens
-            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+            k_BKSH, v_BKSH = k_BTKH.swapaxes(1, 2), v_BTKH.swapaxes(1, 2)
             query_slot_T = jnp.arange(T)
             new_cache = None
         else:  # write this call's keys into the cache in place, attend over every slot
-            (k_cache, k_BSKH), (v_cache, v_BSKH) = (_write_cache(cache, x, cache_layer, cache_index)
+            (k_cache, k_BKSH), (v_cache, v_BKSH) = (_write_cache(cache, x.swapaxes(1, 2), cache_layer, cache_index)
                                                     for cache, x in zip(layer_cache, (k_BTKH, v_BTKH)))
             new_cache = (k_cache, v_cache)
             query_slot_T = cache_index + jnp.arange(T)
-        k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
+        k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
         if _use_cudnn_attention(self.attention, self.dtype, layer_cache is None, T, H, cfg.attn_softcap is not None):
             allowed_BTS = attention_mask(query_slot_T, key_mask_BS, window, segment_ids_BT, segment_ids_BT)
             scale = 1 / math.sqrt(H) if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
             # Query head k * G + g uses KV head k, which is dot_product_attention's GQA grouping too.
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTKGH.reshape(B, T, K * G, H).astype(self.dtype), k_BSKH, v_BSKH, mask=allowed_BTS[:, None],
+                q_BTKGH.reshape(B, T, K * G, H).astype(self.dtype), k_BKSH.swapaxes(1, 2), v_BKSH.swapaxes(1, 2),
+                mask=allowed_BTS[:, None],
                 scale=scale, implementation="cudnn")
         else:
             chunk = max(1, QUERY_ROWS // B) if self.query_chunk is None else self.query_chunk
-            out_BTKGH = chunked_attention(cfg, self.dtype, q_BTKGH, k_BSKH, v_BSKH, query_slot_T, key_mask_BS,
+            out_BTKGH = chunked_attention(cfg, self.dtype, q_BTKGH, k_BKSH, v_BKSH, query_slot_T, key_mask_BS,
                                           window, segment_ids_BT, chunk)
             out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
 
@@ -308,18 +311,18 @@ def _window(cfg: ModelConfig, sliding):
     return jnp.where(sliding, cfg.sliding_window, jnp.iinfo(jnp.int32).max)
 
 
-def _write_cache(cache, new_BTKH, layer, index):
+def _write_cache(cache, new_BKTH, layer, index):
     """(the cache with this call's keys or values written at slot `index`, this layer's keys or values after it).
     `cache`: this layer's array (`layer` None), a tuple of every layer's, or one array stacked over layers."""
-    write = lambda c, start: jax.lax.dynamic_update_slice(c, new_BTKH.astype(c.dtype).reshape(
-        (1,) * (c.ndim - 4) + new_BTKH.shape), start)
+    write = lambda c, start: jax.lax.dynamic_update_slice(c, new_BKTH.astype(c.dtype).reshape(
+        (1,) * (c.ndim - 4) + new_BKTH.shape), start)
     if layer is None:
-        out = write(cache, (0, index, 0, 0))
+        out = write(cache, (0, 0, index, 0))
         return out, out
     if isinstance(cache, tuple):  # a Python loop's layers: replacing one entry copies nothing
-        out = write(cache[layer], (0, index, 0, 0))
+        out = write(cache[layer], (0, 0, index, 0))
         return cache[:layer] + (out,) + cache[layer + 1:], out
-    out = write(cache, (layer, 0, index, 0, 0))
+    out = write(cache, (layer, 0, 0, index, 0))
     return out, out[layer]
 
 

@@ -41,7 +41,6 @@ class _Carry(NamedTuple):
     token_B: jax.Array
     position_B: jax.Array
     done_B: jax.Array
-    rng: jax.Array
     out: SampleOutput  # preallocated: pad_id / 0 / False where no step reaches
 
 
@@ -81,18 +80,12 @@ def _ordered_keys(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def _categorical(rng: jax.Array, logits_BV: jax.Array) -> jax.Array:
-    """token_B: one draw per row from softmax(logits_BV) (-inf never drawn), by inverse CDF in two levels (blocks
-    of about sqrt(V) tokens, then the tokens of the chosen block). Two uniforms per row instead of a Gumbel per
-    logit, whose random bits cost a large part of a small decode step."""
-    u_B2 = jax.random.uniform(rng, (logits_BV.shape[0], 2), jnp.float32)
-    return categorical_from_uniforms(logits_BV, u_B2[:, 0], u_B2[:, 1])
-
-
 def categorical_from_uniforms(logits_BV: jax.Array, u_block_B: jax.Array, u_within_B: jax.Array) -> jax.Array:
-    """The draw of `_categorical` for given uniforms: `u_block_B` picks a block by its mass, `u_within_B` a token
-    by its share of that block. One float32 uniform for both would resolve only 2^-23 of the whole mass, so
-    tokens below about 1e-7 would never be drawn; a second one resolves 2^-23 of the block's mass."""
+    """token_B: one draw per row from softmax(logits_BV) (-inf never drawn), by inverse CDF in two levels: `u_block_B`
+    picks a block of about sqrt(V) tokens by its mass, `u_within_B` a token by its share of that block. Two uniforms
+    per row instead of a Gumbel per logit, whose random bits cost a large part of a small decode step. One float32
+    uniform for both would resolve only 2^-23 of the whole mass, so tokens below about 1e-7 would never be drawn; a
+    second one resolves 2^-23 of the block's mass."""
     B, V = logits_BV.shape
     S = 1 << (((V - 1).bit_length() + 1) // 2)  # the power of two at or above sqrt(V)
     weights_BV = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
@@ -112,16 +105,22 @@ def _inverse_cdf(weights_BK: jax.Array, u_B: jax.Array) -> jax.Array:
     return jnp.minimum(index_B, last_B)
 
 
-def _draw(logits_BV: jax.Array, rng: jax.Array, p: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """(token_B, logprob_B) from one step's float32 logits."""
+def _draw(logits_BV: jax.Array, u_B2: jax.Array, p: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """(token_B, logprob_B) from one step's float32 logits and its two uniforms per row (`draw_uniforms`)."""
     if p.temperature == 0.0:
         token_B = jnp.argmax(logits_BV, axis=-1)
         scaled_BV = logits_BV
     else:
         scaled_BV = logits_BV / p.temperature
-        token_B = _categorical(rng, _filter_logits(scaled_BV, p.top_k, p.top_p))
+        token_B = categorical_from_uniforms(_filter_logits(scaled_BV, p.top_k, p.top_p), u_B2[:, 0], u_B2[:, 1])
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logprob_B
+
+
+def draw_uniforms(rng: jax.Array, B: int, p: SamplingParams) -> jax.Array:
+    """u_NB2: the uniforms of every decode step, drawn before the loop (random bits inside it cost several small
+    loops per step); step t reads row t, so a loop that stops early draws the same tokens up to there."""
+    return jax.random.uniform(rng, (p.max_new_tokens, B, 2), jnp.float32)
 
 
 def is_eos(token_B: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -144,8 +143,8 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
     positions_BP = positions_from_mask(prompt_mask_BP)
     logits_B1V, cache = model.apply(variables, prompt_ids_BP, positions_BP, key_mask_BS, cache, 0, head_last=1)
 
-    rng, first_rng = jax.random.split(rng)
-    token_B, logprob_B = _draw(logits_B1V[:, 0], first_rng, p)
+    u_NB2 = draw_uniforms(rng, B, p)
+    token_B, logprob_B = _draw(logits_B1V[:, 0], u_NB2[0], p)
     done_B = is_eos(token_B, p.eos_ids)
     position_B = prompt_mask_BP.astype(jnp.int32).sum(-1)  # where the first new token sits
 
@@ -160,8 +159,7 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
         key_mask_BS = jax.lax.dynamic_update_slice(carry.key_mask_BS, jnp.ones((B, 1), bool), (0, slot))
         logits_B1V, cache = model.apply(variables, carry.token_B[:, None], carry.position_B[:, None], key_mask_BS,
                                         carry.cache, slot)
-        rng, step_rng = jax.random.split(carry.rng)  # the same key per step however early the loop stops
-        token_B, logprob_B = _draw(logits_B1V[:, 0], step_rng, p)
+        token_B, logprob_B = _draw(logits_B1V[:, 0], u_NB2[carry.t + 1], p)
         live_B = ~carry.done_B
         token_B = jnp.where(live_B, token_B, p.pad_id)
         logprob_B = jnp.where(live_B, logprob_B, 0.0)
@@ -169,12 +167,12 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
         write = lambda buf_BN, x_B: jax.lax.dynamic_update_slice(buf_BN, x_B[:, None].astype(buf_BN.dtype),
                                                                  (0, carry.t + 1))
         out = SampleOutput(*map(write, carry.out, (token_B, logprob_B, live_B)))
-        return _Carry(carry.t + 1, cache, key_mask_BS, token_B, carry.position_B + 1, done_B, rng, out)
+        return _Carry(carry.t + 1, cache, key_mask_BS, token_B, carry.position_B + 1, done_B, out)
 
     def running(carry: _Carry) -> jax.Array:  # once every row has ended the remaining steps would write nothing
         return (carry.t < N - 1) & ~jnp.all(carry.done_B)
 
-    carry = _Carry(jnp.zeros((), jnp.int32), cache, key_mask_BS, token_B, position_B, done_B, rng, out)
+    carry = _Carry(jnp.zeros((), jnp.int32), cache, key_mask_BS, token_B, position_B, done_B, out)
     return jax.lax.while_loop(running, step, carry).out
 
 

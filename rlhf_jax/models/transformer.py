@@ -28,15 +28,16 @@ PAD_ID = -1  # never a real token: masks carry the truth and the model embeds ou
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: a tuple of k_BSKH per layer for a model that loops over its layers, one
-    k_LBSKH stacked over layers for one that scans them (`stacked`)."""
+    """Keys and values of every layer: a tuple of k_BKSH per layer for a model that loops over its layers, one
+    k_LBKSH stacked over layers for one that scans them (`stacked`). Heads before slots is the layout attention's
+    matmuls read: slots before heads cost a transposed copy of the whole cache in every layer of every decode step."""
 
     k: tuple[jax.Array, ...] | jax.Array
     v: tuple[jax.Array, ...] | jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32, stacked: bool = False) -> "KVCache":
-        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
         if stacked:
             return cls(jnp.zeros((cfg.n_layers, *shape), dtype), jnp.zeros((cfg.n_layers, *shape), dtype))
         make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
