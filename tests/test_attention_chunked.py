@@ -198,10 +198,10 @@ def test_the_transformer_chunks_with_the_module_constant(monkeypatch):
     params = init_params(model, jax.random.key(0))
     mask = _left_padded_mask()
     ids = np.where(mask, np.random.default_rng(0).integers(3, cfg.vocab_size, (B, T)), 0).astype(np.int32)
-    want = forward(model, params, ids, mask)
+    want = jax.jit(lambda p: forward(model, p, ids, mask))(params)
     monkeypatch.setattr(layers, "QUERY_ROWS", 4 * B)  # chunks of 4 positions
     assert "scan" in str(jax.make_jaxpr(lambda p: forward(model, p, ids, mask))(params))
-    got = forward(model, params, ids, mask)
+    got = jax.jit(lambda p: forward(model, p, ids, mask))(params)  # traced anew: reads the patched constant
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 

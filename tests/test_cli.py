@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compile_helpers import jit_forward
 from rlhf_jax import convert as convert_cli
 from rlhf_jax import generate as generate_cli
 from rlhf_jax import main as main_cli
@@ -288,7 +289,7 @@ def test_transformers_loads_export_and_logits_match(converted):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from rlhf_jax.models.checkpoint import load_model
-    from rlhf_jax.models.transformer import forward, make_model
+    from rlhf_jax.models.transformer import make_model
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(converted["hf2"])).float().eval()
     assert isinstance(hf_model, transformers.LlamaForCausalLM)
@@ -302,7 +303,7 @@ def test_transformers_loads_export_and_logits_match(converted):
     ids[1, :3] = 0
     positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
 
-    ours = np.asarray(forward(model, loaded.params, ids, mask))
+    ours = np.asarray(jit_forward(model, loaded.params, ids, mask))
     with torch.no_grad():
         theirs = hf_model(input_ids=torch.from_numpy(ids.astype(np.int64)),
                           attention_mask=torch.from_numpy(mask.astype(np.int64)),

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from compile_helpers import jit_forward
 from hf_fixtures import VOCAB
 from rlhf_jax.models import hf
 from rlhf_jax.models.architecture import FULL, SLIDING, ModelConfig
@@ -280,7 +281,7 @@ def test_transformers_loads_our_export(tmp_path, family):
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask.astype(int)),
                           position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(forward(make_model(cfg), params, ids, mask))[mask], ref[mask], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jit_forward(make_model(cfg), params, ids, mask))[mask], ref[mask], atol=1e-4)
     cfg2, head2, params2 = hf.load_hf(tmp_path)
     assert (cfg2, head2) == (cfg, "lm")
     jax.tree.map(np.testing.assert_array_equal, params, params2)
@@ -305,7 +306,7 @@ def test_sequence_classification_export_scores_like_transformers(tmp_path, famil
     mask = ids != 0
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits
-    values = np.asarray(forward(model, params, ids, mask))
+    values = np.asarray(jit_forward(model, params, ids, mask))
     np.testing.assert_allclose(values[np.arange(3), mask.sum(1) - 1], ref.numpy()[:, 0], atol=1e-4)
     cfg2, head2, params2 = hf.load_hf(tmp_path)
     assert head2 == "scalar" and cfg2 == dataclasses.replace(cfg, pad_token_id=cfg2.pad_token_id)

@@ -10,10 +10,11 @@ from safetensors.numpy import load_file, save_file
 
 import jax
 
+from compile_helpers import jit_forward
 from hf_fixtures import FAMILIES, VOCAB, make_hf_model, make_tokenizer
 from rlhf_jax.models import hf
 from rlhf_jax.models.hf_config import HFFormatError, config_from_hf
-from rlhf_jax.models.transformer import forward, init_params, make_model
+from rlhf_jax.models.transformer import init_params, make_model
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_transformers_loads_our_export(tmp_path, name):
     mask = np.ones_like(ids, bool)
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(forward(make_model(cfg), params, ids, mask)), ref, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jit_forward(make_model(cfg), params, ids, mask)), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -108,7 +109,7 @@ def test_scalar_head_exports_as_sequence_classification(tmp_path, family):
     mask = ids != 0
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits
-    values = np.asarray(forward(model, params, ids, mask))
+    values = np.asarray(jit_forward(model, params, ids, mask))
     last = mask.sum(1) - 1
     np.testing.assert_allclose(values[np.arange(3), last], ref.numpy()[:, 0], atol=1e-4)
     cfg2, head2, params2 = hf.load_hf(tmp_path)
@@ -180,7 +181,7 @@ def _ours(model, params, ids, mask):
     """rlhf_jax's raw reward: the value at the last real token."""
     from rlhf_jax.training.losses import last_token_values
 
-    return np.asarray(last_token_values(forward(model, params, ids, mask), mask))
+    return np.asarray(last_token_values(jit_forward(model, params, ids, mask), mask))
 
 
 def _theirs(out_dir, ids, mask):

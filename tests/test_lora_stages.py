@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 
 from cli_helpers import run_quietly
 from hf_fixtures import VOCAB
+from compile_helpers import jit_forward
 from rlhf_jax import main as main_cli
 from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoint import TrainCheckpoints, load_model
@@ -108,7 +109,7 @@ def test_lora_exports_are_the_merged_model_and_a_peft_adapter_with_its_logits(lo
     with torch.no_grad():
         hf_base = transformers.AutoModelForCausalLM.from_pretrained(tiny).eval()
         theirs = peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()(input_ids=torch.tensor(ids)).logits
-    ours = forward(make_model(exported.cfg), exported.params, jnp.asarray(ids), jnp.ones(ids.shape, bool))
+    ours = jit_forward(make_model(exported.cfg), exported.params, jnp.asarray(ids), jnp.ones(ids.shape, bool))
     np.testing.assert_allclose(theirs.numpy(), np.asarray(ours), atol=1e-4)
 
 
@@ -164,7 +165,7 @@ def test_lora_rm_trains_adapters_and_its_scalar_head_and_exports_a_peft_classifi
         hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1).eval()
         hf_base.config.pad_token_id = 0  # never in `ids`: every row's last token is its last position
         theirs = peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()(input_ids=torch.tensor(ids)).logits
-    ours = forward(make_model(exported.cfg, "scalar"), exported.params, jnp.asarray(ids), jnp.ones(ids.shape, bool))
+    ours = jit_forward(make_model(exported.cfg, "scalar"), exported.params, jnp.asarray(ids), jnp.ones(ids.shape, bool))
     np.testing.assert_allclose(theirs.numpy()[:, 0], np.asarray(ours)[:, -1] * norm["gain"], rtol=1e-4, atol=1e-4)
 
 

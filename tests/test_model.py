@@ -8,6 +8,7 @@ import torch
 import jax
 import jax.numpy as jnp
 
+from compile_helpers import jit_forward
 from hf_fixtures import FAMILIES, VOCAB, make_hf_model
 from rlhf_jax.models import hf, layers
 from rlhf_jax.models.hf_config import config_from_hf
@@ -50,7 +51,7 @@ def test_logits_match_transformers(hf_models, name):
         ref = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
                           attention_mask=torch.tensor(mask, dtype=torch.long),
                           position_ids=torch.tensor(np.asarray(positions_from_mask(mask)), dtype=torch.long)).logits
-    ours = forward(make_model(cfg), params, ids, mask)
+    ours = jit_forward(make_model(cfg), params, ids, mask)
     np.testing.assert_allclose(np.asarray(ours)[mask], ref.numpy()[mask], atol=1e-4, rtol=0)
 
 
@@ -141,7 +142,8 @@ def test_sampler_logprobs_equal_teacher_forced(llama, temperature, top_k, top_p)
     ids, mask = _left_padded_batch(seed=5)
     p = SamplingParams(max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=(1, 2), pad_id=-1)
     out = jax.jit(lambda pr, i, m, r: sample(model, pr, i, m, r, p))(params, ids, mask, jax.random.key(7))
-    tf = teacher_forced_logprobs(model, params, ids, mask, out.tokens_BN, out.mask_BN, temperature)
+    tf = jax.jit(lambda pr: teacher_forced_logprobs(model, pr, ids, mask, out.tokens_BN, out.mask_BN, temperature))(
+        params)
     np.testing.assert_allclose(np.asarray(out.logprobs_BN), np.asarray(tf), atol=1e-5)
 
 
@@ -150,7 +152,7 @@ def test_eos_truncates_and_masks(llama):
     ids, mask = _left_padded_batch(seed=6)
     eos = tuple(range(3, 40))  # a large EOS set so that every row stops early
     p = SamplingParams(max_new_tokens=16, temperature=1.0, eos_ids=eos, pad_id=-1)
-    out = jax.device_get(sample(model, params, ids, mask, jax.random.key(3), p))
+    out = jax.device_get(jax.jit(lambda pr: sample(model, pr, ids, mask, jax.random.key(3), p))(params))
     stopped = 0
     for tokens, lps, m in zip(out.tokens_BN, out.logprobs_BN, out.mask_BN):
         hits = np.flatnonzero(np.isin(tokens, eos))
@@ -290,8 +292,8 @@ def test_bfloat16_compute_keeps_the_heads_float32_accumulator(llama, head):
         params = {**{k: v for k, v in params.items() if k != "lm_head"},
                   "score": init_scalar_head(cfg, jax.random.key(1)) * 50}
     ids, mask = _left_padded_batch(seed=9)
-    f32 = np.asarray(forward(make_model(cfg, head), params, ids, mask))
-    bf16 = np.asarray(forward(make_model(cfg, head, dtype="bfloat16"), params, ids, mask))
+    f32 = np.asarray(jit_forward(make_model(cfg, head), params, ids, mask))
+    bf16 = np.asarray(jit_forward(make_model(cfg, head, dtype="bfloat16"), params, ids, mask))
     assert bf16.dtype == np.float32
     scale = max(1.0, np.abs(f32[mask]).max())
     np.testing.assert_allclose(bf16[mask], f32[mask], atol=5e-2 * scale)
@@ -339,9 +341,11 @@ def test_packed_rows_equal_separate_examples(llama):
     ids = np.concatenate([a, b, [0, 0, 0]])[None].astype(np.int32)
     segments = np.array([[1] * 5 + [2] * 4 + [0] * 3])
     positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0]])
-    packed, _ = model.apply({"params": params}, ids, positions, segments > 0, segment_ids_BT=segments)
+    packed, _ = jax.jit(lambda p: model.apply({"params": p}, ids, positions, segments > 0, segment_ids_BT=segments))(
+        params)
+    run = jax.jit(lambda p, i: forward(model, p, i, jnp.ones(i.shape, bool)))
     for tokens, sl in ((a, slice(0, 5)), (b, slice(5, 9))):
-        alone = forward(model, params, tokens[None], np.ones((1, len(tokens)), bool))
+        alone = run(params, tokens[None])
         np.testing.assert_allclose(np.asarray(packed)[0, sl], np.asarray(alone)[0], atol=1e-5)
 
 
@@ -412,9 +416,10 @@ def test_fused_attention_call_matches_einsum(llama, monkeypatch):
     monkeypatch.setattr(jax.nn, "dot_product_attention",
                         lambda *a, implementation=None, **kw: real(*a, implementation="xla", **kw))
     ids, mask = _left_padded_batch(seed=12)
+    run = jax.jit(lambda model, p: forward(model, p, ids, mask), static_argnums=0)  # traced under the patch
     for dtype, atol in (("float32", 1e-5), ("bfloat16", 2e-2)):
-        fused = np.asarray(forward(make_model(cfg, dtype=dtype, attention="cudnn"), params, ids, mask))
-        plain = np.asarray(forward(make_model(cfg, dtype=dtype, attention="einsum"), params, ids, mask))
+        fused = np.asarray(run(make_model(cfg, dtype=dtype, attention="cudnn"), params))
+        plain = np.asarray(run(make_model(cfg, dtype=dtype, attention="einsum"), params))
         assert np.isfinite(fused).all()
         np.testing.assert_allclose(fused[mask], plain[mask], atol=atol)
     segments = np.array([[1] * 5 + [2] * 4 + [0] * 3])
@@ -430,15 +435,15 @@ def test_pad_queries_stay_finite(llama):
     ids, mask = _left_padded_batch(seed=13)
     mask[0] = False
     for dtype in ("float32", "bfloat16"):
-        assert np.isfinite(np.asarray(forward(make_model(cfg, dtype=dtype), params, ids, mask))).all()
+        assert np.isfinite(np.asarray(jit_forward(make_model(cfg, dtype=dtype), params, ids, mask))).all()
 
 
 def test_out_of_range_ids_embed_as_id_0(llama):
     cfg, model, params = llama
     ids, mask = _left_padded_batch(seed=14)
-    ref = np.asarray(forward(model, params, np.where(mask, ids, 0), mask))
+    ref = np.asarray(jit_forward(model, params, np.where(mask, ids, 0), mask))
     for pad in (PAD_ID, -cfg.vocab_size - 1, cfg.vocab_size, cfg.vocab_size + 7):
-        np.testing.assert_array_equal(np.asarray(forward(model, params, np.where(mask, ids, pad), mask)), ref)
+        np.testing.assert_array_equal(np.asarray(jit_forward(model, params, np.where(mask, ids, pad), mask)), ref)
 
 
 def test_pad_id_is_one_constant():
@@ -459,7 +464,7 @@ def test_init_scalar_head_turns_an_lm_into_a_value_model(llama):
     np.testing.assert_allclose([np.std(declared), np.std(fresh)], 0.02, rtol=0.05)
     ids, mask = _left_padded_batch(seed=15)
     scalar_params = {**{k: v for k, v in params.items() if k != "lm_head"}, "score": head}
-    values = forward(make_model(cfg, head="scalar"), scalar_params, ids, mask)
+    values = jit_forward(make_model(cfg, head="scalar"), scalar_params, ids, mask)
     assert values.shape == ids.shape and values.dtype == jnp.float32 and np.isfinite(np.asarray(values)).all()
 
 

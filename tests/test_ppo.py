@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -329,8 +328,10 @@ def test_sampler_logprobs_equal_the_training_forward_at_temperature():
 
     models = _models()
     state, _, ids, mask = _setup(models, seed=5)
-    out = sample(models.policy, state.policy.params, ids, mask, jax.random.key(1), models.sampling)
-    forced = response_token_stats(models.policy, state.policy.params, ids, mask, out.tokens_BN, out.mask_BN, 0.7)
+    out = jax.jit(lambda w: sample(models.policy, w, ids, mask, jax.random.key(1), models.sampling))(
+        state.policy.params)
+    forced = jax.jit(lambda w: response_token_stats(models.policy, w, ids, mask, out.tokens_BN, out.mask_BN, 0.7))(
+        state.policy.params)
     np.testing.assert_allclose(np.asarray(out.logprobs_BN), np.asarray(forced.logprobs_BN), atol=1e-5)
 
 

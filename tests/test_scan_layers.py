@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from test_families import _left_padded_batch, random_params
 from test_families import tiny as tiny_cfg
 from test_train import MESH_STEPS, _mesh_args, _train_on_mesh, data_dir, one_device_losses, tiny, workdir  # noqa: F401
+from compile_helpers import jit_forward
 from rlhf_jax.config import load_config
 from rlhf_jax.models import lora
 from rlhf_jax.models.architecture import FULL, SLIDING
@@ -104,8 +105,8 @@ def test_lora_adapters_scan_with_their_layers_and_leave_in_the_per_layer_layout(
     params = lora.with_adapters(random_params(cfg), jax.device_get(adapters))
     stacked = params_for(scanned, params)
     ids, mask = _left_padded_batch(seed=4)
-    np.testing.assert_allclose(np.asarray(forward(scanned, stacked, ids, mask))[mask],
-                               np.asarray(forward(loop, params, ids, mask))[mask], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jit_forward(scanned, stacked, ids, mask))[mask],
+                               np.asarray(jit_forward(loop, params, ids, mask))[mask], atol=1e-6)
     trainable, frozen = lora.split(stacked, spec)
     assert set(trainable) == {STACKED, "final_norm"} and "attn_norm" in trainable[STACKED]
     assert jax.tree.structure(lora.adapters(stacked)) == jax.tree.structure(lora.adapters(params))
@@ -157,7 +158,7 @@ def test_one_compiled_body_whatever_the_depth():
     """What the compiler is given (and so its time) does not grow with depth when the layers scan; the loop's
     program grows with every layer."""
     assert _program_lines(32, scan=True) == _program_lines(4, scan=True)
-    assert _program_lines(32, scan=False) > 4 * _program_lines(4, scan=False)
+    assert _program_lines(12, scan=False) > 2 * _program_lines(4, scan=False)
 
 
 def test_a_scanned_stage_trains_as_the_loop_and_exports_per_layer(tiny, data_dir, workdir, one_device_losses):
