@@ -30,8 +30,9 @@ demo: setup
 
 # The fast tier: every stage end to end once and every numerical oracle. The full tier adds the slow ones
 # (multi-process runs, kills and resumes, every mesh shape, the reference configs' compiles); CI runs it.
-# Tests mostly wait on XLA's single-threaded compiler, so they run in one worker per core.
-PYTEST := $(TEST_ENV) $(PY) -m pytest -q -n auto
+# Tests mostly wait on XLA's single-threaded compiler, so they run in one worker per core; idle workers take queued
+# tests from busy ones (worksteal), so that no worker waits alone on the last slow tests.
+PYTEST := $(TEST_ENV) $(PY) -m pytest -q -n auto --dist worksteal
 
 test: setup-dev
 	$(PYTEST) -m "not full" tests
