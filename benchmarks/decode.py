@@ -1,7 +1,17 @@
 """Decode throughput: our scanned, KV-cached sampler against transformers' `generate` (PyTorch, KV cache) on
-the same tiny Llama weights, in one run. Prints one JSON document.
+the same tiny Llama weights, and against Google Tunix's sampler on its own Llama3 at the same shapes, in one run.
+Prints one JSON document.
 
-  python benchmarks/decode.py [--batches 16 64] [--new-tokens 64 128] [--repeats 3] [--out FILE]
+  python benchmarks/decode.py [--batches 16 64] [--new-tokens 64 128] [--repeats 3] [--skip-transformers]
+                              [--tunix-python .venv-tunix/bin/python] [--out FILE]
+
+Tunix runs benchmarks/tunix_decode.py in its own interpreter, `--tunix-python` (default `.venv-tunix/bin/python`
+when it exists, created as the docstring of benchmarks/ppo.py says; otherwise Tunix is skipped with a note in the
+JSON): built once before any timing, then for each (batch, new tokens) it times `--repeats` calls of
+`tunix.generate.sampler.Sampler` after a compiling one, while this process waits. Tunix is timed for the tiny
+model on CPU only; its weights are its own random initialisation (the cost of decoding does not depend on them).
+`tunix_tokens_per_s` counts whole `Sampler.__call__`s (id strings in, tokens out, as its API takes them);
+`tunix_core_tokens_per_s` only their device work (sampling state, jitted prefill and decode loop).
 """
 
 from __future__ import annotations
@@ -11,9 +21,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -31,6 +43,42 @@ CONFIGS = {
     "1b": ModelConfig(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                       head_dim=64, d_ff=5632, max_position_embeddings=2048, eos_token_ids=(), bos_token_id=0),
 }
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TunixPeer:
+    """benchmarks/tunix_decode.py --serve in the Tunix interpreter: the constructor waits until its model is built;
+    `measure(batch, new_tokens, repeats)` then times Tunix's sampler there, this process waiting, and returns its
+    JSON line."""
+
+    def __init__(self, python: str, args: list[str]):
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / "tunix_decode.py"), "--serve", *args],
+                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True)
+        self.ready = self._reply()
+
+    def measure(self, batch: int, new_tokens: int, repeats: int) -> dict:
+        self.proc.stdin.write(f"{batch} {new_tokens} {repeats}\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.log.seek(0)
+        raise RuntimeError(f"tunix_decode.py ended ({self.proc.wait()}): {self.log.read()[-2000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # EOF ends its request loop
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
 
 
 def time_ours(model, params, ids, mask, new_tokens, temperature, repeats, dtype):
@@ -77,6 +125,9 @@ def main() -> None:
     ap.add_argument("--model-size", choices=sorted(CONFIGS), default="tiny")
     ap.add_argument("--torch-device", default="cpu", help="where transformers runs: cpu or cuda")
     ap.add_argument("--skip-transformers", action="store_true")
+    default_tunix = ROOT / ".venv-tunix" / "bin" / "python"
+    ap.add_argument("--tunix-python", default=str(default_tunix) if default_tunix.exists() else "",
+                    help="interpreter of the Tunix environment ('' skips Tunix)")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -95,21 +146,53 @@ def main() -> None:
         torch_threads = torch.get_num_threads()
     # Inference keeps weights in the compute dtype: no per-step cast of float32 weights inside the loop.
     params = jax.device_put(jax.tree.map(lambda x: x.astype(args.dtype), params))
+    on_cpu = jax.devices()[0].platform == "cpu"
+    tunix_python = args.tunix_python if args.model_size == "tiny" and on_cpu else ""
+    tunix_note = "" if tunix_python else (
+        "Tunix skipped: its sampler is timed for the tiny model only" if args.model_size != "tiny" else
+        "Tunix skipped: its sampler is timed on CPU only" if not on_cpu else
+        "Tunix skipped: --tunix-python ''" if default_tunix.exists() else
+        f"Tunix skipped: no {default_tunix.relative_to(ROOT)} (see the docstring of benchmarks/ppo.py to create it)")
+    if tunix_python and not Path(tunix_python).exists():
+        tunix_note, tunix_python = f"Tunix skipped: {tunix_python} does not exist", ""
+    tunix = None
+    if tunix_python:
+        try:
+            tunix = TunixPeer(tunix_python, ["--prompt", str(args.prompt),
+                                                     "--temperature", str(args.temperature)])
+        except RuntimeError as e:
+            tunix_note = f"Tunix failed: {e}"
+    tunix_settings = tunix.ready if tunix else None
     rows = []
-    for batch in args.batches:
-        ids = np.random.default_rng(0).integers(1, config.vocab_size, (batch, args.prompt)).astype(np.int32)
-        mask = np.ones_like(ids, bool)
-        for n in args.new_tokens:
-            # transformers first: its thread pool then does not compete with a just-finished XLA computation
-            hf_s = time_transformers(torch_model, ids, n, args.temperature, args.repeats) if torch_model else None
-            ours_s, compile_s = time_ours(model, params, ids, mask, n, args.temperature, args.repeats, args.dtype)
-            row = dict(batch=batch, prompt=args.prompt, new_tokens=n, ours_tokens_per_s=round(batch * n / ours_s, 1),
-                       ours_ms_per_step=round(1000 * ours_s / n, 3), ours_compile_s=round(compile_s, 2))
-            if hf_s is not None:
-                row.update(transformers_tokens_per_s=round(batch * n / hf_s, 1),
-                           transformers_ms_per_step=round(1000 * hf_s / n, 3), speedup=round(hf_s / ours_s, 3))
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    try:
+        for batch in args.batches:
+            ids = np.random.default_rng(0).integers(1, config.vocab_size, (batch, args.prompt)).astype(np.int32)
+            mask = np.ones_like(ids, bool)
+            for n in args.new_tokens:
+                # transformers first: its thread pool then does not compete with a just-finished XLA computation
+                hf_s = time_transformers(torch_model, ids, n, args.temperature, args.repeats) if torch_model else None
+                ours_s, compile_s = time_ours(model, params, ids, mask, n, args.temperature, args.repeats, args.dtype)
+                row = dict(batch=batch, prompt=args.prompt, new_tokens=n,
+                           ours_tokens_per_s=round(batch * n / ours_s, 1), ours_ms_per_step=round(1000 * ours_s / n, 3),
+                           ours_compile_s=round(compile_s, 2))
+                if hf_s is not None:
+                    row.update(transformers_tokens_per_s=round(batch * n / hf_s, 1),
+                               transformers_ms_per_step=round(1000 * hf_s / n, 3), speedup=round(hf_s / ours_s, 3))
+                if tunix is not None:
+                    # Its compile call comes first there, so our just-finished computation does not overlap its timing.
+                    try:
+                        t = tunix.measure(batch, n, args.repeats)
+                        row.update(tunix_tokens_per_s=t["tokens_per_s"], tunix_ms_per_step=t["ms_per_step"],
+                                   speedup_vs_tunix=round(row["ours_tokens_per_s"] / t["tokens_per_s"], 3),
+                                   tunix_core_tokens_per_s=t["core_tokens_per_s"], tunix_compile_s=t["compile_s"])
+                    except RuntimeError as e:
+                        tunix.close()
+                        tunix_note, tunix = f"Tunix failed: {e}", None
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        if tunix is not None:
+            tunix.close()
     # Per-token time as the generated length doubles (1.0 = flat).
     growth = {}
     for batch in args.batches:
@@ -122,6 +205,10 @@ def main() -> None:
                   platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__,
                   torch_threads=None if torch_model is None else torch_threads, results=rows,
                   per_token_time_growth=growth)
+    if tunix_settings and all("tunix_tokens_per_s" in r for r in rows):
+        result["tunix"] = {k: v for k, v in tunix_settings.items() if k != "ready"}
+    else:
+        result["tunix_note"] = tunix_note
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
