@@ -42,26 +42,9 @@ from jax.sharding import AxisType
 from tunix.generate import sampler as sampler_lib
 from tunix.models.llama3 import model as llama3
 
+from tunix_ppo import IdTokenizer  # the PPO comparison's tokenizer of decimal ids
+
 PAD, EOS = -1, 2048  # neither is a token id of the 2048-token vocabulary
-
-
-class IdTokenizer:
-    """Text is token ids written as decimal numbers separated by spaces; bos_id 0 is falsy, so none is added."""
-
-    def encode(self, text, **_):
-        return [int(t) for t in str(text).split()]
-
-    def decode(self, ids, **_):
-        return " ".join(str(int(i)) for i in ids)
-
-    def bos_id(self):
-        return 0
-
-    def eos_id(self):
-        return EOS
-
-    def pad_id(self):
-        return PAD
 
 
 class Bench:
@@ -86,7 +69,7 @@ class Bench:
         if new_tokens not in self.samplers:
             cache = sampler_lib.CacheConfig(cache_size=self.prompt + new_tokens, num_layers=self.cfg.num_layers,
                                             num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim)
-            self.samplers[new_tokens] = sampler_lib.Sampler(self.model, IdTokenizer(), cache)
+            self.samplers[new_tokens] = sampler_lib.Sampler(self.model, IdTokenizer(PAD, EOS), cache)
         return self.samplers[new_tokens]
 
     def measure(self, batch: int, new_tokens: int, repeats: int) -> dict:

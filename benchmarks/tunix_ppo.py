@@ -50,6 +50,9 @@ PAD, EOS = 0, 1
 class IdTokenizer:
     """Text is token ids written as decimal numbers separated by spaces; bos_id 0 is falsy, so none is added."""
 
+    def __init__(self, pad: int = PAD, eos: int = EOS):
+        self.pad, self.eos = pad, eos
+
     def encode(self, text, **_):
         return [int(t) for t in str(text).split()]
 
@@ -60,10 +63,10 @@ class IdTokenizer:
         return 0
 
     def eos_id(self):
-        return EOS
+        return self.eos
 
     def pad_id(self):
-        return PAD
+        return self.pad
 
 
 class Llama3(llama3.Llama3):
