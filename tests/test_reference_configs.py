@@ -117,7 +117,7 @@ def test_every_step_validates_and_the_steps_fit_together(name):
     for step in steps_by_name.values():
         cfg = step.cfg
         assert cfg.run_dir == f"runs/{name}/{step.name}" and cfg.data.dir == f"runs/{name}/data"
-        assert cfg.model.dtype == "bfloat16" and cfg.mesh.shape[0] == -1 and cfg.mesh.axes[0] == "data"
+        assert cfg.model.dtype == "bfloat16" and cfg.mesh.axes[:2] == ("data", "fsdp") and -1 in cfg.mesh.shape[:2]
         if cfg.stage == "prepare":
             p = cfg.prepare
             assert list(p.inputs) == URLS[p.format] and p.eval_fraction == 0.05  # one hash split for every dataset

@@ -67,7 +67,7 @@ class Programs:
     def _jit(self, kind: str, model, fn):
         key = (kind, model)
         if key not in self._jits:
-            self._jits[key] = jax.jit(functools.partial(fn, model), out_shardings=self.batch_sh)
+            self._jits[key] = sharding.jit(functools.partial(fn, model), self.mesh, out_shardings=self.batch_sh)
         return self._jits[key]
 
     def _batch(self, *arrays):
@@ -306,7 +306,7 @@ def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> 
     if metadata["kind"] != "rankings":
         raise UserError(f"eval.rankings={rankings}: a {metadata['kind']!r} dataset, expected one of kind 'rankings'")
     spec = dataclasses.replace(cfg.data, dir=str(path.parent), name=path.name)
-    fn = jax.jit(functools.partial(rm_eval_sums, model=model), out_shardings=sharding.replicated(mesh))
+    fn = sharding.jit(functools.partial(rm_eval_sums, model=model), mesh, out_shardings=sharding.replicated(mesh))
     sums = eval_sums(fn, params, eval_batches(spec, split, tokenizer, cfg.sampling.batch_size), mesh)
     accuracy = float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if sums else None
     return accuracy, {k: metadata.get(k) for k in ("labeler_ceiling", "labeler_agreement")}

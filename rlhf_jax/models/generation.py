@@ -82,9 +82,9 @@ class Generator:
             print(warning, file=sys.stderr)  # a replicated dimension costs memory: never silently
         self.params = sharding.place(params, param_sh)
         batch_sh = self.batch_sh = sharding.batch_sharding(mesh)
-        self._sample = jax.jit(functools.partial(sample, self.model, p=self.params_cfg),
-                               in_shardings=(param_sh, batch_sh, batch_sh, sharding.replicated(mesh)),
-                               out_shardings=batch_sh)
+        self._sample = sharding.jit(functools.partial(sample, self.model, p=self.params_cfg), mesh,
+                                    in_shardings=(param_sh, batch_sh, batch_sh, sharding.replicated(mesh)),
+                                    out_shardings=batch_sh)
 
     def generate(self, prompts: Sequence[str], batch_size: int, max_prompt_tokens: int, seed: int = 0,
                  progress: bool = True) -> Iterator[dict]:

@@ -22,6 +22,7 @@ from rlhf_jax.models.architecture import ModelConfig
 from rlhf_jax.models.layer_stack import STACKED, in_layout, layer_name
 from rlhf_jax.models.layers import MLP, Attention, AttentionImpl, Norm, dense_init, einsum, param, softcap
 from rlhf_jax.models.lora import LoraSpec, check_family
+from rlhf_jax.runtime import sharding
 
 SCAN_LAYERS_ABOVE = 8  # deeper models scan their layers by default: compile time then stays flat in depth
 PAD_ID = -1  # never a real token: masks carry the truth and the model embeds out-of-range ids as 0
@@ -73,6 +74,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer, sliding, positions_BT, key_mask_BS, cache_index, segment_ids_BT):
         x_BTD, cache = carry
+        x_BTD = sharding.constrain_batch(x_BTD)  # weights are gathered to the rows, never rows to the weights
         kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
         static = isinstance(sliding, bool)
         h, cache = Attention(**kw, dtype=self.dtype, attention=self.attention, sliding=static and sliding,
@@ -129,6 +131,7 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + jnp.take(wpe, positions_BT, axis=0).astype(self.dtype)
 
         x_BTD, new_cache = self._layers(x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT)
+        x_BTD = sharding.constrain_batch(x_BTD)
 
         if head_last:
             x_BTD = x_BTD[:, -head_last:]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 import re
 import sys
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -250,6 +252,40 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# The batch sharding of the program being traced by `jit` (None outside one): what `constrain_batch` applies.
+_ACTIVATIONS: contextvars.ContextVar[NamedSharding | None] = contextvars.ContextVar("activations", default=None)
+
+
+def jit(fn: Callable, mesh: Mesh, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` for a program over `mesh` whose models keep their activations split over the
+    data-parallel axes (`constrain_batch`). Without that, XLA is free to split a matmul by its weights' FSDP
+    axis instead, replicating activations: Qwen2.5-0.5B's PPO step on an fsdp axis of 8 then holds 67 GiB of
+    temporaries per device instead of 10."""
+    activations = batch_sharding(mesh)
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        token = _ACTIVATIONS.set(activations)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _ACTIVATIONS.reset(token)
+
+    return jax.jit(traced, **jit_kwargs)
+
+
+def constrain_batch(x_B: jax.Array) -> jax.Array:
+    """`x_B` split along its leading (batch) dimension over the data-parallel axes, the rest replicated, while a
+    `jit` traces; unchanged outside one or when the devices do not divide the batch."""
+    activations = _ACTIVATIONS.get()
+    if activations is None:
+        return x_B
+    ways = math.prod(activations.mesh.shape[a] for a in batch_axes(activations.mesh))
+    if ways == 1 or x_B.shape[0] % ways:
+        return x_B
+    return jax.lax.with_sharding_constraint(x_B, activations)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:

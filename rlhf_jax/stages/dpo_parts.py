@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 from typing import Iterator
 
-import jax
 import numpy as np
 
 from rlhf_jax.config import Config
@@ -81,7 +80,8 @@ class Reference:
             params = sharding.place(host if model.lora is None else lora.without_adapters(host), params_sh)
         if not cfg.dpo.precompute_reference:
             return cls((params,), (params_sh,), models=models)
-        score = jax.jit(functools.partial(dpo.response_logprobs, plain), out_shardings=sharding.replicated(mesh))
+        score = sharding.jit(functools.partial(dpo.response_logprobs, plain), mesh,
+                             out_shardings=sharding.replicated(mesh))
         tables = {split: score_split(score, params, cfg, split, tokenizer, batch_size, mesh) for split in splits}
         return cls(tables=tables, models=models)  # the params go out of scope here: freed
 

@@ -226,9 +226,10 @@ def jit_iteration(models: group.GroupModels, settings: group.GroupSettings, stat
     donated; `clock` times the rollout and the update inside the program."""
     repl = sharding.replicated(mesh)
     runtime = Runtime(clock=clock, batch_sharding=sharding.batch_sharding(mesh))
-    return jax.jit(lambda st, fr, ids, mask: group.iteration(st, fr, ids, mask, models=models, settings=settings,
-                                                             rewards_fn=rewards_fn, runtime=runtime),
-                   in_shardings=(state_sh, frozen_sh, repl, repl), out_shardings=(state_sh, repl), donate_argnums=0)
+    return sharding.jit(lambda st, fr, ids, mask: group.iteration(st, fr, ids, mask, models=models, settings=settings,
+                                                                  rewards_fn=rewards_fn, runtime=runtime), mesh,
+                        in_shardings=(state_sh, frozen_sh, repl, repl), out_shardings=(state_sh, repl),
+                        donate_argnums=0)
 
 
 # --------------------------------------------------------------------------------------------- the reward function

@@ -248,10 +248,10 @@ def jit_iteration(models: ppo.PPOModels, settings: ppo.PPOSettings, state_sh: pp
     rollout and the update inside the program."""
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     runtime = ppo.Runtime(clock=clock, batch_sharding=batch_sh)
-    return jax.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models,
-                                                                settings=settings, runtime=runtime),
-                   in_shardings=(state_sh, frozen_sh, batch_sh, batch_sh, batch_sh),
-                   out_shardings=(state_sh, repl), donate_argnums=0)
+    return sharding.jit(lambda st, fr, ids, mask, ptx: ppo.iteration(st, fr, ids, mask, ptx, models=models,
+                                                                     settings=settings, runtime=runtime), mesh,
+                        in_shardings=(state_sh, frozen_sh, batch_sh, batch_sh, batch_sh),
+                        out_shardings=(state_sh, repl), donate_argnums=0)
 
 
 def _ptx_spec(cfg: Config):

@@ -62,7 +62,7 @@ class Stage:
     def eval_fn(self, mesh):
         """The jitted eval reduction, compiled once per stage."""
         if self._eval_jit is None:
-            self._eval_jit = jax.jit(self.eval_sums, out_shardings=sharding.replicated(mesh))
+            self._eval_jit = sharding.jit(self.eval_sums, mesh, out_shardings=sharding.replicated(mesh))
         return self._eval_jit
 
     def eval_metrics(self, sums: dict) -> dict:

@@ -154,7 +154,7 @@ def jit_step(step: Callable, state_sh, mesh, *frozen_sh):
     shardings of each frozen argument (a LoRA model's base, dpo's reference), never donated."""
     repl = sharding.replicated(mesh)
     in_shardings = (state_sh, sharding.batch_sharding(mesh), repl, *frozen_sh)
-    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_sh, repl), donate_argnums=0)
+    return sharding.jit(step, mesh, in_shardings=in_shardings, out_shardings=(state_sh, repl), donate_argnums=0)
 
 
 def to_global(batch: dict, mesh) -> dict:
