@@ -1,4 +1,4 @@
-"""Several processes, one run: SFT, RM and PPO with 2 processes x 4 CPU devices through launch/local.sh (the same
+"""Several processes, one run: SFT, RM, PPO and GRPO with 2 processes x 4 CPU devices through launch/local.sh (the same
 code path as a pod) against the 1-process 8-device run, a SIGTERM mid-stage, and a checkpoint saved by 2
 processes resumed by 1 process on another mesh shape."""
 
@@ -38,13 +38,18 @@ def _pipeline(demo: Path) -> dict:
             "ppo": {"stage": "ppo", "model": {"path": str(demo / "sft" / "export")}, "data": {"name": "prompts"},
                     "train": {"steps": 2, "save_every": 1},
                     "ppo": {"reward_model": "{run_dir}/rm/export", "epochs": 1, "minibatches": 2}},
+            # every process reads every prompt; the reward function is a host callback inside the iteration
+            "grpo": {"stage": "grpo", "model": {"path": str(demo / "sft" / "export")}, "data": {"name": "prompts"},
+                     "train": {"steps": 2, "batch_size": 4},
+                     "grpo": {"reward_function": "rlhf_jax.tasks.sentiment:gold", "group_size": 4,
+                              "minibatches": 2}},
         },
     }
 
 
 def _metrics(run_dir: Path, stage: str) -> dict[int, dict]:
     rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r or "score_mean" in r}
+    return {r["step"]: r for r in rows if "loss" in r or "score_mean" in r or "reward_mean" in r}
 
 
 def _assert_close(a: dict[int, dict], b: dict[int, dict], steps) -> None:
@@ -103,6 +108,8 @@ def test_two_processes_match_one_survive_sigterm_and_resume_on_another_mesh(demo
     _assert_close(_metrics(one, "sft"), _metrics(two, "sft"), range(1, 25))
     _assert_close(_metrics(one, "rm"), _metrics(two, "rm"), range(1, 5))
     _assert_close(_metrics(one, "ppo"), _metrics(two, "ppo"), range(1, 3))
+    assert _metrics(two, "grpo")[2]["reward_std"] > 0  # the function scored the responses
+    _assert_close(_metrics(one, "grpo"), _metrics(two, "grpo"), range(1, 3))
 
     # The PPO checkpoint the 2 processes saved, continued by 1 process on a (2, 4, 1) mesh for one more iteration.
     stage_config = tmp_path / "ppo.yaml"
