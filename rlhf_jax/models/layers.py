@@ -247,9 +247,9 @@ class Attention(nn.Module):
             b_qkv = param(self, "qkv_bias", (K, G + 2, H), ("kv_heads", None, "head_dim"), nn.initializers.zeros,
                           self.param_dtype)
             qkv_BTKCH = qkv_BTKCH + b_qkv.astype(self.dtype)
-        q_BTKGH = qkv_BTKCH[:, :, :, :G]
-        k_BTKH = qkv_BTKCH[:, :, :, G]
-        v_BTKH = qkv_BTKCH[:, :, :, G + 1]
+        # one split, not three slices: its gradient is one concatenation, where each slice's is a zero-padded copy
+        q_BTKGH, k_BTK1H, v_BTK1H = jnp.split(qkv_BTKCH, [G, G + 1], axis=3)
+        k_BTKH, v_BTKH = k_BTK1H[:, :, :, 0], v_BTK1H[:, :, :, 0]
         if (dq := lora_delta(self, self.lora, "q", x_BTD, self.dtype)) is not None:  # HF's q row (k * G + g) * H + h
             q_BTKGH = q_BTKGH + dq.reshape(B, T, K, G, H)
         if (dk := lora_delta(self, self.lora, "k", x_BTD, self.dtype)) is not None:
@@ -346,7 +346,7 @@ class MLP(nn.Module):
         if has_bias:
             b_in = param(self, "wi_bias", (n_in, cfg.d_ff), (None, "mlp"), nn.initializers.zeros, self.param_dtype)
             h_BTCF = h_BTCF + b_in.astype(self.dtype)
-        gate_BTF, up_BTF = h_BTCF[:, :, 0], (h_BTCF[:, :, 1] if gated else None)
+        gate_BTF, up_BTF = ((x[:, :, 0] for x in jnp.split(h_BTCF, 2, axis=2)) if gated else (h_BTCF[:, :, 0], None))
         if (d := lora_delta(self, self.lora, "gate", x_BTD, self.dtype)) is not None:
             gate_BTF = gate_BTF + d
         if (d := lora_delta(self, self.lora, "up", x_BTD, self.dtype)) is not None:
