@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", nargs="+", required=True, help="policies: model dirs or sft/ppo run dirs")
     ap.add_argument("--reference", required=True, help="the baseline policy (e.g. the sft export)")
-    ap.add_argument("--reward-model", required=True, help="a reward model export")
+    ap.add_argument("--reward-model", default="", help="a reward model export (optional with --gold)")
     ap.add_argument("--prompts", required=True, help="prompt file, or prepared prompts dataset DIR[:SPLIT]")
     ap.add_argument("--rankings", default="", help="prepared rankings dataset DIR[:SPLIT] for RM accuracy")
     ap.add_argument("--gold", default="", help="MODULE:FUNCTION, f(prompts, responses) -> scores")

@@ -70,6 +70,39 @@ def test_win_rates_are_those_of_the_paired_samples(inputs, monkeypatch):
     assert "Review #1 of the lamp:" in (out / "report.md").read_text()
 
 
+def _eval_without_rm(inputs, out, *args):
+    argv = ["--reference", inputs["sft"], "--out", out, "--max-new-tokens", "12", "--batch-size", "8",
+            "--max-prompt-tokens", "16", "--prompts", inputs["prompt_file"], *args]
+    return run_quietly(evaluate.main, argv)
+
+
+def test_the_gold_scorer_alone_judges_without_a_reward_model(inputs, monkeypatch):
+    """No --reward-model: the same paired samples, scored by the gold function only; no RM score or win rate
+    anywhere (report.json, report.md, the headline), and the verdict judges by the gold win rate."""
+    from rlhf_jax.eval import report as report_module
+    from rlhf_jax.tasks.sentiment import gold
+
+    shown = []
+    write_report = report_module.write_report
+    monkeypatch.setattr(report_module, "write_report", lambda out, result, samples, runs=(): (
+        shown.extend(samples), write_report(out, result, samples, runs))[1])
+    out = inputs["root"] / "gold_only"
+    rc, _, err = _eval_without_rm(inputs, out, "--policy", inputs["ppo"] / "export", "--gold", GOLD)
+    assert rc == 0, err[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    (policy,) = report["policies"]
+    assert report["reward_model"] is None and policy["win_rate"] is None and policy["score_mean"] is None
+    assert all(row["policy_score"] is None and row["reference_score"] is None for row in shown)
+    prompts = [row["prompt"] for row in shown]
+    policy_gold, reference_gold = (gold(prompts, [row[f"{side}_response"] for row in shown])
+                                   for side in ("policy", "reference"))
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_gold, reference_gold)) / len(shown)
+    assert policy["gold_win_rate"] == pytest.approx(wins) and policy["kl"] > 0
+    text = (out / "report.md").read_text()
+    assert "RM score" not in text and "reward model" not in text and "by the gold reward" in text
+    assert "export: gold win rate" in err and "by RM score" not in err
+
+
 def test_all_steps_evaluates_every_saved_step_and_skips_an_interrupted_save(inputs, monkeypatch):
     run = inputs["ppo"]
     partial = run / "checkpoints" / "30.orbax-checkpoint-tmp-1700000000"
@@ -106,6 +139,17 @@ def test_wrong_inputs_fail_in_one_line(inputs, flags, fragment):
     if "--prompts" not in flags:
         flags += ["--prompts", str(inputs["prompt_file"])]
     rc, _, err = _eval(inputs, inputs["root"] / "bad", *flags)
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    ([], "needs --reward-model or --gold"),
+    (["--gold", GOLD, "--rankings", "{data}/rankings"], "--rankings measures the reward model's accuracy"),
+])
+def test_a_scorer_is_needed_and_rankings_need_the_reward_model(inputs, flags, fragment):
+    rc, _, err = _eval_without_rm(inputs, inputs["root"] / "bad", "--policy", str(inputs["sft"]),
+                                  *(f.format(**inputs) for f in flags))
     lines = err.strip().splitlines()
     assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err
     assert "Traceback" not in err and "eval:" not in err  # refused before the first sample

@@ -267,7 +267,8 @@ class EvalSection:
     policies: tuple[str, ...] = opt((), "policies to evaluate: export/best/HF dirs, or training run dirs (their "
                                          "latest checkpoint, eval.step or every step with eval.all_steps)")
     reference: str = opt("", "the baseline policy every one is compared with (e.g. the sft export)")
-    reward_model: str = opt("", "reward model export scoring the responses (its reward_norm applied)")
+    reward_model: str = opt("", "reward model export scoring the responses (its reward_norm applied); may be left "
+                                 "out when eval.gold scores them")
     prompts: str = opt("", "a prompt file (.txt, .jsonl) or a prepared prompts dataset dir, DIR[:SPLIT] "
                             "(default split: eval)")
     rankings: str = opt("", "optional prepared rankings dataset DIR[:SPLIT] (default eval) for RM accuracy")

@@ -117,15 +117,17 @@ class Evaluator:
     def __init__(self, cfg: Config, prompts: list[str], gold_fn: Callable | None, mesh):
         e, s = cfg.eval, cfg.sampling
         self.prompts, self.gold_fn, self.gold_spec = prompts, gold_fn, e.gold
-        reward = load_model(e.reward_model)
-        if reward.head != "scalar":
+        reward = load_model(e.reward_model) if e.reward_model else None
+        if reward is not None and reward.head != "scalar":
             raise UserError(f"eval.reward_model={e.reward_model}: a language model, expected a reward model "
                             "export (scalar head)")
-        check_role(reward, f"eval.reward_model={e.reward_model}", "reward")
+        if reward is not None:
+            check_role(reward, f"eval.reward_model={e.reward_model}", "reward")
         self.reference = load_model(e.reference, need_tokenizer=True)
         if self.reference.head != "lm":
             raise UserError(f"eval.reference={e.reference}: {SCALAR_NOT_POLICY}")
-        self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
+        if reward is not None:
+            self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
         self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
         encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
         eos = self.reference.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
@@ -134,10 +136,10 @@ class Evaluator:
         self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
         check_positions(self.reference.cfg, self.batches[0][2].shape[1] + s.max_new_tokens,
                              "sampling.max_prompt_tokens + sampling.max_new_tokens")
-        norm = reward.extra.get("reward_norm") or {}
+        norm = (reward.extra.get("reward_norm") if reward is not None else None) or {}
         self.gain, self.bias = float(norm.get("gain", 1.0)), float(norm.get("bias", 0.0))
-        self.reward = reward
-        self.reward_model, self.reward_params = self.programs.place(reward)
+        self.reward = reward  # None: the gold scorer alone judges the responses
+        self.reward_model, self.reward_params = self.programs.place(reward) if reward is not None else (None, None)
         self.ref_model, self.ref_params = self.programs.place(self.reference)
         self.rng = jax.random.key(cfg.seed)
 
@@ -154,8 +156,10 @@ class Evaluator:
         programs, parts = self.programs, []
         for start, n, ids, mask in self.batches:
             smp = programs.sample(model, params, ids, mask, jax.random.fold_in(self.rng, start))
-            part = {"samples": smp, "score": programs.scores(self.reward_model, self.reward_params, self.gain,
-                                                              self.bias, ids, mask, smp)}
+            part = {"samples": smp}
+            if self.reward_model is not None:
+                part["score"] = programs.scores(self.reward_model, self.reward_params, self.gain, self.bias, ids,
+                                                mask, smp)
             if policy:
                 part["logprobs"] = programs.logprobs(model, params, ids, mask, smp)
                 part["ref_logprobs"] = programs.logprobs(self.ref_model, self.ref_params, ids, mask, smp)
@@ -173,9 +177,13 @@ class Evaluator:
 
 def check_config(cfg: Config) -> None:
     """What can be known wrong before reading any file."""
-    for key in ("policies", "reference", "reward_model", "prompts"):
+    for key in ("policies", "reference", "prompts"):
         if not getattr(cfg.eval, key):
             raise UserError(f"stage 'eval' needs eval.{key}")
+    if not (cfg.eval.reward_model or cfg.eval.gold):
+        raise UserError("stage 'eval' needs eval.reward_model or eval.gold: something to score the responses")
+    if cfg.eval.rankings and not cfg.eval.reward_model:
+        raise UserError("eval.rankings measures the reward model's accuracy: set eval.reward_model too")
     load_gold(cfg.eval.gold)
 
 
@@ -220,7 +228,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     with MetricsWriter(run_dir, "eval", resume_step=0) as metrics:  # a rerun replaces the eval lines
         for step, values in logged:
             metrics.write(step, values)
-    result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": str(e.reward_model),
+    result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": e.reward_model or None,
               "prompts": len(prompts), "seed": cfg.seed, "gold": e.gold or None, "rm_accuracy": rm_accuracy,
               "labeler_ceiling": labels.get("labeler_ceiling"), "labeler_agreement": labels.get("labeler_agreement"),
               "sampling": dataclasses.asdict(s), "policies": rows}
@@ -264,7 +272,8 @@ def round_row(report: dict) -> dict:
 
 def _sample_row(name: str, prompt: str, ref: dict, pol: dict, i: int) -> dict:
     row = {"policy": name, "prompt": prompt, "reference_response": ref["texts"][i], "policy_response": pol["texts"][i],
-           "reference_score": float(ref["score"][i]), "policy_score": float(pol["score"][i])}
+           "reference_score": float(ref["score"][i]) if "score" in ref else None,
+           "policy_score": float(pol["score"][i]) if "score" in pol else None}
     if "gold" in pol:
         row.update(reference_gold=float(ref["gold"][i]), policy_gold=float(pol["gold"][i]))
     return row
@@ -272,7 +281,9 @@ def _sample_row(name: str, prompt: str, ref: dict, pol: dict, i: int) -> dict:
 
 def _response_stats(r: dict) -> dict:
     smp = r["samples"]
-    return {"score_mean": float(r["score"].mean()), "score_std": float(r["score"].std()),
+    scored = "score" in r  # by a reward model
+    return {"score_mean": float(r["score"].mean()) if scored else None,
+            "score_std": float(r["score"].std()) if scored else None,
             "gold_score_mean": float(r["gold"].mean()) if "gold" in r else None,
             "response_length": float(smp.mask.sum(1).mean()), "eos_rate": float(smp.ended.mean())}
 
@@ -285,7 +296,8 @@ def _policy_row(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float |
 
 
 def _measures(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float | None) -> dict:
-    wins = eval_stats.win_rate(pol["score"], ref["score"])
+    wins = eval_stats.win_rate(pol["score"], ref["score"]) if "score" in pol else {"win_rate": None,
+                                                                                    "win_rate_ci": None}
     kl = eval_stats.sequence_kl(pol["logprobs"], pol["ref_logprobs"], pol["samples"].mask)
     row = {"name": source.name, "path": str(source.path), "step": source.step, **_response_stats(pol),
            "win_rate": wins["win_rate"], "win_rate_ci": wins["win_rate_ci"], "gold_win_rate": None,

@@ -45,7 +45,7 @@ def write_report(out_dir: Path, report: dict, samples: list[dict], runs: Sequenc
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [write_bytes_atomically(out_dir / "report.json", (json.dumps(_plain(report), indent=2) + "\n").encode())]
     plots = []
-    if len(_stepped(report["policies"])) >= 2:
+    if len(_stepped(report["policies"])) >= 2 and _has_rm(report):
         plots.append(write_bytes_atomically(out_dir / "score_kl_by_step.png", _score_kl_by_step_png(report)))
     if _has_gold(report):
         plots.append(write_bytes_atomically(out_dir / "gold_vs_kl.png", _gold_vs_kl_png(report)))
@@ -64,9 +64,12 @@ def headline(report: dict) -> list[str]:
     """One line per policy for the terminal: win rate vs the reference (by RM score, and gold when scored), KL."""
     lines = []
     for p in report["policies"]:
-        parts = [f"{p['name']}: win rate {_rate_ci(p['win_rate'], p['win_rate_ci'])} vs reference by RM score"]
+        parts = []
+        if p.get("win_rate") is not None:
+            parts.append(f"win rate {_rate_ci(p['win_rate'], p['win_rate_ci'])} vs reference by RM score")
         if p.get("gold_win_rate") is not None:
             parts.append(f"gold win rate {_rate_ci(p['gold_win_rate'], p.get('gold_win_rate_ci'))}")
+        parts[0] = f"{p['name']}: {parts[0]}"
         parts.append(f"KL {_num(p.get('kl'), 2)} nats")
         lines.append(", ".join(parts))
     return lines
@@ -88,10 +91,11 @@ def verdict(report: dict) -> list[str]:
         outcome = "RLHF made no clear difference to the policy"
     lines = [f"{outcome}: on {report['prompts']} held-out prompts {p['name']}'s response beats the reference's "
              f"{100 * rate:.0f}% of the time by {judge} (95% CI {100 * ci[0]:.0f}-{100 * ci[1]:.0f}%, ties half)."]
-    detail = f"By the reward model it wins {100 * p['win_rate']:.0f}%"
+    details = [f"By the reward model it wins {100 * p['win_rate']:.0f}%"] if p.get("win_rate") is not None else []
     if gold:
-        detail += f"; the gold score goes from {ref['gold_score_mean']:.2f} to {p['gold_score_mean']:.2f}"
-    lines.append(detail + f", at a KL of {p['kl']:.2f} nats from the reference.")
+        details.append(f"the gold score goes from {ref['gold_score_mean']:.2f} to {p['gold_score_mean']:.2f}")
+    details[0] = details[0][0].upper() + details[0][1:]
+    lines.append("; ".join(details) + f", at a KL of {p['kl']:.2f} nats from the reference.")
     if report.get("rm_accuracy") is not None:
         ceiling = report.get("labeler_ceiling")
         lines.append(f"The reward model orders {100 * report['rm_accuracy']:.1f}% of held-out labeled pairs "
@@ -106,8 +110,8 @@ def verdict(report: dict) -> list[str]:
 def markdown_report(report: dict, samples: list[dict], plot_names: Sequence[str] = ()) -> str:
     """The report.md text: settings, the headline table, the plots `plot_names` (files beside it), samples."""
     ref = report["reference"]
-    settings = (f"{report.get('prompts')} prompts, seed {report.get('seed')}, "
-                f"reward model `{report.get('reward_model')}`, reference `{ref.get('path')}`")
+    scorer = f"reward model `{report['reward_model']}`, " if report.get("reward_model") else ""
+    settings = f"{report.get('prompts')} prompts, seed {report.get('seed')}, {scorer}reference `{ref.get('path')}`"
     settings += f", gold scorer `{report['gold']}`." if report.get("gold") else "."
     lines = ["# Policy evaluation", "", settings, ""]
     if report.get("sampling"):
@@ -138,19 +142,21 @@ def _headline_table(report: dict) -> list[str]:
     policies, ref = report["policies"], report["reference"]
     gold = _has_gold(report)
     per_policy_acc = any(p.get("rm_accuracy") is not None for p in policies)
-    header = ["Policy", "Step", "RM score", "Win rate vs reference"]
+    rm = _has_rm(report)
+    header = ["Policy", "Step"] + (["RM score", "Win rate vs reference"] if rm else [])
     header += ["Gold score", "Gold win rate"] if gold else []
     header += ["KL (nats)", "KL k3", "Response length", "EOS rate"] + (["RM accuracy"] if per_policy_acc else [])
     rows = []
     for p in policies:
-        row = [p["name"], p.get("step"), _mean_std(p.get("score_mean"), p.get("score_std")),
-               _rate_ci(p.get("win_rate"), p.get("win_rate_ci"))]
+        row = [p["name"], p.get("step")]
+        row += [_mean_std(p.get("score_mean"), p.get("score_std")), _rate_ci(p.get("win_rate"), p.get("win_rate_ci"))
+                ] if rm else []
         if gold:
             row += [_num(p.get("gold_score_mean")), _rate_ci(p.get("gold_win_rate"), p.get("gold_win_rate_ci"))]
         row += [_num(p.get("kl")), _num(p.get("kl_k3")), _num(p.get("response_length"), 1), _num(p.get("eos_rate"))]
         rows.append(row + ([_num(p.get("rm_accuracy"))] if per_policy_acc else []))
     # The reference against itself: KL 0 and no win rate.
-    row = ["reference", None, _mean_std(ref.get("score_mean"), ref.get("score_std")), None]
+    row = ["reference", None] + ([_mean_std(ref.get("score_mean"), ref.get("score_std")), None] if rm else [])
     row += [_num(ref.get("gold_score_mean")), None] if gold else []
     row += [_num(0.0), _num(0.0), _num(ref.get("response_length"), 1), _num(ref.get("eos_rate"))]
     rows.append(row + ([None] if per_policy_acc else []))
@@ -159,10 +165,11 @@ def _headline_table(report: dict) -> list[str]:
 
 def _sample_block(i: int, sample: dict, has_gold: bool) -> list[str]:
     gold = has_gold or sample.get("policy_gold") is not None or sample.get("reference_gold") is not None
-    header = ["Model", "Response", "RM score"] + (["Gold score"] if gold else [])
+    rm = sample.get("policy_score") is not None
+    header = ["Model", "Response"] + (["RM score"] if rm else []) + (["Gold score"] if gold else [])
     rows = []
     for who, name in (("reference", "reference"), ("policy", sample["policy"])):
-        row = [name, sample[f"{who}_response"], _num(sample.get(f"{who}_score"))]
+        row = [name, sample[f"{who}_response"]] + ([_num(sample.get(f"{who}_score"))] if rm else [])
         rows.append(row + ([_num(sample.get(f"{who}_gold"))] if gold else []))
     return [f"### {i}. {_escape_cell(sample['policy'])}", "", "Prompt:", "", *_fenced(sample["prompt"]), "",
             *_table(header, rows), ""]
@@ -232,6 +239,11 @@ def _plain(value):
 
 def _stepped(policies: list[dict]) -> list[dict]:
     return sorted((p for p in policies if p.get("step") is not None), key=lambda p: p["step"])
+
+
+def _has_rm(report: dict) -> bool:
+    """Whether a reward model scored the responses (an evaluation may have the gold scorer alone)."""
+    return any(p.get("score_mean") is not None for p in [report["reference"], *report["policies"]])
 
 
 def _has_gold(report: dict) -> bool:
