@@ -131,7 +131,7 @@ def main() -> None:
                                                       rewards_fn=rewards_fn, runtime=runtime),
                    donate_argnums=0).lower(state, frozen, ids, mask).compile()
     ids_RP, mask_RP = group.repeat_prompts(ids, mask, settings)
-    orders = ppo.minibatch_orders(jax.random.PRNGKey(4), R, settings)
+    orders = group.minibatch_orders(jax.random.PRNGKey(4), B, settings)
     rng = jax.random.PRNGKey(3)
     rollout = jax.jit(lambda s, f, i, m, r, o: group.rollout(s, f, i, m, r, models, settings, rewards_fn,
                                                              first_order_MMb=o)[:2]

@@ -5,6 +5,7 @@ line."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -79,6 +80,27 @@ def test_rloo_advantages_equal_a_loop_over_groups():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     no_kl = np.asarray(GM.rloo_advantages(GM.rloo_rewards(jnp.asarray(scores), None, 0.1), G))
     assert np.all(no_kl[G:2 * G] == 0.0)
+
+
+@pytest.mark.parametrize("prompts, minibatches, accum", [(4, 2, 2), (6, 3, 1), (8, 1, 4)])
+def test_minibatch_orders_keep_each_group_whole_and_consecutive_in_one_micro_batch(prompts, minibatches, accum):
+    """With share_prompts, every micro-batch the update takes (`micro_batches` of each minibatch) is whole groups,
+    each group's G rows consecutive and in order; every epoch visits every row once, in a fresh order of groups;
+    without it, rows are shuffled one by one."""
+    settings = group.GroupSettings(group_size=G, epochs=3, minibatches=minibatches, accum=accum)
+    orders = np.asarray(group.minibatch_orders(jax.random.key(0), prompts, settings))
+    assert orders.shape == (3, minibatches, prompts * G // minibatches)
+    group_orders = []
+    for epoch in orders:
+        assert sorted(epoch.reshape(-1).tolist()) == list(range(prompts * G))
+        micro = np.asarray(jax.vmap(lambda rows: steps.micro_batches(rows, accum))(jnp.asarray(epoch)))
+        runs = micro.reshape(-1, G)  # (micro-batches x groups each, G)
+        np.testing.assert_array_equal(runs, runs[:, :1] + np.arange(G))
+        assert np.all(runs[:, 0] % G == 0)
+        group_orders.append(tuple(runs[:, 0] // G))
+    assert len(set(group_orders)) == 3  # a fresh permutation per epoch
+    rows = group.minibatch_orders(jax.random.key(0), prompts, dataclasses.replace(settings, share_prompts=False))
+    assert any(np.any(np.diff(np.asarray(epoch).reshape(-1, G), axis=1) != 1) for epoch in rows)
 
 
 def test_the_iterations_advantages_follow_the_algorithm():
@@ -310,9 +332,10 @@ def test_the_reward_function_sees_exactly_the_decoded_responses_cut_at_eos():
 
 def test_first_step_through_the_rollouts_forward_equals_a_direct_gradient():
     """The first optimizer step's backward runs through the rollout's own forward of its first micro-batch
-    (`FirstForward`) and the other micro-batch through its own; with plain SGD at lr 1 the step moves the params
-    by exactly minus the gradient of the whole minibatch's loss (k3 to a reference that differs included),
-    computed directly in one piece."""
+    (`FirstForward`) and the other micro-batch through its own, each group's prompt pass run once
+    (`share_prompts`); with plain SGD at lr 1 the step moves the params by exactly minus the gradient of the whole
+    minibatch's loss (k3 to a reference that differs included), computed directly in one piece, every row through
+    its own whole pass."""
     import optax
 
     from rlhf_jax.rl.scoring import response_token_stats
@@ -325,7 +348,9 @@ def test_first_step_through_the_rollouts_forward_equals_a_direct_gradient():
     ref = jax.tree.map(lambda x: x * 1.1, params)
     rng = np.random.default_rng(6)
     mask = _prefix_mask(rng, R, N)
-    responses = (jnp.asarray(rng.integers(4, CFG.vocab_size, (R, P)), jnp.int32), jnp.ones((R, P), bool),
+    prompt_mask = np.arange(P)[None, :] >= rng.integers(0, P, (B, 1))  # left-padded, one token at least
+    prompts = np.where(prompt_mask, rng.integers(4, CFG.vocab_size, (B, P)), PAD_ID)
+    responses = (jnp.asarray(np.repeat(prompts, G, 0), jnp.int32), jnp.asarray(np.repeat(prompt_mask, G, 0)),
                  jnp.asarray(np.where(mask, rng.integers(4, CFG.vocab_size, (R, N)), PAD_ID), jnp.int32),
                  jnp.asarray(mask))
     advantages = jnp.asarray(rng.normal(size=R), jnp.float32)
@@ -335,8 +360,8 @@ def test_first_step_through_the_rollouts_forward_equals_a_direct_gradient():
         state = group.init_state(params, models, jax.random.key(0))
         forced, first = group.teacher_force(state, group.Frozen(ref), responses, models, settings, group.Runtime())
         batch = group.GroupBatch(*responses, forced.old_logprobs_RN, forced.ref_logprobs_RN, advantages)
-        policy, _ = group.update(state.policy, batch, jnp.arange(R).reshape(1, 1, R), models, settings,
-                                 group.Runtime(), first)
+        in_order = group.group_rows(jnp.arange(B)[None], settings)  # as teacher_force takes them by default
+        policy, _ = group.update(state.policy, batch, in_order, models, settings, group.Runtime(), first)
         return policy.params, batch
 
     moved_params, batch = first_step(params, ref)
@@ -503,6 +528,8 @@ def test_reward_function_mistakes_stop_the_stage_in_one_line(group_inputs, tmp_p
                                                        "must split into grpo.minibatches=4 minibatches divisible by "
                                                        "the 8 data-parallel devices"),
     (["grpo.reward_model={rm}", "optim.grad_accum_steps=2"], "minibatches of optim.grad_accum_steps=2 micro-batches"),
+    (["grpo.reward_model={rm}", "grpo.minibatches=8"], "grpo.share_prompts keeps each prompt's group in one "
+                                                       "micro-batch: train.batch_size=4 prompts do not split"),
     (["grpo.reward_function=nowhere_to_be_found:f"], "grpo.reward_function='nowhere_to_be_found:f': cannot import"),
     (["grpo.reward_function=grpo_fixtures:missing"], "grpo_fixtures has no function 'missing'"),
     (["grpo.reward_model={tiny}"], "a language model, expected a scalar-head"),

@@ -77,3 +77,40 @@ def test_the_entropy_is_a_metric_unless_asked_for_its_gradient():
         np.testing.assert_array_equal(a, b)
     assert flops_metric < flops_bonus - 2 * B * N * CFG.vocab_size, (flops_metric, flops_bonus)
     assert max(float(np.abs(a - b).max()) for a, b in zip(bonus, plain)) > 1e-3
+
+
+@pytest.mark.parametrize("family, scan", [("gemma2", False), ("gemma3", True)])
+def test_a_groups_shared_prompt_pass_gives_each_rows_own_pass(family, scan):
+    """Rows in runs of G sharing a (left-padded) prompt: one prompt pass per run, its keys and values read by the
+    run's responses (`group=G`), gives every row's own whole pass: log-probs, entropies and the gradient of an
+    objective over them, with a window shorter than prompt + response (the responses' first tokens see the prompt
+    through it) in a Python loop of layers and in a scan of mixed sliding and full layers."""
+    from test_families import random_params, tiny
+
+    G, b, P_, N_ = 3, 3, 6, 5
+    cfg = tiny(family)
+    model = make_model(cfg, scan_layers=scan)
+    params = jax.tree.map(jnp.asarray, random_params(cfg))
+    if scan:
+        from rlhf_jax.models.layer_stack import stack_layers
+        params = stack_layers(params, cfg.n_layers)
+    rng = np.random.default_rng(4)
+    prompt_mask = np.arange(P_)[None] >= np.array([[0], [2], [5]])  # whole, padded, one token
+    prompt = np.where(prompt_mask, rng.integers(4, cfg.vocab_size, (b, P_)), PAD_ID)
+    mask = np.arange(N_)[None] < rng.integers(1, N_ + 1, (b * G, 1))
+    rows = (jnp.asarray(np.repeat(prompt, G, 0), jnp.int32), jnp.asarray(np.repeat(prompt_mask, G, 0)),
+            jnp.asarray(np.where(mask, rng.integers(4, cfg.vocab_size, (b * G, N_)), PAD_ID), jnp.int32),
+            jnp.asarray(mask))
+    weights = jnp.asarray(rng.normal(size=(2, b * G, N_)), jnp.float32)
+
+    def objective(p, group):
+        stats = scoring.response_token_stats(model, p, *rows, T, group=group)
+        return jnp.sum(weights[0] * stats.logprobs_BN) + jnp.sum(weights[1] * stats.entropy_BN * rows[3]), stats
+
+    (own, own_stats), own_grads = jax.jit(jax.value_and_grad(lambda p: objective(p, 1), has_aux=True))(params)
+    (shared, stats), grads = jax.jit(jax.value_and_grad(lambda p: objective(p, G), has_aux=True))(params)
+    np.testing.assert_allclose(stats.logprobs_BN, own_stats.logprobs_BN, atol=1e-5)
+    np.testing.assert_allclose(stats.entropy_BN * rows[3], own_stats.entropy_BN * rows[3], atol=1e-5)
+    for a, c in zip(jax.tree.leaves(grads), jax.tree.leaves(own_grads)):
+        np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4)
+    assert np.abs(np.asarray(own_stats.logprobs_BN)).max() > 0.1 and float(shared) == pytest.approx(float(own), rel=1e-5)

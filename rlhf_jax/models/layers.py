@@ -232,10 +232,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None,
-                 cache_layer=None, sliding_flag=None):
+                 cache_layer=None, sliding_flag=None, prefix_kv=None, keep_kv: bool = False):
         """`layer_cache`: (k_BKSH, v_BKSH) of this layer, or with `cache_layer` every layer's (a tuple per layer, or
         k_LBKSH, v_LBKSH stacked), written and read at that (possibly traced) index. `sliding_flag`: a traced bool that
-        overrides `sliding` (a scanned stack whose layers differ)."""
+        overrides `sliding` (a scanned stack whose layers differ). Full pass only: `prefix_kv` (k_BKPH, v_BKPH), the
+        keys and values of P tokens before this call's, which it attends to as to a read-only cache (key_mask_BS
+        then covers P + T slots); `keep_kv`: return this call's (k_BKTH, v_BKTH) in place of the cache.
+        Returns (out_BTD, the written cache, this call's keys and values, or None)."""
         cfg = self.cfg
         D, K, G, H = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
         B, T, _ = x_BTD.shape
@@ -267,17 +270,22 @@ class Attention(nn.Module):
             q_BTKGH = apply_rope(q_BTKGH.reshape(B, T, K * G, H), positions_BT, inv_freq).reshape(B, T, K, G, H)
             k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
-        if layer_cache is None:  # full sequence: keys are this call's tokens
+        if layer_cache is None:  # full sequence: keys are this call's tokens, after the prefix's when there is one
             k_BKSH, v_BKSH = k_BTKH.swapaxes(1, 2), v_BTKH.swapaxes(1, 2)
+            new_cache = (k_BKSH, v_BKSH) if keep_kv else None
             query_slot_T = jnp.arange(T)
-            new_cache = None
+            if prefix_kv is not None:
+                k_BKSH = jnp.concatenate([prefix_kv[0].astype(k_BKSH.dtype), k_BKSH], axis=2)
+                v_BKSH = jnp.concatenate([prefix_kv[1].astype(v_BKSH.dtype), v_BKSH], axis=2)
+                query_slot_T = prefix_kv[0].shape[2] + query_slot_T
         else:  # write this call's keys into the cache in place, attend over every slot
             (k_cache, k_BKSH), (v_cache, v_BKSH) = (_write_cache(cache, x.swapaxes(1, 2), cache_layer, cache_index)
                                                     for cache, x in zip(layer_cache, (k_BTKH, v_BTKH)))
             new_cache = (k_cache, v_cache)
             query_slot_T = cache_index + jnp.arange(T)
         k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
-        if _use_cudnn_attention(self.attention, self.dtype, layer_cache is None, T, H, cfg.attn_softcap is not None):
+        full_pass = layer_cache is None and prefix_kv is None
+        if _use_cudnn_attention(self.attention, self.dtype, full_pass, T, H, cfg.attn_softcap is not None):
             allowed_BTS = attention_mask(query_slot_T, key_mask_BS, window, segment_ids_BT, segment_ids_BT)
             scale = 1 / math.sqrt(H) if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
             # Query head k * G + g uses KV head k, which is dot_product_attention's GQA grouping too.

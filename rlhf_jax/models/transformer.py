@@ -61,33 +61,37 @@ def init_scalar_head(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> jax
 
 class Block(nn.Module):
     """Pre-norm residual block; Gemma also normalises each branch's output (post_attn_norm, post_mlp_norm).
-    Called as one step of a scan over layers: carry (x_BTD, cache) -> (carry, None), where `cache` is the
+    Called as one step of a scan over layers: carry (x_BTD, cache) -> (carry, kv), where `cache` is the
     KVCache of every layer (read and written at index `layer`) or None for a full pass. `sliding`: whether the layer
-    attends within the config's sliding window, a Python bool or (a scanned stack whose layers differ) traced."""
+    attends within the config's sliding window, a Python bool or (a scanned stack whose layers differ) traced.
+    A full pass may attend after a `prefix` (this layer's keys and values of earlier tokens), and return its own
+    (`keep_kv`) as kv (otherwise None)."""
 
     cfg: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: AttentionImpl = "auto"
     lora: LoraSpec | None = None
+    keep_kv: bool = False  # a full pass returns this layer's keys and values as the step's output
 
     @nn.compact
-    def __call__(self, carry, layer, sliding, positions_BT, key_mask_BS, cache_index, segment_ids_BT):
+    def __call__(self, carry, layer, sliding, positions_BT, key_mask_BS, cache_index, segment_ids_BT, prefix=None):
         x_BTD, cache = carry
         x_BTD = sharding.constrain_batch(x_BTD)  # weights are gathered to the rows, never rows to the weights
         kw = dict(cfg=self.cfg, param_dtype=self.param_dtype)
         static = isinstance(sliding, bool)
-        h, cache = Attention(**kw, dtype=self.dtype, attention=self.attention, sliding=static and sliding,
-                             lora=self.lora, name="attn")(
+        h, written = Attention(**kw, dtype=self.dtype, attention=self.attention, sliding=static and sliding,
+                               lora=self.lora, name="attn")(
             Norm(**kw, name="attn_norm")(x_BTD), positions_BT, key_mask_BS, cache, cache_index, segment_ids_BT,
-            cache_layer=layer, sliding_flag=None if static else sliding)
+            cache_layer=layer, sliding_flag=None if static else sliding, prefix_kv=prefix, keep_kv=self.keep_kv)
+        cache, kv = (None, written) if cache is None else (KVCache(*written), None)
         if self.cfg.is_gemma:
             h = Norm(**kw, name="post_attn_norm")(h)
         x_BTD = x_BTD + h
         h = MLP(**kw, dtype=self.dtype, lora=self.lora, name="mlp")(Norm(**kw, name="mlp_norm")(x_BTD))
         if self.cfg.is_gemma:
             h = Norm(**kw, name="post_mlp_norm")(h)
-        return (x_BTD + h, None if cache is None else KVCache(*cache)), None
+        return (x_BTD + h, cache), kv
 
 
 class Transformer(nn.Module):
@@ -108,10 +112,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, key_mask_BS, cache: KVCache | None = None, cache_index=0,
-                 head_last: int = 0, segment_ids_BT=None, hidden: bool = False):
+                 head_last: int = 0, segment_ids_BT=None, hidden: bool = False, prefix: KVCache | None = None,
+                 keep_kv: bool = False):
         """Full pass when `cache` is None (key_mask_BS is then the T-token mask), else a cached step that writes
         slots [cache_index, cache_index + T) and attends over every valid slot. `segment_ids_BT` (full pass
-        only) keeps packed examples apart. `head_last` > 0 applies the final norm and head to the last
+        only) keeps packed examples apart. A full pass may continue a `prefix`: the KVCache of P earlier tokens
+        (as `keep_kv` returns them), attended to and never written, key_mask_BS then covering P + T slots; it
+        is differentiable, so that one prompt's pass can serve several continuations in training.
+        `keep_kv`: a full pass returns its own keys and values as a KVCache in place of the cache. `head_last` > 0 applies the final norm and head to the last
         `head_last` positions only (the sampler's prefill needs 1; log-probs of a response, its length + 1).
         `hidden`: an LM returns the final norm's output x_BTD instead of logits, for a loss that applies the
         head itself a few positions at a time (`lm_head_DV`, `head_logits`). Returns (out, new_cache)."""
@@ -130,7 +138,8 @@ class Transformer(nn.Module):
                         dense_init(0.01), self.param_dtype)
             x_BTD = x_BTD + jnp.take(wpe, positions_BT, axis=0).astype(self.dtype)
 
-        x_BTD, new_cache = self._layers(x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT)
+        x_BTD, new_cache = self._layers(x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT, prefix,
+                                        keep_kv)
         x_BTD = sharding.constrain_batch(x_BTD)
 
         if head_last:
@@ -146,19 +155,24 @@ class Transformer(nn.Module):
                          self.param_dtype).astype(self.dtype)
         return (x_BTD if hidden else head_logits(self, x_BTD, w_DV)), new_cache
 
-    def _layers(self, x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT):
+    def _layers(self, x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT, prefix, keep_kv):
         """Every block in turn: a Python loop (params `layer_<i>`) or, with scan_layers, one `nn.scan` over params
-        stacked under `layers` (compiled once, whatever the depth)."""
+        stacked under `layers` (compiled once, whatever the depth). Returns (x_BTD, the cache, or with `keep_kv`
+        the pass's keys and values: a tuple per layer, or stacked over layers by the scan)."""
         cfg = self.cfg
-        kw = dict(cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention, lora=self.lora)
+        kw = dict(cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention, lora=self.lora,
+                  keep_kv=keep_kv)
         sliding = [cfg.is_sliding(i) for i in range(cfg.n_layers)]
         carry = (x_BTD, cache)
         if not self.scan_layers:
             block = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+            kvs = []
             for i in range(cfg.n_layers):
-                carry, _ = block(**kw, name=layer_name(i))(carry, i, sliding[i], positions_BT, key_mask_BS,
-                                                            cache_index, segment_ids_BT)
-            return carry
+                layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i])
+                carry, kv = block(**kw, name=layer_name(i))(carry, i, sliding[i], positions_BT, key_mask_BS,
+                                                             cache_index, segment_ids_BT, layer_prefix)
+                kvs.append(kv)
+            return (carry[0], KVCache(*map(tuple, zip(*kvs)))) if keep_kv else carry
         # Layers that all slide or all attend fully keep a static flag; a mix scans the flag with the params.
         uniform = len(set(sliding)) == 1
         # What a scan keeps for the backward pass is decided here, not by XLA, which cannot see across the loop:
@@ -167,12 +181,14 @@ class Transformer(nn.Module):
         policy = None if self.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
         block = nn.remat(Block, prevent_cse=False, policy=policy)
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast if uniform else 0) + (nn.broadcast,) * 4, length=cfg.n_layers,
-                        metadata_params={nn.PARTITION_NAME: STACKED})
+                        in_axes=(0, nn.broadcast if uniform else 0) + (nn.broadcast,) * 4 + (0,),
+                        length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: STACKED})
         flags = sliding[0] if uniform else jnp.asarray(sliding)
-        carry, _ = stack(**kw, name=STACKED)(carry, jnp.arange(cfg.n_layers), flags, positions_BT, key_mask_BS,
-                                             cache_index, segment_ids_BT)
-        return carry
+        if prefix is not None:  # the scan reads layer i's slice of keys and values stacked over layers
+            prefix = tuple(jnp.stack(x) if isinstance(x, tuple) else x for x in prefix)
+        carry, kv = stack(**kw, name=STACKED)(carry, jnp.arange(cfg.n_layers), flags, positions_BT, key_mask_BS,
+                                              cache_index, segment_ids_BT, prefix)
+        return (carry[0], KVCache(*kv)) if keep_kv else carry
 
 
 def head_logits(model: Transformer, x_BTD: jax.Array, w_DV: jax.Array) -> jax.Array:

@@ -50,6 +50,7 @@ class GroupSettings:
     reward_gain: float = 1.0  # the reward model's normalisation: reward = gain * head + bias
     reward_bias: float = 0.0
     accum: int = 1  # micro-batches per minibatch (gradient accumulation)
+    share_prompts: bool = True  # minibatches hold whole groups, and each prompt's forward runs once per group
     samples: int = 0  # rollout rows returned under metrics["samples"] (for samples.jsonl)
 
     def __post_init__(self):
@@ -72,6 +73,11 @@ class GroupSettings:
     @property
     def average(self) -> str:
         return self.loss_average if self.algorithm == "grpo" else "sum"
+
+    @property
+    def prompt_rows(self) -> int:
+        """Rows per prompt pass: `group_size` when a group's rows share one (`share_prompts`), else 1."""
+        return self.group_size if self.share_prompts else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +147,7 @@ def iteration(state: GroupState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, 
     rng, sample_rng, order_rng = jax.random.split(state.rng, 3)
     # 1: every prompt G times; the rows (not the few prompts) split over the data-parallel devices
     prompt_ids_RP, prompt_mask_RP = runtime.on_batch_axes(repeat_prompts(prompt_ids_BP, prompt_mask_BP, settings))
-    orders_EMMb = ppo.minibatch_orders(order_rng, prompt_ids_RP.shape[0], settings)
+    orders_EMMb = minibatch_orders(order_rng, prompt_ids_BP.shape[0], settings)
     # 2-5: sample; rewards; old and reference log-probs; advantages
     batch, stats, first = rollout(state, frozen, prompt_ids_RP, prompt_mask_RP, sample_rng, models, settings,
                                   rewards_fn, runtime, orders_EMMb[0])
@@ -184,6 +190,26 @@ def repeat_prompts(prompt_ids_BP, prompt_mask_BP, settings: GroupSettings):
             jnp.repeat(prompt_mask_BP, settings.group_size, axis=0))
 
 
+def minibatch_orders(rng, prompts: int, settings: GroupSettings) -> jax.Array:
+    """orders_EMMb: the rows of each of the M minibatches of each of the E epochs, a fresh permutation per epoch:
+    of the rows, or with `share_prompts` of the prompts' groups, each group's rows kept together (`group_rows`)."""
+    if not settings.share_prompts:
+        return ppo.minibatch_orders(rng, prompts * settings.group_size, settings)
+    keys = jax.random.split(rng, settings.epochs)
+    return group_rows(jax.vmap(lambda key: jax.random.permutation(key, prompts))(keys), settings)
+
+
+def group_rows(groups_EB, settings: GroupSettings) -> jax.Array:
+    """orders_EMMb of the rows of the groups in each epoch's order `groups_EB`, placed so that every micro-batch
+    (`micro_batches` takes every accum-th row of a minibatch) holds whole groups, each group's G rows
+    consecutive: micro-batch a of a minibatch holds its groups a, a + accum, ..."""
+    E, B = groups_EB.shape
+    M, A, Gs = settings.minibatches, settings.accum, settings.group_size
+    groups_EMAj = groups_EB.reshape(E, M, B // (M * A), A).swapaxes(-1, -2)
+    rows_EMAm = (groups_EMAj[..., None] * Gs + jnp.arange(Gs)).reshape(E, M, A, -1)
+    return rows_EMAm.swapaxes(-1, -2).reshape(E, M, -1)  # row a + accum * j of a minibatch: micro-batch a's j-th
+
+
 def function_rewards(rewards_fn: RewardsFn, responses) -> jax.Array:
     """3. rewards_R from the user's reward function, called on the host with the whole batch (every row
     gathered) through a callback, so that the iteration stays one program. The function must not raise: it
@@ -209,8 +235,9 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
     itself, so the first minibatch's ratio is exactly 1; its first micro-batch's forward is the update's own
     (`FirstForward`, kept by `jax.vjp`), not run twice. As `ppo.teacher_force`, without a value model."""
     R = responses[0].shape[0]
-    if first_order_MMb is None:
-        first_order_MMb = jnp.arange(R).reshape(settings.minibatches, -1)
+    if first_order_MMb is None:  # in order
+        first_order_MMb = (group_rows(jnp.arange(R // settings.group_size)[None], settings)[0] if settings.share_prompts
+                           else jnp.arange(R).reshape(settings.minibatches, -1))
     rows_Km = ppo.micro_batch_rows(first_order_MMb, settings.accum)
     gather = lambda rows: runtime.on_batch_axes([x[rows] for x in responses])
     params = state.policy.params
@@ -218,7 +245,7 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
 
     def frozen_passes(rows):
         mb = gather(rows)
-        ref_logprobs = (_forward(frozen.reference(), mb, models, reference=True).logprobs_BN
+        ref_logprobs = (_forward(frozen.reference(), mb, models, settings, reference=True).logprobs_BN
                         if with_reference else None)
         scores = (reward_scores(models.reward, frozen.reward_params, settings.reward_gain, settings.reward_bias,
                                     *mb) if with_reward_model else None)
@@ -226,14 +253,14 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
 
     def trained_pass(rows):
         mb = gather(rows)
-        return _forward(params, mb, models, frozen.policy_base).logprobs_BN
+        return _forward(params, mb, models, settings, frozen.policy_base).logprobs_BN
 
     frozen_K = jax.lax.map(frozen_passes, rows_Km) if with_reference or with_reward_model else (None, None)
     trained_rest = jax.lax.map(trained_pass, rows_Km[1:]) if rows_Km.shape[0] > 1 else None
     # The first micro-batch's forward keeps its activations for the update's backward: it runs last, so that they
     # live beside no other pass's.
     first_mb, frozen_K, trained_rest = jax.lax.optimization_barrier((gather(rows_Km[0]), frozen_K, trained_rest))
-    stats_m, pullback = jax.vjp(lambda p: _forward(p, first_mb, models, frozen.policy_base), params)
+    stats_m, pullback = jax.vjp(lambda p: _forward(p, first_mb, models, settings, frozen.policy_base), params)
     old_K = _stacked(stats_m.logprobs_BN, trained_rest)
 
     def in_rows(x_K):  # (K, m, ...) in micro-batch order -> (R, ...) in row order
@@ -305,12 +332,15 @@ def update_metrics(steps: dict) -> dict:
 # --------------------------------------------------------------------------------------------- the objective
 
 
-def _forward(params, mb, models: GroupModels, base=None, reference: bool = False) -> TokenStats:
+def _forward(params, mb, models: GroupModels, settings: GroupSettings, base=None,
+             reference: bool = False) -> TokenStats:
     """Response-token log-probs and entropies under logits / temperature of the policy with `params` (joined with
     a LoRA policy's `base`) on the rows mb = (prompt ids, prompt mask, tokens, mask): what the sampler drew from;
-    `reference`: of the policy without adapters, on the reference's params."""
+    `reference`: of the policy without adapters, on the reference's params. With `share_prompts` the rows are
+    whole groups (`group_rows`), and each group's prompt pass runs once."""
     model = without_adapters(models.policy) if reference else models.policy
-    return response_token_stats(model, whole_params(params, base), *mb, models.sampling.temperature)
+    return response_token_stats(model, whole_params(params, base), *mb, models.sampling.temperature,
+                                group=settings.prompt_rows)
 
 
 class Sizes(NamedTuple):
@@ -339,7 +369,7 @@ def objective(token_stats: TokenStats, mb: GroupBatch, settings: GroupSettings, 
 
 
 def _micro_batch_loss(params, mb: GroupBatch, models: GroupModels, settings: GroupSettings, sizes: Sizes, base=None):
-    return objective(_forward(params, _inputs(mb), models, base), mb, settings, sizes)
+    return objective(_forward(params, _inputs(mb), models, settings, base), mb, settings, sizes)
 
 
 def _inputs(mb: GroupBatch):

@@ -27,16 +27,21 @@ class TokenStats(NamedTuple):
 
 
 def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
-                         temperature: float = 1.0, entropy_grad: bool = False, rngs=None) -> TokenStats:
+                         temperature: float = 1.0, entropy_grad: bool = False, rngs=None, group: int = 1) -> TokenStats:
     """`TokenStats` of the response tokens from one teacher-forced pass, the LM head applied to LOGIT_ROWS rows x
     positions at a time and recomputed in the backward pass, so that no float32 B x N x V logits exist.
     `entropy_grad`: the entropy is differentiated (an entropy bonus); otherwise it is a metric and its
-    full-vocabulary backward is never built."""
-    ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
+    full-vocabulary backward is never built. `group` > 1: the rows come in runs of `group` consecutive rows with the
+    same prompt (GRPO's samples of one prompt), and each prompt's pass runs once for its run (`shared_prompt_pass`)."""
     B, N = tokens_BN.shape
-    # final hidden states at P-1 .. T-2: position t predicts token t + 1, the first response token onwards
-    x_BMD, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT, head_last=N + 1, hidden=True,
-                           rngs=rngs)
+    if group > 1:
+        x_BND = shared_prompt_pass(model, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, group, rngs)
+    else:
+        ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
+        # final hidden states at P-1 .. T-2: position t predicts token t + 1, the first response token onwards
+        x_BMD, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT, head_last=N + 1, hidden=True,
+                               rngs=rngs)
+        x_BND = x_BMD[:, :-1]
     w_DV = lm_head_DV(model, params)
     t = temperature if temperature > 0 else 1.0
     C = min(N, max(1, LOGIT_ROWS // B))
@@ -51,9 +56,32 @@ def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_
         entropy_BC = token_entropy(logits_BCV if entropy_grad else jax.lax.stop_gradient(logits_BCV))
         return None, (token_logprobs(logits_BCV, tokens_BC), entropy_BC)
 
-    _, (logprobs_nBC, entropy_nBC) = jax.lax.scan(chunk_stats, None, (chunks(x_BMD[:, :-1]), chunks(tokens_BN)))
+    _, (logprobs_nBC, entropy_nBC) = jax.lax.scan(chunk_stats, None, (chunks(x_BND), chunks(tokens_BN)))
     unchunk = lambda y_nBC: jnp.moveaxis(y_nBC, 0, 1).reshape(B, N + pad)[:, :N]
     return TokenStats(jnp.where(mask_BN, unchunk(logprobs_nBC), 0.0), unchunk(entropy_nBC))
+
+
+def shared_prompt_pass(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, group: int,
+                       rngs=None) -> jax.Array:
+    """x_BND: the final hidden states that predict each response token (positions P-1 .. T-2), as the full pass
+    gives them, for rows in runs of `group` consecutive rows sharing a prompt: each prompt's pass runs once, and its
+    keys and values serve the run's responses, whose pass attends to them (the gradients of a run's rows add up
+    in them). The group's prompts are read from its first row."""
+    B, P = prompt_ids_BP.shape
+    share = lambda x: jnp.repeat(x, group, axis=0)  # per prompt -> per row
+    ids_bP, mask_bP = prompt_ids_BP[::group], prompt_mask_BP[::group].astype(bool)
+    x_b1D, kv_b = model.apply({"params": params}, ids_bP, positions_from_mask(mask_bP), mask_bP, head_last=1,
+                              hidden=True, keep_kv=True, rngs=rngs)
+    x_B1D = share(x_b1D)
+    if tokens_BN.shape[1] == 1:
+        return x_B1D
+    # The response's tokens but its last (which predicts nothing), after the prompt's slots.
+    ids_BM, response_mask_BM = tokens_BN[:, :-1], mask_BN[:, :-1].astype(bool)
+    key_mask_BS = jnp.concatenate([share(mask_bP), response_mask_BM], axis=1)
+    prefix = jax.tree.map(lambda x: jnp.repeat(x, group, axis=x.ndim - 4), kv_b)  # k_(L)BKPH: rows at axis -4
+    x_BMD, _ = model.apply({"params": params}, ids_BM, positions_from_mask(key_mask_BS)[:, P:], key_mask_BS,
+                           hidden=True, prefix=prefix, rngs=rngs)
+    return jnp.concatenate([x_B1D, x_BMD], axis=1)
 
 
 def _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN):

@@ -62,6 +62,11 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"{name}.minibatches={section.minibatches}: the {rows} responses of an iteration "
                         f"(train.batch_size={cfg.train.batch_size} x {name}.group_size={section.group_size}) do not "
                         f"split into {section.minibatches} minibatches{micro}")
+    prompts, splits = cfg.train.batch_size, section.minibatches * accum
+    if section.share_prompts and prompts % splits:
+        raise UserError(f"{name}.share_prompts keeps each prompt's group in one micro-batch: train.batch_size={prompts} "
+                        f"prompts do not split into {name}.minibatches x optim.grad_accum_steps = {splits} micro-batches; "
+                        f"change one of them or set {name}.share_prompts: false")
     check_own_samples(cfg.sampling, name)
     if section.reward_function:
         plugins.function(section.reward_function, f"{name}.reward_function")
@@ -195,7 +200,7 @@ def build_models(cfg: Config, policy_model, reward_model, total: int, eos_ids: S
         policy=policy_model, policy_opt=steps.make_optimizer(cfg.optim, updates), reward=reward_model,
         sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID))
     shared = ("group_size", "epochs", "minibatches", "clip_ratio", "kl_coef", "clip_ratio_high", "scale_by_std",
-              "loss_average")
+              "loss_average", "share_prompts")
     rows = cfg.train.batch_size * section.group_size
     settings = group.GroupSettings(
         algorithm=name, **{key: getattr(section, key) for key in shared if hasattr(section, key)},
