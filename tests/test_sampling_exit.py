@@ -191,6 +191,30 @@ def test_sharded_over_8_devices_equals_the_scan(tiny, eos):
     np.testing.assert_array_equal(np.asarray(got.tokens_BN), np.asarray(one_device.tokens_BN))
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_groups_prefill_runs_once_and_the_rows_draw_what_they_drew_alone(tiny, scan):
+    """Rows in runs of G sharing a prompt (`group=G`): the prefill runs on one row per run, its cache copied to the
+    run's rows (a tuple per layer, or stacked over layers by a scanned model); every row draws the tokens it draws
+    with its own prefill, with the same log-probs."""
+    from rlhf_jax.models.layer_stack import stack_layers
+
+    model, params = tiny
+    if scan:
+        model = make_model(model.cfg, scan_layers=True)
+        params = stack_layers(params, model.cfg.n_layers)
+    G = 3
+    ids, mask = (np.repeat(x, G, axis=0) for x in _prompts())
+    p = SamplingParams(max_new_tokens=N, temperature=0.9, top_k=40, pad_id=-1, eos_ids=tuple(range(3, 12)))
+    run = lambda group: jax.device_get(jax.jit(lambda pr, i, m: sample(model, pr, i, m, jax.random.key(7), p, group))(
+        params, ids, mask))
+    alone, shared = run(1), run(G)
+    np.testing.assert_array_equal(shared.tokens_BN, alone.tokens_BN)
+    np.testing.assert_array_equal(shared.mask_BN, alone.mask_BN)
+    np.testing.assert_allclose(shared.logprobs_BN, alone.logprobs_BN, atol=1e-5)
+    rows = alone.tokens_BN.reshape(-1, G, N)
+    assert any(len({tuple(r) for r in run_}) == G for run_ in rows)  # a run's rows drew different responses
+
+
 # ---- top-p by threshold search against the sort ----
 
 def _logits(kind, seed=0, batch=16, vocab=1000):

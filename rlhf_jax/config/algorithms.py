@@ -87,10 +87,11 @@ class GroupSection:
     reference: str = opt("", 'the KL reference policy: "" = model.path')
     epochs: int = opt(1, "passes over each rollout batch")
     minibatches: int = opt(1, "minibatches per epoch, each one optimizer step")
-    share_prompts: bool = opt(True, "run each prompt's forward pass once for its group (its keys and values read by "
-                                    "the group's responses) instead of once per response: the same log-probs for "
-                                    "fewer FLOPs; minibatches and micro-batches then hold whole groups, so "
-                                    "train.batch_size must divide into minibatches x optim.grad_accum_steps")
+    share_prompts: bool = opt(True, "run each prompt's prefill and forward passes once for its group (its keys and "
+                                    "values read by the group's responses) instead of once per response: the same "
+                                    "samples and log-probs for fewer FLOPs; minibatches and micro-batches then hold "
+                                    "whole groups, so train.batch_size must divide into minibatches x "
+                                    "optim.grad_accum_steps")
     samples_every: int = opt(10, "iterations between writing a few prompts, responses and rewards to samples.jsonl; "
                                  "0 = never")
 

@@ -131,17 +131,23 @@ def is_eos(token_B: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 
 def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP: jax.Array, rng: jax.Array,
-           p: SamplingParams) -> SampleOutput:
-    """Generate `p.max_new_tokens` tokens after left-padded prompts. Pure; call it under jit."""
+           p: SamplingParams, group: int = 1) -> SampleOutput:
+    """Generate `p.max_new_tokens` tokens after left-padded prompts. Pure; call it under jit. `group` > 1: the
+    rows come in runs of `group` consecutive rows with the same prompt (GRPO's samples of one prompt), whose
+    prefill runs once per run, its cache then copied to the run's rows."""
     B, P = prompt_ids_BP.shape
     N = p.max_new_tokens
     if p.top_k > model.cfg.vocab_size:
         raise UserError(f"top_k={p.top_k} exceeds the model's vocabulary of {model.cfg.vocab_size} tokens")
     variables = {"params": params}
-    cache = KVCache.zeros(model.cfg, B, P + N, model.dtype, stacked=model.scan_layers)
     key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)
     positions_BP = positions_from_mask(prompt_mask_BP)
-    logits_B1V, cache = model.apply(variables, prompt_ids_BP, positions_BP, key_mask_BS, cache, 0, head_last=1)
+    cache = KVCache.zeros(model.cfg, B // group, P + N, model.dtype, stacked=model.scan_layers)
+    logits_B1V, cache = model.apply(variables, prompt_ids_BP[::group], positions_BP[::group], key_mask_BS[::group],
+                                    cache, 0, head_last=1)
+    if group > 1:  # per prompt -> per row; a cache array holds its rows at axis -4 (after a stacked layer axis)
+        logits_B1V = jnp.repeat(logits_B1V, group, axis=0)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, group, axis=x.ndim - 4), cache)
 
     u_NB2 = draw_uniforms(rng, B, p)
     token_B, logprob_B = _draw(logits_B1V[:, 0], u_NB2[0], p)

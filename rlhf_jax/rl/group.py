@@ -50,7 +50,7 @@ class GroupSettings:
     reward_gain: float = 1.0  # the reward model's normalisation: reward = gain * head + bias
     reward_bias: float = 0.0
     accum: int = 1  # micro-batches per minibatch (gradient accumulation)
-    share_prompts: bool = True  # minibatches hold whole groups, and each prompt's forward runs once per group
+    share_prompts: bool = True  # each prompt's prefill and passes run once per group; minibatches hold whole groups
     samples: int = 0  # rollout rows returned under metrics["samples"] (for samples.jsonl)
 
     def __post_init__(self):
@@ -167,7 +167,7 @@ def rollout(state: GroupState, frozen: Frozen, prompt_ids_RP, prompt_mask_RP, rn
     """Steps 2-5 on the repeated prompts: everything the update needs. Returns (batch, stats, FirstForward);
     `first_order_MMb` is the first epoch's minibatch rows (default: rows in order)."""
     sampled = ppo.sample_responses(whole_params(state.policy.params, frozen.policy_base), prompt_ids_RP,
-                                   prompt_mask_RP, rng, models)
+                                   prompt_mask_RP, rng, models, settings.prompt_rows)
     responses = (prompt_ids_RP, prompt_mask_RP, sampled.tokens_BN, sampled.mask_BN)
     forced, first = teacher_force(state, frozen, responses, models, settings, runtime, first_order_MMb)
     rewards_R = forced.scores_R if rewards_fn is None else function_rewards(rewards_fn, responses)

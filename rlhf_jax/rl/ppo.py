@@ -199,11 +199,12 @@ def rollout(state: PPOState, frozen: Frozen, prompt_ids_BP, prompt_mask_BP, rng,
 # --------------------------------------------------------------------------------------------- the steps
 
 
-def sample_responses(policy_params, prompt_ids_BP, prompt_mask_BP, rng, models: PPOModels):
-    """1. N new tokens per prompt from the current policy at the sampling temperature (scanned decode)."""
+def sample_responses(policy_params, prompt_ids_BP, prompt_mask_BP, rng, models: PPOModels, group: int = 1):
+    """1. N new tokens per prompt from the current policy at the sampling temperature (scanned decode); `group`:
+    as `sample`'s, rows in runs sharing a prompt whose prefill runs once."""
     dtype = models.policy.dtype
     params = jax.tree.map(lambda x: x.astype(dtype), policy_params)  # once, not per decode step
-    return sample(models.policy, params, prompt_ids_BP, prompt_mask_BP, rng, models.sampling)
+    return sample(models.policy, params, prompt_ids_BP, prompt_mask_BP, rng, models.sampling, group)
 
 
 class Forced(NamedTuple):
