@@ -11,7 +11,9 @@ the group's std, sequence-level loss averaging, float32. The responses are score
 decoded text (`even_token_share`: the share of a response's tokens that are even numbers; the tokenizer writes
 token ids as decimal numbers), the same function on both sides. On our side it runs as the grpo stage runs a
 `grpo.reward_function`: `stages.grpo.RewardFunction` (decoding, EOS truncation, checks) called through the host
-callback inside the compiled iteration. FLOPs come from XLA's cost analysis: an episode's nominal FLOPs are
+callback inside the compiled iteration, with the stage's default `share_prompts` (each prompt's prefill and
+teacher-forced passes run once per group; Tunix runs them per response). FLOPs are ours, from XLA's cost analysis
+(so fewer per episode than Tunix executes): an episode's nominal FLOPs are
 `group.rollout` (sampling, the policy's and the reference's teacher-forced passes) and `group.update` (its own
 forward and backward) compiled alone; the iteration executes fewer, since the update reuses the rollout's forward
 of the policy (`executed_fraction_of_peak` counts those). XLA counts a loop's body once, so the sampler's decode
