@@ -391,12 +391,23 @@ def test_dpo_stage_logs_its_metrics_exports_a_policy_and_resumes(live_run, tiny,
         assert jax.tree.structure(loaded.params) == jax.tree.structure(base.params)
 
 
-def test_precomputed_reference_gives_the_live_losses(live_run, tiny, data_dir, workdir):
-    """The same 6 steps in one go with dpo.precompute_reference: the losses of the live (resumed) run."""
+def test_precomputed_reference_gives_the_live_losses_and_a_resumed_run_reads_its_tables(live_run, tiny, data_dir,
+                                                                                        workdir, monkeypatch):
+    """The same 4 + 6 steps with dpo.precompute_reference: the losses of the live run. The resumed run reads the
+    tables the first one stored in the run directory and scores nothing; tables of another key are not read."""
+    from rlhf_jax.stages import dpo_parts
+
     run_dir = workdir / "precomputed"
-    rc, _, err = run_quietly(main_cli.main, _dpo_args(tiny, data_dir, run_dir, "train.steps=6",
-                                                      "dpo.precompute_reference=true"))
+    args = lambda steps: _dpo_args(tiny, data_dir, run_dir, f"train.steps={steps}", "dpo.precompute_reference=true")
+    rc, _, err = run_quietly(main_cli.main, args(4))
     assert rc == 0, err[-3000:]
+    stored = run_dir / dpo_parts.TABLES
+    assert dpo_parts.stored_tables(stored, "another key") is None
+    with monkeypatch.context() as patch:
+        patch.setattr(dpo_parts, "score_split", lambda *a, **k: pytest.fail("scored the reference again"))
+        rc, _, err = run_quietly(main_cli.main, args(6))
+    assert rc == 0, err[-3000:]
+    assert f"the reference's log-probs from {stored}" in err and "resumed from" in err
     for key in ("loss", "reward_chosen", "reward_rejected", "eval_loss", "eval_reward_margin"):
         live, pre = _by_step(live_run["dir"], key), _by_step(run_dir, key)
         assert sorted(pre) == sorted(live) and len(set(live.values())) > 1, key

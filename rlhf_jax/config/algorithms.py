@@ -65,7 +65,8 @@ class DPOSection:
                                       "(conservative DPO, for noisy labels); 0 = off")
     reference: str = opt("", 'the frozen reference policy: "" = model.path (the SFT export)')
     precompute_reference: bool = opt(False, "score every training response with the reference once before "
-                                            "training, so that the reference is not held during training")
+                                            "training, so that the reference is not held during training (the "
+                                            "scores are kept in the run directory for a resumed run)")
 
     def __post_init__(self):
         coerce(self)

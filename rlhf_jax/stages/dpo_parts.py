@@ -5,17 +5,25 @@ dpo.precompute_reference, scored once into per-example tables that the batches c
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-from rlhf_jax.config import Config
+from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.data.pipeline import eval_batches, open_split
-from rlhf_jax.models.checkpoint import LoadedModel, check_role
+from rlhf_jax.data.prepare import dataset_dir
+from rlhf_jax.models.checkpoint import LoadedModel, check_role, model_fingerprint
 from rlhf_jax.models import lora
+from rlhf_jax.models.tiny import resolve_model_path
 from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.rl import dpo
-from rlhf_jax.runtime import distributed, sharding
+from rlhf_jax.runtime import distributed, fsio, sharding
 from rlhf_jax.stages.policy_common import reference_params
 from rlhf_jax.training.state import param_shardings, to_global
 
@@ -61,15 +69,22 @@ class Reference:
         return cls()
 
     @classmethod
-    def build(cls, cfg: Config, host: dict | None, model: Transformer, mesh, tokenizer, batch_size: int,
-              splits: tuple[str, ...], frozen=None, frozen_sh=None) -> "Reference":
+    def build(cls, cfg: Config, run_dir: Path, host: dict | None, model: Transformer, mesh, tokenizer,
+              batch_size: int, splits: tuple[str, ...], frozen=None, frozen_sh=None) -> "Reference":
         """dpo's reference from its host params (`reference_host_params`; None: sft and rm have none) placed
-        with the policy's shardings; precomputed, over `splits` in batches of `batch_size` prompts. A LoRA
-        policy's default reference is its own base, `frozen` (on the mesh already, shardings `frozen_sh`): the
-        same buffers, no second copy (but of the weights lora.also_train trains, as they were)."""
+        with the policy's shardings; precomputed, over `splits` in batches of `batch_size` prompts, or read from
+        the run's TABLES file when it holds the tables of the same reference, data and settings (a resumed run).
+        A LoRA policy's default reference is its own base, `frozen` (on the mesh already, shardings
+        `frozen_sh`): the same buffers, no second copy (but of the weights lora.also_train trains, as they were)."""
         if host is None:
             return cls.none()
         models = {"dpo.reference": cfg.dpo.reference} if cfg.dpo.reference else {}
+        if cfg.dpo.precompute_reference:
+            path, key = run_dir / TABLES, tables_key(cfg, run_dir, splits)
+            tables = stored_tables(path, key)
+            if not distributed.any_process(tables is None):  # every process has them: none scores
+                print(f"dpo.precompute_reference: the reference's log-probs from {path}", file=sys.stderr)
+                return cls(tables=tables, models=models)
         plain = without_adapters(model)
         if model.lora is not None and not cfg.dpo.reference:  # the base, with what lora.also_train trains as it was
             extras_sh = lora.also_trained(param_shardings(model, mesh), model.lora)
@@ -83,6 +98,8 @@ class Reference:
         score = sharding.jit(functools.partial(dpo.response_logprobs, plain), mesh,
                              out_shardings=sharding.replicated(mesh))
         tables = {split: score_split(score, params, cfg, split, tokenizer, batch_size, mesh) for split in splits}
+        if distributed.is_primary():  # kept for a resumed run: scoring a split is a forward pass over all of it
+            fsio.write_bytes_atomically(path, safetensors.numpy.save(tables, metadata={"key": key}))
         return cls(tables=tables, models=models)  # the params go out of scope here: freed
 
     def train_batches(self, data_iter, split: str):
@@ -92,6 +109,32 @@ class Reference:
         if not self.tables:
             return batches
         return (with_ref_logps(batch, self.tables[split]) for batch in batches)
+
+
+TABLES = "reference_logps.safetensors"  # in the run directory: dpo.precompute_reference's tables, by split
+
+
+def tables_key(cfg: Config, run_dir: Path, splits: tuple[str, ...]) -> str:
+    """A digest of what the precomputed tables depend on: the reference's files, the prepared dataset's, the data
+    and model settings, and the splits."""
+    config = config_to_dict(cfg)
+    reference = cfg.dpo.reference or resolve_model_path(cfg.model.path, run_dir, cfg.seed)
+    parts = {"reference": model_fingerprint(reference),
+             "dataset": model_fingerprint(dataset_dir(cfg.data.dir, cfg.data.name)),
+             "data": config["data"], "model": config["model"], "splits": list(splits)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stored_tables(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The tables stored at `path` under `key`; None when there are none, or they are of another key or unreadable
+    (then they are scored again)."""
+    try:
+        with safetensors.safe_open(str(path), framework="np") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return {split: f.get_tensor(split) for split in f.keys()}
+    except (OSError, safetensors.SafetensorError):
+        return None
 
 
 def score_split(score, params, cfg: Config, split: str, tokenizer, batch_size: int, mesh) -> np.ndarray:

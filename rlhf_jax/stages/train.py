@@ -115,8 +115,8 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     state = place_state(trainable, optimizer, state_sh)
     frozen = sharding.place(frozen, frozen_sh)  # a LoRA model's base: never donated, never checkpointed
     splits = (cfg.data.train_split, cfg.data.eval_split) if has_eval else (cfg.data.train_split,)
-    reference = dpo_parts.Reference.build(cfg, reference_host, model, mesh, tokenizer, eval_size, splits, frozen,
-                                          frozen_sh)
+    reference = dpo_parts.Reference.build(cfg, run_dir, reference_host, model, mesh, tokenizer, eval_size, splits,
+                                          frozen, frozen_sh)
     del params, trainable, reference_host  # on the mesh now
     train_step = jit_step(stage.step, state_sh, mesh, frozen_sh, *reference.shardings)
     trim = Trimmer(cfg.data, distributed.max_over_processes)
