@@ -119,8 +119,9 @@ class Transformer(nn.Module):
         only) keeps packed examples apart. A full pass may continue a `prefix`: the KVCache of P earlier tokens
         (as `keep_kv` returns them), attended to and never written, key_mask_BS then covering P + T slots; it
         is differentiable, so that one prompt's pass can serve several continuations in training.
-        `keep_kv`: a full pass returns its own keys and values as a KVCache in place of the cache. `head_last` > 0 applies the final norm and head to the last
-        `head_last` positions only (the sampler's prefill needs 1; log-probs of a response, its length + 1).
+        `keep_kv`: a full pass returns its own keys and values as a KVCache in place of the cache.
+        `head_last` > 0 applies the final norm and head to the last `head_last` positions only (the sampler's
+        prefill needs 1; log-probs of a response, its length + 1).
         `hidden`: an LM returns the final norm's output x_BTD instead of logits, for a loss that applies the
         head itself a few positions at a time (`lm_head_DV`, `head_logits`). Returns (out, new_cache)."""
         cfg = self.cfg

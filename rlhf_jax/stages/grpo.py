@@ -8,7 +8,6 @@ stage writes out (resume, divergence and signal stops, corrupt checkpoints).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,23 +17,23 @@ import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.data.buckets import Trimmer
-from rlhf_jax.data.pipeline import open_split, train_dataset
+from rlhf_jax.data.pipeline import train_dataset
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
+from rlhf_jax.models.tokenizer import PAD_ID
 from rlhf_jax.rl import group
 from rlhf_jax.rl.ppo import Runtime
 from rlhf_jax.runtime import distributed, plugins, sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
 from rlhf_jax.stages.policy_common import (
-    check_own_samples, reference_beyond_base, reference_shardings, scalar_model, write_samples)
+    check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
+    reference_shardings, scalar_model, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
-from rlhf_jax.training.run import Run
+from rlhf_jax.training.run import Run, write_summary
 from rlhf_jax.training.state import (
-    check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params, load_for_training,
+    check_lora, export, export_adapter, frozen_shardings, initial_params,
     param_shardings, report_sharding, split_trainable, stage_model, state_shardings, total_steps)
 from rlhf_jax.training.steps import whole_params
 
@@ -64,9 +63,10 @@ def check_config(cfg: Config) -> None:
                         f"split into {section.minibatches} minibatches{micro}")
     prompts, splits = cfg.train.batch_size, section.minibatches * accum
     if section.share_prompts and prompts % splits:
-        raise UserError(f"{name}.share_prompts keeps each prompt's group in one micro-batch: train.batch_size={prompts} "
-                        f"prompts do not split into {name}.minibatches x optim.grad_accum_steps = {splits} micro-batches; "
-                        f"change one of them or set {name}.share_prompts: false")
+        raise UserError(f"{name}.share_prompts keeps each prompt's group in one micro-batch: "
+                        f"train.batch_size={prompts} prompts do not split into {name}.minibatches x "
+                        f"optim.grad_accum_steps = {splits} micro-batches; change one of them or set "
+                        f"{name}.share_prompts: false")
     check_own_samples(cfg.sampling, name)
     if section.reward_function:
         plugins.function(section.reward_function, f"{name}.reward_function")
@@ -88,28 +88,18 @@ def check_sizes(cfg: Config, mesh) -> None:
 def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> dict:
     check_config(cfg)
     section, name = section_of(cfg)
-    source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
-    if metadata["kind"] != "prompts":
-        raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage {name!r} needs one of "
-                        "kind 'prompts'")
+    source = open_prompts(cfg, name)
     mesh = mesh or sharding.mesh_from_config(cfg.mesh)
     check_sizes(cfg, mesh)
     total = total_steps(cfg, len(source))
 
-    loaded, tokenizer, policy_model = load_for_training(cfg, run_dir, "lm")
-    check_role(loaded, f"model.path={cfg.model.path}", "policy")
-    check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
-                    "data.max_prompt_tokens + sampling.max_new_tokens")
+    loaded, tokenizer, policy_model = load_policy(cfg, run_dir)
     eos_ids = tuple(loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,))
     models_read, reward, reward_model, rewards_fn = {}, None, None, None
     if section.reward_model:
         key = f"{name}.reward_model"
         reward = scalar_model(section.reward_model, key, "reward")
-        if reward.cfg.vocab_size != loaded.cfg.vocab_size:
-            raise UserError(f"{key}: vocab_size {reward.cfg.vocab_size} differs from the policy's "
-                            f"{loaded.cfg.vocab_size} (it must read the policy's tokens)")
-        check_same_tokenizer(reward.tokenizer_dir, loaded.tokenizer_dir, f"{key}={section.reward_model}",
-                             "the policy")
+        check_reads_policy_tokens(reward, loaded, key, section.reward_model)
         reward_model = stage_model(cfg, reward.cfg, "scalar")
         models_read[key] = section.reward_model
     else:
@@ -169,12 +159,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
         exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter",
                                                        whole_params(state.policy.params, frozen.policy_base), loaded,
                                                        policy_model, cfg.model.path))
-    summary = {"stage": name, "steps": total, **exports,
-               **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float) and np.isfinite(v)}}
-    if distributed.is_primary():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
-    return summary
+    return write_summary(run_dir, name, total, exports, loop.last)
 
 
 def replicated(batch: dict, mesh) -> dict:

@@ -1,17 +1,46 @@
-"""What the stages that train a policy against something share: the reward and value models they load, the
-frozen reference policy, the plain sampling that on-policy training needs, and the samples they write."""
+"""What the stages that train a policy against something share: the prompts and the policy they start from, the
+reward and value models they load, the frozen reference policy, the plain sampling that on-policy training needs,
+and the samples they write."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from rlhf_jax.config import Config
+from rlhf_jax.data.pipeline import open_split
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
 from rlhf_jax.models.tokenizer import check_same_tokenizer
 from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import without_adapters
-from rlhf_jax.training.state import initial_params, param_shardings
+from rlhf_jax.training.state import check_positions, initial_params, load_for_training, param_shardings
+
+
+def open_prompts(cfg: Config, stage: str):
+    """The training split of data.name, which must be a prompts dataset."""
+    source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
+    if metadata["kind"] != "prompts":
+        raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage {stage!r} needs one of "
+                        "kind 'prompts'")
+    return source
+
+
+def load_policy(cfg: Config, run_dir: Path):
+    """(loaded, tokenizer, model) of model.path: a policy, with positions for a prompt and its sampled tokens."""
+    loaded, tokenizer, model = load_for_training(cfg, run_dir, "lm")
+    check_role(loaded, f"model.path={cfg.model.path}", "policy")
+    check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
+                    "data.max_prompt_tokens + sampling.max_new_tokens")
+    return loaded, tokenizer, model
+
+
+def check_reads_policy_tokens(other: LoadedModel, policy: LoadedModel, key: str, path: str) -> None:
+    """A reward or value model must read the policy's tokens: its vocabulary and tokenizer."""
+    if other.cfg.vocab_size != policy.cfg.vocab_size:
+        raise UserError(f"{key}: vocab_size {other.cfg.vocab_size} differs from the policy's "
+                        f"{policy.cfg.vocab_size} (it must read the policy's tokens)")
+    check_same_tokenizer(other.tokenizer_dir, policy.tokenizer_dir, f"{key}={path}", "the policy")
 
 
 def check_own_samples(s, stage: str) -> None:

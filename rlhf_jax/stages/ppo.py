@@ -7,7 +7,6 @@ in the training loop every stage writes out (resume, divergence and signal stops
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -20,21 +19,21 @@ from rlhf_jax.config import Config
 from rlhf_jax.data.buckets import Trimmer
 from rlhf_jax.data.pipeline import open_split, train_dataset
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.checkpoint import check_role
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.tokenizer import PAD_ID, check_same_tokenizer
+from rlhf_jax.models.tokenizer import PAD_ID
 from rlhf_jax.rl import ppo
 from rlhf_jax.rl.ppo_math import KLController
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
 from rlhf_jax.stages.policy_common import (
-    check_own_samples, reference_beyond_base, reference_shardings, scalar_model, write_samples)
+    check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
+    reference_shardings, scalar_model, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
-from rlhf_jax.training.run import Run
+from rlhf_jax.training.run import Run, write_summary
 from rlhf_jax.training.state import (
-    check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params, load_for_training,
+    check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params,
     param_shardings, report_sharding, split_trainable, stage_model, state_shardings, to_global, total_steps,
     trained_model)
 from rlhf_jax.training.steps import whole_params
@@ -94,19 +93,13 @@ def kl_on_resume(cfg: Config):
 
 def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> dict:
     check_config(cfg)
-    source, metadata = open_split(cfg.data.dir, cfg.data.name, cfg.data.train_split)
-    if metadata["kind"] != "prompts":
-        raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage 'ppo' needs one of "
-                        "kind 'prompts'")
+    source = open_prompts(cfg, "ppo")
     ptx_spec = _ptx_spec(cfg)
     mesh = mesh or sharding.mesh_from_config(cfg.mesh)
     check_sizes(cfg, mesh)
     total = total_steps(cfg, len(source))
 
-    loaded, tokenizer, policy_model = load_for_training(cfg, run_dir, "lm")
-    check_role(loaded, f"model.path={cfg.model.path}", "policy")
-    check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
-                         "data.max_prompt_tokens + sampling.max_new_tokens")
+    loaded, tokenizer, policy_model = load_policy(cfg, run_dir)
     if ptx_spec is not None:
         check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
                              "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)")
@@ -116,10 +109,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     if cfg.ppo.value_model:
         scalars["ppo.value_model"] = (cfg.ppo.value_model, value)
     for key, (path, other) in scalars.items():
-        if other.cfg.vocab_size != loaded.cfg.vocab_size:
-            raise UserError(f"{key}: vocab_size {other.cfg.vocab_size} differs from the policy's "
-                            f"{loaded.cfg.vocab_size} (it must read the policy's tokens)")
-        check_same_tokenizer(other.tokenizer_dir, loaded.tokenizer_dir, f"{key}={path}", "the policy")
+        check_reads_policy_tokens(other, loaded, key, path)
     value_model, reward_model = trained_model(cfg, value.cfg, "scalar"), stage_model(cfg, reward.cfg, "scalar")
 
     models, settings = build_models(cfg, policy_model, value_model, reward_model, total,
@@ -190,12 +180,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     if state.ema is not None:
         exports["ema_export"] = str(export(run_dir / "export_ema", whole_params(state.ema, policy_base), loaded,
                                            policy_model))
-    summary = {"stage": "ppo", "steps": total, **exports,
-               **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float) and np.isfinite(v)}}
-    if distributed.is_primary():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
-    return summary
+    return write_summary(run_dir, "ppo", total, exports, loop.last)
 
 
 SAMPLES = 4  # rollout rows written to samples.jsonl every ppo.samples_every iterations

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.stages import dpo_parts
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
-from rlhf_jax.training.run import Run
+from rlhf_jax.training.run import Run, write_summary
 from rlhf_jax.training.state import (
     check_positions, eval_batch_size, eval_sums, export, export_adapter, frozen_shardings, initial_params, jit_step,
     load_for_training, micro_batch_size, place_state, report_sharding, split_trainable, state_shardings, to_global,
@@ -162,12 +161,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     if model.lora is not None:
         exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", whole(state), loaded, model,
                                                        cfg.model.path, extra))
-    summary = {"stage": cfg.stage, "steps": total, **exports,
-               **{k: round(v, 6) for k, v in loop.last.items() if isinstance(v, float)}, **extra}
-    if distributed.is_primary():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
-    return summary
+    return write_summary(run_dir, cfg.stage, total, exports, loop.last, extra)
 
 
 def _warn_if_repeating(cfg: Config, total: int, train_prompts: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import threading
@@ -139,6 +140,17 @@ class Run:
         finally:
             if self.writer is not None:
                 self.writer.close()
+
+
+def write_summary(run_dir: Path, stage: str, steps: int, exports: dict, last: dict, extra: dict | None = None) -> dict:
+    """The run's summary.json (process 0, written whole) and stdout: the stage, its steps, its exports, its last
+    finite metrics and `extra`."""
+    finite = {k: round(v, 6) for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
+    summary = {"stage": stage, "steps": steps, **exports, **finite, **(extra or {})}
+    if distributed.is_primary():
+        fsio.write_json_atomically(run_dir / "summary.json", summary)
+    print(json.dumps(summary))
+    return summary
 
 
 def require_finite(state, step: int, run: "Run | None" = None) -> None:
