@@ -200,6 +200,36 @@ def test_next_token_nll_equals_loop(chunk):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
+def test_next_token_nll_skips_the_head_of_chunks_without_a_target():
+    """Responses after left-padded prompts, in chunks of 4 positions: the head runs (forward and backward, counted
+    on the host as it runs) only on the chunks that hold a target, and value and gradients are those of every
+    chunk run."""
+    rng = np.random.default_rng(2)
+    B, T, D, V, P = 3, 16, 5, 11, 9  # targets from column 9 on: positions 8.. predict them; chunks 0 and 1 skip
+    hidden, w_DV = rng.normal(size=(B, T, D)).astype(np.float32), rng.normal(size=(D, V)).astype(np.float32)
+    ids, segments = jnp.asarray(rng.integers(0, V, (B, T))), jnp.ones((B, T), jnp.int32)
+    weights = jnp.asarray(np.arange(T)[None].repeat(B, 0) >= P)
+    calls = []
+
+    def counted(x, w):
+        jax.debug.callback(lambda: calls.append(1))
+        return jnp.einsum("bcd,dv->bcv", x, w)
+
+    nll = jax.jit(jax.value_and_grad(lambda h, w, chunk: next_token_nll(h, lambda x: counted(x, w), ids, weights,
+                                                                        segments, chunk)[0], argnums=(0, 1)),
+                  static_argnums=2)
+    total, grads = nll(hidden, w_DV, 4)
+    jax.effects_barrier()
+    calls_4, calls[:] = len(calls), []
+    whole, whole_grads = nll(hidden, w_DV, T)
+    jax.effects_barrier()
+    assert len(calls) == 2 and calls_4 == 2 * 2  # one chunk of everything; 2 of the 4 chunks, forward and backward
+    np.testing.assert_allclose(float(total), float(whole), rtol=1e-6)
+    for got, expected in zip(grads, whole_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    assert not np.asarray(grads[0])[:, :P - 1].any() and np.asarray(grads[0])[:, P - 1:-1].all()
+
+
 def test_next_token_nll_never_holds_the_whole_logits():
     """Value and gradient at T = 256 positions in chunks of 16 need several times less temporary memory than in
     one chunk (which holds float32 logits and their gradient for every position)."""

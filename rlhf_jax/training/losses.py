@@ -21,7 +21,9 @@ def next_token_nll(hidden_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.A
     target counts when its weight is set and it belongs to the same packed example as its context.
     No float32 B x T x V tensor: `logits_fn` (the LM head, x_BCD -> logits_BCV) and the cross-entropy run on
     `chunk` positions of every row at a time, and the backward pass recomputes each chunk's logits instead of
-    keeping them. Chunks span all rows, so a batch-sharded step keeps every device busy."""
+    keeping them. Chunks span all rows, so a batch-sharded step keeps every device busy. A chunk with no target
+    (the left-padded prompts of an SFT batch that trains on responses only) skips the head both ways: at a real
+    vocabulary the head is a quarter of a small model's FLOPs."""
     B, T, D = hidden_BTD.shape
     same_segment_BT = segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]
     # position t predicts ids[t + 1]; the last position predicts nothing (weight 0), nor do the chunks' padding
@@ -35,7 +37,8 @@ def next_token_nll(hidden_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.A
     @jax.checkpoint
     def chunk_nll(total, xs):
         x_BCD, targets_BC, w_BC = xs
-        return total - jnp.sum(token_logprobs(logits_fn(x_BCD), targets_BC) * w_BC), None
+        nll = lambda: -jnp.sum(token_logprobs(logits_fn(x_BCD), targets_BC) * w_BC)
+        return total + jax.lax.cond(jnp.any(w_BC > 0), nll, lambda: jnp.zeros((), jnp.float32)), None
 
     total, _ = jax.lax.scan(chunk_nll, jnp.zeros((), jnp.float32),
                             (chunks(hidden_BTD), chunks(targets_BT), chunks(w_BT)))
