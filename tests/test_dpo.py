@@ -167,7 +167,7 @@ def test_response_logprobs_equal_a_per_sequence_loop(monkeypatch):
     monkeypatch.setattr(Transformer, "apply", counting_apply)
     logps = np.asarray(_logprobs(model, params, batch))
     B, K, R = batch["response_ids"].shape
-    assert calls == [(B * K, batch["prompt_ids"].shape[1] + R)]  # one pass over every [prompt | response]
+    assert calls == [(B, batch["prompt_ids"].shape[1]), (B * K, R)]  # each prompt's pass once, then every response
     monkeypatch.setattr(Transformer, "apply", original)
 
     # Each unpadded sequence [prompt | response] from position 0, in rows right-padded to one length (one

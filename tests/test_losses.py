@@ -155,7 +155,7 @@ def test_one_forward_pass_per_completion(monkeypatch):
     monkeypatch.setattr(Transformer, "apply", counting_apply)
     rewards = jax.jit(lambda p, b: steps.completion_rewards(model, p, b))(params, batch)  # counted while tracing
     B, K, R = batch["response_ids"].shape
-    assert calls == [(B * K, batch["prompt_ids"].shape[1] + R)]  # every completion once, in one pass
+    assert calls == [(B, batch["prompt_ids"].shape[1]), (B * K, R)]  # each prompt's pass once, then every response
     monkeypatch.setattr(Transformer, "apply", original)
     # and each reward is that of the completion scored on its own, unpadded (a few: each length compiles anew)
     for b, k in ((0, 0), (1, K - 1), (B - 1, 1)):

@@ -246,3 +246,22 @@ def forward(model: Transformer, params, tokens_BT, mask_BT):
     """Full, uncached pass over a (possibly left-padded) batch with positions from the mask."""
     out, _ = model.apply({"params": params}, tokens_BT, positions_from_mask(mask_BT), mask_BT)
     return out
+
+
+def shared_prompt_pass(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, group: int,
+                       rngs=None) -> jax.Array:
+    """The model's outputs (an LM's final hidden states x_B(N+1)D, a scalar head's values_B(N+1)) at the prompt's
+    last position and at every response token, as the full pass gives them, for rows in runs of `group`
+    consecutive rows sharing a prompt: each prompt's pass runs once, and its keys and values serve the run's
+    responses, whose pass attends to them (the gradients of a run's rows add up in them). The group's prompts
+    are read from its first row."""
+    P = prompt_ids_BP.shape[1]
+    share = lambda x: jnp.repeat(x, group, axis=0)  # per prompt -> per row
+    ids_bP, mask_bP = prompt_ids_BP[::group], prompt_mask_BP[::group].astype(bool)
+    last_b1, kv_b = model.apply({"params": params}, ids_bP, positions_from_mask(mask_bP), mask_bP, head_last=1,
+                                hidden=True, keep_kv=True, rngs=rngs)
+    key_mask_BS = jnp.concatenate([share(mask_bP), mask_BN.astype(bool)], axis=1)  # the prompt's slots first
+    prefix = jax.tree.map(lambda x: jnp.repeat(x, group, axis=x.ndim - 4), kv_b)  # k_(L)BKPH: rows at axis -4
+    out_BN, _ = model.apply({"params": params}, tokens_BN, positions_from_mask(key_mask_BS)[:, P:], key_mask_BS,
+                            hidden=True, prefix=prefix, rngs=rngs)
+    return jnp.concatenate([share(last_b1), out_BN], axis=1)

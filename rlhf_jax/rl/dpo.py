@@ -17,9 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.sampling import response_logits
 from rlhf_jax.models.transformer import Transformer, without_adapters
-from rlhf_jax.training.losses import token_logprobs
+from rlhf_jax.rl.scoring import response_token_stats
 from rlhf_jax.training.steps import TrainState, accumulate, apply_grads
 
 
@@ -34,16 +33,16 @@ class DPOSettings:
 
 def response_logprobs(model: Transformer, params, batch: dict, rngs=None) -> jax.Array:
     """logps_BK: the summed log-prob (temperature 1) of each response slot given its prompt, from one
-    teacher-forced pass over the B*K [prompt | response] sequences (the prompt tiled K times)."""
+    teacher-forced pass over the B*K [prompt | response] sequences, each prompt's part run once for its K slots
+    (`response_token_stats` with group K: the responses attend to its keys and values) and the LM head a few
+    positions at a time (no float32 B*K x R x V logits)."""
     B, K, R = batch["response_ids"].shape
     P = batch["prompt_ids"].shape[1]
-    tile = lambda x: jnp.broadcast_to(x[:, None], (B, K, P)).reshape(B * K, P)
-    tokens_NR = batch["response_ids"].reshape(B * K, R)
-    mask_NR = batch["response_mask"].reshape(B * K, R)
-    logits_NRV = response_logits(model, params, tile(batch["prompt_ids"]), tile(batch["prompt_mask"]), tokens_NR,
-                                 mask_NR, rngs=rngs)
-    logps_NR = token_logprobs(logits_NRV.astype(jnp.float32), tokens_NR)
-    return jnp.sum(jnp.where(mask_NR, logps_NR, 0.0), axis=1).reshape(B, K)
+    tile = lambda x: jnp.broadcast_to(x[:, None], (B, K, P)).reshape(B * K, P)  # prompt b in rows b*K .. b*K+K-1
+    stats = response_token_stats(model, params, tile(batch["prompt_ids"]), tile(batch["prompt_mask"]),
+                                 batch["response_ids"].reshape(B * K, R), batch["response_mask"].reshape(B * K, R),
+                                 rngs=rngs, group=K)
+    return jnp.sum(stats.logprobs_BN, axis=1).reshape(B, K)
 
 
 def dpo_loss(policy_logps_BK: jax.Array, ref_logps_BK: jax.Array, pairs_BKK: jax.Array, beta: float,

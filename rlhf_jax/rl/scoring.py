@@ -9,7 +9,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.transformer import Transformer, head_logits, lm_head_DV, positions_from_mask
+from rlhf_jax.models.transformer import (
+    Transformer, head_logits, lm_head_DV, positions_from_mask, shared_prompt_pass)
 from rlhf_jax.rl.ppo_math import token_entropy
 from rlhf_jax.training.losses import last_token_values, token_logprobs
 
@@ -34,8 +35,9 @@ def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_
     full-vocabulary backward is never built. `group` > 1: the rows come in runs of `group` consecutive rows with the
     same prompt (GRPO's samples of one prompt), and each prompt's pass runs once for its run (`shared_prompt_pass`)."""
     B, N = tokens_BN.shape
-    if group > 1:
-        x_BND = shared_prompt_pass(model, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, group, rngs)
+    if group > 1:  # the last response token's output predicts nothing
+        x_BND = shared_prompt_pass(model, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, group,
+                                   rngs)[:, :-1]
     else:
         ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
         # final hidden states at P-1 .. T-2: position t predicts token t + 1, the first response token onwards
@@ -59,29 +61,6 @@ def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_
     _, (logprobs_nBC, entropy_nBC) = jax.lax.scan(chunk_stats, None, (chunks(x_BND), chunks(tokens_BN)))
     unchunk = lambda y_nBC: jnp.moveaxis(y_nBC, 0, 1).reshape(B, N + pad)[:, :N]
     return TokenStats(jnp.where(mask_BN, unchunk(logprobs_nBC), 0.0), unchunk(entropy_nBC))
-
-
-def shared_prompt_pass(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, group: int,
-                       rngs=None) -> jax.Array:
-    """x_BND: the final hidden states that predict each response token (positions P-1 .. T-2), as the full pass
-    gives them, for rows in runs of `group` consecutive rows sharing a prompt: each prompt's pass runs once, and its
-    keys and values serve the run's responses, whose pass attends to them (the gradients of a run's rows add up
-    in them). The group's prompts are read from its first row."""
-    B, P = prompt_ids_BP.shape
-    share = lambda x: jnp.repeat(x, group, axis=0)  # per prompt -> per row
-    ids_bP, mask_bP = prompt_ids_BP[::group], prompt_mask_BP[::group].astype(bool)
-    x_b1D, kv_b = model.apply({"params": params}, ids_bP, positions_from_mask(mask_bP), mask_bP, head_last=1,
-                              hidden=True, keep_kv=True, rngs=rngs)
-    x_B1D = share(x_b1D)
-    if tokens_BN.shape[1] == 1:
-        return x_B1D
-    # The response's tokens but its last (which predicts nothing), after the prompt's slots.
-    ids_BM, response_mask_BM = tokens_BN[:, :-1], mask_BN[:, :-1].astype(bool)
-    key_mask_BS = jnp.concatenate([share(mask_bP), response_mask_BM], axis=1)
-    prefix = jax.tree.map(lambda x: jnp.repeat(x, group, axis=x.ndim - 4), kv_b)  # k_(L)BKPH: rows at axis -4
-    x_BMD, _ = model.apply({"params": params}, ids_BM, positions_from_mask(key_mask_BS)[:, P:], key_mask_BS,
-                           hidden=True, prefix=prefix, rngs=rngs)
-    return jnp.concatenate([x_B1D, x_BMD], axis=1)
 
 
 def _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN):

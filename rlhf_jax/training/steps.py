@@ -16,7 +16,7 @@ import optax
 
 from rlhf_jax.config import OptimSection
 from rlhf_jax.models import lora
-from rlhf_jax.models.transformer import Transformer, head_logits, lm_head_DV
+from rlhf_jax.models.transformer import Transformer, head_logits, lm_head_DV, shared_prompt_pass
 from rlhf_jax.training.losses import last_token_values, next_token_nll, ranking_loss
 
 
@@ -157,17 +157,19 @@ def sft_eval_sums(params, batch: dict, *, model: Transformer, loss_on_prompt: bo
 
 
 def completion_rewards(model: Transformer, params, batch: dict, rngs=None) -> jax.Array:
-    """rewards_BK: ONE forward pass over all B*K [prompt | response] sequences, read at each last real token.
-    Each unique response of a prompt has one slot, however many pairs it is in; empty (padding) slots are
-    scored too but belong to no pair."""
+    """rewards_BK: each [prompt | response] sequence's value at its last real token, from ONE pass over all B*K
+    of them, each prompt's part run once for its K slots (`shared_prompt_pass`: the responses attend to its keys
+    and values). Each unique response of a prompt has one slot, however many pairs it is in; empty (padding) slots
+    are scored too (at the prompt's last token) but belong to no pair."""
     B, K, R = batch["response_ids"].shape
     P = batch["prompt_ids"].shape[1]
-    tile = lambda x: jnp.broadcast_to(x[:, None], (B, K, P)).reshape(B * K, P)
-    ids = jnp.concatenate([tile(batch["prompt_ids"]), batch["response_ids"].reshape(B * K, R)], axis=1)
-    mask = jnp.concatenate([tile(batch["prompt_mask"]), batch["response_mask"].reshape(B * K, R)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    values_NT, _ = model.apply({"params": params}, ids, positions, mask, rngs=rngs)
-    return last_token_values(values_NT, mask).reshape(B, K)
+    tile = lambda x: jnp.broadcast_to(x[:, None], (B, K, P)).reshape(B * K, P)  # prompt b in rows b*K .. b*K+K-1
+    response_mask_NR = batch["response_mask"].reshape(B * K, R).astype(bool)
+    values_NM = shared_prompt_pass(model, params, tile(batch["prompt_ids"]), tile(batch["prompt_mask"]),
+                                   batch["response_ids"].reshape(B * K, R), response_mask_NR, K, rngs)
+    # the prompt's last token (always real) and then the response's: the last real one of the sequence
+    mask_NM = jnp.concatenate([jnp.ones((B * K, 1), bool), response_mask_NR], axis=1)
+    return last_token_values(values_NM, mask_NM).reshape(B, K)
 
 
 def rm_sums(model: Transformer, params, batch: dict, weight_B=None, rngs=None) -> dict:
