@@ -304,10 +304,11 @@ def pairwise_batch(batch: dict) -> dict:
             for key, rows in (("ids", ids), ("mask", masks))}
 
 
-def pairwise_step(state: steps.TrainState, batch: dict, rng, *, model, optimizer, schedule):
+def pairwise_step(state: steps.TrainState, batch: dict, rng, frozen, *, model, optimizer, schedule):
     """A pairwise trainer's step: rewards of the chosen and of the rejected sequences (two forward passes),
-    loss = mean over pairs of -log sigmoid(r_chosen - r_rejected), then the same optimizer update."""
-    del rng
+    loss = mean over pairs of -log sigmoid(r_chosen - r_rejected), then the same optimizer update (the stages'
+    step signature; nothing is frozen)."""
+    del rng, frozen
 
     def rewards(params, ids, mask):
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
