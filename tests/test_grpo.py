@@ -330,6 +330,26 @@ def test_the_reward_function_sees_exactly_the_decoded_responses_cut_at_eos():
         assert float(metrics[key]) == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
+def test_the_reward_models_scores_of_a_group_with_one_prompt_pass_are_each_rows_own():
+    """The reward model's score of each row (its normalisation applied), each group's prompt run once, against the
+    scores of every row's whole [prompt | response]: responses of every length, one of them empty."""
+    from rlhf_jax.rl.scoring import reward_scores
+
+    model = make_model(CFG, head="scalar")
+    params = init_params(model, jax.random.key(3))
+    rng = np.random.default_rng(8)
+    prompt_mask = np.arange(P)[None, :] >= rng.integers(0, P, (B, 1))
+    prompts = np.where(prompt_mask, rng.integers(4, CFG.vocab_size, (B, P)), PAD_ID)
+    mask = _prefix_mask(rng, R, N)
+    mask[1] = False  # an empty response: scored at the prompt's last token
+    rows = (jnp.asarray(np.repeat(prompts, G, 0), jnp.int32), jnp.asarray(np.repeat(prompt_mask, G, 0)),
+            jnp.asarray(np.where(mask, rng.integers(4, CFG.vocab_size, (R, N)), PAD_ID), jnp.int32), jnp.asarray(mask))
+    score = jax.jit(lambda p, group: reward_scores(model, p, 2.0, -0.5, *rows, group=group), static_argnums=1)
+    own, shared = np.asarray(score(params, 1)), np.asarray(score(params, G))
+    np.testing.assert_allclose(shared, own, atol=1e-5)
+    assert np.std(own) > 1e-3
+
+
 def test_first_step_through_the_rollouts_forward_equals_a_direct_gradient():
     """The first optimizer step's backward runs through the rollout's own forward of its first micro-batch
     (`FirstForward`) and the other micro-batch through its own, each group's prompt pass run once

@@ -248,7 +248,7 @@ def teacher_force(state: GroupState, frozen: Frozen, responses, models: GroupMod
         ref_logprobs = (_forward(frozen.reference(), mb, models, settings, reference=True).logprobs_BN
                         if with_reference else None)
         scores = (reward_scores(models.reward, frozen.reward_params, settings.reward_gain, settings.reward_bias,
-                                    *mb) if with_reward_model else None)
+                                *mb, group=settings.prompt_rows) if with_reward_model else None)
         return ref_logprobs, scores
 
     def trained_pass(rows):

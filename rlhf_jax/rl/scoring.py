@@ -80,8 +80,13 @@ def response_values(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, t
 
 
 def reward_scores(reward: Transformer, params, gain: float, bias: float, prompt_ids_BP, prompt_mask_BP, tokens_BN,
-                  mask_BN) -> jax.Array:
-    """gain * (the scalar head at each [prompt | response]'s last real token) + bias."""
+                  mask_BN, group: int = 1) -> jax.Array:
+    """gain * (the scalar head at each [prompt | response]'s last real token) + bias. `group` > 1: rows in runs
+    sharing a prompt, whose pass runs once for its run (`shared_prompt_pass`)."""
+    if group > 1:  # the prompt's last token (always real), then the response's
+        values_BM = shared_prompt_pass(reward, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, group)
+        mask_BM = jnp.concatenate([jnp.ones((mask_BN.shape[0], 1), bool), mask_BN.astype(bool)], axis=1)
+        return gain * last_token_values(values_BM, mask_BM) + bias
     ids_BT, mask_BT, positions_BT = _sequence(prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN)
     values_BT, _ = reward.apply({"params": params}, ids_BT, positions_BT, mask_BT)
     return gain * last_token_values(values_BT, mask_BT) + bias
