@@ -166,6 +166,12 @@ FULL_TIER = (
     "test_grpo.py::test_grpo_stage_resumes_bitwise",
     "test_grpo.py::test_reward_function_mistakes_stop_the_stage_in_one_line[raises",
     "test_grpo.py::test_reward_function_mistakes_stop_the_stage_in_one_line[not_finite",
+    "test_grpo.py::test_reward_function_mistakes_stop_the_stage_in_one_line[one_short",  # the wrapper's test: fast
+    # one prompt pass per group: the loop of layers' case and the sampler's are fast; the scanned stack's, and the
+    # precomputed DPO reference's stage run (resumed, reading its stored tables) in this tier
+    "test_token_stats.py::test_a_groups_shared_prompt_pass_gives_each_rows_own_pass[gemma3-True]",
+    "test_sampling_exit.py::test_a_groups_prefill_runs_once_and_the_rows_draw_what_they_drew_alone[True]",
+    "test_dpo.py::test_precomputed_reference_gives_the_live_losses_and_a_resumed_run_reads_its_tables",
     # the newer families: the fast tier checks each one's logits and import/export, and one windowed cached decode
     *(f"test_model.py::test_greedy_generation_matches_transformers[{f}]" for f in (
         "qwen3", "mistral", "gemma2", "gemma3", "gpt2_untied", "llama_tied")),  # logits parity covers their heads
