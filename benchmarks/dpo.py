@@ -12,8 +12,9 @@ constant learning rate).
 Ours is the dpo stage's compiled train step (`rl.dpo.dpo_step`, jitted over the mesh by `training.state.jit_step`
 with the state donated, the batch put on the mesh by `to_global` every step as the stage's loop does): ONE forward
 and backward of the policy over the B x 4 [prompt | response] sequences and one forward of the reference over
-them, whatever the number of pairs, each prompt's part run once for its 4 responses. The reference is live (an argument of every step); the same step with
-`dpo.precompute_reference` (the batch carrying the reference's log-probs, scored once before) is timed too.
+them, whatever the number of pairs, each prompt's part run once for its 4 responses. The reference is live (an
+argument of every step); the same step with `dpo.precompute_reference` (the batch carrying the reference's
+log-probs, scored once before) is timed too.
 
 TRL is pairwise: each pair is one dataset row (prompt, chosen, rejected), and one step of 48 rows runs the policy
 forward and backward, and the reference forward, over 96 sequences of 128 tokens (benchmarks/trl_dpo.py; TRL's
