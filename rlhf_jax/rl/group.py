@@ -170,7 +170,7 @@ def rollout(state: GroupState, frozen: Frozen, prompt_ids_RP, prompt_mask_RP, rn
                                    prompt_mask_RP, rng, models, settings.prompt_rows)
     responses = (prompt_ids_RP, prompt_mask_RP, sampled.tokens_BN, sampled.mask_BN)
     forced, first = teacher_force(state, frozen, responses, models, settings, runtime, first_order_MMb)
-    rewards_R = forced.scores_R if rewards_fn is None else function_rewards(rewards_fn, responses)
+    rewards_R = forced.scores_R if rewards_fn is None else function_rewards(rewards_fn, runtime.everywhere(responses))
     kl_R = None
     if forced.ref_logprobs_RN is not None:  # k1 per sequence: the KL metric, and RLOO's penalty
         kl_R = L.kl_per_token(forced.old_logprobs_RN, forced.ref_logprobs_RN, sampled.mask_BN, "k1").sum(1)

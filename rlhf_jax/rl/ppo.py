@@ -90,6 +90,14 @@ class Runtime:
             return tree
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding), tree)
 
+    def everywhere(self, tree):
+        """`tree` whole on every device: what a host callback reads (XLA gathers rows split over the mesh to one
+        device only by replicating them first, and warns at every compile that it had to)."""
+        if self.batch_sharding is None:
+            return tree
+        whole = jax.sharding.NamedSharding(self.batch_sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), tree)
+
 
 @flax.struct.dataclass
 class PPOState:
