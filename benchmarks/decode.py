@@ -12,6 +12,12 @@ JSON): built once before any timing, then for each (batch, new tokens) it times 
 model on CPU only; its weights are its own random initialisation (the cost of decoding does not depend on them).
 `tunix_tokens_per_s` counts whole `Sampler.__call__`s (id strings in, tokens out, as its API takes them);
 `tunix_core_tokens_per_s` only their device work (sampling state, jitted prefill and decode loop).
+
+Each row also has the memory roofline of a step: `memory_bound_ms_per_step`, the least bytes a step reads (every
+weight, bar the input embedding's rows unless the head is tied, and the keys and values of the slots filled so far,
+averaged over the steps) over the bandwidth of an elementwise pass measured in the same run (`memory_gbps`, bytes
+read plus written), and `ours_fraction_of_memory_bound`. On an accelerator at batch 128 that is the HBM roofline of
+benchmarks/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -95,6 +102,29 @@ def time_ours(model, params, ids, mask, new_tokens, temperature, repeats, dtype)
     return statistics.median(times), compile_s
 
 
+def memory_bandwidth(nbytes: int, repeats: int = 10) -> float:
+    """Bytes per second the device moves in a jitted elementwise pass over `nbytes` (each byte read and written)."""
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    f = jax.jit(lambda v: v * 0.5, donate_argnums=0)  # in place: no fresh output buffer to map every call
+    x = f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt: int, new_tokens: int, dtype: str) -> float:
+    """The least a decode step reads: every weight but the input embedding (a step looks up `batch` rows of it;
+    a tied head reads it whole) and the keys and values of the slots filled so far, on average over the steps."""
+    n_weights = sum(x.size for x in jax.tree.leaves(params))
+    if not cfg.tie_embeddings:
+        n_weights -= params["embed"].size
+    kv_per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+    return jnp.dtype(dtype).itemsize * (n_weights + batch * (prompt + new_tokens / 2) * kv_per_slot)
+
+
 def time_transformers(torch_model, ids, new_tokens, temperature, repeats):
     import torch
 
@@ -147,6 +177,7 @@ def main() -> None:
     # Inference keeps weights in the compute dtype: no per-step cast of float32 weights inside the loop.
     params = jax.device_put(jax.tree.map(lambda x: x.astype(args.dtype), params))
     on_cpu = jax.devices()[0].platform == "cpu"
+    bandwidth = memory_bandwidth(2**28 if on_cpu else 2**30)
     tunix_python = args.tunix_python if args.model_size == "tiny" and on_cpu else ""
     tunix_note = "" if tunix_python else (
         "Tunix skipped: its sampler is timed for the tiny model only" if args.model_size != "tiny" else
@@ -175,6 +206,9 @@ def main() -> None:
                 row = dict(batch=batch, prompt=args.prompt, new_tokens=n,
                            ours_tokens_per_s=round(batch * n / ours_s, 1), ours_ms_per_step=round(1000 * ours_s / n, 3),
                            ours_compile_s=round(compile_s, 2))
+                bound_s = decode_bytes_per_step(config, params, batch, args.prompt, n, args.dtype) / bandwidth
+                row.update(memory_bound_ms_per_step=round(1000 * bound_s, 3),
+                           ours_fraction_of_memory_bound=round(bound_s * n / ours_s, 3))
                 if hf_s is not None:
                     row.update(transformers_tokens_per_s=round(batch * n / hf_s, 1),
                                transformers_ms_per_step=round(1000 * hf_s / n, 3), speedup=round(hf_s / ours_s, 3))
@@ -203,7 +237,8 @@ def main() -> None:
     result = dict(benchmark="decode", model_size=args.model_size, model=config.__dict__ | {"eos_token_ids": []}, dtype=args.dtype,
                   temperature=args.temperature, device=str(jax.devices()[0].device_kind), torch_device=args.torch_device,
                   platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__,
-                  torch_threads=None if torch_model is None else torch_threads, results=rows,
+                  torch_threads=None if torch_model is None else torch_threads,
+                  memory_gbps=round(bandwidth / 1e9, 1), results=rows,
                   per_token_time_growth=growth)
     if tunix_settings and all("tunix_tokens_per_s" in r for r in rows):
         result["tunix"] = {k: v for k, v in tunix_settings.items() if k != "ready"}

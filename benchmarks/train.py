@@ -3,8 +3,11 @@
 1. sft: our jitted, donated `steps.sft_step` against a plain PyTorch step of the same weights
    (transformers `LlamaForCausalLM` loaded from `hf.save_hf`, `torch.optim.AdamW`, clip_grad_norm_) - tokens/s.
 2. mfu: model FLOPs utilisation of our SFT step on a larger Llama, against the matmul peak measured in the same
-   run (a jitted float32 2048^3 `jnp.dot`). Model FLOPs per step use the PaLM formula
-   6 * N * tokens + 12 * L * H * Q * T * tokens, N = non-embedding params + lm_head.
+   run (a jitted 2048^3 `jnp.dot` on CPU, 8192^3 on an accelerator, in the step's compute dtype) and, on a GPU
+   whose datasheet peak is known, against that. Model FLOPs per step use the PaLM formula
+   6 * N * tokens + 12 * L * H * Q * T * tokens, N = non-embedding params + lm_head. `--mfu-model 1b` (TinyLlama
+   1.1B shapes) with `--dtype bfloat16 --mfu-batch 8 --mfu-seq 2048` is the accelerator measure
+   (benchmarks/gpu_check.sh); `--skip sft rm` runs it alone.
 3. rm: comparisons/s of our K-way `steps.rm_step` (one forward over the B*K completions) against a pairwise
    baseline in JAX (the same data expanded to C(K,2) chosen/rejected pairs, two forward passes per pair, mean
    -log sigmoid loss, the same optimizer).
@@ -16,6 +19,7 @@ minor page faults per step (a step that maps fresh memory every call shows up th
 in effect (GLIBC_TUNABLES and MALLOC_* variables) are recorded, since they change the numbers.
 
   python benchmarks/train.py [--steps 10] [--rounds 2] [--out FILE]
+  python benchmarks/train.py --skip sft rm --mfu-model 1b --dtype bfloat16 --mfu-batch 8 --mfu-seq 2048
 """
 
 from __future__ import annotations
@@ -48,8 +52,15 @@ from rlhf_jax.training.losses import last_token_values
 
 TINY = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                    d_ff=688, max_position_embeddings=1024, eos_token_ids=(), bos_token_id=0)
-MFU_MODEL = ModelConfig(family="llama", vocab_size=2048, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
-                        head_dim=64, d_ff=1376, max_position_embeddings=1024, eos_token_ids=(), bos_token_id=0)
+MFU_MODELS = {
+    "small": ModelConfig(family="llama", vocab_size=2048, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
+                         head_dim=64, d_ff=1376, max_position_embeddings=1024, eos_token_ids=(), bos_token_id=0),
+    # TinyLlama-1.1B's shapes: the accelerator measure
+    "1b": ModelConfig(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                      head_dim=64, d_ff=5632, max_position_embeddings=2048, eos_token_ids=(), bos_token_id=0),
+}
+# Dense bf16 peak FLOP/s of a datasheet, by a substring of jax's device_kind (SXM parts).
+NOMINAL_BF16_PEAK = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12, "A100": 312e12}
 OPTIM = OptimSection(lr=1e-4, grad_clip=1.0, weight_decay=0.0, schedule="constant")
 TOTAL_STEPS = 1000  # schedule length: irrelevant for a constant schedule
 
@@ -141,8 +152,8 @@ def sft_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict:
             "segment_ids": np.ones((batch, seq), np.int32)}
 
 
-def our_sft(cfg: ModelConfig, params, batch: dict) -> JaxStepper:
-    model = make_model(cfg)
+def our_sft(cfg: ModelConfig, params, batch: dict, dtype: str = "float32") -> JaxStepper:
+    model = make_model(cfg, dtype=dtype)
     optimizer = steps.make_optimizer(OPTIM, TOTAL_STEPS)
     schedule = steps.lr_schedule(OPTIM, TOTAL_STEPS)
     step = functools.partial(steps.sft_step, model=model, optimizer=optimizer, schedule=schedule)
@@ -235,9 +246,9 @@ def model_flops_per_step(cfg: ModelConfig, params, batch: int, seq: int) -> tupl
     return 6.0 * n * tokens + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq * tokens, n
 
 
-def matmul_fn(n: int = 2048):
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+def matmul_fn(n: int = 2048, dtype: str = "float32"):
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
     dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
     fn = lambda: dot(a, b).block_until_ready()
     fn()
@@ -245,29 +256,41 @@ def matmul_fn(n: int = 2048):
     return fn
 
 
+def nominal_peak(dtype: str) -> float | None:
+    kind = jax.devices()[0].device_kind
+    if dtype != "bfloat16" or jax.default_backend() == "cpu":
+        return None
+    return next((peak for name, peak in NOMINAL_BF16_PEAK.items() if name in kind), None)
+
+
 def run_mfu(args) -> dict:
-    n = 2048
-    peak_fn = matmul_fn(n)
-    params = jax.device_get(init_params(make_model(MFU_MODEL), jax.random.key(0)))
-    batch = sft_batch(MFU_MODEL, args.batch, args.seq)
-    flops, n_counted = model_flops_per_step(MFU_MODEL, params, args.batch, args.seq)
-    ours = our_sft(MFU_MODEL, params, batch)
+    cfg = MFU_MODELS[args.mfu_model]
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    peak_fn = matmul_fn(n, args.dtype)
+    batch_size, seq = args.mfu_batch or args.batch, args.mfu_seq or args.seq
+    params = jax.device_get(init_params(make_model(cfg), jax.random.key(0)))
+    batch = sft_batch(cfg, batch_size, seq)
+    flops, n_counted = model_flops_per_step(cfg, params, batch_size, seq)
+    ours = our_sft(cfg, params, batch, args.dtype)
     per = math.ceil(args.mfu_steps / args.rounds)
     t = interleave({"matmul": (peak_fn, 5), "ours": (ours, per)}, args.rounds)
     peak = 2.0 * n ** 3 / t["matmul"]["median_s"]
     model_fps = flops / t["ours"]["median_s"]
     mfu = model_fps / peak
     out = dict(
-        model=model_config_to_json(MFU_MODEL), n_params=count_params(params),
-        n_params_nonembedding_plus_head=n_counted, batch=args.batch, seq=args.seq,
-        tokens_per_step=args.batch * args.seq, timed_steps=per * args.rounds, rounds=args.rounds,
+        model_name=args.mfu_model, model=model_config_to_json(cfg), dtype=args.dtype, n_params=count_params(params),
+        n_params_nonembedding_plus_head=n_counted, batch=batch_size, seq=seq,
+        tokens_per_step=batch_size * seq, timed_steps=per * args.rounds, rounds=args.rounds,
         model_flops_per_step=flops, median_step_s=r(t["ours"]["median_s"]), min_step_s=r(t["ours"]["min_s"]),
         compile_s=r(ours.compile_s, 2), model_gflops_per_s=r(model_fps / 1e9, 2),
-        matmul_peak=dict(n=n, calls=len(t["matmul"]["times"]), median_s=r(t["matmul"]["median_s"], 5),
+        matmul_peak=dict(n=n, dtype=args.dtype, calls=len(t["matmul"]["times"]), median_s=r(t["matmul"]["median_s"], 5),
                          gflops_per_s=r(peak / 1e9, 2), best_gflops_per_s=r(2.0 * n ** 3 / t["matmul"]["min_s"] / 1e9, 2)),
         mfu=r(mfu), mfu_vs_best_peak=r(model_fps * t["matmul"]["min_s"] / (2.0 * n ** 3)),
         target_mfu=0.55, target_met=bool(mfu >= 0.55), **usage_fields("step", t["ours"]),
         step_times_s=[r(x) for x in t["ours"]["times"]])
+    if (nominal := nominal_peak(args.dtype)) is not None:
+        out.update(nominal_peak_tflops=r(nominal / 1e12, 1), mfu_vs_nominal_peak=r(model_fps / nominal),
+                   target_mfu=0.45, target_met=bool(model_fps / nominal >= 0.45))
     log(measure="matmul_peak", gflops=out["matmul_peak"]["gflops_per_s"], median_s=out["matmul_peak"]["median_s"])
     log(measure="mfu", mfu=out["mfu"], model_gflops=out["model_gflops_per_s"], step_s=out["median_step_s"],
         kernel_share=out["step_kernel_cpu_share"], faults_per_step=out["step_minor_faults_per_step"])
@@ -376,6 +399,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rm-prompts", type=int, default=8)
+    ap.add_argument("--mfu-model", choices=sorted(MFU_MODELS), default="small")
+    ap.add_argument("--mfu-batch", type=int, default=0, help="rows of the mfu measure's batch (0: --batch)")
+    ap.add_argument("--mfu-seq", type=int, default=0, help="its sequence length (0: --seq)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="compute dtype of the mfu measure (params stay float32); sft and rm run in float32")
     ap.add_argument("--skip", nargs="*", default=[], choices=["sft", "mfu", "rm"])
     ap.add_argument("--out")
     args = ap.parse_args()

@@ -40,8 +40,6 @@ import jax
 from rlhf_jax import pipeline
 from rlhf_jax.errors import UserError
 from rlhf_jax.plan.devices import budget, gib
-from rlhf_jax.plan.planner import Planner, StagePlan
-from rlhf_jax.plan.report import table
 
 NO_FIT = 5  # exit status of a dry run in which some stage does not fit the device memory
 PLANNED = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
@@ -51,6 +49,10 @@ def dry_run(steps: Sequence[pipeline.Step], is_pipeline: bool, label: str | None
             peak_tflops: float | None = None, out=None) -> int:
     """Plans every training step of validated `steps` (one config's, or a pipeline's) and prints the report;
     returns the exit status: 0 when every planned step fits (or there is no verdict), NO_FIT when one does not."""
+    # the programs import every stage and its data libraries: here, not when a module of this package is imported
+    from rlhf_jax.plan.planner import Planner, StagePlan
+    from rlhf_jax.plan.report import table
+
     out = out or sys.stdout
     if not is_pipeline:  # a pipeline's steps were checked when it was loaded
         from rlhf_jax.stages import dispatch as stages
