@@ -220,6 +220,12 @@ def test_round_trip():
     assert config_from_dict(config_to_dict(Config())) == Config()
 
 
+def test_a_stored_config_never_holds_the_label_token():
+    """Every config written to disk (config.json, pipeline markers, checkpoints) comes from config_to_dict."""
+    d = config_to_dict(load_config(None, ["label.token=s3cret", "label.host=0.0.0.0"]))
+    assert d["label"]["token"] == "" and d["label"]["host"] == "0.0.0.0" and "s3cret" not in json.dumps(d)
+
+
 def test_direct_construction_validates_and_converts():
     with pytest.raises(ConfigError, match="'top_p'"):
         SamplingSection(top_p=1.5)

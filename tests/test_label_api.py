@@ -20,8 +20,10 @@ from starlette.testclient import TestClient
 from rlhf_jax.errors import UserError
 from rlhf_jax.label import __main__ as label_cli
 from rlhf_jax.label.app import MAX_BODY, make_app
+from rlhf_jax.label.server import served_names
 from rlhf_jax.label.service import LabelService
 from rlhf_jax.label.store import Ranking, Store
+from rlhf_jax.runtime.fsio import run_dir_lock
 
 from cli_helpers import run_quietly
 from test_label_store import make_task
@@ -118,9 +120,71 @@ def test_a_bad_ranking_is_refused_naming_the_problem_and_writes_nothing(client, 
 def test_bad_requests_get_a_json_error_and_write_nothing(client, task, method, path, body, status, message):
     client.post("/api/rankings", json={**GOOD, "labeler": "bob"})
     before = snapshot(task)
-    answer = client.request(method, path, content=body)
+    answer = client.request(method, path, content=body, headers={"Content-Type": "application/json"})
     assert answer.status_code == status and answer.json()["error"].startswith(message), answer.text
     assert snapshot(task) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ratings": {"01": 2}}, "ratings: '01' is not a response id of this prompt"),
+    ({"ratings": {"\uff11": 2, "1": 3}}, "ratings: '\uff11' is not a response id"),  # a full-width one
+    ({"flags": {" 1": ["other"]}}, "flags: ' 1' is not a response id"),
+])
+def test_response_keys_are_the_ids_as_written_so_that_none_alias(client, task, change, message):
+    answer = client.post("/api/rankings", json={**GOOD, **change})
+    assert answer.status_code == 422 and answer.json()["error"].startswith(message), answer.text
+    assert task.done() == 0
+
+
+def test_a_body_nested_too_deeply_is_a_400(client, task):
+    answer = client.post("/api/rankings", content=b"[" * 30_000 + b"]" * 30_000,
+                         headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "nested too deeply" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("headers, status, message", [
+    ({"Content-Type": "text/plain"}, 415, "the body must be sent as Content-Type: application/json"),
+    ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "the body must be sent as"),
+    ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403, "the API answers only"),
+    ({"Content-Type": "application/json", "Origin": "http://testserver:8888"}, 403, "the API answers only"),
+    ({"Content-Type": "application/json", "Origin": "null"}, 403, "the API answers only"),
+    ({"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"}, 403, "the API answers only"),
+    ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "the API answers only"),
+])
+def test_what_another_sites_page_can_send_is_refused(client, task, headers, status, message):
+    """A page of any site can make the labeler's browser POST text/plain or a form without asking first, or GET
+    a URL (an image): none of it reaches the service."""
+    answer = client.post("/api/rankings", content=json.dumps(GOOD).encode(), headers=headers)
+    assert answer.status_code == status and answer.json()["error"].startswith(message), answer.text
+    assert task.done() == 0
+    held = client.get("/api/next", params={"labeler": "eve"}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert held.status_code == 403  # no prompt held for a name a page made up
+    assert client.get("/api/next", params={"labeler": "ann"}).json()["prompt_id"] == 0
+    # the page itself: same origin, and a link from anywhere may open it
+    same = {"Content-Type": "application/json; charset=utf-8", "Origin": "http://testserver",
+            "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/api/rankings", content=json.dumps(GOOD).encode(), headers=same).json()["saved"]
+    assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+
+
+def test_a_loopback_server_answers_only_to_loopback_names(task):
+    """A DNS-rebound name (an attacker's domain pointed at 127.0.0.1) reaches the socket, not the app."""
+    app = make_app(LabelService(task, target=10, overlap=0.0), hosts=served_names("127.0.0.1"))
+    for url in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"):
+        assert TestClient(app, base_url=url).get("/api/next", params={"labeler": "ann"}).status_code == 200, url
+    for url in ("http://evil.example:8000", "http://127.0.0.1.evil.example"):
+        answer = TestClient(app, base_url=url).get("/api/next", params={"labeler": "bob"})
+        assert answer.status_code == 403 and "is not this server's" in answer.json()["error"], url
+    assert served_names("0.0.0.0") is None  # reached by names it cannot know: the token guards it
+
+
+def test_one_server_per_task(task):
+    """Which unshared prompt is held for whom lives in the server's memory: a second server on the run dir would
+    hand the same prompts out again."""
+    task.save_ranking(Ranking("ann", 0, ((0,), (1, 2, 3)), {}, {}, None), 0.0)  # target 1 met: a server would end
+    with run_dir_lock(task.path.parent):
+        rc, _, err = run_quietly(label_cli.main, ["serve", task.path.parent, "--port", "0", "--target", "1"])
+    assert rc == 2 and err.startswith(f"error: RUN_DIR={task.path.parent}: in use by pid {os.getpid()}"), err
 
 
 def test_a_body_over_the_limit_without_a_length_is_refused_while_read(client, task):
@@ -128,7 +192,8 @@ def test_a_body_over_the_limit_without_a_length_is_refused_while_read(client, ta
         for _ in range(MAX_BODY // 1024 + 2):
             yield b" " * 1024
 
-    answer = client.post("/api/rankings", content=chunks())  # sent chunked: no Content-Length
+    answer = client.post("/api/rankings", content=chunks(),  # sent chunked: no Content-Length
+                         headers={"Content-Type": "application/json"})
     assert answer.status_code == 413 and "over the limit" in answer.json()["error"]
     assert task.done() == 0
 

@@ -242,7 +242,8 @@ class LabelSection:
     host: str = opt("127.0.0.1", "labeler=people: address the ranking page is served on; any but loopback needs "
                                  "label.token")
     port: int = opt(8000, "labeler=people: port of the ranking page; 0 picks a free one")
-    token: str = opt("", "labeler=people: a secret every request must carry (labelers open /?token=TOKEN)")
+    token: str = opt("", "labeler=people: a secret every request must carry (labelers open /?token=TOKEN); never "
+                         "written to disk (stored configs leave it empty)")
     target: int = opt(0, "labeler=people: rankings to collect before the dataset is written; 0 = one per prompt")
     overlap: float = opt(0.1, "labeler=people: fraction of prompts every labeler ranks, to measure their "
                               "agreement; the others are ranked once")
@@ -384,9 +385,16 @@ def config_from_dict(d: Mapping) -> Config:
     return typed_yaml.from_dict(Config, d)
 
 
+SECRETS = (("label", "token"),)  # (section, key): left empty in every config written to disk
+
+
 def config_to_dict(cfg: Config) -> dict:
-    """Nested plain dict (tuples become lists), JSON-serialisable and accepted by config_from_dict."""
-    return typed_yaml.to_dict(cfg)
+    """Nested plain dict (tuples become lists), JSON-serialisable and accepted by config_from_dict; the SECRETS are
+    left empty (every stored config, summary and pipeline marker comes from here)."""
+    data = typed_yaml.to_dict(cfg)
+    for name, key in SECRETS:
+        data[name][key] = ""
+    return data
 
 
 def apply_override(data: dict, item: str) -> None:

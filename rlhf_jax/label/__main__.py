@@ -22,6 +22,7 @@ from typing import Sequence
 from rlhf_jax.errors import Interrupted, UserError, naming_flags, report
 from rlhf_jax.label import agreement, server
 from rlhf_jax.label.store import Store
+from rlhf_jax.runtime.fsio import run_dir_lock
 
 DB = "label.db"
 FLAGS = {"label.host": "--host", "label.port": "--port", "label.token": "--token", "label.target": "--target",
@@ -49,7 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         store = Store(Path(args.run_dir) / DB)
         try:
-            return _serve(store, args) if args.command == "serve" else _stats(store, args.json)
+            if args.command == "stats":
+                return _stats(store, args.json)
+            # one server per task: which unshared prompt is held for whom lives in the server's memory
+            with run_dir_lock(args.run_dir, key="RUN_DIR"):
+                return _serve(store, args)
         finally:
             store.close()
     except UserError as e:

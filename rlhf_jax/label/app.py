@@ -4,6 +4,12 @@ machines may be offline), and the pinned JSON API of the labeling service. Every
 
 With a token, every request must carry it: an `Authorization: Bearer TOKEN` header, a `token` query parameter,
 or the cookie the page gets when opened as `/?token=TOKEN` (so its script, style and API calls carry it too).
+
+Other web pages the labeler's browser shows must not reach the API through it (`SameOrigin`): the Host header must
+name this server where it is known (a loopback server answers only to loopback names: a DNS-rebound name gets
+403), an API request a browser marks as coming from another site or origin (Sec-Fetch-Site, Origin) gets 403, and
+a POST must declare its JSON body as application/json (415 otherwise: a form or text/plain POST, which a page of
+any site may send without asking, never reaches the service).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import hmac
 import json
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -34,7 +40,9 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'", "X-Content-Type
 ROUTES = "/, /static/app.js, /static/style.css, /api/next, /api/rankings, /api/skip, /api/stats"
 
 
-def make_app(service: LabelService, token: str = "") -> Starlette:
+def make_app(service: LabelService, token: str = "", hosts: tuple[str, ...] | None = None):
+    """The ASGI app. `hosts`: the names the Host header may carry (None: any, for a server reached by names it
+    cannot know, which a token guards)."""
     assets = {name: (STATIC / name).read_bytes() for name in ASSETS}
 
     async def page(request: Request) -> Response:
@@ -65,7 +73,7 @@ def make_app(service: LabelService, token: str = "") -> Starlette:
                             Route("/api/rankings", rankings, methods=["POST"]),
                             Route("/api/skip", skip, methods=["POST"]), Route("/api/stats", stats)],
                     exception_handlers={ApiError: _refused, HTTPException: _http_error, Exception: _failed})
-    return TokenCheck(app, token) if token else app
+    return SameOrigin(TokenCheck(app, token) if token else app, hosts)
 
 
 async def _json_body(request: Request):
@@ -82,6 +90,8 @@ async def _json_body(request: Request):
         return json.loads(body)
     except ValueError as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
 
 
 async def _refused(request: Request, error: ApiError) -> Response:
@@ -136,3 +146,32 @@ class TokenCheck:
         if COOKIE in cookie:
             found.append(cookie[COOKIE].value)
         return found
+
+
+class SameOrigin:
+    """ASGI middleware refusing what another site's page can make a browser send (see the module's docstring)."""
+
+    def __init__(self, app, hosts: tuple[str, ...] | None):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (refusal := self._refusal(scope)) is None:
+            return await self.app(scope, receive, send)
+        status, message = refusal
+        await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+
+    def _refusal(self, scope) -> tuple[int, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if self.hosts is not None and (urlsplit("//" + host).hostname or "") not in self.hosts:
+            return 403, f"Host {host!r} is not this server's; open it as http://{self.hosts[0]}:PORT/"
+        if not scope["path"].startswith("/api/"):
+            return None  # the page may be opened from a link anywhere
+        site = headers.get("sec-fetch-site", "same-origin")
+        origin = headers.get("origin")
+        if site not in ("same-origin", "none") or (origin is not None and urlsplit(origin).netloc != host):
+            return 403, "the API answers only the labeling page itself, not requests from another site's page"
+        media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if scope["method"] == "POST" and media_type != "application/json":
+            return 415, f"the body must be sent as Content-Type: application/json, not {media_type or 'none'!r}"
+        return None

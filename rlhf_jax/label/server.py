@@ -28,6 +28,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def served_names(host: str) -> tuple[str, ...] | None:
+    """The names a browser may reach a server bound to `host` by: loopback's own for loopback (a DNS-rebound name
+    is refused), any other (None) for an address other machines reach, where the token guards."""
+    return tuple(dict.fromkeys((*LOOPBACK_NAMES, host))) if is_loopback(host) else None
+
+
 def check_binding(host: str, token: str) -> None:
     """Another machine may reach any address but loopback: then every request must carry a token."""
     if not is_loopback(host) and not token:
@@ -64,7 +73,7 @@ def serve(store: Store, host: str, port: int, token: str, target: int, overlap: 
 
     service = LabelService(store, target, overlap, on_saved=saved)
     # log_config=None: uvicorn leaves the process's logging as it is (its own would replace every handler)
-    server = uvicorn.Server(uvicorn.Config(make_app(service, token), log_config=None, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(make_app(service, token, served_names(host)), log_config=None, log_level="warning",
                                            access_log=False, lifespan="off", timeout_graceful_shutdown=5))
     bound_host, bound_port = sock.getsockname()[:2]
     print(f"label: the ranking page is at http://{_url_host(bound_host)}:{bound_port}/"

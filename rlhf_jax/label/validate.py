@@ -98,11 +98,12 @@ def _by_response(value, field: str, ids: list[int]):
     """(response id, value) of a {response id: value} object; its keys must be the prompt's response ids."""
     if not isinstance(value, dict):
         raise ApiError(422, f"{field}: expected an object keyed by response id")
+    by_id = {str(rid): rid for rid in ids}  # canonical keys only: "01" or a full-width "１" would alias "1"
     for key, item in value.items():
-        rid = int(key) if isinstance(key, str) and key.isdecimal() else None
-        if rid not in ids:
-            raise ApiError(422, f"{field}: {key!r} is not a response id of this prompt")
-        yield rid, item
+        if key not in by_id:
+            raise ApiError(422, f"{field}: {key!r} is not a response id of this prompt (keys are its ids as written "
+                                "in decimal, e.g. \"0\")")
+        yield by_id[key], item
 
 
 def _rating(value, rid: int) -> int:
