@@ -20,6 +20,7 @@ from compile_helpers import jit_forward
 from rlhf_jax import convert as convert_cli
 from rlhf_jax import generate as generate_cli
 from rlhf_jax import main as main_cli
+from rlhf_jax.models.generation import read_prompts
 from rlhf_jax.models.tiny import build_tiny_model, bundled_prompts
 
 from cli_helpers import run_quietly as _quiet
@@ -201,6 +202,17 @@ def test_error_empty_line_in_prompt_file(capsys, hf_dir, workdir):
     path.write_text("first\n\nthird\n")
     rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, path))
     _assert_user_error(rc, err, f"{path}:2", "empty prompt")
+
+
+def test_prompt_files_break_lines_at_newlines_only(tmp_path):
+    """A JSON string may hold U+2028 and a text line a form feed: neither ends a prompt (str.splitlines would)."""
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\r\n" + '{"prompt": "c"}\n',
+                     encoding="utf-8")
+    assert read_prompts(jsonl) == ["a\u2028b", "c"]
+    text = tmp_path / "p.txt"
+    text.write_text("first\x0cstill first\r\nsecond\n", encoding="utf-8")
+    assert read_prompts(text) == ["first\x0cstill first", "second"]
 
 
 def test_error_invalid_json_prompt_line(capsys, hf_dir, workdir):

@@ -281,6 +281,8 @@ BAD_ROWS = [
     ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b", "a"], "ranks": [0, 1, 2]}, "identical_responses"),
     ("jsonl_rankings", {"prompt": "p", "responses": ["a", "a"], "ranks": [0, 0]}, "identical_responses"),
     ("jsonl_rankings", {"prompt": "p", "chosen": " a", "rejected": " a"}, "identical_responses"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "chosen": "c", "rejected": "d"},
+     "ambiguous_fields"),
     ("hh_rlhf", {"chosen": HH_CHOSEN}, "missing_field"),
     ("hh_rlhf", {"chosen": HH_CHOSEN, "rejected": 1}, "wrong_type"),
     ("hh_rlhf", {"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi there"}, "missing_field"),

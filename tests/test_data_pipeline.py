@@ -326,3 +326,15 @@ def test_chat_template_wraps_the_prompt(tokenizer):
         tokenizer.chat_template = None
     with pytest.raises(Exception, match="no chat template"):
         Tokenize(tokenizer, "prompts", DataSection(chat_template=True), 0)
+
+
+def test_a_tokenizer_without_eos_is_one_line_for_responses(tokenizer):
+    eos = tokenizer.eos_token
+    tokenizer.eos_token = None
+    try:
+        with pytest.raises(UserError, match="has no EOS token, which ends every response"):
+            Tokenize(tokenizer, "rankings", DataSection(), 2)
+        Tokenize(tokenizer, "prompts", DataSection(), 0)  # prompts need none
+    finally:
+        tokenizer.eos_token = eos
+    assert tokenizer.eos_token_id is not None

@@ -137,6 +137,24 @@ def test_bad_weights_give_clear_errors(hf_dirs, tmp_path):
     save_file(wrong, str(tmp_path / "model.safetensors"))
     with pytest.raises(HFFormatError, match=r"shape \(7,\), expected \(32,\)"):
         hf.load_hf(tmp_path)
+    # a tensor the model does not have (an architecture variant: o_proj with a bias) is refused, not dropped
+    extra = {**tensors, "model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)}
+    save_file(extra, str(tmp_path / "model.safetensors"))
+    with pytest.raises(HFFormatError, match=r"1 tensor\(s\) a llama model of this config does not have, e\.g\. "
+                                            r"'model.layers.0.self_attn.o_proj.bias'"):
+        hf.load_hf(tmp_path)
+    # buffers some files carry load (and are not needed)
+    save_file({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4, np.float32)},
+              str(tmp_path / "model.safetensors"))
+    hf.load_hf(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    for text, message in ((json.dumps([config]), "expected a JSON object, got list"),
+                          (json.dumps({k: v for k, v in config.items() if k != "vocab_size"}), "missing key 'vocab_size'"),
+                          (json.dumps({**config, "attention_bias": True}), "attention_bias: true is not supported")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(HFFormatError, match=message):
+            hf.load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(HFFormatError, match="pickle formats are not loaded"):

@@ -143,9 +143,11 @@ def test_non_dense_ranks_are_counted_in_the_summary(capsys, tmp_path):
     path = _write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a", "responses": ["x", "y", "z"], "ranks": [0, 2, 2]},
                                                {"prompt": "b", "responses": ["x", "y", "z"], "ranks": [2, 1, 1]},
                                                {"prompt": "c", "responses": ["x", "y", "z"], "ranks": [1, 0, 0]},
-                                               {"prompt": "d", "chosen": "x", "rejected": "y"}])
+                                               {"prompt": "d", "chosen": "x", "rejected": "y",
+                                                "metadata": {"source": "m"}}])
     summary = _summary(capsys, _prepare_argv("jsonl_rankings", path, tmp_path / "d"))
     assert summary["non_dense_ranks"] == 2 and summary["rows"] == 4
+    assert summary["metadata_not_kept"] == 1  # a dropped field is counted, not silent
     _, meta = open_split(tmp_path / "d", "ds", "train")
     assert meta["non_dense_ranks"] == 2
 

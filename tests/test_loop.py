@@ -141,9 +141,12 @@ def test_one_encoder_serves_training_and_generation(bos_tokenizer):
 
     spec = DataSection(max_prompt_tokens=9, chat_template=True)
     row = Tokenize(bos_tokenizer, "prompts", spec, 0)({"prompt": _words(12).encode()})
-    ids_BP, mask_BP = PromptEncoder(bos_tokenizer, 9, chat_template=True).batch([_words(12), _words(1)])
+    encoder = PromptEncoder(bos_tokenizer, 9, chat_template=True)
+    ids_BP, mask_BP, cut = encoder.batch([_words(12), _words(1)])
     np.testing.assert_array_equal(row["prompt_ids"][row["prompt_mask"]], ids_BP[0][mask_BP[0]])
     assert mask_BP[1].sum() == 7 and not mask_BP[1][:2].any()  # the short prompt is left-padded
+    assert cut == 1 and encoder.cut_warning(cut, 2).startswith("warning: 1 of 2 prompts are longer than the limit "
+                                                                "of 9 tokens")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

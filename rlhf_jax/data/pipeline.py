@@ -83,6 +83,9 @@ class Tokenize:
         self.tok, self.kind, self.spec, self.K = tokenizer, kind, spec, max_responses
         self.prompt_ids = PromptEncoder(tokenizer, spec.max_prompt_tokens, spec.chat_template)
         self.eos = tokenizer.eos_token_id
+        if kind != "prompts" and self.eos is None:  # every response ends with it
+            raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or ''}: has no EOS token, which "
+                            "ends every response (set eos_token in its tokenizer_config.json)")
 
     def response_ids(self, responses: list[str]) -> list[tuple[list[int], bool]]:
         """Each response + EOS, cut to R tokens; one batched tokenizer call for all K."""

@@ -171,6 +171,7 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
     if kind == "rankings":  # per split: the hash split already keeps each prompt in one of them
         splits, grouping = _group_splits(splits)
         grouping["non_dense_ranks"] = noted["non_dense_ranks"]  # rows whose ranks were renumbered 0, 1, 2, ...
+        grouping["metadata_not_kept"] = noted["metadata_not_kept"]  # rows whose metadata field was left out
     if not splits[TRAIN]:
         without = f"; prompts without pairs: {grouping['prompts_without_pairs']}" if grouping else ""
         raise UserError(f"no valid training examples in {', '.join(map(str, inputs))} "

@@ -96,7 +96,9 @@ def _reward_scores(model, params, ids, mask, tokens, tokens_mask, *, gain: float
 
 def prompt_batches(encoder: PromptEncoder, prompts: list[str], batch_size: int):
     """(start, n real rows, ids, mask) of fixed-shape batches; filler rows keep one real token."""
-    ids_all, mask_all = encoder.batch(prompts)
+    ids_all, mask_all, cut = encoder.batch(prompts)
+    if cut and distributed.is_primary():
+        print(encoder.cut_warning(cut, len(prompts)), file=sys.stderr)
     width = ids_all.shape[1]
     for start in range(0, len(prompts), batch_size):
         n = min(batch_size, len(prompts) - start)

@@ -31,7 +31,8 @@ def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file (one per line) or a .jsonl file ({"prompt": ...} per line)."""
     path = Path(path)
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        # lines end at "\n" (and "\r\n") only: str.splitlines would also split at U+2028, form feeds and the like
+        lines = [line.removesuffix("\r") for line in path.read_bytes().decode("utf-8").split("\n")]
     except FileNotFoundError:
         raise PromptFileError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
@@ -90,7 +91,10 @@ class Generator:
                  progress: bool = True) -> Iterator[dict]:
         """One record per prompt, in order: prompt, prompt_ids, ids (EOS kept, padding dropped), text, logprobs."""
         sharding.check_batch_size(batch_size, self.mesh, "batch_size")
-        ids_all, mask_all = PromptEncoder(self.tokenizer, max_prompt_tokens, self.chat_template).batch(prompts)
+        encoder = PromptEncoder(self.tokenizer, max_prompt_tokens, self.chat_template)
+        ids_all, mask_all, cut = encoder.batch(prompts)
+        if cut and distributed.is_primary():
+            print(encoder.cut_warning(cut, len(prompts)), file=sys.stderr)
         width = ids_all.shape[1]  # one prompt width for the whole file: one compilation
         if width + self.params_cfg.max_new_tokens > self.cfg.max_position_embeddings:
             raise UserError(f"prompt ({width}) + new tokens ({self.params_cfg.max_new_tokens}) exceed the model's "

@@ -156,7 +156,7 @@ def _decoder_config(hf: dict, family: str, common: dict, where: str) -> ModelCon
         raise HFFormatError(f"{where}: {act_key} {hf[act_key]!r} is not supported (expected {expected})")
     if family == "qwen2" and hf.get("use_sliding_window"):
         raise HFFormatError(f"{where}: sliding-window attention is not supported for qwen2")
-    if family in ("qwen3", "gemma2", "gemma3") and hf.get("attention_bias"):  # their o_proj would have one too
+    if family in ("llama", "qwen3", "gemma2", "gemma3") and hf.get("attention_bias"):  # o_proj would have one too
         raise HFFormatError(f"{where}: attention_bias: true is not supported for {family}")
     if gemma and hf.get("use_bidirectional_attention"):
         raise HFFormatError(f"{where}: use_bidirectional_attention: true is not supported (a decoder is causal)")
@@ -182,7 +182,7 @@ def _decoder_config(hf: dict, family: str, common: dict, where: str) -> ModelCon
                        d_ff=hf["intermediate_size"],
                        max_position_embeddings=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
                        norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       qkv_bias=family == "qwen2" or (family == "llama" and bool(hf.get("attention_bias", False))),
+                       qkv_bias=family == "qwen2",
                        mlp_bias=family in ("llama", "qwen2") and bool(hf.get("mlp_bias", False)),
                        tie_embeddings=hf.get("tie_word_embeddings", defaults["tie_word_embeddings"]),
                        sliding_window=None if window is None else int(window),
@@ -192,6 +192,8 @@ def _decoder_config(hf: dict, family: str, common: dict, where: str) -> ModelCon
 
 def config_from_hf(hf: dict, generation: dict | None = None, where: str = "config.json") -> tuple[ModelConfig, str]:
     """(ModelConfig, head) from a parsed config.json (and generation_config.json, whose EOS ids win)."""
+    if not isinstance(hf, dict):
+        raise HFFormatError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     arch = next((a for a in archs if a in ARCHITECTURES), None)
@@ -201,12 +203,14 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
     if family is None:
         raise HFFormatError(f"{where}: model_type {model_type!r} is not supported; supported: {_supported()}")
     generation = generation or {}
+    if not isinstance(generation, dict):
+        raise HFFormatError(f"generation_config.json beside {where}: expected a JSON object")
     eos = _as_tuple(generation.get("eos_token_id", hf.get("eos_token_id")))
     pad = generation.get("pad_token_id", hf.get("pad_token_id"))
     pad = _as_tuple(pad)[0] if _as_tuple(pad) else None
-    common = dict(family=family, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
-                  eos_token_ids=eos, pad_token_id=pad)
     try:
+        common = dict(family=family, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
+                      eos_token_ids=eos, pad_token_id=pad)
         if family == "gpt2":
             return _gpt2_config(hf, common, where), head
         return _decoder_config(hf, family, common, where), head

@@ -118,6 +118,10 @@ def whole_weights_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+# Buffers some files carry beside the weights: rotary frequencies, GPT-2's causal mask.
+IGNORED = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, head: str = "lm") -> dict:
     """HF state dict (numpy) -> our param tree; every expected tensor must be present with its exact shape."""
     pre = _prefix(cfg)
@@ -126,9 +130,12 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, head: str =
     K, G, H, D, F = cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.d_model, cfg.d_ff
     N = K * G
 
+    used: set[str] = set()
+
     def get(name, shape):
         if name not in tensors:
             raise HFFormatError(f"weights: tensor {name!r} is missing")
+        used.add(name)
         t = np.asarray(tensors[name])
         if t.shape != tuple(shape):
             raise HFFormatError(f"weights: tensor {name!r} has shape {t.shape}, expected {tuple(shape)}")
@@ -192,6 +199,11 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, head: str =
         p["score"] = get("score.weight", (1, D)).T
     elif not cfg.tie_embeddings:
         p["lm_head"] = get("lm_head.weight", (cfg.vocab_size, D)).T
+    unused = sorted(name for name in tensors if name not in used and not name.endswith(IGNORED)
+                    and not (name == "lm_head.weight" and cfg.tie_embeddings))
+    if unused:  # an architecture variant we do not model (a bias, a norm): importing it would change the model
+        raise HFFormatError(f"weights: {len(unused)} tensor(s) a {cfg.family} model of this config does not have, "
+                            f"e.g. {unused[0]!r}; this variant of the architecture is not supported")
     return _contiguous(p)
 
 

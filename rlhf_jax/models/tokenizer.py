@@ -86,17 +86,22 @@ class PromptEncoder:
         head = self.head if ids[:len(self.head)] == self.head else []
         return head + ids[len(ids) - (P - len(head)):], True
 
-    def batch(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids_BP, mask_BP): every prompt encoded, left-padded to the longest."""
-        encoded = [self(p)[0] for p in prompts]
-        width = max(1, max(len(e) for e in encoded))
+    def batch(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(ids_BP, mask_BP, how many prompts were cut): every prompt encoded, left-padded to the longest."""
+        encoded, cut = zip(*map(self, prompts)) if prompts else ((), ())
+        width = max(1, max((len(e) for e in encoded), default=1))
         ids = np.full((len(prompts), width), PAD_ID, np.int32)
         mask = np.zeros((len(prompts), width), bool)
         for row, e in enumerate(encoded):
             if e:
                 ids[row, width - len(e):] = e
                 mask[row, width - len(e):] = True
-        return ids, mask
+        return ids, mask, sum(cut)
+
+    def cut_warning(self, cut: int, total: int) -> str:
+        """The line that says `cut` of `total` prompts lost content to the limit."""
+        return (f"warning: {cut} of {total} prompts are longer than the limit of {self.max_tokens} tokens "
+                "(max_prompt_tokens); their oldest content was cut")
 
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):

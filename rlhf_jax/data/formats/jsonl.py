@@ -28,9 +28,14 @@ def prompts(row: dict, names: dict[str, str]) -> dict:
 
 def rankings(row: dict, names: dict[str, str], notes: list[str]) -> dict:
     prompt = rows.prompt(row, names["prompt"])
+    if "metadata" in row:
+        notes.append("metadata_not_kept")  # a prompt's rows become one example: no row's metadata is kept
     has_pair = names["chosen"] in row or names["rejected"] in row
     if names["responses"] not in row and has_pair:
         return _pairwise(prompt, row, names["chosen"], names["rejected"])
+    if has_pair:  # both forms: one of them would be dropped
+        raise rows.Invalid("ambiguous_fields", f"both {names['responses']!r} and a {names['chosen']!r}/"
+                                               f"{names['rejected']!r} pair; give one of the two")
     if names["responses"] not in row:
         raise rows.Invalid("missing_field", f"missing field {names['responses']!r} "
                                             f"(or a {names['chosen']!r}/{names['rejected']!r} pair)")
