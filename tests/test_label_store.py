@@ -198,3 +198,21 @@ def test_agreement_equals_a_brute_force_count_on_random_rankings():
         seconds = [r.seconds for r in rankings if r.labeler == name and r.seconds is not None]
         assert s["labelers"][name]["median_seconds"] == (statistics.median(seconds) if seconds else None)
     assert sum(p["compared_pairs"] for p in s["labeler_pairs"]) == expected["compared"]
+
+
+def test_target_0_waits_for_every_prompt_however_many_rank_the_shared_ones(tmp_path):
+    """With overlap, a shared prompt collects a ranking per labeler: counting rankings would reach one per prompt
+    with prompts still unranked. Target 0 counts prompts ranked; a number counts every labeler's rankings."""
+    task = make_task(tmp_path / "label.db", prompts=4)
+    saved = []
+    service = LabelService(task, target=0, overlap=0.5, on_saved=saved.append)
+    shared = [pid for pid in range(4) if pid in service.assigner.shared]
+    assert len(shared) == 2
+    for name in ("ann", "bob", "cy"):  # all three rank both shared prompts: 6 rankings, 2 prompts
+        for pid in shared:
+            answer = service.rank({"labeler": name, "prompt_id": pid, "order": [[i] for i in ids(task, pid)]})
+    assert task.done() == 6 and answer == {"saved": True, "done": 2, "target": 4} and saved[-1] == 2
+    assert service.next("ann")["done"] == 2
+    assert str(service.goal) == "2/4 prompts ranked"
+    counted = LabelService(task, target=5, overlap=0.5)
+    assert (counted.goal.done(), counted.target, str(counted.goal)) == (6, 5, "6/5 rankings stored")

@@ -244,7 +244,8 @@ class LabelSection:
     port: int = opt(8000, "labeler=people: port of the ranking page; 0 picks a free one")
     token: str = opt("", "labeler=people: a secret every request must carry (labelers open /?token=TOKEN); never "
                          "written to disk (stored configs leave it empty)")
-    target: int = opt(0, "labeler=people: rankings to collect before the dataset is written; 0 = one per prompt")
+    target: int = opt(0, "labeler=people: rankings to collect (every labeler's) before the dataset is written; 0 = "
+                         "until every prompt is ranked by someone")
     overlap: float = opt(0.1, "labeler=people: fraction of prompts every labeler ranks, to measure their "
                               "agreement; the others are ranked once")
     finish: bool = opt(False, "labeler=people: write the dataset from the rankings stored so far, serving nothing")

@@ -3,7 +3,8 @@
   python -m rlhf_jax.label serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--token T] [--target N] [--overlap F]
   python -m rlhf_jax.label stats RUN_DIR [--json]
 
-serve: the web page where labelers rank, rate and flag responses, until --target rankings are stored (then exit
+serve: the web page where labelers rank, rate and flag responses, until --target rankings are stored, or by default
+every prompt is ranked when the label step's label.target is 0 (then exit
 0: rerun the label step to write the dataset) or Ctrl-C / SIGTERM (exit 4: serve again to continue). Binding an
 address other than loopback needs --token; labelers then open http://HOST:PORT/?token=TOKEN.
 stats: rankings and median seconds per labeler, their pairwise agreement on shared prompts, and the flag counts.
@@ -21,6 +22,7 @@ from typing import Sequence
 
 from rlhf_jax.errors import Interrupted, UserError, naming_flags, report
 from rlhf_jax.label import agreement, server
+from rlhf_jax.label.service import Goal
 from rlhf_jax.label.store import Store
 from rlhf_jax.runtime.fsio import run_dir_lock
 
@@ -63,15 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(store: Store, args) -> int:
     port = _number(args.port, int, "--port", lambda p: 0 <= p <= 65535, "an integer from 0 to 65535")
-    target = _number(args.target, int, "--target", lambda t: t >= 1, "an integer >= 1",
-                     store.meta.get("target", len(store.prompts)))
+    target = _number(args.target, int, "--target", lambda t: t >= 1, "an integer >= 1", store.meta.get("target", 0))
     overlap = _number(args.overlap, float, "--overlap", lambda f: 0 <= f <= 1, "a number from 0 to 1",
                       store.meta.get("overlap", 0.0))
     if server.serve(store, args.host, port, args.token, target, overlap):
-        print(f"label: {store.done()}/{target} rankings stored in {store.path}; rerun the label step to write the "
+        print(f"label: {Goal(store, target)} in {store.path}; rerun the label step to write the "
               "dataset", file=sys.stderr)
         return 0
-    raise Interrupted(f"label: stopped with {store.done()}/{target} rankings stored in {store.path}; serve again to "
+    raise Interrupted(f"label: stopped with {Goal(store, target)} in {store.path}; serve again to "
                       "continue, or run the label step with label.finish=true to write the dataset")
 
 

@@ -1,5 +1,6 @@
-"""Serving the ranking app with uvicorn until enough rankings are stored or the operator stops it (Ctrl-C,
-SIGTERM), with a progress line per tenth of the target on stderr. Binding beyond loopback needs a token."""
+"""Serving the ranking app with uvicorn until its goal is reached (`service.Goal`) or the operator stops it
+(Ctrl-C, SIGTERM), with a progress line per tenth of the target on stderr. Binding beyond loopback needs a
+token."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import uvicorn
 
 from rlhf_jax.errors import UserError, os_reason
 from rlhf_jax.label.app import make_app
-from rlhf_jax.label.service import LabelService
+from rlhf_jax.label.service import Goal, LabelService
 from rlhf_jax.label.store import Store
 from rlhf_jax.runtime.progress import progress
 
@@ -56,28 +57,31 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(store: Store, host: str, port: int, token: str, target: int, overlap: float) -> bool:
-    """Serve the app on host:port until `target` rankings are stored (True) or SIGTERM/SIGINT (False)."""
+    """Serve the app on host:port until the Goal of `target` is reached (True) or SIGTERM/SIGINT (False)."""
     check_binding(host, token)
-    if store.done() >= target:
+    goal = Goal(store, target)
+    if goal.done() >= goal.total:
         return True
     sock = listen(host, port)
     lock = threading.Lock()
-    bar = progress(target, "label", "rankings", initial=store.done())
+    total = goal.total
+    bar = progress(total, "label", "rankings" if target else "prompts", initial=goal.done())
 
     def saved(done: int) -> None:
         with lock:
             if done > bar.n:
-                bar.update(min(done, target) - bar.n)
-            if done >= target:
+                bar.update(min(done, total) - bar.n)
+            if done >= total:
                 server.should_exit = True
 
     service = LabelService(store, target, overlap, on_saved=saved)
     # log_config=None: uvicorn leaves the process's logging as it is (its own would replace every handler)
-    server = uvicorn.Server(uvicorn.Config(make_app(service, token, served_names(host)), log_config=None, log_level="warning",
-                                           access_log=False, lifespan="off", timeout_graceful_shutdown=5))
+    app = make_app(service, token, served_names(host))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=5))
     bound_host, bound_port = sock.getsockname()[:2]
     print(f"label: the ranking page is at http://{_url_host(bound_host)}:{bound_port}/"
-          f"{'?token=<label.token>' if token else ''} ({store.done()}/{target} rankings stored; Ctrl-C stops)",
+          f"{'?token=<label.token>' if token else ''} ({goal}; Ctrl-C stops)",
           file=sys.stderr, flush=True)
     with StopSignals(server) as signals:
         server.run(sockets=[sock])

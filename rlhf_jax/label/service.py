@@ -4,6 +4,7 @@ ranking). Sources of the responses never leave it."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Callable
@@ -14,9 +15,31 @@ from rlhf_jax.label.store import Store
 from rlhf_jax.label.validate import ApiError
 
 
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    """What labeling waits for: `target` rankings stored (every labeler's), or with `target` 0 every prompt ranked
+    by at least one labeler (a shared prompt's further rankings then measure agreement and do not count)."""
+
+    store: Store
+    target: int
+
+    @property
+    def total(self) -> int:
+        return self.target or len(self.store.prompts)
+
+    def done(self) -> int:
+        return self.store.done() if self.target else self.store.prompts_ranked()
+
+    def __str__(self) -> str:
+        return f"{self.done()}/{self.total} {'rankings stored' if self.target else 'prompts ranked'}"
+
+
 class LabelService:
     def __init__(self, store: Store, target: int, overlap: float, on_saved: Callable[[int], None] = lambda done: None):
-        self.store, self.target, self.on_saved = store, target, on_saved
+        """`target`: see Goal. `on_saved(done)` after every stored ranking."""
+        self.store, self.on_saved = store, on_saved
+        self.goal = Goal(store, target)
+        self.target = self.goal.total
         self.assigner = Assigner(sorted(store.prompts), overlap)
         self._lock = threading.Lock()
 
@@ -25,7 +48,7 @@ class LabelService:
         name = validate.labeler_name(labeler)
         with self._lock:
             pid = self.assigner.next(name, self.store.answered(name), self.store.ranked_by_others(name))
-            done = self.store.done()
+            done = self.goal.done()
         if pid is None:
             return {"prompt_id": None, "done": done, "target": self.target}
         prompt = self.store.prompts[pid]
@@ -37,7 +60,8 @@ class LabelService:
         """POST /api/rankings: committed before the answer."""
         ranking = validate.ranking(body, self.store.prompts)
         with self._lock:
-            done = self.store.save_ranking(ranking, time.time())
+            self.store.save_ranking(ranking, time.time())
+            done = self.goal.done()
         self.on_saved(done)
         return {"saved": True, "done": done, "target": self.target}
 
@@ -49,7 +73,7 @@ class LabelService:
                 raise ApiError(409, f"prompt_id: prompt {pid} is ranked by {labeler}; a new ranking replaces it, "
                                     "a skip does not")
             self.assigner.release(pid, labeler)
-            done = self.store.done()
+            done = self.goal.done()
         return {"skipped": True, "done": done, "target": self.target}
 
     def stats(self) -> dict:

@@ -128,6 +128,11 @@ class Store:
         with self._lock:
             return self._conn.execute("SELECT COUNT(*) FROM rankings").fetchone()[0]
 
+    def prompts_ranked(self) -> int:
+        """Prompts ranked by at least one labeler."""
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(DISTINCT prompt_id) FROM rankings").fetchone()[0]
+
     def answered(self, labeler: str) -> set[int]:
         """Prompts this labeler has ranked or skipped."""
         with self._lock:

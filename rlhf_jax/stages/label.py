@@ -31,6 +31,7 @@ from rlhf_jax.data.pipeline import has_split, open_split, stored_prompts
 from rlhf_jax.data.prepare import prepare
 from rlhf_jax.errors import Interrupted, UserError
 from rlhf_jax.label import agreement, server, store as label_store
+from rlhf_jax.label.service import Goal
 from rlhf_jax.models.checkpoint import load_model
 from rlhf_jax.models.generation import Generator
 from rlhf_jax.models.sampling import SamplingParams
@@ -172,11 +173,11 @@ def _serve_and_write(cfg: Config, run_dir: Path, db: Path) -> dict:
     lab = cfg.label
     task = label_store.Store(db)
     try:
-        target = lab.target or len(task.prompts)
+        target = lab.target  # 0: every prompt ranked by someone (label.service.Goal)
         task.set_meta("target", target)
         task.set_meta("overlap", lab.overlap)
         if not lab.finish and not server.serve(task, lab.host, lab.port, lab.token, target, lab.overlap):
-            raise Interrupted(f"label: stopped with {task.done()}/{target} rankings stored in {db}; rerun to "
+            raise Interrupted(f"label: stopped with {Goal(task, target)} in {db}; rerun to "
                               "continue labeling, or rerun with label.finish=true to write the dataset from them")
         return _write_people_rankings(cfg, run_dir, task)
     finally:
