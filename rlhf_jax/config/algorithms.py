@@ -110,7 +110,8 @@ class GroupSection:
 
 @dataclass(frozen=True)
 class GRPOSection(GroupSection):
-    scale_by_std: bool = opt(True, "divide each group's advantages by its reward std (GRPO); false = Dr. GRPO")
+    scale_by_std: bool = opt(True, "divide each group's advantages by its reward std (GRPO); false drops that half of "
+                                   "Dr. GRPO (with loss_average: token, close to all of it)")
     clip_ratio: float = opt(0.2, "policy ratio clip epsilon (the lower bound, 1 - eps)")
     clip_ratio_high: float = opt(0.0, "upper clip epsilon (DAPO's clip-higher, e.g. 0.28); 0 = clip_ratio")
     kl_coef: float = opt(0.04, "weight of the k3 KL to the reference as a loss term; 0 = no KL (and no reference)")

@@ -45,7 +45,7 @@ class GroupSettings:
     clip_ratio: float = 0.2  # rloo: 0 = plain REINFORCE, no clipping
     clip_ratio_high: float = 0.0  # grpo: the upper clip epsilon; 0 = clip_ratio
     kl_coef: float = 0.04  # grpo: weight of the k3 loss term; rloo: of the KL subtracted from each reward
-    scale_by_std: bool = True  # grpo: divide by the group's reward std (false: Dr. GRPO)
+    scale_by_std: bool = True  # grpo: divide by the group's reward std (false: Dr. GRPO's advantage)
     loss_average: str = "sequence"  # grpo: "sequence" | "token"; rloo always sums over each response's tokens
     reward_gain: float = 1.0  # the reward model's normalisation: reward = gain * head + bias
     reward_bias: float = 0.0
