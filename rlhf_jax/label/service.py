@@ -1,6 +1,6 @@
 """The labeling service behind the web app: the answers of the pinned JSON API, from the store and the assigner,
-one request at a time (concurrent labelers never get the same unshared prompt, and `done` counts every stored
-ranking). Sources of the responses never leave it."""
+one request at a time (concurrent labelers never get the same unshared prompt, and `done` counts toward the
+Goal). Sources of the responses never leave it."""
 
 from __future__ import annotations
 
