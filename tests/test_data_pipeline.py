@@ -338,3 +338,13 @@ def test_a_tokenizer_without_eos_is_one_line_for_responses(tokenizer):
     finally:
         tokenizer.eos_token = eos
     assert tokenizer.eos_token_id is not None
+
+
+def test_a_packed_row_counts_its_cut_examples():
+    """Each packed example's flag repeats at its positions: the row counts examples, not positions or rows."""
+    from rlhf_jax.data.pipeline import _packed_layout
+
+    seg = np.array([1, 1, 2, 2, 2, 3, 0, 0])
+    row = _packed_layout({"ids": np.arange(8), "response_mask": np.ones(8), "ids_segment_ids": seg,
+                          "ids_positions": np.zeros(8), "truncated": np.array([1, 1, 0, 0, 0, 1, 0, 0])})
+    assert row["truncated"] == 2
