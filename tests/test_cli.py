@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +191,24 @@ def test_generate_chat_template_encodes_prompts_as_training_does(capsys, hf_dir,
 
 
 # ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_outside_a_training_loop_is_one_line_with_exit_4(capsys, monkeypatch, tmp_path, sig):
+    """A preemption or Ctrl-C while a run loads, compiles or exports (no loop's handlers then) stops it with
+    the documented exit 4 and one line, not a traceback or 143; the handlers are given back after."""
+    def load_config(*args):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the signal's handler interrupts this
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr(main_cli, "load_config", load_config)
+    before = signal.getsignal(signal.SIGTERM)
+    (tmp_path / "c.yaml").write_text("seed: 0\n")
+    rc, _, err = _run(capsys, main_cli.main, ["--config", tmp_path / "c.yaml"])
+    assert rc == 4 and err.strip() == ("interrupted while loading, compiling or writing, outside a training step: "
+                                       "nothing new was saved; rerun the same command to resume"), err
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_error_missing_prompt_file(capsys, hf_dir, workdir):
