@@ -186,6 +186,11 @@ def test_config_changes_classify_keys():
     assert allowed == ["optim.grad_clip=1.0 (now 0.5)", "optim.lr=1.0 (now 2.0)", "train.steps=10 (now 20)"]
     refused, _ = config_changes(old, {**new, "optim": {"lr": 1.0, "grad_clip": 0.0}})
     assert "optim.grad_clip=1.0 (now 0.0)" in refused
+    # another KL / DPO reference is another objective; the same one spelled differently is not
+    for stage in ("ppo", "dpo", "grpo", "rloo"):
+        refused, _ = config_changes({stage: {"reference": "r/a"}}, {stage: {"reference": "r/b"}})
+        assert refused == [f"{stage}.reference='r/a' (now 'r/b')"]
+        assert config_changes({stage: {"reference": "r/a"}}, {stage: {"reference": "r/./a"}}) == ([], [])
     assert shape_changes(({"w": (2, 3)}, [(2, 3)]), ({"w": (2, 4)}, [(2, 4)])) == ["params/w (2, 3) (now (2, 4))"]
     assert shape_changes(({"w": (2, 3)}, [()]), ({"w": (2, 3)}, [(), ()])) == ["optimizer state (1 arrays, now 2)"]
     per_layer = {"layer_0/mlp/wo": (4, 2), "layer_1/mlp/wo": (4, 2)}, []

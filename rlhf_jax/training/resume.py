@@ -18,9 +18,12 @@ from rlhf_jax.models.layer_stack import STACKED
 # Keys whose change makes the saved state, the data order or the step keys meaningless for the new run.
 REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data.name", "data.train_split",
            "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model",
-           "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function")
+           "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function",
+           # the KL's (DPO's) reference: another one is another objective
+           "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference")
 # model directories, compared where they lead
-MODELS = ("model.path", "ppo.reward_model", "ppo.value_model", "grpo.reward_model", "rloo.reward_model")
+MODELS = ("model.path", "ppo.reward_model", "ppo.value_model", "grpo.reward_model", "rloo.reward_model",
+          "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
