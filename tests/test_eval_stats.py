@@ -51,10 +51,14 @@ def test_win_rate_ci_stays_in_the_unit_interval_and_honest_at_small_n():
 
 def test_self_against_self_is_exactly_half():
     scores = np.random.default_rng(1).normal(size=37)
-    got = eval_stats.win_rate(scores, scores.copy())
+    got = eval_stats.win_rate(scores, scores.copy(), same_responses=True)
     assert got["win_rate"] == 0.5
     assert got["win_rate_ci"] == [0.5, 0.5]
     assert (got["wins"], got["ties"], got["losses"], got["n"]) == (0, 37, 0, 37)
+    # other responses that a coarse scorer (a 0/1 verifier) ties on every prompt: 0.5, but not a certain 0.5
+    coarse = eval_stats.win_rate(np.ones(5), np.ones(5))
+    assert coarse["win_rate"] == 0.5 and coarse["win_rate_ci"] == pytest.approx(eval_stats.wilson_interval(0.5, 5))
+    assert coarse["win_rate_ci"][0] < 0.3
 
 
 @pytest.mark.parametrize("policy,reference,match", [

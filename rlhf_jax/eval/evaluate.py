@@ -298,14 +298,15 @@ def _policy_row(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float |
 
 
 def _measures(source: PolicySource, pol: dict, ref: dict, rm_accuracy: float | None) -> dict:
-    wins = eval_stats.win_rate(pol["score"], ref["score"]) if "score" in pol else {"win_rate": None,
-                                                                                    "win_rate_ci": None}
+    same = bool(np.array_equal(pol["samples"].tokens, ref["samples"].tokens))  # then every prompt ties, surely
+    wins = eval_stats.win_rate(pol["score"], ref["score"], same) if "score" in pol else {"win_rate": None,
+                                                                                          "win_rate_ci": None}
     kl = eval_stats.sequence_kl(pol["logprobs"], pol["ref_logprobs"], pol["samples"].mask)
     row = {"name": source.name, "path": str(source.path), "step": source.step, **_response_stats(pol),
            "win_rate": wins["win_rate"], "win_rate_ci": wins["win_rate_ci"], "gold_win_rate": None,
            "gold_win_rate_ci": None, "kl": kl["kl"], "kl_k3": kl["kl_k3"], "rm_accuracy": rm_accuracy}
     if "gold" in pol:
-        gold = eval_stats.win_rate(pol["gold"], ref["gold"])
+        gold = eval_stats.win_rate(pol["gold"], ref["gold"], same)
         row.update(gold_win_rate=gold["win_rate"], gold_win_rate_ci=gold["win_rate_ci"])
     return row
 

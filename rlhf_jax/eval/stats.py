@@ -12,21 +12,21 @@ import numpy as np
 Z_95 = 1.959964
 
 
-def win_rate(policy_scores, reference_scores) -> dict:
+def win_rate(policy_scores, reference_scores, same_responses: bool = False) -> dict:
     """How often the policy's response scores higher than the reference's on the same prompt.
 
     Returns {"win_rate", "win_rate_ci": [lo, hi], "wins", "ties", "losses", "n"}; a tie (exactly equal scores)
     counts half. The CI is the 95% Wilson score interval of the mean outcome: it stays honest at small n and
-    near 0 or 1 (one won prompt gives [0.21, 1], not a point). Only when every prompt is a tie (e.g. a policy
-    against itself, exactly 0.5) is it the point [0.5, 0.5]. Raises ValueError for empty, mismatched or
-    non-finite scores.
+    near 0 or 1 (one won prompt gives [0.21, 1], not a point), and when a coarse scorer ties every prompt.
+    Only when the two wrote the same responses (`same_responses`: a policy against itself, exactly 0.5) is it
+    the point [0.5, 0.5]. Raises ValueError for empty, mismatched or non-finite scores.
     """
     policy_B, reference_B = _paired_scores(policy_scores, reference_scores)
     outcome_B = np.where(policy_B > reference_B, 1.0, np.where(policy_B == reference_B, 0.5, 0.0))
     n = outcome_B.size
     mean = float(outcome_B.mean())
     ties = int((outcome_B == 0.5).sum())
-    ci = [mean, mean] if ties == n else wilson_interval(mean, n)
+    ci = [mean, mean] if same_responses else wilson_interval(mean, n)
     return {"win_rate": mean, "win_rate_ci": ci, "wins": int((outcome_B == 1.0).sum()), "ties": ties,
             "losses": int((outcome_B == 0.0).sum()), "n": n}
 
