@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.to_hf and not args.checkpoint:
             raise UserError("--to-hf needs --checkpoint CKPT_DIR")
+        if args.from_hf and (args.checkpoint or args.dtype):  # an import keeps the HF files' dtype
+            raise UserError(f"--from-hf imports one HF directory as it is stored; "
+                            f"{'--checkpoint' if args.checkpoint else '--dtype'} applies to --to-hf only")
         source = args.from_hf or args.checkpoint
         fsio.check_out_dir(args.out, args.overwrite, [source])  # before the (slow) load
         _check_replaceable(Path(args.out))

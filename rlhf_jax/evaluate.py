@@ -7,9 +7,9 @@ model orders held-out rankings.
       --reward-model runs/rm/export --prompts data/prompts[:SPLIT] --out runs/eval \\
       [--rankings data/rankings[:SPLIT]] [--gold MODULE:FUNCTION] [--step N | --all-steps] [--runs DIR ...]
 
-A policy is a model directory (export/, best/, a HF dir) or a training run directory (sft or ppo): its latest
-checkpoint, `--step N`, or every saved step with `--all-steps`. Writes report.json, report.md and PNG plots to
---out. The same options are the `eval` section of a config for `stage: eval`.
+A policy is a model directory (export/, best/, a HF dir) or a training run directory (sft, dpo, ppo, grpo,
+rloo): its latest checkpoint, `--step N`, or every saved step with `--all-steps`. Writes report.json, report.md
+and PNG plots to --out. The same options are the `eval` section of a config for `stage: eval`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ FLAGS = {"run_dir": "--out", "eval.out": "--out", "seed": "--seed", "mesh.shape"
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlhf_jax.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", nargs="+", required=True, help="policies: model dirs or sft/ppo run dirs")
+    ap.add_argument("--policy", nargs="+", required=True, help="policies: model dirs or sft/dpo/ppo/grpo/rloo run dirs")
     ap.add_argument("--reference", required=True, help="the baseline policy (e.g. the sft export)")
     ap.add_argument("--reward-model", default="", help="a reward model export (optional with --gold)")
     ap.add_argument("--prompts", required=True, help="prompt file, or prepared prompts dataset DIR[:SPLIT]")

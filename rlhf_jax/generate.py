@@ -1,6 +1,6 @@
 """Batch text generation from a HF or rlhf_jax checkpoint with the jit-compiled, mesh-sharded sampler.
 
-  python -m rlhf_jax.generate --model DIR_OR_CKPT --prompt-file FILE --max-new-tokens N --temperature T \
+  python -m rlhf_jax.generate --model DIR_OR_CKPT --prompt-file FILE --max-new-tokens N --temperature T \\
       [--top-k K --top-p P --seed S --batch-size B] --output jsonl
 
 A prompt file holds one prompt per line, or for prompts with line breaks, JSONL lines {"prompt": "..."}.

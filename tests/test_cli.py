@@ -304,6 +304,9 @@ def test_convert_refuses_existing_out(capsys, converted, hf_dir):
     _assert_user_error(rc, err, "already exists", "--overwrite")
     assert out == ""
     assert (ckpt / "model.json").is_file() and (hf2 / "model.safetensors").is_file()  # left alone
+    for extra in (["--checkpoint", ckpt], ["--dtype", "bfloat16"]):  # options of the export, not of an import
+        rc, out, err = _run(capsys, convert_cli.main, ["--from-hf", hf_dir, "--out", hf2.parent / "new", *extra])
+        _assert_user_error(rc, err, "--from-hf imports one HF directory as it is stored", "--to-hf only")
 
 
 def test_generate_from_orbax_checkpoint_matches_hf(capsys, converted, prompt_file, greedy_default):

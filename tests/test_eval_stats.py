@@ -114,3 +114,12 @@ def test_sequence_kl_refuses_bad_input():
         eval_stats.sequence_kl(np.zeros((0, 3)), np.zeros((0, 3)), np.ones((0, 3)))
     with pytest.raises(ValueError, match="1 real tokens"):
         eval_stats.sequence_kl(np.array([[0.0, np.nan]]), np.zeros((1, 2)), np.ones((1, 2)))
+
+
+def test_a_prompt_file_whose_name_holds_a_colon_is_read_as_a_file(tmp_path):
+    """DIR:SPLIT names a dataset's split; an existing file of that name is a prompt file."""
+    from rlhf_jax.eval.inputs import load_prompts
+
+    path = tmp_path / "prompts:v1.txt"
+    path.write_text("first\nsecond\n")
+    assert load_prompts(str(path)) == ["first", "second"]

@@ -23,7 +23,7 @@ def split_spec(text: str) -> tuple[Path, str]:
 
 def load_prompts(text: str, limit: int = 0) -> list[str]:
     """A prompt file, or the prompts of a prepared prompts dataset's split, in stored order."""
-    path, split = split_spec(text)
+    path, split = (Path(text), "") if Path(text).is_file() else split_spec(text)  # a file's name may hold a ":"
     if path.is_file():
         prompts = read_prompts(path)
     else:

@@ -81,8 +81,8 @@ def _run_stage(run: Path) -> str:
                         "training stage)") from None
     if stage not in POLICY_PARAMS:
         what = "a reward model" if stage == "rm" else f"stage {stage!r}"
-        raise UserError(f"{run}: a training run of {what}, not a policy; eval.policies takes sft or ppo runs "
-                        "or policy exports")
+        raise UserError(f"{run}: a training run of {what}, not a policy; eval.policies takes sft, dpo, ppo, grpo "
+                        "or rloo runs or policy exports")
     return stage
 
 
