@@ -52,6 +52,7 @@ def test_win_rates_are_those_of_the_paired_samples(inputs, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     (policy,) = report["policies"]
     assert len(shown) == report["prompts"] == 4
+    assert report["kl_of_sampled_distributions"] and "KL columns compare the unfiltered" not in err
     prompts = [row["prompt"] for row in shown]
     for side in ("policy", "reference"):
         expected = gold(prompts, [row[f"{side}_response"] for row in shown])

@@ -197,6 +197,10 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")
     gold_fn = load_gold(e.gold)
+    filtered = s.temperature == 0 or s.top_k > 0 or s.top_p < 1
+    if filtered and distributed.is_primary():  # the log-probs are the full distributions', not the filtered ones
+        print("warning: sampling is greedy or filtered (sampling.temperature 0, top_k or top_p): the KL columns "
+              "compare the unfiltered distributions, not the ones the responses were drawn from", file=sys.stderr)
     prompts = load_prompts(e.prompts, e.limit)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -231,6 +235,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
         for step, values in logged:
             metrics.write(step, values)
     result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": e.reward_model or None,
+              "kl_of_sampled_distributions": not filtered,
               "prompts": len(prompts), "seed": cfg.seed, "gold": e.gold or None, "rm_accuracy": rm_accuracy,
               "labeler_ceiling": labels.get("labeler_ceiling"), "labeler_agreement": labels.get("labeler_agreement"),
               "sampling": dataclasses.asdict(s), "policies": rows}
