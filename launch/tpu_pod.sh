@@ -153,6 +153,15 @@ fi
 
 cd "$(dirname "$0")/.."
 [ -z "$config" ] || [ -f "$config" ] || die "config file $config not found (relative paths start at $PWD)"
+# The workers get the repository's files git does not ignore, and run the config at the same path there.
+if [ -n "$config" ] && git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    case $config in
+        /*) die "config file $config: give it relative to the repository ($PWD), where the workers find it" ;;
+    esac
+    if [ -z "$(git ls-files -co --exclude-standard -- "$config")" ]; then
+        die "config file $config: git ignores it, so the workers would not get it; move it out of the ignored path"
+    fi
+fi
 jax_version=$(sed -n 's/^jax==\([^[:space:]#]*\).*/\1/p' requirements.txt)
 [ -n "$jax_version" ] || die "no jax==VERSION pin in requirements.txt"
 

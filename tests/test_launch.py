@@ -137,6 +137,23 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands_in_order():
     assert "# only if the describe fails" in out.stdout
 
 
+def test_tpu_pod_refuses_a_config_the_workers_would_not_get(tmp_path):
+    """The workers get the repository's files git does not ignore and run the config at the same path."""
+    outside = tmp_path / "sft.yaml"
+    outside.write_text((ROOT / "configs" / "sft.yaml").read_text())
+    out = run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "n", "--zone", "z", "--config", outside])
+    assert out.returncode != 0 and "give it relative to the repository" in out.stderr, out.stderr
+    ignored = ROOT / "runs" / f"ignored_{os.getpid()}.yaml"  # runs/ is git-ignored
+    ignored.parent.mkdir(exist_ok=True)
+    ignored.write_text(outside.read_text())
+    try:
+        out = run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "n", "--zone", "z", "--config",
+                   ignored.relative_to(ROOT)])
+    finally:
+        ignored.unlink()
+    assert out.returncode != 0 and "git ignores it, so the workers would not get it" in out.stderr, out.stderr
+
+
 def test_tpu_pod_dry_run_variants():
     base = ["--dry-run", "--name", "n", "--zone", "z"]
     only_delete = commands(run([LAUNCH / "tpu_pod.sh", *base, "--delete"]).stdout)
