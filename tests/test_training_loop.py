@@ -30,7 +30,8 @@ def _run(tmp_path, events: list, log_every=1, save_every=0, eval_every=0):
     train = SimpleNamespace(log_every=log_every, save_every=save_every, eval_every=eval_every)
     return SimpleNamespace(cfg=SimpleNamespace(seed=0, train=train), run_dir=tmp_path, stage="sft", writer=writer,
                            save=lambda step, state, data: events.append(("save", step)),
-                           ckpts=SimpleNamespace(wait=lambda: None), last_good=lambda: "no checkpoint was saved")
+                           ckpts=SimpleNamespace(wait=lambda: None), last_good=lambda: "no checkpoint was saved",
+                           facts={})
 
 
 def _drive(run, total: int, events: list, has_eval=False, signal_at: int | None = None, loss=1.0):
@@ -60,6 +61,19 @@ def test_a_log_step_is_fetched_after_the_next_step_is_dispatched(tmp_path):
     assert [w[1] for w in writes] == [2, 4, 6]
     assert writes[0][2] == ("loss", "tokens_per_s", "truncated_examples")
     assert loop.last["truncated_examples"] == 1 and loop.last["loss"] == 1.0
+
+
+def test_the_count_of_cut_examples_is_saved_and_goes_on_after_a_resume(tmp_path):
+    events: list = []
+    run = _run(tmp_path, events, log_every=1, save_every=3)
+    _drive(run, 3, events)  # step 2 cut one example
+    assert run.facts["truncated_examples"] == 1  # saved with step 3's checkpoint
+    events.clear()
+    with TrainingLoop(run, 3, 5, "sft") as loop:  # resumed from step 3
+        for step in loop:
+            loop.log(step, {"loss": Fetched(events, step, 1.0)}, items=10, truncated=1)
+            loop.save_when_due(step, "state", None)
+    assert loop.last["truncated_examples"] == 3 and run.facts["truncated_examples"] == 3
 
 
 def test_evaluation_follows_its_steps_log_line(tmp_path):

@@ -65,7 +65,9 @@ class TrainingLoop:
         # a finished run, run again, reports what it logged at its end
         self.last: dict = {} if start < total else logged_at(run, total)
         self._pending: tuple | None = None  # (step, device metrics, items in its window) not yet fetched
-        self._items, self._truncated, self._stopping = 0, 0, False
+        # the count of cut examples goes on from the checkpoint's: a resumed run logs what a straight one does
+        self._items, self._stopping = 0, False
+        self._truncated = int(run.facts.get("truncated_examples", 0)) if start > 0 else 0
         self._window_start = time.perf_counter()
 
     def __enter__(self):
@@ -124,6 +126,7 @@ class TrainingLoop:
         if not (self.cadence.save(step) or self._stopping):
             return
         self._flush()
+        self.run.facts["truncated_examples"] = self._truncated
         with self.signals.holding_second():
             self.run.save(step, state, data_iter)
         self._window_start = time.perf_counter()
@@ -138,7 +141,7 @@ class TrainingLoop:
         check_metrics(metrics, step, self.run)
         now = time.perf_counter()
         metrics[self.rate_name] = items / (now - self._window_start)
-        metrics["truncated_examples"] = self._truncated  # over-length examples cut so far in this run
+        metrics["truncated_examples"] = self._truncated  # over-length examples cut so far (resumes included)
         self._window_start = now
         self.run.writer.write(step, metrics)
         self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "score_mean", "kl") if k in metrics},
