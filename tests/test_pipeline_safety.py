@@ -165,7 +165,7 @@ def test_a_finished_run_run_again_reports_what_it_logged_at_its_end(tmp_path):
              {"stage": "sft", "step": 5, "time": 3.0, "eval_loss": 1.75},
              {"stage": "rm", "step": 5, "time": 4.0, "loss": 9.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"cut off')
-    run = SimpleNamespace(cfg=SimpleNamespace(seed=0, train=None), run_dir=tmp_path, stage="sft")
+    run = SimpleNamespace(cfg=SimpleNamespace(seed=0, train=None), run_dir=tmp_path, stage="sft", facts={})
     with TrainingLoop(run, 5, 5, "sft") as loop:
         assert list(loop) == []
     assert loop.last == {"loss": 1.5, "tokens_per_s": 10.0, "eval_loss": 1.75}
