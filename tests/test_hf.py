@@ -149,7 +149,8 @@ def test_bad_weights_give_clear_errors(hf_dirs, tmp_path):
     hf.load_hf(tmp_path)
     config = json.loads((src / "config.json").read_text())
     for text, message in ((json.dumps([config]), "expected a JSON object, got list"),
-                          (json.dumps({k: v for k, v in config.items() if k != "vocab_size"}), "missing key 'vocab_size'"),
+                          (json.dumps({k: v for k, v in config.items() if k != "vocab_size"}),
+                           "missing key 'vocab_size'"),
                           (json.dumps({**config, "attention_bias": True}), "attention_bias: true is not supported")):
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(HFFormatError, match=message):

@@ -9,7 +9,8 @@ Layouts (numpy, fixed shapes; P prompt tokens, R response tokens, K responses, T
             position in its split (int32), by which values computed once per example are looked up
   prompts   prompt_ids_P, prompt_mask_P, truncated
 Prompts are truncated from the left (the end of a dialogue matters most), responses from the right; `truncated`
-marks each example that lost tokens so that trainers count them (a packed row: how many of its examples did). Pad ids are PAD_ID; masks carry the truth.
+marks each example that lost tokens so that trainers count them (a packed row: how many of its examples did).
+Pad ids are PAD_ID; masks carry the truth.
 
 Training order is a global shuffle from the seed, reshuffled every epoch; host h of n reads rows h, h + n, ... of
 it, so the n hosts together see exactly the global batches. The iterator's state (`get_state`/`set_state`)
