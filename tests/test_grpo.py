@@ -243,6 +243,9 @@ class WordTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return " ".join(f"t{int(i)}" for i in ids)
 
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [int(w[1:]) for w in text.split() if w[:1] == "t" and w[1:].isdigit()]}
+
 
 def even_share(prompts, responses):
     """A reward function preferring the even token ids: their share of the response's tokens."""

@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax.config import DataSection
 from rlhf_jax.data.prepare import RANKINGS_LAYOUT, dataset_dir
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder
+from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec
 
 
 READ_THREADS = 8
@@ -83,16 +83,17 @@ class Tokenize:
     def __init__(self, tokenizer, kind: str, spec: DataSection, max_responses: int):
         self.tok, self.kind, self.spec, self.K = tokenizer, kind, spec, max_responses
         self.prompt_ids = PromptEncoder(tokenizer, spec.max_prompt_tokens, spec.chat_template)
+        self.responses = ResponseCodec(tokenizer)
         self.eos = tokenizer.eos_token_id
         if kind != "prompts" and self.eos is None:  # every response ends with it
             raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or ''}: has no EOS token, which "
                             "ends every response (set eos_token in its tokenizer_config.json)")
 
     def response_ids(self, responses: list[str]) -> list[tuple[list[int], bool]]:
-        """Each response + EOS, cut to R tokens; one batched tokenizer call for all K."""
+        """Each response, read as the prompt's continuation, + EOS, cut to R tokens."""
         R = self.spec.max_response_tokens
         out = []
-        for ids in self.tok(responses, add_special_tokens=False)["input_ids"]:
+        for ids in self.responses.encode(responses):
             ids = ids + [self.eos]
             out.append((ids[:R], len(ids) > R))
         return out

@@ -26,7 +26,7 @@ from rlhf_jax.eval.inputs import gold_scores, load_gold, load_prompts, open_data
 from rlhf_jax.eval.policies import SCALAR_NOT_POLICY, PolicySource, policy_sources, restorable_policy
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
 from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs
-from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, check_same_tokenizer, load_tokenizer
+from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer, load_tokenizer
 from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
 from rlhf_jax.rl.scoring import reward_scores
 from rlhf_jax.runtime import distributed, sharding
@@ -170,8 +170,8 @@ class Evaluator:
             bar.set_postfix(tokens=int(sum(p["samples"].mask.sum() for p in parts)))
         joined = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
         smp = joined["samples"]
-        joined["texts"] = [self.tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
-                           for t, m in zip(smp.tokens, smp.mask)]
+        responses = ResponseCodec(self.tokenizer)
+        joined["texts"] = [responses.decode(t[m].tolist()) for t, m in zip(smp.tokens, smp.mask)]
         if self.gold_fn is not None:
             joined["gold"] = gold_scores(self.gold_fn, self.gold_spec, self.prompts, joined["texts"])
         return joined

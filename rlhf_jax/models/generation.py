@@ -17,7 +17,7 @@ import numpy as np
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import LoadedModel
 from rlhf_jax.models.sampling import SamplingParams, sample
-from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, load_tokenizer
+from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, load_tokenizer
 from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.progress import progress as progress_bar
@@ -72,6 +72,7 @@ class Generator:
         self.mesh = mesh
         self.model = make_model(loaded.cfg, dtype=dtype)
         self.tokenizer = load_tokenizer(loaded.tokenizer_dir)
+        self.responses = ResponseCodec(self.tokenizer)
         self.chat_template = chat_template  # as the model was trained: prompts are encoded the same way
         eos = params.eos_ids or loaded.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.params_cfg = dataclasses.replace(params, eos_ids=tuple(i for i in eos if i is not None))
@@ -117,7 +118,7 @@ class Generator:
                 keep = out.mask_BN[row]
                 gen_ids = out.tokens_BN[row][keep].tolist()
                 yield {"prompt": prompts[start + row], "prompt_ids": ids[row][mask[row]].tolist(), "ids": gen_ids,
-                       "text": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
+                       "text": self.responses.decode(gen_ids),
                        "logprobs": [round(float(x), 6) for x in out.logprobs_BN[row][keep]]}
         bar.close()
 

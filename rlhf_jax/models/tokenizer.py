@@ -104,6 +104,49 @@ class PromptEncoder:
                 "(max_prompt_tokens); their oldest content was cut")
 
 
+class ResponseCodec:
+    """The one way a response's text becomes ids and ids become text: as the continuation of a prompt, not as a
+    text of its own. SentencePiece tokenizers (Llama 2, Mistral, TinyLlama) mark a word start at the beginning of
+    every text they encode: alone, HH-RLHF's response " Hi" would become "▁▁Hi" where the model reads and samples
+    "▁Hi" after "Assistant:", and a sampled "▁Hi" would decode to "Hi". Both ways go through an anchor, a newline
+    that every tokenizer family keeps a token of its own, and drop it; a text whose first characters merge with it
+    (one starting with a newline) is encoded after a letter instead."""
+
+    ANCHORS = ("\n", "a")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.anchor_ids = [self._ids(anchor) for anchor in self.ANCHORS]
+        self.anchor_text = tokenizer.decode(self.anchor_ids[0])
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """The ids of each text as it reads after a prompt; one batched tokenizer call for most texts."""
+        first = self.anchor_ids[0]
+        out = []
+        for text, ids in zip(texts, self.tokenizer([self.ANCHORS[0] + t for t in texts],
+                                                   add_special_tokens=False)["input_ids"]):
+            ids = list(ids)
+            out.append(ids[len(first):] if first and ids[:len(first)] == first else self._encode_one(text))
+        return out
+
+    def _encode_one(self, text: str) -> list[int]:
+        for anchor, anchor_ids in zip(self.ANCHORS[1:], self.anchor_ids[1:]):
+            ids = self._ids(anchor + text)
+            if anchor_ids and ids[:len(anchor_ids)] == anchor_ids:
+                return ids[len(anchor_ids):]
+        return self._ids(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ids sampled after a prompt, special tokens (the EOS) left out."""
+        text = self.tokenizer.decode(self.anchor_ids[0] + list(ids), skip_special_tokens=True)
+        if self.anchor_ids[0] and text.startswith(self.anchor_text):
+            return text[len(self.anchor_text):]
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):
     """A byte-level BPE trained in milliseconds on local text, saved as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

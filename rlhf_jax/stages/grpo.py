@@ -20,7 +20,7 @@ from rlhf_jax.data.buckets import Trimmer
 from rlhf_jax.data.pipeline import train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.tokenizer import PAD_ID
+from rlhf_jax.models.tokenizer import PAD_ID, ResponseCodec
 from rlhf_jax.rl import group
 from rlhf_jax.rl.ppo import Runtime
 from rlhf_jax.runtime import distributed, plugins, sharding
@@ -235,6 +235,7 @@ class RewardFunction:
 
     def __init__(self, fn: Callable, who: str, tokenizer, eos_ids: Sequence[int]):
         self.fn, self.who, self.tokenizer, self.eos_ids = fn, who, tokenizer, tuple(eos_ids)
+        self.responses = ResponseCodec(tokenizer)
         self.problem: str | None = None
 
     @classmethod
@@ -254,7 +255,7 @@ class RewardFunction:
             ids = tokens[mask].tolist()
             if ids and ids[-1] in self.eos_ids:  # the mask ends at the first EOS, included
                 ids = ids[:-1]
-            responses.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+            responses.append(self.responses.decode(ids))
         return prompts, responses
 
     def __call__(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> np.ndarray:

@@ -11,7 +11,7 @@ from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
-from rlhf_jax.models.tokenizer import check_same_tokenizer
+from rlhf_jax.models.tokenizer import ResponseCodec, check_same_tokenizer
 from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import without_adapters
 from rlhf_jax.training.state import check_positions, initial_params, load_for_training, param_shardings
@@ -105,10 +105,11 @@ def write_samples(path: Path, step: int, samples: dict, tokenizer) -> None:
     """Appends one JSON line per sampled row: prompt, response and every per-row number of `samples` (such as
     score and kl) beside the token arrays prompt_ids, prompt_mask, tokens and mask."""
     numbers = [k for k in samples if k not in ("prompt_ids", "prompt_mask", "tokens", "mask")]
+    responses = ResponseCodec(tokenizer)
     with open(path, "a") as f:
         for row in range(len(samples["tokens"])):
             prompt = samples["prompt_ids"][row][samples["prompt_mask"][row]].tolist()
             response = samples["tokens"][row][samples["mask"][row]].tolist()
             f.write(json.dumps({"step": step, "prompt": tokenizer.decode(prompt),
-                                "response": tokenizer.decode(response, skip_special_tokens=True),
+                                "response": responses.decode(response),
                                 **{k: round(float(samples[k][row]), 6) for k in numbers}}) + "\n")

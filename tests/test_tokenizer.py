@@ -1,0 +1,87 @@
+"""Responses are encoded and decoded as their prompt's continuation, in every tokenizer family: byte-level BPE (GPT-2,
+Qwen, Llama 3) and SentencePiece-style word-start markers (Llama 2, Mistral: the legacy normalizer and the newer
+Metaspace pre-tokenizer), the latter built offline here with the same components as those models' tokenizer.json."""
+
+import numpy as np
+import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from rlhf_jax.config import DataSection
+from rlhf_jax.data.pipeline import Tokenize
+from rlhf_jax.models.tokenizer import ResponseCodec, train_tiny_tokenizer
+
+CORPUS = ["Human: how are you today?\n\nAssistant: I am fine, thank you.",
+          "hello world, the weather is fine\n\nand the sea is calm, two spaces"] * 20
+PROMPT = "Human: how are you?\n\nAssistant:"
+RESPONSES = [" I am fine.", "I am", "\nI am", "\n\nHello", " hello\nworld", "  two spaces", ""]
+
+
+def sentencepiece_style(legacy: bool):
+    """A Llama-2-style tokenizer: "▁" word starts and the decoder that strips the first space (the corpus has every
+    character of the tests: no byte fallback needed)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    if legacy:  # transformers' legacy Llama tokenizer: the marker prepended by the normalizer
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+@pytest.fixture(scope="module", params=["byte_level", "sentencepiece_legacy", "sentencepiece_metaspace"])
+def tokenizer(request, tmp_path_factory):
+    if request.param == "byte_level":
+        return train_tiny_tokenizer(CORPUS, 300, tmp_path_factory.mktemp("tok"))
+    return sentencepiece_style(legacy=request.param == "sentencepiece_legacy")
+
+
+def _ids(tokenizer, text):
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_a_response_encodes_as_it_reads_after_the_prompt(tokenizer):
+    prompt = _ids(tokenizer, PROMPT)
+    for response, ids in zip(RESPONSES, ResponseCodec(tokenizer).encode(RESPONSES)):
+        joint = _ids(tokenizer, PROMPT + response)
+        assert joint[:len(prompt)] == prompt  # the prompt's ids stand alone: the tail is the response's
+        assert ids == joint[len(prompt):], repr(response)
+
+
+def test_encoded_alone_a_sentencepiece_response_would_not(tokenizer):
+    """What the codec corrects: encoded as a text of its own, " I am fine." gets a second word-start marker in the
+    legacy tokenizer and "I am" one that the joint text does not have in both SentencePiece styles."""
+    prompt = _ids(tokenizer, PROMPT)
+    differ = [r for r in RESPONSES if _ids(tokenizer, r) != _ids(tokenizer, PROMPT + r)[len(prompt):]]
+    if tokenizer.convert_ids_to_tokens(_ids(tokenizer, "a"))[0].startswith("▁"):
+        assert "I am" in differ
+    else:
+        assert differ == []
+
+
+def test_sampled_ids_decode_to_the_text_after_the_prompt(tokenizer):
+    codec = ResponseCodec(tokenizer)
+    prompt = _ids(tokenizer, PROMPT)
+    for response in RESPONSES:
+        sampled = _ids(tokenizer, PROMPT + response)[len(prompt):]  # what a model writing `response` samples
+        assert codec.decode(sampled + [tokenizer.eos_token_id]) == response  # the EOS is left out
+        assert codec.encode([codec.decode(sampled)]) == [sampled]  # labeled samples come back as sampled
+
+
+def test_sft_and_rankings_rows_hold_the_responses_continuation_ids(tokenizer):
+    spec = DataSection(max_prompt_tokens=32, max_response_tokens=24)
+    prompt = _ids(tokenizer, PROMPT)
+    eos = tokenizer.eos_token_id
+    expect = [_ids(tokenizer, PROMPT + r)[len(prompt):] + [eos] for r in RESPONSES[:2]]
+    sft = Tokenize(tokenizer, "sft", spec, 2)({"prompt": PROMPT, "response": RESPONSES[0]})
+    assert sft["ids"][32:][sft["response_mask"][32:]].tolist() == expect[0]
+    ranked = Tokenize(tokenizer, "rankings", spec, 2)({"prompt": PROMPT, "responses": RESPONSES[:2], "better": [0],
+                                                       "worse": [1]})
+    for k in range(2):
+        assert ranked["response_ids"][k][ranked["response_mask"][k]].tolist() == expect[k]
+    assert np.asarray(ranked["pairs"]).tolist() == [[0, 1], [0, 0]]
