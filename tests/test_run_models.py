@@ -103,6 +103,19 @@ def test_a_reward_model_with_another_tokenizer_is_refused_by_ppo_and_eval(inputs
     assert not out.exists()
 
 
+def test_eval_refuses_a_policy_with_another_tokenizer_before_sampling_any(inputs, monkeypatch):
+    """The second policy reads other tokens: refused before the reference or the first policy samples a token."""
+    from rlhf_jax.eval.evaluate import Evaluator
+
+    sampled = []
+    monkeypatch.setattr(Evaluator, "responses", lambda self, *a, **k: sampled.append(1) or pytest.fail("sampled"))
+    out = inputs["root"] / "eval_other_policy"
+    rc, _, err = _eval(inputs, out, "--policy", inputs["tiny"], "--policy", inputs["other"])
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"{inputs['other']}: its tokenizer differs from the reference's (" in _last_line(err), err
+    assert sampled == [] and not out.exists()
+
+
 def test_tokenizers_are_compared_by_vocabulary_and_end_of_text(inputs, tmp_path):
     from rlhf_jax.models.tokenizer import check_same_tokenizer
 

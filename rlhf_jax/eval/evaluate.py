@@ -23,7 +23,7 @@ from rlhf_jax.data.pipeline import eval_batches
 from rlhf_jax.errors import UserError
 from rlhf_jax.eval import stats as eval_stats
 from rlhf_jax.eval.inputs import gold_scores, load_gold, load_prompts, open_dataset, split_spec
-from rlhf_jax.eval.policies import SCALAR_NOT_POLICY, PolicySource, policy_sources, restorable_policy
+from rlhf_jax.eval.policies import SCALAR_NOT_POLICY, PolicySource, policy_meta, policy_sources, restorable_policy
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
 from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer, load_tokenizer
@@ -208,6 +208,8 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     ev = Evaluator(cfg, prompts, gold_fn, mesh)
+    for source in sources:  # a policy that reads other tokens stops the run before the first sample
+        ev.check_vocab(policy_meta(source), str(source.path))
     rm_accuracy, labels = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
     rows, samples, logged = [], [], []
@@ -219,7 +221,6 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
                 bar.total -= len(prompts)
                 continue
             source, loaded = found
-            ev.check_vocab(loaded, str(source.path))
             model, params = ev.programs.place(loaded)
             pol = ev.responses(model, params, bar)
             del params, loaded

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import lora
-from rlhf_jax.models.checkpoint import LoadedModel, UnrestorableCheckpoint, load_model, model_head, restore_params
+from rlhf_jax.models.checkpoint import (LoadedModel, UnrestorableCheckpoint, load_model, model_head, model_meta,
+                                       restore_params)
 from rlhf_jax.models.layer_stack import unstack_layers
 from rlhf_jax.models.tiny import resolve_model_path
 
@@ -117,8 +118,7 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
     config = json.loads((run / "config.json").read_text())
     stage = config["stage"]
     if run not in base_models:
-        model_path = resolve_model_path(config.get("model", {}).get("path", ""), run, config.get("seed", 0))
-        base_models[run] = load_model(model_path, need_tokenizer=True)
+        base_models[run] = load_model(_base_model_path(run, config), need_tokenizer=True)
     base = base_models[run]
     params = unstack_layers(restore_params(run / "checkpoints" / str(source.step) / "state", POLICY_PARAMS[stage]))
     lora_config = config.get("lora", {})
@@ -127,6 +127,19 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
                              also_train=tuple(lora_config.get("also_train", ())))
         params = jax.device_get(lora.merged(lora.join(params, base.params), base.cfg, spec))
     return base._replace(params=params, head="lm")
+
+
+def policy_meta(source: PolicySource) -> LoadedModel:
+    """The policy's config and tokenizer without its weights (params None): a model directory's own, or the base
+    model's of a run (its checkpoints hold params alone)."""
+    if source.step is None:
+        return model_meta(source.path, need_tokenizer=True)
+    config = json.loads((source.path / "config.json").read_text())
+    return model_meta(_base_model_path(source.path, config), need_tokenizer=True)
+
+
+def _base_model_path(run: Path, config: dict) -> Path:
+    return resolve_model_path(config.get("model", {}).get("path", ""), run, config.get("seed", 0))
 
 
 def restorable_policy(source: PolicySource, base_models: dict) -> tuple[PolicySource, LoadedModel] | None:

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from rlhf_jax.errors import UserError, os_error_message, os_reason
 from rlhf_jax.models import hf
-from rlhf_jax.models.hf_config import config_from_hf, read_json
+from rlhf_jax.models.hf_config import read_json
 from rlhf_jax.models.transformer import ModelConfig
 from rlhf_jax.runtime import distributed, fsio
 
@@ -188,9 +188,19 @@ def load_model(path: str | os.PathLike, need_tokenizer: bool = False) -> LoadedM
     """Load a rlhf_jax model checkpoint or a HF checkpoint dir as numpy params (placed on a mesh by the caller).
     Its tokenizer_dir is None when it has no tokenizer (refused with `need_tokenizer`); a tokenizer with more ids
     than vocab_size is refused."""
+    return _read_model(path, need_tokenizer, _load_model)
+
+
+def model_meta(path: str | os.PathLike, need_tokenizer: bool = False) -> LoadedModel:
+    """A model directory without its weights (params None): config, head, tokenizer directory and extras read
+    from its metadata alone, with load_model's errors for what is not a model directory."""
+    return _read_model(path, need_tokenizer, _model_meta)
+
+
+def _read_model(path, need_tokenizer: bool, read) -> LoadedModel:
     try:
         _refuse_non_model(Path(path))
-        loaded = _load_model(Path(path).resolve())
+        loaded = read(Path(path).resolve())
     except OSError as e:  # an unreadable file or directory
         raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
     if need_tokenizer and loaded.tokenizer_dir is None:
@@ -200,35 +210,31 @@ def load_model(path: str | os.PathLike, need_tokenizer: bool = False) -> LoadedM
 
 
 def model_head(path: str | os.PathLike) -> str:
-    """'lm' or 'scalar' of a model directory, read from its metadata alone (no weights), with load_model's
-    errors for what is not a model directory."""
-    path = Path(path)
-    try:
-        _refuse_non_model(path)
-        if (path / "model.json").exists():
-            return read_model_meta(path)[1]
-        if (path / "config.json").exists():
-            return config_from_hf(read_json(path / "config.json"), where=str(path / "config.json"))[1]
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
+    """'lm' or 'scalar' of a model directory, read from its metadata alone (no weights)."""
+    return model_meta(path).head
+
+
+def _model_meta(path: Path) -> LoadedModel:
+    if (path / "model.json").exists():
+        cfg, head, extra = read_model_meta(path)
+        tok = path / "tokenizer"
+        return LoadedModel(cfg, head, None, tok if hf.has_tokenizer(tok) else None, extra)
+    if (path / "config.json").exists():
+        cfg, head = hf.read_config(path)
+        extra = {k: v for k, v in read_json(path / "config.json").items()
+                 if k == "reward_norm" or (k == "role" and v in ROLES)}  # config.json extras of our exports
+        return LoadedModel(cfg, head, None, path if hf.has_tokenizer(path) else None, extra)
     raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
                           "(config.json)")
 
 
 def _load_model(path: Path) -> LoadedModel:
+    meta = _model_meta(path)
     if (path / "model.json").exists():
-        cfg, head, extra = read_model_meta(path)
-        tok, where = path / "tokenizer", path / "model.json"
-        loaded = LoadedModel(cfg, head, _load_params(path / "params"), tok if hf.has_tokenizer(tok) else None, extra)
-    elif (path / "config.json").exists():
-        cfg, head, params = hf.load_hf(path)
-        where = path / "config.json"
-        extra = {k: v for k, v in read_json(where).items()
-                 if k == "reward_norm" or (k == "role" and v in ROLES)}  # config.json extras of our exports
-        loaded = LoadedModel(cfg, head, params, path if hf.has_tokenizer(path) else None, extra)
+        loaded, where = meta._replace(params=_load_params(path / "params")), path / "model.json"
     else:
-        raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
-                              "(config.json)")
+        loaded = meta._replace(params=hf.params_from_hf(hf.read_tensors(path), meta.cfg, meta.head))
+        where = path / "config.json"
     _check_vocab(loaded, where)
     return loaded
 

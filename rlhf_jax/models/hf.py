@@ -77,11 +77,17 @@ def load_hf(model_dir: str | os.PathLike, head: str | None = None) -> tuple[Mode
         raise HFFormatError(f"{model_dir}: does not exist")
     if not model_dir.is_dir():
         raise HFFormatError(f"{model_dir}: is a file, expected a HF checkpoint directory")
-    gen_path = model_dir / "generation_config.json"
-    generation = read_json(gen_path) if gen_path.exists() else None
-    cfg, hf_head = config_from_hf(read_json(model_dir / "config.json"), generation, str(model_dir / "config.json"))
+    cfg, hf_head = read_config(model_dir)
     head = head or hf_head
     return cfg, head, params_from_hf(read_tensors(model_dir), cfg, head)
+
+
+def read_config(model_dir: Path) -> tuple[ModelConfig, str]:
+    """(ModelConfig, head) of a transformers checkpoint directory from its config files alone (generation_config.json's
+    EOS ids win)."""
+    gen_path = model_dir / "generation_config.json"
+    generation = read_json(gen_path) if gen_path.exists() else None
+    return config_from_hf(read_json(model_dir / "config.json"), generation, str(model_dir / "config.json"))
 
 
 # ---------------------------------------------------------------------------------------------- reward models
