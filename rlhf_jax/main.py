@@ -2,6 +2,8 @@
 
   python -m rlhf_jax.main --config configs/demo.yaml [section.key=value ...]
 
+Without --config the defaults run: stage generate with the tiny built-in model on the bundled prompts.
+
 Stages (config key `stage`):
   generate   sample completions for a prompt file from a HF or rlhf_jax checkpoint (the tiny built-in model
              when model.path is empty) with the compiled, mesh-sharded sampler; writes JSONL samples.
@@ -105,6 +107,10 @@ def _run(args, overrides: Sequence[str]) -> int:
             pipeline.run(args.config, overrides)
             return 0
         cfg = load_config(args.config, overrides)
+        if args.config is None and not overrides:
+            print(f"no --config: running the defaults, stage {cfg.stage!r} with the tiny built-in model on the "
+                  f"bundled prompts into {cfg.run_dir}/ (--help lists the stages; make demo runs the whole recipe)",
+                  file=sys.stderr)
         from rlhf_jax.stages import dispatch as stages  # after validation: config errors come before any heavy import or compile
 
         stages.run(cfg)

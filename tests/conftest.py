@@ -67,6 +67,7 @@ def demo_run(tmp_path_factory, request):
 # the reference configs' full-size compiles and the whole-pipeline plans.
 FULL_TIER = (
     "test_multiprocess.py::",
+    "test_cli.py::test_main_without_a_config_says_it_runs_the_defaults",  # a default-length generate run
     "test_scan_layers.py::test_a_scanned_stage_trains",  # the model-level oracles stay in the fast tier
     "test_scan_layers.py::test_generation_scans",
     "test_scan_layers.py::test_cached_decode_and_sampling_through_the_stacked_cache[mistral]",  # gemma3: fast

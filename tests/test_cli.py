@@ -377,6 +377,15 @@ def test_main_generate_config_runs_generate_stage(capsys, tmp_path):
     assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
 
 
+def test_main_without_a_config_says_it_runs_the_defaults(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, main_cli.main, [])
+    assert rc == 0, err
+    assert err.startswith("no --config: running the defaults, stage 'generate' with the tiny built-in model on the "
+                          "bundled prompts into runs/default/"), err
+    assert len((tmp_path / "runs" / "default" / "samples.jsonl").read_text().splitlines()) == 8
+
+
 def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
     rc, out, err = _run(capsys, main_cli.main,
                         ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path / 'r'}", "optim.lrr=1"])
