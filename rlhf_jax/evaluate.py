@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages.run(config_from_flags(args))
     except UserError as e:
         return report(naming_flags(e, FLAGS, [("--out", args.out), ("--reward-model", args.reward_model),
-                                              ("--reference", args.reference),
+                                              ("--reference", args.reference), ("--prompts", args.prompts),
+                                              ("--rankings", args.rankings),
                                               *(("--policy", p) for p in args.policy)]))
     return 0
 

@@ -22,6 +22,12 @@ from rlhf_jax.models.tokenizer import PAD_ID
 from rlhf_jax.runtime import sharding
 
 
+# The config keys errors name, as the flags that set them here.
+FLAGS = {"batch_size": "--batch-size", "mesh.shape": "--mesh-shape", "data.chat_template": "--chat-template",
+         **{f"sampling.{k}": f"--{k.replace('_', '-')}" for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                                   "max_prompt_tokens")}}
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse the first out-of-range flag by name, before any model loads (written `not ok` so NaN fails too)."""
     checks = [("--max-new-tokens", args.max_new_tokens >= 1, "must be >= 1"),
@@ -64,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):
             print(json.dumps(record) if args.output == "jsonl" else record["text"], flush=True)
     except UserError as e:
-        return report(naming_flags(e, {"batch_size": "--batch-size", "mesh.shape": "--mesh-shape"},
+        return report(naming_flags(e, FLAGS,
                                    [("--model", args.model), ("--prompt-file", args.prompt_file)]))
     return 0
 

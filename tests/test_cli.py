@@ -187,7 +187,7 @@ def test_generate_chat_template_encodes_prompts_as_training_does(capsys, hf_dir,
     assert _records(out)[0]["prompt_ids"] != plain[-6:]
 
     rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--chat-template"))
-    _assert_user_error(rc, err, "no chat template")
+    _assert_user_error(rc, err, "the tokenizer has no chat template (--chat-template asks for one)")
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -261,6 +261,15 @@ def test_error_batch_size_not_divisible_by_devices(capsys, hf_dir, prompt_file):
 def test_error_mesh_that_does_not_fit_devices(capsys, hf_dir, prompt_file):
     rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--mesh-shape", "3,1,1"))
     _assert_user_error(rc, err, "needs 3 devices, found 8")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--top-k", "100000"], "error: --top-k 100000 exceeds the model's vocabulary of "),
+    (["--max-new-tokens", "5000"], " + --max-new-tokens (5000) = "),
+])
+def test_errors_found_with_the_model_name_the_flags(capsys, hf_dir, prompt_file, flags, fragment):
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, *flags))
+    _assert_user_error(rc, err, fragment)
 
 
 @pytest.mark.parametrize("case", ["mesh_not_int", "mesh_wrong_rank", "prompt_file_is_dir"])

@@ -134,14 +134,17 @@ def test_all_steps_evaluates_every_saved_step_and_skips_an_interrupted_save(inpu
     (["--policy", "{root}/rm_run"], "a training run of a reward model, not a policy"),
     (["--policy", "{sft}", "--prompts", "{data}/rankings"], "a 'rankings' dataset, expected one of kind 'prompts'"),
     (["--policy", "{sft}", "--gold", "rlhf_jax.tasks.sentiment:nothing"], "has no function 'nothing'"),
+    (["--policy", "{sft}", "--prompts", "{root}/empty.txt"], "error: --prompts {root}/empty.txt: no prompts"),
+    (["--policy", "{sft}", "--max-new-tokens", "5000"], " + --max-new-tokens (5000) = "),
 ])
 def test_wrong_inputs_fail_in_one_line(inputs, flags, fragment):
     flags = [f.format(**inputs) for f in flags]
     if "--prompts" not in flags:
         flags += ["--prompts", str(inputs["prompt_file"])]
+    (inputs["root"] / "empty.txt").write_text("")
     rc, _, err = _eval(inputs, inputs["root"] / "bad", *flags)
     lines = err.strip().splitlines()
-    assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err
+    assert rc == 2 and lines[-1].startswith("error: ") and fragment.format(**inputs) in lines[-1], err
 
 
 @pytest.mark.parametrize("flags, fragment", [

@@ -265,7 +265,7 @@ def test_top_k_beyond_the_vocabulary_is_refused_in_one_line(llama):
     cfg, model, params = llama
     ids, mask = _left_padded_batch(seed=2)
     p = SamplingParams(max_new_tokens=2, top_k=cfg.vocab_size + 1)
-    with pytest.raises(UserError, match=f"top_k={cfg.vocab_size + 1} exceeds the model's vocabulary of "
+    with pytest.raises(UserError, match=f"sampling.top_k={cfg.vocab_size + 1} exceeds the model's vocabulary of "
                                         f"{cfg.vocab_size} tokens"):
         sample(model, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), p)
 

@@ -136,8 +136,9 @@ class Evaluator:
         self.programs = Programs(mesh, SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos),
                                                       PAD_ID), cfg.model.dtype)
         self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
-        check_positions(self.reference.cfg, self.batches[0][2].shape[1] + s.max_new_tokens,
-                             "sampling.max_prompt_tokens + sampling.max_new_tokens")
+        width = self.batches[0][2].shape[1]
+        check_positions(self.reference.cfg, width + s.max_new_tokens,
+                        f"the longest prompt ({width} tokens) + sampling.max_new_tokens ({s.max_new_tokens})")
         norm = (reward.extra.get("reward_norm") if reward is not None else None) or {}
         self.gain, self.bias = float(norm.get("gain", 1.0)), float(norm.get("bias", 0.0))
         self.reward = reward  # None: the gold scorer alone judges the responses

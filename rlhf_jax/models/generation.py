@@ -98,8 +98,9 @@ class Generator:
             print(encoder.cut_warning(cut, len(prompts)), file=sys.stderr)
         width = ids_all.shape[1]  # one prompt width for the whole file: one compilation
         if width + self.params_cfg.max_new_tokens > self.cfg.max_position_embeddings:
-            raise UserError(f"prompt ({width}) + new tokens ({self.params_cfg.max_new_tokens}) exceed the model's "
-                             f"{self.cfg.max_position_embeddings} positions")
+            raise UserError(f"the longest prompt ({width} tokens) + sampling.max_new_tokens "
+                            f"({self.params_cfg.max_new_tokens}) = {width + self.params_cfg.max_new_tokens} exceeds "
+                            f"the model's {self.cfg.max_position_embeddings} positions")
         rng = jax.random.key(seed)
         bar = progress_bar(len(prompts), "generate", "prompt", enabled=progress and distributed.is_primary())
         for start in range(0, len(prompts), batch_size):

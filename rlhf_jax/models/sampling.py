@@ -138,7 +138,7 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
     B, P = prompt_ids_BP.shape
     N = p.max_new_tokens
     if p.top_k > model.cfg.vocab_size:
-        raise UserError(f"top_k={p.top_k} exceeds the model's vocabulary of {model.cfg.vocab_size} tokens")
+        raise UserError(f"sampling.top_k={p.top_k} exceeds the model's vocabulary of {model.cfg.vocab_size} tokens")
     variables = {"params": params}
     key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)
     positions_BP = positions_from_mask(prompt_mask_BP)

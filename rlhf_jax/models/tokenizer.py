@@ -60,7 +60,7 @@ class PromptEncoder:
 
     def __init__(self, tokenizer, max_tokens: int, chat_template: bool = False):
         if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise UserError("the tokenizer has no chat template (data.chat_template or --chat-template asks for one)")
+            raise UserError("the tokenizer has no chat template (data.chat_template asks for one)")
         self.tokenizer, self.max_tokens, self.chat_template = tokenizer, max_tokens, chat_template
         # The head is what every prompt starts with: the common prefix of an empty and a non-empty prompt.
         a, b = self.encode_full(""), self.encode_full("a")
