@@ -12,7 +12,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def make_report(gold=True, steps=True):
     policies = []
-    for i, (name, step) in enumerate([("ppo-100", 100), ("ppo-200", 200), ("ppo-300", 300)]):
+    for i, (name, step) in enumerate([("ppo@100", 100), ("ppo@200", 200), ("ppo@300", 300)]):
         policies.append({
             "name": name, "path": f"runs/ppo/checkpoints/{step}", "step": step if steps else None,
             "score_mean": 0.5 + i, "score_std": 0.25, "win_rate": 0.625 + 0.125 * i,
@@ -30,7 +30,7 @@ def make_report(gold=True, steps=True):
 
 
 SAMPLES = [
-    {"policy": "ppo-300", "prompt": "Say | and ```code```", "reference_response": "plain answer",
+    {"policy": "ppo@300", "prompt": "Say | and ```code```", "reference_response": "plain answer",
      "policy_response": "a | b\nsecond line <|endoftext|>", "reference_score": 0.5, "policy_score": 1.5,
      "reference_gold": 0.25, "policy_gold": -0.75},
 ]
@@ -91,7 +91,7 @@ def test_full_report(tmp_path, capsys):
     headline = table_after(md, "| Policy")
     width = len(cells(headline[0]))
     assert "Gold score" in headline[0] and "Gold win rate" in headline[0]
-    assert [cells(r)[0].strip() for r in headline[2:]] == ["ppo-100", "ppo-200", "ppo-300", "reference"]
+    assert [cells(r)[0].strip() for r in headline[2:]] == ["ppo@100", "ppo@200", "ppo@300", "reference"]
     assert all(len(cells(r)) == width for r in headline)
     assert "0.62 [0.50, 0.75]" in headline[2]
     for name in ("score_kl_by_step.png", "gold_vs_kl.png", "training_curves.png"):
@@ -132,7 +132,7 @@ def test_json_is_strict_and_plain(tmp_path):
 
 def test_headline_lines():
     lines = report_lib.headline(make_report())
-    assert lines[0] == ("ppo-100: win rate 0.62 [0.50, 0.75] vs reference by RM score, "
+    assert lines[0] == ("ppo@100: win rate 0.62 [0.50, 0.75] vs reference by RM score, "
                         "gold win rate 0.50 [0.38, 0.62], KL 1.50 nats")
     assert len(lines) == 3
     assert "gold" not in report_lib.headline(make_report(gold=False))[0]
@@ -141,3 +141,25 @@ def test_headline_lines():
 def test_import_does_not_load_matplotlib():
     code = "import sys, rlhf_jax.eval.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_run_of_the_step_plot_is_a_line_of_its_own(monkeypatch):
+    """--all-steps over two runs: each run's checkpoints joined in step order, never one run's to the other's."""
+    report = make_report()
+    other = [dict(p, name=p["name"].replace("ppo@", "ppo_b@"), step=p["step"] + 50, kl=10 + p["kl"])
+             for p in report["policies"]]
+    report["policies"] += other
+    figures = []
+    monkeypatch.setattr(report_lib, "_png", lambda fig: figures.append(fig) or b"")
+    report_lib._score_kl_by_step_png(report)
+    kl_ax = figures[0].axes[1]
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in kl_ax.get_lines()}
+    assert lines == {"ppo": ([100, 200, 300], [1.5, 3.0, 4.5]), "ppo_b": ([150, 250, 350], [11.5, 13.0, 14.5])}
+
+
+def test_a_rerun_into_the_same_directory_leaves_no_plot_of_the_earlier_one(tmp_path):
+    first = {p.name for p in report_lib.write_report(tmp_path, make_report(), [])}
+    assert {"score_kl_by_step.png", "gold_vs_kl.png"} <= first
+    second = report_lib.write_report(tmp_path, make_report(gold=False, steps=False), [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in second) == ["report.json",
+                                                                                           "report.md"]

@@ -116,6 +116,18 @@ def test_eval_refuses_a_policy_with_another_tokenizer_before_sampling_any(inputs
     assert sampled == [] and not out.exists()
 
 
+def test_policies_whose_paths_end_alike_get_names_that_tell_them_apart(inputs, tmp_path):
+    from rlhf_jax.eval.policies import policy_sources
+
+    for run in ("a", "b"):
+        shutil.copytree(inputs["tiny"], tmp_path / run / "ppo" / "export")
+    paths = [str(tmp_path / "a" / "ppo" / "export"), str(tmp_path / "b" / "ppo" / "export"), str(inputs["tiny"])]
+    assert [s.name for s in policy_sources(paths)] == ["a/ppo/export", "b/ppo/export",
+                                                       "/".join(Path(inputs["tiny"]).resolve().parts[-2:])]
+    with pytest.raises(UserError, match="^eval.policies: a/ppo/export is given twice$"):
+        policy_sources(paths[:2] + [str(tmp_path / "a" / "ppo" / ".." / "ppo" / "export")])
+
+
 def test_tokenizers_are_compared_by_vocabulary_and_end_of_text(inputs, tmp_path):
     from rlhf_jax.models.tokenizer import check_same_tokenizer
 

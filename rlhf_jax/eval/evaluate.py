@@ -330,5 +330,6 @@ def _rm_accuracy(cfg: Config, rankings: str, model, params, tokenizer, mesh) -> 
     spec = dataclasses.replace(cfg.data, dir=str(path.parent), name=path.name)
     fn = sharding.jit(functools.partial(rm_eval_sums, model=model), mesh, out_shardings=sharding.replicated(mesh))
     sums = eval_sums(fn, params, eval_batches(spec, split, tokenizer, cfg.sampling.batch_size), mesh)
-    accuracy = float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if sums else None
+    has_pairs = sums and float(sums["pairs"]) > 0  # no pair: no accuracy, rather than 0 of 0 read as 0.0
+    accuracy = float(rm_metrics({k: jnp.asarray(v) for k, v in sums.items()})["accuracy"]) if has_pairs else None
     return accuracy, {k: metadata.get(k) for k in ("labeler_ceiling", "labeler_agreement")}

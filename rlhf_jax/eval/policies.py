@@ -8,7 +8,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 from tqdm import tqdm
@@ -39,38 +39,51 @@ class PolicySource(NamedTuple):
 def policy_sources(paths: Sequence[str], step: int = 0, all_steps: bool = False) -> list[PolicySource]:
     """Every policy to evaluate, checked to exist (and be a policy) before anything is sampled."""
     sources: list[PolicySource] = []
+    name_of = _short_names(paths)
     for text in paths:
         path = Path(text)
         if path.parent.name == "checkpoints" and path.name.isdigit():  # one step of a run, named directly
             run, named = path.parent.parent, int(path.name)
             _run_stage(run)
             _check_steps(run, [named], path)
-            sources.append(PolicySource(f"{_name(run)}@{named}", run, named))
+            sources.append(PolicySource(f"{name_of(run)}@{named}", run, named))
         elif (path / "checkpoints").is_dir() and not (path / "model.json").exists():
             _run_stage(path)
             saved = sorted(_saved_steps(path), reverse=True)
             if all_steps:
-                sources += [PolicySource(f"{_name(path)}@{s}", path, s, optional=True) for s in reversed(saved)]
+                sources += [PolicySource(f"{name_of(path)}@{s}", path, s, optional=True) for s in reversed(saved)]
             elif step:
                 _check_steps(path, [step], path)
-                sources.append(PolicySource(f"{_name(path)}@{step}", path, step))
+                sources.append(PolicySource(f"{name_of(path)}@{step}", path, step))
             else:  # the latest step, with the older ones to fall back on
-                sources.append(PolicySource(f"{_name(path)}@{saved[0]}", path, saved[0], tuple(saved[1:])))
+                sources.append(PolicySource(f"{name_of(path)}@{saved[0]}", path, saved[0], tuple(saved[1:])))
         else:
             if model_head(path) != "lm":
                 raise UserError(f"{path}: {SCALAR_NOT_POLICY}")
-            sources.append(PolicySource(_name(path), path, None))
+            sources.append(PolicySource(name_of(path), path, None))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
-        raise UserError(f"eval.policies: two policies share a name ({sorted(n for n in names if names.count(n) > 1)[0]}"
-                        "); give distinct directories")
+        twice = sorted(n for n in names if names.count(n) > 1)[0]
+        raise UserError(f"eval.policies: {twice} is given twice")
     return sources
 
 
-def _name(path: Path) -> str:
-    """A short name: the run directory for its export/ or best/ (runs/ppo/export -> ppo/export)."""
-    parts = path.resolve().parts
-    return "/".join(parts[-2:]) if len(parts) >= 2 else str(path)
+def _short_names(paths: Sequence[str]) -> Callable[[Path], str]:
+    """Each policy's name: the last two parts of its path, with the run directory for an export/ or best/
+    (runs/ppo/export -> ppo/export), more parts where two paths would share them (a/ppo/export, b/ppo/export)."""
+    def directory(path) -> Path:
+        path = Path(path)
+        return path.parent.parent if path.parent.name == "checkpoints" and path.name.isdigit() else path
+
+    resolved = {directory(p).resolve() for p in paths}
+    names = {}
+    for path in resolved:
+        parts = path.parts
+        n = 2
+        while n < len(parts) and any(other != path and other.parts[-n:] == parts[-n:] for other in resolved):
+            n += 1
+        names[path] = "/".join(parts[-n:])
+    return lambda path: names.get(Path(path).resolve(), str(path))
 
 
 def _run_stage(run: Path) -> str:
@@ -148,7 +161,7 @@ def restorable_policy(source: PolicySource, base_models: dict) -> tuple[PolicySo
     --all-steps is skipped (None); a step named by --step or by its path stops the run in one line."""
     steps = (source.step, *source.older)
     for i, step in enumerate(steps):
-        candidate = source._replace(name=f"{_name(source.path)}@{step}", step=step) if i else source
+        candidate = source._replace(name=f"{source.name.rsplit('@', 1)[0]}@{step}", step=step) if i else source
         try:
             return candidate, load_policy(candidate, base_models)
         except UnrestorableCheckpoint as e:

@@ -37,6 +37,9 @@ PLOT_TITLES = {"score_kl_by_step.png": "RM score and KL by checkpoint step",
 NONE = "–"  # a table cell with no value
 
 
+PLOTS = ("score_kl_by_step.png", "gold_vs_kl.png", "rounds.png", "training_curves.png")
+
+
 def write_report(out_dir: Path, report: dict, samples: list[dict], runs: Sequence[Path] = ()) -> list[Path]:
     """Writes report.json, the plots that apply, and report.md (which embeds them) into `out_dir`; returns the
     paths written. Run directories in `runs` whose metrics.jsonl is missing or unreadable are skipped with a
@@ -45,7 +48,7 @@ def write_report(out_dir: Path, report: dict, samples: list[dict], runs: Sequenc
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [write_bytes_atomically(out_dir / "report.json", (json.dumps(_plain(report), indent=2) + "\n").encode())]
     plots = []
-    if len(_stepped(report["policies"])) >= 2 and _has_rm(report):
+    if any(len(run) >= 2 for run in _runs_of(report["policies"]).values()) and _has_rm(report):
         plots.append(write_bytes_atomically(out_dir / "score_kl_by_step.png", _score_kl_by_step_png(report)))
     if _has_gold(report):
         plots.append(write_bytes_atomically(out_dir / "gold_vs_kl.png", _gold_vs_kl_png(report)))
@@ -54,6 +57,8 @@ def write_report(out_dir: Path, report: dict, samples: list[dict], runs: Sequenc
     curves = _read_runs(runs)
     if curves:
         plots.append(write_bytes_atomically(out_dir / "training_curves.png", _training_curves_png(curves)))
+    for stale in set(PLOTS) - {p.name for p in plots}:  # an earlier evaluation's, which this one does not make
+        (out_dir / stale).unlink(missing_ok=True)
     markdown = markdown_report(report, samples, [p.name for p in plots])
     written += plots
     written.append(write_bytes_atomically(out_dir / "report.md", markdown.encode()))
@@ -265,24 +270,36 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _runs_of(policies: list[dict]) -> dict[str, list[dict]]:
+    """The stepped policies by run (their name without @STEP), each run's in step order: one line per run."""
+    runs: dict[str, list[dict]] = {}
+    for p in _stepped(policies):
+        runs.setdefault(p["name"].rsplit("@", 1)[0], []).append(p)
+    return runs
+
+
 def _score_kl_by_step_png(report: dict) -> bytes:
-    policies = _stepped(report["policies"])
-    steps = [p["step"] for p in policies]
+    runs = _runs_of(report["policies"])
     fig, (score_ax, kl_ax) = _figure(1, 2, figsize=(8, 3.5))
-    score_ax.plot(steps, [p["score_mean"] for p in policies], "o-", color="C0", label="RM score")
+    gold_ax = None
+    for i, (run, policies) in enumerate(runs.items()):
+        steps, marker = [p["step"] for p in policies], "os^vD"[i % 5]
+        named = f" ({run})" if len(runs) > 1 else ""
+        score_ax.plot(steps, [p["score_mean"] for p in policies], f"{marker}-", color="C0", label=f"RM score{named}")
+        gold = [(p["step"], p["gold_score_mean"]) for p in policies if p.get("gold_score_mean") is not None]
+        if gold:
+            gold_ax = gold_ax or score_ax.twinx()  # the gold scorer has its own scale
+            gold_ax.plot(*zip(*gold), f"{marker}--", color="C1", label=f"gold score{named}")
+        kl_ax.plot(steps, [p["kl"] for p in policies], f"{marker}-", color="C2", label=run)
     if report["reference"].get("score_mean") is not None:
         score_ax.axhline(report["reference"]["score_mean"], color="C0", ls=":", lw=1, label="reference RM score")
     score_ax.set(xlabel="step", ylabel="RM score", title="Score by checkpoint")
     handles = score_ax.get_legend_handles_labels()
-    gold = [(p["step"], p["gold_score_mean"]) for p in policies if p.get("gold_score_mean") is not None]
-    if gold:
-        gold_ax = score_ax.twinx()  # the gold scorer has its own scale
-        gold_ax.plot(*zip(*gold), "s--", color="C1", label="gold score")
+    if gold_ax is not None:
         gold_ax.set_ylabel("gold score")
         more = gold_ax.get_legend_handles_labels()
         handles = (handles[0] + more[0], handles[1] + more[1])
     fig.legend(*handles, loc="outside lower center", ncols=3, fontsize="small")  # clear of both axes' points
-    kl_ax.plot(steps, [p["kl"] for p in policies], "o-", color="C2")
     kl_ax.set(xlabel="step", ylabel="KL to reference (nats)", title="KL by checkpoint")
     return _png(fig)
 
