@@ -206,9 +206,11 @@ worker_number='w=$(curl -sf --max-time 5 -H "Metadata-Flavor: Google" '$metadata
 worker_number+=' || hostname | sed -n "s/.*-w-\([0-9]*\)$/\1/p"); w=${w:-0}'
 
 if [ "$stop" = 1 ]; then
+    # Only a pid that is still the run's (a finished run's may have been reused by another process).
     # shellcheck disable=SC2016
-    stop_job="pid=\$(cat $logs/run.pid 2>/dev/null) && kill -TERM \"\$pid\""
-    remote "$stop_job && echo \"\$(hostname): SIGTERM to \$pid\" || true"
+    stop_job="pid=\$(cat $logs/run.pid 2>/dev/null) && grep -qa single_host.sh /proc/\$pid/cmdline 2>/dev/null"
+    stop_job+=" && kill -TERM \"\$pid\""
+    remote "if $stop_job; then echo \"\$(hostname): SIGTERM to \$pid\"; else echo \"\$(hostname): no run\"; fi"
     exit 0
 fi
 
@@ -285,7 +287,7 @@ job="cd ~/rlhf_jax || exit 2; mkdir -p $logs; $worker_number; log=$logs/worker\$
 job+="; launch/single_host.sh $(quote "$config" ${overrides[@]+"${overrides[@]}"}) >>\"\$log\" 2>&1 </dev/null & pid=\$!"
 job+="; echo \$pid >$logs/run.pid; t="
 job+="; if [ \"\$w\" = 0 ]; then tail -n +1 -f --pid=\$pid \"\$log\" & t=\$!; fi"
-job+="; wait \$pid; rc=\$?; if [ -n \"\$t\" ]; then wait \$t; fi"
+job+="; wait \$pid; rc=\$?; rm -f $logs/run.pid; if [ -n \"\$t\" ]; then wait \$t; fi"
 job+="; [ \$rc = 0 ] || echo \"worker \$w: exit status \$rc (log: \$log)\" >&2; exit \$rc"
 rc=0
 remote "$job" || rc=$?

@@ -154,6 +154,25 @@ def test_tpu_pod_refuses_a_config_the_workers_would_not_get(tmp_path):
     assert out.returncode != 0 and "git ignores it, so the workers would not get it" in out.stderr, out.stderr
 
 
+def test_tpu_pod_stop_signals_only_a_process_that_is_still_the_run(tmp_path):
+    """A finished run's pid may belong to another process by now: --stop leaves that one alone."""
+    stop = commands(run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "n", "--zone", "z", "--stop"]).stdout)
+    script = _flag(stop[0], "--command")
+    (tmp_path / "rlhf_jax_logs").mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    job = subprocess.Popen(["bash", "-c", "exec -a launch/single_host.sh sleep 30"])
+    try:
+        for proc, said in ((other, "no run"), (job, f"SIGTERM to {job.pid}")):
+            (tmp_path / "rlhf_jax_logs" / "run.pid").write_text(f"{proc.pid}\n")
+            out = run(["bash", "-c", script], env={"HOME": str(tmp_path)})
+            assert out.stdout.strip().endswith(said), out
+        assert job.wait(timeout=10) == -signal.SIGTERM
+        assert other.poll() is None
+    finally:
+        other.kill()
+        job.kill()
+
+
 def test_tpu_pod_dry_run_variants():
     base = ["--dry-run", "--name", "n", "--zone", "z"]
     only_delete = commands(run([LAUNCH / "tpu_pod.sh", *base, "--delete"]).stdout)
@@ -239,7 +258,7 @@ def test_tpu_pod_worker_script_streams_worker_0_and_logs_the_others(tmp_path, wo
     assert log == f"ran in {home}/rlhf_jax with {args}\noops\n"
     assert out.stdout == (log if worker == 0 else "")
     assert f"worker {worker}: exit status 3" in out.stderr
-    assert (home / "rlhf_jax_logs" / "run.pid").read_text().strip().isdigit()
+    assert not (home / "rlhf_jax_logs" / "run.pid").exists()  # a finished run leaves no pid for --stop to signal
 
 
 # --- gpu_slurm.sbatch -----------------------------------------------------------------------------------------
