@@ -291,3 +291,18 @@ def test_launchers_stop_on_a_bad_override_before_anything(tmp_path, launcher):
     assert out.returncode == 2 and out.stdout == "", out
     assert out.stderr.strip().splitlines()[-1] == "error: unknown key 'train.stepz' (did you mean 'train.steps'?)"
     assert not (tmp_path / "gcloud.log").exists()  # no slice described, created or run on
+
+
+def test_an_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The data is synced before the rename (else a crash can leave the new name on an empty file) and the
+    directory after it (else the rename itself can be lost): a pipeline's done-marker must never be half there."""
+    import os
+    import stat
+
+    synced = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda *a: synced.append("rename") or real_replace(*a))
+    fsio.write_json_atomically(tmp_path / "done.json", {"step": 1})
+    assert synced == [False, "rename", True]
+    assert [p.name for p in tmp_path.iterdir()] == ["done.json"]

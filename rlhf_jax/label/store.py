@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.runtime import fsio
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -81,6 +82,7 @@ def create(path: Path, prompts: list[tuple[str, bool, list[tuple[str, list[dict]
     finally:
         conn.close()
     os.replace(tmp, path)
+    fsio.sync_dir(path.parent)
 
 
 class Store:

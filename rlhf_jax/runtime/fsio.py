@@ -166,6 +166,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     old `out` is renamed back; a kill between the two renames leaves it whole as `.<name>.old-*` beside `out`."""
     if not out.exists():
         os.replace(tmp, out)
+        sync_dir(out.parent)
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
     os.replace(out, old)
@@ -174,21 +175,41 @@ def _swap_in(tmp: Path, out: Path) -> None:
     except OSError:
         os.replace(old, out)
         raise
+    sync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> Path:
-    """Write a file under a temporary name beside it, then rename: a reader never sees half of it, and a
-    failed write leaves no temporary file."""
+    """Write a file under a temporary name beside it, then rename: a reader never sees half of it, a failed
+    write leaves no temporary file, and after a crash or power loss the file is the old one or the new one, whole
+    (the data reaches the disk before the rename, the rename before this returns)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    sync_dir(path.parent)
     return path
+
+
+def sync_dir(directory: Path) -> None:
+    """Make the renames in `directory` durable; a file system that cannot sync a directory is left as it is."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomically(path: Path, text: str) -> Path:
