@@ -10,6 +10,7 @@ import functools
 import json
 import shutil
 import statistics
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import main as main_cli
+from rlhf_jax.errors import UserError
 from rlhf_jax.config import OptimSection
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
@@ -531,8 +533,8 @@ def test_rloo_stage_with_a_reward_function(group_inputs, tmp_path, capfd):
 @pytest.mark.parametrize("stage, function, fragment", [
     ("rloo", "one_short", "rloo.reward_function=grpo_fixtures:one_short returned 7 values for 8 responses"),
     ("grpo", "raises", "grpo.reward_function=grpo_fixtures:raises: raised ValueError: cannot score these"),
-    ("grpo", "not_finite", "grpo.reward_function=grpo_fixtures:not_finite returned 1 non-finite values for 8 "
-                           "responses"),
+    ("grpo", "not_finite", "grpo.reward_function=grpo_fixtures:not_finite returned 1 values for 8 responses "
+                           "that are not finite in float32"),
 ], ids=["one_short", "raises", "not_finite"])
 def test_reward_function_mistakes_stop_the_stage_in_one_line(group_inputs, tmp_path, stage, function, fragment):
     run_dir = tmp_path / "bad"
@@ -574,6 +576,20 @@ def test_bad_config_fails_in_one_line(group_inputs, tmp_path, overrides, fragmen
     assert "Traceback" not in err and not run_dir.exists()
 
 
+def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch):
+    from rlhf_jax.runtime import plugins
+
+    (tmp_path / "rf_syntax.py").write_text("def f(p, r) return 1\n")
+    (tmp_path / "rf_raises.py").write_text("import os\nraise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"^k='rf_syntax:f': importing rf_syntax raised SyntaxError: "
+                                        r".*rf_syntax.py:1\)$"):
+        plugins.function("rf_syntax:f", "k")
+    with pytest.raises(UserError, match=r"^k='rf_raises:f': importing rf_raises raised RuntimeError: no GPU here "
+                                        r"\(.*rf_raises.py:2\)$"):
+        plugins.function("rf_raises:f", "k")
+
+
 def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
     """What the callback does with a function that raises, returns the wrong length, strings, or NaN: zeros
     back to the program, the first problem kept for the host loop."""
@@ -583,7 +599,11 @@ def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
                          (grpo_fixtures.one_short, "returned 1 values for 2 responses"),
                          (lambda p, r: ["a", "b"], "returned ['a', 'b']; expected 2 numbers"),
                          (lambda p, r: [[1.0], [2.0]], "expected a list of 2 numbers"),
-                         (grpo_fixtures.not_finite, "returned 1 non-finite values for 2 responses (the first: nan")):
+                         (lambda p, r: ["1.5", "2"], "returned ['1.5', '2']; expected 2 numbers"),
+                         (lambda p, r: [1e39, 0.0], "not finite in float32 (the first: 1e+39 for response 0)"),
+                         (lambda p, r: sys.exit(3), "raised SystemExit: 3"),
+                         (grpo_fixtures.not_finite, "returned 1 values for 2 responses that are not finite in "
+                                                    "float32 (the first: nan")):
         wrapper = RewardFunction(fn, "grpo.reward_function=m:f", WordTokenizer(), (1,))
         assert wrapper(*args).tolist() == [0.0, 0.0] and wrapper.problem.startswith("grpo.reward_function=m:f")
         assert fragment in wrapper.problem, wrapper.problem

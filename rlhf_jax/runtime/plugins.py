@@ -21,6 +21,8 @@ def function(spec: str, key: str) -> tuple[Callable, ModuleType]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UserError(f"{key}={spec!r}: cannot import {module_name!r} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a syntax error, or the module's own code raising at import
+        raise UserError(f"{key}={spec!r}: importing {module_name} raised {_what(e)} ({_where(e)})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"{key}={spec!r}: {module_name} has no function {name!r}")
@@ -32,11 +34,21 @@ def call(fn: Callable, who: str, *args):
     `eval.gold=MODULE:FUNCTION`) that names the exception and the line that raised it."""
     try:
         return fn(*args)
-    except Exception as e:  # noqa: BLE001 - user code can fail in any way
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        text = str(e).strip().splitlines()
-        what = f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-        raise UserError(f"{who}: raised {what} ({frame.filename}:{frame.lineno})") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code can fail in any way, sys.exit() included
+        raise UserError(f"{who}: raised {_what(e)} ({_where(e)})") from None
+
+
+def _what(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _where(e: BaseException) -> str:
+    """file:line that raised: the offending line of a syntax error, else the traceback's last frame."""
+    if isinstance(e, SyntaxError):
+        return f"{e.filename}:{e.lineno}"
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    return f"{frame.filename}:{frame.lineno}"
 
 
 def shown(value) -> str:

@@ -274,8 +274,11 @@ class RewardFunction:
     def checked(self, returned, n: int) -> np.ndarray:
         """One finite float per response, or a UserError naming the function and what it returned."""
         try:
-            rewards = np.asarray(returned, np.float64)
-        except (TypeError, ValueError):  # strings, None inside, ragged nesting
+            rewards = np.asarray(returned)
+            if rewards.dtype.kind not in "biuf":  # strings ("1.5" would parse), None inside, objects
+                raise TypeError
+            rewards = rewards.astype(np.float64)
+        except (TypeError, ValueError):  # ragged nesting
             raise UserError(f"{self.who} returned {plugins.shown(returned)}; expected {n} numbers, one per "
                             "response") from None
         if rewards.ndim != 1:
@@ -283,10 +286,10 @@ class RewardFunction:
                             "per response")
         if rewards.size != n:
             raise UserError(f"{self.who} returned {rewards.size} values for {n} responses")
-        bad = np.flatnonzero(~np.isfinite(rewards))
+        bad = np.flatnonzero(~np.isfinite(rewards.astype(np.float32)))  # 1e39 is finite, not in float32
         if bad.size:
-            raise UserError(f"{self.who} returned {bad.size} non-finite values for {n} responses (the first: "
-                            f"{rewards[bad[0]]} for response {bad[0]})")
+            raise UserError(f"{self.who} returned {bad.size} values for {n} responses that are not finite in "
+                            f"float32 (the first: {rewards[bad[0]]} for response {bad[0]})")
         return rewards.astype(np.float32)
 
     def raise_if_failed(self, metrics: dict, step: int) -> None:
