@@ -390,6 +390,16 @@ def test_invalid_utf8_is_one_bad_row(tmp_path):
     assert str(rows[1].error) == f"{path}:2: not valid UTF-8 (byte 15 of the line)"
 
 
+def test_a_lone_surrogate_escape_is_one_bad_row(tmp_path):
+    """JSON can escape half a UTF-16 pair, which Python reads but no UTF-8 file or dataset can hold."""
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": "hi \\ud800 there"}\n{"prompt": "pair \\ud83d\\ude00"}\n')
+    rows = read_all("jsonl_prompts", str(path))
+    assert [r.record and r.record["prompt"] for r in rows] == ["ok", None, "pair \U0001f600"]
+    assert str(rows[1].error) == (f"{path}:2: field 'prompt' holds a lone surrogate escape (\\ud800-\\udfff "
+                                  "without its pair), not text")
+
+
 def test_blank_line_in_middle_is_an_error_but_trailing_blanks_are_not(tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n   \n\n')
@@ -453,7 +463,7 @@ def test_corrupt_gzip_and_parquet_are_user_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Downloads (file:// URLs only: tests never use the network)
+# Downloads (file:// URLs and a loopback server: tests never use the network)
 
 
 def test_fetch_copies_once_into_cache(tmp_path):
@@ -475,6 +485,33 @@ def test_fetch_failure_is_user_error_and_leaves_no_partial_file(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match="download failed"):
         download.fetch((tmp_path / "missing.jsonl").as_uri(), cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_a_download_cut_short_is_not_cached(tmp_path):
+    """A server that closes before its Content-Length: urllib reads to the end without an error."""
+    import http.server
+    import threading
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"prompt": "p"}\n' * 2)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cache = tmp_path / "cache"
+    try:
+        with pytest.raises(UserError, match=r"download failed \(incomplete: 32 of 1000 bytes\)"):
+            download.fetch(f"http://127.0.0.1:{server.server_port}/x.jsonl", cache)
+    finally:
+        server.shutdown()
     assert list(cache.iterdir()) == []
 
 

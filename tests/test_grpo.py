@@ -561,6 +561,9 @@ def test_reward_function_mistakes_stop_the_stage_in_one_line(group_inputs, tmp_p
     (["grpo.reward_function=nowhere_to_be_found:f"], "grpo.reward_function='nowhere_to_be_found:f': cannot import"),
     (["grpo.reward_function=grpo_fixtures:missing"], "grpo_fixtures has no function 'missing'"),
     (["grpo.reward_model={tiny}"], "a language model, expected a scalar-head"),
+    (["grpo.reward_model=/nonexistent_rm"], "error: grpo.reward_model=/nonexistent_rm: does not exist"),
+    (["grpo.reward_model={rm}", "grpo.reference=/nonexistent_ref"], "error: grpo.reference=/nonexistent_ref: does "
+                                                                    "not exist"),
     (["grpo.reward_model={rm}", "sampling.top_k=5"], "stage 'grpo' trains on its own samples"),
     (["grpo.reward_model={rm}", "data.name="], "stage 'grpo' needs data.name"),
     (["stage=rloo", "rloo.reward_model={rm}", "rloo.group_size=1"], "'rloo.group_size' must be >= 2"),

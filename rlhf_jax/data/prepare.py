@@ -145,6 +145,7 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
     rankings the counts of `group_comparisons`: rows, prompts, pairs, inconsistent and dropped pairs).
     `extra_metadata` is stored with the dataset's metadata (e.g. the labeler's accuracy ceiling). With
     `eval_prompts`, exactly the rows of those prompts are held out (instead of a hash of each prompt)."""
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # one path, not its characters
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
     check_name(name)

@@ -29,8 +29,12 @@ def fetch(url: str, cache_dir: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=target.name, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            expected, received = response.headers.get("Content-Length"), 0
             while chunk := response.read(1 << 20):
                 out.write(chunk)
+                received += len(chunk)
+        if expected is not None and expected.isdigit() and received != int(expected):  # the server closed early
+            raise OSError(0, f"incomplete: {received} of {expected} bytes")
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError) as e:
         Path(tmp).unlink(missing_ok=True)

@@ -113,6 +113,12 @@ def _parse_line(line: bytes) -> dict:
         raise rows.Invalid("invalid_json", f"invalid JSON ({e.msg} at column {bom + e.colno})") from None
     if not isinstance(obj, dict):
         raise rows.Invalid("not_an_object", f"expected a JSON object, got {rows.type_name(obj)}")
+    for key, value in obj.items():  # JSON may escape half a UTF-16 pair ("\ud800"), which no UTF-8 text holds
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise rows.Invalid("invalid_utf8", f"field {key!r} holds a lone surrogate escape (\\ud800-\\udfff "
+                                               "without its pair), not text") from None
     return obj
 
 
