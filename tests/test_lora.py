@@ -84,6 +84,35 @@ def test_peft_loads_our_adapter_on_the_transformers_model_with_our_merged_logits
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
+def test_a_tied_models_trained_embedding_reaches_its_head_through_peft(tmp_path):
+    """PEFT gives a saved embedding to the input alone, untying it from the LM head: the head is saved too."""
+    import peft
+
+    from rlhf_jax.models.hf_weights import whole_weights_to_hf
+
+    base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    for d in (adapter_dir, merged_dir):
+        d.mkdir()
+    make_hf_model("llama_tied", base_dir, seed=2)
+    cfg, _, params = hf.load_hf(base_dir)
+    assert cfg.tie_embeddings
+    spec = lora.LoraSpec(4, 8.0, ALL.targets, also_train=("embed",))
+    adapters = _trained(lora.init_adapters(cfg, spec, jax.random.key(3)), seed=4)
+    trained = {"embed": params["embed"] + 0.3 * np.random.default_rng(0).standard_normal(params["embed"].shape)}
+    saved = whole_weights_to_hf(jax.tree.map(np.float32, trained), cfg)
+    lora.write_adapter(adapter_dir, adapters, cfg, spec, base_model=str(base_dir), saved_modules=saved)
+    assert json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())["modules_to_save"] == ["embed_tokens",
+                                                                                           "lm_head"]
+    hf.write_hf(merged_dir, jax.device_get(lora.merge(lora.join(trained, params), adapters, cfg, spec)), cfg)
+
+    ids = torch.tensor(np.random.default_rng(0).integers(2, VOCAB, (2, 11)))
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits.numpy()
+        ours = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
 def test_bad_specs_and_families_are_one_line_errors():
     with pytest.raises(UserError, match="lora.rank"):
         lora.LoraSpec(rank=0, alpha=1.0, targets=("q",))
@@ -93,3 +122,22 @@ def test_bad_specs_and_families_are_one_line_errors():
                        d_ff=64)
     with pytest.raises(UserError, match="not gpt2"):
         lora.init_adapters(gpt2, ALL, jax.random.key(0))
+
+
+def test_lm_head_in_also_train_is_for_language_models_alone():
+    """A reward model has no LM head to train (refused); PPO's value model leaves it to the policy; a tied
+    model's head is its embedding (refused, naming embed)."""
+    import dataclasses
+
+    from rlhf_jax.config import config_from_dict
+    from rlhf_jax.training.state import trained_model
+
+    lora_section = {"rank": 2, "alpha": 4.0, "also_train": ["norms", "lm_head"]}
+    rm = config_from_dict({"stage": "rm", "lora": lora_section})
+    with pytest.raises(UserError, match="^lora.also_train: a reward model has no LM head"):
+        trained_model(rm, CFG, "scalar")
+    ppo = config_from_dict({"stage": "ppo", "lora": lora_section})
+    assert trained_model(ppo, CFG, "scalar").lora.also_train == ("norms",)
+    assert trained_model(ppo, CFG, "lm").lora.also_train == ("norms", "lm_head")
+    with pytest.raises(UserError, match="ties its LM head to its embeddings; name embed"):
+        trained_model(ppo, dataclasses.replace(CFG, tie_embeddings=True), "lm")

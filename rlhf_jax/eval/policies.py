@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from rlhf_jax.errors import UserError
@@ -138,7 +139,8 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
     if lora_config.get("rank"):  # the checkpoint holds what trained: merged into the run's base model
         spec = lora.LoraSpec(lora_config["rank"], lora_config["alpha"], tuple(lora_config["targets"]),
                              also_train=tuple(lora_config.get("also_train", ())))
-        params = jax.device_get(lora.merged(lora.join(params, base.params), base.cfg, spec))
+        whole = jax.tree.map(lambda x: np.asarray(x, np.float32), lora.join(params, base.params))  # as export/ does
+        params = jax.device_get(lora.merged(whole, base.cfg, spec))
     return base._replace(params=params, head="lm")
 
 

@@ -96,11 +96,15 @@ def params_to_hf(params: dict, cfg: ModelConfig, head: str = "lm") -> dict[str, 
 
 def whole_weights_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The embedding, LM head, scalar (`score`) head and norm scales that `params` (any part of a Llama-style tree)
-    holds, under HF's names: the weights a LoRA model trains whole, which a PEFT adapter saves whole."""
+    holds, under HF's names: the weights a LoRA model trains whole, which a PEFT adapter saves whole. A language
+    model that ties its head to a saved embedding gets the head saved too: PEFT would give the trained embedding
+    to the input alone."""
     pre, a = _prefix(cfg), np.asarray
     out: dict[str, np.ndarray] = {}
     if "embed" in params:
         out[pre + "embed_tokens.weight"] = a(params["embed"])
+        if cfg.tie_embeddings and "score" not in params:
+            out["lm_head.weight"] = a(params["embed"])
     if "lm_head" in params:
         out["lm_head.weight"] = a(params["lm_head"]).T
     if "score" in params:

@@ -203,10 +203,13 @@ def peft_tensors(adapters: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 PEFT_MODULES_TO_SAVE = {"norms": "norm", "embed": "embed_tokens", "lm_head": "lm_head"}
 
 
-def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False) -> dict:
+def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False, head_saved: bool = False) -> dict:
     """adapter_config.json that `peft.PeftModel.from_pretrained` reads: a causal-LM adapter, or with `scalar_head`
-    a sequence-classification one (a reward or value model) whose `score` head is saved whole."""
-    saved = [PEFT_MODULES_TO_SAVE[m] for m in spec.also_train] + (["score"] if scalar_head else [])
+    a sequence-classification one (a reward or value model) whose `score` head is saved whole; `head_saved`: the
+    LM head is saved whole too (a tied model's, beside its trained embedding)."""
+    names = [m for m in spec.also_train if not (scalar_head and m == "lm_head")]
+    names += ["lm_head"] if head_saved and "lm_head" not in names else []
+    saved = [PEFT_MODULES_TO_SAVE[m] for m in names] + (["score"] if scalar_head else [])
     return {"peft_type": "LORA", "task_type": "SEQ_CLS" if scalar_head else "CAUSAL_LM",
             "base_model_name_or_path": base_model, "r": spec.rank,
             "lora_alpha": spec.alpha, "lora_dropout": 0.0, "target_modules": sorted(HF_MODULES[t].split(".")[-1]
@@ -225,5 +228,6 @@ def write_adapter(out_dir: str | os.PathLike, adapters: dict, cfg: ModelConfig, 
     tensors = {**peft_tensors(adapters, cfg),
                **{f"base_model.model.{name}": np.ascontiguousarray(x) for name, x in (saved_modules or {}).items()}}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = peft_config(spec, base_model, scalar_head="score.weight" in (saved_modules or {}))
+    config = peft_config(spec, base_model, scalar_head="score.weight" in (saved_modules or {}),
+                         head_saved="lm_head.weight" in (saved_modules or {}))
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

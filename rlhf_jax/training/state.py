@@ -5,6 +5,7 @@ step counts checked against the mesh, micro-batched evaluation and the params-on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -60,12 +61,20 @@ def load_for_training(cfg: Config, run_dir: Path, head: str):
 
 
 def trained_model(cfg: Config, model_cfg, head: str) -> Transformer:
-    """The model a stage trains, as the config asks (dtypes, remat, LoRA)."""
-    if cfg.lora.rank and "lm_head" in cfg.lora.also_train and model_cfg.tie_embeddings:
-        raise UserError("lora.also_train: the model ties its LM head to its embeddings; name embed instead of "
-                        "lm_head")
+    """The model a stage trains, as the config asks (dtypes, remat, LoRA). A scalar-head model has no LM head:
+    lora.also_train's lm_head is refused for a reward model and left to the policy beside a value model."""
+    spec = lora_spec(cfg)
+    if spec is not None and "lm_head" in spec.also_train:
+        if head == "scalar" and cfg.stage == "rm":
+            raise UserError("lora.also_train: a reward model has no LM head (its scalar head trains whole); leave "
+                            "lm_head out")
+        if head == "scalar":
+            spec = dataclasses.replace(spec, also_train=tuple(m for m in spec.also_train if m != "lm_head"))
+        elif model_cfg.tie_embeddings:
+            raise UserError("lora.also_train: the model ties its LM head to its embeddings; name embed instead of "
+                            "lm_head")
     try:
-        return stage_model(cfg, model_cfg, head, lora_spec(cfg))
+        return stage_model(cfg, model_cfg, head, spec)
     except UserError as e:
         raise UserError(f"lora.rank={cfg.lora.rank}: {e}") from None
 
