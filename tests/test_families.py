@@ -120,6 +120,10 @@ def test_missing_keys_take_the_families_defaults_and_both_rope_layouts_agree():
     (dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3"),
      "architecture 'Gemma3ForConditionalGeneration' is not supported"),
     (dict(num_attention_heads=3), r"invalid value for a gemma3 model \(n_heads=3 is not a multiple"),
+    (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+    (dict(num_hidden_layers="2"), "num_hidden_layers must be a positive integer, got '2'"),
+    (dict(sliding_window_pattern=0), "sliding_window_pattern must be a positive integer, got 0"),
+    (dict(eos_token_id="</s>"), r"invalid value for a gemma3 model \(invalid literal for int"),
 ])
 def test_unsupported_settings_are_refused_in_one_line(changes, match):
     with pytest.raises(HFFormatError, match=match) as e:

@@ -205,10 +205,11 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
     generation = generation or {}
     if not isinstance(generation, dict):
         raise HFFormatError(f"generation_config.json beside {where}: expected a JSON object")
-    eos = _as_tuple(generation.get("eos_token_id", hf.get("eos_token_id")))
-    pad = generation.get("pad_token_id", hf.get("pad_token_id"))
-    pad = _as_tuple(pad)[0] if _as_tuple(pad) else None
     try:
+        _check_sizes(hf, where)
+        eos = _as_tuple(generation.get("eos_token_id", hf.get("eos_token_id")))
+        pad = generation.get("pad_token_id", hf.get("pad_token_id"))
+        pad = _as_tuple(pad)[0] if _as_tuple(pad) else None
         common = dict(family=family, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
                       eos_token_ids=eos, pad_token_id=pad)
         if family == "gpt2":
@@ -218,8 +219,21 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
         raise HFFormatError(f"{where}: missing key {e.args[0]!r} for a {family} model") from None
     except HFFormatError:
         raise
-    except (TypeError, ValueError) as e:  # ModelConfig's own checks, a null or non-numeric number
+    except (TypeError, ValueError, ArithmeticError) as e:  # ModelConfig's own checks, a non-numeric number
         raise HFFormatError(f"{where}: invalid value for a {family} model ({e})") from None
+
+
+# Sizes and counts of either layout; each is a positive integer where given (null: the family's default).
+SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size", "head_dim", "max_position_embeddings", "sliding_window_pattern",
+             "n_embd", "n_layer", "n_head", "n_inner", "n_positions")
+
+
+def _check_sizes(hf: dict, where: str) -> None:
+    for key in SIZE_KEYS:
+        value = hf.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise HFFormatError(f"{where}: {key} must be a positive integer, got {value!r}")
 
 
 def _number(x: float | None):
