@@ -13,7 +13,8 @@ on a rerun; a finished step with other settings, or one that followed other resu
 of them ran again and came out differently), stops the run in one line. An interrupted step resumes when the
 same command is rerun (training stages from their checkpoints; the others redo their work, which they write
 whole).
-Overrides: `key=value` sets a key for every step, `pipeline.NAME.key=value` for step NAME alone. Every step's
+Overrides: `key=value` sets a key for every step (also where a step sets it itself), `pipeline.NAME.key=value`
+for step NAME alone; the later of two on one key wins. Every step's
 config is validated before the first one runs, and so is every `{run_dir}/NAME/...` a step reads: NAME must be
 that step or an earlier one (paths under data.dir are datasets, not steps). Step names are simple names (letters,
 digits, `_`, `-`, and `.` but not first), so a step's directory is always inside run_dir.
@@ -75,22 +76,29 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
         if not STEP_NAME.fullmatch(name):
             raise ConfigError(f"pipeline: step name {name!r}: expected a simple name (letters, digits, '_', '-' "
                               "and '.', not first), since the step runs in {run_dir}/NAME")
-    for item in overrides:
-        key = item.partition("=")[0].strip()
+    for name, body in bodies.items():
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"pipeline.{name}: expects a stage config with its `stage`")
+    for item in overrides:  # in order, the later winning
+        key, _, value = item.partition("=")
+        key = key.strip()
         if key.startswith("pipeline."):
-            name, _, rest = key[len("pipeline."):].partition(".")
-            if name not in bodies:
-                raise ConfigError(f"override {key!r}: no step {name!r}; steps: {list(bodies)}")
-            value = item.partition("=")[2]
+            name, rest = _step_key(key, bodies)
             _step_error(name, lambda: apply_override(bodies[name], f"{rest}={value}"))
         elif key in ROUND_KEYS:
-            data[key] = yaml.safe_load(item.partition("=")[2])
+            try:
+                data[key] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {key!r}: invalid YAML value {value!r} ({e.problem})") from None
         else:
             apply_override(data, item)
+            if key != "run_dir":  # a key for every step: also over the value a step sets itself
+                for name in bodies:
+                    _step_error(name, lambda: apply_override(bodies[name], item))
     run_dir = str(Path(str(data.pop("run_dir", "runs/pipeline"))))  # as Path spells it: one spelling per run_dir
     rounds, repeat = _rounds(data.pop("rounds", None), data.pop("repeat", None), list(bodies))
     for name, body in bodies.items():
-        if not isinstance(body, Mapping) or "stage" not in body:
+        if "stage" not in body:
             raise ConfigError(f"pipeline.{name}: expects a stage config with its `stage`")
         if body.get("run_dir") is not None:
             raise ConfigError(f"pipeline.{name}.run_dir: a step runs in {run_dir}/{name}; set the pipeline's run_dir")
@@ -105,6 +113,16 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
     for step in steps:
         _step_error(step.name, lambda: stages.check(step.cfg))
     return Path(run_dir), steps
+
+
+def _step_key(key: str, bodies: Mapping) -> tuple[str, str]:
+    """(step name, its key) of an override `pipeline.NAME.KEY`; the longest step name that fits (names may hold
+    dots)."""
+    rest = key[len("pipeline."):]
+    for name in sorted(bodies, key=len, reverse=True):
+        if rest.startswith(name + "."):
+            return name, rest[len(name) + 1:]
+    raise ConfigError(f"override {key!r}: no step {rest.partition('.')[0]!r}; steps: {list(bodies)}")
 
 
 def _rounds(rounds, repeat, names: list[str]) -> tuple[int, list[str]]:

@@ -51,6 +51,15 @@ def test_steps_merge_shared_keys_substitute_run_dir_and_take_overrides(tmp_path)
     assert second.model.path == f"{tmp_path}/run/first/export"
     assert first.seed == second.seed == 5 and second.train.steps == 7
     assert second.train.batch_size == 16 and first.sampling.batch_size == 8  # shared and own keys together
+    # a key for every step also sets it where a step sets it itself; of two on one key the later wins
+    _, steps = pipeline.load(_write(tmp_path), ["sampling.batch_size=16", "train.steps=9",
+                                                "pipeline.second.train.steps=3"])
+    assert [s.cfg.sampling.batch_size for s in steps] == [16, 16] and steps[1].cfg.train.steps == 3
+    _, steps = pipeline.load(_write(tmp_path), ["pipeline.second.train.steps=3", "train.steps=9"])
+    assert steps[1].cfg.train.steps == 9
+    dotted = PIPELINE.replace("  second:", "  second.v2:")  # a step name with a dot takes its own overrides
+    _, steps = pipeline.load(_write(tmp_path, dotted), ["pipeline.second.v2.train.steps=4"])
+    assert steps[1].name == "second.v2" and steps[1].cfg.train.steps == 4
 
 
 @pytest.mark.parametrize("text, overrides, fragment", [
@@ -58,6 +67,7 @@ def test_steps_merge_shared_keys_substitute_run_dir_and_take_overrides(tmp_path)
     (PIPELINE, ["pipeline.third.seed=1"], "no step 'third'"),
     (PIPELINE, ["pipeline.second.train.steps=-1"], "pipeline.second: 'train.steps' must be >= 0"),
     (PIPELINE.replace("    stage: sft\n", ""), [], "pipeline.second: expects a stage config with its `stage`"),
+    (PIPELINE + "  third:\n", ["pipeline.third.train.steps=3"], "pipeline.third: expects a stage config with its"),
     (PIPELINE.replace("    stage: sft\n", "    stage: sft\n    run_dir: elsewhere\n"), [],
      "a step runs in"),
     ("run_dir: x\npipeline: []\n", [], "'pipeline' expects a mapping"),

@@ -73,6 +73,7 @@ def test_without_rounds_the_pipeline_is_unchanged():
     (["rounds=2"], "repeat: expected a list of the step names repeated each round, got None"),
     (["rounds=2", "repeat=[rm, nope]"], "repeat: no step 'nope'"),
     (["rounds=2", "repeat=[label, ppo]"], "must name consecutive steps in the pipeline's order"),
+    (["rounds=2", "repeat=[1"], "override 'repeat': invalid YAML value"),
 ])
 def test_bad_rounds_fail_in_one_line(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
