@@ -191,6 +191,12 @@ def test_config_changes_classify_keys():
         refused, _ = config_changes({stage: {"reference": "r/a"}}, {stage: {"reference": "r/b"}})
         assert refused == [f"{stage}.reference='r/a' (now 'r/b')"]
         assert config_changes({stage: {"reference": "r/a"}}, {stage: {"reference": "r/./a"}}) == ([], [])
+    # a pipeline's dataset moved with its run: the same place relative to the run; elsewhere, another dataset
+    before = {"run_dir": "p/sft", "data": {"dir": "p/data"}}
+    moved = config_changes(before, {"run_dir": "q/sft", "data": {"dir": "q/data"}})
+    assert moved == ([], ["run_dir='p/sft' (now 'q/sft')"])
+    refused, _ = config_changes(before, {"run_dir": "q/sft", "data": {"dir": "p2"}})
+    assert refused == ["data.dir='p/data' (now 'p2')"]
     assert shape_changes(({"w": (2, 3)}, [(2, 3)]), ({"w": (2, 4)}, [(2, 4)])) == ["params/w (2, 3) (now (2, 4))"]
     assert shape_changes(({"w": (2, 3)}, [()]), ({"w": (2, 3)}, [(), ()])) == ["optimizer state (1 arrays, now 2)"]
     per_layer = {"layer_0/mlp/wo": (4, 2), "layer_1/mlp/wo": (4, 2)}, []

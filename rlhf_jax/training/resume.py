@@ -43,6 +43,15 @@ def _same(key: str, old: Any, new: Any) -> bool:
     return old == new
 
 
+def _moved_with_run(old: Any, new: Any, old_run: Any, new_run: Any) -> bool:
+    """Whether the data directory moved with the run directory (a pipeline's {run_dir}/data, the pipeline moved):
+    the same place relative to each."""
+    if not (old and new and old_run and new_run):
+        return False
+    relative = [os.path.relpath(os.path.abspath(d), os.path.abspath(r)) for d, r in ((old, old_run), (new, new_run))]
+    return relative[0] == relative[1]
+
+
 def _refused(key: str, old: Any, new: Any) -> bool:
     if key == "optim.grad_clip":  # switching clipping on or off changes the optimizer state's structure
         return (old == 0) != (new == 0)
@@ -56,6 +65,8 @@ def config_changes(old: dict, new: dict, same_models=frozenset()) -> tuple[list[
     refused, allowed = [], []
     for key in sorted(set(before) | set(after)):
         old_value, new_value = before.get(key), after.get(key)
+        if key == "data.dir" and _moved_with_run(old_value, new_value, before.get("run_dir"), after.get("run_dir")):
+            continue
         if not _same(key, old_value, new_value):
             change = f"{key}={old_value!r} (now {new_value!r})"
             refuse = _refused(key, old_value, new_value) and key not in same_models
