@@ -131,7 +131,7 @@ def _check(path: str | None, overrides: Sequence[str]) -> int:
 
         stages.check(cfg)
         steps = [pipeline.Step(cfg.stage, cfg)]
-    print(f"{path}: config OK: " + ", ".join(s.name if s.name == s.cfg.stage else f"{s.name} ({s.cfg.stage})"
+    print(f"{path or 'the defaults'}: config OK: " + ", ".join(s.name if s.name == s.cfg.stage else f"{s.name} ({s.cfg.stage})"
                                             for s in steps))
     return 0
 

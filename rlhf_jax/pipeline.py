@@ -9,8 +9,8 @@ each step reading what the steps before it exported.
 
 `{run_dir}` in any string is the pipeline's run_dir; step NAME runs in `{run_dir}/NAME`. A finished step leaves
 `pipeline_step.json` (its resolved config, its summary and a fingerprint of the steps before it) and is skipped
-on a rerun; a finished step with other settings, or one that followed other results of the steps before it (one
-of them ran again and came out differently), stops the run in one line. An interrupted step resumes when the
+on a rerun; a finished step with other settings, or one that followed other steps before it (one was added or
+removed, or ran again and came out differently), stops the run in one line. An interrupted step resumes when the
 same command is rerun (training stages from their checkpoints; the others redo their work, which they write
 whole).
 Overrides: `key=value` sets a key for every step (also where a step sets it itself), `pipeline.NAME.key=value`
@@ -378,8 +378,8 @@ def _finished(step: Step, config: dict, upstream: str) -> dict | None:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
                         f"delete {step_dir} to run it again")
     if after != upstream:
-        raise UserError(f"pipeline.{step.name}: finished earlier after other results of the steps before it (one "
-                        f"ran again and came out differently); delete {step_dir} to run it again")
+        raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one "
+                        f"was added or removed, or ran again and came out differently); delete {step_dir} to run it again")
     return _relative(summary, root)
 
 

@@ -379,6 +379,10 @@ def test_main_generate_config_runs_generate_stage(capsys, tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(m["stage"] == "generate" for m in metrics)
     assert metrics[-1]["step"] == 8 and metrics[-1]["new_tokens"] == summary["new_tokens"]
+    rc, _, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml", f"run_dir={run_dir}",
+                                              f"sampling.max_new_tokens={MAX_NEW}"])
+    assert rc == 0, err  # a rerun replaces its samples and its metrics' lines
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(metrics)
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run_dir"] == str(run_dir) and config["sampling"]["max_new_tokens"] == MAX_NEW

@@ -114,7 +114,7 @@ def test_a_step_after_one_that_came_out_differently_is_refused(tmp_path):
     recorded["summary"]["new_tokens"] += 1  # what a rerun that came out differently leaves
     marker.write_text(json.dumps(recorded))
     rc, _, err = run_quietly(main_cli.main, ["--config", path])
-    assert rc == 2 and "pipeline.again: finished earlier after other results of the steps before it" in err
+    assert rc == 2 and "pipeline.again: finished earlier after other steps before it (one was added" in err
 
 
 # ------------------------------------------------------------------------------------------- the demo task

@@ -306,3 +306,12 @@ def test_an_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, 
     fsio.write_json_atomically(tmp_path / "done.json", {"step": 1})
     assert synced == [False, "rename", True]
     assert [p.name for p in tmp_path.iterdir()] == ["done.json"]
+
+
+def test_a_summary_is_the_same_from_the_live_metrics_and_from_metrics_jsonl(tmp_path, capsys):
+    """Counts are ints in a live run and may read back as floats: the summary a later step depends on agrees."""
+    from rlhf_jax.training.run import write_summary
+
+    live = write_summary(tmp_path, "sft", 5, {}, {"loss": 1.5, "truncated_examples": 242, "flag": True})
+    again = write_summary(tmp_path, "sft", 5, {}, {"loss": 1.5, "truncated_examples": 242.0})
+    assert json.dumps(live) == json.dumps(again) and live["truncated_examples"] == 242.0 and "flag" not in live

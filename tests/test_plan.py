@@ -371,3 +371,17 @@ def test_grpo_iteration_holds_the_reward_model_only_when_it_scores(tmp_path):
     reward_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
         jax.eval_shape(lambda: init_params(scalar, jax.random.key(0)))))
     assert with_model - with_function == reward_bytes  # replicated on the data-parallel mesh
+
+
+def test_a_suggestion_for_a_repeated_step_names_it_as_an_override_can():
+    """round{r}/NAME runs NAME's config: the override that sets it is pipeline.NAME.KEY (for every round)."""
+    from types import SimpleNamespace
+
+    from rlhf_jax.config import Config
+    from rlhf_jax.pipeline import Step
+    from rlhf_jax.plan.planner import Planner
+
+    key = lambda name, is_pipeline=True: Planner.key(SimpleNamespace(is_pipeline=is_pipeline), Step(name, Config()),
+                                                      "optim.grad_accum_steps")
+    assert key("round2/rm") == key("rm") == "pipeline.rm.optim.grad_accum_steps"
+    assert key("rm", is_pipeline=False) == "optim.grad_accum_steps"

@@ -56,8 +56,9 @@ class Planner:
         self._reported: set = set()
 
     def key(self, step: pipeline.Step, name: str) -> str:
-        """How to set `name` for this step on the command line."""
-        return f"pipeline.{step.name}.{name}" if self.is_pipeline else name
+        """How to set `name` for this step on the command line (a repeated step's round{r}/NAME is set as NAME,
+        for every round)."""
+        return f"pipeline.{step.name.rpartition('/')[2]}.{name}" if self.is_pipeline else name
 
     def program(self, step: pipeline.Step) -> Program:
         """The step's models (model.json / config.json), shapes and mesh, read and checked; a UserError for what

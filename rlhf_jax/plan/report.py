@@ -44,6 +44,6 @@ def table(plans: Sequence[StagePlan], cfgs: dict[str, Config], b: Budget) -> lis
     render = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)
                                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     lines = ["per device, per step:"] + [render(r) for r in rows] if len(rows) > 1 else []
-    lines += [f"{p.step} ({p.stage}): not planned (only sft, rm and ppo steps are)" for p in plans
-              if p.measured is None]
+    lines += [f"{p.step} ({p.stage}): not planned (only the training steps are: sft, rm, dpo, ppo, grpo, rloo)"
+              for p in plans if p.measured is None]
     return lines

@@ -38,7 +38,7 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
     t0, n_tokens, n = time.perf_counter(), 0, 0
-    with open(tmp if primary else os.devnull, "w") as f, MetricsWriter(run_dir, "generate") as metrics:
+    with open(tmp if primary else os.devnull, "w") as f, MetricsWriter(run_dir, "generate", resume_step=0) as metrics:
         for record in gen.generate(prompts, s.batch_size, s.max_prompt_tokens, cfg.seed):
             f.write(json.dumps(record) + "\n")
             n, n_tokens = n + 1, n_tokens + len(record["ids"])

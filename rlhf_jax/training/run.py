@@ -144,8 +144,10 @@ class Run:
 
 def write_summary(run_dir: Path, stage: str, steps: int, exports: dict, last: dict, extra: dict | None = None) -> dict:
     """The run's summary.json (process 0, written whole) and stdout: the stage, its steps, its exports, its last
-    finite metrics and `extra`."""
-    finite = {k: round(v, 6) for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
+    finite metrics (as floats: a count logged live and the same count read back from metrics.jsonl agree, so a
+    pipeline step re-entered after its end reports what it did) and `extra`."""
+    finite = {k: round(float(v), 6) for k, v in last.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     summary = {"stage": stage, "steps": steps, **exports, **finite, **(extra or {})}
     if distributed.is_primary():
         fsio.write_json_atomically(run_dir / "summary.json", summary)
