@@ -13,9 +13,14 @@ Stages (config key `stage`):
   ppo        optimise the policy (model.path) against ppo.reward_model with a per-token KL penalty to it and
              a value model from the reward model (data.name: a prompts dataset); one compiled program per
              iteration; exports export/ (policy) and export_value/.
+  dpo        optimise the policy on rankings directly (DPO's sigmoid loss, IPO, label smoothing), against a
+             frozen reference.
+  grpo, rloo optimise the policy on groups of its own samples per prompt, scored by a reward model or a
+             reward function (grpo.reward_function: MODULE:FUNCTION), advantages relative to the group.
   eval       compare policies (eval.policies) with a reference on held-out prompts: reward-model and gold win
              rates, KL, RM accuracy; writes report.json, report.md and plots (also python -m rlhf_jax.evaluate).
   task       generate a bundled task's datasets and base model (the demo's first step).
+  prepare    import a dataset (as python -m rlhf_jax.data does), as a pipeline step.
   label      sample K responses per prompt from one or more policies and have them ranked by a programmatic
              labeler (label.labeler) or by people on a served web page (label.labeler: people), as a
              rankings dataset for the rm stage.
@@ -26,10 +31,10 @@ best/ (lowest eval loss) and export/ (the final params-only model for the next s
 Datasets are prepared with `python -m rlhf_jax.data --help`.
 
   python -m rlhf_jax.main --config CFG [overrides] --dry-run [--device-memory GIB] [--peak-tflops T]
-plans memory before launch: compiles each sft / rm / ppo step (every such step of a pipeline) for its mesh on
-abstract inputs, reading only the models' model.json / config.json and writing nothing, and prints per device the
-arguments, outputs, temporaries and total memory, the FLOPs per step and the least step time at the peak; a step
-that does not fit gets the largest micro-batch (optim.grad_accum_steps) and model.remat that fit. Device memory
+plans memory before launch: compiles each training step (sft, rm, dpo, ppo, grpo, rloo; every such step of a
+pipeline) for its mesh on abstract inputs, reading only the models' model.json / config.json and writing
+nothing, and prints per device the arguments, outputs, temporaries and total memory, the FLOPs per step and the
+least step time at the peak; a step that does not fit gets the largest micro-batch (optim.grad_accum_steps) and model.remat that fit. Device memory
 and peak default to the device's (none on CPU: without --device-memory there is no verdict). See rlhf_jax/plan/.
 
   python -m rlhf_jax.main --config CFG [overrides] --check
@@ -66,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", metavar="T", help="peak TFLOP/s per device for the dry run's step times")
     args, overrides = ap.parse_known_args(argv)
     if args.help:
-        print(__doc__ + "\nConfig sections (override any key as section.key=value):\n" + config_help())
+        print(__doc__ + "\n" + config_help())
         return 0
     try:
         with _sigterm_as_ctrl_c():
@@ -131,8 +136,8 @@ def _check(path: str | None, overrides: Sequence[str]) -> int:
 
         stages.check(cfg)
         steps = [pipeline.Step(cfg.stage, cfg)]
-    print(f"{path or 'the defaults'}: config OK: " + ", ".join(s.name if s.name == s.cfg.stage else f"{s.name} ({s.cfg.stage})"
-                                            for s in steps))
+    names = (s.name if s.name == s.cfg.stage else f"{s.name} ({s.cfg.stage})" for s in steps)
+    print(f"{path or 'the defaults'}: config OK: " + ", ".join(names))
     return 0
 
 

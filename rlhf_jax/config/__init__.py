@@ -162,7 +162,8 @@ class DataSection:
 class TrainSection:
     steps: int = opt(0, "optimizer steps (set this or train.epochs)")
     epochs: float = opt(0.0, "passes over the training split instead of train.steps (InstructGPT: sft 16, rm 1)")
-    batch_size: int = opt(16, "global batch: sequences (sft) or prompts with all their responses (rm)")
+    batch_size: int = opt(16, "global batch: sequences (sft), prompts with all their responses (rm, dpo), "
+                                   "prompts per iteration (ppo; grpo and rloo sample group_size of each)")
     eval_every: int = opt(50, "steps between held-out evaluations; 0 = only at the end")
     eval_batches: int = opt(0, "batches per evaluation; 0 = the whole eval split")
     eval_batch_size: int = opt(0, "rows per evaluation forward; 0 = the training micro-batch "
@@ -362,7 +363,7 @@ class Config:
     sampling: SamplingSection = section(SamplingSection, "text generation settings")
     generate: GenerateSection = section(GenerateSection, "inputs and outputs of the generate stage")
     data: DataSection = section(DataSection, "prepared dataset and how it is tokenized")
-    train: TrainSection = section(TrainSection, "training loop of the sft and rm stages")
+    train: TrainSection = section(TrainSection, "training loop of every training stage (sft, rm, dpo, ppo, grpo, rloo)")
     rm: RMSection = section(RMSection, "reward model specifics")
     ppo: PPOSection = section(PPOSection, "PPO specifics (stage 3)")
     dpo: DPOSection = section(DPOSection, "DPO on rankings (stage dpo)")
