@@ -14,6 +14,7 @@ import math
 import sys
 from typing import Sequence
 
+from rlhf_jax.config import MIN_TEMPERATURE
 from rlhf_jax.errors import UserError, naming_flags, report
 from rlhf_jax.models.checkpoint import load_model
 from rlhf_jax.models.generation import Generator, parse_mesh_shape, read_prompts
@@ -31,7 +32,8 @@ FLAGS = {"batch_size": "--batch-size", "mesh.shape": "--mesh-shape", "data.chat_
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse the first out-of-range flag by name, before any model loads (written `not ok` so NaN fails too)."""
     checks = [("--max-new-tokens", args.max_new_tokens >= 1, "must be >= 1"),
-              ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, "must be finite and >= 0"),
+              ("--temperature", args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf,
+               f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}"),
               ("--top-k", args.top_k >= 0, "must be >= 0"),
               ("--top-p", 0 < args.top_p <= 1, "must be in (0, 1]"),
               ("--batch-size", args.batch_size >= 1, "must be >= 1"),

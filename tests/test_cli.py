@@ -399,6 +399,21 @@ def test_main_without_a_config_says_it_runs_the_defaults(capsys, tmp_path, monke
     assert len((tmp_path / "runs" / "default" / "samples.jsonl").read_text().splitlines()) == 8
 
 
+def test_a_generate_run_that_fails_midway_leaves_no_partial_samples(capsys, tmp_path, monkeypatch):
+    from rlhf_jax.errors import UserError
+    from rlhf_jax.models.generation import Generator
+
+    def fails_after_one(self, prompts, *args):
+        yield {"prompt": prompts[0], "ids": [1]}
+        raise UserError("the disk went away")
+
+    monkeypatch.setattr(Generator, "generate", fails_after_one)
+    run_dir = tmp_path / "failed"
+    rc, _, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml", f"run_dir={run_dir}"])
+    assert rc == 2 and err.strip().endswith("error: the disk went away"), err
+    assert not list(run_dir.glob("*.partial")) and not (run_dir / "samples.jsonl").exists()
+
+
 def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
     rc, out, err = _run(capsys, main_cli.main,
                         ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path / 'r'}", "optim.lrr=1"])

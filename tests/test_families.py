@@ -315,3 +315,11 @@ def test_sequence_classification_export_scores_like_transformers(tmp_path, famil
     cfg2, head2, params2 = hf.load_hf(tmp_path)
     assert head2 == "scalar" and cfg2 == dataclasses.replace(cfg, pad_token_id=cfg2.pad_token_id)
     jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+def test_a_gemma_config_without_its_attention_scalar_exports_the_head_dims_scale():
+    """query_pre_attn_scalar None means 1/sqrt(head_dim): exported as head_dim, never as null (unloadable)."""
+    cfg = dataclasses.replace(tiny("gemma3"), query_pre_attn_scalar=None)
+    exported = config_to_hf(cfg)
+    assert exported["query_pre_attn_scalar"] == cfg.head_dim
+    assert config_from_hf(exported)[0] == dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.head_dim))

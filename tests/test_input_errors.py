@@ -78,8 +78,10 @@ def test_unusable_config_file_says_why(capsys, tmp_path, monkeypatch, make, prob
     ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
     ("--max-prompt-tokens", "0", "--max-prompt-tokens must be >= 1, got 0"),
     ("--max-new-tokens", "0", "--max-new-tokens must be >= 1, got 0"),
-    ("--temperature", "-1", "--temperature must be finite and >= 0, got -1.0"),
-    ("--temperature", "nan", "--temperature must be finite and >= 0, got nan"),
+    ("--temperature", "-1", "--temperature must be 0 (greedy) or a finite number >= 1e-06, got -1.0"),
+    ("--temperature", "nan", "--temperature must be 0 (greedy) or a finite number >= 1e-06, got nan"),
+    ("--temperature", "1e-300", "--temperature must be 0 (greedy) or a finite number >= 1e-06, got 1e-300"),
+    ("--temperature", "inf", "--temperature must be 0 (greedy) or a finite number >= 1e-06, got inf"),
     ("--top-k", "-1", "--top-k must be >= 0, got -1"),
 ])
 def test_generate_names_the_bad_flag(capsys, tmp_path, flag, value, message):

@@ -261,6 +261,22 @@ def test_draw_frequencies_follow_the_temperature_of_the_logprobs():
     np.testing.assert_allclose(np.asarray(logprobs), np.log(probs)[np.asarray(tokens)], rtol=1e-5, atol=1e-6)
 
 
+def test_a_tiny_temperature_samples_the_greedy_tokens_with_finite_logprobs():
+    """Logits / T of 1e9 and more: shifted by the row's maximum first, the top token keeps exp(0) = 1 however
+    the rest round (divided first, XLA's fused shift left every exp at 0 in the decode loop: token 0, NaN)."""
+    from rlhf_jax.models.tiny import tiny_config
+
+    model = make_model(tiny_config(64, 3, 0))
+    params = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, init_params(model, jax.random.key(0)))
+    ids = np.random.default_rng(0).integers(4, 64, (8, 6)).astype(np.int32)
+    mask = np.ones((8, 6), bool)
+    run = jax.jit(lambda t: sample(model, params, ids, mask, jax.random.key(0), SamplingParams(12, t)),
+                  static_argnums=0)
+    greedy, tiny = run(0.0), run(1e-9)
+    np.testing.assert_array_equal(np.asarray(tiny.tokens_BN), np.asarray(greedy.tokens_BN))
+    assert np.isfinite(np.asarray(tiny.logprobs_BN)).all()
+
+
 def test_top_k_beyond_the_vocabulary_is_refused_in_one_line(llama):
     cfg, model, params = llama
     ids, mask = _left_padded_batch(seed=2)

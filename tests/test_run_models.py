@@ -128,6 +128,23 @@ def test_policies_whose_paths_end_alike_get_names_that_tell_them_apart(inputs, t
         policy_sources(paths[:2] + [str(tmp_path / "a" / "ppo" / ".." / "ppo" / "export")])
 
 
+def test_a_reward_model_with_fewer_positions_than_a_response_needs_is_refused(inputs, tmp_path):
+    """Past its positions a model reads NaN: every reward would be NaN, silently."""
+    short = tmp_path / "rm_10_positions"
+    shutil.copytree(inputs["rm"], short)
+    meta = json.loads((short / "model.json").read_text())
+    meta["config"]["max_position_embeddings"] = 10
+    (short / "model.json").write_text(json.dumps(meta))
+    run_dir = tmp_path / "ppo"
+    rc, _, err = run_quietly(main_cli.main, _ppo_args(inputs, run_dir, "train.steps=1", f"ppo.reward_model={short}"))
+    assert rc == 2 and _last_line(err) == (f"error: ppo.reward_model={short}: data.max_prompt_tokens + "
+                                           "sampling.max_new_tokens = 18 exceeds the model's 10 positions"), err
+    assert not run_dir.exists()
+    rc, _, err = _eval(inputs, tmp_path / "eval", "--policy", inputs["tiny"], "--reward-model", short)
+    assert rc == 2 and _last_line(err).startswith(f"error: --reward-model {short}: the longest prompt ("), err
+    assert "exceeds the model's 10 positions" in _last_line(err)
+
+
 def test_tokenizers_are_compared_by_vocabulary_and_end_of_text(inputs, tmp_path):
     from rlhf_jax.models.tokenizer import check_same_tokenizer
 

@@ -4,6 +4,7 @@ overrides), turn it back into a plain dict and list its keys for --help. The typ
 `rlhf_jax.typed_yaml`, which raises the one-line `ConfigError`s.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -11,6 +12,9 @@ from typing import Literal
 from rlhf_jax import typed_yaml
 from rlhf_jax.config.algorithms import DPOSection, GroupSection, GRPOSection, PPOSection, RLOOSection
 from rlhf_jax.typed_yaml import check, coerce, opt, section
+
+# Below it, a temperature is greedy decoding in all but name (and at 1e-300 it is 0 in float32): set 0 instead.
+MIN_TEMPERATURE = 1e-6
 
 __all__ = [
     "Config",
@@ -113,7 +117,8 @@ class SamplingSection:
     def __post_init__(self):
         coerce(self)
         check(self, "max_new_tokens", self.max_new_tokens > 0, "must be > 0")
-        check(self, "temperature", self.temperature >= 0, "must be >= 0")
+        check(self, "temperature", self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf,
+              f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}")
         check(self, "top_k", self.top_k >= 0, "must be >= 0")
         check(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
         check(self, "batch_size", self.batch_size > 0, "must be > 0")

@@ -137,8 +137,10 @@ class Evaluator:
                                                       PAD_ID), cfg.model.dtype)
         self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
         width = self.batches[0][2].shape[1]
-        check_positions(self.reference.cfg, width + s.max_new_tokens,
-                        f"the longest prompt ({width} tokens) + sampling.max_new_tokens ({s.max_new_tokens})")
+        for what, model in (("", self.reference), (f"eval.reward_model={e.reward_model}: ", reward)):
+            if model is not None:
+                check_positions(model.cfg, width + s.max_new_tokens, f"{what}the longest prompt ({width} tokens) + "
+                                f"sampling.max_new_tokens ({s.max_new_tokens})")
         norm = (reward.extra.get("reward_norm") if reward is not None else None) or {}
         self.gain, self.bias = float(norm.get("gain", 1.0)), float(norm.get("bias", 0.0))
         self.reward = reward  # None: the gold scorer alone judges the responses

@@ -277,7 +277,8 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm") -> dict:
         out.update(use_sliding_window=cfg.sliding_window is not None, max_window_layers=cfg.n_layers)
     if cfg.is_gemma:
         del out["hidden_act"]
-        out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar),
+        scalar = cfg.head_dim if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar  # None: 1/sqrt(H)
+        out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_number(scalar),
                    final_logit_softcapping=cfg.final_softcap, attn_logit_softcapping=cfg.attn_softcap)
     if cfg.family == "gemma3":  # rope per layer type; rope_local_base_freq for older readers
         local = dict(rope_type="default", rope_theta=cfg.rope_local_theta)

@@ -111,7 +111,8 @@ def _draw(logits_BV: jax.Array, u_B2: jax.Array, p: SamplingParams) -> tuple[jax
         token_B = jnp.argmax(logits_BV, axis=-1)
         scaled_BV = logits_BV
     else:
-        scaled_BV = logits_BV / p.temperature
+        # shifted first: at a tiny temperature the top token stays exactly at 0 (exp 1), however large the rest
+        scaled_BV = (logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)) / p.temperature
         token_B = categorical_from_uniforms(_filter_logits(scaled_BV, p.top_k, p.top_p), u_B2[:, 0], u_B2[:, 1])
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logprob_B

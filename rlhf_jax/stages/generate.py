@@ -38,12 +38,18 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
     t0, n_tokens, n = time.perf_counter(), 0, 0
-    with open(tmp if primary else os.devnull, "w") as f, MetricsWriter(run_dir, "generate", resume_step=0) as metrics:
-        for record in gen.generate(prompts, s.batch_size, s.max_prompt_tokens, cfg.seed):
-            f.write(json.dumps(record) + "\n")
-            n, n_tokens = n + 1, n_tokens + len(record["ids"])
-            if n % s.batch_size == 0 or n == len(prompts):
-                metrics.write(n, {"new_tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0)})
+    try:
+        with open(tmp if primary else os.devnull, "w") as f, \
+                MetricsWriter(run_dir, "generate", resume_step=0) as metrics:
+            for record in gen.generate(prompts, s.batch_size, s.max_prompt_tokens, cfg.seed):
+                f.write(json.dumps(record) + "\n")
+                n, n_tokens = n + 1, n_tokens + len(record["ids"])
+                if n % s.batch_size == 0 or n == len(prompts):
+                    metrics.write(n, {"new_tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0)})
+    except BaseException:  # a failed or interrupted run leaves no half-written samples
+        if primary:
+            tmp.unlink(missing_ok=True)
+        raise
     if primary:
         tmp.replace(out_path)
     summary = {"stage": "generate", "prompts": n, "new_tokens": n_tokens, "output": str(out_path),

@@ -99,7 +99,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
     if section.reward_model:
         key = f"{name}.reward_model"
         reward = scalar_model(section.reward_model, key, "reward")
-        check_reads_policy_tokens(reward, loaded, key, section.reward_model)
+        check_reads_policy_tokens(reward, loaded, key, section.reward_model, cfg)
         reward_model = stage_model(cfg, reward.cfg, "scalar")
         models_read[key] = section.reward_model
     else:

@@ -35,12 +35,15 @@ def load_policy(cfg: Config, run_dir: Path):
     return loaded, tokenizer, model
 
 
-def check_reads_policy_tokens(other: LoadedModel, policy: LoadedModel, key: str, path: str) -> None:
-    """A reward or value model must read the policy's tokens: its vocabulary and tokenizer."""
+def check_reads_policy_tokens(other: LoadedModel, policy: LoadedModel, key: str, path: str, cfg: Config) -> None:
+    """A reward or value model must read the policy's tokens (its vocabulary and tokenizer) and as many as a
+    prompt and its response hold: past its positions a model reads NaN, and every reward with it."""
     if other.cfg.vocab_size != policy.cfg.vocab_size:
         raise UserError(f"{key}: vocab_size {other.cfg.vocab_size} differs from the policy's "
                         f"{policy.cfg.vocab_size} (it must read the policy's tokens)")
     check_same_tokenizer(other.tokenizer_dir, policy.tokenizer_dir, f"{key}={path}", "the policy")
+    check_positions(other.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
+                    f"{key}={path}: data.max_prompt_tokens + sampling.max_new_tokens")
 
 
 def check_own_samples(s, stage: str) -> None:
