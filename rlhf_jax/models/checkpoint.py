@@ -233,7 +233,7 @@ def _load_model(path: Path) -> LoadedModel:
     if (path / "model.json").exists():
         loaded, where = meta._replace(params=_load_params(path / "params")), path / "model.json"
     else:
-        loaded = meta._replace(params=hf.params_from_hf(hf.read_tensors(path), meta.cfg, meta.head))
+        loaded = meta._replace(params=hf.read_params(path, meta.cfg, meta.head))
         where = path / "config.json"
     _check_vocab(loaded, where)
     return loaded

@@ -79,7 +79,18 @@ def load_hf(model_dir: str | os.PathLike, head: str | None = None) -> tuple[Mode
         raise HFFormatError(f"{model_dir}: is a file, expected a HF checkpoint directory")
     cfg, hf_head = read_config(model_dir)
     head = head or hf_head
-    return cfg, head, params_from_hf(read_tensors(model_dir), cfg, head)
+    return cfg, head, read_params(model_dir, cfg, head)
+
+
+def read_params(model_dir: Path, cfg: ModelConfig, head: str) -> dict:
+    """The numpy params of a transformers checkpoint directory; a tensor missing, of another shape or left over
+    is one line naming the directory."""
+    try:
+        return params_from_hf(read_tensors(model_dir), cfg, head)
+    except HFFormatError as e:
+        text = str(e)
+        raise HFFormatError(f"{model_dir}: {text.removeprefix('weights: ')}" if text.startswith("weights: ")
+                            else text) from None
 
 
 def read_config(model_dir: Path) -> tuple[ModelConfig, str]:
