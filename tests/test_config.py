@@ -139,7 +139,8 @@ def test_wrong_type(override, key, fragment):
 @pytest.mark.parametrize("overrides, key, fragment", [
     (["sampling.top_p=1.5"], "'sampling.top_p'", "must be in (0, 1], got 1.5"),
     (["sampling.top_p=0"], "'sampling.top_p'", "(0, 1]"),
-    (["sampling.temperature=-1"], "'sampling.temperature'", ">= 0"),
+    (["sampling.temperature=-1"], "'sampling.temperature'", "must be 0 (greedy) or a finite number >= 1e-06"),
+    (["sampling.temperature=1e-9"], "'sampling.temperature'", "or a finite number >= 1e-06, got 1e-09"),
     (["sampling.max_new_tokens=0"], "'sampling.max_new_tokens'", "> 0"),
     (["optim.b2=1"], "'optim.b2'", "[0, 1)"),
     (["optim.eps=0"], "'optim.eps'", "> 0"),
