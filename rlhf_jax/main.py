@@ -34,8 +34,9 @@ Datasets are prepared with `python -m rlhf_jax.data --help`.
 plans memory before launch: compiles each training step (sft, rm, dpo, ppo, grpo, rloo; every such step of a
 pipeline) for its mesh on abstract inputs, reading only the models' model.json / config.json and writing
 nothing, and prints per device the arguments, outputs, temporaries and total memory, the FLOPs per step and the
-least step time at the peak; a step that does not fit gets the largest micro-batch (optim.grad_accum_steps) and model.remat that fit. Device memory
-and peak default to the device's (none on CPU: without --device-memory there is no verdict). See rlhf_jax/plan/.
+least step time at the peak; a step that does not fit gets the largest micro-batch (optim.grad_accum_steps) and
+model.remat that fit. Device memory and peak default to the device's (none on CPU: without --device-memory there
+is no verdict). See rlhf_jax/plan/.
 
   python -m rlhf_jax.main --config CFG [overrides] --check
 validates the config (every step of a pipeline) as a run would before its first step, reading no data or models

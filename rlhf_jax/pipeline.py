@@ -378,8 +378,8 @@ def _finished(step: Step, config: dict, upstream: str) -> dict | None:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
                         f"delete {step_dir} to run it again")
     if after != upstream:
-        raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one "
-                        f"was added or removed, or ran again and came out differently); delete {step_dir} to run it again")
+        raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one was added or "
+                        f"removed, or ran again and came out differently); delete {step_dir} to run it again")
     return _relative(summary, root)
 
 

@@ -60,19 +60,18 @@ def test_merge_adds_scale_times_b_at_a_to_the_named_hf_matrices_only(targets):
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
 
-def test_peft_loads_our_adapter_on_the_transformers_model_with_our_merged_logits(tmp_path):
-    import peft
-
+def _hf_dirs(tmp_path, family: str):
+    """(base, adapter, merged) directories: a tiny HF `family` model in base, the other two empty."""
     base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     for d in (adapter_dir, merged_dir):
         d.mkdir()
-    make_hf_model("llama_gqa_llama3", base_dir, seed=2)
-    cfg, _, params = hf.load_hf(base_dir)
-    adapters = _trained(lora.init_adapters(cfg, ALL, jax.random.key(3)), seed=4)
-    lora.write_adapter(adapter_dir, adapters, cfg, ALL, base_model=str(base_dir))
-    assert json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())["target_modules"] == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    hf.write_hf(merged_dir, jax.device_get(lora.merge(params, adapters, cfg, ALL)), cfg)
+    make_hf_model(family, base_dir, seed=2)
+    return base_dir, adapter_dir, merged_dir
+
+
+def _logits(base_dir, adapter_dir, merged_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the base's, peft's with our adapter on the base, our merged export's) logits on the same ids."""
+    import peft
 
     ids = torch.tensor(np.random.default_rng(0).integers(2, VOCAB, (2, 11)))
     with torch.no_grad():
@@ -80,20 +79,27 @@ def test_peft_loads_our_adapter_on_the_transformers_model_with_our_merged_logits
         base_logits = base(input_ids=ids).logits.numpy()
         theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits.numpy()
         ours = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()(input_ids=ids).logits.numpy()
+    return base_logits, theirs, ours
+
+
+def test_peft_loads_our_adapter_on_the_transformers_model_with_our_merged_logits(tmp_path):
+    base_dir, adapter_dir, merged_dir = _hf_dirs(tmp_path, "llama_gqa_llama3")
+    cfg, _, params = hf.load_hf(base_dir)
+    adapters = _trained(lora.init_adapters(cfg, ALL, jax.random.key(3)), seed=4)
+    lora.write_adapter(adapter_dir, adapters, cfg, ALL, base_model=str(base_dir))
+    assert json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    hf.write_hf(merged_dir, jax.device_get(lora.merge(params, adapters, cfg, ALL)), cfg)
+    base_logits, theirs, ours = _logits(base_dir, adapter_dir, merged_dir)
     assert np.abs(theirs - base_logits).max() > 1e-2  # the adapter matters
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
 def test_a_tied_models_trained_embedding_reaches_its_head_through_peft(tmp_path):
     """PEFT gives a saved embedding to the input alone, untying it from the LM head: the head is saved too."""
-    import peft
-
     from rlhf_jax.models.hf_weights import whole_weights_to_hf
 
-    base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
-    for d in (adapter_dir, merged_dir):
-        d.mkdir()
-    make_hf_model("llama_tied", base_dir, seed=2)
+    base_dir, adapter_dir, merged_dir = _hf_dirs(tmp_path, "llama_tied")
     cfg, _, params = hf.load_hf(base_dir)
     assert cfg.tie_embeddings
     spec = lora.LoraSpec(4, 8.0, ALL.targets, also_train=("embed",))
@@ -104,12 +110,7 @@ def test_a_tied_models_trained_embedding_reaches_its_head_through_peft(tmp_path)
     assert json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())["modules_to_save"] == ["embed_tokens",
                                                                                            "lm_head"]
     hf.write_hf(merged_dir, jax.device_get(lora.merge(lora.join(trained, params), adapters, cfg, spec)), cfg)
-
-    ids = torch.tensor(np.random.default_rng(0).integers(2, VOCAB, (2, 11)))
-    with torch.no_grad():
-        base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
-        theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits.numpy()
-        ours = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()(input_ids=ids).logits.numpy()
+    _, theirs, ours = _logits(base_dir, adapter_dir, merged_dir)
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
