@@ -37,7 +37,7 @@ def _scan_draw(logits_BV, u_B2, p):
         token_B = jnp.argmax(logits_BV, axis=-1)
         scaled_BV = logits_BV
     else:
-        scaled_BV = logits_BV / p.temperature
+        scaled_BV = (logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)) / p.temperature  # the shift: as now
         token_B = categorical_from_uniforms(_sort_filter(scaled_BV, p.top_k, p.top_p), u_B2[:, 0], u_B2[:, 1])
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logprob_B
