@@ -108,7 +108,7 @@ class RuntimeSection:
 @dataclass(frozen=True)
 class SamplingSection:
     max_new_tokens: int = opt(64, "tokens to generate per prompt")
-    temperature: float = opt(1.0, "softmax temperature; 0 means greedy")
+    temperature: float = opt(1.0, "softmax temperature; 0 means greedy (otherwise at least 1e-6)")
     top_k: int = opt(0, "keep only the k most likely tokens; 0 = off")
     top_p: float = opt(1.0, "nucleus sampling probability mass; 1 = off")
     batch_size: int = opt(8, "prompts generated together")
