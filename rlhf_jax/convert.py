@@ -54,15 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {source} has no tokenizer files (tokenizer.json, vocab.json or tokenizer.model), so "
                   f"{args.out} has none: generation and training refuse it until they are copied in", file=sys.stderr)
         if args.from_hf:
-            out = save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite,
-                             extra=loaded.extra)
+            save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite,
+                       extra=loaded.extra)
         else:
-            out = hf.save_hf(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
-                             extra_config=loaded.extra, overwrite=args.overwrite)
+            hf.save_hf(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
+                       extra_config=loaded.extra, overwrite=args.overwrite)
     except UserError as e:
         return report(naming_flags(e, {}, [("--out", args.out), ("--from-hf", args.from_hf),
                                            ("--checkpoint", args.checkpoint)]))
-    print(json.dumps({"out": str(out), "family": loaded.cfg.family, "head": loaded.head,
+    print(json.dumps({"out": args.out, "family": loaded.cfg.family, "head": loaded.head,
                       "layers": loaded.cfg.n_layers, "d_model": loaded.cfg.d_model}))
     return 0
 

@@ -82,9 +82,10 @@ def dry_run(steps: Sequence[pipeline.Step], is_pipeline: bool, label: str | None
     for p in plans:
         for line in p.lines:
             print(f"  {p.step}: {line}", file=out)
-    notes = sorted({p.measured.flops_note for p in plans if p.measured is not None})
+    notes = list(dict.fromkeys(clause for p in plans if p.measured is not None  # each clause once, in order
+                               for clause in p.measured.flops_note.split("; ")))
     if notes:
-        print(f"  FLOPs per device: {'; '.join(notes)}", file=out)
+        print(f"  FLOPs per device: XLA's cost analysis ({'; '.join(notes)})", file=out)
         print("  time >= FLOPs / peak: a bound that ignores memory bandwidth (decoding is bandwidth-bound)", file=out)
     if b.memory is None and any(p.measured is not None for p in plans):
         print("no verdict: the device memory is unknown (pass --device-memory GIB)", file=out)

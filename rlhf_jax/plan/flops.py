@@ -81,8 +81,8 @@ def flops_per_device(compiled: jax.stages.Compiled, unknown_trips: int = 1) -> t
     xla = float((costs or {}).get("flops", 0.0))
     with_trips, once, unknown = hlo_matmul_flops(compiled.as_text() or "", unknown_trips)
     if with_trips == once == 0.0:
-        return xla, "XLA's cost analysis (loop bodies counted once)"
-    note = "XLA's cost analysis, with the matmuls of loop bodies counted once per trip"
+        return xla, "loop bodies counted once"
+    note = "the matmuls of loop bodies counted once per trip"
     if unknown:
         note += f"; {unknown} loop(s) that may stop early counted at {unknown_trips} trip(s)"
     return xla + with_trips - once, note
