@@ -317,3 +317,16 @@ def test_evaluation_reads_a_lora_runs_checkpoint_as_its_merged_policy(lora_sft):
     policy = load_policy(source, {})
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), policy.params,
                  load_model(lora_sft["dir"] / "export").params)
+
+
+def test_evaluation_merges_a_lora_checkpoint_on_a_bf16_base_in_float32_as_export_does(tiny, data_dir, workdir):
+    """Merged in bfloat16, base + delta would be rounded where export/ keeps float32: other logits than export/'s."""
+    from rlhf_jax.eval.policies import load_policy, policy_sources
+
+    run_dir = workdir / "sft_lora_bf16"
+    _run(_sft_args(tiny, data_dir, run_dir, *_lora_args("train.steps=2", "train.save_every=2",
+                                                        "model.param_dtype=bfloat16")))
+    source, = policy_sources([str(run_dir)])
+    policy, export = load_policy(source, {}).params, load_model(run_dir / "export").params
+    assert jax.tree.leaves(export)[0].dtype == np.float32
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b), policy, export)

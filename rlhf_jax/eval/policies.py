@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -139,7 +140,10 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
     if lora_config.get("rank"):  # the checkpoint holds what trained: merged into the run's base model
         spec = lora.LoraSpec(lora_config["rank"], lora_config["alpha"], tuple(lora_config["targets"]),
                              also_train=tuple(lora_config.get("also_train", ())))
-        whole = jax.tree.map(lambda x: np.asarray(x, np.float32), lora.join(params, base.params))  # as export/ does
+        # the base as the run trained it (in its param_dtype), merged in float32 as export/ does
+        param_dtype = jnp.dtype(config.get("model", {}).get("param_dtype", "float32"))
+        base_params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype), base.params)
+        whole = jax.tree.map(lambda x: np.asarray(x, np.float32), lora.join(params, base_params))
         params = jax.device_get(lora.merged(whole, base.cfg, spec))
     return base._replace(params=params, head="lm")
 
