@@ -9,8 +9,9 @@ each step reading what the steps before it exported.
 
 `{run_dir}` in any string is the pipeline's run_dir; step NAME runs in `{run_dir}/NAME`. A finished step leaves
 `pipeline_step.json` (its resolved config, its summary and a fingerprint of the steps before it) and is skipped
-on a rerun; a finished step with other settings, or one that followed other steps before it (one was added or
-removed, or ran again and came out differently), stops the run in one line. An interrupted step resumes when the
+on a rerun; a finished step with other settings (in the config sections its stage reads, STAGE_SECTIONS), or one
+that followed other steps before it (one was added or removed, or ran again and came out differently), stops the
+run in one line. An interrupted step resumes when the
 same command is rerun (training stages from their checkpoints; the others redo their work, which they write
 whole).
 Overrides: `key=value` sets a key for every step (also where a step sets it itself), `pipeline.NAME.key=value`
@@ -53,6 +54,18 @@ OUTPUT_KEYS = ("data.dir", "eval.out", "generate.output")  # where a step writes
 ROUND_KEYS = ("rounds", "repeat")  # the pipeline's own keys: how many times which steps run
 # How a label step serves its page, not what it makes: a finished step stays finished when they change.
 SERVING_KEYS = ("label.host", "label.port", "label.token", "label.finish")
+# The config sections each stage reads: a key changed in another section (a shared override such as optim.lr
+# reaches every step) leaves a finished step finished, and the steps after it unaffected by it. The top-level keys
+# (seed, ...) are always compared.
+_COMMON = ("model", "mesh", "distributed", "runtime", "data")
+_TRAINING = (*_COMMON, "train", "optim", "lora")
+STAGE_SECTIONS = {
+    "task": ("task", "data"), "prepare": ("prepare", "data"),
+    "generate": (*_COMMON, "sampling", "generate"), "eval": (*_COMMON, "sampling", "eval"),
+    "label": (*_COMMON, "sampling", "label"),
+    "sft": _TRAINING, "rm": (*_TRAINING, "rm"), "dpo": (*_TRAINING, "dpo"), "ppo": (*_TRAINING, "sampling", "ppo"),
+    "grpo": (*_TRAINING, "sampling", "grpo", "rloo"), "rloo": (*_TRAINING, "sampling", "grpo", "rloo"),
+}
 
 
 class Step(NamedTuple):
@@ -327,7 +340,8 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
         step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
         upstream = _fingerprint(records)
         config = _relative(config_to_dict(step.cfg), str(run_dir))
-        done = distributed.on_primary(lambda: _finished(step, config, upstream))  # one answer for all processes
+        # one answer for all processes
+        done = distributed.on_primary(lambda: _finished(step, config, upstream, _fingerprint(records, full=True)))
         if done is not None:
             summary = _substitute(done, str(run_dir))
             print(f"{where}: finished earlier, skipped ({_one_line(summary)})", file=sys.stderr)
@@ -352,17 +366,26 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
     return summaries
 
 
-def _fingerprint(records: list[dict]) -> str:
-    """What the steps so far were run with and came out as: their configs and summaries, relative to run_dir
-    (timings left out, so a step that reran to the same results leaves the steps after it valid)."""
-    results = [{"config": r["config"], "summary": {k: v for k, v in r["summary"].items()
-                                                   if not (k.endswith("_s") or k == "seconds")}} for r in records]
+def _fingerprint(records: list[dict], full: bool = False) -> str:
+    """What the steps so far were run with and came out as: the configs' sections their stages read and their
+    summaries, relative to run_dir (timings left out, so a step that reran to the same results leaves the steps
+    after it valid). `full`: every section, as markers written before STAGE_SECTIONS have it."""
+    results = [{"config": r["config"] if full else _read_part(r["config"]),
+                "summary": {k: v for k, v in r["summary"].items() if not (k.endswith("_s") or k == "seconds")}}
+               for r in records]
     return hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
 
 
-def _finished(step: Step, config: dict, upstream: str) -> dict | None:
-    """The summary (relative to run_dir) of a step finished earlier with the same config (relative to run_dir)
-    after the same earlier steps; None when it has not finished."""
+def _read_part(config: Mapping) -> dict:
+    """The part of a step's config (a dict) that its stage reads: the top-level keys and its STAGE_SECTIONS."""
+    sections = STAGE_SECTIONS.get(config.get("stage"))
+    return {k: v for k, v in config.items()
+            if sections is None or not isinstance(v, Mapping) or k in sections}
+
+
+def _finished(step: Step, config: dict, upstream: str, upstream_full: str) -> dict | None:
+    """The summary (relative to run_dir) of a step finished earlier with the same config (relative to run_dir, in
+    the sections its stage reads) after the same earlier steps; None when it has not finished."""
     step_dir = Path(step.cfg.run_dir)
     marker = step_dir / MARKER
     if not marker.exists():
@@ -373,11 +396,12 @@ def _finished(step: Step, config: dict, upstream: str) -> dict | None:
         root = before["run_dir"].removesuffix(f"/{step.name}")  # the pipeline's run_dir when the step ran
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # a marker we cannot read: run the step again
-    changed = [c for c in _changes(_relative(before, root), config) if c.partition(":")[0] not in SERVING_KEYS]
+    changed = [c for c in _changes(_read_part(_relative(before, root)), _read_part(config))
+               if c.partition(":")[0] not in SERVING_KEYS]
     if changed:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
                         f"delete {step_dir} to run it again")
-    if after != upstream:
+    if after not in (upstream, upstream_full):
         raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one was added or "
                         f"removed, or ran again and came out differently); delete {step_dir} to run it again")
     return _relative(summary, root)

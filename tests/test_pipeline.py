@@ -4,16 +4,19 @@ labeler and gold reward."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shutil
+import typing
 
 import numpy as np
 import pytest
 
 from rlhf_jax import main as main_cli
 from rlhf_jax import pipeline
+from rlhf_jax.config import Config
 from rlhf_jax.typed_yaml import ConfigError
 from rlhf_jax.tasks import sentiment
 
@@ -115,6 +118,37 @@ def test_a_step_after_one_that_came_out_differently_is_refused(tmp_path):
     marker.write_text(json.dumps(recorded))
     rc, _, err = run_quietly(main_cli.main, ["--config", path])
     assert rc == 2 and "pipeline.again: finished earlier after other steps before it (one was added" in err
+
+
+def test_a_finished_step_stays_finished_when_a_section_its_stage_does_not_read_changes(tmp_path):
+    """A shared override reaches every step: optim.lr on generate steps (which do not read it) leaves them and the
+    steps after them finished; markers written before the per-stage comparison (their upstream over every section)
+    still count."""
+    (tmp_path / "prompts.txt").write_text("Hello there\n")
+    text = PIPELINE.split("  second:")[0] + PIPELINE.split("  second:")[0].split("pipeline:\n")[1].replace(
+        "first:", "again:").replace("first.jsonl", "again.jsonl")
+    path = _write(tmp_path, text)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0, err[-2000:]
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, "optim.lr=0.5", "train.steps=3"])
+    assert rc == 0 and "[1/2] first: finished earlier" in err and "[2/2] again: finished earlier" in err, err
+    marker = tmp_path / "run" / "again" / pipeline.MARKER
+    first = json.loads((tmp_path / "run" / "first" / pipeline.MARKER).read_text())
+    records = [{key: pipeline._relative(first[key], str(tmp_path / "run")) for key in ("config", "summary")}]
+    marker.write_text(json.dumps({**json.loads(marker.read_text()),
+                                  "upstream": pipeline._fingerprint(records, full=True)}))
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0 and "[2/2] again: finished earlier" in err, err[-2000:]
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, "sampling.temperature=0.5"])  # read by generate
+    assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.temperature" in err
+
+
+def test_every_stage_names_the_sections_it_reads_and_every_section_is_read():
+    hints = typing.get_type_hints(Config)
+    sections = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+    assert set(pipeline.STAGE_SECTIONS) == set(typing.get_args(hints["stage"]))
+    read = {s for names in pipeline.STAGE_SECTIONS.values() for s in names}
+    assert read <= sections and sections - read == set(), sections - read
 
 
 # ------------------------------------------------------------------------------------------- the demo task
