@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors.numpy
 from safetensors import SafetensorError
 
 from rlhf_jax import convert as convert_cli
@@ -157,13 +158,25 @@ def test_to_hf_disk_full_keeps_the_previous_export(capsys, monkeypatch, tmp_path
             raise ENOSPC
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(hf, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
     rc, out_text, err = _convert(capsys, "--to-hf", "--checkpoint", ckpt_b, "--out", out, "--overwrite")
     _assert_user_error(rc, err, out, "No space left on device")
     assert out_text == ""
     assert _files(out) == before
     _assert_same_params(load_model(out).params, params_a)
     assert _leftovers(out) == []
+
+
+def test_exported_weights_are_as_readable_as_the_rest_of_the_export(capsys, tmp_path, ckpt_a):
+    """safetensors creates its files 0600: a serving account could read config.json but not the weights."""
+    umask = os.umask(0o022)
+    try:
+        rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", ckpt_a, "--out", tmp_path / "hf")
+    finally:
+        os.umask(umask)
+    assert rc == 0, err
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == modes["config.json"] == "0o644", modes
 
 
 @pytest.mark.parametrize("fault", ["oserror", "tensorstore"])
@@ -301,6 +314,26 @@ def test_corrupt_orbax_checkpoint_names_it(capsys, tmp_path, ckpt_a, prompt_file
     assert not (tmp_path / "hf").exists() and _leftovers(tmp_path / "hf") == []
     rc, _, err = _generate(capsys, ckpt, prompt_file)
     _assert_user_error(rc, err, named, fragment)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"n_layers": 1}, "layer_1/attn/o (4, 16, 64) is not in model.json's model"),
+    ({"n_layers": 3}, "no layer_2/attn/o, which model.json's model has"),
+    ({"d_ff": 24}, "layer_0/mlp/wi has shape (64, 2, 128), model.json's model (64, 2, 24)"),
+])
+def test_a_model_json_that_does_not_describe_the_weights_is_one_line(capsys, tmp_path, ckpt_a, prompt_file, edit,
+                                                                        fragment):
+    """Fewer layers exported a smaller model without a word; another width wrote a config.json that no loader
+    accepts; more layers was a KeyError."""
+    ckpt = shutil.copytree(ckpt_a, tmp_path / "ckpt")
+    meta = json.loads((ckpt / "model.json").read_text())
+    meta["config"].update(edit)
+    (ckpt / "model.json").write_text(json.dumps(meta))
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf")
+    _assert_user_error(rc, err, ckpt / "params", fragment)
+    assert not (tmp_path / "hf").exists()
+    rc, _, err = _generate(capsys, ckpt, prompt_file)
+    _assert_user_error(rc, err, ckpt / "params", fragment)
 
 
 # ------------------------------------------------------------------------------------------------ wrong inputs

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from rlhf_jax.errors import os_reason
 from rlhf_jax.models.hf_config import HFFormatError, config_from_hf, config_to_hf, read_json
@@ -197,13 +196,6 @@ def save_hf(out_dir: str | os.PathLike, params: dict, cfg: ModelConfig, head: st
     return Path(out_dir)
 
 
-def _save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors: make them one
-        raise OSError(f"{path.name}: {os_reason(e)}") from None
-
-
 def write_hf(out_dir: Path, params: dict, cfg: ModelConfig, head: str = "lm",
              tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
              max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None) -> None:
@@ -232,12 +224,12 @@ def write_hf(out_dir: Path, params: dict, cfg: ModelConfig, head: str = "lm",
         size += t.nbytes
     shards.append(current)
     if len(shards) == 1:
-        _save_safetensors(shards[0], out_dir / "model.safetensors")
+        fsio.save_safetensors(shards[0], out_dir / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _save_safetensors(shard, out_dir / fname)
+            fsio.save_safetensors(shard, out_dir / fname)
             weight_map.update({k: fname for k in shard})
         total = sum(t.nbytes for t in tensors.values())
         (out_dir / "model.safetensors.index.json").write_text(

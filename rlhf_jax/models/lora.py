@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 
 from rlhf_jax.config import LORA_ALSO_TRAIN, LORA_TARGETS
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.architecture import ModelConfig
 from rlhf_jax.models.layer_stack import unstack_layers
+from rlhf_jax.runtime import fsio
 
 TARGETS = LORA_TARGETS  # the config's names: q, k, v, o, gate, up, down
 # The HF module each target adapts, under model.layers.<i>.
@@ -227,7 +227,7 @@ def write_adapter(out_dir: str | os.PathLike, adapters: dict, cfg: ModelConfig, 
     out_dir = Path(out_dir)
     tensors = {**peft_tensors(adapters, cfg),
                **{f"base_model.model.{name}": np.ascontiguousarray(x) for name, x in (saved_modules or {}).items()}}
-    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    fsio.save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS)
     config = peft_config(spec, base_model, scalar_head="score.weight" in (saved_modules or {}),
                          head_saved="lm_head.weight" in (saved_modules or {}))
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

@@ -212,6 +212,22 @@ def sync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def save_safetensors(tensors: dict, path: Path) -> None:
+    """A safetensors file (PyTorch's metadata, as transformers and peft expect), its I/O errors (a full disk) as
+    OSErrors, and its mode following the umask as every other file here: safetensors creates files 0600, which a
+    serving account or a colleague could not read beside their readable config.json."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        raise OSError(f"{Path(path).name}: {os_reason(e)}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_text_atomically(path: Path, text: str) -> Path:
     return write_bytes_atomically(path, text.encode())
 
