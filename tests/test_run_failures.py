@@ -175,6 +175,7 @@ def test_resume_refuses_another_model_and_allows_harmless_changes(tiny, data_dir
 
 
 def test_config_changes_classify_keys():
+    from rlhf_jax.models.checkpoint import state_shapes
     from rlhf_jax.training.resume import config_changes, shape_changes
 
     old = {"seed": 0, "model": {"path": "a/b"}, "train": {"steps": 10, "batch_size": 8},
@@ -197,7 +198,13 @@ def test_config_changes_classify_keys():
     assert moved == ([], ["run_dir='p/sft' (now 'q/sft')"])
     refused, _ = config_changes(before, {"run_dir": "q/sft", "data": {"dir": "p2"}})
     assert refused == ["data.dir='p/data' (now 'p2')"]
-    assert shape_changes(({"w": (2, 3)}, [(2, 3)]), ({"w": (2, 4)}, [(2, 4)])) == ["params/w (2, 3) (now (2, 4))"]
+    assert shape_changes(({"w": (2, 3)}, [(2, 3)]), ({"w": (2, 4)}, [(2, 4)])) == ["parameter w (2, 3) (now (2, 4))"]
+    # PPO's state holds two models: their params are told apart by model, and are params, not optimizer state
+    ppo_state = {"policy": {"params": {"w": np.zeros((2, 3))}, "opt": [np.zeros((2, 3))]},
+                 "value": {"params": {"w": np.zeros((2, 5))}}}
+    assert state_shapes(ppo_state) == ({"policy/w": (2, 3), "value/w": (2, 5)}, [(2, 3)])
+    assert shape_changes(({"value/layers/w": (2, 4)}, []), ({"value/layer_0/w": (4,)}, [])) == [
+        "the checkpoint's layers are scanned (set model.scan_layers=true to resume it)"]
     assert shape_changes(({"w": (2, 3)}, [()]), ({"w": (2, 3)}, [(), ()])) == ["optimizer state (1 arrays, now 2)"]
     per_layer = {"layer_0/mlp/wo": (4, 2), "layer_1/mlp/wo": (4, 2)}, []
     scanned = {"layers/mlp/wo": (2, 4, 2)}, []

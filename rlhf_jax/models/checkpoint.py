@@ -448,7 +448,8 @@ class TrainCheckpoints:
 
 def state_shapes(tree) -> tuple[dict, list]:
     """A train state's (or its metadata's) shapes: {'/'-joined param path: shape}, and the sorted shapes of
-    the other leaves (optimizer moments, step), whose container types differ between a state and metadata."""
+    the other leaves (optimizer moments, step), whose container types differ between a state and metadata. A
+    state of several models (PPO's policy and value) names each one's params by its model: `value/score/w`."""
     def key(entry) -> str:
         for attr in ("key", "name", "idx"):
             if hasattr(entry, attr):
@@ -459,8 +460,9 @@ def state_shapes(tree) -> tuple[dict, list]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         names = [key(p) for p in path]
         shape = tuple(int(d) for d in leaf.shape)
-        if names and names[0] == "params":
-            params["/".join(names[1:])] = shape
+        if "params" in names:
+            i = names.index("params")
+            params["/".join(names[:i] + names[i + 1:])] = shape
         else:
             other.append(shape)
     return params, sorted(other)

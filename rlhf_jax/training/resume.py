@@ -92,11 +92,11 @@ def shape_changes(old: tuple[dict, list], new: tuple[dict, list], limit: int = 3
     """Differences between two `checkpoint.state_shapes` results: parameters by path, then the optimizer."""
     old_params, old_other = old
     new_params, new_other = new
-    scanned = lambda params: any(path.startswith(f"{STACKED}/") for path in params)
+    scanned = lambda params: any(STACKED in path.split("/")[:2] for path in params)  # `layers/...`, `policy/layers/...`
     if scanned(old_params) != scanned(new_params):  # the same weights in the other layout: say which key
         return [f"the checkpoint's layers are {'scanned' if scanned(old_params) else 'one subtree per layer'} "
                 f"(set model.scan_layers={str(scanned(old_params)).lower()} to resume it)"]
-    diffs = [f"params/{path} {old_params.get(path)} (now {new_params.get(path)})"
+    diffs = [f"parameter {path} {old_params.get(path)} (now {new_params.get(path)})"
              for path in sorted(set(old_params) | set(new_params)) if old_params.get(path) != new_params.get(path)]
     if len(diffs) > limit:
         diffs = diffs[:limit] + [f"and {len(diffs) - limit} more parameters"]
