@@ -5,9 +5,10 @@ Exit statuses (documented in docs/reliability.md):
   2  user error: a bad config, file, checkpoint or argument (nothing new is written)
   3  diverged: a non-finite loss, gradient norm or parameter; the last finite checkpoint stays
   4  interrupted by SIGTERM or SIGINT after saving a checkpoint; rerun the same command to resume
-  5  a dry run (--dry-run, rlhf_jax/plan/) found a step that does not fit the device memory
+  5  a step does not fit the device memory: found by a dry run (--dry-run, rlhf_jax/plan/), or met by a run
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -32,6 +33,29 @@ class Interrupted(UserError):
 
     exit_code = 4
     prefix = ""
+
+
+class OutOfMemory(UserError):
+    """A device could not allocate what a step needs (its batch, lengths or model): nothing of the step was kept."""
+
+    exit_code = 5
+
+
+DRY_RUN_HINT = ("`python -m rlhf_jax.main --config CFG --dry-run` plans each step's memory and names the micro-batch "
+                "(optim.grad_accum_steps) and model.remat that fit")
+
+
+@contextlib.contextmanager
+def out_of_memory_in_one_line(hint: str = DRY_RUN_HINT):
+    """XLA's RESOURCE_EXHAUSTED (at compile or run time, on any backend) as one OutOfMemory line with `hint`, the
+    way to a fit, instead of pages of traceback."""
+    try:
+        yield
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError, matched without importing jax here
+        lines = str(e).strip().splitlines()
+        if not lines or "RESOURCE_EXHAUSTED" not in lines[0]:
+            raise
+        raise OutOfMemory(f"out of device memory ({lines[0][:200]}); {hint}") from None
 
 
 def report(error: UserError) -> int:

@@ -19,7 +19,7 @@ import sys
 from typing import Sequence
 
 from rlhf_jax.config import Config, config_from_dict
-from rlhf_jax.errors import UserError, naming_flags, report
+from rlhf_jax.errors import UserError, naming_flags, out_of_memory_in_one_line, report
 from rlhf_jax.models.generation import parse_mesh_shape
 
 
@@ -75,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from rlhf_jax.stages import dispatch as stages
 
-        stages.run(config_from_flags(args))
+        with out_of_memory_in_one_line("a smaller --batch-size or --max-new-tokens, or --dtype bfloat16, needs less"):
+            stages.run(config_from_flags(args))
     except UserError as e:
         return report(naming_flags(e, FLAGS, [("--out", args.out), ("--reward-model", args.reward_model),
                                               ("--reference", args.reference), ("--prompts", args.prompts),

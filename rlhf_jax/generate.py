@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from rlhf_jax.config import MIN_TEMPERATURE
-from rlhf_jax.errors import UserError, naming_flags, report
+from rlhf_jax.errors import UserError, naming_flags, out_of_memory_in_one_line, report
 from rlhf_jax.models.checkpoint import load_model
 from rlhf_jax.models.generation import Generator, parse_mesh_shape, read_prompts
 from rlhf_jax.models.sampling import SamplingParams
@@ -66,11 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_flags(args)
         mesh = sharding.make_mesh(parse_mesh_shape(args.mesh_shape), ("data", "fsdp", "tensor"))
         prompts = read_prompts(args.prompt_file)
-        gen = Generator(load_model(args.model, need_tokenizer=True), mesh,
-                        SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, pad_id=PAD_ID),
-                        args.dtype, args.chat_template)
-        for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):
-            print(json.dumps(record) if args.output == "jsonl" else record["text"], flush=True)
+        with out_of_memory_in_one_line("a smaller --batch-size or --max-new-tokens, or --dtype bfloat16, needs less"):
+            gen = Generator(load_model(args.model, need_tokenizer=True), mesh,
+                            SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                           pad_id=PAD_ID), args.dtype, args.chat_template)
+            for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):
+                print(json.dumps(record) if args.output == "jsonl" else record["text"], flush=True)
     except UserError as e:
         return report(naming_flags(e, FLAGS,
                                    [("--model", args.model), ("--prompt-file", args.prompt_file)]))

@@ -44,7 +44,8 @@ and compiling nothing, and prints its stages; the launchers run it before they s
 
 Exit status: 0 done (a dry run: everything fits, or no verdict); 2 a user error (one `error:` line); 3 diverged
 (non-finite loss, gradient or parameters; nothing non-finite is saved); 4 interrupted by SIGTERM/SIGINT after
-saving (rerun the same command to resume); 5 a dry run found a step that does not fit the device memory.
+saving (rerun the same command to resume); 5 a step does not fit the device memory (found by a dry run, or
+out of memory in a run: the line says how to plan a fit).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from typing import Sequence
 
 from rlhf_jax import pipeline
 from rlhf_jax.config import config_help, load_config
-from rlhf_jax.errors import Interrupted, UserError, os_error_message, report
+from rlhf_jax.errors import Interrupted, UserError, os_error_message, out_of_memory_in_one_line, report
 from rlhf_jax.runtime import cpu_memory
 
 
@@ -110,7 +111,8 @@ def _run(args, overrides: Sequence[str]) -> int:
         if args.dry_run or args.device_memory is not None or args.peak_tflops is not None:
             return _dry_run(args, overrides)
         if pipeline.is_pipeline(args.config):
-            pipeline.run(args.config, overrides)
+            with out_of_memory_in_one_line():
+                pipeline.run(args.config, overrides)
             return 0
         cfg = load_config(args.config, overrides)
         if args.config is None and not overrides:
@@ -119,7 +121,8 @@ def _run(args, overrides: Sequence[str]) -> int:
                   file=sys.stderr)
         from rlhf_jax.stages import dispatch as stages  # after validation: config errors come before any heavy import or compile
 
-        stages.run(cfg)
+        with out_of_memory_in_one_line():
+            stages.run(cfg)
     except UserError as e:
         return report(e)
     except OSError as e:  # a full disk or an unwritable path met anywhere: still one line, naming the path

@@ -414,6 +414,30 @@ def test_a_generate_run_that_fails_midway_leaves_no_partial_samples(capsys, tmp_
     assert not list(run_dir.glob("*.partial")) and not (run_dir / "samples.jsonl").exists()
 
 
+def _out_of_memory(*args, **kwargs):
+    """XLA's own RESOURCE_EXHAUSTED, as a step too large for the device raises it (here, 400 TB on the host)."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.jit(lambda: jnp.ones((10 ** 14,), jnp.float32))().block_until_ready()
+    raise AssertionError("allocated 400 TB")
+
+
+def test_out_of_device_memory_is_one_line_with_exit_5_and_the_way_to_a_fit(capsys, tmp_path, monkeypatch, hf_dir,
+                                                                           prompt_file):
+    from rlhf_jax.models.generation import Generator
+    from rlhf_jax.stages import dispatch
+
+    monkeypatch.setattr(dispatch, "run", _out_of_memory)
+    rc, _, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path}"])
+    assert rc == 5 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating") and \
+        "--dry-run` plans each step's memory" in err, err
+    monkeypatch.setattr(Generator, "generate", _out_of_memory)
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file))
+    assert rc == 5 and len(err.strip().splitlines()) == 1 and "a smaller --batch-size" in err, err
+
+
 def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
     rc, out, err = _run(capsys, main_cli.main,
                         ["--config", REPO / "configs" / "generate.yaml", f"run_dir={tmp_path / 'r'}", "optim.lrr=1"])
