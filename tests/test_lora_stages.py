@@ -330,3 +330,22 @@ def test_evaluation_merges_a_lora_checkpoint_on_a_bf16_base_in_float32_as_export
     policy, export = load_policy(source, {}).params, load_model(run_dir / "export").params
     assert jax.tree.leaves(export)[0].dtype == np.float32
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b), policy, export)
+
+
+def test_whole_weights_in_bf16_are_warned_about_and_indeed_barely_train(tiny, data_dir, workdir):
+    """AdamW steps of about lr (1e-5) are below half a bfloat16 step of nearly every weight: the warning says so,
+    and the run shows it (float32 params move most weights in the same two steps)."""
+    base = jax.tree.leaves(load_model(tiny).params)
+    moved = {}
+    for dtype in ("bfloat16", "float32"):
+        run_dir = workdir / f"sft_whole_{dtype}"
+        rc, _, err = run_quietly(main_cli.main, _sft_args(tiny, data_dir, run_dir, "train.steps=2", "optim.lr=1e-5",
+                                                          "train.eval_every=0", f"model.param_dtype={dtype}"))
+        assert rc == 0, err[-2000:]
+        assert ("warning: model.param_dtype=bfloat16: AdamW moves a weight by about optim.lr (1e-05)" in err) == (
+            dtype == "bfloat16"), err[-2000:]
+        after = jax.tree.leaves(load_model(run_dir / "export").params)
+        start = [np.asarray(jnp.asarray(b, dtype), np.float32) for b in base]
+        moved[dtype] = (sum(int(np.sum(a != b)) for a, b in zip(after, start)) /
+                        sum(b.size for b in start))
+    assert moved["bfloat16"] < moved["float32"] / 4, moved  # measured: 12% against 78% (unused tokens' rows stay)

@@ -51,7 +51,8 @@ Dtype = Literal["float32", "bfloat16"]
 class ModelSection:
     path: str = opt("", 'HF or rlhf_jax checkpoint dir; "" builds the tiny built-in model')
     dtype: Dtype = opt("float32", "compute dtype (params stay in param_dtype)")
-    param_dtype: Dtype = opt("float32", "dtype parameters are stored in")
+    param_dtype: Dtype = opt("float32", "dtype parameters are stored in; bfloat16 halves their memory but rounds "
+                                        "away AdamW's small steps of weights that train whole (suits LoRA's base)")
     remat: Literal["none", "block"] = opt("none", "'block' recomputes each block's activations in the backward pass; "
                                                   "scanned layers under 'none' keep matmul outputs, recompute the rest")
     scan_layers: bool | None = opt(None, "run the layers as one scan over params stacked on a layer axis (compile "

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -57,7 +58,20 @@ def load_for_training(cfg: Config, run_dir: Path, head: str):
     """(loaded checkpoint, tokenizer, model with `head`, and adapters with `lora.rank`) of cfg.model.path (the
     tiny built-in model when empty)."""
     loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True)
+    warn_bfloat16_training(cfg, head)
     return loaded, load_tokenizer(loaded.tokenizer_dir), trained_model(cfg, loaded.cfg, head)
+
+
+def warn_bfloat16_training(cfg: Config, head: str) -> None:
+    """Weights trained whole in bfloat16 barely move: AdamW changes a weight by about the learning rate per step,
+    and bfloat16 (8 significant bits) rounds away any change below 1/256 of the weight. LoRA's adapters are
+    float32; what trains whole beside them (lora.also_train, a scalar head) is in param_dtype."""
+    if cfg.model.param_dtype != "bfloat16" or (cfg.lora.rank and not cfg.lora.also_train and head == "lm"):
+        return
+    print(f"warning: model.param_dtype=bfloat16: AdamW moves a weight by about optim.lr ({cfg.optim.lr:g}) per step, "
+          f"which bfloat16 rounds away for every weight above {256 * cfg.optim.lr:.2g}: most weights would not "
+          "train; keep param_dtype float32 (the compute stays in model.dtype) or train LoRA adapters (float32)",
+          file=sys.stderr)
 
 
 def trained_model(cfg: Config, model_cfg, head: str) -> Transformer:
