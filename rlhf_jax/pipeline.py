@@ -404,6 +404,8 @@ def _finished(step: Step, config: dict, upstream: str, upstream_full: str) -> di
     if after not in (upstream, upstream_full):
         raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one was added or "
                         f"removed, or ran again and came out differently); delete {step_dir} to run it again")
+    if after != upstream:  # an older marker's fingerprint (every section): recorded as this one computes it
+        write_json_atomically(marker, {**recorded, "upstream": upstream})
     return _relative(summary, root)
 
 

@@ -139,6 +139,8 @@ def test_a_finished_step_stays_finished_when_a_section_its_stage_does_not_read_c
                                   "upstream": pipeline._fingerprint(records, full=True)}))
     rc, _, err = run_quietly(main_cli.main, ["--config", path])
     assert rc == 0 and "[2/2] again: finished earlier" in err, err[-2000:]
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, "optim.lr=0.5"])  # the marker now has this scheme's
+    assert rc == 0 and "[2/2] again: finished earlier" in err, err[-2000:]
     rc, _, err = run_quietly(main_cli.main, ["--config", path, "sampling.temperature=0.5"])  # read by generate
     assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.temperature" in err
 
