@@ -26,7 +26,7 @@ from rlhf_jax.label.store import Ranking, Store
 from rlhf_jax.runtime.fsio import run_dir_lock
 
 from cli_helpers import run_quietly
-from test_label_store import make_task
+from test_label_store import ids, make_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +87,7 @@ GOOD = {"labeler": "ann", "prompt_id": 0, "order": [[0], [1], [2], [3]]}
     ({"flags": {"1": "harmful"}}, 422, "flags: response 1: expected a list of flags"),
     ({"flags": {"1": ["harmful", "harmful"]}}, 422, "flags: response 1: a flag appears more than once"),
     ({"seconds": -1}, 422, "seconds: expected a number >= 0"),
+    ({"seconds": 10 ** 400}, 422, "seconds: expected a number >= 0"),  # beyond float: was an OverflowError, a 500
     ({"labeler": ""}, 422, "labeler: expected a non-empty name"),
     ({"labeler": "x" * 65}, 422, "labeler: expected at most 64 printable characters"),
     ({"labeler": "a\nb"}, 422, "labeler: expected at most 64 printable characters"),
@@ -99,6 +100,49 @@ def test_a_bad_ranking_is_refused_naming_the_problem_and_writes_nothing(client, 
     answer = client.post("/api/rankings", json={**GOOD, **change})
     assert answer.status_code == status and answer.json()["error"].startswith(message), answer.text
     assert snapshot(task) == before
+
+
+def _ranking(task: Store, labeler: str, pid: int) -> dict:
+    return {"labeler": labeler, "prompt_id": pid, "order": [[i] for i in ids(task, pid)]}
+
+
+def test_an_unshared_prompt_keeps_one_labelers_ranking(task):
+    """With no overlap a prompt is one labeler's: a ranking of a prompt held for another (shown to them) or ranked
+    by another is refused, also from a page shown before a restart (holds live in memory) or after the lease ran
+    out; a free prompt takes whoever ranks it first."""
+    clock = [0.0]
+    service = LabelService(task, target=10, overlap=0.0)
+    service.assigner.clock = lambda: clock[0]
+    client = TestClient(make_app(service))
+    rank = lambda who, pid: client.post("/api/rankings", json=_ranking(task, who, pid))
+    assert [client.get("/api/next", params={"labeler": w}).json()["prompt_id"] for w in ("ann", "bob")] == [0, 1]
+    refused = rank("bob", 0)
+    assert refused.status_code == 409 and "prompt 0 is held for another labeler" in refused.json()["error"]
+    assert rank("eve", 7).status_code == 200  # never shown to anyone: free
+    assert rank("ann", 0).status_code == 200 and rank("ann", 0).status_code == 200  # her own, replaced
+    clock[0] += 2 * service.assigner.lease  # ann's lease is long over, but she ranked it
+    refused = rank("bob", 0)
+    assert refused.status_code == 409 and "prompt 0 is ranked by another labeler" in refused.json()["error"]
+    assert [client.get("/api/next", params={"labeler": w}).json()["prompt_id"] for w in ("bob", "ann")] == [1, 2]
+    restarted = LabelService(task, target=10, overlap=0.0)  # ann's hold of prompt 2 is gone with the process
+    client = TestClient(make_app(restarted))
+    assert client.get("/api/next", params={"labeler": "cid"}).json()["prompt_id"] == 1  # bob's hold is gone too
+    assert client.get("/api/next", params={"labeler": "dee"}).json()["prompt_id"] == 2
+    assert rank("ann", 2).status_code == 409 and rank("dee", 2).status_code == 200
+    assert sorted((r.labeler, r.prompt_id) for r in task.rankings()) == [("ann", 0), ("dee", 2), ("eve", 7)]
+
+
+def test_nothing_is_handed_out_or_stored_once_the_target_is_reached(task):
+    """The server stops at its target, but not before requests in flight are answered: they get no new prompt and
+    store no new ranking (40 labelers at once stored 99 rankings for a target of 50); replacing one stays possible."""
+    client = TestClient(make_app(LabelService(task, target=2, overlap=0.0)))
+    for who, pid in (("ann", 0), ("bob", 1)):
+        assert client.post("/api/rankings", json=_ranking(task, who, pid)).status_code == 200
+    assert client.get("/api/next", params={"labeler": "cid"}).json() == {"prompt_id": None, "done": 2, "target": 2}
+    late = client.post("/api/rankings", json=_ranking(task, "cid", 2))
+    assert late.status_code == 409 and late.json()["error"].startswith("labeling is finished (2/2 rankings stored)")
+    assert client.post("/api/rankings", json=_ranking(task, "ann", 0)).status_code == 200
+    assert len(task.rankings()) == 2
 
 
 @pytest.mark.parametrize("method, path, body, status, message", [
@@ -244,6 +288,7 @@ def _free_port() -> int:
     (["--target", "0"], "error: --target '0': expected an integer >= 1"),
     (["--overlap", "nan"], "error: --overlap 'nan': expected a number from 0 to 1"),
     (["--host", "192.0.2.1", "--token", "t"], "error: --host 192.0.2.1: cannot listen there"),
+    (["--token", "p\u00e4ss"], "error: --token: expected printable ASCII without spaces"),  # a header's latin-1
 ])
 def test_serve_user_errors_are_one_line_with_exit_2(task, flags, message):
     proc = subprocess.run([sys.executable, "-m", "rlhf_jax.label", "serve", str(task.path.parent), "--port",

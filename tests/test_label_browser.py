@@ -100,3 +100,13 @@ def test_rank_by_dragging_and_by_keyboard_skip_then_reload_resumes(page):
     page.reload()  # the name is remembered and the labeler resumes at the fourth prompt
     expect(page.locator("#prompt")).to_have_text("prompt 3")
     assert page.input_value("#name") == "Ada" and len(task.rankings()) == 2 and task.skips() == {"Ada": 1}
+
+    # a ranking the server refuses with 409 (its prompt ranked by another labeler, or labeling finished): the page
+    # says why and asks for the next prompt (here the server never saw it, so the same one comes back)
+    refusal = "prompt_id: prompt 3 is ranked by another labeler (it is not shared)"
+    page.route("**/api/rankings", lambda route: route.fulfill(status=409, content_type="application/json",
+                                                               body='{"error": "%s"}' % refusal))
+    page.click("#submit")
+    expect(page.locator("#status")).to_have_text(f"Not saved: {refusal}")
+    expect(page.locator("#prompt")).to_have_text("prompt 3")
+    assert len(task.rankings()) == 2

@@ -4,7 +4,8 @@ Every labeler walks the task's prompts in the same stable order and gets the fir
 nor skipped: a labeler who comes back resumes where they left off. A fraction `overlap` of the prompts, spread
 evenly through that order, is shared: every labeler gets it, so that their agreement can be measured. Any other
 prompt goes to one labeler: it is held for the labeler it was shown to (for `lease` seconds, in memory) and
-taken by nobody else once ranked; a skip frees it for the others.
+taken by nobody else once ranked (the service refuses a second labeler's ranking of it, also from a page shown
+before a restart or after the lease ran out); a skip frees it for the others.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class Assigner:
                 self.held[pid] = (labeler, now)
             return pid
         return None
+
+    def held_for_another(self, prompt_id: int, labeler: str) -> bool:
+        """Whether the unshared prompt is held for another labeler now (shown to them within the lease)."""
+        holder, since = self.held.get(prompt_id, (labeler, 0.0))
+        return holder != labeler and self.clock() - since < self.lease
 
     def release(self, prompt_id: int, labeler: str) -> None:
         """`labeler` skipped the prompt: it is held for them no longer (a ranked one is taken for good)."""

@@ -39,7 +39,10 @@ def served_names(host: str) -> tuple[str, ...] | None:
 
 
 def check_binding(host: str, token: str) -> None:
-    """Another machine may reach any address but loopback: then every request must carry a token."""
+    """Another machine may reach any address but loopback: then every request must carry a token, which travels
+    in a header, a URL and a cookie: printable ASCII without spaces."""
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        raise UserError("label.token: expected printable ASCII without spaces (it travels in an HTTP header)")
     if not is_loopback(host) and not token:
         raise UserError(f"label.host={host}: other machines can reach it; set label.token too (every request must "
                         "then carry it)")

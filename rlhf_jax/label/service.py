@@ -47,8 +47,9 @@ class LabelService:
         """GET /api/next?labeler=NAME."""
         name = validate.labeler_name(labeler)
         with self._lock:
-            pid = self.assigner.next(name, self.store.answered(name), self.store.ranked_by_others(name))
             done = self.goal.done()
+            pid = None if done >= self.target else self.assigner.next(name, self.store.answered(name),
+                                                                      self.store.ranked_by_others(name))
         if pid is None:
             return {"prompt_id": None, "done": done, "target": self.target}
         prompt = self.store.prompts[pid]
@@ -59,7 +60,16 @@ class LabelService:
     def rank(self, body) -> dict:
         """POST /api/rankings: committed before the answer."""
         ranking = validate.ranking(body, self.store.prompts)
+        name, pid = ranking.labeler, ranking.prompt_id
         with self._lock:
+            if self.goal.done() >= self.target and not self.store.has_ranked(name, pid):  # replacing one is fine
+                raise ApiError(409, f"labeling is finished ({self.goal}): nothing more is stored")
+            if pid not in self.assigner.shared:  # one labeler's prompt: the first ranking stays the only one
+                if pid in self.store.ranked_by_others(name):
+                    raise ApiError(409, f"prompt_id: prompt {pid} is ranked by another labeler (it is not shared)")
+                if self.assigner.held_for_another(pid, name):
+                    raise ApiError(409, f"prompt_id: prompt {pid} is held for another labeler (shown to them "
+                                        "since this page was)")
             self.store.save_ranking(ranking, time.time())
             done = self.goal.done()
         self.on_saved(done)

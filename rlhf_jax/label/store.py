@@ -142,6 +142,11 @@ class Store:
                 "SELECT prompt_id FROM rankings WHERE labeler = ? UNION SELECT prompt_id FROM skips WHERE labeler = ?",
                 (labeler, labeler))}
 
+    def has_ranked(self, labeler: str, prompt_id: int) -> bool:
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM rankings WHERE labeler = ? AND prompt_id = ?",
+                                      (labeler, prompt_id)).fetchone() is not None
+
     def ranked_by_others(self, labeler: str) -> set[int]:
         with self._lock:
             return {pid for (pid,) in self._conn.execute(

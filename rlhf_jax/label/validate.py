@@ -126,6 +126,10 @@ def _flags(value, rid: int) -> tuple[str, ...]:
 def _seconds(value) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ApiError(422, f"seconds: expected a number >= 0, got {value!r}")
-    return float(value)
+    try:  # an integer beyond float's range (JSON allows any) overflows
+        seconds = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ApiError(422, f"seconds: expected a number >= 0, got {str(value)[:40]}")
+    return seconds

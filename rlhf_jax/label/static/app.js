@@ -25,7 +25,11 @@ async function api(path, body) {
   const response = await fetch(path, body === undefined ? {} : {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
   const data = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(data.error || `the server answered ${response.status}`);
+  if (!response.ok) {
+    const error = new Error(data.error || `the server answered ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
   return data;
 }
 
@@ -182,11 +186,16 @@ function onKey(event, id) {
 async function submit() {
   const task = state.task;
   const flags = Object.fromEntries(Object.entries(state.flags).filter(([, f]) => f.length));
-  const data = await api("/api/rankings", {labeler: state.labeler, prompt_id: task.prompt_id, order: state.levels,
-                                           ratings: state.ratings, flags,
-                                           seconds: (performance.now() - state.shownAt) / 1000});
-  showProgress(data.done, data.target);
-  say("Saved.");
+  try {
+    const data = await api("/api/rankings", {labeler: state.labeler, prompt_id: task.prompt_id, order: state.levels,
+                                             ratings: state.ratings, flags,
+                                             seconds: (performance.now() - state.shownAt) / 1000});
+    showProgress(data.done, data.target);
+    say("Saved.");
+  } catch (error) {
+    if (error.status !== 409) throw error;  // a prompt taken by another labeler, or labeling finished: move on
+    say(`Not saved: ${error.message}`, true);
+  }
   await loadNext();
 }
 
