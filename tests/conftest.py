@@ -94,6 +94,8 @@ FULL_TIER = (
     # LoRA beyond its SFT run, PEFT export and exactness at initialisation (the fast tier): resume (bitwise, as
     # test_train's), rm, the stages' reference rules, the mesh, the one-copy check and the dry run's column
     "test_lora_stages.py::test_lora_sft_resumes_bitwise",
+    "test_lora_stages.py::test_evaluation_merges_a_lora_checkpoint_on_a_bf16_base",  # an sft run of its own
+    "test_lora_stages.py::test_whole_weights_in_bf16_are_warned_about",  # two sft runs
     "test_lora_stages.py::test_lora_rm_trains_adapters_and_its_scalar_head",
     "test_lora_stages.py::test_lora_grpo_reference_is_the_base_and_exports",
     "test_lora_stages.py::test_lora_ppo_starts_at_its_reference_moves_away_from_it_and_exports",
