@@ -134,6 +134,32 @@ def test_left_truncation_keeps_the_chat_template_head(bos_tokenizer):
     assert not cut and short == head + [vocab["w0"], vocab["w1"]] + tail
 
 
+def test_left_truncation_keeps_the_head_when_the_prompt_merges_into_its_last_token():
+    """ChatML's head ends in "user\n"; HH-RLHF's prompts start with "\n\nHuman:", and a tokenizer that joins
+    newlines encodes "\n\n\n" as one token: the head's last id is not there, and the whole head was dropped."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["\n\nHuman: hello there\n\nAssistant: fine"] * 50 + ["system\nuser\nassistant\n"] * 20
+                            + ["x\n\n\ny"] * 30, trainers.BpeTrainer(
+                                vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = ("<|im_start|>system\nBe helpful.<|im_end|>\n{% for m in messages %}<|im_start|>"
+                          "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    encode = PromptEncoder(fast, max_tokens=30, chat_template=True)
+    prompt = "\n\nHuman: hello there" * 8 + "\n\nAssistant:"
+    assert encode.encode_full(prompt)[:len(encode.head)] != encode.head  # the merge
+    ids, cut = encode(prompt)
+    assert cut and len(ids) == 30
+    text = fast.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe helpful.<|im_end|>\n<|im_start|>user"), text
+    assert text.endswith("hello there\n\nAssistant:<|im_end|>\n<|im_start|>assistant\n"), text
+
+
 def test_one_encoder_serves_training_and_generation(bos_tokenizer):
     """The data pipeline and the generator's batches encode a prompt identically (template and truncation)."""
     from rlhf_jax.config import DataSection

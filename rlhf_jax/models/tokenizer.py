@@ -83,8 +83,10 @@ class PromptEncoder:
         P = self.max_tokens
         if len(ids) <= P:
             return ids, False
-        head = self.head if ids[:len(self.head)] == self.head else []
-        return head + ids[len(ids) - (P - len(head)):], True
+        # as much of the head as the ids start with: a prompt's first characters can merge with the head's last
+        # token (a template ending in "user\n" before HH-RLHF's "\n\nHuman:" and a tokenizer that joins newlines)
+        k = next((i for i, (x, y) in enumerate(zip(ids, self.head)) if x != y), len(self.head))
+        return ids[:k] + ids[len(ids) - (P - k):], True
 
     def batch(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
         """(ids_BP, mask_BP, how many prompts were cut): every prompt encoded, left-padded to the longest."""
