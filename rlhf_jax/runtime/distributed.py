@@ -170,6 +170,15 @@ def max_over_processes(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(x, np.int64))).max(axis=0)
 
 
+def sum_over_processes(x: np.ndarray) -> np.ndarray:
+    """The element-wise sum of an integer array over every process (`x` itself with one process)."""
+    if not is_multiprocess():
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x, np.int64))).sum(axis=0)
+
+
 def broadcast_json(value):
     """Process 0's JSON-serialisable `value`, on every process."""
     return all_gather_json(value)[0] if is_multiprocess() else value

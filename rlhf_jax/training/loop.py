@@ -23,6 +23,7 @@ import math
 import time
 
 import jax
+import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.errors import DivergedError, Interrupted
@@ -68,6 +69,9 @@ class TrainingLoop:
         # the count of cut examples goes on from the checkpoint's: a resumed run logs what a straight one does
         self._items, self._stopping = 0, False
         self._truncated = int(run.facts.get("truncated_examples", 0)) if start > 0 else 0
+        # this process's items and cut examples since they were last added up over the processes (each process
+        # sees its own rows of a batch)
+        self._items_here, self._truncated_here = 0, 0
         self._window_start = time.perf_counter()
 
     def __enter__(self):
@@ -98,9 +102,10 @@ class TrainingLoop:
         """Records the step just dispatched; on a log step its metrics are kept on the device until the next
         step is dispatched. The previous log step's metrics are fetched, checked and written now."""
         self._flush()
-        self._items += int(items)
-        self._truncated += int(truncated)
+        self._items_here += int(items)
+        self._truncated_here += int(truncated)
         if self.cadence.log(step):
+            self._add_up()
             self._pending = (step, metrics, self._items)
             self._items = 0
 
@@ -126,10 +131,19 @@ class TrainingLoop:
         if not (self.cadence.save(step) or self._stopping):
             return
         self._flush()
+        self._add_up()
         self.run.facts["truncated_examples"] = self._truncated
         with self.signals.holding_second():
             self.run.save(step, state, data_iter)
         self._window_start = time.perf_counter()
+
+    def _add_up(self) -> None:
+        """Adds every process's items and cut examples since the last call to the totals (a collective: every
+        process calls it at the same step, a log or a save step)."""
+        items, truncated = distributed.sum_over_processes(np.asarray([self._items_here, self._truncated_here]))
+        self._items += int(items)
+        self._truncated += int(truncated)
+        self._items_here, self._truncated_here = 0, 0
 
     def _flush(self) -> None:
         """Fetches, checks and writes the pending log step's metrics."""
