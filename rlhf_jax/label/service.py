@@ -68,8 +68,7 @@ class LabelService:
                 if pid in self.store.ranked_by_others(name):
                     raise ApiError(409, f"prompt_id: prompt {pid} is ranked by another labeler (it is not shared)")
                 if self.assigner.held_for_another(pid, name):
-                    raise ApiError(409, f"prompt_id: prompt {pid} is held for another labeler (shown to them "
-                                        "since this page was)")
+                    raise ApiError(409, f"prompt_id: prompt {pid} is held for another labeler (it is not shared)")
             self.store.save_ranking(ranking, time.time())
             done = self.goal.done()
         self.on_saved(done)
