@@ -223,9 +223,21 @@ def save_safetensors(tensors: dict, path: Path) -> None:
         save_file(tensors, str(path), metadata={"format": "pt"})
     except SafetensorError as e:
         raise OSError(f"{Path(path).name}: {os_reason(e)}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc); elsewhere set for an instant to
+    the strictest value, so that a file another thread creates meanwhile is private, never open to all."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path: Path, text: str) -> Path:
