@@ -206,9 +206,11 @@ worker_number='w=$(curl -sf --max-time 5 -H "Metadata-Flavor: Google" '$metadata
 worker_number+=' || hostname | sed -n "s/.*-w-\([0-9]*\)$/\1/p"); w=${w:-0}'
 
 if [ "$stop" = 1 ]; then
-    # Only a pid that is still the run's (a finished run's may have been reused by another process).
+    # Only a pid that is still the run's (a finished run's may have been reused by another process): single_host.sh,
+    # which execs python -m rlhf_jax.main under the same pid.
     # shellcheck disable=SC2016
-    stop_job="pid=\$(cat $logs/run.pid 2>/dev/null) && grep -qa single_host.sh /proc/\$pid/cmdline 2>/dev/null"
+    stop_job="pid=\$(cat $logs/run.pid 2>/dev/null) && grep -qaE 'single_host.sh|rlhf_jax[.]main' /proc/\$pid/cmdline"
+    stop_job+=" 2>/dev/null"
     stop_job+=" && kill -TERM \"\$pid\""
     remote "if $stop_job; then echo \"\$(hostname): SIGTERM to \$pid\"; else echo \"\$(hostname): no run\"; fi"
     exit 0
@@ -229,9 +231,14 @@ if [ "$dry_run" = 1 ]; then
     echo "# only if the describe fails (no such TPU VM):"
     quote "${create[@]}"
 elif state=$(gcloud compute tpus tpu-vm describe "$name" "${where[@]}" --format 'value(state)' 2>/dev/null); then
-    echo "tpu_pod.sh: reusing TPU VM $name ($state)" >&2
-    [ "$state" = READY ] || echo "tpu_pod.sh: warning: $name is $state, not READY (a preempted Spot slice must" \
-        "be deleted and created again: rerun with --delete, then without)" >&2
+    if [ "$state" = PREEMPTED ]; then  # a preempted Spot slice cannot be restarted: it is made again
+        echo "tpu_pod.sh: TPU VM $name was preempted: deleting and creating it again" >&2
+        run gcloud compute tpus tpu-vm delete "$name" "${where[@]}" --quiet
+        run "${create[@]}"
+    else
+        echo "tpu_pod.sh: reusing TPU VM $name ($state)" >&2
+        [ "$state" = READY ] || echo "tpu_pod.sh: warning: $name is $state, not READY" >&2
+    fi
 else
     run "${create[@]}"
 fi
@@ -255,7 +262,12 @@ if [ "$skip_install" = 0 ]; then
     run gcloud compute tpus tpu-vm scp "$tarball" "$name:rlhf_jax.tar.gz" "${where[@]}" --worker=all
     py=$(quote "$python")
     install="set -e; rm -rf ~/rlhf_jax.new; mkdir -p ~/rlhf_jax.new; tar -xzf ~/rlhf_jax.tar.gz -C ~/rlhf_jax.new"
-    install+="; if [ -d ~/rlhf_jax/.venv ]; then mv ~/rlhf_jax/.venv ~/rlhf_jax.new/; fi"
+    # What the tarball does not bring (the venv, runs/ and datasets under a relative run_dir or data.dir, caches)
+    # moves across whole: a reinstall to resume keeps the checkpoints.
+    # shellcheck disable=SC2016
+    install+='; for f in ~/rlhf_jax/* ~/rlhf_jax/.[!.]* ~/rlhf_jax/..?*; do [ -e "$f" ] || continue'
+    # shellcheck disable=SC2016
+    install+='; [ -e ~/rlhf_jax.new/"${f##*/}" ] || mv "$f" ~/rlhf_jax.new/; done'
     install+="; rm -rf ~/rlhf_jax; mv ~/rlhf_jax.new ~/rlhf_jax; cd ~/rlhf_jax"
     install+="; if [ ! -x .venv/bin/python ] && ! { command -v $py >/dev/null && $py -m venv .venv; }; then"
     install+=" rm -rf .venv; sudo apt-get update -qq; sudo apt-get install -y -qq $py $py-venv; $py -m venv .venv; fi"

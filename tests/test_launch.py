@@ -160,17 +160,42 @@ def test_tpu_pod_stop_signals_only_a_process_that_is_still_the_run(tmp_path):
     script = _flag(stop[0], "--command")
     (tmp_path / "rlhf_jax_logs").mkdir()
     other = subprocess.Popen(["sleep", "30"])
-    job = subprocess.Popen(["bash", "-c", "exec -a launch/single_host.sh sleep 30"])
+    # the run's pid is single_host.sh's until it execs python -m rlhf_jax.main
+    starting = subprocess.Popen(["bash", "-c", "exec -a launch/single_host.sh sleep 30"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m", "rlhf_jax.main"])
     try:
-        for proc, said in ((other, "no run"), (job, f"SIGTERM to {job.pid}")):
+        for proc, said in ((other, "no run"), (starting, f"SIGTERM to {starting.pid}"),
+                           (running, f"SIGTERM to {running.pid}")):
             (tmp_path / "rlhf_jax_logs" / "run.pid").write_text(f"{proc.pid}\n")
             out = run(["bash", "-c", script], env={"HOME": str(tmp_path)})
             assert out.stdout.strip().endswith(said), out
-        assert job.wait(timeout=10) == -signal.SIGTERM
+        assert starting.wait(timeout=10) == -signal.SIGTERM and running.wait(timeout=10) == -signal.SIGTERM
         assert other.poll() is None
     finally:
-        other.kill()
-        job.kill()
+        for proc in (other, starting, running):
+            proc.kill()
+
+
+def test_tpu_pod_reinstall_keeps_what_the_tarball_does_not_bring(tmp_path):
+    """A rerun to resume installs the project again: runs/ under a relative run_dir (and the venv) stay, files
+    gone from the project go."""
+    cmds = commands(run([LAUNCH / "tpu_pod.sh", "--dry-run", *TPU_ARGS]).stdout)
+    install = next(_flag(c, "--command") for c in cmds if c[0] == "gcloud" and "tar -xzf" in " ".join(c))
+    home = tmp_path / "home"
+    old = home / "rlhf_jax"
+    for path in ("runs/sft/checkpoints/100/state", "rlhf_jax/gone.py", ".venv/bin/python", ".venv/bin/pip"):
+        (old / path).parent.mkdir(parents=True, exist_ok=True)
+        write_exe(old / path, "#!/usr/bin/env bash\nexit 0\n")
+    new = tmp_path / "new"
+    (new / "rlhf_jax").mkdir(parents=True)
+    (new / "rlhf_jax" / "main.py").write_text("")
+    with tarfile.open(home / "rlhf_jax.tar.gz", "w:gz") as tar:
+        tar.add(new / "rlhf_jax", arcname="rlhf_jax")
+    out = run(["bash", "-c", install], env={"HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    assert (old / "runs/sft/checkpoints/100/state").exists() and (old / ".venv/bin/pip").exists()
+    assert (old / "rlhf_jax/main.py").exists() and not (old / "rlhf_jax/gone.py").exists()
+    assert not (home / "rlhf_jax.new").exists()
 
 
 def test_tpu_pod_dry_run_variants():
@@ -208,7 +233,7 @@ with open(os.environ["GCLOUD_LOG"], "a") as f:
     f.write(json.dumps(["gcloud", *args]) + "\\n")
 verb = args[3]
 if verb == "describe":
-    print("READY")
+    print(os.environ.get("FAKE_STATE", "READY"))
     sys.exit(int(os.environ.get("FAKE_DESCRIBE_RC", "1")))
 if verb == "scp":
     shutil.copy(args[4], os.environ["GCLOUD_LOG"] + ".tar.gz")
@@ -240,6 +265,13 @@ def test_tpu_pod_runs_what_the_dry_run_prints(fake_gcloud):
     assert out.returncode == 0, out.stderr
     assert [c[4] for c in map(json.loads, log.read_text().splitlines())] == ["describe", "ssh"]
     assert "reusing TPU VM rl-pod (READY)" in out.stderr
+
+    log.unlink()  # a preempted Spot slice is made again: rerunning the same command resumes
+    spot = ["--name", "rl-pod", "--zone", "us-east5-a", "--config", "configs/demo.yaml", "--skip-install", "--spot"]
+    out = run([LAUNCH / "tpu_pod.sh", *spot], env={**env, "FAKE_DESCRIBE_RC": "0", "FAKE_STATE": "PREEMPTED"})
+    assert out.returncode == 0, out.stderr
+    ran = list(map(json.loads, log.read_text().splitlines()))
+    assert [c[4] for c in ran] == ["describe", "delete", "create", "ssh"] and "--spot" in ran[2], ran
 
 
 @pytest.mark.parametrize("worker", [0, 1])
