@@ -25,6 +25,10 @@ def inputs(demo_run, tmp_path_factory):
     prompt_file.write_text("".join(f"Review #{n} of the {thing}:\n" for n in (1, 2) for thing in ("lamp", "bike")))
     (root / "rm_run" / "checkpoints").mkdir(parents=True)  # what an rm run looks like to the evaluator
     (root / "rm_run" / "config.json").write_text(json.dumps({"stage": "rm"}))
+    short = shutil.copytree(run / "sft" / "export", root / "shortpos")  # a policy of 16 positions
+    meta = json.loads((short / "model.json").read_text())
+    meta["config"]["max_position_embeddings"] = 16
+    (short / "model.json").write_text(json.dumps(meta))
     return {"root": root, "sft": run / "sft" / "export", "rm": run / "rm" / "export", "ppo": run / "ppo",
             "data": run / "data", "prompt_file": prompt_file, "ppo_saves": demo_run["ppo_saves"]}
 
@@ -136,6 +140,8 @@ def test_all_steps_evaluates_every_saved_step_and_skips_an_interrupted_save(inpu
     (["--policy", "{sft}", "--gold", "rlhf_jax.tasks.sentiment:nothing"], "has no function 'nothing'"),
     (["--policy", "{sft}", "--prompts", "{root}/empty.txt"], "error: --prompts {root}/empty.txt: no prompts"),
     (["--policy", "{sft}", "--max-new-tokens", "5000"], " + --max-new-tokens (5000) = "),
+    (["--policy", "{root}/shortpos"], "error: --policy {root}/shortpos: the longest prompt ("),  # only the reference's
+    (["--policy", "{sft}", "--prompts", "{data}/prompts:nosuch"], "--prompts {data}/prompts:nosuch: "),
 ])
 def test_wrong_inputs_fail_in_one_line(inputs, flags, fragment):
     flags = [f.format(**inputs) for f in flags]

@@ -163,3 +163,14 @@ def test_a_rerun_into_the_same_directory_leaves_no_plot_of_the_earlier_one(tmp_p
     second = report_lib.write_report(tmp_path, make_report(gold=False, steps=False), [])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in second) == ["report.json",
                                                                                            "report.md"]
+
+
+def test_the_verdict_says_when_the_kl_is_not_of_the_sampled_distributions():
+    """Greedy or filtered sampling draws from other distributions than the ones whose KL is reported."""
+    report = make_report()
+    assert report_lib.verdict(report)[1].endswith("at a KL of 4.50 nats from the reference.")
+    report["kl_of_sampled_distributions"] = False
+    line = report_lib.verdict(report)[1]
+    assert line.endswith("at a KL of 4.50 nats from the reference (of the unfiltered distributions: the responses "
+                         "were drawn greedily or filtered)."), line
+    assert line in report_lib.markdown_report(report, [])

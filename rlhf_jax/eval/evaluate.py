@@ -136,7 +136,7 @@ class Evaluator:
         self.programs = Programs(mesh, SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos),
                                                       PAD_ID), cfg.model.dtype)
         self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
-        width = self.batches[0][2].shape[1]
+        self.width = width = self.batches[0][2].shape[1]
         for what, model in (("", self.reference), (f"eval.reward_model={e.reward_model}: ", reward)):
             if model is not None:
                 check_positions(model.cfg, width + s.max_new_tokens, f"{what}the longest prompt ({width} tokens) + "
@@ -202,17 +202,20 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     gold_fn = load_gold(e.gold)
     filtered = s.temperature == 0 or s.top_k > 0 or s.top_p < 1
     if filtered and distributed.is_primary():  # the log-probs are the full distributions', not the filtered ones
-        print("warning: sampling is greedy or filtered (sampling.temperature 0, top_k or top_p): the KL columns "
+        print("warning: sampling is greedy or filtered (a temperature of 0, top-k or top-p): the KL columns "
               "compare the unfiltered distributions, not the ones the responses were drawn from", file=sys.stderr)
     prompts = load_prompts(e.prompts, e.limit)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sources = policy_sources(e.policies, e.step, e.all_steps)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # each once (a run's steps are listed twice)
+        print(f"warning: {message}", file=sys.stderr)
     ev = Evaluator(cfg, prompts, gold_fn, mesh)
-    for source in sources:  # a policy that reads other tokens stops the run before the first sample
-        ev.check_vocab(policy_meta(source), str(source.path))
+    for source in sources:  # a policy that reads other tokens or positions stops the run before the first sample
+        meta = policy_meta(source)
+        ev.check_vocab(meta, str(source.path))
+        check_positions(meta.cfg, ev.width + s.max_new_tokens, f"{source.path}: the longest prompt ({ev.width} "
+                        f"tokens) + sampling.max_new_tokens ({s.max_new_tokens})")
     rm_accuracy, labels = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
     rows, samples, logged = [], [], []

@@ -38,7 +38,10 @@ def open_dataset(path: Path, split: str, key: str):
     if not (path / VERSION / "dataset_info.json").exists():
         raise UserError(f"{key}={path}: neither a prompt file nor a prepared dataset directory "
                         "(python -m rlhf_jax.data ... --data-dir DIR --name NAME makes DIR/NAME)")
-    return open_split(path.parent, path.name, split)
+    try:
+        return open_split(path.parent, path.name, split)
+    except UserError as e:  # e.g. no such split: named as given
+        raise UserError(f"{key}={path}:{split}: {e}") from None
 
 
 def load_gold(spec: str) -> Callable | None:

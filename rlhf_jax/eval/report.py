@@ -100,7 +100,9 @@ def verdict(report: dict) -> list[str]:
     if gold:
         details.append(f"the gold score goes from {ref['gold_score_mean']:.2f} to {p['gold_score_mean']:.2f}")
     details[0] = details[0][0].upper() + details[0][1:]
-    lines.append("; ".join(details) + f", at a KL of {p['kl']:.2f} nats from the reference.")
+    unfiltered = "" if report.get("kl_of_sampled_distributions", True) else \
+        " (of the unfiltered distributions: the responses were drawn greedily or filtered)"
+    lines.append("; ".join(details) + f", at a KL of {p['kl']:.2f} nats from the reference{unfiltered}.")
     if report.get("rm_accuracy") is not None:
         ceiling = report.get("labeler_ceiling")
         lines.append(f"The reward model orders {100 * report['rm_accuracy']:.1f}% of held-out labeled pairs "
