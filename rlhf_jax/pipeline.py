@@ -93,8 +93,10 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
         if not isinstance(body, Mapping):
             raise ConfigError(f"pipeline.{name}: expects a stage config with its `stage`")
     for item in overrides:  # in order, the later winning
-        key, _, value = item.partition("=")
+        key, equals, value = item.partition("=")
         key = key.strip()
+        if not equals:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=1e-5")
         if key.startswith("pipeline."):
             name, rest = _step_key(key, bodies)
             _step_error(name, lambda: apply_override(bodies[name], f"{rest}={value}"))
@@ -108,13 +110,19 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[Path, list[Step]]:
             if key != "run_dir":  # a key for every step: also over the value a step sets itself
                 for name in bodies:
                     _step_error(name, lambda: apply_override(bodies[name], item))
-    run_dir = str(Path(str(data.pop("run_dir", "runs/pipeline"))))  # as Path spells it: one spelling per run_dir
+    run_dir = data.pop("run_dir", "runs/pipeline")
+    if not isinstance(run_dir, str) or not run_dir.strip():
+        raise ConfigError(f"'run_dir' expects the pipeline's directory, got {run_dir!r}")
+    run_dir = str(Path(run_dir))  # as Path spells it: one spelling per run_dir
     rounds, repeat = _rounds(data.pop("rounds", None), data.pop("repeat", None), list(bodies))
+    config_from_dict(data)  # the shared keys' schema, also where every step sets the section itself
     for name, body in bodies.items():
         if "stage" not in body:
             raise ConfigError(f"pipeline.{name}: expects a stage config with its `stage`")
         if body.get("run_dir") is not None:
             raise ConfigError(f"pipeline.{name}.run_dir: a step runs in {run_dir}/{name}; set the pipeline's run_dir")
+        # the schema before anything below reads a section (a list or a number where a section belongs)
+        _step_error(name, lambda: config_from_dict({**_merge(data, body), "run_dir": f"{run_dir}/{name}"}))
     _check_references(data, bodies)
     steps = []
     for name, merged in _in_rounds({name: _merge(data, body) for name, body in bodies.items()}, rounds, repeat):
@@ -135,6 +143,8 @@ def _step_key(key: str, bodies: Mapping) -> tuple[str, str]:
     for name in sorted(bodies, key=len, reverse=True):
         if rest.startswith(name + "."):
             return name, rest[len(name) + 1:]
+    if rest in bodies:
+        raise ConfigError(f"override {key!r} names a step; set its keys, e.g. '{key}.train.steps=...'")
     raise ConfigError(f"override {key!r}: no step {rest.partition('.')[0]!r}; steps: {list(bodies)}")
 
 
@@ -171,7 +181,7 @@ def _in_rounds(merged: dict[str, dict], rounds: int, repeat: list[str]) -> list[
         return list(merged.items())
     stage = {name: merged[name].get("stage") for name in repeat}
     one = {kind: next((n for n in repeat if stage[n] == kind), None) for kind in ("label", "rm", "ppo")}
-    datasets = {str((merged[n].get("label") or {}).get("dataset", "rankings")) for n in repeat if stage[n] == "label"}
+    datasets = {str(_get(merged[n], "label.dataset") or "rankings") for n in repeat if stage[n] == "label"}
     first = list(merged).index(repeat[0])
     out = [(name, merged[name]) for name in list(merged)[:first]]
     for r in range(1, rounds + 1):
@@ -193,7 +203,7 @@ def _in_rounds(merged: dict[str, dict], rounds: int, repeat: list[str]) -> list[
 
 def _this_round(body: dict, r: int, repeat: list[str], datasets: set[str]) -> dict:
     """`body` reading round r's results: `{run_dir}/NAME` of a repeated step and the label datasets."""
-    data_dir = str((body.get("data") or {}).get("dir", "data"))
+    data_dir = str(_get(body, "data.dir") or "data")
 
     def rewrite(text: str) -> str:
         text = REFERENCE.sub(lambda m: f"{{run_dir}}/round{r}/{m.group(1)}" if m.group(1) in repeat
@@ -234,7 +244,9 @@ def _get(body: Mapping, key: str):
 def _set(body: dict, key: str, value) -> None:
     *sections, last = key.split(".")
     for part in sections:
-        body = body.setdefault(part, {})
+        if not isinstance(body.get(part), dict):  # absent, or null (a section of defaults)
+            body[part] = {}
+        body = body[part]
     body[last] = value
 
 
@@ -251,7 +263,7 @@ def _check_references(shared: Mapping, bodies: Mapping[str, Mapping]) -> None:
     A shared key applies to every step, so it needs only name some step."""
     names = list(bodies)
     for i, (name, body) in enumerate([("", shared), *bodies.items()]):
-        data_dir = str(_merge(shared, body).get("data", {}).get("dir", "data"))
+        data_dir = str(_get(_merge(shared, body), "data.dir") or "data")
         for key, text in _strings(body):
             if key in OUTPUT_KEYS:
                 continue

@@ -13,6 +13,7 @@ import difflib
 import functools
 import json
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -52,8 +53,13 @@ def _show(value: Any) -> str:
     """Short one-line rendering of a user value for error messages."""
     if isinstance(value, tuple):
         value = list(value)
-    text = repr(value)  # repr escapes newlines, keeping messages on one line
+    # reprlib: a YAML alias bomb (millions of shared leaves) is shown without building its whole text
+    text = _short_repr.repr(value)  # escapes newlines, keeping messages on one line
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_short_repr = reprlib.Repr()
+_short_repr.maxlevel, _short_repr.maxlist, _short_repr.maxdict, _short_repr.maxstring = 3, 8, 8, 80
 
 
 def _optional_inner(tp: Any) -> Any | None:
@@ -327,6 +333,8 @@ def read_yaml_mapping(path: str) -> dict:
         raise ConfigError(f"config file {path!r}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r}: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path!r}: nested too deeply") from None
     if data is None:  # an empty file is more likely a mistake (wrong or truncated file) than a wish for defaults
         raise ConfigError(f"config file {path!r}: holds no settings (expected a mapping of config keys)")
     if not isinstance(data, Mapping):
@@ -349,6 +357,8 @@ def apply_override(cls: type, data: dict, item: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text  # let type conversion report it against the key
+    except RecursionError:
+        raise ConfigError(f"override {key!r}: the value is nested too deeply") from None
     if leaves[key] is str and not isinstance(value, str):
         # `run_dir=2024` or `model.path=` should mean the literal text, not int/None.
         value = text.strip()

@@ -152,10 +152,25 @@ def test_wrong_type(override, key, fragment):
     (["mesh.axes=[data, data, tensor]"], "'mesh.axes'", "unique"),
     (["mesh.shape=[-1,-1,1]"], "'mesh.shape'", "at most one -1"),
     (["mesh.shape=[0,1,1]"], "'mesh.shape'", ">= 1 or -1"),
+    (["seed=-1"], "'seed'", "must be from 0 to 2^32 - 1, got -1"),  # numpy's and jax's seeds: a traceback before
+    (["seed=4294967296"], "'seed'", "must be from 0 to 2^32 - 1"),
+    (["run_dir="], "'run_dir'", "must name a directory"),  # was the current directory
+    (["optim.lr=" + "[" * 3000], "'optim.lr'", "nested too deeply"),
 ])
 def test_bad_value(overrides, key, fragment):
     message = _error(overrides)
     assert key in message and fragment in message
+
+
+def test_every_section_is_type_checked(tmp_path):
+    """runtime.compile_cache: 123 passed --check and failed with a TypeError when the stage started."""
+    path = tmp_path / "c.yaml"
+    path.write_text("runtime: {compile_cache: 123}\n")
+    with pytest.raises(ConfigError, match="'runtime.compile_cache' expects a string, got 123"):
+        load_config(str(path))
+    path.write_text("optim: {lr: " + "[" * 600 + "]" * 600 + "}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(str(path))
 
 
 def test_malformed_overrides():

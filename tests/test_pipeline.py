@@ -78,6 +78,17 @@ def test_steps_merge_shared_keys_substitute_run_dir_and_take_overrides(tmp_path)
      "pipeline.report: stage 'eval' needs eval.reference"),
     (PIPELINE + "  data:\n    stage: prepare\n    prepare: {{format: csv, inputs: [x], name: d}}\n", [],
      "pipeline.data: prepare.format='csv': unknown"),
+    # found by --check too, not when the step starts after the ones before it have trained
+    (PIPELINE, ["pipeline.second.optim.grad_accum_steps=3"], "pipeline.second: train.batch_size=16 is not divisible"),
+    (PIPELINE, ["pipeline.second.train.steps=0"], "pipeline.second: set train.steps or train.epochs"),
+    (PIPELINE, ["pipeline.second.data.pack=true", "pipeline.second.train.steps=0", "pipeline.second.train.epochs=1"],
+     "pipeline.second: train.epochs cannot be used with data.pack"),
+    # the schema before anything reads a section; overrides and run_dir as the rest of the config
+    (PIPELINE.replace("train: {{batch_size: 16}}", "data: [1]"), [], "'data' expects a mapping, got [1]"),
+    (PIPELINE.replace("run_dir: {root}/run", "run_dir:"), [], "'run_dir' expects the pipeline's directory"),
+    (PIPELINE, ["run_dir="], "'run_dir' expects the pipeline's directory, got ''"),
+    (PIPELINE, ["pipeline.second.model.path"], "override 'pipeline.second.model.path' must look like key=value"),
+    (PIPELINE, ["pipeline.second=1"], "override 'pipeline.second' names a step; set its keys"),
     (PIPELINE + "  rank:\n    stage: label\n    model: {{path: m}}\n    data: {{name: p}}\n"
                 "    label: {{labeler: 'no_such_module:f'}}\n", [],
      "pipeline.rank: label.labeler='no_such_module:f': cannot import"),

@@ -481,7 +481,7 @@ def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["ppo.reward_model="], "needs ppo.reward_model"),
-    (["ppo.minibatches=3"], "ppo.minibatches=3 does not divide train.batch_size=16"),
+    (["ppo.minibatches=3"], "train.batch_size=16 must split into ppo.minibatches=3 minibatches"),
     (["ppo.minibatches=4"], "train.batch_size=16 must split into ppo.minibatches=4 minibatches divisible by the 8"),
     (["ppo.ptx_coef=1"], "ppo.ptx_coef > 0 needs ppo.ptx_dataset"),
     (["ppo.ptx_coef=1", "ppo.ptx_dataset=asks"], "ppo.ptx_dataset='asks' is a 'prompts' dataset"),

@@ -105,6 +105,9 @@ class RuntimeSection:
                                                       "program compiles once per machine); empty = off; "
                                                       "$JAX_COMPILATION_CACHE_DIR wins when set")
 
+    def __post_init__(self):
+        coerce(self)
+
 
 @dataclass(frozen=True)
 class SamplingSection:
@@ -386,6 +389,8 @@ class Config:
 
     def __post_init__(self):
         coerce(self)
+        check(self, "run_dir", bool(self.run_dir.strip()), "must name a directory")
+        check(self, "seed", 0 <= self.seed < 2 ** 32, "must be from 0 to 2^32 - 1")
 
 
 def config_from_dict(d: Mapping) -> Config:

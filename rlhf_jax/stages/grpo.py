@@ -33,7 +33,7 @@ from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
 from rlhf_jax.training.state import (
-    check_lora, export, export_adapter, frozen_shardings, initial_params,
+    check_duration, check_lora, export, export_adapter, frozen_shardings, initial_params,
     param_shardings, report_sharding, split_trainable, stage_model, state_shardings, total_steps)
 from rlhf_jax.training.steps import whole_params
 
@@ -55,6 +55,7 @@ def check_config(cfg: Config) -> None:
     if not cfg.data.name:
         raise UserError(f"stage {name!r} needs data.name (a prompts dataset: python -m rlhf_jax.data --format "
                         "jsonl_prompts ...)")
+    check_duration(cfg)
     rows, accum = cfg.train.batch_size * section.group_size, cfg.optim.grad_accum_steps
     if rows % section.minibatches or (rows // section.minibatches) % accum:
         micro = f" of optim.grad_accum_steps={accum} micro-batches each" if accum > 1 else ""

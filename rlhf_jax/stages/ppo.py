@@ -33,7 +33,7 @@ from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
 from rlhf_jax.training.state import (
-    check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params,
+    check_duration, check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params,
     param_shardings, report_sharding, split_trainable, stage_model, state_shardings, to_global, total_steps,
     trained_model)
 from rlhf_jax.training.steps import whole_params
@@ -47,9 +47,8 @@ def check_config(cfg: Config) -> None:
     if not cfg.data.name:
         raise UserError("stage 'ppo' needs data.name (a prompts dataset: python -m rlhf_jax.data --format "
                         "jsonl_prompts ...)")
-    if cfg.train.batch_size % cfg.ppo.minibatches:
-        raise UserError(f"ppo.minibatches={cfg.ppo.minibatches} does not divide train.batch_size="
-                        f"{cfg.train.batch_size} (the rollout batch)")
+    check_duration(cfg)
+    _check_splits(cfg, ways=1)  # the devices' share is checked with the mesh
     if cfg.ppo.ptx_coef and not cfg.ppo.ptx_dataset:
         raise UserError("ppo.ptx_coef > 0 needs ppo.ptx_dataset (a prepared sft dataset for the LM loss)")
     if cfg.ppo.ptx_dataset and not cfg.ppo.ptx_coef:
@@ -61,7 +60,10 @@ def check_config(cfg: Config) -> None:
 def check_sizes(cfg: Config, mesh) -> None:
     """Every minibatch of the rollout (and of the ptx rows) splits into optim.grad_accum_steps micro-batches over
     the data-parallel devices."""
-    ways = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    _check_splits(cfg, math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh)))
+
+
+def _check_splits(cfg: Config, ways: int) -> None:
     sizes = [("train.batch_size", cfg.train.batch_size)]
     if cfg.ppo.ptx_coef:
         sizes.append(("ppo.ptx_batch_size", _ptx_batch(cfg)))
@@ -69,8 +71,9 @@ def check_sizes(cfg: Config, mesh) -> None:
     for key, size in sizes:
         if size % cfg.ppo.minibatches or (size // cfg.ppo.minibatches) % (accum * ways):
             micro = f" of optim.grad_accum_steps={accum} micro-batches each" if accum > 1 else ""
-            raise UserError(f"{key}={size} must split into ppo.minibatches={cfg.ppo.minibatches} minibatches{micro} "
-                            f"divisible by the {ways} data-parallel devices")
+            devices = f" divisible by the {ways} data-parallel devices" if ways > 1 else ""
+            raise UserError(f"{key}={size} must split into ppo.minibatches={cfg.ppo.minibatches} minibatches{micro}"
+                            f"{devices}")
 
 
 def kl_on_resume(cfg: Config):

@@ -191,8 +191,7 @@ def to_global(batch: dict, mesh) -> dict:
 def micro_batch_size(cfg: Config, mesh) -> int:
     """Rows forwarded at once: train.batch_size / optim.grad_accum_steps, checked against the mesh."""
     batch, accum = cfg.train.batch_size, cfg.optim.grad_accum_steps
-    if batch % accum:
-        raise UserError(f"train.batch_size={batch} is not divisible by optim.grad_accum_steps={accum}")
+    check_micro_batches(cfg)
     sharding.check_batch_size(batch // accum, mesh, "train.batch_size" if accum == 1 else
                               f"train.batch_size / optim.grad_accum_steps ({batch} / {accum})")
     return batch // accum
@@ -205,17 +204,26 @@ def eval_batch_size(cfg: Config, mesh) -> int:
     return size
 
 
-def total_steps(cfg: Config, train_examples: int) -> int:
-    """train.steps, or the steps of train.epochs passes over the training split (never past the last epoch)."""
-    t = cfg.train
-    if t.steps:
-        return t.steps
-    if not t.epochs:
+def check_duration(cfg: Config) -> None:
+    """How long to train, checked without data (by --check, and by a pipeline before its first step)."""
+    if not cfg.train.steps and not cfg.train.epochs:
         raise UserError("set train.steps or train.epochs (passes over the training split)")
-    if cfg.data.pack:
+    if not cfg.train.steps and cfg.data.pack and cfg.stage in ("sft", "rm", "dpo"):
         raise UserError("train.epochs cannot be used with data.pack (the packed row count is not known in "
                         "advance); set train.steps")
-    return max(1, math.floor(t.epochs * train_examples / t.batch_size))
+
+
+def check_micro_batches(cfg: Config) -> None:
+    batch, accum = cfg.train.batch_size, cfg.optim.grad_accum_steps
+    if batch % accum:
+        raise UserError(f"train.batch_size={batch} is not divisible by optim.grad_accum_steps={accum}")
+
+
+def total_steps(cfg: Config, train_examples: int) -> int:
+    """train.steps, or the steps of train.epochs passes over the training split (never past the last epoch)."""
+    check_duration(cfg)
+    t = cfg.train
+    return t.steps or max(1, math.floor(t.epochs * train_examples / t.batch_size))
 
 
 # --------------------------------------------------------------------------------------------- evaluation and export
