@@ -89,7 +89,7 @@ def test_total_steps_needs_steps_or_epochs():
     with pytest.raises(UserError, match="train.steps or train.epochs"):
         training_state.total_steps(load_config(None, []), 100)
     with pytest.raises(UserError, match="data.pack"):
-        training_state.total_steps(load_config(None, ["train.epochs=1", "data.pack=true"]), 100)
+        training_state.total_steps(load_config(None, ["stage=sft", "train.epochs=1", "data.pack=true"]), 100)
 
 
 # ------------------------------------------------------------------------------------------------ prompts

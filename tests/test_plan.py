@@ -139,7 +139,7 @@ def test_config_and_flag_errors_are_one_line_before_anything_compiles(tmp_path):
         ([*SFT, "optim.lr=x"], "error: 'optim.lr' expects a float"),
         ([*SFT, "--device-memory", "lots"], "error: --device-memory 'lots': expected a number"),
         ([*SFT, "--peak-tflops", "0"], "error: --peak-tflops '0': must be > 0"),
-        (["stage=rm", "data.name=nowhere", f"data.dir={tmp_path}"],
+        (["stage=rm", "data.name=nowhere", f"data.dir={tmp_path}", "train.steps=2"],
          "error: data.max_responses: the rm dry run needs the response slots per prompt K"),
         (["stage=ppo", "data.name=prompts"], "error: stage 'ppo' needs ppo.reward_model"),
     ]:

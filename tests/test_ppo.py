@@ -602,8 +602,9 @@ def test_ppo_stage_with_ptx(ppo_inputs):
 
 
 def test_an_unused_ptx_dataset_is_announced(capsys):
-    from rlhf_jax.config import Config, DataSection
+    from rlhf_jax.config import Config, DataSection, TrainSection
 
-    cfg = Config(stage="ppo", data=DataSection(name="prompts"), ppo=PPOSection(reward_model="rm", ptx_dataset="corpus"))
+    cfg = Config(stage="ppo", data=DataSection(name="prompts"), train=TrainSection(steps=2),
+                 ppo=PPOSection(reward_model="rm", ptx_dataset="corpus"))
     ppo_stage.check_config(cfg)
     assert "warning: ppo.ptx_dataset='corpus' is not used: ppo.ptx_coef is 0" in capsys.readouterr().err

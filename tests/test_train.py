@@ -233,6 +233,11 @@ def test_rm_cli_accuracy_and_export(rm_run):
     assert loaded.extra["reward_norm"] == norm
     assert isinstance(norm["gain"], float) and isinstance(norm["bias"], float) and norm["gain"] > 0
     assert summary["reward_norm"] == norm
+    # best/ scores in normalised units too (PPO and eval read it from either; without it they used raw scores)
+    best = load_model(run_dir / "best")
+    best_step = min(_evals(run_dir), key=lambda m: m["eval_loss"])["step"]
+    assert set(best.extra["reward_norm"]) == set(norm) and best.extra["reward_norm"]["gain"] > 0
+    assert (best.extra["reward_norm"] == norm) == (best_step == 40), (best_step, best.extra, norm)
 
 
 def test_rm_bias_gain_normalises_reference_rewards(rm_run):

@@ -109,3 +109,67 @@ def test_several_processes_agree_on_a_stop_only_on_log_and_save_steps(tmp_path, 
         _drive(_run(tmp_path, events, log_every=2, save_every=3), 9, events, signal_at=5)
     assert asked == [False, False, False, True]  # steps 2 (log), 3 (save), 4 (log), 6 (both; signalled in 5)
     assert [e for e in events if e[0] == "save"] == [("save", 3), ("save", 6)]
+
+
+def _events(path) -> list:
+    """The events of a file on disk (TFRecord framing: length, its CRC, the Event, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, i, out = path.read_bytes(), 0, []
+    while i + 12 <= len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+        i += 12 + n + 4
+    return out
+
+
+def _tensorboard_steps(run_dir) -> list[int]:
+    """The step of every scalar on disk, in the order written."""
+    return [e.step for p in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")) for e in _events(p)
+            for _ in e.summary.value]
+
+
+def test_every_logged_step_is_in_the_tensorboard_file_at_once_and_a_resume_purges_the_rest(tmp_path):
+    """As metrics.jsonl: tensorboardX's SummaryWriter held up to two minutes of events in a queue, and a run killed
+    after a checkpoint and resumed from it rewrites only the steps after it, so a step held then was lost."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    from rlhf_jax.runtime.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path, "sft")
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": 1.0 / step, "lr": 0.1})
+    assert _tensorboard_steps(tmp_path) == [1, 1, 2, 2, 3, 3]  # before any close: what a kill leaves
+    resumed = MetricsWriter(tmp_path, "sft", resume_step=2)  # the attempt's step 3 is hidden from here on
+    resumed.write(3, {"loss": 0.25})
+    assert _tensorboard_steps(tmp_path) == [1, 1, 2, 2, 3, 3, 3]
+    events = [e for p in sorted((tmp_path / "tensorboard").glob("events.*")) for e in _events(p)]
+    assert [(e.step, e.session_log.status) for e in events if e.HasField("session_log")] == [(3, SessionLog.START)]
+    writer.close()
+    resumed.close()
+
+
+@pytest.mark.parametrize("save_every, eval_every", [(0, 0), (3, 0), (0, 3), (3, 5)])
+def test_the_rate_counts_training_time_only_however_saves_and_evaluations_fall(tmp_path, monkeypatch, save_every,
+                                                                              eval_every):
+    """10 items per step of 1 s on a fake clock, saves and evaluations of 100 s between log steps (every 4): the
+    rate is 10/s. Resetting the window at a save or evaluation dropped the time of the steps before it (20/s)."""
+    import rlhf_jax.training.loop as loop_module
+
+    clock = [0.0]
+    monkeypatch.setattr(loop_module.time, "perf_counter", lambda: clock[0])
+    rates = []
+    run = _run(tmp_path, [], log_every=4, save_every=save_every, eval_every=eval_every)
+    run.writer = SimpleNamespace(write=lambda step, metrics: rates.append(metrics.get("tokens_per_s")))
+    run.save = lambda *args: clock.__setitem__(0, clock[0] + 100)
+    with TrainingLoop(run, 0, 16, "sft", has_eval=bool(eval_every)) as loop:
+        for step in loop:
+            clock[0] += 1.0
+            loop.log(step, {"loss": 1.0}, items=10, truncated=0)
+            if loop.eval_due(step):
+                clock[0] += 100
+                loop.log_eval(step, {})
+            loop.save_when_due(step, "state", None)
+    assert [r for r in rates if r is not None] == pytest.approx([10.0] * 4), rates

@@ -16,7 +16,8 @@ class MetricsWriter:
     by the attempt that was cut off), so that every step is in metrics.jsonl once; TensorBoard purges them too."""
 
     def __init__(self, run_dir: str | os.PathLike, stage: str, resume_step: int | None = None):
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         self.enabled = _is_primary()  # with several processes, process 0 writes the run's metrics
         if not self.enabled:
@@ -28,17 +29,29 @@ class MetricsWriter:
         if resume_step is not None and path.exists():
             drop_lines_after(path, resume_step, stage)
         self._jsonl = open(path, "a")
-        purge = None if resume_step is None else resume_step + 1
-        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+        # TensorBoard's events written in this thread and flushed with each line, as metrics.jsonl is (tensorboardX's
+        # SummaryWriter queues them for a thread of its own, and its flush does not wait for that queue: a run
+        # killed after a checkpoint lost the steps before it, which its resume does not write again)
+        (self.run_dir / "tensorboard").mkdir(exist_ok=True)
+        # named by the second it opened, and a suffix that two writers of one second (a quick resume) do not share
+        self._tb = EventsWriter(str(self.run_dir / "tensorboard" / "events"), f".{time.time_ns() % 10 ** 9:09d}")
+        self._event = Event
+        if resume_step is not None:  # TensorBoard hides the earlier attempt's events after the checkpoint
+            self._tb.write_event(Event(wall_time=time.time(), step=resume_step + 1,
+                                       session_log=SessionLog(status=SessionLog.START)))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        from tensorboardX.summary import scalar
+
         values = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **values}) + "\n")
+        now = time.time()
+        self._jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": now, **values}) + "\n")
         self._jsonl.flush()
         for k, v in values.items():
-            self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+            self._tb.write_event(self._event(wall_time=now, step=step, summary=scalar(f"{self.stage}/{k}", v)))
+        self._tb.flush()
 
     def close(self) -> None:
         if not self.enabled:

@@ -143,7 +143,9 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
         best = run.facts["best_eval_loss"]
         if best is None or metrics["loss"] < best:
             run.facts["best_eval_loss"] = metrics["loss"]
-            export(run_dir / "best", whole(state), loaded, model)
+            # a reward model's best/ scores in the same normalised units as its export/ (PPO reads either)
+            norm = fit_reward_norm(cfg, stage, whole(state), tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
+            export(run_dir / "best", whole(state), loaded, model, norm)
         return metrics
 
     try:

@@ -65,14 +65,15 @@ class TrainingLoop:
         self.signals = StopSignals()
         # a finished run, run again, reports what it logged at its end
         self.last: dict = {} if start < total else logged_at(run, total)
-        self._pending: tuple | None = None  # (step, device metrics, items in its window) not yet fetched
+        self._pending: tuple | None = None  # (step, device metrics, items and seconds of its window) not fetched
         # the count of cut examples goes on from the checkpoint's: a resumed run logs what a straight one does
         self._items, self._stopping = 0, False
         self._truncated = int(run.facts.get("truncated_examples", 0)) if start > 0 else 0
         # this process's items and cut examples since they were last added up over the processes (each process
         # sees its own rows of a batch)
         self._items_here, self._truncated_here = 0, 0
-        self._window_start = time.perf_counter()
+        # the window of a log line: from the last log step's dispatch to this one's, less evaluations and saves
+        self._window_start, self._paused_s, self._pause_start = time.perf_counter(), 0.0, 0.0
 
     def __enter__(self):
         self.bar.__enter__()  # the bar ends its line before any error is printed
@@ -106,7 +107,9 @@ class TrainingLoop:
         self._truncated_here += int(truncated)
         if self.cadence.log(step):
             self._add_up()
-            self._pending = (step, metrics, self._items)
+            now = time.perf_counter()
+            self._pending = (step, metrics, self._items, now - self._window_start - self._paused_s)
+            self._window_start, self._paused_s = now, 0.0
             self._items = 0
 
     def eval_due(self, step: int) -> bool:
@@ -115,6 +118,7 @@ class TrainingLoop:
         due = self.cadence.eval(step)
         if due:
             self._flush()
+            self._pause_start = time.perf_counter()
         return due
 
     def log_eval(self, step: int, metrics: dict) -> None:
@@ -122,7 +126,7 @@ class TrainingLoop:
         if eval_metrics:
             self.run.writer.write(step, eval_metrics)
             self.last.update(eval_metrics)
-        self._window_start = time.perf_counter()
+        self._paused_s += time.perf_counter() - self._pause_start  # not training time
 
     def save_when_due(self, step: int, state, data_iter) -> None:
         """Saves `state` (and the data position) on the cadence, at the last step, or when a stop was asked; after
@@ -133,9 +137,10 @@ class TrainingLoop:
         self._flush()
         self._add_up()
         self.run.facts["truncated_examples"] = self._truncated
+        start = time.perf_counter()
         with self.signals.holding_second():
             self.run.save(step, state, data_iter)
-        self._window_start = time.perf_counter()
+        self._paused_s += time.perf_counter() - start  # not training time
 
     def _add_up(self) -> None:
         """Adds every process's items and cut examples since the last call to the totals (a collective: every
@@ -149,14 +154,12 @@ class TrainingLoop:
         """Fetches, checks and writes the pending log step's metrics."""
         if self._pending is None:
             return
-        step, metrics, items = self._pending
+        step, metrics, items, seconds = self._pending
         self._pending = None
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_metrics(metrics, step, self.run)
-        now = time.perf_counter()
-        metrics[self.rate_name] = items / (now - self._window_start)
+        metrics[self.rate_name] = items / max(seconds, 1e-9)
         metrics["truncated_examples"] = self._truncated  # over-length examples cut so far (resumes included)
-        self._window_start = now
         self.run.writer.write(step, metrics)
         self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "score_mean", "kl") if k in metrics},
                              rate=f"{metrics[self.rate_name]:.0f}")
