@@ -359,8 +359,9 @@ def apply_override(cls: type, data: dict, item: str) -> None:
         value = text  # let type conversion report it against the key
     except RecursionError:
         raise ConfigError(f"override {key!r}: the value is nested too deeply") from None
-    if leaves[key] is str and not isinstance(value, str):
-        # `run_dir=2024` or `model.path=` should mean the literal text, not int/None.
+    if leaves[key] is str and not (isinstance(value, str) and text.lstrip()[:1] in ("'", '"')):
+        # the literal text unless quoted: `run_dir=2024` and `model.path=` are not int/None, and `run_dir=out #1`
+        # keeps what YAML would drop as a comment
         value = text.strip()
 
     *parents, leaf = key.split(".")

@@ -86,6 +86,9 @@ def test_override_value_types():
     assert cfg.model.remat == "block"
     assert cfg.mesh.shape == (4, 2) and cfg.mesh.axes == ("data", "tensor")
     assert cfg.run_dir == "2024" and cfg.model.path == ""
+    # a '#' is text, not a YAML comment (a token or a path may hold one); quotes are YAML's
+    cfg = load_config(None, ["run_dir=out #1", "label.token=ab #c", "model.path='a b'"])
+    assert (cfg.run_dir, cfg.label.token, cfg.model.path) == ("out #1", "ab #c", "a b")
 
 
 def test_empty_section_means_defaults(tmp_path):
