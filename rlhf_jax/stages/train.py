@@ -29,7 +29,8 @@ from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
 from rlhf_jax.training.state import (
-    check_duration, check_micro_batches, check_positions, eval_batch_size, eval_sums, export, export_adapter, frozen_shardings, initial_params, jit_step,
+    check_duration, check_micro_batches, check_positions, eval_batch_size, eval_sums, export, export_adapter,
+    frozen_shardings, initial_params, jit_step,
     load_for_training, micro_batch_size, place_state, report_sharding, split_trainable, state_shardings, to_global,
     total_steps)
 from rlhf_jax.training.losses import last_token_values
