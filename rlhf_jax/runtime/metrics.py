@@ -35,7 +35,6 @@ class MetricsWriter:
         (self.run_dir / "tensorboard").mkdir(exist_ok=True)
         # named by the second it opened, and a suffix that two writers of one second (a quick resume) do not share
         self._tb = EventsWriter(str(self.run_dir / "tensorboard" / "events"), f".{time.time_ns() % 10 ** 9:09d}")
-        self._event = Event
         if resume_step is not None:  # TensorBoard hides the earlier attempt's events after the checkpoint
             self._tb.write_event(Event(wall_time=time.time(), step=resume_step + 1,
                                        session_log=SessionLog(status=SessionLog.START)))
@@ -43,6 +42,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
         values = {k: float(v) for k, v in metrics.items()}
@@ -50,7 +50,7 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": now, **values}) + "\n")
         self._jsonl.flush()
         for k, v in values.items():
-            self._tb.write_event(self._event(wall_time=now, step=step, summary=scalar(f"{self.stage}/{k}", v)))
+            self._tb.write_event(Event(wall_time=now, step=step, summary=scalar(f"{self.stage}/{k}", v)))
         self._tb.flush()
 
     def close(self) -> None:
