@@ -85,3 +85,18 @@ def test_sft_and_rankings_rows_hold_the_responses_continuation_ids(tokenizer):
     for k in range(2):
         assert ranked["response_ids"][k][ranked["response_mask"][k]].tolist() == expect[k]
     assert np.asarray(ranked["pairs"]).tolist() == [[0, 1], [0, 0]]
+
+
+def test_a_special_tokens_text_in_a_response_or_prompt_is_text_not_the_token(tokenizer):
+    """"</s>" written in a response was encoded as the EOS id: SFT taught the model to stop mid-response, and a
+    sampled response would end there; the one EOS is the one appended after the response."""
+    eos, text = tokenizer.eos_token_id, f" I am {tokenizer.eos_token} fine."
+    codec = ResponseCodec(tokenizer)
+    ids = codec.encode([text])[0]
+    assert eos not in ids
+    if tokenizer.unk_token_id not in ids:  # the SentencePiece styles here have no "<", "/", ">" (no byte fallback)
+        assert codec.decode(ids) == text
+    spec = DataSection(max_prompt_tokens=32, max_response_tokens=48)
+    sft = Tokenize(tokenizer, "sft", spec, 2)({"prompt": PROMPT + tokenizer.eos_token, "response": text})
+    assert sft["ids"][sft["response_mask"]].tolist().count(eos) == 1 and sft["ids"][sft["response_mask"]][-1] == eos
+    assert eos not in sft["ids"][:32][sft["mask"][:32]].tolist()  # the prompt's "</s>" too

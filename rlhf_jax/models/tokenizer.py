@@ -73,7 +73,8 @@ class PromptEncoder:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(prompt)["input_ids"])
+        # the prompt's text is text: a "<|im_end|>" in it is not the control token (the template's own are)
+        return list(self.tokenizer(prompt, split_special_tokens=True)["input_ids"])
 
     def __call__(self, prompt: str) -> tuple[list[int], bool]:
         """(ids of at most max_tokens, whether content was cut)."""
@@ -122,14 +123,15 @@ class ResponseCodec:
         self.anchor_text = tokenizer.decode(self.anchor_ids[0])
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # a response's text is text: "<|im_end|>" written in it is not an EOS to train on (the EOS is appended)
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """The ids of each text as it reads after a prompt; one batched tokenizer call for most texts."""
         first = self.anchor_ids[0]
         out = []
-        for text, ids in zip(texts, self.tokenizer([self.ANCHORS[0] + t for t in texts],
-                                                   add_special_tokens=False)["input_ids"]):
+        for text, ids in zip(texts, self.tokenizer([self.ANCHORS[0] + t for t in texts], add_special_tokens=False,
+                                                   split_special_tokens=True)["input_ids"]):
             ids = list(ids)
             out.append(ids[len(first):] if first and ids[:len(first)] == first else self._encode_one(text))
         return out
