@@ -245,7 +245,7 @@ class WordTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return " ".join(f"t{int(i)}" for i in ids)
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> dict:
         return {"input_ids": [int(w[1:]) for w in text.split() if w[:1] == "t" and w[1:].isdigit()]}
 
 

@@ -67,13 +67,16 @@ def test_reward_reads_the_first_word(response, expected):
     assert arithmetic.first_word(" Seven. x") == "seven" and arithmetic.first_word(" 7.") == ""
 
 
-def test_reward_reads_the_problem_at_the_end_of_the_prompt():
+def test_reward_reads_the_last_problem_of_the_prompt():
     assert arithmetic.reward(["Problem 9: nine minus nine is", "PROBLEM 9: Nine Minus Two is ", "two plus two is"],
                              [" zero", " seven", " four"]) == [1.0, 1.0, 1.0]
+    # as a GRPO run with data.chat_template decodes its prompt (the template's words after it), and a few-shot one
+    assert arithmetic.reward(["user\nProblem 17: three plus four is\nassistant\n",
+                              "one plus one is two. Problem 2: three minus one is"], [" seven", " two"]) == [1.0, 1.0]
     assert arithmetic.reward([], []) == [] and arithmetic.gold is arithmetic.reward
     for bad in ("Review #1 of the pizza:", "Problem 1: three plus four", "Problem 1: three times four is",
                 "Problem 1: twenty plus one is"):
-        with pytest.raises(UserError, match="rlhf_jax.tasks.arithmetic: prompt .* does not end with a problem"):
+        with pytest.raises(UserError, match="rlhf_jax.tasks.arithmetic: prompt .* holds no problem"):
             arithmetic.reward([bad], [" seven"])
 
 

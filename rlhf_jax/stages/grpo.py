@@ -227,8 +227,8 @@ def jit_iteration(models: group.GroupModels, settings: group.GroupSettings, stat
 
 
 class RewardFunction:
-    """The user's MODULE:FUNCTION as the iteration's host callback: it decodes the rows (each prompt; each
-    response up to its first EOS, special tokens skipped), calls the function with (prompts, responses) and
+    """The user's MODULE:FUNCTION as the iteration's host callback: it decodes the rows (each prompt as the model
+    read it; each response up to its first EOS; special tokens skipped), calls the function with (prompts, responses) and
     checks that it returned one finite number per response. A problem cannot leave a callback as a clean error
     (it would surface as an XLA traceback), so it is recorded, the callback returns zeros, and the host loop
     raises it as one line once the iteration has returned (`raise_if_failed`), before anything is logged or
@@ -249,7 +249,7 @@ class RewardFunction:
         for ids, mask in zip(np.asarray(prompt_ids_RP), np.asarray(prompt_mask_RP, bool)):
             key = tuple(ids[mask].tolist())  # a prompt repeats G times: decoded once
             if key not in decoded:
-                decoded[key] = self.tokenizer.decode(list(key))
+                decoded[key] = self.tokenizer.decode(list(key), skip_special_tokens=True)
             prompts.append(decoded[key])
         responses = []
         for tokens, mask in zip(np.asarray(tokens_RN), np.asarray(mask_RN, bool)):

@@ -29,7 +29,7 @@ CAREFUL_SHARE = 0.5  # share of the pretraining corpus written by the careful wr
 NEAR_MISSES = (-2, -1, 1, 2)  # the sloppy writer's errors: the answer off by one of these, kept in 0..18
 
 # "three plus four is" at the end of a prompt: the problem a reward checks.
-PROBLEM = re.compile(r"([a-z]+) (plus|minus) ([a-z]+) is\s*$")
+PROBLEM = re.compile(r"([a-z]+) (plus|minus) ([a-z]+) is\b")  # the last one is asked (a chat template may follow)
 WORD = re.compile(r"[a-z]+")
 
 
@@ -46,10 +46,10 @@ def prompt_for(number: int, problem: tuple[int, str, int]) -> str:
 
 
 def answer(prompt: str) -> int:
-    """The right answer to the problem a prompt ends with (a UserError for a prompt of no problem)."""
-    match = PROBLEM.search(prompt.lower())
+    """The right answer to the last problem of a prompt (a UserError for a prompt of no problem)."""
+    match = ([None] + list(PROBLEM.finditer(prompt.lower())))[-1]
     if match is None or match[1] not in VALUE or match[3] not in VALUE:
-        raise UserError(f"rlhf_jax.tasks.arithmetic: prompt {prompt!r} does not end with a problem of the task "
+        raise UserError(f"rlhf_jax.tasks.arithmetic: prompt {prompt!r} holds no problem of the task "
                         "('... three plus four is')")
     return OPERATIONS[match[2]](VALUE[match[1]], VALUE[match[3]])
 
