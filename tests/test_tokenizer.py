@@ -100,3 +100,25 @@ def test_a_special_tokens_text_in_a_response_or_prompt_is_text_not_the_token(tok
     sft = Tokenize(tokenizer, "sft", spec, 2)({"prompt": PROMPT + tokenizer.eos_token, "response": text})
     assert sft["ids"][sft["response_mask"]].tolist().count(eos) == 1 and sft["ids"][sft["response_mask"]][-1] == eos
     assert eos not in sft["ids"][:32][sft["mask"][:32]].tolist()  # the prompt's "</s>" too
+
+
+def test_with_the_chat_template_a_response_ends_as_the_template_ends_a_turn():
+    """Gemma's tokenizer's EOS is <eos> where its chat template (and the chat model) end a turn with <end_of_turn>:
+    SFT taught the other stop token and the reward model scored rows ending as no sampled response does."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>", additional_special_tokens=["<start_of_turn>",
+                                                                                          "<end_of_turn>"])
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                          "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    end_of_turn = fast.convert_tokens_to_ids("<end_of_turn>")
+    for chat_template, end in ((True, end_of_turn), (False, fast.eos_token_id)):
+        spec = DataSection(max_prompt_tokens=48, max_response_tokens=24, chat_template=chat_template)
+        row = Tokenize(fast, "sft", spec, 2)({"prompt": "how are you?", "response": " I am fine."})
+        response = row["ids"][48:][row["response_mask"][48:]].tolist()
+        assert response[-1] == end and response.count(end) == 1, (chat_template, response)

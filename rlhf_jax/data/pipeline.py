@@ -84,7 +84,7 @@ class Tokenize:
         self.tok, self.kind, self.spec, self.K = tokenizer, kind, spec, max_responses
         self.prompt_ids = PromptEncoder(tokenizer, spec.max_prompt_tokens, spec.chat_template)
         self.responses = ResponseCodec(tokenizer)
-        self.eos = tokenizer.eos_token_id
+        self.eos = self.prompt_ids.response_end_id()
         if kind != "prompts" and self.eos is None:  # every response ends with it
             raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or ''}: has no EOS token, which "
                             "ends every response (set eos_token in its tokenizer_config.json)")

@@ -67,6 +67,23 @@ class PromptEncoder:
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         self.head = a[:n] if n < max_tokens else []
 
+    def response_end_id(self) -> int | None:
+        """The token that ends a response: with the chat template, the special token the template writes after an
+        assistant turn (Gemma's <end_of_turn>, Llama 3's <|eot_id|>, Qwen's <|im_end|>, where a tokenizer's EOS
+        may be another: Gemma's <eos>), so that training ends responses as the chat model does; else the EOS."""
+        eos = self.tokenizer.eos_token_id
+        if not self.chat_template:
+            return eos
+        marker = "Qz7"  # a text no template writes itself
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "a"}, {"role": "assistant", "content": marker}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template without assistant turns: the EOS it is
+            return eos
+        after = text.rpartition(marker)[2]
+        ids = list(self.tokenizer(after, add_special_tokens=False)["input_ids"]) if marker in text else []
+        return ids[0] if ids and ids[0] in set(self.tokenizer.all_special_ids) else eos
+
     def encode_full(self, prompt: str) -> list[int]:
         """All ids of a prompt, untruncated."""
         if self.chat_template:
