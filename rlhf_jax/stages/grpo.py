@@ -229,9 +229,9 @@ def jit_iteration(models: group.GroupModels, settings: group.GroupSettings, stat
 class RewardFunction:
     """The user's MODULE:FUNCTION as the iteration's host callback: it decodes the rows (each prompt as the model
     read it; each response up to its first EOS; special tokens skipped), calls the function with (prompts,
-    responses) and checks that it returned one finite number per response. A problem cannot leave a callback as a clean error
-    (it would surface as an XLA traceback), so it is recorded, the callback returns zeros, and the host loop
-    raises it as one line once the iteration has returned (`raise_if_failed`), before anything is logged or
+    responses) and checks that it returned one finite number per response. A problem cannot leave a callback as a
+    clean error (it would surface as an XLA traceback), so it is recorded, the callback returns zeros, and the host
+    loop raises it as one line once the iteration has returned (`raise_if_failed`), before anything is logged or
     saved."""
 
     def __init__(self, fn: Callable, who: str, tokenizer, eos_ids: Sequence[int]):
