@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Sequence
 
@@ -24,7 +25,7 @@ from rlhf_jax.runtime import sharding
 
 
 # The config keys errors name, as the flags that set them here.
-FLAGS = {"batch_size": "--batch-size", "mesh.shape": "--mesh-shape", "data.chat_template": "--chat-template",
+FLAGS = {"sampling.batch_size": "--batch-size", "mesh.shape": "--mesh-shape", "data.chat_template": "--chat-template",
          **{f"sampling.{k}": f"--{k.replace('_', '-')}" for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                                                    "max_prompt_tokens")}}
 
@@ -37,6 +38,7 @@ def _check_flags(args: argparse.Namespace) -> None:
               ("--top-k", args.top_k >= 0, "must be >= 0"),
               ("--top-p", 0 < args.top_p <= 1, "must be in (0, 1]"),
               ("--batch-size", args.batch_size >= 1, "must be >= 1"),
+              ("--seed", 0 <= args.seed < 2 ** 32, "must be from 0 to 2^32 - 1"),
               ("--max-prompt-tokens", args.max_prompt_tokens >= 1, "must be >= 1")]
     for flag, ok, requirement in checks:
         if not ok:
@@ -65,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_flags(args)
         mesh = sharding.make_mesh(parse_mesh_shape(args.mesh_shape), ("data", "fsdp", "tensor"))
+        sharding.check_batch_size(args.batch_size, mesh, "sampling.batch_size")  # before a model loads
         prompts = read_prompts(args.prompt_file)
         with out_of_memory_in_one_line("a smaller --batch-size or --max-new-tokens, or --dtype bfloat16, needs less"):
             gen = Generator(load_model(args.model, need_tokenizer=True), mesh,
@@ -72,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            pad_id=PAD_ID), args.dtype, args.chat_template)
             for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):
                 print(json.dumps(record) if args.output == "jsonl" else record["text"], flush=True)
+    except BrokenPipeError:  # the reader stopped (`| head`): the rest is not wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except UserError as e:
         return report(naming_flags(e, FLAGS,
                                    [("--model", args.model), ("--prompt-file", args.prompt_file)]))

@@ -235,6 +235,14 @@ def test_prompt_files_break_lines_at_newlines_only(tmp_path):
     assert read_prompts(text) == ["first\x0cstill first", "second"]
 
 
+def test_prompt_files_of_any_json_suffix_case_are_jsonl_and_a_bom_is_not_text(tmp_path):
+    for name in ("p.JSONL", "p.json", "p.Jsonl"):
+        (tmp_path / name).write_text('{"prompt": "a"}\n')
+        assert read_prompts(tmp_path / name) == ["a"], name
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello\n")
+    assert read_prompts(tmp_path / "bom.txt") == ["hello"]
+
+
 def test_error_invalid_json_prompt_line(capsys, hf_dir, workdir):
     path = workdir / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
@@ -256,6 +264,23 @@ def test_error_batch_size_not_divisible_by_devices(capsys, hf_dir, prompt_file):
     rc, out, err = _run(capsys, generate_cli.main, argv)
     _assert_user_error(rc, err, "--batch-size 4", "8 data-parallel devices")
     assert out == ""
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--seed", str(2 ** 64)))
+    _assert_user_error(rc, err, "--seed must be from 0 to 2^32 - 1")
+
+
+def test_the_generate_cli_stops_quietly_when_its_reader_does(hf_dir, prompt_file):
+    """`python -m rlhf_jax.generate ... | head -1`: exit 0 and no traceback when the pipe closes."""
+    import subprocess
+
+    argv = _gen_argv(hf_dir, prompt_file)
+    argv[argv.index("--batch-size") + 1] = "1"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.generate", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO, env=env)
+    assert json.loads(proc.stdout.readline())["prompt"] == PROMPTS[0]
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and "Traceback" not in err, err
 
 
 def test_error_mesh_that_does_not_fit_devices(capsys, hf_dir, prompt_file):
@@ -390,6 +415,26 @@ def test_main_generate_config_runs_generate_stage(capsys, tmp_path):
     assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
 
 
+def test_the_generate_stage_leaves_other_runs_and_bad_outputs_alone(capsys, tmp_path, hf_dir):
+    """It never takes over another stage's run_dir (its config.json, metrics), and an output path under a file is
+    refused naming generate.output, leaving no run_dir behind."""
+    base = ["--config", REPO / "configs" / "generate.yaml", f"model.path={hf_dir}", f"sampling.max_new_tokens={MAX_NEW}"]
+    sft_run = tmp_path / "sft_run"
+    sft_run.mkdir()
+    (sft_run / "config.json").write_text('{"stage": "sft", "seed": 0}')
+    rc, _, err = _run(capsys, main_cli.main, [*base, f"run_dir={sft_run}"])
+    _assert_user_error(rc, err, f"run_dir={sft_run}: holds a sft run")
+    assert json.loads((sft_run / "config.json").read_text())["stage"] == "sft"
+    assert not {"samples.jsonl", "metrics.jsonl", "tensorboard"} & {p.name for p in sft_run.iterdir()}
+
+    a_file = tmp_path / "prompts.txt"
+    a_file.write_text("hi\n")
+    rc, _, err = _run(capsys, main_cli.main, [*base, f"run_dir={tmp_path / 'new_run'}",
+                                              f"generate.output={a_file / 'out.jsonl'}"])
+    _assert_user_error(rc, err, f"generate.output={a_file / 'out.jsonl'}: {a_file} is a file, expected a directory")
+    assert not (tmp_path / "new_run").exists()
+
+
 def test_main_without_a_config_says_it_runs_the_defaults(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, out, err = _run(capsys, main_cli.main, [])
@@ -412,6 +457,19 @@ def test_a_generate_run_that_fails_midway_leaves_no_partial_samples(capsys, tmp_
     rc, _, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml", f"run_dir={run_dir}"])
     assert rc == 2 and err.strip().endswith("error: the disk went away"), err
     assert not list(run_dir.glob("*.partial")) and not (run_dir / "samples.jsonl").exists()
+
+
+def test_a_run_that_an_os_error_stops_before_any_progress_leaves_no_run_dir(capsys, tmp_path, monkeypatch):
+    from rlhf_jax.models.generation import Generator
+
+    def denied(self, *args):
+        raise PermissionError(13, "Permission denied", "/data/out.jsonl")
+
+    monkeypatch.setattr(Generator, "generate", denied)
+    run_dir = tmp_path / "denied"
+    rc, _, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml", f"run_dir={run_dir}"])
+    _assert_user_error(rc, err, "/data/out.jsonl", "Permission denied")
+    assert not run_dir.exists()
 
 
 def _out_of_memory(*args, **kwargs):

@@ -102,23 +102,65 @@ def test_a_special_tokens_text_in_a_response_or_prompt_is_text_not_the_token(tok
     assert eos not in sft["ids"][:32][sft["mask"][:32]].tolist()  # the prompt's "</s>" too
 
 
-def test_with_the_chat_template_a_response_ends_as_the_template_ends_a_turn():
-    """Gemma's tokenizer's EOS is <eos> where its chat template (and the chat model) end a turn with <end_of_turn>:
-    SFT taught the other stop token and the reward model scored rows ending as no sampled response does."""
+def _gemma_style_tokenizer(special_tokens=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")):
+    """A byte-level BPE whose EOS is <eos> and whose chat template ends a turn with <end_of_turn>, as Gemma's."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        vocab_size=300, special_tokens=list(special_tokens), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                                 pad_token="<pad>", additional_special_tokens=["<start_of_turn>",
                                                                                           "<end_of_turn>"])
     fast.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
                           "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    return fast
+
+
+def test_with_the_chat_template_a_response_ends_as_the_template_ends_a_turn():
+    """Gemma's tokenizer's EOS is <eos> where its chat template (and the chat model) end a turn with <end_of_turn>:
+    SFT taught the other stop token and the reward model scored rows ending as no sampled response does."""
+    fast = _gemma_style_tokenizer()
     end_of_turn = fast.convert_tokens_to_ids("<end_of_turn>")
     for chat_template, end in ((True, end_of_turn), (False, fast.eos_token_id)):
         spec = DataSection(max_prompt_tokens=48, max_response_tokens=24, chat_template=chat_template)
         row = Tokenize(fast, "sft", spec, 2)({"prompt": "how are you?", "response": " I am fine."})
         response = row["ids"][48:][row["response_mask"][48:]].tolist()
         assert response[-1] == end and response.count(end) == 1, (chat_template, response)
+
+
+def test_sampling_stops_where_training_ends_a_response(tmp_path):
+    """With the chat template, generation stops at the turn end that training ended responses with, besides the
+    model's EOS; without it, at the model's and the tokenizer's EOS. A model whose head always picks
+    <end_of_turn> (id 0 here: all-zero logits, greedy) stops after it with the template and runs on without."""
+    import jax
+
+    from rlhf_jax.models import hf
+    from rlhf_jax.models.checkpoint import load_model
+    from rlhf_jax.models.generation import Generator
+    from rlhf_jax.models.sampling import SamplingParams
+    from rlhf_jax.models.tiny import tiny_config
+    from rlhf_jax.models.tokenizer import PromptEncoder
+    from rlhf_jax.models.transformer import init_params, make_model
+    from rlhf_jax.runtime import sharding
+
+    fast = _gemma_style_tokenizer(("<end_of_turn>", "<pad>", "<eos>", "<bos>", "<start_of_turn>"))
+    end_of_turn, eos = fast.convert_tokens_to_ids("<end_of_turn>"), fast.eos_token_id
+    assert (end_of_turn, eos) == (0, 2)
+    assert PromptEncoder(fast, 32, True).stop_ids((7,)) == (7, end_of_turn)
+    assert PromptEncoder(fast, 32, False).stop_ids((7,)) == (7, eos)  # the EOS training appends, too
+    assert PromptEncoder(fast, 32, False).stop_ids(()) == (eos,)
+
+    fast.save_pretrained(tmp_path / "tok")
+    cfg = tiny_config(len(fast), eos, fast.pad_token_id, "llama")
+    params = jax.device_get(init_params(make_model(cfg), jax.random.key(0)))
+    params["lm_head"] = jax.tree.map(np.zeros_like, params["lm_head"])
+    (tmp_path / "model").mkdir()
+    hf.write_hf(tmp_path / "model", params, cfg, tokenizer_dir=tmp_path / "tok")
+    mesh = sharding.make_mesh([-1, 1, 1], ("data", "fsdp", "tensor"))
+    for chat_template, ids in ((True, [end_of_turn]), (False, [end_of_turn] * 4)):
+        gen = Generator(load_model(tmp_path / "model", need_tokenizer=True), mesh, SamplingParams(4, 0.0),
+                        chat_template=chat_template)
+        (record,) = gen.generate(["how are you?"], 8, 32, progress=False)
+        assert record["ids"] == ids, chat_template

@@ -11,7 +11,7 @@ from typing import Literal
 
 from rlhf_jax import typed_yaml
 from rlhf_jax.config.algorithms import DPOSection, GroupSection, GRPOSection, PPOSection, RLOOSection
-from rlhf_jax.typed_yaml import check, coerce, opt, section
+from rlhf_jax.typed_yaml import FieldError, check, coerce, opt, section
 
 # Below it, a temperature is greedy decoding in all but name (and at 1e-300 it is 0 in float32): set 0 instead.
 MIN_TEMPERATURE = 1e-6
@@ -391,6 +391,9 @@ class Config:
         coerce(self)
         check(self, "run_dir", bool(self.run_dir.strip()), "must name a directory")
         check(self, "seed", 0 <= self.seed < 2 ** 32, "must be from 0 to 2^32 - 1")
+        if self.stage == "rm" and self.lora.rank and "lm_head" in self.lora.also_train:
+            raise FieldError("lora.also_train", "cannot name lm_head for stage rm: a reward model has no LM head (its "
+                                                "scalar head trains whole)")
 
 
 def config_from_dict(d: Mapping) -> Config:

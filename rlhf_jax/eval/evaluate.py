@@ -132,8 +132,8 @@ class Evaluator:
             self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
         self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
         encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
-        eos = self.reference.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
-        self.programs = Programs(mesh, SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos),
+        eos = encoder.stop_ids(self.reference.cfg.eos_token_ids)
+        self.programs = Programs(mesh, SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, eos,
                                                       PAD_ID), cfg.model.dtype)
         self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
         self.width = width = self.batches[0][2].shape[1]

@@ -28,11 +28,11 @@ class PromptFileError(UserError):
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one per line) or a .jsonl file ({"prompt": ...} per line)."""
+    """Prompts from a text file (one per line) or a .jsonl / .json file ({"prompt": ...} per line)."""
     path = Path(path)
     try:
         # lines end at "\n" (and "\r\n") only: str.splitlines would also split at U+2028, form feeds and the like
-        lines = [line.removesuffix("\r") for line in path.read_bytes().decode("utf-8").split("\n")]
+        lines = [line.removesuffix("\r") for line in path.read_bytes().decode("utf-8-sig").split("\n")]
     except FileNotFoundError:
         raise PromptFileError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
@@ -41,9 +41,9 @@ def read_prompts(path: str | Path) -> list[str]:
         raise PromptFileError(f"{path}: {e.strerror}") from None
     while lines and not lines[-1].strip():
         lines.pop()
-    prompts = []
+    prompts, jsonl = [], path.suffix.lower() in (".jsonl", ".json")
     for n, line in enumerate(lines, 1):
-        if path.suffix == ".jsonl":
+        if jsonl:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -74,8 +74,8 @@ class Generator:
         self.tokenizer = load_tokenizer(loaded.tokenizer_dir)
         self.responses = ResponseCodec(self.tokenizer)
         self.chat_template = chat_template  # as the model was trained: prompts are encoded the same way
-        eos = params.eos_ids or loaded.cfg.eos_token_ids or (self.tokenizer.eos_token_id,)
-        self.params_cfg = dataclasses.replace(params, eos_ids=tuple(i for i in eos if i is not None))
+        eos = params.eos_ids or PromptEncoder(self.tokenizer, 1, chat_template).stop_ids(loaded.cfg.eos_token_ids)
+        self.params_cfg = dataclasses.replace(params, eos_ids=tuple(eos))
         # Inference stores weights in the compute dtype, so the decode loop never re-casts them.
         params = params_for(self.model, jax.tree.map(lambda x: np.asarray(x).astype(dtype), loaded.params))
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -91,7 +91,7 @@ class Generator:
     def generate(self, prompts: Sequence[str], batch_size: int, max_prompt_tokens: int, seed: int = 0,
                  progress: bool = True) -> Iterator[dict]:
         """One record per prompt, in order: prompt, prompt_ids, ids (EOS kept, padding dropped), text, logprobs."""
-        sharding.check_batch_size(batch_size, self.mesh, "batch_size")
+        sharding.check_batch_size(batch_size, self.mesh, "sampling.batch_size")
         encoder = PromptEncoder(self.tokenizer, max_prompt_tokens, self.chat_template)
         ids_all, mask_all, cut = encoder.batch(prompts)
         if cut and distributed.is_primary():

@@ -84,6 +84,13 @@ class PromptEncoder:
         ids = list(self.tokenizer(after, add_special_tokens=False)["input_ids"]) if marker in text else []
         return ids[0] if ids and ids[0] in set(self.tokenizer.all_special_ids) else eos
 
+    def stop_ids(self, model_eos_ids: Sequence[int]) -> tuple[int, ...]:
+        """The ids that end a sampled response: the model's EOS ids (the tokenizer's EOS when it names none) and
+        the token training ends responses with (`response_end_id`), so that a chat model stops at its turn end
+        (Qwen's <|im_end|>, where its EOS is <|endoftext|>)."""
+        ids = (*(model_eos_ids or (self.tokenizer.eos_token_id,)), self.response_end_id())
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
     def encode_full(self, prompt: str) -> list[int]:
         """All ids of a prompt, untruncated."""
         if self.chat_template:

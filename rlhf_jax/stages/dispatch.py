@@ -96,11 +96,11 @@ def run(cfg: Config) -> dict:
             if cfg.stage in HOST_ONLY:  # nothing to share between processes: process 0 writes, the others wait
                 return distributed.on_primary(lambda: STAGES[cfg.stage](cfg, run_dir))
             return STAGES[cfg.stage](cfg, run_dir)
-    except OSError as e:
-        raise UserError(os_error_message(e)) from None
-    except UserError:
+    except (OSError, UserError) as e:
         if created and not _has_progress(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(os_error_message(e)) from None
         raise
 
 

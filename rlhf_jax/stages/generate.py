@@ -23,14 +23,21 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
     out_path = Path(cfg.generate.output or run_dir / "samples.jsonl")
     if out_path.is_dir():
         raise UserError(f"generate.output: {out_path} is a directory, expected a JSONL file path")
+    existing = next(p for p in out_path.parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"generate.output={out_path}: {existing} is a file, expected a directory")
     if out_path.exists() and not _own_output(run_dir, out_path):
         raise UserError(f"generate.output={cfg.generate.output}: already exists and is not this run_dir's earlier "
                         "output; choose another path, or delete the file to replace it")
+    earlier_stage = _stage_of(run_dir)
+    if earlier_stage not in (None, "generate"):
+        raise UserError(f"run_dir={run_dir}: holds a {earlier_stage} run; give the generate stage a run_dir of its own")
+    s = cfg.sampling
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")  # before a model loads
+    prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
     if primary:
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    mesh = sharding.mesh_from_config(cfg.mesh)
-    prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
-    s = cfg.sampling
     gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                     cfg.model.dtype, cfg.data.chat_template)
@@ -56,6 +63,14 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
                "seconds": round(time.perf_counter() - t0, 2)}
     print(json.dumps(summary))
     return summary
+
+
+def _stage_of(run_dir: Path) -> str | None:
+    """The stage of the run whose config.json `run_dir` holds (None: none, or unreadable)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _own_output(run_dir: Path, out_path: Path) -> bool:

@@ -28,7 +28,7 @@ from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
 from rlhf_jax.stages.policy_common import (
     check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
-    reference_shardings, scalar_model, write_samples)
+    reference_shardings, scalar_model, stop_ids, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
@@ -95,7 +95,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
     total = total_steps(cfg, len(source))
 
     loaded, tokenizer, policy_model = load_policy(cfg, run_dir)
-    eos_ids = tuple(loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,))
+    eos_ids = stop_ids(cfg, tokenizer, loaded.cfg)
     models_read, reward, reward_model, rewards_fn = {}, None, None, None
     if section.reward_model:
         key = f"{name}.reward_model"

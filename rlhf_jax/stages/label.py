@@ -99,6 +99,7 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
     ({"policy": path, "step": training step or None}); one model on the mesh at a time."""
     s, K = cfg.sampling, cfg.label.responses
     mesh = sharding.mesh_from_config(cfg.mesh)
+    sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")  # before a model loads
     samples: list[list[tuple[str, dict]]] = [[] for _ in prompts]
     repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
     for i, path in enumerate((cfg.model.path, *cfg.label.policies)):

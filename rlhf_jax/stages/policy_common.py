@@ -11,7 +11,7 @@ from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
-from rlhf_jax.models.tokenizer import ResponseCodec, check_same_tokenizer
+from rlhf_jax.models.tokenizer import PromptEncoder, ResponseCodec, check_same_tokenizer
 from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import without_adapters
 from rlhf_jax.training.state import check_positions, initial_params, load_for_training, param_shardings
@@ -33,6 +33,13 @@ def load_policy(cfg: Config, run_dir: Path):
     check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                     "data.max_prompt_tokens + sampling.max_new_tokens")
     return loaded, tokenizer, model
+
+
+def stop_ids(cfg: Config, tokenizer, model_cfg) -> tuple[int, ...]:
+    """The ids that end a rollout's response: the policy's EOS ids and the token its training data ends responses
+    with (with data.chat_template, the template's turn end)."""
+    encoder = PromptEncoder(tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
+    return encoder.stop_ids(model_cfg.eos_token_ids)
 
 
 def check_reads_policy_tokens(other: LoadedModel, policy: LoadedModel, key: str, path: str, cfg: Config) -> None:

@@ -28,7 +28,7 @@ from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
 from rlhf_jax.stages.policy_common import (
     check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
-    reference_shardings, scalar_model, write_samples)
+    reference_shardings, scalar_model, stop_ids, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
@@ -116,7 +116,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     value_model, reward_model = trained_model(cfg, value.cfg, "scalar"), stage_model(cfg, reward.cfg, "scalar")
 
     models, settings = build_models(cfg, policy_model, value_model, reward_model, total,
-                          loaded.cfg.eos_token_ids or (tokenizer.eos_token_id,), reward.extra.get("reward_norm"),
+                          stop_ids(cfg, tokenizer, loaded.cfg), reward.extra.get("reward_norm"),
                           value.extra.get("reward_norm"))
     repl = sharding.replicated(mesh)
     state_sh, frozen_sh = iteration_shardings(cfg, models, mesh)

@@ -76,12 +76,9 @@ def warn_bfloat16_training(cfg: Config, head: str) -> None:
 
 def trained_model(cfg: Config, model_cfg, head: str) -> Transformer:
     """The model a stage trains, as the config asks (dtypes, remat, LoRA). A scalar-head model has no LM head:
-    lora.also_train's lm_head is refused for a reward model and left to the policy beside a value model."""
+    lora.also_train's lm_head (refused for stage rm by the config) is left to the policy beside a value model."""
     spec = lora_spec(cfg)
     if spec is not None and "lm_head" in spec.also_train:
-        if head == "scalar" and cfg.stage == "rm":
-            raise UserError("lora.also_train: a reward model has no LM head (its scalar head trains whole); leave "
-                            "lm_head out")
         if head == "scalar":
             spec = dataclasses.replace(spec, also_train=tuple(m for m in spec.also_train if m != "lm_head"))
         elif model_cfg.tie_embeddings:
