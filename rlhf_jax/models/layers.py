@@ -300,8 +300,11 @@ class Attention(nn.Module):
             out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
 
         w_o = param(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), dense_init(), self.param_dtype)
-        out_BTD = einsum(self.dtype, "btnh,nhd->btd", out_BTNH, w_o.astype(self.dtype))
-        if (do := lora_delta(self, self.lora, "o", out_BTNH.reshape(B, T, K * G * H), self.dtype)) is not None:
+        # heads and head_dim merged into one contraction: as two, jnp.einsum contracts them in (h, n) order and XLA
+        # copies both operands transposed (the weight too, every decode step)
+        out_BTX = out_BTNH.reshape(B, T, K * G * H)
+        out_BTD = einsum(self.dtype, "btx,xd->btd", out_BTX, w_o.reshape(K * G * H, D).astype(self.dtype))
+        if (do := lora_delta(self, self.lora, "o", out_BTX, self.dtype)) is not None:
             out_BTD = out_BTD + do
         if cfg.is_gpt2:
             b_o = param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros, self.param_dtype)
