@@ -423,7 +423,7 @@ def test_the_generate_stage_leaves_other_runs_and_bad_outputs_alone(capsys, tmp_
     sft_run.mkdir()
     (sft_run / "config.json").write_text('{"stage": "sft", "seed": 0}')
     rc, _, err = _run(capsys, main_cli.main, [*base, f"run_dir={sft_run}"])
-    _assert_user_error(rc, err, f"run_dir={sft_run}: holds a sft run")
+    _assert_user_error(rc, err, f"run_dir={sft_run}: holds a run of stage 'sft'")
     assert json.loads((sft_run / "config.json").read_text())["stage"] == "sft"
     assert not {"samples.jsonl", "metrics.jsonl", "tensorboard"} & {p.name for p in sft_run.iterdir()}
 

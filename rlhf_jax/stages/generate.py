@@ -31,7 +31,8 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
                         "output; choose another path, or delete the file to replace it")
     earlier_stage = _stage_of(run_dir)
     if earlier_stage not in (None, "generate"):
-        raise UserError(f"run_dir={run_dir}: holds a {earlier_stage} run; give the generate stage a run_dir of its own")
+        raise UserError(f"run_dir={run_dir}: holds a run of stage {earlier_stage!r}; give the generate stage a run_dir "
+                        "of its own")
     s = cfg.sampling
     mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")  # before a model loads
