@@ -252,6 +252,11 @@ def test_generate_output_never_replaces_an_unrelated_file(tmp_path, prompts):
         rc, _, err = run_quietly(main_cli.main, [*argv, f"run_dir={tmp_path / 'b'}", f"generate.output={out}"])
         assert rc == 0, err[-2000:]
         assert len(out.read_text().splitlines()) == 2
+    rc, _, err = run_quietly(main_cli.main, [*argv, f"run_dir={tmp_path / 'b'}", "model.path=/nonexistent/model",
+                                             f"generate.output={tmp_path / 'other.jsonl'}"])
+    assert rc == 2, err[-2000:]  # a run that failed with another output...
+    rc, _, err = run_quietly(main_cli.main, [*argv, f"run_dir={tmp_path / 'b'}", f"generate.output={out}"])
+    assert rc == 0, err[-2000:]  # ...left the earlier output this run_dir's own
     rc, _, err = run_quietly(main_cli.main, [*argv, f"run_dir={tmp_path / 'c'}", f"generate.output={out}"])
     _one_error(rc, err, "is not this run_dir's earlier output")  # another run's output
 

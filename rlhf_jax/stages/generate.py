@@ -37,8 +37,6 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
     mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")  # before a model loads
     prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
-    if primary:
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                     cfg.model.dtype, cfg.data.chat_template)
@@ -58,8 +56,9 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
         if primary:
             tmp.unlink(missing_ok=True)
         raise
-    if primary:
+    if primary:  # the config names the output it wrote: a failed run leaves the earlier run's pair as it was
         tmp.replace(out_path)
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     summary = {"stage": "generate", "prompts": n, "new_tokens": n_tokens, "output": str(out_path),
                "seconds": round(time.perf_counter() - t0, 2)}
     print(json.dumps(summary))
