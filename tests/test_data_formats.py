@@ -155,6 +155,28 @@ def test_tldr_sft_query_template(tmp_path):
     assert tldr_query("a", "t", " p ") == "SUBREDDIT: r/a\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"
 
 
+def test_hh_rlhf_reply_running_on_into_more_turns_is_its_sides_response_on_either_side(tmp_path):
+    """The prompt is the dialogue both texts share, up to its last Assistant turn: a reply that goes on into
+    further turns is that side's response, whether it is the chosen or the rejected one."""
+    more = " Maybe.\n\nHuman: and?\n\nAssistant: Peas."
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_PROMPT + more},
+                                               {"chosen": HH_PROMPT + more, "rejected": HH_CHOSEN}])
+    rejected_runs_on, chosen_runs_on = records("hh_rlhf", path)
+    reply = HH_CHOSEN[len(HH_PROMPT):]
+    assert rejected_runs_on == {"prompt": HH_PROMPT, "responses": [reply, more], "ranks": [0, 1]}
+    assert chosen_runs_on == {"prompt": HH_PROMPT, "responses": [more, reply], "ranks": [0, 1]}
+
+
+def test_jsonl_nulls_are_absent_fields_as_in_parquet(tmp_path):
+    """A dataframe's export writes null for the fields a row lacks: K-way and pairwise rows mix."""
+    rows = [{"prompt": "p1", "responses": ["a", "b", "c"], "ranks": [0, 1, 2], "chosen": None, "rejected": None},
+            {"prompt": "p2", "responses": None, "ranks": None, "chosen": "x", "rejected": "y"}]
+    as_jsonl = records("jsonl_rankings", write_jsonl(tmp_path / "mixed.jsonl", rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mixed.parquet")
+    assert as_jsonl == records("jsonl_rankings", str(tmp_path / "mixed.parquet"))
+    assert [r["responses"] for r in as_jsonl] == [["a", "b", "c"], ["x", "y"]]
+
+
 def test_hh_rlhf_sft_and_prompts_share_the_rankings_prompts(tmp_path):
     rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
             {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
@@ -258,7 +280,7 @@ BAD_ROWS = [
     ("jsonl_sft", {"response": "r"}, "missing_field"),
     ("jsonl_sft", {"prompt": "p"}, "missing_field"),
     ("jsonl_sft", {"prompt": 5, "response": "r"}, "wrong_type"),
-    ("jsonl_sft", {"prompt": "p", "response": None}, "wrong_type"),
+    ("jsonl_sft", {"prompt": "p", "response": None}, "missing_field"),
     ("jsonl_sft", {"prompt": " \n\t", "response": "r"}, "empty_prompt"),
     ("jsonl_sft", {"prompt": "p", "response": "  "}, "empty_response"),
     ("jsonl_prompts", {"prompt": ""}, "empty_prompt"),
@@ -308,7 +330,9 @@ BAD_ROWS = [
     ("hh_rlhf_prompts", {"chosen": ["a"]}, "wrong_type"),
     ("hh_rlhf_prompts", {"chosen": "\n\nHuman: no reply yet"}, "missing_field"),
     ("tldr_prompts", {k: v for k, v in TLDR_SFT_ROW.items() if k != "post"}, "missing_field"),
-    ("tldr_prompts", dict(TLDR_SFT_ROW, title=None), "wrong_type"),
+    ("tldr_prompts", dict(TLDR_SFT_ROW, title=None), "missing_field"),  # null: absent, as in Parquet
+    ("tldr_prompts", '{"post": 1' + "0" * 5000 + "}", "invalid_json"),  # past Python's digit limit
+    ("tldr_prompts", "[" * 100000 + "]" * 100000, "invalid_json"),  # nested past the recursion limit
     ("tldr_prompts", '{"post": "p", ', "invalid_json"),
 ]
 
@@ -400,13 +424,14 @@ def test_a_lone_surrogate_escape_is_one_bad_row(tmp_path):
                                   "without its pair), not text")
 
 
-def test_blank_line_in_middle_is_an_error_but_trailing_blanks_are_not(tmp_path):
+def test_blank_line_in_middle_is_an_error_but_leading_and_trailing_blanks_are_not(tmp_path):
     path = tmp_path / "b.jsonl"
-    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n   \n\n')
+    path.write_text('\n  \n{"prompt": "a"}\n\n{"prompt": "b"}\n   \n\n')
     rows = read_all("jsonl_prompts", str(path))
     assert len(rows) == 3
-    assert rows[1].error.reason == "invalid_json" and str(rows[1].error).startswith(f"{path}:2: blank line")
-    assert rows[2].record["prompt"] == "b" and rows[2].where == f"{path}:3"
+    assert rows[0].record["prompt"] == "a" and rows[0].where == f"{path}:3"
+    assert rows[1].error.reason == "invalid_json" and str(rows[1].error).startswith(f"{path}:4: blank line")
+    assert rows[2].record["prompt"] == "b" and rows[2].where == f"{path}:5"
 
 
 def test_crlf_line_endings_are_accepted(tmp_path):
@@ -488,6 +513,13 @@ def test_fetch_failure_is_user_error_and_leaves_no_partial_file(tmp_path):
     assert list(cache.iterdir()) == []
 
 
+def test_an_unwritable_download_cache_is_one_line_naming_it(tmp_path):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    with pytest.raises(UserError, match=f"^{in_the_way / 'cache'}: cannot write the download cache .*RLHF_JAX_CACHE"):
+        download.fetch("https://example.com/train.jsonl.gz", in_the_way / "cache")
+
+
 def test_a_download_cut_short_is_not_cached(tmp_path):
     """A server that closes before its Content-Length: urllib reads to the end without an error."""
     import http.server
@@ -559,8 +591,7 @@ def test_hh_rows_of_one_prompt_become_one_element(tmp_path):
     groups, stats = grouped("hh_rlhf", path)
     assert groups == [{"prompt": HH_PROMPT, "responses": [" A", " B", " C"], "better": [0, 0], "worse": [1, 2]},
                       {"prompt": other, "responses": [" yes", " no"], "better": [0], "worse": [1]}]
-    assert stats == {"rows": 3, "prompts": 2, "pairs": 3, "inconsistent_pairs": 0, "identical_pairs_dropped": 0,
-                     "prompts_without_pairs": 0}
+    assert stats == {"rows": 3, "prompts": 2, "pairs": 3, "inconsistent_pairs": 0, "prompts_without_pairs": 0}
 
 
 def test_repeated_and_inconsistent_pairs_are_kept_and_counted(tmp_path):
@@ -572,16 +603,6 @@ def test_repeated_and_inconsistent_pairs_are_kept_and_counted(tmp_path):
     assert group["responses"] == ["a", "b", "c"]
     assert list(zip(group["better"], group["worse"])) == [(0, 1), (0, 1), (1, 0), (2, 1)]
     assert stats["pairs"] == 4 and stats["inconsistent_pairs"] == 1
-
-
-def test_identical_pairs_are_dropped_and_counted():
-    # The importers refuse such rows (identical_responses); grouping still drops any canonical record that has one.
-    same = {"responses": [" same", " same"], "ranks": [0, 1]}
-    groups, stats = group_comparisons([{"prompt": HH_PROMPT, **same}, {"prompt": "\n\nHuman: x\n\nAssistant:", **same},
-                                       {"prompt": HH_PROMPT, "responses": [" A", " B"], "ranks": [0, 1]}])
-    assert groups == [{"prompt": HH_PROMPT, "responses": [" A", " B"], "better": [0], "worse": [1]}]
-    assert stats["identical_pairs_dropped"] == 2 and stats["prompts_without_pairs"] == 1
-    assert stats["rows"] == 3 and stats["prompts"] == 1 and stats["pairs"] == 1
 
 
 def test_k_way_ranking_row_is_all_its_ordered_pairs(tmp_path):

@@ -140,10 +140,8 @@ def test_comparisons_of_a_prompt_become_one_example_with_pair_counts(capsys, tmp
     summary = json.loads(out)
     assert summary["examples"] == {"train": 2} and summary["max_responses"] == 3
     assert summary["skipped"] == {"identical_responses": 1}  # Q1's y-vs-y row
-    assert {k: summary[k] for k in ("rows", "prompts", "pairs", "inconsistent_pairs", "identical_pairs_dropped",
-                                    "prompts_without_pairs")} == {
-        "rows": 5, "prompts": 2, "pairs": 5, "inconsistent_pairs": 1, "identical_pairs_dropped": 0,
-        "prompts_without_pairs": 0}
+    assert {k: summary[k] for k in ("rows", "prompts", "pairs", "inconsistent_pairs", "prompts_without_pairs")} == {
+        "rows": 5, "prompts": 2, "pairs": 5, "inconsistent_pairs": 1, "prompts_without_pairs": 0}
     [batch] = list(eval_batches(_spec(tmp_path / "d", "cmp"), "train", tokenizer, batch_size=2))
     assert batch["pairs"].shape == (2, 3, 3)
     np.testing.assert_array_equal(batch["pairs"][0], [[0, 2, 0], [0, 0, 1], [0, 1, 0]])  # Q0: a, b, c

@@ -102,6 +102,16 @@ def test_data_eval_fraction_names_the_flag(capsys, tmp_path, fraction, shown):
     assert not (tmp_path / "d").exists()
 
 
+def test_every_example_in_the_eval_split_says_so(capsys, tmp_path):
+    from rlhf_jax.data.prepare import is_eval_prompt
+
+    prompt = next(f"prompt {i}" for i in range(1000) if is_eval_prompt(f"prompt {i}", 0.05))
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": prompt, "response": f"r{i}"} for i in range(3)])
+    argv = _prepare_argv("jsonl_sft", path, tmp_path / "d", "ds", "--eval-fraction", "0.05")
+    _one_error(capsys, data_cli.main, argv,
+               f"every valid example of {path} fell into the eval split (3 examples); lower the eval fraction")
+
+
 def test_json_array_file_says_so(capsys, tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"prompt": f"p{i}"} for i in range(3)], indent=2))
@@ -138,7 +148,6 @@ def test_identical_responses_are_an_invalid_row(capsys, tmp_path, fmt, bad, mess
     assert not (tmp_path / "d").exists()
     summary = _summary(capsys, _prepare_argv(fmt, path, tmp_path / "d", "ds", "--skip-invalid"))
     assert summary["skipped"] == {"identical_responses": 1} and summary["rows"] == 2
-    assert summary["identical_pairs_dropped"] == 0
 
 
 def test_non_dense_ranks_are_counted_in_the_summary(capsys, tmp_path):

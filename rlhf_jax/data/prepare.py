@@ -83,31 +83,29 @@ def group_comparisons(records: Iterable[dict]) -> tuple[list[dict], dict]:
     """Canonical ranking records -> (one element per prompt, counts), so that all the comparisons of a prompt
     train as one batch element. An element is {"prompt", "responses" (unique, first-seen order), "better",
     "worse"}. Repeated pairs are kept (agreeing labelers count twice), and so are inconsistent ones (A > B and
-    B > A); a pair of identical texts teaches nothing and is dropped; a prompt left without pairs is left out.
-    Nothing is dropped uncounted."""
+    B > A); a prompt left without pairs is left out. Nothing is dropped uncounted. (A row with two identical
+    responses never gets here: the importers refuse it, or skip and count it as `identical_responses`.)"""
     groups: dict[str, dict] = {}
     index: dict[str, dict[str, int]] = {}  # per prompt: response text -> position in its "responses"
-    rows = identical = 0
+    rows = 0
     for record in records:
         rows += 1
         texts = record["responses"]
         pairs = _rank_pairs(tuple(record["ranks"]))
-        kept = [(b, w) for b, w in pairs if texts[b] != texts[w]]
-        identical += len(pairs) - len(kept)
         if record["prompt"] not in groups:
             groups[record["prompt"]] = {"prompt": record["prompt"], "responses": [], "better": [], "worse": []}
             index[record["prompt"]] = {}
         group, slots = groups[record["prompt"]], index[record["prompt"]]
-        for i in sorted({i for pair in kept for i in pair}):  # responses in no kept pair take no slot
+        for i in sorted({i for pair in pairs for i in pair}):  # responses in no pair take no slot
             if texts[i] not in slots:
                 slots[texts[i]] = len(group["responses"])
                 group["responses"].append(texts[i])
-        group["better"] += [slots[texts[b]] for b, _ in kept]
-        group["worse"] += [slots[texts[w]] for _, w in kept]
+        group["better"] += [slots[texts[b]] for b, _ in pairs]
+        group["worse"] += [slots[texts[w]] for _, w in pairs]
     out = [g for g in groups.values() if g["better"]]
     return out, {"rows": rows, "prompts": len(out), "pairs": sum(len(g["better"]) for g in out),
                  "inconsistent_pairs": sum(_inconsistent_pairs(g["better"], g["worse"]) for g in out),
-                 "identical_pairs_dropped": identical, "prompts_without_pairs": len(groups) - len(out)}
+                 "prompts_without_pairs": len(groups) - len(out)}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -173,6 +171,9 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
         splits, grouping = _group_splits(splits)
         grouping["non_dense_ranks"] = noted["non_dense_ranks"]  # rows whose ranks were renumbered 0, 1, 2, ...
         grouping["metadata_not_kept"] = noted["metadata_not_kept"]  # rows whose metadata field was left out
+    if not splits[TRAIN] and splits[EVAL]:
+        raise UserError(f"every valid example of {', '.join(map(str, inputs))} fell into the eval split "
+                        f"({len(splits[EVAL])} examples); lower the eval fraction or give more prompts")
     if not splits[TRAIN]:
         without = f"; prompts without pairs: {grouping['prompts_without_pairs']}" if grouping else ""
         raise UserError(f"no valid training examples in {', '.join(map(str, inputs))} "

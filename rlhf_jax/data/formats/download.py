@@ -10,7 +10,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from rlhf_jax.errors import UserError
+import http.client
+
+from rlhf_jax.errors import UserError, os_reason
 
 
 def default_cache_dir() -> Path:
@@ -25,8 +27,12 @@ def fetch(url: str, cache_dir: str | Path) -> Path:
     target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{Path(url_path).name or 'download'}"
     if target.is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=target.name, suffix=".part")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=target.name, suffix=".part")
+    except OSError as e:
+        raise UserError(f"{cache_dir}: cannot write the download cache ({os_reason(e)}); set RLHF_JAX_CACHE to a "
+                        "writable directory") from None
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             expected, received = response.headers.get("Content-Length"), 0
@@ -36,7 +42,7 @@ def fetch(url: str, cache_dir: str | Path) -> Path:
         if expected is not None and expected.isdigit() and received != int(expected):  # the server closed early
             raise OSError(0, f"incomplete: {received} of {expected} bytes")
         os.replace(tmp, target)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # IncompleteRead: cut off mid-body
         Path(tmp).unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e.strerror or e
         raise UserError(f"{url}: download failed ({reason})") from None

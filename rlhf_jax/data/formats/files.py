@@ -59,7 +59,8 @@ def read_file(path: Path, convert: Callable[[dict, list], dict]) -> Iterator[row
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) of a (gzipped) JSON-lines file; blank lines at the very end are dropped."""
+    """(1-based line number, raw line) of a (gzipped) JSON-lines file; blank lines before the first row and after
+    the last are dropped, blank lines between rows are bad rows."""
     opener = gzip.open if _file_type(path) == "gzip" else open
     try:
         with opener(path, "rb") as f:
@@ -67,7 +68,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, bytes]]:
             first = True
             for n, line in enumerate(f, 1):
                 if not line.strip():
-                    blank.append((n, line))
+                    if not first:
+                        blank.append((n, line))
                     continue
                 if first and _is_json_array(line):
                     raise UserError(f"{path}: is a JSON array; expected JSON lines (one object per line)")
@@ -111,8 +113,12 @@ def _parse_line(line: bytes) -> dict:
         obj = json.loads(text[bom:])
     except json.JSONDecodeError as e:
         raise rows.Invalid("invalid_json", f"invalid JSON ({e.msg} at column {bom + e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits, arrays nested too deep
+        raise rows.Invalid("invalid_json", f"invalid JSON ({str(e).splitlines()[0][:80]})") from None
     if not isinstance(obj, dict):
         raise rows.Invalid("not_an_object", f"expected a JSON object, got {rows.type_name(obj)}")
+    # A null is how a dataframe's export writes a field a row lacks: absent, as in a Parquet file.
+    obj = {k: v for k, v in obj.items() if v is not None}
     for key, value in obj.items():  # JSON may escape half a UTF-16 pair ("\ud800"), which no UTF-8 text holds
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")

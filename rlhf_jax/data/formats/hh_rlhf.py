@@ -3,6 +3,8 @@ or prompts (`hh_rlhf_prompts`), and its download URLs."""
 
 from __future__ import annotations
 
+import os
+
 from rlhf_jax.data.formats import rows
 
 # Download locations, for users with network access; `read_rows` accepts these URLs directly.
@@ -25,12 +27,15 @@ def _hh_prompt(chosen: str) -> str:
 
 
 def rankings(row: dict) -> dict:
-    """HH-RLHF: both texts are the whole dialogue; the prompt is everything up to the chosen text's last turn."""
+    """HH-RLHF: both texts are the whole dialogue; the prompt is their shared dialogue up to its last Assistant turn,
+    so that a reply that runs on into more turns, on either side, is that side's response."""
     chosen, rejected = rows.string(row, "chosen"), rows.string(row, "rejected")
-    prompt = _hh_prompt(chosen)
-    if not rejected.startswith(prompt):
-        raise rows.Invalid("prefix_mismatch", "field 'rejected' does not start with the same dialogue as 'chosen' "
-                                              "(up to its last Assistant turn)")
+    _hh_prompt(chosen)  # a text without an Assistant turn is refused by name
+    shared = os.path.commonprefix([chosen, rejected])
+    if _ASSISTANT not in shared:
+        raise rows.Invalid("prefix_mismatch", "fields 'chosen' and 'rejected' do not share a dialogue up to an "
+                                              "Assistant turn")
+    prompt = _hh_prompt(shared)
     responses = [rows.response(chosen[len(prompt):], "the chosen Assistant reply"),
                  rows.response(rejected[len(prompt):], "the rejected Assistant reply")]
     if responses[0] == responses[1]:
