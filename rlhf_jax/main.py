@@ -51,16 +51,14 @@ out of memory in a run: the line says how to plan a fit).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
 from typing import Sequence
 
 from rlhf_jax import pipeline
 from rlhf_jax.config import config_help, load_config
 from rlhf_jax.errors import Interrupted, UserError, os_error_message, out_of_memory_in_one_line, report
 from rlhf_jax.runtime import cpu_memory
+from rlhf_jax.runtime.signals import sigterm_as_ctrl_c
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,29 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__ + "\n" + config_help())
         return 0
     try:
-        with _sigterm_as_ctrl_c():
+        with sigterm_as_ctrl_c():
             return _run(args, overrides)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a training loop (which saves and stops on its own)
         return report(Interrupted("interrupted while loading, compiling or writing, outside a training step: "
                                   "nothing new was saved; rerun the same command to resume"))
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (a preemption, a scheduler's stop) raises KeyboardInterrupt as Ctrl-C does, where nothing else
-    handles it: a training loop and the label server take both signals over while they run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args, overrides: Sequence[str]) -> int:

@@ -112,6 +112,27 @@ def test_every_example_in_the_eval_split_says_so(capsys, tmp_path):
                f"every valid example of {path} fell into the eval split (3 examples); lower the eval fraction")
 
 
+def test_sigterm_while_preparing_leaves_nothing_behind(capsys, tmp_path, monkeypatch):
+    """A scheduler's stop (SIGTERM) mid-build: exit 4 in one line, no partial dataset, no --data-dir of ours."""
+    import os
+    import signal
+
+    from rlhf_jax.data import prepare
+
+    def terminated(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(prepare._Builder, "download_and_prepare", terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(3)])
+    rc = data_cli.main([str(a) for a in _prepare_argv("jsonl_sft", path, tmp_path / "d", "ds")])
+    out, err = capsys.readouterr()
+    assert rc == 4 and err.splitlines() == [f"interrupted: nothing was written to {tmp_path / 'd'} (a dataset already "
+                                            "there is as it was); rerun the same command"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+
+
 def test_json_array_file_says_so(capsys, tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"prompt": f"p{i}"} for i in range(3)], indent=2))

@@ -18,7 +18,8 @@ import sys
 from typing import Sequence
 
 from rlhf_jax.data.formats import FORMATS
-from rlhf_jax.errors import UserError, report
+from rlhf_jax.errors import Interrupted, UserError, report
+from rlhf_jax.runtime.signals import sigterm_as_ctrl_c
 
 
 def _fields(pairs: Sequence[str]) -> dict[str, str]:
@@ -56,8 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rlhf_jax.data.prepare import prepare, quiet_tfds
 
         quiet_tfds()
-        summary = prepare(args.format, args.input, args.data_dir, args.name, args.eval_fraction,
-                          args.skip_invalid, _fields(args.field), args.overwrite)
+        with sigterm_as_ctrl_c():
+            summary = prepare(args.format, args.input, args.data_dir, args.name, args.eval_fraction,
+                              args.skip_invalid, _fields(args.field), args.overwrite)
+    except KeyboardInterrupt:  # the dataset is built beside its path, which it replaces only when complete
+        return report(Interrupted(f"interrupted: nothing was written to {args.data_dir} (a dataset already there is "
+                                  "as it was); rerun the same command"))
     except UserError as e:
         return report(e)
     print(json.dumps(summary))
