@@ -26,6 +26,7 @@ steps are recorded relative to run_dir, so a run_dir moved elsewhere still has t
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from rlhf_jax.runtime.fsio import run_dir_lock, write_json_atomically
 from rlhf_jax.typed_yaml import ConfigError, read_yaml_mapping
 
 MARKER = "pipeline_step.json"
+STARTED = "pipeline_step_started.json"  # the steps before it, as a step that has not finished started after them
 # What a finished step's one-line summary shows, when its stage reports it.
 SUMMARY_KEYS = ("steps", "loss", "eval_loss", "accuracy", "eval_accuracy", "labeled_prompts", "labeler_ceiling",
                 "score_mean", "kl", "win_rate", "gold_win_rate")
@@ -351,22 +353,32 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
     for i, step in enumerate(steps, 1):
         step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
         upstream = _fingerprint(records)
+        older = tuple(_fingerprint(records, form) for form in OLDER_FORMS)
         config = _relative(config_to_dict(step.cfg), str(run_dir))
         # one answer for all processes
-        done = distributed.on_primary(lambda: _finished(step, config, upstream, _fingerprint(records, full=True)))
+        done = distributed.on_primary(lambda: _finished(step, config, upstream, older))
         if done is not None:
             summary = _substitute(done, str(run_dir))
             print(f"{where}: finished earlier, skipped ({_one_line(summary)})", file=sys.stderr)
             summaries.append(summary)
             records.append({"config": config, "summary": done})
             continue
+        created = distributed.on_primary(lambda: _check_started(step, upstream))
         print(f"{where}: stage {step.cfg.stage} in {step_dir}", file=sys.stderr)
         t0 = time.perf_counter()
-        summary = json.loads(json.dumps(stages.run(step.cfg) or {}))
+        try:
+            summary = json.loads(json.dumps(stages.run(step.cfg) or {}))
+        except BaseException:  # a step that made nothing leaves nothing, as a stage run alone
+            if created and distributed.is_primary() and step_dir.is_dir() and \
+                    {p.name for p in step_dir.iterdir()} <= {STARTED, ".lock"}:
+                shutil.rmtree(step_dir, ignore_errors=True)
+            raise
+        # config and summary relative to run_dir as it is now: read back alike from any working directory
+        relative_summary = _relative(summary, str(run_dir))
         if distributed.is_primary():
-            write_json_atomically(step_dir / MARKER, {"config": config_to_dict(step.cfg), "summary": summary,
+            write_json_atomically(step_dir / MARKER, {"config": config, "summary": relative_summary,
                                                       "upstream": upstream})
-        records.append({"config": config, "summary": _relative(summary, str(run_dir))})
+        records.append({"config": config, "summary": relative_summary})
         print(f"{where}: done in {time.perf_counter() - t0:.0f} s ({_one_line(summary)}); "
               f"{time.perf_counter() - started:.0f} s so far", file=sys.stderr)
         summaries.append(summary)
@@ -378,24 +390,52 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
     return summaries
 
 
-def _fingerprint(records: list[dict], full: bool = False) -> str:
-    """What the steps so far were run with and came out as: the configs' sections their stages read and their
-    summaries, relative to run_dir (timings left out, so a step that reran to the same results leaves the steps
-    after it valid). `full`: every section, as markers written before STAGE_SECTIONS have it."""
-    results = [{"config": r["config"] if full else _read_part(r["config"]),
+OLDER_FORMS = ("serving", "full")  # how older markers fingerprinted the steps before them
+
+
+def _fingerprint(records: list[dict], form: str = "read") -> str:
+    """What the steps so far were run with and came out as: the configs' parts their stages read (`_read_part`)
+    and their summaries, relative to run_dir (timings left out, so a step that reran to the same results leaves
+    the steps after it valid). Older markers' forms: "serving", the label step's serving keys counted; "full",
+    every section (before STAGE_SECTIONS)."""
+    part = {"read": _read_part, "serving": functools.partial(_read_part, serving=True), "full": dict}[form]
+    results = [{"config": part(r["config"]),
                 "summary": {k: v for k, v in r["summary"].items() if not (k.endswith("_s") or k == "seconds")}}
                for r in records]
     return hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
 
 
-def _read_part(config: Mapping) -> dict:
-    """The part of a step's config (a dict) that its stage reads: the top-level keys and its STAGE_SECTIONS."""
+def _read_part(config: Mapping, serving: bool = False) -> dict:
+    """The part of a step's config (a dict) that its stage reads: the top-level keys and its STAGE_SECTIONS, less
+    the label section's SERVING_KEYS (how its page is served, not what it makes) unless `serving`."""
     sections = STAGE_SECTIONS.get(config.get("stage"))
-    return {k: v for k, v in config.items()
-            if sections is None or not isinstance(v, Mapping) or k in sections}
+    part = {k: v for k, v in config.items() if sections is None or not isinstance(v, Mapping) or k in sections}
+    if not serving and isinstance(part.get("label"), Mapping):
+        served = {key.partition(".")[2] for key in SERVING_KEYS}
+        part["label"] = {k: v for k, v in part["label"].items() if k not in served}
+    return part
 
 
-def _finished(step: Step, config: dict, upstream: str, upstream_full: str) -> dict | None:
+def _check_started(step: Step, upstream: str) -> bool:
+    """Refuses a step that started earlier after other steps before it (one reran and came out differently, as
+    after a `delete ... to run it again`) and saved checkpoints, which it would resume from; then records the steps
+    it starts after. Returns whether it created the step's directory."""
+    step_dir = Path(step.cfg.run_dir)
+    try:
+        before = json.loads((step_dir / STARTED).read_text())["upstream"]
+    except (OSError, ValueError, KeyError, TypeError):
+        before = None  # never started here, or before these records were kept
+    checkpoints = step_dir / "checkpoints"
+    if before not in (None, upstream) and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise UserError(f"pipeline.{step.name}: started earlier after other steps before it, which came out "
+                        f"differently since; its checkpoints are of that run: delete {step_dir} to run it again")
+    created = not step_dir.exists()
+    step_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(step_dir / STARTED, {"upstream": upstream})
+    return created
+
+
+def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...]) -> dict | None:
     """The summary (relative to run_dir) of a step finished earlier with the same config (relative to run_dir, in
     the sections its stage reads) after the same earlier steps; None when it has not finished."""
     step_dir = Path(step.cfg.run_dir)
@@ -405,15 +445,16 @@ def _finished(step: Step, config: dict, upstream: str, upstream_full: str) -> di
     try:
         recorded = json.loads(marker.read_text())
         before, summary, after = recorded["config"], recorded["summary"], recorded["upstream"]
-        root = before["run_dir"].removesuffix(f"/{step.name}")  # the pipeline's run_dir when the step ran
+        # the pipeline's run_dir when the step ran: "{run_dir}" in markers written relative to it, older ones'
+        # paths are made relative to the run_dir they recorded
+        root = before["run_dir"].removesuffix(f"/{step.name}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # a marker we cannot read: run the step again
-    changed = [c for c in _changes(_read_part(_relative(before, root)), _read_part(config))
-               if c.partition(":")[0] not in SERVING_KEYS]
+    changed = _changes(_read_part(_relative(before, root)), _read_part(config))
     if changed:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
                         f"delete {step_dir} to run it again")
-    if after not in (upstream, upstream_full):
+    if after not in (upstream, *older):
         raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one was added or "
                         f"removed, or ran again and came out differently); delete {step_dir} to run it again")
     if after != upstream:  # an older marker's fingerprint (every section): recorded as this one computes it

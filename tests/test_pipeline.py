@@ -147,13 +147,59 @@ def test_a_finished_step_stays_finished_when_a_section_its_stage_does_not_read_c
     first = json.loads((tmp_path / "run" / "first" / pipeline.MARKER).read_text())
     records = [{key: pipeline._relative(first[key], str(tmp_path / "run")) for key in ("config", "summary")}]
     marker.write_text(json.dumps({**json.loads(marker.read_text()),
-                                  "upstream": pipeline._fingerprint(records, full=True)}))
+                                  "upstream": pipeline._fingerprint(records, "full")}))
     rc, _, err = run_quietly(main_cli.main, ["--config", path])
     assert rc == 0 and "[2/2] again: finished earlier" in err, err[-2000:]
     rc, _, err = run_quietly(main_cli.main, ["--config", path, "optim.lr=0.5"])  # the marker now has this scheme's
     assert rc == 0 and "[2/2] again: finished earlier" in err, err[-2000:]
     rc, _, err = run_quietly(main_cli.main, ["--config", path, "sampling.temperature=0.5"])  # read by generate
     assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.temperature" in err
+
+
+def _two_generate_steps(tmp_path) -> str:
+    (tmp_path / "prompts.txt").write_text("Hello there\n")
+    return _write(tmp_path, PIPELINE.split("  second:")[0] + PIPELINE.split("  second:")[0].split("pipeline:\n")[1]
+                  .replace("first:", "again:").replace("first.jsonl", "again.jsonl"))
+
+
+def test_a_run_dir_given_relative_keeps_its_finished_steps_from_any_working_directory(tmp_path, monkeypatch):
+    """Summaries name absolute paths in the run_dir (as training stages' exports do): the markers hold them
+    relative to the run_dir, so they read the same from anywhere."""
+    path = _two_generate_steps(tmp_path)
+    output = f"pipeline.first.generate.output={tmp_path / 'run' / 'first.jsonl'}"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, "run_dir=run", output])
+    assert rc == 0, err[-2000:]
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, f"run_dir={tmp_path / 'run'}", output])
+    assert rc == 0 and "[2/2] again: finished earlier" in err, err[-2000:]
+
+
+def test_a_step_started_after_other_steps_does_not_resume_their_checkpoints(tmp_path):
+    """A step interrupted with checkpoints, then a step before it rerun and come out differently: the step would
+    resume from checkpoints of the old inputs, so it is refused; after the same steps, it resumes. A step that
+    fails having made nothing leaves no directory."""
+    path = _two_generate_steps(tmp_path)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0, err[-2000:]
+    again = tmp_path / "run" / "again"
+    started = json.loads((again / pipeline.STARTED).read_text())
+    shutil.rmtree(again)  # killed mid-way: no marker, no output, a checkpoint
+    (tmp_path / "run" / "again.jsonl").unlink()
+    (again / "checkpoints" / "100").mkdir(parents=True)
+    (again / pipeline.STARTED).write_text(json.dumps({"upstream": "the steps before it as they were"}))
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"error: pipeline.again: started earlier after other steps before it, which came out differently since; "
+        f"its checkpoints are of that run: delete {again} to run it again"), err[-2000:]
+    (again / pipeline.STARTED).write_text(json.dumps(started))
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0 and "[2/2] again: done" in err, err[-2000:]
+    shutil.rmtree(again)
+    (tmp_path / "run" / "again.jsonl").unlink()
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, "pipeline.again.generate.prompt_file=/no/such.txt"])
+    assert rc == 2 and "/no/such.txt: file not found" in err and not again.exists(), err[-2000:]
 
 
 def test_every_stage_names_the_sections_it_reads_and_every_section_is_read():

@@ -166,7 +166,12 @@ def test_a_finished_label_step_stays_finished_when_only_its_serving_settings_cha
     (run_dir / "label" / pipeline.MARKER).write_text(json.dumps(
         {"config": config_to_dict(done.cfg), "summary": {"stage": "label"}, "upstream": "u"}))
     again, config = step("label.port=9001")
-    assert pipeline._finished(again, config, "u", "u") == {"stage": "label"}
+    assert pipeline._finished(again, config, "u", ()) == {"stage": "label"}
     other, config = step("label.dataset=other")
     with pytest.raises(UserError, match="finished earlier with other settings"):
-        pipeline._finished(other, config, "u", "u")
+        pipeline._finished(other, config, "u", ())
+    # nor the steps after it: they compare the steps before them without the serving keys
+    as_run = [{"config": pipeline._relative(config_to_dict(done.cfg), str(run_dir)), "summary": {"stage": "label"}}]
+    rerun = [{"config": pipeline._relative(config_to_dict(again.cfg), str(run_dir)), "summary": {"stage": "label"}}]
+    assert pipeline._fingerprint(as_run) == pipeline._fingerprint(rerun)
+    assert pipeline._fingerprint(as_run, "serving") != pipeline._fingerprint(rerun, "serving")  # older markers' form

@@ -188,6 +188,8 @@ def test_config_changes_classify_keys():
     assert allowed == ["optim.grad_clip=1.0 (now 0.5)", "optim.lr=1.0 (now 2.0)", "train.steps=10 (now 20)"]
     refused, _ = config_changes(old, {**new, "optim": {"lr": 1.0, "grad_clip": 0.0}})
     assert "optim.grad_clip=1.0 (now 0.0)" in refused
+    # the adapters' scale: the saved adapters would be another model
+    assert config_changes({"lora": {"alpha": 16.0}}, {"lora": {"alpha": 32.0}})[0] == ["lora.alpha=16.0 (now 32.0)"]
     # another KL / DPO reference is another objective; the same one spelled differently is not
     for stage in ("ppo", "dpo", "grpo", "rloo"):
         refused, _ = config_changes({stage: {"reference": "r/a"}}, {stage: {"reference": "r/b"}})

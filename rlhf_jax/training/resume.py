@@ -20,7 +20,9 @@ REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data
            "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model",
            "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function",
            # the KL's (DPO's) reference: another one is another objective
-           "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference")
+           "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference",
+           # the adapters' scale: the saved adapters would mean another model (and every checkpoint read with it)
+           "lora.alpha")
 # model directories, compared where they lead
 MODELS = ("model.path", "ppo.reward_model", "ppo.value_model", "grpo.reward_model", "rloo.reward_model",
           "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference")
