@@ -40,7 +40,9 @@ from typing import NamedTuple, Sequence
 
 import yaml
 
-from rlhf_jax.config import Config, apply_override, config_from_dict, config_to_dict
+# STAGE_SECTIONS: a key changed in a section a stage does not read (a shared override such as optim.lr reaches every
+# step) leaves a finished step finished, and the steps after it unaffected by it
+from rlhf_jax.config import STAGE_SECTIONS, Config, apply_override, config_from_dict, config_to_dict
 from rlhf_jax.errors import UserError, os_reason
 from rlhf_jax.runtime.fsio import run_dir_lock, write_json_atomically
 from rlhf_jax.typed_yaml import ConfigError, read_yaml_mapping
@@ -56,18 +58,6 @@ OUTPUT_KEYS = ("data.dir", "eval.out", "generate.output")  # where a step writes
 ROUND_KEYS = ("rounds", "repeat")  # the pipeline's own keys: how many times which steps run
 # How a label step serves its page, not what it makes: a finished step stays finished when they change.
 SERVING_KEYS = ("label.host", "label.port", "label.token", "label.finish")
-# The config sections each stage reads: a key changed in another section (a shared override such as optim.lr
-# reaches every step) leaves a finished step finished, and the steps after it unaffected by it. The top-level keys
-# (seed, ...) are always compared.
-_COMMON = ("model", "mesh", "distributed", "runtime", "data")
-_TRAINING = (*_COMMON, "train", "optim", "lora")
-STAGE_SECTIONS = {
-    "task": ("task", "data"), "prepare": ("prepare", "data"),
-    "generate": (*_COMMON, "sampling", "generate"), "eval": (*_COMMON, "sampling", "eval"),
-    "label": (*_COMMON, "sampling", "label"),
-    "sft": _TRAINING, "rm": (*_TRAINING, "rm"), "dpo": (*_TRAINING, "dpo"), "ppo": (*_TRAINING, "sampling", "ppo"),
-    "grpo": (*_TRAINING, "sampling", "grpo", "rloo"), "rloo": (*_TRAINING, "sampling", "grpo", "rloo"),
-}
 
 
 class Step(NamedTuple):

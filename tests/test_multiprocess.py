@@ -39,8 +39,10 @@ def _pipeline(demo: Path) -> dict:
             "ppo": {"stage": "ppo", "model": {"path": str(demo / "sft" / "export")}, "data": {"name": "prompts"},
                     "train": {"steps": 2, "save_every": 1},
                     "ppo": {"reward_model": "{run_dir}/rm/export", "epochs": 1, "minibatches": 2}},
-            # every process reads every prompt; the reward function is a host callback inside the iteration
-            "grpo": {"stage": "grpo", "model": {"path": str(demo / "sft" / "export")}, "data": {"name": "prompts"},
+            # every process reads every prompt (cut ones counted once); the reward function is a host callback
+            # inside the iteration
+            "grpo": {"stage": "grpo", "model": {"path": str(demo / "sft" / "export")},
+                     "data": {"name": "prompts", "max_prompt_tokens": 6}, "sampling": {"max_prompt_tokens": 6},
                      "train": {"steps": 2, "batch_size": 4},
                      "grpo": {"reward_function": "rlhf_jax.tasks.sentiment:gold", "group_size": 4,
                               "minibatches": 2}},
@@ -114,6 +116,7 @@ def test_two_processes_match_one_survive_sigterm_and_resume_on_another_mesh(demo
     _assert_close(_metrics(one, "rm"), _metrics(two, "rm"), range(1, 5))
     _assert_close(_metrics(one, "ppo"), _metrics(two, "ppo"), range(1, 3))
     assert _metrics(two, "grpo")[2]["reward_std"] > 0  # the function scored the responses
+    assert _metrics(one, "grpo")[2]["truncated_examples"] > 0
     _assert_close(_metrics(one, "grpo"), _metrics(two, "grpo"), range(1, 3))
 
     # The PPO checkpoint the 2 processes saved, continued by 1 process on a (2, 4, 1) mesh for one more iteration.

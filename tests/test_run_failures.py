@@ -190,6 +190,15 @@ def test_config_changes_classify_keys():
     assert "optim.grad_clip=1.0 (now 0.0)" in refused
     # the adapters' scale: the saved adapters would be another model
     assert config_changes({"lora": {"alpha": 16.0}}, {"lora": {"alpha": 32.0}})[0] == ["lora.alpha=16.0 (now 32.0)"]
+    # PPO-ptx and the EMA switched on or off change what the checkpoint holds; another coefficient steers
+    ppo = lambda **kw: {"stage": "ppo", "ppo": {"ptx_coef": 0.0, "ema_decay": 0.0, **kw}}
+    assert config_changes(ppo(), ppo(ptx_coef=0.1))[0] == ["ppo.ptx_coef=0.0 (now 0.1)"]
+    assert config_changes(ppo(ptx_coef=0.1), ppo(ptx_coef=0.2)) == ([], ["ppo.ptx_coef=0.1 (now 0.2)"])
+    assert config_changes(ppo(ema_decay=0.99), ppo())[0] == ["ppo.ema_decay=0.99 (now 0.0)"]
+    assert config_changes(ppo(ptx_batch_size=4), ppo(ptx_batch_size=8))[0] == ["ppo.ptx_batch_size=4 (now 8)"]
+    # keys of sections the stage never reads are not its business
+    grpo = lambda reference: {"stage": "grpo", "ppo": {"reference": reference}, "rloo": {"reference": reference}}
+    assert config_changes(grpo("a"), grpo("b")) == (["rloo.reference='a' (now 'b')"], ["ppo.reference='a' (now 'b')"])
     # another KL / DPO reference is another objective; the same one spelled differently is not
     for stage in ("ppo", "dpo", "grpo", "rloo"):
         refused, _ = config_changes({stage: {"reference": "r/a"}}, {stage: {"reference": "r/b"}})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import random
 import re
 import signal
@@ -404,6 +403,10 @@ def test_resume_with_another_seed_is_refused(tiny, data_dir, workdir):
     _train_on_mesh(args, run_dir, (8, 1, 1))
     with pytest.raises(UserError, match=r"seed=0 \(now 1\)"):
         _train_on_mesh([*args, "seed=1", f"train.steps={MESH_STEPS + 2}"], run_dir, (8, 1, 1))
+    # fewer steps than the checkpoint has: its exports would be of one step and its summary of another
+    with pytest.raises(UserError, match=f"its checkpoint is at step {MESH_STEPS}, past the {MESH_STEPS - 1} steps "
+                                        r"this config trains \(train.steps\); raise train.steps"):
+        _train_on_mesh([*args, f"train.steps={MESH_STEPS - 1}"], run_dir, (8, 1, 1))
 
 
 RESUME_STEPS = 60

@@ -396,6 +396,19 @@ class Config:
                                                 "scalar head trains whole)")
 
 
+# The config sections each stage reads (the top-level keys, seed and the like, always count): what decides whether a
+# pipeline step is still finished, and which keys a resumed run compares.
+_COMMON = ("model", "mesh", "distributed", "runtime", "data")
+_TRAINING = (*_COMMON, "train", "optim", "lora")
+STAGE_SECTIONS = {
+    "task": ("task", "data"), "prepare": ("prepare", "data"),
+    "generate": (*_COMMON, "sampling", "generate"), "eval": (*_COMMON, "sampling", "eval"),
+    "label": (*_COMMON, "sampling", "label"),
+    "sft": _TRAINING, "rm": (*_TRAINING, "rm"), "dpo": (*_TRAINING, "dpo"), "ppo": (*_TRAINING, "sampling", "ppo"),
+    "grpo": (*_TRAINING, "sampling", "grpo", "rloo"), "rloo": (*_TRAINING, "sampling", "grpo", "rloo"),
+}
+
+
 def config_from_dict(d: Mapping) -> Config:
     """Build a validated Config from nested mappings (missing keys take defaults)."""
     return typed_yaml.from_dict(Config, d)

@@ -146,8 +146,10 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
                 if rewards_fn is not None:  # before anything of this iteration is logged or saved
                     rewards_fn.raise_if_failed(metrics, step)
                 samples = metrics.pop("samples", None)
-                loop.log(step, metrics, items=len(batch["prompt_ids"]) * settings.group_size,
-                         truncated=batch["truncated"].sum())
+                # every process holds the whole batch: process 0 counts it, once (the loop adds up the processes')
+                mine = distributed.is_primary()
+                loop.log(step, metrics, items=len(batch["prompt_ids"]) * settings.group_size * mine,
+                         truncated=batch["truncated"].sum() * mine)
                 if samples is not None and step % section.samples_every == 0 and distributed.is_primary():
                     write_samples(run_dir / "samples.jsonl", step, distributed.to_host(samples), tokenizer)
                 loop.save_when_due(step, state, data_iter)

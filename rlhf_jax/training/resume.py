@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from rlhf_jax.config import STAGE_SECTIONS
 from rlhf_jax.models.layer_stack import STACKED
 
 # Keys whose change makes the saved state, the data order or the step keys meaningless for the new run.
@@ -22,7 +23,12 @@ REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data
            # the KL's (DPO's) reference: another one is another objective
            "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference",
            # the adapters' scale: the saved adapters would mean another model (and every checkpoint read with it)
-           "lora.alpha")
+           "lora.alpha",
+           # PPO-ptx's data: the saved position counts batches of this dataset of this size
+           "ppo.ptx_dataset", "ppo.ptx_batch_size")
+# Keys whose switch between 0 and another value changes what the checkpoint holds: clipping's optimizer state,
+# PPO-ptx's data position, the EMA of the policy.
+ON_OFF = ("optim.grad_clip", "ppo.ptx_coef", "ppo.ema_decay")
 # model directories, compared where they lead
 MODELS = ("model.path", "ppo.reward_model", "ppo.value_model", "grpo.reward_model", "rloo.reward_model",
           "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference")
@@ -54,9 +60,12 @@ def _moved_with_run(old: Any, new: Any, old_run: Any, new_run: Any) -> bool:
     return relative[0] == relative[1]
 
 
-def _refused(key: str, old: Any, new: Any) -> bool:
-    if key == "optim.grad_clip":  # switching clipping on or off changes the optimizer state's structure
-        return (old == 0) != (new == 0)
+def _refused(key: str, old: Any, new: Any, stage: Any) -> bool:
+    section = key.partition(".")[0] if "." in key else None
+    if section is not None and stage in STAGE_SECTIONS and section not in STAGE_SECTIONS[stage]:
+        return False  # a section the stage never reads
+    if key in ON_OFF:
+        return (not old) != (not new)
     return key in REFUSED
 
 
@@ -71,7 +80,7 @@ def config_changes(old: dict, new: dict, same_models=frozenset()) -> tuple[list[
             continue
         if not _same(key, old_value, new_value):
             change = f"{key}={old_value!r} (now {new_value!r})"
-            refuse = _refused(key, old_value, new_value) and key not in same_models
+            refuse = _refused(key, old_value, new_value, after.get("stage")) and key not in same_models
             (refused if refuse else allowed).append(change)
     return refused, allowed
 
