@@ -124,6 +124,12 @@ def test_missing_keys_take_the_families_defaults_and_both_rope_layouts_agree():
     (dict(num_hidden_layers="2"), "num_hidden_layers must be a positive integer, got '2'"),
     (dict(sliding_window_pattern=0), "sliding_window_pattern must be a positive integer, got 0"),
     (dict(eos_token_id="</s>"), r"invalid value for a gemma3 model \(invalid literal for int"),
+    (dict(rms_norm_eps=None), r"invalid value for a gemma3 model \(float\(\) argument"),  # transformers refuses it too
+    (dict(rope_parameters="default"), "invalid value for a gemma3 model"),
+    # transformers reads rope_scaling and drops rope_parameters: a config whose two layouts differ is ambiguous
+    (dict(rope_parameters={FULL: {"rope_type": "default", "rope_theta": 500.0}},
+          rope_scaling={"rope_type": "linear", "factor": 4.0}), r"rope_scaling and rope_parameters disagree \(rope_"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn' is not supported"),
 ])
 def test_unsupported_settings_are_refused_in_one_line(changes, match):
     with pytest.raises(HFFormatError, match=match) as e:

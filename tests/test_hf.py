@@ -230,6 +230,22 @@ def test_reward_export_scores_our_last_token_in_transformers(tmp_path, family, p
                                atol=1e-4)
 
 
+def test_a_left_padded_gpt2_reward_export_scores_right_with_the_position_ids_it_names(tmp_path, capsys):
+    """GPT-2's absolute positions: transformers numbers them from the first column, so the export says to pass
+    position_ids with left-padded batches; with them, its scores are ours."""
+    tokenizer = make_tokenizer(tmp_path / "tok", True)
+    cfg, model, params = _reward_model("gpt2")
+    hf.save_hf(tmp_path / "hf", params, cfg, "scalar", tokenizer_dir=tmp_path / "tok")
+    assert "pass position_ids=attention_mask.cumsum(-1) - 1" in capsys.readouterr().err
+    _, ids, mask = _eos_ending_batch(tokenizer.pad_token_id)
+    torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    attention = torch.tensor(mask.astype(np.int64))
+    with torch.no_grad():
+        theirs = torch_model(input_ids=torch.tensor(ids), attention_mask=attention,
+                             position_ids=(attention.cumsum(-1) - 1).clamp(min=0)).logits.numpy()[:, 0]
+    np.testing.assert_allclose(theirs, _ours(model, params, ids, mask), atol=1e-4)
+
+
 def test_reward_export_without_tokenizer_refuses_batches_in_transformers(tmp_path):
     cfg, model, params = _reward_model("llama")
     hf.save_hf(tmp_path, params, cfg, "scalar")

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,10 @@ def write_hf(out_dir: Path, params: dict, cfg: ModelConfig, head: str = "lm",
                 shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     if head == "scalar" and tok_pad is not None and tok_pad != cfg.pad_token_id:
         _left_pad_tokenizer(out_dir)
+        if cfg.is_gpt2:  # absolute positions: transformers' GPT-2 numbers them from the first column
+            print("warning: a GPT-2 reward model's export left-pads; transformers' GPT-2 numbers positions from the "
+                  "first column whatever the mask, so pass position_ids=attention_mask.cumsum(-1) - 1 (clipped at "
+                  "0) with batches", file=sys.stderr)
     if not (out_dir / "generation_config.json").exists():
         generation = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -79,17 +79,24 @@ def _as_tuple(ids) -> tuple[int, ...]:
     return tuple(int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))
 
 
-def _rope_fields(hf: dict, default_theta: float = 10000.0) -> dict:
+def _rope_fields(hf: dict, where: str, default_theta: float = 10000.0) -> dict:
     """Both layouts: transformers 5 `rope_parameters`, and top-level `rope_theta` + `rope_scaling`."""
     params = dict(hf.get("rope_parameters") or {})
     if FULL in params or SLIDING in params:  # per layer type (Gemma 3): the global layers' rope here
         params = dict(params.get(FULL) or {})
     scaling = hf.get("rope_scaling") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
+    if scaling and params:  # transformers would read one and drop the other: they must say the same
+        kind = lambda d: d.get("rope_type", d.get("type", "default"))
+        clash = [k for k in sorted(set(scaling) & set(params) - {"type", "rope_type"}) if scaling[k] != params[k]]
+        clash += ["rope_type"] * (kind(scaling) != kind(params))
+        clash += ["rope_theta"] * ("rope_theta" in params and params["rope_theta"] != hf.get("rope_theta", theta))
+        if clash:
+            raise HFFormatError(f"{where}: rope_scaling and rope_parameters disagree ({', '.join(clash)}); keep one")
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
-        raise HFFormatError(f"rope type {rope_type!r} is not supported; supported: default, linear, llama3")
+        raise HFFormatError(f"{where}: rope type {rope_type!r} is not supported; supported: default, linear, llama3")
     out = dict(rope_theta=float(theta), rope_type=rope_type)
     if rope_type != "default":
         out["rope_factor"] = float(merged["factor"])
@@ -143,7 +150,7 @@ def _gpt2_config(hf: dict, common: dict, where: str) -> ModelConfig:
     d = hf["n_embd"]
     return ModelConfig(**common, d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"], n_kv_heads=hf["n_head"],
                        head_dim=d // hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-                       max_position_embeddings=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       max_position_embeddings=hf["n_positions"], norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
                        tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
@@ -181,13 +188,13 @@ def _decoder_config(hf: dict, family: str, common: dict, where: str) -> ModelCon
                        head_dim=hf.get("head_dim") or defaults.get("head_dim") or hf["hidden_size"] // n_heads,
                        d_ff=hf["intermediate_size"],
                        max_position_embeddings=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
-                       norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                        qkv_bias=family == "qwen2",
                        mlp_bias=family in ("llama", "qwen2") and bool(hf.get("mlp_bias", False)),
                        tie_embeddings=hf.get("tie_word_embeddings", defaults["tie_word_embeddings"]),
                        sliding_window=None if window is None else int(window),
                        layer_types=_layer_types(hf, family, n_layers, window, where),
-                       **_rope_fields(hf, defaults["rope_theta"]), **extra)
+                       **_rope_fields(hf, where, defaults["rope_theta"]), **extra)
 
 
 def config_from_hf(hf: dict, generation: dict | None = None, where: str = "config.json") -> tuple[ModelConfig, str]:
@@ -219,7 +226,7 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
         raise HFFormatError(f"{where}: missing key {e.args[0]!r} for a {family} model") from None
     except HFFormatError:
         raise
-    except (TypeError, ValueError, ArithmeticError) as e:  # ModelConfig's own checks, a non-numeric number
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as e:  # ModelConfig's checks, a wrong type
         raise HFFormatError(f"{where}: invalid value for a {family} model ({e})") from None
 
 
