@@ -51,6 +51,7 @@ out of memory in a run: the line says how to plan a fit).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Sequence
 
@@ -135,8 +136,8 @@ def _dry_run(args, overrides: Sequence[str]) -> int:
             limits[flag] = None if value is None else float(value)
         except ValueError:
             raise UserError(f"{flag} {value!r}: expected a number") from None
-        if limits[flag] is not None and not limits[flag] > 0:
-            raise UserError(f"{flag} {value!r}: must be > 0")
+        if limits[flag] is not None and not 0 < limits[flag] < math.inf:
+            raise UserError(f"{flag} {value!r}: must be a finite number > 0")
     is_pipeline = pipeline.is_pipeline(args.config)
     if is_pipeline:
         _, steps = pipeline.load(args.config, overrides)

@@ -138,7 +138,11 @@ def test_config_and_flag_errors_are_one_line_before_anything_compiles(tmp_path):
     for argv, message in [
         ([*SFT, "optim.lr=x"], "error: 'optim.lr' expects a float"),
         ([*SFT, "--device-memory", "lots"], "error: --device-memory 'lots': expected a number"),
-        ([*SFT, "--peak-tflops", "0"], "error: --peak-tflops '0': must be > 0"),
+        ([*SFT, "--peak-tflops", "0"], "error: --peak-tflops '0': must be a finite number > 0"),
+        ([*SFT, "--device-memory", "inf"], "error: --device-memory 'inf': must be a finite number > 0"),
+        ([*SFT, "data.max_response_tokens=600"],  # what the run refuses once it has read the model
+         "error: data.max_prompt_tokens + data.max_response_tokens = 616 exceeds the model's 512 positions"),
+        ([*SFT, "train.eval_batch_size=12"], "error: train.eval_batch_size=12 is not divisible by the 8"),
         (["stage=rm", "data.name=nowhere", f"data.dir={tmp_path}", "train.steps=2"],
          "error: data.max_responses: the rm dry run needs the response slots per prompt K"),
         (["stage=ppo", "data.name=prompts"], "error: stage 'ppo' needs ppo.reward_model"),
@@ -163,14 +167,34 @@ def test_models_come_from_their_config_files_and_a_missing_reward_model_from_the
                              "exist: the policy's architecture with a scalar head"]
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps(LLAMA3_8B))  # config.json alone: no weights
+    (tmp_path / "llama_rm").mkdir()
+    (tmp_path / "llama_rm" / "config.json").write_text(json.dumps(
+        {**LLAMA3_8B, "architectures": ["LlamaForSequenceClassification"], "num_labels": 1}))
     with pytest.raises(UserError, match="ppo.reward_model: vocab_size 128256 differs from the policy's 512"):
-        program(f"ppo.reward_model={tmp_path / 'llama'}")
-    llama = program(f"model.path={tmp_path / 'llama'}", f"ppo.reward_model={tmp_path / 'llama'}")
+        program(f"ppo.reward_model={tmp_path / 'llama_rm'}")
+    with pytest.raises(UserError, match=f"ppo.reward_model={tmp_path / 'llama'}: a language model, expected a "
+                                        "scalar-head"):  # as the run refuses it
+        program(f"model.path={tmp_path / 'llama'}", f"ppo.reward_model={tmp_path / 'llama'}")
+    llama = program(f"model.path={tmp_path / 'llama'}", f"ppo.reward_model={tmp_path / 'llama_rm'}")
     assert llama.models[0][0].n_layers == 32 and llama.models[0][0].rope_theta == 500000.0 and not llama.notes
+    assert llama.models[1] == (llama.models[0][0], "scalar")
     assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------------- the numbers
+
+
+def test_the_search_tries_every_split_the_stage_accepts(tmp_path):
+    """Every accumulation the batch divides into (3 too), and for GRPO with shared prompts only those whose
+    micro-batches hold whole groups (the stage refuses the others)."""
+    from rlhf_jax.plan.planner import candidates
+
+    one = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
+    sft = load_config(None, [*SFT, "train.batch_size=6"])
+    assert candidates(sft, one) == [("none", a) for a in (2, 3, 6)] + [("block", a) for a in (1, 2, 3, 6)]
+    grpo = load_config(None, ["stage=grpo", "data.name=p", "train.steps=1", "train.batch_size=4", "grpo.group_size=8",
+                              "grpo.minibatches=1", "grpo.reward_function=rlhf_jax.tasks.sentiment:gold"])
+    assert [a for _, a in candidates(grpo, one)] == [2, 4, 1, 2, 4]
 
 
 def test_flops_are_per_device_and_fast_cpu_codegen_leaves_memory_alone(tmp_path):

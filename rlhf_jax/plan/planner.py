@@ -22,7 +22,7 @@ from rlhf_jax.plan.figures import Footprint, Measured, measure
 from rlhf_jax.plan.models import Models, ModelSource, response_slots
 from rlhf_jax.plan.programs import group_iteration_program, ppo_iteration_program, train_step_program
 from rlhf_jax.runtime import sharding
-from rlhf_jax.training.state import stage_model
+from rlhf_jax.training.state import check_positions, eval_batch_size, stage_model
 
 
 class StagePlan(NamedTuple):
@@ -66,7 +66,9 @@ class Planner:
         cfg, notes, models = step.cfg, [], []
         mesh = sharding.mesh_from_config(cfg.mesh)
 
-        def source(path: str, what: str, head: str) -> ModelConfig:
+        def source(path: str, what: str, head: str, kind: str | None = None) -> ModelConfig:
+            """The architecture at `path`, which the stage builds with `head`; `kind`: the head the checkpoint
+            itself must have (a reward or value model's scalar one, a policy's LM one), as the stage checks."""
             try:
                 found = self.models.resolve(path, cfg.run_dir)
             except checkpoint.CheckpointError:
@@ -74,6 +76,9 @@ class Planner:
                     raise
                 found = ModelSource(models[0][0], "scalar", origin=f"{path} does not exist: the policy's "
                                     "architecture with a scalar head")
+            if kind is not None and found.head != kind:
+                made = {"lm": "a language model", "scalar": "a scalar-head (reward/value) model"}
+                raise UserError(f"{what}={path}: {made[found.head]}, expected {made[kind]}")
             if found.note(what, path):
                 notes.append(found.note(what, path))
             if models and found.cfg.vocab_size != models[0][0].vocab_size:
@@ -85,19 +90,25 @@ class Planner:
         B, P, R = cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
         if cfg.stage in ("sft", "rm", "dpo"):
             model_cfg = source(cfg.model.path, "model", "scalar" if cfg.stage == "rm" else "lm")
+            check_positions(model_cfg, P + R, "data.max_prompt_tokens + data.max_response_tokens")
+            eval_batch_size(cfg, mesh)  # as the stage checks it, before it loads anything
             K = response_slots(cfg, self.steps) if cfg.stage != "sft" else 0
             batch = f"{B} x {P + R} tokens" if cfg.stage == "sft" else f"{B} x {K} x ({P}+{R}) tokens"
             return Program(step, lambda c: train_step_program(c, model_cfg, mesh, K), batch, notes, models, mesh)
-        policy = source(cfg.model.path, "policy", "lm")
+        policy = source(cfg.model.path, "policy", "lm", "lm")
+        sampled = "data.max_prompt_tokens + sampling.max_new_tokens"
+        check_positions(policy, P + cfg.sampling.max_new_tokens, sampled)
         if cfg.stage in ("grpo", "rloo"):
             section = getattr(cfg, cfg.stage)
-            reward = (source(section.reward_model, f"{cfg.stage}.reward_model", "scalar") if section.reward_model
-                      else None)
+            reward = (source(section.reward_model, f"{cfg.stage}.reward_model", "scalar", "scalar")
+                      if section.reward_model else None)
             batch = f"{B} x {section.group_size} x ({P}+{cfg.sampling.max_new_tokens} new) tokens"
             return Program(step, lambda c: group_iteration_program(c, policy, mesh, reward), batch, notes, models,
                            mesh)
-        reward = source(cfg.ppo.reward_model, "ppo.reward_model", "scalar")
-        value = source(cfg.ppo.value_model, "ppo.value_model", "scalar") if cfg.ppo.value_model else reward
+        reward = source(cfg.ppo.reward_model, "ppo.reward_model", "scalar", "scalar")
+        value = source(cfg.ppo.value_model, "ppo.value_model", "scalar", "scalar") if cfg.ppo.value_model else reward
+        if cfg.ppo.ptx_coef:
+            check_positions(policy, P + R, "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)")
         batch = f"{B} x ({P}+{cfg.sampling.max_new_tokens} new) tokens"
         return Program(step, lambda c: ppo_iteration_program(c, policy, mesh, value, reward), batch, notes, models,
                        mesh)
@@ -153,12 +164,12 @@ class Planner:
         if not tries:
             return (f"{head}; nothing smaller to try (model.remat=block and {micro_rows(cfg, mesh)} row(s) per device "
                     "in a micro-batch at most): use more devices, a smaller batch or shorter sequences")
-        best = None
+        best = (cfg.model.remat, cfg.optim.grad_accum_steps, found.total)
         for remat, accum in tries:
             print(f"  {step.name} does not fit: compiling it with accumulation {accum}, remat {remat} ...",
                   file=sys.stderr, flush=True)
             total = measure(program.build(with_setting(cfg, remat, accum)), mesh).footprint.total
-            if best is None or total < best[2]:
+            if total < best[2]:
                 best = (remat, accum, total)
             if total <= memory:
                 setting = f"{self.key(step, 'optim.grad_accum_steps')}={accum} {self.key(step, 'model.remat')}={remat}"
@@ -188,7 +199,8 @@ def _splits(cfg: Config, accum: int, mesh) -> bool:
     if cfg.stage in ("grpo", "rloo"):
         section = getattr(cfg, cfg.stage)
         rows, m = cfg.train.batch_size * section.group_size, section.minibatches
-        return rows % m == 0 and (rows // m) % (accum * ways) == 0
+        shared = not section.share_prompts or cfg.train.batch_size % (m * accum) == 0  # a group per micro-batch
+        return rows % m == 0 and (rows // m) % (accum * ways) == 0 and shared
     if cfg.stage != "ppo":
         return cfg.train.batch_size % (accum * ways) == 0
     sizes = [cfg.train.batch_size] + ([cfg.ppo.ptx_batch_size or cfg.train.batch_size] if cfg.ppo.ptx_coef else [])
@@ -197,16 +209,9 @@ def _splits(cfg: Config, accum: int, mesh) -> bool:
 
 
 def candidates(cfg: Config, mesh) -> list[tuple[str, int]]:
-    """(remat, accum) to try in order: no remat then block, accumulation 1, 2, 4, ... while the micro-batch
-    splits. Memory is taken not to grow with the accumulation: settings below one known not to fit (the
-    config's own, or the same accumulation without remat) are skipped."""
-    out = []
-    for remat in ("none", "block"):
-        accum = 1
-        while _splits(cfg, accum, mesh):
-            known_bad = (remat == cfg.model.remat and accum <= cfg.optim.grad_accum_steps) or \
-                        (remat == "none" and cfg.model.remat == "block" and accum <= cfg.optim.grad_accum_steps)
-            if not known_bad:
-                out.append((remat, accum))
-            accum *= 2
-    return out
+    """(remat, accum) to try in order: no remat then block, each accumulation the batch splits into, fewest first.
+    A micro-batch is taken to need no less memory than a smaller one: the config's own remat at its accumulation
+    or fewer (known not to fit) is skipped. Whether remat helps is measured, not assumed (on some backends it
+    does not)."""
+    return [(remat, accum) for remat in ("none", "block") for accum in range(1, cfg.train.batch_size + 1)
+            if _splits(cfg, accum, mesh) and not (remat == cfg.model.remat and accum <= cfg.optim.grad_accum_steps)]
