@@ -248,6 +248,19 @@ ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
     # a loop that may stop early (no known trip count) is counted at the bound given
     early = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
     assert hlo_matmul_flops(early, unknown_trips=7) == (entry + 7 * body, entry + body, 1)
+    # on a GPU, XLA hands dots to cuBLAS: custom-calls, with a workspace beside the result or without, a batch
+    # dimension, the lhs' shape written beside it or only where it was defined
+    config = ('backend_config={"gemm_backend_config":{"alpha_real":1,"beta":0,"dot_dimension_numbers":'
+              '{"lhs_contracting_dimensions":["%s"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[%s],'
+              '"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}')
+    gpu = hlo.replace(
+        "%d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+        '%g = (f32[8,16]{1,0}, s8[1024]{0}) custom-call(f32[8,16]{1,0} %x, f32[16,16]{1,0} %w), '
+        'custom_call_target="__cublas$gemm", ' + config % ("1", "")).replace(
+        "ROOT %e = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+        '%c = f32[8,16]{1,0} copy(%a)\n  ROOT %e = f32[2,8,4]{2,1,0} custom-call(%c, %b), '
+        'custom_call_target="__cublas$lt$matmul", ' + config % ("1", '"0"'))
+    assert hlo_matmul_flops(gpu) == (2 * entry + 5 * body, 2 * entry + body, 0)
 
 
 def test_device_defaults():

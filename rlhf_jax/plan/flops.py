@@ -16,6 +16,11 @@ _ARRAY = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]\S*\s+([\
 _CALLEE = re.compile(r"\b(calls|to_apply|body|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# A matmul XLA's GPU compiler handed to cuBLAS / cuBLASLt: a custom-call whose output is its result (or a tuple of
+# it and a workspace), its contracting dimensions in the backend config.
+_GEMM = re.compile(r'^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*\(?\w+\[([\d,]*)\].*?\scustom-call\('
+                   r'(?:\w+\[([\d,]*)\]\S*\s+)?%([\w.\-]+).*custom_call_target="__cublas\$(?:gemm|lt\$matmul)')
+_GEMM_CONTRACTING = re.compile(r'lhs_contracting_dimensions\\?":\[([^\]]*)\]')
 
 
 def _dims(text: str) -> list[int]:
@@ -25,8 +30,8 @@ def _dims(text: str) -> list[int]:
 def hlo_matmul_flops(hlo_text: str, unknown_trips: int = 1) -> tuple[float, float, int]:
     """(matmul FLOPs with every while loop's body counted by its known trip count, or `unknown_trips` times when
     it has none, the same with each body counted once as XLA's cost analysis counts it, loops whose trip count
-    is unknown) of a compiled module's HLO text. A dot's FLOPs: 2 x its output elements x its contracted
-    elements."""
+    is unknown) of a compiled module's HLO text. A dot's FLOPs, or a cuBLAS gemm's (a GPU's dots, after XLA's
+    rewrite): 2 x its output elements x its contracted elements."""
     shapes: dict[str, list[int]] = {}
     own: dict[str, float] = {}
     calls: dict[str, list[tuple[str, int]]] = {}
@@ -41,6 +46,14 @@ def hlo_matmul_flops(hlo_text: str, unknown_trips: int = 1) -> tuple[float, floa
             continue
         if comp is None:
             continue
+        gemm = _GEMM.match(line)
+        if gemm:  # its lhs' shape written beside it, or recorded where it was defined
+            out, lhs_dims, lhs = gemm.groups()
+            lhs_shape = _dims(lhs_dims) if lhs_dims is not None else shapes.get(lhs)
+            contracting = _GEMM_CONTRACTING.search(line)
+            if lhs_shape is not None and contracting:
+                k = math.prod(lhs_shape[int(d)] for d in re.findall(r"\d+", contracting.group(1)))
+                own[comp] += 2.0 * math.prod(_dims(out)) * k
         array = _ARRAY.match(line)
         if array:
             name, dims, op, rest = array.groups()
