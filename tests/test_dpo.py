@@ -368,8 +368,8 @@ def test_dpo_stage_logs_its_metrics_exports_a_policy_and_resumes(live_run, tiny,
     train_lines = [m for m in _metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in train_lines] == [1, 2, 3, 4, 5, 6]  # each step once, the first 4 kept
     assert [m for m in _metrics(run_dir) if m["step"] <= 4] == live_run["first_metrics"]
-    for m in train_lines:
-        assert TRAIN_KEYS <= set(m), set(m)
+    for m in train_lines:  # a first step of a start or resume has no rate: its window is its compilation
+        assert TRAIN_KEYS - ({"tokens_per_s"} if m["step"] in (1, 5) else set()) <= set(m), set(m)
         assert m["stage"] == "dpo" and m["prompts"] == 8 and m["pairs"] >= 8
         assert m["reward_margin"] == pytest.approx(m["reward_chosen"] - m["reward_rejected"], abs=1e-5)
     assert train_lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference: h = 0

@@ -126,8 +126,22 @@ def test_all_steps_evaluates_every_saved_step_and_skips_an_interrupted_save(inpu
     assert [p["step"] for p in report["policies"]] == inputs["ppo_saves"] and len(inputs["ppo_saves"]) == 3
     assert report["prompts"] == len(open_split(inputs["data"], "prompts", "eval")[0])  # the held-out split
     assert all(p["kl"] > 0 for p in report["policies"]), [p["kl"] for p in report["policies"]]
+    # the run's checkpoints as one curve over their steps, the policy named in every line
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    name = report["policies"][0]["name"].rsplit("@", 1)[0]
+    assert [(line["policy"], line["step"]) for line in lines] == [(name, s) for s in inputs["ppo_saves"]]
     for png in ("score_kl_by_step.png", "gold_vs_kl.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_the_out_directory_of_a_training_run_is_refused(inputs):
+    """Its metrics and TensorBoard curves are the run's: an evaluation's would hide them."""
+    run = inputs["ppo"]
+    before = (run / "metrics.jsonl").read_text()
+    rc, _, err = _eval(inputs, run, "--policy", inputs["sft"], "--prompts", str(inputs["prompt_file"]))
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"error: --out {run}: holds a run of stage 'ppo'; give the eval stage a directory of its own"), err
+    assert (run / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.parametrize("flags, fragment", [

@@ -470,7 +470,8 @@ def test_grpo_stage_with_a_reward_model(grpo_run):
     run_dir, _, out = grpo_run
     lines = _metrics(run_dir)
     assert [m["step"] for m in lines] == [1, 2, 3, 4] and all(m["stage"] == "grpo" for m in lines)
-    assert all(METRIC_KEYS <= set(m) for m in lines), METRIC_KEYS - set(lines[0])
+    assert all(METRIC_KEYS <= set(m) | {"episodes_per_s"} for m in lines), METRIC_KEYS - set(lines[0])
+    assert "episodes_per_s" not in lines[0]  # the first step's window is its compilation
     assert lines[0]["first_ratio_max"] == 1.0 == lines[0]["first_ratio_min"] and abs(lines[0]["kl"]) < 1e-5
     assert lines[-1]["episodes_per_s"] > 0 and lines[-1]["kl"] != 0.0
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -517,7 +518,8 @@ def test_rloo_stage_with_a_reward_function(group_inputs, tmp_path, capfd):
     assert rc == 0, err[-2000:]
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
     lines = _metrics(run_dir)
-    assert [m["step"] for m in lines] == [1, 2] and all(METRIC_KEYS <= set(m) for m in lines)
+    assert [m["step"] for m in lines] == [1, 2] and all(METRIC_KEYS <= set(m) | {"episodes_per_s"} for m in lines)
+    assert lines[1]["episodes_per_s"] > 0
     assert lines[0]["first_ratio_max"] == 1.0 == lines[0]["first_ratio_min"]
     assert len(grpo_fixtures.CALLS) == 2 and all(len(p) == len(r) == 16 for p, r in grpo_fixtures.CALLS)
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]

@@ -437,7 +437,8 @@ def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
     assert rc == 0, err[-2000:]
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, KILL_STEPS + 1)) and all(m["stage"] == "ppo" for m in lines)
-    assert all(METRIC_KEYS <= set(m) for m in lines), set(lines[0])
+    assert all(METRIC_KEYS <= set(m) | {"episodes_per_s"} for m in lines), set(lines[0])
+    assert all(m["episodes_per_s"] > 0 for m in lines[1:])  # the first step's window is its compilation
     # The first minibatch's old log-probs come from the update's own forward: exactly 1 on a mesh too.
     assert lines[0]["first_ratio_max"] == 1.0 == lines[0]["first_ratio_min"] and lines[0]["first_clip_frac"] == 0.0
     assert abs(lines[0]["kl"]) < 1e-5

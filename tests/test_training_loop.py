@@ -3,6 +3,7 @@ when the processes agree on a stop signal, and how a signal ends the loop."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from types import SimpleNamespace
@@ -151,6 +152,28 @@ def test_every_logged_step_is_in_the_tensorboard_file_at_once_and_a_resume_purge
     resumed.close()
 
 
+def test_a_metrics_line_is_strict_json_whatever_the_values(tmp_path):
+    """A perplexity that overflowed (the loss still finite) or a NaN held-out metric: null in the line (JSON has
+    no NaN or Infinity), the value itself in TensorBoard; several policies of one stage are named."""
+    import math
+
+    from rlhf_jax.runtime.metrics import MetricsWriter
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    with MetricsWriter(tmp_path, "eval") as writer:
+        writer.write(1, {"loss": 90.0, "perplexity": math.inf, "eval_loss": math.nan})
+        writer.write(2, {"kl": 0.5}, policy="ppo/export")
+    first, second = (json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").open())
+    assert (first["loss"], first["perplexity"], first["eval_loss"]) == (90.0, None, None)
+    assert second["policy"] == "ppo/export" and second["kl"] == 0.5
+    tags = {v.tag: v.simple_value for p in (tmp_path / "tensorboard").glob("events.*") for e in _events(p)
+            for v in e.summary.value}
+    assert math.isinf(tags["eval/perplexity"]) and math.isnan(tags["eval/eval_loss"])
+    assert tags["eval/ppo/export/kl"] == 0.5
+
+
 @pytest.mark.parametrize("save_every, eval_every", [(0, 0), (3, 0), (0, 3), (3, 5)])
 def test_the_rate_counts_training_time_only_however_saves_and_evaluations_fall(tmp_path, monkeypatch, save_every,
                                                                               eval_every):
@@ -166,10 +189,28 @@ def test_the_rate_counts_training_time_only_however_saves_and_evaluations_fall(t
     run.save = lambda *args: clock.__setitem__(0, clock[0] + 100)
     with TrainingLoop(run, 0, 16, "sft", has_eval=bool(eval_every)) as loop:
         for step in loop:
-            clock[0] += 1.0
+            clock[0] += 1.0 + 300.0 * (step == 1)  # the first step compiles
             loop.log(step, {"loss": 1.0}, items=10, truncated=0)
             if loop.eval_due(step):
                 clock[0] += 100
                 loop.log_eval(step, {})
             loop.save_when_due(step, "state", None)
     assert [r for r in rates if r is not None] == pytest.approx([10.0] * 4), rates
+
+
+def test_a_first_step_that_is_a_log_step_has_no_rate(tmp_path, monkeypatch):
+    """Its window is its compilation: no rate in that line; the next lines have theirs."""
+    import rlhf_jax.training.loop as loop_module
+
+    clock = [0.0]
+    monkeypatch.setattr(loop_module.time, "perf_counter", lambda: clock[0])
+    lines = []
+    run = _run(tmp_path, [], log_every=1, save_every=0, eval_every=0)
+    run.writer = SimpleNamespace(write=lambda step, metrics: lines.append(metrics))
+    run.save = lambda *args: None
+    with TrainingLoop(run, 0, 3, "sft") as loop:
+        for step in loop:
+            clock[0] += 1.0 + 300.0 * (step == 1)
+            loop.log(step, {"loss": 1.0}, items=10, truncated=0)
+            loop.save_when_due(step, "state", None)
+    assert "tokens_per_s" not in lines[0] and [m["tokens_per_s"] for m in lines[1:]] == pytest.approx([10.0, 10.0])

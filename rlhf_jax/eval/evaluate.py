@@ -32,6 +32,7 @@ from rlhf_jax.rl.scoring import reward_scores
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.metrics import MetricsWriter
 from rlhf_jax.runtime.progress import progress
+from rlhf_jax.training.run import refuse_another_stages_run
 from rlhf_jax.training.state import check_positions, eval_sums
 from rlhf_jax.training.steps import rm_eval_sums, rm_metrics
 
@@ -196,6 +197,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     """Every check that can fail (flags, files, kinds) runs before the first sample."""
     check_config(cfg)
     e, s = cfg.eval, cfg.sampling
+    refuse_another_stages_run(run_dir, "eval")  # its metrics go there
     out_dir = Path(e.out or run_dir)
     mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")
@@ -221,7 +223,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     rows, samples, logged = [], [], []
     with progress(len(prompts) * (len(sources) + 1), "eval", "response", enabled=distributed.is_primary()) as bar:
         ref = ev.responses(ev.ref_model, ev.ref_params, bar, policy=False)
-        for index, source in enumerate(sources):
+        for source in sources:
             found = restorable_policy(source, base_models)
             if found is None:
                 bar.total -= len(prompts)
@@ -232,15 +234,16 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
             del params, loaded
             row = _policy_row(source, pol, ref, rm_accuracy)
             rows.append(row)
-            logged.append((source.step if source.step is not None else index + 1,
-                           {k: v for k, v in row.items() if isinstance(v, float)}))
+            # a run's checkpoints as one curve over their steps (`dpo` at 100, 170); a model directory at step 0
+            logged.append((source.name.rsplit("@", 1)[0] if source.step is not None else source.name,
+                           source.step or 0, {k: v for k, v in row.items() if isinstance(v, float)}))
             samples += [_sample_row(source.name, prompts[i], ref, pol, i) for i in range(min(e.samples, len(prompts)))]
     if not rows:
         raise UserError(f"eval.policies: no checkpoint of {', '.join(map(str, e.policies))} can be restored")
     # Written only once every policy is evaluated: a failed evaluation leaves nothing half-made.
     with MetricsWriter(run_dir, "eval", resume_step=0) as metrics:  # a rerun replaces the eval lines
-        for step, values in logged:
-            metrics.write(step, values)
+        for policy, step, values in logged:
+            metrics.write(step, values, policy)
     result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": e.reward_model or None,
               "kl_of_sampled_distributions": not filtered,
               "prompts": len(prompts), "seed": cfg.seed, "gold": e.gold or None, "rm_accuracy": rm_accuracy,

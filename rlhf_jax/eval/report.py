@@ -356,7 +356,9 @@ def _read_runs(runs: Sequence[Path]) -> dict:
         label = name if name and names.count(name) == 1 else str(run)  # the full path only where names clash
         for title, stage, key, eval_key in CURVES:
             for k in (key, eval_key) if eval_key else (key,):
-                points = [(line["step"], float(line[k])) for line in lines if line["stage"] == stage and k in line]
+                # null: a value that was not finite (NaN in the plot, a gap)
+                points = [(line["step"], math.nan if line[k] is None else float(line[k])) for line in lines
+                          if line["stage"] == stage and k in line]
                 if points:
                     curves.setdefault((title, key), {})[label + (" (held-out)" if k == eval_key else "")] = points
     return curves
@@ -396,7 +398,8 @@ def _is_metrics_line(line) -> bool:
     if not isinstance(line.get("step"), int) or isinstance(line.get("step"), bool):
         return False
     plotted = {k for _, _, key, eval_key in CURVES for k in (key, eval_key) if k}
-    return all(isinstance(line[k], (int, float)) and not isinstance(line[k], bool) for k in plotted & line.keys())
+    return all(line[k] is None or isinstance(line[k], (int, float)) and not isinstance(line[k], bool)
+               for k in plotted & line.keys())
 
 
 def _training_curves_png(curves: dict) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -39,7 +40,10 @@ class MetricsWriter:
             self._tb.write_event(Event(wall_time=time.time(), step=resume_step + 1,
                                        session_log=SessionLog(status=SessionLog.START)))
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, policy: str | None = None) -> None:
+        """One line of `metrics` at `step`; `policy`: whose they are when one stage logs several (eval), named in
+        the line and in the TensorBoard tags (`eval/<policy>/<key>`). A non-finite value is null in the line (JSON
+        has no NaN) and NaN or inf in TensorBoard."""
         if not self.enabled:
             return
         from tensorboardX.proto.event_pb2 import Event
@@ -47,10 +51,14 @@ class MetricsWriter:
 
         values = {k: float(v) for k, v in metrics.items()}
         now = time.time()
-        self._jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": now, **values}) + "\n")
+        named = {} if policy is None else {"policy": policy}
+        line = {"stage": self.stage, "step": step, "time": now, **named,
+                **{k: v if math.isfinite(v) else None for k, v in values.items()}}
+        self._jsonl.write(json.dumps(line, allow_nan=False) + "\n")
         self._jsonl.flush()
+        prefix = self.stage if policy is None else f"{self.stage}/{policy}"
         for k, v in values.items():
-            self._tb.write_event(Event(wall_time=now, step=step, summary=scalar(f"{self.stage}/{k}", v)))
+            self._tb.write_event(Event(wall_time=now, step=step, summary=scalar(f"{prefix}/{k}", v)))
         self._tb.flush()
 
     def close(self) -> None:

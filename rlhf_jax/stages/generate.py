@@ -15,7 +15,9 @@ from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tiny import bundled_prompts, resolve_model_path
 from rlhf_jax.models.tokenizer import PAD_ID
 from rlhf_jax.runtime import distributed, sharding
+from rlhf_jax.runtime.fsio import write_json_atomically
 from rlhf_jax.runtime.metrics import MetricsWriter
+from rlhf_jax.training.run import refuse_another_stages_run
 
 
 def run_generate(cfg: Config, run_dir: Path) -> dict:
@@ -29,10 +31,7 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
     if out_path.exists() and not _own_output(run_dir, out_path):
         raise UserError(f"generate.output={cfg.generate.output}: already exists and is not this run_dir's earlier "
                         "output; choose another path, or delete the file to replace it")
-    earlier_stage = _stage_of(run_dir)
-    if earlier_stage not in (None, "generate"):
-        raise UserError(f"run_dir={run_dir}: holds a run of stage {earlier_stage!r}; give the generate stage a run_dir "
-                        "of its own")
+    refuse_another_stages_run(run_dir, "generate")
     s = cfg.sampling
     mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")  # before a model loads
@@ -58,19 +57,11 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
         raise
     if primary:  # the config names the output it wrote: a failed run leaves the earlier run's pair as it was
         tmp.replace(out_path)
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        write_json_atomically(run_dir / "config.json", config_to_dict(cfg))
     summary = {"stage": "generate", "prompts": n, "new_tokens": n_tokens, "output": str(out_path),
                "seconds": round(time.perf_counter() - t0, 2)}
     print(json.dumps(summary))
     return summary
-
-
-def _stage_of(run_dir: Path) -> str | None:
-    """The stage of the run whose config.json `run_dir` holds (None: none, or unreadable)."""
-    try:
-        return json.loads((run_dir / "config.json").read_text())["stage"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _own_output(run_dir: Path, out_path: Path) -> bool:

@@ -53,7 +53,8 @@ class Cadence:
 
 class TrainingLoop:
     """Steps start+1..total of `run`: progress, the log / eval / save cadence, throughput (`rate_name`: the
-    `items` a step processes per second, over the steps since the last log, evaluation and saving excluded),
+    `items` a step processes per second, over the steps since the last log, evaluation, saving and the first
+    step of a start or resume (its compilation) excluded: a log step that is that first step has no rate),
     the running count of truncated examples, divergence and stop signals."""
 
     def __init__(self, run: Run, start: int, total: int, desc: str, has_eval: bool = False,
@@ -107,12 +108,18 @@ class TrainingLoop:
         """Records the step just dispatched; on a log step its metrics are kept on the device until the next
         step is dispatched. The previous log step's metrics are fetched, checked and written now."""
         self._flush()
-        self._items_here += int(items)
+        # the first step of a start or resume compiled in its call: its time and items are not training's
+        first, logs = step == self.start + 1, self.cadence.log(step)
+        if first and not logs:
+            self._window_start = time.perf_counter()  # the window opens once it is dispatched
+        else:
+            self._items_here += int(items)
         self._truncated_here += int(truncated)
-        if self.cadence.log(step):
+        if logs:
             self._add_up()
             now = time.perf_counter()
-            self._pending = (step, metrics, self._items, now - self._window_start - self._paused_s)
+            seconds = None if first else now - self._window_start - self._paused_s  # None: no rate to tell
+            self._pending = (step, metrics, self._items, seconds)
             self._window_start, self._paused_s = now, 0.0
             self._items = 0
 
@@ -162,11 +169,12 @@ class TrainingLoop:
         self._pending = None
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_metrics(metrics, step, self.run)
-        metrics[self.rate_name] = items / max(seconds, 1e-9)
+        if seconds is not None:
+            metrics[self.rate_name] = items / max(seconds, 1e-9)
         metrics["truncated_examples"] = self._truncated  # over-length examples cut so far (resumes included)
         self.run.writer.write(step, metrics)
-        self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "score_mean", "kl") if k in metrics},
-                             rate=f"{metrics[self.rate_name]:.0f}")
+        rate = {"rate": f"{metrics[self.rate_name]:.0f}"} if self.rate_name in metrics else {}
+        self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "score_mean", "kl") if k in metrics}, **rate)
         self.last = metrics
 
 

@@ -236,6 +236,18 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def refuse_another_stages_run(run_dir: Path, stage: str, key: str = "run_dir") -> None:
+    """A stage that writes its config.json and metrics into `run_dir` (generate, eval) never takes over the run of
+    another stage there (its config, its curves: TensorBoard drops every tag's later points at a new attempt)."""
+    try:
+        other = json.loads((run_dir / "config.json").read_text())["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none there, or not a run's
+    if other != stage:
+        raise UserError(f"{key}={run_dir}: holds a run of stage {other!r}; give the {stage} stage a directory of "
+                        "its own")
+
+
 def logged_at(run: Run, step: int) -> dict:
     """What `run` logged at `step` in metrics.jsonl (the training and the eval lines together)."""
     logged: dict = {}
