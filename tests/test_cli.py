@@ -418,7 +418,8 @@ def test_main_generate_config_runs_generate_stage(capsys, tmp_path):
 def test_the_generate_stage_leaves_other_runs_and_bad_outputs_alone(capsys, tmp_path, hf_dir):
     """It never takes over another stage's run_dir (its config.json, metrics), and an output path under a file is
     refused naming generate.output, leaving no run_dir behind."""
-    base = ["--config", REPO / "configs" / "generate.yaml", f"model.path={hf_dir}", f"sampling.max_new_tokens={MAX_NEW}"]
+    base = ["--config", REPO / "configs" / "generate.yaml", f"model.path={hf_dir}",
+            f"sampling.max_new_tokens={MAX_NEW}"]
     sft_run = tmp_path / "sft_run"
     sft_run.mkdir()
     (sft_run / "config.json").write_text('{"stage": "sft", "seed": 0}')
