@@ -210,8 +210,8 @@ def _splits(cfg: Config, accum: int, mesh) -> bool:
 
 def candidates(cfg: Config, mesh) -> list[tuple[str, int]]:
     """(remat, accum) to try in order: no remat then block, each accumulation the batch splits into, fewest first.
-    A micro-batch is taken to need no less memory than a smaller one: the config's own remat at its accumulation
-    or fewer (known not to fit) is skipped. Whether remat helps is measured, not assumed (on some backends it
+    A larger micro-batch is taken to need no less memory: the config's own remat at its accumulation or fewer
+    (known not to fit) is skipped. Whether remat helps is measured, not assumed (on some backends it
     does not)."""
     return [(remat, accum) for remat in ("none", "block") for accum in range(1, cfg.train.batch_size + 1)
             if _splits(cfg, accum, mesh) and not (remat == cfg.model.remat and accum <= cfg.optim.grad_accum_steps)]
