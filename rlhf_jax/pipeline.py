@@ -164,15 +164,19 @@ def _in_rounds(merged: dict[str, dict], rounds: int, repeat: list[str]) -> list[
 
     In round r a repeated step reads this round's results of the repeated steps (`{run_dir}/NAME` becomes
     `{run_dir}/round{r}/NAME`), and each round's labels are a dataset of their own (label.dataset + `_round{r}`);
-    from round 2 on, the label step samples round r-1's PPO policy and adds the rankings of every earlier round,
-    the rm step starts from round r-1's reward model (unless rm.init is sft), and the ppo step continues from
-    round r-1's policy and value model with the KL reference kept at its first model.path, and the eval step
+    from round 2 on, the label step samples round r-1's policy (PPO's, else GRPO's or RLOO's, else DPO's) and adds
+    the rankings of every earlier round, the rm step starts from round r-1's reward model (unless rm.init is sft),
+    a ppo, grpo or rloo step continues from round r-1's policy (and PPO's value model) with the KL reference kept
+    at its first model.path, a dpo step trains from its model.path on every round's rankings, and the eval step
     writes its report in its own directory, with the earlier rounds' in it. Steps after the repeated ones read
     the last round's results."""
     if not repeat:
         return list(merged.items())
     stage = {name: merged[name].get("stage") for name in repeat}
-    one = {kind: next((n for n in repeat if stage[n] == kind), None) for kind in ("label", "rm", "ppo")}
+    one = {kind: next((n for n in repeat if stage[n] == kind), None) for kind in ("label", "rm")}
+    # the policy whose samples the next round's label step ranks: PPO's, else GRPO's or RLOO's, else DPO's
+    one["policy"] = next((n for kinds in (("ppo",), ("grpo", "rloo"), ("dpo",)) for n in repeat
+                          if stage[n] in kinds), None)
     datasets = {str(_get(merged[n], "label.dataset") or "rankings") for n in repeat if stage[n] == "label"}
     first = list(merged).index(repeat[0])
     out = [(name, merged[name]) for name in list(merged)[:first]]
@@ -180,7 +184,7 @@ def _in_rounds(merged: dict[str, dict], rounds: int, repeat: list[str]) -> list[
         for name in repeat:
             body = _this_round(merged[name], r, repeat, datasets)
             if r > 1:
-                _continue_from(body, stage[name], f"{{run_dir}}/round{r - 1}", one, merged[name])
+                _continue_from(body, name, stage[name], f"{{run_dir}}/round{r - 1}", one, merged[name])
             earlier = [f"{{run_dir}}/round{q}/{name}" for q in range(1, r)]
             if stage[name] == "label" and earlier:
                 _set(body, "label.include", [f"{path}/rankings.jsonl" for path in earlier])
@@ -215,16 +219,17 @@ def _this_round(body: dict, r: int, repeat: list[str], datasets: set[str]) -> di
     return out
 
 
-def _continue_from(body: dict, stage: str, previous: str, one: dict, written: dict) -> None:
+def _continue_from(body: dict, name: str, stage: str, previous: str, one: dict, written: dict) -> None:
     """A later round's step starts from the previous round's models (see `_in_rounds`)."""
-    if stage == "label" and one["ppo"]:
-        _set(body, "model.path", f"{previous}/{one['ppo']}/export")
+    if stage == "label" and one["policy"]:
+        _set(body, "model.path", f"{previous}/{one['policy']}/export")
     elif stage == "rm" and _get(written, "rm.init") != "sft":
         _set(body, "model.path", f"{previous}/{one['rm']}/export")
-    elif stage == "ppo":
-        _set(body, "ppo.reference", _get(written, "ppo.reference") or _get(written, "model.path"))
-        _set(body, "model.path", f"{previous}/{one['ppo']}/export")
-        _set(body, "ppo.value_model", f"{previous}/{one['ppo']}/export_value")
+    elif stage in ("ppo", "grpo", "rloo"):  # on-policy RL continues; DPO retrains on every round's rankings
+        _set(body, f"{stage}.reference", _get(written, f"{stage}.reference") or _get(written, "model.path"))
+        _set(body, "model.path", f"{previous}/{name}/export")
+        if stage == "ppo":
+            _set(body, "ppo.value_model", f"{previous}/{name}/export_value")
 
 
 def _get(body: Mapping, key: str):

@@ -57,6 +57,40 @@ def test_a_later_round_continues_from_the_previous_one_with_the_sft_reference():
     assert ev.eval.rounds == ("/runs/demo/round1/eval", "/runs/demo/round2/eval") and ev.eval.out == ""
 
 
+def _demo_with(tmp_path, replace: dict, rounds: int, repeat: list[str]):
+    """configs/demo.yaml in rounds, with steps replaced in place (`replace`: name -> (new name, body), or None to
+    drop the step); its steps keyed by name."""
+    import yaml
+
+    config = yaml.safe_load(Path(DEMO).read_text())
+    config["pipeline"] = dict(replace.get(name, (name, body)) for name, body in config["pipeline"].items()
+                              if replace.get(name, ()) is not None)
+    if "eval" in config["pipeline"]:
+        config["pipeline"]["eval"]["eval"].update(policies=[f"{{run_dir}}/{repeat[-1]}/export"], runs=[])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, "rounds": rounds, "repeat": repeat}, sort_keys=False))
+    _, loaded = pipeline.load(str(tmp_path / "c.yaml"), ["run_dir=/runs/demo"])
+    return {step.name: step.cfg for step in loaded}
+
+
+def test_a_later_round_of_grpo_continues_from_its_policy(tmp_path):
+    grpo = {"stage": "grpo", "model": {"path": "{run_dir}/sft/export"}, "data": {"name": "prompts"},
+            "train": {"steps": 5}, "grpo": {"reward_model": "{run_dir}/rm/export"}}
+    steps = _demo_with(tmp_path, {"dpo": None, "ppo": ("grpo", grpo)}, 3, ["label", "rm", "grpo"])
+    label, rm, policy = (steps[f"round3/{n}"] for n in ("label", "rm", "grpo"))
+    assert label.model.path == policy.model.path == "/runs/demo/round2/grpo/export"
+    assert policy.grpo.reference == "/runs/demo/sft/export"  # the KL reference stays round one's model
+    assert policy.grpo.reward_model == "/runs/demo/round3/rm/export" and rm.model.path == "/runs/demo/round2/rm/export"
+    assert steps["round1/grpo"].model.path == "/runs/demo/sft/export" and not steps["round1/grpo"].grpo.reference
+
+
+def test_dpo_rounds_rank_samples_of_the_last_dpo_policy(tmp_path):
+    steps = _demo_with(tmp_path, {"ppo": None, "eval": None}, 2, ["label", "rm", "dpo"])
+    assert steps["round2/label"].model.path == "/runs/demo/round1/dpo/export"  # new rankings of the current policy
+    dpo = steps["round2/dpo"]  # retrained from the SFT model on both rounds' rankings
+    assert dpo.model.path == "/runs/demo/sft/export" and dpo.data.name == "rankings_round2"
+    assert steps["round2/label"].label.include == ("/runs/demo/round1/label/rankings.jsonl",)
+
+
 def test_rm_init_sft_retrains_each_round_from_the_sft_model():
     steps = _steps(*ROUNDS, "pipeline.rm.rm.init=sft")
     assert steps["round2/rm"].model.path == "/runs/demo/sft/export"

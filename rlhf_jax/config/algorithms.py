@@ -85,7 +85,8 @@ class GroupSection:
     reward_function: str = opt("", "MODULE:FUNCTION called with (prompts, responses), the decoded texts (responses "
                                    "cut at EOS), returning one float per response; set this or reward_model")
     group_size: int = opt(8, "responses sampled per prompt (k)")
-    reference: str = opt("", 'the KL reference policy: "" = model.path')
+    reference: str = opt("", 'the KL reference policy: "" = model.path (a later round of a pipeline continues '
+                             "from its last policy and keeps the SFT model here)")
     epochs: int = opt(1, "passes over each rollout batch")
     minibatches: int = opt(1, "minibatches per epoch, each one optimizer step")
     share_prompts: bool = opt(True, "run each prompt's prefill and forward passes once for its group (its keys and "
