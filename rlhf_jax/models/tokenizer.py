@@ -62,6 +62,9 @@ class PromptEncoder:
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise UserError("the tokenizer has no chat template (data.chat_template asks for one)")
         self.tokenizer, self.max_tokens, self.chat_template = tokenizer, max_tokens, chat_template
+        # the texts of control tokens (Llama 3's <|start_header_id|> is special without being a named special token)
+        self._control_texts = {*tokenizer.all_special_tokens,
+                               *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
         # The head is what every prompt starts with: the common prefix of an empty and a non-empty prompt.
         a, b = self.encode_full(""), self.encode_full("a")
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -92,13 +95,25 @@ class PromptEncoder:
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def encode_full(self, prompt: str) -> list[int]:
-        """All ids of a prompt, untruncated."""
-        if self.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        # the prompt's text is text: a "<|im_end|>" in it is not the control token (the template's own are)
-        return list(self.tokenizer(prompt, split_special_tokens=True)["input_ids"])
+        """All ids of a prompt, untruncated. The prompt's text is text: a "<|im_end|>" in it is not the control
+        token (the template's own are), so that a prompt cannot end its turn or write the assistant's."""
+        if not self.chat_template:
+            return list(self.tokenizer(prompt, split_special_tokens=True)["input_ids"])
+        encode = lambda text, **kw: list(self.tokenizer(text, add_special_tokens=False, **kw)["input_ids"])
+        text = self._render(prompt)
+        if not any(token in prompt for token in self._control_texts):
+            return encode(text)  # the whole text at once: the tokens the chat model was trained on
+        # the template's parts around the prompt, found by rendering a marker no template writes
+        before, marker, after = self._render("Qz7").partition("Qz7")
+        if not (marker and text.startswith(before) and text.endswith(after)):
+            raise UserError("the chat template changes a prompt with control-token text in it beyond recognition; "
+                            f"remove the control tokens from the prompt: {prompt[:80]!r}")
+        content = text[len(before):len(text) - len(after)]
+        return encode(before) + encode(content, split_special_tokens=True) + encode(after)
+
+    def _render(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
 
     def __call__(self, prompt: str) -> tuple[list[int], bool]:
         """(ids of at most max_tokens, whether content was cut)."""
