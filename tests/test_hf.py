@@ -60,6 +60,15 @@ def test_unsupported_architecture_lists_supported():
     assert "\n" not in msg
     with pytest.raises(HFFormatError, match="rope type 'yarn'"):
         config_from_hf({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(HFFormatError, match="'architectures' expects a list of class names, got 'LlamaForCausalLM'"):
+        config_from_hf({**BASE, "architectures": "LlamaForCausalLM"})
+
+
+def test_an_eos_id_outside_the_vocabulary_is_refused():
+    """The sampler would never draw it, so responses would never end there."""
+    with pytest.raises(HFFormatError, match=f"eos_token_id {BASE['vocab_size']} is outside the vocabulary"):
+        config_from_hf(BASE, generation={"eos_token_id": [2, BASE["vocab_size"]]})
+    assert config_from_hf(BASE, generation={"eos_token_id": [2, BASE["vocab_size"] - 1]})[0].eos_token_ids[1] > 2
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

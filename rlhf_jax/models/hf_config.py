@@ -202,6 +202,8 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
     if not isinstance(hf, dict):
         raise HFFormatError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise HFFormatError(f"{where}: 'architectures' expects a list of class names, got {archs!r}")
     model_type = hf.get("model_type")
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None and archs:
@@ -217,6 +219,9 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
         eos = _as_tuple(generation.get("eos_token_id", hf.get("eos_token_id")))
         pad = generation.get("pad_token_id", hf.get("pad_token_id"))
         pad = _as_tuple(pad)[0] if _as_tuple(pad) else None
+        if outside := [i for i in eos if not 0 <= i < hf["vocab_size"]]:  # sampling would never stop on it
+            raise HFFormatError(f"{where}: eos_token_id {outside[0]} is outside the vocabulary of {hf['vocab_size']} "
+                                "tokens (generation_config.json's wins when it has one)")
         common = dict(family=family, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
                       eos_token_ids=eos, pad_token_id=pad)
         if family == "gpt2":
