@@ -592,6 +592,53 @@ def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
     assert float(stats["ptx_loss"]) > 0
 
 
+def test_the_objective_is_the_clipped_loss_minus_the_entropy_bonus_plus_the_value_loss():
+    """The minibatch gradient equals that of the objective written out here from a plain forward pass of the
+    policy, its logits at the sampling temperature: the clipped policy loss (clip_ratio 0.1) minus entropy_coef x
+    the mean entropy, plus vf_coef x the clipped value loss (clip_value 0.3: a swap of the two ranges shows). Old
+    log-probs and values are moved off the current ones so that both clips bite."""
+    c_ent, c_vf, eps, eps_v = 0.3, 0.7, 0.1, 0.3
+    models = _models(entropy_coef=c_ent, vf_coef=c_vf, clip_ratio=eps, clip_value=eps_v)
+    state, frozen, ids, mask = _setup(models)
+    batch = _rollout(models, state, frozen, ids, mask)[0]
+    noise = np.random.default_rng(1).normal(size=(2, B, N)).astype(np.float32)
+    batch = batch._replace(old_logprobs_BN=batch.old_logprobs_BN + 0.3 * noise[0] * batch.mask_BN,
+                           old_values_BN=batch.old_values_BN + 0.5 * noise[1] * batch.mask_BN)
+    tokens = jnp.sum(batch.mask_BN, dtype=jnp.float32)
+    mask_BN = batch.mask_BN.astype(jnp.float32)
+    mean = lambda x_BN: jnp.sum(x_BN * mask_BN) / tokens
+
+    def written_out(params):
+        policy_params, value_params = params
+        ids_BT = jnp.concatenate([batch.prompt_ids_BP, batch.tokens_BN], 1)
+        real_BT = jnp.concatenate([batch.prompt_mask_BP, batch.mask_BN], 1).astype(bool)
+        positions_BT = jnp.maximum(jnp.cumsum(real_BT, 1) - 1, 0)
+        logits_BTV = models.policy.apply({"params": policy_params}, ids_BT, positions_BT, real_BT)[0]
+        logp_BNV = jax.nn.log_softmax(logits_BTV[:, P - 1:P + N - 1] / models.sampling.temperature)
+        logp_BN = jnp.take_along_axis(logp_BNV, jnp.maximum(batch.tokens_BN, 0)[..., None], -1)[..., 0]
+        entropy_BN = -jnp.sum(jnp.exp(logp_BNV) * logp_BNV, -1)
+        ratio_BN = jnp.exp(logp_BN - batch.old_logprobs_BN)
+        adv_BN = batch.advantages_BN
+        pg = mean(jnp.maximum(-adv_BN * ratio_BN, -adv_BN * jnp.clip(ratio_BN, 1 - eps, 1 + eps)))
+        values_BN = ppo.response_values(models.value, value_params, *ppo._inputs(batch))
+        v_clipped_BN = jnp.clip(values_BN, batch.old_values_BN - eps_v, batch.old_values_BN + eps_v)
+        vf = 0.5 * mean(jnp.maximum((values_BN - batch.returns_BN) ** 2, (v_clipped_BN - batch.returns_BN) ** 2))
+        return pg - c_ent * mean(entropy_BN) + c_vf * vf, (ratio_BN, values_BN)
+
+    params = (state.policy.params, state.value.params)
+    (want, (ratio_BN, values_BN)) = jax.jit(jax.grad(written_out, has_aux=True))(params)
+    (got, stats) = jax.jit(jax.grad(ppo._minibatch_loss, has_aux=True), static_argnums=(2, 3))(
+        params, (batch, None), models.models, models.settings, tokens, None)
+    real = np.asarray(batch.mask_BN, bool)
+    ratio = np.asarray(ratio_BN)[real]
+    assert (ratio > 1 + eps).any() and (ratio < 1 - eps).any()  # the policy clip bites both ways
+    drift = np.abs(np.asarray(values_BN - batch.old_values_BN))[real]
+    assert (drift > eps_v).any() and (drift < eps_v).any() and (drift > eps).sum() > (drift > eps_v).sum()
+    assert float(stats["entropy"]) > 0.5
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
 def test_ppo_stage_with_ptx(ppo_inputs):
     run_dir = ppo_inputs["root"] / "ptx"
     argv = _ppo_args(ppo_inputs, run_dir, "train.steps=2", "ppo.ptx_coef=1.0", "ppo.ptx_dataset=demos",
