@@ -236,6 +236,53 @@ def test_reinforce_gradient_is_minus_advantage_times_the_log_prob_gradient():
                                atol=1e-7)
 
 
+@pytest.mark.parametrize("average", ["sequence", "token"])
+def test_the_grpo_gradient_is_that_of_the_surrogate_plus_k3(average):
+    """The gradient of GRPO's objective with respect to the logits equals that of the clipped surrogate plus
+    kl_coef x k3 written out here: the KL term pulls toward the reference through the policy's log-probs."""
+    logits, tokens, mask, _, old, ref, adv = _random_rows(6)
+    settings = group.GroupSettings(algorithm="grpo", group_size=G, clip_ratio=0.2, clip_ratio_high=0.28,
+                                   kl_coef=0.3, loss_average=average)
+    batch = _batch(tokens, mask, old, ref, adv)
+    m = jnp.asarray(mask, jnp.float32)
+
+    def written_out(x, kl_coef):
+        logp = jnp.take_along_axis(jax.nn.log_softmax(x, -1), jnp.asarray(tokens)[..., None], -1)[..., 0]
+        ratio, a = jnp.exp(logp - old), jnp.asarray(adv)[:, None]
+        d = ref - logp
+        per_token = (jnp.maximum(-ratio * a, -jnp.clip(ratio, 0.8, 1.28) * a) + kl_coef * (jnp.exp(d) - d - 1)) * m
+        return (per_token.sum() / m.sum() if average == "token" else
+                jnp.mean(per_token.sum(1) / m.sum(1)))
+
+    x = jnp.asarray(logits)
+    grad = jax.grad(lambda x: group.objective(_token_stats(x, tokens, mask), batch, settings)[0])(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(written_out)(x, 0.3)), rtol=1e-4, atol=1e-7)
+    kl_part = np.asarray(jax.grad(written_out)(x, 0.3) - jax.grad(written_out)(x, 0.0))
+    assert np.abs(kl_part).max() > 1e-3  # the KL term's own gradient is there to be lost
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_the_rollouts_kl_is_k1_from_the_policy_to_the_reference(algorithm):
+    """With a reference other than the policy, the rollout's log-probs are each model's own (at the sampling
+    temperature) and its KL (GRPO's metric, RLOO's reward penalty) is sum(logp - logp_ref) per response."""
+    from rlhf_jax.models.sampling import teacher_forced_logprobs
+
+    models, settings, _, rewards_fn, _ = _program(algorithm)
+    state, frozen, ids, mask = _setup(models)
+    frozen = frozen._replace(ref_params=jax.tree.map(lambda x: x * 1.3, frozen.ref_params))
+    ids_RP, mask_RP = group.repeat_prompts(ids, mask, settings)
+    batch, stats = jax.jit(lambda s, f, i, m, r: group.rollout(s, f, i, m, r, models, settings, rewards_fn)[:2])(
+        state, frozen, ids_RP, mask_RP, jax.random.key(3))
+    inputs = (batch.prompt_ids_RP, batch.prompt_mask_RP, batch.tokens_RN, batch.mask_RN)
+    forced = jax.jit(lambda p: teacher_forced_logprobs(models.policy, p, *inputs, models.sampling.temperature))
+    old, ref = np.asarray(forced(state.policy.params)), np.asarray(forced(frozen.ref_params))
+    real = np.asarray(batch.mask_RN, bool)
+    np.testing.assert_allclose(np.asarray(batch.old_logprobs_RN)[real], old[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(batch.ref_logprobs_RN)[real], ref[real], rtol=1e-5, atol=1e-5)
+    kl = np.where(real, old - ref, 0.0).sum(1).mean()
+    assert float(stats["kl"]) == pytest.approx(kl, rel=1e-4) and abs(kl) > 0.05
+
+
 # ------------------------------------------------------------------------------------------------ one iteration
 
 
