@@ -403,10 +403,13 @@ def test_resume_with_another_seed_is_refused(tiny, data_dir, workdir):
     _train_on_mesh(args, run_dir, (8, 1, 1))
     with pytest.raises(UserError, match=r"seed=0 \(now 1\)"):
         _train_on_mesh([*args, "seed=1", f"train.steps={MESH_STEPS + 2}"], run_dir, (8, 1, 1))
-    # fewer steps than the checkpoint has: its exports would be of one step and its summary of another
+    # fewer steps than the checkpoint has: its exports would be of one step and its summary of another; refused
+    # before the run's config.json is rewritten
+    config = (run_dir / "config.json").read_text()
     with pytest.raises(UserError, match=f"its checkpoint is at step {MESH_STEPS}, past the {MESH_STEPS - 1} steps "
                                         r"this config trains \(train.steps\); raise train.steps"):
         _train_on_mesh([*args, f"train.steps={MESH_STEPS - 1}"], run_dir, (8, 1, 1))
+    assert (run_dir / "config.json").read_text() == config
 
 
 RESUME_STEPS = 60

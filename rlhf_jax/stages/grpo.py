@@ -132,7 +132,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
                                    process_index=0, process_count=1))
 
     run = Run(cfg, run_dir, name, models=models_read)
-    state, start = run.resume(state, data_iter)
+    state, start = run.resume(state, data_iter, total)
     if distributed.is_primary():  # process 0 writes the run's files
         drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
     iteration = jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock(), rewards_fn)

@@ -147,7 +147,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     if cfg.ppo.reference:
         scalars["ppo.reference"] = (cfg.ppo.reference, None)
     run = Run(cfg, run_dir, "ppo", models={key: path for key, (path, _) in scalars.items()})
-    state, start = run.resume(state, data_iter, adjust=kl_on_resume(cfg))
+    state, start = run.resume(state, data_iter, total, adjust=kl_on_resume(cfg))
     if distributed.is_primary():  # process 0 writes the run's files
         drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
     iteration = jit_iteration(models, settings, state_sh, frozen_sh, mesh, LapClock())

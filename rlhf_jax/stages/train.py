@@ -128,7 +128,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
 
     whole = lambda state: steps.whole_params(state.params, frozen)  # what evaluation and export read
     run = Run(cfg, run_dir, cfg.stage, models=reference.models)
-    state, start = run.resume(state, data_iter)
+    state, start = run.resume(state, data_iter, total)
     run.facts.setdefault("best_eval_loss", None)
 
     def evaluate_and_keep_best(state) -> dict:

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import Config
-from rlhf_jax.errors import DivergedError, Interrupted, UserError
+from rlhf_jax.errors import DivergedError, Interrupted
 from rlhf_jax.runtime import distributed
 from rlhf_jax.runtime.progress import progress
 from rlhf_jax.training.run import Run, StopSignals, logged_at
@@ -59,10 +59,6 @@ class TrainingLoop:
 
     def __init__(self, run: Run, start: int, total: int, desc: str, has_eval: bool = False,
                  rate_name: str = "tokens_per_s"):
-        if start > total:  # the exports would be of the checkpoint's step, the summary of step `total`
-            duration = "train.steps" if run.cfg.train.steps else "train.epochs"
-            raise UserError(f"{run.run_dir}: its checkpoint is at step {start}, past the {total} steps this config "
-                            f"trains ({duration}); raise {duration}, or use a new run_dir")
         self.run, self.start, self.total, self.rate_name = run, start, total, rate_name
         self.cadence = Cadence(run.cfg, total, has_eval)
         self.key = jax.random.key(run.cfg.seed)

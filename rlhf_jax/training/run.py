@@ -42,10 +42,11 @@ class Run:
         self.facts: dict = {"seed": cfg.seed, "models": self.models}  # small JSON facts (e.g. the best eval loss)
         self.writer: MetricsWriter | None = None
 
-    def resume(self, state, data_iter, adjust: Callable | None = None):
+    def resume(self, state, data_iter, total: int, adjust: Callable | None = None):
         """(state, first step to run): the newest checkpoint that restores, or step 0 for a new run.
 
-        A checkpoint from another config or of other models is refused before anything is restored or written;
+        A checkpoint from another config or of other models, or past the `total` steps this config trains, is
+        refused before anything is written;
         an unrestorable step (half-written, truncated, an item missing) is skipped with a warning, and set aside
         once an older one restores; if none restores the run stops, naming the directory. `adjust(restored
         state, the checkpoint's config) -> (state, note)` applies changed settings that live in the state; its
@@ -84,6 +85,10 @@ class Run:
         if unreadable and not start:
             raise UserError(f"{self.ckpts.directory}: no checkpoint can be restored (newest: step "
                             f"{unreadable[0][0]}); move the directory away to start over")
+        if start > total:  # the exports would be of the checkpoint's step, the summary of step `total`
+            duration = "train.steps" if self.cfg.train.steps else "train.epochs"
+            raise UserError(f"{self.run_dir}: its checkpoint is at step {start}, past the {total} steps this config "
+                            f"trains ({duration}); raise {duration}, or use a new run_dir")
         for step, _ in unreadable:  # the run will save these steps again
             kept = self.ckpts.set_aside(step, self.run_dir / "unrestorable_checkpoints")
             print(f"warning: moved step {step} to {kept}", file=sys.stderr)
