@@ -114,7 +114,7 @@ def _truncate_state_files(step_dir: Path) -> None:
             path.write_bytes(path.read_bytes()[:16])
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing_item"])
+@pytest.mark.parametrize("damage", ["truncated", "missing_item", "missing_state_metadata"])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(damage, tiny, data_dir, workdir):
     run_dir = workdir / f"corrupt_{damage}"
     rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=3")
@@ -122,10 +122,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(damage, tiny, 
     assert _steps(run_dir) == [1, 2, 3]
     if damage == "truncated":
         _truncate_state_files(run_dir / "checkpoints" / "3")
-    else:
+    elif damage == "missing_item":
         import shutil
 
         shutil.rmtree(run_dir / "checkpoints" / "3" / "data")
+    else:  # a directory copied in part (a rename on object storage is a copy then a delete)
+        (run_dir / "checkpoints" / "3" / "state" / "_METADATA").unlink()
     rc, out, err = _train(tiny, data_dir, run_dir, "train.steps=5")
     assert rc == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning: checkpoint step 3")]

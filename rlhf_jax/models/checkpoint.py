@@ -418,6 +418,8 @@ class TrainCheckpoints:
         shapes of everything else; its loop facts), read without restoring any array."""
         meta = self.manager.item_metadata(step)
         tree = meta.state.tree if hasattr(meta.state, "tree") else meta.state
+        if not tree:  # the state's metadata file is missing (a half-copied directory): every parameter unknown
+            raise UnrestorableCheckpoint(f"step {step}: its state has no metadata")
         items = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                                    loop=ocp.args.JsonRestore()))
         return items.config, state_shapes(tree), items.loop or {}
