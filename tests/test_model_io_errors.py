@@ -225,6 +225,35 @@ def test_failed_swap_puts_the_previous_export_back(capsys, monkeypatch, tmp_path
     assert _leftovers(out) == []
 
 
+def test_leftovers_of_writers_killed_mid_write_are_cleared(tmp_path):
+    """A writer killed mid-write leaves its partial directory (a whole model's copy) beside `out`, and one killed
+    between its two renames leaves the old `out` aside with no `out`: the next write of `out` deletes the first
+    and puts the second back. A live writer's are not touched."""
+    import subprocess
+
+    from rlhf_jax.runtime import fsio
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead = child.pid
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "a").write_text("old")
+    partial, live = tmp_path / f".export.partial-{dead}-abcdef", tmp_path / f".export.partial-{os.getpid()}-0a0b0c"
+    for leftover in (partial, live):
+        leftover.mkdir()
+        (leftover / "a").write_text("half")
+    with fsio.replace_dir(out, overwrite=True) as tmp:
+        (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "new" and not partial.exists() and live.exists()
+
+    os.replace(out, tmp_path / f".export.old-{dead}-abcdef")  # killed after renaming `out` aside
+    with pytest.raises(RuntimeError), fsio.replace_dir(out) as tmp:
+        raise RuntimeError("this write fails too")
+    assert (out / "a").read_text() == "new"  # the old `out` is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "export"]
+
+
 @pytest.mark.parametrize("case", ["from_hf_onto_itself", "to_hf_inside_input", "to_hf_around_input"])
 def test_out_overlapping_the_input_is_refused(capsys, tmp_path, hf_a, ckpt_a, params_a, case):
     if case == "from_hf_onto_itself":

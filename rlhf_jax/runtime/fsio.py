@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import secrets
@@ -72,6 +73,7 @@ def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLik
     try:
         tmp = out.parent / f".{out.name}.partial-{token}"
         if primary:
+            _clear_leftovers(out)
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()  # not tempfile.mkdtemp: that is mode 0700, this follows the umask like any new directory
         barrier(f"created {tmp}")
@@ -125,13 +127,41 @@ def run_dir_lock(run_dir: PathLike, key: str = "run_dir") -> Iterator[None]:
             os.close(fd)
 
 
+def _clear_leftovers(out: Path) -> None:
+    """What writers of `out` killed mid-write left beside it (each name carries its writer's pid; a live writer's
+    is kept): a partial directory is deleted; an old `out` renamed aside is renamed back when the kill came
+    before the new one took its place, else deleted."""
+    if not out.parent.is_dir():
+        return
+    for kind in ("old", "partial"):  # an old `out` first: it is restored only where no new one was swapped in
+        for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            pid = leftover.name.rpartition(f".{kind}-")[2].split("-")[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                os.replace(leftover, out)
+            else:
+                remove_dir(leftover)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def _processes():
     """(whether this process creates and swaps directories, a barrier between processes, a temporary name token
     every process agrees on, a runner of what process 0 does alone that tells every process how it went). Without
     rlhf_jax.runtime.distributed loaded there is one process."""
     distributed = sys.modules.get("rlhf_jax.runtime.distributed")  # not loaded: one process
     if distributed is not None and distributed.is_multiprocess():
-        return distributed.is_primary(), distributed.barrier, distributed.shared_token(), distributed.on_primary
+        token = distributed.broadcast_json(f"{os.getpid()}-{secrets.token_hex(3)}")  # process 0's pid: its writer
+        return distributed.is_primary(), distributed.barrier, token, distributed.on_primary
     return True, lambda name: None, f"{os.getpid()}-{secrets.token_hex(3)}", lambda fn: fn()
 
 
