@@ -17,6 +17,7 @@ import sys, jax, jax.numpy as jnp
 from rlhf_jax.runtime import compile_cache
 compile_cache.use(sys.argv[1])
 print(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum())
+print("max size", jax.config.jax_compilation_cache_max_size)
 """
 
 
@@ -24,10 +25,12 @@ def test_a_run_stores_its_programs_in_the_cache_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     cache = tmp_path / "nested" / "cache"
-    subprocess.run([sys.executable, "-c", PROGRAM, str(cache)], env=env, check=True, capture_output=True)
+    run = lambda env: subprocess.run([sys.executable, "-c", PROGRAM, str(cache)], env=env, check=True,
+                                     capture_output=True, text=True).stdout
+    assert f"max size {compile_cache.MAX_BYTES}" in run(env)  # bounded: the least recently used programs go
     assert any(cache.iterdir())  # created, and the program is in it
     before = set(cache.iterdir())
-    subprocess.run([sys.executable, "-c", PROGRAM, str(cache)], env=env, check=True, capture_output=True)
+    assert "max size 4096" in run({**env, "JAX_COMPILATION_CACHE_MAX_SIZE": "4096"})  # jax's own setting wins
     assert set(cache.iterdir()) == before  # read back, not compiled and stored again
 
 

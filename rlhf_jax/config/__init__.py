@@ -102,8 +102,9 @@ class DistributedSection:
 @dataclass(frozen=True)
 class RuntimeSection:
     compile_cache: str = opt("~/.cache/rlhf_jax/xla", "directory of XLA's compilation cache, kept across runs (a "
-                                                      "program compiles once per machine); empty = off; "
-                                                      "$JAX_COMPILATION_CACHE_DIR wins when set")
+                                                      "program compiles once per machine; 10 GiB at most, the least "
+                                                      "recently used go first); empty = off; "
+                                                      "$JAX_COMPILATION_CACHE_DIR (and _MAX_SIZE, bytes) win when set")
 
     def __post_init__(self):
         coerce(self)

@@ -10,10 +10,12 @@ import jax
 
 from rlhf_jax.errors import UserError, os_reason
 
+MAX_BYTES = 10 * 2**30  # beyond it the least recently used programs go: every new shape and config adds some
+
 
 def use(directory: str, key: str = "runtime.compile_cache") -> None:
-    """Cache compiled programs in `directory` (created if missing); empty: off. $JAX_COMPILATION_CACHE_DIR,
-    when set, is jax's own setting and wins."""
+    """Cache compiled programs in `directory` (created if missing), at most MAX_BYTES of them; empty: off.
+    $JAX_COMPILATION_CACHE_DIR and $JAX_COMPILATION_CACHE_MAX_SIZE, when set, are jax's own settings and win."""
     if not directory or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     path = Path(directory).expanduser()
@@ -23,3 +25,5 @@ def use(directory: str, key: str = "runtime.compile_cache") -> None:
         raise UserError(f"{key}={directory}: cannot create ({os_reason(e)}); set it to a writable directory or "
                         f"empty to compile without a cache") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
