@@ -260,6 +260,16 @@ def test_run_dir_that_is_a_file(tiny, data_dir, workdir):
     assert path.read_text() == "x"
 
 
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_training(tiny, data_dir, workdir):
+    run_dir = workdir / "checkpoints_file"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("x")
+    rc, out, err = _train(tiny, data_dir, run_dir, "train.steps=2")
+    assert rc == 2 and err.strip().splitlines()[-1] == (f"error: {run_dir.resolve()}/checkpoints: is a file, expected "
+                                                        "the run's checkpoint directory; move it away")
+    assert "step" not in out and not (run_dir / "metrics.jsonl").exists()
+
+
 def test_a_config_error_found_in_a_new_run_dir_leaves_nothing(tiny, data_dir, workdir):
     run_dir = workdir / "never_made"
     rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=1", "data.max_prompt_tokens=1000")

@@ -366,6 +366,8 @@ class TrainCheckpoints:
     def __init__(self, directory: str | os.PathLike, keep: int):
         self.directory = Path(directory).resolve()
         self.in_flight: int | None = None  # the step being written in the background
+        if self.directory.exists() and not self.directory.is_dir():  # else found only at the first save
+            raise UserError(f"{self.directory}: is a file, expected the run's checkpoint directory; move it away")
         _drop_abandoned_call_noise()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
