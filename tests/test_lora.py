@@ -114,6 +114,27 @@ def test_a_tied_models_trained_embedding_reaches_its_head_through_peft(tmp_path)
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
+def test_dropout_zeroes_that_share_of_the_adapters_inputs_in_training_only():
+    """lora.dropout p: in a training step (a 'dropout' rng) each input of the adapter is zeroed with probability p
+    and the rest scaled by 1 / (1 - p); without the rng (evaluation, sampling) the input is whole. With A = B = I
+    the adapter's output is its (dropped) input times alpha / rank."""
+    import jax.numpy as jnp
+
+    from rlhf_jax.models.layers import LoraDelta
+
+    p, width = 0.25, CFG.n_heads * CFG.head_dim  # the o projection: heads x head_dim in, d_model (as wide) out
+    spec = lora.LoraSpec(rank=width, alpha=2.0 * width, targets=("o",), dropout=p)
+    delta = LoraDelta(cfg=CFG, spec=spec, target="o")
+    x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, (4, 64, width)), jnp.float32)
+    params = {"a_IR": jnp.eye(width), "b_RO": jnp.eye(width)}
+    whole = np.asarray(delta.apply({"params": params}, x))
+    np.testing.assert_allclose(whole, 2.0 * np.asarray(x), rtol=1e-6)
+    dropped = np.asarray(delta.apply({"params": params}, x, rngs={"dropout": jax.random.key(1)}))
+    zeroed = dropped == 0
+    assert abs(zeroed.mean() - p) < 0.02
+    np.testing.assert_allclose(dropped[~zeroed], whole[~zeroed] / (1 - p), rtol=1e-6)
+
+
 def test_bad_specs_and_families_are_one_line_errors():
     with pytest.raises(UserError, match="lora.rank"):
         lora.LoraSpec(rank=0, alpha=1.0, targets=("q",))
