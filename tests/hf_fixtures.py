@@ -25,8 +25,8 @@ FAMILIES = {
         eos_token_id=[1, 2], bos_token_id=3, pad_token_id=0)),
     "llama_tied": (transformers.LlamaConfig, dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=1,
-        pad_token_id=0)),
+        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True, mlp_bias=True,  # gate/up bias
+        eos_token_id=1, pad_token_id=0)),
     "qwen2": (transformers.Qwen2Config, dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rope_theta=1000000.0, tie_word_embeddings=True,
