@@ -254,6 +254,25 @@ def test_leftovers_of_writers_killed_mid_write_are_cleared(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "export"]
 
 
+def test_a_ctrl_c_between_the_swaps_renames_puts_the_old_output_back(tmp_path, monkeypatch):
+    from rlhf_jax.runtime import fsio
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "a").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".export.partial-"):  # the second rename: interrupted just before it
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), fsio.replace_dir(out, overwrite=True) as tmp:
+        (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
 @pytest.mark.parametrize("case", ["from_hf_onto_itself", "to_hf_inside_input", "to_hf_around_input"])
 def test_out_overlapping_the_input_is_refused(capsys, tmp_path, hf_a, ckpt_a, params_a, case):
     if case == "from_hf_onto_itself":

@@ -202,8 +202,9 @@ def _swap_in(tmp: Path, out: Path) -> None:
     os.replace(out, old)
     try:
         os.replace(tmp, out)
-    except OSError:
-        os.replace(old, out)
+    except BaseException:  # an OSError, or a second Ctrl-C landing between the renames
+        if not out.exists():
+            os.replace(old, out)
         raise
     sync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
