@@ -285,6 +285,82 @@ def test_gradient_accumulation_equals_one_large_batch(stage):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p, results[0][0])
 
 
+def _packed_sft_batch(rng, B=4, T=12):
+    """Rows packing two or three examples each (segments 1, 2, 3, then 0 padding), responses in each's second half."""
+    segment_ids = np.zeros((B, T), np.int32)
+    for row, ends in enumerate([(4, 9, 12), (6, 12), (3, 7, 10), (5, 11)]):
+        for seg, (start, end) in enumerate(zip((0, *ends), ends), 1):
+            segment_ids[row, start:end] = seg
+    mask = segment_ids > 0
+    position = np.zeros((B, T), np.int32)
+    response = np.zeros((B, T), bool)
+    for row in range(B):
+        for seg in set(segment_ids[row]) - {0}:
+            cols = np.flatnonzero(segment_ids[row] == seg)
+            position[row, cols] = np.arange(len(cols))
+            response[row, cols[len(cols) // 2:]] = True
+    return {"ids": rng.integers(2, 64, (B, T)).astype(np.int32), "mask": mask, "response_mask": response,
+            "positions": position, "segment_ids": segment_ids}
+
+
+@pytest.mark.parametrize("loss_on_prompt", [False, True])
+def test_the_sft_loss_of_packed_rows_is_the_mean_nll_of_their_targets(loss_on_prompt):
+    """Each token of an example predicts the next one of the same example: a segment's first token is nobody's
+    target and its last predicts nothing; the loss is the mean NLL over those targets (responses only, or every
+    token), counted as a loop here."""
+    model = make_model(CFG)
+    params = init_params(model, jax.random.key(4))
+    batch = _packed_sft_batch(np.random.default_rng(5))
+    logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, batch["ids"], batch["positions"],
+                                                     batch["mask"], segment_ids_BT=batch["segment_ids"])[0], -1))
+    weights = batch["mask"] if loss_on_prompt else batch["response_mask"]
+    nll, count = 0.0, 0
+    for row, t in itertools.product(range(4), range(1, 12)):
+        seg = batch["segment_ids"][row]
+        if weights[row, t] and seg[t] == seg[t - 1] != 0:
+            nll, count = nll - logp[row, t - 1, batch["ids"][row, t]], count + 1
+    optim = OptimSection(lr=1e-3, schedule="constant")
+    opt = steps.make_optimizer(optim, 5)
+    _, metrics = jax.jit(lambda s, b: steps.sft_step(s, b, jax.random.key(0), {}, model=model, optimizer=opt,
+                                                     schedule=steps.lr_schedule(optim, 5),
+                                                     loss_on_prompt=loss_on_prompt))(steps.init_state(params, opt), batch)
+    assert float(metrics["target_tokens"]) == count
+    assert float(metrics["loss"]) == pytest.approx(nll / count, rel=1e-5)
+    # the held-out sums count only the batch's real rows: a filler row (`valid` False) adds nothing
+    eval_sums = lambda b: jax.jit(lambda p, b: steps.sft_eval_sums(p, b, model=model, loss_on_prompt=loss_on_prompt))(
+        params, b)
+    both = eval_sums({**batch, "valid": np.ones(4, bool)})
+    one = eval_sums({**batch, "valid": np.array([True, False, False, False])})
+    first = eval_sums({k: v[:1] for k, v in {**batch, "valid": np.ones(4, bool)}.items()})
+    assert float(both["target_tokens"]) == count and float(both["nll_sum"]) == pytest.approx(nll, rel=1e-5)
+    assert float(one["target_tokens"]) == float(first["target_tokens"])
+    assert float(one["nll_sum"]) == pytest.approx(float(first["nll_sum"]), rel=1e-5)
+
+
+def test_gradients_are_clipped_to_grad_clip_before_adamw():
+    """optim.grad_clip: the optimizer is AdamW on gradients scaled down to that global norm. Adam's first step does
+    not see a gradient's scale, so two steps of different norms (20 and 0.2) tell it apart from AdamW alone."""
+    import optax
+
+    params = {"w": jnp.ones((3, 4)), "scale": jnp.ones(4)}
+    grads = [jax.tree.map(lambda x: x * g / np.sqrt(16.0), {"w": jnp.ones((3, 4)), "scale": jnp.ones(4)})
+             for g in (20.0, 0.2)]
+    optim = OptimSection(lr=0.1, schedule="constant", grad_clip=1.0, weight_decay=0.0)
+
+    def run(opt):
+        state, p = opt.init(params), params
+        for g in grads:
+            updates, state = opt.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    ours = run(steps.make_optimizer(optim, 10))
+    adamw = lambda: optax.adamw(0.1, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=0.0)
+    jax.tree.map(np.testing.assert_allclose, ours, run(optax.chain(optax.clip_by_global_norm(1.0), adamw())))
+    unclipped = run(adamw())
+    assert not np.allclose(ours["w"], unclipped["w"], rtol=1e-3)
+
+
 def test_zero_learning_rate_moves_nothing():
     model = make_model(CFG)
     params = init_params(model, jax.random.key(2))
