@@ -64,6 +64,15 @@ def test_a_log_step_is_fetched_after_the_next_step_is_dispatched(tmp_path):
     assert loop.last["truncated_examples"] == 1 and loop.last["loss"] == 1.0
 
 
+def test_the_last_step_is_logged_evaluated_and_saved_off_the_cadence(tmp_path):
+    events: list = []
+    loop = _drive(_run(tmp_path, events, log_every=5, save_every=4, eval_every=3), 7, events, has_eval=True)
+    assert [e[1] for e in events if e[0] == "fetch"] == [5, 7]
+    assert [e[1] for e in events if e[0] == "eval"] == [3, 6, 7]
+    assert [e[1] for e in events if e[0] == "save"] == [4, 7]
+    assert loop.last["loss"] == 1.0 and loop.last["eval_loss"] == 0.5
+
+
 def test_the_count_of_cut_examples_is_saved_and_goes_on_after_a_resume(tmp_path):
     events: list = []
     run = _run(tmp_path, events, log_every=1, save_every=3)
