@@ -166,9 +166,10 @@ def test_model_json_keeps_the_new_fields_and_older_files_read_as_before():
     hashable; a model.json written before these fields existed reads with the defaults, unchanged."""
     from rlhf_jax.models.checkpoint import model_config_from_json, model_config_to_json
 
-    cfg = tiny("gemma3")
+    cfg = dataclasses.replace(tiny("gemma3"), eos_token_ids=(1, 2))
     back = model_config_from_json(json.loads(json.dumps(model_config_to_json(cfg))))
     assert back == cfg and hash(back) == hash(cfg) and back.layer_types == (SLIDING, FULL, SLIDING)
+    assert back.eos_token_ids == (1, 2)  # where sampling stops
     llama = ModelConfig(family="llama", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                         head_dim=8, d_ff=48)
     new_fields = ("sliding_window", "layer_types", "rope_local_theta", "query_pre_attn_scalar", "attn_softcap",

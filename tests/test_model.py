@@ -181,6 +181,10 @@ def test_top_k_and_top_p_filters_match_brute_force():
                 keep[tok] = True
                 kept_mass += probs[tok]
             np.testing.assert_array_equal(got[row], keep)
+    # a row that needs every token (49 of 50 equal ones hold 0.98 < 0.999) keeps every one, the least likely too
+    flat = np.zeros((2, 50), np.float32)
+    flat[1, 7] = -0.5
+    assert np.isfinite(np.asarray(_filter_logits(jnp.asarray(flat), 0, 0.999))).all()
 
 
 @pytest.mark.parametrize("vocab", [7, 50, 300])
