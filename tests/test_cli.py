@@ -134,6 +134,18 @@ def test_generate_jsonl_records_in_prompt_order(capsys, hf_dir, prompt_file):
     assert [r["ids"] for r in _records(out_other)] != [r["ids"] for r in first], "the seed must matter"
 
 
+def test_each_batch_draws_its_own_samples(capsys, hf_dir, workdir):
+    """One prompt 16 times in batches of 8: the second batch's rows are not the first's again (each batch's
+    draws come from its own key), as the label stage's K samples of a prompt must not be."""
+    path = workdir / "same_prompt.txt"
+    path.write_text("the cat sat\n" * 16)
+    argv = [*_gen_argv(hf_dir, path, "--temperature", "1.0", "--seed", "3")]
+    rc, out, err = _run(capsys, generate_cli.main, argv)
+    assert rc == 0, err
+    ids = [tuple(r["ids"]) for r in _records(out)]
+    assert ids[:8] != ids[8:] and len(set(ids)) > 8
+
+
 def test_generate_greedy_ignores_seed(capsys, hf_dir, prompt_file, greedy_default):
     _check_records(greedy_default, PROMPTS)
     rc, out, err = _run(capsys, generate_cli.main,
