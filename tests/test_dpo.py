@@ -254,6 +254,10 @@ def test_accumulation_and_precomputed_reference_equal_one_batch():
     ref_logps = _logprobs(model, reference, batch)
     whole, metrics = _run_step(model, params, batch, 1, reference)
     assert metrics["prompts"] == 5 and metrics["grad_norm"] > 0
+    # SGD at lr 1: the step is minus the gradient of the summed loss over the 5 prompts that have pairs (not 6)
+    direct = jax.jit(jax.grad(lambda p: dpo.dpo_sums(model, p, batch, reference, dpo.DPOSettings(beta=0.5))[
+        "loss_sum"] / 5))(params)
+    jax.tree.map(lambda new, old, g: np.testing.assert_allclose(new, old - g, atol=1e-6), whole, params, direct)
     for accum, frozen, logps in ((2, reference, None), (2, None, ref_logps)):
         new_params, got = _run_step(model, params, batch, accum, frozen, logps)
         for key in ("loss", "grad_norm", "reward_chosen", "reward_margin", "reward_accuracy", "pairs", "prompts"):
