@@ -141,6 +141,25 @@ def _rm_batch(rng, B=3, K=5, P=6, R=7):
             "pairs": _pairs_of_ranks(ranks)}
 
 
+def test_the_rm_step_divides_by_the_prompts_that_have_pairs():
+    """SGD at lr 1: the step is minus the gradient of the summed ranking loss over the prompts with a pair (a
+    prompt whose K responses left no pair adds nothing, to the loss or its denominator)."""
+    import optax
+
+    model = make_model(CFG, head="scalar")
+    params = init_params(model, jax.random.key(6))
+    batch = _rm_batch(np.random.default_rng(7), B=4)
+    batch["pairs"][2] = False
+    opt = optax.sgd(1.0)
+    new_state, metrics = jax.jit(lambda s, b: steps.rm_step(s, b, jax.random.key(0), {}, model=model, optimizer=opt,
+                                                            schedule=optax.constant_schedule(1.0)))(
+        steps.init_state(params, opt), batch)
+    assert float(metrics["prompts"]) == 3
+    direct = jax.jit(jax.grad(lambda p: steps.rm_sums(model, p, batch)["loss_sum"] / 3))(params)
+    jax.tree.map(lambda new, old, g: np.testing.assert_allclose(new, old - g, atol=1e-6), new_state.params, params,
+                 direct)
+
+
 def test_one_forward_pass_per_completion(monkeypatch):
     model = make_model(CFG, head="scalar")
     params = init_params(model, jax.random.key(0))
