@@ -104,6 +104,33 @@ def test_truncation_keeps_prompt_end_and_response_start(tokenizer):
     assert not short["truncated"]
 
 
+def test_a_packed_example_is_the_unpacked_one_without_padding(tokenizer):
+    """pack: an example's real tokens, its response tokens (the first one too: it is a target) and its cut flag
+    are those of the padded layout."""
+    for prompt, response in (("one two three", "alpha beta"), ("one two three four five six seven", "a")):
+        example = {"prompt": prompt.encode(), "response": response.encode()}
+        padded = Tokenize(tokenizer, "sft", DataSection(max_prompt_tokens=4, max_response_tokens=3), 0)(example)
+        packed = Tokenize(tokenizer, "sft", DataSection(max_prompt_tokens=4, max_response_tokens=3, pack=True),
+                          0)(example)
+        real = padded["mask"]
+        np.testing.assert_array_equal(packed["ids"], padded["ids"][real])
+        np.testing.assert_array_equal(packed["response_mask"], padded["response_mask"][real])
+        assert packed["response_mask"].sum() == padded["response_mask"].sum() > 0
+        assert set(packed["truncated"].tolist()) == {bool(padded["truncated"])}
+    assert padded["truncated"] and padded["response_mask"].sum() < 3  # the long prompt was cut, the response not
+
+
+def test_a_rankings_example_is_cut_when_its_prompt_or_any_response_is(tokenizer):
+    spec = DataSection(max_prompt_tokens=4, max_response_tokens=3)
+    tok = Tokenize(tokenizer, "rankings", spec, 3)
+    row = lambda prompt, responses: tok({"prompt": prompt.encode(), "responses": [r.encode() for r in responses],
+                                         "better": [0], "worse": [1]})["truncated"]
+    assert not row("hi", ["a", "b", "c"])
+    assert row("one two three four five six", ["a", "b", "c"])  # the prompt
+    assert row("hi", ["alpha beta gamma delta", "b", "c"])  # the first response only
+    assert row("hi", ["a", "alpha beta gamma delta", "c"])
+
+
 def test_rankings_layout_with_variable_k(datasets, tokenizer):
     spec = _spec(datasets, "rank")
     batch = next(iter(train_dataset(spec, "train", tokenizer, global_batch=8, seed=1)))
@@ -259,6 +286,15 @@ def test_packing_keeps_examples_apart(datasets, tokenizer):
         for s in set(seg[seg > 0].tolist()):
             np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
         assert not resp[~mask].any()
+
+
+def test_packed_hosts_read_their_own_examples(datasets, tokenizer):
+    """With packing each host packs its own share of the examples: two hosts' batches are not the same rows."""
+    spec = _spec(datasets, "sft", pack=True, max_prompt_tokens=48, max_response_tokens=48)
+    first = [next(iter(train_dataset(spec, "train", tokenizer, 4, seed=0, process_index=h, process_count=2)))
+             for h in range(2)]
+    rows = [{tuple(r[m].tolist()) for r, m in zip(b["ids"], b["mask"])} for b in first]
+    assert first[0]["ids"].shape == (2, 96) and not rows[0] & rows[1]
 
 
 def test_eval_batches_cover_the_split_once(datasets, tokenizer):
