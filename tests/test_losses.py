@@ -141,6 +141,38 @@ def _rm_batch(rng, B=3, K=5, P=6, R=7):
             "pairs": _pairs_of_ranks(ranks)}
 
 
+def test_the_best_responses_are_the_rank_0_ones():
+    """The reward normalisation's reference responses: each ranking's top response (several when the top ties),
+    never one that won somewhere and lost elsewhere."""
+    from rlhf_jax.stages.train import best_responses
+
+    ranks = np.array([[0, 1, 2, -1], [0, 0, 1, -1], [2, 0, 1, 3]])
+    expected = np.array([[True, False, False, False], [True, True, False, False], [False, True, False, False]])
+    np.testing.assert_array_equal(best_responses(_pairs_of_ranks(ranks)), expected)
+
+
+def test_tied_rewards_are_not_a_correct_ranking():
+    """Accuracy counts a pair as right only when the preferred response scores strictly higher (ties in bf16)."""
+    from rlhf_jax.training.losses import ranking_loss
+
+    pairs = np.zeros((1, 3, 3), np.int32)
+    pairs[0, 0, 1] = pairs[0, 0, 2] = 1
+    sums = ranking_loss(jnp.asarray([[1.0, 1.0, 0.5]]), jnp.asarray(pairs))
+    assert float(sums["correct"]) == 1.0 and float(sums["pairs"]) == 2.0
+    assert float(sums["margin_sum"]) == pytest.approx(0.5)
+
+
+def test_rm_eval_sums_count_the_real_rows_only():
+    model = make_model(CFG, head="scalar")
+    params = init_params(model, jax.random.key(8))
+    batch = _rm_batch(np.random.default_rng(9), B=2)
+    fn = jax.jit(lambda b: steps.rm_eval_sums(params, b, model=model))
+    one = fn({**batch, "valid": np.array([True, False])})
+    first = fn({**{k: v[:1] for k, v in batch.items()}, "valid": np.array([True])})
+    for key in ("loss_sum", "prompts", "pairs", "correct", "margin_sum"):
+        assert float(one[key]) == pytest.approx(float(first[key]), rel=1e-5), key
+
+
 def test_the_rm_step_divides_by_the_prompts_that_have_pairs():
     """SGD at lr 1: the step is minus the gradient of the summed ranking loss over the prompts with a pair (a
     prompt whose K responses left no pair adds nothing, to the loss or its denominator)."""
