@@ -261,6 +261,41 @@ ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
         '%c = f32[8,16]{1,0} copy(%a)\n  ROOT %e = f32[2,8,4]{2,1,0} custom-call(%c, %b), '
         'custom_call_target="__cublas$lt$matmul", ' + config % ("1", '"0"'))
     assert hlo_matmul_flops(gpu) == (2 * entry + 5 * body, 2 * entry + body, 0)
+    # a dot in a branch of a conditional in the loop body (a lax.cond in a scan) runs once per trip too
+    branchy = hlo.replace("%cond (p:", """%branch (q: f32[8,16]) -> f32[8,16] {
+  %q = f32[8,16]{1,0} parameter(0)
+  %v = f32[16,16]{1,0} constant({...})
+  ROOT %bd = f32[8,16]{1,0} dot(%q, %v), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%cond (p:""").replace("  ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%i, %d)", (
+        "  %k = f32[8,16]{1,0} conditional(%i, %d, %d), branch_computations={%branch, %branch}\n"
+        "  ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%i, %k)"))
+    assert hlo_matmul_flops(branchy) == (entry + 5 * 3 * body, entry + 3 * body, 0)  # its dot and two branches
+
+
+def test_flops_per_device_adds_the_trips_xla_counts_once():
+    """XLA's cost analysis counts a loop body once: the step's FLOPs are its count plus the body's matmuls for
+    every further trip (4 more of a 5-trip loop), not plus all 5."""
+    from types import SimpleNamespace
+
+    from rlhf_jax.plan.flops import flops_per_device
+
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %x = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,16]{1,0} constant({...})
+  ROOT %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[8,16]) -> f32[8,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  ROOT %w0 = (s32[], f32[8,16]{1,0}) while(%a), condition=%c, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+}
+"""
+    compiled = SimpleNamespace(cost_analysis=lambda: {"flops": 1000.0}, as_text=lambda: hlo)
+    assert flops_per_device(compiled)[0] == 1000.0 + 4 * 2 * 8 * 16 * 16
 
 
 def test_device_defaults():
