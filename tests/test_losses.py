@@ -372,9 +372,9 @@ def test_the_sft_loss_of_packed_rows_is_the_mean_nll_of_their_targets(loss_on_pr
             nll, count = nll - logp[row, t - 1, batch["ids"][row, t]], count + 1
     optim = OptimSection(lr=1e-3, schedule="constant")
     opt = steps.make_optimizer(optim, 5)
-    _, metrics = jax.jit(lambda s, b: steps.sft_step(s, b, jax.random.key(0), {}, model=model, optimizer=opt,
-                                                     schedule=steps.lr_schedule(optim, 5),
-                                                     loss_on_prompt=loss_on_prompt))(steps.init_state(params, opt), batch)
+    step = jax.jit(lambda s, b: steps.sft_step(s, b, jax.random.key(0), {}, model=model, optimizer=opt,
+                                               schedule=steps.lr_schedule(optim, 5), loss_on_prompt=loss_on_prompt))
+    _, metrics = step(steps.init_state(params, opt), batch)
     assert float(metrics["target_tokens"]) == count
     assert float(metrics["loss"]) == pytest.approx(nll / count, rel=1e-5)
     # the held-out sums count only the batch's real rows: a filler row (`valid` False) adds nothing
