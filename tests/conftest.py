@@ -68,10 +68,12 @@ def demo_run(tmp_path_factory, request):
 FULL_TIER = (
     "test_multiprocess.py::",
     "test_cli.py::test_main_without_a_config_says_it_runs_the_defaults",  # a default-length generate run
+    "test_cli.py::test_the_generate_cli_stops_quietly_when_its_reader_does",  # a subprocess of its own
     "test_scan_layers.py::test_a_scanned_stage_trains",  # the model-level oracles stay in the fast tier
     "test_scan_layers.py::test_generation_scans",
     "test_scan_layers.py::test_cached_decode_and_sampling_through_the_stacked_cache[mistral]",  # gemma3: fast
     "test_token_stats.py::test_chunked_stats_and_gradients_are_the_dense_ones[4]",  # [12] chunks with a remainder
+    "test_token_stats.py::test_chunked_stats_and_gradients_are_the_dense_ones[1024]",
     "test_ppo.py::test_ppo_stage_runs_and_resumes_bitwise_after_sigkill",
     "test_ppo.py::test_gradient_accumulation_inside_a_minibatch_equals_the_whole_minibatch",
     "test_ppo.py::test_mesh_of_8_agrees_with_one_device",  # 1 device vs 8: test_model, test_train (fast tier)

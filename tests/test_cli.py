@@ -259,7 +259,7 @@ def test_error_invalid_json_prompt_line(capsys, hf_dir, workdir):
     path = workdir / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, path))
-    _assert_user_error(rc, err, f"{path}:2", "invalid JSON")
+    _assert_user_error(rc, err, f"{path}:2: invalid JSON (Expecting value at column 12)")
 
 
 def test_error_model_dir_of_neither_format(capsys, prompt_file, workdir):

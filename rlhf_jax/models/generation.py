@@ -47,7 +47,7 @@ def read_prompts(path: str | Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PromptFileError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                raise PromptFileError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.pos + 1})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise PromptFileError(f'{path}:{n}: expected an object with a string "prompt" field')
             line = row["prompt"]

@@ -110,9 +110,10 @@ def _parse_line(line: bytes) -> dict:
     # A byte order mark (files saved by some editors) is not JSON; columns still count it, as in the raw line.
     bom = len(text) - len(text.lstrip(_BOM))
     try:
-        obj = json.loads(text[bom:])
+        # without its newline, which would put an error at the line's end at column 1 of a line after it
+        obj = json.loads(text[bom:].rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise rows.Invalid("invalid_json", f"invalid JSON ({e.msg} at column {bom + e.colno})") from None
+        raise rows.Invalid("invalid_json", f"invalid JSON ({e.msg} at column {bom + e.pos + 1})") from None
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits, arrays nested too deep
         raise rows.Invalid("invalid_json", f"invalid JSON ({str(e).splitlines()[0][:80]})") from None
     if not isinstance(obj, dict):
