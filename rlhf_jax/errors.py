@@ -22,6 +22,15 @@ class UserError(ValueError):
     prefix = "error: "
 
 
+class UserCodeError(UserError):
+    """User code named in a config (a gold scorer, a labeler, a reward function) failed: the message ends with the
+    code's own words, `verbatim`, which a CLI's rewriting of config keys into its flags leaves as they are."""
+
+    def __init__(self, message: str, verbatim: str):
+        super().__init__(message + verbatim)
+        self.verbatim = verbatim
+
+
 class DivergedError(UserError):
     """Training produced non-finite values; nothing non-finite was saved or exported."""
 
@@ -100,7 +109,10 @@ def naming_flags(error: UserError, flags: dict[str, str], paths: Sequence[tuple[
             return match.group(0)
         return flags[key] + (" " if equals else "")
 
-    text = _KEY.sub(flag, str(error))
+    text, verbatim = str(error), getattr(error, "verbatim", "")
+    if not text.endswith(verbatim):
+        verbatim = ""
+    text = _KEY.sub(flag, text[:len(text) - len(verbatim)]) + verbatim
     for name, path in paths:
         if path and any(text.startswith(f"{form}{end}") for form in {str(path), os.path.realpath(path)}
                         for end in ":/"):

@@ -23,7 +23,7 @@ import pytest
 from rlhf_jax import convert, evaluate, generate
 from rlhf_jax import main as main_cli
 from rlhf_jax.data import __main__ as data_cli
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, naming_flags
 from rlhf_jax.eval.inputs import gold_scores
 from rlhf_jax.models.checkpoint import load_model, save_model
 from rlhf_jax.models.tiny import build_tiny_model
@@ -58,6 +58,10 @@ def gold_nan(prompts, responses):
 
 def gold_short(prompts, responses):
     return [1.0]
+
+
+def gold_wants_a_seed(prompts, responses, seed):  # a signature the scorer is not called with
+    return [seed] * len(responses)
 
 
 def labeler_raises(prompts, responses, seed):
@@ -132,6 +136,18 @@ def test_evaluate_with_a_raising_gold_scorer_names_the_flag_and_writes_nothing(w
     assert _last_line(err).startswith(f"error: --gold {HERE}:gold_raises: raised ZeroDivisionError: division by "
                                       f"zero ({__file__}:")
     assert not out.exists()
+
+
+def test_user_codes_own_words_are_not_rewritten_into_flags_and_a_bad_signature_points_at_the_function():
+    """evaluate.FLAGS maps `seed` to --seed: the scorer's TypeError keeps its 'seed', and since the call failed
+    before the function ran, the line named is the function's own, not the caller's."""
+    spec = f"{HERE}:gold_wants_a_seed"
+    with pytest.raises(UserError) as caught:
+        gold_scores(gold_wants_a_seed, spec, ["p"], [" a"])
+    line = gold_wants_a_seed.__code__.co_firstlineno
+    assert str(naming_flags(caught.value, evaluate.FLAGS)) == (
+        f"--gold {spec}: raised TypeError: gold_wants_a_seed() missing 1 required positional argument: 'seed' "
+        f"({__file__}:{line})")
 
 
 @pytest.mark.parametrize("ranks, returned", [

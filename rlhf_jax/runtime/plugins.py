@@ -9,7 +9,7 @@ import traceback
 from types import ModuleType
 from typing import Callable
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserCodeError, UserError
 
 
 def function(spec: str, key: str) -> tuple[Callable, ModuleType]:
@@ -20,9 +20,9 @@ def function(spec: str, key: str) -> tuple[Callable, ModuleType]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"{key}={spec!r}: cannot import {module_name!r} ({e})") from None
+        raise UserCodeError(f"{key}={spec!r}: cannot import {module_name!r} ", f"({e})") from None
     except Exception as e:  # noqa: BLE001 - a syntax error, or the module's own code raising at import
-        raise UserError(f"{key}={spec!r}: importing {module_name} raised {_what(e)} ({_where(e)})") from None
+        raise UserCodeError(f"{key}={spec!r}: importing {module_name} raised ", f"{_what(e)} ({_where(e)})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"{key}={spec!r}: {module_name} has no function {name!r}")
@@ -35,7 +35,7 @@ def call(fn: Callable, who: str, *args):
     try:
         return fn(*args)
     except (Exception, SystemExit) as e:  # noqa: BLE001 - user code can fail in any way, sys.exit() included
-        raise UserError(f"{who}: raised {_what(e)} ({_where(e)})") from None
+        raise UserCodeError(f"{who}: raised ", f"{_what(e)} ({_where(e, fn)})") from None
 
 
 def _what(e: BaseException) -> str:
@@ -43,11 +43,15 @@ def _what(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _where(e: BaseException) -> str:
-    """file:line that raised: the offending line of a syntax error, else the traceback's last frame."""
+def _where(e: BaseException, fn: Callable | None = None) -> str:
+    """file:line that raised: the offending line of a syntax error, else the traceback's last frame, or where `fn`
+    is defined when the call itself failed (arguments its signature does not take)."""
     if isinstance(e, SyntaxError):
         return f"{e.filename}:{e.lineno}"
     frame = traceback.extract_tb(e.__traceback__)[-1]
+    code = getattr(fn, "__code__", None)
+    if frame.filename == __file__ and code is not None:
+        return f"{code.co_filename}:{code.co_firstlineno}"
     return f"{frame.filename}:{frame.lineno}"
 
 
