@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_jax import evaluate
 from rlhf_jax.data.pipeline import open_split
+from rlhf_jax.errors import UserError
 
 from cli_helpers import run_quietly
 
@@ -198,3 +199,26 @@ def test_a_scorer_is_needed_and_rankings_need_the_reward_model(inputs, flags, fr
     lines = err.strip().splitlines()
     assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err
     assert "Traceback" not in err and "eval:" not in err  # refused before the first sample
+
+
+def test_a_runs_relative_base_model_is_found_from_any_directory(tmp_path, monkeypatch):
+    """A run started in `project/` with run_dir runs/x/ppo trains from model.path runs/x/sft/export: evaluating the
+    run from inside runs/x, or after moving the project, reads that export, and a base model not there is one line
+    naming the run's config.json."""
+    from rlhf_jax.eval.policies import _base_model_path
+
+    project = tmp_path / "project"
+    run, export = project / "runs" / "x" / "ppo", project / "runs" / "x" / "sft" / "export"
+    run.mkdir(parents=True)
+    export.mkdir(parents=True)
+    config = {"stage": "ppo", "run_dir": "runs/x/ppo", "model": {"path": "runs/x/sft/export"}}
+    for cwd in (project, project / "runs" / "x", tmp_path):
+        monkeypatch.chdir(cwd)
+        assert _base_model_path(run.relative_to(cwd) if cwd != tmp_path else run, config).resolve() == export
+    moved = shutil.move(project, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    assert _base_model_path(moved / "runs" / "x" / "ppo", config) == moved / "runs" / "x" / "sft" / "export"
+    renamed = shutil.move(moved / "runs" / "x" / "ppo", moved / "runs" / "x" / "ppo_old")  # started where? here
+    with pytest.raises(UserError, match=r"ppo_old/config.json: the run's base model, "
+                                                 r"model.path='runs/x/sft/export', is not in .* \(a relative"):
+        _base_model_path(renamed, config)

@@ -158,7 +158,26 @@ def policy_meta(source: PolicySource) -> LoadedModel:
 
 
 def _base_model_path(run: Path, config: dict) -> Path:
-    return resolve_model_path(config.get("model", {}).get("path", ""), run, config.get("seed", 0))
+    """The run's model.path. A relative one is relative to the directory the run was started in, which is the
+    run's real path less its configured run_dir (`runs/demo/ppo` started in /work trains from
+    /work/runs/demo/sft/export), so that a run is evaluated from any directory, also after being moved with it."""
+    path = config.get("model", {}).get("path", "")
+    if not path or Path(path).is_absolute():
+        return resolve_model_path(path, run, config.get("seed", 0))
+    # an absolute run_dir, one with `..` or a renamed run: relative to where we are
+    started_in = _started_in(run, str(config.get("run_dir", ""))) or Path.cwd()
+    if not (started_in / path).exists():
+        raise UserError(f"{run / 'config.json'}: the run's base model, model.path={path!r}, is not in {started_in} "
+                        f"(a relative model.path is read from the directory the run was started in)")
+    return started_in / path
+
+
+def _started_in(run: Path, run_dir: str) -> Path | None:
+    parts = Path(run_dir).parts
+    real = run.resolve().parts
+    if not run_dir or Path(run_dir).is_absolute() or ".." in parts or real[len(real) - len(parts):] != parts:
+        return None
+    return Path(*real[:len(real) - len(parts)])
 
 
 def restorable_policy(source: PolicySource, base_models: dict) -> tuple[PolicySource, LoadedModel] | None:
