@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with out_of_memory_in_one_line("a smaller --batch-size or --max-new-tokens, or --dtype bfloat16, needs less"):
             gen = Generator(load_model(args.model, need_tokenizer=True), mesh,
                             SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                           pad_id=PAD_ID), args.dtype, args.chat_template)
+                                           pad_id=PAD_ID), args.dtype, args.chat_template, where=str(args.model))
             for record in gen.generate(prompts, args.batch_size, args.max_prompt_tokens, args.seed):
                 print(json.dumps(record) if args.output == "jsonl" else record["text"], flush=True)
     except BrokenPipeError:  # the reader stopped (`| head`): the rest is not wanted

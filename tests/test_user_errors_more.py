@@ -211,6 +211,20 @@ def test_generate_names_the_batch_size_flag(workdir, tiny):
     assert err.strip() == "error: --batch-size 3 is not divisible by the 8 data-parallel devices of the mesh"
 
 
+def test_a_reward_model_given_as_a_policy_is_named_by_its_flag_or_key(workdir, tiny, reward_model, data_dir):
+    prompts = workdir / "gen_prompts.txt"
+    prompts.write_text("Say red:\n")
+    rc, out, err = run_quietly(generate.main, ["--model", reward_model, "--prompt-file", prompts, "--batch-size", "8"])
+    assert rc == 2 and out == "" and err.strip() == (
+        f"error: --model {reward_model}: a reward/value model (scalar head), expected a policy")
+    run_dir = workdir / "sft_from_rm"
+    rc, _, err = run_quietly(main_cli.main, ["stage=sft", f"run_dir={run_dir}", f"model.path={reward_model}",
+                                             f"data.dir={data_dir}", "data.name=rep", "train.steps=1"])
+    assert rc == 2 and _last_line(err) == (f"error: model.path={reward_model}: a reward/value model (scalar head), "
+                                           "expected a policy")
+    assert not run_dir.exists()
+
+
 def test_an_unusable_run_dir_names_the_key_and_the_reason(workdir, tiny):
     a_file = workdir / "another_file"
     a_file.write_text("x")

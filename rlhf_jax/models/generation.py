@@ -63,9 +63,10 @@ class Generator:
     """Holds a model placed on a mesh and one compiled sampler for fixed (batch, prompt, new-token) shapes."""
 
     def __init__(self, loaded: LoadedModel, mesh, params: SamplingParams, dtype: str = "float32",
-                 chat_template: bool = False):
+                 chat_template: bool = False, where: str = "the checkpoint"):
+        """`where` names the checkpoint in errors (its path, or the config key that gave it)."""
         if loaded.head != "lm":
-            raise UserError("generation needs a language-model checkpoint, got a scalar-head (reward/value) one")
+            raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
         if loaded.tokenizer_dir is None:  # callers load with need_tokenizer=True, which names the path
             raise UserError("the checkpoint has no tokenizer files")
         self.cfg = loaded.cfg

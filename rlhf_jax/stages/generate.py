@@ -38,7 +38,7 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
     prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
     gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
-                    cfg.model.dtype, cfg.data.chat_template)
+                    cfg.model.dtype, cfg.data.chat_template, where=f"model.path={cfg.model.path}")
     if primary:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")

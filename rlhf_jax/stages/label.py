@@ -105,7 +105,8 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
     for i, path in enumerate((cfg.model.path, *cfg.label.policies)):
         generator = Generator(load_model(path, need_tokenizer=True), mesh,
                               SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
-                              cfg.model.dtype, cfg.data.chat_template)
+                              cfg.model.dtype, cfg.data.chat_template,
+                              where=f"model.path={path}" if i == 0 else f"label.policies: {path}")
         source = {"policy": str(path), "step": source_step(path)}
         for j, record in enumerate(generator.generate(repeated, s.batch_size, s.max_prompt_tokens, cfg.seed + i)):
             samples[j // K].append((record["text"], source))

@@ -21,7 +21,7 @@ import numpy as np
 from rlhf_jax.config import Config
 from rlhf_jax.errors import DivergedError, UserError
 from rlhf_jax.models import lora
-from rlhf_jax.models.checkpoint import LoadedModel, load_model, save_model
+from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model, save_model
 from rlhf_jax.models.hf import fold_reward_gain
 from rlhf_jax.models.hf_weights import whole_weights_to_hf
 from rlhf_jax.models.tiny import resolve_model_path
@@ -58,6 +58,10 @@ def load_for_training(cfg: Config, run_dir: Path, head: str):
     """(loaded checkpoint, tokenizer, model with `head`, and adapters with `lora.rank`) of cfg.model.path (the
     tiny built-in model when empty)."""
     loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True)
+    if head == "lm" and loaded.head != "lm":
+        where = f"model.path={cfg.model.path}"
+        check_role(loaded, where, "policy")  # what it is, when its export recorded that
+        raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
     warn_bfloat16_training(cfg, head)
     return loaded, load_tokenizer(loaded.tokenizer_dir), trained_model(cfg, loaded.cfg, head)
 
