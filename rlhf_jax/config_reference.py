@@ -26,7 +26,10 @@ A run is configured by a YAML file (`--config`) whose keys are loaded into typed
 (`rlhf_jax/config/`); any key can be overridden on the command line as `section.key=value`, the last one
 winning. Unknown keys, wrong types and bad values stop the run before anything is compiled, with one line naming
 the key (and the closest valid key for a typo). `python -m rlhf_jax.main --config CFG --check` validates a config
-(every step of a pipeline) and runs nothing; `python -m rlhf_jax.main --help` prints the same keys as below.
+(every step of a pipeline: keys, values, how they fit together, the steps a pipeline's paths name) and runs
+nothing. It reads no dataset, model or device, so that a launcher can check a config before the machines that hold
+them exist: a missing dataset or model, or a mesh larger than the devices, is the run's first line.
+`python -m rlhf_jax.main --help` prints the same keys as below.
 A config with a `pipeline:` mapping runs several stages: see [the pipeline page](stages/pipeline.md).
 """
 
