@@ -130,6 +130,10 @@ def test_missing_keys_take_the_families_defaults_and_both_rope_layouts_agree():
     (dict(rope_parameters={FULL: {"rope_type": "default", "rope_theta": 500.0}},
           rope_scaling={"rope_type": "linear", "factor": 4.0}), r"rope_scaling and rope_parameters disagree \(rope_"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn' is not supported"),
+    # every unsupported setting at once, so that one edit fixes them all
+    (dict(hidden_activation="relu", attention_bias=True, rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+     r"hidden_activation 'relu' is not supported \(expected gelu_pytorch_tanh\); attention_bias: true is not "
+     r"supported for gemma3; rope type 'yarn' is not supported"),
 ])
 def test_unsupported_settings_are_refused_in_one_line(changes, match):
     with pytest.raises(HFFormatError, match=match) as e:

@@ -189,8 +189,9 @@ class TrainSection:
             check(self, name, getattr(self, name) > 0, "must be > 0")
         for name in ("steps", "epochs", "eval_every", "eval_batches", "eval_batch_size", "save_every"):
             check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        check(self, "epochs", not (self.steps and self.epochs),
-               f"and train.steps={self.steps} are both set; set one of them")
+        if self.steps and self.epochs:
+            raise FieldError("epochs", f"= {self.epochs:g} and train.steps={self.steps} are both set; set one of them "
+                             "(the other to 0: train.epochs=0 trains for train.steps)")
 
 
 @dataclass(frozen=True)

@@ -159,16 +159,23 @@ def _decoder_config(hf: dict, family: str, common: dict, where: str) -> ModelCon
     gemma = family in ("gemma2", "gemma3")
     act_key = "hidden_activation" if gemma else "hidden_act"
     expected = "gelu_pytorch_tanh" if gemma else "silu"
-    if hf.get(act_key, expected) != expected:
-        raise HFFormatError(f"{where}: {act_key} {hf[act_key]!r} is not supported (expected {expected})")
-    if family == "qwen2" and hf.get("use_sliding_window"):
-        raise HFFormatError(f"{where}: sliding-window attention is not supported for qwen2")
-    if family in ("llama", "qwen3", "gemma2", "gemma3") and hf.get("attention_bias"):  # o_proj would have one too
-        raise HFFormatError(f"{where}: attention_bias: true is not supported for {family}")
-    if gemma and hf.get("use_bidirectional_attention"):
-        raise HFFormatError(f"{where}: use_bidirectional_attention: true is not supported (a decoder is causal)")
-    n_heads, n_layers = hf["num_attention_heads"], hf["num_hidden_layers"]
     defaults = _DEFAULTS[family]
+    problems = []  # every setting the model does not implement, named in one line
+    if hf.get(act_key, expected) != expected:
+        problems.append(f"{act_key} {hf[act_key]!r} is not supported (expected {expected})")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        problems.append("sliding-window attention is not supported for qwen2")
+    if family in ("llama", "qwen3", "gemma2", "gemma3") and hf.get("attention_bias"):  # o_proj would have one too
+        problems.append(f"attention_bias: true is not supported for {family}")
+    if gemma and hf.get("use_bidirectional_attention"):
+        problems.append("use_bidirectional_attention: true is not supported (a decoder is causal)")
+    try:
+        rope = _rope_fields(hf, where, defaults["rope_theta"])
+    except HFFormatError as e:
+        problems.append(str(e).removeprefix(f"{where}: "))
+    if problems:
+        raise HFFormatError(f"{where}: " + "; ".join(problems))
+    n_heads, n_layers = hf["num_attention_heads"], hf["num_hidden_layers"]
     window = None
     if family in ("qwen3", "mistral", "gemma2", "gemma3"):
         window = _get(hf, family, "sliding_window")
@@ -194,7 +201,7 @@ def _decoder_config(hf: dict, family: str, common: dict, where: str) -> ModelCon
                        tie_embeddings=hf.get("tie_word_embeddings", defaults["tie_word_embeddings"]),
                        sliding_window=None if window is None else int(window),
                        layer_types=_layer_types(hf, family, n_layers, window, where),
-                       **_rope_fields(hf, where, defaults["rope_theta"]), **extra)
+                       **rope, **extra)
 
 
 def config_from_hf(hf: dict, generation: dict | None = None, where: str = "config.json") -> tuple[ModelConfig, str]:
