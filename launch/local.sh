@@ -115,8 +115,14 @@ log_of() {
 }
 
 if [ "$dry_run" = 1 ]; then
-    JAX_PLATFORMS=cpu "$PY" -m rlhf_jax.main --config "$config" ${overrides[@]+"${overrides[@]}"} --check >&2 ||
-        exit $?
+    rc=0
+    out=$(JAX_PLATFORMS=cpu "$PY" -m rlhf_jax.main --config "$config" ${overrides[@]+"${overrides[@]}"} --check \
+        2>&1) || rc=$?
+    case $rc in
+        0) echo "$out" >&2 ;;
+        2) echo "$out" >&2; exit 2 ;;
+        *) die 2 "error: $PY cannot run rlhf_jax (${out##*$'\n'}): run make setup or set PY" ;;
+    esac
     echo "# cd $PWD"
     for ((i = 0; i < nproc; i++)); do
         command_of "$i"

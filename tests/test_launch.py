@@ -387,6 +387,21 @@ print(json.dumps({{"argv": sys.argv[1:], **{{k: os.environ.get(k) for k in keys}
 
 # --- local.sh -------------------------------------------------------------------------------------------------
 
+def test_a_python_that_cannot_run_rlhf_jax_is_one_line_with_what_to_do(tmp_path):
+    """local.sh and gpu_slurm.sbatch run their processes where they validate: a PY without jax stops the dry run
+    with status 2 and one line naming PY and the import error, not a traceback."""
+    py = write_exe(tmp_path / "py", "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+                                    "echo \"ModuleNotFoundError: No module named 'jax'\" >&2\nexit 1\n")
+    for argv, env, name in (([LAUNCH / "local.sh", "2", "configs/demo.yaml", "--dry-run"], {}, "local.sh: error: "),
+                            (["bash", LAUNCH / "gpu_slurm.sbatch", "--dry-run", "configs/sft.yaml"], slurm_env(),
+                             "gpu_slurm.sbatch: ")):
+        out = run(argv, env={**env, "PY": str(py)})
+        assert out.returncode == 2 and out.stdout == "", out.stderr
+        assert out.stderr.splitlines() == [f"{name}{py} cannot run rlhf_jax (ModuleNotFoundError: No module named "
+                                           "'jax'): run make setup or set PY" + (" (or MODULES)" if "slurm" in name
+                                                                                 else "")]
+
+
 def test_local_dry_run_prints_n_commands():
     env = {"PORT": "23456", "XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"}
     out = run([LAUNCH / "local.sh", "2", "configs/demo.yaml", "x.y=1", "--dry-run"], env=env)
