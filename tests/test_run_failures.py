@@ -177,6 +177,51 @@ def test_resume_refuses_another_model_and_allows_harmless_changes(tiny, data_dir
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 3
 
 
+def _nested(key: str, value) -> dict:
+    head, _, rest = key.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def _value_at(config: dict, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+# What a resume must refuse to change: written out here, so that dropping one from resume.REFUSED fails
+MUST_REFUSE = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data.name", "data.train_split",
+               "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model",
+               "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function",
+               "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference", "lora.alpha",
+               "ppo.ptx_dataset", "ppo.ptx_batch_size")
+
+
+@pytest.mark.parametrize("key", MUST_REFUSE)
+def test_every_refused_key_is_refused_by_a_stage_that_reads_it(key):
+    """Changed under a stage that reads its section, the key stops the resume (one let through would continue a
+    run with another seed, dataset or reference, silently)."""
+    from rlhf_jax.config import STAGE_SECTIONS
+    from rlhf_jax.training.resume import config_changes
+
+    section = key.partition(".")[0] if "." in key else None
+    stage = next(s for s, sections in STAGE_SECTIONS.items() if section is None or section in sections)
+    old, new = ({"stage": stage, **_nested(key, v)} for v in ("p/a", "p/b"))
+    if key == "stage":
+        old, new = {"stage": "sft"}, {"stage": "rm"}
+    assert config_changes(old, new)[0] == [f"{key}={_value_at(old, key)!r} (now {_value_at(new, key)!r})"]
+
+
+def test_a_long_list_of_changed_shapes_is_cut_after_three():
+    from rlhf_jax.training.resume import shape_changes
+
+    old = ({f"w{i}": (2,) for i in range(5)}, [])
+    for changed, expected in ((3, 3), (5, 4)):
+        new = ({f"w{i}": (3,) if i < changed else (2,) for i in range(5)}, [])
+        diffs = shape_changes(old, new)
+        assert len(diffs) == expected and diffs[:3] == [f"parameter w{i} (2,) (now (3,))" for i in range(3)]
+    assert diffs[3] == "and 2 more parameters"
+
+
 def test_config_changes_classify_keys():
     from rlhf_jax.models.checkpoint import state_shapes
     from rlhf_jax.training.resume import config_changes, shape_changes
