@@ -24,9 +24,10 @@ print("max size", jax.config.jax_compilation_cache_max_size)
 def test_a_run_stores_its_programs_in_the_cache_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    cache = tmp_path / "nested" / "cache"
-    run = lambda env: subprocess.run([sys.executable, "-c", PROGRAM, str(cache)], env=env, check=True,
-                                     capture_output=True, text=True).stdout
+    env["HOME"] = str(tmp_path / "home")  # `~` is the user's home, not a directory named ~
+    cache = tmp_path / "home" / "nested" / "cache"
+    run = lambda env: subprocess.run([sys.executable, "-c", PROGRAM, "~/nested/cache"], env=env, check=True,
+                                     capture_output=True, text=True, cwd=tmp_path).stdout
     assert f"max size {compile_cache.MAX_BYTES}" in run(env)  # bounded: the least recently used programs go
     assert any(cache.iterdir())  # created, and the program is in it
     before = set(cache.iterdir())
