@@ -298,6 +298,17 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
     assert flops_per_device(compiled)[0] == 1000.0 + 4 * 2 * 8 * 16 * 16
 
 
+def test_a_donated_update_counts_its_buffer_once():
+    """An update written into its donated input holds one buffer, a copy two: the total is what must fit."""
+    import jax.numpy as jnp
+
+    x = jnp.zeros((256, 1024), jnp.float32)
+    for donate, buffers in ((True, 1), (False, 2)):
+        fn = jax.jit(lambda x: x + 1, donate_argnums=(0,) if donate else ())
+        f = footprint(fn.lower(x).compile())
+        assert f.total - f.temporaries - f.code == buffers * x.nbytes, f
+
+
 def test_device_defaults():
     class Device:
         def __init__(self, kind, platform, limit=None):
@@ -309,6 +320,9 @@ def test_device_defaults():
     h100 = budget(Device("NVIDIA H100 80GB HBM3", "gpu"))
     assert h100.memory == 80 * GIB and h100.peak == {"bfloat16": 989e12, "float32": 67e12}
     assert budget(Device("NVIDIA H100 80GB HBM3", "gpu", limit=60 * GIB)).memory == 60 * GIB
+    assert budget(Device("TPU v4", "tpu", limit=30 * GIB)).memory == 30 * GIB  # the allocator's, on any accelerator
+    assert budget(Device("NVIDIA H100 PCIe", "gpu")).peak == {"bfloat16": 756e12, "float32": 51e12}
+    assert device_spec("NVIDIA GH200 480GB").name == "GH200" and device_spec("NVIDIA H200").name == "H200"
     v5e = budget(Device("TPU v5 lite", "tpu"))
     assert v5e.memory == 16 * GIB and v5e.peak == {"bfloat16": 197e12, "float32": None}
     assert device_spec("TPU v5p").name == device_spec("TPU v5").name == "TPU v5p"

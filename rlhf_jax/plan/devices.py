@@ -26,6 +26,7 @@ class DeviceSpec(NamedTuple):
 DEVICE_SPECS: list[tuple[tuple[str, ...], DeviceSpec]] = [
     (("h100", "pcie"), DeviceSpec("H100 PCIe", 80, 756, 51)),
     (("h100",), DeviceSpec("H100 SXM", 80, 989, 67)),
+    (("gh200",), DeviceSpec("GH200", 96, 989, 67)),  # the 96 GB part (also sold with 144): the allocator's limit wins
     (("h200",), DeviceSpec("H200", 140, 989, 67)),
     (("a100", "40gb"), DeviceSpec("A100 40GB", 40, 312, 19.5)),
     (("a100",), DeviceSpec("A100 80GB", 80, 312, 19.5)),
