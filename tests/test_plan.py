@@ -309,6 +309,21 @@ def test_a_donated_update_counts_its_buffer_once():
         assert f.total - f.temporaries - f.code == buffers * x.nbytes, f
 
 
+def test_the_search_tries_only_accumulations_the_batch_splits_into_over_the_devices():
+    from rlhf_jax.plan.planner import candidates
+    from rlhf_jax.runtime import sharding
+
+    mesh = sharding.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"))
+    accums = lambda *overrides: sorted({a for _, a in candidates(load_config(None, overrides), mesh)})
+    assert accums("stage=sft", "train.batch_size=32") == [1, 2, 4]  # 32 rows = accum x 8 devices x rows each
+    # PPO-ptx: its pretraining batch splits the same way (24 / 2 minibatches = 12 rows: over 8 devices, none)
+    ppo = ("stage=ppo", "train.batch_size=32", "ppo.minibatches=2", "ppo.ptx_coef=0.1", "ppo.ptx_dataset=x")
+    assert accums(*ppo, "ppo.ptx_batch_size=48") == [1] and accums(*ppo, "ppo.ptx_batch_size=24") == []
+    # GRPO's rows are prompts x group: without shared prompt passes a micro-batch may hold part of a group
+    grpo = ("stage=grpo", "train.batch_size=2", "grpo.group_size=16", "grpo.reward_function=m:f")
+    assert accums(*grpo, "grpo.share_prompts=false") == [1, 2, 4] and accums(*grpo) == [1, 2]
+
+
 def test_device_defaults():
     class Device:
         def __init__(self, kind, platform, limit=None):

@@ -213,5 +213,6 @@ def candidates(cfg: Config, mesh) -> list[tuple[str, int]]:
     A larger micro-batch is taken to need no less memory: the config's own remat at its accumulation or fewer
     (known not to fit) is skipped. Whether remat helps is measured, not assumed (on some backends it
     does not)."""
-    return [(remat, accum) for remat in ("none", "block") for accum in range(1, cfg.train.batch_size + 1)
+    rows = cfg.train.batch_size * (getattr(cfg, cfg.stage).group_size if cfg.stage in ("grpo", "rloo") else 1)
+    return [(remat, accum) for remat in ("none", "block") for accum in range(1, rows + 1)
             if _splits(cfg, accum, mesh) and not (remat == cfg.model.remat and accum <= cfg.optim.grad_accum_steps)]
