@@ -221,6 +221,23 @@ def test_fsdp_gathers_weights_to_the_rows_instead_of_rows_to_the_weights(tmp_pat
     assert fsdp.flops == pytest.approx(data_parallel.flops, rel=0.1)  # each device still does about its eighth
 
 
+def test_matmul_flops_contract_the_dimensions_the_dot_names():
+    """A backward pass's weight gradient contracts the rows (x^T dy: the lhs's first dimension), a batched
+    attention product its last: each dot counts 2 x output x the product of its lhs's contracting sizes."""
+    hlo = """HloModule m
+
+ENTRY %main (x: f32[64,16], dy: f32[64,8], q: f32[4,5,16], k: f32[4,16,7]) -> f32[16,8] {
+  %x = f32[64,16]{1,0} parameter(0)
+  %dy = f32[64,8]{1,0} parameter(1)
+  %q = f32[4,5,16]{2,1,0} parameter(2)
+  %k = f32[4,16,7]{2,1,0} parameter(3)
+  %s = f32[4,5,7]{2,1,0} dot(%q, %k), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+  ROOT %dw = f32[16,8]{1,0} dot(%x, %dy), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+}
+"""
+    assert hlo_matmul_flops(hlo)[0] == 2 * 16 * 8 * 64 + 2 * 4 * 5 * 7 * 16
+
+
 def test_matmul_flops_count_loop_bodies_by_their_trip_count():
     hlo = """HloModule m
 
