@@ -341,6 +341,20 @@ def test_the_search_tries_only_accumulations_the_batch_splits_into_over_the_devi
     assert accums(*grpo, "grpo.share_prompts=false") == [1, 2, 4] and accums(*grpo) == [1, 2]
 
 
+def test_an_rm_dry_runs_response_slots_count_every_policy_and_round(tmp_path, monkeypatch):
+    """K of an rm step before its rankings exist: the label step's responses for each policy it samples and each
+    earlier round's rankings it includes, unless data.max_responses says."""
+    from rlhf_jax.plan.models import response_slots
+
+    monkeypatch.chdir(tmp_path)  # no prepared dataset here
+    label = load_config(None, ["stage=label", "label.dataset=ranked", "label.responses=4", "label.policies=[p2]",
+                               "label.include=[r1.jsonl, r2.jsonl]", "label.labeler=m:f", "model.path=p1"])
+    rm = load_config(None, ["stage=rm", "data.name=ranked"])
+    steps = [pipeline.Step("label", label), pipeline.Step("rm", rm)]
+    assert response_slots(rm, steps) == 4 * 2 * 3
+    assert response_slots(load_config(None, ["stage=rm", "data.name=ranked", "data.max_responses=6"]), steps) == 6
+
+
 def test_device_defaults():
     class Device:
         def __init__(self, kind, platform, limit=None):
