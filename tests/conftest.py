@@ -69,6 +69,7 @@ FULL_TIER = (
     "test_multiprocess.py::",
     "test_cli.py::test_main_without_a_config_says_it_runs_the_defaults",  # a default-length generate run
     "test_cli.py::test_the_generate_cli_stops_quietly_when_its_reader_does",  # a subprocess of its own
+    "test_grpo.py::test_the_rollouts_kl_is_k1_from_the_policy_to_the_reference[rloo]",  # [grpo]: the same KL
     "test_scan_layers.py::test_a_scanned_stage_trains",  # the model-level oracles stay in the fast tier
     "test_scan_layers.py::test_generation_scans",
     "test_scan_layers.py::test_cached_decode_and_sampling_through_the_stacked_cache[mistral]",  # gemma3: fast
