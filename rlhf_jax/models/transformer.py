@@ -131,16 +131,13 @@ class Transformer(nn.Module):
         # jnp.take wraps negative ids (a pad of -1 reads the last vocab row, a real token) and gives NaN rows
         # for ids outside [-V, V): embed every out-of-range id as id 0 instead.
         tokens_BT = jnp.where((tokens_BT >= 0) & (tokens_BT < cfg.vocab_size), tokens_BT, 0)
-        # The table gathered over fsdp first (as a layer's weights are), so that the looked-up rows come out split
-        # by the batch: from rows split along d_model XLA could only replicate them all on every device.
-        x_BTD = jnp.take(sharding.constrain_logical(embedding, ("vocab", None)), tokens_BT, axis=0).astype(self.dtype)
+        x_BTD = jnp.take(embedding, tokens_BT, axis=0).astype(self.dtype)
         if cfg.is_gemma:  # HF rounds the normalizer to the compute dtype (sqrt(3072) is 55.5 in bf16)
             x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), self.dtype)
         if cfg.is_gpt2:
             wpe = param(self, "pos_embed", (cfg.max_position_embeddings, cfg.d_model), (None, "embed"),
                         dense_init(0.01), self.param_dtype)
-            x_BTD = x_BTD + jnp.take(sharding.constrain_logical(wpe, (None, None)), positions_BT, axis=0).astype(
-                self.dtype)
+            x_BTD = x_BTD + jnp.take(wpe, positions_BT, axis=0).astype(self.dtype)
 
         x_BTD, new_cache = self._layers(x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT, prefix,
                                         keep_kv)

@@ -288,15 +288,6 @@ def constrain_batch(x_B: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x_B, activations)
 
 
-def constrain_logical(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """`x` split over the mesh as `logical_axes` say (AXIS_RULES) while a `jit` traces; unchanged outside one."""
-    activations = _ACTIVATIONS.get()
-    if activations is None:
-        return x
-    mesh = activations.mesh
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh)))
-
-
 def check_batch_size(batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:
     ways = math.prod(mesh.shape[a] for a in batch_axes(mesh))
     if batch_size % ways:
