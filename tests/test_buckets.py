@@ -77,9 +77,10 @@ def test_each_layout_keeps_its_real_tokens_in_the_smallest_width_and_asks_every_
     # a host whose rows are short still pads to what the longest host needs
     wide = buckets.Trimmer(SPEC, agree=lambda needed: np.maximum(needed, [33, 20]))(sft)
     assert wide["ids"].shape == (3, 40 + 24)
-    # packed sft rows are left as they are
-    packed = buckets.Trimmer(dataclasses.replace(SPEC, pack=True))(sft)
-    assert packed["ids"].shape == sft["ids"].shape
+    # packed sft rows are left as they are; data.pack is sft's, so a config that sets it still trims the rankings
+    packed = buckets.Trimmer(dataclasses.replace(SPEC, pack=True))
+    assert packed(sft)["ids"].shape == sft["ids"].shape
+    assert packed(rankings)["response_ids"].shape == (3, 2, 16)
 
 
 def test_a_trimmed_batch_samples_the_same_tokens_and_logprobs():
