@@ -231,7 +231,7 @@ ENTRY %main (x: f32[64,16], dy: f32[64,8], q: f32[4,5,16], k: f32[4,16,7]) -> f3
   %dy = f32[64,8]{1,0} parameter(1)
   %q = f32[4,5,16]{2,1,0} parameter(2)
   %k = f32[4,16,7]{2,1,0} parameter(3)
-  %s = f32[4,5,7]{2,1,0} dot(%q, %k), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+%s = f32[4,5,7] dot(%q, %k), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
   ROOT %dw = f32[16,8]{1,0} dot(%x, %dy), lhs_contracting_dims={0}, rhs_contracting_dims={0}
 }
 """
