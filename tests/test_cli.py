@@ -215,9 +215,15 @@ def test_a_signal_outside_a_training_loop_is_one_line_with_exit_4(capsys, monkey
         raise AssertionError("not interrupted")
 
     monkeypatch.setattr(main_cli, "load_config", load_config)
+    # Python's own Ctrl-C handler, which a job started in the background (`cmd &`) does not get: SIGINT is
+    # ignored there from the start, as a shell means it to be
+    sigint_before = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGTERM)
     (tmp_path / "c.yaml").write_text("seed: 0\n")
-    rc, _, err = _run(capsys, main_cli.main, ["--config", tmp_path / "c.yaml"])
+    try:
+        rc, _, err = _run(capsys, main_cli.main, ["--config", tmp_path / "c.yaml"])
+    finally:
+        signal.signal(signal.SIGINT, sigint_before)
     assert rc == 4 and err.strip() == ("interrupted while loading, compiling or writing, outside a training step: "
                                        "nothing new was saved; rerun the same command to resume"), err
     assert signal.getsignal(signal.SIGTERM) == before

@@ -171,6 +171,47 @@ def test_surrogate_losses_and_their_stats_equal_a_loop():
         assert low is None or 0 < clipped < 1
 
 
+def test_ratio_extremes_read_real_tokens_only_and_padding_never_reaches_the_losses():
+    """Every real ratio above 1 (then every one below): ratio_min (ratio_max) is the real tokens' own, not the
+    padding's 1; huge or NaN log-probs at padding change no loss, stat or gradient."""
+    _, _, mask, logp, _, _, adv = _random_rows(4)
+    rng = np.random.default_rng(4)
+    for sign in (1.0, -1.0):
+        old = np.where(mask, logp - sign * rng.uniform(0.01, 0.1, mask.shape), 0.0).astype(np.float32)
+        ratio = np.exp(logp - old)[mask]
+        clean = GM.surrogate_losses(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), 0.2)
+        assert float(clean[1]["ratio_min"]) == pytest.approx(ratio.min(), rel=1e-6)
+        assert float(clean[1]["ratio_max"]) == pytest.approx(ratio.max(), rel=1e-6)
+        assert (ratio > 1).all() if sign > 0 else (ratio < 1).all()
+        for junk in (1e4, np.nan):
+            logp_junk, old_junk = np.where(mask, logp, junk), np.where(mask, old, -junk)
+            dirty = GM.surrogate_losses(jnp.asarray(logp_junk), jnp.asarray(old_junk), jnp.asarray(adv),
+                                        jnp.asarray(mask), 0.2)
+            jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), clean, dirty)
+            grad = jax.grad(lambda lp: GM.surrogate_losses(lp, jnp.asarray(old_junk), jnp.asarray(adv),
+                                                           jnp.asarray(mask), 0.2)[0].sum())(jnp.asarray(logp_junk))
+            assert np.isfinite(np.asarray(grad)).all() and (np.asarray(grad)[~mask] == 0).all()
+
+
+def test_rollout_metrics_equal_numpy():
+    """The rollout's metrics from their definitions: a flat group counts in zero_std_groups, and the sampler's
+    log-prob mismatch is a mean absolute difference over real tokens (errors of both signs do not cancel)."""
+    _, tokens, mask, logp, old, ref, adv = _random_rows(5)
+    rewards, kl, ended = _rewards_with_a_flat_group(5), np.linspace(0.0, 1.0, R), np.arange(R) % 3 == 0
+    sampler = np.where(mask, old + np.where(np.arange(N) % 2, 1e-3, -1e-3), 7.0).astype(np.float32)
+    settings = group.GroupSettings(group_size=G)
+    stats = group.rollout_metrics(_batch(tokens, mask, old, ref, adv), jnp.asarray(sampler), jnp.asarray(rewards),
+                                  jnp.asarray(kl), jnp.asarray(ended), settings)
+    groups = rewards.reshape(B, G)
+    expected = {"reward_mean": rewards.mean(), "reward_std": rewards.std(),
+                "group_reward_std": np.mean([statistics.stdev(g) for g in groups]),
+                "zero_std_groups": 1 / B, "response_length": mask.sum(1).mean(), "eos_rate": ended.mean(),
+                "logprob_mismatch": np.abs(sampler - old)[mask].mean(), "kl": kl.mean()}
+    assert expected["logprob_mismatch"] == pytest.approx(1e-3, rel=1e-3)
+    for key, value in expected.items():
+        assert float(stats[key]) == pytest.approx(value, rel=1e-4), key
+
+
 def test_loss_averages_equal_loops_and_add_up_over_micro_batches():
     rng = np.random.default_rng(3)
     losses = rng.normal(size=(R, N)).astype(np.float32)
@@ -442,6 +483,56 @@ def test_first_step_through_the_rollouts_forward_equals_a_direct_gradient():
     for before, after, grad in zip(jax.tree.leaves(params), jax.tree.leaves(moved_params), jax.tree.leaves(direct)):
         np.testing.assert_allclose(np.asarray(before) - np.asarray(after), np.asarray(grad), rtol=1e-4, atol=1e-6)
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(direct)) > 1e-3  # a gradient that moves things
+
+
+@pytest.mark.parametrize("average", ["token", "sequence"])
+def test_a_minibatch_step_averages_over_its_own_rows_and_tokens(average):
+    """With 2 minibatches (of 2 micro-batches each), the first optimizer step's loss and stats are means over
+    that minibatch's responses and real tokens, not the whole batch's: with plain SGD at lr 1 it moves the params
+    by minus the gradient of the objective of those rows alone, and its approx_kl, clip_frac and entropy are
+    numpy means over their real tokens."""
+    import optax
+
+    from rlhf_jax.rl.scoring import response_token_stats
+
+    settings = group.GroupSettings(algorithm="grpo", group_size=G, epochs=1, minibatches=2, accum=2, kl_coef=0.0,
+                                   loss_average=average, clip_ratio=0.1)
+    models = group.GroupModels(policy=make_model(CFG), policy_opt=optax.sgd(1.0),
+                               sampling=SamplingParams(N, temperature=0.7, eos_ids=(1,), pad_id=PAD_ID))
+    params = init_params(models.policy, jax.random.key(0))
+    rng = np.random.default_rng(9)
+    mask = _prefix_mask(rng, R, N)
+    prompt_mask = np.arange(P)[None, :] >= rng.integers(0, P, (B, 1))
+    prompts = np.where(prompt_mask, rng.integers(4, CFG.vocab_size, (B, P)), PAD_ID)
+    responses = (jnp.asarray(np.repeat(prompts, G, 0), jnp.int32), jnp.asarray(np.repeat(prompt_mask, G, 0)),
+                 jnp.asarray(np.where(mask, rng.integers(4, CFG.vocab_size, (R, N)), PAD_ID), jnp.int32),
+                 jnp.asarray(mask))
+    forced = jax.jit(lambda p: response_token_stats(models.policy, p, *responses, 0.7))(params)
+    old = forced.logprobs_BN + jnp.asarray(rng.normal(0.0, 0.2, (R, N)), jnp.float32)  # ratios away from 1
+    batch = group.GroupBatch(*responses, old, None, jnp.asarray(rng.normal(size=R), jnp.float32))
+    orders = group.group_rows(jnp.arange(B)[None], settings)  # (1 epoch, 2 minibatches, rows)
+    first = np.asarray(orders[0, 0])
+    assert len(first) == R // 2 and mask[first].sum() != mask.sum() / 2  # the halves differ in tokens
+
+    policy = group.init_state(params, models, jax.random.key(0)).policy
+    moved, steps_stats = jax.jit(lambda pol: group.update(pol, batch, orders[:, :1], models, settings))(policy)
+    own = jax.tree.map(lambda x: x[first], batch)
+    own_inputs = (own.prompt_ids_RP, own.prompt_mask_RP, own.tokens_RN, own.mask_RN)
+    direct = jax.jit(jax.grad(lambda p: group.objective(response_token_stats(models.policy, p, *own_inputs, 0.7),
+                                                        own, settings)[0]))(params)
+    for before, after, grad in zip(jax.tree.leaves(params), jax.tree.leaves(moved.params), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(np.asarray(before) - np.asarray(after), np.asarray(grad), rtol=1e-4, atol=1e-6)
+
+    real = mask[first]
+    dlogp = np.asarray(forced.logprobs_BN)[first] - np.asarray(old)[first]
+    advantages = np.asarray(batch.advantages_R)[first][:, None]
+    ratio = np.exp(dlogp)
+    clipped = -advantages * np.clip(ratio, 0.9, 1.1) > -advantages * ratio
+    expected = {"approx_kl": 0.5 * np.square(dlogp)[real].mean(), "clip_frac": clipped[real].mean(),
+                "entropy": np.asarray(forced.entropy_BN)[first][real].mean()}
+    assert 0 < expected["clip_frac"] < 1
+    for key, value in expected.items():
+        assert float(steps_stats[key][0]) == pytest.approx(value, rel=1e-4), key
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])

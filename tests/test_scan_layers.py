@@ -166,7 +166,7 @@ def test_a_scanned_stage_trains_as_the_loop_and_exports_per_layer(tiny, data_dir
     ordinary checkpoint (one subtree per layer) that loads anywhere."""
     run_dir = workdir / "scanned_sft"
     losses = _train_on_mesh([*_mesh_args("sft", tiny, data_dir), "model.scan_layers=true"], run_dir, (2, 2, 2))
-    reference = one_device_losses["sft"]
+    reference = one_device_losses("sft")
     assert len(losses) == MESH_STEPS and all(abs(losses[s] - reference[s]) <= 1e-5 for s in reference), (
         losses, reference)
     assert json.loads((run_dir / "config.json").read_text())["model"]["scan_layers"] is True
