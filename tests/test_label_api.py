@@ -79,6 +79,10 @@ GOOD = {"labeler": "ann", "prompt_id": 0, "order": [[0], [1], [2], [3]]}
     ({"order": [["0"], [1], [2], [3]]}, 422, "order: '0' is not a response id"),
     ({"prompt_id": 99}, 422, "prompt_id: unknown prompt 99"),
     ({"prompt_id": "0"}, 422, "prompt_id: expected an integer"),
+    ({"prompt_id": False}, 422, "prompt_id: expected an integer, got False"),  # JSON's false is no prompt 0
+    ({"order": [[True], [0], [2], [3]]}, 422, "order: True is not a response id of prompt 0"),
+    ({"ratings": {"0": True}}, 422, "ratings: response 0: expected an integer from 1 to 7, got True"),
+    ({"seconds": True}, 422, "seconds: expected a number >= 0, got True"),
     ({"ratings": {"0": 8}}, 422, "ratings: response 0: expected an integer from 1 to 7, got 8"),
     ({"ratings": {"0": 0}}, 422, "ratings: response 0: expected an integer from 1 to 7, got 0"),
     ({"ratings": {"0": 4.5}}, 422, "ratings: response 0: expected an integer from 1 to 7"),
@@ -220,6 +224,10 @@ def test_a_loopback_server_answers_only_to_loopback_names(task):
         answer = TestClient(app, base_url=url).get("/api/next", params={"labeler": "bob"})
         assert answer.status_code == 403 and "is not this server's" in answer.json()["error"], url
     assert served_names("0.0.0.0") is None  # reached by names it cannot know: the token guards it
+    # bound to another loopback address, the server answers at the URL it prints
+    app = make_app(LabelService(task, target=10, overlap=0.0), hosts=served_names("127.8.0.1"))
+    assert TestClient(app, base_url="http://127.8.0.1:8000").get("/api/next", params={"labeler": "ann"}).status_code \
+        == 200
 
 
 def test_one_server_per_task(task):
@@ -287,15 +295,36 @@ def _free_port() -> int:
     (["--port", "70000"], "error: --port '70000': expected an integer from 0 to 65535"),
     (["--target", "0"], "error: --target '0': expected an integer >= 1"),
     (["--overlap", "nan"], "error: --overlap 'nan': expected a number from 0 to 1"),
-    (["--host", "192.0.2.1", "--token", "t"], "error: --host 192.0.2.1: cannot listen there"),
+    (["--overlap", "1.5"], "error: --overlap '1.5': expected a number from 0 to 1"),
     (["--token", "p\u00e4ss"], "error: --token: expected printable ASCII without spaces"),  # a header's latin-1
+    (["--host", "0.0.0.0", "--token", "a b"], "error: --token: expected printable ASCII without spaces"),
 ])
 def test_serve_user_errors_are_one_line_with_exit_2(task, flags, message):
+    """In-process on a task whose target is met: were a setting not checked, the server would return 0 at once
+    instead of serving."""
+    task.save_ranking(Ranking("ann", 0, ((0,), (1, 2, 3)), {}, {}, None), 0.0)
+    task.set_meta("target", 1)
+    rc, _, err = run_quietly(label_cli.main, ["serve", task.path.parent, "--port", _free_port(), *flags])
+    assert rc == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_an_address_not_of_this_machine_is_one_line_with_exit_2(task):
     proc = subprocess.run([sys.executable, "-m", "rlhf_jax.label", "serve", str(task.path.parent), "--port",
-                           str(_free_port()), *flags], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=60)  # a server that started instead would be stopped here
-    assert proc.returncode == 2 and proc.stderr.startswith(message) and len(proc.stderr.splitlines()) == 1, \
-        proc.stderr
+                           str(_free_port()), "--host", "192.0.2.1", "--token", "t"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=60)  # a server that started would be stopped here
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --host 192.0.2.1: cannot listen there") and \
+        len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_an_ipv6_loopback_host_listens_on_ipv6():
+    from rlhf_jax.label import server
+
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with server.listen("::1", 0) as sock:
+        assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1"
 
 
 def test_a_port_in_use_and_a_run_dir_without_a_task_are_one_line_with_exit_2(task, tmp_path):

@@ -137,6 +137,7 @@ def test_people_rank_through_the_api_until_the_target_and_the_rm_dataset_is_writ
     assert sources == {str(setup["policy"]), str(setup["other"])}
     assert all(2 <= len(p.responses) <= 4 for p in task.prompts.values())
     assert {p.text for p in task.prompts.values() if p.held_out} == HELD_OUT
+    assert (task.meta["target"], task.meta["overlap"]) == (6, 0.5)  # what a later `label serve RUN_DIR` serves to
 
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["rankings"] == 6 and summary["labelers"] == 2 and summary["labeler"] == "people"
@@ -191,6 +192,39 @@ def test_a_run_without_rankings_to_finish_and_a_public_host_without_token_are_on
     assert rc == 2 and err.strip() == (f"error: {tmp_path / 'run' / 'label.db'}: no rankings stored yet, so there is "
                                        "no dataset to write; rerun without label.finish to serve the ranking page")
     assert (tmp_path / "run" / "label.db").exists()
+
+
+def test_the_task_keeps_prompts_with_two_distinct_responses_shown_in_a_seeded_shuffle(tmp_path):
+    """A prompt whose samples are all one text, or all empty but one, cannot be ranked (one level states no
+    preference) and is left out, counted; each kept prompt's responses are shown in an order of the seed, not
+    model.path's first (a position people would learn)."""
+    from rlhf_jax.config import load_config
+    from rlhf_jax.stages.label import _store_task
+
+    models = [{"policy": f"m{j}", "step": None} for j in range(4)]
+    prompts = [f"p{i}" for i in range(12)]
+    samples = [[("same", models[0]), ("same", models[1])], [("", models[0]), ("only", models[1])],
+               *[[(f"r{i}.{j}", models[j]) for j in range(4)] for i in range(2, 12)]]
+
+    def stored(seed: int, name: str) -> Store:
+        cfg = load_config(None, ["stage=label", "data.name=prompts", f"seed={seed}"])
+        _store_task(cfg, tmp_path / name, prompts, {"p3"}, samples)
+        return Store(tmp_path / name)
+
+    task = stored(0, "a.db")
+    assert sorted(p.text for p in task.prompts.values()) == sorted(prompts[2:])
+    assert [p.text for p in task.prompts.values()] != prompts[2:]  # in the seed's order, not the dataset's
+    assert task.meta["dropped_prompts"] == 2 and task.meta["empty_responses_dropped"] == 1
+    assert [p.text for p in task.prompts.values() if p.held_out] == ["p3"]
+    shown = {p.text: [r.text for r in p.responses] for p in task.prompts.values()}
+    assert all(sorted(texts) == [f"r{t[1:]}.{j}" for j in range(4)] for t, texts in shown.items())
+    firsts = [texts[0].split(".")[1] for texts in shown.values()]
+    assert len(set(firsts)) > 1, firsts  # model.path's response is not always shown first
+    again = stored(0, "b.db")
+    assert {p.text: [r.text for r in p.responses] for p in again.prompts.values()} == shown
+    assert [p.text for p in again.prompts.values()] == [p.text for p in task.prompts.values()]
+    other = stored(1, "c.db")
+    assert {p.text: [r.text for r in p.responses] for p in other.prompts.values()} != shown
 
 
 def test_identical_responses_merge_their_sources_and_empty_ones_are_dropped():

@@ -83,6 +83,26 @@ def test_a_failed_write_rolls_back_and_leaves_the_database_as_it_was(tmp_path):
     assert Store(tmp_path / "label.db").skips() == {"bob": 1}
 
 
+def test_rankings_come_back_in_the_order_first_saved_and_the_database_is_durable(tmp_path):
+    task = make_task(tmp_path / "label.db")
+    for name, pid in (("bob", 3), ("ann", 1), ("bob", 0), ("ann", 1)):  # ann's second ranking of 1 replaces hers
+        task.save_ranking(Ranking(name, pid, ((ids(task, pid)[0],), tuple(ids(task, pid)[1:])), {}, {}, None), 1.0)
+    assert [(r.labeler, r.prompt_id) for r in task.rankings()] == [("bob", 3), ("ann", 1), ("bob", 0)]
+    # an acknowledged ranking is on disk: every commit synced, write-ahead logged
+    assert task._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert task._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    task.close()
+
+
+def test_a_database_of_another_schema_is_one_line(tmp_path):
+    make_task(tmp_path / "label.db").close()
+    with sqlite3.connect(tmp_path / "label.db") as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(UserError, match=r"label.db: labeling database of schema 99; this version reads schema 1$"):
+        Store(tmp_path / "label.db")
+
+
 def test_serving_settings_are_recorded_for_the_next_serve(tmp_path):
     make_task(tmp_path / "label.db").set_meta("overlap", 0.5)
     assert Store(tmp_path / "label.db").meta == {"target": 10, "overlap": 0.5, "schema_version": 1}
@@ -127,6 +147,18 @@ def test_a_labeler_resumes_where_they_left_off_and_others_do_not_take_their_prom
     assert assigner.next("ann", {0}, set()) == 1  # skipped by ann (answered): ann goes on with the next one
 
 
+def test_a_prompt_is_held_for_half_an_hour_by_default(tmp_path):
+    now = [0.0]
+    assigner = Assigner([0, 1, 2], overlap=0.0, clock=lambda: now[0])
+    assert assigner.next("ann", set(), set()) == 0
+    now[0] = 1799.0
+    assert assigner.next("bob", set(), set()) == 1
+    assert assigner.held_for_another(0, "bob") and not assigner.held_for_another(0, "ann")
+    now[0] = 1801.0  # ann's lease ran out: bob may rank 0, and cy is shown it
+    assert not assigner.held_for_another(0, "bob")
+    assert assigner.next("cy", set(), set()) == 0
+
+
 def test_a_skip_frees_an_unshared_prompt_for_the_others(tmp_path):
     task = make_task(tmp_path / "label.db", prompts=3)
     service = LabelService(task, target=3, overlap=0.0)
@@ -166,10 +198,14 @@ def brute_force(rankings: list[Ranking]) -> dict:
 def test_agreement_of_a_hand_made_set():
     # prompt 0, responses 0..3: ann 0 > 1 > 2 > 3; bob 0 > 2 > 1 = 3 -> of 6 pairs bob ties (1, 3): 5 compared,
     # they disagree on (1, 2) only: 4 of 5. cy ranks prompt 1 alone: no pairs.
-    rankings = [Ranking("ann", 0, ((0,), (1,), (2,), (3,)), {0: 6}, {3: ("hallucination",)}, 10.0),
-                Ranking("bob", 0, ((0,), (2,), (1, 3)), {}, {3: ("hallucination", "harmful")}, 20.0),
+    # bob saved first: the pair is still named once, in name order; dee only skipped and is listed too
+    rankings = [Ranking("bob", 0, ((0,), (2,), (1, 3)), {}, {3: ("hallucination", "harmful")}, 20.0),
+                Ranking("ann", 0, ((0,), (1,), (2,), (3,)), {0: 6}, {3: ("hallucination",)}, 10.0),
                 Ranking("cy", 1, ((4,), (5,)), {}, {}, None)]
-    s = agreement.stats(rankings, {"cy": 2})
+    s = agreement.stats(rankings, {"cy": 2, "dee": 1})
+    assert list(s["labelers"]) == ["ann", "bob", "cy", "dee"]
+    assert s["labelers"]["dee"] == {"rankings": 0, "skips": 1, "median_seconds": None,
+                                    "agreement_with_others": None, "compared_pairs": 0}
     assert s["agreement"] == pytest.approx(4 / 5) and s["compared_pairs"] == 5 and s["tied_pairs_excluded"] == 1
     assert s["labeler_pairs"] == [{"labelers": ["ann", "bob"], "prompts": 1, "compared_pairs": 5,
                                    "tied_pairs_excluded": 1, "agreement": pytest.approx(0.8)}]
