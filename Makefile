@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEVICES ?= 8
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) JAX_PLATFORMS=cpu
+# Tests keep Python's bytecode (and pytest's rewritten test modules) even where the environment turns it off:
+# every test worker and every CLI run a test starts would otherwise compile the same sources again.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) JAX_PLATFORMS=cpu PYTHONDONTWRITEBYTECODE=
 # On CPU, XLA maps its scratch memory anew for every step through glibc; keeping freed memory in the process
 # removes that cost (see docs/performance.md). `python -m rlhf_jax.main` sets this itself; the benchmarks compare.
 CPU_MALLOC := MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=8589934592

@@ -35,7 +35,7 @@ SHORT_DEMO = ["pipeline.task.task.corpus=1500", "pipeline.task.task.demonstratio
               "pipeline.ppo.ppo.samples_every=0"]
 # The fast tier (`make test`) shortens it further: every stage runs end to end once; the full tier, which checks
 # what each stage achieves (tests/test_pipeline.py), runs SHORT_DEMO.
-FAST_DEMO = [*SHORT_DEMO, "pipeline.task.task.prompts=300", "pipeline.pretrain.train.steps=40",
+FAST_DEMO = [*SHORT_DEMO, "pipeline.task.task.prompts=300", "pipeline.pretrain.train.steps=20",
              "pipeline.sft.train.steps=20", "pipeline.rm.train.epochs=1", "pipeline.dpo.train.epochs=1",
              "pipeline.ppo.train.steps=6", "pipeline.ppo.train.save_every=2", "pipeline.ppo.train.log_every=2"]
 
@@ -90,9 +90,12 @@ FULL_TIER = (
     "test_train.py::test_rm_epoch_reference_dataset_bias_and_micro_batched_eval",
     "test_train.py::test_losses_independent_of_mesh[8x1x1",
     "test_train.py::test_losses_independent_of_mesh[1x2x4",
-    "test_train.py::test_losses_independent_of_mesh[2x2x2-sft]",
+    "test_train.py::test_losses_independent_of_mesh[2x2x2-",  # the fast tier: test_model's and test_plan's meshes
     "test_loop.py::test_weight_decay_hits_only_weight_matrices[gpt2]",
     "test_train.py::test_loss_on_prompt_trains_on_prompt_tokens",
+    "test_train.py::test_truncated_examples_are_counted",
+    # a resume's refusals: test_run_failures checks every refused key (fast); these are two whole runs
+    "test_train.py::test_resume_with_another_seed_is_refused",
     "test_plan.py::test_dry_run_of_the_demo_plans_sft_rm_and_ppo_and_writes_nothing",
     "test_lora_stages.py::test_lora_sft_on_the_demo_task_reaches_nine_tenths_of_full_finetunings_improvement",  # 3 sft runs
     # LoRA beyond its SFT run, PEFT export and exactness at initialisation (the fast tier): resume (bitwise, as
@@ -111,6 +114,8 @@ FULL_TIER = (
     *(f"test_sampling_exit.py::test_while_loop_equals_the_scan_and_stops_when_every_row_has_ended[{c}]"
       for c in ("no_eos", "greedy", "top_p", "top_k_top_p")),
     "test_sampling_exit.py::test_sharded_over_8_devices_equals_the_scan",
+    "test_sampling_exit.py::test_one_new_token_takes_no_step",
+    "test_sampling_exit.py::test_threshold_top_p_at_a_mass_exactly_equal_to_top_p",  # the sort's ties: fast tier
     # sampling with top-k and top-p against teacher forcing: test_ppo's check at a temperature stays in the fast tier
     "test_model.py::test_sampler_logprobs_equal_teacher_forced[0.7-10-0.9]",
     "test_lora_stages.py::test_lora_dpo_reference_is_the_base_without_the_adapter",  # dpo's LoRA reference rule
