@@ -226,6 +226,10 @@ def test_loss_averages_equal_loops_and_add_up_over_micro_batches():
         assert halves == pytest.approx(whole, rel=1e-5), mode
     assert float(GM.average_losses(jnp.asarray(losses), jnp.asarray(mask), "token")) != pytest.approx(
         float(GM.average_losses(jnp.asarray(losses), jnp.asarray(mask), "sequence")), rel=1e-3)
+    empty = mask.copy()
+    empty[1] = False  # a response without a token adds 0 and still counts as a response
+    expected = sum(losses[r][empty[r]].mean() for r in range(R) if empty[r].any()) / R
+    assert float(GM.average_losses(jnp.asarray(losses), jnp.asarray(empty), "sequence")) == pytest.approx(expected)
 
 
 def _batch(tokens, mask, old, ref, adv) -> group.GroupBatch:

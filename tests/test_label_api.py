@@ -257,6 +257,7 @@ def test_with_a_token_every_request_must_carry_it(task):
         assert answer.status_code == 401 and answer.json()["error"].startswith("missing token"), path
     assert client.get("/api/stats", headers={"Authorization": "Bearer wrong"}).json()["error"].startswith("wrong token")
     assert client.get("/api/stats?token=s3cre").status_code == 401
+    assert client.get("/api/stats", headers={"Authorization": "Basic s3cret"}).status_code == 401  # Bearer only
     answer = client.post("/api/rankings", json=GOOD, headers={"Authorization": "Bearer nope"})
     assert answer.status_code == 401 and task.done() == 0
     assert client.get("/api/stats", headers={"Authorization": "Bearer s3cret"}).status_code == 200
