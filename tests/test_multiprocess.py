@@ -126,3 +126,21 @@ def test_two_processes_match_one_survive_sigterm_and_resume_on_another_mesh(demo
     assert rc == 0, err[-3000:]
     assert f"resumed from {two / 'ppo' / 'checkpoints'} at step 2" in err
     _assert_close(_metrics(one, "ppo"), _metrics(two, "ppo"), [3])
+
+
+@pytest.mark.parametrize("shape, axes", [("[1,1,-1]", "[data,fsdp,tensor]"), ("[2,4,1]", "[tensor,data,fsdp]")],
+                         ids=["tensor_over_both", "batch_blocks_interleaved"])
+def test_a_mesh_whose_batch_blocks_do_not_follow_the_processes_is_one_line(tmp_path, shape, axes):
+    """2 processes x 4 devices: a mesh whose data-parallel axes do not split over the processes in order (one
+    batch block over both, or process 1 holding the same blocks as process 0) would feed each device rows of
+    another process; every process stops before loading a model, in one line."""
+    proc = _local(2, ROOT / "configs" / "generate.yaml", f"run_dir={tmp_path / 'run'}", f"mesh.shape={shape}",
+                  f"mesh.axes={axes}", log_dir=tmp_path)
+    rc, out = _finish(proc, timeout=200)
+    assert rc == 2, out[-3000:]
+    # process 0 writes to the launcher's output (which ends with the tail of process 1's log), process 1 to its log
+    proc1 = (tmp_path / "rlhf_jax_local.proc1.log").read_text()
+    errors = [[line for line in text.splitlines() if line.startswith("error: ")] for text in (out, proc1)]
+    assert errors[0] and len(errors[1]) == 1 and all(
+        "with 2 processes every process must hold its own block of each batch" in e for e in errors[0] + errors[1]), \
+        out[-3000:]

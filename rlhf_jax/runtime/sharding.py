@@ -71,7 +71,7 @@ def check_process_blocks(mesh: Mesh) -> None:
                               for device, index in placement.items()):
         shape = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
         raise MeshError(f"mesh {shape}: with {count} processes every process must hold its own block of each "
-                        f"batch, so the data-parallel axes ({', '.join(batch_axes(mesh))}: {ways} ways) must split "
+                        f"batch, so the data-parallel axes ({', '.join(batch_axes(mesh))}: {ways} way{'s' * (ways != 1)}) must split "
                         "over the processes; keep the other axes (tensor) within a host")
 
 
