@@ -70,9 +70,10 @@ def check_process_blocks(mesh: Mesh) -> None:
     if not per_process or any((index[0].start or 0) // per_process != device.process_index
                               for device, index in placement.items()):
         shape = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        split = f"{', '.join(batch_axes(mesh))}: {ways} way{'s' * (ways != 1)}"
         raise MeshError(f"mesh {shape}: with {count} processes every process must hold its own block of each "
-                        f"batch, so the data-parallel axes ({', '.join(batch_axes(mesh))}: {ways} way{'s' * (ways != 1)}) must split "
-                        "over the processes; keep the other axes (tensor) within a host")
+                        f"batch, so the data-parallel axes ({split}) must split over the processes; keep the other "
+                        "axes (tensor) within a host")
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[jax.Device] | None = None) -> Mesh:
