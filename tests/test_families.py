@@ -109,6 +109,35 @@ def test_missing_keys_take_the_families_defaults_and_both_rope_layouts_agree():
     assert qwen3.head_dim == 128 and qwen3.qk_norm and not qwen3.qkv_bias and not qwen3.tie_embeddings
 
 
+@pytest.mark.parametrize("model_type, architecture, config_class", [
+    ("llama", "LlamaForCausalLM", "LlamaConfig"), ("qwen2", "Qwen2ForCausalLM", "Qwen2Config"),
+    ("qwen3", "Qwen3ForCausalLM", "Qwen3Config"), ("mistral", "MistralForCausalLM", "MistralConfig"),
+    ("gemma2", "Gemma2ForCausalLM", "Gemma2Config"), ("gemma3_text", "Gemma3ForCausalLM", "Gemma3TextConfig"),
+    ("gpt2", "GPT2LMHeadModel", "GPT2Config")])
+def test_keys_a_config_leaves_out_read_as_transformers_reads_them(model_type, architecture, config_class):
+    """A config.json with the sizes only: every default we take is transformers' own for that family."""
+    if model_type == "gpt2":
+        sizes = {"vocab_size": 64, "n_embd": 32, "n_layer": 7, "n_head": 4, "n_positions": 64}
+    else:
+        sizes = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 7, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "intermediate_size": 48}
+    ours, _ = config_from_hf({**sizes, "architectures": [architecture], "model_type": model_type})
+    theirs = getattr(transformers, config_class)(**sizes)
+    if model_type == "gpt2":
+        assert (ours.norm_eps, ours.tie_embeddings, ours.d_ff) == (theirs.layer_norm_epsilon,
+                                                                   theirs.tie_word_embeddings, 4 * theirs.n_embd)
+        return
+    rope = theirs.rope_parameters.get(FULL, theirs.rope_parameters)
+    # without layer_types (llama, mistral), a window holds in every layer
+    layer_types = getattr(theirs, "layer_types", None) or [SLIDING if getattr(theirs, "sliding_window", None)
+                                                           else FULL] * 7
+    assert ours.norm_eps == theirs.rms_norm_eps and ours.tie_embeddings == theirs.tie_word_embeddings
+    assert ours.max_position_embeddings == theirs.max_position_embeddings and ours.rope_theta == rope["rope_theta"]
+    assert ours.head_dim == (getattr(theirs, "head_dim", None) or 32 // 4)
+    assert ours.sliding_window == getattr(theirs, "sliding_window", None)
+    assert [SLIDING if ours.is_sliding(i) else FULL for i in range(7)] == list(layer_types)
+
+
 @pytest.mark.parametrize("changes,match", [
     (dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),

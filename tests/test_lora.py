@@ -36,7 +36,11 @@ def test_a_fresh_adapter_leaves_every_weight_exactly_as_it_was():
     adapters = lora.init_adapters(CFG, ALL, jax.random.key(1))
     merged = jax.jit(lambda p, a: lora.merge(p, a, CFG, ALL))(params, adapters)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, merged)
-    assert all(np.abs(np.asarray(ab["a_IR"])).max() > 0 for layer in adapters.values() for ab in layer.values())
+    # A as PEFT draws it: kaiming_uniform_(a=sqrt(5)) on its (R, I) weight, uniform in +-sqrt(6 / (6 I)) = 1/sqrt(I)
+    for layer in adapters.values():
+        for target, ab in layer.items():
+            a, bound = np.abs(np.asarray(ab["a_IR"])), 1 / np.sqrt(lora.matrix_shape(CFG, target)[0])
+            assert 0.9 * bound < a.max() <= bound and a.mean() == pytest.approx(bound / 2, rel=0.2), target
 
 
 @pytest.mark.parametrize("targets", [lora.TARGETS, ("q", "v")])

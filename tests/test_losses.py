@@ -446,3 +446,21 @@ def test_bfloat16_compute_keeps_float32_master_weights():
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
         results[dtype] = float(metrics["loss"])
     np.testing.assert_allclose(results["bfloat16"], results["float32"], rtol=2e-2)
+
+
+def test_each_micro_batch_draws_its_own_dropout_mask():
+    """With gradient accumulation, the micro-batches of one step get different dropout keys (as the rows of one
+    large batch get different masks): two identical micro-batches do not give twice one micro-batch's gradient."""
+    params = {"w": jnp.ones((64,))}
+    batch = {"x": jnp.ones((4, 64))}
+
+    def loss_sums(p, micro, rngs):  # the gradient is the dropout draw itself
+        keep = jax.random.bernoulli(rngs["dropout"], 0.5, (64,)).astype(jnp.float32)
+        return jnp.sum(p["w"] * keep * micro["x"].sum(0)), ()
+
+    rng = jax.random.key(3)
+    one, _ = steps.accumulate(loss_sums, params, {"x": batch["x"][:2]}, 1, rng=rng)
+    two, _ = steps.accumulate(loss_sums, params, batch, 2, rng=rng, reduce_aux=lambda aux: ())
+    assert not np.array_equal(np.asarray(two["w"]), 2 * np.asarray(one["w"]))
+    again, _ = steps.accumulate(loss_sums, params, batch, 2, rng=rng, reduce_aux=lambda aux: ())
+    np.testing.assert_array_equal(np.asarray(two["w"]), np.asarray(again["w"]))  # the same keys on a rerun

@@ -38,7 +38,7 @@ _FAMILY_OF_TYPE = {model_type: family for family, model_type in MODEL_TYPES.item
 # rlhf_jax has always read them with.
 _DEFAULTS = {
     "llama": dict(max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0),
-    "qwen2": dict(max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0),
+    "qwen2": dict(max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=10000.0),
     "qwen3": dict(max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=10000.0, head_dim=128,
                   sliding_window=4096, max_window_layers=28),
     "mistral": dict(max_position_embeddings=4096 * 32, tie_word_embeddings=False, rope_theta=10000.0,
