@@ -123,3 +123,16 @@ def test_a_prompt_file_whose_name_holds_a_colon_is_read_as_a_file(tmp_path):
     path = tmp_path / "prompts:v1.txt"
     path.write_text("first\nsecond\n")
     assert load_prompts(str(path)) == ["first", "second"]
+
+
+def test_response_stats_count_real_tokens_and_ended_rows():
+    """Response length is each row's real tokens (its EOS included) averaged over rows, a row without any
+    counting 0; eos_rate the share of rows that ended; the scores' mean and spread are the arrays' own."""
+    from rlhf_jax.eval.evaluate import Samples, _response_stats
+
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
+    samples = Samples(np.zeros((3, 5), np.int32), mask, np.array([True, False, True]))
+    stats = _response_stats({"samples": samples, "score": np.array([1.0, 2.0, 6.0]), "gold": np.array([0.5, 1.5, 1.0])})
+    assert stats == pytest.approx({"score_mean": 3.0, "score_std": np.std([1.0, 2.0, 6.0]), "gold_score_mean": 1.0,
+                                   "response_length": 8 / 3, "eos_rate": 2 / 3})
+    assert _response_stats({"samples": samples})["score_mean"] is None

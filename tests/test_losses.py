@@ -441,8 +441,9 @@ def test_bfloat16_compute_keeps_float32_master_weights():
         model = make_model(CFG, dtype=dtype)
         opt = steps.make_optimizer(optim, 5)
         state = steps.init_state(init_params(make_model(CFG), jax.random.key(3)), opt)
-        new_state, metrics = jax.jit(lambda s, b: steps.sft_step(
-            s, b, jax.random.key(0), {}, model=model, optimizer=opt, schedule=steps.lr_schedule(optim, 5)))(state, batch)
+        step = jax.jit(lambda s, b: steps.sft_step(s, b, jax.random.key(0), {}, model=model, optimizer=opt,
+                                                   schedule=steps.lr_schedule(optim, 5)))
+        new_state, metrics = step(state, batch)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
         results[dtype] = float(metrics["loss"])
     np.testing.assert_allclose(results["bfloat16"], results["float32"], rtol=2e-2)

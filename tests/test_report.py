@@ -148,7 +148,7 @@ def test_every_run_of_the_step_plot_is_a_line_of_its_own(monkeypatch):
     report = make_report()
     other = [dict(p, name=p["name"].replace("ppo@", "ppo_b@"), step=p["step"] + 50, kl=10 + p["kl"])
              for p in report["policies"]]
-    report["policies"] += other
+    report["policies"] = [*reversed(report["policies"]), *other]  # the newest first, as listed by some callers
     figures = []
     monkeypatch.setattr(report_lib, "_png", lambda fig: figures.append(fig) or b"")
     report_lib._score_kl_by_step_png(report)
@@ -174,3 +174,36 @@ def test_the_verdict_says_when_the_kl_is_not_of_the_sampled_distributions():
     assert line.endswith("at a KL of 4.50 nats from the reference (of the unfiltered distributions: the responses "
                          "were drawn greedily or filtered)."), line
     assert line in report_lib.markdown_report(report, [])
+
+
+def test_the_verdict_is_judged_by_the_gold_interval_at_its_bounds():
+    """The last policy's gold win rate interval decides (the reward model's, agreeing or not, does not): an
+    interval touching one half is no clear difference."""
+    for ci, outcome in (([0.5, 0.5], "RLHF made no clear difference to the policy"),
+                        ([0.375, 0.5], "RLHF made no clear difference to the policy"),
+                        ([0.5001, 0.7], "RLHF improved the policy"), ([0.3, 0.4999], "RLHF made the policy worse")):
+        report = make_report()
+        report["policies"][-1].update(gold_win_rate=sum(ci) / 2, gold_win_rate_ci=ci, win_rate=0.9,
+                                      win_rate_ci=[0.8, 0.95])
+        first = report_lib.verdict(report)[0]
+        assert first.startswith(outcome + ":") and "by the gold reward" in first, (ci, first)
+        assert f"{100 * sum(ci) / 2:.0f}% of the time" in first
+
+
+def test_two_checkpoints_of_a_run_make_a_step_plot_and_one_does_not(tmp_path):
+    report = make_report()
+    report["policies"] = report["policies"][:2]
+    assert "score_kl_by_step.png" in {p.name for p in report_lib.write_report(tmp_path / "two", report, [])}
+    report["policies"] = report["policies"][:1]
+    assert "score_kl_by_step.png" not in {p.name for p in report_lib.write_report(tmp_path / "one", report, [])}
+
+
+def test_one_frontier_of_gold_against_kl_is_drawn_in_order_of_kl(monkeypatch):
+    report = make_report()
+    for p, kl in zip(report["policies"], (3.0, 0.5, 2.0)):
+        p["kl"] = kl
+    figures = []
+    monkeypatch.setattr(report_lib, "_png", lambda fig: figures.append(fig) or b"")
+    report_lib._gold_vs_kl_png(report)
+    (line,) = figures[0].axes[0].get_lines()
+    assert list(line.get_xdata()) == [0.0, 0.5, 2.0, 3.0]  # the reference at 0, then the policies by KL
