@@ -175,6 +175,7 @@ FULL_TIER = (
     "test_grpo.py::test_first_step_through_the_rollouts_forward_equals_a_direct_gradient",
     "test_grpo.py::test_grpo_stage_resumes_bitwise",
     "test_grpo.py::test_rloo_stage_with_a_reward_function",  # the reward function's view: the fast tier's unit test
+    "test_grpo.py::test_a_minibatch_step_averages_over_its_own_rows_and_tokens[sequence]",  # [token]: fast
     "test_grpo.py::test_reward_function_mistakes_stop_the_stage_in_one_line[raises",
     "test_grpo.py::test_reward_function_mistakes_stop_the_stage_in_one_line[not_finite",
     "test_grpo.py::test_reward_function_mistakes_stop_the_stage_in_one_line[one_short",  # the wrapper's test: fast
