@@ -138,6 +138,13 @@ def test_keys_a_config_leaves_out_read_as_transformers_reads_them(model_type, ar
     assert [SLIDING if ours.is_sliding(i) else FULL for i in range(7)] == list(layer_types)
 
 
+def test_rope_parameters_win_over_a_top_level_rope_theta_as_in_transformers():
+    sizes = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 48, "rope_theta": 5e5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
+    ours, _ = config_from_hf({**sizes, "architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    assert ours.rope_theta == transformers.LlamaConfig(**sizes).rope_parameters["rope_theta"] == 1e4
+
+
 @pytest.mark.parametrize("changes,match", [
     (dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
