@@ -34,8 +34,8 @@ _ARCH_NAMES = {family_head: arch for arch, family_head in ARCHITECTURES.items()}
 MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
                "gemma2": "gemma2", "gemma3": "gemma3_text"}
 _FAMILY_OF_TYPE = {model_type: family for family, model_type in MODEL_TYPES.items()}
-# Defaults for keys a config.json may leave out: transformers' for the newer families; for Llama and Qwen2 the ones
-# rlhf_jax has always read them with.
+# Defaults for keys a config.json may leave out: transformers' own for each family (tests/test_families.py compares
+# them with its config classes); our exports write every key.
 _DEFAULTS = {
     "llama": dict(max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0),
     "qwen2": dict(max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=10000.0),
