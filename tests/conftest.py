@@ -210,3 +210,7 @@ def pytest_collection_modifyitems(items):
         node = item.nodeid.removeprefix("tests/")
         if any(node.startswith(prefix) for prefix in FULL_TIER):
             item.add_marker(pytest.mark.full)
+    # Every test worker runs a session fixture for itself. The tests of the demo run come first, so that they fall
+    # in the first worker's share (pytest-xdist hands out contiguous runs of the collection and steals from their
+    # ends) and the demo pipeline runs once, not once per worker.
+    items.sort(key=lambda item: "demo_run" not in item.fixturenames)
