@@ -517,3 +517,45 @@ def test_a_suggestion_for_a_repeated_step_names_it_as_an_override_can():
                                                       "optim.grad_accum_steps")
     assert key("round2/rm") == key("rm") == "pipeline.rm.optim.grad_accum_steps"
     assert key("rm", is_pipeline=False) == "optim.grad_accum_steps"
+
+
+def test_dpos_precomputed_reference_pass_is_planned_beside_the_training_state(tmp_path):
+    """The pass that scores the data before training runs with the policy's state already placed: its peak is the
+    state's bytes per device (sharded by the mesh) plus the pass's own; a LoRA policy's default reference is its
+    base, counted once; a pass that does not fit fails the verdict and names what shrinks it."""
+    from rlhf_jax.plan.programs import reference_scoring_program
+
+    args = ["stage=dpo", "data.name=rankings", "data.max_responses=4", "train.batch_size=16", "train.steps=5",
+            "data.max_prompt_tokens=16", "data.max_response_tokens=16", "dpo.precompute_reference=true",
+            f"run_dir={tmp_path / 'run'}"]
+    tiny = tiny_model_config()
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+        jax.eval_shape(lambda: init_params(make_model(tiny), jax.random.key(0)))))
+    for shape, ways in (([8, 1, 1], 1), ([1, 8, 1], 8)):  # data-parallel: whole copies; fsdp: an eighth each
+        cfg = load_config(None, [*args, f"mesh.shape={shape}"])
+        _, resident, rows = reference_scoring_program(cfg, tiny, sharding.mesh_from_config(cfg.mesh), 4)
+        # the params and Adam's two moments (the norms' scales stay whole on every device: 4 KiB at most)
+        assert rows == 16 and 3 * param_bytes / ways <= resident <= 3 * param_bytes / ways + 4096, resident
+    residents = {}
+    for reference in ("", "other_policy"):
+        cfg = load_config(None, [*args, "lora.rank=4", f"dpo.reference={reference}"])
+        residents[reference] = reference_scoring_program(cfg, tiny, sharding.mesh_from_config(cfg.mesh), 4)[1]
+    # another reference is placed beside the LoRA policy's frozen base (nearly all of the model); the default is it
+    assert 0.9 * param_bytes < residents["other_policy"] - residents[""] <= param_bytes, (residents, param_bytes)
+
+    big = [*args, "train.eval_batch_size=512"]
+    rc, out, _ = dry_run(*big, "--device-memory", "100")
+    assert rc == 0, out
+    peak_line = next(line for line in out.splitlines() if "dpo.precompute_reference: before training" in line)
+    assert "512 prompts at a time" in peak_line
+    mib = lambda text: float(text.split()[0]) * {"KiB": 1 / 1024, "MiB": 1}[text.split()[1]]
+    size = r"(\d+(?:\.\d)? [KM]iB)"
+    peak, state, scoring = map(mib, re.search(rf": {size} per device at its peak \(the training state {size}, "
+                                              rf"the reference and its pass {size}\)", peak_line).groups())
+    assert abs(peak - (state + scoring)) <= 0.1 and state > 1.5, peak_line  # 3 x the 545 KiB params
+    step_total = mib(table_rows(out)["dpo"][9])
+    assert step_total < peak, (step_total, peak)
+    between = (step_total + peak) / 2 / 1024
+    rc, out, _ = dry_run(*big, "--device-memory", str(between))
+    assert rc == plan.NO_FIT and table_rows(out)["dpo"][-1] == "NO", out
+    assert "the reference pass does not fit" in out and "lower train.eval_batch_size (now 512)" in out, out

@@ -20,7 +20,8 @@ from rlhf_jax.models.transformer import ModelConfig, init_params, param_logical_
 from rlhf_jax.plan.devices import Budget, gib
 from rlhf_jax.plan.figures import Footprint, Measured, measure
 from rlhf_jax.plan.models import Models, ModelSource, response_slots
-from rlhf_jax.plan.programs import group_iteration_program, ppo_iteration_program, train_step_program
+from rlhf_jax.plan.programs import (
+    group_iteration_program, ppo_iteration_program, reference_scoring_program, train_step_program)
 from rlhf_jax.runtime import sharding
 from rlhf_jax.training.state import check_positions, eval_batch_size, stage_model
 
@@ -44,6 +45,9 @@ class Program(NamedTuple):
     notes: list[str]
     models: list[tuple[ModelConfig, str]]  # (architecture, head) of each model it trains or reads
     mesh: jax.sharding.Mesh
+    # a pass the stage runs before training (dpo.precompute_reference's scoring): config -> (program, the bytes
+    # per device placed beside it, its rows)
+    before: Callable[[Config], tuple[jax.stages.Lowered, int, int]] | None = None
 
 
 class Planner:
@@ -94,7 +98,11 @@ class Planner:
             eval_batch_size(cfg, mesh)  # as the stage checks it, before it loads anything
             K = response_slots(cfg, self.steps) if cfg.stage != "sft" else 0
             batch = f"{B} x {P + R} tokens" if cfg.stage == "sft" else f"{B} x {K} x ({P}+{R}) tokens"
-            return Program(step, lambda c: train_step_program(c, model_cfg, mesh, K), batch, notes, models, mesh)
+            before = None
+            if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
+                before = lambda c: reference_scoring_program(c, model_cfg, mesh, K)
+            return Program(step, lambda c: train_step_program(c, model_cfg, mesh, K), batch, notes, models, mesh,
+                           before)
         policy = source(cfg.model.path, "policy", "lm", "lm")
         sampled = "data.max_prompt_tokens + sampling.max_new_tokens"
         check_positions(policy, P + cfg.sampling.max_new_tokens, sampled)
@@ -144,14 +152,34 @@ class Planner:
         if cfg.lora.rank:
             print(f"compiling {step.name} ({cfg.stage}) without LoRA, to compare ...", file=sys.stderr, flush=True)
             full = measure(program.build(dataclasses.replace(cfg, lora=LoraSection())), program.mesh).footprint
-        plan = lambda fits, lines=(): StagePlan(step.name, cfg.stage, program.batch, measured, fits,
-                                                program.notes + list(lines), full)
+        before_lines, before_fits = self._plan_before(program)
+        plan = lambda fits, lines=(): StagePlan(step.name, cfg.stage, program.batch, measured,
+                                                False if before_fits is False else fits,
+                                                program.notes + before_lines + list(lines), full)
         memory = self.budget.memory
         if memory is None:
             return plan(None)
         if measured.footprint.total <= memory:
             return plan(True)
         return plan(False, [self._no_fit(program, measured.footprint)])
+
+    def _plan_before(self, program: Program) -> tuple[list[str], bool | None]:
+        """The pass before training, compiled: (its line, whether it fits; None when unknown or no such pass)."""
+        if program.before is None:
+            return [], None
+        step, cfg, memory = program.step, program.step.cfg, self.budget.memory
+        print(f"compiling {step.name}'s reference pass (dpo.precompute_reference) ...", file=sys.stderr, flush=True)
+        lowered, resident, rows = program.before(cfg)
+        scoring = measure(lowered, program.mesh).footprint.total
+        peak = resident + scoring
+        line = (f"dpo.precompute_reference: before training, the reference scores the data {rows} prompts at a "
+                f"time: {gib(peak)} per device at its peak (the training state {gib(resident)}, the reference and "
+                f"its pass {gib(scoring)})")
+        if memory is None or peak <= memory:
+            return [line], None if memory is None else True
+        fix = f"{self.key(step, 'train.eval_batch_size')} (now {rows})"
+        return [line, f"the reference pass does not fit: needs {gib(peak)} of {gib(memory)} per device; lower "
+                      f"{fix} or set {self.key(step, 'dpo.precompute_reference')}=false"], False
 
     def _no_fit(self, program: Program, found: Footprint) -> str:
         step, cfg, mesh, memory = program.step, program.step.cfg, program.mesh, self.budget.memory

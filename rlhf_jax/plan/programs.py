@@ -1,24 +1,29 @@
-"""The training programs a dry run compiles: the sft / rm / dpo step and the whole PPO, GRPO or RLOO iteration, built exactly as
-their stages build and jit them (`stages.train.Stage` and `training.state.jit_step`; `stages.ppo`'s builders), lowered on abstract
+"""The training programs a dry run compiles: the sft / rm / dpo step (and dpo's pass scoring the data with its
+reference first, when precomputed) and the whole PPO, GRPO or RLOO iteration, built exactly as their stages build
+and jit them (`stages.train.Stage` and `training.state.jit_step`; `stages.ppo`'s builders), lowered on abstract
 inputs (jax.ShapeDtypeStruct with the run's shardings, params from jax.eval_shape), so nothing is allocated."""
 
 from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import Config
 from rlhf_jax.models import lora
-from rlhf_jax.models.transformer import ModelConfig, init_params, without_adapters
-from rlhf_jax.rl import ppo
+from rlhf_jax.models.transformer import ModelConfig, Transformer, init_params, without_adapters
+from rlhf_jax.rl import dpo, ppo
 from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.rl import group
 from rlhf_jax.stages import grpo as group_stage, ppo as ppo_stage, train as trainers
 from rlhf_jax.training import steps
 from rlhf_jax.training.state import (
-    frozen_shardings, jit_step, micro_batch_size, param_shardings, split_trainable, stage_model, state_shardings,
-    trained_model)
+    eval_batch_size, frozen_shardings, jit_step, micro_batch_size, param_shardings, split_trainable, stage_model,
+    state_shardings, trained_model)
 
 STAND_IN_STEPS = 1000  # schedule length when train.epochs needs the dataset's size (no shape depends on it)
 
@@ -67,11 +72,20 @@ def _rng(mesh):
     return jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
 
 
-def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int = 0,
-                       total_steps: int | None = None) -> jax.stages.Lowered:
-    """The sft / rm / dpo step as trainers.train builds and jits it, lowered on abstract inputs (`responses`: K of
-    rm and dpo); a LoRA model's base and dpo's live reference are frozen arguments (a LoRA policy's reference is
-    its base: the same buffers, passed twice)."""
+class TrainingState(NamedTuple):
+    """What the sft / rm / dpo stage places before its first step, abstract: its Stage, model, state and LoRA base
+    (frozen; {} without LoRA), with their shardings."""
+
+    stage: trainers.Stage
+    model: Transformer
+    state: object
+    state_sh: object
+    frozen: dict
+    frozen_sh: dict
+    trainable: dict  # the trained params' shapes
+
+
+def training_state(cfg: Config, model_cfg: ModelConfig, mesh, total_steps: int | None = None) -> TrainingState:
     micro_batch_size(cfg, mesh)  # the stage's own batch / accumulation / mesh check
     model = trained_model(cfg, model_cfg, trainers.HEADS[cfg.stage])
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
@@ -80,20 +94,54 @@ def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int
     state_sh, frozen_sh = state_shardings(model, optimizer, mesh), frozen_shardings(model, mesh)
     trainable, frozen = split_trainable(model, jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
     state = abstract(jax.eval_shape(lambda p: steps.init_state(p, optimizer), trainable), state_sh)
-    frozen = abstract(frozen, frozen_sh)
+    return TrainingState(stage, model, state, state_sh, abstract(frozen, frozen_sh), frozen_sh, trainable)
+
+
+def _dpo_reference(cfg: Config, t: TrainingState, mesh) -> tuple:
+    """(abstract reference params, their shardings) as dpo_parts.Reference.build places them: a LoRA policy's
+    default reference is its base (the same buffers) with what lora.also_train trains as it was."""
+    if t.model.lora is not None and not cfg.dpo.reference:
+        extras_sh = lora.also_trained(param_shardings(t.model, mesh), t.model.lora)
+        return (lora.join(abstract(_reference_shapes("", t.model, t.trainable), extras_sh), t.frozen),
+                lora.join(extras_sh, t.frozen_sh))
+    reference_sh = param_shardings(without_adapters(t.model), mesh)
+    return abstract(_reference_shapes(cfg.dpo.reference, t.model, t.trainable), reference_sh), reference_sh
+
+
+def train_step_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int = 0,
+                       total_steps: int | None = None) -> jax.stages.Lowered:
+    """The sft / rm / dpo step as trainers.train builds and jits it, lowered on abstract inputs (`responses`: K of
+    rm and dpo); a LoRA model's base and dpo's live reference are frozen arguments (a LoRA policy's reference is
+    its base: the same buffers, passed twice)."""
+    t = training_state(cfg, model_cfg, mesh, total_steps)
     batch = abstract_batch(train_batch_shapes(cfg, responses), mesh)
     if cfg.stage != "dpo" or cfg.dpo.precompute_reference:
-        return jit_step(stage.step, state_sh, mesh, frozen_sh).lower(state, batch, _rng(mesh), frozen)
-    shardings = param_shardings(model, mesh)
-    if model.lora is not None and not cfg.dpo.reference:  # the base itself, and what lora.also_train trains
-        extras_sh = lora.also_trained(shardings, model.lora)
-        reference_sh = lora.join(extras_sh, frozen_sh)
-        reference = lora.join(abstract(_reference_shapes("", model, trainable), extras_sh), frozen)
-    else:
-        reference_sh = param_shardings(without_adapters(model), mesh)
-        reference = abstract(_reference_shapes(cfg.dpo.reference, model, trainable), reference_sh)
-    return jit_step(stage.step, state_sh, mesh, frozen_sh, reference_sh).lower(state, batch, _rng(mesh), frozen,
-                                                                              reference)
+        return jit_step(t.stage.step, t.state_sh, mesh, t.frozen_sh).lower(t.state, batch, _rng(mesh), t.frozen)
+    reference, reference_sh = _dpo_reference(cfg, t, mesh)
+    return jit_step(t.stage.step, t.state_sh, mesh, t.frozen_sh, reference_sh).lower(
+        t.state, batch, _rng(mesh), t.frozen, reference)
+
+
+def reference_scoring_program(cfg: Config, model_cfg: ModelConfig, mesh, responses: int) -> tuple:
+    """dpo.precompute_reference's pass over the data before training, as dpo_parts.Reference.build jits it (the
+    reference's summed log-probs of `eval_batch_size` prompts x K responses), lowered on abstract inputs; and the
+    bytes per device that stay placed while it runs: the policy's training state, and its LoRA base unless that
+    base is the reference (the pass's own arguments hold it then). Returns (lowered, resident bytes, rows)."""
+    t = training_state(cfg, model_cfg, mesh)
+    reference, _ = _dpo_reference(cfg, t, mesh)
+    rows, K, P, R = eval_batch_size(cfg, mesh), responses, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
+    batch = abstract_batch({"prompt_ids": ((rows, P), jnp.int32), "prompt_mask": ((rows, P), bool),
+                            "response_ids": ((rows, K, R), jnp.int32), "response_mask": ((rows, K, R), bool)}, mesh)
+    score = sharding.jit(functools.partial(dpo.response_logprobs, without_adapters(t.model)), mesh,
+                         out_shardings=sharding.replicated(mesh))
+    base_is_reference = t.model.lora is not None and not cfg.dpo.reference
+    resident = device_bytes(t.state) + (0 if base_is_reference else device_bytes(t.frozen))
+    return score.lower(reference, batch), resident, rows
+
+
+def device_bytes(tree) -> int:
+    """Bytes of one device's shards of abstract arrays (the largest shard where a split is uneven)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg: ModelConfig | None = None,
