@@ -63,6 +63,9 @@ def test_steps_merge_shared_keys_substitute_run_dir_and_take_overrides(tmp_path)
     dotted = PIPELINE.replace("  second:", "  second.v2:")  # a step name with a dot takes its own overrides
     _, steps = pipeline.load(_write(tmp_path, dotted), ["pipeline.second.v2.train.steps=4"])
     assert steps[1].name == "second.v2" and steps[1].cfg.train.steps == 4
+    both = PIPELINE + "  second.v2:" + PIPELINE.split("  second:")[1]
+    _, steps = pipeline.load(_write(tmp_path, both), ["pipeline.second.v2.train.steps=4"])  # not second's
+    assert [(s.name, s.cfg.train.steps) for s in steps[1:]] == [("second", 5), ("second.v2", 4)]
 
 
 @pytest.mark.parametrize("text, overrides, fragment", [
@@ -89,6 +92,8 @@ def test_steps_merge_shared_keys_substitute_run_dir_and_take_overrides(tmp_path)
     (PIPELINE, ["run_dir="], "'run_dir' expects the pipeline's directory, got ''"),
     (PIPELINE, ["pipeline.second.model.path"], "override 'pipeline.second.model.path' must look like key=value"),
     (PIPELINE, ["pipeline.second=1"], "override 'pipeline.second' names a step; set its keys"),
+    (PIPELINE + "  rl:\n    stage: rloo\n    model: {{path: m}}\n    data: {{name: p}}\n", [],
+     "pipeline.rl: stage 'rloo' needs rloo.reward_model"),
     (PIPELINE + "  rank:\n    stage: label\n    model: {{path: m}}\n    data: {{name: p}}\n"
                 "    label: {{labeler: 'no_such_module:f'}}\n", [],
      "pipeline.rank: label.labeler='no_such_module:f': cannot import"),
@@ -200,6 +205,18 @@ def test_a_step_started_after_other_steps_does_not_resume_their_checkpoints(tmp_
     (tmp_path / "run" / "again.jsonl").unlink()
     rc, _, err = run_quietly(main_cli.main, ["--config", path, "pipeline.again.generate.prompt_file=/no/such.txt"])
     assert rc == 2 and "/no/such.txt: file not found" in err and not again.exists(), err[-2000:]
+    again.mkdir()  # started after other steps, but saved nothing to resume from: it simply runs
+    (again / pipeline.STARTED).write_text(json.dumps({"upstream": "the steps before it as they were"}))
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0 and "[2/2] again: done" in err, err[-2000:]
+
+
+def test_timings_of_a_step_leave_the_steps_after_it_valid():
+    """A step rerun to the same results in another time: its summary's *_s keys and seconds are not its results."""
+    record = lambda **summary: [{"config": {"stage": "sft", "seed": 1}, "summary": {"loss": 1.5, **summary}}]
+    same = pipeline._fingerprint(record(seconds=3, tokens_per_s=10.0, export_s=1))
+    assert pipeline._fingerprint(record(seconds=9, tokens_per_s=20.0, export_s=2)) == same
+    assert pipeline._fingerprint(record(seconds=3, tokens_per_s=10.0, export_s=1, loss=1.25)) != same
 
 
 def test_every_stage_names_the_sections_it_reads_and_every_section_is_read():

@@ -72,15 +72,32 @@ def _demo_with(tmp_path, replace: dict, rounds: int, repeat: list[str]):
     return {step.name: step.cfg for step in loaded}
 
 
-def test_a_later_round_of_grpo_continues_from_its_policy(tmp_path):
-    grpo = {"stage": "grpo", "model": {"path": "{run_dir}/sft/export"}, "data": {"name": "prompts"},
-            "train": {"steps": 5}, "grpo": {"reward_model": "{run_dir}/rm/export"}}
-    steps = _demo_with(tmp_path, {"dpo": None, "ppo": ("grpo", grpo)}, 3, ["label", "rm", "grpo"])
-    label, rm, policy = (steps[f"round3/{n}"] for n in ("label", "rm", "grpo"))
-    assert label.model.path == policy.model.path == "/runs/demo/round2/grpo/export"
-    assert policy.grpo.reference == "/runs/demo/sft/export"  # the KL reference stays round one's model
-    assert policy.grpo.reward_model == "/runs/demo/round3/rm/export" and rm.model.path == "/runs/demo/round2/rm/export"
-    assert steps["round1/grpo"].model.path == "/runs/demo/sft/export" and not steps["round1/grpo"].grpo.reference
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_a_later_round_of_grpo_continues_from_its_policy(tmp_path, stage):
+    body = {"stage": stage, "model": {"path": "{run_dir}/sft/export"}, "data": {"name": "prompts"},
+            "train": {"steps": 5}, stage: {"reward_model": "{run_dir}/rm/export"}}
+    steps = _demo_with(tmp_path, {"dpo": None, "ppo": (stage, body)}, 3, ["label", "rm", stage])
+    label, rm, policy = (steps[f"round3/{n}"] for n in ("label", "rm", stage))
+    assert label.model.path == policy.model.path == f"/runs/demo/round2/{stage}/export"
+    section = getattr(policy, stage)
+    assert section.reference == "/runs/demo/sft/export"  # the KL reference stays round one's model
+    assert section.reward_model == "/runs/demo/round3/rm/export" and rm.model.path == "/runs/demo/round2/rm/export"
+    first = steps[f"round1/{stage}"]
+    assert first.model.path == "/runs/demo/sft/export" and not getattr(first, stage).reference
+
+
+def test_a_reference_set_by_the_user_stays_the_kl_reference_in_every_round():
+    steps = _steps(*ROUNDS, "pipeline.ppo.ppo.reference=/models/reference")
+    assert [steps[f"round{r}/ppo"].ppo.reference for r in (1, 2, 3)] == ["/models/reference"] * 3
+    assert steps["round3/ppo"].model.path == "/runs/demo/round2/ppo/export"
+
+
+def test_steps_after_the_repeated_ones_run_once_on_the_last_rounds_results():
+    steps = _steps("rounds=2", "repeat=[label, rm, dpo, ppo]")
+    assert list(steps)[-2:] == ["round2/ppo", "eval"]
+    ev = steps["eval"].eval
+    assert ev.policies == ("/runs/demo/round2/dpo/export", "/runs/demo/round2/ppo/export")
+    assert ev.reward_model == "/runs/demo/round2/rm/export" and ev.rankings == "/runs/demo/data/rankings_round2:eval"
 
 
 def test_dpo_rounds_rank_samples_of_the_last_dpo_policy(tmp_path):
