@@ -81,6 +81,8 @@ def test_steps_merge_shared_keys_substitute_run_dir_and_take_overrides(tmp_path)
      "pipeline.report: stage 'eval' needs eval.reference"),
     (PIPELINE + "  data:\n    stage: prepare\n    prepare: {{format: csv, inputs: [x], name: d}}\n", [],
      "pipeline.data: prepare.format='csv': unknown"),
+    (PIPELINE + "  data:\n    stage: prepare\n    prepare: {{format: jsonl_sft, name: d}}\n", [],
+     "pipeline.data: stage 'prepare' needs prepare.inputs"),
     # found by --check too, not when the step starts after the ones before it have trained
     (PIPELINE, ["pipeline.second.optim.grad_accum_steps=3"], "pipeline.second: train.batch_size=16 is not divisible"),
     (PIPELINE, ["pipeline.second.train.steps=0"], "pipeline.second: set train.steps or train.epochs"),

@@ -259,6 +259,9 @@ def test_generate_output_never_replaces_an_unrelated_file(tmp_path, prompts):
     assert rc == 0, err[-2000:]  # ...left the earlier output this run_dir's own
     rc, _, err = run_quietly(main_cli.main, [*argv, f"run_dir={tmp_path / 'c'}", f"generate.output={out}"])
     _one_error(rc, err, "is not this run_dir's earlier output")  # another run's output
+    rc, _, err = run_quietly(main_cli.main, [*argv, f"run_dir={tmp_path / 'b'}", f"generate.output={mine}"])
+    _one_error(rc, err, f"generate.output={mine}: already exists")  # a run_dir with an output of its own elsewhere
+    assert mine.read_text() == "my own work\n"
 
 
 # ------------------------------------------------------------------------------------------------ launchers

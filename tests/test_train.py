@@ -208,6 +208,16 @@ def test_loss_on_prompt_trains_on_prompt_tokens(tiny, data_dir, workdir):
         targets[on_prompt] = next(m["target_tokens"] for m in _metrics(run_dir) if m["step"] == 1)
     assert targets[False] == batch["response_mask"][:, 1:].sum()
     assert targets[True] == (batch["mask"][:, 1:] & batch["mask"][:, :-1]).sum() > targets[False]
+    # the held-out loss (and best/) is over the same targets as training's
+    from rlhf_jax.models.transformer import init_params, make_model
+    from rlhf_jax.stages.train import Stage
+
+    model = make_model(load_model(tiny).cfg)
+    params = init_params(model, jax.random.key(0))
+    eval_batch = {**batch, "valid": np.ones(len(batch["ids"]), bool)}
+    for on_prompt in (False, True):
+        stage = Stage(load_config(None, [*args, f"train.loss_on_prompt={str(on_prompt).lower()}"]), model, None, None)
+        assert stage.eval_sums(params, eval_batch)["target_tokens"] == targets[on_prompt]
 
 
 # ------------------------------------------------------------------------------------------------ rm
