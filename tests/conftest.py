@@ -202,6 +202,10 @@ FULL_TIER = (
     "test_model.py::test_full_size_configs_build_abstractly[qwen2.5_7b]",
     # the evaluation with the gold scorer alone samples the pairs again (the fast tier checks its refusals)
     "test_evaluate.py::test_the_gold_scorer_alone_judges_without_a_reward_model",
+    # stage runs checking one setting's wiring each (their stages run end to end in the fast tier)
+    "test_grpo.py::test_the_reward_models_normalisation_is_applied",
+    "test_run_models.py::test_a_value_model_of_its_own_keeps_its_normalisation_through_the_run",
+    "test_dpo.py::test_resume_refuses_a_reference_replaced_at_its_path",
 )
 
 

@@ -431,6 +431,14 @@ def test_main_generate_config_runs_generate_stage(capsys, tmp_path):
     assert config["run_dir"] == str(run_dir) and config["sampling"]["max_new_tokens"] == MAX_NEW
     assert config["stage"] == "generate"
     assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
+    prompts = tmp_path / "ten.txt"  # a last batch short of sampling.batch_size still gets its metrics line
+    prompts.write_text("".join(f"{p}\n" for p in (bundled_prompts() * 2)[:10]))
+    rc, _, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml",
+                                              f"run_dir={tmp_path / 'ten'}", f"generate.prompt_file={prompts}",
+                                              f"sampling.max_new_tokens={MAX_NEW}", "sampling.batch_size=8"])
+    assert rc == 0, err
+    lines = [json.loads(line) for line in (tmp_path / "ten" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [8, 10]
 
 
 def test_the_generate_stage_leaves_other_runs_and_bad_outputs_alone(capsys, tmp_path, hf_dir):

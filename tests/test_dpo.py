@@ -16,6 +16,7 @@ import json
 import math
 import random
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -438,3 +439,20 @@ def test_wrong_dataset_kind_and_reference_architecture_are_one_line_errors(tiny,
                                                       f"dpo.reference={other}"))
     _assert_user_error(rc, err, f"dpo.reference={other}", "architecture differs")
     assert not (workdir / "bad_kind").exists() and not (workdir / "bad_reference").exists()
+
+
+def test_resume_refuses_a_reference_replaced_at_its_path(tiny, data_dir, workdir):
+    """dpo.reference is one of the models a run records: replaced by another model at the same path, the run
+    does not resume against it."""
+    reference = workdir / "reference_copy"
+    shutil.copytree(tiny, reference)
+    run_dir = workdir / "with_reference"
+    args = lambda steps: _dpo_args(tiny, data_dir, run_dir, f"train.steps={steps}", f"dpo.reference={reference}",
+                                   "train.eval_every=0")
+    rc, _, err = run_quietly(main_cli.main, args(2))
+    assert rc == 0, err[-2000:]
+    shutil.rmtree(reference)
+    build_tiny_model(reference, seed=1)
+    rc, _, err = run_quietly(main_cli.main, args(3))
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert f"dpo.reference={reference.resolve()}: not the model the run started from" in err.strip().splitlines()[-1]

@@ -760,3 +760,39 @@ def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
     wrapper = RewardFunction(lambda p, r: seen.append((p, r)) or [1, 2.5], "k=m:f", WordTokenizer(), (1,))
     assert wrapper(*args).tolist() == [1.0, 2.5] and wrapper.problem is None
     assert seen == [(["t9", "t9"], ["t5", "t6 t7 t8"])]
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_every_setting_of_the_section_reaches_the_iteration(stage):
+    """build_models fills GroupSettings from the stage's section, each key set away from its default; the reward
+    model's normalisation from its export."""
+    from rlhf_jax.config import load_config
+    from rlhf_jax.plan.models import tiny_model_config
+    from rlhf_jax.stages.grpo import build_models
+
+    values = {"group_size": 2, "epochs": 3, "minibatches": 2, "clip_ratio": 0.15, "clip_ratio_high": 0.28,
+              "kl_coef": 0.5, "scale_by_std": False, "loss_average": "token", "share_prompts": False}
+    section = getattr(load_config(None, [f"stage={stage}"]), stage)
+    overrides = [f"{stage}.{key}={str(value).lower()}" for key, value in values.items() if hasattr(section, key)]
+    cfg = load_config(None, [f"stage={stage}", "train.batch_size=8", "optim.grad_accum_steps=2", *overrides])
+    _, settings = build_models(cfg, make_model(tiny_model_config()), None, 10, (1,), {"gain": 2.0, "bias": -1.0})
+    section = getattr(cfg, stage)
+    shared = [f.name for f in dataclasses.fields(group.GroupSettings) if hasattr(section, f.name)]
+    assert len(shared) >= (9 if stage == "grpo" else 6), shared  # every numeric setting the section has
+    assert all(getattr(settings, key) == getattr(section, key) == values[key] for key in shared), settings
+    assert (settings.algorithm, settings.reward_gain, settings.reward_bias, settings.accum) == (stage, 2.0, -1.0, 2)
+
+
+def test_the_reward_models_normalisation_is_applied(group_inputs, tmp_path):
+    """rewards = gain * head + bias from the export's reward_norm: with gain 0 and bias 5 every reward is 5."""
+    from rlhf_jax.models.checkpoint import load_model, save_model
+
+    rm = load_model(group_inputs["rm"])
+    flat = save_model(tmp_path / "rm_flat", jax.tree.map(np.asarray, rm.params), rm.cfg, "scalar",
+                      group_inputs["tiny"], extra={"reward_norm": {"gain": 0.0, "bias": 5.0}})
+    run_dir = tmp_path / "run"
+    rc, _, err = run_quietly(main_cli.main, _args(group_inputs, run_dir, "rloo", f"rloo.reward_model={flat}",
+                                                  "train.steps=1", "train.save_every=0", "rloo.samples_every=0"))
+    assert rc == 0, err[-2000:]
+    m, = _metrics(run_dir)
+    assert (m["reward_mean"], m["reward_std"], m["zero_std_groups"]) == (5.0, 0.0, 1.0), m

@@ -307,6 +307,20 @@ def test_sft_records_its_start_model(sft_run, inputs):
 # ------------------------------------------------------------------------------------------------ KL on resume
 
 
+def test_a_value_model_of_its_own_keeps_its_normalisation_through_the_run(inputs, tmp_path):
+    """ppo.value_model (a later round's export_value) brings its own reward_norm, not the reward model's: the
+    value head is read with it and exported with it."""
+    loaded = load_model(_scalar_export(inputs["tiny"], tmp_path / "value_src", "value", seed=3))
+    norm = {"gain": 3.0, "bias": -2.0}  # the reward model's is gain 1, bias 0
+    value = save_model(tmp_path / "value", jax.tree.map(np.asarray, loaded.params), loaded.cfg, "scalar",
+                       loaded.tokenizer_dir, extra={"role": "value", "reward_norm": norm})
+    run_dir = tmp_path / "run"
+    rc, _, err = run_quietly(main_cli.main, _ppo_args(inputs, run_dir, f"ppo.value_model={value}", "train.steps=1",
+                                                      "train.save_every=0"))
+    assert rc == 0, err[-2000:]
+    assert load_model(run_dir / "export_value").extra["reward_norm"] == norm
+
+
 def test_a_changed_fixed_kl_coef_is_applied_on_resume(ppo_run, tmp_path):
     """ppo.kl_target 0: the resumed iterations use the new ppo.kl_coef. Moving the reward model (the same
     files) is allowed."""
