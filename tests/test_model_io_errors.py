@@ -254,6 +254,28 @@ def test_leftovers_of_writers_killed_mid_write_are_cleared(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "export"]
 
 
+def test_a_failed_write_leaves_the_old_file_or_nothing_beside_it(tmp_path, monkeypatch):
+    """A file whose write fails (a full disk at fsync) keeps its old bytes and gets no temporary beside it; a
+    directory whose write fails leaves none of the parents it created."""
+    from rlhf_jax.runtime import fsio
+
+    path = tmp_path / "facts.json"
+    path.write_text("old")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(fsio.os, "fsync", full_disk)
+        with pytest.raises(OSError):
+            fsio.write_bytes_atomically(path, b"new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["facts.json"]
+    with pytest.raises(RuntimeError), fsio.replace_dir(tmp_path / "a" / "b" / "out") as tmp:
+        (tmp / "half").write_text("written before the failure")
+        raise RuntimeError("the writer fails")
+    assert [p.name for p in tmp_path.iterdir()] == ["facts.json"]
+
+
 def test_a_ctrl_c_between_the_swaps_renames_puts_the_old_output_back(tmp_path, monkeypatch):
     from rlhf_jax.runtime import fsio
 

@@ -304,7 +304,25 @@ def test_sft_records_its_start_model(sft_run, inputs):
     assert rc == 2 and f"model.path={start.resolve()}: not the model the run started from" in _last_line(err), err
 
 
-# ------------------------------------------------------------------------------------------------ KL on resume
+def test_a_finished_run_reruns_to_its_end_and_another_shape_of_state_is_refused(sft_run, tmp_path):
+    """The same command again resumes at its last step and finishes; a setting that changes the saved state's
+    shapes (LoRA adapters instead of whole weights) is one line naming a parameter, the run left as it was; and a
+    state with a non-finite value is never saved."""
+    from rlhf_jax.config import load_config
+    from rlhf_jax.errors import DivergedError
+    from rlhf_jax.training.run import Run
+
+    run_dir = sft_run["dir"]
+    rc, _, err = run_quietly(main_cli.main, [*sft_run["args"], "train.steps=3"])
+    assert rc == 0 and f"resumed from {run_dir / 'checkpoints'} at step 3" in err, err[-2000:]
+    config = (run_dir / "config.json").read_text()
+    rc, _, err = run_quietly(main_cli.main, [*sft_run["args"], "train.steps=4", "lora.rank=4"])
+    assert rc == 2 and "(step 3) with this config: " in _last_line(err) and "parameter" in _last_line(err), err
+    assert (run_dir / "config.json").read_text() == config
+    run = Run(load_config(None, [*sft_run["args"], "train.steps=4"]), tmp_path / "run", "sft")
+    with pytest.raises(DivergedError, match="diverged at step 1: the parameters hold non-finite values"):
+        run.save(1, {"w": jnp.array([1.0, jnp.nan])}, None)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
 def test_a_value_model_of_its_own_keeps_its_normalisation_through_the_run(inputs, tmp_path):
@@ -319,6 +337,9 @@ def test_a_value_model_of_its_own_keeps_its_normalisation_through_the_run(inputs
                                                       "train.save_every=0"))
     assert rc == 0, err[-2000:]
     assert load_model(run_dir / "export_value").extra["reward_norm"] == norm
+
+
+# ------------------------------------------------------------------------------------------------ KL on resume
 
 
 def test_a_changed_fixed_kl_coef_is_applied_on_resume(ppo_run, tmp_path):

@@ -131,3 +131,23 @@ def test_mesh_presets_set_the_shape_and_check_the_device_count():
         config_from_dict({"mesh": {"preset": "v9-1"}})
     for name, (shape, axes) in sharding.MESH_PRESETS.items():  # every preset splits params over fsdp
         assert len(shape) == len(axes) and shape[axes.index("fsdp")] > 1, name
+
+
+def test_fsdp_splits_the_model_width_tensor_the_heads_mlp_and_vocab_and_batches_split_over_both_batch_axes():
+    """The split a real model gets on a data x fsdp x tensor mesh: weights over fsdp on their model-width side
+    and over tensor on their heads / mlp / vocabulary side; activations' rows over data and fsdp together."""
+    mesh = sharding.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"))
+    cfg = ModelConfig("llama", vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4, head_dim=16, d_ff=128)
+    model = make_model(cfg)
+    specs = jax.tree.map(lambda axes, x: sharding.logical_to_spec(tuple(axes), x.shape, mesh),
+                         param_logical_axes(model), jax.eval_shape(lambda: init_params(model, jax.random.key(0))),
+                         is_leaf=lambda x: isinstance(x, P))
+    layer = specs["layer_0"]
+    assert layer["mlp"]["wi"] == P("fsdp", None, "tensor") and layer["mlp"]["wo"] == P("tensor", "fsdp")
+    assert layer["attn"]["qkv"] == P("fsdp", "tensor", None, None) and layer["attn"]["o"] == P("tensor", None, "fsdp")
+    assert specs["embed"] == P("tensor", "fsdp") and specs["lm_head"] == P("fsdp", "tensor")
+    mesh = sharding.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+    sharding.check_batch_size(8, mesh, "train.batch_size")
+    with pytest.raises(sharding.MeshError, match="train.batch_size"):
+        sharding.check_batch_size(4, mesh, "train.batch_size")

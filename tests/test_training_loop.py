@@ -152,6 +152,7 @@ def test_every_logged_step_is_in_the_tensorboard_file_at_once_and_a_resume_purge
     for step in (1, 2, 3):
         writer.write(step, {"loss": 1.0 / step, "lr": 0.1})
     assert _tensorboard_steps(tmp_path) == [1, 1, 2, 2, 3, 3]  # before any close: what a kill leaves
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     resumed = MetricsWriter(tmp_path, "sft", resume_step=2)  # the attempt's step 3 is hidden from here on
     resumed.write(3, {"loss": 0.25})
     assert _tensorboard_steps(tmp_path) == [1, 1, 2, 2, 3, 3, 3]
@@ -223,3 +224,18 @@ def test_a_first_step_that_is_a_log_step_has_no_rate(tmp_path, monkeypatch):
             loop.log(step, {"loss": 1.0}, items=10, truncated=0)
             loop.save_when_due(step, "state", None)
     assert "tokens_per_s" not in lines[0] and [m["tokens_per_s"] for m in lines[1:]] == pytest.approx([10.0, 10.0])
+
+
+def test_a_resume_drops_only_the_lines_after_its_checkpoint_of_its_own_stage(tmp_path):
+    """Resumed from step 2: the lines of steps 1 and 2 stay (they are not written again), step 3's go, another
+    stage's and a line cut off by a kill are not the stage's to keep or drop (the cut one goes)."""
+    from rlhf_jax.runtime.metrics import drop_lines_after
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"stage": "sft", "step": 1}, {"stage": "sft", "step": 2}, {"stage": "eval", "step": 3},
+            {"stage": "sft", "step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "sft", "st')
+    drop_lines_after(path, 2, "sft")
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]
+    drop_lines_after(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:2]
