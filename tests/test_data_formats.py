@@ -260,12 +260,14 @@ def test_parquet_tldr_comparisons_with_null_subreddit(tmp_path):
 
 def test_several_files_stream_in_order(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1"}, {"prompt": "2"}])
-    b = tmp_path / "b.jsonl.gz"
-    with gzip.open(b, "wt") as f:
-        f.write(json.dumps({"prompt": "3"}) + "\n")
-    rows = read_all("jsonl_prompts", [a, str(b)])
-    assert [r.record["prompt"] for r in rows] == ["1", "2", "3"]
-    assert [r.where for r in rows] == [f"{a}:1", f"{a}:2", f"{b}:1"]
+    b, c = tmp_path / "b.jsonl.gz", tmp_path / "c.JSON.gz"  # either gzipped suffix, in any case
+    for path, prompt in ((b, "3"), (c, "4")):
+        with gzip.open(path, "wt") as f:
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+    rows = read_all("jsonl_prompts", [a, str(b), str(c)])
+    assert [r.record["prompt"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r.where for r in rows] == [f"{a}:1", f"{a}:2", f"{b}:1", f"{c}:1"]
+    assert [r.record for r in read_rows("jsonl_prompts", str(a))] == [r.record for r in rows[:2]]  # one path, bare
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,6 +298,7 @@ BAD_ROWS = [
     ("jsonl_rankings", {"prompt": "p", "responses": [], "ranks": []}, "too_few_responses"),
     ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [0]}, "invalid_ranks"),
     ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [-1, 0]}, "invalid_ranks"),
+    ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2]}, "invalid_ranks"),  # 1-based
     ("jsonl_rankings", {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [2, 2, 2]}, "invalid_ranks"),
     ("jsonl_rankings", {"prompt": "p", "chosen": "a"}, "missing_field"),
     ("jsonl_rankings", {"prompt": "p", "chosen": "a", "rejected": ""}, "empty_response"),

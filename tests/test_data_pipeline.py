@@ -146,8 +146,9 @@ def test_rankings_layout_with_variable_k(datasets, tokenizer):
         np.testing.assert_array_equal((pairs + pairs.T)[:k, :k], 1 - np.eye(k, dtype=np.int32))
         upper = np.triu(np.ones((k, k), np.int32), 1)
         assert np.array_equal(pairs[:k, :k], upper) or np.array_equal(pairs[:k, :k], upper.T)
-    with pytest.raises(Exception, match="max_responses=3"):
-        next(iter(train_dataset(dataclasses.replace(spec, max_responses=3), "train", tokenizer, 8, 1)))
+    for short in (3, K - 1):  # one slot short of the largest K is refused before any batch is read
+        with pytest.raises(UserError, match=f"data.max_responses={short} but the dataset has prompts with {K} "):
+            train_dataset(dataclasses.replace(spec, max_responses=short), "train", tokenizer, 8, 1)
 
 
 def _comparison_rows():
@@ -382,3 +383,62 @@ def test_a_packed_row_counts_its_cut_examples():
     row = _packed_layout({"ids": np.arange(8), "response_mask": np.ones(8), "ids_segment_ids": seg,
                           "ids_positions": np.zeros(8), "truncated": np.array([1, 1, 0, 0, 0, 1, 0, 0])})
     assert row["truncated"] == 2
+
+
+def test_the_first_prompts_are_read_up_to_the_limit(datasets):
+    from rlhf_jax.data.pipeline import open_split, stored_prompts
+
+    source, _ = open_split(str(datasets), "prompts", "train")
+    every = stored_prompts(source)
+    assert len(every) == len(source) > 3 and stored_prompts(source, 0) == every
+    assert stored_prompts(source, 2) == every[:2] and stored_prompts(source, 10 ** 6) == every
+
+
+def test_batches_that_do_not_split_over_the_hosts_and_packed_rankings_are_refused(datasets, tokenizer):
+    with pytest.raises(UserError, match="global batch 10 is not divisible by 4 hosts"):
+        train_dataset(_spec(datasets, "sft"), "train", tokenizer, 10, seed=0, process_index=0, process_count=4)
+    with pytest.raises(UserError, match="data.pack applies to sft datasets only"):
+        train_dataset(_spec(datasets, "rank", pack=True), "train", tokenizer, 8, seed=0)
+
+
+def test_packed_batches_follow_the_seed_and_evaluation_reads_them_unpacked(datasets, tokenizer):
+    spec = _spec(datasets, "sft", pack=True, max_prompt_tokens=48, max_response_tokens=48)
+    first = lambda seed: next(iter(train_dataset(spec, "train", tokenizer, 4, seed=seed)))["ids"]
+    np.testing.assert_array_equal(first(0), first(0))
+    assert not np.array_equal(first(0), first(1))
+    batch = next(eval_batches(spec, "eval", tokenizer, 4))  # one example per row, as unpacked training lays it out
+    unpacked = next(eval_batches(dataclasses.replace(spec, pack=False), "eval", tokenizer, 4))
+    assert set(batch) == set(unpacked) and "segment_ids" in batch
+    for key in batch:
+        np.testing.assert_array_equal(batch[key], unpacked[key])
+    assert batch["ids"].shape == (4, 96) and (batch["segment_ids"] <= 1).all()
+
+
+def test_the_stored_k_is_the_largest_of_either_split(tmp_path, tokenizer):
+    """The prompt with the most responses held out: K counts it, so evaluation reads it (the training split alone
+    has 3)."""
+    from rlhf_jax.data.pipeline import open_split
+    from rlhf_jax.data.prepare import prepare
+
+    rows = [{"prompt": f"item {i}", "responses": [f"answer {j} of {i}" for j in range(5 if i == 0 else 3)],
+             "ranks": list(range(5 if i == 0 else 3))} for i in range(6)]
+    path = _write_jsonl(tmp_path / "r.jsonl", rows)
+    prepare("jsonl_rankings", [str(path)], tmp_path / "d", "r", eval_prompts={"item 0"})
+    _, metadata = open_split(str(tmp_path / "d"), "r", "eval")
+    assert metadata["max_responses"] == 5
+    batch = next(eval_batches(_spec(tmp_path / "d", "r"), "eval", tokenizer, 8))
+    assert batch["response_ids"].shape[1] == 5 and batch["response_mask"][0].any(axis=1).sum() == 5
+
+
+def test_the_eval_split_of_a_prompt_is_its_documented_hash():
+    """The hash split is part of a prepared dataset's identity (docs/data.md): a prompt is held out when the 8-byte
+    BLAKE2b digest of its UTF-8 text, read big-endian, is below eval_fraction x 2^64; about that share of prompts."""
+    import hashlib
+
+    from rlhf_jax.data.prepare import is_eval_prompt
+
+    prompts = [f"prompt {i} \u00e9" for i in range(2000)]
+    digest = lambda p: hashlib.blake2b(p.encode("utf-8"), digest_size=8).digest()
+    expected = [p for p in prompts if int.from_bytes(digest(p), "big") < 0.25 * 2 ** 64]
+    assert [p for p in prompts if is_eval_prompt(p, 0.25)] == expected
+    assert 0.22 < len(expected) / len(prompts) < 0.28

@@ -238,3 +238,12 @@ def test_data_dir_that_is_a_file_says_so(capsys, tmp_path):
     line = _one_error(capsys, data_cli.main, _prepare_argv("jsonl_prompts", path, data_dir))
     assert line == f"error: {data_dir}: is a file; --data-dir must be a directory"
     assert data_dir.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("pair", ["prompt", "=question", "prompt="])
+def test_a_field_flag_without_both_names_is_one_line(capsys, tmp_path, pair):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"question": "p"}])
+    line = _one_error(capsys, data_cli.main, _prepare_argv("jsonl_prompts", path, tmp_path / "d", "ds", "--field",
+                                                           pair))
+    assert line == f"error: --field expects CANONICAL=NAME (e.g. prompt=question), got {pair!r}"
+    assert not (tmp_path / "d").exists()

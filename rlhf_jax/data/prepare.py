@@ -209,24 +209,18 @@ def _local(inputs: Sequence[str]) -> list[str]:
 def _write(data_dir: Path, name: str, kind: str, splits: Mapping[str, list], metadata: dict, overwrite: bool,
            inputs: Sequence[str]) -> None:
     """Build DATA_DIR/NAME beside it and swap it in whole (fsio.replace_dir); a failure (full disk, no permission)
-    is one line with the OS reason, and leaves neither a partial dataset nor a --data-dir of ours behind."""
-    created = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
-    try:
-        with fsio.replace_dir(data_dir / name, overwrite, _local(inputs)) as tmp:
-            # TFDS writes <its data_dir>/<name>/<version> (and a downloads/ dir); build in tmp, keep the version.
-            build = tmp / "build"
-            builder_cls = type(f"Dataset_{name}", (_Builder,), {"name": name}, skip_registration=True)
-            builder = builder_cls(kind=kind, splits=splits, metadata=metadata, data_dir=str(build),
-                                  file_format="array_record")
-            with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for our summary
-                builder.download_and_prepare()
-            os.rename(build / name / VERSION, tmp / VERSION)
-            shutil.rmtree(build)
-    except UserError:
-        for path in created:  # deepest first; rmdir only removes what is still empty
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        raise
+    is one line with the OS reason, and leaves neither a partial dataset nor a --data-dir of ours behind (the
+    directories replace_dir created are removed)."""
+    with fsio.replace_dir(data_dir / name, overwrite, _local(inputs)) as tmp:
+        # TFDS writes <its data_dir>/<name>/<version> (and a downloads/ dir); build in tmp, keep the version.
+        build = tmp / "build"
+        builder_cls = type(f"Dataset_{name}", (_Builder,), {"name": name}, skip_registration=True)
+        builder = builder_cls(kind=kind, splits=splits, metadata=metadata, data_dir=str(build),
+                              file_format="array_record")
+        with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for our summary
+            builder.download_and_prepare()
+        os.rename(build / name / VERSION, tmp / VERSION)
+        shutil.rmtree(build)
 
 
 def _group_splits(splits: Mapping[str, list]) -> tuple[dict[str, list], dict]:
