@@ -72,6 +72,7 @@ FULL_TIER = (
     "test_grpo.py::test_the_rollouts_kl_is_k1_from_the_policy_to_the_reference[rloo]",  # [grpo]: the same KL
     "test_scan_layers.py::test_a_scanned_stage_trains",  # the model-level oracles stay in the fast tier
     "test_scan_layers.py::test_generation_scans",
+    "test_scan_layers.py::test_one_compiled_body_whatever_the_depth",  # the scanned stack's oracles stay fast
     "test_scan_layers.py::test_gradients_are_the_loops_stacked[True]",  # remat's gradients: test_model (fast)
     "test_scan_layers.py::test_cached_decode_and_sampling_through_the_stacked_cache[mistral]",  # gemma3: fast
     "test_token_stats.py::test_chunked_stats_and_gradients_are_the_dense_ones[4]",  # [12] chunks with a remainder
