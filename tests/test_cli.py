@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -313,6 +314,20 @@ def test_error_mesh_that_does_not_fit_devices(capsys, hf_dir, prompt_file):
 def test_errors_found_with_the_model_name_the_flags(capsys, hf_dir, prompt_file, flags, fragment):
     rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, *flags))
     _assert_user_error(rc, err, fragment)
+
+
+def test_new_tokens_may_fill_the_models_positions_exactly(capsys, hf_dir, prompt_file):
+    """The longest prompt plus --max-new-tokens may equal the model's positions (the last token drawn is never
+    fed back); one more is refused naming both."""
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--max-new-tokens", "5000"))
+    width, positions = map(int, re.search(r"the longest prompt \((\d+) tokens\).* the model's (\d+) positions",
+                                          err).groups())
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--max-new-tokens",
+                                                           str(positions - width)))
+    assert rc == 0, err
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--max-new-tokens",
+                                                           str(positions - width + 1)))
+    _assert_user_error(rc, err, f"= {positions + 1} exceeds the model's {positions} positions")
 
 
 @pytest.mark.parametrize("case", ["mesh_not_int", "mesh_wrong_rank", "prompt_file_is_dir"])

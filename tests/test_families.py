@@ -216,6 +216,10 @@ def test_model_json_keeps_the_new_fields_and_older_files_read_as_before():
                   "final_softcap")
     older = {k: v for k, v in model_config_to_json(llama).items() if k not in new_fields}
     assert model_config_from_json(older) == llama and not any(llama.is_sliding(i) for i in range(2))
+    gemma3 = {k: v for k, v in model_config_to_json(tiny("gemma3")).items() if k != "rope_local_theta"}
+    assert model_config_from_json(gemma3).rope_local_theta == 10000.0  # transformers' rope_local_base_freq
+    with pytest.raises(ValueError, match="sliding_window=0 must be at least 1"):
+        dataclasses.replace(tiny("mistral"), sliding_window=0)
 
 
 # ------------------------------------------------------------------------------------------------ sliding windows
@@ -270,6 +274,14 @@ def test_fused_attention_carries_the_window_and_soft_capping_keeps_the_einsum(mo
     scores, which that call cannot express, always take the einsum."""
     assert not _use_cudnn_attention("cudnn", jnp.bfloat16, True, 12, 16, softcapped=True)
     assert _use_cudnn_attention("cudnn", jnp.bfloat16, True, 12, 16, softcapped=False)
+    from rlhf_jax.models import layers
+
+    with monkeypatch.context() as m:  # 'auto' where cuDNN is there: bf16 full passes within cuDNN's shape limits
+        m.setattr(layers, "_cudnn_attention_available", lambda: True)
+        auto = lambda dtype, T, H, full_pass=True: _use_cudnn_attention("auto", dtype, full_pass, T, H)
+        assert auto(jnp.bfloat16, 8, 128) and auto(jnp.bfloat16, 12, 64)
+        assert not any([auto(jnp.bfloat16, 7, 64), auto(jnp.bfloat16, 8, 136), auto(jnp.bfloat16, 8, 12),
+                        auto(jnp.float32, 8, 64), auto(jnp.bfloat16, 8, 64, full_pass=False)])
     real = jax.nn.dot_product_attention
     calls = []
 

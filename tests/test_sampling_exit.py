@@ -286,3 +286,14 @@ def test_threshold_top_p_at_a_mass_exactly_equal_to_top_p():
         got, want = _filter_logits(logits, 0, top_p), _sort_filter(logits, 0, top_p)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(top_p))
         assert (np.isfinite(np.asarray(got)).sum(-1) == kept).all(), top_p
+
+
+def test_threshold_top_p_keeps_every_token_when_the_nucleus_needs_the_least_likely():
+    """A row whose top_p mass is reached only with its smallest logit keeps every token (the search starts below
+    the smallest key); with top-k first, its smallest kept logit too."""
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]], jnp.float32))
+    for top_k, top_p in ((0, 0.9), (0, 0.85), (3, 0.9)):
+        got = np.asarray(_filter_logits(logits, top_k, top_p))
+        assert np.isfinite(got).all(), (top_k, top_p, got)
+        np.testing.assert_array_equal(got, np.asarray(_sort_filter(logits, top_k, top_p)))
+    assert np.isfinite(np.asarray(_filter_logits(logits, 0, 0.75))).sum(-1).tolist() == [2, 2]
