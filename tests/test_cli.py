@@ -546,6 +546,14 @@ def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
     assert not (tmp_path / "r").exists(), "a config error must come before any run-dir work"
 
 
+def test_main_unknown_option_and_a_section_set_as_a_value_are_one_line(capsys, tmp_path):
+    rc, out, err = _run(capsys, main_cli.main, ["--dryrun", f"run_dir={tmp_path / 'r'}"])
+    assert rc == 2 and err == "error: unknown option '--dryrun'; overrides are written section.key=value\n", err
+    rc, out, err = _run(capsys, main_cli.main, ["optim=3", f"run_dir={tmp_path / 'r'}"])
+    _assert_user_error(rc, err, "override 'optim' names a section; set its fields")
+    assert not (tmp_path / "r").exists()
+
+
 def test_main_out_of_range_value(capsys, tmp_path):
     rc, out, err = _run(capsys, main_cli.main, ["--config", REPO / "configs" / "generate.yaml",
                                                 f"run_dir={tmp_path / 'r'}", "sampling.top_p=2"])

@@ -83,6 +83,7 @@ def test_unusable_config_file_says_why(capsys, tmp_path, monkeypatch, make, prob
     ("--temperature", "1e-300", "--temperature must be 0 (greedy) or a finite number >= 1e-06, got 1e-300"),
     ("--temperature", "inf", "--temperature must be 0 (greedy) or a finite number >= 1e-06, got inf"),
     ("--top-k", "-1", "--top-k must be >= 0, got -1"),
+    ("--seed", str(2 ** 32), f"--seed must be from 0 to 2^32 - 1, got {2 ** 32}"),
 ])
 def test_generate_names_the_bad_flag(capsys, tmp_path, flag, value, message):
     argv = ["--model", tmp_path / "no_model", "--prompt-file", tmp_path / "no_prompts.txt", flag, value]
