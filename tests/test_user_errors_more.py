@@ -150,6 +150,23 @@ def test_user_codes_own_words_are_not_rewritten_into_flags_and_a_bad_signature_p
         f"({__file__}:{line})")
 
 
+def test_messages_name_the_flags_of_their_keys_and_paths_and_only_xlas_own_oom_is_exit_5():
+    """A config key the CLI filled from a flag is written as the flag; a path given by a flag, or a file inside it,
+    gets the flag in front; an error that only mentions RESOURCE_EXHAUSTED past its first line is not an OOM."""
+    from rlhf_jax import generate
+    from rlhf_jax.errors import OutOfMemory, out_of_memory_in_one_line
+
+    assert str(naming_flags(UserError("'mesh.shape' expects a list of int"), generate.FLAGS)).startswith(
+        "--mesh-shape expects")
+    for path in ("/x", "/x/config.json"):
+        assert str(naming_flags(UserError(f"{path}: does not exist"), {}, [("--model", "/x")])) == (
+            f"--model {path}: does not exist")
+    with pytest.raises(OutOfMemory), out_of_memory_in_one_line():
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes")
+    with pytest.raises(RuntimeError, match="^a callback failed"), out_of_memory_in_one_line():
+        raise RuntimeError("a callback failed\n  while reporting RESOURCE_EXHAUSTED elsewhere")
+
+
 @pytest.mark.parametrize("ranks, returned", [
     (None, "returned None; expected 1 lists of ranks, one per prompt"),
     ("ab", "returned 'ab'; expected 1 lists of ranks, one per prompt"),
@@ -201,6 +218,9 @@ def test_evaluate_errors_name_the_flags_typed(workdir, tiny, reward_model):
 def test_convert_errors_name_the_flag_of_the_path(workdir):
     rc, _, err = run_quietly(convert.main, ["--to-hf", "--checkpoint", workdir / "no_ckpt", "--out", workdir / "hf"])
     assert rc == 2 and err.strip() == f"error: --checkpoint {workdir / 'no_ckpt'}: does not exist"
+    rc, _, err = run_quietly(convert.main, ["--to-hf", "--out", workdir / "hf"])
+    assert rc == 2 and err.strip() == "error: --to-hf needs --checkpoint CKPT_DIR"
+    assert not (workdir / "hf").exists()
 
 
 def test_generate_names_the_batch_size_flag(workdir, tiny):
