@@ -222,3 +222,26 @@ def test_a_runs_relative_base_model_is_found_from_any_directory(tmp_path, monkey
     with pytest.raises(UserError, match=r"ppo_old/config.json: the run's base model, "
                                                  r"model.path='runs/x/sft/export', is not in .* \(a relative"):
         _base_model_path(renamed, config)
+
+
+def test_every_flag_reaches_the_setting_it_names(monkeypatch, tmp_path):
+    """What `python -m rlhf_jax.evaluate` runs: each flag, set away from its default, in the eval config."""
+    from rlhf_jax.stages import dispatch
+
+    seen = []
+    monkeypatch.setattr(dispatch, "run", seen.append)
+    argv = ["--policy", "a", "b", "--reference", "ref", "--reward-model", "rm", "--prompts", "p.txt",
+            "--rankings", "r:eval", "--gold", "m:f", "--step", "7", "--runs", "x", "--out", str(tmp_path / "o"),
+            "--limit", "5", "--samples", "2", "--max-new-tokens", "9", "--temperature", "0.5", "--top-k", "3",
+            "--top-p", "0.8", "--batch-size", "16", "--max-prompt-tokens", "40", "--seed", "11", "--chat-template",
+            "--dtype", "bfloat16", "--mesh-shape", "2,4,1"]
+    assert evaluate.main(argv) == 0
+    cfg, = seen
+    e, s = cfg.eval, cfg.sampling
+    assert (e.policies, e.reference, e.reward_model, e.prompts, e.rankings, e.gold, e.step, e.runs, e.out, e.limit,
+            e.samples) == (("a", "b"), "ref", "rm", "p.txt", "r:eval", "m:f", 7, ("x",), str(tmp_path / "o"), 5, 2)
+    assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.batch_size, s.max_prompt_tokens) == (
+        9, 0.5, 3, 0.8, 16, 40)
+    assert (cfg.seed, cfg.data.chat_template, cfg.model.dtype, tuple(cfg.mesh.shape), cfg.run_dir) == (
+        11, True, "bfloat16", (2, 4, 1), str(tmp_path / "o"))
+    assert evaluate.main([*argv[:-2], "--all-steps", "--step", "0"]) == 0 and seen[1].eval.all_steps
