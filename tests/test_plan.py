@@ -315,7 +315,14 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
 }
 """
     compiled = SimpleNamespace(cost_analysis=lambda: {"flops": 1000.0}, as_text=lambda: hlo)
-    assert flops_per_device(compiled)[0] == 1000.0 + 4 * 2 * 8 * 16 * 16
+    assert flops_per_device(compiled) == (1000.0 + 4 * 2 * 8 * 16 * 16,
+                                          "the matmuls of loop bodies counted once per trip")
+    # a loop that may stop early (no known trip count: the sampler's decode) is counted at the trips given
+    early = SimpleNamespace(cost_analysis=lambda: {"flops": 1000.0},
+                            as_text=lambda: hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', ""))
+    assert flops_per_device(early, unknown_trips=63) == (
+        1000.0 + 62 * 2 * 8 * 16 * 16, "the matmuls of loop bodies counted once per trip; 1 loop(s) that may stop "
+        "early counted at 63 trip(s)")
 
 
 def test_a_donated_update_counts_its_buffer_once():
@@ -601,3 +608,36 @@ def test_a_later_rounds_models_are_the_earlier_rounds_outputs_with_their_heads(t
     policy = models.resolve(f"{run_dir}/round1/ppo/export", str(run_dir))
     assert (value.head, value.via[0], policy.head, policy.via[0]) == ("scalar", "round1/ppo", "lm", "round1/ppo")
     assert value.via[1] == "round1/rm" and policy.via[1:] == ("sft", "pretrain", "task")  # where they come from
+
+
+def test_the_samplers_loop_is_planned_at_its_most_trips(monkeypatch, tmp_path):
+    """The first new token comes from the prefill: the decode loop runs at most max_new_tokens - 1 steps."""
+    from rlhf_jax.plan import planner as planner_mod
+    from rlhf_jax.plan.figures import Footprint
+
+    trips = []
+    monkeypatch.setattr(planner_mod, "measure", lambda lowered, mesh, unknown_trips=1: trips.append(
+        unknown_trips) or Measured(Footprint(0, 0, 0, 0, 0), 0.0, ""))
+    cfg = load_config(None, ["stage=ppo", "data.name=prompts", "ppo.reward_model=rm", "sampling.max_new_tokens=8",
+                             f"run_dir={tmp_path}"])
+    step = pipeline.Step("ppo", cfg)
+    planner = Planner([step], budget(jax.devices()[0]), False)
+    planner.plan(planner_mod.Program(step, lambda c: None, "b", [], [], sharding.mesh_from_config(cfg.mesh)))
+    assert trips == [7]
+
+
+def test_a_pipeline_steps_reference_pass_that_does_not_fit_names_the_overrides_to_pass(monkeypatch, tmp_path):
+    from rlhf_jax.plan import planner as planner_mod
+    from rlhf_jax.plan.devices import Budget
+    from rlhf_jax.plan.figures import Footprint
+
+    monkeypatch.setattr(planner_mod, "measure", lambda lowered, mesh, unknown_trips=1: Measured(
+        Footprint(0, 0, 100, 0, 0), 0.0, ""))
+    cfg = load_config(None, ["stage=dpo", "data.name=r", "dpo.precompute_reference=true", f"run_dir={tmp_path}"])
+    step = pipeline.Step("round2/dpo", cfg)
+    planner = Planner([step], Budget(120, "", {}, ""), is_pipeline=True)
+    plan_ = planner.plan(planner_mod.Program(step, lambda c: None, "b", [], [], sharding.mesh_from_config(cfg.mesh),
+                                             before=lambda c: (None, 50, 16)))
+    assert plan_.fits is False and plan_.lines[-1] == (
+        "the reference pass does not fit: needs 150 B of 120 B per device; lower pipeline.dpo.train.eval_batch_size "
+        "(now 16) or set pipeline.dpo.dpo.precompute_reference=false")
