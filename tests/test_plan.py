@@ -641,3 +641,29 @@ def test_a_pipeline_steps_reference_pass_that_does_not_fit_names_the_overrides_t
     assert plan_.fits is False and plan_.lines[-1] == (
         "the reference pass does not fit: needs 150 B of 120 B per device; lower pipeline.dpo.train.eval_batch_size "
         "(now 16) or set pipeline.dpo.dpo.precompute_reference=false")
+
+
+def test_the_verdict_at_the_memory_and_the_least_of_the_candidates_that_do_not_fit(monkeypatch, tmp_path):
+    """A step needing exactly the device memory fits; one that fits no candidate names the least it found, and
+    arguments that fill the memory exactly still leave the candidates to try."""
+    from rlhf_jax.plan import planner as planner_mod
+    from rlhf_jax.plan.devices import Budget
+    from rlhf_jax.plan.figures import Footprint
+
+    totals = {("none", 1): 400, ("none", 2): 300, ("block", 1): 250, ("block", 2): 280}  # the search's candidates
+    arguments = {"value": 100}
+    monkeypatch.setattr(planner_mod, "measure", lambda setting, mesh, unknown_trips=1: Measured(
+        Footprint(arguments["value"], 0, totals[setting] - arguments["value"], 0, 0), 0.0, ""))
+    cfg = load_config(None, [*SFT, "train.batch_size=16", f"run_dir={tmp_path}"])
+    step = pipeline.Step("sft", cfg)
+    program = planner_mod.Program(step, lambda c: (c.model.remat, c.optim.grad_accum_steps), "b", [], [],
+                                  sharding.mesh_from_config(cfg.mesh))
+    verdict = lambda memory: Planner([step], Budget(memory, "", {}, ""), False).plan(program)
+    assert verdict(400).fits is True and verdict(399).fits is False
+    line = verdict(200).lines[-1]
+    assert line == ("does not fit: needs 400 B of 200 B per device; no micro-batch fits, with or without "
+                    "model.remat=block (the least: 250 B with accumulation 1, remat block)"), line
+    arguments["value"] = 200  # the arguments alone fill it: the search still runs (a smaller micro-batch may fit)
+    assert "no micro-batch fits" in verdict(200).lines[-1]
+    arguments["value"] = 201
+    assert "nothing fits: its arguments and outputs alone" in verdict(200).lines[-1]
