@@ -667,3 +667,14 @@ def test_the_verdict_at_the_memory_and_the_least_of_the_candidates_that_do_not_f
     assert "no micro-batch fits" in verdict(200).lines[-1]
     arguments["value"] = 201
     assert "nothing fits: its arguments and outputs alone" in verdict(200).lines[-1]
+
+
+def test_rows_per_device_of_a_micro_batch_count_each_stages_own_rows():
+    from rlhf_jax.plan.planner import micro_rows
+
+    mesh = sharding.mesh_from_config(load_config(None, []).mesh)  # 8 data-parallel devices
+    rows = lambda *o: micro_rows(load_config(None, o), mesh)
+    assert rows("stage=sft", "train.batch_size=32", "optim.grad_accum_steps=2") == 2
+    assert rows("stage=ppo", "train.batch_size=32", "ppo.minibatches=2") == 2
+    assert rows("stage=grpo", "train.batch_size=8", "grpo.group_size=4", "grpo.minibatches=2") == 2  # 32 responses
+    assert rows("stage=rloo", "train.batch_size=8", "rloo.group_size=4", "rloo.minibatches=1") == 4
