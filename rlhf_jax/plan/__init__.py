@@ -3,8 +3,9 @@
 Every training program of the config (the sft, rm and dpo step, with dpo's reference pass when precomputed; the
 whole ppo, grpo or rloo iteration; every such step of a pipeline) is built exactly as its stage builds it
 (`stages.train.Stage` and `training.state.jit_step`; `stages.ppo`'s builders), lowered on abstract inputs
-(jax.ShapeDtypeStruct with the run's shardings, params from jax.eval_shape) and compiled for the configured mesh. Nothing is allocated on the devices, no weights and no tokenizer are read (only
-a model's model.json or config.json) and nothing is written. Per stage it prints the per-device memory of the
+(jax.ShapeDtypeStruct with the run's shardings, params from jax.eval_shape) and compiled for the configured mesh.
+Nothing is allocated on the devices, no weights and no tokenizer are read (only a model's model.json or
+config.json) and nothing is written. Per stage it prints the per-device memory of the
 compiled program (`compiled.memory_analysis()`: arguments, outputs, temporaries, the outputs aliasing donated
 arguments, and the total that must fit), its FLOPs per step per device and the least step time at a peak rate.
 
