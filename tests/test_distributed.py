@@ -99,3 +99,19 @@ def test_two_processes_agree_on_the_largest_width_and_gather_in_order(tmp_path):
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert results[0] == results[1] == {"max": [70, 90], "all": [{"process": 0}, {"process": 1}], "primary": 0}
+
+
+def test_the_stages_that_only_write_files_run_on_process_0_alone(monkeypatch, tmp_path):
+    """prepare runs no sharded program: with several processes process 0 writes and the others wait for its
+    summary, instead of each writing the same dataset."""
+    from rlhf_jax.config import load_config
+    from rlhf_jax.stages import dispatch
+
+    on_primary = []
+    monkeypatch.setattr(distributed, "on_primary", lambda fn: on_primary.append(fn) or fn())
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
+    summary = dispatch.run(load_config(None, ["stage=prepare", f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path}",
+                                              "prepare.format=jsonl_prompts", f"prepare.inputs=[{path}]",
+                                              "prepare.name=p"]))
+    assert len(on_primary) == 1 and summary["examples"] == {"train": 5}
