@@ -208,6 +208,9 @@ FULL_TIER = (
     "test_run_models.py::test_a_value_model_of_its_own_keeps_its_normalisation_through_the_run",
     "test_dpo.py::test_resume_refuses_a_reference_replaced_at_its_path",
     "test_cli.py::test_new_tokens_may_fill_the_models_positions_exactly",  # two generate runs
+    # the loop's own non-finite check stays fast (test_training_loop.py); this one runs a stage into divergence
+    "test_run_failures.py::test_divergence_stops_with_exit_3_and_saves_nothing_non_finite",
+    "test_losses.py::test_the_sft_loss_of_packed_rows_is_the_mean_nll_of_their_targets[False]",  # [True]: fast
     "test_run_models.py::test_a_finished_run_reruns_to_its_end_and_another_shape_of_state_is_refused",
     # two dry runs of their own (the dry run's sizes and verdicts are checked in the fast tier on sft)
     "test_plan.py::test_dpos_precomputed_reference_pass_is_planned_beside_the_training_state",
