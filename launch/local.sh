@@ -96,7 +96,7 @@ port=${PORT:-$(free_port)}
 # The caller's XLA_FLAGS, with the simulated device count replaced.
 xla_flags=()
 read -ra caller_flags <<<"${XLA_FLAGS:-}"
-for flag in "${caller_flags[@]}"; do
+for flag in ${caller_flags[@]+"${caller_flags[@]}"}; do  # (bash 4.3: an empty array is unset)
     case $flag in
         --xla_force_host_platform_device_count=*) ;;
         *) xla_flags+=("$flag") ;;

@@ -50,7 +50,8 @@
 #   --config CONFIG           config path, relative to the repository root [TPU_CONFIG]
 #   --bucket B                mount gs://B at /mnt/shared on every worker before the run [TPU_BUCKET]
 #   --python PYTHON           interpreter for the workers' venv [TPU_PYTHON; python3.11]
-#   --skip-install            reuse the code and venv already on the workers
+#   --skip-install            reuse the code and venv already on the workers (a slice this run creates
+#                             is installed all the same)
 #   --stop                    send SIGTERM to a run on every worker (it saves and exits 4), and nothing else
 #   --delete                  delete the slice after the run; without --config: only delete it
 #   --dry-run                 print every command, in order, and run nothing
@@ -93,6 +94,7 @@ config=${TPU_CONFIG:-}
 bucket=${TPU_BUCKET:-}
 python=${TPU_PYTHON:-python3.11}
 skip_install=0
+created=0
 stop=0
 delete=0
 dry_run=0
@@ -230,17 +232,24 @@ if [ "$dry_run" = 1 ]; then
     quote gcloud compute tpus tpu-vm describe "$name" "${where[@]}" --format 'value(state)'
     echo "# only if the describe fails (no such TPU VM):"
     quote "${create[@]}"
+    [ "$skip_install" = 0 ] || echo "# (--skip-install: the install below runs all the same after a create)"
 elif state=$(gcloud compute tpus tpu-vm describe "$name" "${where[@]}" --format 'value(state)' 2>/dev/null); then
     if [ "$state" = PREEMPTED ]; then  # a preempted Spot slice cannot be restarted: it is made again
         echo "tpu_pod.sh: TPU VM $name was preempted: deleting and creating it again" >&2
         run gcloud compute tpus tpu-vm delete "$name" "${where[@]}" --quiet
         run "${create[@]}"
+        created=1
     else
         echo "tpu_pod.sh: reusing TPU VM $name ($state)" >&2
         [ "$state" = READY ] || echo "tpu_pod.sh: warning: $name is $state, not READY" >&2
     fi
 else
     run "${create[@]}"
+    created=1
+fi
+if [ "$created" = 1 ] && [ "$skip_install" = 1 ]; then  # a new slice's disks hold nothing yet
+    echo "tpu_pod.sh: $name was just created: installing the project despite --skip-install" >&2
+    skip_install=0
 fi
 
 # 2. Install the project on every worker.
@@ -295,7 +304,8 @@ fi
 
 # 4. Run on every worker; worker 0's output streams here.
 # The log exists before the run starts, so worker 0's `tail -f` never misses it however fast the run ends.
-job="cd ~/rlhf_jax || exit 2; mkdir -p $logs; $worker_number; log=$logs/worker\$w.log; : >\"\$log\""
+job="cd ~/rlhf_jax 2>/dev/null || { echo \"\$(hostname): no ~/rlhf_jax: rerun without --skip-install\" >&2; exit 2; }"
+job+="; mkdir -p $logs; $worker_number; log=$logs/worker\$w.log; : >\"\$log\""
 job+="; launch/single_host.sh $(quote "$config" ${overrides[@]+"${overrides[@]}"}) >>\"\$log\" 2>&1 </dev/null & pid=\$!"
 job+="; echo \$pid >$logs/run.pid; t="
 job+="; if [ \"\$w\" = 0 ]; then tail -n +1 -f --pid=\$pid \"\$log\" & t=\$!; fi"

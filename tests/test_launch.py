@@ -214,6 +214,12 @@ def test_tpu_pod_dry_run_variants():
     cmds = commands(run([LAUNCH / "tpu_pod.sh", "--dry-run"], env=env).stdout)
     assert cmds[1][5] == "e" and _flag(cmds[1], "--zone") == "ez"
     assert _flag(cmds[1], "--version") == "tpu-ubuntu2204-base"
+    env = {"TPU_NAME": "e", "CLOUDSDK_COMPUTE_ZONE": "gz", "TPU_CONFIG": "configs/demo.yaml",
+           "TPU_ACCELERATOR_TYPE": "v6e-16"}
+    cmds = commands(run([LAUNCH / "tpu_pod.sh", "--dry-run"], env=env).stdout)
+    assert _flag(cmds[1], "--zone") == "gz" and _flag(cmds[1], "--version") == "v2-alpha-tpuv6e"
+    assert _flag(commands(run([LAUNCH / "tpu_pod.sh", "--dry-run", "--zone", "flag"], env=env).stdout)[1],
+                 "--zone") == "flag"
     for bad in ([], ["--name", "n"], ["--name", "n", "--zone", "z"], [*base[1:], "--config", "missing.yaml"],
                 [*base[1:], "--config", "configs/demo.yaml", "stray=1"]):
         out = run([LAUNCH / "tpu_pod.sh", "--dry-run", *bad])
@@ -271,7 +277,16 @@ def test_tpu_pod_runs_what_the_dry_run_prints(fake_gcloud):
     out = run([LAUNCH / "tpu_pod.sh", *spot], env={**env, "FAKE_DESCRIBE_RC": "0", "FAKE_STATE": "PREEMPTED"})
     assert out.returncode == 0, out.stderr
     ran = list(map(json.loads, log.read_text().splitlines()))
-    assert [c[4] for c in ran] == ["describe", "delete", "create", "ssh"] and "--spot" in ran[2], ran
+    # its disks were wiped: the install runs despite --skip-install
+    assert [c[4] for c in ran] == ["describe", "delete", "create", "scp", "ssh", "ssh"] and "--spot" in ran[2], ran
+    assert "installing the project despite --skip-install" in out.stderr
+    assert "tar -xzf" in _flag(ran[4], "--command") and "single_host.sh" in _flag(ran[5], "--command")
+
+    log.unlink()  # so is a slice this run creates
+    out = run([LAUNCH / "tpu_pod.sh", *spot], env=env)
+    assert out.returncode == 0, out.stderr
+    assert [c[4] for c in map(json.loads, log.read_text().splitlines())] == ["describe", "create", "scp", "ssh",
+                                                                             "ssh"]
 
 
 @pytest.mark.parametrize("worker", [0, 1])
@@ -291,6 +306,42 @@ def test_tpu_pod_worker_script_streams_worker_0_and_logs_the_others(tmp_path, wo
     assert out.stdout == (log if worker == 0 else "")
     assert f"worker {worker}: exit status 3" in out.stderr
     assert not (home / "rlhf_jax_logs" / "run.pid").exists()  # a finished run leaves no pid for --stop to signal
+
+
+def test_tpu_pod_worker_without_the_project_says_what_to_do(tmp_path):
+    job = _flag(commands(run([LAUNCH / "tpu_pod.sh", "--dry-run", *TPU_ARGS]).stdout)[6], "--command")
+    out = run(["bash", "-c", job], env={"HOME": str(tmp_path)})
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        f"{os.uname().nodename}: no ~/rlhf_jax: rerun without --skip-install"], out.stderr
+
+
+def test_tpu_pod_install_makes_the_venv_with_apt_when_the_python_is_missing(tmp_path):
+    """TPU images ship an older python: the install gets --python's interpreter and its venv module from apt
+    (a fake sudo here, whose apt-get install puts a fake python3.11 on PATH), then installs into the venv."""
+    cmds = commands(run([LAUNCH / "tpu_pod.sh", "--dry-run", *TPU_ARGS]).stdout)
+    install = next(_flag(c, "--command") for c in cmds if c[0] == "gcloud" and "tar -xzf" in " ".join(c))
+    home, bin_dir, log = tmp_path / "home", tmp_path / "bin", tmp_path / "calls.log"
+    home.mkdir()
+    bin_dir.mkdir()
+    fake_python = ('#!/usr/bin/env bash\necho "python $*" >>' + str(log) + '\n'
+                   '[ "$*" = "-m venv .venv" ] || exit 7\nmkdir -p .venv/bin\n'
+                   'printf \'#!/usr/bin/env bash\\necho "pip $*" >>' + str(log) + '\\n\' >.venv/bin/pip\n'
+                   'cp "$0" .venv/bin/python; chmod +x .venv/bin/pip\n')
+    (tmp_path / "python3.11").write_text(fake_python)
+    write_exe(bin_dir / "sudo", f'#!/usr/bin/env bash\necho "sudo $*" >>{log}\n'
+                                f'[ "$2" != install ] || install -m 755 {tmp_path}/python3.11 {bin_dir}/python3.11\n')
+    with tarfile.open(home / "rlhf_jax.tar.gz", "w:gz") as tar:
+        tar.add(ROOT / "requirements.txt", arcname="requirements.txt")
+    for tool in ("bash", "tar", "gzip", "rm", "mkdir", "mv", "cp", "install", "chmod"):  # and no python3.11
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    out = run(["bash", "-c", install], env={"HOME": str(home), "PATH": str(bin_dir)})
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    assert calls[:3] == ["sudo apt-get update -qq", "sudo apt-get install -y -qq python3.11 python3.11-venv",
+                         "python -m venv .venv"], calls
+    assert [c.split()[:3] for c in calls[3:]] == [["pip", "install", "-q"]] * 3, calls
+    assert calls[4].startswith("pip install -q -r requirements.txt jax[tpu]==") and calls[5].endswith("-e .")
+    assert (home / "rlhf_jax" / "requirements.txt").exists()
 
 
 # --- gpu_slurm.sbatch -----------------------------------------------------------------------------------------
@@ -383,6 +434,65 @@ print(json.dumps({{"argv": sys.argv[1:], **{{k: os.environ.get(k) for k in keys}
     assert all(t["argv"] == ["-m", "rlhf_jax.main", "--config", "configs/sft.yaml", "x.y=1"] for t in tasks)
     local = [t["JAX_LOCAL_DEVICE_IDS"] for t in tasks]
     assert local == ([str(i % 8) for i in range(ntasks)] if per_gpu else [None] * ntasks)
+
+
+def test_slurm_spooled_copy_runs_in_the_submit_dir_with_modules_and_gives_srun_status(tmp_path):
+    """sbatch runs a copy of the script from its spool directory, in the submission directory's environment:
+    the repository is SLURM_SUBMIT_DIR; MODULES are loaded before the interpreter first runs (the dry run's
+    check too); srun's status is the job's."""
+    spool, bin_dir, log = tmp_path / "spool", tmp_path / "bin", tmp_path / "calls.log"
+    spool.mkdir()
+    bin_dir.mkdir()
+    script = spool / "slurm_script"
+    shutil.copy(LAUNCH / "gpu_slurm.sbatch", script)
+    write_exe(bin_dir / "srun", f"""#!{sys.executable}
+import os, subprocess, sys
+args = sys.argv[1:]
+while args[0].startswith("--"):
+    args.pop(0)
+codes = [subprocess.call(args, env={{**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": "0"}}) for i in range(2)]
+sys.exit(max(codes))
+""")
+    write_exe(bin_dir / "module", f'#!/usr/bin/env bash\necho "module $*" >>{log}\n[ "$2" != bad ] || exit 1\n')
+    write_exe(tmp_path / "py", f"""#!{sys.executable}
+import os, sys
+with open({str(log)!r}, "a") as f:
+    print("py", os.getcwd(), os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"), *sys.argv[1:], file=f)
+sys.exit(int(os.environ.get("FAKE_RC_" + os.environ.get("SLURM_PROCID", "check"), "0")))
+""")
+    env = slurm_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(tmp_path / "py"), SLURM_SUBMIT_DIR=str(ROOT),
+                    MODULES="cuda/12.4 nccl")
+    out = run(["bash", script, "configs/sft.yaml", "x.y=1"], env={**env, "FAKE_RC_1": "3"}, cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    task = f"py {ROOT} false -m rlhf_jax.main --config configs/sft.yaml x.y=1"
+    assert log.read_text().splitlines() == ["module load cuda/12.4 nccl", task, task]
+
+    log.unlink()
+    out = run(["bash", script, "--dry-run", "configs/sft.yaml"],
+              env={**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, cwd=tmp_path)
+    assert out.returncode == 0 and "export XLA_PYTHON_CLIENT_PREALLOCATE=true" in out.stdout.splitlines()
+    assert log.read_text().splitlines() == [
+        "module load cuda/12.4 nccl", f"py {ROOT} true -m rlhf_jax.main --config configs/sft.yaml --check"]
+
+    out = run(["bash", script, "configs/sft.yaml"], env={**env, "MODULES": "bad"}, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.splitlines() == ["gpu_slurm.sbatch: module load bad failed"]
+
+
+# --- single_host.sh -------------------------------------------------------------------------------------------
+
+def test_single_host_runs_the_config_from_the_repository_with_every_override(tmp_path):
+    py = write_exe(tmp_path / "py", f"""#!{sys.executable}
+import json, os, sys
+print(json.dumps([os.getcwd(), os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"), *sys.argv[1:]]))
+sys.exit(int(os.environ.get("FAKE_RC", "0")))
+""")
+    argv = [LAUNCH / "single_host.sh", "configs/sft.yaml", "run_dir=/mnt/shared/runs/sft", "data.name=it's mine"]
+    out = run(argv, env={"PY": str(py), "FAKE_RC": "4"}, cwd=tmp_path)
+    assert out.returncode == 4, out.stderr
+    assert json.loads(out.stdout) == [str(ROOT), "false", "-m", "rlhf_jax.main", "--config", "configs/sft.yaml",
+                                      "run_dir=/mnt/shared/runs/sft", "data.name=it's mine"]
+    out = run(argv[:2], env={"PY": str(py), "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, cwd=tmp_path)
+    assert out.returncode == 0 and json.loads(out.stdout)[1:3] == ["true", "-m"]
 
 
 # --- local.sh -------------------------------------------------------------------------------------------------
@@ -513,6 +623,9 @@ def test_local_failure_kills_the_others_and_gives_its_status(fake_py, codes, exp
     assert not any(_pid_alive(r["pid"]) for r in _records(out, 2))
     failed = next(i for i in range(2) if codes[f"FAKE_{i}"] == str(expected))
     assert f"process {failed} exited with status {expected}" in result.stderr
+    # process 0 writes to the terminal; another's failure shows its log's last lines
+    assert ("the last lines of" in result.stderr) == (failed == 1)
+    assert ("process 1 started" in result.stderr) == (failed == 1)
     assert ("SIGKILL" in result.stderr) == ("ignore" in codes.values())
 
 
