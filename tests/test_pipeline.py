@@ -1,24 +1,21 @@
 """The pipeline config: steps validated up front with shared and per-step overrides, {run_dir} substituted,
-finished steps skipped and a finished step with other settings refused in one line; and the bundled demo task's
-labeler and gold reward."""
+finished steps skipped and a finished step with other settings refused in one line; labeling's grouping of
+responses; and the main job shortened (the bundled task's own tests: tests/test_task_sentiment.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 import typing
 
-import numpy as np
 import pytest
 
 from rlhf_jax import main as main_cli
 from rlhf_jax import pipeline
 from rlhf_jax.config import Config
 from rlhf_jax.typed_yaml import ConfigError
-from rlhf_jax.tasks import sentiment
 
 from cli_helpers import run_quietly
 
@@ -229,22 +226,7 @@ def test_every_stage_names_the_sections_it_reads_and_every_section_is_read():
     assert read <= sections and sections - read == set(), sections - read
 
 
-# ------------------------------------------------------------------------------------------- the demo task
-
-
-def test_labeler_follows_bradley_terry_and_its_ceiling_is_the_gold_rewards_agreement():
-    """Two responses whose gold differs by d: the labeler prefers the better one with probability
-    sigmoid(d / T), and the ceiling of these rankings is that same probability."""
-    good, bad = " the pizza was superb.", " the pizza was dull."
-    d = np.subtract(*sentiment.gold(["p", "p"], [good, bad]))
-    assert d > 0
-    ranks = sentiment.label(["p"] * 4000, [[good, bad]] * 4000, seed=0)
-    preferred = np.mean([r[0] == 0 for r in ranks])
-    expected = 1 / (1 + math.exp(-d / sentiment.LABELER_TEMPERATURE))
-    assert preferred == pytest.approx(expected, abs=0.025)
-    assert sentiment.labeler_ceiling(["p"], [[good, bad]]) == pytest.approx(expected)
-    assert sentiment.labeler_ceiling(["p"], [[good, good]]) == 0.5 and sentiment.labeler_ceiling([], []) is None
-    assert all(sorted(r) == [0, 1] for r in ranks)
+# -------------------------------------------------------------------------------- labeling the demo task
 
 
 def test_labeling_merges_identical_drops_empty_and_checks_ranks():
@@ -257,13 +239,6 @@ def test_labeling_merges_identical_drops_empty_and_checks_ranks():
     for bad in ([[0]], [[0, 2]], [[0.5, 1]], [[True, 0]]):
         with pytest.raises(UserError, match="label.labeler=m:f: prompt 0"):
             _check_ranks(bad, [[" a", " b"]], "m:f")
-
-
-def test_gold_is_the_mean_adjective_valence():
-    v = sentiment.VALENCE
-    assert sentiment.gold(["p"] * 3, [" the lamp was great and dull.", " the lamp was.", " GREAT lamp"]) == \
-        pytest.approx([(v["great"] + v["dull"]) / 2, 0.0, v["great"]])
-    assert all(v[w] > 0.5 for w in sentiment.POSITIVE) and all(v[w] < -0.5 for w in sentiment.NEGATIVE)
 
 
 # ------------------------------------------------------------------------------------- the main job, shortened

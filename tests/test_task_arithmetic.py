@@ -9,9 +9,11 @@ import math
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from rlhf_jax import main as main_cli
 from rlhf_jax.errors import UserError
+from rlhf_jax.models.tiny import build_tiny_model
 from rlhf_jax.models.tokenizer import load_tokenizer
 from rlhf_jax.tasks import arithmetic
 
@@ -75,9 +77,18 @@ def test_reward_reads_the_last_problem_of_the_prompt():
                               "one plus one is two. Problem 2: three minus one is"], [" seven", " two"]) == [1.0, 1.0]
     assert arithmetic.reward([], []) == [] and arithmetic.gold is arithmetic.reward
     for bad in ("Review #1 of the pizza:", "Problem 1: three plus four", "Problem 1: three times four is",
-                "Problem 1: twenty plus one is"):
+                "Problem 1: twenty plus one is", "Problem 1: one plus twenty is", "Problem 1: three plus four isle"):
         with pytest.raises(UserError, match="rlhf_jax.tasks.arithmetic: prompt .* holds no problem"):
             arithmetic.reward([bad], [" seven"])
+
+
+def test_answers_above_nine_are_their_english_words():
+    """The words come from the module's own list elsewhere: here each answer from 10 to 18 is written out."""
+    cases = {"five plus five": "ten", "six plus five": "eleven", "six plus six": "twelve", "six plus seven": "thirteen",
+             "five plus nine": "fourteen", "eight plus seven": "fifteen", "eight plus eight": "sixteen",
+             "nine plus eight": "seventeen", "nine plus nine": "eighteen"}
+    prompts = [f"Problem 4: {problem} is" for problem in cases]
+    assert arithmetic.reward(prompts, [f" {word}." for word in cases.values()]) == [1.0] * len(cases)
 
 
 def test_labeler_ranks_every_right_response_above_every_wrong_one():
@@ -111,6 +122,25 @@ def test_the_writers_are_as_accurate_as_they_claim_and_miss_by_one_or_two():
     assert {arithmetic.answer(r["prompt"]) for r in demos} == set(range(19))  # every answer of the table is asked
 
 
+def test_a_miss_stays_in_the_table_reflected_at_its_ends():
+    """Off by one of -2, -1, 1, 2, and a miss past 0 or 18 lands as far on the other side of the answer."""
+    rng = np.random.default_rng(0)
+    for right, misses in ((0, {1, 2}), (1, {0, 2, 3}), (2, {0, 1, 3, 4}), (17, {15, 16, 18}), (18, {16, 17})):
+        assert {arithmetic._written(rng, right, 0.0) for _ in range(400)} == misses, right
+
+
+def test_prompts_go_up_to_every_number_of_every_problem(monkeypatch):
+    """At most 999 prompts per problem (numbers 1..999), all of them reachable: with a table of two problems, 1998
+    distinct prompts and not one more."""
+    numbers = {int(r["prompt"].split()[1][:-1]) for r in arithmetic.prompts(20_000, 0)}
+    assert min(numbers) == 1 and max(numbers) == 999
+    monkeypatch.setattr(arithmetic, "problems", lambda: [(1, "plus", 1), (2, "minus", 1)])
+    rows = arithmetic.prompts(1998, 0)
+    assert len({r["prompt"] for r in rows}) == 1998
+    with pytest.raises(UserError, match="task.prompts=1999: the arithmetic task has at most 1998 distinct prompts"):
+        arithmetic.prompts(1999, 0)
+
+
 def test_generation_is_a_function_of_the_seed():
     for generate in (arithmetic.corpus, arithmetic.demonstrations, arithmetic.prompts):
         assert generate(300, 5) == generate(300, 5) and generate(300, 5) != generate(300, 6)
@@ -133,7 +163,7 @@ def test_task_stage_writes_the_three_datasets_and_a_base_model(tmp_path):
     assert summary["task"] == "arithmetic"
     for name, n in (("corpus", 300), ("demos", 200), ("prompts", 100)):
         counts = summary["datasets"][name]
-        assert sum(counts.values()) == n and counts["eval"] > 0 and counts["train"] > counts["eval"], counts
+        assert sum(counts.values()) == n and abs(counts["eval"] - 0.2 * n) < 4 * math.sqrt(n * 0.2 * 0.8), counts
         metadata = json.loads(next((tmp_path / "data" / name).glob("*/metadata.json")).read_text())
         assert metadata["examples"] == counts and metadata["kind"] == ("prompts" if name == "prompts" else "sft")
     written = {name: [json.loads(line) for line in (run_dir / f"{name}.jsonl").read_text().splitlines()]
@@ -142,5 +172,12 @@ def test_task_stage_writes_the_three_datasets_and_a_base_model(tmp_path):
                        "prompts": arithmetic.prompts(100, 6)}  # the demonstrations are the sloppy writer's
     tokenizer = load_tokenizer(run_dir / "base_model")
     ids = tokenizer(" seventeen.")["input_ids"]
-    assert tokenizer.decode(ids) == " seventeen." and len(ids) <= 3  # trained on the task's text
-    assert (run_dir / "base_model" / "config.json").exists()
+    assert tokenizer.decode(ids) == " seventeen." and len(ids) <= 3  # trained on the task's text, prompts too
+    assert len(tokenizer("Problem 17: three plus four is")["input_ids"]) <= 8
+    # the base model's weights are the stage's seed's
+    same, other = (build_tiny_model(tmp_path / f"seed{seed}", seed=seed, corpus=[r["prompt"] + r["response"] for r in
+                                                                              written["corpus"]]) for seed in (4, 5))
+    weights = lambda path: safetensors.numpy.load_file(path / "model.safetensors")  # noqa: E731
+    base = weights(run_dir / "base_model")
+    assert all(np.array_equal(base[k], v) for k, v in weights(same).items())
+    assert not all(np.array_equal(base[k], v) for k, v in weights(other).items())

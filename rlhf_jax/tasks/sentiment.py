@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 
+from rlhf_jax.errors import UserError
+
 THINGS = ["movie", "book", "hotel", "pizza", "phone", "song", "garden", "laptop", "museum", "coffee", "bike",
           "camera", "concert", "jacket", "lamp", "game"]
 POSITIVE = ["great", "lovely", "superb", "charming", "brilliant", "delightful", "excellent", "wonderful", "fresh",
@@ -114,8 +116,17 @@ def corpus(n: int, seed: int) -> list[dict]:
 
 
 def prompts(n: int, seed: int) -> list[dict]:
-    """Distinct prompts for PPO and (their held-out split) evaluation."""
+    """Distinct prompts for PPO and (their held-out split) evaluation; at most 999 per thing."""
     rng = np.random.default_rng(seed)
-    pairs = sorted({(int(rng.integers(1, 1000)), str(rng.choice(THINGS))) for _ in range(4 * n)})
+    if n > 999 * len(THINGS):
+        raise UserError(f"task.prompts={n}: the sentiment task has at most {999 * len(THINGS)} distinct prompts")
+
+    def draw():
+        return int(rng.integers(1, 1000)), str(rng.choice(THINGS))
+
+    found = {draw() for _ in range(4 * n)}
+    while len(found) < n:  # only near the limit
+        found.add(draw())
+    pairs = sorted(found)
     chosen = rng.permutation(len(pairs))[:n]
     return [{"prompt": prompt_for(*pairs[i])} for i in sorted(chosen)]
