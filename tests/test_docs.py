@@ -1,5 +1,6 @@
 """The documentation stays true: the configuration reference is the one generated from the config schema, every
-relative link in the README and docs/ leads to a file, and the README stays a front door of at most 200 lines."""
+config key it names exists, every relative link in the README and docs/ leads to a file, and the README stays a
+front door of at most 200 lines."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 from pathlib import Path
 
 from rlhf_jax import config_reference
+from rlhf_jax.config import Config
+from rlhf_jax.typed_yaml import _all_keys
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -40,6 +43,21 @@ def test_every_relative_link_points_to_an_existing_file():
             if not path.exists():
                 missing.append(f"{page.relative_to(REPO)}: {target}")
     assert not missing, "links to files that do not exist:\n" + "\n".join(missing)
+
+
+# `section.key`, `section.key: value` or `section.key=value` in running text
+DOTTED = re.compile(r"`([a-z_]+(?:\.[a-z0-9_]+)+)(?:[:=][^`]*)?`")
+FILE_NAME = re.compile(r"\.(py|md|json|jsonl|yaml|db|txt|sh|png|safetensors)$")
+
+
+def test_every_config_key_the_docs_name_exists():
+    """Users copy keys from the docs into configs and overrides: a renamed or removed key must not live on there.
+    Code is named by its package path (`rl.ppo.rollout`), which starts with no section's name."""
+    keys = set(_all_keys(Config))
+    sections = {k for k in keys if "." not in k}
+    unknown = [f"{page.relative_to(REPO)}: {key}" for page in PAGES for key in DOTTED.findall(page.read_text())
+               if key.split(".")[0] in sections and key not in keys and not FILE_NAME.search(key)]
+    assert not unknown, "config keys that do not exist:\n" + "\n".join(unknown)
 
 
 def test_readme_is_at_most_200_lines():
