@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -62,7 +63,9 @@ def test_next_rank_skip_and_stats_answer_the_pinned_shapes(client, task):
     assert stats["rankings"] == 1 and stats["labelers"]["ann"]["skips"] == 1 and stats["flags"]["harmful"] == 1
     page = client.get("/")
     assert page.status_code == 200 and "Rank the responses" in page.text
-    assert page.headers["content-security-policy"] == "default-src 'self'"
+    # nothing from elsewhere, and never inside another site's frame (whose clicks would be the labeler's)
+    assert page.headers["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'"
+    assert page.headers["x-frame-options"] == "DENY"
     assert "http" not in page.text.lower().replace('http-equiv', '')  # nothing loaded from elsewhere
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
 
@@ -196,6 +199,7 @@ def test_a_body_nested_too_deeply_is_a_400(client, task):
     ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403, "the API answers only"),
     ({"Content-Type": "application/json", "Origin": "http://testserver:8888"}, 403, "the API answers only"),
     ({"Content-Type": "application/json", "Origin": "null"}, 403, "the API answers only"),
+    ({"Content-Type": "application/json", "Origin": "http://["}, 403, "the API answers only"),  # not a URL
     ({"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"}, 403, "the API answers only"),
     ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "the API answers only"),
 ])
@@ -223,6 +227,9 @@ def test_a_loopback_server_answers_only_to_loopback_names(task):
     for url in ("http://evil.example:8000", "http://127.0.0.1.evil.example"):
         answer = TestClient(app, base_url=url).get("/api/next", params={"labeler": "bob"})
         assert answer.status_code == 403 and "is not this server's" in answer.json()["error"], url
+    for host in ("[::1", "127.0.0.1:x:y]"):  # not a host[:port] at all
+        answer = TestClient(app).get("/", headers={"Host": host})
+        assert answer.status_code == 403 and "is not this server's" in answer.json()["error"], host
     assert served_names("0.0.0.0") is None  # reached by names it cannot know: the token guards it
     # bound to another loopback address, the server answers at the URL it prints
     app = make_app(LabelService(task, target=10, overlap=0.0), hosts=served_names("127.8.0.1"))
@@ -307,6 +314,17 @@ def test_serve_user_errors_are_one_line_with_exit_2(task, flags, message):
     task.set_meta("target", 1)
     rc, _, err = run_quietly(label_cli.main, ["serve", task.path.parent, "--port", _free_port(), *flags])
     assert rc == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_a_target_no_labeler_can_reach_is_one_line_with_exit_2(task):
+    """10 prompts, each ranked by one labeler when none is shared: the server would wait for ever (a process of its
+    own, stopped by the timeout if it served)."""
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.label", "serve", str(task.path.parent), "--port", "0",
+                           "--target", "11", "--overlap", "0"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: --target 11: at most 10 rankings can be stored, one per prompt, when no prompt is shared "
+        "(--overlap 0); lower the target or share prompts"], proc.stderr
 
 
 def test_an_address_not_of_this_machine_is_one_line_with_exit_2(task):
@@ -396,6 +414,45 @@ def test_serve_stops_at_the_target_with_exit_0_and_on_sigterm_with_exit_4(task, 
     assert err.strip().splitlines()[-1] == (f"label: stopped with 2/10 rankings stored in {task.path}; serve again to "
                                             "continue, or run the label step with label.finish=true to write the "
                                             "dataset")
+
+
+def test_a_target_beyond_the_prompts_is_reachable_with_shared_prompts(task):
+    """With one prompt in ten shared, every new labeler can add a ranking: any target can be met."""
+    from rlhf_jax.label.server import check_target
+
+    check_target(task, 10, 0.0)
+    check_target(task, 1000, 0.1)
+    with pytest.raises(UserError, match="label.target=11: at most 10 rankings"):
+        check_target(task, 11, 0.05)  # one in twenty: no prompt of ten is shared
+
+
+def _read_only(path, connect=sqlite3.connect):
+    """A connection to `path` that SQLite may only read: what it opens for a file this process may not write."""
+    return connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+
+
+def test_a_database_that_cannot_be_written_is_refused_at_start_and_stats_still_read_it(task, monkeypatch):
+    from rlhf_jax.label import store as store_module
+
+    task.save_ranking(Ranking("ann", 0, ((0,), (1, 2, 3)), {}, {}, None), 0.0)
+    task.set_meta("target", 1)  # met: a server that started would return 0 at once
+    monkeypatch.setattr(store_module.sqlite3, "connect", lambda path, **kw: _read_only(path))
+    rc, _, err = run_quietly(label_cli.main, ["serve", task.path.parent, "--port", "0"])
+    assert rc == 2 and err.strip() == f"error: {task.path}: cannot write it (attempt to write a readonly database)"
+    rc, out, err = run_quietly(label_cli.main, ["stats", task.path.parent])
+    assert rc == 0 and out.startswith("1 rankings of 1 by 1 labelers"), err
+
+
+def test_a_write_that_fails_is_a_503_that_saved_nothing_and_the_next_one_lands(task):
+    client = TestClient(make_app(LabelService(task, target=10, overlap=0.0)), raise_server_exceptions=False)
+    writable, task._conn = task._conn, _read_only(task.path)  # as on a full disk: the transaction's write fails
+    answer = client.post("/api/rankings", json=GOOD)
+    assert answer.status_code == 503 and answer.json() == {
+        "error": "label.db cannot be written (attempt to write a readonly database); nothing was saved"}
+    assert task.done() == 0 and not task._conn.in_transaction  # rolled back: the next answer can begin its own
+    task._conn.close()
+    task._conn = writable  # the disk has room again
+    assert client.post("/api/rankings", json=GOOD).json()["saved"] and task.done() == 1
 
 
 def test_an_unexpected_failure_is_a_json_500_that_saved_nothing(task):

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats.add_argument("--json", action="store_true", help="print the figures as JSON (what /api/stats returns)")
     args = ap.parse_args(argv)
     try:
-        store = Store(Path(args.run_dir) / DB)
+        store = Store(Path(args.run_dir) / DB, writable=args.command != "stats")
         try:
             if args.command == "stats":
                 return _stats(store, args.json)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import sqlite3
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -35,8 +36,9 @@ STATIC = Path(__file__).parent / "static"
 ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
 COOKIE = "label_token"
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'", "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+# Never inside another site's frame: a framed page's clicks would be the labeler's (its API calls are same-origin).
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'", "X-Frame-Options": "DENY",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 ROUTES = "/, /static/app.js, /static/style.css, /api/next, /api/rankings, /api/skip, /api/stats"
 
 
@@ -109,6 +111,8 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
 
 
 async def _failed(request: Request, error: Exception) -> Response:
+    if isinstance(error, sqlite3.OperationalError):  # the database cannot be written now: a full disk, an I/O error
+        return JSONResponse({"error": f"label.db cannot be written ({error}); nothing was saved"}, status_code=503)
     return JSONResponse({"error": f"internal error ({type(error).__name__}); nothing was saved"}, status_code=500)
 
 
@@ -163,15 +167,31 @@ class SameOrigin:
     def _refusal(self, scope) -> tuple[int, str] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "")
-        if self.hosts is not None and (urlsplit("//" + host).hostname or "") not in self.hosts:
+        if self.hosts is not None and _hostname(host) not in self.hosts:
             return 403, f"Host {host!r} is not this server's; open it as http://{self.hosts[0]}:PORT/"
         if not scope["path"].startswith("/api/"):
             return None  # the page may be opened from a link anywhere
         site = headers.get("sec-fetch-site", "same-origin")
         origin = headers.get("origin")
-        if site not in ("same-origin", "none") or (origin is not None and urlsplit(origin).netloc != host):
+        if site not in ("same-origin", "none") or (origin is not None and _netloc(origin) != host):
             return 403, "the API answers only the labeling page itself, not requests from another site's page"
         media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         if scope["method"] == "POST" and media_type != "application/json":
             return 415, f"the body must be sent as Content-Type: application/json, not {media_type or 'none'!r}"
+        return None
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header ('' when it is not a host[:port], such as an unclosed '[::1')."""
+    try:
+        return urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return ""
+
+
+def _netloc(origin: str) -> str | None:
+    """The host[:port] of an Origin header (None when it is not a URL)."""
+    try:
+        return urlsplit(origin).netloc
+    except ValueError:
         return None

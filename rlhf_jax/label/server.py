@@ -15,6 +15,7 @@ import uvicorn
 
 from rlhf_jax.errors import UserError, os_reason
 from rlhf_jax.label.app import make_app
+from rlhf_jax.label.assign import is_shared
 from rlhf_jax.label.service import Goal, LabelService
 from rlhf_jax.label.store import Store
 from rlhf_jax.runtime.progress import progress
@@ -59,9 +60,18 @@ def listen(host: str, port: int) -> socket.socket:
         raise UserError(f"label.host={host}: cannot listen there ({os_reason(e)})") from None
 
 
+def check_target(store: Store, target: int, overlap: float) -> None:
+    """A target the task can reach: without shared prompts each prompt is ranked once, by one labeler."""
+    n = len(store.prompts)
+    if target > n and not any(is_shared(i, overlap) for i in range(n)):
+        raise UserError(f"label.target={target}: at most {n} rankings can be stored, one per prompt, when no prompt "
+                        f"is shared (label.overlap={overlap:g}); lower the target or share prompts")
+
+
 def serve(store: Store, host: str, port: int, token: str, target: int, overlap: float) -> bool:
     """Serve the app on host:port until the Goal of `target` is reached (True) or SIGTERM/SIGINT (False)."""
     check_binding(host, token)
+    check_target(store, target, overlap)
     goal = Goal(store, target)
     if goal.done() >= goal.total:
         return True

@@ -88,7 +88,9 @@ def create(path: Path, prompts: list[tuple[str, bool, list[tuple[str, list[dict]
 class Store:
     """An open label.db: the task read once, and the answers read and written under one lock."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writable: bool = True):
+        """`writable`: refuse at once, in one line, a database this process cannot write (a read-only file or
+        directory, a lock another program holds), rather than every answer later."""
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: no labeling task (the label stage with label.labeler=people writes it)")
@@ -101,6 +103,14 @@ class Store:
             self._conn.execute("PRAGMA busy_timeout=10000")
             self.meta = {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
             self.prompts = self._read_task()
+            if writable:  # a write, rolled back: SQLite opens a file it may not write read-only and says so at a write
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+                finally:
+                    self._conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as e:  # permissions, locks, I/O: the file may well be a fine task
+            raise UserError(f"{self.path}: cannot {'write' if writable else 'read'} it ({e})") from None
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path}: not a labeling database ({e})") from None
         if self.meta.get("schema_version") != SCHEMA_VERSION:
@@ -193,11 +203,13 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self):
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK when the block raises: nothing of a failed answer is written."""
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK when the block or the commit fails (a full disk): nothing of a
+        failed answer is written."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite may have rolled back a failed commit itself
+                self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
