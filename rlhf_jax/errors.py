@@ -9,6 +9,7 @@ Exit statuses (documented in docs/reliability.md):
 """
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -92,6 +93,12 @@ def os_error_message(error: OSError) -> str:
     """'<path>: <what the OS said>' for an OSError, on one line."""
     where = error.filename if error.filename is not None else "?"
     return f"{where}: {os_reason(error)}".replace("\n", " ")
+
+
+def json_error(e: json.JSONDecodeError, offset: int = 0) -> str:
+    """'invalid JSON (Expecting value at column 13)': Python's message with the column in the line (`offset`:
+    characters before the parsed text), once, where Python's own ends in 'starting at'."""
+    return f"invalid JSON ({e.msg.removesuffix(' at')} at column {offset + e.pos + 1})"
 
 
 _KEY = re.compile(r"(')?(?<![\w./-])([A-Za-z_][\w.]*\w)(?![\w./-])(')?(=)?")

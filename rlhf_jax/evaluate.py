@@ -38,6 +38,7 @@ def config_from_flags(args: argparse.Namespace) -> Config:
 
 # The config keys config_from_flags fills, as the flags that set them: errors name what the user typed.
 FLAGS = {"run_dir": "--out", "eval.out": "--out", "seed": "--seed", "mesh.shape": "--mesh-shape",
+         "eval.reference": "--reference", "eval.reward_model": "--reward-model",
          "model.dtype": "--dtype", "data.chat_template": "--chat-template",
          **{f"sampling.{k}": f"--{k.replace('_', '-')}" for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                                                    "batch_size", "max_prompt_tokens")},

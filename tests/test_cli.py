@@ -23,6 +23,7 @@ from compile_helpers import jit_forward
 from rlhf_jax import convert as convert_cli
 from rlhf_jax import generate as generate_cli
 from rlhf_jax import main as main_cli
+from rlhf_jax.errors import UserError
 from rlhf_jax.models.generation import read_prompts
 from rlhf_jax.models.tiny import build_tiny_model, bundled_prompts
 
@@ -260,6 +261,9 @@ def test_prompt_files_of_any_json_suffix_case_are_jsonl_and_a_bom_is_not_text(tm
         assert read_prompts(tmp_path / name) == ["a"], name
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello\n")
     assert read_prompts(tmp_path / "bom.txt") == ["hello"]
+    (tmp_path / "open.jsonl").write_text('{"prompt": "a\n')
+    with pytest.raises(UserError, match=r"open.jsonl:1: invalid JSON \(Unterminated string starting at column 12\)$"):
+        read_prompts(tmp_path / "open.jsonl")
 
 
 def test_error_invalid_json_prompt_line(capsys, hf_dir, workdir):

@@ -401,13 +401,15 @@ def test_json_array_file_is_refused_in_one_line(tmp_path):
 
 def test_json_error_column_is_that_of_the_raw_line(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n  {"prompt": }\n\xef\xbb\xbf{"prompt": ]\n{"prompt": "b"\n')
-    first, second, third, fourth = read_all("jsonl_prompts", str(path))
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n  {"prompt": }\n\xef\xbb\xbf{"prompt": ]\n{"prompt": "b"\n'
+                     b'{"prompt": "c\n')
+    first, second, third, fourth, fifth = read_all("jsonl_prompts", str(path))
     assert first.record == {"prompt": "a", "metadata": ""}  # a byte order mark is not an error
     assert str(second.error) == f"{path}:2: invalid JSON (Expecting value at column 14)"  # leading spaces count
     assert str(third.error) == f"{path}:3: invalid JSON (Expecting value at column 13)"  # and so does the BOM
     # an object left open: the error is at the end of its own line, not at column 1 of the next
     assert str(fourth.error) == f"{path}:4: invalid JSON (Expecting ',' delimiter at column 15)"
+    assert str(fifth.error) == f"{path}:5: invalid JSON (Unterminated string starting at column 12)"  # 'at' once
 
 
 def test_invalid_utf8_is_one_bad_row(tmp_path):

@@ -170,6 +170,8 @@ def test_the_out_directory_of_a_training_run_is_refused(inputs):
     (["--policy", "{rm}"], "a reward/value model (scalar head), expected a policy"),
     (["--policy", "{sft}", "--reward-model", "{sft}"], "a language model, expected a reward model"),
     (["--policy", "{root}/missing"], "does not exist"),
+    (["--policy", "{sft}", "--reference", "{root}/missing"], "error: --reference {root}/missing: does not exist"),
+    (["--policy", "{sft}", "--reward-model", "{root}/missing"], "error: --reward-model {root}/missing: does not exist"),
     (["--policy", "{ppo}", "--step", "7"], "no complete checkpoint of step 7"),
     (["--policy", "{root}/rm_run"], "a training run of a reward model, not a policy"),
     (["--policy", "{sft}", "--prompts", "{data}/rankings"], "a 'rankings' dataset, expected one of kind 'prompts'"),

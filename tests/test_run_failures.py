@@ -192,8 +192,8 @@ def _value_at(config: dict, key: str):
 MUST_REFUSE = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data.name", "data.train_split",
                "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model",
                "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function",
-               "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference", "lora.alpha",
-               "ppo.ptx_dataset", "ppo.ptx_batch_size")
+               "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference", "lora.alpha", "lora.rank",
+               "lora.targets", "lora.also_train", "ppo.ptx_dataset", "ppo.ptx_batch_size")
 
 
 @pytest.mark.parametrize("key", MUST_REFUSE)

@@ -306,8 +306,8 @@ def test_sft_records_its_start_model(sft_run, inputs):
 
 def test_a_finished_run_reruns_to_its_end_and_another_shape_of_state_is_refused(sft_run, tmp_path):
     """The same command again resumes at its last step and finishes; a setting that changes the saved state's
-    shapes (LoRA adapters instead of whole weights) is one line naming a parameter, the run left as it was; and a
-    state with a non-finite value is never saved."""
+    shapes (LoRA adapters instead of whole weights) is one line naming its key and a parameter, the run left as it
+    was; and a state with a non-finite value is never saved."""
     from rlhf_jax.config import load_config
     from rlhf_jax.errors import DivergedError
     from rlhf_jax.training.run import Run
@@ -317,7 +317,7 @@ def test_a_finished_run_reruns_to_its_end_and_another_shape_of_state_is_refused(
     assert rc == 0 and f"resumed from {run_dir / 'checkpoints'} at step 3" in err, err[-2000:]
     config = (run_dir / "config.json").read_text()
     rc, _, err = run_quietly(main_cli.main, [*sft_run["args"], "train.steps=4", "lora.rank=4"])
-    assert rc == 2 and "(step 3) with this config: " in _last_line(err) and "parameter" in _last_line(err), err
+    assert rc == 2 and "(step 3) with this config: lora.rank=0 (now 4), parameter" in _last_line(err), err
     assert (run_dir / "config.json").read_text() == config
     run = Run(load_config(None, [*sft_run["args"], "train.steps=4"]), tmp_path / "run", "sft")
     with pytest.raises(DivergedError, match="diverged at step 1: the parameters hold non-finite values"):

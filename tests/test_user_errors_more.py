@@ -243,6 +243,11 @@ def test_a_reward_model_given_as_a_policy_is_named_by_its_flag_or_key(workdir, t
     assert rc == 2 and _last_line(err) == (f"error: model.path={reward_model}: a reward/value model (scalar head), "
                                            "expected a policy")
     assert not run_dir.exists()
+    missing = workdir / "no_such_model"  # the key that gave the path, as dpo.reference's and the others' errors
+    for stage in ("sft", "generate"):
+        rc, _, err = run_quietly(main_cli.main, [f"stage={stage}", f"run_dir={run_dir}", f"model.path={missing}",
+                                                 f"data.dir={data_dir}", "data.name=rep", "train.steps=1"])
+        assert rc == 2 and _last_line(err) == f"error: model.path={missing}: does not exist", (stage, err)
 
 
 def test_an_unusable_run_dir_names_the_key_and_the_reason(workdir, tiny):

@@ -120,13 +120,13 @@ class Evaluator:
     def __init__(self, cfg: Config, prompts: list[str], gold_fn: Callable | None, mesh):
         e, s = cfg.eval, cfg.sampling
         self.prompts, self.gold_fn, self.gold_spec = prompts, gold_fn, e.gold
-        reward = load_model(e.reward_model) if e.reward_model else None
+        reward = load_model(e.reward_model, key="eval.reward_model") if e.reward_model else None
         if reward is not None and reward.head != "scalar":
             raise UserError(f"eval.reward_model={e.reward_model}: a language model, expected a reward model "
                             "export (scalar head)")
         if reward is not None:
             check_role(reward, f"eval.reward_model={e.reward_model}", "reward")
-        self.reference = load_model(e.reference, need_tokenizer=True)
+        self.reference = load_model(e.reference, need_tokenizer=True, key="eval.reference")
         if self.reference.head != "lm":
             raise UserError(f"eval.reference={e.reference}: {SCALAR_NOT_POLICY}")
         if reward is not None:

@@ -186,28 +186,34 @@ def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
     return cfg, head, extra
 
 
-def load_model(path: str | os.PathLike, need_tokenizer: bool = False) -> LoadedModel:
+def load_model(path: str | os.PathLike, need_tokenizer: bool = False, key: str = "") -> LoadedModel:
     """Load a rlhf_jax model checkpoint or a HF checkpoint dir as numpy params (placed on a mesh by the caller).
     Its tokenizer_dir is None when it has no tokenizer (refused with `need_tokenizer`); a tokenizer with more ids
-    than vocab_size is refused."""
-    return _read_model(path, need_tokenizer, _load_model)
+    than vocab_size is refused. `key`: the config key that gave `path`, which its one-line errors then name."""
+    return _read_model(path, need_tokenizer, _load_model, key)
 
 
-def model_meta(path: str | os.PathLike, need_tokenizer: bool = False) -> LoadedModel:
+def model_meta(path: str | os.PathLike, need_tokenizer: bool = False, key: str = "") -> LoadedModel:
     """A model directory without its weights (params None): config, head, tokenizer directory and extras read
     from its metadata alone, with load_model's errors for what is not a model directory."""
-    return _read_model(path, need_tokenizer, _model_meta)
+    return _read_model(path, need_tokenizer, _model_meta, key)
 
 
-def _read_model(path, need_tokenizer: bool, read) -> LoadedModel:
+def _read_model(path, need_tokenizer: bool, read, key: str = "") -> LoadedModel:
     try:
-        _refuse_non_model(Path(path))
-        loaded = read(Path(path).resolve())
-    except OSError as e:  # an unreadable file or directory
-        raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
-    if need_tokenizer and loaded.tokenizer_dir is None:
-        raise CheckpointError(f"{path}: has no tokenizer files (tokenizer.json, vocab.json or tokenizer.model); "
-                              "training and generation need them")
+        try:
+            _refuse_non_model(Path(path))
+            loaded = read(Path(path).resolve())
+        except OSError as e:  # an unreadable file or directory
+            raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
+        if need_tokenizer and loaded.tokenizer_dir is None:
+            raise CheckpointError(f"{path}: has no tokenizer files (tokenizer.json, vocab.json or tokenizer.model); "
+                                  "training and generation need them")
+    except UserError as e:
+        if key:  # `/x: does not exist` -> `model.path=/x: does not exist`
+            text = str(e)
+            e.args = (f"{key}={text}" if text.startswith(f"{path}:") else f"{key}={path}: {text}",)
+        raise
     return loaded
 
 

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, json_error
 from rlhf_jax.models.checkpoint import LoadedModel
 from rlhf_jax.models.sampling import SamplingParams, sample
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, load_tokenizer
@@ -47,7 +47,7 @@ def read_prompts(path: str | Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PromptFileError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.pos + 1})") from None
+                raise PromptFileError(f"{path}:{n}: {json_error(e)}") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise PromptFileError(f'{path}:{n}: expected an object with a string "prompt" field')
             line = row["prompt"]

@@ -70,13 +70,16 @@ class Planner:
         cfg, notes, models = step.cfg, [], []
         mesh = sharding.mesh_from_config(cfg.mesh)
 
-        def source(path: str, what: str, head: str, kind: str | None = None) -> ModelConfig:
-            """The architecture at `path`, which the stage builds with `head`; `kind`: the head the checkpoint
-            itself must have (a reward or value model's scalar one, a policy's LM one), as the stage checks."""
+        def source(path: str, what: str, head: str, kind: str | None = None, key: str = "") -> ModelConfig:
+            """The architecture at `path` (config key `key`, default `what`), which the stage builds with `head`;
+            `kind`: the head the checkpoint itself must have (a reward or value model's scalar one, a policy's LM
+            one), as the stage checks."""
             try:
                 found = self.models.resolve(path, cfg.run_dir)
-            except checkpoint.CheckpointError:
+            except checkpoint.CheckpointError as e:
                 if head != "scalar" or not models:
+                    if str(e).startswith(f"{path}:"):  # named by its key, as the run names it
+                        e.args = (f"{key or what}={e}",)
                     raise
                 found = ModelSource(models[0][0], "scalar", origin=f"{path} does not exist: the policy's "
                                     "architecture with a scalar head")
@@ -93,7 +96,7 @@ class Planner:
 
         B, P, R = cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
         if cfg.stage in ("sft", "rm", "dpo"):
-            model_cfg = source(cfg.model.path, "model", "scalar" if cfg.stage == "rm" else "lm")
+            model_cfg = source(cfg.model.path, "model", "scalar" if cfg.stage == "rm" else "lm", key="model.path")
             check_positions(model_cfg, P + R, "data.max_prompt_tokens + data.max_response_tokens")
             eval_batch_size(cfg, mesh)  # as the stage checks it, before it loads anything
             K = response_slots(cfg, self.steps) if cfg.stage != "sft" else 0
@@ -103,7 +106,7 @@ class Planner:
                 before = lambda c: reference_scoring_program(c, model_cfg, mesh, K)
             return Program(step, lambda c: train_step_program(c, model_cfg, mesh, K), batch, notes, models, mesh,
                            before)
-        policy = source(cfg.model.path, "policy", "lm", "lm")
+        policy = source(cfg.model.path, "policy", "lm", "lm", key="model.path")
         sampled = "data.max_prompt_tokens + sampling.max_new_tokens"
         check_positions(policy, P + cfg.sampling.max_new_tokens, sampled)
         if cfg.stage in ("grpo", "rloo"):

@@ -36,7 +36,8 @@ def run_generate(cfg: Config, run_dir: Path) -> dict:
     mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")  # before a model loads
     prompts = read_prompts(cfg.generate.prompt_file) if cfg.generate.prompt_file else bundled_prompts()
-    gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True), mesh,
+    gen = Generator(load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True,
+                               key="model.path" if cfg.model.path else ""), mesh,
                     SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                     cfg.model.dtype, cfg.data.chat_template, where=f"model.path={cfg.model.path}")
     if primary:

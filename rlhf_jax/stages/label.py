@@ -103,7 +103,8 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
     samples: list[list[tuple[str, dict]]] = [[] for _ in prompts]
     repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
     for i, path in enumerate((cfg.model.path, *cfg.label.policies)):
-        generator = Generator(load_model(path, need_tokenizer=True), mesh,
+        generator = Generator(load_model(path, need_tokenizer=True,
+                                         key="model.path" if i == 0 else "label.policies"), mesh,
                               SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
                               cfg.model.dtype, cfg.data.chat_template,
                               where=f"model.path={path}" if i == 0 else f"label.policies: {path}")

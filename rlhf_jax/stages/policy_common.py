@@ -66,20 +66,11 @@ def check_own_samples(s, stage: str) -> None:
 
 def scalar_model(path: str, key: str, *roles: str) -> LoadedModel:
     """A scalar-head model of one of `roles` (when its export records one)."""
-    loaded = _load_named(path, key)
+    loaded = load_model(path, key=key)
     if loaded.head != "scalar":
         raise UserError(f"{key}={path}: a language model, expected a scalar-head (reward/value) export")
     check_role(loaded, f"{key}={path}", *roles)
     return loaded
-
-
-def _load_named(path: str, key: str) -> LoadedModel:
-    """load_model, whose one-line errors name the config key that gave the path."""
-    try:
-        return load_model(path)
-    except UserError as e:
-        text = str(e)
-        raise UserError(f"{key}={text}" if text.startswith(f"{path}:") else f"{key}={path}: {text}") from None
 
 
 def reference_params(path: str, key: str, loaded: LoadedModel, policy_model, policy_params: dict,
@@ -90,7 +81,7 @@ def reference_params(path: str, key: str, loaded: LoadedModel, policy_model, pol
     if not path:
         return policy_params
     where = f"{key}={path}"
-    reference = _load_named(path, key)
+    reference = load_model(path, key=key)
     if reference.head != "lm":
         raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
     check_role(reference, where, "policy")

@@ -22,8 +22,9 @@ REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data
            "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function",
            # the KL's (DPO's) reference: another one is another objective
            "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference",
-           # the adapters' scale: the saved adapters would mean another model (and every checkpoint read with it)
-           "lora.alpha",
+           # the adapters' scale: the saved adapters would mean another model (and every checkpoint read with it);
+           # what LoRA trains changes the saved state's shapes, refused by them too but then named by parameter
+           "lora.alpha", "lora.rank", "lora.targets", "lora.also_train",
            # PPO-ptx's data: the saved position counts batches of this dataset of this size
            "ppo.ptx_dataset", "ppo.ptx_batch_size")
 # Keys whose switch between 0 and another value changes what the checkpoint holds: clipping's optimizer state,

@@ -57,7 +57,8 @@ def check_lora(cfg: Config) -> None:
 def load_for_training(cfg: Config, run_dir: Path, head: str):
     """(loaded checkpoint, tokenizer, model with `head`, and adapters with `lora.rank`) of cfg.model.path (the
     tiny built-in model when empty)."""
-    loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True)
+    loaded = load_model(resolve_model_path(cfg.model.path, run_dir, cfg.seed), need_tokenizer=True,
+                        key="model.path" if cfg.model.path else "")
     if head == "lm" and loaded.head != "lm":
         where = f"model.path={cfg.model.path}"
         check_role(loaded, where, "policy")  # what it is, when its export recorded that

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rlhf_jax.data.formats import download, rows
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, json_error
 
 _BOM = "\ufeff"
 _PARQUET_BATCH_ROWS = 1024
@@ -113,7 +113,7 @@ def _parse_line(line: bytes) -> dict:
         # without its newline, which would put an error at the line's end at column 1 of a line after it
         obj = json.loads(text[bom:].rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise rows.Invalid("invalid_json", f"invalid JSON ({e.msg} at column {bom + e.pos + 1})") from None
+        raise rows.Invalid("invalid_json", json_error(e, bom)) from None
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits, arrays nested too deep
         raise rows.Invalid("invalid_json", f"invalid JSON ({str(e).splitlines()[0][:80]})") from None
     if not isinstance(obj, dict):
