@@ -45,8 +45,6 @@ def test_gold_is_the_mean_adjective_valence():
     assert len(set(v.values())) == len(v) == 30  # distinct: two different reviews rarely tie
 
 
-
-
 def test_the_corpus_is_well_formed_reviews_of_every_sentiment():
     """Pretraining text and, for SFT, the neutral writer's demonstrations: reviews of the prompt's thing with two
     different adjectives drawn from every sentiment (so RLHF has a preference left to learn)."""
