@@ -737,6 +737,7 @@ def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch):
         plugins.function("rf_raises:f", "k")
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a value beyond float32 is reported, not warned about too
 def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
     """What the callback does with a function that raises, returns the wrong length, strings, or NaN: zeros
     back to the program, the first problem kept for the host loop."""

@@ -289,7 +289,8 @@ class RewardFunction:
                             "per response")
         if rewards.size != n:
             raise UserError(f"{self.who} returned {rewards.size} values for {n} responses")
-        bad = np.flatnonzero(~np.isfinite(rewards.astype(np.float32)))  # 1e39 is finite, not in float32
+        with np.errstate(over="ignore"):  # 1e39 is finite, not in float32: reported below, not warned about
+            bad = np.flatnonzero(~np.isfinite(rewards.astype(np.float32)))
         if bad.size:
             raise UserError(f"{self.who} returned {bad.size} values for {n} responses that are not finite in "
                             f"float32 (the first: {rewards[bad[0]]} for response {bad[0]})")
