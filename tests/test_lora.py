@@ -99,8 +99,10 @@ def test_peft_loads_our_adapter_on_the_transformers_model_with_our_merged_logits
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("error:Model has `tie_word_embeddings=True`:UserWarning")  # PEFT's, untied adapters
 def test_a_tied_models_trained_embedding_reaches_its_head_through_peft(tmp_path):
-    """PEFT gives a saved embedding to the input alone, untying it from the LM head: the head is saved too."""
+    """PEFT gives a saved embedding to the input alone, untying it from the LM head: the head is saved too, and
+    the adapter asks PEFT to keep the two tied (`ensure_weight_tying`), so that it loads without PEFT's warning."""
     from rlhf_jax.models.hf_weights import whole_weights_to_hf
 
     base_dir, adapter_dir, merged_dir = _hf_dirs(tmp_path, "llama_tied")
@@ -111,8 +113,8 @@ def test_a_tied_models_trained_embedding_reaches_its_head_through_peft(tmp_path)
     trained = {"embed": params["embed"] + 0.3 * np.random.default_rng(0).standard_normal(params["embed"].shape)}
     saved = whole_weights_to_hf(jax.tree.map(np.float32, trained), cfg)
     lora.write_adapter(adapter_dir, adapters, cfg, spec, base_model=str(base_dir), saved_modules=saved)
-    assert json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())["modules_to_save"] == ["embed_tokens",
-                                                                                           "lm_head"]
+    config = json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"] and config["ensure_weight_tying"] is True
     hf.write_hf(merged_dir, jax.device_get(lora.merge(lora.join(trained, params), adapters, cfg, spec)), cfg)
     _, theirs, ours = _logits(base_dir, adapter_dir, merged_dir)
     np.testing.assert_allclose(theirs, ours, atol=1e-4)

@@ -216,7 +216,7 @@ def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False, head
                                                                                    for t in spec.targets),
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
             "inference_mode": True,
-            "modules_to_save": saved or None}
+            "modules_to_save": saved or None, **({"ensure_weight_tying": True} if head_saved else {})}
 
 
 def write_adapter(out_dir: str | os.PathLike, adapters: dict, cfg: ModelConfig, spec: LoraSpec,
