@@ -76,6 +76,7 @@ def test_lora_sft_trains_and_checkpoints_only_the_adapters(lora_sft):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.filterwarnings("error:You have requested `ensure_weight_tying`:UserWarning")  # PEFT's: an untied model
 def test_lora_exports_are_the_merged_model_and_a_peft_adapter_with_its_logits(lora_sft, tiny):
     import peft
     import torch

@@ -203,10 +203,12 @@ def peft_tensors(adapters: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 PEFT_MODULES_TO_SAVE = {"norms": "norm", "embed": "embed_tokens", "lm_head": "lm_head"}
 
 
-def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False, head_saved: bool = False) -> dict:
+def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False, head_saved: bool = False,
+                tied: bool = False) -> dict:
     """adapter_config.json that `peft.PeftModel.from_pretrained` reads: a causal-LM adapter, or with `scalar_head`
     a sequence-classification one (a reward or value model) whose `score` head is saved whole; `head_saved`: the
-    LM head is saved whole too (a tied model's, beside its trained embedding)."""
+    LM head is saved whole too (trained, or a `tied` model's, beside its trained embedding: PEFT keeps the two
+    tied)."""
     names = [m for m in spec.also_train if not (scalar_head and m == "lm_head")]
     names += ["lm_head"] if head_saved and "lm_head" not in names else []
     saved = [PEFT_MODULES_TO_SAVE[m] for m in names] + (["score"] if scalar_head else [])
@@ -216,7 +218,7 @@ def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False, head
                                                                                    for t in spec.targets),
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
             "inference_mode": True,
-            "modules_to_save": saved or None, **({"ensure_weight_tying": True} if head_saved else {})}
+            "modules_to_save": saved or None, **({"ensure_weight_tying": True} if head_saved and tied else {})}
 
 
 def write_adapter(out_dir: str | os.PathLike, adapters: dict, cfg: ModelConfig, spec: LoraSpec,
@@ -229,5 +231,5 @@ def write_adapter(out_dir: str | os.PathLike, adapters: dict, cfg: ModelConfig, 
                **{f"base_model.model.{name}": np.ascontiguousarray(x) for name, x in (saved_modules or {}).items()}}
     fsio.save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS)
     config = peft_config(spec, base_model, scalar_head="score.weight" in (saved_modules or {}),
-                         head_saved="lm_head.weight" in (saved_modules or {}))
+                         head_saved="lm_head.weight" in (saved_modules or {}), tied=cfg.tie_embeddings)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
