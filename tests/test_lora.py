@@ -99,7 +99,8 @@ def test_peft_loads_our_adapter_on_the_transformers_model_with_our_merged_logits
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("error:Model has `tie_word_embeddings=True`:UserWarning")  # PEFT's, untied adapters
+# PEFT's warning for a tied layer in an adapter without ensure_weight_tying
+@pytest.mark.filterwarnings("error:Model has `tie_word_embeddings=True`:UserWarning")
 def test_a_tied_models_trained_embedding_reaches_its_head_through_peft(tmp_path):
     """PEFT gives a saved embedding to the input alone, untying it from the LM head: the head is saved too, and
     the adapter asks PEFT to keep the two tied (`ensure_weight_tying`), so that it loads without PEFT's warning."""
