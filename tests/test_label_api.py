@@ -149,7 +149,9 @@ def test_nothing_is_handed_out_or_stored_once_the_target_is_reached(task):
     late = client.post("/api/rankings", json=_ranking(task, "cid", 2))
     assert late.status_code == 409 and late.json()["error"].startswith("labeling is finished (2/2 rankings stored)")
     assert client.post("/api/rankings", json=_ranking(task, "ann", 0)).status_code == 200
-    assert len(task.rankings()) == 2
+    late = client.post("/api/skip", json={"labeler": "cid", "prompt_id": 2})
+    assert late.status_code == 409 and late.json()["error"].startswith("labeling is finished")
+    assert len(task.rankings()) == 2 and task.skips() == {}
 
 
 @pytest.mark.parametrize("method, path, body, status, message", [
@@ -237,6 +239,23 @@ def test_a_loopback_server_answers_only_to_loopback_names(task):
         == 200
 
 
+def test_behind_a_tls_proxy_the_page_can_save(task):
+    """A proxy sends the upstream's address as Host (nginx's default): the browser's Origin is the public name,
+    and its Sec-Fetch-Site, which no page can set, says the request is the page's own."""
+    app = make_app(LabelService(task, target=10, overlap=0.0), hosts=served_names("127.0.0.1"))
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    public = {"Origin": "https://label.example.org", "Content-Type": "application/json"}
+    answer = client.post("/api/rankings", json=GOOD, headers={**public, "Sec-Fetch-Site": "same-origin"})
+    assert answer.status_code == 200 and task.done() == 1
+    for site in ("cross-site", "same-site"):
+        answer = client.post("/api/skip", json={"labeler": "bob", "prompt_id": 1}, headers={**public,
+                                                                                            "Sec-Fetch-Site": site})
+        assert answer.status_code == 403, site
+    # a browser without Sec-Fetch-Site: its Origin must be the Host
+    assert client.post("/api/skip", json={"labeler": "bob", "prompt_id": 1}, headers=public).status_code == 403
+    assert task.skips() == {}
+
+
 def test_one_server_per_task(task):
     """Which unshared prompt is held for whom lives in the server's memory: a second server on the run dir would
     hand the same prompts out again."""
@@ -273,6 +292,12 @@ def test_with_a_token_every_request_must_carry_it(task):
     assert page.status_code == 200 and "httponly" in page.headers["set-cookie"].lower()
     assert client.get("/static/app.js").status_code == 200
     assert client.post("/api/rankings", json=GOOD).json()["saved"] and task.done() == 1
+    # cookies of other apps on this host come along; one that Python's SimpleCookie cannot parse hides nothing
+    client.cookies.clear()
+    for other in ('prefs={"a":1}', 'session="unterminated', "x=[1, 2]", "x=a\\b"):
+        answer = client.get("/api/stats", headers={"Cookie": f"{other}; label_token=s3cret"})
+        assert answer.status_code == 200, other
+    assert client.get("/api/stats", headers={"Cookie": 'prefs={"a":1}; label_token=nope'}).status_code == 401
 
 
 # -------------------------------------------------------------------------------------------------------- the CLI
@@ -301,11 +326,12 @@ def _free_port() -> int:
 @pytest.mark.parametrize("flags, message", [
     (["--host", "0.0.0.0"], "error: --host 0.0.0.0: other machines can reach it; set --token too"),
     (["--port", "70000"], "error: --port '70000': expected an integer from 0 to 65535"),
-    (["--target", "0"], "error: --target '0': expected an integer >= 1"),
+    (["--target", "-1"], "error: --target '-1': expected an integer >= 0 (0: every prompt ranked)"),
     (["--overlap", "nan"], "error: --overlap 'nan': expected a number from 0 to 1"),
     (["--overlap", "1.5"], "error: --overlap '1.5': expected a number from 0 to 1"),
-    (["--token", "p\u00e4ss"], "error: --token: expected printable ASCII without spaces"),  # a header's latin-1
-    (["--host", "0.0.0.0", "--token", "a b"], "error: --token: expected printable ASCII without spaces"),
+    (["--token", "p\u00e4ss"], "error: --token: expected letters, digits and . _ ~ - only"),  # a header's latin-1
+    (["--host", "0.0.0.0", "--token", "a b"], "error: --token: expected letters, digits and . _ ~ - only"),
+    (["--host", "0.0.0.0", "--token", "Zm9v+YmFy"], "error: --token: expected letters, digits and . _ ~ - only"),
 ])
 def test_serve_user_errors_are_one_line_with_exit_2(task, flags, message):
     """In-process on a task whose target is met: were a setting not checked, the server would return 0 at once

@@ -83,6 +83,7 @@ def test_rank_by_dragging_and_by_keyboard_skip_then_reload_resumes(page):
     page.keyboard.press("Tab")  # into A's rating, then its first flag
     page.keyboard.press("Tab")
     page.keyboard.press("Space")  # A fails to follow the instruction
+    expect(page.locator("#submit")).to_be_enabled()  # a moment after a prompt appears (see the double-click test)
     page.locator("#submit").focus()
     page.keyboard.press("Enter")
     expect(page.locator("#prompt")).to_have_text("prompt 2")
@@ -110,3 +111,28 @@ def test_rank_by_dragging_and_by_keyboard_skip_then_reload_resumes(page):
     expect(page.locator("#status")).to_have_text(f"Not saved: {refusal}")
     expect(page.locator("#prompt")).to_have_text("prompt 3")
     assert len(task.rankings()) == 2
+
+
+def test_a_double_click_ranks_only_the_prompt_the_labeler_saw(page):
+    """The second click of a double-click on Submit or Skip (here 150 ms after the first, when the next prompt is
+    already shown) must not store that prompt, unseen, in its shuffled order, nor skip it."""
+    page, db = page
+    page.fill("#name", "Ada")
+    page.click("text=Start")
+    expect(page.locator("#prompt")).to_have_text("prompt 0")
+    card(page, 2).focus()
+    page.keyboard.press("ArrowUp")
+    for button in ("#submit", "#skip"):
+        expect(page.locator(button)).to_be_enabled()
+        page.locator(button).scroll_into_view_if_needed()
+        box = page.locator(button).bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.click(x, y)
+        page.wait_for_timeout(150)
+        page.mouse.click(x, y)
+    expect(page.locator("#prompt")).to_have_text("prompt 2")
+    page.wait_for_timeout(500)
+    task = Store(db)
+    assert [(r.prompt_id, r.levels) for r in task.rankings()] == [(0, ((0,), (2,), (1,), (3,)))]
+    assert task.skips() == {"Ada": 1}
+    expect(page.locator("#prompt")).to_have_text("prompt 2")

@@ -8,6 +8,8 @@ import itertools
 import random
 import sqlite3
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,22 @@ def test_rankings_come_back_in_the_order_first_saved_and_the_database_is_durable
     # an acknowledged ranking is on disk: every commit synced, write-ahead logged
     assert task._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert task._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    task.close()
+
+
+def test_a_new_task_ignores_what_a_killed_server_left_beside_a_deleted_one(tmp_path):
+    """A server killed with -9 leaves label.db-wal; the operator deletes label.db to start over. SQLite would replay
+    that log onto the new database: the old ranking, of responses the new task does not have."""
+    db = tmp_path / "label.db"
+    killed = ("import os, sys; from pathlib import Path; from rlhf_jax.label import store; "
+              "store.create(Path(sys.argv[1]), [('old prompt', False, [('a', []), ('b', [])])], {}); "
+              "task = store.Store(Path(sys.argv[1])); "
+              "task.save_ranking(store.Ranking('ann', 0, ((0,), (1,)), {}, {}, None), 1.0); os._exit(0)")
+    subprocess.run([sys.executable, "-c", killed, str(db)], check=True, cwd=Path(__file__).parents[1])
+    assert (tmp_path / "label.db-wal").stat().st_size > 0
+    db.unlink()
+    task = make_task(db, prompts=2, responses=3)
+    assert task.rankings() == [] and [p.text for p in task.prompts.values()] == ["prompt 0", "prompt 1"]
     task.close()
 
 

@@ -3,9 +3,9 @@
   python -m rlhf_jax.label serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--token T] [--target N] [--overlap F]
   python -m rlhf_jax.label stats RUN_DIR [--json]
 
-serve: the web page where labelers rank, rate and flag responses, until --target rankings are stored, or by default
-every prompt is ranked when the label step's label.target is 0 (then exit
-0: rerun the label step to write the dataset) or Ctrl-C / SIGTERM (exit 4: serve again to continue). Binding an
+serve: the web page where labelers rank, rate and flag responses, until --target rankings are stored, or every
+prompt is ranked with --target 0 (by default the label step's label.target) (then exit 0: rerun the label step to
+write the dataset) or Ctrl-C / SIGTERM (exit 4: serve again to continue). Binding an
 address other than loopback needs --token; labelers then open http://HOST:PORT/?token=TOKEN.
 stats: rankings and median seconds per labeler, their pairwise agreement on shared prompts, and the flag counts.
 
@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --token)")
     serve.add_argument("--port", default="8000", help="port to bind; 0 picks a free one")
     serve.add_argument("--token", default="", help="a secret every request must carry (?token= or a Bearer header)")
-    serve.add_argument("--target", default=None, help="rankings to collect (default: the label step's)")
+    serve.add_argument("--target", default=None, help="rankings to collect, 0 = until every prompt is ranked "
+                       "(default: the label step's)")
     serve.add_argument("--overlap", default=None, help="fraction of prompts every labeler ranks (default: the "
                                                        "label step's)")
     stats = commands.add_parser("stats", help="print the labelers' agreement", description="Rankings and median "
@@ -65,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(store: Store, args) -> int:
     port = _number(args.port, int, "--port", lambda p: 0 <= p <= 65535, "an integer from 0 to 65535")
-    target = _number(args.target, int, "--target", lambda t: t >= 1, "an integer >= 1", store.meta.get("target", 0))
+    target = _number(args.target, int, "--target", lambda t: t >= 0, "an integer >= 0 (0: every prompt ranked)",
+                     store.meta.get("target", 0))
     overlap = _number(args.overlap, float, "--overlap", lambda f: 0 <= f <= 1, "a number from 0 to 1",
                       store.meta.get("overlap", 0.0))
     if server.serve(store, args.host, port, args.token, target, overlap):

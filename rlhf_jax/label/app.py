@@ -17,14 +17,13 @@ from __future__ import annotations
 import hmac
 import json
 import sqlite3
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import Request, cookie_parser
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -142,13 +141,9 @@ class TokenCheck:
         if scheme.lower() == "bearer" and value:
             found.append(value.strip())
         found += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
-        cookie = SimpleCookie()
-        try:
-            cookie.load(headers.get("cookie", ""))
-        except CookieError:  # a malformed cookie header carries no token
-            return found
-        if COOKIE in cookie:
-            found.append(cookie[COOKIE].value)
+        # Starlette's parser, as browsers do, reads past another site's cookie that SimpleCookie cannot parse
+        if (cookie := cookie_parser(headers.get("cookie", "")).get(COOKIE)) is not None:
+            found.append(cookie)
         return found
 
 
@@ -171,9 +166,12 @@ class SameOrigin:
             return 403, f"Host {host!r} is not this server's; open it as http://{self.hosts[0]}:PORT/"
         if not scope["path"].startswith("/api/"):
             return None  # the page may be opened from a link anywhere
-        site = headers.get("sec-fetch-site", "same-origin")
+        # A browser's own Sec-Fetch-Site is trusted alone: Host and Origin differ behind a TLS proxy that sends the
+        # upstream's address as Host. Origin against Host is for browsers that send no Sec-Fetch-Site.
+        site = headers.get("sec-fetch-site")
         origin = headers.get("origin")
-        if site not in ("same-origin", "none") or (origin is not None and _netloc(origin) != host):
+        if (site not in ("same-origin", "none") if site is not None else
+                origin is not None and _netloc(origin) != host):
             return 403, "the API answers only the labeling page itself, not requests from another site's page"
         media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         if scope["method"] == "POST" and media_type != "application/json":

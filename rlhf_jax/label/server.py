@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -41,9 +43,10 @@ def served_names(host: str) -> tuple[str, ...] | None:
 
 def check_binding(host: str, token: str) -> None:
     """Another machine may reach any address but loopback: then every request must carry a token, which travels
-    in a header, a URL and a cookie: printable ASCII without spaces."""
-    if token and not (token.isascii() and token.isprintable() and " " not in token):
-        raise UserError("label.token: expected printable ASCII without spaces (it travels in an HTTP header)")
+    in a header, a URL and a cookie, so it is made of the characters a URL carries as they are."""
+    if token and not TOKEN_CHARS.fullmatch(token):
+        raise UserError("label.token: expected letters, digits and . _ ~ - only (it travels in the page's URL, where "
+                        "+ & % # and the like change it; `openssl rand -hex 24` makes one)")
     if not is_loopback(host) and not token:
         raise UserError(f"label.host={host}: other machines can reach it; set label.token too (every request must "
                         "then carry it)")

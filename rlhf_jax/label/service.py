@@ -78,6 +78,8 @@ class LabelService:
         """POST /api/skip."""
         labeler, pid = validate.skip(body, self.store.prompts)
         with self._lock:
+            if self.goal.done() >= self.target:
+                raise ApiError(409, f"labeling is finished ({self.goal}): nothing more is stored")
             if not self.store.save_skip(labeler, pid, time.time()):
                 raise ApiError(409, f"prompt_id: prompt {pid} is ranked by {labeler}; a new ranking replaces it, "
                                     "a skip does not")

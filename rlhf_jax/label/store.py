@@ -63,7 +63,10 @@ def create(path: Path, prompts: list[tuple[str, bool, list[tuple[str, list[dict]
     """Write the task whole: `prompts` as (text, held_out, [(response text, sources), ...]) in the order they are
     shown, ids given in that order. Built beside `path` and renamed into place, so a crash leaves no half task."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    tmp.unlink(missing_ok=True)  # SQLite itself drops the journal of a crashed create() beside an empty file
+    if not path.exists():  # but replays a deleted task's write-ahead log onto the new one: its rankings
+        for leftover in (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")):
+            leftover.unlink(missing_ok=True)
     conn = sqlite3.connect(tmp, isolation_level=None)
     try:
         conn.execute("PRAGMA synchronous=FULL")

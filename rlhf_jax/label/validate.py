@@ -131,5 +131,5 @@ def _seconds(value) -> float | None:
     except OverflowError:
         seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
-        raise ApiError(422, f"seconds: expected a number >= 0, got {str(value)[:40]}")
+        raise ApiError(422, f"seconds: expected a number >= 0, got {repr(value)[:40]}")
     return seconds

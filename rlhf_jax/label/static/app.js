@@ -205,6 +205,26 @@ async function skip() {
   await loadNext();
 }
 
+// Submit and Skip answer one click per prompt: off while a request runs and for ARM_MS after it, so the second
+// click of a double-click cannot rank or skip the next prompt, which the labeler has not seen yet.
+const ARM_MS = 600;
+
+function setButtons(enabled) {
+  $("submit").disabled = !enabled;
+  $("skip").disabled = !enabled;
+}
+
+function once(action) {
+  return guarded(async () => {
+    setButtons(false);
+    try {
+      await action();
+    } finally {
+      setTimeout(() => setButtons(true), ARM_MS);
+    }
+  });
+}
+
 function guarded(action) {
   return async () => {
     try {
@@ -230,8 +250,8 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     guarded(() => start($("name").value))();
   });
-  $("submit").addEventListener("click", guarded(submit));
-  $("skip").addEventListener("click", guarded(skip));
+  $("submit").addEventListener("click", once(submit));
+  $("skip").addEventListener("click", once(skip));
   const saved = localStorage.getItem(NAME_KEY);
   if (saved) {
     $("name").value = saved;
