@@ -601,6 +601,29 @@ def test_hh_rows_of_one_prompt_become_one_element(tmp_path):
     assert stats == {"rows": 3, "prompts": 2, "pairs": 3, "inconsistent_pairs": 0, "prompts_without_pairs": 0}
 
 
+def test_each_labelers_ranking_of_a_prompt_is_its_own_element(tmp_path):
+    """InstructGPT: several labelers' rankings of one prompt are separate batch elements; a labeler's rows of one
+    prompt are one, and rows that name no labeler are grouped by prompt."""
+    path = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 1, 2], "labeler": "ann"},
+        {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [2, 1, 0], "labeler": "bob"},
+        {"prompt": "p", "chosen": "d", "rejected": "a", "labeler": "ann"},
+        {"prompt": "p", "chosen": "x", "rejected": "y"},
+        {"prompt": "p", "chosen": "y", "rejected": "z"},
+        {"prompt": "q", "chosen": "1", "rejected": "2", "labeler": "ann"}])
+    groups, stats = grouped("jsonl_rankings", path)
+    assert groups == [{"prompt": "p", "responses": ["a", "b", "c", "d"], "better": [0, 0, 1, 3], "worse": [1, 2, 2, 0]},
+                      {"prompt": "p", "responses": ["a", "b", "c"], "better": [1, 2, 2], "worse": [0, 0, 1]},
+                      {"prompt": "p", "responses": ["x", "y", "z"], "better": [0, 1], "worse": [1, 2]},
+                      {"prompt": "q", "responses": ["1", "2"], "better": [0], "worse": [1]}]
+    assert stats == {"rows": 6, "prompts": 2, "pairs": 10, "inconsistent_pairs": 0, "prompts_without_pairs": 0}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "y", "labeler": " "},
+                                               {"prompt": "p", "chosen": "x", "rejected": "y", "labeler": 3}])
+    assert [row.error.problem for row in read_rows("jsonl_rankings", [str(bad)])] == [
+        "field 'labeler' is empty; leave it out when no labeler is known",
+        "field 'labeler' must be a string, got an integer"]
+
+
 def test_repeated_and_inconsistent_pairs_are_kept_and_counted(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
                                               {"prompt": "Q", "chosen": "a", "rejected": "b"},

@@ -145,6 +145,8 @@ def test_people_rank_through_the_api_until_the_target_and_the_rm_dataset_is_writ
     rows = {split: _rows(data_dir, split) for split in ("train", "eval")}
     expected_pairs = sum(len(a) * len(b) for *_, order, _ in posted for i, a in enumerate(order) for b in order[i + 1:])
     assert sum(len(r["better"]) for split in rows.values() for r in split) == expected_pairs == summary["pairs"]
+    # a shared prompt's rankings by the two labelers stay two batch elements
+    assert len({p[1] for p in posted}) < len(posted) == sum(len(split) for split in rows.values())
     ranked_held_out = {p[1] for p in posted if p[1] in HELD_OUT}
     assert ranked_held_out and {_text(r["prompt"]) for r in rows["eval"]} == ranked_held_out
     assert {_text(r["prompt"]) for r in rows["train"]} == {p[1] for p in posted} - HELD_OUT

@@ -80,22 +80,25 @@ RANKINGS_LAYOUT = "pairs"
 
 
 def group_comparisons(records: Iterable[dict]) -> tuple[list[dict], dict]:
-    """Canonical ranking records -> (one element per prompt, counts), so that all the comparisons of a prompt
-    train as one batch element. An element is {"prompt", "responses" (unique, first-seen order), "better",
-    "worse"}. Repeated pairs are kept (agreeing labelers count twice), and so are inconsistent ones (A > B and
-    B > A); a prompt left without pairs is left out. Nothing is dropped uncounted. (A row with two identical
-    responses never gets here: the importers refuse it, or skip and count it as `identical_responses`.)"""
-    groups: dict[str, dict] = {}
-    index: dict[str, dict[str, int]] = {}  # per prompt: response text -> position in its "responses"
+    """Canonical ranking records -> (one element per prompt and labeler, counts), so that all the comparisons of
+    one labeler's ranking train as one batch element, as InstructGPT's do: rows without a "labeler" (pairwise
+    datasets such as HH-RLHF and TL;DR, one comparison per row) are grouped by prompt alone, and several labelers'
+    rankings of one prompt stay separate elements. An element is {"prompt", "responses" (unique, first-seen
+    order), "better", "worse"}. Repeated pairs are kept, and so are inconsistent ones (A > B and B > A); an
+    element left without pairs is left out. Nothing is dropped uncounted. (A row with two identical responses
+    never gets here: the importers refuse it, or skip and count it as `identical_responses`.)"""
+    groups: dict[tuple, dict] = {}
+    index: dict[tuple, dict[str, int]] = {}  # per element: response text -> position in its "responses"
     rows = 0
     for record in records:
         rows += 1
         texts = record["responses"]
         pairs = _rank_pairs(tuple(record["ranks"]))
-        if record["prompt"] not in groups:
-            groups[record["prompt"]] = {"prompt": record["prompt"], "responses": [], "better": [], "worse": []}
-            index[record["prompt"]] = {}
-        group, slots = groups[record["prompt"]], index[record["prompt"]]
+        key = (record["prompt"], record.get("labeler"))
+        if key not in groups:
+            groups[key] = {"prompt": record["prompt"], "responses": [], "better": [], "worse": []}
+            index[key] = {}
+        group, slots = groups[key], index[key]
         for i in sorted({i for pair in pairs for i in pair}):  # responses in no pair take no slot
             if texts[i] not in slots:
                 slots[texts[i]] = len(group["responses"])
@@ -103,9 +106,10 @@ def group_comparisons(records: Iterable[dict]) -> tuple[list[dict], dict]:
         group["better"] += [slots[texts[b]] for b, _ in pairs]
         group["worse"] += [slots[texts[w]] for _, w in pairs]
     out = [g for g in groups.values() if g["better"]]
-    return out, {"rows": rows, "prompts": len(out), "pairs": sum(len(g["better"]) for g in out),
+    prompts = {g["prompt"] for g in out}
+    return out, {"rows": rows, "prompts": len(prompts), "pairs": sum(len(g["better"]) for g in out),
                  "inconsistent_pairs": sum(_inconsistent_pairs(g["better"], g["worse"]) for g in out),
-                 "prompts_without_pairs": len(groups) - len(out)}
+                 "prompts_without_pairs": len({prompt for prompt, _ in groups} - prompts)}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -116,7 +120,7 @@ def _rank_pairs(ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
 
 
 def _inconsistent_pairs(better: Sequence[int], worse: Sequence[int]) -> int:
-    """Unordered response pairs compared both ways (A > B and B > A) within one prompt."""
+    """Unordered response pairs compared both ways (A > B and B > A) within one element."""
     seen = set(zip(better, worse))
     return sum(1 for b, w in seen if b < w and (w, b) in seen)
 

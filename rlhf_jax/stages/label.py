@@ -199,7 +199,7 @@ def _write_people_rankings(cfg: Config, run_dir: Path, task: label_store.Store) 
         prompt = task.prompts[ranking.prompt_id]
         level = {rid: i for i, ids in enumerate(ranking.levels) for rid in ids}
         rows.append({"prompt": prompt.text, "responses": [r.text for r in prompt.responses],
-                     "ranks": [level[r.id] for r in prompt.responses]})
+                     "ranks": [level[r.id] for r in prompt.responses], "labeler": ranking.labeler})
     path = run_dir / "rankings.jsonl"
     write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
     figures = agreement.stats(rankings, task.skips())

@@ -11,7 +11,7 @@ from rlhf_jax.data.formats import rows
 # Canonical field names each generic format lets the user rename with `fields`.
 RENAMABLE = {
     "jsonl_sft": ("prompt", "response", "metadata"),
-    "jsonl_rankings": ("prompt", "responses", "ranks", "chosen", "rejected"),
+    "jsonl_rankings": ("prompt", "responses", "ranks", "chosen", "rejected", "labeler"),
     "jsonl_prompts": ("prompt", "metadata"),
 }
 
@@ -27,6 +27,18 @@ def prompts(row: dict, names: dict[str, str]) -> dict:
 
 
 def rankings(row: dict, names: dict[str, str], notes: list[str]) -> dict:
+    """A ranking, and who ranked it where the row says: a labeler's rows of one prompt become one example."""
+    ranking = _ranking(row, names, notes)
+    if names["labeler"] in row:
+        labeler = rows.string(row, names["labeler"])
+        if not labeler.strip():
+            raise rows.Invalid("empty_labeler", f"field {names['labeler']!r} is empty; leave it out when no labeler "
+                                                "is known")
+        ranking["labeler"] = labeler
+    return ranking
+
+
+def _ranking(row: dict, names: dict[str, str], notes: list[str]) -> dict:
     prompt = rows.prompt(row, names["prompt"])
     if "metadata" in row:
         notes.append("metadata_not_kept")  # a prompt's rows become one example: no row's metadata is kept
