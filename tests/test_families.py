@@ -151,6 +151,8 @@ def test_rope_parameters_win_over_a_top_level_rope_theta_as_in_transformers():
     (dict(attention_bias=True), "attention_bias: true is not supported for gemma3"),
     (dict(layer_types=[SLIDING] * 3), "layer_types must list 7 entries"),
     (dict(rope_parameters={SLIDING: {"rope_type": "linear", "factor": 2.0}}), "sliding layers' rope type 'linear'"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}),
+     "Gemma 3's rope_parameters must be given per layer type"),
     (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True),
      "sliding-window attention is not supported for qwen2"),
     (dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3"),

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from rlhf_jax.config import DataSection
 from rlhf_jax.data.pipeline import Tokenize
-from rlhf_jax.models.tokenizer import ResponseCodec, train_tiny_tokenizer
+from rlhf_jax.models.tokenizer import PromptEncoder, ResponseCodec, train_tiny_tokenizer
 
 CORPUS = ["Human: how are you today?\n\nAssistant: I am fine, thank you.",
           "hello world, the weather is fine\n\nand the sea is calm, two spaces"] * 20
@@ -130,11 +130,30 @@ def test_with_the_chat_template_a_response_ends_as_the_template_ends_a_turn():
         assert response[-1] == end and response.count(end) == 1, (chat_template, response)
 
 
+def test_a_llama3_base_tokenizer_ends_chat_responses_with_eot_id():
+    """Llama 3's base tokenizers: EOS <|end_of_text|>, a template ending turns with <|eot_id|>, a special added token
+    that is no named special token (all_special_ids: BOS and EOS only)."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                                eos_token="<|end_of_text|>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+                          "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+                          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    eot = fast.convert_tokens_to_ids("<|eot_id|>")
+    assert eot not in fast.all_special_ids
+    encoder = PromptEncoder(fast, 32, chat_template=True)
+    assert encoder.response_end_id() == eot and encoder.stop_ids(()) == (fast.eos_token_id, eot)
+
+
 def test_with_the_chat_template_a_prompt_cannot_write_control_tokens():
     """A prompt's "<end_of_turn>" is text under the template too: it cannot end the user's turn early and open a
     model turn of its own. The template's own control tokens stay, and a prompt without such text is the whole
     rendered text encoded at once, as the chat model was trained."""
-    from rlhf_jax.models.tokenizer import PromptEncoder
 
     fast = _gemma_style_tokenizer()
     control = {fast.convert_tokens_to_ids(t) for t in ("<start_of_turn>", "<end_of_turn>")}
@@ -164,7 +183,6 @@ def test_sampling_stops_where_training_ends_a_response(tmp_path):
     from rlhf_jax.models.generation import Generator
     from rlhf_jax.models.sampling import SamplingParams
     from rlhf_jax.models.tiny import tiny_config
-    from rlhf_jax.models.tokenizer import PromptEncoder
     from rlhf_jax.models.transformer import init_params, make_model
     from rlhf_jax.runtime import sharding
 

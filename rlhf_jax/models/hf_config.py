@@ -189,6 +189,10 @@ def _decoder_config(hf: dict, family: str, common: dict, where: str) -> ModelCon
                      attn_softcap=_get(hf, family, "attn_logit_softcapping") if family == "gemma2" else None)
         extra = {k: (float(v) if v is not None else None) for k, v in extra.items()}
     if family == "gemma3":
+        flat = hf.get("rope_parameters") and not {FULL, SLIDING} & set(hf["rope_parameters"])
+        if flat:  # transformers' Gemma 3 config replaces a flat one by its defaults per layer type
+            raise HFFormatError(f"{where}: Gemma 3's rope_parameters must be given per layer type ({FULL!r}, "
+                                f"{SLIDING!r}), as transformers writes them; a flat one is not read by transformers")
         extra["rope_local_theta"] = _local_rope_theta(hf, where)
     return ModelConfig(**common, d_model=hf["hidden_size"], n_layers=n_layers, n_heads=n_heads,
                        n_kv_heads=hf.get("num_key_value_heads") or n_heads,

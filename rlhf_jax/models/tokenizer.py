@@ -62,9 +62,11 @@ class PromptEncoder:
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise UserError("the tokenizer has no chat template (data.chat_template asks for one)")
         self.tokenizer, self.max_tokens, self.chat_template = tokenizer, max_tokens, chat_template
-        # the texts of control tokens (Llama 3's <|start_header_id|> is special without being a named special token)
-        self._control_texts = {*tokenizer.all_special_tokens,
-                               *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
+        # control tokens: Llama 3's <|start_header_id|> and <|eot_id|> are special added tokens without being named
+        # special tokens (all_special_ids holds only its BOS and EOS)
+        added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self._control_texts = {*tokenizer.all_special_tokens, *added}
+        self._control_ids = {*tokenizer.all_special_ids, *added.values()}
         # The head is what every prompt starts with: the common prefix of an empty and a non-empty prompt.
         a, b = self.encode_full(""), self.encode_full("a")
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -85,7 +87,7 @@ class PromptEncoder:
             return eos
         after = text.rpartition(marker)[2]
         ids = list(self.tokenizer(after, add_special_tokens=False)["input_ids"]) if marker in text else []
-        return ids[0] if ids and ids[0] in set(self.tokenizer.all_special_ids) else eos
+        return ids[0] if ids and ids[0] in self._control_ids else eos
 
     def stop_ids(self, model_eos_ids: Sequence[int]) -> tuple[int, ...]:
         """The ids that end a sampled response: the model's EOS ids (the tokenizer's EOS when it names none) and
