@@ -31,6 +31,7 @@ from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.stages import ppo as ppo_stage
+from rlhf_jax.stages.policy_common import rollout_sampling
 from rlhf_jax.training.state import split_trainable, trained_model, with_head
 
 from ppo import timed_iterations  # benchmarks/ppo.py (this directory is on sys.path)
@@ -46,7 +47,8 @@ def program(rank: int, mesh):
                              f"data.max_prompt_tokens={P}", f"sampling.max_new_tokens={N}", "ppo.reward_model=rm",
                              "ppo.samples_every=0", "optim.lr=1e-5", "optim.schedule=constant", f"lora.rank={rank}"])
     policy_model, value_model = trained_model(cfg, CFG, "lm"), trained_model(cfg, CFG, "scalar")
-    models, settings = ppo_stage.build_models(cfg, policy_model, value_model, make_model(CFG, "scalar"), 100, (1,))
+    models, settings = ppo_stage.build_models(cfg, policy_model, value_model, make_model(CFG, "scalar"), 100,
+                                              rollout_sampling(cfg, (1,)))
     state_sh, frozen_sh = ppo_stage.iteration_shardings(cfg, models, mesh)
     base = init_params(make_model(CFG), jax.random.key(0))
     reward = with_head(base, CFG, "lm", "scalar", jax.random.key(1))

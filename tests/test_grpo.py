@@ -26,6 +26,7 @@ from rlhf_jax.rl import group, group_math as GM
 from rlhf_jax.rl.ppo_math import token_entropy
 from rlhf_jax.rl.scoring import TokenStats
 from rlhf_jax.stages.grpo import RewardFunction
+from rlhf_jax.stages.policy_common import rollout_sampling
 from rlhf_jax.training import state as training_state, steps
 from rlhf_jax.training.losses import token_logprobs
 
@@ -776,7 +777,8 @@ def test_every_setting_of_the_section_reaches_the_iteration(stage):
     section = getattr(load_config(None, [f"stage={stage}"]), stage)
     overrides = [f"{stage}.{key}={str(value).lower()}" for key, value in values.items() if hasattr(section, key)]
     cfg = load_config(None, [f"stage={stage}", "train.batch_size=8", "optim.grad_accum_steps=2", *overrides])
-    _, settings = build_models(cfg, make_model(tiny_model_config()), None, 10, (1,), {"gain": 2.0, "bias": -1.0})
+    _, settings = build_models(cfg, make_model(tiny_model_config()), None, 10, rollout_sampling(cfg, (1,)),
+                               {"gain": 2.0, "bias": -1.0})
     section = getattr(cfg, stage)
     shared = [f.name for f in dataclasses.fields(group.GroupSettings) if hasattr(section, f.name)]
     assert len(shared) >= (9 if stage == "grpo" else 6), shared  # every numeric setting the section has

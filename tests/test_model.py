@@ -20,7 +20,7 @@ from rlhf_jax.models.transformer import (
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.sampling import (
     SamplingParams, _draw, _filter_logits, _inverse_cdf, categorical_from_uniforms, sample,
-    teacher_forced_logprobs)
+    teacher_forced_logprobs, tokenizer_vocab)
 
 
 
@@ -145,6 +145,42 @@ def test_sampler_logprobs_equal_teacher_forced(llama, temperature, top_k, top_p)
     tf = jax.jit(lambda pr: teacher_forced_logprobs(model, pr, ids, mask, out.tokens_BN, out.mask_BN, temperature))(
         params)
     np.testing.assert_allclose(np.asarray(out.logprobs_BN), np.asarray(tf), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_ids_past_the_tokenizers_are_never_drawn_and_no_log_prob_counts_them(llama, temperature):
+    """A model whose vocabulary has more rows than its tokenizer has ids (Qwen2.5: 151,936 for 151,665) samples
+    over the tokenizer's ids: the log-probs are those of a softmax over them alone, as a numpy oracle computes."""
+    cfg, model, params = llama
+    vocab = cfg.vocab_size // 2
+    ids, mask = _left_padded_batch(seed=5)
+    p = SamplingParams(max_new_tokens=16, temperature=temperature, pad_id=-1, vocab=vocab)
+    out = jax.jit(lambda pr, i, m, r: sample(model, pr, i, m, r, p))(params, ids, mask, jax.random.key(7))
+    tokens, real = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
+    assert real.all() and tokens.max() < vocab
+    ids_BT, mask_BT = np.concatenate([ids, tokens], 1), np.concatenate([mask, real], 1)
+    logits = np.asarray(jit_forward(model, params, ids_BT, mask_BT), np.float64)[:, ids.shape[1] - 1:-1, :vocab]
+    logits /= temperature or 1.0
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    oracle = np.take_along_axis(logits, tokens[..., None], -1)[..., 0] - log_z
+    np.testing.assert_allclose(np.asarray(out.logprobs_BN), oracle, atol=1e-4)
+    tf = jax.jit(lambda pr: teacher_forced_logprobs(model, pr, ids, mask, out.tokens_BN, out.mask_BN, temperature,
+                                                    vocab=vocab))(params)
+    np.testing.assert_allclose(np.asarray(tf), oracle, atol=1e-4)
+    full = SamplingParams(max_new_tokens=16, temperature=1.0, pad_id=-1)
+    unlimited = jax.jit(lambda pr, i, m, r: sample(model, pr, i, m, r, full))(params, ids, mask, jax.random.key(7))
+    assert np.asarray(unlimited.tokens_BN).max() >= vocab  # the limit is what keeps them out
+
+
+def test_tokenizer_vocab_is_set_only_where_the_model_pads_its_vocabulary():
+    class Tokenizer:
+        def __len__(self):
+            return 90
+
+    assert tokenizer_vocab(Tokenizer(), ModelConfig(family="llama", vocab_size=96, d_model=8, n_layers=1, n_heads=1,
+                                                    n_kv_heads=1, head_dim=8, d_ff=8)) == 90
+    assert tokenizer_vocab(Tokenizer(), ModelConfig(family="llama", vocab_size=90, d_model=8, n_layers=1, n_heads=1,
+                                                    n_kv_heads=1, head_dim=8, d_ff=8)) is None
 
 
 def test_eos_truncates_and_masks(llama):

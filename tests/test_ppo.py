@@ -27,6 +27,7 @@ from rlhf_jax.rl import ppo
 from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.stages import ppo as ppo_stage
+from rlhf_jax.stages.policy_common import rollout_sampling
 from rlhf_jax.training import state as training_state, steps
 
 from cli_helpers import run_quietly
@@ -262,6 +263,20 @@ def test_rollout_advantages_follow_a_plain_loop_with_whitened_rewards(variant):
     np.testing.assert_allclose(np.asarray(r.batch.advantages_BN)[real], whitened, rtol=1e-3, atol=1e-3)
 
 
+def test_rollouts_sample_the_config_ending_at_the_policys_stop_ids_over_its_tokenizers_ids(tmp_path):
+    """What the ppo, grpo and rloo stages sample with (`policy_sampling`): a model of 96 vocabulary rows read with
+    a tokenizer of 40 ids (as Qwen2.5's 151,936 for 151,665) draws from those 40 only."""
+    from hf_fixtures import VOCAB, make_tokenizer
+    from rlhf_jax.config import load_config
+    from rlhf_jax.stages.policy_common import policy_sampling
+
+    tokenizer = make_tokenizer(tmp_path, pad_is_eos=False)
+    cfg = load_config(None, ["stage=ppo", "sampling.max_new_tokens=12", "sampling.temperature=0.7"])
+    for vocab_size, vocab in ((VOCAB, len(tokenizer)), (len(tokenizer), None)):
+        p = policy_sampling(cfg, tokenizer, dataclasses.replace(CFG, vocab_size=vocab_size, eos_token_ids=(1, 7)))
+        assert p == SamplingParams(12, 0.7, 0, 1.0, (1, 7), PAD_ID, vocab) and len(tokenizer) == 40
+
+
 def test_value_lr_sets_the_value_models_learning_rate():
     """ppo.value_lr through the stage's own model building: a value learning rate of 1e-9 leaves the value
     model all but still while the policy (optim.lr 1e-3) moves; without it both move alike."""
@@ -270,7 +285,7 @@ def test_value_lr_sets_the_value_models_learning_rate():
     def moved(value_lr):
         cfg = Config(optim=OptimSection(lr=1e-3, schedule="constant"), ppo=PPOSection(value_lr=value_lr))
         built = ppo_stage.build_models(cfg, make_model(CFG), make_model(CFG, "scalar"), make_model(CFG, "scalar"),
-                                       10, (1,))
+                                       10, rollout_sampling(cfg, (1,)))
         models = _models().replace(policy_opt=built[0].policy_opt, value_opt=built[0].value_opt)
         state, frozen, ids, mask = _setup(models)
         before = _copy((state.policy.params, state.value.params))

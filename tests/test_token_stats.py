@@ -31,20 +31,24 @@ def _rows(seed=0):
     return prompt, prompt_mask, tokens, mask
 
 
-def _dense(model, params, rows):
-    """The oracle: float32 logits of every response position at once."""
-    logits_BNV = response_logits(model, params, *rows, T)
+def _dense(model, params, rows, vocab=None):
+    """The oracle: float32 logits of every response position at once, the ids past `vocab` sliced off."""
+    logits_BNV = response_logits(model, params, *rows, T)[..., :vocab]
     return jnp.where(rows[3], token_logprobs(logits_BNV, rows[2]), 0.0), token_entropy(logits_BNV)
 
 
-@pytest.mark.parametrize("logit_rows", [4, 12, 1024])  # 1 position per chunk, 3 (and a remainder of 1), all 7
-def test_chunked_stats_and_gradients_are_the_dense_ones(logit_rows, monkeypatch):
+# 1 position per chunk, 3 (and a remainder of 1), all 7; and with fewer tokenizer ids than vocabulary rows
+@pytest.mark.parametrize("logit_rows, vocab", [(4, None), (12, None), (1024, None), (12, 80)])
+def test_chunked_stats_and_gradients_are_the_dense_ones(logit_rows, vocab, monkeypatch):
     monkeypatch.setattr(scoring, "LOGIT_ROWS", logit_rows)
     model = make_model(CFG)
     params = init_params(model, jax.random.key(0))
     rows = _rows()
-    stats = jax.jit(lambda p: scoring.response_token_stats(model, p, *rows, T, entropy_grad=True))(params)
-    logprobs, entropy = jax.jit(lambda p: _dense(model, p, rows))(params)
+    if vocab is not None:
+        rows = (*rows[:2], np.where(rows[3], rows[2] % vocab, PAD_ID).astype(np.int32), rows[3])
+    stats = jax.jit(lambda p: scoring.response_token_stats(model, p, *rows, T, entropy_grad=True, vocab=vocab))(
+        params)
+    logprobs, entropy = jax.jit(lambda p: _dense(model, p, rows, vocab))(params)
     np.testing.assert_allclose(stats.logprobs_BN, logprobs, atol=1e-5)
     np.testing.assert_allclose(stats.entropy_BN, entropy, atol=1e-5)
     assert np.all(np.asarray(stats.logprobs_BN)[~rows[3]] == 0.0)
@@ -52,8 +56,8 @@ def test_chunked_stats_and_gradients_are_the_dense_ones(logit_rows, monkeypatch)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, B, N)), jnp.float32)
     objective = lambda lp, ent: jnp.sum(weights[0] * lp) + jnp.sum(weights[1] * ent * rows[3])
     chunked = jax.jit(jax.grad(lambda p: objective(*scoring.response_token_stats(model, p, *rows, T,
-                                                                                 entropy_grad=True))))
-    dense = jax.jit(jax.grad(lambda p: objective(*_dense(model, p, rows))))
+                                                                                 entropy_grad=True, vocab=vocab))))
+    dense = jax.jit(jax.grad(lambda p: objective(*_dense(model, p, rows, vocab))))
     for a, b in zip(jax.tree.leaves(chunked(params)), jax.tree.leaves(dense(params))):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 

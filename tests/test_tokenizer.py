@@ -2,6 +2,7 @@
 Qwen, Llama 3) and SentencePiece-style word-start markers (Llama 2, Mistral: the legacy normalizer and the newer
 Metaspace pre-tokenizer), the latter built offline here with the same components as those models' tokenizer.json."""
 
+import jax
 import numpy as np
 import pytest
 import transformers
@@ -9,7 +10,14 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from rlhf_jax.config import DataSection
 from rlhf_jax.data.pipeline import Tokenize
+from rlhf_jax.models import hf
+from rlhf_jax.models.checkpoint import load_model
+from rlhf_jax.models.generation import Generator
+from rlhf_jax.models.sampling import SamplingParams
+from rlhf_jax.models.tiny import tiny_config
 from rlhf_jax.models.tokenizer import PromptEncoder, ResponseCodec, train_tiny_tokenizer
+from rlhf_jax.models.transformer import init_params, make_model
+from rlhf_jax.runtime import sharding
 
 CORPUS = ["Human: how are you today?\n\nAssistant: I am fine, thank you.",
           "hello world, the weather is fine\n\nand the sea is calm, two spaces"] * 20
@@ -176,16 +184,6 @@ def test_sampling_stops_where_training_ends_a_response(tmp_path):
     """With the chat template, generation stops at the turn end that training ended responses with, besides the
     model's EOS; without it, at the model's and the tokenizer's EOS. A model whose head always picks
     <end_of_turn> (id 0 here: all-zero logits, greedy) stops after it with the template and runs on without."""
-    import jax
-
-    from rlhf_jax.models import hf
-    from rlhf_jax.models.checkpoint import load_model
-    from rlhf_jax.models.generation import Generator
-    from rlhf_jax.models.sampling import SamplingParams
-    from rlhf_jax.models.tiny import tiny_config
-    from rlhf_jax.models.transformer import init_params, make_model
-    from rlhf_jax.runtime import sharding
-
     fast = _gemma_style_tokenizer(("<end_of_turn>", "<pad>", "<eos>", "<bos>", "<start_of_turn>"))
     end_of_turn, eos = fast.convert_tokens_to_ids("<end_of_turn>"), fast.eos_token_id
     assert (end_of_turn, eos) == (0, 2)
@@ -205,3 +203,21 @@ def test_sampling_stops_where_training_ends_a_response(tmp_path):
                         chat_template=chat_template)
         (record,) = gen.generate(["how are you?"], 8, 32, progress=False)
         assert record["ids"] == ids, chat_template
+
+
+def test_the_generator_never_draws_the_rows_a_model_pads_its_vocabulary_with(tmp_path):
+    """A model of len(tokenizer) + 32 vocabulary rows whose padding rows' logits are huge: sampling draws none of
+    them (decoding would drop such an id silently)."""
+    fast = _gemma_style_tokenizer()
+    fast.save_pretrained(tmp_path / "tok")
+    cfg = tiny_config(len(fast) + 32, fast.eos_token_id, fast.pad_token_id, "llama")
+    params = jax.device_get(init_params(make_model(cfg), jax.random.key(0)))
+    params["lm_head"] = np.asarray(params["lm_head"]).copy()
+    params["lm_head"][:, len(fast):] = 1e3 * np.random.default_rng(0).normal(size=(cfg.d_model, 32))
+    (tmp_path / "model").mkdir()
+    hf.write_hf(tmp_path / "model", params, cfg, tokenizer_dir=tmp_path / "tok")
+    mesh = sharding.make_mesh([-1, 1, 1], ("data", "fsdp", "tensor"))
+    gen = Generator(load_model(tmp_path / "model", need_tokenizer=True), mesh, SamplingParams(6, 1.0))
+    assert gen.params_cfg.vocab == len(fast)
+    records = list(gen.generate(["how are you?"] * 8, 8, 32, progress=False))
+    assert all(0 <= i < len(fast) for record in records for i in record["ids"]) and records[0]["ids"]

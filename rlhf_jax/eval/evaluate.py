@@ -25,7 +25,7 @@ from rlhf_jax.eval import stats as eval_stats
 from rlhf_jax.eval.inputs import gold_scores, load_gold, load_prompts, open_dataset, split_spec
 from rlhf_jax.eval.policies import SCALAR_NOT_POLICY, PolicySource, policy_meta, policy_sources, restorable_policy
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
-from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs
+from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs, tokenizer_vocab
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer, load_tokenizer
 from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
 from rlhf_jax.rl.scoring import reward_scores
@@ -81,7 +81,8 @@ class Programs:
         return Samples(out.tokens_BN, out.mask_BN, ended)
 
     def logprobs(self, model, params, ids, mask, samples: Samples) -> np.ndarray:
-        fn = self._jit("logprobs", model, functools.partial(teacher_forced_logprobs, temperature=self.p.temperature))
+        fn = self._jit("logprobs", model, functools.partial(teacher_forced_logprobs, temperature=self.p.temperature,
+                                                                 vocab=self.p.vocab))
         return np.asarray(distributed.to_host(fn(params, *self._batch(ids, mask, samples.tokens, samples.mask))),
                           np.float64)
 
@@ -134,8 +135,9 @@ class Evaluator:
         self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
         encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
         eos = encoder.stop_ids(self.reference.cfg.eos_token_ids)
+        vocab = tokenizer_vocab(self.tokenizer, self.reference.cfg)
         self.programs = Programs(mesh, SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, eos,
-                                                      PAD_ID), cfg.model.dtype)
+                                                      PAD_ID, vocab), cfg.model.dtype)
         self.batches = list(prompt_batches(encoder, prompts, s.batch_size))
         self.width = width = self.batches[0][2].shape[1]
         for what, model in (("", self.reference), (f"eval.reward_model={e.reward_model}: ", reward)):

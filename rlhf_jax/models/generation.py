@@ -16,7 +16,7 @@ import numpy as np
 
 from rlhf_jax.errors import UserError, json_error
 from rlhf_jax.models.checkpoint import LoadedModel
-from rlhf_jax.models.sampling import SamplingParams, sample
+from rlhf_jax.models.sampling import SamplingParams, sample, tokenizer_vocab
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, load_tokenizer
 from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
 from rlhf_jax.runtime import distributed, sharding
@@ -76,7 +76,8 @@ class Generator:
         self.responses = ResponseCodec(self.tokenizer)
         self.chat_template = chat_template  # as the model was trained: prompts are encoded the same way
         eos = params.eos_ids or PromptEncoder(self.tokenizer, 1, chat_template).stop_ids(loaded.cfg.eos_token_ids)
-        self.params_cfg = dataclasses.replace(params, eos_ids=tuple(eos))
+        self.params_cfg = dataclasses.replace(params, eos_ids=tuple(eos), vocab=tokenizer_vocab(self.tokenizer,
+                                                                                                 loaded.cfg))
         # Inference stores weights in the compute dtype, so the decode loop never re-casts them.
         params = params_for(self.model, jax.tree.map(lambda x: np.asarray(x).astype(dtype), loaded.params))
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)

@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     eos_ids: tuple[int, ...] = ()
     pad_id: int = PAD_ID  # fills tokens after EOS; the masks carry the truth
+    vocab: int | None = None  # ids the tokenizer has (`tokenizer_vocab`); None: every row of the model's vocabulary
 
 
 class SampleOutput(NamedTuple):
@@ -42,6 +43,21 @@ class _Carry(NamedTuple):
     position_B: jax.Array
     done_B: jax.Array
     out: SampleOutput  # preallocated: pad_id / 0 / False where no step reaches
+
+
+def tokenizer_vocab(tokenizer, cfg) -> int | None:
+    """`SamplingParams.vocab` of a model (`cfg`) read with `tokenizer`: its number of ids where the model's
+    vocabulary has more rows (Qwen2.5: 151,936 rows for 151,665 ids), else None."""
+    n = len(tokenizer)
+    return n if n < cfg.vocab_size else None
+
+
+def vocab_logits(logits_xV: jax.Array, vocab: int | None) -> jax.Array:
+    """-inf past the first `vocab` ids: rows a model pads its vocabulary with are no tokens, so they are never
+    drawn and a sample's log-probs are over the ids it can be (sampler and scoring alike)."""
+    if vocab is None or vocab >= logits_xV.shape[-1]:
+        return logits_xV
+    return jnp.where(jnp.arange(logits_xV.shape[-1]) < vocab, logits_xV, -jnp.inf)
 
 
 def _filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -107,6 +123,7 @@ def _inverse_cdf(weights_BK: jax.Array, u_B: jax.Array) -> jax.Array:
 
 def _draw(logits_BV: jax.Array, u_B2: jax.Array, p: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """(token_B, logprob_B) from one step's float32 logits and its two uniforms per row (`draw_uniforms`)."""
+    logits_BV = vocab_logits(logits_BV, p.vocab)
     if p.temperature == 0.0:
         token_B = jnp.argmax(logits_BV, axis=-1)
         scaled_BV = logits_BV
@@ -184,8 +201,8 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
 
 
 def response_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
-                    temperature: float = 1.0, rngs=None) -> jax.Array:
-    """logits_BNV / temperature of every response token (what the sampler drew from), from one teacher-forced
+                    temperature: float = 1.0, rngs=None, vocab: int | None = None) -> jax.Array:
+    """`vocab_logits` / temperature of every response token (what the sampler drew from), from one teacher-forced
     pass over [left-padded prompt | right-padded response]; the LM head runs only on the positions that
     predict response tokens (and the last one)."""
     ids_BT = jnp.concatenate([prompt_ids_BP, tokens_BN], axis=1)
@@ -194,12 +211,13 @@ def response_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, t
     # the head on positions P-1 .. T-1 (N + 1 of them); the last predicts nothing of the response
     logits_BMV, _ = model.apply({"params": params}, ids_BT, positions_from_mask(mask_BT), mask_BT, head_last=N + 1,
                                 rngs=rngs)
-    return logits_BMV[:, :-1] / (temperature if temperature > 0 else 1.0)
+    return vocab_logits(logits_BMV[:, :-1], vocab) / (temperature if temperature > 0 else 1.0)
 
 
 def teacher_forced_logprobs(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
-                            temperature: float = 1.0) -> jax.Array:
-    """Log-probs of given response tokens under logits / temperature (0 at padding)."""
-    logits_BNV = response_logits(model, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, temperature)
+                            temperature: float = 1.0, vocab: int | None = None) -> jax.Array:
+    """Log-probs of given response tokens under logits / temperature over the first `vocab` ids (0 at padding)."""
+    logits_BNV = response_logits(model, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, temperature,
+                                 vocab=vocab)
     logprobs_BN = jnp.take_along_axis(jax.nn.log_softmax(logits_BNV, -1), tokens_BN[..., None], -1)[..., 0]
     return jnp.where(mask_BN, logprobs_BN, 0.0)

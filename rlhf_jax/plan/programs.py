@@ -20,6 +20,7 @@ from rlhf_jax.runtime import sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.rl import group
 from rlhf_jax.stages import grpo as group_stage, ppo as ppo_stage, train as trainers
+from rlhf_jax.stages.policy_common import rollout_sampling
 from rlhf_jax.training import steps
 from rlhf_jax.training.state import (
     eval_batch_size, frozen_shardings, jit_step, micro_batch_size, param_shardings, split_trainable, stage_model,
@@ -154,7 +155,8 @@ def ppo_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, value_cfg:
     policy, value = trained_model(cfg, policy_cfg, "lm"), trained_model(cfg, value_cfg or reward_cfg, "scalar")
     reward = stage_model(cfg, reward_cfg, "scalar")
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
-    models, settings = ppo_stage.build_models(cfg, policy, value, reward, total, policy_cfg.eos_token_ids or (0,))
+    models, settings = ppo_stage.build_models(cfg, policy, value, reward, total,
+                                              rollout_sampling(cfg, policy_cfg.eos_token_ids or (0,)))
     state_sh, frozen_sh = ppo_stage.iteration_shardings(cfg, models, mesh)
     key = jax.random.key(0)
     shapes = lambda model: jax.eval_shape(lambda: init_params(model, key))
@@ -182,7 +184,8 @@ def group_iteration_program(cfg: Config, policy_cfg: ModelConfig, mesh, reward_c
     policy = trained_model(cfg, policy_cfg, "lm")
     reward = stage_model(cfg, reward_cfg, "scalar") if reward_cfg is not None else None
     total = total_steps or cfg.train.steps or STAND_IN_STEPS
-    models, settings = group_stage.build_models(cfg, policy, reward, total, policy_cfg.eos_token_ids or (0,))
+    models, settings = group_stage.build_models(cfg, policy, reward, total,
+                                                rollout_sampling(cfg, policy_cfg.eos_token_ids or (0,)))
     state_sh, frozen_sh = group_stage.iteration_shardings(cfg, models, mesh)
     key = jax.random.key(0)
     shapes = lambda model: jax.eval_shape(lambda: init_params(model, key))

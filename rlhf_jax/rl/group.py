@@ -340,7 +340,7 @@ def _forward(params, mb, models: GroupModels, settings: GroupSettings, base=None
     whole groups (`group_rows`), and each group's prompt pass runs once."""
     model = without_adapters(models.policy) if reference else models.policy
     return response_token_stats(model, whole_params(params, base), *mb, models.sampling.temperature,
-                                group=settings.prompt_rows)
+                                group=settings.prompt_rows, vocab=models.sampling.vocab)
 
 
 class Sizes(NamedTuple):

@@ -241,7 +241,7 @@ def teacher_force(state: PPOState, frozen: Frozen, responses, models: PPOModels,
     def frozen_passes(rows):
         mb = gather(rows)
         ref = response_token_stats(without_adapters(models.policy), frozen.reference(), *mb,
-                                   models.sampling.temperature)
+                                   models.sampling.temperature, vocab=models.sampling.vocab)
         return ref.logprobs_BN, scores(models, settings, frozen.reward_params, *mb)
 
     def trained_passes(rows):
@@ -366,7 +366,7 @@ def _forward(params, mb, models: PPOModels, settings: PPOSettings, bases: tuple 
     frozen `bases`. With a coefficient of 0 the entropy is a metric: no backward through its softmax."""
     policy_params, value_params = (whole_params(p, base) for p, base in zip(params, bases))
     return (response_token_stats(models.policy, policy_params, *mb, models.sampling.temperature,
-                                 entropy_grad=settings.entropy_coef != 0),
+                                 entropy_grad=settings.entropy_coef != 0, vocab=models.sampling.vocab),
             response_values(models.value, value_params, *mb, settings.value_gain, settings.value_bias))
 
 

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models.sampling import vocab_logits
 from rlhf_jax.models.transformer import (
     Transformer, head_logits, lm_head_DV, positions_from_mask, shared_prompt_pass)
 from rlhf_jax.rl.ppo_math import token_entropy
@@ -28,12 +29,14 @@ class TokenStats(NamedTuple):
 
 
 def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,
-                         temperature: float = 1.0, entropy_grad: bool = False, rngs=None, group: int = 1) -> TokenStats:
+                         temperature: float = 1.0, entropy_grad: bool = False, rngs=None, group: int = 1,
+                         vocab: int | None = None) -> TokenStats:
     """`TokenStats` of the response tokens from one teacher-forced pass, the LM head applied to LOGIT_ROWS rows x
     positions at a time and recomputed in the backward pass, so that no float32 B x N x V logits exist.
     `entropy_grad`: the entropy is differentiated (an entropy bonus); otherwise it is a metric and its
     full-vocabulary backward is never built. `group` > 1: the rows come in runs of `group` consecutive rows with the
-    same prompt (GRPO's samples of one prompt), and each prompt's pass runs once for its run (`shared_prompt_pass`)."""
+    same prompt (GRPO's samples of one prompt), and each prompt's pass runs once for its run (`shared_prompt_pass`).
+    `vocab`: the sampler's (`SamplingParams.vocab`), so that the stats are of the distribution it drew from."""
     B, N = tokens_BN.shape
     if group > 1:  # the last response token's output predicts nothing
         x_BND = shared_prompt_pass(model, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN, group,
@@ -54,7 +57,7 @@ def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_
     @jax.checkpoint
     def chunk_stats(_, xs):
         x_BCD, tokens_BC = xs
-        logits_BCV = head_logits(model, x_BCD, w_DV) / t
+        logits_BCV = vocab_logits(head_logits(model, x_BCD, w_DV), vocab) / t
         entropy_BC = token_entropy(logits_BCV if entropy_grad else jax.lax.stop_gradient(logits_BCV))
         return None, (token_logprobs(logits_BCV, tokens_BC), entropy_BC)
 

@@ -20,7 +20,7 @@ from rlhf_jax.data.buckets import Trimmer
 from rlhf_jax.data.pipeline import train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.tokenizer import PAD_ID, ResponseCodec
+from rlhf_jax.models.tokenizer import ResponseCodec
 from rlhf_jax.rl import group
 from rlhf_jax.rl.ppo import Runtime
 from rlhf_jax.runtime import distributed, plugins, sharding
@@ -28,7 +28,7 @@ from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
 from rlhf_jax.stages.policy_common import (
     check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
-    reference_shardings, scalar_model, stop_ids, write_samples)
+    policy_sampling, reference_shardings, scalar_model, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
@@ -95,7 +95,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
     total = total_steps(cfg, len(source))
 
     loaded, tokenizer, policy_model = load_policy(cfg, run_dir)
-    eos_ids = stop_ids(cfg, tokenizer, loaded.cfg)
+    sampling = policy_sampling(cfg, tokenizer, loaded.cfg)
     models_read, reward, reward_model, rewards_fn = {}, None, None, None
     if section.reward_model:
         key = f"{name}.reward_model"
@@ -104,11 +104,12 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
         reward_model = stage_model(cfg, reward.cfg, "scalar")
         models_read[key] = section.reward_model
     else:
-        rewards_fn = RewardFunction.load(section.reward_function, f"{name}.reward_function", tokenizer, eos_ids)
+        rewards_fn = RewardFunction.load(section.reward_function, f"{name}.reward_function", tokenizer,
+                                         sampling.eos_ids)
     if section.reference:
         models_read[f"{name}.reference"] = section.reference
 
-    models, settings = build_models(cfg, policy_model, reward_model, total, eos_ids,
+    models, settings = build_models(cfg, policy_model, reward_model, total, sampling,
                                     reward.extra.get("reward_norm") if reward is not None else None)
     state_sh, frozen_sh = iteration_shardings(cfg, models, mesh)
     report_sharding(policy_model, mesh)
@@ -177,16 +178,17 @@ SAMPLES = 8  # rollout rows (the first group's, up to this many) written every s
 # The iteration's program, built the same way by train_group and by a dry run.
 
 
-def build_models(cfg: Config, policy_model, reward_model, total: int, eos_ids: Sequence[int],
+def build_models(cfg: Config, policy_model, reward_model, total: int, sampling: SamplingParams,
                  reward_norm: dict | None = None) -> tuple[group.GroupModels, group.GroupSettings]:
     """The static parts of an iteration: the models with the optimizer over `total` iterations' updates, and the
-    settings. `reward_model` is None with a reward function; `reward_norm` ({gain, bias}) is its export's."""
+    settings. `sampling`: the rollouts' (`policy_sampling`); `reward_model` is None with a reward function;
+    `reward_norm` ({gain, bias}) is its export's."""
     section, name = section_of(cfg)
     updates = total * section.epochs * section.minibatches
-    norm, s = reward_norm or {}, cfg.sampling
+    norm = reward_norm or {}
     models = group.GroupModels(
         policy=policy_model, policy_opt=steps.make_optimizer(cfg.optim, updates), reward=reward_model,
-        sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID))
+        sampling=sampling)
     shared = ("group_size", "epochs", "minibatches", "clip_ratio", "kl_coef", "clip_ratio_high", "scale_by_std",
               "loss_average", "share_prompts")
     rows = cfg.train.batch_size * section.group_size

@@ -5,13 +5,15 @@ and the samples they write."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
-from rlhf_jax.models.tokenizer import PromptEncoder, ResponseCodec, check_same_tokenizer
+from rlhf_jax.models.sampling import SamplingParams, tokenizer_vocab
+from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer
 from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import without_adapters
 from rlhf_jax.training.state import check_positions, initial_params, load_for_training, param_shardings
@@ -35,11 +37,19 @@ def load_policy(cfg: Config, run_dir: Path):
     return loaded, tokenizer, model
 
 
-def stop_ids(cfg: Config, tokenizer, model_cfg) -> tuple[int, ...]:
-    """The ids that end a rollout's response: the policy's EOS ids and the token its training data ends responses
-    with (with data.chat_template, the template's turn end)."""
+def rollout_sampling(cfg: Config, eos_ids: Sequence[int], vocab: int | None = None) -> SamplingParams:
+    """How an on-policy stage's rollouts sample: `sampling.*`, responses ending at `eos_ids`, drawn from the first
+    `vocab` ids (`SamplingParams.vocab`)."""
+    s = cfg.sampling
+    return SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID, vocab)
+
+
+def policy_sampling(cfg: Config, tokenizer, model_cfg) -> SamplingParams:
+    """`rollout_sampling` of the policy `model_cfg` read with `tokenizer`: a response ends at the policy's EOS ids
+    and at the token its training data ends responses with (with data.chat_template, the template's turn end), and
+    is drawn from the ids the tokenizer has (none of the rows a model pads its vocabulary with)."""
     encoder = PromptEncoder(tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
-    return encoder.stop_ids(model_cfg.eos_token_ids)
+    return rollout_sampling(cfg, encoder.stop_ids(model_cfg.eos_token_ids), tokenizer_vocab(tokenizer, model_cfg))
 
 
 def check_reads_policy_tokens(other: LoadedModel, policy: LoadedModel, key: str, path: str, cfg: Config) -> None:

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -20,7 +19,6 @@ from rlhf_jax.data.buckets import Trimmer
 from rlhf_jax.data.pipeline import open_split, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.tokenizer import PAD_ID
 from rlhf_jax.rl import ppo
 from rlhf_jax.rl.ppo_math import KLController
 from rlhf_jax.runtime import distributed, sharding
@@ -28,7 +26,7 @@ from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
 from rlhf_jax.stages.policy_common import (
     check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
-    reference_shardings, scalar_model, stop_ids, write_samples)
+    policy_sampling, reference_shardings, scalar_model, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
@@ -116,7 +114,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     value_model, reward_model = trained_model(cfg, value.cfg, "scalar"), stage_model(cfg, reward.cfg, "scalar")
 
     models, settings = build_models(cfg, policy_model, value_model, reward_model, total,
-                          stop_ids(cfg, tokenizer, loaded.cfg), reward.extra.get("reward_norm"),
+                          policy_sampling(cfg, tokenizer, loaded.cfg), reward.extra.get("reward_norm"),
                           value.extra.get("reward_norm"))
     repl = sharding.replicated(mesh)
     state_sh, frozen_sh = iteration_shardings(cfg, models, mesh)
@@ -192,19 +190,19 @@ SAMPLES = 4  # rollout rows written to samples.jsonl every ppo.samples_every ite
 # The iteration's program, built the same way by train_ppo and by the dry run (rlhf_jax/plan/).
 
 
-def build_models(cfg: Config, policy_model, value_model, reward_model, total: int, eos_ids: Sequence[int],
+def build_models(cfg: Config, policy_model, value_model, reward_model, total: int, sampling: SamplingParams,
                  reward_norm: dict | None = None, value_norm: dict | None = None
                  ) -> tuple[ppo.PPOModels, ppo.PPOSettings]:
     """The static parts of an iteration: the models with both optimizers over `total` iterations' updates, and
-    the settings. `reward_norm` / `value_norm`: the `reward_norm` ({gain, bias}) of the exports the two scalar
-    models come from."""
+    the settings. `sampling`: the rollouts' (`policy_sampling`); `reward_norm` / `value_norm`: the `reward_norm`
+    ({gain, bias}) of the exports the two scalar models come from."""
     updates = total * cfg.ppo.epochs * cfg.ppo.minibatches
     value_optim = dataclasses.replace(cfg.optim, lr=cfg.ppo.value_lr or cfg.optim.lr)
-    norm, vnorm, s = reward_norm or {}, value_norm or {}, cfg.sampling
+    norm, vnorm = reward_norm or {}, value_norm or {}
     models = ppo.PPOModels(
         policy=policy_model, value=value_model, reward=reward_model,
         policy_opt=steps.make_optimizer(cfg.optim, updates), value_opt=steps.make_optimizer(value_optim, updates),
-        sampling=SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, tuple(eos_ids), PAD_ID))
+        sampling=sampling)
     from_config = {f.name: getattr(cfg.ppo, f.name) for f in dataclasses.fields(ppo.PPOSettings)
                    if hasattr(cfg.ppo, f.name)}
     settings = ppo.PPOSettings(
