@@ -128,6 +128,10 @@ def test_the_reference_against_itself_ties_exactly(inputs, monkeypatch):
     (policy,) = json.loads((out / "report.json").read_text())["policies"]
     assert policy["win_rate"] == policy["gold_win_rate"] == 0.5
     assert list(policy["win_rate_ci"]) == [0.5, 0.5] and policy["kl"] == pytest.approx(0.0, abs=1e-6)
+    # a rerun into the same directory replaces the policy's line (a directory's, at step 0) instead of adding one
+    assert _eval(inputs, out, "--policy", inputs["sft"], "--prompts", inputs["prompt_file"], "--gold", GOLD)[0] == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["stage"], line["step"]) for line in lines] == [("eval", 0)]
 
 
 def test_all_steps_evaluates_every_saved_step_and_skips_an_interrupted_save(inputs, monkeypatch):

@@ -162,6 +162,25 @@ def test_every_logged_step_is_in_the_tensorboard_file_at_once_and_a_resume_purge
     resumed.close()
 
 
+def test_a_rerun_from_step_minus_1_replaces_every_line_of_its_stage(tmp_path):
+    """The evaluator logs a model given as a directory at step 0: its rerun must not log it twice."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    from rlhf_jax.runtime.metrics import MetricsWriter
+
+    with MetricsWriter(tmp_path, "sft") as writer:
+        writer.write(1, {"loss": 1.0})
+    for kl in (0.5, 0.25):
+        with MetricsWriter(tmp_path, "eval", resume_step=-1) as writer:
+            writer.write(0, {"kl": kl}, policy="sft/export")
+            writer.write(5, {"kl": kl}, policy="ppo")
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["stage"], x["step"], x.get("kl")) for x in lines] == [("sft", 1, None), ("eval", 0, 0.25),
+                                                                     ("eval", 5, 0.25)]
+    events = [e for p in sorted((tmp_path / "tensorboard").glob("events.*")) for e in _events(p)]
+    assert [e.step for e in events if e.HasField("session_log") and e.session_log.status == SessionLog.START] == [0, 0]
+
+
 def test_a_metrics_line_is_strict_json_whatever_the_values(tmp_path):
     """A perplexity that overflowed (the loss still finite) or a NaN held-out metric: null in the line (JSON has
     no NaN or Infinity), the value itself in TensorBoard; several policies of one stage are named."""

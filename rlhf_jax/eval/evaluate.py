@@ -243,7 +243,8 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     if not rows:
         raise UserError(f"eval.policies: no checkpoint of {', '.join(map(str, e.policies))} can be restored")
     # Written only once every policy is evaluated: a failed evaluation leaves nothing half-made.
-    with MetricsWriter(run_dir, "eval", resume_step=0) as metrics:  # a rerun replaces the eval lines
+    # a rerun replaces every eval line: models given as directories log at step 0
+    with MetricsWriter(run_dir, "eval", resume_step=-1) as metrics:
         for policy, step, values in logged:
             metrics.write(step, values, policy)
     result = {"reference": {"path": str(e.reference), **_response_stats(ref)}, "reward_model": e.reward_model or None,

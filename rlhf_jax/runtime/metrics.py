@@ -14,7 +14,8 @@ from rlhf_jax.runtime.fsio import write_text_atomically
 
 class MetricsWriter:
     """Appends to a run's metrics. A run resumed from step N first drops this stage's lines after N (written
-    by the attempt that was cut off), so that every step is in metrics.jsonl once; TensorBoard purges them too."""
+    by the attempt that was cut off), so that every step is in metrics.jsonl once; TensorBoard purges them too.
+    `resume_step` -1 drops every line of the stage (a stage that writes all its lines anew, step 0 included)."""
 
     def __init__(self, run_dir: str | os.PathLike, stage: str, resume_step: int | None = None):
         from tensorboardX.event_file_writer import EventsWriter
