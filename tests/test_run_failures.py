@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -94,6 +95,31 @@ def test_divergence_stops_with_exit_3_and_saves_nothing_non_finite(tiny, data_di
     ckpts.close()
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["loss"]) for m in metrics)  # the non-finite step is reported, not logged
+
+
+def test_a_save_keeps_the_loop_facts_of_its_step_on_slow_storage(tmp_path, monkeypatch):
+    """Orbax writes the JSON items in a background thread; the training loop meanwhile goes on and updates its
+    facts (truncated examples, best eval loss): the checkpoint holds those of its own step."""
+    import asyncio
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    slow_write = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def slow(self, item, directory):
+        await asyncio.sleep(0.5)
+        return await slow_write(self, item, directory)
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", slow)
+    ckpts = TrainCheckpoints(tmp_path / "checkpoints", 2)
+    facts, data = {"truncated_examples": 800}, {"states": [{"position": 5}]}
+    state = {"w": np.zeros(3, np.float32)}
+    ckpts.save(50, state, data, facts, {"stage": "sft"})
+    facts["truncated_examples"], data["states"][0]["position"] = 960, 6  # the loop's next steps
+    ckpts.wait()
+    _, stored_data, loop = ckpts.restore(50, jax.tree.map(jnp.asarray, state))
+    assert loop == {"truncated_examples": 800} and stored_data == {"states": [{"position": 5}]}
+    ckpts.close()
 
 
 def test_export_refuses_non_finite_params(tmp_path):

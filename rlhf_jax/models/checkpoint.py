@@ -12,6 +12,7 @@ and an overwrite replaces the old directory as a whole (fsio.replace_dir).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -392,6 +393,9 @@ class TrainCheckpoints:
 
     def save(self, step: int, state, data_state: dict, loop: dict, config: dict) -> None:
         self.wait()  # the previous save's failure is reported as that step's
+        # copies: Orbax serialises the JSON items in its background thread, after the loop has gone on (and
+        # changed its facts) on slow storage
+        data_state, loop, config = copy.deepcopy((data_state, loop, config))
         try:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             data=ocp.args.JsonSave(data_state),
