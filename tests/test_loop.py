@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -194,4 +197,22 @@ def test_stop_signals_record_the_first_signal_stop_at_the_second_and_restore_han
         assert stop.received == sig
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), sig)
+        # a third signal kills the process, as it would without a handler (not a KeyboardInterrupt in a save)
+        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT) is signal.SIG_DFL
     assert signal.getsignal(sig) is before
+
+
+def test_a_third_signal_while_a_save_is_held_kills_the_process():
+    """The second signal waits for the save in hand (`holding_second`); a third one must not raise into it (a
+    KeyboardInterrupt from the handler before ours, in the middle of a save)."""
+    code = ("import os, signal, time\n"
+            "from rlhf_jax.runtime.signals import sigterm_as_ctrl_c\n"
+            "from rlhf_jax.training.run import StopSignals\n"
+            "with sigterm_as_ctrl_c(), StopSignals() as stop, stop.holding_second():\n"  # as the CLIs run a stage
+            "    for _ in range(3):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(0.2)\n"
+            "    print('survived')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == -signal.SIGTERM and "survived" not in done.stdout, (done.returncode, done.stderr)

@@ -196,7 +196,8 @@ class StopSignals:
         if self.received is None:
             self.received = signum
             return
-        self._restore()  # a third signal kills the process
+        for s in self.SIGNALS:  # a third signal kills the process; the handlers before ours come back at exit
+            signal.signal(s, signal.SIG_DFL)
         if self._holding:
             self._held = True
             return
