@@ -228,7 +228,8 @@ def test_failed_swap_puts_the_previous_export_back(capsys, monkeypatch, tmp_path
 def test_leftovers_of_writers_killed_mid_write_are_cleared(tmp_path):
     """A writer killed mid-write leaves its partial directory (a whole model's copy) beside `out`, and one killed
     between its two renames leaves the old `out` aside with no `out`: the next write of `out` deletes the first
-    and puts the second back. A live writer's are not touched."""
+    and puts the second back. A live writer's are not touched; this process's pid on a name it is not writing is a
+    former process's (a restarted container's entry point gets the same pid)."""
     import subprocess
 
     from rlhf_jax.runtime import fsio
@@ -239,7 +240,7 @@ def test_leftovers_of_writers_killed_mid_write_are_cleared(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     (out / "a").write_text("old")
-    partial, live = tmp_path / f".export.partial-{dead}-abcdef", tmp_path / f".export.partial-{os.getpid()}-0a0b0c"
+    partial, live = tmp_path / f".export.partial-{dead}-abcdef", tmp_path / f".export.partial-{os.getppid()}-0a0b0c"
     for leftover in (partial, live):
         leftover.mkdir()
         (leftover / "a").write_text("half")
@@ -252,6 +253,12 @@ def test_leftovers_of_writers_killed_mid_write_are_cleared(tmp_path):
         raise RuntimeError("this write fails too")
     assert (out / "a").read_text() == "new"  # the old `out` is back
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "export"]
+
+    os.replace(out, tmp_path / f".export.old-{os.getpid()}-abcdef")  # the same, by a former process of our pid
+    (tmp_path / f".export.partial-{os.getpid()}-123456").mkdir()
+    with pytest.raises(RuntimeError), fsio.replace_dir(out) as tmp:
+        raise RuntimeError("this write fails too")
+    assert (out / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [live.name, "export"]
 
 
 def test_a_failed_write_leaves_the_old_file_or_nothing_beside_it(tmp_path, monkeypatch):

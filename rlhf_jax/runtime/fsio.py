@@ -136,7 +136,9 @@ def _clear_leftovers(out: Path) -> None:
     for kind in ("old", "partial"):  # an old `out` first: it is restored only where no new one was swapped in
         for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
             pid = leftover.name.rpartition(f".{kind}-")[2].split("-")[0]
-            if not pid.isdigit() or _alive(int(pid)):
+            # this process writes one `out` at a time: its own pid is a former process's (a restarted container's
+            # entry point gets the same pid)
+            if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
                 continue
             if kind == "old" and not out.exists():
                 os.replace(leftover, out)
