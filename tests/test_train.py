@@ -413,6 +413,8 @@ def test_grad_accumulation_matches_one_batch(tiny, data_dir, workdir):
 
 def test_resume_with_another_seed_is_refused(tiny, data_dir, workdir):
     from rlhf_jax.errors import UserError
+    from rlhf_jax.runtime import sharding
+    from rlhf_jax.stages.train import train
 
     args = _mesh_args("sft", tiny, data_dir)
     run_dir = workdir / "seeded"
@@ -421,11 +423,14 @@ def test_resume_with_another_seed_is_refused(tiny, data_dir, workdir):
         _train_on_mesh([*args, "seed=1", f"train.steps={MESH_STEPS + 2}"], run_dir, (8, 1, 1))
     # fewer steps than the checkpoint has: its exports would be of one step and its summary of another; refused
     # before the run's config.json is rewritten
-    config = (run_dir / "config.json").read_text()
+    config, err = (run_dir / "config.json").read_text(), io.StringIO()
     with pytest.raises(UserError, match=f"its checkpoint is at step {MESH_STEPS}, past the {MESH_STEPS - 1} steps "
                                         r"this config trains \(train.steps\); raise train.steps"):
-        _train_on_mesh([*args, f"train.steps={MESH_STEPS - 1}"], run_dir, (8, 1, 1))
+        with contextlib.redirect_stderr(err):
+            train(load_config(None, [*args, f"train.steps={MESH_STEPS - 1}", f"run_dir={run_dir}"]), run_dir,
+                  mesh=sharding.make_mesh((8, 1, 1), ("data", "fsdp", "tensor")))
     assert (run_dir / "config.json").read_text() == config
+    assert "resuming with changed settings" not in err.getvalue()  # the refusal is the one line
 
 
 RESUME_STEPS = 60

@@ -52,7 +52,7 @@ class Run:
         state, the checkpoint's config) -> (state, note)` applies changed settings that live in the state; its
         note joins the warning that lists the changes."""
         config = config_to_dict(self.cfg)
-        start, unreadable = 0, []
+        start, unreadable, changes = 0, [], ""
         for step in self.ckpts.steps():
             error: Exception | None = None
             try:
@@ -75,9 +75,7 @@ class Run:
             state, note = adjust(restored, stored_config or {}) if adjust is not None else (restored, "")
             data_iter.set_state(data_state)
             start, self.facts = step, {**facts, "models": self.models}
-            if allowed or note:
-                changes = "; ".join(filter(None, [", ".join(allowed), note]))
-                print(f"warning: resuming with changed settings: {changes}", file=sys.stderr)
+            changes = "; ".join(filter(None, [", ".join(allowed), note]))
             break
         for step, error in unreadable:
             print(f"warning: checkpoint step {step} in {self.ckpts.directory} cannot be restored "
@@ -89,6 +87,8 @@ class Run:
             duration = "train.steps" if self.cfg.train.steps else "train.epochs"
             raise UserError(f"{self.run_dir}: its checkpoint is at step {start}, past the {total} steps this config "
                             f"trains ({duration}); raise {duration}, or use a new run_dir")
+        if changes:  # after the refusals: a refused resume is one line
+            print(f"warning: resuming with changed settings: {changes}", file=sys.stderr)
         for step, _ in unreadable:  # the run will save these steps again
             kept = self.ckpts.set_aside(step, self.run_dir / "unrestorable_checkpoints")
             print(f"warning: moved step {step} to {kept}", file=sys.stderr)
