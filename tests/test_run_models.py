@@ -209,15 +209,46 @@ def test_exports_record_their_role(tmp_path):
 # ------------------------------------------------------------------------------------------------ fingerprints
 
 
-def test_a_fingerprint_follows_the_files_not_their_place_or_time(inputs, tmp_path):
+def test_a_fingerprint_follows_the_weights_not_their_files_place_or_time(inputs, tmp_path):
+    """An export is fingerprinted by its weights' digest (recorded in model.json) and its other files: the same
+    weights exported again (Orbax names its data files at random, and a rerun of a finished stage exports again)
+    are the same model; one bit of one weight is another. Without a digest (older exports) the files decide."""
     copy = tmp_path / "copy"
     shutil.copytree(inputs["rm"], copy)  # new mtimes, another path
     assert model_fingerprint(copy) == model_fingerprint(inputs["rm"])
+    loaded = load_model(inputs["rm"])
+    again = save_model(tmp_path / "again", loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir,
+                       extra=loaded.extra)
+    assert model_fingerprint(again) == model_fingerprint(inputs["rm"])
+    params = jax.tree.map(np.array, loaded.params)
+    params["score"].reshape(-1).view(np.uint32)[0] ^= 1  # the last bit of one weight
+    other = save_model(tmp_path / "other", params, loaded.cfg, loaded.head, loaded.tokenizer_dir, extra=loaded.extra)
+    assert model_fingerprint(other) != model_fingerprint(inputs["rm"])
+
+    meta = json.loads((copy / "model.json").read_text())
+    del meta["weights_digest"]  # an export from before the digest
+    (copy / "model.json").write_text(json.dumps(meta))
+    before = model_fingerprint(copy)
     weights = next(p for p in (copy / "params").rglob("*") if p.is_file() and p.stat().st_size > 1000)
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 1
     weights.write_bytes(bytes(data))
-    assert model_fingerprint(copy) != model_fingerprint(inputs["rm"])
+    assert model_fingerprint(copy) != before
+
+
+def test_the_weights_digest_is_the_same_however_the_weights_are_sharded_and_sensitive_to_their_order():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from rlhf_jax.models.checkpoint import weights_digest
+
+    rng = np.random.default_rng(0)
+    params = {"embed": rng.normal(size=(64, 16)).astype(np.float32), "norm": rng.normal(size=16).astype(np.float32)}
+    mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+    sharded = {k: jax.device_put(v, NamedSharding(mesh, PartitionSpec("fsdp"))) for k, v in params.items()}
+    assert len(sharded["embed"].sharding.device_set) == 8
+    assert weights_digest(sharded) == weights_digest(params)
+    swapped = {**params, "embed": params["embed"][[1, 0, *range(2, 64)]]}  # two rows swapped: the same bit sum
+    assert weights_digest(swapped) != weights_digest(params)
 
 
 def test_model_changes_judge_models_by_their_files():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -70,18 +71,46 @@ def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str =
                extra: dict | None = None) -> Path:
     """Write a model checkpoint directory as a whole (fsio.replace_dir): an existing non-empty one is refused
     unless `overwrite`, and is then replaced, never mixed; a failed write (a full disk) leaves it as it was."""
+    digest = weights_digest(params)  # every process: a collective over sharded params
     with fsio.replace_dir(out_dir, overwrite) as tmp:
         _save_params(tmp / "params", params)  # with several processes: each writes its shards
         if jax.process_index() != 0:
             return Path(out_dir).resolve()  # process 0 writes the rest and swaps the directory in
         (tmp / "model.json").write_text(json.dumps(
-            {"format": FORMAT, "config": model_config_to_json(cfg), "head": head, **(extra or {})}, indent=2))
+            {"format": FORMAT, "config": model_config_to_json(cfg), "head": head, **(extra or {}),
+             "weights_digest": digest}, indent=2))
         names = [n for n in hf.TOKENIZER_FILES if tokenizer_dir is not None and (Path(tokenizer_dir) / n).is_file()]
         if names:
             (tmp / "tokenizer").mkdir()
         for name in names:
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / "tokenizer" / name)
     return Path(out_dir).resolve()
+
+
+@jax.jit
+def _bit_sums(params):
+    """Per array, two sums of its values' bits as uint32, wrapping (exact, so the same however the array is
+    sharded or the sum ordered): plain, and weighted by position (which a permutation changes)."""
+    def sums(x):
+        bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+        position = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
+        for axis in range(1, x.ndim):
+            position = position * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+        return jnp.stack([jnp.sum(bits), jnp.sum(bits * (position % jnp.uint32(65521) + jnp.uint32(1)))])
+    return jax.tree.map(sums, params)
+
+
+def weights_digest(params) -> str:
+    """A digest of the weights' values (paths, shapes, dtypes and `_bit_sums`), the same for the same weights
+    however they were sharded or written: Orbax names its data files at random, so files alone cannot tell a
+    re-export of the same weights from other weights."""
+    sums = jax.device_get(_bit_sums(params))
+    digest = hashlib.sha256()
+    for path, leaf in sorted((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(params)):
+        digest.update(f"{path}{tuple(leaf.shape)}{jnp.dtype(leaf.dtype).name}".encode())
+    for path, s in sorted((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(sums)):
+        digest.update(f"{path}{s.tolist()}".encode())
+    return digest.hexdigest()
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -183,7 +212,7 @@ def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
         raise CheckpointError(f"{path}: head {head!r}, expected 'lm' or 'scalar'")
     if meta.get("role", "policy") not in ROLES:
         raise CheckpointError(f"{path}: role {meta['role']!r}, expected one of {sorted(ROLES)}")
-    extra = {k: v for k, v in meta.items() if k not in ("format", "config", "head")}
+    extra = {k: v for k, v in meta.items() if k not in ("format", "config", "head", "weights_digest")}
     return cfg, head, extra
 
 
@@ -281,12 +310,16 @@ _WHOLE_BYTES, _SLICE_BYTES = 1 << 20, 1 << 16
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:
-    """A digest of the files of a model directory (hidden files, such as a swap's leftovers, excluded)."""
+    """A digest of the files of a model directory (hidden files, such as a swap's leftovers, excluded); of an
+    export whose model.json records its `weights_digest`, the files but its Orbax params, which that digest
+    stands for (the same weights written again are the same model)."""
     root = Path(path).resolve()
     digest = hashlib.sha256()
     try:
+        skip = {"params"} if _records_weights_digest(root) else set()
         files = sorted(p for p in root.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                       and p.relative_to(root).parts[0] not in skip)
         for file in files:
             size = file.stat().st_size
             digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
@@ -300,6 +333,14 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({os_error_message(e)})") from None
     return digest.hexdigest()
+
+
+def _records_weights_digest(root: Path) -> bool:
+    try:
+        meta = json.loads((root / "model.json").read_text())
+    except (OSError, ValueError):  # no model.json (an HF directory, a dataset), or not one of ours
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("weights_digest"), str)
 
 
 def _check_vocab(loaded: LoadedModel, where: Path) -> None:
