@@ -251,3 +251,19 @@ def test_every_flag_reaches_the_setting_it_names(monkeypatch, tmp_path):
     assert (cfg.seed, cfg.data.chat_template, cfg.model.dtype, tuple(cfg.mesh.shape), cfg.run_dir) == (
         11, True, "bfloat16", (2, 4, 1), str(tmp_path / "o"))
     assert evaluate.main([*argv[:-2], "--all-steps", "--step", "0"]) == 0 and seen[1].eval.all_steps
+
+
+def test_the_evaluator_samples_and_scores_over_the_references_tokenizer_ids(tmp_path):
+    """A reference of 96 vocabulary rows read with a tokenizer of 40 ids (as Qwen2.5's): the policies are sampled,
+    and their KL taken, over those 40 (`SamplingParams.vocab`)."""
+    from hf_fixtures import VOCAB, make_hf_model, make_tokenizer
+    from rlhf_jax.config import load_config
+    from rlhf_jax.eval.evaluate import Evaluator
+    from rlhf_jax.runtime import sharding
+
+    make_hf_model("qwen2", tmp_path)
+    tokenizer = make_tokenizer(tmp_path, pad_is_eos=False)
+    cfg = load_config(None, ["stage=eval", f"eval.reference={tmp_path}", "sampling.batch_size=8",
+                             "sampling.max_prompt_tokens=8", "sampling.max_new_tokens=4"])
+    evaluator = Evaluator(cfg, ["w1 w2", "w3"], None, sharding.make_mesh([-1, 1, 1], ("data", "fsdp", "tensor")))
+    assert evaluator.programs.p.vocab == len(tokenizer) < VOCAB
