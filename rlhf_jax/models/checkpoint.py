@@ -88,28 +88,24 @@ def save_model(out_dir: str | os.PathLike, params, cfg: ModelConfig, head: str =
 
 
 @jax.jit
-def _bit_sums(params):
-    """Per array, two sums of its values' bits as uint32, wrapping (exact, so the same however the array is
-    sharded or the sum ordered): plain, and weighted by position (which a permutation changes)."""
-    def sums(x):
-        bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
-        position = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
-        for axis in range(1, x.ndim):
-            position = position * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
-        return jnp.stack([jnp.sum(bits), jnp.sum(bits * (position % jnp.uint32(65521) + jnp.uint32(1)))])
-    return jax.tree.map(sums, params)
+def _bit_sums(x: jax.Array) -> jax.Array:
+    """Two sums of an array's values' bits as uint32, wrapping (exact, so the same however the array is sharded or
+    the sum ordered): plain, and weighted by position (which a permutation changes)."""
+    bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+    position = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
+    for axis in range(1, x.ndim):
+        position = position * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    return jnp.stack([jnp.sum(bits), jnp.sum(bits * (position % jnp.uint32(65521) + jnp.uint32(1)))])
 
 
 def weights_digest(params) -> str:
     """A digest of the weights' values (paths, shapes, dtypes and `_bit_sums`), the same for the same weights
     however they were sharded or written: Orbax names its data files at random, so files alone cannot tell a
     re-export of the same weights from other weights."""
-    sums = jax.device_get(_bit_sums(params))
     digest = hashlib.sha256()
     for path, leaf in sorted((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(params)):
-        digest.update(f"{path}{tuple(leaf.shape)}{jnp.dtype(leaf.dtype).name}".encode())
-    for path, s in sorted((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(sums)):
-        digest.update(f"{path}{s.tolist()}".encode())
+        sums = jax.device_get(_bit_sums(leaf)).tolist()  # one array at a time on the device: no second copy of all
+        digest.update(f"{path}{tuple(leaf.shape)}{jnp.dtype(leaf.dtype).name}{sums}".encode())
     return digest.hexdigest()
 
 
