@@ -304,8 +304,8 @@ def test_resume_refuses_a_model_replaced_at_its_path(ppo_run, inputs, key):
         kept.rename(path)
     assert rc == 2 and "Traceback" not in err, err
     assert _last_line(err) == (f"error: cannot resume {(run_dir / 'checkpoints').resolve()} (step 2): {key}="
-                               f"{path.resolve()}: not the model the run started from (its files changed since); "
-                               "restore that model or use a new run_dir")
+                               f"{path.resolve()}: not the model or dataset the run started from (its files changed "
+                               "since); restore it or use a new run_dir")
     assert (run_dir / "config.json").read_text() == config
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ckpts
 
@@ -332,8 +332,30 @@ def test_sft_records_its_start_model(sft_run, inputs):
     finally:
         shutil.rmtree(start)
         kept.rename(start)
-    assert rc == 2 and f"model.path={start.resolve()}: not the model the run started from" in _last_line(err), err
+    assert rc == 2 and f"model.path={start.resolve()}: not the model or dataset the run started from" in \
+        _last_line(err), err
 
+
+def test_sft_records_its_dataset(sft_run, inputs, tmp_path):
+    """A dataset prepared again under the same data.name from other rows is another run's data: refused, as a
+    model replaced at its path is. The same rows prepared again are the same dataset (its files are)."""
+    from rlhf_jax.data.prepare import dataset_dir, prepare
+
+    demos = dataset_dir(inputs["data"], "demos")
+    rows = tmp_path / "other.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}", "response": f" A{i}"}) + "\n" for i in range(16)))
+    kept = demos.parent.rename(tmp_path / "demos_kept")
+    try:
+        prepare("jsonl_sft", [str(rows)], inputs["data"], "demos")
+        rc, _, err = run_quietly(main_cli.main, [*sft_run["args"], "train.steps=4"])
+    finally:
+        shutil.rmtree(demos.parent)
+        kept.rename(demos.parent)
+    assert rc == 2 and f"data.name={demos.resolve()}: not the model or dataset the run started from" in \
+        _last_line(err), err
+    again = prepare("jsonl_sft", [str(rows)], tmp_path / "again", "demos")["dataset"]
+    assert model_fingerprint(again) == model_fingerprint(prepare("jsonl_sft", [str(rows)], tmp_path / "once",
+                                                                 "demos")["dataset"])
 
 def test_a_finished_run_reruns_to_its_end_and_another_shape_of_state_is_refused(sft_run, tmp_path):
     """The same command again resumes at its last step and finishes; a setting that changes the saved state's

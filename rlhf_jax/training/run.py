@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 
 from rlhf_jax.config import Config, config_to_dict
+from rlhf_jax.data.prepare import dataset_dir
 from rlhf_jax.errors import DivergedError, Interrupted, UserError
 from rlhf_jax.models.checkpoint import TrainCheckpoints, model_fingerprint, state_shapes
 from rlhf_jax.models.tiny import resolve_model_path
@@ -30,13 +31,14 @@ class Run:
     """One run directory: Orbax checkpoints with the loop facts saved beside them, metrics (JSONL +
     TensorBoard) and the resolved config.json, which is written only once resuming is known to be sound.
     The loop facts record a fingerprint of every model the run reads (model.path, the start model and PPO's
-    KL reference, and the `models` a stage names, such as ppo.reward_model), so that a resumed run refuses a
-    model replaced at the same path."""
+    KL reference, and the `models` a stage names, such as ppo.reward_model) and of its dataset (data.name), so
+    that a resumed run refuses a model or dataset replaced at the same path."""
 
     def __init__(self, cfg: Config, run_dir: Path, stage: str, models: dict[str, str] | None = None):
         self.cfg, self.run_dir, self.stage = cfg, run_dir, stage
         self.ckpts = TrainCheckpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
-        paths = {"model.path": resolve_model_path(cfg.model.path, run_dir, cfg.seed), **(models or {})}
+        paths = {"model.path": resolve_model_path(cfg.model.path, run_dir, cfg.seed),
+                 "data.name": dataset_dir(cfg.data.dir, cfg.data.name), **(models or {})}
         self.models = {key: {"path": str(Path(path).resolve()), "fingerprint": model_fingerprint(path)}
                        for key, path in paths.items()}
         self.facts: dict = {"seed": cfg.seed, "models": self.models}  # small JSON facts (e.g. the best eval loss)
@@ -106,7 +108,7 @@ class Run:
         changed, same = resume.model_changes(stored_facts.get("models") or {}, self.models)
         if changed:
             raise UserError(f"cannot resume {self.ckpts.directory} (step {step}): {', '.join(changed)}: not the "
-                            "model the run started from (its files changed since); restore that model or use a "
+                            "model or dataset the run started from (its files changed since); restore it or use a "
                             "new run_dir")
         refused, allowed = resume.config_changes(stored_config, config_to_dict(self.cfg), same)
         shapes = resume.shape_changes(stored_shapes, state_shapes(state))
