@@ -336,6 +336,16 @@ def test_sft_records_its_start_model(sft_run, inputs):
         _last_line(err), err
 
 
+def test_a_training_stage_never_takes_over_another_stages_run_dir(sft_run, tmp_path):
+    """A generate or eval run there keeps its config and curves (TensorBoard would hide its points from step 1)."""
+    (tmp_path / "config.json").write_text(json.dumps({"stage": "generate"}))
+    args = [a for a in sft_run["args"] if not a.startswith("run_dir=")]
+    rc, _, err = run_quietly(main_cli.main, [*args, f"run_dir={tmp_path}", "train.steps=1"])
+    assert rc == 2 and _last_line(err) == (f"error: run_dir={tmp_path}: holds a run of stage 'generate'; give the "
+                                           "sft stage a directory of its own"), err
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_sft_records_its_dataset(sft_run, inputs, tmp_path):
     """A dataset prepared again under the same data.name from other rows is another run's data: refused, as a
     model replaced at its path is. The same rows prepared again are the same dataset (its files are)."""

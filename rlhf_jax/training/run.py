@@ -36,6 +36,7 @@ class Run:
 
     def __init__(self, cfg: Config, run_dir: Path, stage: str, models: dict[str, str] | None = None):
         self.cfg, self.run_dir, self.stage = cfg, run_dir, stage
+        refuse_another_stages_run(run_dir, stage)
         self.ckpts = TrainCheckpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
         paths = {"model.path": resolve_model_path(cfg.model.path, run_dir, cfg.seed),
                  "data.name": dataset_dir(cfg.data.dir, cfg.data.name), **(models or {})}
@@ -245,8 +246,8 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def refuse_another_stages_run(run_dir: Path, stage: str, key: str = "run_dir") -> None:
-    """A stage that writes its config.json and metrics into `run_dir` (generate, eval) never takes over the run of
-    another stage there (its config, its curves: TensorBoard drops every tag's later points at a new attempt)."""
+    """A stage that writes its config.json and metrics into `run_dir` never takes over the run of another stage
+    there (its config, its curves: TensorBoard drops every tag's later points at a new attempt)."""
     try:
         other = json.loads((run_dir / "config.json").read_text())["stage"]
     except (OSError, ValueError, KeyError, TypeError):
