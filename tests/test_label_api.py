@@ -290,14 +290,17 @@ def test_with_a_token_every_request_must_carry_it(task):
     assert client.get("/api/next?labeler=ann&token=s3cret").json()["prompt_id"] == 0
     page = client.get("/?token=s3cret")  # the page's cookie carries the token for its script and calls
     assert page.status_code == 200 and "httponly" in page.headers["set-cookie"].lower()
+    assert page.headers["set-cookie"].startswith("label_token_80=s3cret;")  # the test client's port
     assert client.get("/static/app.js").status_code == 200
     assert client.post("/api/rankings", json=GOOD).json()["saved"] and task.done() == 1
     # cookies of other apps on this host come along; one that Python's SimpleCookie cannot parse hides nothing
     client.cookies.clear()
     for other in ('prefs={"a":1}', 'session="unterminated', "x=[1, 2]", "x=a\\b"):
-        answer = client.get("/api/stats", headers={"Cookie": f"{other}; label_token=s3cret"})
+        answer = client.get("/api/stats", headers={"Cookie": f"{other}; label_token_80=s3cret"})
         assert answer.status_code == 200, other
-    assert client.get("/api/stats", headers={"Cookie": 'prefs={"a":1}; label_token=nope'}).status_code == 401
+    assert client.get("/api/stats", headers={"Cookie": 'prefs={"a":1}; label_token_80=nope'}).status_code == 401
+    # another label server's on this host (its port in the name) is not this one's
+    assert client.get("/api/stats", headers={"Cookie": "label_token_8001=s3cret"}).status_code == 401
 
 
 # -------------------------------------------------------------------------------------------------------- the CLI

@@ -34,7 +34,6 @@ MAX_BODY = 64 * 1024  # bytes; a ranking of 9 responses with ratings and flags i
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
-COOKIE = "label_token"
 # Never inside another site's frame: a framed page's clicks would be the labeler's (its API calls are same-origin).
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'", "X-Frame-Options": "DENY",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
@@ -49,7 +48,7 @@ def make_app(service: LabelService, token: str = "", hosts: tuple[str, ...] | No
     async def page(request: Request) -> Response:
         response = Response(assets["index.html"], media_type=ASSETS["index.html"], headers=PAGE_HEADERS)
         if token and request.query_params.get("token"):
-            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+            response.set_cookie(cookie_name(request.scope), token, httponly=True, samesite="strict")
         return response
 
     async def asset(request: Request) -> Response:
@@ -142,7 +141,7 @@ class TokenCheck:
             found.append(value.strip())
         found += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
         # Starlette's parser, as browsers do, reads past another site's cookie that SimpleCookie cannot parse
-        if (cookie := cookie_parser(headers.get("cookie", "")).get(COOKIE)) is not None:
+        if (cookie := cookie_parser(headers.get("cookie", "")).get(cookie_name(scope))) is not None:
             found.append(cookie)
         return found
 
@@ -177,6 +176,13 @@ class SameOrigin:
         if scope["method"] == "POST" and media_type != "application/json":
             return 415, f"the body must be sent as Content-Type: application/json, not {media_type or 'none'!r}"
         return None
+
+
+def cookie_name(scope) -> str:
+    """The token's cookie, named by the port this server listens on: a browser sends a host's cookies to every port
+    of it, and two label servers on one machine would each replace the other's."""
+    server = scope.get("server")
+    return f"label_token_{server[1]}" if server and server[1] is not None else "label_token"
 
 
 def _hostname(host: str) -> str:
