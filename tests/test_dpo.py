@@ -455,4 +455,5 @@ def test_resume_refuses_a_reference_replaced_at_its_path(tiny, data_dir, workdir
     build_tiny_model(reference, seed=1)
     rc, _, err = run_quietly(main_cli.main, args(3))
     assert rc == 2 and "Traceback" not in err, err[-2000:]
-    assert f"dpo.reference={reference.resolve()}: not the model or dataset the run started from" in err.strip().splitlines()[-1]
+    assert f"dpo.reference={reference.resolve()}: not the model or dataset the run started from" in \
+        err.strip().splitlines()[-1]
