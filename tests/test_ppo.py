@@ -21,6 +21,8 @@ import pytest
 
 from rlhf_jax import main as main_cli
 from rlhf_jax.config import OptimSection, PPOSection
+from rlhf_jax.data.prepare import dataset_dir
+from rlhf_jax.models.checkpoint import TrainCheckpoints, model_fingerprint
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
 from rlhf_jax.rl import ppo
@@ -662,6 +664,12 @@ def test_ppo_stage_with_ptx(ppo_inputs):
     assert rc == 0, err[-2000:]
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(m["ptx_loss"] > 0 for m in metrics)
+    # its dataset is fingerprinted with the others, so that a resume refuses another one put under its name
+    ckpts = TrainCheckpoints(run_dir / "checkpoints", 5)
+    read = ckpts.stored(ckpts.latest_step())[2]["models"]
+    ckpts.close()
+    assert read["ppo.ptx_dataset"] == {"path": str(dataset_dir(ppo_inputs["data"], "demos").resolve()),
+                                       "fingerprint": model_fingerprint(dataset_dir(ppo_inputs["data"], "demos"))}
 
 
 def test_an_unused_ptx_dataset_is_announced(capsys):

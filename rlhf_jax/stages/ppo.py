@@ -17,6 +17,7 @@ import numpy as np
 from rlhf_jax.config import Config
 from rlhf_jax.data.buckets import Trimmer
 from rlhf_jax.data.pipeline import open_split, train_dataset
+from rlhf_jax.data.prepare import dataset_dir
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.rl import ppo
@@ -144,7 +145,10 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
 
     if cfg.ppo.reference:
         scalars["ppo.reference"] = (cfg.ppo.reference, None)
-    run = Run(cfg, run_dir, "ppo", models={key: path for key, (path, _) in scalars.items()})
+    read = {key: path for key, (path, _) in scalars.items()}
+    if ptx_spec is not None:  # fingerprinted as data.name is: the saved position counts batches of this dataset
+        read["ppo.ptx_dataset"] = dataset_dir(ptx_spec.dir, ptx_spec.name)
+    run = Run(cfg, run_dir, "ppo", models=read)
     state, start = run.resume(state, data_iter, total, adjust=kl_on_resume(cfg))
     if distributed.is_primary():  # process 0 writes the run's files
         drop_lines_after(run_dir / "samples.jsonl", start)  # written again by the iterations after `start`
