@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
 from rlhf_jax import evaluate
@@ -267,3 +269,15 @@ def test_the_evaluator_samples_and_scores_over_the_references_tokenizer_ids(tmp_
                              "sampling.max_prompt_tokens=8", "sampling.max_new_tokens=4"])
     evaluator = Evaluator(cfg, ["w1 w2", "w3"], None, sharding.make_mesh([-1, 1, 1], ("data", "fsdp", "tensor")))
     assert evaluator.programs.p.vocab == len(tokenizer) < VOCAB
+    # the KL's log-probs are over those 40 ids too: a policy's log-probs of its own samples as the sampler drew them
+    from rlhf_jax.models.sampling import teacher_forced_logprobs
+
+    model, params = evaluator.ref_model, evaluator.ref_params
+    _, _, ids, mask = evaluator.batches[0]
+    samples = evaluator.programs.sample(model, params, ids, mask, jax.random.key(3))
+    got = evaluator.programs.logprobs(model, params, ids, mask, samples)
+    forced = [jax.jit(lambda p, v=v: teacher_forced_logprobs(model, p, ids, mask, samples.tokens, samples.mask,
+                                                             cfg.sampling.temperature, vocab=v))(params)
+              for v in (len(tokenizer), None)]
+    np.testing.assert_allclose(got, forced[0], atol=1e-5)
+    assert np.abs(got - np.asarray(forced[1]))[samples.mask].min() > 1e-3  # the limit changes every log-prob
