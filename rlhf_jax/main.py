@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, overrides)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a training loop (which saves and stops on its own)
         return report(Interrupted("interrupted while loading, compiling or writing, outside a training step: "
-                                  "nothing new was saved; rerun the same command to resume"))
+                                  "what was saved before stays; rerun the same command to resume"))
 
 
 def _run(args, overrides: Sequence[str]) -> int:

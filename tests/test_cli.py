@@ -227,7 +227,7 @@ def test_a_signal_outside_a_training_loop_is_one_line_with_exit_4(capsys, monkey
     finally:
         signal.signal(signal.SIGINT, sigint_before)
     assert rc == 4 and err.strip() == ("interrupted while loading, compiling or writing, outside a training step: "
-                                       "nothing new was saved; rerun the same command to resume"), err
+                                       "what was saved before stays; rerun the same command to resume"), err
     assert signal.getsignal(signal.SIGTERM) == before
 
 
