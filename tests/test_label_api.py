@@ -507,3 +507,19 @@ def test_only_loopback_binds_without_a_token(host, loopback, url_host):
         with pytest.raises(UserError, match=f"^label.host={host}: other machines can reach it; set label.token"):
             server.check_binding(host, "")
     server.check_binding(host, "t")
+
+
+def test_localhost_is_loopback_only_where_it_resolves_there_alone(monkeypatch):
+    """A hosts file that maps `localhost` to an address other machines reach: binding there needs a token."""
+    import socket
+
+    from rlhf_jax.label import server
+
+    def resolving_to(*addresses):
+        return lambda host, port: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolving_to("127.0.0.1", "::1"))
+    assert server.is_loopback("localhost")
+    monkeypatch.setattr(socket, "getaddrinfo", resolving_to("127.0.0.1", "10.1.2.3"))
+    with pytest.raises(UserError, match="^label.host=localhost: other machines can reach it"):
+        server.check_binding("localhost", "")

@@ -23,12 +23,16 @@ from rlhf_jax.runtime.progress import progress
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+    """An address of loopback, or `localhost` where every address it resolves to is (a hosts file may say else)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None) if host == "localhost" else []
+    except OSError:
         return False
+    return bool(found) and all(ipaddress.ip_address(addr[4][0].split("%")[0]).is_loopback for addr in found)
 
 
 TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")
