@@ -180,7 +180,10 @@ def test_jsonl_nulls_are_absent_fields_as_in_parquet(tmp_path):
 def test_hh_rlhf_sft_and_prompts_share_the_rankings_prompts(tmp_path):
     rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
             {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
-             "rejected": "\n\nHuman: Hi\n\nAssistant: What."}]
+             "rejected": "\n\nHuman: Hi\n\nAssistant: What."},
+            # the chosen reply runs on into another turn: its prompt is still the dialogue both texts share
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Sure.\n\nHuman: thanks\n\nAssistant: Welcome.",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: No."}]
     path = tmp_path / "train.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -26,16 +26,24 @@ def _hh_prompt(chosen: str) -> str:
     return chosen[: cut + len(_ASSISTANT)]
 
 
-def rankings(row: dict) -> dict:
-    """HH-RLHF: both texts are the whole dialogue; the prompt is their shared dialogue up to its last Assistant turn,
-    so that a reply that runs on into more turns, on either side, is that side's response."""
-    chosen, rejected = rows.string(row, "chosen"), rows.string(row, "rejected")
+def _prompt(row: dict) -> str:
+    """The prompt of a row: the dialogue both texts share up to its last Assistant turn, so that a reply that runs on
+    into more turns, on either side, is that side's response (the chosen text's own last turn without 'rejected')."""
+    chosen = rows.string(row, "chosen")
     _hh_prompt(chosen)  # a text without an Assistant turn is refused by name
-    shared = os.path.commonprefix([chosen, rejected])
+    if row.get("rejected") is None:
+        return _hh_prompt(chosen)
+    shared = os.path.commonprefix([chosen, rows.string(row, "rejected")])
     if _ASSISTANT not in shared:
         raise rows.Invalid("prefix_mismatch", "fields 'chosen' and 'rejected' do not share a dialogue up to an "
                                               "Assistant turn")
-    prompt = _hh_prompt(shared)
+    return _hh_prompt(shared)
+
+
+def rankings(row: dict) -> dict:
+    """HH-RLHF: both texts are the whole dialogue after the prompt (`_prompt`); the chosen one ranks first."""
+    chosen, rejected = rows.string(row, "chosen"), rows.string(row, "rejected")
+    prompt = _prompt(row)
     responses = [rows.response(chosen[len(prompt):], "the chosen Assistant reply"),
                  rows.response(rejected[len(prompt):], "the rejected Assistant reply")]
     if responses[0] == responses[1]:
@@ -44,13 +52,13 @@ def rankings(row: dict) -> dict:
 
 
 def sft(row: dict) -> dict:
-    """HH-RLHF as demonstrations: the prompt `hh_rlhf` builds and the chosen Assistant reply ('rejected' unread)."""
-    chosen = rows.string(row, "chosen")
-    prompt = _hh_prompt(chosen)
-    return {"prompt": prompt, "response": rows.response(chosen[len(prompt):], "the chosen Assistant reply"),
+    """HH-RLHF as demonstrations: the prompt `hh_rlhf` builds (`_prompt`) and the chosen text after it."""
+    prompt = _prompt(row)
+    return {"prompt": prompt, "response": rows.response(row["chosen"][len(prompt):], "the chosen Assistant reply"),
             "metadata": ""}
 
 
 def prompts(row: dict) -> dict:
-    """HH-RLHF as prompts: the dialogue up to the chosen text's last Assistant turn, the prompt `hh_rlhf` builds."""
-    return {"prompt": _hh_prompt(rows.string(row, "chosen")), "metadata": ""}
+    """HH-RLHF as prompts: the prompt `hh_rlhf` builds (`_prompt`), so that the three datasets of one file put each
+    dialogue in the same split."""
+    return {"prompt": _prompt(row), "metadata": ""}
