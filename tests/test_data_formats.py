@@ -340,6 +340,9 @@ BAD_ROWS = [
     ("tldr_prompts", '{"post": 1' + "0" * 5000 + "}", "invalid_json"),  # past Python's digit limit
     ("tldr_prompts", "[" * 100000 + "]" * 100000, "invalid_json"),  # nested past the recursion limit
     ("tldr_prompts", '{"post": "p", ', "invalid_json"),
+    ("jsonl_sft", '{"prompt": "p", "response": "r", "response": "r2"}', "invalid_json"),  # never the last one wins
+    ("jsonl_sft", '{"prompt": "p", "response": "r", "metadata": {"x": NaN}}', "invalid_json"),
+    ("jsonl_prompts", '{"prompt": "p", "metadata": {"x": -Infinity}}', "invalid_json"),
 ]
 
 
@@ -495,6 +498,30 @@ def test_corrupt_gzip_and_parquet_are_user_errors(tmp_path):
     parquet.write_bytes(b"not parquet")
     with pytest.raises(UserError, match="not a readable Parquet file"):
         read_all("jsonl_prompts", str(parquet))
+
+
+def test_parquet_values_json_or_python_cannot_hold_are_named(tmp_path):
+    """A NaN metadata value is a bad row (metadata is stored as JSON); a timestamp past year 9999 names its column."""
+    nan = tmp_path / "nan.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "metadata": 1.5}, {"prompt": "q", "metadata": float("nan")}]),
+                   nan)
+    good, bad = read_all("jsonl_prompts", str(nan))
+    assert good.record["metadata"] == "1.5" and bad.error.reason == "invalid_metadata"
+    assert str(bad.error) == f"{nan}:2: field 'metadata' holds NaN or an infinity, which JSON has no value for"
+    late = tmp_path / "late.parquet"
+    stamps = pa.array([0, 253402300800000000], pa.timestamp("us"))  # 1970 and year 10000
+    pq.write_table(pa.table({"prompt": ["p", "q"], "created_at": stamps}), late)
+    with pytest.raises(UserError, match=rf"^{late}: rows 1-2, column 'created_at': a value Python cannot hold"):
+        read_all("jsonl_prompts", str(late))
+
+
+def test_an_input_given_twice_is_refused(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p"}])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^\./p\.jsonl: given twice as an input \(also as '.*p\.jsonl'\)"):
+        read_all("jsonl_prompts", [path, "./p.jsonl"])
+    with pytest.raises(UserError, match="given twice"):
+        read_all("jsonl_prompts", ["https://example.org/a.jsonl"] * 2)  # refused before any download
 
 
 # ---------------------------------------------------------------------------------------------------------------------

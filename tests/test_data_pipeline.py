@@ -197,6 +197,26 @@ def test_grouped_prompts_stay_in_one_split(tmp_path):
     assert summary["examples"]["eval"] > 0
 
 
+@pytest.mark.parametrize("damage, what", [
+    ("dataset_info.json", r"Failed to load JSON"), ("metadata.json", "metadata.json names no dataset kind"),
+    ("p-train.array_record-00000-of-00001", "file p-train.array_record-00000-of-00001 is missing")])
+def test_a_damaged_prepared_dataset_is_one_line(tmp_path, damage, what):
+    from rlhf_jax.data.pipeline import open_split
+    from rlhf_jax.data.prepare import dataset_dir, prepare
+
+    prepare("jsonl_prompts", [_write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])],
+            tmp_path / "d", "p")
+    path = dataset_dir(tmp_path / "d", "p")
+    open_split(tmp_path / "d", "p", "train")
+    if damage.endswith(".json"):
+        (path / damage).write_text('{"damaged' if damage == "dataset_info.json" else "{}")
+    else:
+        (path / damage).unlink()
+    with pytest.raises(UserError, match=rf"^{path}: a damaged prepared dataset \({what}.*\); prepare it again "
+                                        r"\(python -m rlhf_jax.data ... --name p --overwrite\)$"):
+        open_split(tmp_path / "d", "p", "train")
+
+
 def test_rankings_prepared_in_the_old_layout_must_be_prepared_again(tmp_path, tokenizer):
     from rlhf_jax.data.prepare import dataset_dir, prepare
 

@@ -26,8 +26,10 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from rlhf_jax.config import DataSection
+from rlhf_jax.data.formats import KINDS
 from rlhf_jax.data.prepare import RANKINGS_LAYOUT, dataset_dir
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec
@@ -41,10 +43,19 @@ def open_split(data_dir: str | Path, name: str, split: str):
     path = dataset_dir(data_dir, name)
     if not (path / "dataset_info.json").exists():
         raise UserError(f"{path}: no prepared dataset (run python -m rlhf_jax.data ... --name {name})")
-    builder = tfds.builder_from_directory(str(path))
-    if split not in builder.info.splits:
-        raise UserError(f"{path}: no split {split!r}; available: {sorted(builder.info.splits)}")
-    return builder.as_data_source(split=split), dict(builder.info.metadata)
+    again = f"prepare it again (python -m rlhf_jax.data ... --name {name} --overwrite)"
+    try:
+        builder = tfds.builder_from_directory(str(path))
+        splits, metadata = builder.info.splits, dict(builder.info.metadata or {})
+    except (ValueError, OSError, json_format.ParseError) as e:
+        raise UserError(f"{path}: a damaged prepared dataset ({str(e).splitlines()[0][:120]}); {again}") from None
+    if split not in splits:
+        raise UserError(f"{path}: no split {split!r}; available: {sorted(splits)}")
+    missing = [f.name for f in splits[split].filepaths if not f.exists()]
+    if missing or metadata.get("kind") not in KINDS:
+        what = f"file {missing[0]} is missing" if missing else "metadata.json names no dataset kind"
+        raise UserError(f"{path}: a damaged prepared dataset ({what}); {again}")
+    return builder.as_data_source(split=split), metadata
 
 
 def stored_prompts(source, limit: int = 0) -> list[str]:

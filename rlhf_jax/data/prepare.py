@@ -144,7 +144,7 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
             skip_invalid: bool = False, fields: Mapping[str, str] | None = None, overwrite: bool = False,
             extra_metadata: Mapping | None = None, eval_prompts: Collection[str] | None = None) -> dict:
     """Import `inputs` in format `fmt` as dataset `name`; returns the summary (examples per split, skips, and for
-    rankings the counts of `group_comparisons`: rows, prompts, pairs, inconsistent and dropped pairs).
+    rankings the counts of `group_comparisons`: rows, prompts, pairs, inconsistent pairs, prompts without pairs).
     `extra_metadata` is stored with the dataset's metadata (e.g. the labeler's accuracy ceiling). With
     `eval_prompts`, exactly the rows of those prompts are held out (instead of a hash of each prompt)."""
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # one path, not its characters

@@ -46,8 +46,19 @@ def read_rows(fmt: str, paths: Sequence[str], fields: Mapping[str, str] | None =
     convert = _converter(fmt, _field_names(fmt, fields))
     if isinstance(paths, (str, Path)):  # one path given bare would otherwise be read character by character
         paths = [paths]
+    _refuse_repeats([str(p) for p in paths])
     files = [local_file(str(p)) for p in paths]
     return (row for path in files for row in read_file(path, convert))
+
+
+def _refuse_repeats(paths: list[str]) -> None:
+    """Each input once: a file given twice would double every row (and every pair's weight in the loss)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        key = path if path.startswith(("http://", "https://")) else str(Path(path).resolve())
+        if key in seen:
+            raise UserError(f"{path}: given twice as an input (also as {seen[key]!r}); each file is read once")
+        seen[key] = path
 
 
 def _field_names(fmt: str, fields: Mapping[str, str] | None) -> dict[str, str]:

@@ -111,7 +111,8 @@ def _parse_line(line: bytes) -> dict:
     bom = len(text) - len(text.lstrip(_BOM))
     try:
         # without its newline, which would put an error at the line's end at column 1 of a line after it
-        obj = json.loads(text[bom:].rstrip("\r\n"))
+        obj = json.loads(text[bom:].rstrip("\r\n"), object_pairs_hook=_object_without_repeats,
+                         parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         raise rows.Invalid("invalid_json", json_error(e, bom)) from None
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits, arrays nested too deep
@@ -129,6 +130,19 @@ def _parse_line(line: bytes) -> dict:
     return obj
 
 
+def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object; a key given twice (which `json` would resolve silently, the last one winning) is refused."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        key = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+        raise rows.Invalid("invalid_json", f"key {key!r} appears twice in one object")
+    return obj
+
+
+def _refuse_constant(name: str):
+    raise rows.Invalid("invalid_json", f"{name} is not a JSON value")
+
+
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(1-based row index, row) of a Parquet file with the same field names as the JSONL formats."""
     import pyarrow as pa
@@ -138,7 +152,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
         batches = pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS)
         n = 0
         for batch in batches:
-            for row in batch.to_pylist():
+            for row in _batch_rows(path, batch, n):
                 n += 1
                 # A Parquet column exists for every row, so a null is how a row lacks that field.
                 yield n, {k: v for k, v in row.items() if v is not None}
@@ -147,3 +161,17 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
     except (pa.ArrowException, OSError) as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: not a readable Parquet file ({first_line})") from None
+
+
+def _batch_rows(path: Path, batch, before: int) -> list[dict]:
+    """A Parquet batch as Python rows; a value Python cannot hold (a timestamp past year 9999) is named by column."""
+    try:
+        return batch.to_pylist()
+    except (OverflowError, ValueError):
+        for name in batch.schema.names:
+            try:
+                batch.column(name).to_pylist()
+            except (OverflowError, ValueError) as e:
+                raise UserError(f"{path}: rows {before + 1}-{before + batch.num_rows}, column {name!r}: a value "
+                                f"Python cannot hold ({e})") from None
+        raise

@@ -112,4 +112,9 @@ def _metadata(row: dict, name: str) -> str:
     if value is None:
         return ""
     # default=str: Parquet rows can hold dates and bytes, which JSON has no type for.
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str,
+                          allow_nan=False)
+    except ValueError:  # a Parquet float NaN or infinity, which JSON has no value for
+        raise rows.Invalid("invalid_metadata", f"field {name!r} holds NaN or an infinity, which JSON has no value "
+                                               "for") from None
