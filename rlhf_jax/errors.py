@@ -101,6 +101,17 @@ def json_error(e: json.JSONDecodeError, offset: int = 0) -> str:
     return f"invalid JSON ({e.msg.removesuffix(' at')} at column {offset + e.pos + 1})"
 
 
+@contextlib.contextmanager
+def about(key: str):
+    """Marks a UserError raised inside as concerning config key `key` (for `naming_flags`, where one path may be
+    given to several flags)."""
+    try:
+        yield
+    except UserError as e:
+        e.about = getattr(e, "about", None) or key
+        raise
+
+
 _KEY = re.compile(r"(')?(?<![\w./-])([A-Za-z_][\w.]*\w)(?![\w./-])(')?(=)?")
 
 
@@ -109,7 +120,7 @@ def naming_flags(error: UserError, flags: dict[str, str], paths: Sequence[tuple[
     those flags (`'eval.limit' must be >= 0` -> `--limit must be >= 0`, `run_dir=/x: ...` -> `--out /x: ...`; a
     key without a dot only where it reads as a key: quoted, or followed by `=`), and a message about a path given
     by a flag, one of `paths` as (flag, path), gets the flag in front (`/x: does not exist` -> `--checkpoint /x:
-    does not exist`)."""
+    does not exist`; the flag of the key an error is `about` first)."""
     def flag(match: re.Match) -> str:
         quote, key, _, equals = match.groups()
         if key not in flags or not ("." in key or quote or equals):
@@ -120,7 +131,8 @@ def naming_flags(error: UserError, flags: dict[str, str], paths: Sequence[tuple[
     if not text.endswith(verbatim):
         verbatim = ""
     text = _KEY.sub(flag, text[:len(text) - len(verbatim)]) + verbatim
-    for name, path in paths:
+    ours = flags.get(getattr(error, "about", None) or "")  # the flag of the input the error concerns, tried first
+    for name, path in sorted(paths, key=lambda pair: pair[0] != ours):
         if path and any(text.startswith(f"{form}{end}") for form in {str(path), os.path.realpath(path)}
                         for end in ":/"):
             text = f"{name} {text}"

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from rlhf_jax.config import Config, config_from_dict
 from rlhf_jax.errors import UserError, naming_flags, out_of_memory_in_one_line, report
-from rlhf_jax.models.generation import parse_mesh_shape
+from rlhf_jax.models.generation import mesh_shape_as_one, parse_mesh_shape
 
 
 def config_from_flags(args: argparse.Namespace) -> Config:
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chat-template", action="store_true")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--mesh-shape", default="-1,1,1", help="devices per (data, fsdp, tensor) axis")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(mesh_shape_as_one(sys.argv[1:] if argv is None else argv))
     try:
         from rlhf_jax.stages import dispatch as stages
 

@@ -18,7 +18,7 @@ from typing import Sequence
 from rlhf_jax.config import MIN_TEMPERATURE
 from rlhf_jax.errors import UserError, naming_flags, out_of_memory_in_one_line, report
 from rlhf_jax.models.checkpoint import load_model
-from rlhf_jax.models.generation import Generator, parse_mesh_shape, read_prompts
+from rlhf_jax.models.generation import Generator, mesh_shape_as_one, parse_mesh_shape, read_prompts
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID
 from rlhf_jax.runtime import sharding
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--mesh-shape", default="-1,1,1", help="devices per (data, fsdp, tensor) axis")
     ap.add_argument("--output", choices=["jsonl", "text"], default="jsonl", help="what to print per prompt")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(mesh_shape_as_one(sys.argv[1:] if argv is None else argv))
     try:
         _check_flags(args)
         mesh = sharding.make_mesh(parse_mesh_shape(args.mesh_shape), ("data", "fsdp", "tensor"))

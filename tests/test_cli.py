@@ -168,9 +168,10 @@ def test_generate_jsonl_prompt_file_with_line_breaks(capsys, hf_dir, workdir):
 
 
 def test_generate_sharded_mesh_matches_default(capsys, hf_dir, prompt_file, greedy_default):
-    """data=2, fsdp=2, tensor=2: the tiny GQA Llama's 2 KV heads split over the tensor axis."""
+    """data=2 (-1: the devices left), fsdp=2, tensor=2: the tiny GQA Llama's 2 KV heads split over the tensor
+    axis."""
     rc, out, err = _run(capsys, generate_cli.main,
-                        _gen_argv(hf_dir, prompt_file, "--temperature", "0", "--mesh-shape", "2,2,2"))
+                        _gen_argv(hf_dir, prompt_file, "--temperature", "0", "--mesh-shape", "-1,2,2"))
     assert rc == 0, err
     records = _records(out)
     assert [r["ids"] for r in records] == [r["ids"] for r in greedy_default]
@@ -334,10 +335,11 @@ def test_new_tokens_may_fill_the_models_positions_exactly(capsys, hf_dir, prompt
     _assert_user_error(rc, err, f"= {positions + 1} exceeds the model's {positions} positions")
 
 
-@pytest.mark.parametrize("case", ["mesh_not_int", "mesh_wrong_rank", "prompt_file_is_dir"])
+@pytest.mark.parametrize("case", ["mesh_not_int", "mesh_wrong_rank", "mesh_zero", "prompt_file_is_dir"])
 def test_error_malformed_inputs_are_user_errors(capsys, hf_dir, prompt_file, workdir, case):
     argv = {"mesh_not_int": _gen_argv(hf_dir, prompt_file, "--mesh-shape", "2,x"),
             "mesh_wrong_rank": _gen_argv(hf_dir, prompt_file, "--mesh-shape", "8"),
+            "mesh_zero": _gen_argv(hf_dir, prompt_file, "--mesh-shape", "0,-1,1"),
             "prompt_file_is_dir": _gen_argv(hf_dir, workdir)}[case]
     rc, _, err = _run(capsys, generate_cli.main, argv)
     _assert_user_error(rc, err)

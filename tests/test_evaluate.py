@@ -173,7 +173,9 @@ def test_the_out_directory_of_a_training_run_is_refused(inputs):
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--policy", "{rm}"], "a reward/value model (scalar head), expected a policy"),
+    (["--policy", "{rm}"], "error: --policy {rm}: a reward/value model (scalar head), expected a policy"),
+    (["--policy", "{sft}", "--out", "{sft}/eval"], "error: --out {sft}/eval: is or is inside the model directory "
+                                                   "--reference {sft}; "),
     (["--policy", "{sft}", "--reward-model", "{sft}"], "a language model, expected a reward model"),
     (["--policy", "{root}/missing"], "does not exist"),
     (["--policy", "{sft}", "--reference", "{root}/missing"], "error: --reference {root}/missing: does not exist"),
@@ -195,6 +197,7 @@ def test_wrong_inputs_fail_in_one_line(inputs, flags, fragment):
     rc, _, err = _eval(inputs, inputs["root"] / "bad", *flags)
     lines = err.strip().splitlines()
     assert rc == 2 and lines[-1].startswith("error: ") and fragment.format(**inputs) in lines[-1], err
+    assert not (inputs["sft"] / "eval").exists()
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -207,6 +210,22 @@ def test_a_scorer_is_needed_and_rankings_need_the_reward_model(inputs, flags, fr
     lines = err.strip().splitlines()
     assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err
     assert "Traceback" not in err and "eval:" not in err  # refused before the first sample
+
+
+def test_a_bad_earlier_round_is_refused_before_the_first_sample(inputs):
+    from rlhf_jax import main as main_cli
+
+    bad = inputs["root"] / "round_bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "report.json").write_text("{}")
+    out = inputs["root"] / "rounds_out"
+    rc, _, err = run_quietly(main_cli.main, [
+        "stage=eval", f"eval.policies=[{inputs['sft']}]", f"eval.reference={inputs['sft']}",
+        f"eval.reward_model={inputs['rm']}", f"eval.prompts={inputs['prompt_file']}", f"eval.rounds=[{bad}]",
+        f"run_dir={out}", "sampling.max_new_tokens=4", "sampling.batch_size=8", "sampling.max_prompt_tokens=16"])
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"error: eval.rounds: {bad}/report.json has no evaluated policies (expected an eval report)"), err
+    assert "eval:" not in err and not (out / "metrics.jsonl").exists()
 
 
 def test_a_runs_relative_base_model_is_found_from_any_directory(tmp_path, monkeypatch):

@@ -200,10 +200,10 @@ def test_two_checkpoints_of_a_run_make_a_step_plot_and_one_does_not(tmp_path):
 
 def test_one_frontier_of_gold_against_kl_is_drawn_in_order_of_kl(monkeypatch):
     report = make_report()
-    for p, kl in zip(report["policies"], (3.0, 0.5, 2.0)):
+    for p, kl in zip(report["policies"], (3.0, -0.01, 2.0)):  # a k1 estimate below the reference's 0
         p["kl"] = kl
     figures = []
     monkeypatch.setattr(report_lib, "_png", lambda fig: figures.append(fig) or b"")
     report_lib._gold_vs_kl_png(report)
     (line,) = figures[0].axes[0].get_lines()
-    assert list(line.get_xdata()) == [0.0, 0.5, 2.0, 3.0]  # the reference at 0, then the policies by KL
+    assert list(line.get_xdata()) == [-0.01, 0.0, 2.0, 3.0]  # the reference's 0 among the policies, by KL

@@ -20,7 +20,7 @@ import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import eval_batches
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, about
 from rlhf_jax.eval import stats as eval_stats
 from rlhf_jax.eval.inputs import gold_scores, load_gold, load_prompts, open_dataset, split_spec
 from rlhf_jax.eval.policies import SCALAR_NOT_POLICY, PolicySource, policy_meta, policy_sources, restorable_policy
@@ -209,24 +209,30 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
         print("warning: sampling is greedy or filtered (a temperature of 0, top-k or top-p): the KL columns "
               "compare the unfiltered distributions, not the ones the responses were drawn from", file=sys.stderr)
     prompts = load_prompts(e.prompts, e.limit)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, about("eval.policies"):
         warnings.simplefilter("always")
         sources = policy_sources(e.policies, e.step, e.all_steps)
     for message in dict.fromkeys(str(w.message) for w in caught):  # each once (a run's steps are listed twice)
         print(f"warning: {message}", file=sys.stderr)
+    models = [("eval.reference", e.reference), ("eval.reward_model", e.reward_model),
+              *(("eval.policies", str(x.path)) for x in sources if x.step is None)]
+    check_outputs(out_dir, run_dir, models)
+    earlier_rounds = [round_row(read_round(path)) for path in e.rounds]
     ev = Evaluator(cfg, prompts, gold_fn, mesh)
     for source in sources:  # a policy that reads other tokens or positions stops the run before the first sample
-        meta = policy_meta(source)
-        ev.check_vocab(meta, str(source.path))
-        check_positions(meta.cfg, ev.width + s.max_new_tokens, f"{source.path}: the longest prompt ({ev.width} "
-                        f"tokens) + sampling.max_new_tokens ({s.max_new_tokens})")
+        with about("eval.policies"):
+            meta = policy_meta(source)
+            ev.check_vocab(meta, str(source.path))
+            check_positions(meta.cfg, ev.width + s.max_new_tokens, f"{source.path}: the longest prompt "
+                            f"({ev.width} tokens) + sampling.max_new_tokens ({s.max_new_tokens})")
     rm_accuracy, labels = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
     rows, samples, logged = [], [], []
     with progress(len(prompts) * (len(sources) + 1), "eval", "response", enabled=distributed.is_primary()) as bar:
         ref = ev.responses(ev.ref_model, ev.ref_params, bar, policy=False)
         for source in sources:
-            found = restorable_policy(source, base_models)
+            with about("eval.policies"):
+                found = restorable_policy(source, base_models)
             if found is None:
                 bar.total -= len(prompts)
                 continue
@@ -253,7 +259,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
               "labeler_ceiling": labels.get("labeler_ceiling"), "labeler_agreement": labels.get("labeler_agreement"),
               "sampling": dataclasses.asdict(s), "policies": rows}
     if e.rounds:
-        result["rounds"] = [*(round_row(read_round(path)) for path in e.rounds), round_row(result)]
+        result["rounds"] = [*earlier_rounds, round_row(result)]
     from rlhf_jax.eval.report import headline, verdict, write_report  # matplotlib only when a report is written
 
     written = distributed.on_primary(lambda: [str(p) for p in write_report(out_dir, result, samples,
@@ -271,13 +277,29 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
+def check_outputs(out_dir: Path, run_dir: Path, models: list[tuple[str, str | None]]) -> None:
+    """The report and metrics go to directories that are not, and are not inside, a model read here (a model
+    directory's fingerprint covers its files); `eval.out` is not a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"eval.out={out_dir}: a file, expected the report's directory")
+    for key, out in {"eval.out": out_dir, "run_dir": run_dir}.items():
+        for what, model in models:
+            if model and (out.resolve() == Path(model).resolve() or Path(model).resolve() in out.resolve().parents):
+                raise UserError(f"{key}={out}: is or is inside the model directory {what}={model}; what is written "
+                                "there would change the model's files: write it elsewhere")
+
+
 def read_round(path: str) -> dict:
     """An earlier round's report.json (in its eval step's directory)."""
     try:
-        return json.loads((Path(path) / "report.json").read_text())
+        report = json.loads((Path(path) / "report.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"eval.rounds: {path}/report.json cannot be read ({type(e).__name__}); that round's eval "
                         "step must have finished") from None
+    policies = report.get("policies") if isinstance(report, dict) else None
+    if not (isinstance(policies, list) and policies and all(isinstance(p, dict) for p in policies)):
+        raise UserError(f"eval.rounds: {path}/report.json has no evaluated policies (expected an eval report)")
+    return report
 
 
 def round_row(report: dict) -> dict:

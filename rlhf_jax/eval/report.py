@@ -315,11 +315,11 @@ def _gold_vs_kl_png(report: dict) -> bytes:
     for i, policies in enumerate(frontiers):
         points = [(p["kl"], p["gold_score_mean"], p["name"]) for p in policies
                   if p.get("gold_score_mean") is not None and p.get("kl") is not None]
-        if len(frontiers) == 1:
-            points.sort()
-        # else in checkpoint order: each round's path from where the round before it ended
         if start is not None:
             points.insert(0, start)
+        if len(frontiers) == 1:  # the reference too: a k1 estimate of a policy's KL can be below its 0
+            points.sort()
+        # else in checkpoint order: each round's path from where the round before it ended
         if policies and policies[-1].get("gold_score_mean") is not None:  # the next round starts from this one's end
             start = (policies[-1]["kl"], policies[-1]["gold_score_mean"], policies[-1]["name"])
         label = f"round {i + 1}" if len(frontiers) > 1 else None

@@ -133,4 +133,18 @@ def parse_mesh_shape(text: str) -> list[int]:
         shape = []
     if len(shape) != 3:
         raise UserError(f"--mesh-shape expects 3 comma-separated ints (data,fsdp,tensor), got {text!r}")
+    if not all(n == -1 or n >= 1 for n in shape) or shape.count(-1) > 1:
+        raise UserError(f"--mesh-shape entries must be >= 1 or -1 (the devices left, at most once), got {text!r}")
     return shape
+
+
+def mesh_shape_as_one(argv: Sequence) -> list[str]:
+    """argv with `--mesh-shape -1,2,1` written `--mesh-shape=-1,2,1`: argparse takes a value that starts with '-'
+    for an option."""
+    args, out = [str(a) for a in argv], []
+    while args:
+        arg = args.pop(0)
+        if arg == "--mesh-shape" and args and args[0][:1] == "-" and args[0][1:2].isdigit():
+            arg = f"--mesh-shape={args.pop(0)}"
+        out.append(arg)
+    return out
