@@ -154,6 +154,8 @@ def test_wrong_type(override, key, fragment):
     (["train.eval_batch_size=-2"], "'train.eval_batch_size'", ">= 0"),
     (["mesh.shape=[2,2]"], "'mesh.axes'", "one name per shape entry"),
     (["mesh.axes=[data, data, tensor]"], "'mesh.axes'", "unique"),
+    (["mesh.axes=[data, fdsp, tensor]"], "'mesh.axes'", "must name axes among data, fsdp, tensor ('fdsp' is none of "
+                                                        "them; did you mean 'fsdp'?)"),
     (["mesh.shape=[-1,-1,1]"], "'mesh.shape'", "at most one -1"),
     (["mesh.shape=[0,1,1]"], "'mesh.shape'", ">= 1 or -1"),
     (["seed=-1"], "'seed'", "must be from 0 to 2^32 - 1, got -1"),  # numpy's and jax's seeds: a traceback before

@@ -4,6 +4,7 @@ overrides), turn it back into a plain dict and list its keys for --help. The typ
 `rlhf_jax.typed_yaml`, which raises the one-line `ConfigError`s.
 """
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ class MeshSection:
 
     def __post_init__(self):
         coerce(self)
-        from rlhf_jax.runtime.sharding import MESH_PRESETS  # the table lives with the mesh code
+        from rlhf_jax.runtime.sharding import MESH_AXES, MESH_PRESETS  # the tables live with the mesh code
 
         check(self, "preset", not self.preset or self.preset in MESH_PRESETS,
                f"unknown; expected one of {sorted(MESH_PRESETS)}")
@@ -84,6 +85,10 @@ class MeshSection:
                f"must have one name per shape entry ({len(self.shape)})")
         check(self, "axes", all(self.axes), "names must be non-empty")
         check(self, "axes", len(set(self.axes)) == len(self.axes), "names must be unique")
+        for name in self.axes:  # another name would split nothing: every device would hold and run everything
+            close = difflib.get_close_matches(name, MESH_AXES, n=1)
+            check(self, "axes", name in MESH_AXES, f"must name axes among {', '.join(MESH_AXES)} ({name!r} is none "
+                  f"of them{f'; did you mean {close[0]!r}?' if close else ''})")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax.errors import UserError
 
+MESH_AXES = ("data", "fsdp", "tensor")  # what AXIS_RULES split over
+
 # Logical name -> mesh axes. Parameters carry logical names (see model.py); a dimension that a mesh axis
 # does not divide is replicated along it instead (`sharding_report` lists those fallbacks).
 AXIS_RULES: dict[str, tuple[str, ...]] = {
