@@ -90,6 +90,7 @@ project=${TPU_PROJECT:-${CLOUDSDK_CORE_PROJECT:-}}
 accelerator=${TPU_ACCELERATOR_TYPE:-v5litepod-16}
 version=${TPU_VERSION:-}
 spot=${TPU_SPOT:-0}
+case $spot in 0 | 1) ;; *) die "TPU_SPOT must be 0 or 1, got '$spot'" ;; esac  # TPU_SPOT=true is no Spot slice
 config=${TPU_CONFIG:-}
 bucket=${TPU_BUCKET:-}
 python=${TPU_PYTHON:-python3.11}

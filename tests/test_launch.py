@@ -375,6 +375,17 @@ def test_slurm_dry_run_prints_srun_and_the_derived_environment(ntasks, per_gpu):
         assert srun[-6:] == ["-m", "rlhf_jax.main", "--config", "configs/sft.yaml", "train.steps=5", "a.b=c d"]
 
 
+@pytest.mark.parametrize("launcher, env", [
+    ("gpu_slurm.sbatch", slurm_env(DRY_RUN="true")), ("gpu_slurm.sbatch", slurm_env(ONE_TASK_PER_GPU="yes")),
+    ("tpu_pod.sh", {"TPU_NAME": "e", "TPU_ZONE": "z", "TPU_CONFIG": "configs/demo.yaml", "TPU_SPOT": "true"})])
+def test_a_switch_that_is_not_0_or_1_is_refused(launcher, env):
+    """DRY_RUN=true read as 0 launched the job it was asked only to print; TPU_SPOT=true made no Spot slice."""
+    name, value = next((k, v) for k, v in env.items() if v in ("true", "yes"))
+    out = run(["bash", LAUNCH / launcher, "--dry-run" if launcher == "tpu_pod.sh" else "configs/sft.yaml"], env=env)
+    assert out.returncode == 2 and out.stderr.strip() == f"{launcher}: {name} must be 0 or 1, got '{value}'", out
+    assert "srun" not in out.stdout and "gcloud" not in out.stdout
+
+
 @pytest.mark.parametrize("nodes,first", [("a,b", "a"), ("node[01-02]", "node01"), ("gpu[3,5-7]-ib,x[1-2]", "gpu3-ib"),
                                          ("solo", "solo"), ("n[7]", "n7")])
 def test_slurm_first_host_without_scontrol(nodes, first):
