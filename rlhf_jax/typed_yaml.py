@@ -205,6 +205,10 @@ def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
 
 def _unknown_key_message(key: str, candidates: Sequence[str]) -> str:
     message = f"unknown key {key!r}"
+    if key in candidates:  # known when nested: a file wrote `optim.lr: ...` as one name
+        section, _, rest = key.partition(".")
+        return (f"{message}: a YAML file nests it ({section}: {{{rest}: ...}}); {key}=... is the command line's "
+                "form")
     close = difflib.get_close_matches(key, candidates, n=1)
     if close:
         message += f" (did you mean {close[0]!r}?)"

@@ -117,6 +117,12 @@ def test_unknown_yaml_key_suggests_closest(tmp_path, text, key, suggestion):
     assert key in message and suggestion in message and path in message
 
 
+def test_a_dotted_key_in_a_file_is_told_to_nest(tmp_path):
+    path = _write(tmp_path, "optim.lr: 0.001\n")
+    assert _error(path=path) == (f"config file {path!r}: unknown key 'optim.lr': a YAML file nests it (optim: {{lr: "
+                                 "...}); optim.lr=... is the command line's form")
+
+
 def test_unknown_key_in_dict():
     with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
         config_from_dict({"optim": {"lrr": 1.0}})
@@ -158,6 +164,8 @@ def test_wrong_type(override, key, fragment):
                                                         "them; did you mean 'fsdp'?)"),
     (["mesh.shape=[-1,-1,1]"], "'mesh.shape'", "at most one -1"),
     (["mesh.shape=[0,1,1]"], "'mesh.shape'", ">= 1 or -1"),
+    (["distributed.num_processes=2", "distributed.process_id=2"], "'distributed.process_id'",
+     "must be below distributed.num_processes (2), got 2"),  # also under --check, before any launch
     (["seed=-1"], "'seed'", "must be from 0 to 2^32 - 1, got -1"),  # numpy's and jax's seeds: a traceback before
     (["seed=4294967296"], "'seed'", "must be from 0 to 2^32 - 1"),
     (["run_dir="], "'run_dir'", "must name a directory"),  # was the current directory

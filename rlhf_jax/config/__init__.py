@@ -102,6 +102,8 @@ class DistributedSection:
         coerce(self)
         check(self, "num_processes", self.num_processes >= 0, "must be >= 0")
         check(self, "process_id", self.process_id >= -1, "must be >= -1")
+        check(self, "process_id", self.num_processes == 0 or self.process_id < self.num_processes,
+              f"must be below distributed.num_processes ({self.num_processes})")
 
 
 @dataclass(frozen=True)
