@@ -13,6 +13,7 @@ import difflib
 import functools
 import json
 import math
+import re
 import reprlib
 import types
 import typing
@@ -309,6 +310,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Integers as YAML 1.2 reads them: YAML 1.1's `010` (octal, 8) and `1:30` (base 60, 90) changed a value unseen.
+_INT = "tag:yaml.org,2002:int"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                       list("-+0123456789"))
+_UniqueKeyLoader.add_constructor(_INT, lambda loader, node: _yaml12_int(loader.construct_scalar(node)))
+
+
+def _yaml12_int(text: str) -> int:
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text)  # int("010") is 10
+
+
 def _open_problem(err: OSError) -> str:
     if isinstance(err, FileNotFoundError):
         return "does not exist"
@@ -358,7 +373,7 @@ def apply_override(cls: type, data: dict, item: str) -> None:
             raise ConfigError(f"override {key!r} names a section; set its fields, e.g. '{key}.<field>=...'")
         raise ConfigError(_unknown_key_message(key, _all_keys(cls)))
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError:
         value = text  # let type conversion report it against the key
     except RecursionError:

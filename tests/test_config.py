@@ -117,6 +117,14 @@ def test_unknown_yaml_key_suggests_closest(tmp_path, text, key, suggestion):
     assert key in message and suggestion in message and path in message
 
 
+def test_integers_read_as_yaml_1_2_reads_them(tmp_path):
+    """YAML 1.1 read `010` as octal 8 and `1:30` as base-60 90: a value changed without a word."""
+    assert load_config(None, ["sampling.top_k=010"]).sampling.top_k == 10
+    assert load_config(_write(tmp_path, "sampling:\n  top_k: 010\n"), []).sampling.top_k == 10
+    assert load_config(None, ["sampling.top_k=0x10", "train.steps=+5"]).sampling.top_k == 16
+    assert _error(["sampling.top_k=1:30"]) == "'sampling.top_k' expects an int, got '1:30'"
+
+
 def test_a_dotted_key_in_a_file_is_told_to_nest(tmp_path):
     path = _write(tmp_path, "optim.lr: 0.001\n")
     assert _error(path=path) == (f"config file {path!r}: unknown key 'optim.lr': a YAML file nests it (optim: {{lr: "

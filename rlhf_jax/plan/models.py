@@ -112,5 +112,5 @@ def response_slots(cfg: Config, steps: Sequence[pipeline.Step]) -> int:
         if s.stage == "label" and s.label.dataset == cfg.data.name and _same_path(s.data.dir, cfg.data.dir):
             # every policy's samples, and with earlier rounds' rankings every round's, share a prompt's element
             return s.label.responses * (1 + len(s.label.policies)) * (1 + len(s.label.include))
-    raise UserError(f"data.max_responses: the rm dry run needs the response slots per prompt K, and dataset "
+    raise UserError(f"data.max_responses: the {cfg.stage} dry run needs the response slots per prompt K, and dataset "
                     f"{cfg.data.name!r} is not prepared yet; set data.max_responses")
