@@ -6,6 +6,7 @@ Exit statuses (documented in docs/reliability.md):
   3  diverged: a non-finite loss, gradient norm or parameter; the last finite checkpoint stays
   4  interrupted by SIGTERM or SIGINT after saving a checkpoint; rerun the same command to resume
   5  a step does not fit the device memory: found by a dry run (--dry-run, rlhf_jax/plan/), or met by a run
+     (the host's memory too)
 """
 
 import contextlib
@@ -57,8 +58,8 @@ DRY_RUN_HINT = ("`python -m rlhf_jax.main --config CFG --dry-run` plans each ste
 
 @contextlib.contextmanager
 def out_of_memory_in_one_line(hint: str = DRY_RUN_HINT):
-    """XLA's RESOURCE_EXHAUSTED (at compile or run time, on any backend) as one OutOfMemory line with `hint`, the
-    way to a fit, instead of pages of traceback."""
+    """XLA's RESOURCE_EXHAUSTED (at compile or run time, on any backend) and the host's MemoryError as one
+    OutOfMemory line with `hint`, the way to a fit, instead of pages of traceback."""
     try:
         yield
     except RuntimeError as e:  # jax.errors.JaxRuntimeError, matched without importing jax here
@@ -66,6 +67,9 @@ def out_of_memory_in_one_line(hint: str = DRY_RUN_HINT):
         if not lines or "RESOURCE_EXHAUSTED" not in lines[0]:
             raise
         raise OutOfMemory(f"out of device memory ({lines[0][:200]}); {hint}") from None
+    except MemoryError as e:  # the host's: numpy's arrays of a batch, a checkpoint read into memory
+        raise OutOfMemory(f"out of host memory ({str(e).splitlines()[0][:200] if str(e) else 'MemoryError'}); "
+                          f"{hint}") from None
 
 
 def report(error: UserError) -> int:

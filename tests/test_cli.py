@@ -542,6 +542,10 @@ def test_out_of_device_memory_is_one_line_with_exit_5_and_the_way_to_a_fit(capsy
     monkeypatch.setattr(Generator, "generate", _out_of_memory)
     rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file))
     assert rc == 5 and len(err.strip().splitlines()) == 1 and "a smaller --batch-size" in err, err
+    monkeypatch.undo()
+    rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--batch-size", str(8 * 10 ** 10)))
+    assert rc == 5 and err.startswith("error: out of host memory (Unable to allocate ") and \
+        len(err.strip().splitlines()) == 1 and "a smaller --batch-size" in err, err
 
 
 def test_main_unknown_key_suggests_the_right_one(capsys, tmp_path):
