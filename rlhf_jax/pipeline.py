@@ -421,9 +421,11 @@ def _check_started(step: Step, upstream: str) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         before = None  # never started here, or before these records were kept
     checkpoints = step_dir / "checkpoints"
-    if before not in (None, upstream) and checkpoints.is_dir() and any(checkpoints.iterdir()):
+    resumable = (checkpoints.is_dir() and any(checkpoints.iterdir())) or (step_dir / "label.db").exists()
+    if before not in (None, upstream) and resumable:
         raise UserError(f"pipeline.{step.name}: started earlier after other steps before it, which came out "
-                        f"differently since; its checkpoints are of that run: delete {step_dir} to run it again")
+                        f"differently since; what it saved (checkpoints, a labeling task) is of that run: delete "
+                        f"{step_dir} to run it again")
     created = not step_dir.exists()
     step_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomically(step_dir / STARTED, {"upstream": upstream})

@@ -173,11 +173,39 @@ def test_a_signal_stops_serving_with_exit_4_and_finish_writes_what_is_stored(set
         f"label: stopped with 3/50 rankings stored in {run_dir / 'label.db'}; rerun to continue labeling, or rerun "
         "with label.finish=true to write the dataset from them")
     assert len(Store(run_dir / "label.db").rankings()) == 3
+    with serving_nothing(port):  # a task sampled with 2 responses per model is not served as one of 3
+        rc, out, err = run_quietly(main_cli.main, _argv(setup, run_dir, port, "label.finish=true", "label.responses=3"))
+    assert rc == 2 and "holds a task sampled with other settings (responses_per_model differ)" in err, err[-2000:]
     with serving_nothing(port):
         rc, out, err = run_quietly(main_cli.main, _argv(setup, run_dir, port, "label.target=50", "label.finish=true",
                                                         "model.path=/gone"))
     assert rc == 0, err[-2000:]
     assert "ranking page" not in err and json.loads(out.strip().splitlines()[-1])["rankings"] == 3
+
+
+def test_a_stored_task_is_served_only_with_the_settings_and_models_it_was_sampled_with(setup, tmp_path):
+    """A rerun after the policy was trained again (same path, other files) or with more responses per model would
+    have people rank samples the run no longer uses; a policy no longer there leaves the task as it is."""
+    import shutil
+
+    from rlhf_jax.config import load_config
+    from rlhf_jax.errors import UserError
+    from rlhf_jax.stages.label import check_task, task_settings
+
+    policy = shutil.copytree(setup["policy"], tmp_path / "policy")
+    argv = [a for a in _argv(setup, tmp_path / "run", 0) if not a.startswith("model.path=")]
+    cfg = load_config(None, [*argv, f"model.path={policy}"])
+    store.create(tmp_path / "label.db", [("p", False, [("a", []), ("b", [])])], task_settings(cfg))
+    task = Store(tmp_path / "label.db")
+    check_task(cfg, task)
+    check_task(load_config(None, [*argv, "model.path=/gone"]), task)
+    with pytest.raises(UserError, match=r"holds a task sampled with other settings \(responses_per_model differ\)"):
+        check_task(load_config(None, [*argv, f"model.path={policy}", "label.responses=3"]), task)
+    (policy / "config.json").write_text((policy / "config.json").read_text() + " ")  # trained again, in effect
+    with pytest.raises(UserError, match=rf"^label: {tmp_path / 'label.db'} holds a task sampled with other settings "
+                                        r"\(the models' files differ\); rerun with those, or delete it"):
+        check_task(cfg, task)
+    task.close()
 
 
 def test_a_run_without_rankings_to_finish_and_a_public_host_without_token_are_one_line(setup, tmp_path):

@@ -194,9 +194,14 @@ def test_a_step_started_after_other_steps_does_not_resume_their_checkpoints(tmp_
     (again / "checkpoints" / "100").mkdir(parents=True)
     (again / pipeline.STARTED).write_text(json.dumps({"upstream": "the steps before it as they were"}))
     rc, _, err = run_quietly(main_cli.main, ["--config", path])
-    assert rc == 2 and err.strip().splitlines()[-1] == (
-        f"error: pipeline.again: started earlier after other steps before it, which came out differently since; "
-        f"its checkpoints are of that run: delete {again} to run it again"), err[-2000:]
+    refusal = (f"error: pipeline.again: started earlier after other steps before it, which came out differently "
+               f"since; what it saved (checkpoints, a labeling task) is of that run: delete {again} to run it again")
+    assert rc == 2 and err.strip().splitlines()[-1] == refusal, err[-2000:]
+    shutil.rmtree(again / "checkpoints")
+    (again / "label.db").write_bytes(b"")  # a labeling task people were ranking: as much the old run's
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 2 and err.strip().splitlines()[-1] == refusal, err[-2000:]
+    (again / "label.db").unlink()
     (again / pipeline.STARTED).write_text(json.dumps(started))
     rc, _, err = run_quietly(main_cli.main, ["--config", path])
     assert rc == 0 and "[2/2] again: done" in err, err[-2000:]

@@ -32,7 +32,7 @@ from rlhf_jax.data.prepare import prepare
 from rlhf_jax.errors import Interrupted, UserError
 from rlhf_jax.label import agreement, server, store as label_store
 from rlhf_jax.label.service import Goal
-from rlhf_jax.models.checkpoint import load_model
+from rlhf_jax.models.checkpoint import load_model, model_fingerprint
 from rlhf_jax.models.generation import Generator
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID
@@ -151,10 +151,33 @@ def _store_task(cfg: Config, db: Path, prompts: list[str], held_out: set[str],
     if not task:
         raise UserError("label: no prompt has 2 distinct non-empty samples; raise sampling.temperature")
     task = [task[j] for j in np.random.default_rng(cfg.seed).permutation(len(task))]
-    label_store.create(db, task, {"data": cfg.data.name, "models": [cfg.model.path, *cfg.label.policies],
-                                  "responses_per_model": cfg.label.responses, "seed": cfg.seed,
+    label_store.create(db, task, {"models": [cfg.model.path, *cfg.label.policies], **task_settings(cfg),
                                   "prompts": len(prompts), "dropped_prompts": len(prompts) - len(task),
                                   "empty_responses_dropped": empty})
+
+
+def task_settings(cfg: Config) -> dict:
+    """What a stored task was sampled with: a rerun serves it only where these are the same (the models by their
+    files, so a moved run's paths do not count; a model no longer there, None, by nothing)."""
+    return {"data": cfg.data.name, "responses_per_model": cfg.label.responses, "seed": cfg.seed,
+            "model_fingerprints": [model_fingerprint(p) if Path(p).is_dir() else None
+                                   for p in (cfg.model.path, *cfg.label.policies)]}
+
+
+def check_task(cfg: Config, task: label_store.Store) -> None:
+    """Refuses a stored task sampled with other settings (models retrained, more responses): people would rank
+    samples of models the run no longer uses."""
+    def same(key, now, stored) -> bool:
+        if key != "model_fingerprints":
+            return now == stored
+        return len(now) == len(stored) and all(None in (a, b) or a == b for a, b in zip(now, stored))
+
+    changed = [key for key, value in task_settings(cfg).items()
+               if key in task.meta and not same(key, value, task.meta[key])]
+    if changed:
+        what = ", ".join("the models' files" if key == "model_fingerprints" else key for key in changed)
+        raise UserError(f"label: {task.path} holds a task sampled with other settings ({what} differ); rerun with "
+                        f"those, or delete it to sample anew (what people ranked in it is lost)")
 
 
 def merge_responses(samples: list[tuple[str, dict]]) -> tuple[list[tuple[str, list[dict]]], int]:
@@ -176,6 +199,7 @@ def _serve_and_write(cfg: Config, run_dir: Path, db: Path) -> dict:
     lab = cfg.label
     task = label_store.Store(db)
     try:
+        check_task(cfg, task)
         target = lab.target  # 0: every prompt ranked by someone (label.service.Goal)
         task.set_meta("target", target)
         task.set_meta("overlap", lab.overlap)
