@@ -439,6 +439,7 @@ RESUME_STEPS = 60
 def _cli_command(tiny: Path, data_dir: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "rlhf_jax.main",
             *_sft_args(tiny, data_dir, run_dir, f"train.steps={RESUME_STEPS}", "train.save_every=10",
+                       "train.keep_checkpoints=10",
                        "train.eval_every=0", "train.log_every=5", "optim.lr=3e-3", "optim.warmup_steps=5")]
 
 
@@ -451,6 +452,10 @@ def straight_run(tiny, data_dir, workdir) -> Path:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed" not in proc.stderr
     return run_dir
+
+
+def _saved_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def _train_steps(run_dir: Path) -> list[int]:
@@ -475,6 +480,8 @@ def _assert_resumes_to_the_straight_run(tiny, data_dir, run_dir: Path, straight_
     _assert_trees_equal(load_model(straight_run / "export").params, load_model(run_dir / "export").params)
     assert _losses(run_dir) == _losses(straight_run)
     assert _train_steps(run_dir) == _train_steps(straight_run)  # every step logged once, none twice
+    # and the same checkpoints kept: a stop's own, off the save cadence, goes once a newer one is saved
+    assert _saved_steps(run_dir) == _saved_steps(straight_run) == list(range(10, RESUME_STEPS + 1, 10))
     return match.group(1)
 
 

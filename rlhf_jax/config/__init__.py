@@ -186,7 +186,9 @@ class TrainSection:
     eval_batch_size: int = opt(0, "rows per evaluation forward; 0 = the training micro-batch "
                                    "(batch_size / optim.grad_accum_steps)")
     save_every: int = opt(50, "steps between checkpoints; 0 = only at the end")
-    keep_checkpoints: int = opt(2, "most recent checkpoints kept (the best model is exported separately)")
+    keep_checkpoints: int = opt(2, "checkpoints kept: the newest, and the newest of the save cadence (one a stop "
+                                   "signal saved goes once a newer one is saved); the best model is exported "
+                                   "separately")
     log_every: int = opt(10, "steps between metric fetches and log lines")
     loss_on_prompt: bool = opt(False, "sft: train on prompt tokens too")
 

@@ -402,18 +402,19 @@ def _run_model_hint(run: Path) -> str:
 class TrainCheckpoints:
     """Orbax CheckpointManager over one training run: the train state, the data iterator's state, a small JSON
     of loop facts (best eval so far, seed) and the resolved config are saved together, asynchronously, keeping
-    the last N.
+    the newest and the newest on the save cadence, `keep` in all (`prune`).
     Orbax writes each step under a temporary name and renames it when complete, so a kill mid-save leaves
     the previous checkpoint as the latest. A failed save (a full or unwritable disk) is one UserError naming
     the directory and the step; its partial directory is removed and the checkpoints before it stay."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int):
+    def __init__(self, directory: str | os.PathLike, keep: int, save_every: int = 0):
         self.directory = Path(directory).resolve()
+        self.keep, self.save_every = keep, save_every
         self.in_flight: int | None = None  # the step being written in the background
         if self.directory.exists() and not self.directory.is_dir():  # else found only at the first save
             raise UserError(f"{self.directory}: is a file, expected the run's checkpoint directory; move it away")
         _drop_abandoned_call_noise()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "loop": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
         try:
@@ -449,7 +450,24 @@ class TrainCheckpoints:
         except Exception as e:  # noqa: BLE001
             raise self._save_error(self.in_flight, e) from None
         finally:
-            self.in_flight = None
+            saved, self.in_flight = self.in_flight is not None, None
+        if saved:  # only a run that saves prunes; reading checkpoints deletes nothing
+            self.prune()
+
+    def prune(self) -> None:
+        """Keeps the newest complete checkpoint and, up to `keep` in all, the newest of the save cadence: one saved
+        off it (a stop signal's) goes once a newer one is complete, so that a stopped and resumed run keeps the
+        checkpoints an unstopped one keeps (`eval.all_steps` evaluates the same steps)."""
+        steps = self.steps()
+        kept = set(steps[:1])
+        for step in steps:
+            if len(kept) >= self.keep:
+                break
+            if self.save_every and step % self.save_every == 0:
+                kept.add(step)
+        for step in steps:
+            if step not in kept:
+                self.manager.delete(step)
 
     def _save_error(self, step: int | None, error: Exception) -> UserError:
         """One line for a failed save, once its partial directory (orbax's temporary name) is removed."""

@@ -37,7 +37,7 @@ class Run:
     def __init__(self, cfg: Config, run_dir: Path, stage: str, models: dict[str, str] | None = None):
         self.cfg, self.run_dir, self.stage = cfg, run_dir, stage
         refuse_another_stages_run(run_dir, stage)
-        self.ckpts = TrainCheckpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+        self.ckpts = TrainCheckpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.save_every)
         paths = {"model.path": resolve_model_path(cfg.model.path, run_dir, cfg.seed),
                  "data.name": dataset_dir(cfg.data.dir, cfg.data.name), **(models or {})}
         self.models = {key: {"path": str(Path(path).resolve()), "fingerprint": model_fingerprint(path)}
