@@ -345,6 +345,9 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
     from rlhf_jax.stages import dispatch as stages
 
     summaries, records, started = [], [], time.perf_counter()
+    for step in steps:  # a finished step's changed settings stop the run before any step runs (a round added)
+        config = _relative(config_to_dict(step.cfg), str(run_dir))
+        distributed.on_primary(lambda: _check_settings(step, config))
     for i, step in enumerate(steps, 1):
         step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
         upstream = _fingerprint(records)
@@ -432,30 +435,48 @@ def _check_started(step: Step, upstream: str) -> bool:
     return created
 
 
-def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...]) -> dict | None:
-    """The summary (relative to run_dir) of a step finished earlier with the same config (relative to run_dir, in
-    the sections its stage reads) after the same earlier steps; None when it has not finished."""
-    step_dir = Path(step.cfg.run_dir)
-    marker = step_dir / MARKER
+def _marker(step: Step) -> tuple[dict, str] | None:
+    """(a finished step's marker, the pipeline's run_dir it recorded); None when it has not finished or its marker
+    cannot be read (the step runs again)."""
+    marker = Path(step.cfg.run_dir) / MARKER
     if not marker.exists():
         return None
     try:
         recorded = json.loads(marker.read_text())
-        before, summary, after = recorded["config"], recorded["summary"], recorded["upstream"]
+        _ = recorded["summary"], recorded["upstream"]  # both there, or the marker cannot be read
         # the pipeline's run_dir when the step ran: "{run_dir}" in markers written relative to it, older ones'
         # paths are made relative to the run_dir they recorded
-        root = before["run_dir"].removesuffix(f"/{step.name}")
+        return recorded, recorded["config"]["run_dir"].removesuffix(f"/{step.name}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # a marker we cannot read: run the step again
-    changed = _changes(_read_part(_relative(before, root)), _read_part(config))
+        return None
+
+
+def _check_settings(step: Step, config: dict) -> None:
+    """Refuses a step finished earlier with other settings (relative to run_dir, in the sections its stage reads)."""
+    found = _marker(step)
+    if found is None:
+        return
+    recorded, root = found
+    changed = _changes(_read_part(_relative(recorded["config"], root)), _read_part(config))
     if changed:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
-                        f"delete {step_dir} to run it again")
+                        f"delete {step.cfg.run_dir} to run it again")
+
+
+def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...]) -> dict | None:
+    """The summary (relative to run_dir) of a step finished earlier with the same config (`_check_settings`) after
+    the same earlier steps; None when it has not finished."""
+    found = _marker(step)
+    if found is None:
+        return None
+    (recorded, root), step_dir = found, Path(step.cfg.run_dir)
+    summary, after = recorded["summary"], recorded["upstream"]
+    _check_settings(step, config)
     if after not in (upstream, *older):
         raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one was added or "
                         f"removed, or ran again and came out differently); delete {step_dir} to run it again")
     if after != upstream:  # an older marker's fingerprint (every section): recorded as this one computes it
-        write_json_atomically(marker, {**recorded, "upstream": upstream})
+        write_json_atomically(step_dir / MARKER, {**recorded, "upstream": upstream})
     return _relative(summary, root)
 
 

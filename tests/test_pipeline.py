@@ -119,6 +119,19 @@ def test_a_finished_step_is_skipped_and_one_with_other_settings_is_refused(tmp_p
     assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.max_new_tokens: 4 -> 5)" in err
 
 
+def test_a_finished_steps_changed_settings_stop_the_run_before_any_step_runs(tmp_path):
+    """As when a round is added to a pipeline with steps after the repeated ones: the refusal comes before the steps
+    before it have run again (trained a whole round), not after."""
+    path = _two_generate_steps(tmp_path)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0, err[-2000:]
+    shutil.rmtree(tmp_path / "run" / "first")  # to run again
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, "pipeline.again.sampling.max_new_tokens=5"])
+    assert rc == 2 and err.strip().splitlines()[-1].startswith(
+        "error: pipeline.again: finished earlier with other settings (sampling.max_new_tokens: 4 -> 5)"), err
+    assert "[1/2] first" not in err and not (tmp_path / "run" / "first").exists()
+
+
 def test_a_step_after_one_that_came_out_differently_is_refused(tmp_path):
     """Steps finished after an earlier step whose results have changed since (it ran again) are stale."""
     (tmp_path / "prompts.txt").write_text("Hello there\n")
