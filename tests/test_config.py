@@ -172,6 +172,7 @@ def test_wrong_type(override, key, fragment):
                                                         "them; did you mean 'fsdp'?)"),
     (["mesh.shape=[-1,-1,1]"], "'mesh.shape'", "at most one -1"),
     (["mesh.shape=[0,1,1]"], "'mesh.shape'", ">= 1 or -1"),
+    (["rm.reference_examples=1"], "'rm.reference_examples'", "must be >= 2 (the normalisation takes the rewards'"),
     (["distributed.num_processes=2", "distributed.process_id=2"], "'distributed.process_id'",
      "must be below distributed.num_processes (2), got 2"),  # also under --check, before any launch
     (["seed=-1"], "'seed'", "must be from 0 to 2^32 - 1, got -1"),  # numpy's and jax's seeds: a traceback before

@@ -553,6 +553,21 @@ def _assert_user_error(rc: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("name, fragment", [
+    ("good", "rm.reference_dataset='good' is a 'rankings' dataset; the reference responses come from one of kind "
+             "'sft'"),
+    ("no_such", "rm.reference_dataset='no_such': "),
+])
+def test_rm_reference_dataset_is_checked_before_training(tiny, data_dir, workdir, name, fragment):
+    """It is read only after training (by the reward normalisation): a wrong one failed at the end, its last steps
+    unsaved, or with a traceback."""
+    run_dir = workdir / f"rm_reference_{name}"
+    rc, _, err = _quiet(main_cli.main, _rm_args(tiny, data_dir, run_dir, "train.steps=4", "rm.normalize=bias",
+                                                f"rm.reference_dataset={name}"))
+    _assert_user_error(rc, err, fragment)
+    assert not (run_dir / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("overrides, fragments", [
     (["data.name="], ["data.name"]),
     (["train.batch_size=12"], ["batch_size", "12", "8"]),

@@ -258,3 +258,13 @@ def test_a_resume_drops_only_the_lines_after_its_checkpoint_of_its_own_stage(tmp
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]
     drop_lines_after(path, 2)
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:2]
+
+
+def test_the_summary_keeps_seven_significant_digits_of_every_metric(tmp_path, capsys):
+    """Rounded to decimal places, DPO's learning rate of 1.7e-7 read 0.0 in summary.json and on stdout."""
+    from rlhf_jax.training.run import write_summary
+
+    summary = write_summary(tmp_path, "dpo", 3, {}, {"lr": 1.6666667e-07, "loss": 0.69314718, "pairs": 48,
+                                                     "kl": float("nan")})
+    assert summary == {"stage": "dpo", "steps": 3, "lr": 1.666667e-07, "loss": 0.6931472, "pairs": 48.0}
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary == json.loads(capsys.readouterr().out)

@@ -217,7 +217,8 @@ class RMSection:
 
     def __post_init__(self):
         coerce(self)
-        check(self, "reference_examples", self.reference_examples > 0, "must be > 0")
+        check(self, "reference_examples", self.reference_examples >= 2 or self.normalize == "none",
+              "must be >= 2 (the normalisation takes the rewards' mean and spread)")
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,8 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
         raise UserError(f"data.name={cfg.data.name!r} is a {metadata['kind']!r} dataset; stage {cfg.stage!r} needs "
                         f"one of kind {kind!r}")
     response_slots(kind, metadata, cfg.data)
+    if cfg.stage == "rm" and cfg.rm.normalize != "none" and cfg.rm.reference_dataset:
+        check_reference_dataset(cfg)  # read after training: checked before it
     has_eval = has_split(cfg.data, cfg.data.eval_split)
     if not has_eval:
         print(f"warning: dataset {cfg.data.name!r} has no split {cfg.data.eval_split!r}: no held-out evaluation "
@@ -202,6 +204,20 @@ def fit_reward_norm(cfg: Config, stage: Stage, params, tokenizer, mesh, batch_si
 def best_responses(pairs_BKK: np.ndarray) -> np.ndarray:
     """best_BK: responses preferred at least once and never dispreferred (a ranking's rank-0 responses)."""
     return (pairs_BKK.sum(2) > 0) & (pairs_BKK.sum(1) == 0)
+
+
+def check_reference_dataset(cfg: Config) -> None:
+    """rm.reference_dataset is a prepared sft dataset (its responses are the reference)."""
+    name = cfg.rm.reference_dataset
+    spec = dataclasses.replace(cfg.data, name=name)
+    split = cfg.data.eval_split if has_split(spec, cfg.data.eval_split) else cfg.data.train_split
+    try:
+        _, metadata = open_split(cfg.data.dir, name, split)
+    except UserError as e:
+        raise UserError(f"rm.reference_dataset={name!r}: {e}") from None
+    if metadata["kind"] != "sft":
+        raise UserError(f"rm.reference_dataset={name!r} is a {metadata['kind']!r} dataset; the reference responses "
+                        "come from one of kind 'sft'")
 
 
 def reference_rewards(cfg: Config, model: Transformer, params, tokenizer, mesh, batch_size: int) -> np.ndarray:

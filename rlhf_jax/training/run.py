@@ -154,7 +154,7 @@ def write_summary(run_dir: Path, stage: str, steps: int, exports: dict, last: di
     """The run's summary.json (process 0, written whole) and stdout: the stage, its steps, its exports, its last
     finite metrics (as floats: a count logged live and the same count read back from metrics.jsonl agree, so a
     pipeline step re-entered after its end reports what it did) and `extra`."""
-    finite = {k: round(float(v), 6) for k, v in last.items()
+    finite = {k: float(f"{float(v):.7g}") for k, v in last.items()  # 7 digits: a learning rate of 1.7e-7 too
               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     summary = {"stage": stage, "steps": steps, **exports, **finite, **(extra or {})}
     if distributed.is_primary():
