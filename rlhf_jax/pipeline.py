@@ -370,6 +370,8 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
             if created and distributed.is_primary() and step_dir.is_dir() and \
                     {p.name for p in step_dir.iterdir()} <= {STARTED, ".lock"}:
                 shutil.rmtree(step_dir, ignore_errors=True)
+                if step_dir.parent != run_dir and not any(step_dir.parent.iterdir()):  # a round's first step
+                    step_dir.parent.rmdir()
             raise
         # config and summary relative to run_dir as it is now: read back alike from any working directory
         relative_summary = _relative(summary, str(run_dir))

@@ -132,6 +132,25 @@ def test_a_finished_steps_changed_settings_stop_the_run_before_any_step_runs(tmp
     assert "[1/2] first" not in err and not (tmp_path / "run" / "first").exists()
 
 
+def test_a_rounds_first_step_that_made_nothing_leaves_no_round_directory(tmp_path, monkeypatch):
+    from rlhf_jax.errors import UserError
+    from rlhf_jax.stages import dispatch
+
+    (tmp_path / "prompts.txt").write_text("Hello there\n")
+    path = _write(tmp_path, PIPELINE.split("  second:")[0] + "rounds: 2\nrepeat: [first]\n")
+    real_run = dispatch.run
+
+    def failing_in_round_2(cfg):
+        if "/round2/" in cfg.run_dir:
+            raise UserError("round 2 failed before writing anything")
+        return real_run(cfg)
+
+    monkeypatch.setattr(dispatch, "run", failing_in_round_2)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 2 and "round 2 failed" in err and (tmp_path / "run" / "round1" / "first").is_dir(), err[-2000:]
+    assert not (tmp_path / "run" / "round2").exists()
+
+
 def test_a_step_after_one_that_came_out_differently_is_refused(tmp_path):
     """Steps finished after an earlier step whose results have changed since (it ran again) are stale."""
     (tmp_path / "prompts.txt").write_text("Hello there\n")
