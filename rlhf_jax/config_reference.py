@@ -30,7 +30,9 @@ the key (and the closest valid key for a typo). `python -m rlhf_jax.main --confi
 nothing. It reads no dataset, model or device, so that a launcher can check a config before the machines that hold
 them exist: a missing dataset or model, or a mesh larger than the devices, is the run's first line.
 `python -m rlhf_jax.main --help` prints the same keys as below.
-A config with a `pipeline:` mapping runs several stages: see [the pipeline page](stages/pipeline.md).
+A config with a `pipeline:` mapping runs several stages, each step's keys as below; its own top-level keys are
+`pipeline` (step name -> that step's config), `rounds` and `repeat` (the steps run again each round): see
+[the pipeline page](stages/pipeline.md) and its [rounds](stages/pipeline.md#rounds).
 """
 
 
