@@ -4,6 +4,9 @@ on the Python path, as it does for cli_helpers)."""
 from __future__ import annotations
 
 import math
+import os
+import time
+from pathlib import Path
 
 CALLS: list[tuple[list[str], list[str]]] = []  # (prompts, responses) of every call of `recorded`
 
@@ -16,6 +19,21 @@ def recorded(prompts, responses):
 
 def raises(prompts, responses):
     raise ValueError("cannot score these")
+
+
+class FunctionTimedOut(BaseException):
+    """What timeout libraries raise (func_timeout's, asyncio's CancelledError): not an Exception."""
+
+
+def times_out(prompts, responses):
+    raise FunctionTimedOut("took too long")
+
+
+def slow(prompts, responses):
+    """Says it was called (a file at $RLHF_TEST_CALLED), then takes a minute: a judge that hangs."""
+    Path(os.environ["RLHF_TEST_CALLED"]).write_text("called")
+    time.sleep(60)
+    return [0.0] * len(responses)
 
 
 def one_short(prompts, responses):

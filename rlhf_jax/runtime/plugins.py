@@ -34,7 +34,9 @@ def call(fn: Callable, who: str, *args):
     `eval.gold=MODULE:FUNCTION`) that names the exception and the line that raised it."""
     try:
         return fn(*args)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code can fail in any way, sys.exit() included
+    except KeyboardInterrupt:  # Ctrl-C (and SIGTERM, which the runs turn into it) is the operator's, not an error
+        raise
+    except BaseException as e:  # noqa: BLE001 - user code can fail in any way: sys.exit(), a timeout library's own
         raise UserCodeError(f"{who}: raised ", f"{_what(e)} ({_where(e, fn)})") from None
 
 
@@ -56,5 +58,9 @@ def _where(e: BaseException, fn: Callable | None = None) -> str:
 
 
 def shown(value) -> str:
-    """A short repr of what user code returned, for a one-line error."""
-    return reprlib.repr(value)
+    """A short repr of what user code returned, for a one-line error: an array (numpy's, a framework's) by its type,
+    shape and dtype, whose own repr spans lines."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if isinstance(shape, tuple) and dtype is not None:
+        return f"a {type(value).__module__.split('.')[0]} {type(value).__name__} of shape {shape}, {dtype}"
+    return " ".join(reprlib.repr(value).split())

@@ -1,11 +1,15 @@
-"""SIGTERM as Ctrl-C for the command-line entry points."""
+"""SIGTERM as Ctrl-C for the command-line entry points, and a wait that hears them while user code runs."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -25,3 +29,45 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def heard(fn: Callable[[], T]) -> T:
+    """fn() on a worker thread while the main thread waits in short sleeps, where signal handlers run: a compiled
+    program that calls user code (a reward function in a host callback) can run for as long as that code does, and
+    a main thread waiting inside XLA would hear Ctrl-C or SIGTERM only once it returned (a second signal, which
+    stops at once, included). The worker is a daemon: a run stopped that way does not wait for it
+    (`exit_process`)."""
+    done, out = threading.Event(), {}
+
+    def work():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            out["error"] = e
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name="rlhf_jax-program", daemon=True)
+    worker.start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except BaseException:  # a signal's: the program goes on in the worker, which the process must not wait for
+        _left_running.append(worker)
+        raise
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+_left_running: list[threading.Thread] = []
+
+
+def exit_process(status: int) -> None:
+    """sys.exit(status); os._exit where a program stopped by a signal still runs in a worker (`heard`), whose thread
+    the interpreter would otherwise tear down inside XLA at exit (an abort, not `status`)."""
+    if any(worker.is_alive() for worker in _left_running):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

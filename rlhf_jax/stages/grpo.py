@@ -26,6 +26,7 @@ from rlhf_jax.rl.ppo import Runtime
 from rlhf_jax.runtime import distributed, plugins, sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
+from rlhf_jax.runtime.signals import heard
 from rlhf_jax.stages.policy_common import (
     check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
     policy_sampling, reference_shardings, scalar_model, write_samples)
@@ -143,9 +144,12 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
             for step in loop:
                 batch = trim(next(data_iter))  # to its length bucket
                 prompts = replicated(batch, mesh)
-                state, metrics = iteration(state, frozen, prompts["prompt_ids"], prompts["prompt_mask"])
-                if rewards_fn is not None:  # before anything of this iteration is logged or saved
-                    rewards_fn.raise_if_failed(metrics, step)
+                args = (state, frozen, prompts["prompt_ids"], prompts["prompt_mask"])
+                if rewards_fn is None:
+                    state, metrics = iteration(*args)
+                else:  # the reward function runs inside: stop signals are heard while it does
+                    state, metrics = heard(lambda: jax.block_until_ready(iteration(*args)))
+                    rewards_fn.raise_if_failed(metrics, step)  # before anything of this iteration is logged or saved
                 samples = metrics.pop("samples", None)
                 # every process holds the whole batch: process 0 counts it, once (the loop adds up the processes')
                 mine = distributed.is_primary()
@@ -272,7 +276,7 @@ class RewardFunction:
             return self.checked(plugins.call(self.fn, self.who, prompts, responses), R)
         except UserError as e:
             self.problem = str(e)
-        except Exception as e:  # noqa: BLE001 - anything else (decoding) must not escape the callback either
+        except BaseException as e:  # noqa: BLE001 - nothing may escape the callback (XLA's traceback follows)
             self.problem = f"{self.who}: the responses could not be prepared ({type(e).__name__}: {e})"
         return np.zeros(R, np.float32)
 
