@@ -194,6 +194,24 @@ def test_a_value_model_is_refused_where_a_reward_model_is_read(inputs, tmp_path)
     assert json.loads((tmp_path / "back" / "model.json").read_text())["role"] == "value"
 
 
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_a_wrong_reference_is_refused_before_anything_compiles(inputs, tmp_path, monkeypatch, stage):
+    """It was read after the models were placed and the state's program compiled: minutes at real size."""
+    from rlhf_jax.stages import grpo, ppo
+
+    def compiled(*args, **kwargs):
+        raise AssertionError("the stage built its programs before checking its reference")
+
+    monkeypatch.setattr(ppo if stage == "ppo" else grpo, "build_models", compiled)
+    argv = [a.replace("stage=ppo", f"stage={stage}").replace("ppo.", f"{stage}.") for a in _ppo_args(
+        inputs, tmp_path / "run", "train.steps=1", f"ppo.reference={inputs['rm']}") if "kl_coef" not in a]
+    if stage == "grpo":
+        argv += ["grpo.group_size=2", "train.batch_size=4"]
+    rc, _, err = run_quietly(main_cli.main, [a for a in argv if "samples_every" not in a or stage == "ppo"])
+    assert rc == 2 and _last_line(err) == (f"error: {stage}.reference={inputs['rm']}: a reward/value model (scalar "
+                                           "head), expected a policy"), err
+
+
 def test_exports_record_their_role(tmp_path):
     """A language model exports as a policy, a scalar head as a reward model unless it is ppo's value model."""
     from rlhf_jax.models.transformer import make_model

@@ -28,7 +28,7 @@ from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
 from rlhf_jax.runtime.signals import heard
 from rlhf_jax.stages.policy_common import (
-    check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
+    check_own_samples, check_reads_policy_tokens, check_reference, load_policy, open_prompts, reference_beyond_base,
     policy_sampling, reference_shardings, scalar_model, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
@@ -108,6 +108,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
         rewards_fn = RewardFunction.load(section.reward_function, f"{name}.reward_function", tokenizer,
                                          sampling.eos_ids)
     if section.reference:
+        check_reference(section.reference, f"{name}.reference", loaded)  # before anything compiles
         models_read[f"{name}.reference"] = section.reference
 
     models, settings = build_models(cfg, policy_model, reward_model, total, sampling,

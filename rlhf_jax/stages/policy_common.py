@@ -11,7 +11,7 @@ from pathlib import Path
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
+from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model, model_meta
 from rlhf_jax.models.sampling import SamplingParams, tokenizer_vocab
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer
 from rlhf_jax.models import lora
@@ -90,8 +90,17 @@ def reference_params(path: str, key: str, loaded: LoadedModel, policy_model, pol
     model when a later round starts from the previous round's policy)."""
     if not path:
         return policy_params
+    check_reference(path, key, loaded)
+    return initial_params(load_model(path, key=key), policy_model, seed)
+
+
+def check_reference(path: str, key: str, loaded: LoadedModel) -> None:
+    """A reference at `path` (config key `key`) is a policy of the starting policy's shape and tokenizer: checked
+    from its metadata, before any weights load or program compiles."""
+    if not path:
+        return
     where = f"{key}={path}"
-    reference = load_model(path, key=key)
+    reference = model_meta(path, key=key)
     if reference.head != "lm":
         raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
     check_role(reference, where, "policy")
@@ -99,7 +108,6 @@ def reference_params(path: str, key: str, loaded: LoadedModel, policy_model, pol
         raise UserError(f"{where}: its architecture differs from model.path's (the reference must be the policy's "
                         "starting point, such as the SFT export)")
     check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, where, "the policy")
-    return initial_params(reference, policy_model, seed)
 
 
 def reference_beyond_base(path: str, key: str, loaded: LoadedModel, policy_model, policy_params: dict,

@@ -26,7 +26,7 @@ from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.runtime.metrics import drop_lines_after
 from rlhf_jax.stages.policy_common import (
-    check_own_samples, check_reads_policy_tokens, load_policy, open_prompts, reference_beyond_base,
+    check_own_samples, check_reads_policy_tokens, check_reference, load_policy, open_prompts, reference_beyond_base,
     policy_sampling, reference_shardings, scalar_model, write_samples)
 from rlhf_jax.training import steps
 from rlhf_jax.training.loop import TrainingLoop
@@ -112,6 +112,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         scalars["ppo.value_model"] = (cfg.ppo.value_model, value)
     for key, (path, other) in scalars.items():
         check_reads_policy_tokens(other, loaded, key, path, cfg)
+    check_reference(cfg.ppo.reference, "ppo.reference", loaded)  # before anything compiles
     value_model, reward_model = trained_model(cfg, value.cfg, "scalar"), stage_model(cfg, reward.cfg, "scalar")
 
     models, settings = build_models(cfg, policy_model, value_model, reward_model, total,
