@@ -503,6 +503,7 @@ def test_ppo_stage_runs_and_resumes_bitwise_after_sigkill(ppo_inputs, tmp_path):
     (["ppo.minibatches=4"], "train.batch_size=16 must split into ppo.minibatches=4 minibatches divisible by the 8"),
     (["ppo.ptx_coef=1"], "ppo.ptx_coef > 0 needs ppo.ptx_dataset"),
     (["ppo.ptx_coef=1", "ppo.ptx_dataset=asks"], "ppo.ptx_dataset='asks' is a 'prompts' dataset"),
+    (["ppo.ptx_coef=1", "ppo.ptx_dataset=nosuch"], "ppo.ptx_dataset='nosuch': "),  # named, not only its path
     (["ppo.reward_model={tiny}"], "a language model, expected a scalar-head"),
     (["sampling.top_k=5"], "stage 'ppo' trains on its own samples and needs plain sampling (temperature > 0, "
                            "top_k 0, top_p 1); got sampling.top_k=5"),

@@ -250,7 +250,10 @@ def _ptx_spec(cfg: Config):
     if not cfg.ppo.ptx_coef:
         return None
     spec = dataclasses.replace(cfg.data, name=cfg.ppo.ptx_dataset, pack=False)
-    _, metadata = open_split(spec.dir, spec.name, spec.train_split)
+    try:
+        _, metadata = open_split(spec.dir, spec.name, spec.train_split)
+    except UserError as e:
+        raise UserError(f"ppo.ptx_dataset={spec.name!r}: {e}") from None
     if metadata["kind"] != "sft":
         raise UserError(f"ppo.ptx_dataset={spec.name!r} is a {metadata['kind']!r} dataset; PPO-ptx needs one of "
                         "kind 'sft'")
