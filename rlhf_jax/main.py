@@ -58,8 +58,8 @@ from typing import Sequence
 from rlhf_jax import pipeline
 from rlhf_jax.config import config_help, load_config
 from rlhf_jax.errors import Interrupted, UserError, os_error_message, out_of_memory_in_one_line, report
-from rlhf_jax.runtime import cpu_memory, signals
-from rlhf_jax.runtime.signals import sigterm_as_ctrl_c
+from rlhf_jax.runtime import cpu_memory
+from rlhf_jax.runtime.signals import exit_process, sigterm_as_ctrl_c
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,4 +153,4 @@ def _dry_run(args, overrides: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     cpu_memory.keep_freed_memory()  # before XLA allocates its first step (see rlhf_jax/runtime/cpu_memory.py)
-    signals.exit_process(main())
+    exit_process(main())
