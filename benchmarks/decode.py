@@ -1,15 +1,15 @@
 """Decode throughput: our scanned, KV-cached sampler against transformers' `generate` (PyTorch, KV cache) on
-the same tiny Llama weights, and against Google Tunix's sampler on its own Llama3 at the same shapes, in one run.
-Prints one JSON document.
+the same Llama weights (`--model-size`: tiny, smollm2-135m or 1b), and against Google Tunix's sampler on its own
+Llama3 at the same shapes, in one run. Prints one JSON document.
 
-  python benchmarks/decode.py [--batches 16 64] [--new-tokens 64 128] [--repeats 3] [--skip-transformers]
-                              [--tunix-python .venv-tunix/bin/python] [--out FILE]
+  python benchmarks/decode.py [--model-size tiny] [--batches 16 64] [--new-tokens 64 128] [--repeats 3]
+                              [--skip-transformers] [--tunix-python .venv-tunix/bin/python] [--out FILE]
 
 Tunix runs benchmarks/tunix_decode.py in its own interpreter, `--tunix-python` (default `.venv-tunix/bin/python`
 when it exists, created as the docstring of benchmarks/ppo.py says; otherwise Tunix is skipped with a note in the
 JSON): built once before any timing, then for each (batch, new tokens) it times `--repeats` calls of
-`tunix.generate.sampler.Sampler` after a compiling one, while this process waits. Tunix is timed for the tiny
-model on CPU only; its weights are its own random initialisation (the cost of decoding does not depend on them).
+`tunix.generate.sampler.Sampler` after a compiling one, while this process waits. Tunix is timed on CPU only;
+its weights are its own random initialisation (the cost of decoding does not depend on them).
 `tunix_tokens_per_s` counts whole `Sampler.__call__`s (id strings in, tokens out, as its API takes them);
 `tunix_core_tokens_per_s` only their device work (sampling state, jitted prefill and decode loop).
 
@@ -49,7 +49,19 @@ CONFIGS = {
     # An accelerator-sized model (TinyLlama-1.1B shapes).
     "1b": ModelConfig(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                       head_dim=64, d_ff=5632, max_position_embeddings=2048, eos_token_ids=(), bos_token_id=0),
+    # A real small model that this CPU decodes at batch 64 (SmolLM2-135M's shapes, its head tied to the embedding).
+    "smollm2-135m": ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                head_dim=64, d_ff=1536, max_position_embeddings=8192, rope_theta=1e5,
+                                tie_embeddings=True, eos_token_ids=(), bos_token_id=0),
 }
+
+
+def tunix_model(cfg: ModelConfig) -> str:
+    """The config as benchmarks/tunix_decode.py's --model reads it (JSON), for Tunix's own Llama3."""
+    return json.dumps({"num_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "embed_dim": cfg.d_model,
+                       "hidden_dim": cfg.d_ff, "num_heads": cfg.n_heads, "head_dim": cfg.head_dim,
+                       "num_kv_heads": cfg.n_kv_heads, "rope_theta": int(cfg.rope_theta), "norm_eps": cfg.norm_eps,
+                       "weight_tying": cfg.tie_embeddings})
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,9 +190,8 @@ def main() -> None:
     params = jax.device_put(jax.tree.map(lambda x: x.astype(args.dtype), params))
     on_cpu = jax.devices()[0].platform == "cpu"
     bandwidth = memory_bandwidth(2**28 if on_cpu else 2**30)
-    tunix_python = args.tunix_python if args.model_size == "tiny" and on_cpu else ""
+    tunix_python = args.tunix_python if on_cpu else ""
     tunix_note = "" if tunix_python else (
-        "Tunix skipped: its sampler is timed for the tiny model only" if args.model_size != "tiny" else
         "Tunix skipped: its sampler is timed on CPU only" if not on_cpu else
         "Tunix skipped: --tunix-python ''" if default_tunix.exists() else
         f"Tunix skipped: no {default_tunix.relative_to(ROOT)} (see the docstring of benchmarks/ppo.py to create it)")
@@ -189,8 +200,8 @@ def main() -> None:
     tunix = None
     if tunix_python:
         try:
-            tunix = TunixPeer(tunix_python, ["--prompt", str(args.prompt),
-                                                     "--temperature", str(args.temperature)])
+            tunix = TunixPeer(tunix_python, ["--prompt", str(args.prompt), "--temperature", str(args.temperature),
+                                             "--model", tunix_model(config)])
         except RuntimeError as e:
             tunix_note = f"Tunix failed: {e}"
     tunix_settings = tunix.ready if tunix else None

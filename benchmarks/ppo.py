@@ -5,9 +5,12 @@ share of the FLOP bound, side by side with Google Tunix's PPOLearner on the same
 
 The tiny Llama of the decode benchmark (vocab 2048, d 256, 4 layers, 4 heads, 2 KV heads, MLP 688) as policy,
 reference, value and reward model; 16 prompts of 64 tokens, 64 new tokens, 1 epoch, 1 minibatch, float32. With
-`--shape qwen2.5-0.5b`: Qwen2.5-0.5B's architecture with random weights, 64 prompts of 256 tokens, 128 new
-tokens, bfloat16 compute on accelerators (Tunix is then skipped); `--compile-only` reports its compile time and
-XLA's planned memory per device without running it (what a CPU can do at that size). FLOPs
+`--shape smollm2-135m`: SmolLM2-135M's architecture (vocab 49152, d 576, 30 layers; its head untied) with random
+weights, 8 prompts of 128 tokens, 64 new tokens, the largest real shape this 2-core, 24 GiB machine runs with
+Tunix beside it. With `--shape qwen2.5-0.5b`: Qwen2.5-0.5B's architecture with random weights, 64 prompts of 256
+tokens, 128 new tokens, bfloat16 compute on accelerators (Tunix, whose Llama3 has no biases, is then skipped);
+`--compile-only` reports its compile time and XLA's planned memory per device without running it (what a CPU can
+do at that size). `peak_rss_gib` is each process's most resident memory (the host's, on CPU the models'). FLOPs
 come from XLA's cost analysis. The share of the FLOP bound counts an episode's nominal FLOPs (sampling, four
 teacher-forced passes, the update's forward and backward: `ppo.rollout` and `ppo.update` compiled alone);
 the iteration executes fewer, since the update reuses the rollout's forward of its first micro-batch
@@ -27,7 +30,9 @@ there), created once from the repository root with:
 `--tunix-python` (default `.venv-tunix/bin/python` when it exists; otherwise Tunix is skipped with a note in
 the JSON) runs benchmarks/tunix_ppo.py in that interpreter as one subprocess, built and compiled once, before any
 timing. Then, `--rounds` times: `--iterations` of our whole iteration, as many of Tunix's learner (this process
-waiting), then our rollout, update and the matmul peak; so load on the machine falls on both sides alike.
+waiting), then our rollout, update and the matmul peak; so load on the machine falls on both sides alike. Each
+side releases the memory it holds freed once its measurement is done (benchmarks/heap.py) and starts the next
+with an untimed iteration.
 Every reported time is the median over the rounds; every per-round value is kept under "round_results".
 """
 
@@ -37,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +61,8 @@ from rlhf_jax.plan.flops import flops_per_device
 from rlhf_jax.rl import ppo
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.training import steps
+
+from heap import release_freed_memory  # benchmarks/heap.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +118,16 @@ class Peer:
         self.proc.stdin.write(f"{iterations}\n")
         self.proc.stdin.flush()
         result = self._result()
-        return {**result, "cpu_s": self.cpu_seconds() - cpu0}
+        return {**result, "cpu_s": self.cpu_seconds() - cpu0, "peak_rss_gib": self.peak_rss_gib()}
+
+    def peak_rss_gib(self) -> float:
+        """The most memory its process has held resident so far (Linux /proc; NaN elsewhere)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return float("nan")
+        kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+        return float("nan") if kib is None else round(kib / 2**20, 2)
 
     def cpu_seconds(self) -> float:
         """User and system CPU seconds of the peer's process so far (Linux /proc; NaN elsewhere)."""
@@ -145,7 +162,20 @@ SHAPES = {
     "qwen2.5-0.5b": (ModelConfig(family="qwen2", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
                                  n_kv_heads=2, head_dim=64, d_ff=4864, max_position_embeddings=32768, norm_eps=1e-6,
                                  rope_theta=1e6, qkv_bias=True, tie_embeddings=True, eos_token_ids=(1,)), 64, 256, 128),
+    # A real model's architecture that both sides can run on this CPU, Tunix included (a Llama). Its head is
+    # untied (SmolLM2 ties it), as Tunix's critic replaces an `lm_head`; the FLOPs are the same.
+    "smollm2-135m": (ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                 head_dim=64, d_ff=1536, max_position_embeddings=8192, rope_theta=1e5,
+                                 eos_token_ids=(1,)), 8, 128, 64),
 }
+
+
+def tunix_model(cfg: ModelConfig, B: int, P: int, N: int) -> str:
+    """The shape as benchmarks/tunix_ppo.py's --shape reads it (JSON), for Tunix's own Llama3."""
+    return json.dumps({"num_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "embed_dim": cfg.d_model,
+                       "hidden_dim": cfg.d_ff, "num_heads": cfg.n_heads, "head_dim": cfg.head_dim,
+                       "num_kv_heads": cfg.n_kv_heads, "rope_theta": int(cfg.rope_theta), "norm_eps": cfg.norm_eps,
+                       "weight_tying": cfg.tie_embeddings, "batch": B, "prompt": P, "new_tokens": N})
 
 
 def memory_per_device(compiled) -> dict:
@@ -235,19 +265,22 @@ def main() -> None:
     flops["update"] = flops["iteration"] - flops["rollout"]
     flops["nominal"] = flops["rollout"] + flops_of(update)
 
-    tunix_python = args.tunix_python if args.shape == "tiny" else ""
+    # Tunix's Llama3 has no biases: Qwen2.5's shape runs on our side only.
+    tunix_python = args.tunix_python if cfg.family == "llama" else ""
     tunix_note = "" if tunix_python else (
-        "Tunix skipped: its learner is timed at the tiny shape only" if args.shape != "tiny" else
+        "Tunix skipped: its learner is timed at Llama shapes only" if cfg.family != "llama" else
         "Tunix skipped: --tunix-python ''" if default_tunix.exists() else
         f"Tunix skipped: no {default_tunix.relative_to(ROOT)} (see the docstring of benchmarks/ppo.py to create it)")
     if tunix_python and not Path(tunix_python).exists():
         tunix_note, tunix_python = f"Tunix skipped: {tunix_python} does not exist", ""
 
     load_before = os.getloadavg()
+    release_freed_memory()  # the compilations' peak, before the peer compiles
     tunix = None
     if tunix_python:
         try:
-            tunix = Peer(tunix_python, "tunix_ppo.py", ["--warmup", str(args.tunix_warmup)])
+            tunix = Peer(tunix_python, "tunix_ppo.py", ["--warmup", str(args.tunix_warmup),
+                                                         "--shape", tunix_model(cfg, B, P, N)])
         except RuntimeError as e:
             tunix_note = f"Tunix failed: {e}"
     rounds = []
@@ -257,6 +290,7 @@ def main() -> None:
             row = {}
             row["iteration_s"], state, laps = timed_iterations(step, state, (frozen, ids, mask), args.iterations)
             if tunix is not None:
+                release_freed_memory()
                 try:
                     tunix_result = tunix.run(args.iterations)
                     row["tunix_iteration_s"] = tunix_result["iteration_s"]
@@ -280,6 +314,7 @@ def main() -> None:
                                                 for row in rounds)
     seconds = med("iteration_s")
     shape["memory_per_device"] = memory_per_device(step)  # with the device's peak after running
+    shape["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
     result = {**shape, "epochs": 1, "minibatches": 1, "iterations": args.iterations,
               "rounds": args.rounds,
               "iteration_s": round(seconds, 4), "episodes_per_s": round(B / seconds, 2),

@@ -7,11 +7,12 @@ Runs in its own environment (see benchmarks/requirements-tunix.txt), never impor
   .venv-tunix/bin/python benchmarks/tunix_decode.py --batch 16 --new-tokens 64 --repeats 3
 
 Tunix's own Llama3 (tunix.models.llama3) with the tiny config of benchmarks/decode.py: vocab 2048, d 256,
-4 layers, 4 heads of 64, 2 KV heads, MLP 688, untied embeddings, float32, on a mesh over the default devices.
+4 layers, 4 heads of 64, 2 KV heads, MLP 688, untied embeddings, float32, on a mesh over the default devices
+(`--model`: another config's fields as JSON, as benchmarks/decode.py passes its other Llama shapes).
 `batch` prompts of `--prompt` (64) random ids (2..2047; no BOS, no padding, so exactly that many tokens),
 `new_tokens` drawn at `--temperature` (0.7) from the whole vocabulary (top_p 1 and no top_k: Tunix's plain
-categorical draw, no sort), with a KV cache of exactly prompt + new tokens. The EOS id is 2048, outside the
-vocabulary, so no row stops early; the pad id is -1, so a drawn 0 is not taken for padding. Every reply checks
+categorical draw, no sort), with a KV cache of exactly prompt + new tokens. The EOS id is the vocabulary's size,
+outside it, so no row stops early; the pad id is -1, so a drawn 0 is not taken for padding. Every reply checks
 that each row got `new_tokens` tokens.
 
 A generate call is one call of the sampler's public `__call__` (prompts in as id strings, as its API takes them,
@@ -44,17 +45,17 @@ from tunix.models.llama3 import model as llama3
 
 from tunix_ppo import IdTokenizer  # the PPO comparison's tokenizer of decimal ids
 
-PAD, EOS = -1, 2048  # neither is a token id of the 2048-token vocabulary
+PAD = -1  # not a token id; the EOS id is the vocabulary's size, not one either
+TINY = {"num_layers": 4, "vocab_size": 2048, "embed_dim": 256, "hidden_dim": 688, "num_heads": 4, "head_dim": 64,
+        "num_kv_heads": 2, "rope_theta": 10000, "norm_eps": 1e-5, "weight_tying": False}
 
 
 class Bench:
     """Tunix's Llama3 at the tiny shapes and one Sampler per cache size (prompt + new tokens)."""
 
-    def __init__(self, seed: int, prompt: int, temperature: float):
+    def __init__(self, seed: int, prompt: int, temperature: float, model: dict):
         self.prompt, self.temperature = prompt, temperature
-        self.cfg = llama3.ModelConfig(num_layers=4, vocab_size=2048, embed_dim=256, hidden_dim=688, num_heads=4,
-                                      head_dim=64, num_kv_heads=2, rope_theta=10000, norm_eps=1e-5,
-                                      weight_tying=False)
+        self.cfg = llama3.ModelConfig(**model)
         devices = jax.devices()
         self.mesh = jax.make_mesh((len(devices), 1), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
         with jax.set_mesh(self.mesh):
@@ -62,14 +63,14 @@ class Bench:
         self.samplers = {}
         self.settings = {"framework": f"tunix {_version('google-tunix')}", "jax": jax.__version__,
                          "device": devices[0].device_kind, "devices": len(devices), "prompt": prompt,
-                         "temperature": temperature, "dtype": "float32",
+                         "temperature": temperature, "dtype": "float32", "model": model,
                          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     def sampler(self, new_tokens: int) -> sampler_lib.Sampler:
         if new_tokens not in self.samplers:
             cache = sampler_lib.CacheConfig(cache_size=self.prompt + new_tokens, num_layers=self.cfg.num_layers,
                                             num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim)
-            self.samplers[new_tokens] = sampler_lib.Sampler(self.model, IdTokenizer(PAD, EOS), cache)
+            self.samplers[new_tokens] = sampler_lib.Sampler(self.model, IdTokenizer(PAD, self.cfg.vocab_size), cache)
         return self.samplers[new_tokens]
 
     def measure(self, batch: int, new_tokens: int, repeats: int) -> dict:
@@ -78,8 +79,8 @@ class Bench:
         prompts = [" ".join(map(str, row)) for row in ids_BP]
         # No top_k and top_p 1: a plain categorical draw over the vocabulary, as the other samplers do.
         call = lambda seed: sampler(prompts, max_generation_steps=new_tokens, max_prompt_length=self.prompt,
-                                    echo=False, eos_tokens=[EOS], temperature=self.temperature, top_p=1.0,
-                                    top_k=None, seed=seed)
+                                    echo=False, eos_tokens=[self.cfg.vocab_size], temperature=self.temperature,
+                                    top_p=1.0, top_k=None, seed=seed)
         with jax.set_mesh(self.mesh):
             t0 = time.perf_counter()
             out = call(0)
@@ -124,8 +125,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve", action="store_true", help="answer 'batch new_tokens repeats' lines from stdin")
+    ap.add_argument("--model", default=json.dumps(TINY), help="llama3.ModelConfig's fields as JSON (default: tiny)")
     args = ap.parse_args()
-    bench = Bench(args.seed, args.prompt, args.temperature)
+    bench = Bench(args.seed, args.prompt, args.temperature, json.loads(args.model))
     if not args.serve:
         print(json.dumps(bench.measure(args.batch, args.new_tokens, args.repeats)), flush=True)
         return

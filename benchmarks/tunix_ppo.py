@@ -5,14 +5,14 @@ Runs in its own environment (see benchmarks/requirements-tunix.txt), never impor
   python3 -m venv .venv-tunix && .venv-tunix/bin/pip install -r benchmarks/requirements-tunix.txt
   .venv-tunix/bin/python benchmarks/tunix_ppo.py --warmup 2 --iterations 5
 
-Tunix's own Llama3 (tunix.models.llama3) with the tiny config of benchmarks/ppo.py: vocab 2048, d 256, 4 layers,
-4 heads of 64, 2 KV heads, MLP 688, untied embeddings, float32. Actor and reference are two copies of one
-initialisation; the critic is `tunix.rl.utils.create_critic_model(actor)` (the backbone with a scalar head) and the
-reward model the same construction from another initialisation. 16 prompts of 64 tokens (no BOS, so exactly 64),
-64 new tokens at temperature 1 with EOS id 1, PPO with 1 epoch (num_iterations=1) over one minibatch of 16, KL
-beta 0.02 with the k1 estimator, gamma 1, lambda 0.95, clip 0.2 on ratio and value, and for both models AdamW
-(lr 1e-5, b1 0.9, b2 0.95) after global-norm clipping at 1: the settings of benchmarks/ppo.py. The vanilla
-rollout engine; every role on one mesh over the default devices.
+Tunix's own Llama3 (tunix.models.llama3) with the tiny config of benchmarks/ppo.py: vocab 2048, d 256, 4 layers, 4
+heads of 64, 2 KV heads, MLP 688, untied embeddings, float32 (`--shape`: another of its Llama shapes, as JSON).
+Actor and reference are two copies of one initialisation; the critic is `tunix.rl.utils.create_critic_model(actor)`
+(the backbone with a scalar head) and the reward model the same construction from another initialisation. 16 prompts
+of 64 tokens (no BOS, so exactly 64), 64 new tokens at temperature 1 with EOS id 1, PPO with 1 epoch
+(num_iterations=1) over one minibatch of 16, KL beta 0.02 with the k1 estimator, gamma 1, lambda 0.95, clip 0.2 on
+ratio and value, and for both models AdamW (lr 1e-5, b1 0.9, b2 0.95) after global-norm clipping at 1: the settings
+of benchmarks/ppo.py. The vanilla rollout engine; every role on one mesh over the default devices.
 
 An iteration is one global step of PPOLearner.train (generation, reference / old log-probs, values, reward
 scores, GAE, one actor and one critic update). One `train` call runs every measurement: its dataset iterator
@@ -44,7 +44,13 @@ from tunix.rl import utils as rl_utils
 from tunix.rl.ppo import ppo_learner
 from tunix.rl.rollout import base_rollout
 
+from heap import release_freed_memory  # benchmarks/heap.py
+
 PAD, EOS = 0, 1
+# benchmarks/ppo.py's tiny shape; it passes its other Llama shapes (smollm2-135m) the same way.
+TINY = {"num_layers": 4, "vocab_size": 2048, "embed_dim": 256, "hidden_dim": 688, "num_heads": 4, "head_dim": 64,
+        "num_kv_heads": 2, "rope_theta": 10000, "norm_eps": 1e-5, "weight_tying": False,
+        "batch": 16, "prompt": 64, "new_tokens": 64}
 
 
 class IdTokenizer:
@@ -79,7 +85,9 @@ class Llama3(llama3.Llama3):
 
 class Batches:
     """The same batch of prompts, in measurements of `commands` iterations each (ending at 0): before and after
-    each, waits on `ready()` and reads the clock, handing the seconds to `report(iterations, seconds)`."""
+    each, waits on `ready()` and reads the clock, handing the seconds to `report(iterations, seconds)`. Each
+    measurement after the first starts with one untimed iteration, and each ends by releasing the memory the
+    process holds freed (benchmarks/heap.py), which benchmarks/ppo.py measures meanwhile."""
 
     def __init__(self, prompts: np.ndarray, commands, ready, report):
         self.prompts, self.commands, self.ready, self.report = prompts, commands, ready, report
@@ -87,15 +95,18 @@ class Batches:
     def __iter__(self):
         # PPOLearner.train takes the first batch before its first iteration, and every later one when the
         # iteration that uses it starts: the request after a measurement's last batch comes once it is done.
-        for k in self.commands:
+        for i, k in enumerate(self.commands):
             if k <= 0:
                 return
+            if i:  # the pages released after the last measurement come back here, untimed
+                yield {"prompts": self.prompts}
             self.ready()
             t0 = time.perf_counter()
             for _ in range(k):
                 yield {"prompts": self.prompts}
             self.ready()
             self.report(k, time.perf_counter() - t0)
+            release_freed_memory()
 
 
 def main() -> None:
@@ -104,12 +115,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed first iterations (compilation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve", action="store_true", help="time k iterations per number k read from stdin")
+    ap.add_argument("--shape", default=json.dumps(TINY),
+                    help="JSON: llama3.ModelConfig's fields, batch, prompt and new_tokens (default: the tiny shape)")
     args = ap.parse_args()
     if args.warmup < 1:
         ap.error("--warmup must be at least 1 (the compilation)")
-    B, P, N = 16, 64, 64
-    cfg = llama3.ModelConfig(num_layers=4, vocab_size=2048, embed_dim=256, hidden_dim=688, num_heads=4, head_dim=64,
-                             num_kv_heads=2, rope_theta=10000, norm_eps=1e-5, weight_tying=False)
+    fields = json.loads(args.shape)
+    B, P, N = (fields.pop(k) for k in ("batch", "prompt", "new_tokens"))
+    cfg = llama3.ModelConfig(**fields)
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices), 1), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):
@@ -144,7 +157,8 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (B, P))
     prompts = np.array([" ".join(map(str, row)) for row in ids])
     settings = {"framework": f"tunix {_version('google-tunix')}", "jax": jax.__version__,
-                "device": devices[0].device_kind, "devices": len(devices), "batch": B, "prompt": P, "new_tokens": N,
+                "device": devices[0].device_kind, "devices": len(devices), "model": fields, "batch": B, "prompt": P,
+                "new_tokens": N,
                 "epochs": 1, "minibatches": 1, "dtype": "float32", "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     def ready():

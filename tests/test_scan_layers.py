@@ -19,6 +19,7 @@ from rlhf_jax.config import load_config
 from rlhf_jax.models import lora
 from rlhf_jax.models.architecture import FULL, SLIDING
 from rlhf_jax.models.checkpoint import load_model
+from rlhf_jax.models.hf_weights import params_to_hf
 from rlhf_jax.models.layer_stack import STACKED, stack_layers, unstack_layers
 from rlhf_jax.models.sampling import SamplingParams, sample
 from rlhf_jax.models.transformer import (
@@ -134,6 +135,16 @@ def test_layouts_convert_both_ways_and_match_the_models_own():
     # the layer axis is never split over the mesh; the rest keeps its names
     assert tuple(param_logical_axes(scanned)[STACKED]["attn"]["qkv"]) == (
         STACKED, "embed", "kv_heads", None, "head_dim")
+
+
+def test_hf_weights_of_a_scanned_models_params_are_the_loops():
+    cfg = tiny_cfg("qwen3")
+    params = random_params(cfg)
+    stacked = params_for(make_model(cfg, scan_layers=True), params)
+    hf_loop, hf_scanned = params_to_hf(params, cfg), params_to_hf(stacked, cfg)
+    assert hf_scanned.keys() == hf_loop.keys()
+    for name, x in hf_loop.items():
+        np.testing.assert_array_equal(hf_scanned[name], x)
 
 
 def test_deeper_models_scan_by_default():

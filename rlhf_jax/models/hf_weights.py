@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from rlhf_jax.models.hf_config import HFFormatError
+from rlhf_jax.models.layer_stack import unstack_layers
 from rlhf_jax.models.transformer import ModelConfig
 
 
@@ -25,8 +26,9 @@ def _layer_norms(cfg: ModelConfig) -> list[tuple[str, str]]:
 
 
 def params_to_hf(params: dict, cfg: ModelConfig, head: str = "lm") -> dict[str, np.ndarray]:
-    """Our param tree -> HF state dict (numpy), with HF's names, layouts and transposes."""
-    p = {k: v for k, v in params.items()}
+    """Our param tree, in either layer layout (a scanned model's params too) -> HF state dict (numpy), with HF's
+    names, layouts and transposes."""
+    p = unstack_layers(params)
     K, G, H, D = cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.d_model
     pre = _prefix(cfg)
     a = lambda x: np.asarray(x)
