@@ -7,19 +7,20 @@ Tunix's GRPOLearner on the same shapes.
 The tiny Llama of the decode and PPO benchmarks (vocab 2048, d 256, 4 layers, 4 heads, 2 KV heads, MLP 688) as
 policy and reference; `--prompts` prompts (default 8) of 64 tokens, `--group` responses each (default 4), 64 new
 tokens at temperature 1, 1 epoch, 1 minibatch, k3 KL with beta 0.04 as a loss term, clip 0.2, advantages scaled by
-the group's std, sequence-level loss averaging, float32. The responses are scored by a reward function of the
-decoded text (`even_token_share`: the share of a response's tokens that are even numbers; the tokenizer writes
-token ids as decimal numbers), the same function on both sides. On our side it runs as the grpo stage runs a
-`grpo.reward_function`: `stages.grpo.RewardFunction` (decoding, EOS truncation, checks) called through the host
-callback inside the compiled iteration, with the stage's default `share_prompts` (each prompt's prefill and
+the group's std, sequence-level loss averaging, float32 (`--shape smollm2-135m`: benchmarks/ppo.py's shape of that
+name, with its prompts of 128 tokens and 64 new tokens; Tunix beside it). The responses are scored by a reward
+function of the decoded text (`even_token_share`: the share of a response's tokens that are even numbers; the
+tokenizer writes token ids as decimal numbers), the same function on both sides. On our side it runs as the grpo
+stage runs a `grpo.reward_function`: `stages.grpo.RewardFunction` (decoding, EOS truncation, checks) called through
+the host callback inside the compiled iteration, with the stage's default `share_prompts` (each prompt's prefill and
 teacher-forced passes run once per group; Tunix runs them per response). FLOPs are ours, from XLA's cost analysis
-(so fewer per episode than Tunix executes): an episode's nominal FLOPs are
-`group.rollout` (sampling, the policy's and the reference's teacher-forced passes) and `group.update` (its own
-forward and backward) compiled alone; the iteration executes fewer, since the update reuses the rollout's forward
-of the policy (`executed_fraction_of_peak` counts those). XLA counts a loop's body once, so the sampler's decode
-loop is counted as one step: the other N - 2 steps' FLOPs (one decode step compiled alone) are added. The peak is a
-2048^3 float32 matmul measured in the same run, round by round. The timed iteration is the stage's own program
-(`group.iteration` with the lap clock): `rollout_s` and `update_s` are its laps.
+(so fewer per episode than Tunix executes): an episode's nominal FLOPs are `group.rollout` (sampling, the policy's
+and the reference's teacher-forced passes) and `group.update` (its own forward and backward) compiled alone; the
+iteration executes fewer, since the update reuses the rollout's forward of the policy (`executed_fraction_of_peak`
+counts those). XLA counts a loop's body once, so the sampler's decode loop is counted as one step: the other N - 2
+steps' FLOPs (one decode step compiled alone) are added. The peak is a 2048^3 float32 matmul measured in the same
+run, round by round. The timed iteration is the stage's own program (`group.iteration` with the lap clock):
+`rollout_s` and `update_s` are its laps.
 
 Tunix runs in its own environment, `.venv-tunix` (rlhf_jax is not installed there), created once from the
 repository root with:
@@ -51,16 +52,17 @@ import numpy as np
 
 from rlhf_jax.config import OptimSection
 from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
+from rlhf_jax.models.transformer import PAD_ID, init_params, make_model
 from rlhf_jax.rl import group, ppo
 from rlhf_jax.runtime.clock import LapClock
 from rlhf_jax.stages.grpo import RewardFunction
 from rlhf_jax.training import steps
 
 # benchmarks/ppo.py (this script's folder is on the path): the measurement pieces of the PPO comparison
-from ppo import ROOT, Peer, flops_of, matmul_peak, timed_iterations
+from heap import release_freed_memory
+from ppo import ROOT, SHAPES, Peer, flops_of, matmul_peak, timed_iterations, tunix_model
 
-EOS = 1
+EOS = 1  # the EOS id of every shape in ppo.SHAPES
 
 
 def even_token_share(prompts, completions, **_):
@@ -90,7 +92,12 @@ def own_cpu_seconds() -> float:
 
 
 class IdTokenizer:
-    """Token ids written as decimal numbers separated by spaces (Tunix's side decodes the same way)."""
+    """Token ids written as decimal numbers separated by spaces (Tunix's side decodes the same way). Called as a
+    transformers tokenizer is (what `ResponseCodec` calls); text that is no number has no ids."""
+
+    def __call__(self, text, **_) -> dict:
+        ids = lambda t: [int(w) for w in t.split() if w.isdigit()]
+        return {"input_ids": ids(text) if isinstance(text, str) else [ids(t) for t in text]}
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return " ".join(str(int(i)) for i in ids)
@@ -103,14 +110,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="alternations of our measurement and Tunix's")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
     ap.add_argument("--group", type=int, default=4, help="responses per prompt")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                    help="the model and prompt / response lengths of benchmarks/ppo.py's shape of that name")
     default_tunix = ROOT / ".venv-tunix" / "bin" / "python"
     ap.add_argument("--tunix-python", default=str(default_tunix) if default_tunix.exists() else "",
                     help="interpreter of the Tunix environment ('' skips Tunix)")
     ap.add_argument("--tunix-warmup", type=int, default=2, help="untimed Tunix iterations (compilation)")
     args = ap.parse_args()
-    cfg = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
-                      head_dim=64, d_ff=688, max_position_embeddings=512, eos_token_ids=(EOS,))
-    B, G, P, N = args.prompts, args.group, 64, 64
+    cfg, _, P, N = SHAPES[args.shape]
+    B, G = args.prompts, args.group
     R = B * G
     optim = OptimSection(lr=1e-5, schedule="constant")
     models = group.GroupModels(policy=make_model(cfg), policy_opt=steps.make_optimizer(optim, 100),
@@ -148,13 +156,16 @@ def main() -> None:
     del batch
 
     tunix_python, tunix_note = peer_python(args.tunix_python, default_tunix, "Tunix")
+    if cfg.family != "llama":
+        tunix_python, tunix_note = "", "Tunix skipped: its learner is timed at Llama shapes only"
 
     load_before = os.getloadavg()
+    release_freed_memory()  # the compilations' peak, before the peer compiles
     tunix = None
     if tunix_python:
         try:
             tunix = Peer(tunix_python, "tunix_grpo.py", ["--warmup", str(args.tunix_warmup), "--prompts", str(B),
-                                                         "--group", str(G)])
+                                                         "--group", str(G), "--shape", tunix_model(cfg, B, P, N)])
         except RuntimeError as e:
             tunix_note = f"Tunix failed: {e}"
     rounds, last_metrics = [], {}
@@ -169,10 +180,12 @@ def main() -> None:
             if rewards_fn.problem:
                 raise SystemExit(f"the reward function failed: {rewards_fn.problem}")
             if tunix is not None:
+                release_freed_memory()
                 try:
                     tunix_result = tunix.run(args.iterations)
                     row["tunix_iteration_s"] = tunix_result["iteration_s"]
-                    row["tunix_iteration_cpu_s"] = tunix_result["cpu_s"] / args.iterations
+                    # its untimed first iteration (benchmarks/heap.py) excluded pro rata, as ours
+                    row["tunix_iteration_cpu_s"] = tunix_result["cpu_s"] / (args.iterations + 1)
                 except RuntimeError as e:
                     tunix_note, tunix = f"Tunix failed: {e}", None
             row["rollout_s"], row["update_s"] = (statistics.median(float(m[k]) for m in laps)
@@ -193,7 +206,8 @@ def main() -> None:
     share = lambda key, name: statistics.median(flops[name] / row[key] / (row["matmul_peak_gflops"] * 1e9)
                                                 for row in rounds)
     seconds = med("iteration_s")
-    result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "prompts": B, "group": G,
+    result = {"shape": args.shape, "layers": cfg.n_layers, "vocab_size": cfg.vocab_size,
+              "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "prompts": B, "group": G,
               "episodes_per_iteration": R, "prompt": P, "new_tokens": N, "epochs": 1, "minibatches": 1,
               "kl_coef": settings.kl_coef, "kl_estimator": "k3", "clip_ratio": settings.clip_ratio,
               "loss_average": settings.loss_average, "reward_function": "even_token_share (host callback)",
@@ -231,6 +245,7 @@ def main() -> None:
     # running; the alternating rounds put it on both sides alike.
     result["loadavg_1m"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     result["cpu_count"] = os.cpu_count()
+    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
     result["versions"] = {"jax": jax.__version__, "python": sys.version.split()[0]}
     result["env"] = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
                                                 "MALLOC_TRIM_THRESHOLD_") if k in os.environ}

@@ -5,16 +5,16 @@ Runs in its own environment (see benchmarks/requirements-tunix.txt), never impor
   python3 -m venv .venv-tunix && .venv-tunix/bin/pip install -r benchmarks/requirements-tunix.txt
   .venv-tunix/bin/python benchmarks/tunix_grpo.py --warmup 2 --iterations 5
 
-Tunix's own Llama3 (tunix.models.llama3) with the tiny config of benchmarks/grpo.py: vocab 2048, d 256, 4 layers,
-4 heads of 64, 2 KV heads, MLP 688, untied embeddings, float32. Actor and reference are two copies of one
-initialisation; no critic and no reward model: the reward function `even_token_share` (the share of a response's
-tokens that are even numbers, on the decoded text; the same function as benchmarks/grpo.py) scores the responses.
-`--prompts` prompts of 64 tokens (no BOS, so exactly 64), `--group` responses each of 64 new tokens at
-temperature 1 with EOS id 1; GRPO with 1 epoch (num_iterations=1) over one minibatch of every prompt, KL beta
-0.04 with the k3 estimator (`low_var_kl`) as a loss term, clip 0.2, advantages scaled by the group's std, loss
-averaged per sequence then over sequences (`sequence-mean-token-mean`), AdamW (lr 1e-5, b1 0.9, b2 0.95) after
-global-norm clipping at 1: the settings of benchmarks/grpo.py. The vanilla rollout engine; every role on one mesh
-over the default devices.
+Tunix's own Llama3 (tunix.models.llama3) with the tiny config of benchmarks/grpo.py: vocab 2048, d 256, 4 layers, 4
+heads of 64, 2 KV heads, MLP 688, untied embeddings, float32 (`--shape`: another Llama shape of benchmarks/ppo.py,
+as JSON, with its prompt and response lengths). Actor and reference are two copies of one initialisation; no critic
+and no reward model: the reward function `even_token_share` (the share of a response's tokens that are even numbers,
+on the decoded text; the same function as benchmarks/grpo.py) scores the responses. `--prompts` prompts of 64 tokens
+(no BOS, so exactly 64), `--group` responses each of 64 new tokens at temperature 1 with EOS id 1; GRPO with 1 epoch
+(num_iterations=1) over one minibatch of every prompt, KL beta 0.04 with the k3 estimator (`low_var_kl`) as a loss
+term, clip 0.2, advantages scaled by the group's std, loss averaged per sequence then over sequences
+(`sequence-mean-token-mean`), AdamW (lr 1e-5, b1 0.9, b2 0.95) after global-norm clipping at 1: the settings of
+benchmarks/grpo.py. The vanilla rollout engine; every role on one mesh over the default devices.
 
 An iteration is one global step of GRPOLearner.train (generation, reference log-probs, rewards, advantages, one
 actor update). As benchmarks/tunix_ppo.py: one `train` call runs every measurement, its dataset iterator hands out
@@ -44,7 +44,7 @@ from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
 
-from tunix_ppo import Batches, IdTokenizer, Llama3, _version  # the PPO comparison's pieces
+from tunix_ppo import TINY, Batches, IdTokenizer, Llama3, _version  # the PPO comparison's pieces
 
 PAD, EOS = 0, 1
 
@@ -80,12 +80,15 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4, help="responses per prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve", action="store_true", help="time k iterations per number k read from stdin")
+    ap.add_argument("--shape", default=json.dumps(TINY),
+                    help="JSON: llama3.ModelConfig's fields, prompt and new_tokens (default: the tiny shape)")
     args = ap.parse_args()
     if args.warmup < 1:
         ap.error("--warmup must be at least 1 (the compilation)")
-    B, G, P, N = args.prompts, args.group, 64, 64
-    cfg = llama3.ModelConfig(num_layers=4, vocab_size=2048, embed_dim=256, hidden_dim=688, num_heads=4, head_dim=64,
-                             num_kv_heads=2, rope_theta=10000, norm_eps=1e-5, weight_tying=False)
+    fields = json.loads(args.shape)
+    fields.pop("batch", None)  # --prompts and --group say it
+    B, G, P, N = args.prompts, args.group, fields.pop("prompt"), fields.pop("new_tokens")
+    cfg = llama3.ModelConfig(**fields)
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices), 1), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):
@@ -115,7 +118,8 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (B, P))
     prompts = np.array([" ".join(map(str, row)) for row in ids])
     settings = {"framework": f"tunix {_version('google-tunix')}", "jax": jax.__version__,
-                "device": devices[0].device_kind, "devices": len(devices), "prompts": B, "group": G, "prompt": P,
+                "device": devices[0].device_kind, "devices": len(devices), "model": fields, "prompts": B, "group": G,
+                "prompt": P,
                 "new_tokens": N, "epochs": 1, "minibatches": 1, "dtype": "float32",
                 "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
