@@ -1,7 +1,8 @@
 """Training throughput on one device, in one run; prints one JSON document (progress lines go to stderr).
 
 1. sft: our jitted, donated `steps.sft_step` against a plain PyTorch step of the same weights
-   (transformers `LlamaForCausalLM` loaded from `hf.save_hf`, `torch.optim.AdamW`, clip_grad_norm_) - tokens/s.
+   (transformers `LlamaForCausalLM` loaded from `hf.save_hf`, `torch.optim.AdamW`, clip_grad_norm_) - tokens/s;
+   the tiny Llama, or with `--sft-model smollm2-135m` a real small model's shapes.
 2. mfu: model FLOPs utilisation of our SFT step on a larger Llama, against the matmul peak measured in the same
    run (a jitted 2048^3 `jnp.dot` on CPU, 8192^3 on an accelerator, in the step's compute dtype) and, on a GPU
    whose datasheet peak is known, against that. Model FLOPs per step use the PaLM formula
@@ -19,6 +20,7 @@ minor page faults per step (a step that maps fresh memory every call shows up th
 in effect (GLIBC_TUNABLES and MALLOC_* variables) are recorded, since they change the numbers.
 
   python benchmarks/train.py [--steps 10] [--rounds 2] [--out FILE]
+  python benchmarks/train.py --skip mfu rm --sft-model smollm2-135m --batch 8 --seq 256 --steps 4
   python benchmarks/train.py --skip sft rm --mfu-model 1b --dtype bfloat16 --mfu-batch 8 --mfu-seq 2048
 """
 
@@ -58,6 +60,13 @@ MFU_MODELS = {
     # TinyLlama-1.1B's shapes: the accelerator measure
     "1b": ModelConfig(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                       head_dim=64, d_ff=5632, max_position_embeddings=2048, eos_token_ids=(), bos_token_id=0),
+}
+# The sft measure's models: the tiny Llama, and a real small model's shapes (SmolLM2-135M, its head tied).
+SFT_MODELS = {
+    "tiny": TINY,
+    "smollm2-135m": ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                head_dim=64, d_ff=1536, max_position_embeddings=8192, rope_theta=1e5,
+                                tie_embeddings=True, eos_token_ids=(), bos_token_id=0),
 }
 # Dense bf16 peak FLOP/s of a datasheet, by a substring of jax's device_kind (SXM parts).
 NOMINAL_BF16_PEAK = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12, "A100": 312e12}
@@ -198,19 +207,20 @@ class TorchSFT:
 
 
 def run_sft(args) -> dict:
-    params = jax.device_get(init_params(make_model(TINY), jax.random.key(0)))
-    batch = sft_batch(TINY, args.batch, args.seq)
+    cfg = SFT_MODELS[args.sft_model]
+    params = jax.device_get(init_params(make_model(cfg), jax.random.key(0)))
+    batch = sft_batch(cfg, args.batch, args.seq)
     tokens = args.batch * args.seq
-    pt = TorchSFT(TINY, params, batch)
-    ours = our_sft(TINY, params, batch)
+    pt = TorchSFT(cfg, params, batch)
+    ours = our_sft(cfg, params, batch)
     per = math.ceil(args.steps / args.rounds)
     # The matmul peak in the same blocks: how close each step comes to the compute bound at this shape.
     t = interleave({"torch": (pt, per), "ours": (ours, per), "matmul": (matmul_fn(2048), 3)}, args.rounds)
     speedup = t["torch"]["median_s"] / t["ours"]["median_s"]
-    flops, _ = model_flops_per_step(TINY, params, args.batch, args.seq)
+    flops, _ = model_flops_per_step(cfg, params, args.batch, args.seq)
     peak = 2.0 * 2048 ** 3 / t["matmul"]["median_s"]
     out = dict(
-        model=model_config_to_json(TINY), n_params=count_params(params), batch=args.batch, seq=args.seq,
+        model_name=args.sft_model, model=model_config_to_json(cfg), n_params=count_params(params), batch=args.batch, seq=args.seq,
         tokens_per_step=tokens, timed_steps_each=per * args.rounds, rounds=args.rounds,
         ours_median_step_s=r(t["ours"]["median_s"]), ours_min_step_s=r(t["ours"]["min_s"]),
         ours_tokens_per_s=r(tokens / t["ours"]["median_s"], 1), ours_compile_s=r(ours.compile_s, 2),
@@ -240,8 +250,9 @@ def count_params(params) -> int:
 
 
 def model_flops_per_step(cfg: ModelConfig, params, batch: int, seq: int) -> tuple[float, int]:
-    """PaLM: 6 * N * tokens + 12 * L * H * Q * T * tokens, N = every param except the input embedding."""
-    n = count_params(params) - int(np.prod(params["embed"].shape))
+    """PaLM: 6 * N * tokens + 12 * L * H * Q * T * tokens, N = every param except the input embedding (a head tied
+    to it counts once, as the head)."""
+    n = count_params(params) - (0 if cfg.tie_embeddings else int(np.prod(params["embed"].shape)))
     tokens = batch * seq
     return 6.0 * n * tokens + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq * tokens, n
 
@@ -399,6 +410,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rm-prompts", type=int, default=8)
+    ap.add_argument("--sft-model", choices=sorted(SFT_MODELS), default="tiny", help="the model of the sft measure")
     ap.add_argument("--mfu-model", choices=sorted(MFU_MODELS), default="small")
     ap.add_argument("--mfu-batch", type=int, default=0, help="rows of the mfu measure's batch (0: --batch)")
     ap.add_argument("--mfu-seq", type=int, default=0, help="its sequence length (0: --seq)")
