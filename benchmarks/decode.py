@@ -42,6 +42,8 @@ from rlhf_jax.models import hf  # noqa: E402
 from rlhf_jax.models.sampling import SamplingParams, sample  # noqa: E402
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # noqa: E402
 
+from ppo import SMOLLM2_135M, tunix_llama3_fields  # noqa: E402  benchmarks/ppo.py
+
 CONFIGS = {
     # The CPU reference point: the tiny Llama of the foundation issue.
     "tiny": ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -49,19 +51,9 @@ CONFIGS = {
     # An accelerator-sized model (TinyLlama-1.1B shapes).
     "1b": ModelConfig(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                       head_dim=64, d_ff=5632, max_position_embeddings=2048, eos_token_ids=(), bos_token_id=0),
-    # A real small model that this CPU decodes at batch 64 (SmolLM2-135M's shapes, its head tied to the embedding).
-    "smollm2-135m": ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                                head_dim=64, d_ff=1536, max_position_embeddings=8192, rope_theta=1e5,
-                                tie_embeddings=True, eos_token_ids=(), bos_token_id=0),
+    # A real small model that this CPU decodes at batch 64.
+    "smollm2-135m": SMOLLM2_135M,
 }
-
-
-def tunix_model(cfg: ModelConfig) -> str:
-    """The config as benchmarks/tunix_decode.py's --model reads it (JSON), for Tunix's own Llama3."""
-    return json.dumps({"num_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "embed_dim": cfg.d_model,
-                       "hidden_dim": cfg.d_ff, "num_heads": cfg.n_heads, "head_dim": cfg.head_dim,
-                       "num_kv_heads": cfg.n_kv_heads, "rope_theta": int(cfg.rope_theta), "norm_eps": cfg.norm_eps,
-                       "weight_tying": cfg.tie_embeddings})
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,7 +193,7 @@ def main() -> None:
     if tunix_python:
         try:
             tunix = TunixPeer(tunix_python, ["--prompt", str(args.prompt), "--temperature", str(args.temperature),
-                                             "--model", tunix_model(config)])
+                                             "--model", json.dumps(tunix_llama3_fields(config))])
         except RuntimeError as e:
             tunix_note = f"Tunix failed: {e}"
     tunix_settings = tunix.ready if tunix else None

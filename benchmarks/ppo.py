@@ -154,6 +154,10 @@ class Peer:
         self.log.close()
 
 
+# SmolLM2-135M's architecture (its head tied to the embedding): the real shape the CPU benchmarks run.
+SMOLLM2_135M = ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                           head_dim=64, d_ff=1536, max_position_embeddings=8192, rope_theta=1e5, tie_embeddings=True,
+                           eos_token_ids=(), bos_token_id=0)
 # The benchmark's model shapes: `tiny` (the decode benchmark's Llama) and Qwen2.5-0.5B's architecture (random
 # weights), with their prompts: (config, batch, prompt tokens, new tokens).
 SHAPES = {
@@ -163,19 +167,22 @@ SHAPES = {
                                  n_kv_heads=2, head_dim=64, d_ff=4864, max_position_embeddings=32768, norm_eps=1e-6,
                                  rope_theta=1e6, qkv_bias=True, tie_embeddings=True, eos_token_ids=(1,)), 64, 256, 128),
     # A real model's architecture that both sides can run on this CPU, Tunix included (a Llama). Its head is
-    # untied (SmolLM2 ties it), as Tunix's critic replaces an `lm_head`; the FLOPs are the same.
-    "smollm2-135m": (ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                                 head_dim=64, d_ff=1536, max_position_embeddings=8192, rope_theta=1e5,
-                                 eos_token_ids=(1,)), 8, 128, 64),
+    # untied, as Tunix's critic replaces an `lm_head`; the FLOPs are the same.
+    "smollm2-135m": (dataclasses.replace(SMOLLM2_135M, tie_embeddings=False, eos_token_ids=(1,)), 8, 128, 64),
 }
+
+
+def tunix_llama3_fields(cfg: ModelConfig) -> dict:
+    """`cfg` as the fields of Tunix's llama3.ModelConfig (benchmarks/tunix_*.py take them as JSON)."""
+    return {"num_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "embed_dim": cfg.d_model,
+            "hidden_dim": cfg.d_ff, "num_heads": cfg.n_heads, "head_dim": cfg.head_dim,
+            "num_kv_heads": cfg.n_kv_heads, "rope_theta": int(cfg.rope_theta), "norm_eps": cfg.norm_eps,
+            "weight_tying": cfg.tie_embeddings}
 
 
 def tunix_model(cfg: ModelConfig, B: int, P: int, N: int) -> str:
     """The shape as benchmarks/tunix_ppo.py's --shape reads it (JSON), for Tunix's own Llama3."""
-    return json.dumps({"num_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "embed_dim": cfg.d_model,
-                       "hidden_dim": cfg.d_ff, "num_heads": cfg.n_heads, "head_dim": cfg.head_dim,
-                       "num_kv_heads": cfg.n_kv_heads, "rope_theta": int(cfg.rope_theta), "norm_eps": cfg.norm_eps,
-                       "weight_tying": cfg.tie_embeddings, "batch": B, "prompt": P, "new_tokens": N})
+    return json.dumps({**tunix_llama3_fields(cfg), "batch": B, "prompt": P, "new_tokens": N})
 
 
 def memory_per_device(compiled) -> dict:

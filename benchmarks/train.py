@@ -52,6 +52,8 @@ from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # 
 from rlhf_jax.training import steps  # noqa: E402
 from rlhf_jax.training.losses import last_token_values
 
+from ppo import SMOLLM2_135M  # noqa: E402  benchmarks/ppo.py
+
 TINY = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                    d_ff=688, max_position_embeddings=1024, eos_token_ids=(), bos_token_id=0)
 MFU_MODELS = {
@@ -64,9 +66,7 @@ MFU_MODELS = {
 # The sft measure's models: the tiny Llama, and a real small model's shapes (SmolLM2-135M, its head tied).
 SFT_MODELS = {
     "tiny": TINY,
-    "smollm2-135m": ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                                head_dim=64, d_ff=1536, max_position_embeddings=8192, rope_theta=1e5,
-                                tie_embeddings=True, eos_token_ids=(), bos_token_id=0),
+    "smollm2-135m": SMOLLM2_135M,
 }
 # Dense bf16 peak FLOP/s of a datasheet, by a substring of jax's device_kind (SXM parts).
 NOMINAL_BF16_PEAK = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12, "A100": 312e12}
@@ -220,7 +220,8 @@ def run_sft(args) -> dict:
     flops, _ = model_flops_per_step(cfg, params, args.batch, args.seq)
     peak = 2.0 * 2048 ** 3 / t["matmul"]["median_s"]
     out = dict(
-        model_name=args.sft_model, model=model_config_to_json(cfg), n_params=count_params(params), batch=args.batch, seq=args.seq,
+        model_name=args.sft_model, model=model_config_to_json(cfg), n_params=count_params(params), batch=args.batch,
+        seq=args.seq,
         tokens_per_step=tokens, timed_steps_each=per * args.rounds, rounds=args.rounds,
         ours_median_step_s=r(t["ours"]["median_s"]), ours_min_step_s=r(t["ours"]["min_s"]),
         ours_tokens_per_s=r(tokens / t["ours"]["median_s"], 1), ours_compile_s=r(ours.compile_s, 2),
