@@ -94,8 +94,16 @@ def _value_and_grads(cfg, sliding, chunk, params, inputs, seg):
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
     (_, aux), grads = fn(params, x, cache)
-    chunked = "scan" in str(jax.make_jaxpr(fn)(params, x, cache))
-    return aux, grads, chunked
+    return aux, grads, _pieces(lambda: module.apply(params, x, pos, key_mask, cache, ci, seg))
+
+
+def _pieces(forward) -> str:
+    """How a forward pass attended: "one" (a single pass over all keys), "blocks" (causal query blocks, each a
+    pair of matmuls beside the two projections) or "loop" (chunks in lax.maps)."""
+    jaxpr = str(jax.make_jaxpr(forward)())
+    if "scan" in jaxpr:
+        return "loop"
+    return "blocks" if jaxpr.count("dot_general") > 4 else "one"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -103,12 +111,16 @@ def test_chunked_attention_matches_unchunked(case):
     cfg, sliding, mask_BT, seg, prefill = CASES[case]
     inputs = _inputs(cfg, mask_BT, prefill)
     params = _params(cfg, sliding, inputs)
-    ref, ref_grads, ref_chunked = _value_and_grads(cfg, sliding, 64, params, inputs, seg)
-    assert not ref_chunked  # T <= chunk: one chunk, no loop
+    ref, ref_grads, ref_pieces = _value_and_grads(cfg, sliding, 64, params, inputs, seg)
+    assert ref_pieces == "one"  # T <= chunk and shorter than a query block
     assert np.all(np.isfinite(ref[0]))
-    for chunk in (3, 4):
-        got, grads, chunked = _value_and_grads(cfg, sliding, chunk, params, inputs, seg)
-        assert chunked, "a chunk smaller than T must loop over chunks"
+    # chunks of 3 and 4 queries: loops (a full pass in two causal segments of them); within one chunk of 64,
+    # causal blocks of 3 queries for a full pass, where a prefill into a cache is one chunk
+    for chunk, block_min in ((3, layers.QUERY_BLOCK_MIN), (4, layers.QUERY_BLOCK_MIN), (64, 2)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(layers, "QUERY_BLOCK_MIN", block_min)
+            got, grads, pieces = _value_and_grads(cfg, sliding, chunk, params, inputs, seg)
+        assert pieces == ("loop" if chunk < T else "one" if prefill else "blocks"), (chunk, block_min)
         for a, b in zip(jax.tree.leaves((ref, ref_grads)), jax.tree.leaves((got, grads)), strict=True):
             a, b = np.asarray(a), np.asarray(b)
             # float32 rounding of the array's scale: the chunks' matmuls may sum in another order
@@ -208,23 +220,40 @@ def test_the_transformer_chunks_with_the_module_constant(monkeypatch):
 # ------------------------------------------------------------------------------------------ memory
 
 
+def _grad_cost(T, chunk, d_model=64):
+    """(temporary bytes, FLOPs) of an Attention layer's compiled forward + backward pass at B = 2."""
+    cfg = tiny(d_model=d_model)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, T, d_model)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+    mask = jnp.ones((2, T), bool)
+    params = Attention(cfg=cfg).init(jax.random.key(0), x, pos, mask, None, 0)
+    module = Attention(cfg=cfg, attention="einsum", query_chunk=chunk)
+    loss = lambda p, x: jnp.sum(module.apply(p, x, pos, mask, None, 0)[0] ** 2)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, compiled.cost_analysis()["flops"]
+
+
 def test_chunking_shrinks_the_backward_pass_temporaries():
     """Forward + backward at T = 256: chunks of 32 queries need several times less scratch memory than one chunk
-    of 256 (whose float32 scores alone are B * N * T * T * 4 bytes = 2 MiB here, kept for the backward pass)."""
-    cfg = tiny(d_model=64)
+    of 256 (whose float32 scores, causal blocks of them, are about B * N * T * T / 2 * 4 bytes = 1 MiB here,
+    kept for the backward pass)."""
     Tm = 256
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, Tm, 64)), jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(Tm), (2, Tm))
-    mask = jnp.ones((2, Tm), bool)
-    params = Attention(cfg=cfg).init(jax.random.key(0), x, pos, mask, None, 0)
-
-    def temp_bytes(chunk):
-        module = Attention(cfg=cfg, attention="einsum", query_chunk=chunk)
-        loss = lambda p, x: jnp.sum(module.apply(p, x, pos, mask, None, 0)[0] ** 2)
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    whole, chunked = temp_bytes(Tm), temp_bytes(32)
+    (whole, _), (chunked, _) = _grad_cost(Tm, Tm), _grad_cost(Tm, 32)
     print(f"temporaries: chunk {Tm}: {whole} bytes, chunk 32: {chunked} bytes ({whole / chunked:.1f}x)")
-    assert whole >= 2 * 4 * Tm * Tm * 4  # at least the scores of one chunk of T
-    assert whole >= 3 * chunked
+    assert whole >= 2 * 4 * Tm * Tm // 2 * 4
+    assert whole >= 2 * chunked
+
+
+def test_causal_blocks_skip_the_scores_of_later_keys(monkeypatch):
+    """A full pass within one chunk attends in causal blocks (4 of 64 queries at T = 256): about 5/8 of one
+    block's FLOPs and, kept for the backward pass, of its probabilities; as one block (QUERY_BLOCKS (1, 1)) it
+    forms every query's scores with every key."""
+    Tm = 256
+    assert layers.query_block(Tm) == 64
+    blocked_bytes, blocked_flops = _grad_cost(Tm, Tm, d_model=16)
+    monkeypatch.setattr(layers, "QUERY_BLOCKS", (1, 1))
+    assert layers.query_block(Tm) == Tm
+    whole_bytes, whole_flops = _grad_cost(Tm, Tm, d_model=16)
+    print(f"one block: {whole_bytes} bytes, {whole_flops:.3g} FLOPs; blocks: {blocked_bytes}, {blocked_flops:.3g}")
+    assert blocked_flops <= 0.75 * whole_flops
+    assert blocked_bytes <= 0.75 * whole_bytes

@@ -23,6 +23,12 @@ NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keep
 # not B x N x T x S (gigabytes per layer for a prefill of hundreds of prompts, or passes of 1-2k tokens). A pass
 # of B rows takes QUERY_ROWS // B positions per chunk; smaller passes (and every decode step) are one chunk.
 QUERY_ROWS = 4096
+# A full pass within one chunk (queries in the last slots, every key before them) never forms the scores of a
+# query with a later key: its queries attend in blocks, each over the keys up to its own last query (about half the
+# scores of a causal pass). Blocks of about 64 queries, 4 to 16 of them: smaller blocks and more of them lose more
+# to per-matmul overhead on CPU than they skip.
+QUERY_BLOCKS = (4, 16)
+QUERY_BLOCK_MIN = 16
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
@@ -102,18 +108,33 @@ def einsum_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, allowed_B
     return einsum(dtype, "bkgts,bksh->bkgth", probs_BKGTS, v_BKSH).transpose(0, 3, 1, 2, 4)
 
 
+def query_block(T: int) -> int:
+    """Queries per causal block of a full pass of T positions within one chunk (QUERY_BLOCKS); T or more: one."""
+    lo, hi = QUERY_BLOCKS
+    return max(QUERY_BLOCK_MIN, -(-T // min(max(T // 64, lo), hi)))
+
+
 def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, query_slot_T, key_mask_BS,
-                      window: int | None, segment_ids_BT, chunk: int) -> jax.Array:
+                      window: int | None, segment_ids_BT, chunk: int, full_pass: bool) -> jax.Array:
     """`einsum_attention` over chunks of `chunk` queries, each chunk's mask built from its own rows; returns
-    out_BTKGH. T <= chunk is one chunk, exactly the unchunked computation. Otherwise the queries are padded to a
+    out_BTKGH. T <= chunk is one chunk: exactly the unchunked computation, or for a `full_pass` (the queries hold
+    the last T of the S key slots) causal blocks (QUERY_BLOCKS) where the queries up to b attend to the first
+    S - T + b keys only (the same softmax: the keys left out were masked). Longer, the queries are padded to a
     multiple of `chunk` (the padded rows' outputs are dropped) and a `lax.map` attends chunk by chunk, its body
     rematerialised so that the backward pass keeps no chunk's probabilities: memory O(B*N*chunk*S)."""
     B, T, K, G, H = q_BTKGH.shape
+    S = k_BKSH.shape[2]
 
-    def attend(q_BCKGH, slot_C, seg_BC):
-        allowed_BCS = attention_mask(slot_C, key_mask_BS, window, seg_BC, segment_ids_BT)
-        return einsum_attention(cfg, dtype, q_BCKGH, k_BKSH, v_BKSH, allowed_BCS)
+    def attend(q_BCKGH, slot_C, seg_BC, keys=S):
+        seg_k_BS = None if segment_ids_BT is None else segment_ids_BT[:, :keys]
+        allowed_BCS = attention_mask(slot_C, key_mask_BS[:, :keys], window, seg_BC, seg_k_BS)
+        return einsum_attention(cfg, dtype, q_BCKGH, k_BKSH[:, :, :keys], v_BKSH[:, :, :keys], allowed_BCS)
 
+    if T <= chunk and full_pass:
+        block = query_block(T)
+        seg = lambda a: None if segment_ids_BT is None else segment_ids_BT[:, a:a + block]
+        return jnp.concatenate([attend(q_BTKGH[:, a:a + block], query_slot_T[a:a + block], seg(a),
+                                       keys=S - T + min(a + block, T)) for a in range(0, T, block)], axis=1)
     if T <= chunk:
         return attend(q_BTKGH, query_slot_T, segment_ids_BT)
     n = -(-T // chunk)
@@ -296,7 +317,7 @@ class Attention(nn.Module):
         else:
             chunk = max(1, QUERY_ROWS // B) if self.query_chunk is None else self.query_chunk
             out_BTKGH = chunked_attention(cfg, self.dtype, q_BTKGH, k_BKSH, v_BKSH, query_slot_T, key_mask_BS,
-                                          window, segment_ids_BT, chunk)
+                                          window, segment_ids_BT, chunk, full_pass=layer_cache is None)
             out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
 
         w_o = param(self, "o", (K * G, H, D), ("heads", "head_dim", "embed"), dense_init(), self.param_dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -15,15 +16,15 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def next_token_nll(hidden_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], ids_BT: jax.Array,
-                           weight_BT: jax.Array, segment_ids_BT: jax.Array, chunk: int = 128
-                           ) -> tuple[jax.Array, jax.Array]:
+                   weight_BT: jax.Array, segment_ids_BT: jax.Array, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted NLL, sum of weights) for predicting ids[t+1] from position t's final hidden state. A
     target counts when its weight is set and it belongs to the same packed example as its context.
     No float32 B x T x V tensor: `logits_fn` (the LM head, x_BCD -> logits_BCV) and the cross-entropy run on
-    `chunk` positions of every row at a time, and the backward pass recomputes each chunk's logits instead of
-    keeping them. Chunks span all rows, so a batch-sharded step keeps every device busy. A chunk with no target
-    (the left-padded prompts of an SFT batch that trains on responses only) skips the head both ways: at a real
-    vocabulary the head is a quarter of a small model's FLOPs."""
+    `chunk` positions of every row at a time. Differentiated, each chunk's gradient (of its hidden states and of
+    the head's weights) is taken as soon as its loss is, in the same pass: the loss is a sum, so the backward
+    pass only scales them, and no chunk's logits are formed twice (a quarter of a small model's FLOPs at a real
+    vocabulary). Chunks span all rows, so a batch-sharded step keeps every device busy. A chunk with no target
+    (the left-padded prompts of an SFT batch that trains on responses only) skips the head."""
     B, T, D = hidden_BTD.shape
     same_segment_BT = segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]
     # position t predicts ids[t + 1]; the last position predicts nothing (weight 0), nor do the chunks' padding
@@ -33,16 +34,57 @@ def next_token_nll(hidden_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.A
     pad = -T % C
     chunks = lambda x_BT: jnp.moveaxis(jnp.pad(x_BT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BT.ndim - 2))
                                        .reshape(B, (T + pad) // C, C, *x_BT.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def chunk_nll(total, xs):
-        x_BCD, targets_BC, w_BC = xs
-        nll = lambda: -jnp.sum(token_logprobs(logits_fn(x_BCD), targets_BC) * w_BC)
-        return total + jax.lax.cond(jnp.any(w_BC > 0), nll, lambda: jnp.zeros((), jnp.float32)), None
-
-    total, _ = jax.lax.scan(chunk_nll, jnp.zeros((), jnp.float32),
-                            (chunks(hidden_BTD), chunks(targets_BT), chunks(w_BT)))
+    x_nBCD = chunks(hidden_BTD)
+    # the head's weights (closed over by logits_fn) become arguments, so that the custom gradient can return theirs
+    head, weights = jax.closure_convert(logits_fn, x_nBCD[0])
+    total = _summed_nll(head, x_nBCD, chunks(targets_BT), chunks(w_BT), *weights)
     return total, jnp.sum(w_BT)
+
+
+def _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights, with_grads: bool):
+    """The summed NLL of every chunk, and with `with_grads` its gradients: d/dx per chunk (x_nBCD's shape) and
+    d/d(head weights), summed over chunks in float32."""
+    def chunk_nll(x_BCD, targets_BC, w_BC, *weights):
+        return -jnp.sum(token_logprobs(head(x_BCD, *weights), targets_BC) * w_BC)
+
+    def step(carry, xs):
+        total, grads = carry
+        x_BCD, targets_BC, w_BC = xs
+        if not with_grads:
+            nll = jax.lax.cond(jnp.any(w_BC > 0), lambda: chunk_nll(x_BCD, targets_BC, w_BC, *weights),
+                               lambda: jnp.zeros((), jnp.float32))
+            return (total + nll, grads), None
+
+        def run(grads):
+            nll, vjp = jax.vjp(lambda x, *w: chunk_nll(x, targets_BC, w_BC, *w), x_BCD, *weights)
+            dx_BCD, *dweights = vjp(jnp.ones((), nll.dtype))
+            return nll, dx_BCD, [g + d.astype(jnp.float32) for g, d in zip(grads, dweights)]
+
+        skip = lambda grads: (jnp.zeros((), jnp.float32), jnp.zeros_like(x_BCD), grads)
+        nll, dx_BCD, grads = jax.lax.cond(jnp.any(w_BC > 0), run, skip, grads)
+        return (total + nll, grads), dx_BCD
+
+    grads = [jnp.zeros(w.shape, jnp.float32) for w in weights] if with_grads else []
+    (total, grads), dx_nBCD = jax.lax.scan(step, (jnp.zeros((), jnp.float32), grads), (x_nBCD, targets_nBC, w_nBC))
+    return total, (dx_nBCD, grads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _summed_nll(head, x_nBCD, targets_nBC, w_nBC, *weights):
+    return _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights, with_grads=False)[0]
+
+
+def _summed_nll_fwd(head, x_nBCD, targets_nBC, w_nBC, *weights):
+    total, (dx_nBCD, grads) = _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights, with_grads=True)
+    return total, (dx_nBCD, [d.astype(w.dtype) for d, w in zip(grads, weights)])
+
+
+def _summed_nll_bwd(head, residuals, g):
+    dx_nBCD, grads = residuals
+    return ((g * dx_nBCD).astype(dx_nBCD.dtype), None, None, *[(g * d).astype(d.dtype) for d in grads])
+
+
+_summed_nll.defvjp(_summed_nll_fwd, _summed_nll_bwd)
 
 
 def ranking_loss(rewards_BK: jax.Array, pairs_BKK: jax.Array, weight_B: jax.Array | None = None) -> dict:
