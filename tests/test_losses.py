@@ -282,6 +282,21 @@ def test_next_token_nll_skips_the_head_of_chunks_without_a_target():
     assert not np.asarray(grads[0])[:, :P - 1].any() and np.asarray(grads[0])[:, P - 1:-1].all()
 
 
+def test_next_token_nll_forms_no_gradient_for_a_frozen_head():
+    """Differentiated by the hidden states only (a LoRA run's frozen head), the loss forms the head's logits and
+    the hidden states' gradient, two matmuls, and never the head weight's gradient, the third; the hidden states'
+    gradient is the same either way."""
+    rng = np.random.default_rng(3)
+    hidden, w_DV = rng.normal(size=(2, 8, 5)).astype(np.float32), rng.normal(size=(5, 11)).astype(np.float32)
+    ids, weights, segments = rng.integers(0, 11, (2, 8)), np.ones((2, 8), bool), np.ones((2, 8), np.int32)
+    loss = lambda h, w: next_token_nll(h, lambda x: jnp.einsum("bcd,dv->bcv", x, w), ids, weights, segments, 4)[0]
+    both, hidden_only = jax.grad(loss, argnums=(0, 1)), jax.grad(loss, argnums=0)
+    matmuls = lambda f: str(jax.make_jaxpr(f)(hidden, w_DV)).count("dot_general")
+    assert (matmuls(both), matmuls(hidden_only)) == (3, 2)
+    np.testing.assert_allclose(np.asarray(jax.jit(hidden_only)(hidden, w_DV)),
+                               np.asarray(jax.jit(both)(hidden, w_DV)[0]), rtol=1e-6)
+
+
 def test_next_token_nll_never_holds_the_whole_logits():
     """Value and gradient at T = 256 positions in chunks of 16 need several times less temporary memory than in
     one chunk (which holds float32 logits and their gradient for every position)."""

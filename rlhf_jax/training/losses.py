@@ -41,22 +41,31 @@ def next_token_nll(hidden_BTD: jax.Array, logits_fn: Callable[[jax.Array], jax.A
     return total, jnp.sum(w_BT)
 
 
-def _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights, with_grads: bool):
-    """The summed NLL of every chunk, and with `with_grads` its gradients: d/dx per chunk (x_nBCD's shape) and
-    d/d(head weights), summed over chunks in float32."""
+def _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights, grads_of=None):
+    """The summed NLL of every chunk, and with `grads_of` (one bool per head weight; None: no gradients) its
+    gradients: d/dx per chunk (x_nBCD's shape) and d/d(head weight) for the weights marked, summed over chunks in
+    float32 (None for the others: a frozen head's gradient is never formed)."""
+    wanted = [i for i, g in enumerate(grads_of or ()) if g]
+
     def chunk_nll(x_BCD, targets_BC, w_BC, *weights):
         return -jnp.sum(token_logprobs(head(x_BCD, *weights), targets_BC) * w_BC)
 
     def step(carry, xs):
         total, grads = carry
         x_BCD, targets_BC, w_BC = xs
-        if not with_grads:
+        if grads_of is None:
             nll = jax.lax.cond(jnp.any(w_BC > 0), lambda: chunk_nll(x_BCD, targets_BC, w_BC, *weights),
                                lambda: jnp.zeros((), jnp.float32))
             return (total + nll, grads), None
 
         def run(grads):
-            nll, vjp = jax.vjp(lambda x, *w: chunk_nll(x, targets_BC, w_BC, *w), x_BCD, *weights)
+            def nll_of(x, *wanted_weights):
+                all_weights = list(weights)
+                for i, w in zip(wanted, wanted_weights):
+                    all_weights[i] = w
+                return chunk_nll(x, targets_BC, w_BC, *all_weights)
+
+            nll, vjp = jax.vjp(nll_of, x_BCD, *[weights[i] for i in wanted])
             dx_BCD, *dweights = vjp(jnp.ones((), nll.dtype))
             return nll, dx_BCD, [g + d.astype(jnp.float32) for g, d in zip(grads, dweights)]
 
@@ -64,27 +73,34 @@ def _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights, with_grads: bool):
         nll, dx_BCD, grads = jax.lax.cond(jnp.any(w_BC > 0), run, skip, grads)
         return (total + nll, grads), dx_BCD
 
-    grads = [jnp.zeros(w.shape, jnp.float32) for w in weights] if with_grads else []
+    grads = [jnp.zeros(weights[i].shape, jnp.float32) for i in wanted]
     (total, grads), dx_nBCD = jax.lax.scan(step, (jnp.zeros((), jnp.float32), grads), (x_nBCD, targets_nBC, w_nBC))
-    return total, (dx_nBCD, grads)
+    all_grads = [None] * len(weights)
+    for i, g in zip(wanted, grads):
+        all_grads[i] = g.astype(weights[i].dtype)
+    return total, (dx_nBCD, all_grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _summed_nll(head, x_nBCD, targets_nBC, w_nBC, *weights):
-    return _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights, with_grads=False)[0]
+    return _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights)[0]
 
 
 def _summed_nll_fwd(head, x_nBCD, targets_nBC, w_nBC, *weights):
-    total, (dx_nBCD, grads) = _chunks_nll(head, x_nBCD, targets_nBC, w_nBC, weights, with_grads=True)
-    return total, (dx_nBCD, [d.astype(w.dtype) for d, w in zip(grads, weights)])
+    # symbolic_zeros: each argument comes with whether it is differentiated (a LoRA run's frozen head is not)
+    value = lambda a: a.value
+    total, residuals = _chunks_nll(head, value(x_nBCD), value(targets_nBC), value(w_nBC),
+                                   [value(w) for w in weights], grads_of=[w.perturbed for w in weights])
+    return total, residuals
 
 
 def _summed_nll_bwd(head, residuals, g):
     dx_nBCD, grads = residuals
-    return ((g * dx_nBCD).astype(dx_nBCD.dtype), None, None, *[(g * d).astype(d.dtype) for d in grads])
+    scale = lambda d: None if d is None else (g * d).astype(d.dtype)
+    return (scale(dx_nBCD), None, None, *map(scale, grads))
 
 
-_summed_nll.defvjp(_summed_nll_fwd, _summed_nll_bwd)
+_summed_nll.defvjp(_summed_nll_fwd, _summed_nll_bwd, symbolic_zeros=True)
 
 
 def ranking_loss(rewards_BK: jax.Array, pairs_BKK: jax.Array, weight_B: jax.Array | None = None) -> dict:
