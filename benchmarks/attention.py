@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.transformer import PAD_ID, ModelConfig, forward, init_params, make_model
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout's rlhf_jax
+from rlhf_jax.models.transformer import PAD_ID, ModelConfig, forward, init_params, make_model  # noqa: E402
 
 
 def _loss_fn(model, ids, mask):

@@ -49,18 +49,19 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rlhf_jax.config import MeshSection, OptimSection
-from rlhf_jax.data.rankings import pairs_from_ranks
-from rlhf_jax.models import hf
-from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
-from rlhf_jax.rl import dpo
-from rlhf_jax.runtime import sharding
-from rlhf_jax.training import steps
-from rlhf_jax.training.state import jit_step, place_state, state_shardings, to_global
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout's rlhf_jax
+from rlhf_jax.config import MeshSection, OptimSection  # noqa: E402
+from rlhf_jax.data.rankings import pairs_from_ranks  # noqa: E402
+from rlhf_jax.models import hf  # noqa: E402
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # noqa: E402
+from rlhf_jax.rl import dpo  # noqa: E402
+from rlhf_jax.runtime import sharding  # noqa: E402
+from rlhf_jax.training import steps  # noqa: E402
+from rlhf_jax.training.state import jit_step, place_state, state_shardings, to_global  # noqa: E402
 
 # benchmarks/ppo.py and benchmarks/grpo.py (this script's folder is on the path): the measurement pieces
-from grpo import own_cpu_seconds, peer_python
-from ppo import ROOT, Peer, flops_of, matmul_peak
+from grpo import own_cpu_seconds, peer_python  # noqa: E402
+from ppo import ROOT, Peer, flops_of, matmul_peak  # noqa: E402
 
 EOS, K = 1, 4
 # TRL runs with glibc's malloc defaults: the MALLOC_* settings `make bench` gives XLA (docs/performance.md) are

@@ -50,17 +50,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import OptimSection
-from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.transformer import PAD_ID, init_params, make_model
-from rlhf_jax.rl import group, ppo
-from rlhf_jax.runtime.clock import LapClock
-from rlhf_jax.stages.grpo import RewardFunction
-from rlhf_jax.training import steps
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout's rlhf_jax
+from rlhf_jax.config import OptimSection  # noqa: E402
+from rlhf_jax.models.sampling import SamplingParams  # noqa: E402
+from rlhf_jax.models.transformer import PAD_ID, init_params, make_model  # noqa: E402
+from rlhf_jax.rl import group, ppo  # noqa: E402
+from rlhf_jax.runtime.clock import LapClock  # noqa: E402
+from rlhf_jax.stages.grpo import RewardFunction  # noqa: E402
+from rlhf_jax.training import steps  # noqa: E402
 
 # benchmarks/ppo.py (this script's folder is on the path): the measurement pieces of the PPO comparison
-from heap import release_freed_memory
-from ppo import ROOT, SHAPES, Peer, flops_of, matmul_peak, timed_iterations, tunix_model
+from heap import release_freed_memory  # noqa: E402
+from ppo import ROOT, SHAPES, Peer, flops_of, matmul_peak, timed_iterations, tunix_model  # noqa: E402
 
 EOS = 1  # the EOS id of every shape in ppo.SHAPES
 

@@ -24,17 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import load_config
-from rlhf_jax.models import lora
-from rlhf_jax.models.transformer import ModelConfig, init_params, make_model
-from rlhf_jax.rl import ppo
-from rlhf_jax.runtime import sharding
-from rlhf_jax.runtime.clock import LapClock
-from rlhf_jax.stages import ppo as ppo_stage
-from rlhf_jax.stages.policy_common import rollout_sampling
-from rlhf_jax.training.state import split_trainable, trained_model, with_head
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout's rlhf_jax
+from rlhf_jax.config import load_config  # noqa: E402
+from rlhf_jax.models import lora  # noqa: E402
+from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # noqa: E402
+from rlhf_jax.rl import ppo  # noqa: E402
+from rlhf_jax.runtime import sharding  # noqa: E402
+from rlhf_jax.runtime.clock import LapClock  # noqa: E402
+from rlhf_jax.stages import ppo as ppo_stage  # noqa: E402
+from rlhf_jax.stages.policy_common import rollout_sampling  # noqa: E402
+from rlhf_jax.training.state import split_trainable, trained_model, with_head  # noqa: E402
 
-from ppo import timed_iterations  # benchmarks/ppo.py (this directory is on sys.path)
+from ppo import timed_iterations  # noqa: E402  benchmarks/ppo.py (this directory is on sys.path)
 
 CFG = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                   d_ff=688, max_position_embeddings=512, eos_token_ids=(1,))

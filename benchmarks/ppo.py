@@ -54,15 +54,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import OptimSection
-from rlhf_jax.models.sampling import SamplingParams
-from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model
-from rlhf_jax.plan.flops import flops_per_device
-from rlhf_jax.rl import ppo
-from rlhf_jax.runtime.clock import LapClock
-from rlhf_jax.training import steps
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout's rlhf_jax
+from rlhf_jax.config import OptimSection  # noqa: E402
+from rlhf_jax.models.sampling import SamplingParams  # noqa: E402
+from rlhf_jax.models.transformer import PAD_ID, ModelConfig, init_params, make_model  # noqa: E402
+from rlhf_jax.plan.flops import flops_per_device  # noqa: E402
+from rlhf_jax.rl import ppo  # noqa: E402
+from rlhf_jax.runtime.clock import LapClock  # noqa: E402
+from rlhf_jax.training import steps  # noqa: E402
 
-from heap import release_freed_memory  # benchmarks/heap.py
+from heap import release_freed_memory  # noqa: E402  benchmarks/heap.py
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
-from rlhf_jax import pipeline
-from rlhf_jax.stages import dispatch as stages
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout's rlhf_jax
+from rlhf_jax import pipeline  # noqa: E402
+from rlhf_jax.stages import dispatch as stages  # noqa: E402
 
 
 def _step(steps, name):

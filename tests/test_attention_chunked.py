@@ -245,13 +245,13 @@ def test_chunking_shrinks_the_backward_pass_temporaries():
 
 
 def test_causal_blocks_skip_the_scores_of_later_keys(monkeypatch):
-    """A full pass within one chunk attends in causal blocks (4 of 64 queries at T = 256): about 5/8 of one
-    block's FLOPs and, kept for the backward pass, of its probabilities; as one block (QUERY_BLOCKS (1, 1)) it
+    """A full pass within one chunk attends in causal blocks (4 of 128 queries at T = 512): about 5/8 of one
+    block's FLOPs and, kept for the backward pass, of its probabilities; as one block (QUERY_BLOCK_MIN = T) it
     forms every query's scores with every key."""
-    Tm = 256
-    assert layers.query_block(Tm) == 64
+    Tm = 512
+    assert layers.query_block(Tm) == 128
     blocked_bytes, blocked_flops = _grad_cost(Tm, Tm, d_model=16)
-    monkeypatch.setattr(layers, "QUERY_BLOCKS", (1, 1))
+    monkeypatch.setattr(layers, "QUERY_BLOCK_MIN", Tm)
     assert layers.query_block(Tm) == Tm
     whole_bytes, whole_flops = _grad_cost(Tm, Tm, d_model=16)
     print(f"one block: {whole_bytes} bytes, {whole_flops:.3g} FLOPs; blocks: {blocked_bytes}, {blocked_flops:.3g}")

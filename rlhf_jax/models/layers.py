@@ -25,10 +25,11 @@ NEG_INF = -1e30  # finite, so masking never forms inf - inf (every row also keep
 QUERY_ROWS = 4096
 # A full pass within one chunk (queries in the last slots, every key before them) never forms the scores of a
 # query with a later key: its queries attend in blocks, each over the keys up to its own last query (about half the
-# scores of a causal pass). Blocks of about 64 queries, 4 to 16 of them: smaller blocks and more of them lose more
-# to per-matmul overhead on CPU than they skip.
-QUERY_BLOCKS = (4, 16)
-QUERY_BLOCK_MIN = 16
+# scores of a causal pass). Blocks of at least 128 queries, at most 16 of them: each block compiles to kernels of
+# its own, and on CPU smaller blocks skip too little to pay for theirs (a pass of 256 positions runs no faster in 4
+# blocks than in 2 or 1, one of 512 is 6% faster in 4).
+QUERY_BLOCK_MIN = 128
+QUERY_BLOCKS_MAX = 16
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
@@ -109,16 +110,15 @@ def einsum_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, allowed_B
 
 
 def query_block(T: int) -> int:
-    """Queries per causal block of a full pass of T positions within one chunk (QUERY_BLOCKS); T or more: one."""
-    lo, hi = QUERY_BLOCKS
-    return max(QUERY_BLOCK_MIN, -(-T // min(max(T // 64, lo), hi)))
+    """Queries per causal block of a full pass of T positions within one chunk; T or more: one block."""
+    return max(QUERY_BLOCK_MIN, -(-T // QUERY_BLOCKS_MAX))
 
 
 def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, query_slot_T, key_mask_BS,
                       window: int | None, segment_ids_BT, chunk: int, full_pass: bool) -> jax.Array:
     """`einsum_attention` over chunks of `chunk` queries, each chunk's mask built from its own rows; returns
     out_BTKGH. T <= chunk is one chunk: exactly the unchunked computation, or for a `full_pass` (the queries hold
-    the last T of the S key slots) causal blocks (QUERY_BLOCKS) where the queries up to b attend to the first
+    the last T of the S key slots) causal blocks (`query_block`) where the queries up to b attend to the first
     S - T + b keys only (the same softmax: the keys left out were masked). Longer, the queries are padded to a
     multiple of `chunk` (the padded rows' outputs are dropped) and a `lax.map` attends chunk by chunk, its body
     rematerialised so that the backward pass keeps no chunk's probabilities: memory O(B*N*chunk*S)."""
