@@ -294,19 +294,25 @@ def test_lora_grpo_reference_is_the_base_and_exports(ppo_inputs):
 
 def test_lora_sft_on_the_demo_task_reaches_nine_tenths_of_full_finetunings_improvement(demo_run, tmp_path):
     """The demo's SFT (200 steps from the pretrained model, the demo's settings) in full fine-tuning and with
-    LoRA (rank 16 on every projection, the norms trained whole, a learning rate 20 times higher): the best
-    held-out loss's improvement over the starting model's."""
+    LoRA (rank 16 on every projection, the norms trained whole, a learning rate 20 times higher, warmed up over
+    50 steps): the best held-out loss's improvement over the starting model's, averaged over two seeds (data order
+    and adapter initialisation). Warmed up over the full runs' 20 steps, a LoRA run could spike and end 10-20%
+    short of full fine-tuning where another, different only in float32 rounding, matched it."""
     run = demo_run["dir"]
     common = ["stage=sft", f"model.path={run / 'pretrain' / 'export'}", f"data.dir={run / 'data'}", "data.name=demos",
               "data.max_prompt_tokens=16", "data.max_response_tokens=16", "train.batch_size=32",
               "train.save_every=0", "train.eval_every=25", "optim.warmup_steps=20", "optim.lr=1e-3"]
     best = {}
-    for name, extra in (("start", ["train.steps=1", "optim.lr=0"]), ("full", ["train.steps=200"]),
-                        ("lora", ["train.steps=200", "optim.lr=2e-2", "lora.rank=16", "lora.alpha=32",
-                                  "lora.also_train=[norms]"])):
+    for name, extra in (("start", ["train.steps=1", "optim.lr=0"]),
+                        *((f"full_{seed}", ["train.steps=200", f"seed={seed}"]) for seed in (0, 1)),
+                        *((f"lora_{seed}", ["train.steps=200", f"seed={seed}", "optim.lr=2e-2", "optim.warmup_steps=50",
+                                            "lora.rank=16", "lora.alpha=32", "lora.also_train=[norms]"])
+                          for seed in (0, 1))):
         _run([*common, f"run_dir={tmp_path / name}", *extra])
         best[name] = min(m["eval_loss"] for m in _metrics(tmp_path / name) if "eval_loss" in m)
-    full, adapted = best["start"] - best["full"], best["start"] - best["lora"]
+    improvement = lambda kind: best["start"] - np.mean([best[f"{kind}_{seed}"] for seed in (0, 1)])
+    full, adapted = improvement("full"), improvement("lora")
+    print(f"improvement: full {full:.4f}, lora {adapted:.4f} ({adapted / full:.0%}); {best}")
     assert full > 0.05 and adapted >= 0.9 * full, best
 
 
