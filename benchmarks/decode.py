@@ -159,6 +159,9 @@ def main() -> None:
     ap.add_argument("--model-size", choices=sorted(CONFIGS), default="tiny")
     ap.add_argument("--torch-device", default="cpu", help="where transformers runs: cpu or cuda")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
+                    help="the layers as one scan (auto: above 8 layers, as model.scan_layers does); a scanned decode "
+                         "step reads each layer's weights through a dynamic slice")
     default_tunix = ROOT / ".venv-tunix" / "bin" / "python"
     ap.add_argument("--tunix-python", default=str(default_tunix) if default_tunix.exists() else "",
                     help="interpreter of the Tunix environment ('' skips Tunix)")
@@ -166,7 +169,8 @@ def main() -> None:
     args = ap.parse_args()
 
     config = CONFIGS[args.model_size]
-    model = make_model(config, dtype=args.dtype)
+    scan = {"auto": None, "on": True, "off": False}[args.scan_layers]
+    model = make_model(config, dtype=args.dtype, scan_layers=scan)
     params = jax.device_get(init_params(model, jax.random.key(0)))
     torch_model = None
     if not args.skip_transformers:
@@ -237,8 +241,9 @@ def main() -> None:
         ns = sorted(steps)
         if len(ns) > 1:
             growth[f"batch_{batch}_ours_{ns[0]}_to_{ns[-1]}"] = round(steps[ns[-1]] / steps[ns[0]], 3)
-    result = dict(benchmark="decode", model_size=args.model_size, model=config.__dict__ | {"eos_token_ids": []}, dtype=args.dtype,
-                  temperature=args.temperature, device=str(jax.devices()[0].device_kind), torch_device=args.torch_device,
+    result = dict(benchmark="decode", model_size=args.model_size, scan_layers=model.scan_layers,
+                  model=config.__dict__ | {"eos_token_ids": []}, dtype=args.dtype, temperature=args.temperature,
+                  device=str(jax.devices()[0].device_kind), torch_device=args.torch_device,
                   platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__,
                   torch_threads=None if torch_model is None else torch_threads,
                   memory_gbps=round(bandwidth / 1e9, 1), results=rows,
