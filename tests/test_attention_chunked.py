@@ -116,7 +116,7 @@ def test_chunked_attention_matches_unchunked(case):
     assert np.all(np.isfinite(ref[0]))
     # chunks of 3 and 4 queries: loops (a full pass in two causal segments of them); within one chunk of 64,
     # causal blocks of 3 queries for a full pass, where a prefill into a cache is one chunk
-    for chunk, block_min in ((3, layers.QUERY_BLOCK_MIN), (4, layers.QUERY_BLOCK_MIN), (64, 2)):
+    for chunk, block_min in ((3, layers.QUERY_BLOCK_MIN), (4, layers.QUERY_BLOCK_MIN), (64, 3)):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(layers, "QUERY_BLOCK_MIN", block_min)
             got, grads, pieces = _value_and_grads(cfg, sliding, chunk, params, inputs, seg)
