@@ -32,7 +32,7 @@ SCRIPTS = {
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_the_benchmark_script_runs_from_this_checkout(script, tmp_path):
+def test_the_benchmark_script_runs_and_writes_its_json(script, tmp_path):
     args, measure = SCRIPTS[script]
     out = tmp_path / "result.json"
     # from another directory, as a user may run them
