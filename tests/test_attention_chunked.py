@@ -64,8 +64,9 @@ def _inputs(cfg, mask_BT, prefill, seed=0):
     key_mask[:, CACHE_INDEX:CACHE_INDEX + T] = mask
     key_mask[0, :CACHE_INDEX] = True
     start = np.array([CACHE_INDEX, 0, 0])[:, None]
-    shape = (B, cfg.n_kv_heads, SLOTS, cfg.head_dim)  # KVCache's layout: heads before slots
-    cache = (rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32))
+    # KVCache's layout: heads before slots, keys' head dim before their slots
+    k_shape, v_shape = (B, cfg.n_kv_heads, cfg.head_dim, SLOTS), (B, cfg.n_kv_heads, SLOTS, cfg.head_dim)
+    cache = (rng.standard_normal(k_shape).astype(np.float32), rng.standard_normal(v_shape).astype(np.float32))
     return x, _positions(mask, start), key_mask, cache, CACHE_INDEX
 
 
@@ -83,13 +84,13 @@ def _value_and_grads(cfg, sliding, chunk, params, inputs, seg):
     module = Attention(cfg=cfg, sliding=sliding, attention="einsum", query_chunk=chunk)
     rng = np.random.default_rng(7)
     w_out = rng.standard_normal((B, T, D)).astype(np.float32)
-    w_cache = None if cache is None else rng.standard_normal(cache[0].shape).astype(np.float32)
+    w_cache = None if cache is None else [rng.standard_normal(c.shape).astype(np.float32) for c in cache]
 
     def loss(params, x, cache):
         out, new_cache = module.apply(params, x, pos, key_mask, cache, ci, seg)
         total = jnp.sum(out * w_out)
         if new_cache is not None:
-            total = total + jnp.sum((new_cache[0] + 2 * new_cache[1]) * w_cache)
+            total = total + jnp.sum(new_cache[0] * w_cache[0]) + jnp.sum(new_cache[1] * w_cache[1])
         return total, (out, new_cache)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -155,7 +156,8 @@ def _oracle(cfg, sliding, params, inputs, seg):
         if cache is None:
             k_slots, v_slots = k_new, qkv[:, :, G + 1]
         else:
-            k_slots, v_slots = (c[b].swapaxes(0, 1).astype(np.float64) for c in cache)  # slots, then heads
+            k_slots = cache[0][b].transpose(2, 0, 1).astype(np.float64)  # slots, then heads
+            v_slots = cache[1][b].swapaxes(0, 1).astype(np.float64)
             k_slots[ci:ci + T], v_slots[ci:ci + T] = k_new, qkv[:, :, G + 1]
         heads = np.zeros((T, K * G, H))
         for t in range(T):

@@ -451,16 +451,19 @@ def _dot_generals(jaxpr):
                     yield from _dot_generals(inner)
 
 
-def test_bf16_forward_computes_attention_scores_in_float32(llama):
+@pytest.mark.parametrize("backend, operands", [("gpu", jnp.bfloat16), ("cpu", jnp.float32)])
+def test_bf16_forward_computes_attention_scores_in_float32(llama, monkeypatch, backend, operands):
+    """bf16 queries and keys with a float32 product; on CPU, whose dot lacks that, their float32 copies."""
     cfg, _, params = llama
     ids, mask = _left_padded_batch(seed=11)
     T = ids.shape[1]  # 12: no other dimension of this model is 12, so two T-sized dims mark a score dot
     model = make_model(cfg, dtype="bfloat16", attention="einsum")  # the path every backend can take
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     jaxpr = jax.make_jaxpr(lambda p: forward(model, p, ids, mask))(params).jaxpr
     score_dots = [e for e in _dot_generals(jaxpr) if e.outvars[0].aval.shape.count(T) == 2]
     assert len(score_dots) == cfg.n_layers  # one score dot per layer
     for eqn in score_dots:
-        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16]
+        assert [v.aval.dtype for v in eqn.invars] == [operands, operands]
         assert eqn.outvars[0].aval.dtype == jnp.float32
 
 

@@ -3,6 +3,11 @@ MLP, for every variation a `ModelConfig` describes.
 
 Shape suffixes: B batch, T query length, S key length (cache slots), D model width, K KV heads,
 G query heads per KV head, N = K * G query heads, H head dim, F MLP width.
+
+Keys are held head dim before slots (k_BKHS), values slots before head dim (v_BKSH): the orders in which the
+query-key and probability-value products read them. With keys slots first, XLA's CPU backend multiplies a decode
+step's whole key cache by its few queries (G output columns per row and KV head), which takes about twice as long;
+full passes run the same either way.
 """
 
 from __future__ import annotations
@@ -92,11 +97,20 @@ def attention_mask(query_slot_T, key_mask_BS, window: int | None, seg_q_BT=None,
     return allowed_BTS | (jnp.arange(S)[None, :] == query_slot_T[:, None])[None]
 
 
-def einsum_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
+def einsum_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKHS, v_BKSH, allowed_BTS) -> jax.Array:
     """Softmax attention of every query over all S keys, as einsums; returns out_BTKGH."""
     H = q_BTKGH.shape[-1]
-    # float32 scores even for bf16 inputs: rounding logits to bf16 before the softmax costs accuracy.
-    scores_BKGTS = einsum(dtype, "btkgh,bksh->bkgts", q_BTKGH, k_BKSH, out_dtype=jnp.float32)
+    if jax.default_backend() == "cpu" and q_BTKGH.dtype != jnp.float32:
+        # XLA's CPU dot has no bf16 x bf16 -> float32 for keys head dim first; the float32 product of bf16 values is
+        # the same number
+        q_BTKGH, k_BKHS = q_BTKGH.astype(jnp.float32), k_BKHS.astype(jnp.float32)
+    # float32 scores even for bf16 inputs: rounding logits to bf16 before the softmax costs accuracy. The queries
+    # on the left (jnp.einsum would put the keys there), so that a decode step reads the keys in the order it
+    # multiplies them
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    scores_BKTGS = jax.lax.dot_general(q_BTKGH, k_BKHS, (((4,), (2,)), ((0, 2), (0, 1))), precision=precision,
+                                       preferred_element_type=jnp.float32)
+    scores_BKGTS = scores_BKTGS.swapaxes(2, 3)
     if cfg.query_pre_attn_scalar is None:
         scores_BKGTS = scores_BKGTS / math.sqrt(H)
     else:
@@ -114,7 +128,7 @@ def query_block(T: int) -> int:
     return max(QUERY_BLOCK_MIN, -(-T // QUERY_BLOCKS_MAX))
 
 
-def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, query_slot_T, key_mask_BS,
+def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKHS, v_BKSH, query_slot_T, key_mask_BS,
                       window: int | None, segment_ids_BT, chunk: int, full_pass: bool) -> jax.Array:
     """`einsum_attention` over chunks of `chunk` queries, each chunk's mask built from its own rows; returns
     out_BTKGH. T <= chunk is one chunk: exactly the unchunked computation, or for a `full_pass` (the queries hold
@@ -123,12 +137,12 @@ def chunked_attention(cfg: ModelConfig, dtype, q_BTKGH, k_BKSH, v_BKSH, query_sl
     multiple of `chunk` (the padded rows' outputs are dropped) and a `lax.map` attends chunk by chunk, its body
     rematerialised so that the backward pass keeps no chunk's probabilities: memory O(B*N*chunk*S)."""
     B, T, K, G, H = q_BTKGH.shape
-    S = k_BKSH.shape[2]
+    S = v_BKSH.shape[2]
 
     def attend(q_BCKGH, slot_C, seg_BC, keys=S):
         seg_k_BS = None if segment_ids_BT is None else segment_ids_BT[:, :keys]
         allowed_BCS = attention_mask(slot_C, key_mask_BS[:, :keys], window, seg_BC, seg_k_BS)
-        return einsum_attention(cfg, dtype, q_BCKGH, k_BKSH[:, :, :keys], v_BKSH[:, :, :keys], allowed_BCS)
+        return einsum_attention(cfg, dtype, q_BCKGH, k_BKHS[..., :keys], v_BKSH[:, :, :keys], allowed_BCS)
 
     if T <= chunk and full_pass:
         block = query_block(T)
@@ -254,11 +268,11 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask_BS, layer_cache, cache_index, segment_ids_BT=None,
                  cache_layer=None, sliding_flag=None, prefix_kv=None, keep_kv: bool = False):
-        """`layer_cache`: (k_BKSH, v_BKSH) of this layer, or with `cache_layer` every layer's (a tuple per layer, or
-        k_LBKSH, v_LBKSH stacked), written and read at that (possibly traced) index. `sliding_flag`: a traced bool that
-        overrides `sliding` (a scanned stack whose layers differ). Full pass only: `prefix_kv` (k_BKPH, v_BKPH), the
+        """`layer_cache`: (k_BKHS, v_BKSH) of this layer, or with `cache_layer` every layer's (a tuple per layer, or
+        k_LBKHS, v_LBKSH stacked), written and read at that (possibly traced) index. `sliding_flag`: a traced bool that
+        overrides `sliding` (a scanned stack whose layers differ). Full pass only: `prefix_kv` (k_BKHP, v_BKPH), the
         keys and values of P tokens before this call's, which it attends to as to a read-only cache (key_mask_BS
-        then covers P + T slots); `keep_kv`: return this call's (k_BKTH, v_BKTH) in place of the cache.
+        then covers P + T slots); `keep_kv`: return this call's (k_BKHT, v_BKTH) in place of the cache.
         Returns (out_BTD, the written cache, this call's keys and values, or None)."""
         cfg = self.cfg
         D, K, G, H = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
@@ -292,31 +306,34 @@ class Attention(nn.Module):
             k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
         if layer_cache is None:  # full sequence: keys are this call's tokens, after the prefix's when there is one
-            k_BKSH, v_BKSH = k_BTKH.swapaxes(1, 2), v_BTKH.swapaxes(1, 2)
-            new_cache = (k_BKSH, v_BKSH) if keep_kv else None
+            k_BKHS, v_BKSH = k_BTKH.transpose(0, 2, 3, 1), v_BTKH.swapaxes(1, 2)
+            new_cache = (k_BKHS, v_BKSH) if keep_kv else None
             query_slot_T = jnp.arange(T)
             if prefix_kv is not None:
-                k_BKSH = jnp.concatenate([prefix_kv[0].astype(k_BKSH.dtype), k_BKSH], axis=2)
+                k_BKHS = jnp.concatenate([prefix_kv[0].astype(k_BKHS.dtype), k_BKHS], axis=3)
                 v_BKSH = jnp.concatenate([prefix_kv[1].astype(v_BKSH.dtype), v_BKSH], axis=2)
-                query_slot_T = prefix_kv[0].shape[2] + query_slot_T
+                query_slot_T = prefix_kv[1].shape[2] + query_slot_T
         else:  # write this call's keys into the cache in place, attend over every slot
-            (k_cache, k_BKSH), (v_cache, v_BKSH) = (_write_cache(cache, x.swapaxes(1, 2), cache_layer, cache_index)
-                                                    for cache, x in zip(layer_cache, (k_BTKH, v_BTKH)))
+            (k_cache, k_BKHS), (v_cache, v_BKSH) = (
+                _write_cache(cache, x, cache_layer, cache_index, slot_axis)
+                for cache, x, slot_axis in zip(layer_cache, (k_BTKH.transpose(0, 2, 3, 1), v_BTKH.swapaxes(1, 2)),
+                                               (3, 2)))
             new_cache = (k_cache, v_cache)
             query_slot_T = cache_index + jnp.arange(T)
-        k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
+        k_BKHS, v_BKSH = k_BKHS.astype(self.dtype), v_BKSH.astype(self.dtype)
         full_pass = layer_cache is None and prefix_kv is None
         if _use_cudnn_attention(self.attention, self.dtype, full_pass, T, H, cfg.attn_softcap is not None):
             allowed_BTS = attention_mask(query_slot_T, key_mask_BS, window, segment_ids_BT, segment_ids_BT)
             scale = 1 / math.sqrt(H) if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
             # Query head k * G + g uses KV head k, which is dot_product_attention's GQA grouping too.
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTKGH.reshape(B, T, K * G, H).astype(self.dtype), k_BKSH.swapaxes(1, 2), v_BKSH.swapaxes(1, 2),
+                q_BTKGH.reshape(B, T, K * G, H).astype(self.dtype), k_BKHS.transpose(0, 3, 1, 2),
+                v_BKSH.swapaxes(1, 2),
                 mask=allowed_BTS[:, None],
                 scale=scale, implementation="cudnn")
         else:
             chunk = max(1, QUERY_ROWS // B) if self.query_chunk is None else self.query_chunk
-            out_BTKGH = chunked_attention(cfg, self.dtype, q_BTKGH, k_BKSH, v_BKSH, query_slot_T, key_mask_BS,
+            out_BTKGH = chunked_attention(cfg, self.dtype, q_BTKGH, k_BKHS, v_BKSH, query_slot_T, key_mask_BS,
                                           window, segment_ids_BT, chunk, full_pass=layer_cache is None)
             out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
 
@@ -343,18 +360,20 @@ def _window(cfg: ModelConfig, sliding):
     return jnp.where(sliding, cfg.sliding_window, jnp.iinfo(jnp.int32).max)
 
 
-def _write_cache(cache, new_BKTH, layer, index):
-    """(the cache with this call's keys or values written at slot `index`, this layer's keys or values after it).
-    `cache`: this layer's array (`layer` None), a tuple of every layer's, or one array stacked over layers."""
-    write = lambda c, start: jax.lax.dynamic_update_slice(c, new_BKTH.astype(c.dtype).reshape(
-        (1,) * (c.ndim - 4) + new_BKTH.shape), start)
+def _write_cache(cache, new, layer, index, slot_axis: int):
+    """(the cache with this call's keys or values `new` (in the cache's layout, its slots at `slot_axis` of a
+    layer's 4) written from slot `index`, this layer's keys or values after it). `cache`: this layer's array
+    (`layer` None), a tuple of every layer's, or one array stacked over layers."""
+    start = tuple(index if axis == slot_axis else 0 for axis in range(4))
+    write = lambda c, start: jax.lax.dynamic_update_slice(c, new.astype(c.dtype).reshape(
+        (1,) * (c.ndim - 4) + new.shape), start)
     if layer is None:
-        out = write(cache, (0, 0, index, 0))
+        out = write(cache, start)
         return out, out
     if isinstance(cache, tuple):  # a Python loop's layers: replacing one entry copies nothing
-        out = write(cache[layer], (0, 0, index, 0))
+        out = write(cache[layer], start)
         return cache[:layer] + (out,) + cache[layer + 1:], out
-    out = write(cache, (layer, 0, 0, index, 0))
+    out = write(cache, (layer, *start))
     return out, out[layer]
 
 

@@ -29,20 +29,21 @@ PAD_ID = -1  # never a real token: masks carry the truth and the model embeds ou
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: a tuple of k_BKSH per layer for a model that loops over its layers, one
-    k_LBKSH stacked over layers for one that scans them (`stacked`). Heads before slots is the layout attention's
-    matmuls read: slots before heads cost a transposed copy of the whole cache in every layer of every decode step."""
+    """Keys and values of every layer: a tuple of k_BKHS and of v_BKSH per layer for a model that loops over its
+    layers, one k_LBKHS and one v_LBKSH stacked over layers for one that scans them (`stacked`). Heads before slots
+    is the layout attention's matmuls read: slots before heads cost a transposed copy of the whole cache in every
+    layer of every decode step; keys hold their head dim before their slots (layers.py says why)."""
 
     k: tuple[jax.Array, ...] | jax.Array
     v: tuple[jax.Array, ...] | jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32, stacked: bool = False) -> "KVCache":
-        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
+        k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, slots)
+        v_shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
         if stacked:
-            return cls(jnp.zeros((cfg.n_layers, *shape), dtype), jnp.zeros((cfg.n_layers, *shape), dtype))
-        make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-        return cls(make(), make())
+            return cls(*(jnp.zeros((cfg.n_layers, *shape), dtype) for shape in (k_shape, v_shape)))
+        return cls(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for shape in (k_shape, v_shape)))
 
 
 def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
@@ -261,7 +262,7 @@ def shared_prompt_pass(model: Transformer, params, prompt_ids_BP, prompt_mask_BP
     last_b1, kv_b = model.apply({"params": params}, ids_bP, positions_from_mask(mask_bP), mask_bP, head_last=1,
                                 hidden=True, keep_kv=True, rngs=rngs)
     key_mask_BS = jnp.concatenate([share(mask_bP), mask_BN.astype(bool)], axis=1)  # the prompt's slots first
-    prefix = jax.tree.map(lambda x: jnp.repeat(x, group, axis=x.ndim - 4), kv_b)  # k_(L)BKPH: rows at axis -4
+    prefix = jax.tree.map(lambda x: jnp.repeat(x, group, axis=x.ndim - 4), kv_b)  # k_(L)BKHP, v_(L)BKPH: rows at axis -4
     out_BN, _ = model.apply({"params": params}, tokens_BN, positions_from_mask(key_mask_BS)[:, P:], key_mask_BS,
                             hidden=True, prefix=prefix, rngs=rngs)
     return jnp.concatenate([share(last_b1), out_BN], axis=1)
