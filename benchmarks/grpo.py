@@ -151,7 +151,7 @@ def main() -> None:
     update = jax.jit(lambda p, b, o: group.update(p, b, o, models, settings)).lower(state.policy, batch,
                                                                                    orders).compile()
     # Responses run to the end here (random weights rarely draw EOS): the decode loop's N - 1 steps all run.
-    flops = {"iteration": flops_of(step, N - 1), "rollout": flops_of(rollout, N - 1)}
+    flops = {"iteration": flops_of(step), "rollout": flops_of(rollout)}
     flops["update"] = flops["iteration"] - flops["rollout"]
     flops["nominal"] = flops["rollout"] + flops_of(update)
     del batch

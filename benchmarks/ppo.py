@@ -78,11 +78,11 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> floa
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def flops_of(compiled, decode_steps: int = 1) -> float:
+def flops_of(compiled) -> float:
     """FLOPs of one call on one device, with the matmuls of every loop (layers, chunks, minibatches) counted once per
-    trip, and a loop that may stop early (the sampler's decode) at `decode_steps` trips: XLA's cost analysis
-    alone counts each loop body once."""
-    return flops_per_device(compiled, decode_steps)[0]
+    trip, and a loop that may stop early (the sampler's decode) at its most trips: XLA's cost analysis alone
+    counts each loop body once."""
+    return flops_per_device(compiled)[0]
 
 
 def timed_iterations(step, state, inputs, iterations: int):
@@ -259,7 +259,7 @@ def main() -> None:
              "scan_layers": models.policy.scan_layers, "compile_s": round(compile_s, 1),
              "memory_per_device": memory_per_device(step)}
     if args.compile_only:
-        result = {**shape, "gflop_executed_per_iteration": round(flops_of(step, N - 1) / 1e9, 2)}
+        result = {**shape, "gflop_executed_per_iteration": round(flops_of(step) / 1e9, 2)}
         print(json.dumps(result))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
@@ -269,7 +269,7 @@ def main() -> None:
     batch = rollout(state, frozen, ids, mask, rng, orders[0])[0]
     update = jax.jit(lambda s, b, o: ppo.update(s, b, o, models, settings)).lower(state, batch, orders).compile()
     # Responses run to the end here (random weights rarely draw EOS): the decode loop's N - 1 steps all run.
-    flops = {"iteration": flops_of(step, N - 1), "rollout": flops_of(rollout, N - 1)}
+    flops = {"iteration": flops_of(step), "rollout": flops_of(rollout)}
     flops["update"] = flops["iteration"] - flops["rollout"]
     flops["nominal"] = flops["rollout"] + flops_of(update)
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 import yaml
 
@@ -268,9 +269,12 @@ ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
 """
     body, entry = 2 * 8 * 16 * 16, 2 * 8 * 4 * 16
     assert hlo_matmul_flops(hlo) == (entry + 5 * body, entry + body, 0)
-    # a loop that may stop early (no known trip count) is counted at the bound given
-    early = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
-    assert hlo_matmul_flops(early, unknown_trips=7) == (entry + 7 * body, entry + body, 1)
+    # a loop that may stop early (no known trip count) is counted at the most trips its name gives, or once
+    early = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}',
+                        ', metadata={op_name="jit(f)/at_most_7_trips/while" stack_frame_id=2}')
+    assert hlo_matmul_flops(early) == (entry + 7 * body, entry + body, 0)
+    unnamed = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
+    assert hlo_matmul_flops(unnamed) == (entry + body, entry + body, 1)
     # on a GPU, XLA hands dots to cuBLAS: custom-calls, with a workspace beside the result or without, a batch
     # dimension, the lhs' shape written beside it or only where it was defined
     config = ('backend_config={"gemm_backend_config":{"alpha_real":1,"beta":0,"dot_dimension_numbers":'
@@ -320,18 +324,19 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
     compiled = SimpleNamespace(cost_analysis=lambda: {"flops": 1000.0}, as_text=lambda: hlo)
     assert flops_per_device(compiled) == (1000.0 + 4 * 2 * 8 * 16 * 16,
                                           "the matmuls of loop bodies counted once per trip")
-    # a loop that may stop early (no known trip count: the sampler's decode) is counted at the trips given
-    early = SimpleNamespace(cost_analysis=lambda: {"flops": 1000.0},
-                            as_text=lambda: hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', ""))
-    assert flops_per_device(early, unknown_trips=63) == (
-        1000.0 + 62 * 2 * 8 * 16 * 16, "the matmuls of loop bodies counted once per trip; 1 loop(s) that may stop "
-        "early counted at 63 trip(s)")
+    # a loop that may stop early (no known trip count: the sampler's decode) is counted at its most trips, named
+    early = SimpleNamespace(cost_analysis=lambda: {"flops": 1000.0}, as_text=lambda: hlo.replace(
+        ', backend_config={"known_trip_count":{"n":"5"}}', ', metadata={op_name="jit(f)/at_most_63_trips/while"}'))
+    assert flops_per_device(early) == (1000.0 + 62 * 2 * 8 * 16 * 16,
+                                       "the matmuls of loop bodies counted once per trip")
+    unnamed = SimpleNamespace(cost_analysis=lambda: {"flops": 1000.0},
+                              as_text=lambda: hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', ""))
+    assert flops_per_device(unnamed) == (1000.0, "the matmuls of loop bodies counted once per trip; 1 loop(s) of no "
+                                                 "known or named trip count counted once")
 
 
 def test_a_donated_update_counts_its_buffer_once():
     """An update written into its donated input holds one buffer, a copy two: the total is what must fit."""
-    import jax.numpy as jnp
-
     x = jnp.zeros((256, 1024), jnp.float32)
     for donate, buffers in ((True, 1), (False, 2)):
         fn = jax.jit(lambda x: x + 1, donate_argnums=(0,) if donate else ())
@@ -613,20 +618,36 @@ def test_a_later_rounds_models_are_the_earlier_rounds_outputs_with_their_heads(t
     assert value.via[1] == "round1/rm" and policy.via[1:] == ("sft", "pretrain", "task")  # where they come from
 
 
-def test_the_samplers_loop_is_planned_at_its_most_trips(monkeypatch, tmp_path):
-    """The first new token comes from the prefill: the decode loop runs at most max_new_tokens - 1 steps."""
-    from rlhf_jax.plan import planner as planner_mod
-    from rlhf_jax.plan.figures import Footprint
+@pytest.mark.parametrize("segment_min", [None, 4])
+def test_the_samplers_loops_are_counted_at_their_most_trips(monkeypatch, segment_min):
+    """The first new token comes from the prefill: the decode runs at most max_new_tokens - 1 steps, in one loop or
+    in segments (`segment_min` 4: 3 loops of 5 steps over P + 5, P + 10 and P + 15 slots), each counted at its
+    most trips: the matmul FLOPs are the prefill's plus those of every step, the attention's over its loop's slots."""
+    from rlhf_jax.models import sampling
+    from rlhf_jax.models.tiny import tiny_config
+    from rlhf_jax.models.transformer import init_params, make_model
+    from rlhf_jax.plan.flops import hlo_matmul_flops
 
-    trips = []
-    monkeypatch.setattr(planner_mod, "measure", lambda lowered, mesh, unknown_trips=1: trips.append(
-        unknown_trips) or Measured(Footprint(0, 0, 0, 0, 0), 0.0, ""))
-    cfg = load_config(None, ["stage=ppo", "data.name=prompts", "ppo.reward_model=rm", "sampling.max_new_tokens=8",
-                             f"run_dir={tmp_path}"])
-    step = pipeline.Step("ppo", cfg)
-    planner = Planner([step], budget(jax.devices()[0]), False)
-    planner.plan(planner_mod.Program(step, lambda c: None, "b", [], [], sharding.mesh_from_config(cfg.mesh)))
-    assert trips == [7]
+    if segment_min is not None:
+        monkeypatch.setattr(sampling, "DECODE_SEGMENT_MIN", segment_min)
+    cfg = tiny_config(64, eos_id=1, pad_id=0)
+    model = make_model(cfg)
+    params = init_params(model, jax.random.key(0))
+    B, P, N = 2, 6, 16
+    assert sampling.decode_segments(N - 1) == ([15] if segment_min is None else [5, 10, 15])
+    p = sampling.SamplingParams(max_new_tokens=N, temperature=1.0)
+    ids, mask = jnp.ones((B, P), jnp.int32), jnp.ones((B, P), bool)
+    hlo = jax.jit(lambda pr: sampling.sample(model, pr, ids, mask, jax.random.key(0), p)).lower(
+        params).compile().as_text()
+    with_trips, _, unknown = hlo_matmul_flops(hlo)
+    ends = sampling.decode_segments(N - 1)
+    D, F, V, H, K, G = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.head_dim, cfg.n_kv_heads, cfg.q_per_kv
+    layers = 2 * cfg.n_layers * (D * K * (G + 2) * H + K * G * H * D + D * 2 * F + F * D)  # FLOPs per token
+    head = 2 * D * V
+    attention = lambda queries, slots: 4 * B * queries * K * G * H * slots * cfg.n_layers  # scores and values
+    want = B * P * layers + B * head + attention(P, P + ends[0])  # the prefill, its head on the last position
+    want += sum((end - start) * (B * (layers + head) + attention(1, P + end)) for start, end in zip([0] + ends, ends))
+    assert unknown == 0 and with_trips == want, (with_trips, want)
 
 
 def test_a_pipeline_steps_reference_pass_that_does_not_fit_names_the_overrides_to_pass(monkeypatch, tmp_path):
@@ -634,8 +655,7 @@ def test_a_pipeline_steps_reference_pass_that_does_not_fit_names_the_overrides_t
     from rlhf_jax.plan.devices import Budget
     from rlhf_jax.plan.figures import Footprint
 
-    monkeypatch.setattr(planner_mod, "measure", lambda lowered, mesh, unknown_trips=1: Measured(
-        Footprint(0, 0, 100, 0, 0), 0.0, ""))
+    monkeypatch.setattr(planner_mod, "measure", lambda lowered, mesh: Measured(Footprint(0, 0, 100, 0, 0), 0.0, ""))
     cfg = load_config(None, ["stage=dpo", "data.name=r", "dpo.precompute_reference=true", f"run_dir={tmp_path}"])
     step = pipeline.Step("round2/dpo", cfg)
     planner = Planner([step], Budget(120, "", {}, ""), is_pipeline=True)
@@ -655,7 +675,7 @@ def test_the_verdict_at_the_memory_and_the_least_of_the_candidates_that_do_not_f
 
     totals = {("none", 1): 400, ("none", 2): 300, ("block", 1): 250, ("block", 2): 280}  # the search's candidates
     arguments = {"value": 100}
-    monkeypatch.setattr(planner_mod, "measure", lambda setting, mesh, unknown_trips=1: Measured(
+    monkeypatch.setattr(planner_mod, "measure", lambda setting, mesh: Measured(
         Footprint(arguments["value"], 0, totals[setting] - arguments["value"], 0, 0), 0.0, ""))
     cfg = load_config(None, [*SFT, "train.batch_size=16", f"run_dir={tmp_path}"])
     step = pipeline.Step("sft", cfg)

@@ -1,5 +1,6 @@
-"""Prefill plus a `lax.while_loop` decode loop over a functional KV cache, which stops once every row has ended;
-static shapes throughout.
+"""Prefill plus `lax.while_loop` decode loops over a functional KV cache, which stop once every row has ended;
+static shapes throughout. A long generation decodes in segments (`decode_segments`), each a loop over a cache
+that holds only the slots written by its end, so that no step reads the keys and values of slots still empty.
 
 Prompts are left-padded so that every row's next token lands in the same cache slot; positions come from the
 attention mask. Log-probs are always of the UNFILTERED logits / temperature (greedy: logits), which is what a
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import PAD_ID, KVCache, Transformer, positions_from_mask
+from rlhf_jax.runtime.loops import bounded_while_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,12 @@ class SampleOutput(NamedTuple):
     tokens_BN: jax.Array  # generated ids; pad_id after the first EOS
     logprobs_BN: jax.Array  # log-prob of each token under logits / temperature; 0 where masked
     mask_BN: jax.Array  # True for real tokens (the first EOS included)
+
+
+# Decode steps per segment: at least DECODE_SEGMENT_MIN, at most DECODE_SEGMENTS_MAX segments. Each segment
+# compiles the decode step anew; shorter generations (the attention over their empty slots costs little) are one.
+DECODE_SEGMENT_MIN = 128
+DECODE_SEGMENTS_MAX = 4
 
 
 class _Carry(NamedTuple):
@@ -148,6 +156,23 @@ def is_eos(token_B: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.any(token_B[..., None] == jnp.asarray(eos_ids, jnp.int32), axis=-1)
 
 
+def decode_segments(steps: int) -> list[int]:
+    """The decode step count at which each segment ends, for a generation of `steps` decode steps (the new tokens
+    after the first, which the prefill draws): as many segments of equal length as fit DECODE_SEGMENT_MIN steps
+    each, at most DECODE_SEGMENTS_MAX; [] for none."""
+    n = min(DECODE_SEGMENTS_MAX, max(1, steps // DECODE_SEGMENT_MIN))
+    return [-(-steps * i // n) for i in range(1, n + 1)] if steps else []
+
+
+def _grow(carry: _Carry, slots: int) -> _Carry:
+    """The carry with its cache and key mask padded with empty slots to `slots` (keys' slots are their last axis,
+    values' and the mask's their second to last)."""
+    pad = lambda x, axis: jnp.pad(x, [(0, slots - x.shape[axis]) if a == x.ndim + axis else (0, 0)
+                                      for a in range(x.ndim)])
+    cache = KVCache(jax.tree.map(lambda k: pad(k, -1), carry.cache.k), jax.tree.map(lambda v: pad(v, -2), carry.cache.v))
+    return carry._replace(cache=cache, key_mask_BS=pad(carry.key_mask_BS, -1))
+
+
 def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP: jax.Array, rng: jax.Array,
            p: SamplingParams, group: int = 1) -> SampleOutput:
     """Generate `p.max_new_tokens` tokens after left-padded prompts. Pure; call it under jit. `group` > 1: the
@@ -158,9 +183,11 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
     if p.top_k > model.cfg.vocab_size:
         raise UserError(f"sampling.top_k={p.top_k} exceeds the model's vocabulary of {model.cfg.vocab_size} tokens")
     variables = {"params": params}
-    key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)
+    ends = decode_segments(N - 1)
+    slots = P + (ends[0] if ends else 0)  # step t writes slot P + t
+    key_mask_BS = jnp.concatenate([prompt_mask_BP.astype(bool), jnp.zeros((B, slots - P), bool)], axis=1)
     positions_BP = positions_from_mask(prompt_mask_BP)
-    cache = KVCache.zeros(model.cfg, B // group, P + N, model.dtype, stacked=model.scan_layers)
+    cache = KVCache.zeros(model.cfg, B // group, slots, model.dtype, stacked=model.scan_layers)
     logits_B1V, cache = model.apply(variables, prompt_ids_BP[::group], positions_BP[::group], key_mask_BS[::group],
                                     cache, 0, head_last=1)
     if group > 1:  # per prompt -> per row; a cache array holds its rows at axis -4 (after a stacked layer axis)
@@ -193,11 +220,12 @@ def sample(model: Transformer, params, prompt_ids_BP: jax.Array, prompt_mask_BP:
         out = SampleOutput(*map(write, carry.out, (token_B, logprob_B, live_B)))
         return _Carry(carry.t + 1, cache, key_mask_BS, token_B, carry.position_B + 1, done_B, out)
 
-    def running(carry: _Carry) -> jax.Array:  # once every row has ended the remaining steps would write nothing
-        return (carry.t < N - 1) & ~jnp.all(carry.done_B)
-
     carry = _Carry(jnp.zeros((), jnp.int32), cache, key_mask_BS, token_B, position_B, done_B, out)
-    return jax.lax.while_loop(running, step, carry).out
+    for start, end in zip([0] + ends, ends):
+        # once every row has ended the remaining steps would write nothing
+        running = lambda carry, end=end: (carry.t < end) & ~jnp.all(carry.done_B)
+        carry = bounded_while_loop(running, step, _grow(carry, P + end), end - start)
+    return carry.out
 
 
 def response_logits(model: Transformer, params, prompt_ids_BP, prompt_mask_BP, tokens_BN, mask_BN,

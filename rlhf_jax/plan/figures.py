@@ -47,8 +47,7 @@ def footprint(compiled: jax.stages.Compiled) -> Footprint:
                      m.generated_code_size_in_bytes)
 
 
-def measure(lowered: jax.stages.Lowered, mesh, unknown_trips: int = 1) -> Measured:
-    """`unknown_trips`: the most steps of a loop that may stop early (the sampler's decode)."""
+def measure(lowered: jax.stages.Lowered, mesh) -> Measured:
     compiled = compile_program(lowered, mesh)
-    flops, note = flops_per_device(compiled, unknown_trips)
+    flops, note = flops_per_device(compiled)
     return Measured(footprint(compiled), flops, note)

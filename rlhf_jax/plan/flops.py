@@ -1,8 +1,8 @@
 """FLOPs of one step on one device. `compiled.cost_analysis()` counts the partitioned program of ONE device but
 counts the body of a while loop once; the matmul FLOPs of loop bodies (gradient accumulation, the sampler, PPO's
 epochs and minibatches) are therefore recounted from the compiled HLO text with each loop's known trip count. A
-loop that may stop early (the sampler's decode, which ends when every response has) has no known trip count: it
-is counted at the bound the caller gives, its most steps."""
+loop that may stop early (the sampler's decode, which ends when every response has) has none: it is counted at
+the most trips its name gives (`rlhf_jax.runtime.loops.bounded_while_loop`), and any other such loop once."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import math
 import re
 
 import jax
+
+from rlhf_jax.runtime.loops import MOST_TRIPS
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _ARRAY = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]\S*\s+([\w\-]+)\((.*)$")
@@ -27,10 +29,10 @@ def _dims(text: str) -> list[int]:
     return [int(d) for d in text.split(",") if d]
 
 
-def hlo_matmul_flops(hlo_text: str, unknown_trips: int = 1) -> tuple[float, float, int]:
-    """(matmul FLOPs with every while loop's body counted by its known trip count, or `unknown_trips` times when
-    it has none, the same with each body counted once as XLA's cost analysis counts it, loops whose trip count
-    is unknown) of a compiled module's HLO text. A dot's FLOPs, or a cuBLAS gemm's (a GPU's dots, after XLA's
+def hlo_matmul_flops(hlo_text: str) -> tuple[float, float, int]:
+    """(matmul FLOPs with every while loop's body counted by its known trip count, or the most trips its name
+    gives, or once, the same with each body counted once as XLA's cost analysis counts it, loops counted once for
+    want of a trip count) of a compiled module's HLO text. A dot's FLOPs, or a cuBLAS gemm's (a GPU's dots, after XLA's
     rewrite): 2 x its output elements x its contracted elements."""
     shapes: dict[str, list[int]] = {}
     own: dict[str, float] = {}
@@ -66,8 +68,8 @@ def hlo_matmul_flops(hlo_text: str, unknown_trips: int = 1) -> tuple[float, floa
                     own[comp] += 2.0 * math.prod(shapes[name]) * k
         trip = 1
         if " while(" in line:
-            found = _TRIP.search(line)
-            trip = int(found.group(1)) if found else unknown_trips
+            found = _TRIP.search(line) or MOST_TRIPS.search(line)
+            trip = int(found.group(1)) if found else 1
             unknown += found is None
         for kind, callee in _CALLEE.findall(line):
             calls[comp].append((callee, trip if kind == "body" else 1))
@@ -85,17 +87,17 @@ def hlo_matmul_flops(hlo_text: str, unknown_trips: int = 1) -> tuple[float, floa
     return total(entry, True, {}), total(entry, False, {}), unknown  # recursion as deep as the calls nest
 
 
-def flops_per_device(compiled: jax.stages.Compiled, unknown_trips: int = 1) -> tuple[float, str]:
+def flops_per_device(compiled: jax.stages.Compiled) -> tuple[float, str]:
     """FLOPs of one step on one device: XLA's cost analysis of the partitioned (per-device) program, with the
-    matmuls of loop bodies counted as many times as the loops run (`unknown_trips` for one that may stop
+    matmuls of loop bodies counted as many times as the loops run (at their most trips, for one that may stop
     early)."""
     costs = compiled.cost_analysis()
     costs = costs[0] if isinstance(costs, (list, tuple)) else costs
     xla = float((costs or {}).get("flops", 0.0))
-    with_trips, once, unknown = hlo_matmul_flops(compiled.as_text() or "", unknown_trips)
+    with_trips, once, unknown = hlo_matmul_flops(compiled.as_text() or "")
     if with_trips == once == 0.0:
         return xla, "loop bodies counted once"
     note = "the matmuls of loop bodies counted once per trip"
     if unknown:
-        note += f"; {unknown} loop(s) that may stop early counted at {unknown_trips} trip(s)"
+        note += f"; {unknown} loop(s) of no known or named trip count counted once"
     return xla + with_trips - once, note

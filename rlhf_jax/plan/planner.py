@@ -148,8 +148,7 @@ class Planner:
             self.report_sharding(cfg, model_cfg, head, program.mesh)
         t0 = time.perf_counter()
         print(f"compiling {step.name} ({cfg.stage}) ...", file=sys.stderr, flush=True)
-        # the sampler's decode stops when every response has ended: its FLOPs are planned at its most steps
-        measured = measure(program.build(cfg), program.mesh, max(1, cfg.sampling.max_new_tokens - 1))
+        measured = measure(program.build(cfg), program.mesh)  # the sampler's decode counted at its most steps
         print(f"compiled {step.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         full = None
         if cfg.lora.rank:
