@@ -169,7 +169,8 @@ def _grow(carry: _Carry, slots: int) -> _Carry:
     values' and the mask's their second to last)."""
     pad = lambda x, axis: jnp.pad(x, [(0, slots - x.shape[axis]) if a == x.ndim + axis else (0, 0)
                                       for a in range(x.ndim)])
-    cache = KVCache(jax.tree.map(lambda k: pad(k, -1), carry.cache.k), jax.tree.map(lambda v: pad(v, -2), carry.cache.v))
+    cache = KVCache(jax.tree.map(lambda k: pad(k, -1), carry.cache.k),
+                    jax.tree.map(lambda v: pad(v, -2), carry.cache.v))
     return carry._replace(cache=cache, key_mask_BS=pad(carry.key_mask_BS, -1))
 
 

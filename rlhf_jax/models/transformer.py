@@ -262,7 +262,8 @@ def shared_prompt_pass(model: Transformer, params, prompt_ids_BP, prompt_mask_BP
     last_b1, kv_b = model.apply({"params": params}, ids_bP, positions_from_mask(mask_bP), mask_bP, head_last=1,
                                 hidden=True, keep_kv=True, rngs=rngs)
     key_mask_BS = jnp.concatenate([share(mask_bP), mask_BN.astype(bool)], axis=1)  # the prompt's slots first
-    prefix = jax.tree.map(lambda x: jnp.repeat(x, group, axis=x.ndim - 4), kv_b)  # k_(L)BKHP, v_(L)BKPH: rows at axis -4
+    # k_(L)BKHP and v_(L)BKPH: rows at axis -4
+    prefix = jax.tree.map(lambda x: jnp.repeat(x, group, axis=x.ndim - 4), kv_b)
     out_BN, _ = model.apply({"params": params}, tokens_BN, positions_from_mask(key_mask_BS)[:, P:], key_mask_BS,
                             hidden=True, prefix=prefix, rngs=rngs)
     return jnp.concatenate([share(last_b1), out_BN], axis=1)
