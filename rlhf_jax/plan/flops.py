@@ -1,8 +1,8 @@
 """FLOPs of one step on one device. `compiled.cost_analysis()` counts the partitioned program of ONE device but
 counts the body of a while loop once; the matmul FLOPs of loop bodies (gradient accumulation, the sampler, PPO's
 epochs and minibatches) are therefore recounted from the compiled HLO text with each loop's known trip count. A
-loop that may stop early (the sampler's decode, which ends when every response has) has none: it is counted at
-the most trips its name gives (`rlhf_jax.runtime.loops.bounded_while_loop`), and any other such loop once."""
+loop that may stop early (the sampler's decode, which ends when every response has) may have none: it is counted
+at the most trips its name gives (`rlhf_jax.runtime.loops.bounded_while_loop`), and any other such loop once."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def _dims(text: str) -> list[int]:
 def hlo_matmul_flops(hlo_text: str) -> tuple[float, float, int]:
     """(matmul FLOPs with every while loop's body counted by its known trip count, or the most trips its name
     gives, or once, the same with each body counted once as XLA's cost analysis counts it, loops counted once for
-    want of a trip count) of a compiled module's HLO text. A dot's FLOPs, or a cuBLAS gemm's (a GPU's dots, after XLA's
-    rewrite): 2 x its output elements x its contracted elements."""
+    want of a trip count) of a compiled module's HLO text. A dot's FLOPs, or a cuBLAS gemm's (a GPU's dots, after
+    XLA's rewrite): 2 x its output elements x its contracted elements."""
     shapes: dict[str, list[int]] = {}
     own: dict[str, float] = {}
     calls: dict[str, list[tuple[str, int]]] = {}

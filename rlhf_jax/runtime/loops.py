@@ -1,6 +1,6 @@
 """A `lax.while_loop` that may stop early (the sampler's decode, which ends once every row has), named by its
 most trips: a compiled program keeps the name, from which `rlhf_jax.plan.flops` counts its body that many times
-(XLA knows no trip count for such a loop)."""
+where XLA records no trip count (it infers one for some such loops, not for all)."""
 
 from __future__ import annotations
 
