@@ -114,8 +114,8 @@ FULL_TIER = (
     "test_buckets.py::test_an_sft_run_in_buckets_logs_the_full_widths_losses",  # test_train's sft runs in buckets
     # the early-exit sampler's other cases (the fast tier: rows ending early against the scan; test_model runs the
     # sampler on a mesh of 8 against one device)
-    *(f"test_sampling_exit.py::test_while_loop_equals_the_scan_and_stops_when_every_row_has_ended[{c}]"
-      for c in ("no_eos", "greedy", "top_p", "top_k_top_p")),
+    *(f"test_sampling_exit.py::test_while_loop_equals_the_scan_and_stops_when_every_row_has_ended[{c}-"
+      for c in ("no_eos", "greedy", "top_p", "top_k_top_p")),  # in one loop and in decode segments alike
     "test_sampling_exit.py::test_sharded_over_8_devices_equals_the_scan",
     "test_sampling_exit.py::test_one_new_token_takes_no_step",
     "test_sampling_exit.py::test_threshold_top_p_at_a_mass_exactly_equal_to_top_p",  # the sort's ties: fast tier
