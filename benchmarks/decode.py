@@ -17,7 +17,7 @@ Each row also has the memory roofline of a step: `memory_bound_ms_per_step`, the
 weight, bar the input embedding's rows unless the head is tied, and the keys and values of the slots filled so far,
 averaged over the steps) over the bandwidth of an elementwise pass measured in the same run (`memory_gbps`, bytes
 read plus written), and `ours_fraction_of_memory_bound`. On an accelerator at batch 128 that is the HBM roofline of
-benchmarks/gpu_check.sh.
+benchmarks/gpu_check.sh. `decode_segments`: the loops the sampler decodes in (one below 256 decode steps).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rlhf_jax.models import hf  # noqa: E402
-from rlhf_jax.models.sampling import SamplingParams, sample  # noqa: E402
+from rlhf_jax.models.sampling import SamplingParams, decode_segments, sample  # noqa: E402
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # noqa: E402
 
 from ppo import SMOLLM2_135M, tunix_llama3_fields  # noqa: E402  benchmarks/ppo.py
@@ -212,7 +212,7 @@ def main() -> None:
                 ours_s, compile_s = time_ours(model, params, ids, mask, n, args.temperature, args.repeats, args.dtype)
                 row = dict(batch=batch, prompt=args.prompt, new_tokens=n,
                            ours_tokens_per_s=round(batch * n / ours_s, 1), ours_ms_per_step=round(1000 * ours_s / n, 3),
-                           ours_compile_s=round(compile_s, 2))
+                           ours_compile_s=round(compile_s, 2), decode_segments=len(decode_segments(n - 1)))
                 bound_s = decode_bytes_per_step(config, params, batch, args.prompt, n, args.dtype) / bandwidth
                 row.update(memory_bound_ms_per_step=round(1000 * bound_s, 3),
                            ours_fraction_of_memory_bound=round(bound_s * n / ours_s, 3))
