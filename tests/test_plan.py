@@ -641,6 +641,9 @@ def test_the_samplers_loops_are_counted_at_their_most_trips(monkeypatch, segment
         params).compile().as_text()
     with_trips, _, unknown = hlo_matmul_flops(hlo)
     ends = sampling.decode_segments(N - 1)
+    # each loop carries its most trips in its name, for a compiler that records no trip count
+    named = [re.search(r"/at_most_(\d+)_trips/while\"", line) for line in hlo.splitlines() if " while(" in line]
+    assert sorted(int(m.group(1)) for m in named if m) == [end - start for start, end in zip([0] + ends, ends)]
     D, F, V, H, K, G = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.head_dim, cfg.n_kv_heads, cfg.q_per_kv
     layers = 2 * cfg.n_layers * (D * K * (G + 2) * H + K * G * H * D + D * 2 * F + F * D)  # FLOPs per token
     head = 2 * D * V
