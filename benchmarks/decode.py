@@ -2,14 +2,19 @@
 the same Llama weights (`--model-size`: tiny, smollm2-135m or 1b), and against Google Tunix's sampler on its own
 Llama3 at the same shapes, in one run. Prints one JSON document.
 
-  python benchmarks/decode.py [--model-size tiny] [--batches 16 64] [--new-tokens 64 128] [--repeats 3]
+  python benchmarks/decode.py [--model-size tiny] [--batches 16 64] [--new-tokens 64 128] [--rounds 3] [--repeats 1]
                               [--skip-transformers] [--tunix-python .venv-tunix/bin/python] [--out FILE]
 
 Tunix runs benchmarks/tunix_decode.py in its own interpreter, `--tunix-python` (default `.venv-tunix/bin/python`
 when it exists, created as the docstring of benchmarks/ppo.py says; otherwise Tunix is skipped with a note in the
 JSON): built once before any timing, then for each (batch, new tokens) it times `--repeats` calls of
-`tunix.generate.sampler.Sampler` after a compiling one, while this process waits. Tunix is timed on CPU only;
+`tunix.generate.sampler.Sampler` after an untimed one, while this process waits. Tunix is timed on CPU only;
 its weights are its own random initialisation (the cost of decoding does not depend on them).
+
+Each contender is compiled and warmed up at every (batch, new tokens) first. Then `--rounds` times, for each
+(batch, new tokens) in turn: `--repeats` calls of transformers, of ours, of Tunix's; so load from other processes
+and this machine's drifting speed fall on all three alike. Each time is the median over every timed call (Tunix:
+over its rounds' medians); `speedup_by_round` and `speedup_vs_tunix_by_round` keep each round's ratio.
 `tunix_tokens_per_s` counts whole `Sampler.__call__`s (id strings in, tokens out, as its API takes them);
 `tunix_core_tokens_per_s` only their device work (sampling state, jitted prefill and decode loop).
 
@@ -23,6 +28,7 @@ benchmarks/gpu_check.sh. `decode_segments`: the loops the sampler decodes in (on
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -92,18 +98,24 @@ class TunixPeer:
         self.log.close()
 
 
-def time_ours(model, params, ids, mask, new_tokens, temperature, repeats, dtype):
+def compile_ours(model, params, ids, mask, new_tokens, temperature):
+    """(a call of our jitted sampler on these prompts, a new seed each call; the seconds its first call took)."""
     p = SamplingParams(max_new_tokens=new_tokens, temperature=temperature)
     fn = jax.jit(lambda pr, i, m, r: sample(model, pr, i, m, r, p).tokens_BN)
+    seeds = itertools.count()
+    call = lambda: fn(params, ids, mask, jax.random.key(next(seeds))).block_until_ready()
     t0 = time.perf_counter()
-    fn(params, ids, mask, jax.random.key(0)).block_until_ready()
-    compile_s = time.perf_counter() - t0
+    call()
+    return call, time.perf_counter() - t0
+
+
+def timed(call, repeats: int) -> list[float]:
     times = []
-    for r in range(repeats):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        fn(params, ids, mask, jax.random.key(r + 1)).block_until_ready()
+        call()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), compile_s
+    return times
 
 
 def memory_bandwidth(nbytes: int, repeats: int = 10) -> float:
@@ -129,23 +141,50 @@ def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt: int, new
     return jnp.dtype(dtype).itemsize * (n_weights + batch * (prompt + new_tokens / 2) * kv_per_slot)
 
 
-def time_transformers(torch_model, ids, new_tokens, temperature, repeats):
+def transformers_generate(torch_model, ids, new_tokens, temperature):
+    """A call of transformers' `generate` on these prompts (the KV cache on, exactly `new_tokens` tokens)."""
     import torch
 
     input_ids = torch.tensor(ids, dtype=torch.long, device=torch_model.device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=temperature > 0,
                   temperature=temperature, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
                   attention_mask=torch.ones_like(input_ids))
-    with torch.inference_mode():
-        torch_model.generate(input_ids, **kwargs)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+
+    def call():
+        with torch.inference_mode():
             torch_model.generate(input_ids, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return call
+
+
+def decode_row(case: dict, config: ModelConfig, params, args, bandwidth: float, with_tunix: bool) -> dict:
+    """One (batch, new tokens)'s JSON row from its contenders' timed calls, round by round."""
+    batch, n = case["batch"], case["new_tokens"]
+    median = lambda rounds: statistics.median(t for times in rounds for t in times)
+    by_round = lambda theirs, ours: [round(statistics.median(t) / statistics.median(o), 3)
+                                     for t, o in zip(theirs, ours)]
+    ours_s = median(case["ours"])
+    row = dict(batch=batch, prompt=args.prompt, new_tokens=n, ours_tokens_per_s=round(batch * n / ours_s, 1),
+               ours_ms_per_step=round(1000 * ours_s / n, 3), ours_compile_s=round(case["ours_compile_s"], 2),
+               decode_segments=len(decode_segments(n - 1)))
+    bound_s = decode_bytes_per_step(config, params, batch, args.prompt, n, args.dtype) / bandwidth
+    row.update(memory_bound_ms_per_step=round(1000 * bound_s, 3),
+               ours_fraction_of_memory_bound=round(bound_s * n / ours_s, 3))
+    if case["transformers"]:
+        hf_s = median(case["transformers"])
+        row.update(transformers_tokens_per_s=round(batch * n / hf_s, 1),
+                   transformers_ms_per_step=round(1000 * hf_s / n, 3), speedup=round(hf_s / ours_s, 3),
+                   speedup_by_round=by_round(case["transformers"], case["ours"]))
+    if with_tunix and case["tunix"]:
+        generate_s = statistics.median(t["generate_s"] for t in case["tunix"])
+        core_s = statistics.median(t["core_s"] for t in case["tunix"])
+        row.update(tunix_tokens_per_s=round(batch * n / generate_s, 1),
+                   tunix_ms_per_step=round(1000 * generate_s / n, 3), speedup_vs_tunix=round(generate_s / ours_s, 3),
+                   speedup_vs_tunix_by_round=by_round([[t["generate_s"]] for t in case["tunix"]], case["ours"]),
+                   tunix_core_tokens_per_s=round(batch * n / core_s, 1), tunix_compile_s=case["tunix_compile_s"])
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
 
 
 def main() -> None:
@@ -154,7 +193,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1, help="timed calls of each contender per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the three contenders")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--model-size", choices=sorted(CONFIGS), default="tiny")
     ap.add_argument("--torch-device", default="cpu", help="where transformers runs: cpu or cuda")
@@ -201,39 +241,42 @@ def main() -> None:
         except RuntimeError as e:
             tunix_note = f"Tunix failed: {e}"
     tunix_settings = tunix.ready if tunix else None
-    rows = []
+    cases = []  # one per (batch, new tokens): each contender's call and timings
     try:
         for batch in args.batches:
             ids = np.random.default_rng(0).integers(1, config.vocab_size, (batch, args.prompt)).astype(np.int32)
             mask = np.ones_like(ids, bool)
             for n in args.new_tokens:
+                case = dict(batch=batch, new_tokens=n, ours=[], transformers=[], tunix=[])
+                if torch_model is not None:
+                    case["transformers_call"] = transformers_generate(torch_model, ids, n, args.temperature)
+                    case["transformers_call"]()  # warm-up
+                case["ours_call"], case["ours_compile_s"] = compile_ours(model, params, ids, mask, n, args.temperature)
+                cases.append(case)
+        if tunix is not None:  # its compiling calls, before any timing
+            try:
+                for case in cases:
+                    case["tunix_compile_s"] = tunix.measure(case["batch"], case["new_tokens"], 1)["compile_s"]
+            except RuntimeError as e:
+                tunix.close()
+                tunix_note, tunix = f"Tunix failed: {e}", None
+        for _ in range(args.rounds):
+            for case in cases:
                 # transformers first: its thread pool then does not compete with a just-finished XLA computation
-                hf_s = time_transformers(torch_model, ids, n, args.temperature, args.repeats) if torch_model else None
-                ours_s, compile_s = time_ours(model, params, ids, mask, n, args.temperature, args.repeats, args.dtype)
-                row = dict(batch=batch, prompt=args.prompt, new_tokens=n,
-                           ours_tokens_per_s=round(batch * n / ours_s, 1), ours_ms_per_step=round(1000 * ours_s / n, 3),
-                           ours_compile_s=round(compile_s, 2), decode_segments=len(decode_segments(n - 1)))
-                bound_s = decode_bytes_per_step(config, params, batch, args.prompt, n, args.dtype) / bandwidth
-                row.update(memory_bound_ms_per_step=round(1000 * bound_s, 3),
-                           ours_fraction_of_memory_bound=round(bound_s * n / ours_s, 3))
-                if hf_s is not None:
-                    row.update(transformers_tokens_per_s=round(batch * n / hf_s, 1),
-                               transformers_ms_per_step=round(1000 * hf_s / n, 3), speedup=round(hf_s / ours_s, 3))
+                if torch_model is not None:
+                    case["transformers"].append(timed(case["transformers_call"], args.repeats))
+                case["ours"].append(timed(case["ours_call"], args.repeats))
                 if tunix is not None:
-                    # Its compile call comes first there, so our just-finished computation does not overlap its timing.
+                    # Its untimed call comes first there, so our just-finished computation does not overlap its timing.
                     try:
-                        t = tunix.measure(batch, n, args.repeats)
-                        row.update(tunix_tokens_per_s=t["tokens_per_s"], tunix_ms_per_step=t["ms_per_step"],
-                                   speedup_vs_tunix=round(row["ours_tokens_per_s"] / t["tokens_per_s"], 3),
-                                   tunix_core_tokens_per_s=t["core_tokens_per_s"], tunix_compile_s=t["compile_s"])
+                        case["tunix"].append(tunix.measure(case["batch"], case["new_tokens"], args.repeats))
                     except RuntimeError as e:
                         tunix.close()
                         tunix_note, tunix = f"Tunix failed: {e}", None
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
         if tunix is not None:
             tunix.close()
+    rows = [decode_row(case, config, params, args, bandwidth, with_tunix=tunix is not None) for case in cases]
     # Per-token time as the generated length doubles (1.0 = flat).
     growth = {}
     for batch in args.batches:

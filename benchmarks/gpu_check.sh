@@ -23,7 +23,7 @@ timeout 120 python3 benchmarks/train.py --skip sft rm --mfu-model 1b --dtype bfl
   --mfu-steps 6 --rounds 2 --out "$OUT/train_1b_bf16.json" >/dev/null 2>>"$LOG"
 step "decode, 1B bf16, batch 16 and 128, 256 new tokens, against transformers and the HBM roofline"
 timeout 130 python3 benchmarks/decode.py --model-size 1b --dtype bfloat16 --batches 16 128 --new-tokens 256 \
-  --repeats 2 --torch-device cuda --out "$OUT/decode_1b_bf16.json" >/dev/null 2>>"$LOG"
+  --rounds 2 --torch-device cuda --out "$OUT/decode_1b_bf16.json" >/dev/null 2>>"$LOG"
 step "PPO, Qwen2.5-0.5B shape, bf16"
 timeout 210 python3 benchmarks/ppo.py --shape qwen2.5-0.5b --rounds 2 --iterations 2 --tunix-python '' \
   --out "$OUT/ppo_qwen2.5-0.5b_bf16.json" >/dev/null 2>>"$LOG"
@@ -40,6 +40,6 @@ import test_model
 print(json.dumps(test_model.cudnn_attention_errors()))
 PY
 step "decode, 1B bf16, batch 128, layers unrolled: what the scanned step's per-layer weight slices cost"
-timeout 90 python3 benchmarks/decode.py --model-size 1b --dtype bfloat16 --batches 128 --new-tokens 256 --repeats 2 \
+timeout 90 python3 benchmarks/decode.py --model-size 1b --dtype bfloat16 --batches 128 --new-tokens 256 --rounds 2 \
   --skip-transformers --scan-layers off --out "$OUT/decode_1b_bf16_unrolled.json" >/dev/null 2>>"$LOG"
 step "done"

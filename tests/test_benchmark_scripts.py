@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # script: (its smallest arguments, the results' measurement that must be a positive number, as a key path)
 SCRIPTS = {
-    "decode.py": (["--batches", "2", "--new-tokens", "4", "--prompt", "8", "--repeats", "1", "--skip-transformers",
+    "decode.py": (["--batches", "2", "--new-tokens", "4", "--prompt", "8", "--rounds", "1", "--skip-transformers",
                    "--tunix-python", ""], ("results", 0, "ours_tokens_per_s")),
     "train.py": (["--steps", "1", "--rounds", "1", "--batch", "2", "--seq", "16", "--rm-prompts", "2", "--skip",
                   "mfu"], ("sft", "ours_tokens_per_s")),
