@@ -14,7 +14,8 @@
    -log sigmoid loss, the same optimizer).
 
 Each contender is compiled and warmed up first; then the timed steps of the contenders of one measure alternate in
-`--rounds` blocks (with a short pause between blocks), so that load from other processes hits both sides alike.
+`--rounds` blocks (with a short pause and one untimed step before each block), so that load from other processes
+hits both sides alike.
 Per contender the JSON also has the CPU cores kept busy, the share of that CPU time spent in the kernel and the
 minor page faults per step (a step that maps fresh memory every call shows up there). The glibc malloc tunables
 in effect (GLIBC_TUNABLES and MALLOC_* variables) are recorded, since they change the numbers.
@@ -100,11 +101,14 @@ def _machine_busy_s() -> float | None:
 
 def interleave(contenders: dict, rounds: int, pause_s: float = 0.3) -> dict:
     """contenders: name -> (fn, calls per round), fn blocking until its work is done. The names take turns
-    block by block. Returns name -> timing summary."""
+    block by block, each block after one untimed call: while the others run, a machine may page out memory left
+    idle (this one does after about a minute), and the first call back then faults it in again, which no
+    training run that has the machine to itself pays. Returns name -> timing summary."""
     acc = {name: {"times": [], "cpu": 0.0, "sys": 0.0, "faults": 0} for name in contenders}
     for _ in range(rounds):
         for name, (fn, calls) in contenders.items():
             time.sleep(pause_s)  # let the other library's worker threads go idle
+            fn()
             a = acc[name]
             cpu0, sys0, flt0 = _usage()
             for _ in range(calls):

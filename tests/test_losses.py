@@ -297,6 +297,28 @@ def test_next_token_nll_forms_no_gradient_for_a_frozen_head():
                                np.asarray(jax.jit(both)(hidden, w_DV)[0]), rtol=1e-6)
 
 
+def test_a_tied_heads_sft_step_never_forms_the_embedding_transposed():
+    """A tied head multiplies the (V, D) embedding in its own layout: the compiled SFT step (forward, chunked loss,
+    backward, AdamW) holds no (D, V) array, where with the embedding's transpose as the head XLA copied it
+    transposed, and its gradient back, in every step. The loss is the untied head's with lm_head = embed.T."""
+    cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": True, "vocab_size": 72})
+    model = make_model(cfg)
+    params = init_params(model, jax.random.key(0))
+    optimizer = steps.make_optimizer(OptimSection(lr=1e-3, schedule="constant"), 10)
+    step = jax.jit(lambda state, batch: steps.sft_step(state, batch, jax.random.key(0), {}, model=model,
+                                                       optimizer=optimizer, schedule=lambda _: 1e-3))
+    state = steps.init_state(params, optimizer)
+    batch = _sft_batch(np.random.default_rng(0))
+    hlo = step.lower(state, batch).compile().as_text()
+    D, V = cfg.d_model, cfg.vocab_size
+    assert f"[{V},{D}]" in hlo and f"[{D},{V}]" not in hlo
+    untied = make_model(ModelConfig(**{**cfg.__dict__, "tie_embeddings": False}))
+    untied_params = {**params, "lm_head": params["embed"].T}
+    loss = lambda m, p: float(steps.sft_step(steps.init_state(p, optimizer), batch, jax.random.key(0), {}, model=m,
+                                             optimizer=optimizer, schedule=lambda _: 1e-3)[1]["loss"])
+    assert loss(model, params) == pytest.approx(loss(untied, untied_params), rel=1e-6)
+
+
 def test_next_token_nll_never_holds_the_whole_logits():
     """Value and gradient at T = 256 positions in chunks of 16 need several times less temporary memory than in
     one chunk (which holds float32 logits and their gradient for every position)."""

@@ -124,7 +124,7 @@ class Transformer(nn.Module):
         `head_last` > 0 applies the final norm and head to the last `head_last` positions only (the sampler's
         prefill needs 1; log-probs of a response, its length + 1).
         `hidden`: an LM returns the final norm's output x_BTD instead of logits, for a loss that applies the
-        head itself a few positions at a time (`lm_head_DV`, `head_logits`). Returns (out, new_cache)."""
+        head itself a few positions at a time (`lm_head_weight`, `head_logits`). Returns (out, new_cache)."""
         cfg = self.cfg
         kw = dict(cfg=cfg, param_dtype=self.param_dtype)
         embedding = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dense_init(),
@@ -151,11 +151,11 @@ class Transformer(nn.Module):
             w = param(self, "score", (cfg.d_model, 1), ("embed", None), _score_init, self.param_dtype)
             return einsum(self.dtype, "btd,do->bto", x_BTD, w.astype(self.dtype), jnp.float32)[..., 0], new_cache
         if cfg.tie_embeddings:
-            w_DV = embedding.astype(self.dtype).T
+            head_w = embedding.astype(self.dtype)
         else:
-            w_DV = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dense_init(),
-                         self.param_dtype).astype(self.dtype)
-        return (x_BTD if hidden else head_logits(self, x_BTD, w_DV)), new_cache
+            head_w = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dense_init(),
+                           self.param_dtype).astype(self.dtype)
+        return (x_BTD if hidden else head_logits(self, x_BTD, head_w)), new_cache
 
     def _layers(self, x_BTD, cache, positions_BT, key_mask_BS, cache_index, segment_ids_BT, prefix, keep_kv):
         """Every block in turn: a Python loop (params `layer_<i>`) or, with scan_layers, one `nn.scan` over params
@@ -193,16 +193,19 @@ class Transformer(nn.Module):
         return (carry[0], KVCache(*kv)) if keep_kv else carry
 
 
-def head_logits(model: Transformer, x_BTD: jax.Array, w_DV: jax.Array) -> jax.Array:
-    """float32 logits_BTV of the LM head `w_DV` on final-norm outputs (soft-capped where the family caps them).
-    Both heads keep the float32 accumulator: bf16-rounded logits would make PPO's ratios rounding noise."""
-    return softcap(einsum(model.dtype, "btd,dv->btv", x_BTD, w_DV, jnp.float32), model.cfg.final_softcap)
+def head_logits(model: Transformer, x_BTD: jax.Array, head_w: jax.Array) -> jax.Array:
+    """float32 logits_BTV of the LM head `head_w` (`lm_head_weight`) on final-norm outputs (soft-capped where the
+    family caps them). Both heads keep the float32 accumulator: bf16-rounded logits would make PPO's ratios
+    rounding noise. A tied head is the embedding multiplied in its own (V, D) layout: as its transpose, XLA's
+    CPU backend copied the whole embedding transposed, and its gradient back, in every training step."""
+    spec = "btd,vd->btv" if model.cfg.tie_embeddings else "btd,dv->btv"
+    return softcap(einsum(model.dtype, spec, x_BTD, head_w, jnp.float32), model.cfg.final_softcap)
 
 
-def lm_head_DV(model: Transformer, params) -> jax.Array:
-    """The LM head's (D, V) matrix in `params` (the embedding's transpose when tied), in the compute dtype."""
-    w_DV = params["embed"].T if model.cfg.tie_embeddings else params["lm_head"]
-    return w_DV.astype(model.dtype)
+def lm_head_weight(model: Transformer, params) -> jax.Array:
+    """The LM head's matrix in `params`, in the compute dtype: the embedding (V, D) when tied, else lm_head (D, V)."""
+    head_w = params["embed"] if model.cfg.tie_embeddings else params["lm_head"]
+    return head_w.astype(model.dtype)
 
 
 def make_model(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", param_dtype: str = "float32",

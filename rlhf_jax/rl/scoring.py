@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.sampling import vocab_logits
 from rlhf_jax.models.transformer import (
-    Transformer, head_logits, lm_head_DV, positions_from_mask, shared_prompt_pass)
+    Transformer, head_logits, lm_head_weight, positions_from_mask, shared_prompt_pass)
 from rlhf_jax.rl.ppo_math import token_entropy
 from rlhf_jax.training.losses import last_token_values, token_logprobs
 
@@ -47,7 +47,7 @@ def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_
         x_BMD, _ = model.apply({"params": params}, ids_BT, positions_BT, mask_BT, head_last=N + 1, hidden=True,
                                rngs=rngs)
         x_BND = x_BMD[:, :-1]
-    w_DV = lm_head_DV(model, params)
+    head_w = lm_head_weight(model, params)
     t = temperature if temperature > 0 else 1.0
     C = min(N, max(1, LOGIT_ROWS // B))
     pad = -N % C
@@ -57,7 +57,7 @@ def response_token_stats(model: Transformer, params, prompt_ids_BP, prompt_mask_
     @jax.checkpoint
     def chunk_stats(_, xs):
         x_BCD, tokens_BC = xs
-        logits_BCV = vocab_logits(head_logits(model, x_BCD, w_DV), vocab) / t
+        logits_BCV = vocab_logits(head_logits(model, x_BCD, head_w), vocab) / t
         entropy_BC = token_entropy(logits_BCV if entropy_grad else jax.lax.stop_gradient(logits_BCV))
         return None, (token_logprobs(logits_BCV, tokens_BC), entropy_BC)
 

@@ -16,7 +16,7 @@ import optax
 
 from rlhf_jax.config import OptimSection
 from rlhf_jax.models import lora
-from rlhf_jax.models.transformer import Transformer, head_logits, lm_head_DV, shared_prompt_pass
+from rlhf_jax.models.transformer import Transformer, head_logits, lm_head_weight, shared_prompt_pass
 from rlhf_jax.training.losses import last_token_values, next_token_nll, ranking_loss
 
 
@@ -125,8 +125,8 @@ def sft_sums(model: Transformer, params, batch: dict, weights_BT: jax.Array, rng
     time: no float32 B x T x V logits)."""
     hidden_BTD, _ = model.apply({"params": params}, batch["ids"], batch["positions"], batch["mask"],
                                 segment_ids_BT=batch["segment_ids"], rngs=rngs, hidden=True)
-    w_DV = lm_head_DV(model, params)
-    nll, count = next_token_nll(hidden_BTD, lambda x_BCD: head_logits(model, x_BCD, w_DV), batch["ids"],
+    head_w = lm_head_weight(model, params)
+    nll, count = next_token_nll(hidden_BTD, lambda x_BCD: head_logits(model, x_BCD, head_w), batch["ids"],
                                         weights_BT, batch["segment_ids"])
     return {"nll_sum": nll, "target_tokens": count}
 
