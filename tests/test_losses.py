@@ -297,26 +297,29 @@ def test_next_token_nll_forms_no_gradient_for_a_frozen_head():
                                np.asarray(jax.jit(both)(hidden, w_DV)[0]), rtol=1e-6)
 
 
-def test_a_tied_heads_sft_step_never_forms_the_embedding_transposed():
-    """A tied head multiplies the (V, D) embedding in its own layout: the compiled SFT step (forward, chunked loss,
-    backward, AdamW) holds no (D, V) array, where with the embedding's transpose as the head XLA copied it
-    transposed, and its gradient back, in every step. The loss is the untied head's with lm_head = embed.T."""
-    cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": True, "vocab_size": 72})
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_lm_heads_sft_step_copies_no_weight_or_gradient_transposed(tied):
+    """The head multiplies its weight in the weight's own layout, the positions flattened into one axis: the
+    compiled SFT step (forward, chunked loss, backward, AdamW) holds no (D, V) array (a tied head's embedding
+    transposed, which XLA's CPU backend copied every step when the head was its transpose) and no (V, B*T) one (the
+    logits' gradient transposed, copied for the weight's gradient when the head was a (B, T, D) einsum). A tied
+    head's loss is the untied one's with lm_head = embed.T."""
+    cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": tied, "vocab_size": 72})
     model = make_model(cfg)
     params = init_params(model, jax.random.key(0))
     optimizer = steps.make_optimizer(OptimSection(lr=1e-3, schedule="constant"), 10)
-    step = jax.jit(lambda state, batch: steps.sft_step(state, batch, jax.random.key(0), {}, model=model,
-                                                       optimizer=optimizer, schedule=lambda _: 1e-3))
-    state = steps.init_state(params, optimizer)
-    batch = _sft_batch(np.random.default_rng(0))
-    hlo = step.lower(state, batch).compile().as_text()
-    D, V = cfg.d_model, cfg.vocab_size
-    assert f"[{V},{D}]" in hlo and f"[{D},{V}]" not in hlo
-    untied = make_model(ModelConfig(**{**cfg.__dict__, "tie_embeddings": False}))
-    untied_params = {**params, "lm_head": params["embed"].T}
-    loss = lambda m, p: float(steps.sft_step(steps.init_state(p, optimizer), batch, jax.random.key(0), {}, model=m,
-                                             optimizer=optimizer, schedule=lambda _: 1e-3)[1]["loss"])
-    assert loss(model, params) == pytest.approx(loss(untied, untied_params), rel=1e-6)
+    step = lambda m, p: steps.sft_step(steps.init_state(p, optimizer), batch, jax.random.key(0), {}, model=m,
+                                       optimizer=optimizer, schedule=lambda _: 1e-3)
+    loss = lambda m, p: step(m, p)[1]["loss"]
+    batch = _sft_batch(np.random.default_rng(0))  # 8 rows of 10 positions: one chunk of the loss
+    hlo = jax.jit(lambda p: step(model, p)).lower(params).compile().as_text()  # the new state: backward included
+    D, V, rows = cfg.d_model, cfg.vocab_size, batch["ids"].size
+    assert f"[{V},{rows}]" not in hlo
+    assert (f"[{D},{V}]" in hlo) != tied  # an untied head's own weight; a tied one's transpose never
+    if tied:
+        untied = make_model(ModelConfig(**{**cfg.__dict__, "tie_embeddings": False}))
+        untied_params = {**params, "lm_head": params["embed"].T}
+        assert float(loss(model, params)) == pytest.approx(float(loss(untied, untied_params)), rel=1e-6)
 
 
 def test_next_token_nll_never_holds_the_whole_logits():

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.architecture import ModelConfig
 from rlhf_jax.models.layer_stack import STACKED, in_layout, layer_name
-from rlhf_jax.models.layers import MLP, Attention, AttentionImpl, Norm, dense_init, einsum, param, softcap
+from rlhf_jax.models.layers import MLP, Attention, AttentionImpl, Norm, dense, dense_init, param, softcap
 from rlhf_jax.models.lora import LoraSpec, check_family
 from rlhf_jax.runtime import sharding
 
@@ -149,7 +149,7 @@ class Transformer(nn.Module):
         x_BTD = Norm(**kw, name="final_norm")(x_BTD)
         if self.head == "scalar":
             w = param(self, "score", (cfg.d_model, 1), ("embed", None), _score_init, self.param_dtype)
-            return einsum(self.dtype, "btd,do->bto", x_BTD, w.astype(self.dtype), jnp.float32)[..., 0], new_cache
+            return dense(self.dtype, x_BTD, w.astype(self.dtype), jnp.float32)[..., 0], new_cache
         if cfg.tie_embeddings:
             head_w = embedding.astype(self.dtype)
         else:
@@ -198,8 +198,8 @@ def head_logits(model: Transformer, x_BTD: jax.Array, head_w: jax.Array) -> jax.
     family caps them). Both heads keep the float32 accumulator: bf16-rounded logits would make PPO's ratios
     rounding noise. A tied head is the embedding multiplied in its own (V, D) layout: as its transpose, XLA's
     CPU backend copied the whole embedding transposed, and its gradient back, in every training step."""
-    spec = "btd,vd->btv" if model.cfg.tie_embeddings else "btd,dv->btv"
-    return softcap(einsum(model.dtype, spec, x_BTD, head_w, jnp.float32), model.cfg.final_softcap)
+    logits_BTV = dense(model.dtype, x_BTD, head_w, jnp.float32, w_transposed=model.cfg.tie_embeddings)
+    return softcap(logits_BTV, model.cfg.final_softcap)
 
 
 def lm_head_weight(model: Transformer, params) -> jax.Array:
