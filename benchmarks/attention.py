@@ -22,6 +22,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout's rlhf_jax
 from rlhf_jax.models.transformer import PAD_ID, ModelConfig, forward, init_params, make_model  # noqa: E402
 
+from report import emit  # noqa: E402  benchmarks/report.py
+
 
 def _loss_fn(model, ids, mask):
     def loss(params):
@@ -82,9 +84,7 @@ def main() -> None:
     for batch, seq in shapes:
         results["runs"].append(bench(cfg, batch, seq, args.repeats))
         print(json.dumps(results["runs"][-1]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

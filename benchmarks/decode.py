@@ -49,6 +49,7 @@ from rlhf_jax.models.sampling import SamplingParams, decode_segments, sample  # 
 from rlhf_jax.models.transformer import ModelConfig, init_params, make_model  # noqa: E402
 
 from ppo import SMOLLM2_135M, tunix_llama3_fields  # noqa: E402  benchmarks/ppo.py
+from report import emit  # noqa: E402
 
 CONFIGS = {
     # The CPU reference point: the tiny Llama of the foundation issue.
@@ -295,11 +296,7 @@ def main() -> None:
         result["tunix"] = {k: v for k, v in tunix_settings.items() if k != "ready"}
     else:
         result["tunix_note"] = tunix_note
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

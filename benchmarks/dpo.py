@@ -62,6 +62,7 @@ from rlhf_jax.training.state import jit_step, place_state, state_shardings, to_g
 # benchmarks/ppo.py and benchmarks/grpo.py (this script's folder is on the path): the measurement pieces
 from grpo import own_cpu_seconds, peer_python  # noqa: E402
 from ppo import ROOT, Peer, flops_of, matmul_peak  # noqa: E402
+from report import emit, measured_env  # noqa: E402
 
 EOS, K = 1, 4
 # TRL runs with glibc's malloc defaults: the MALLOC_* settings `make bench` gives XLA (docs/performance.md) are
@@ -217,14 +218,10 @@ def main() -> None:
     result["loadavg_1m"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     result["cpu_count"] = os.cpu_count()
     result["versions"] = {"jax": jax.__version__, "python": sys.version.split()[0]}
-    result["env"] = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
-                                                "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    result["env"] = measured_env()
     result["trl_env"] = "this environment less its MALLOC_* settings (glibc defaults)"
     result["round_results"] = rounds
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from rlhf_jax.training import steps  # noqa: E402
 # benchmarks/ppo.py (this script's folder is on the path): the measurement pieces of the PPO comparison
 from heap import release_freed_memory  # noqa: E402
 from ppo import ROOT, SHAPES, Peer, flops_of, matmul_peak, timed_iterations, tunix_model  # noqa: E402
+from report import emit, measured_env  # noqa: E402
 
 EOS = 1  # the EOS id of every shape in ppo.SHAPES
 
@@ -248,13 +249,9 @@ def main() -> None:
     result["cpu_count"] = os.cpu_count()
     result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
     result["versions"] = {"jax": jax.__version__, "python": sys.version.split()[0]}
-    result["env"] = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
-                                                "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    result["env"] = measured_env()
     result["round_results"] = rounds
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ and rankings/s per N.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -29,6 +28,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from rlhf_jax.label import store  # noqa: E402
+
+from report import emit  # noqa: E402  benchmarks/report.py
 
 
 def labeler(url: str, name: str, quota: int, seed: int, times: dict) -> None:
@@ -100,10 +101,7 @@ def main() -> None:
               "note": "client threads and server share the CPUs; with N labelers a request waits for up to N-1 "
                       "others; latency includes the commit (fsync) of each ranking",
               "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from rlhf_jax.stages.policy_common import rollout_sampling  # noqa: E402
 from rlhf_jax.training.state import split_trainable, trained_model, with_head  # noqa: E402
 
 from ppo import timed_iterations  # noqa: E402  benchmarks/ppo.py (this directory is on sys.path)
+from report import emit  # noqa: E402
 
 CFG = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                   d_ff=688, max_position_embeddings=512, eos_token_ids=(1,))
@@ -122,10 +123,7 @@ def main() -> None:
               "time_ratio_lora_to_full": round(figures["lora"]["iteration_s"] / figures["full"]["iteration_s"], 3),
               "iterations": args.iterations, "rounds": args.rounds, "round_results": rounds,
               "loadavg_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from rlhf_jax.runtime.clock import LapClock  # noqa: E402
 from rlhf_jax.training import steps  # noqa: E402
 
 from heap import release_freed_memory  # noqa: E402  benchmarks/heap.py
+from report import emit, measured_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,9 +261,7 @@ def main() -> None:
              "memory_per_device": memory_per_device(step)}
     if args.compile_only:
         result = {**shape, "gflop_executed_per_iteration": round(flops_of(step) / 1e9, 2)}
-        print(json.dumps(result))
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2))
+        emit(result, args.out)
         return
     rollout = jax.jit(lambda s, f, i, m, r, o: ppo.rollout(s, f, i, m, r, models, settings, first_order_MMb=o)[:3]
                       ).lower(state, frozen, ids, mask, rng, orders[0]).compile()
@@ -348,13 +347,9 @@ def main() -> None:
     # The machine's 1-minute load average before and after: above the core count, other work was running.
     result["loadavg_1m"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     result["cpu_count"] = os.cpu_count()
-    result["env"] = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
-                                                "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    result["env"] = measured_env()
     result["round_results"] = rounds
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

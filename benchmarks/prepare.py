@@ -22,6 +22,8 @@ from rlhf_jax.data.prepare import prepare, quiet_tfds  # noqa: E402
 from rlhf_jax.models.tiny import bundled_prompts  # noqa: E402
 from rlhf_jax.models.tokenizer import train_tiny_tokenizer  # noqa: E402
 
+from report import emit  # noqa: E402  benchmarks/report.py
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -58,11 +60,7 @@ def main() -> None:
                   pipeline_examples_per_s=round(args.pipeline_batches * args.batch / pipeline_s),
                   pipeline_note="single-threaded tokenization of K-way rankings (K 2..5), tiny BPE",
                   platform=platform.platform(), cpu_count=os.cpu_count())
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

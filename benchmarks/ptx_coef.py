@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checko
 from rlhf_jax import pipeline  # noqa: E402
 from rlhf_jax.stages import dispatch as stages  # noqa: E402
 
+from report import emit  # noqa: E402  benchmarks/report.py
+
 
 def _step(steps, name):
     return next(step.cfg for step in steps if step.name == name)
@@ -51,8 +53,7 @@ def main() -> None:
                      "verdict": report.get("verdict")})
         print(json.dumps(rows[-1]), flush=True)
     result = {"demo_run": str(demo), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf_jax.data.prepare import prepare  # noqa: E402
 from rlhf_jax.data.pipeline import open_split, stored_prompts  # noqa: E402
 
+from report import emit  # noqa: E402  benchmarks/report.py
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,8 +45,7 @@ def main() -> None:
               "rm_accuracy_on_round1_policy_samples": accuracy,
               "gold_round2_at_least_round1": rounds[1]["gold_score_mean"] >= rounds[0]["gold_score_mean"],
               "round2_rm_at_least_round1_rm": accuracy["round2_rm"] >= accuracy["round1_rm"]}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
 
 
 def _rm_accuracy(reward_model: Path, rankings: Path, run: Path, out: Path) -> float:

@@ -54,6 +54,7 @@ from rlhf_jax.training import steps  # noqa: E402
 from rlhf_jax.training.losses import last_token_values
 
 from ppo import SMOLLM2_135M  # noqa: E402  benchmarks/ppo.py
+from report import emit  # noqa: E402
 
 TINY = ModelConfig(family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                    d_ff=688, max_position_embeddings=1024, eos_token_ids=(), bos_token_id=0)
@@ -446,11 +447,7 @@ def main() -> None:
     busy1, (cpu1, _, _) = _machine_busy_s(), _usage()
     if busy0 is not None and busy1 is not None:  # cores that other processes kept busy, on average, during the run
         result["other_processes_cores_busy"] = r(max(busy1 - busy0 - (cpu1 - cpu0), 0.0) / result["total_s"], 2)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

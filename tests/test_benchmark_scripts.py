@@ -28,6 +28,8 @@ SCRIPTS = {
     "attention.py": (["--small", "--repeats", "1"], ("runs", 0, "einsum", "tokens_per_s")),
     "lora_ppo.py": (["--rounds", "1", "--iterations", "1", "--rank", "2"], ("lora", "episodes_per_s")),
     "label_server.py": (["--labelers", "2", "--rankings", "20"], ("runs", 0, "rankings_per_s")),
+    "small_matmuls.py": (["--rows", "2", "--streamed-pairs", "2", "--repeats", "1"],
+                         ("results", 0, "streamed", "gflops")),
 }
 
 
