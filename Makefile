@@ -44,6 +44,7 @@ test-all: setup-dev
 
 bench: setup-dev
 	$(CPU_MALLOC) $(PY) benchmarks/decode.py --out benchmarks/results/decode_cpu_tiny_fp32.json
+	$(CPU_MALLOC) $(PY) benchmarks/small_matmuls.py --out benchmarks/results/small_matmuls_cpu.json
 	$(CPU_MALLOC) $(PY) benchmarks/train.py --out benchmarks/results/train_cpu_malloc_tuned.json
 	$(PY) benchmarks/train.py --out benchmarks/results/train_cpu.json
 	$(PY) benchmarks/prepare.py --out benchmarks/results/prepare_cpu.json

@@ -1,7 +1,7 @@
 """What bounds a decode step on this machine: chains of matmuls with few rows (a decode step's batch) by the
 weights of the tiny benchmark model's MLP (256 -> 1376 -> 256, float32), with the weights either resident in the
-caches (one pair, 2.8 MB) or streamed from memory (`--streamed-pairs` distinct pairs, 45 MB by default, several
-times the last-level cache a core gets).
+caches (one pair, 2.8 MB) or streamed from memory (`--streamed-pairs` distinct pairs in turn, 45 MB by default:
+more than the last-level cache, 32 MB on the 2-core machine of `small_matmuls_cpu.json`).
 
   python benchmarks/small_matmuls.py --out benchmarks/results/small_matmuls_cpu.json
 
@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from report import emit  # benchmarks/report.py
+from report import emit, measured_env  # benchmarks/report.py
 
 D, F = 256, 1376  # the tiny benchmark model's width and fused gate/up width
 MATMULS_PER_CALL = 800
@@ -65,7 +65,7 @@ def main() -> None:
                for m in args.rows]
     result = {"benchmark": "small_matmuls", "device": jax.devices()[0].device_kind, "platform": platform.platform(),
               "cpu_count": os.cpu_count(), "jax": jax.__version__, "shape": {"d": D, "f": F, "dtype": "float32"},
-              "results": results}
+              "env": measured_env(), "results": results}
     emit(result, args.out)
 
 
