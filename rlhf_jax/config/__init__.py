@@ -57,7 +57,8 @@ class ModelSection:
     remat: Literal["none", "block"] = opt("none", "'block' recomputes each block's activations in the backward pass; "
                                                   "scanned layers under 'none' keep matmul outputs, recompute the rest")
     scan_layers: bool | None = opt(None, "run the layers as one scan over params stacked on a layer axis (compile "
-                                         "time flat in depth); null: when the model has more than 8 layers")
+                                         "time flat in depth; unrolled, decoding and training run 5-10% faster on "
+                                         "CPU); null: when the model has more than 8 layers")
 
     def __post_init__(self):
         coerce(self)
