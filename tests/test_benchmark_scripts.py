@@ -29,7 +29,7 @@ SCRIPTS = {
     "lora_ppo.py": (["--rounds", "1", "--iterations", "1", "--rank", "2"], ("lora", "episodes_per_s")),
     "label_server.py": (["--labelers", "2", "--rankings", "20"], ("runs", 0, "rankings_per_s")),
     "small_matmuls.py": (["--rows", "2", "--streamed-pairs", "2", "--repeats", "1"],
-                         ("results", 0, "streamed", "gflops")),
+                         ("results", 0, "streamed", "xla", "gflops")),
 }
 
 
