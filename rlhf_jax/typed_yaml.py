@@ -210,9 +210,18 @@ def _unknown_key_message(key: str, candidates: Sequence[str]) -> str:
         section, _, rest = key.partition(".")
         return (f"{message}: a YAML file nests it ({section}: {{{rest}: ...}}); {key}=... is the command line's "
                 "form")
-    close = difflib.get_close_matches(key, candidates, n=1)
+    # A misspelt name is matched within its own section first: across every key, 'model.d_modell' is closer to
+    # 'eval.reward_model' than to anything the model section has.
+    section_, _, name = key.rpartition(".")
+    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == section_}
+    if siblings:
+        close = [siblings[n] for n in difflib.get_close_matches(name, list(siblings), n=1)]
+    else:
+        close = difflib.get_close_matches(key, candidates, n=1)
     if close:
         message += f" (did you mean {close[0]!r}?)"
+    elif siblings:
+        message += f" (the section {section_!r} has {', '.join(siblings)})"
     return message
 
 

@@ -136,6 +136,15 @@ def test_unknown_key_in_dict():
         config_from_dict({"optim": {"lrr": 1.0}})
 
 
+def test_an_unknown_key_is_matched_within_its_section():
+    # across all keys difflib would offer 'eval.reward_model'; the model section has nothing close, so it is listed
+    assert _error(["model.d_modell=3"]) == ("unknown key 'model.d_modell' (the section 'model' has path, dtype, "
+                                            "param_dtype, remat, scan_layers)")
+    assert _error(["ppo.kl_coeff=0.1"]) == "unknown key 'ppo.kl_coeff' (did you mean 'ppo.kl_coef'?)"
+    assert _error(["sampleing.temperature=1"]) == ("unknown key 'sampleing.temperature' (did you mean "
+                                                   "'sampling.temperature'?)")
+
+
 @pytest.mark.parametrize("override, key, fragment", [
     ("sampling.max_new_tokens=abc", "'sampling.max_new_tokens'", "expects an int, got 'abc'"),
     ("sampling.temperature=abc", "'sampling.temperature'", "expects a float, got 'abc'"),
