@@ -145,7 +145,8 @@ def test_nothing_is_handed_out_or_stored_once_the_target_is_reached(task):
     client = TestClient(make_app(LabelService(task, target=2, overlap=0.0)))
     for who, pid in (("ann", 0), ("bob", 1)):
         assert client.post("/api/rankings", json=_ranking(task, who, pid)).status_code == 200
-    assert client.get("/api/next", params={"labeler": "cid"}).json() == {"prompt_id": None, "done": 2, "target": 2}
+    assert client.get("/api/next", params={"labeler": "cid"}).json() == {"prompt_id": None, "reason": "finished", "done": 2,
+                                                                               "target": 2}
     late = client.post("/api/rankings", json=_ranking(task, "cid", 2))
     assert late.status_code == 409 and late.json()["error"].startswith("labeling is finished (2/2 rankings stored)")
     assert client.post("/api/rankings", json=_ranking(task, "ann", 0)).status_code == 200
@@ -283,6 +284,8 @@ def test_with_a_token_every_request_must_carry_it(task):
         assert answer.status_code == 401 and answer.json()["error"].startswith("missing token"), path
     assert client.get("/api/stats", headers={"Authorization": "Bearer wrong"}).json()["error"].startswith("wrong token")
     assert client.get("/api/stats?token=s3cre").status_code == 401
+    guesses = client.get("/api/stats?" + "&".join(f"token={t}" for t in ("s3cre", "s3cret", "nope")))
+    assert guesses.status_code == 400 and "names `token` more than once" in guesses.json()["error"]
     assert client.get("/api/stats", headers={"Authorization": "Basic s3cret"}).status_code == 401  # Bearer only
     answer = client.post("/api/rankings", json=GOOD, headers={"Authorization": "Bearer nope"})
     assert answer.status_code == 401 and task.done() == 0
@@ -335,6 +338,7 @@ def _free_port() -> int:
     (["--token", "p\u00e4ss"], "error: --token: expected letters, digits and . _ ~ - only"),  # a header's latin-1
     (["--host", "0.0.0.0", "--token", "a b"], "error: --token: expected letters, digits and . _ ~ - only"),
     (["--host", "0.0.0.0", "--token", "Zm9v+YmFy"], "error: --token: expected letters, digits and . _ ~ - only"),
+    (["--host", "0.0.0.0", "--token", "s3cret"], "error: --token: expected at least 16 characters, got 6"),
 ])
 def test_serve_user_errors_are_one_line_with_exit_2(task, flags, message):
     """In-process on a task whose target is met: were a setting not checked, the server would return 0 at once
@@ -358,7 +362,7 @@ def test_a_target_no_labeler_can_reach_is_one_line_with_exit_2(task):
 
 def test_an_address_not_of_this_machine_is_one_line_with_exit_2(task):
     proc = subprocess.run([sys.executable, "-m", "rlhf_jax.label", "serve", str(task.path.parent), "--port",
-                           str(_free_port()), "--host", "192.0.2.1", "--token", "t"], cwd=REPO, env=_env(),
+                           str(_free_port()), "--host", "192.0.2.1", "--token", "t" * 16], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=60)  # a server that started would be stopped here
     assert proc.returncode == 2 and proc.stderr.startswith("error: --host 192.0.2.1: cannot listen there") and \
         len(proc.stderr.splitlines()) == 1, proc.stderr
@@ -506,7 +510,7 @@ def test_only_loopback_binds_without_a_token(host, loopback, url_host):
     else:
         with pytest.raises(UserError, match=f"^label.host={host}: other machines can reach it; set label.token"):
             server.check_binding(host, "")
-    server.check_binding(host, "t")
+    server.check_binding(host, "t" * server.TOKEN_MIN)
 
 
 def test_localhost_is_loopback_only_where_it_resolves_there_alone(monkeypatch):

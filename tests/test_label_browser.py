@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import signal
 
+import httpx
 import pytest
 
 from rlhf_jax.label.store import Ranking, Store
@@ -136,3 +137,29 @@ def test_a_double_click_ranks_only_the_prompt_the_labeler_saw(page):
     assert [(r.prompt_id, r.levels) for r in task.rankings()] == [(0, ((0,), (2,), (1,), (3,)))]
     assert task.skips() == {"Ada": 1}
     expect(page.locator("#prompt")).to_have_text("prompt 2")
+
+
+def test_the_page_says_why_no_prompt_is_shown_and_asks_again_while_others_hold_them(page):
+    """Six labelers hold the six prompts (unshared): the page says so and asks again every 30 s, so a prompt let go
+    meanwhile reaches it; a ranking the server never answers stays on the page, not saved, to send again."""
+    page, db = page
+    page.clock.install()
+    url = page.url.rstrip("/")
+    assert [httpx.get(f"{url}/api/next", params={"labeler": f"h{i}"}).json()["prompt_id"] for i in range(6)] == \
+        list(range(6))
+    page.fill("#name", "Ada")
+    page.click("text=Start")
+    expect(page.locator("#finished")).to_have_text("The prompts left are being ranked by other labelers. This page "
+                                                   "asks again every 30 seconds.")
+    assert httpx.post(f"{url}/api/skip", json={"labeler": "h4", "prompt_id": 4}).json()["skipped"]
+    page.clock.run_for(29_000)
+    expect(page.locator("#finished")).to_be_visible()
+    page.clock.run_for(1_000)
+    expect(page.locator("#prompt")).to_have_text("prompt 4")
+
+    page.route("**/api/rankings", lambda route: route.abort())  # the server stopped, or the network is down
+    page.click("#submit")
+    expect(page.locator("#status")).to_have_text("Not saved: the labeling server cannot be reached (it stops once "
+                                                 "labeling is finished)")
+    expect(page.locator("#prompt")).to_have_text("prompt 4")
+    assert Store(db).rankings() == []

@@ -201,6 +201,12 @@ def test_a_stored_task_is_served_only_with_the_settings_and_models_it_was_sample
     check_task(load_config(None, [*argv, "model.path=/gone"]), task)
     with pytest.raises(UserError, match=r"holds a task sampled with other settings \(responses_per_model differ\)"):
         check_task(load_config(None, [*argv, f"model.path={policy}", "label.responses=3"]), task)
+    # more prompts, or samples drawn otherwise, make another task too
+    with pytest.raises(UserError, match=r"other settings \(label.prompts, sampling differ\)"):
+        check_task(load_config(None, [*argv, f"model.path={policy}", f"label.prompts={cfg.label.prompts + 1}",
+                                      f"sampling.temperature={cfg.sampling.temperature / 2}"]), task)
+    check_task(load_config(None, [*argv, f"model.path={policy}", f"sampling.batch_size={2 * cfg.sampling.batch_size}"]),
+               task)
     (policy / "config.json").write_text((policy / "config.json").read_text() + " ")  # trained again, in effect
     with pytest.raises(UserError, match=rf"^label: {tmp_path / 'label.db'} holds a task sampled with other settings "
                                         r"\(the models' files differ\); rerun with those, or delete it"):

@@ -185,7 +185,12 @@ def test_a_skip_frees_an_unshared_prompt_for_the_others(tmp_path):
     assert service.next("ann")["prompt_id"] == 2
     service.rank({"labeler": "bob", "prompt_id": 1, "order": [[i] for i in ids(task, 1)]})
     assert service.next("bob")["prompt_id"] == 0
-    assert service.next("cy") == {"prompt_id": None, "done": 1, "target": 3}  # 0 held for bob, 1 ranked, 2 ann's
+    # 0 held for bob, 1 ranked, 2 ann's: cy may find one later
+    assert service.next("cy") == {"prompt_id": None, "reason": "held", "done": 1, "target": 3}
+    service.rank({"labeler": "ann", "prompt_id": 2, "order": [[i] for i in ids(task, 2)]})
+    service.skip({"labeler": "bob", "prompt_id": 0})  # bob ranked 1 and skipped 0; 2 is ann's: none will come
+    assert service.next("bob") == {"prompt_id": None, "reason": "answered", "done": 2, "target": 3}
+    assert service.next("cy")["prompt_id"] == 0
 
 
 def brute_force(rankings: list[Ranking]) -> dict:

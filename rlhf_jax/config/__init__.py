@@ -265,8 +265,8 @@ class LabelSection:
     host: str = opt("127.0.0.1", "labeler=people: address the ranking page is served on; any but loopback needs "
                                  "label.token")
     port: int = opt(8000, "labeler=people: port of the ranking page; 0 picks a free one")
-    token: str = opt("", "labeler=people: a secret every request must carry (labelers open /?token=TOKEN): letters, "
-                         "digits and . _ ~ -; never written to disk (stored configs leave it empty)")
+    token: str = opt("", "labeler=people: a secret every request must carry (labelers open /?token=TOKEN): at least "
+                         "16 letters, digits and . _ ~ -; never written to disk (stored configs leave it empty)")
     target: int = opt(0, "labeler=people: rankings to collect (every labeler's) before the dataset is written; 0 = "
                          "until every prompt is ranked by someone")
     overlap: float = opt(0.1, "labeler=people: fraction of prompts every labeler ranks, to measure their "

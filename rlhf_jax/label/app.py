@@ -121,7 +121,12 @@ class TokenCheck:
         self.app, self.token = app, token
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self._carries_token(scope):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if len(self._query_tokens(scope)) > 1:  # one request must not try many guesses, whatever else it carries
+            message = "the URL names `token` more than once; one token per request"
+            return await JSONResponse({"error": message}, status_code=400)(scope, receive, send)
+        if self._carries_token(scope):
             return await self.app(scope, receive, send)
         supplied = bool(self._supplied(scope))
         message = ("wrong token" if supplied else "missing token") + \
@@ -132,14 +137,18 @@ class TokenCheck:
         return any(hmac.compare_digest(candidate.encode(), self.token.encode()) for candidate in self._supplied(scope))
 
     @staticmethod
-    def _supplied(scope) -> list[str]:
+    def _query_tokens(scope) -> list[str]:
+        return parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
+
+    @classmethod
+    def _supplied(cls, scope) -> list[str]:
         """The tokens a request carries: in its Authorization header, query string and cookie."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         found = []
         scheme, _, value = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and value:
             found.append(value.strip())
-        found += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
+        found += cls._query_tokens(scope)
         # Starlette's parser, as browsers do, reads past another site's cookie that SimpleCookie cannot parse
         if (cookie := cookie_parser(headers.get("cookie", "")).get(cookie_name(scope))) is not None:
             found.append(cookie)

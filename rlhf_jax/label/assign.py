@@ -44,6 +44,12 @@ class Assigner:
             return pid
         return None
 
+    def waits_on_holds(self, labeler: str, answered: Collection[int], ranked_by_others: Collection[int]) -> bool:
+        """Whether prompts `labeler` has not answered are held for others now: once ranked or let go (a skip, a
+        lease running out) they are done or `labeler`'s, so asking again later may find one."""
+        return any(pid not in answered and pid not in ranked_by_others and self.held_for_another(pid, labeler)
+                   for pid in self.order if pid not in self.shared)
+
     def held_for_another(self, prompt_id: int, labeler: str) -> bool:
         """Whether the unshared prompt is held for another labeler now (shown to them within the lease)."""
         holder, since = self.held.get(prompt_id, (labeler, 0.0))

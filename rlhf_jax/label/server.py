@@ -36,6 +36,7 @@ def is_loopback(host: str) -> bool:
 
 
 TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")
+TOKEN_MIN = 16  # characters: a shorter token falls to guessing
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -51,6 +52,9 @@ def check_binding(host: str, token: str) -> None:
     if token and not TOKEN_CHARS.fullmatch(token):
         raise UserError("label.token: expected letters, digits and . _ ~ - only (it travels in the page's URL, where "
                         "+ & % # and the like change it; `openssl rand -hex 24` makes one)")
+    if token and len(token) < TOKEN_MIN:
+        raise UserError(f"label.token: expected at least {TOKEN_MIN} characters, got {len(token)} (a short one is "
+                        "guessed; `openssl rand -hex 24` makes one)")
     if not is_loopback(host) and not token:
         raise UserError(f"label.host={host}: other machines can reach it; set label.token too (every request must "
                         "then carry it)")

@@ -48,10 +48,13 @@ class LabelService:
         name = validate.labeler_name(labeler)
         with self._lock:
             done = self.goal.done()
-            pid = None if done >= self.target else self.assigner.next(name, self.store.answered(name),
-                                                                      self.store.ranked_by_others(name))
-        if pid is None:
-            return {"prompt_id": None, "done": done, "target": self.target}
+            if done >= self.target:
+                return {"prompt_id": None, "reason": "finished", "done": done, "target": self.target}
+            answered, others = self.store.answered(name), self.store.ranked_by_others(name)
+            pid = self.assigner.next(name, answered, others)
+            if pid is None:
+                reason = "held" if self.assigner.waits_on_holds(name, answered, others) else "answered"
+                return {"prompt_id": None, "reason": reason, "done": done, "target": self.target}
         prompt = self.store.prompts[pid]
         return {"prompt_id": pid, "prompt": prompt.text, "responses": [{"id": r.id, "text": r.text}
                                                                           for r in prompt.responses],

@@ -159,9 +159,14 @@ def _store_task(cfg: Config, db: Path, prompts: list[str], held_out: set[str],
 def task_settings(cfg: Config) -> dict:
     """What a stored task was sampled with: a rerun serves it only where these are the same (the models by their
     files, so a moved run's paths do not count; a model no longer there, None, by nothing)."""
+    s = cfg.sampling
     return {"data": cfg.data.name, "responses_per_model": cfg.label.responses, "seed": cfg.seed,
             "model_fingerprints": [model_fingerprint(p) if Path(p).is_dir() else None
-                                   for p in (cfg.model.path, *cfg.label.policies)]}
+                                   for p in (cfg.model.path, *cfg.label.policies)],
+            "label.prompts": cfg.label.prompts, "label.eval_prompts": cfg.label.eval_prompts,
+            "data.chat_template": cfg.data.chat_template,
+            "sampling": {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_k": s.top_k,
+                         "top_p": s.top_p, "max_prompt_tokens": s.max_prompt_tokens}}
 
 
 def check_task(cfg: Config, task: label_store.Store) -> None:

@@ -7,7 +7,14 @@ const FLAGS = [["fails_instruction", "Fails to follow the instruction"], ["hallu
                ["harmful", "Harmful"], ["other", "Other problem"]];
 const NAME_KEY = "rlhf_jax.label.name";
 
-const state = {labeler: "", task: null, levels: [], ratings: {}, flags: {}, letters: {}, shownAt: 0};
+const state = {labeler: "", task: null, levels: [], ratings: {}, flags: {}, letters: {}, shownAt: 0, recheck: 0};
+// What the page says when GET /api/next has no prompt for the labeler, by its `reason`.
+const NOTHING_LEFT = {
+  finished: "Labeling is finished. Thank you!",
+  held: "The prompts left are being ranked by other labelers. This page asks again every 30 seconds.",
+  answered: "Nothing is left for you to rank. Thank you!",
+};
+const RECHECK_MS = 30000;
 const $ = (id) => document.getElementById(id);
 
 function el(tag, props = {}, children = []) {
@@ -22,8 +29,13 @@ function el(tag, props = {}, children = []) {
 }
 
 async function api(path, body) {
-  const response = await fetch(path, body === undefined ? {} : {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  let response;
+  try {
+    response = await fetch(path, body === undefined ? {} : {
+      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  } catch {  // no answer at all: the server stopped (it does once labeling is finished) or the network is down
+    throw new Error("the labeling server cannot be reached (it stops once labeling is finished)");
+  }
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = new Error(data.error || `the server answered ${response.status}`);
@@ -46,12 +58,15 @@ function showProgress(done, target) {
 }
 
 async function loadNext() {
+  clearTimeout(state.recheck);
   const data = await api(`/api/next?labeler=${encodeURIComponent(state.labeler)}`);
   showProgress(data.done, data.target);
   if (data.prompt_id === null) {
     state.task = null;
     $("task").hidden = true;
+    $("finished").textContent = NOTHING_LEFT[data.reason] || NOTHING_LEFT.answered;
     $("finished").hidden = false;
+    if (data.reason === "held") state.recheck = setTimeout(guarded(loadNext), RECHECK_MS);
     return;
   }
   state.task = data;
@@ -193,8 +208,9 @@ async function submit() {
     showProgress(data.done, data.target);
     say("Saved.");
   } catch (error) {
-    if (error.status !== 409) throw error;  // a prompt taken by another labeler, or labeling finished: move on
     say(`Not saved: ${error.message}`, true);
+    // a prompt taken by another labeler, or labeling finished: move on; otherwise the ranking stays to send again
+    if (error.status !== 409) return;
   }
   await loadNext();
 }
