@@ -355,7 +355,8 @@ def even_share(prompts, responses):
 @functools.cache
 def _program(algorithm: str):
     """(models, settings, the reward function's calls, the jitted iteration) of a tiny model with 2 epochs of
-    2 minibatches of 2 micro-batches, the reward function `even_share` through the stage's host wrapper."""
+    2 minibatches of 2 micro-batches, the reward function `even_share` through the stage's host wrapper; sampled at
+    temperature 0.7, so that a model scored at another temperature than the sampler's shows."""
     calls = []
 
     def recorded(prompts, responses):
@@ -364,7 +365,7 @@ def _program(algorithm: str):
 
     optim = OptimSection(lr=1e-2, schedule="constant", grad_clip=1.0)
     models = group.GroupModels(policy=make_model(CFG), policy_opt=steps.make_optimizer(optim, 100),
-                               sampling=SamplingParams(N, temperature=1.0, eos_ids=EOS_IDS, pad_id=PAD_ID))
+                               sampling=SamplingParams(N, temperature=0.7, eos_ids=EOS_IDS, pad_id=PAD_ID))
     settings = group.GroupSettings(algorithm=algorithm, group_size=G, epochs=2, minibatches=2, accum=2, samples=R,
                                    clip_ratio=0.2 if algorithm == "grpo" else 0.0, kl_coef=0.01)
     rewards_fn = RewardFunction(recorded, f"{algorithm}.reward_function=test", WordTokenizer(), EOS_IDS)
@@ -388,8 +389,11 @@ def _setup(models, seed: int = 0):
 def test_first_minibatch_ratio_is_exactly_one(algorithm):
     models, settings, _, rewards_fn, step = _program(algorithm)
     state, frozen, ids, mask = _setup(models)
+    key = np.asarray(jax.random.key_data(state.rng))
     state, metrics = step(state, frozen, ids, mask)
     assert rewards_fn.problem is None
+    # the key moves on: the next iteration samples other responses and shuffles its minibatches otherwise
+    assert not np.array_equal(np.asarray(jax.random.key_data(state.rng)), key)
     metrics.pop("samples")
     metrics = {k: float(v) for k, v in metrics.items()}
     assert metrics["first_ratio_max"] == 1.0 and metrics["first_ratio_min"] == 1.0, metrics

@@ -591,6 +591,36 @@ def test_first_step_reusing_the_rollout_forward_equals_a_direct_gradient():
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(direct)) > 1e-3  # a gradient that moves things
 
 
+def test_each_minibatch_adds_the_lm_loss_of_its_own_ptx_slice():
+    """Minibatch m of an epoch takes the m-th slice of the ptx batch (the two halves differ here): at lr 0 the
+    iteration's ptx_loss is the mean of each slice's own LM loss, which one slice for every minibatch would miss."""
+    models = _models(lr=0.0, ptx_coef=0.5, epochs=2, minibatches=2)
+    state, frozen, ids, mask = _setup(models)
+    ptx = _ptx_rows(8)
+    halves = [jax.tree.map(lambda x, m=m: x[4 * m:4 * (m + 1)], ptx) for m in range(2)]
+    losses = [float(jax.jit(lambda p, x: ppo.ptx_loss(models.policy, p, x))(state.policy.params, h)) for h in halves]
+    assert abs(losses[0] - losses[1]) > 1e-3, losses
+    _, metrics = jax.jit(lambda s, f, i, m, x: ppo.iteration(s, f, i, m, x, **models.kw))(state, frozen, ids, mask, ptx)
+    assert float(metrics["ptx_loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_every_iteration_draws_new_samples_and_minibatch_orders():
+    """The state's key moves on every iteration: at lr 0, on the same prompts, the next iteration samples other
+    responses (a key left as it was would sample the same ones and shuffle minibatches the same way)."""
+    models = _models(lr=0.0)
+    state, frozen, ids, mask = _setup(models)
+    step = jax.jit(lambda s, f, i, m: ppo.iteration(s, f, i, m, **models.kw))
+    keys, lengths, scores = [], [], []
+    for _ in range(2):
+        keys.append(np.asarray(jax.random.key_data(state.rng)))
+        state, metrics = step(state, frozen, ids, mask)
+        lengths.append(float(metrics["response_length"]))
+        scores.append(float(metrics["score_mean"]))
+    keys.append(np.asarray(jax.random.key_data(state.rng)))
+    assert len({k.tobytes() for k in keys}) == 3
+    assert (lengths[0], scores[0]) != (lengths[1], scores[1])
+
+
 def test_ptx_adds_exactly_coef_times_the_lm_loss_gradient():
     """PPO-ptx: the minibatch gradient with ptx_coef c equals the one without ptx plus c x the gradient of the
     LM loss on the ptx rows, computed separately."""
