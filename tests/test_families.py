@@ -157,6 +157,9 @@ def test_rope_parameters_win_over_a_top_level_rope_theta_as_in_transformers():
      "sliding-window attention is not supported for qwen2"),
     (dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3"),
      "architecture 'Gemma3ForConditionalGeneration' is not supported"),
+    # transformers builds a Mistral (sliding window) where the architecture says Llama (none): one must be wrong
+    (dict(architectures=["LlamaForCausalLM"], model_type="mistral"),
+     r"architectures names 'LlamaForCausalLM' \(llama\) but model_type is 'mistral' \(mistral\); one of them is wrong"),
     (dict(num_attention_heads=3), r"invalid value for a gemma3 model \(n_heads=3 is not a multiple"),
     (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
     (dict(num_hidden_layers="2"), "num_hidden_layers must be a positive integer, got '2'"),
@@ -201,6 +204,8 @@ def test_exported_config_reads_back_the_same_and_as_transformers_class(tmp_path,
     if family == "gemma3":
         assert theirs.rope_parameters[SLIDING] == {"rope_type": "default", "rope_theta": 100.0}
         assert theirs.rope_parameters[FULL]["rope_type"] == "linear" and theirs.rope_parameters[FULL]["factor"] == 4
+        # what readers before rope_parameters take the sliding layers' base from
+        assert json.loads((tmp_path / "config.json").read_text())["rope_local_base_freq"] == 100.0
 
 
 def test_model_json_keeps_the_new_fields_and_older_files_read_as_before():

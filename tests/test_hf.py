@@ -171,6 +171,31 @@ def test_bad_weights_give_clear_errors(hf_dirs, tmp_path):
         hf.load_hf(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt2_untied"])
+def test_original_gpt2_files_without_the_transformer_prefix_load_the_same(hf_dirs, tmp_path, name):
+    """OpenAI's GPT-2 files name their tensors without `transformer.` (and carry the causal-mask buffers)."""
+    src = hf_dirs[name]
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    assert len(bare) == len(tensors) and not any(k.startswith("transformer.") for k in bare)
+    bare["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    save_file(bare, str(tmp_path / "model.safetensors"))
+    jax.tree.map(np.testing.assert_array_equal, hf.load_hf(src)[2], hf.load_hf(tmp_path)[2])
+
+
+def test_a_tied_checkpoint_that_also_stores_its_lm_head_loads_as_tied(hf_dirs, tmp_path):
+    """Some tied checkpoints save the head beside the embedding it equals: it is the embedding, not an extra."""
+    src = hf_dirs["llama_tied"]
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}, str(tmp_path / "model.safetensors"))
+    cfg, _, params = hf.load_hf(tmp_path)
+    assert cfg.tie_embeddings and "lm_head" not in params
+    jax.tree.map(np.testing.assert_array_equal, hf.load_hf(src)[2], params)
+
+
 def test_bfloat16_checkpoint_loads(hf_dirs, tmp_path):
     cfg, head, params = hf.load_hf(hf_dirs["qwen2"])
     hf.save_hf(tmp_path, params, cfg, head, dtype="bfloat16")

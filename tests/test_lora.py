@@ -89,11 +89,14 @@ def _logits(base_dir, adapter_dir, merged_dir) -> tuple[np.ndarray, np.ndarray, 
 def test_peft_loads_our_adapter_on_the_transformers_model_with_our_merged_logits(tmp_path):
     base_dir, adapter_dir, merged_dir = _hf_dirs(tmp_path, "llama_gqa_llama3")
     cfg, _, params = hf.load_hf(base_dir)
-    adapters = _trained(lora.init_adapters(cfg, ALL, jax.random.key(3)), seed=4)
-    lora.write_adapter(adapter_dir, adapters, cfg, ALL, base_model=str(base_dir))
-    assert json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())["target_modules"] == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    hf.write_hf(merged_dir, jax.device_get(lora.merge(params, adapters, cfg, ALL)), cfg)
+    spec = lora.LoraSpec(rank=4, alpha=12.0, targets=lora.TARGETS, dropout=0.1)  # alpha / rank other than ALL's 2
+    adapters = _trained(lora.init_adapters(cfg, spec, jax.random.key(3)), seed=4)
+    lora.write_adapter(adapter_dir, adapters, cfg, spec, base_model=str(base_dir))
+    config = json.loads((adapter_dir / lora.ADAPTER_CONFIG).read_text())
+    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"])
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 12.0, 0.1)  # PEFT trains on with them
+    hf.write_hf(merged_dir, jax.device_get(lora.merge(params, adapters, cfg, spec)), cfg)
     base_logits, theirs, ours = _logits(base_dir, adapter_dir, merged_dir)
     assert np.abs(theirs - base_logits).max() > 1e-2  # the adapter matters
     np.testing.assert_allclose(theirs, ours, atol=1e-4)

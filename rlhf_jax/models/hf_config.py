@@ -222,6 +222,9 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
     family, head = ARCHITECTURES[arch] if arch else (_FAMILY_OF_TYPE.get(model_type), "lm")
     if family is None:
         raise HFFormatError(f"{where}: model_type {model_type!r} is not supported; supported: {_supported()}")
+    if _FAMILY_OF_TYPE.get(model_type, family) != family:  # transformers builds the model by its model_type
+        raise HFFormatError(f"{where}: architectures names {arch!r} ({family}) but model_type is {model_type!r} "
+                            f"({_FAMILY_OF_TYPE[model_type]}); one of them is wrong")
     generation = generation or {}
     if not isinstance(generation, dict):
         raise HFFormatError(f"generation_config.json beside {where}: expected a JSON object")

@@ -214,7 +214,7 @@ def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False, head
     saved = [PEFT_MODULES_TO_SAVE[m] for m in names] + (["score"] if scalar_head else [])
     return {"peft_type": "LORA", "task_type": "SEQ_CLS" if scalar_head else "CAUSAL_LM",
             "base_model_name_or_path": base_model, "r": spec.rank,
-            "lora_alpha": spec.alpha, "lora_dropout": 0.0, "target_modules": sorted(HF_MODULES[t].split(".")[-1]
+            "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": sorted(HF_MODULES[t].split(".")[-1]
                                                                                    for t in spec.targets),
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
             "inference_mode": True,
