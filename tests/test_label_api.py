@@ -145,8 +145,8 @@ def test_nothing_is_handed_out_or_stored_once_the_target_is_reached(task):
     client = TestClient(make_app(LabelService(task, target=2, overlap=0.0)))
     for who, pid in (("ann", 0), ("bob", 1)):
         assert client.post("/api/rankings", json=_ranking(task, who, pid)).status_code == 200
-    assert client.get("/api/next", params={"labeler": "cid"}).json() == {"prompt_id": None, "reason": "finished", "done": 2,
-                                                                               "target": 2}
+    assert client.get("/api/next", params={"labeler": "cid"}).json() == {"prompt_id": None, "reason": "finished",
+                                                                         "done": 2, "target": 2}
     late = client.post("/api/rankings", json=_ranking(task, "cid", 2))
     assert late.status_code == 409 and late.json()["error"].startswith("labeling is finished (2/2 rankings stored)")
     assert client.post("/api/rankings", json=_ranking(task, "ann", 0)).status_code == 200

@@ -213,9 +213,8 @@ def peft_config(spec: LoraSpec, base_model: str, scalar_head: bool = False, head
     names += ["lm_head"] if head_saved and "lm_head" not in names else []
     saved = [PEFT_MODULES_TO_SAVE[m] for m in names] + (["score"] if scalar_head else [])
     return {"peft_type": "LORA", "task_type": "SEQ_CLS" if scalar_head else "CAUSAL_LM",
-            "base_model_name_or_path": base_model, "r": spec.rank,
-            "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": sorted(HF_MODULES[t].split(".")[-1]
-                                                                                   for t in spec.targets),
+            "base_model_name_or_path": base_model, "r": spec.rank, "lora_alpha": spec.alpha,
+            "lora_dropout": spec.dropout, "target_modules": sorted(HF_MODULES[t].split(".")[-1] for t in spec.targets),
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
             "inference_mode": True,
             "modules_to_save": saved or None, **({"ensure_weight_tying": True} if head_saved and tied else {})}
