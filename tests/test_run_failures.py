@@ -122,6 +122,22 @@ def test_a_save_keeps_the_loop_facts_of_its_step_on_slow_storage(tmp_path, monke
     ckpts.close()
 
 
+@pytest.mark.parametrize("keep, kept", [
+    (2, [[10], [20, 10], [30, 20], [33, 30], [40, 30]]),
+    (1, [[10], [20], [30], [33], [40]]),
+])
+def test_checkpoints_kept_are_the_newest_and_the_newest_of_the_cadence(tmp_path, keep, kept):
+    """train.keep_checkpoints in all: the newest complete one always, then the cadence's newest; a stop's own
+    checkpoint (33, off the cadence of 10) goes once a newer one is complete."""
+    ckpts = TrainCheckpoints(tmp_path / "checkpoints", keep, save_every=10)
+    state = {"w": np.zeros(3, np.float32)}
+    for step, expected in zip((10, 20, 30, 33, 40), kept):
+        ckpts.save(step, state, {}, {}, {"stage": "sft"})
+        ckpts.wait()
+        assert ckpts.steps() == expected, (step, ckpts.steps())
+    ckpts.close()
+
+
 def test_export_refuses_non_finite_params(tmp_path):
     from rlhf_jax.errors import DivergedError
     from rlhf_jax.training import state as training_state

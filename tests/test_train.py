@@ -249,6 +249,31 @@ def test_rm_cli_accuracy_and_export(rm_run):
     assert (best.extra["reward_norm"] == norm) == (best_step == 40), (best_step, best.extra, norm)
 
 
+def test_a_non_finite_eval_loss_is_never_the_best(tiny, data_dir, workdir, monkeypatch):
+    """An evaluation whose loss is NaN (the params finite: an overflow in the eval pass alone) exports nothing to
+    best/; stored as the best, no later loss would compare below it and best/ would stay the NaN step's model."""
+    from rlhf_jax.runtime import sharding
+    from rlhf_jax.stages import train as train_stage
+
+    evaluated = []
+
+    def first_nan(*args, **kwargs):
+        sums = train_eval_sums(*args, **kwargs)
+        evaluated.append(sums)
+        return {k: float("nan") for k in sums} if len(evaluated) == 1 else sums
+
+    train_eval_sums = train_stage.eval_sums
+    monkeypatch.setattr(train_stage, "eval_sums", first_nan)
+    run_dir = workdir / "nan_eval"
+    cfg = load_config(None, _sft_args(tiny, data_dir, run_dir, "train.steps=3", "train.eval_every=1",
+                                      "train.save_every=0", "optim.lr=3e-3"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        train_stage.train(cfg, run_dir, mesh=sharding.make_mesh((8, 1, 1), ("data", "fsdp", "tensor")))
+    losses = {m["step"]: m["eval_loss"] for m in _evals(run_dir)}
+    assert len(evaluated) == 3 and losses[1] is None and losses[3] < losses[2], losses  # NaN is logged as null
+    _assert_trees_equal(load_model(run_dir / "best").params, load_model(run_dir / "export").params)
+
+
 def test_rm_bias_gain_normalises_reference_rewards(rm_run):
     """Recompute the rewards of the eval split's best responses from the export: gain * r + bias has mean 0
     and std 1; the export alone also ranks the held-out responses correctly."""
@@ -406,6 +431,12 @@ def test_grad_accumulation_matches_one_batch(tiny, data_dir, workdir):
     accum = _train_on_mesh([*args, "optim.grad_accum_steps=2"], workdir / "accum_2", (8, 1, 1))
     for step, loss in whole.items():
         assert abs(accum[step] - loss) <= 1e-5, (step, accum, whole)
+    # the gradients themselves, not only the loss: clipping and Adam would hide a scale on them
+    norms = [{m["step"]: m["grad_norm"] for m in _metrics(workdir / run) if "grad_norm" in m}
+             for run in ("accum_1", "accum_2")]
+    assert norms[0].keys() == norms[1].keys() and len(norms[0]) == MESH_STEPS
+    for step, norm in norms[0].items():
+        assert norms[1][step] == pytest.approx(norm, rel=1e-4), (step, norms)
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -480,6 +511,9 @@ def _assert_resumes_to_the_straight_run(tiny, data_dir, run_dir: Path, straight_
     _assert_trees_equal(load_model(straight_run / "export").params, load_model(run_dir / "export").params)
     assert _losses(run_dir) == _losses(straight_run)
     assert _train_steps(run_dir) == _train_steps(straight_run)  # every step logged once, none twice
+    # every other figure too: the learning rate's schedule resumes at its step, gradient norms, the final eval
+    steady = lambda run: [{k: v for k, v in m.items() if k not in ("time", "tokens_per_s")} for m in _metrics(run)]
+    assert steady(run_dir) == steady(straight_run)
     # and the same checkpoints kept: a stop's own, off the save cadence, goes once a newer one is saved
     assert _saved_steps(run_dir) == _saved_steps(straight_run) == list(range(10, RESUME_STEPS + 1, 10))
     return match.group(1)

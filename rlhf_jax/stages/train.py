@@ -144,7 +144,8 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
             return {}
         metrics = stage.eval_metrics(sums)
         best = run.facts["best_eval_loss"]
-        if best is None or metrics["loss"] < best:
+        # a non-finite loss is never best: stored, no later loss would compare below it
+        if math.isfinite(metrics["loss"]) and (best is None or metrics["loss"] < best):
             run.facts["best_eval_loss"] = metrics["loss"]
             # a reward model's best/ scores in the same normalised units as its export/ (PPO reads either)
             norm = fit_reward_norm(cfg, stage, whole(state), tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
