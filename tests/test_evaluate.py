@@ -276,7 +276,7 @@ def test_every_flag_reaches_the_setting_it_names(monkeypatch, tmp_path):
 
 def test_the_evaluator_samples_and_scores_over_the_references_tokenizer_ids(tmp_path):
     """A reference of 96 vocabulary rows read with a tokenizer of 40 ids (as Qwen2.5's): the policies are sampled,
-    and their KL taken, over those 40 (`SamplingParams.vocab`)."""
+    and their KL taken, over those 40 (`SamplingParams.vocab`), at the sampling temperature (0.5 here)."""
     from hf_fixtures import VOCAB, make_hf_model, make_tokenizer
     from rlhf_jax.config import load_config
     from rlhf_jax.eval.evaluate import Evaluator
@@ -285,7 +285,7 @@ def test_the_evaluator_samples_and_scores_over_the_references_tokenizer_ids(tmp_
     make_hf_model("qwen2", tmp_path)
     tokenizer = make_tokenizer(tmp_path, pad_is_eos=False)
     cfg = load_config(None, ["stage=eval", f"eval.reference={tmp_path}", "sampling.batch_size=8",
-                             "sampling.max_prompt_tokens=8", "sampling.max_new_tokens=4"])
+                             "sampling.max_prompt_tokens=8", "sampling.max_new_tokens=4", "sampling.temperature=0.5"])
     evaluator = Evaluator(cfg, ["w1 w2", "w3"], None, sharding.make_mesh([-1, 1, 1], ("data", "fsdp", "tensor")))
     assert evaluator.programs.p.vocab == len(tokenizer) < VOCAB
     # the KL's log-probs are over those 40 ids too: a policy's log-probs of its own samples as the sampler drew them
@@ -295,8 +295,9 @@ def test_the_evaluator_samples_and_scores_over_the_references_tokenizer_ids(tmp_
     _, _, ids, mask = evaluator.batches[0]
     samples = evaluator.programs.sample(model, params, ids, mask, jax.random.key(3))
     got = evaluator.programs.logprobs(model, params, ids, mask, samples)
-    forced = [jax.jit(lambda p, v=v: teacher_forced_logprobs(model, p, ids, mask, samples.tokens, samples.mask,
-                                                             cfg.sampling.temperature, vocab=v))(params)
-              for v in (len(tokenizer), None)]
+    forced = [jax.jit(lambda p, v=v, t=t: teacher_forced_logprobs(model, p, ids, mask, samples.tokens, samples.mask,
+                                                                  t, vocab=v))(params)
+              for v, t in ((len(tokenizer), 0.5), (None, 0.5), (len(tokenizer), 1.0))]
     np.testing.assert_allclose(got, forced[0], atol=1e-5)
     assert np.abs(got - np.asarray(forced[1]))[samples.mask].min() > 1e-3  # the limit changes every log-prob
+    assert np.abs(got - np.asarray(forced[2]))[samples.mask].max() > 1e-3  # and so does the temperature

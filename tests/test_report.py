@@ -179,15 +179,18 @@ def test_the_verdict_says_when_the_kl_is_not_of_the_sampled_distributions():
 def test_the_verdict_is_judged_by_the_gold_interval_at_its_bounds():
     """The last policy's gold win rate interval decides (the reward model's, agreeing or not, does not): an
     interval touching one half is no clear difference."""
-    for ci, outcome in (([0.5, 0.5], "RLHF made no clear difference to the policy"),
-                        ([0.375, 0.5], "RLHF made no clear difference to the policy"),
-                        ([0.5001, 0.7], "RLHF improved the policy"), ([0.3, 0.4999], "RLHF made the policy worse")):
+    # a Wilson interval is not centred on its rate: a rate above (below) one half with an interval across it
+    for rate, ci, outcome in ((0.5, [0.5, 0.5], "RLHF made no clear difference to the policy"),
+                              (0.4375, [0.375, 0.5], "RLHF made no clear difference to the policy"),
+                              (0.6, [0.45, 0.75], "RLHF made no clear difference to the policy"),
+                              (0.4, [0.25, 0.55], "RLHF made no clear difference to the policy"),
+                              (0.6, [0.5001, 0.7], "RLHF improved the policy"),
+                              (0.4, [0.3, 0.4999], "RLHF made the policy worse")):
         report = make_report()
-        report["policies"][-1].update(gold_win_rate=sum(ci) / 2, gold_win_rate_ci=ci, win_rate=0.9,
-                                      win_rate_ci=[0.8, 0.95])
+        report["policies"][-1].update(gold_win_rate=rate, gold_win_rate_ci=ci, win_rate=0.9, win_rate_ci=[0.8, 0.95])
         first = report_lib.verdict(report)[0]
         assert first.startswith(outcome + ":") and "by the gold reward" in first, (ci, first)
-        assert f"{100 * sum(ci) / 2:.0f}% of the time" in first
+        assert f"{100 * rate:.0f}% of the time" in first
 
 
 def test_two_checkpoints_of_a_run_make_a_step_plot_and_one_does_not(tmp_path):

@@ -15,9 +15,9 @@ sampler, PPO's epochs and minibatches) are therefore recounted from the compiled
 count.
 
 When a stage does not fit the given device memory, candidates are compiled (model.remat none, then block; with
-optim.grad_accum_steps 1, 2, 4, ... while the micro-batch still splits over the data-parallel devices, assuming
-memory does not grow with the accumulation) and the first that fits is suggested; the exit status is then
-`NO_FIT` (5).
+each optim.grad_accum_steps the batch divides into, fewest first, while the micro-batch still splits over the
+data-parallel devices, assuming memory does not grow with the accumulation) and the first that fits is suggested;
+the exit status is then `NO_FIT` (5).
 
 The figures are those of the backend the dry run compiles for: simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N) give XLA's CPU compiler's buffer assignment, which can differ
