@@ -468,7 +468,7 @@ def test_missing_file(tmp_path):
         read_all("jsonl_sft", str(missing))
     assert str(e.value) == f"{missing}: file not found"
     (tmp_path / "dir.jsonl").mkdir()
-    with pytest.raises(UserError, match="file not found"):
+    with pytest.raises(UserError, match="dir.jsonl: is a directory, expected a file"):
         read_all("jsonl_sft", str(tmp_path / "dir.jsonl"))  # a directory is not a readable file
 
 

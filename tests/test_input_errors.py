@@ -143,6 +143,25 @@ def test_json_array_file_says_so(capsys, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_one_json_object_over_several_lines_and_a_directory_say_so(capsys, tmp_path):
+    path = tmp_path / "row.json"
+    path.write_text(json.dumps({"prompt": "p"}, indent=2))
+    _one_error(capsys, data_cli.main, _prepare_argv("jsonl_prompts", path, tmp_path / "d", "ds"),
+               f"{path}: is one JSON object over several lines; expected JSON lines (one object per line)")
+    folder = tmp_path / "rows.jsonl"
+    folder.mkdir()
+    _one_error(capsys, data_cli.main, _prepare_argv("jsonl_prompts", folder, tmp_path / "d", "ds"),
+               f"{folder}: is a directory, expected a file")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_dataset_name_too_long_for_a_directory_is_one_line(capsys, tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p"}])
+    _one_error(capsys, data_cli.main, _prepare_argv("jsonl_prompts", path, tmp_path / "d", "a" * 240),
+               f"dataset name {'a' * 20}... has 240 characters; at most 100")
+    assert not (tmp_path / "d").exists()
+
+
 def test_json_error_column_counts_the_byte_order_mark(capsys, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(b'{"prompt": "a"}\n\xef\xbb\xbf{"prompt": ]\n')
@@ -239,6 +258,21 @@ def test_data_dir_that_is_a_file_says_so(capsys, tmp_path):
     line = _one_error(capsys, data_cli.main, _prepare_argv("jsonl_prompts", path, data_dir))
     assert line == f"error: {data_dir}: is a file; --data-dir must be a directory"
     assert data_dir.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("fields, message", [
+    (["prompt=a", "prompt=q"], "--field prompt=q: prompt is already read from 'a'; give each field once"),
+    (["prompt=q", "response=q"], "--field: prompt and response would both read the rows' 'q'; map them to different "
+                                 "fields"),
+    (["prompt=response"], "--field: prompt and response would both read the rows' 'response'; map them to "
+                          "different fields"),
+])
+def test_field_flags_that_conflict_are_one_line(capsys, tmp_path, fields, message):
+    """Each conflict would import quietly: the last mapping winning, or a prompt that is its own response."""
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"q": "What is 2+2?", "a": "4", "response": "4"}])
+    flags = [x for f in fields for x in ("--field", f)]
+    _one_error(capsys, data_cli.main, _prepare_argv("jsonl_sft", path, tmp_path / "d", "ds", *flags), message)
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("pair", ["prompt", "=question", "prompt="])

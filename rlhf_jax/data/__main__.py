@@ -28,6 +28,9 @@ def _fields(pairs: Sequence[str]) -> dict[str, str]:
         canonical, sep, user = pair.partition("=")
         if not sep or not canonical or not user:
             raise UserError(f"--field expects CANONICAL=NAME (e.g. prompt=question), got {pair!r}")
+        if canonical in out:
+            raise UserError(f"--field {pair}: {canonical} is already read from {out[canonical]!r}; give each field "
+                            "once")
         out[canonical] = user
     return out
 

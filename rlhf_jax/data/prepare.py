@@ -131,9 +131,14 @@ def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < eval_fraction
 
 
+NAME_MAX = 100
+
+
 def check_name(name: str) -> None:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise UserError(f"dataset name {name!r} must be lower_snake_case (letters, digits, underscores)")
+    if len(name) > NAME_MAX:  # a directory name, with room for the temporary one's suffix beside it
+        raise UserError(f"dataset name {name[:20]}... has {len(name)} characters; at most {NAME_MAX}")
 
 
 def dataset_dir(data_dir: str | Path, name: str) -> Path:

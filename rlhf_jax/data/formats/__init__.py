@@ -71,7 +71,14 @@ def _field_names(fmt: str, fields: Mapping[str, str] | None) -> dict[str, str]:
     unknown = sorted(set(fields) - set(renamable))
     if unknown:
         raise UserError(f"format {fmt!r} has no field {unknown[0]!r} to remap; it has: {', '.join(renamable)}")
-    return {name: fields.get(name, name) for name in renamable}
+    names = {name: fields.get(name, name) for name in renamable}
+    readers: dict[str, str] = {}
+    for name, key in names.items():
+        if key in readers:  # a prompt that is its own response would import without a word
+            raise UserError(f"--field: {readers[key]} and {name} would both read the rows' {key!r}; map them to "
+                            "different fields")
+        readers[key] = name
+    return names
 
 
 def _converter(fmt: str, names: dict[str, str]) -> Callable[[dict, list], dict]:

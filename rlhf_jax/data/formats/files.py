@@ -24,6 +24,8 @@ def local_file(path: str) -> Path:
         _checked_suffix(Path(urllib.parse.urlparse(path).path))  # before a download, not after
         return download.fetch(path, download.default_cache_dir())
     local = _checked_suffix(Path(path))
+    if local.is_dir():
+        raise UserError(f"{path}: is a directory, expected a file")
     if not local.is_file():
         raise UserError(f"{path}: file not found")
     return local
@@ -73,6 +75,9 @@ def _json_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                     continue
                 if first and _is_json_array(line):
                     raise UserError(f"{path}: is a JSON array; expected JSON lines (one object per line)")
+                if first and line.decode("utf-8", "replace").lstrip(_BOM).strip() == "{":
+                    raise UserError(f"{path}: is one JSON object over several lines; expected JSON lines (one object "
+                                    "per line)")
                 first = False
                 yield from blank
                 blank.clear()
