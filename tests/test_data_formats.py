@@ -197,6 +197,68 @@ def test_hh_rlhf_sft_and_prompts_share_the_rankings_prompts(tmp_path):
     assert records("hh_rlhf_sft", only_chosen) == [sft[0]]
 
 
+def _uf_row(prompt, chosen, rejected, **extra):
+    """A row of UltraFeedback binarized's layout: conversations of messages, scores beside them."""
+    conversation = lambda reply: [{"content": prompt, "role": "user"}, {"content": reply, "role": "assistant"}]
+    return {"prompt": prompt, "prompt_id": "0" * 64, "chosen": conversation(chosen), "rejected": conversation(rejected),
+            "messages": conversation(chosen), "score_chosen": 8.5, "score_rejected": 3.0, **extra}
+
+
+def test_ultrafeedback_ranks_the_chosen_reply_first_in_all_three_kinds(tmp_path):
+    path = tmp_path / "train_prefs-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist([_uf_row("Name a prime.", "7 is prime.", "Nine."),
+                                         _uf_row("Say hi", " Hi!\n", "bye")]), path)
+    rankings, sft, prompts = (records(fmt, str(path)) for fmt in ("ultrafeedback", "ultrafeedback_sft",
+                                                                    "ultrafeedback_prompts"))
+    assert rankings == [{"prompt": "Name a prime.", "responses": ["7 is prime.", "Nine."], "ranks": [0, 1]},
+                        {"prompt": "Say hi", "responses": [" Hi!\n", "bye"], "ranks": [0, 1]}]
+    assert sft == [{"prompt": "Name a prime.", "response": "7 is prime.", "metadata": ""},
+                   {"prompt": "Say hi", "response": " Hi!\n", "metadata": ""}]
+    assert prompts == [{"prompt": "Name a prime.", "metadata": ""}, {"prompt": "Say hi", "metadata": ""}]
+
+
+@pytest.mark.parametrize("change, reason, problem", [
+    (lambda r: r.update(chosen="7"), "wrong_type", "field 'chosen' must be a list of messages, got a string"),
+    (lambda r: r["rejected"].append({"content": "more?", "role": "user"}), "not_one_turn",
+     "field 'rejected' must be one user message and the assistant's reply, got roles ['user', 'assistant', 'user']"),
+    (lambda r: r["chosen"][0].update(content="another prompt"), "prompt_mismatch",
+     "field 'chosen[0].content' is not the row's 'prompt'"),
+    (lambda r: r["rejected"][1].update(content="7 is prime."), "identical_responses",
+     "fields 'chosen' and 'rejected' end in the same reply"),
+    (lambda r: r["chosen"][1].update(content="  "), "empty_response", "field 'chosen[1].content' (the reply) is empty"),
+    (lambda r: r["chosen"][1].pop("role"), "missing_field", "missing field 'chosen[1].role'"),
+])
+def test_ultrafeedback_rows_that_are_not_one_turn_ranked_are_named(tmp_path, change, reason, problem):
+    row = _uf_row("Name a prime.", "7 is prime.", "Nine.")
+    change(row)
+    error = single_error("ultrafeedback", write_jsonl(tmp_path / "uf.jsonl", [row]))
+    assert (error.reason, error.problem) == (reason, problem)
+
+
+def _shp_row(post, a, b, label):
+    return {"post_id": "abc", "domain": "askscience_train", "upvote_ratio": 0.99, "history": post,
+            "c_root_id_A": "x", "c_root_id_B": "y", "created_at_utc_A": 1, "created_at_utc_B": 2, "score_A": 30,
+            "score_B": 4, "human_ref_A": a, "human_ref_B": b, "labels": label, "seconds_difference": 1.0,
+            "score_ratio": 7.5}
+
+
+def test_shp_ranks_the_preferred_comment_first_and_groups_a_posts_rows(tmp_path):
+    """labels 1: A was preferred; 0: B was. Three comments on one post, in two rows, make one element."""
+    post = "Why is the sky blue?"
+    path = write_jsonl(tmp_path / "train.json", [_shp_row(post, "Rayleigh scattering.", "Magic.", 1),
+                                                 _shp_row(post, "Because.", "Rayleigh scattering.", 0)])
+    rankings = records("shp", str(path))
+    assert rankings == [{"prompt": post, "responses": ["Rayleigh scattering.", "Magic."], "ranks": [0, 1]},
+                        {"prompt": post, "responses": ["Because.", "Rayleigh scattering."], "ranks": [1, 0]}]
+    [element], _ = group_comparisons(rankings)
+    assert element["responses"] == ["Rayleigh scattering.", "Magic.", "Because."]
+    assert sorted(zip(element["better"], element["worse"])) == [(0, 1), (0, 2)]
+    for label, problem in ((2, "field 'labels' must be 1 (A preferred) or 0 (B preferred), got 2"),
+                           (True, "field 'labels' must be 1 (A preferred) or 0 (B preferred), got True")):
+        error = single_error("shp", write_jsonl(tmp_path / "bad.json", [_shp_row(post, "a", "b", label)]))
+        assert (error.reason, error.problem) == ("invalid_choice", problem)
+
+
 def test_tldr_prompts_are_the_sft_queries(tmp_path):
     rows = [TLDR_SFT_ROW, dict(TLDR_SFT_ROW, subreddit=None), {k: v for k, v in TLDR_SFT_ROW.items() if k != "summary"}]
     path = write_jsonl(tmp_path / "valid.jsonl", rows)

@@ -1,7 +1,7 @@
 """Prepare a dataset for rlhf_jax from the files users have.
 
   python -m rlhf_jax.data --format {jsonl_sft,jsonl_rankings,jsonl_prompts,hh_rlhf,hh_rlhf_sft,hh_rlhf_prompts,
-      tldr_sft,tldr_comparisons,tldr_prompts} \\
+      tldr_sft,tldr_comparisons,tldr_prompts,ultrafeedback,ultrafeedback_sft,ultrafeedback_prompts,shp} \\
       --input PATH [--input PATH ...] --data-dir DIR --name NAME [--eval-fraction F] [--skip-invalid]
 
 Inputs may be .jsonl, .jsonl.gz, .json (JSON lines) or .parquet files, or http(s) URLs (downloaded once into

@@ -1,6 +1,6 @@
 """Importers from the dataset formats users have into three canonical record kinds, validating every row; this
 package's registry maps each format name to its kind and to the converter of its module (`jsonl`: the generic
-formats with renamable fields; `hh_rlhf`; `tldr`).
+formats with renamable fields; `hh_rlhf`; `tldr`; `ultrafeedback`; `shp`).
 
 Canonical records are plain dicts:
   sft       {"prompt": str, "response": str, "metadata": str}
@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from rlhf_jax.data.formats import hh_rlhf, jsonl, tldr
+from rlhf_jax.data.formats import hh_rlhf, jsonl, shp, tldr, ultrafeedback
 from rlhf_jax.data.formats.files import local_file, read_file
 from rlhf_jax.data.formats.rows import Row
 from rlhf_jax.errors import UserError
@@ -36,6 +36,10 @@ FORMATS: dict[str, str] = {
     "tldr_sft": "sft",
     "tldr_comparisons": "rankings",
     "tldr_prompts": "prompts",
+    "ultrafeedback": "rankings",
+    "ultrafeedback_sft": "sft",
+    "ultrafeedback_prompts": "prompts",
+    "shp": "rankings",
 }
 
 
@@ -93,5 +97,9 @@ def _converter(fmt: str, names: dict[str, str]) -> Callable[[dict, list], dict]:
         "tldr_sft": lambda row, notes: tldr.sft(row),
         "tldr_comparisons": lambda row, notes: tldr.comparisons(row),
         "tldr_prompts": lambda row, notes: tldr.prompts(row),
+        "ultrafeedback": lambda row, notes: ultrafeedback.rankings(row),
+        "ultrafeedback_sft": lambda row, notes: ultrafeedback.sft(row),
+        "ultrafeedback_prompts": lambda row, notes: ultrafeedback.prompts(row),
+        "shp": lambda row, notes: shp.rankings(row),
     }
     return converters[fmt]
