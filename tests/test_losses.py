@@ -226,30 +226,30 @@ def test_next_token_nll_equals_loop(chunk):
     hidden = rng.normal(size=(B, T, D)).astype(np.float32)
     w_DV = rng.normal(size=(D, V)).astype(np.float32)
     ids = rng.integers(0, V, (B, T))
-    weights = rng.random((B, T)) > 0.3
     segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    # a mask, and weights of any size (each target's NLL scaled by its own, zeros left out)
+    for weights in (rng.random((B, T)) > 0.3, np.where(rng.random((B, T)) > 0.3, rng.random((B, T)) * 2, 0.0)):
+        def nll(hidden, w_DV):
+            return next_token_nll(hidden, lambda x: jnp.einsum("bcd,dv->bcv", x, w_DV), jnp.asarray(ids),
+                                  jnp.asarray(weights), jnp.asarray(segments), chunk)
 
-    def nll(hidden, w_DV):
-        return next_token_nll(hidden, lambda x: jnp.einsum("bcd,dv->bcv", x, w_DV), jnp.asarray(ids),
-                              jnp.asarray(weights), jnp.asarray(segments), chunk)
+        def loop(hidden, w_DV):
+            total, count = 0.0, 0.0
+            for b in range(B):
+                for t in range(T - 1):
+                    if weights[b, t + 1] and segments[b, t] == segments[b, t + 1]:
+                        total -= float(weights[b, t + 1]) * jax.nn.log_softmax(hidden[b, t] @ w_DV)[ids[b, t + 1]]
+                        count += float(weights[b, t + 1])
+            return total, count
 
-    def loop(hidden, w_DV):
-        total, count = 0.0, 0
-        for b in range(B):
-            for t in range(T - 1):
-                if weights[b, t + 1] and segments[b, t] == segments[b, t + 1]:
-                    total -= jax.nn.log_softmax(hidden[b, t] @ w_DV)[ids[b, t + 1]]
-                    count += 1
-        return total, count
-
-    (total, count), (exp_total, exp_count) = nll(hidden, w_DV), loop(hidden, w_DV)
-    np.testing.assert_allclose(float(total), float(exp_total), rtol=1e-5)
-    assert int(count) == exp_count
-    # a cotangent other than 1: the loss divided by a token count, as the training steps take it
-    grads = jax.grad(lambda h, w: nll(h, w)[0] / 7, argnums=(0, 1))(hidden, w_DV)
-    exp_grads = jax.grad(lambda h, w: loop(h, w)[0] / 7, argnums=(0, 1))(hidden, w_DV)
-    for got, expected in zip(grads, exp_grads):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+        (total, count), (exp_total, exp_count) = nll(hidden, w_DV), loop(hidden, w_DV)
+        np.testing.assert_allclose(float(total), float(exp_total), rtol=1e-5)
+        assert float(count) == pytest.approx(exp_count, rel=1e-6)
+        # a cotangent other than 1: the loss divided by a token count, as the training steps take it
+        grads = jax.grad(lambda h, w: nll(h, w)[0] / 7, argnums=(0, 1))(hidden, w_DV)
+        exp_grads = jax.grad(lambda h, w: loop(h, w)[0] / 7, argnums=(0, 1))(hidden, w_DV)
+        for got, expected in zip(grads, exp_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_next_token_nll_skips_the_head_of_chunks_without_a_target():

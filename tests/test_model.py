@@ -50,7 +50,8 @@ def test_logits_match_transformers(hf_models, name):
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
                           attention_mask=torch.tensor(mask, dtype=torch.long),
-                          position_ids=torch.tensor(np.asarray(positions_from_mask(mask)), dtype=torch.long)).logits
+                          # left padding: a row's first real token is at position 0 (counted here, not by ours)
+                          position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0), dtype=torch.long)).logits
     ours = jit_forward(make_model(cfg), params, ids, mask)
     np.testing.assert_allclose(np.asarray(ours)[mask], ref.numpy()[mask], atol=1e-4, rtol=0)
 
