@@ -389,3 +389,37 @@ def test_a_gemma_config_without_its_attention_scalar_exports_the_head_dims_scale
     exported = config_to_hf(cfg)
     assert exported["query_pre_attn_scalar"] == cfg.head_dim
     assert config_from_hf(exported)[0] == dataclasses.replace(cfg, query_pre_attn_scalar=float(cfg.head_dim))
+
+
+@pytest.mark.full  # each path alone is in the fast tier (tests/test_sampling_exit.py)
+@pytest.mark.parametrize("family, scan, dtype, tolerance", [("gemma2", False, "float32", 1e-5),
+                                                            ("gemma3", True, "float32", 1e-5),
+                                                            ("mistral", False, "bfloat16", 5e-3)])
+def test_the_sampler_with_windows_segments_and_shared_prompts_draws_what_teacher_forcing_scores(
+        monkeypatch, family, scan, dtype, tolerance):
+    """Every sampler path at once over a window of 4 slots: 20 new tokens as one decode loop with a row per
+    prompt, and as four loops over a growing cache with each prompt's prefill shared by 2 rows, draw the same
+    tokens; their log-probs are what a teacher-forced pass gives at the temperature (bfloat16: to its rounding)."""
+    from rlhf_jax.models import sampling
+    from rlhf_jax.models.transformer import params_for
+
+    cfg = tiny(family)
+    model = make_model(cfg, scan_layers=scan, dtype=dtype)
+    params = params_for(model, random_params(cfg))
+    G, N = 2, 20
+    ids, mask = _left_padded_batch(batch=3, width=9)
+    ids, mask = np.repeat(ids, G, 0), np.repeat(mask, G, 0)
+    p = sampling.SamplingParams(max_new_tokens=N, temperature=0.8, top_k=20, top_p=0.9, pad_id=0)
+    run = lambda group: jax.device_get(jax.jit(lambda pr: sampling.sample(model, pr, ids, mask, jax.random.key(1), p,
+                                                                          group))(params))
+    one = run(1)
+    monkeypatch.setattr(sampling, "DECODE_SEGMENT_MIN", 4)
+    assert sampling.decode_segments(N - 1) == [5, 10, 15, 19]
+    segmented = run(G)
+    np.testing.assert_array_equal(segmented.tokens_BN, one.tokens_BN)
+    np.testing.assert_allclose(segmented.logprobs_BN, one.logprobs_BN, atol=tolerance)
+    forced = jax.jit(lambda pr: sampling.teacher_forced_logprobs(model, pr, ids, mask, one.tokens_BN, one.mask_BN,
+                                                                 p.temperature))(params)
+    real = np.asarray(one.mask_BN, bool)
+    assert real.sum() > 3 * N  # responses long enough to run past the window
+    np.testing.assert_allclose(one.logprobs_BN[real], np.asarray(forced)[real], atol=tolerance)
