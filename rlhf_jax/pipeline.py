@@ -58,6 +58,9 @@ OUTPUT_KEYS = ("data.dir", "eval.out", "generate.output")  # where a step writes
 ROUND_KEYS = ("rounds", "repeat")  # the pipeline's own keys: how many times which steps run
 # How a label step serves its page, not what it makes: a finished step stays finished when they change.
 SERVING_KEYS = ("label.host", "label.port", "label.token", "label.finish")
+# How a step runs, not what it makes: the devices' layout, the compile cache, the processes, the log's cadence. A
+# finished step stays finished when they change (a run carried on to other machines); a resumed one lists them.
+LAYOUT_KEYS = ("mesh", "runtime", "distributed", "train.log_every")
 
 
 class Step(NamedTuple):
@@ -361,7 +364,7 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
             summaries.append(summary)
             records.append({"config": config, "summary": done})
             continue
-        created = distributed.on_primary(lambda: _check_started(step, upstream))
+        created = distributed.on_primary(lambda: _check_started(step, upstream, older))
         print(f"{where}: stage {step.cfg.stage} in {step_dir}", file=sys.stderr)
         t0 = time.perf_counter()
         try:
@@ -390,33 +393,39 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
     return summaries
 
 
-OLDER_FORMS = ("serving", "full")  # how older markers fingerprinted the steps before them
+OLDER_FORMS = ("layout", "serving", "full")  # how older markers fingerprinted the steps before them
 
 
 def _fingerprint(records: list[dict], form: str = "read") -> str:
     """What the steps so far were run with and came out as: the configs' parts their stages read (`_read_part`)
     and their summaries, relative to run_dir (timings left out, so a step that reran to the same results leaves
-    the steps after it valid). Older markers' forms: "serving", the label step's serving keys counted; "full",
-    every section (before STAGE_SECTIONS)."""
-    part = {"read": _read_part, "serving": functools.partial(_read_part, serving=True), "full": dict}[form]
+    the steps after it valid). Older markers' forms: "layout", the LAYOUT_KEYS counted; "serving", the label step's
+    serving keys too; "full", every section (before STAGE_SECTIONS)."""
+    part = {"read": _read_part, "layout": functools.partial(_read_part, layout=True),
+            "serving": functools.partial(_read_part, serving=True, layout=True), "full": dict}[form]
     results = [{"config": part(r["config"]),
                 "summary": {k: v for k, v in r["summary"].items() if not (k.endswith("_s") or k == "seconds")}}
                for r in records]
     return hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
 
 
-def _read_part(config: Mapping, serving: bool = False) -> dict:
+def _read_part(config: Mapping, serving: bool = False, layout: bool = False) -> dict:
     """The part of a step's config (a dict) that its stage reads: the top-level keys and its STAGE_SECTIONS, less
-    the label section's SERVING_KEYS (how its page is served, not what it makes) unless `serving`."""
+    the label section's SERVING_KEYS (how its page is served, not what it makes) unless `serving`, and the
+    LAYOUT_KEYS unless `layout`."""
     sections = STAGE_SECTIONS.get(config.get("stage"))
     part = {k: v for k, v in config.items() if sections is None or not isinstance(v, Mapping) or k in sections}
-    if not serving and isinstance(part.get("label"), Mapping):
-        served = {key.partition(".")[2] for key in SERVING_KEYS}
-        part["label"] = {k: v for k, v in part["label"].items() if k not in served}
+    left_out = (() if serving else SERVING_KEYS) + (() if layout else LAYOUT_KEYS)
+    for key in left_out:
+        section, _, name = key.partition(".")
+        if not name:
+            part.pop(section, None)
+        elif isinstance(part.get(section), Mapping):
+            part[section] = {k: v for k, v in part[section].items() if k != name}
     return part
 
 
-def _check_started(step: Step, upstream: str) -> bool:
+def _check_started(step: Step, upstream: str, older: tuple[str, ...] = ()) -> bool:
     """Refuses a step that started earlier after other steps before it (one reran and came out differently, as
     after a `delete ... to run it again`) and saved checkpoints, which it would resume from; then records the steps
     it starts after. Returns whether it created the step's directory."""
@@ -427,7 +436,7 @@ def _check_started(step: Step, upstream: str) -> bool:
         before = None  # never started here, or before these records were kept
     checkpoints = step_dir / "checkpoints"
     resumable = (checkpoints.is_dir() and any(checkpoints.iterdir())) or (step_dir / "label.db").exists()
-    if before not in (None, upstream) and resumable:
+    if before not in (None, upstream, *older) and resumable:
         raise UserError(f"pipeline.{step.name}: started earlier after other steps before it, which came out "
                         f"differently since; what it saved (checkpoints, a labeling task) is of that run: delete "
                         f"{step_dir} to run it again")

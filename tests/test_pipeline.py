@@ -192,6 +192,26 @@ def test_a_finished_step_stays_finished_when_a_section_its_stage_does_not_read_c
     assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.temperature" in err
 
 
+def test_a_finished_step_stays_finished_on_another_mesh_runtime_or_log_cadence(tmp_path):
+    """How a step runs is not what it makes: a run carried on with another mesh, compile cache or log cadence keeps
+    its finished steps, and markers that counted those keys (their upstream in the "layout" form) still count."""
+    path = _two_generate_steps(tmp_path)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0, err[-2000:]
+    layout = ["mesh.shape=[1,-1,1]", "runtime.compile_cache=", "train.log_every=3"]
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, *layout])
+    assert rc == 0 and "[1/2] first: finished earlier" in err and "[2/2] again: finished earlier" in err, err
+    marker = tmp_path / "run" / "again" / pipeline.MARKER
+    first = json.loads((tmp_path / "run" / "first" / pipeline.MARKER).read_text())
+    records = [{key: pipeline._relative(first[key], str(tmp_path / "run")) for key in ("config", "summary")}]
+    assert pipeline._fingerprint(records, "layout") != pipeline._fingerprint(records)
+    marker.write_text(json.dumps({**json.loads(marker.read_text()),
+                                  "upstream": pipeline._fingerprint(records, "layout")}))
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0 and "[2/2] again: finished earlier" in err, err[-2000:]
+    assert json.loads(marker.read_text())["upstream"] == pipeline._fingerprint(records)  # rewritten in this form
+
+
 def _two_generate_steps(tmp_path) -> str:
     (tmp_path / "prompts.txt").write_text("Hello there\n")
     return _write(tmp_path, PIPELINE.split("  second:")[0] + PIPELINE.split("  second:")[0].split("pipeline:\n")[1]
