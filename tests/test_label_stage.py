@@ -214,6 +214,23 @@ def test_a_stored_task_is_served_only_with_the_settings_and_models_it_was_sample
     task.close()
 
 
+def test_a_reward_model_among_the_policies_is_refused_before_any_sampling(setup, tmp_path, monkeypatch):
+    """Every model's kind is read from its metadata first: model.path's samples would otherwise be drawn (minutes
+    at real size) before label.policies' reward model is refused."""
+    from test_run_models import _scalar_export
+
+    from rlhf_jax.stages import label as label_stage
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampling began before every model's kind was checked")
+
+    monkeypatch.setattr(label_stage, "Generator", sampled)
+    rm = _scalar_export(setup["policy"], tmp_path / "rm", "reward")
+    rc, _, err = run_quietly(main_cli.main, _argv(setup, tmp_path / "run", _free_port(), f"label.policies=[{rm}]"))
+    assert rc == 2 and err.strip().splitlines()[-1] == (f"error: label.policies: {rm}: a reward/value model (scalar "
+                                                        "head), expected a policy"), err[-2000:]
+
+
 def test_a_run_without_rankings_to_finish_and_a_public_host_without_token_are_one_line(setup, tmp_path):
     port = _free_port()
     with serving_nothing(port):

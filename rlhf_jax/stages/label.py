@@ -32,7 +32,7 @@ from rlhf_jax.data.prepare import prepare
 from rlhf_jax.errors import Interrupted, UserError
 from rlhf_jax.label import agreement, server, store as label_store
 from rlhf_jax.label.service import Goal
-from rlhf_jax.models.checkpoint import load_model, model_fingerprint
+from rlhf_jax.models.checkpoint import load_model, model_fingerprint, model_meta
 from rlhf_jax.models.generation import Generator
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import PAD_ID
@@ -100,14 +100,18 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
     s, K = cfg.sampling, cfg.label.responses
     mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")  # before a model loads
+    paths = (cfg.model.path, *cfg.label.policies)
+    keys = ["model.path"] + ["label.policies"] * len(cfg.label.policies)
+    wheres = [f"model.path={paths[0]}"] + [f"label.policies: {path}" for path in paths[1:]]
+    for path, key, where in zip(paths, keys, wheres):  # every model's kind before the first one samples
+        if model_meta(path, need_tokenizer=True, key=key).head != "lm":
+            raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
     samples: list[list[tuple[str, dict]]] = [[] for _ in prompts]
     repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
-    for i, path in enumerate((cfg.model.path, *cfg.label.policies)):
-        generator = Generator(load_model(path, need_tokenizer=True,
-                                         key="model.path" if i == 0 else "label.policies"), mesh,
+    for i, (path, key, where) in enumerate(zip(paths, keys, wheres)):
+        generator = Generator(load_model(path, need_tokenizer=True, key=key), mesh,
                               SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
-                              cfg.model.dtype, cfg.data.chat_template,
-                              where=f"model.path={path}" if i == 0 else f"label.policies: {path}")
+                              cfg.model.dtype, cfg.data.chat_template, where=where)
         source = {"policy": str(path), "step": source_step(path)}
         for j, record in enumerate(generator.generate(repeated, s.batch_size, s.max_prompt_tokens, cfg.seed + i)):
             samples[j // K].append((record["text"], source))
