@@ -357,7 +357,7 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
         older = tuple(_fingerprint(records, form) for form in OLDER_FORMS)
         config = _relative(config_to_dict(step.cfg), str(run_dir))
         # one answer for all processes
-        done = distributed.on_primary(lambda: _finished(step, config, upstream, older))
+        done = distributed.on_primary(lambda: _finished(step, config, upstream, older, tuple(steps[i:])))
         if done is not None:
             summary = _substitute(done, str(run_dir))
             print(f"{where}: finished earlier, skipped ({_one_line(summary)})", file=sys.stderr)
@@ -474,9 +474,11 @@ def _check_settings(step: Step, config: dict) -> None:
                         f"delete {step.cfg.run_dir} to run it again")
 
 
-def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...]) -> dict | None:
+def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...], later: tuple[Step, ...] = ()
+              ) -> dict | None:
     """The summary (relative to run_dir) of a step finished earlier with the same config (`_check_settings`) after
-    the same earlier steps; None when it has not finished."""
+    the same earlier steps; None when it has not finished. `later`: the steps after it, named in a refusal when
+    they finished too (rerun after this one, they would be refused in turn)."""
     found = _marker(step)
     if found is None:
         return None
@@ -484,8 +486,12 @@ def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...]) -
     summary, after = recorded["summary"], recorded["upstream"]
     _check_settings(step, config)
     if after not in (upstream, *older):
+        stale = [str(step_dir)] + [s.cfg.run_dir for s in later if _marker(s) is not None]
+        also = f" and the {len(stale) - 1} finished steps after it" if len(stale) > 2 else \
+            " and the finished step after it" if len(stale) == 2 else ""
         raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one was added or "
-                        f"removed, or ran again and came out differently); delete {step_dir} to run it again")
+                        f"removed, or ran again and came out differently); delete {' '.join(stale)} to run it"
+                        f"{also} again")
     if after != upstream:  # an older marker's fingerprint (every section): recorded as this one computes it
         write_json_atomically(step_dir / MARKER, {**recorded, "upstream": upstream})
     return _relative(summary, root)

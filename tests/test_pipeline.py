@@ -152,19 +152,24 @@ def test_a_rounds_first_step_that_made_nothing_leaves_no_round_directory(tmp_pat
 
 
 def test_a_step_after_one_that_came_out_differently_is_refused(tmp_path):
-    """Steps finished after an earlier step whose results have changed since (it ran again) are stale."""
+    """Steps finished after an earlier step whose results have changed since (it ran again) are stale: the refusal
+    names every finished step after it too, which would otherwise be refused one by one, each after the step
+    before it has run again."""
     (tmp_path / "prompts.txt").write_text("Hello there\n")
-    text = PIPELINE.split("  second:")[0] + PIPELINE.split("  second:")[0].split("pipeline:\n")[1].replace(
-        "first:", "again:").replace("first.jsonl", "again.jsonl")
+    step = PIPELINE.split("  second:")[0].split("pipeline:\n")[1]
+    text = PIPELINE.split("  second:")[0] + "".join(step.replace("first", name) for name in ("again", "third"))
     path = _write(tmp_path, text)
     rc, _, err = run_quietly(main_cli.main, ["--config", path])
-    assert rc == 0 and "[2/2] again: done" in err, err[-2000:]
+    assert rc == 0 and "[3/3] third: done" in err, err[-2000:]
     marker = tmp_path / "run" / "first" / pipeline.MARKER
     recorded = json.loads(marker.read_text())
     recorded["summary"]["new_tokens"] += 1  # what a rerun that came out differently leaves
     marker.write_text(json.dumps(recorded))
     rc, _, err = run_quietly(main_cli.main, ["--config", path])
-    assert rc == 2 and "pipeline.again: finished earlier after other steps before it (one was added" in err
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        "error: pipeline.again: finished earlier after other steps before it (one was added or removed, or ran "
+        f"again and came out differently); delete {tmp_path / 'run' / 'again'} {tmp_path / 'run' / 'third'} to run "
+        "it and the finished step after it again"), err[-2000:]
 
 
 def test_a_finished_step_stays_finished_when_a_section_its_stage_does_not_read_changes(tmp_path):
