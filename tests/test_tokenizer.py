@@ -221,3 +221,20 @@ def test_the_generator_never_draws_the_rows_a_model_pads_its_vocabulary_with(tmp
     assert gen.params_cfg.vocab == len(fast)
     records = list(gen.generate(["how are you?"] * 8, 8, 32, progress=False))
     assert all(0 <= i < len(fast) for record in records for i in record["ids"]) and records[0]["ids"]
+
+
+def test_rows_tokenized_in_threads_are_the_rows_tokenized_alone():
+    """The input pipeline tokenizes in reader threads with one tokenizer: a templated prompt (its control tokens
+    read as such) and a response (its text read as text) encoded at once in two threads must each come out as alone.
+    transformers keeps "read special-token text as text" as a flag on the tokenizer it sets per call: shared, a
+    prompt's template tokens came out as plain text in about one row in fifty."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fast = _gemma_style_tokenizer()
+    tokenize = Tokenize(fast, "sft", DataSection(max_prompt_tokens=48, max_response_tokens=24, chat_template=True), 2)
+    rows = [{"prompt": f"question {i} about the weather?", "response": f" answer {i}: it rains <end_of_turn> a lot."}
+            for i in range(600)]
+    alone = [tokenize(row)["ids"].tolist() for row in rows]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = [ids.tolist() for ids in pool.map(lambda row: tokenize(row)["ids"], rows)]
+    assert sum(a != t for a, t in zip(alone, threaded)) == 0

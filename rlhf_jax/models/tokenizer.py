@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
+import threading
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -15,6 +18,25 @@ from rlhf_jax.models import hf
 from rlhf_jax.models.transformer import PAD_ID  # lives with the model that embeds it; importable from here too
 
 EOS_TOKEN = "<|endoftext|>"
+
+_splitting_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_splitting_lock = threading.Lock()
+
+
+def splitting(tokenizer):
+    """A copy of `tokenizer` that reads special-token text in what it encodes as text ("<|im_end|>" written in a
+    prompt or response is no control token). transformers sets that as a flag on the tokenizer's backend for each
+    call (`split_special_tokens=True`), so that a call with it and one without on one tokenizer in two threads (the
+    input pipeline's readers) can encode either way: the copy is set once and never called otherwise, and the
+    original is never switched."""
+    with _splitting_lock:
+        if tokenizer not in _splitting_copies:
+            split = copy.deepcopy(tokenizer)
+            split.split_special_tokens = True
+            if hasattr(split, "_tokenizer"):  # a fast tokenizer's backend
+                split._tokenizer.encode_special_tokens = True
+            _splitting_copies[tokenizer] = split
+        return _splitting_copies[tokenizer]
 
 
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
@@ -62,6 +84,7 @@ class PromptEncoder:
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise UserError("the tokenizer has no chat template (data.chat_template asks for one)")
         self.tokenizer, self.max_tokens, self.chat_template = tokenizer, max_tokens, chat_template
+        self._splitting = splitting(tokenizer)
         # control tokens: Llama 3's <|start_header_id|> and <|eot_id|> are special added tokens without being named
         # special tokens (all_special_ids holds only its BOS and EOS)
         added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -100,8 +123,8 @@ class PromptEncoder:
         """All ids of a prompt, untruncated. The prompt's text is text: a "<|im_end|>" in it is not the control
         token (the template's own are), so that a prompt cannot end its turn or write the assistant's."""
         if not self.chat_template:
-            return list(self.tokenizer(prompt, split_special_tokens=True)["input_ids"])
-        encode = lambda text, **kw: list(self.tokenizer(text, add_special_tokens=False, **kw)["input_ids"])
+            return list(self._splitting(prompt)["input_ids"])
+        encode = lambda text, tokenizer=self.tokenizer: list(tokenizer(text, add_special_tokens=False)["input_ids"])
         text = self._render(prompt)
         if not any(token in prompt for token in self._control_texts):
             return encode(text)  # the whole text at once: the tokens the chat model was trained on
@@ -111,7 +134,7 @@ class PromptEncoder:
             raise UserError("the chat template changes a prompt with control-token text in it beyond recognition; "
                             f"remove the control tokens from the prompt: {prompt[:80]!r}")
         content = text[len(before):len(text) - len(after)]
-        return encode(before) + encode(content, split_special_tokens=True) + encode(after)
+        return encode(before) + encode(content, self._splitting) + encode(after)
 
     def _render(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -159,20 +182,20 @@ class ResponseCodec:
     ANCHORS = ("\n", "a")
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        self.tokenizer, self._splitting = tokenizer, splitting(tokenizer)
         self.anchor_ids = [self._ids(anchor) for anchor in self.ANCHORS]
         self.anchor_text = tokenizer.decode(self.anchor_ids[0])
 
     def _ids(self, text: str) -> list[int]:
         # a response's text is text: "<|im_end|>" written in it is not an EOS to train on (the EOS is appended)
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return list(self._splitting(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """The ids of each text as it reads after a prompt; one batched tokenizer call for most texts."""
         first = self.anchor_ids[0]
         out = []
-        for text, ids in zip(texts, self.tokenizer([self.ANCHORS[0] + t for t in texts], add_special_tokens=False,
-                                                   split_special_tokens=True)["input_ids"]):
+        for text, ids in zip(texts, self._splitting([self.ANCHORS[0] + t for t in texts],
+                                                    add_special_tokens=False)["input_ids"]):
             ids = list(ids)
             out.append(ids[len(first):] if first and ids[:len(first)] == first else self._encode_one(text))
         return out
