@@ -121,6 +121,7 @@ class Evaluator:
     def __init__(self, cfg: Config, prompts: list[str], gold_fn: Callable | None, mesh):
         e, s = cfg.eval, cfg.sampling
         self.prompts, self.gold_fn, self.gold_spec = prompts, gold_fn, e.gold
+        self.chat_template = cfg.data.chat_template
         reward = load_model(e.reward_model, key="eval.reward_model") if e.reward_model else None
         if reward is not None and reward.head != "scalar":
             raise UserError(f"eval.reward_model={e.reward_model}: a language model, expected a reward model "
@@ -156,7 +157,8 @@ class Evaluator:
         if other.cfg.vocab_size != self.reference.cfg.vocab_size:
             raise UserError(f"{what}: vocab_size {other.cfg.vocab_size} differs from the reference's "
                             f"{self.reference.cfg.vocab_size} (the models must read the same tokens)")
-        check_same_tokenizer(other.tokenizer_dir, self.reference.tokenizer_dir, what, "the reference")
+        check_same_tokenizer(other.tokenizer_dir, self.reference.tokenizer_dir, what, "the reference",
+                             self.chat_template)
 
     def responses(self, model, params, bar, policy: bool = True) -> dict:
         """Samples, texts, RM (and gold) scores of every prompt; for a policy also its and the reference's

@@ -44,9 +44,10 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
-def check_same_tokenizer(tokenizer_dir, reference_dir, key: str, reference: str) -> None:
+def check_same_tokenizer(tokenizer_dir, reference_dir, key: str, reference: str, chat_template: bool = False) -> None:
     """Refuses (one line naming `key`) a model whose tokenizer reads text otherwise than `reference`'s: other
-    tokens behind the same ids, or another EOS or BOS id (the pad token is never read: padding is masked).
+    tokens behind the same ids, or another EOS or BOS id (the pad token is never read: padding is masked), or with
+    `chat_template` (data.chat_template) another chat template, which wrote the prompts it was trained on otherwise.
     Models without tokenizer files are not compared; identical files are the same without building either."""
     if tokenizer_dir is None or reference_dir is None or _files_digest(tokenizer_dir) == _files_digest(reference_dir):
         return
@@ -60,6 +61,9 @@ def check_same_tokenizer(tokenizer_dir, reference_dir, key: str, reference: str)
         if getattr(mine, attr) != getattr(theirs, attr):
             raise UserError(f"{key}: its tokenizer differs from {reference}'s (its {name} id is "
                             f"{getattr(mine, attr)}, {reference}'s {getattr(theirs, attr)})")
+    if chat_template and getattr(mine, "chat_template", None) != getattr(theirs, "chat_template", None):
+        raise UserError(f"{key}: its tokenizer's chat template differs from {reference}'s (with data.chat_template "
+                        f"the prompts it reads are written by {reference}'s, not as it was trained on)")
 
 
 def _files_digest(tokenizer_dir) -> str:

@@ -108,7 +108,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
         rewards_fn = RewardFunction.load(section.reward_function, f"{name}.reward_function", tokenizer,
                                          sampling.eos_ids)
     if section.reference:
-        check_reference(section.reference, f"{name}.reference", loaded)  # before anything compiles
+        check_reference(section.reference, f"{name}.reference", loaded, cfg.data.chat_template)  # before compiling
         models_read[f"{name}.reference"] = section.reference
 
     models, settings = build_models(cfg, policy_model, reward_model, total, sampling,

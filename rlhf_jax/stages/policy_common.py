@@ -58,7 +58,8 @@ def check_reads_policy_tokens(other: LoadedModel, policy: LoadedModel, key: str,
     if other.cfg.vocab_size != policy.cfg.vocab_size:
         raise UserError(f"{key}: vocab_size {other.cfg.vocab_size} differs from the policy's "
                         f"{policy.cfg.vocab_size} (it must read the policy's tokens)")
-    check_same_tokenizer(other.tokenizer_dir, policy.tokenizer_dir, f"{key}={path}", "the policy")
+    check_same_tokenizer(other.tokenizer_dir, policy.tokenizer_dir, f"{key}={path}", "the policy",
+                         cfg.data.chat_template)
     check_positions(other.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                     f"{key}={path}: data.max_prompt_tokens + sampling.max_new_tokens")
 
@@ -94,7 +95,7 @@ def reference_params(path: str, key: str, loaded: LoadedModel, policy_model, pol
     return initial_params(load_model(path, key=key), policy_model, seed)
 
 
-def check_reference(path: str, key: str, loaded: LoadedModel) -> None:
+def check_reference(path: str, key: str, loaded: LoadedModel, chat_template: bool = False) -> None:
     """A reference at `path` (config key `key`) is a policy of the starting policy's shape and tokenizer: checked
     from its metadata, before any weights load or program compiles."""
     if not path:
@@ -107,7 +108,7 @@ def check_reference(path: str, key: str, loaded: LoadedModel) -> None:
     if reference.cfg != loaded.cfg:
         raise UserError(f"{where}: its architecture differs from model.path's (the reference must be the policy's "
                         "starting point, such as the SFT export)")
-    check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, where, "the policy")
+    check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, where, "the policy", chat_template)
 
 
 def reference_beyond_base(path: str, key: str, loaded: LoadedModel, policy_model, policy_params: dict,

@@ -112,7 +112,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
         scalars["ppo.value_model"] = (cfg.ppo.value_model, value)
     for key, (path, other) in scalars.items():
         check_reads_policy_tokens(other, loaded, key, path, cfg)
-    check_reference(cfg.ppo.reference, "ppo.reference", loaded)  # before anything compiles
+    check_reference(cfg.ppo.reference, "ppo.reference", loaded, cfg.data.chat_template)  # before anything compiles
     value_model, reward_model = trained_model(cfg, value.cfg, "scalar"), stage_model(cfg, reward.cfg, "scalar")
 
     models, settings = build_models(cfg, policy_model, value_model, reward_model, total,
