@@ -169,6 +169,8 @@ def test_a_signal_stops_serving_with_exit_4_and_finish_writes_what_is_stored(set
     rc, out, err = run_quietly(main_cli.main, _argv(setup, run_dir, port, "label.target=50"))
     thread.join(30)
     assert rc == 4, err[-3000:]
+    assert "warning: sampling.max_prompt_tokens=16 cuts the prompts responses are sampled after, " \
+           "data.max_prompt_tokens=256 those the reward model trains on; set them equal" in err
     assert err.strip().splitlines()[-1] == (
         f"label: stopped with 3/50 rankings stored in {run_dir / 'label.db'}; rerun to continue labeling, or rerun "
         "with label.finish=true to write the dataset from them")

@@ -172,7 +172,7 @@ class PromptEncoder:
     def cut_warning(self, cut: int, total: int) -> str:
         """The line that says `cut` of `total` prompts lost content to the limit."""
         return (f"warning: {cut} of {total} prompts are longer than the limit of {self.max_tokens} tokens "
-                "(max_prompt_tokens); their oldest content was cut")
+                "(sampling.max_prompt_tokens); their oldest content was cut")
 
 
 class ResponseCodec:

@@ -21,6 +21,7 @@ dataset from what is stored without serving.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,10 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
     for path, key, where in zip(paths, keys, wheres):  # every model's kind before the first one samples
         if model_meta(path, need_tokenizer=True, key=key).head != "lm":
             raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
+    if s.max_prompt_tokens != cfg.data.max_prompt_tokens:  # the rm step reads the stored prompts with the latter
+        print(f"warning: sampling.max_prompt_tokens={s.max_prompt_tokens} cuts the prompts responses are sampled "
+              f"after, data.max_prompt_tokens={cfg.data.max_prompt_tokens} those the reward model trains on; set them "
+              "equal", file=sys.stderr)
     samples: list[list[tuple[str, dict]]] = [[] for _ in prompts]
     repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
     for i, (path, key, where) in enumerate(zip(paths, keys, wheres)):
