@@ -168,7 +168,8 @@ def test_tokenizers_are_compared_by_vocabulary_and_end_of_text(inputs, tmp_path)
     # another chat template wrote the prompts a reward model was trained on: it matters with data.chat_template only
     templated = tmp_path / "templated"
     shutil.copytree(tiny, templated)
-    (templated / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages[0].content }}"}))
+    template = {**config, "chat_template": "{{ messages[0].content }}"}
+    (templated / "tokenizer_config.json").write_text(json.dumps(template))
     check_same_tokenizer(templated, tiny, "ppo.reward_model=T", "the policy")
     with pytest.raises(UserError, match=r"^ppo.reward_model=T: its tokenizer's chat template differs from the policy's "
                                         r"\(with data.chat_template the prompts it reads are written by the policy's"):
