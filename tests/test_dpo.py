@@ -396,6 +396,29 @@ def test_dpo_stage_logs_its_metrics_exports_a_policy_and_resumes(live_run, tiny,
         assert jax.tree.structure(loaded.params) == jax.tree.structure(base.params)
 
 
+def test_the_precomputed_tables_key_follows_what_the_log_probs_depend_on(tmp_path):
+    """Tables are scored again when the reference's files, the dataset's, the data or model settings or the splits
+    change (a resume allows some of those with a warning: the key is what rescores), not for DPO's own settings."""
+    from rlhf_jax.config import load_config
+    from rlhf_jax.stages.dpo_parts import tables_key
+
+    for name in ("ref", "data/ds/1.0.0"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "file").write_text("a")
+    base = ["stage=dpo", f"dpo.reference={tmp_path / 'ref'}", f"data.dir={tmp_path / 'data'}", "data.name=ds",
+            "model.path=m"]
+    key = lambda *more, splits=("train",): tables_key(load_config(None, [*base, *more]), tmp_path, splits)
+    same = key()
+    assert key("dpo.beta=0.5", "optim.lr=0.1", "train.steps=9") == same
+    changed = [key("data.max_response_tokens=7"), key("data.chat_template=true"), key("model.dtype=bfloat16"),
+               key(splits=("train", "eval"))]
+    (tmp_path / "ref" / "file").write_text("b")  # the reference trained again
+    changed.append(key())
+    (tmp_path / "data" / "ds" / "1.0.0" / "file").write_text("b")  # the dataset prepared again
+    changed.append(key())
+    assert len({same, *changed}) == len(changed) + 1
+
+
 def test_precomputed_reference_gives_the_live_losses_and_a_resumed_run_reads_its_tables(live_run, tiny, data_dir,
                                                                                         workdir, monkeypatch):
     """The same 4 + 6 steps with dpo.precompute_reference: the losses of the live run. The resumed run reads the

@@ -520,6 +520,17 @@ def test_ppo_bad_config_fails_in_one_line(ppo_inputs, overrides, fragment):
     assert not (run_dir / "checkpoints").exists()
 
 
+def test_a_lora_value_models_base_is_the_reward_models_without_its_head():
+    """The value model starts from the reward model: with LoRA its frozen base is the reward model's weights (held
+    once, `value_base` None), never the policy's base, which differs wherever the reward model was trained."""
+    reward = {"embed": np.full(3, 2.0), "layer_0": {"w": np.ones(2)}, "score": np.zeros(1)}
+    policy_base = {"embed": np.full(3, 5.0), "layer_0": {"w": np.zeros(2)}}
+    frozen = ppo.Frozen(ref_params={}, reward_params=reward, policy_base=policy_base, value_base=None)
+    assert frozen.bases() == (policy_base, {"embed": reward["embed"], "layer_0": reward["layer_0"]})
+    own = {"embed": np.zeros(3)}
+    assert ppo.Frozen(ref_params={}, reward_params=reward, value_base=own).bases()[1] is own  # a copy of its own
+
+
 def test_ema_of_the_policy_follows_its_formula():
     models = _models(ema_decay=0.9)
     state, frozen, ids, mask = _setup(models)
