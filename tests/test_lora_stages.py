@@ -182,13 +182,22 @@ def test_lora_dpo_reference_is_the_base_without_the_adapter(tiny, data_dir, work
 
 def test_lora_dpo_reference_keeps_the_also_trained_weights_as_they_were(tiny, data_dir, workdir):
     """With the norms trained whole too, the reference is the base with the norms as they were: the first loss
-    is exactly log 2, and the rewards move away from 0 as the norms and adapters train."""
-    run_dir = workdir / "dpo_lora_norms"
-    _run([a if a != "stage=rm" else "stage=dpo" for a in _rm_args(
-        tiny, data_dir, run_dir, *_lora_args("train.steps=3", "train.save_every=0", "lora.also_train=[norms]"))])
-    rows = [m for m in _metrics(run_dir) if "loss" in m]
-    np.testing.assert_allclose(rows[0]["loss"], np.log(2.0), rtol=1e-5)
-    assert abs(rows[-1]["reward_margin"]) > 1e-4, rows[-1]
+    is exactly log 2, and the rewards move away from 0 as the norms and adapters train. The reference's log-probs
+    scored once before training (dpo.precompute_reference) are the same: every step's losses and margins agree
+    (a live reference that read the norms as trained so far would drift from them)."""
+    rows = {}
+    for precompute in (False, True):
+        run_dir = workdir / f"dpo_lora_norms_{precompute}"
+        _run([a if a != "stage=rm" else "stage=dpo" for a in _rm_args(
+            tiny, data_dir, run_dir, *_lora_args("train.steps=3", "train.save_every=0", "lora.also_train=[norms]",
+                                                 f"dpo.precompute_reference={str(precompute).lower()}"))])
+        rows[precompute] = [m for m in _metrics(run_dir) if "loss" in m]
+    np.testing.assert_allclose(rows[False][0]["loss"], np.log(2.0), rtol=1e-5)
+    assert abs(rows[False][-1]["reward_margin"]) > 1e-4, rows[False][-1]
+    assert [m["step"] for m in rows[True]] == [m["step"] for m in rows[False]]
+    for live, stored in zip(rows[False], rows[True]):
+        for key in ("loss", "reward_margin"):
+            assert stored[key] == pytest.approx(live[key], rel=1e-5, abs=1e-6), (key, live, stored)
 
 
 # ------------------------------------------------------------------------------------------------ the model
