@@ -32,7 +32,7 @@ from cli_helpers import run_quietly as _quiet
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
 PROMPTS = ["Once upon a time", "The sky is blue because", "A good friend is someone who"]
-RECORD_KEYS = {"prompt", "prompt_ids", "ids", "text", "logprobs"}
+RECORD_KEYS = {"prompt", "prompt_ids", "ids", "text", "ended", "logprobs"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -114,6 +114,9 @@ def _check_records(records: list[dict], prompts: list[str]) -> None:
         assert r["prompt_ids"] and all(isinstance(i, int) for i in r["prompt_ids"])
         assert isinstance(r["text"], str)
         assert 1 <= len(r["ids"]) == len(r["logprobs"]) <= MAX_NEW
+        # a response that stopped early ended; one that did not end ran to the most new tokens
+        assert isinstance(r["ended"], bool) and (r["ended"] or len(r["ids"]) == MAX_NEW)
+        assert len(r["ids"]) == MAX_NEW or r["ended"]
         assert all(isinstance(i, int) and 0 <= i < 300 for i in r["ids"])
         assert all(lp <= 0.0 for lp in r["logprobs"])
 

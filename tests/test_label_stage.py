@@ -171,6 +171,9 @@ def test_a_signal_stops_serving_with_exit_4_and_finish_writes_what_is_stored(set
     assert rc == 4, err[-3000:]
     assert "warning: sampling.max_prompt_tokens=16 cuts the prompts responses are sampled after, " \
            "data.max_prompt_tokens=256 those the reward model trains on; set them equal" in err
+    # the random tiny models never end within 4 tokens: 8 prompts x 2 responses x 2 models
+    assert "warning: 32 of 32 samples ran to sampling.max_new_tokens=4 without ending; the reward model learns them " \
+           "as if they had ended there" in err
     assert err.strip().splitlines()[-1] == (
         f"label: stopped with 3/50 rankings stored in {run_dir / 'label.db'}; rerun to continue labeling, or rerun "
         "with label.finish=true to write the dataset from them")

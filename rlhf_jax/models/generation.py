@@ -122,6 +122,7 @@ class Generator:
                 gen_ids = out.tokens_BN[row][keep].tolist()
                 yield {"prompt": prompts[start + row], "prompt_ids": ids[row][mask[row]].tolist(), "ids": gen_ids,
                        "text": self.responses.decode(gen_ids),
+                       "ended": bool(gen_ids) and gen_ids[-1] in self.params_cfg.eos_ids,
                        "logprobs": [round(float(x), 6) for x in out.logprobs_BN[row][keep]]}
         bar.close()
 

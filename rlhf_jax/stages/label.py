@@ -113,6 +113,7 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
               "equal", file=sys.stderr)
     samples: list[list[tuple[str, dict]]] = [[] for _ in prompts]
     repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
+    unfinished = 0
     for i, (path, key, where) in enumerate(zip(paths, keys, wheres)):
         generator = Generator(load_model(path, need_tokenizer=True, key=key), mesh,
                               SamplingParams(s.max_new_tokens, s.temperature, s.top_k, s.top_p, pad_id=PAD_ID),
@@ -120,7 +121,12 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
         source = {"policy": str(path), "step": source_step(path)}
         for j, record in enumerate(generator.generate(repeated, s.batch_size, s.max_prompt_tokens, cfg.seed + i)):
             samples[j // K].append((record["text"], source))
+            unfinished += not record["ended"]
         del generator
+    if unfinished:  # ranked as their text; the rm step ends every response with an EOS
+        print(f"warning: {unfinished} of {len(repeated) * len(paths)} samples ran to sampling.max_new_tokens="
+              f"{s.max_new_tokens} without ending; the reward model learns them as if they had ended there",
+              file=sys.stderr)
     return samples
 
 
