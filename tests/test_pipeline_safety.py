@@ -323,3 +323,13 @@ def test_a_summary_is_the_same_from_the_live_metrics_and_from_metrics_jsonl(tmp_
     live = write_summary(tmp_path, "sft", 5, {}, {"loss": 1.5, "truncated_examples": 242, "flag": True})
     again = write_summary(tmp_path, "sft", 5, {}, {"loss": 1.5, "truncated_examples": 242.0})
     assert json.dumps(live) == json.dumps(again) and live["truncated_examples"] == 242.0 and "flag" not in live
+
+
+def test_removing_a_temporary_directory_the_file_system_cannot_name_hides_no_error(tmp_path):
+    """A cleanup in a `finally` after a name too long for the file system: it must return, not raise over the
+    error that brought it there."""
+    fsio.remove_dir(tmp_path / ("a" * 300))
+    made = tmp_path / "tmp"
+    (made / "inner").mkdir(parents=True)
+    fsio.remove_dir(made)
+    assert not made.exists()
