@@ -61,7 +61,7 @@ def run(labelers: int, rankings: int) -> dict:
     quota = -(-rankings // labelers)
     with tempfile.TemporaryDirectory() as tmp:
         store.create(Path(tmp) / "label.db", [(f"Prompt {i}: write one sentence.", False,
-                                               [(f"Response {j} to prompt {i}.", [{"policy": "p", "step": 0}])
+                                               [(f"Response {j} to prompt {i}.", [{"policy": "p", "step": 0}], True)
                                                 for j in range(4)]) for i in range(quota)], {})
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -108,6 +108,23 @@ def test_jsonl_rankings_normalises_ranks_and_keeps_ties(tmp_path):
     assert records("jsonl_rankings", path)[0] == {"prompt": "p1", "responses": ["a", "b", "c"], "ranks": [1, 0, 0]}
 
 
+def test_jsonl_rankings_say_which_responses_ended_in_one_boolean_each(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "ended": [False, True]},
+        {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "ended": [True]},
+        {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "ended": [1, 0]},
+        {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "ended": "yes"},
+        {"prompt": "p", "chosen": "a", "rejected": "b", "ended": [True, True]}])
+    rows = read_all("jsonl_rankings", path)
+    assert rows[0].record == {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "ended": [False, True]}
+    assert [row.error.problem for row in rows[1:]] == [
+        "field 'ended' must have one value per response (2), got 1",
+        "field 'ended' must be a list of booleans (false: the response was cut before its end), got a list with a "
+        "non-boolean",
+        "field 'ended' must be a list of booleans (false: the response was cut before its end), got a string",
+        "field 'ended' goes with 'responses', not a 'chosen'/'rejected' pair"]
+
+
 def test_jsonl_rankings_accepts_chosen_rejected_pairs(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": " good", "rejected": " bad"}])
     assert records("jsonl_rankings", path) == [{"prompt": "Q", "responses": [" good", " bad"], "ranks": [0, 1]}]
@@ -688,9 +705,11 @@ def test_hh_rows_of_one_prompt_become_one_element(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [hh_row(HH_PROMPT, " A", " B"), hh_row(other, " yes", " no"),
                                                hh_row(HH_PROMPT, " A", " C")])
     groups, stats = grouped("hh_rlhf", path)
-    assert groups == [{"prompt": HH_PROMPT, "responses": [" A", " B", " C"], "better": [0, 0], "worse": [1, 2]},
-                      {"prompt": other, "responses": [" yes", " no"], "better": [0], "worse": [1]}]
-    assert stats == {"rows": 3, "prompts": 2, "pairs": 3, "inconsistent_pairs": 0, "prompts_without_pairs": 0}
+    assert groups == [{"prompt": HH_PROMPT, "responses": [" A", " B", " C"], "ended": [True] * 3,
+                       "better": [0, 0], "worse": [1, 2]},
+                      {"prompt": other, "responses": [" yes", " no"], "ended": [True] * 2, "better": [0], "worse": [1]}]
+    assert stats == {"rows": 3, "prompts": 2, "pairs": 3, "inconsistent_pairs": 0, "cut_responses": 0,
+                     "prompts_without_pairs": 0}
 
 
 def test_each_labelers_ranking_of_a_prompt_is_its_own_element(tmp_path):
@@ -704,11 +723,15 @@ def test_each_labelers_ranking_of_a_prompt_is_its_own_element(tmp_path):
         {"prompt": "p", "chosen": "y", "rejected": "z"},
         {"prompt": "q", "chosen": "1", "rejected": "2", "labeler": "ann"}])
     groups, stats = grouped("jsonl_rankings", path)
-    assert groups == [{"prompt": "p", "responses": ["a", "b", "c", "d"], "better": [0, 0, 1, 3], "worse": [1, 2, 2, 0]},
-                      {"prompt": "p", "responses": ["a", "b", "c"], "better": [1, 2, 2], "worse": [0, 0, 1]},
-                      {"prompt": "p", "responses": ["x", "y", "z"], "better": [0, 1], "worse": [1, 2]},
-                      {"prompt": "q", "responses": ["1", "2"], "better": [0], "worse": [1]}]
-    assert stats == {"rows": 6, "prompts": 2, "pairs": 10, "inconsistent_pairs": 0, "prompts_without_pairs": 0}
+    assert groups == [{"prompt": "p", "responses": ["a", "b", "c", "d"], "ended": [True] * 4,
+                       "better": [0, 0, 1, 3], "worse": [1, 2, 2, 0]},
+                      {"prompt": "p", "responses": ["a", "b", "c"], "ended": [True] * 3,
+                       "better": [1, 2, 2], "worse": [0, 0, 1]},
+                      {"prompt": "p", "responses": ["x", "y", "z"], "ended": [True] * 3,
+                       "better": [0, 1], "worse": [1, 2]},
+                      {"prompt": "q", "responses": ["1", "2"], "ended": [True] * 2, "better": [0], "worse": [1]}]
+    assert stats == {"rows": 6, "prompts": 2, "pairs": 10, "inconsistent_pairs": 0, "cut_responses": 0,
+                     "prompts_without_pairs": 0}
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "y", "labeler": " "},
                                                {"prompt": "p", "chosen": "x", "rejected": "y", "labeler": 3}])
     assert [row.error.problem for row in read_rows("jsonl_rankings", [str(bad)])] == [
@@ -736,5 +759,16 @@ def test_k_way_ranking_row_is_all_its_ordered_pairs(tmp_path):
     assert p["responses"] == ["w", "x", "y", "z", "v"]
     pairs = sorted(zip(p["better"], p["worse"]))
     assert pairs == [(0, 2), (1, 0), (1, 2), (1, 3), (3, 0), (3, 2), (4, 1)]  # 6 pairs of the K = 4 row, then 1
-    assert q == {"prompt": "q", "responses": ["a", "b", "c"], "better": [0, 0], "worse": [1, 2]}
+    assert q == {"prompt": "q", "responses": ["a", "b", "c"], "ended": [True] * 3, "better": [0, 0],
+                 "worse": [1, 2]}
     assert stats["pairs"] == 9 and stats["prompts"] == 2
+
+
+def test_a_text_seen_cut_and_ended_is_two_responses_and_cut_ones_are_counted(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "p", "responses": ["x", "y"], "ranks": [0, 1], "ended": [True, False]},
+        {"prompt": "p", "responses": ["y", "x"], "ranks": [0, 1], "ended": [False, False]}])
+    [group], stats = grouped("jsonl_rankings", path)
+    assert list(zip(group["responses"], group["ended"])) == [("x", True), ("y", False), ("x", False)]
+    assert list(zip(group["better"], group["worse"])) == [(0, 1), (1, 2)]
+    assert stats["cut_responses"] == 2

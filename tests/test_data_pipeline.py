@@ -131,6 +131,29 @@ def test_a_rankings_example_is_cut_when_its_prompt_or_any_response_is(tokenizer)
     assert row("hi", ["a", "alpha beta gamma delta", "c"])
 
 
+def test_a_response_cut_at_the_sampling_limit_is_trained_without_the_eos_it_never_sampled(tmp_path, tokenizer):
+    """`ended: false` (the label step's samples that ran to sampling.max_new_tokens) has no EOS appended, as PPO
+    scores a rollout that never ended at its last token; every other response ends with its EOS, also in a row
+    that does not say (datasets written before the field), and one text seen both ways is two responses."""
+    path = _write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "p", "responses": ["a b", "c d", "e"], "ranks": [0, 1, 2], "ended": [True, False, True]},
+        {"prompt": "p", "responses": ["c d", "e"], "ranks": [1, 0]},
+        {"prompt": "q", "chosen": "a b", "rejected": "c d"}])
+    rc = data_main(["--format", "jsonl_rankings", "--input", str(path), "--data-dir", str(tmp_path / "d"),
+                    "--name", "r"])
+    assert rc == 0
+    spec = _spec(tmp_path / "d", "r", max_response_tokens=8)
+    [batch] = list(eval_batches(spec, "train", tokenizer, batch_size=2))
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(["a b", "c d", "e"], add_special_tokens=False)["input_ids"]
+    expected = {"p": [ids[0] + [eos], ids[1], ids[2] + [eos], ids[1] + [eos]], "q": [ids[0] + [eos], ids[1] + [eos]]}
+    for prompt_ids, response_ids, response_mask in zip(batch["prompt_ids"], batch["response_ids"],
+                                                       batch["response_mask"]):
+        prompt = tokenizer.decode(prompt_ids[prompt_ids != PAD_ID])
+        got = [r[m].tolist() for r, m in zip(response_ids, response_mask) if m.any()]
+        assert got == expected[prompt], prompt
+
+
 def test_rankings_layout_with_variable_k(datasets, tokenizer):
     spec = _spec(datasets, "rank")
     batch = next(iter(train_dataset(spec, "train", tokenizer, global_batch=8, seed=1)))

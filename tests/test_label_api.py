@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def task(tmp_path) -> Store:
-    return make_task(tmp_path / "label.db", prompts=10, responses=4)
+    return make_task(tmp_path / "label.db", prompts=10, responses=4, cut=(2,))
 
 
 @pytest.fixture
@@ -49,7 +49,8 @@ def snapshot(task: Store) -> tuple:
 def test_next_rank_skip_and_stats_answer_the_pinned_shapes(client, task):
     first = client.get("/api/next", params={"labeler": "ann"}).json()
     assert first == {"prompt_id": 0, "prompt": "prompt 0", "done": 0, "target": 10,
-                     "responses": [{"id": i, "text": f"response 0.{i}"} for i in range(4)]}  # no sources
+                     "responses": [{"id": i, "text": f"response 0.{i}", "ended": i != 2}  # no sources
+                                   for i in range(4)]}
     saved = client.post("/api/rankings", json={"labeler": "ann", "prompt_id": 0, "order": [[2], [0, 1], [3]],
                                                "ratings": {"2": 7, "3": 1}, "flags": {"3": ["harmful", "other"]},
                                                "seconds": 12.5})

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is n
 
 @pytest.fixture
 def page(tmp_path, servers):
-    make_task(tmp_path / "label.db", prompts=6).close()
+    make_task(tmp_path / "label.db", prompts=6, cut=(2,)).close()
     proc, url = servers(tmp_path, "--overlap", "0")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM)
@@ -55,6 +55,8 @@ def test_rank_by_dragging_and_by_keyboard_skip_then_reload_resumes(page):
     page.click("text=Start")
     expect(page.locator("#prompt")).to_have_text("prompt 0")
     assert SOURCE["policy"] not in page.content()  # people never see where a response came from
+    expect(card(page, 2).locator(".cut")).to_have_text("[cut off at the length limit]")  # it ran to the limit
+    assert card(page, 1).locator(".cut").count() == 0
 
     # prompt 0 (responses 0-3) with the mouse: D dragged to the top, C dropped onto B (a tie), A rated, D flagged
     card(page, 3).drag_to(page.locator('.gap[data-gap="0"]'))

@@ -22,7 +22,7 @@ from rlhf_jax.data.prepare import prepare
 from rlhf_jax.label import store
 from rlhf_jax.label.store import Store
 from rlhf_jax.models.tiny import build_tiny_model
-from rlhf_jax.stages.label import merge_responses
+from rlhf_jax.stages.label import Sample, merge_responses
 
 from cli_helpers import run_quietly
 
@@ -172,8 +172,8 @@ def test_a_signal_stops_serving_with_exit_4_and_finish_writes_what_is_stored(set
     assert "warning: sampling.max_prompt_tokens=16 cuts the prompts responses are sampled after, " \
            "data.max_prompt_tokens=256 those the reward model trains on; set them equal" in err
     # the random tiny models never end within 4 tokens: 8 prompts x 2 responses x 2 models
-    assert "warning: 32 of 32 samples ran to sampling.max_new_tokens=4 without ending; the reward model learns them " \
-           "as if they had ended there" in err
+    assert "32 of 32 samples ran to sampling.max_new_tokens=4 without ending; they are ranked and trained on as cut " \
+           "responses" in err
     assert err.strip().splitlines()[-1] == (
         f"label: stopped with 3/50 rankings stored in {run_dir / 'label.db'}; rerun to continue labeling, or rerun "
         "with label.finish=true to write the dataset from them")
@@ -186,6 +186,8 @@ def test_a_signal_stops_serving_with_exit_4_and_finish_writes_what_is_stored(set
                                                         "model.path=/gone"))
     assert rc == 0, err[-2000:]
     assert "ranking page" not in err and json.loads(out.strip().splitlines()[-1])["rankings"] == 3
+    rows = [json.loads(line) for line in (run_dir / "rankings.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(row["ended"] == [False] * len(row["responses"]) for row in rows)  # none ended
 
 
 def test_a_stored_task_is_served_only_with_the_settings_and_models_it_was_sampled_with(setup, tmp_path):
@@ -200,7 +202,7 @@ def test_a_stored_task_is_served_only_with_the_settings_and_models_it_was_sample
     policy = shutil.copytree(setup["policy"], tmp_path / "policy")
     argv = [a for a in _argv(setup, tmp_path / "run", 0) if not a.startswith("model.path=")]
     cfg = load_config(None, [*argv, f"model.path={policy}"])
-    store.create(tmp_path / "label.db", [("p", False, [("a", []), ("b", [])])], task_settings(cfg))
+    store.create(tmp_path / "label.db", [("p", False, [("a", [], True), ("b", [], True)])], task_settings(cfg))
     task = Store(tmp_path / "label.db")
     check_task(cfg, task)
     check_task(load_config(None, [*argv, "model.path=/gone"]), task)
@@ -244,7 +246,7 @@ def test_a_run_without_rankings_to_finish_and_a_public_host_without_token_are_on
                                        "(every request must then carry it)")
     assert not (tmp_path / "run").exists()
     (tmp_path / "run").mkdir()
-    store.create(tmp_path / "run" / "label.db", [("p", False, [("a", []), ("b", [])])], {})
+    store.create(tmp_path / "run" / "label.db", [("p", False, [("a", [], True), ("b", [], True)])], {})
     with serving_nothing(port):
         rc, _, err = run_quietly(main_cli.main, _argv(setup, tmp_path / "run", port, "label.finish=true"))
     assert rc == 2 and err.strip() == (f"error: {tmp_path / 'run' / 'label.db'}: no rankings stored yet, so there is "
@@ -257,12 +259,13 @@ def test_the_task_keeps_prompts_with_two_distinct_responses_shown_in_a_seeded_sh
     preference) and is left out, counted; each kept prompt's responses are shown in an order of the seed, not
     model.path's first (a position people would learn)."""
     from rlhf_jax.config import load_config
-    from rlhf_jax.stages.label import _store_task
+    from rlhf_jax.stages.label import Sample, _store_task
 
     models = [{"policy": f"m{j}", "step": None} for j in range(4)]
     prompts = [f"p{i}" for i in range(12)]
-    samples = [[("same", models[0]), ("same", models[1])], [("", models[0]), ("only", models[1])],
-               *[[(f"r{i}.{j}", models[j]) for j in range(4)] for i in range(2, 12)]]
+    samples = [[Sample("same", models[0], True), Sample("same", models[1], True)],
+               [Sample("", models[0], True), Sample("only", models[1], True)],
+               *[[Sample(f"r{i}.{j}", models[j], True) for j in range(4)] for i in range(2, 12)]]
 
     def stored(seed: int, name: str) -> Store:
         cfg = load_config(None, ["stage=label", "data.name=prompts", f"seed={seed}"])
@@ -287,8 +290,8 @@ def test_the_task_keeps_prompts_with_two_distinct_responses_shown_in_a_seeded_sh
 
 def test_identical_responses_merge_their_sources_and_empty_ones_are_dropped():
     a, b = {"policy": "a", "step": 1}, {"policy": "b", "step": None}
-    assert merge_responses([(" x", a), ("", a), (" y", a), (" x", b), (" x", a), ("  ", b)]) == \
-        ([(" x", [a, b]), (" y", [a])], 2)
+    samples = [(" x", a, False), ("", a, True), (" y", a, False), (" x", b, True), (" x", a, False), ("  ", b, True)]
+    assert merge_responses([Sample(*s) for s in samples]) == ([(" x", [a, b], True), (" y", [a], False)], 2)
 
 
 def test_a_sources_step_is_its_runs_last_step_for_an_export(tmp_path):

@@ -23,8 +23,10 @@ from rlhf_jax.label.store import Ranking, Store
 SOURCE = {"policy": "runs/sft/export", "step": 30}
 
 
-def make_task(path: Path, prompts: int = 10, responses: int = 4) -> Store:
-    store.create(path, [(f"prompt {i}", i % 5 == 4, [(f"response {i}.{j}", [SOURCE]) for j in range(responses)])
+def make_task(path: Path, prompts: int = 10, responses: int = 4, cut: tuple[int, ...] = ()) -> Store:
+    """`cut`: the places of each prompt's responses that ran to the sampler's length limit."""
+    store.create(path, [(f"prompt {i}", i % 5 == 4, [(f"response {i}.{j}", [SOURCE], j not in cut)
+                                                     for j in range(responses)])
                         for i in range(prompts)], {"target": prompts})
     return Store(path)
 
@@ -101,7 +103,7 @@ def test_a_new_task_ignores_what_a_killed_server_left_beside_a_deleted_one(tmp_p
     that log onto the new database: the old ranking, of responses the new task does not have."""
     db = tmp_path / "label.db"
     killed = ("import os, sys; from pathlib import Path; from rlhf_jax.label import store; "
-              "store.create(Path(sys.argv[1]), [('old prompt', False, [('a', []), ('b', [])])], {}); "
+              "store.create(Path(sys.argv[1]), [('old prompt', False, [('a', [], True), ('b', [], True)])], {}); "
               "task = store.Store(Path(sys.argv[1])); "
               "task.save_ranking(store.Ranking('ann', 0, ((0,), (1,)), {}, {}, None), 1.0); os._exit(0)")
     subprocess.run([sys.executable, "-c", killed, str(db)], check=True, cwd=Path(__file__).parents[1])
@@ -117,13 +119,30 @@ def test_a_database_of_another_schema_is_one_line(tmp_path):
     with sqlite3.connect(tmp_path / "label.db") as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.close()
-    with pytest.raises(UserError, match=r"label.db: labeling database of schema 99; this version reads schema 1$"):
+    with pytest.raises(UserError, match=r"label.db: labeling database of schema 99; this version reads schemas 1, 2$"):
         Store(tmp_path / "label.db")
+
+
+def test_a_task_stored_before_responses_said_whether_they_ended_reads_them_as_ended(tmp_path):
+    """Schema 1 had no `ended` column: its samples were all trained with an EOS, which is what reading them as
+    ended keeps; a new task stores each response's own."""
+    db = tmp_path / "label.db"
+    make_task(db, prompts=2, responses=3, cut=(1,)).close()
+    assert [r.ended for r in Store(db).prompts[0].responses] == [True, False, True]
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE responses DROP COLUMN ended")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    task = Store(db)
+    assert [r.ended for r in task.prompts[0].responses] == [True, True, True]
+    task.save_ranking(Ranking("ann", 0, ((0,), (1, 2)), {}, {}, None), 1.0)  # and it takes answers as before
+    assert task.done() == 1
+    task.close()
 
 
 def test_serving_settings_are_recorded_for_the_next_serve(tmp_path):
     make_task(tmp_path / "label.db").set_meta("overlap", 0.5)
-    assert Store(tmp_path / "label.db").meta == {"target": 10, "overlap": 0.5, "schema_version": 1}
+    assert Store(tmp_path / "label.db").meta == {"target": 10, "overlap": 0.5, "schema_version": 2}
 
 
 @pytest.mark.parametrize("overlap, shared", [(0.0, []), (0.25, [3, 7, 11, 15, 19]), (0.1, [9, 19]),

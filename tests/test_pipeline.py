@@ -293,10 +293,13 @@ def test_every_stage_names_the_sections_it_reads_and_every_section_is_read():
 
 def test_labeling_merges_identical_drops_empty_and_checks_ranks():
     from rlhf_jax.errors import UserError
-    from rlhf_jax.stages.label import _check_ranks, group_responses
+    from rlhf_jax.stages.label import Sample, _check_ranks, group_responses
 
     texts = [" a", " a", " b", "", " c", " ", " c", ""]  # prompt 1: a, a, b, ""; prompt 2: c, " ", c, ""
-    assert group_responses(["p1", "p2"], texts, 4) == (["p1"], [[" a", " b"]], 3)
+    ended = [False, True, False, True, True, True, True, True]  # " a" ended once: it ended
+    samples = [[Sample(t, {"policy": "m", "step": None}, e) for t, e in zip(texts[i:i + 4], ended[i:i + 4])]
+               for i in (0, 4)]
+    assert group_responses(["p1", "p2"], samples) == (["p1"], [[" a", " b"]], [[True, False]], 3)
     _check_ranks([[1, 0]], [[" a", " b"]], "m:f")
     for bad in ([[0]], [[0, 2]], [[0.5, 1]], [[True, 0]]):
         with pytest.raises(UserError, match="label.labeler=m:f: prompt 0"):

@@ -4,7 +4,8 @@ Layouts (numpy, fixed shapes; P prompt tokens, R response tokens, K responses, T
   sft       ids_T, mask_T, response_mask_T, positions_T, segment_ids_T, truncated
             [left-padded prompt | right-padded response]; packed: several examples per row, segment ids 1, 2, ...
   rankings  prompt_ids_P, prompt_mask_P, response_ids_KR, response_mask_KR, pairs_KK, example_index, truncated
-            one example per prompt: its unique responses in slots 0.. (empty slots all padding),
+            one example per prompt: its unique responses in slots 0.. (empty slots all padding; a response that
+            ended has its EOS, one cut at a sampler's length limit none),
             pairs_KK[i, j] = how many times response i was preferred to response j (int32), and the example's
             position in its split (int32), by which values computed once per example are looked up
   prompts   prompt_ids_P, prompt_mask_P, truncated
@@ -100,12 +101,13 @@ class Tokenize:
             raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or ''}: has no EOS token, which "
                             "ends every response (set eos_token in its tokenizer_config.json)")
 
-    def response_ids(self, responses: list[str]) -> list[tuple[list[int], bool]]:
-        """Each response, read as the prompt's continuation, + EOS, cut to R tokens."""
+    def response_ids(self, responses: list[str], ended: list[bool] | None = None) -> list[tuple[list[int], bool]]:
+        """Each response, read as the prompt's continuation, + EOS where it ended (a sample cut at the sampler's
+        length limit has none, as a cut rollout has none where PPO scores it), cut to R tokens."""
         R = self.spec.max_response_tokens
         out = []
-        for ids in self.responses.encode(responses):
-            ids = ids + [self.eos]
+        for ids, end in zip(self.responses.encode(responses), ended or [True] * len(responses)):
+            ids = ids + [self.eos] * bool(end)
             out.append((ids[:R], len(ids) > R))
         return out
 
@@ -133,7 +135,9 @@ class Tokenize:
             raise UserError(f"an example has {len(responses)} responses but data.max_responses is {self.K}")
         response_ids = np.full((self.K, R), PAD_ID, np.int32)
         response_mask = np.zeros((self.K, R), bool)
-        for k, (ids, cut_k) in enumerate(self.response_ids(responses)):
+        # "ended" is absent from datasets prepared before it was stored: every response ended
+        ended = [bool(e) for e in example.get("ended", [True] * len(responses))]
+        for k, (ids, cut_k) in enumerate(self.response_ids(responses, ended)):
             response_ids[k], response_mask[k] = _right_pad(ids, R)
             cut = cut or cut_k
         pairs = np.zeros((self.K, self.K), np.int32)  # add.at: a repeated pair counts once per repeat

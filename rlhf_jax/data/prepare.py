@@ -38,8 +38,10 @@ TRAIN, EVAL = "train", "eval"
 FEATURES = {
     "sft": lambda: {"prompt": tfds.features.Text(), "response": tfds.features.Text(),
                     "metadata": tfds.features.Text()},
-    # responses[better[n]] was preferred to responses[worse[n]]; responses are the prompt's unique ones.
+    # responses[better[n]] was preferred to responses[worse[n]]; responses are the prompt's unique ones, ended[k]
+    # false where response k was cut before its end (a dataset prepared without the feature: every one ended).
     "rankings": lambda: {"prompt": tfds.features.Text(), "responses": tfds.features.Sequence(tfds.features.Text()),
+                         "ended": tfds.features.Sequence(np.bool_),
                          "better": tfds.features.Sequence(np.int32), "worse": tfds.features.Sequence(np.int32)},
     "prompts": lambda: {"prompt": tfds.features.Text(), "metadata": tfds.features.Text()},
 }
@@ -84,31 +86,35 @@ def group_comparisons(records: Iterable[dict]) -> tuple[list[dict], dict]:
     one labeler's ranking train as one batch element, as InstructGPT's do: rows without a "labeler" (pairwise
     datasets such as HH-RLHF and TL;DR, one comparison per row) are grouped by prompt alone, and several labelers'
     rankings of one prompt stay separate elements. An element is {"prompt", "responses" (unique, first-seen
-    order), "better", "worse"}. Repeated pairs are kept, and so are inconsistent ones (A > B and B > A); an
-    element left without pairs is left out. Nothing is dropped uncounted. (A row with two identical responses
-    never gets here: the importers refuse it, or skip and count it as `identical_responses`.)"""
+    order), "ended" (of each response; a text seen both cut and ended is two responses), "better", "worse"}.
+    Repeated pairs are kept, and so are inconsistent ones (A > B and B > A); an element left without pairs is
+    left out. Nothing is dropped uncounted. (A row with two identical responses never gets here: the importers
+    refuse it, or skip and count it as `identical_responses`.)"""
     groups: dict[tuple, dict] = {}
-    index: dict[tuple, dict[str, int]] = {}  # per element: response text -> position in its "responses"
+    index: dict[tuple, dict[tuple[str, bool], int]] = {}  # per element: (text, ended) -> position in "responses"
     rows = 0
     for record in records:
         rows += 1
         texts = record["responses"]
+        responses = list(zip(texts, record.get("ended", [True] * len(texts))))
         pairs = _rank_pairs(tuple(record["ranks"]))
         key = (record["prompt"], record.get("labeler"))
         if key not in groups:
-            groups[key] = {"prompt": record["prompt"], "responses": [], "better": [], "worse": []}
+            groups[key] = {"prompt": record["prompt"], "responses": [], "ended": [], "better": [], "worse": []}
             index[key] = {}
         group, slots = groups[key], index[key]
         for i in sorted({i for pair in pairs for i in pair}):  # responses in no pair take no slot
-            if texts[i] not in slots:
-                slots[texts[i]] = len(group["responses"])
+            if responses[i] not in slots:
+                slots[responses[i]] = len(group["responses"])
                 group["responses"].append(texts[i])
-        group["better"] += [slots[texts[b]] for b, _ in pairs]
-        group["worse"] += [slots[texts[w]] for _, w in pairs]
+                group["ended"].append(responses[i][1])
+        group["better"] += [slots[responses[b]] for b, _ in pairs]
+        group["worse"] += [slots[responses[w]] for _, w in pairs]
     out = [g for g in groups.values() if g["better"]]
     prompts = {g["prompt"] for g in out}
     return out, {"rows": rows, "prompts": len(prompts), "pairs": sum(len(g["better"]) for g in out),
                  "inconsistent_pairs": sum(_inconsistent_pairs(g["better"], g["worse"]) for g in out),
+                 "cut_responses": sum(not ended for g in out for ended in g["ended"]),
                  "prompts_without_pairs": len({prompt for prompt, _ in groups} - prompts)}
 
 

@@ -56,8 +56,8 @@ class LabelService:
                 reason = "held" if self.assigner.waits_on_holds(name, answered, others) else "answered"
                 return {"prompt_id": None, "reason": reason, "done": done, "target": self.target}
         prompt = self.store.prompts[pid]
-        return {"prompt_id": pid, "prompt": prompt.text, "responses": [{"id": r.id, "text": r.text}
-                                                                          for r in prompt.responses],
+        return {"prompt_id": pid, "prompt": prompt.text,
+                "responses": [{"id": r.id, "text": r.text, "ended": r.ended} for r in prompt.responses],
                 "done": done, "target": self.target}
 
     def rank(self, body) -> dict:

@@ -1,7 +1,8 @@
 """The labeling task and everything people answered, in one SQLite file (`label.db` in the label step's run dir).
 
-The task (prompts, their responses in the order shown, and each response's sources: the policy path and step
-that wrote it) is written once, whole, and never changes. Rankings and skips are added one SQLite transaction
+The task (prompts, their responses in the order shown, each response's sources, the policy path and step that
+wrote it, and whether it ended or was cut at the sampler's length limit) is written once, whole, and never
+changes. Rankings and skips are added one SQLite transaction
 each, in WAL mode with synchronous=FULL, so an answer is on disk before the server acknowledges it and a killed
 server loses nothing it acknowledged. One connection serves every thread, one statement group at a time.
 """
@@ -19,12 +20,13 @@ from pathlib import Path
 from rlhf_jax.errors import UserError
 from rlhf_jax.runtime import fsio
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added responses.ended; a schema-1 task (every response taken as ended) is read as well
+SCHEMAS_READ = (1, SCHEMA_VERSION)
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE prompts (id INTEGER PRIMARY KEY, text TEXT NOT NULL, held_out INTEGER NOT NULL);
 CREATE TABLE responses (id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
-                        text TEXT NOT NULL, sources TEXT NOT NULL);
+                        text TEXT NOT NULL, sources TEXT NOT NULL, ended INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE rankings (labeler TEXT NOT NULL, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
                        levels TEXT NOT NULL, ratings TEXT NOT NULL, flags TEXT NOT NULL, seconds REAL,
                        saved_at REAL NOT NULL, PRIMARY KEY (labeler, prompt_id));
@@ -39,6 +41,7 @@ class Response:
     id: int
     text: str
     sources: tuple[dict, ...]  # {"policy": path, "step": int | None} of every policy that wrote this text
+    ended: bool = True  # False: cut at the sampler's length limit
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,9 @@ class Ranking:
     seconds: float | None  # time the labeler spent, as the page measured it
 
 
-def create(path: Path, prompts: list[tuple[str, bool, list[tuple[str, list[dict]]]]], meta: dict) -> None:
-    """Write the task whole: `prompts` as (text, held_out, [(response text, sources), ...]) in the order they are
-    shown, ids given in that order. Built beside `path` and renamed into place, so a crash leaves no half task."""
+def create(path: Path, prompts: list[tuple[str, bool, list[tuple[str, list[dict], bool]]]], meta: dict) -> None:
+    """Write the task whole: `prompts` as (text, held_out, [(response text, sources, ended), ...]) in the order
+    they are shown, ids given in that order. Built beside `path` and renamed into place, so a crash leaves no half task."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)  # SQLite itself drops the journal of a crashed create() beside an empty file
     if not path.exists():  # but replays a deleted task's write-ahead log onto the new one: its rankings
@@ -77,9 +80,9 @@ def create(path: Path, prompts: list[tuple[str, bool, list[tuple[str, list[dict]
         response_id = 0
         for prompt_id, (text, held_out, responses) in enumerate(prompts):
             conn.execute("INSERT INTO prompts VALUES (?, ?, ?)", (prompt_id, text, int(held_out)))
-            for response_text, sources in responses:
-                conn.execute("INSERT INTO responses VALUES (?, ?, ?, ?)",
-                             (response_id, prompt_id, response_text, json.dumps(sources)))
+            for response_text, sources, ended in responses:
+                conn.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)",
+                             (response_id, prompt_id, response_text, json.dumps(sources), int(ended)))
                 response_id += 1
         conn.execute("COMMIT")
     finally:
@@ -105,6 +108,9 @@ class Store:
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute("PRAGMA busy_timeout=10000")
             self.meta = {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+            if self.meta.get("schema_version") not in SCHEMAS_READ:
+                raise UserError(f"{self.path}: labeling database of schema {self.meta.get('schema_version')!r}; "
+                                f"this version reads schemas {', '.join(map(str, SCHEMAS_READ))}")
             self.prompts = self._read_task()
             if writable:  # a write, rolled back: SQLite opens a file it may not write read-only and says so at a write
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -116,15 +122,13 @@ class Store:
             raise UserError(f"{self.path}: cannot {'write' if writable else 'read'} it ({e})") from None
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path}: not a labeling database ({e})") from None
-        if self.meta.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"{self.path}: labeling database of schema {self.meta.get('schema_version')!r}; this "
-                            f"version reads schema {SCHEMA_VERSION}")
 
     def _read_task(self) -> dict[int, Prompt]:
         responses: dict[int, list[Response]] = {}
-        for rid, pid, text, sources in self._conn.execute(
-                "SELECT id, prompt_id, text, sources FROM responses ORDER BY id"):
-            responses.setdefault(pid, []).append(Response(rid, text, tuple(json.loads(sources))))
+        ended = "ended" if self.meta["schema_version"] >= 2 else "1"
+        for rid, pid, text, sources, end in self._conn.execute(
+                f"SELECT id, prompt_id, text, sources, {ended} FROM responses ORDER BY id"):
+            responses.setdefault(pid, []).append(Response(rid, text, tuple(json.loads(sources)), bool(end)))
         return {pid: Prompt(pid, text, bool(held_out), tuple(responses.get(pid, ())))
                 for pid, text, held_out in self._conn.execute("SELECT id, text, held_out FROM prompts ORDER BY id")}
 

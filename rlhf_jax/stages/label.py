@@ -4,8 +4,10 @@ label.policies with the compiled sampler, has them ranked, and prepares the resu
 label.dataset in data.dir, ready for the rm stage: rankings of the train split's prompts for training, of the eval
 split's prompts held out (split 'eval'), so held-out rankings share no prompt with training.
 
-Identical responses of one prompt are merged first (comparing a text with itself teaches nothing) and empty ones
-(an immediate EOS) dropped; a prompt left with fewer than 2 distinct responses is dropped; both are counted.
+Identical responses of one prompt are merged first (comparing a text with itself teaches nothing; a text sampled
+both ended and cut counts as ended) and empty ones (an immediate EOS) dropped; a prompt left with fewer than 2
+distinct responses is dropped; both are counted. Each response keeps whether it ended: one cut at
+sampling.max_new_tokens is trained without an EOS.
 
 label.labeler=MODULE:FUNCTION ranks them at once. When the labeler's module also has
 `labeler_ceiling(prompts, responses)`, the best accuracy any reward model can reach on the held-out rankings is
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -71,13 +74,12 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
     labeler, module = imports.function(lab.labeler, "label.labeler")
     prompts, held_out = _prompts(cfg)
     n, K = len(prompts), lab.responses * (1 + len(lab.policies))
-    texts = [text for samples in sample_responses(cfg, prompts) for text, _ in samples]
-    kept_prompts, kept_responses, empty = group_responses(prompts, texts, K)
+    kept_prompts, kept_responses, kept_ended, empty = group_responses(prompts, sample_responses(cfg, prompts))
     if not kept_prompts:
         raise UserError(f"label: no prompt has 2 distinct non-empty samples of {K}; raise sampling.temperature")
     # process 0 alone asks the labeler (it may be a paid service or a person) and writes the dataset
-    summary = distributed.on_primary(lambda: _write_rankings(cfg, run_dir, n, kept_prompts, kept_responses, labeler,
-                                                             empty, module, held_out))
+    summary = distributed.on_primary(lambda: _write_rankings(cfg, run_dir, n, kept_prompts, kept_responses,
+                                                             kept_ended, labeler, empty, module, held_out))
     print(json.dumps(summary))
     return summary
 
@@ -95,9 +97,15 @@ def _prompts(cfg: Config) -> tuple[list[str], list[str]]:
     return stored_prompts(source, lab.prompts) + held_out, held_out
 
 
-def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, dict]]]:
-    """Per prompt, label.responses samples of model.path then of each of label.policies, each with its source
-    ({"policy": path, "step": training step or None}); one model on the mesh at a time."""
+class Sample(NamedTuple):
+    text: str
+    source: dict  # {"policy": path, "step": training step or None}
+    ended: bool  # with a stop id; False: cut at sampling.max_new_tokens
+
+
+def sample_responses(cfg: Config, prompts: list[str]) -> list[list[Sample]]:
+    """Per prompt, label.responses samples of model.path then of each of label.policies; one model on the mesh at
+    a time."""
     s, K = cfg.sampling, cfg.label.responses
     mesh = sharding.mesh_from_config(cfg.mesh)
     sharding.check_batch_size(s.batch_size, mesh, "sampling.batch_size")  # before a model loads
@@ -111,7 +119,7 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
         print(f"warning: sampling.max_prompt_tokens={s.max_prompt_tokens} cuts the prompts responses are sampled "
               f"after, data.max_prompt_tokens={cfg.data.max_prompt_tokens} those the reward model trains on; set them "
               "equal", file=sys.stderr)
-    samples: list[list[tuple[str, dict]]] = [[] for _ in prompts]
+    samples: list[list[Sample]] = [[] for _ in prompts]
     repeated = [p for p in prompts for _ in range(K)]  # K independent samples of each prompt
     unfinished = 0
     for i, (path, key, where) in enumerate(zip(paths, keys, wheres)):
@@ -120,13 +128,12 @@ def sample_responses(cfg: Config, prompts: list[str]) -> list[list[tuple[str, di
                               cfg.model.dtype, cfg.data.chat_template, where=where)
         source = {"policy": str(path), "step": source_step(path)}
         for j, record in enumerate(generator.generate(repeated, s.batch_size, s.max_prompt_tokens, cfg.seed + i)):
-            samples[j // K].append((record["text"], source))
+            samples[j // K].append(Sample(record["text"], source, record["ended"]))
             unfinished += not record["ended"]
         del generator
-    if unfinished:  # ranked as their text; the rm step ends every response with an EOS
-        print(f"warning: {unfinished} of {len(repeated) * len(paths)} samples ran to sampling.max_new_tokens="
-              f"{s.max_new_tokens} without ending; the reward model learns them as if they had ended there",
-              file=sys.stderr)
+    if unfinished:  # ranked and trained as cut (no EOS), as PPO scores a rollout that never ended
+        print(f"{unfinished} of {len(repeated) * len(paths)} samples ran to sampling.max_new_tokens="
+              f"{s.max_new_tokens} without ending; they are ranked and trained on as cut responses", file=sys.stderr)
     return samples
 
 
@@ -152,8 +159,7 @@ def _label_by_people(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
-def _store_task(cfg: Config, db: Path, prompts: list[str], held_out: set[str],
-                samples: list[list[tuple[str, dict]]]) -> None:
+def _store_task(cfg: Config, db: Path, prompts: list[str], held_out: set[str], samples: list[list[Sample]]) -> None:
     """label.db: the prompts with at least 2 distinct non-empty responses, in a seeded order, each with its
     responses merged and shuffled."""
     task, empty = [], 0
@@ -200,19 +206,20 @@ def check_task(cfg: Config, task: label_store.Store) -> None:
                         f"those, or delete it to sample anew (what people ranked in it is lost)")
 
 
-def merge_responses(samples: list[tuple[str, dict]]) -> tuple[list[tuple[str, list[dict]]], int]:
-    """(the distinct non-empty texts in first-seen order, each with the sources that wrote it; empty ones
-    dropped)."""
-    merged: dict[str, list[dict]] = {}
+def merge_responses(samples: list[Sample]) -> tuple[list[tuple[str, list[dict], bool]], int]:
+    """(the distinct non-empty texts in first-seen order, each with the sources that wrote it and whether any
+    sample of it ended; empty ones dropped)."""
+    merged: dict[str, tuple[list[dict], list[bool]]] = {}
     empty = 0
-    for text, source in samples:
+    for text, source, ended in samples:
         if not text.strip():
             empty += 1
             continue
-        sources = merged.setdefault(text, [])
+        sources, ends = merged.setdefault(text, ([], []))
         if source not in sources:
             sources.append(source)
-    return list(merged.items()), empty
+        ends.append(ended)
+    return [(text, sources, any(ends)) for text, (sources, ends) in merged.items()], empty
 
 
 def _serve_and_write(cfg: Config, run_dir: Path, db: Path) -> dict:
@@ -243,7 +250,8 @@ def _write_people_rankings(cfg: Config, run_dir: Path, task: label_store.Store) 
         prompt = task.prompts[ranking.prompt_id]
         level = {rid: i for i, ids in enumerate(ranking.levels) for rid in ids}
         rows.append({"prompt": prompt.text, "responses": [r.text for r in prompt.responses],
-                     "ranks": [level[r.id] for r in prompt.responses], "labeler": ranking.labeler})
+                     "ranks": [level[r.id] for r in prompt.responses], "ended": [r.ended for r in prompt.responses],
+                     "labeler": ranking.labeler})
     path = run_dir / "rankings.jsonl"
     write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
     figures = agreement.stats(rankings, task.skips())
@@ -265,16 +273,17 @@ def _write_people_rankings(cfg: Config, run_dir: Path, task: label_store.Store) 
     return summary
 
 
-def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_responses, labeler, empty: int, module,
-                    held_out) -> dict:
+def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_responses, kept_ended, labeler,
+                    empty: int, module, held_out) -> dict:
     """The labeler's rankings, their file, its prepared dataset and the summary (process 0 alone, with several
     processes)."""
     lab = cfg.label
     ranks = imports.call(labeler, f"label.labeler={lab.labeler}", kept_prompts, kept_responses, cfg.seed)
     _check_ranks(ranks, kept_responses, lab.labeler)
     path = run_dir / "rankings.jsonl"
-    write_text_atomically(path, "".join(json.dumps({"prompt": p, "responses": r, "ranks": [int(x) for x in k]}) + "\n"
-                                        for p, r, k in zip(kept_prompts, kept_responses, ranks)))
+    write_text_atomically(path, "".join(json.dumps({"prompt": p, "responses": r, "ranks": [int(x) for x in k],
+                                                    "ended": e}) + "\n"
+                                        for p, r, k, e in zip(kept_prompts, kept_responses, ranks, kept_ended)))
     extra = {"labeler": lab.labeler}
     ceiling_fn = getattr(module, "labeler_ceiling", None)
     held_out = set(held_out)
@@ -297,16 +306,19 @@ def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_respo
     return summary
 
 
-def group_responses(prompts: list[str], texts: list[str], K: int) -> tuple[list[str], list[list[str]], int]:
-    """(prompts kept, the distinct non-empty responses of each, empty responses dropped) from K samples per
-    prompt in prompt order; a prompt with fewer than 2 such responses is not kept."""
-    kept_prompts, kept_responses = [], []
-    for i, prompt in enumerate(prompts):
-        distinct = list(dict.fromkeys(t for t in texts[i * K:(i + 1) * K] if t.strip()))
-        if len(distinct) >= 2:
+def group_responses(prompts: list[str], samples: list[list[Sample]]
+                    ) -> tuple[list[str], list[list[str]], list[list[bool]], int]:
+    """(prompts kept, the distinct non-empty responses of each, whether each ended, empty responses dropped) from
+    the samples of each prompt; a prompt with fewer than 2 such responses is not kept."""
+    kept_prompts, kept_responses, kept_ended, empty = [], [], [], 0
+    for prompt, prompt_samples in zip(prompts, samples):
+        merged, dropped = merge_responses(prompt_samples)
+        empty += dropped
+        if len(merged) >= 2:
             kept_prompts.append(prompt)
-            kept_responses.append(distinct)
-    return kept_prompts, kept_responses, sum(not t.strip() for t in texts)
+            kept_responses.append([text for text, _, _ in merged])
+            kept_ended.append([ended for _, _, ended in merged])
+    return kept_prompts, kept_responses, kept_ended, empty
 
 
 def _check_ranks(ranks, responses: list[list[str]], spec: str) -> None:

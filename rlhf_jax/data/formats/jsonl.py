@@ -1,6 +1,7 @@
 """The generic formats `jsonl_sft`, `jsonl_rankings` and `jsonl_prompts`: rows that already hold the canonical
 fields, under names the user may remap (`fields`); rankings as a list of responses with their ranks (renumbered
-dense) or as a chosen/rejected pair."""
+dense) and optionally whether each one ended (`ended`: false for a sample cut at the length limit, which is
+trained without an EOS; absent, every response ended), or as a chosen/rejected pair."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rlhf_jax.data.formats import rows
 # Canonical field names each generic format lets the user rename with `fields`.
 RENAMABLE = {
     "jsonl_sft": ("prompt", "response", "metadata"),
-    "jsonl_rankings": ("prompt", "responses", "ranks", "chosen", "rejected", "labeler"),
+    "jsonl_rankings": ("prompt", "responses", "ranks", "ended", "chosen", "rejected", "labeler"),
     "jsonl_prompts": ("prompt", "metadata"),
 }
 
@@ -43,6 +44,9 @@ def _ranking(row: dict, names: dict[str, str], notes: list[str]) -> dict:
     if "metadata" in row:
         notes.append("metadata_not_kept")  # a prompt's rows become one example: no row's metadata is kept
     has_pair = names["chosen"] in row or names["rejected"] in row
+    if has_pair and names["ended"] in row:
+        raise rows.Invalid("ambiguous_fields", f"field {names['ended']!r} goes with {names['responses']!r}, not a "
+                                               f"{names['chosen']!r}/{names['rejected']!r} pair")
     if names["responses"] not in row and has_pair:
         return _pairwise(prompt, row, names["chosen"], names["rejected"])
     if has_pair:  # both forms: one of them would be dropped
@@ -56,7 +60,10 @@ def _ranking(row: dict, names: dict[str, str], notes: list[str]) -> dict:
     dense = _dense_ranks(ranks, len(responses), names["ranks"])
     if dense != ranks:
         notes.append("non_dense_ranks")  # accepted, but the user may not have meant gaps or an offset
-    return {"prompt": prompt, "responses": responses, "ranks": dense}
+    ranking = {"prompt": prompt, "responses": responses, "ranks": dense}
+    if names["ended"] in row:
+        ranking["ended"] = _ended(row, names["ended"], len(responses))
+    return ranking
 
 
 def _pairwise(prompt: str, row: dict, chosen_name: str, rejected_name: str) -> dict:
@@ -80,6 +87,18 @@ def _responses(row: dict, name: str) -> list[str]:
         raise rows.Invalid("too_few_responses", f"{expected}, got {len(responses)}")
     rows.check_distinct(responses, name)
     return responses
+
+
+def _ended(row: dict, name: str, n_responses: int) -> list[bool]:
+    values = rows.field(row, name)
+    if not isinstance(values, list) or not all(isinstance(v, bool) for v in values):
+        got = rows.type_name(values) if not isinstance(values, list) else "a list with a non-boolean"
+        raise rows.Invalid("wrong_type", f"field {name!r} must be a list of booleans (false: the response was cut "
+                                         f"before its end), got {got}")
+    if len(values) != n_responses:
+        raise rows.Invalid("invalid_ended", f"field {name!r} must have one value per response ({n_responses}), "
+                                            f"got {len(values)}")
+    return values
 
 
 def _int_list(row: dict, name: str) -> list[int]:

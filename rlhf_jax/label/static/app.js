@@ -15,6 +15,8 @@ const NOTHING_LEFT = {
   answered: "Nothing is left for you to rank. Thank you!",
 };
 const RECHECK_MS = 30000;
+// a response that ran to the sampler's length limit: judged as written, knowing its end is missing
+const CUT_NOTE = "[cut off at the length limit]";
 const $ = (id) => document.getElementById(id);
 
 function el(tag, props = {}, children = []) {
@@ -81,10 +83,6 @@ async function loadNext() {
   state.shownAt = performance.now();
 }
 
-function textOf(id) {
-  return state.task.responses.find((r) => r.id === id).text;
-}
-
 function render(focusId) {
   const list = $("levels");
   list.replaceChildren();
@@ -119,7 +117,7 @@ function dropTarget(node, drop) {
 }
 
 function card(id, levelIndex, tied) {
-  const letter = state.letters[id];
+  const letter = state.letters[id], response = state.task.responses.find((r) => r.id === id);
   const rating = el("select", {"aria-label": `Rating of response ${letter}`, "data-rating": id},
                     [el("option", {value: "", text: "rate 1-7"}),
                      ...[1, 2, 3, 4, 5, 6, 7].map((n) => el("option", {value: String(n), text: String(n)}))]);
@@ -134,7 +132,8 @@ function card(id, levelIndex, tied) {
   }
   const node = el("article", {className: "card", tabIndex: 0, draggable: true, "data-id": id,
                               "aria-label": `Response ${letter}, place ${levelIndex + 1}${tied ? ", tied" : ""}`},
-                  [el("h3", {text: `Response ${letter}`}), el("div", {className: "text", text: textOf(id)}),
+                  [el("h3", {text: `Response ${letter}`}), el("div", {className: "text", text: response.text}),
+                   ...(response.ended ? [] : [el("p", {className: "cut", text: CUT_NOTE})]),
                    el("div", {className: "controls"}, [el("label", {}, ["Rating ", rating]), flags])]);
   node.addEventListener("dragstart", (event) => {
     event.dataTransfer.setData("text/plain", String(id));
