@@ -64,7 +64,8 @@ class Ranking:
 
 def create(path: Path, prompts: list[tuple[str, bool, list[tuple[str, list[dict], bool]]]], meta: dict) -> None:
     """Write the task whole: `prompts` as (text, held_out, [(response text, sources, ended), ...]) in the order
-    they are shown, ids given in that order. Built beside `path` and renamed into place, so a crash leaves no half task."""
+    they are shown, ids given in that order. Built beside `path` and renamed into place, so a crash leaves no half
+    task."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)  # SQLite itself drops the journal of a crashed create() beside an empty file
     if not path.exists():  # but replays a deleted task's write-ahead log onto the new one: its rankings
