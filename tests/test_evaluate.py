@@ -111,6 +111,20 @@ def test_the_gold_scorer_alone_judges_without_a_reward_model(inputs, monkeypatch
     assert "export: gold win rate" in err and "by RM score" not in err
 
 
+def gold_by_ending(prompts, responses, ended):
+    return [float(e) for e in ended]
+
+
+def test_a_gold_scorer_that_takes_ended_is_told_which_responses_ended(inputs):
+    """Scoring 1 for an ended response and 0 for one cut at --max-new-tokens, its mean is the EOS rate."""
+    out = inputs["root"] / "gold_ended"
+    rc, _, err = _eval_without_rm(inputs, out, "--policy", inputs["ppo"] / "export", "--gold",
+                                  f"{__name__}:gold_by_ending", "--max-new-tokens", "8")
+    assert rc == 0, err[-2000:]
+    (policy,) = json.loads((out / "report.json").read_text())["policies"]
+    assert 0 < policy["eos_rate"] < 1 and policy["gold_score_mean"] == pytest.approx(policy["eos_rate"])
+
+
 @pytest.mark.full
 def test_the_reference_against_itself_ties_exactly(inputs, monkeypatch):
     """Policy and reference sample each prompt with the same key: the reference evaluated as a policy draws the

@@ -818,6 +818,10 @@ def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
     wrapper = RewardFunction(lambda p, r: seen.append((p, r)) or [1, 2.5], "k=m:f", WordTokenizer(), (1,))
     assert wrapper(*args).tolist() == [1.0, 2.5] and wrapper.problem is None
     assert seen == [(["t9", "t9"], ["t5", "t6 t7 t8"])]
+    # a function that takes `ended` is told which responses ended: here the first (its EOS, 1) and not the second
+    for fn in (lambda p, r, ended: seen.append(ended) or [0, 0], lambda p, r, **kw: seen.append(kw["ended"]) or [0, 0]):
+        RewardFunction(fn, "k=m:f", WordTokenizer(), (1,))(*args)
+        assert seen.pop() == [True, False]
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])

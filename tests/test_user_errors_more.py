@@ -125,7 +125,7 @@ def _eval(tiny, reward_model, out, *flags):
 def test_a_gold_scorer_that_fails_is_one_line_naming_it_and_what_it_returned(fn, returned):
     spec = f"{HERE}:{fn.__name__}"
     with pytest.raises(UserError) as caught:
-        gold_scores(fn, spec, ["p", "q"], [" a", " b"])
+        gold_scores(fn, spec, ["p", "q"], [" a", " b"], [True, False])
     assert str(caught.value).startswith(f"eval.gold={spec}: {returned}")
 
 
@@ -143,7 +143,7 @@ def test_user_codes_own_words_are_not_rewritten_into_flags_and_a_bad_signature_p
     before the function ran, the line named is the function's own, not the caller's."""
     spec = f"{HERE}:gold_wants_a_seed"
     with pytest.raises(UserError) as caught:
-        gold_scores(gold_wants_a_seed, spec, ["p"], [" a"])
+        gold_scores(gold_wants_a_seed, spec, ["p"], [" a"], [True])
     line = gold_wants_a_seed.__code__.co_firstlineno
     assert str(naming_flags(caught.value, evaluate.FLAGS)) == (
         f"--gold {spec}: raised TypeError: gold_wants_a_seed() missing 1 required positional argument: 'seed' "
@@ -197,6 +197,28 @@ def test_the_label_stage_with_a_raising_labeler_writes_nothing(workdir, tiny, da
     assert _last_line(err).startswith(f"error: label.labeler={HERE}:labeler_raises: raised RuntimeError: the "
                                       f"labeling service is down ({__file__}:")
     assert not run_dir.exists() and not (data_dir / "labeled").exists()
+
+
+SEEN_ENDED = []
+
+
+def labeler_seeing_ended(prompts, responses, seed, ended):
+    assert [len(e) for e in ended] == [len(r) for r in responses]  # per prompt, one per response
+    SEEN_ENDED.extend(e for per_prompt in ended for e in per_prompt)
+    return [list(range(len(r))) for r in responses]
+
+
+def test_a_labeler_that_takes_ended_is_told_what_rankings_jsonl_records(workdir, tiny, data_dir):
+    """The random tiny model never ends within 4 tokens: the labeler hears that every sample was cut, and the
+    rankings it returned are written with the same flags."""
+    run_dir = workdir / "label_ended"
+    rc, _, err = run_quietly(main_cli.main, [
+        "stage=label", f"run_dir={run_dir}", f"model.path={tiny}", f"data.dir={data_dir}", "data.name=prompts",
+        f"label.labeler={HERE}:labeler_seeing_ended", "label.responses=2", "label.dataset=labeled_ended",
+        "sampling.max_new_tokens=4", "sampling.max_prompt_tokens=16"])
+    assert rc == 0, err[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "rankings.jsonl").read_text().splitlines()]
+    assert [e for row in rows for e in row["ended"]] == SEEN_ENDED == [False] * len(SEEN_ENDED) and rows
 
 
 # ------------------------------------------------------------------------------------------------ flags and dirs

@@ -253,7 +253,8 @@ class TaskSection:
 @dataclass(frozen=True)
 class LabelSection:
     labeler: str = opt("", "MODULE:FUNCTION ranking responses: f(prompts, responses_per_prompt, seed) -> ranks "
-                            "(0 = best); a sibling labeler_ceiling(prompts, responses) is recorded when present; "
+                            "(0 = best), told ended (per prompt, whether each response ended) where it takes that "
+                            "keyword; a sibling labeler_ceiling(prompts, responses) is recorded when present; "
                             "'people': people rank them on a web page served by the step")
     responses: int = opt(4, "responses sampled per prompt from each policy and ranked together (InstructGPT "
                             "K = 4..9)")
@@ -298,7 +299,7 @@ class EvalSection:
                             "(default split: eval)")
     rankings: str = opt("", "optional prepared rankings dataset DIR[:SPLIT] (default eval) for RM accuracy")
     gold: str = opt("", "optional MODULE:FUNCTION scoring f(prompts, responses) -> scores (a programmatic "
-                         "ground truth)")
+                         "ground truth), told ended (whether each response ended) where it takes that keyword")
     step: int = opt(0, "checkpoint step of the run dirs in eval.policies; 0 = the latest")
     all_steps: bool = opt(False, "evaluate every saved step of the run dirs in eval.policies")
     limit: int = opt(0, "evaluate on the first N prompts; 0 = all")

@@ -181,7 +181,8 @@ class Evaluator:
         responses = ResponseCodec(self.tokenizer)
         joined["texts"] = [responses.decode(t[m].tolist()) for t, m in zip(smp.tokens, smp.mask)]
         if self.gold_fn is not None:
-            joined["gold"] = gold_scores(self.gold_fn, self.gold_spec, self.prompts, joined["texts"])
+            joined["gold"] = gold_scores(self.gold_fn, self.gold_spec, self.prompts, joined["texts"],
+                                         smp.ended.tolist())
         return joined
 
 

@@ -45,14 +45,15 @@ def open_dataset(path: Path, split: str, key: str):
 
 
 def load_gold(spec: str) -> Callable | None:
-    """MODULE:FUNCTION: f(prompts, responses) -> one score per response."""
+    """MODULE:FUNCTION: f(prompts, responses[, ended]) -> one score per response."""
     return imports.function(spec, "eval.gold")[0] if spec else None
 
 
-def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str]) -> np.ndarray:
-    """One finite score per response from the user's scorer; anything else (an exception, None, strings, the
-    wrong count, NaN) is one line naming the scorer and what it returned."""
-    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses))
+def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str], ended: list[bool]) -> np.ndarray:
+    """One finite score per response from the user's scorer (told which responses ended where it takes `ended`);
+    anything else (an exception, None, strings, the wrong count, NaN) is one line naming the scorer and what it
+    returned."""
+    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses), ended=list(ended))
     try:
         scores = np.asarray(returned)
     except ValueError:  # ragged nesting

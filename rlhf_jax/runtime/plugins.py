@@ -1,9 +1,12 @@
 """User code named in a config as MODULE:FUNCTION (a gold scorer, a labeler): imported from the Python path,
-never downloaded; a bad name, and a call that raises, is one line naming the key and the function."""
+never downloaded; a bad name, and a call that raises, is one line naming the key and the function. A function
+that takes an `ended` keyword (or **kwargs) is also told which responses ended (False: cut at the length limit,
+its text then missing its end)."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import reprlib
 import traceback
 from types import ModuleType
@@ -29,11 +32,23 @@ def function(spec: str, key: str) -> tuple[Callable, ModuleType]:
     return fn, module
 
 
-def call(fn: Callable, who: str, *args):
-    """fn(*args): an exception from the user's code becomes one line starting with `who` (e.g.
-    `eval.gold=MODULE:FUNCTION`) that names the exception and the line that raised it."""
+def takes(fn: Callable, keyword: str) -> bool:
+    """Whether `fn` accepts the keyword argument `keyword` (by name or **kwargs)."""
     try:
-        return fn(*args)
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.kind == p.VAR_KEYWORD or (p.name == keyword and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+               for p in parameters)
+
+
+def call(fn: Callable, who: str, *args, ended=None):
+    """fn(*args), and `ended=ended` where given and fn takes it: an exception from the user's code becomes one
+    line starting with `who` (e.g. `eval.gold=MODULE:FUNCTION`) that names the exception and the line that raised
+    it."""
+    kwargs = {"ended": ended} if ended is not None and takes(fn, "ended") else {}
+    try:
+        return fn(*args, **kwargs)
     except KeyboardInterrupt:  # Ctrl-C (and SIGTERM, which the runs turn into it) is the operator's, not an error
         raise
     except BaseException as e:  # noqa: BLE001 - user code can fail in any way: sys.exit(), a timeout library's own

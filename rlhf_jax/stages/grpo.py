@@ -238,7 +238,8 @@ def jit_iteration(models: group.GroupModels, settings: group.GroupSettings, stat
 class RewardFunction:
     """The user's MODULE:FUNCTION as the iteration's host callback: it decodes the rows (each prompt as the model
     read it; each response up to its first EOS; special tokens skipped), calls the function with (prompts,
-    responses) and checks that it returned one finite number per response. A problem cannot leave a callback as a
+    responses), and `ended` (whether each response ended, or ran to the length limit) where it takes that
+    keyword, and checks that it returned one finite number per response. A problem cannot leave a callback as a
     clean error (it would surface as an XLA traceback), so it is recorded, the callback returns zeros, and the host
     loop raises it as one line once the iteration has returned (`raise_if_failed`), before anything is logged or
     saved."""
@@ -252,29 +253,28 @@ class RewardFunction:
     def load(cls, spec: str, key: str, tokenizer, eos_ids: Sequence[int]) -> "RewardFunction":
         return cls(plugins.function(spec, key)[0], f"{key}={spec}", tokenizer, eos_ids)
 
-    def texts(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> tuple[list[str], list[str]]:
-        """(prompts, responses) as the function sees them: one of each per row."""
+    def texts(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> tuple[list[str], list[str], list[bool]]:
+        """(prompts, responses, whether each ended) as the function sees them: one of each per row."""
         prompts, decoded = [], {}
         for ids, mask in zip(np.asarray(prompt_ids_RP), np.asarray(prompt_mask_RP, bool)):
             key = tuple(ids[mask].tolist())  # a prompt repeats G times: decoded once
             if key not in decoded:
                 decoded[key] = self.tokenizer.decode(list(key), skip_special_tokens=True)
             prompts.append(decoded[key])
-        responses = []
+        responses, ended = [], []
         for tokens, mask in zip(np.asarray(tokens_RN), np.asarray(mask_RN, bool)):
             ids = tokens[mask].tolist()
-            if ids and ids[-1] in self.eos_ids:  # the mask ends at the first EOS, included
-                ids = ids[:-1]
-            responses.append(self.responses.decode(ids))
-        return prompts, responses
+            ended.append(bool(ids) and ids[-1] in self.eos_ids)  # the mask ends at the first EOS, included
+            responses.append(self.responses.decode(ids[:-1] if ended[-1] else ids))
+        return prompts, responses, ended
 
     def __call__(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> np.ndarray:
         R = len(tokens_RN)
         if self.problem is not None:  # a failed run stops at the end of this iteration
             return np.zeros(R, np.float32)
         try:
-            prompts, responses = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
-            return self.checked(plugins.call(self.fn, self.who, prompts, responses), R)
+            prompts, responses, ended = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
+            return self.checked(plugins.call(self.fn, self.who, prompts, responses, ended=ended), R)
         except UserError as e:
             self.problem = str(e)
         except BaseException as e:  # noqa: BLE001 - nothing may escape the callback (XLA's traceback follows)

@@ -278,7 +278,8 @@ def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_respo
     """The labeler's rankings, their file, its prepared dataset and the summary (process 0 alone, with several
     processes)."""
     lab = cfg.label
-    ranks = imports.call(labeler, f"label.labeler={lab.labeler}", kept_prompts, kept_responses, cfg.seed)
+    ranks = imports.call(labeler, f"label.labeler={lab.labeler}", kept_prompts, kept_responses, cfg.seed,
+                         ended=kept_ended)
     _check_ranks(ranks, kept_responses, lab.labeler)
     path = run_dir / "rankings.jsonl"
     write_text_atomically(path, "".join(json.dumps({"prompt": p, "responses": r, "ranks": [int(x) for x in k],
