@@ -17,6 +17,12 @@ def recorded(prompts, responses):
     return [-float(len(r)) for r in responses]
 
 
+def recorded_with_metadata(prompts, responses, metadata, ended):
+    """Records what it was given, with the keywords a function may take."""
+    CALLS.append((list(prompts), list(responses), list(metadata), list(ended)))
+    return [0.0] * len(responses)
+
+
 def raises(prompts, responses):
     raise ValueError("cannot score these")
 

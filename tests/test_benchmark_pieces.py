@@ -21,4 +21,4 @@ def test_the_grpo_benchmarks_rewards_go_through_the_stages_reward_function():
     np.testing.assert_allclose(rewards, [2 / 3, 1 / 5])  # the EOS and what follows it are not the response's
     assert rewards_fn.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) == (["7 8", "7 8"],
                                                                                   ["2 3 4", "5 7 6 9 11"],
-                                                                                  [True, False])
+                                                                                  [True, False], [None, None])

@@ -122,7 +122,7 @@ def test_a_prompt_file_whose_name_holds_a_colon_is_read_as_a_file(tmp_path):
 
     path = tmp_path / "prompts:v1.txt"
     path.write_text("first\nsecond\n")
-    assert load_prompts(str(path)) == ["first", "second"]
+    assert load_prompts(str(path)) == (["first", "second"], [None, None])
 
 
 def test_response_stats_count_real_tokens_and_ended_rows():

@@ -111,15 +111,25 @@ def test_the_gold_scorer_alone_judges_without_a_reward_model(inputs, monkeypatch
     assert "export: gold win rate" in err and "by RM score" not in err
 
 
-def gold_by_ending(prompts, responses, ended):
+def gold_by_ending(prompts, responses, ended, metadata):
+    assert metadata == [{"n": int(p.split("#")[1].split()[0])} for p in prompts], (prompts, metadata)
     return [float(e) for e in ended]
 
 
-def test_a_gold_scorer_that_takes_ended_is_told_which_responses_ended(inputs):
-    """Scoring 1 for an ended response and 0 for one cut at --max-new-tokens, its mean is the EOS rate."""
+def test_a_gold_scorer_that_takes_ended_and_metadata_is_told_them(inputs):
+    """Each prompt's metadata from the prepared prompts dataset; scoring 1 for an ended response and 0 for one cut
+    at --max-new-tokens, its mean is the EOS rate."""
+    from rlhf_jax.data import __main__ as data_cli
+
+    rows = inputs["root"] / "with_metadata.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Review #{n} of the {thing}:\n", "metadata": {"n": n}}) + "\n"
+                            for n in (1, 2) for thing in ("lamp", "bike")))  # the prompt file's
+    assert data_cli.main(["--format", "jsonl_prompts", "--input", str(rows), "--data-dir", str(inputs["root"]),
+                          "--name", "with_metadata"]) == 0
     out = inputs["root"] / "gold_ended"
     rc, _, err = _eval_without_rm(inputs, out, "--policy", inputs["ppo"] / "export", "--gold",
-                                  f"{__name__}:gold_by_ending", "--max-new-tokens", "8")
+                                  f"{__name__}:gold_by_ending", "--max-new-tokens", "8",
+                                  "--prompts", f"{inputs['root'] / 'with_metadata'}:train")
     assert rc == 0, err[-2000:]
     (policy,) = json.loads((out / "report.json").read_text())["policies"]
     assert 0 < policy["eos_rate"] < 1 and policy["gold_score_mean"] == pytest.approx(policy["eos_rate"])

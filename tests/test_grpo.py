@@ -684,6 +684,35 @@ def test_rloo_stage_with_a_reward_function(group_inputs, tmp_path, capfd):
         assert [s["reward"] for s in rows] == [-float(len(r)) for r in responses[:4]]
 
 
+def test_a_reward_function_gets_each_prompt_as_stored_with_its_metadata(group_inputs, tmp_path):
+    """Prompts longer than data.max_prompt_tokens are cut for the model; the function gets each row's prompt as
+    the dataset stores it (what eval.gold gets too), the answer it checks in the row's metadata, and whether each
+    response ended."""
+    from rlhf_jax.data import __main__ as data_cli
+
+    words = ["red", "cat", "sun", "blue", "dog", "tree", "moon", "fish"]
+    stored = {f"Please answer plainly and in very few words: what is the {a} {b} like?": {"answer": [a, b]}
+              for a in words for b in words}
+    src = tmp_path / "meta.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "metadata": m}) + "\n" for p, m in stored.items()))
+    assert data_cli.main(["--format", "jsonl_prompts", "--input", str(src), "--data-dir", str(tmp_path / "data"),
+                          "--name", "meta"]) == 0
+    grpo_fixtures.CALLS.clear()
+    run_dir = tmp_path / "grpo"
+    argv = [a.replace(str(group_inputs["data"]), str(tmp_path / "data")).replace("data.name=asks", "data.name=meta")
+            for a in _args(group_inputs, run_dir, "grpo", "grpo.reward_function=grpo_fixtures:recorded_with_metadata",
+                           "train.steps=1", "grpo.samples_every=1")]
+    rc, _, err = run_quietly(main_cli.main, argv)
+    assert rc == 0, err[-2000:]
+    [(prompts, responses, metadata, ended)] = grpo_fixtures.CALLS
+    assert len(prompts) == len(responses) == len(metadata) == len(ended) == 16
+    assert all(stored[p] == m for p, m in zip(prompts, metadata)) and len(set(prompts)) == 4
+    assert all(prompts[b * 4:(b + 1) * 4] == [prompts[b * 4]] * 4 for b in range(4))  # groups of one prompt
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert all(s["prompt"] in prompts[0] and s["prompt"] != prompts[0] for s in samples)  # the model read it cut
+    assert all(isinstance(e, bool) for e in ended)
+
+
 def test_ctrl_c_inside_user_code_stays_the_operators():
     from rlhf_jax.runtime import plugins
 
@@ -817,11 +846,22 @@ def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
     seen = []
     wrapper = RewardFunction(lambda p, r: seen.append((p, r)) or [1, 2.5], "k=m:f", WordTokenizer(), (1,))
     assert wrapper(*args).tolist() == [1.0, 2.5] and wrapper.problem is None
-    assert seen == [(["t9", "t9"], ["t5", "t6 t7 t8"])]
+    assert seen.pop() == (["t9", "t9"], ["t5", "t6 t7 t8"]) and not seen
     # a function that takes `ended` is told which responses ended: here the first (its EOS, 1) and not the second
     for fn in (lambda p, r, ended: seen.append(ended) or [0, 0], lambda p, r, **kw: seen.append(kw["ended"]) or [0, 0]):
         RewardFunction(fn, "k=m:f", WordTokenizer(), (1,))(*args)
         assert seen.pop() == [True, False]
+    # with the stage's batch set, the prompt as stored and its metadata; rows that are not its prompts are refused
+    wrapper = RewardFunction(lambda p, r, metadata: seen.append((p, metadata)) or [0, 0], "k=m:f", WordTokenizer(),
+                             (1,))
+    source = [{"prompt": b"other", "metadata": b""}, {"prompt": b"Nine?", "metadata": b'{"answer":9}'}]
+    wrapper.set_batch(source, {"example_index": np.array([1]), "prompt_ids": args[0][:1], "prompt_mask": args[1][:1]})
+    wrapper(*args)
+    assert wrapper.problem is None and seen.pop() == (["Nine?", "Nine?"], [{"answer": 9}, {"answer": 9}])
+    wrapper.set_batch(source, {"example_index": np.array([1]), "prompt_ids": np.array([[4, 8]]),
+                               "prompt_mask": args[1][:1]})
+    assert wrapper(*args).tolist() == [0.0, 0.0] and not seen
+    assert "the 2 rows scored are not the 1 prompts of the batch" in wrapper.problem, wrapper.problem
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])

@@ -125,7 +125,7 @@ def _eval(tiny, reward_model, out, *flags):
 def test_a_gold_scorer_that_fails_is_one_line_naming_it_and_what_it_returned(fn, returned):
     spec = f"{HERE}:{fn.__name__}"
     with pytest.raises(UserError) as caught:
-        gold_scores(fn, spec, ["p", "q"], [" a", " b"], [True, False])
+        gold_scores(fn, spec, ["p", "q"], [" a", " b"], [True, False], [None, None])
     assert str(caught.value).startswith(f"eval.gold={spec}: {returned}")
 
 
@@ -143,7 +143,7 @@ def test_user_codes_own_words_are_not_rewritten_into_flags_and_a_bad_signature_p
     before the function ran, the line named is the function's own, not the caller's."""
     spec = f"{HERE}:gold_wants_a_seed"
     with pytest.raises(UserError) as caught:
-        gold_scores(gold_wants_a_seed, spec, ["p"], [" a"], [True])
+        gold_scores(gold_wants_a_seed, spec, ["p"], [" a"], [True], [None])
     line = gold_wants_a_seed.__code__.co_firstlineno
     assert str(naming_flags(caught.value, evaluate.FLAGS)) == (
         f"--gold {spec}: raised TypeError: gold_wants_a_seed() missing 1 required positional argument: 'seed' "

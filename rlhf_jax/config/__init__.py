@@ -299,7 +299,7 @@ class EvalSection:
                             "(default split: eval)")
     rankings: str = opt("", "optional prepared rankings dataset DIR[:SPLIT] (default eval) for RM accuracy")
     gold: str = opt("", "optional MODULE:FUNCTION scoring f(prompts, responses) -> scores (a programmatic "
-                         "ground truth), told ended (whether each response ended) where it takes that keyword")
+                         "ground truth), told ended and metadata (of each prompt) where it takes those keywords")
     step: int = opt(0, "checkpoint step of the run dirs in eval.policies; 0 = the latest")
     all_steps: bool = opt(False, "evaluate every saved step of the run dirs in eval.policies")
     limit: int = opt(0, "evaluate on the first N prompts; 0 = all")

@@ -8,7 +8,7 @@ Layouts (numpy, fixed shapes; P prompt tokens, R response tokens, K responses, T
             ended has its EOS, one cut at a sampler's length limit none),
             pairs_KK[i, j] = how many times response i was preferred to response j (int32), and the example's
             position in its split (int32), by which values computed once per example are looked up
-  prompts   prompt_ids_P, prompt_mask_P, truncated
+  prompts   prompt_ids_P, prompt_mask_P, example_index, truncated
 Prompts are truncated from the left (the end of a dialogue matters most), responses from the right; `truncated`
 marks each example that lost tokens so that trainers count them (a packed row: how many of its examples did).
 Pad ids are PAD_ID; masks carry the truth.
@@ -21,6 +21,7 @@ goes into checkpoints, so a resumed run sees exactly the batches it would have s
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,9 +62,23 @@ def open_split(data_dir: str | Path, name: str, split: str):
 
 def stored_prompts(source, limit: int = 0) -> list[str]:
     """The prompt texts of an opened split (`open_split`), in stored order; the first `limit` when > 0."""
-    n = min(limit or len(source), len(source))
-    texts = (source[i]["prompt"] for i in range(n))
-    return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+    return [stored_text(source[i]["prompt"]) for i in range(min(limit or len(source), len(source)))]
+
+
+def stored_metadata(source, limit: int = 0) -> list:
+    """The metadata of each prompt `stored_prompts` reads, parsed (`parsed_metadata`)."""
+    return [parsed_metadata(source[i]["metadata"]) for i in range(min(limit or len(source), len(source)))]
+
+
+def stored_text(value) -> str:
+    """A stored Text feature as a str (TFDS reads it as bytes)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def parsed_metadata(value):
+    """A stored example's metadata (compact JSON; empty where its row had none) as the JSON value, or None."""
+    text = stored_text(value)
+    return json.loads(text) if text else None
 
 
 def has_split(spec: DataSection, split: str) -> bool:
@@ -116,8 +131,10 @@ class Tokenize:
         P, R = self.spec.max_prompt_tokens, self.spec.max_response_tokens
         prompt, cut = self.prompt_ids(text(example["prompt"]))
         prompt_ids, prompt_mask = _left_pad(prompt, P)
+        index = np.int32(example.get(STORED_INDEX, -1))
         if self.kind == "prompts":
-            return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "truncated": np.bool_(cut)}
+            return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "example_index": index,
+                    "truncated": np.bool_(cut)}
         if self.kind == "sft":
             (response, cut_r), = self.response_ids([text(example["response"])])
             if self.spec.pack:  # real tokens only; packing lays them out
@@ -143,8 +160,7 @@ class Tokenize:
         pairs = np.zeros((self.K, self.K), np.int32)  # add.at: a repeated pair counts once per repeat
         np.add.at(pairs, (np.asarray(example["better"], np.intp), np.asarray(example["worse"], np.intp)), 1)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-                "response_mask": response_mask, "pairs": pairs,
-                "example_index": np.int32(example.get(STORED_INDEX, -1)), "truncated": np.bool_(cut)}
+                "response_mask": response_mask, "pairs": pairs, "example_index": index, "truncated": np.bool_(cut)}
 
 
 def _left_pad(ids: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:

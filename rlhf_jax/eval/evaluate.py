@@ -118,9 +118,10 @@ class Evaluator:
     """The reward model, the reference and the prompt batches, placed and encoded once; `responses` samples one
     policy on every prompt (the same seed per batch for every policy) and scores what it wrote."""
 
-    def __init__(self, cfg: Config, prompts: list[str], gold_fn: Callable | None, mesh):
+    def __init__(self, cfg: Config, prompts: list[str], gold_fn: Callable | None, mesh, metadata: list | None = None):
         e, s = cfg.eval, cfg.sampling
         self.prompts, self.gold_fn, self.gold_spec = prompts, gold_fn, e.gold
+        self.metadata = metadata or [None] * len(prompts)  # of each prompt, for the gold scorer
         self.chat_template = cfg.data.chat_template
         reward = load_model(e.reward_model, key="eval.reward_model") if e.reward_model else None
         if reward is not None and reward.head != "scalar":
@@ -182,7 +183,7 @@ class Evaluator:
         joined["texts"] = [responses.decode(t[m].tolist()) for t, m in zip(smp.tokens, smp.mask)]
         if self.gold_fn is not None:
             joined["gold"] = gold_scores(self.gold_fn, self.gold_spec, self.prompts, joined["texts"],
-                                         smp.ended.tolist())
+                                         smp.ended.tolist(), self.metadata)
         return joined
 
 
@@ -211,7 +212,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     if filtered and distributed.is_primary():  # the log-probs are the full distributions', not the filtered ones
         print("warning: sampling is greedy or filtered (a temperature of 0, top-k or top-p): the KL columns "
               "compare the unfiltered distributions, not the ones the responses were drawn from", file=sys.stderr)
-    prompts = load_prompts(e.prompts, e.limit)
+    prompts, prompt_metadata = load_prompts(e.prompts, e.limit)
     with warnings.catch_warnings(record=True) as caught, about("eval.policies"):
         warnings.simplefilter("always")
         sources = policy_sources(e.policies, e.step, e.all_steps)
@@ -221,7 +222,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
               *(("eval.policies", str(x.path)) for x in sources if x.step is None)]
     check_outputs(out_dir, run_dir, models)
     earlier_rounds = [round_row(read_round(path)) for path in e.rounds]
-    ev = Evaluator(cfg, prompts, gold_fn, mesh)
+    ev = Evaluator(cfg, prompts, gold_fn, mesh, prompt_metadata)
     for source in sources:  # a policy that reads other tokens or positions stops the run before the first sample
         with about("eval.policies"):
             meta = policy_meta(source)

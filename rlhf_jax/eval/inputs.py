@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from rlhf_jax.data.pipeline import open_split, stored_prompts
+from rlhf_jax.data.pipeline import open_split, stored_metadata, stored_prompts
 from rlhf_jax.data.prepare import VERSION
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.generation import read_prompts
@@ -21,17 +21,18 @@ def split_spec(text: str) -> tuple[Path, str]:
     return Path(path), split or "eval"
 
 
-def load_prompts(text: str, limit: int = 0) -> list[str]:
-    """A prompt file, or the prompts of a prepared prompts dataset's split, in stored order."""
+def load_prompts(text: str, limit: int = 0) -> tuple[list[str], list]:
+    """(prompts, the metadata of each) of a prompt file (no metadata: None each), or of a prepared prompts
+    dataset's split, in stored order."""
     path, split = (Path(text), "") if Path(text).is_file() else split_spec(text)  # a file's name may hold a ":"
     if path.is_file():
         prompts = read_prompts(path)
-    else:
-        source, metadata = open_dataset(path, split, "eval.prompts")
-        if metadata["kind"] != "prompts":
-            raise UserError(f"eval.prompts={text}: a {metadata['kind']!r} dataset, expected one of kind 'prompts'")
-        return stored_prompts(source, limit)
-    return prompts[:limit] if limit else prompts
+        prompts = prompts[:limit] if limit else prompts
+        return prompts, [None] * len(prompts)
+    source, metadata = open_dataset(path, split, "eval.prompts")
+    if metadata["kind"] != "prompts":
+        raise UserError(f"eval.prompts={text}: a {metadata['kind']!r} dataset, expected one of kind 'prompts'")
+    return stored_prompts(source, limit), stored_metadata(source, limit)
 
 
 def open_dataset(path: Path, split: str, key: str):
@@ -45,15 +46,17 @@ def open_dataset(path: Path, split: str, key: str):
 
 
 def load_gold(spec: str) -> Callable | None:
-    """MODULE:FUNCTION: f(prompts, responses[, ended]) -> one score per response."""
+    """MODULE:FUNCTION: f(prompts, responses) -> one score per response, offered `ended` and `metadata`."""
     return imports.function(spec, "eval.gold")[0] if spec else None
 
 
-def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str], ended: list[bool]) -> np.ndarray:
-    """One finite score per response from the user's scorer (told which responses ended where it takes `ended`);
-    anything else (an exception, None, strings, the wrong count, NaN) is one line naming the scorer and what it
-    returned."""
-    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses), ended=list(ended))
+def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str], ended: list[bool],
+                metadata: list) -> np.ndarray:
+    """One finite score per response from the user's scorer (told which responses ended and the prompts' metadata
+    where it takes those keywords); anything else (an exception, None, strings, the wrong count, NaN) is one line
+    naming the scorer and what it returned."""
+    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses), ended=list(ended),
+                            metadata=list(metadata))
     try:
         scores = np.asarray(returned)
     except ValueError:  # ragged nesting

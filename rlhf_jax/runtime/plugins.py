@@ -1,7 +1,6 @@
 """User code named in a config as MODULE:FUNCTION (a gold scorer, a labeler): imported from the Python path,
-never downloaded; a bad name, and a call that raises, is one line naming the key and the function. A function
-that takes an `ended` keyword (or **kwargs) is also told which responses ended (False: cut at the length limit,
-its text then missing its end)."""
+never downloaded; a bad name, and a call that raises, is one line naming the key and the function. Keywords a
+call offers (which responses ended, the prompts' metadata) reach a function that takes them by name or **kwargs."""
 
 from __future__ import annotations
 
@@ -42,11 +41,10 @@ def takes(fn: Callable, keyword: str) -> bool:
                for p in parameters)
 
 
-def call(fn: Callable, who: str, *args, ended=None):
-    """fn(*args), and `ended=ended` where given and fn takes it: an exception from the user's code becomes one
-    line starting with `who` (e.g. `eval.gold=MODULE:FUNCTION`) that names the exception and the line that raised
-    it."""
-    kwargs = {"ended": ended} if ended is not None and takes(fn, "ended") else {}
+def call(fn: Callable, who: str, *args, **offered):
+    """fn(*args), with each keyword of `offered` fn takes: an exception from the user's code becomes one line
+    starting with `who` (e.g. `eval.gold=MODULE:FUNCTION`) that names the exception and the line that raised it."""
+    kwargs = {key: value for key, value in offered.items() if takes(fn, key)}
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:  # Ctrl-C (and SIGTERM, which the runs turn into it) is the operator's, not an error

@@ -17,7 +17,7 @@ import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.data.buckets import Trimmer
-from rlhf_jax.data.pipeline import train_dataset
+from rlhf_jax.data.pipeline import parsed_metadata, stored_text, train_dataset
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.sampling import SamplingParams
 from rlhf_jax.models.tokenizer import ResponseCodec
@@ -149,6 +149,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
                 if rewards_fn is None:
                     state, metrics = iteration(*args)
                 else:  # the reward function runs inside: stop signals are heard while it does
+                    rewards_fn.set_batch(source, batch)
                     state, metrics = heard(lambda: jax.block_until_ready(iteration(*args)))
                     rewards_fn.raise_if_failed(metrics, step)  # before anything of this iteration is logged or saved
                 samples = metrics.pop("samples", None)
@@ -236,10 +237,10 @@ def jit_iteration(models: group.GroupModels, settings: group.GroupSettings, stat
 
 
 class RewardFunction:
-    """The user's MODULE:FUNCTION as the iteration's host callback: it decodes the rows (each prompt as the model
-    read it; each response up to its first EOS; special tokens skipped), calls the function with (prompts,
-    responses), and `ended` (whether each response ended, or ran to the length limit) where it takes that
-    keyword, and checks that it returned one finite number per response. A problem cannot leave a callback as a
+    """The user's MODULE:FUNCTION as the iteration's host callback: it calls the function with each row's stored
+    prompt (`set_batch`) and response (decoded up to its first EOS, special tokens skipped), and where it takes
+    them `ended` (whether each response ended, or ran to the length limit) and `metadata` (the prompts'), and
+    checks that it returned one finite number per response. A problem cannot leave a callback as a
     clean error (it would surface as an XLA traceback), so it is recorded, the callback returns zeros, and the host
     loop raises it as one line once the iteration has returned (`raise_if_failed`), before anything is logged or
     saved."""
@@ -248,33 +249,62 @@ class RewardFunction:
         self.fn, self.who, self.tokenizer, self.eos_ids = fn, who, tokenizer, tuple(eos_ids)
         self.responses = ResponseCodec(tokenizer)
         self.problem: str | None = None
+        self.batch: tuple | None = None  # set_batch's
 
     @classmethod
     def load(cls, spec: str, key: str, tokenizer, eos_ids: Sequence[int]) -> "RewardFunction":
         return cls(plugins.function(spec, key)[0], f"{key}={spec}", tokenizer, eos_ids)
 
-    def texts(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> tuple[list[str], list[str], list[bool]]:
-        """(prompts, responses, whether each ended) as the function sees them: one of each per row."""
-        prompts, decoded = [], {}
-        for ids, mask in zip(np.asarray(prompt_ids_RP), np.asarray(prompt_mask_RP, bool)):
-            key = tuple(ids[mask].tolist())  # a prompt repeats G times: decoded once
-            if key not in decoded:
-                decoded[key] = self.tokenizer.decode(list(key), skip_special_tokens=True)
-            prompts.append(decoded[key])
+    def set_batch(self, source, batch: dict) -> None:
+        """The prompts of the iteration about to run, read from the stored split `source` by the batch's
+        `example_index`: the function gets each as it was written, with its metadata, instead of the text the
+        model read (a chat template's words around it, a long prompt cut)."""
+        examples = [source[int(i)] for i in batch["example_index"]]
+        self.batch = (np.asarray(batch["prompt_ids"]), np.asarray(batch["prompt_mask"], bool),
+                      [stored_text(e["prompt"]) for e in examples], [parsed_metadata(e["metadata"]) for e in examples])
+
+    def texts(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> tuple[list, list[str], list[bool], list]:
+        """(prompts, responses, whether each ended, the prompts' metadata) as the function sees them: one of each
+        per row; without a batch set (a program run outside the stage), each prompt as its ids decode, no
+        metadata."""
+        prompt_ids_RP, prompt_mask_RP = np.asarray(prompt_ids_RP), np.asarray(prompt_mask_RP, bool)
+        if self.batch is not None:
+            prompts, metadata = self._stored_prompts(prompt_ids_RP, prompt_mask_RP)
+        else:
+            prompts, metadata, decoded = [], [None] * len(prompt_ids_RP), {}
+            for ids, mask in zip(prompt_ids_RP, prompt_mask_RP):
+                key = tuple(ids[mask].tolist())  # a prompt repeats G times: decoded once
+                if key not in decoded:
+                    decoded[key] = self.tokenizer.decode(list(key), skip_special_tokens=True)
+                prompts.append(decoded[key])
         responses, ended = [], []
         for tokens, mask in zip(np.asarray(tokens_RN), np.asarray(mask_RN, bool)):
             ids = tokens[mask].tolist()
             ended.append(bool(ids) and ids[-1] in self.eos_ids)  # the mask ends at the first EOS, included
             responses.append(self.responses.decode(ids[:-1] if ended[-1] else ids))
-        return prompts, responses, ended
+        return prompts, responses, ended, metadata
+
+    def _stored_prompts(self, prompt_ids_RP, prompt_mask_RP) -> tuple[list[str], list]:
+        """Row r's prompt is the batch's prompt r // G (`group.repeat_prompts`): checked by its ids, so that rows
+        in another order can never be scored against another prompt."""
+        ids_BP, mask_BP, texts, metadata = self.batch
+        B, R = len(ids_BP), len(prompt_ids_RP)
+        of_row = np.arange(R) // (R // B)
+        same = (R % B == 0 and prompt_ids_RP.shape == (R, ids_BP.shape[1])
+                and np.array_equal(prompt_mask_RP, mask_BP[of_row])
+                and np.array_equal(np.where(prompt_mask_RP, prompt_ids_RP, 0), np.where(mask_BP, ids_BP, 0)[of_row]))
+        if not same:
+            raise RuntimeError(f"the {R} rows scored are not the {B} prompts of the batch, each repeated")
+        return [texts[b] for b in of_row], [metadata[b] for b in of_row]
 
     def __call__(self, prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN) -> np.ndarray:
         R = len(tokens_RN)
         if self.problem is not None:  # a failed run stops at the end of this iteration
             return np.zeros(R, np.float32)
         try:
-            prompts, responses, ended = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
-            return self.checked(plugins.call(self.fn, self.who, prompts, responses, ended=ended), R)
+            prompts, responses, ended, metadata = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
+            return self.checked(plugins.call(self.fn, self.who, prompts, responses, ended=ended, metadata=metadata),
+                                R)
         except UserError as e:
             self.problem = str(e)
         except BaseException as e:  # noqa: BLE001 - nothing may escape the callback (XLA's traceback follows)
