@@ -1,10 +1,10 @@
 """The labeling task and everything people answered, in one SQLite file (`label.db` in the label step's run dir).
 
-The task (prompts, their responses in the order shown, each response's sources, the policy path and step that
-wrote it, and whether it ended or was cut at the sampler's length limit) is written once, whole, and never
-changes. Rankings and skips are added one SQLite transaction
-each, in WAL mode with synchronous=FULL, so an answer is on disk before the server acknowledges it and a killed
-server loses nothing it acknowledged. One connection serves every thread, one statement group at a time.
+The task (prompts, their responses in the order shown, each response's sources (the policy path and step that
+wrote it) and whether it ended or was cut at the sampler's length limit) is written once, whole, and never
+changes. Rankings and skips are added one SQLite transaction each, in WAL mode with synchronous=FULL, so an
+answer is on disk before the server acknowledges it and a killed server loses nothing it acknowledged. One
+connection serves every thread, one statement group at a time.
 """
 
 from __future__ import annotations
