@@ -2,8 +2,9 @@
 # One accelerator check, about 8 minutes on an H100 / H200, most important first (a run cut short keeps what it
 # finished): the SFT step's MFU at 1B in bf16, decode throughput against transformers and the HBM roofline at
 # batch 16 and 128 (1B, bf16), PPO episodes/s at the Qwen2.5-0.5B shape (bf16), then the numerics (float32 parity
-# with transformers, cuDNN and einsum attention in bf16 against float32), last the 1B decode with its layers unrolled.
-# Uses the machine's own jax / torch / transformers. At most 8 files go to $OUT (default ./gpu_out): every log in
+# with transformers, cuDNN and einsum attention in bf16 against float32), last the 1B decode with its layers unrolled
+# and with XLA's dynamic-slice fusion.
+# Uses the machine's own jax / torch / transformers. At most 9 files go to $OUT (default ./gpu_out): every log in
 # log.txt, each measure in its JSON.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -42,4 +43,8 @@ PY
 step "decode, 1B bf16, batch 128, layers unrolled: what the scanned step's per-layer weight slices cost"
 timeout 90 python3 benchmarks/decode.py --model-size 1b --dtype bfloat16 --batches 128 --new-tokens 256 --rounds 2 \
   --skip-transformers --scan-layers off --out "$OUT/decode_1b_bf16_unrolled.json" >/dev/null 2>>"$LOG"
+step "decode, 1B bf16, batch 128, scanned with XLA's dynamic-slice fusion (each layer's weights read in place)"
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" timeout 90 python3 benchmarks/decode.py \
+  --model-size 1b --dtype bfloat16 --batches 128 --new-tokens 256 --rounds 2 --skip-transformers \
+  --out "$OUT/decode_1b_bf16_dsfusion.json" >/dev/null 2>>"$LOG"
 step "done"
