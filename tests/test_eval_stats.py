@@ -125,6 +125,20 @@ def test_a_prompt_file_whose_name_holds_a_colon_is_read_as_a_file(tmp_path):
     assert load_prompts(str(path)) == (["first", "second"], [None, None])
 
 
+def test_a_prompts_datasets_prompts_come_with_their_metadata_up_to_the_limit(tmp_path):
+    import json
+
+    from rlhf_jax.data.__main__ import main as data_main
+    from rlhf_jax.eval.inputs import load_prompts
+
+    rows = [{"prompt": "one", "metadata": {"answer": 1}}, {"prompt": "two"}, {"prompt": "three", "metadata": [3]}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert data_main(["--format", "jsonl_prompts", "--input", str(tmp_path / "p.jsonl"), "--data-dir",
+                      str(tmp_path), "--name", "p"]) == 0
+    assert load_prompts(f"{tmp_path / 'p'}:train") == (["one", "two", "three"], [{"answer": 1}, None, [3]])
+    assert load_prompts(f"{tmp_path / 'p'}:train", limit=2) == (["one", "two"], [{"answer": 1}, None])
+
+
 def test_response_stats_count_real_tokens_and_ended_rows():
     """Response length is each row's real tokens (its EOS included) averaged over rows, a row without any
     counting 0; eos_rate the share of rows that ended; the scores' mean and spread are the arrays' own."""

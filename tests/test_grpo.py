@@ -847,21 +847,51 @@ def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
     wrapper = RewardFunction(lambda p, r: seen.append((p, r)) or [1, 2.5], "k=m:f", WordTokenizer(), (1,))
     assert wrapper(*args).tolist() == [1.0, 2.5] and wrapper.problem is None
     assert seen.pop() == (["t9", "t9"], ["t5", "t6 t7 t8"]) and not seen
-    # a function that takes `ended` is told which responses ended: here the first (its EOS, 1) and not the second
-    for fn in (lambda p, r, ended: seen.append(ended) or [0, 0], lambda p, r, **kw: seen.append(kw["ended"]) or [0, 0]):
-        RewardFunction(fn, "k=m:f", WordTokenizer(), (1,))(*args)
-        assert seen.pop() == [True, False]
-    # with the stage's batch set, the prompt as stored and its metadata; rows that are not its prompts are refused
-    wrapper = RewardFunction(lambda p, r, metadata: seen.append((p, metadata)) or [0, 0], "k=m:f", WordTokenizer(),
+
+
+def test_the_reward_function_is_told_what_its_signature_names_and_each_rows_stored_prompt():
+    """`ended` (rows 0 and 2 end with the EOS, 1) and `metadata` reach a function whose signature names them,
+    keyword-only too; a **kwargs wrapper that passes its arguments on gets neither. With the stage's batch set, row
+    r's prompt is the batch's prompt r // G as stored; rows that are not the batch's prompts each repeated G times
+    (tiled, other ids, another mask) are refused."""
+    import functools
+
+    tokens = np.array([[5, 1, PAD_ID], [6, 7, 8], [5, 1, PAD_ID], [9, 9, 9]])
+    ids_BP, mask_BP = np.array([[4, 9], [3, 8]]), np.array([[False, True], [True, True]])
+    rows = lambda order: (ids_BP[order], mask_BP[order], tokens, tokens != PAD_ID)
+    repeated = rows([0, 0, 1, 1])
+    seen = []
+
+    def takes_none(prompts, responses):
+        seen.append("none")
+        return [0.0] * len(responses)
+
+    def forwarding(*args, **kwargs):  # a decorator written without functools.wraps
+        return takes_none(*args, **kwargs)
+
+    for fn, expected in ((lambda p, r, ended: seen.append(ended) or [0] * 4, [True, False, True, False]),
+                         (lambda p, r, *, ended: seen.append(ended) or [0] * 4, [True, False, True, False]),
+                         (forwarding, "none"), (functools.wraps(takes_none)(forwarding), "none")):
+        wrapper = RewardFunction(fn, "k=m:f", WordTokenizer(), (1,))
+        wrapper(*repeated)
+        assert wrapper.problem is None and seen.pop() == expected, wrapper.problem
+
+    wrapper = RewardFunction(lambda p, r, metadata: seen.append((p, metadata)) or [0] * 4, "k=m:f", WordTokenizer(),
                              (1,))
-    source = [{"prompt": b"other", "metadata": b""}, {"prompt": b"Nine?", "metadata": b'{"answer":9}'}]
-    wrapper.set_batch(source, {"example_index": np.array([1]), "prompt_ids": args[0][:1], "prompt_mask": args[1][:1]})
-    wrapper(*args)
-    assert wrapper.problem is None and seen.pop() == (["Nine?", "Nine?"], [{"answer": 9}, {"answer": 9}])
-    wrapper.set_batch(source, {"example_index": np.array([1]), "prompt_ids": np.array([[4, 8]]),
-                               "prompt_mask": args[1][:1]})
-    assert wrapper(*args).tolist() == [0.0, 0.0] and not seen
-    assert "the 2 rows scored are not the 1 prompts of the batch" in wrapper.problem, wrapper.problem
+    source = [{"prompt": b"Eight?", "metadata": b""}, {"prompt": b"other", "metadata": b"1"},
+              {"prompt": b"Nine?", "metadata": b'{"answer":9}'}]
+    batch = {"example_index": np.array([2, 0]), "prompt_ids": ids_BP, "prompt_mask": mask_BP}
+    wrapper.set_batch(source, batch)
+    wrapper(*repeated)
+    assert wrapper.problem is None and seen.pop() == (["Nine?", "Nine?", "Eight?", "Eight?"],
+                                                      [{"answer": 9}, {"answer": 9}, None, None])
+    for other in (rows([0, 1, 0, 1]),  # tiled
+                  (np.array([[4, 8], [4, 8], [3, 8], [3, 8]]), *repeated[1:]),  # another id
+                  (np.array([[0, 9], [0, 9], [3, 8], [3, 8]]), np.ones((4, 2), bool), *repeated[2:])):  # a mask
+        wrapper = RewardFunction(lambda p, r, metadata: seen.append(p) or [0] * 4, "k=m:f", WordTokenizer(), (1,))
+        wrapper.set_batch(source, batch)
+        assert wrapper(*other).tolist() == [0.0] * 4 and not seen
+        assert "the 4 rows scored are not the 2 prompts of the batch" in wrapper.problem, wrapper.problem
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])

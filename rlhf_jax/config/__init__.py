@@ -253,7 +253,7 @@ class TaskSection:
 @dataclass(frozen=True)
 class LabelSection:
     labeler: str = opt("", "MODULE:FUNCTION ranking responses: f(prompts, responses_per_prompt, seed) -> ranks "
-                            "(0 = best), told ended (per prompt, whether each response ended) where it takes that "
+                            "(0 = best), told ended (per prompt, whether each response ended) where it names that "
                             "keyword; a sibling labeler_ceiling(prompts, responses) is recorded when present; "
                             "'people': people rank them on a web page served by the step")
     responses: int = opt(4, "responses sampled per prompt from each policy and ranked together (InstructGPT "
@@ -299,7 +299,7 @@ class EvalSection:
                             "(default split: eval)")
     rankings: str = opt("", "optional prepared rankings dataset DIR[:SPLIT] (default eval) for RM accuracy")
     gold: str = opt("", "optional MODULE:FUNCTION scoring f(prompts, responses) -> scores (a programmatic "
-                         "ground truth), told ended and metadata (of each prompt) where it takes those keywords")
+                         "ground truth), told ended (of each response) and metadata (of each prompt) where it names those keywords")
     step: int = opt(0, "checkpoint step of the run dirs in eval.policies; 0 = the latest")
     all_steps: bool = opt(False, "evaluate every saved step of the run dirs in eval.policies")
     limit: int = opt(0, "evaluate on the first N prompts; 0 = all")

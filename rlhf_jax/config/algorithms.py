@@ -83,8 +83,8 @@ class GroupSection:
     reward_model: str = opt("", "reward model export scoring each response (its reward_norm applied); set this "
                                 "or reward_function")
     reward_function: str = opt("", "MODULE:FUNCTION called with (prompts, responses): the stored prompts, the "
-                                   "decoded responses (cut at EOS), and ended and metadata (of each prompt) where "
-                                   "it takes those keywords; returns one float per response; set this or "
+                                   "decoded responses (cut at EOS), and ended (of each response) and metadata (of "
+                                   "each prompt) where it names those keywords; returns one float per response; set this or "
                                    "reward_model")
     group_size: int = opt(8, "responses sampled per prompt (k)")
     reference: str = opt("", 'the KL reference policy: "" = model.path (a later round of a pipeline continues '

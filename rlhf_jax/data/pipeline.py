@@ -121,7 +121,8 @@ class Tokenize:
         length limit has none, as a cut rollout has none where PPO scores it), cut to R tokens."""
         R = self.spec.max_response_tokens
         out = []
-        for ids, end in zip(self.responses.encode(responses), ended or [True] * len(responses)):
+        ended = [True] * len(responses) if ended is None else ended
+        for ids, end in zip(self.responses.encode(responses), ended, strict=True):
             ids = ids + [self.eos] * bool(end)
             out.append((ids[:R], len(ids) > R))
         return out

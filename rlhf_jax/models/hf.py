@@ -154,7 +154,7 @@ def reward_pad_id(cfg: ModelConfig, tok_pad: int | None = None, tok_size: int | 
     padding_idx). The model's pad if safe, else the tokenizer's pad, else an id the tokenizer never emits (so it
     can only be padding), else None: transformers then scores the last position of a single sequence and refuses
     batches, a loud error rather than a silently wrong token."""
-    eos_ids = set(cfg.eos_token_ids) | {tok_eos}  # training appends the tokenizer's EOS to every response
+    eos_ids = set(cfg.eos_token_ids) | {tok_eos}  # training appends the tokenizer's EOS to every ended response
     safe = lambda i: i is not None and i not in eos_ids and 0 <= i < cfg.vocab_size
     if safe(cfg.pad_token_id):
         return cfg.pad_token_id

@@ -1,6 +1,7 @@
 """User code named in a config as MODULE:FUNCTION (a gold scorer, a labeler): imported from the Python path,
 never downloaded; a bad name, and a call that raises, is one line naming the key and the function. Keywords a
-call offers (which responses ended, the prompts' metadata) reach a function that takes them by name or **kwargs."""
+call offers (which responses ended, the prompts' metadata) reach a function whose signature names them: not one
+that only takes **kwargs, which may be a wrapper passing them on to a function that takes none."""
 
 from __future__ import annotations
 
@@ -32,13 +33,12 @@ def function(spec: str, key: str) -> tuple[Callable, ModuleType]:
 
 
 def takes(fn: Callable, keyword: str) -> bool:
-    """Whether `fn` accepts the keyword argument `keyword` (by name or **kwargs)."""
+    """Whether `fn`'s signature (a functools.wraps wrapper's: the wrapped function's) names `keyword`."""
     try:
-        parameters = inspect.signature(fn).parameters.values()
+        parameter = inspect.signature(fn).parameters.get(keyword)
     except (TypeError, ValueError):  # a builtin without a signature
         return False
-    return any(p.kind == p.VAR_KEYWORD or (p.name == keyword and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-               for p in parameters)
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def call(fn: Callable, who: str, *args, **offered):
