@@ -299,7 +299,8 @@ class EvalSection:
                             "(default split: eval)")
     rankings: str = opt("", "optional prepared rankings dataset DIR[:SPLIT] (default eval) for RM accuracy")
     gold: str = opt("", "optional MODULE:FUNCTION scoring f(prompts, responses) -> scores (a programmatic "
-                         "ground truth), told ended (of each response) and metadata (of each prompt) where it names those keywords")
+                         "ground truth), told ended (of each response) and metadata (of each prompt) where it names "
+                         "those keywords")
     step: int = opt(0, "checkpoint step of the run dirs in eval.policies; 0 = the latest")
     all_steps: bool = opt(False, "evaluate every saved step of the run dirs in eval.policies")
     limit: int = opt(0, "evaluate on the first N prompts; 0 = all")

@@ -84,8 +84,8 @@ class GroupSection:
                                 "or reward_function")
     reward_function: str = opt("", "MODULE:FUNCTION called with (prompts, responses): the stored prompts, the "
                                    "decoded responses (cut at EOS), and ended (of each response) and metadata (of "
-                                   "each prompt) where it names those keywords; returns one float per response; set this or "
-                                   "reward_model")
+                                   "each prompt) where it names those keywords; returns one float per response; "
+                                   "set this or reward_model")
     group_size: int = opt(8, "responses sampled per prompt (k)")
     reference: str = opt("", 'the KL reference policy: "" = model.path (a later round of a pipeline continues '
                              "from its last policy and keeps the SFT model here)")
