@@ -353,7 +353,7 @@ def even_share(prompts, responses):
 
 
 @functools.cache
-def _program(algorithm: str):
+def _program(algorithm: str, no_eos_penalty: float | None = None):
     """(models, settings, the reward function's calls, the jitted iteration) of a tiny model with 2 epochs of
     2 minibatches of 2 micro-batches, the reward function `even_share` through the stage's host wrapper; sampled at
     temperature 0.7, so that a model scored at another temperature than the sampler's shows."""
@@ -367,7 +367,8 @@ def _program(algorithm: str):
     models = group.GroupModels(policy=make_model(CFG), policy_opt=steps.make_optimizer(optim, 100),
                                sampling=SamplingParams(N, temperature=0.7, eos_ids=EOS_IDS, pad_id=PAD_ID))
     settings = group.GroupSettings(algorithm=algorithm, group_size=G, epochs=2, minibatches=2, accum=2, samples=R,
-                                   clip_ratio=0.2 if algorithm == "grpo" else 0.0, kl_coef=0.01)
+                                   clip_ratio=0.2 if algorithm == "grpo" else 0.0, kl_coef=0.01,
+                                   no_eos_penalty=no_eos_penalty)
     rewards_fn = RewardFunction(recorded, f"{algorithm}.reward_function=test", WordTokenizer(), EOS_IDS)
     step = jax.jit(lambda s, f, i, m: group.iteration(s, f, i, m, models=models, settings=settings,
                                                       rewards_fn=rewards_fn), donate_argnums=0)
@@ -403,6 +404,21 @@ def test_first_minibatch_ratio_is_exactly_one(algorithm):
     assert abs(metrics["kl"]) < 1e-5  # the reference is the policy itself before the update
     assert metrics["logprob_mismatch"] < 1e-5
     assert int(state.policy.step) == 4  # 2 epochs x 2 minibatches
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_no_eos_penalty_replaces_the_reward_of_exactly_the_rows_that_never_ended(algorithm):
+    models, settings, calls, rewards_fn, step = _program(algorithm, no_eos_penalty=-5.0)
+    state, frozen, ids, mask = _setup(models, seed=3)
+    calls.clear()
+    _, metrics = step(state, frozen, ids, mask)
+    (prompts, responses), = calls
+    samples = jax.tree.map(np.asarray, metrics["samples"])
+    ended = np.isin(samples["tokens"], EOS_IDS).any(1)
+    assert 0 < ended.sum() < len(ended), ended  # rows of both kinds
+    expected = np.where(ended, np.asarray(even_share(prompts, responses)), -5.0)
+    np.testing.assert_allclose(samples["reward"], expected, rtol=1e-6)
+    assert float(metrics["reward_mean"]) == pytest.approx(expected.mean(), rel=1e-5)
 
 
 def test_the_reward_function_sees_exactly_the_decoded_responses_cut_at_eos():
@@ -903,7 +919,8 @@ def test_every_setting_of_the_section_reaches_the_iteration(stage):
     from rlhf_jax.stages.grpo import build_models
 
     values = {"group_size": 2, "epochs": 3, "minibatches": 2, "clip_ratio": 0.15, "clip_ratio_high": 0.28,
-              "kl_coef": 0.5, "scale_by_std": False, "loss_average": "token", "share_prompts": False}
+              "kl_coef": 0.5, "scale_by_std": False, "loss_average": "token", "share_prompts": False,
+              "no_eos_penalty": -2.5}
     section = getattr(load_config(None, [f"stage={stage}"]), stage)
     overrides = [f"{stage}.{key}={str(value).lower()}" for key, value in values.items() if hasattr(section, key)]
     cfg = load_config(None, [f"stage={stage}", "train.batch_size=8", "optim.grad_accum_steps=2", *overrides])
@@ -911,7 +928,7 @@ def test_every_setting_of_the_section_reaches_the_iteration(stage):
                                {"gain": 2.0, "bias": -1.0})
     section = getattr(cfg, stage)
     shared = [f.name for f in dataclasses.fields(group.GroupSettings) if hasattr(section, f.name)]
-    assert len(shared) >= (9 if stage == "grpo" else 6), shared  # every numeric setting the section has
+    assert len(shared) >= (10 if stage == "grpo" else 7), shared  # every numeric setting the section has
     assert all(getattr(settings, key) == getattr(section, key) == values[key] for key in shared), settings
     assert (settings.algorithm, settings.reward_gain, settings.reward_bias, settings.accum) == (stage, 2.0, -1.0, 2)
 

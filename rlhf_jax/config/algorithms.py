@@ -98,6 +98,9 @@ class GroupSection:
                                     "optim.grad_accum_steps")
     samples_every: int = opt(10, "iterations between writing a few prompts, responses and rewards to samples.jsonl; "
                                  "0 = never")
+    no_eos_penalty: float | None = opt(None, "reward of a response that never emitted EOS (ran to "
+                                              "sampling.max_new_tokens), replacing the reward model's or function's "
+                                              "(DAPO's overlong punishment); null = keep its reward")
 
     def __post_init__(self):
         coerce(self)

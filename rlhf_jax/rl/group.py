@@ -51,6 +51,7 @@ class GroupSettings:
     reward_bias: float = 0.0
     accum: int = 1  # micro-batches per minibatch (gradient accumulation)
     share_prompts: bool = True  # each prompt's prefill and passes run once per group; minibatches hold whole groups
+    no_eos_penalty: float | None = None  # the reward of a response that never ended
     samples: int = 0  # rollout rows returned under metrics["samples"] (for samples.jsonl)
 
     def __post_init__(self):
@@ -171,12 +172,13 @@ def rollout(state: GroupState, frozen: Frozen, prompt_ids_RP, prompt_mask_RP, rn
     responses = (prompt_ids_RP, prompt_mask_RP, sampled.tokens_BN, sampled.mask_BN)
     forced, first = teacher_force(state, frozen, responses, models, settings, runtime, first_order_MMb)
     rewards_R = forced.scores_R if rewards_fn is None else function_rewards(rewards_fn, runtime.everywhere(responses))
+    ended_R = jnp.any(sampled.mask_BN & is_eos(sampled.tokens_BN, models.sampling.eos_ids), axis=1)
+    rewards_R = L.score_with_eos_penalty(rewards_R, ended_R, settings.no_eos_penalty)
     kl_R = None
     if forced.ref_logprobs_RN is not None:  # k1 per sequence: the KL metric, and RLOO's penalty
         kl_R = L.kl_per_token(forced.old_logprobs_RN, forced.ref_logprobs_RN, sampled.mask_BN, "k1").sum(1)
     advantages_R = advantages(rewards_R, kl_R, settings)
     batch = GroupBatch(*responses, forced.old_logprobs_RN, forced.ref_logprobs_RN, advantages_R)
-    ended_R = jnp.any(sampled.mask_BN & is_eos(sampled.tokens_BN, models.sampling.eos_ids), axis=1)
     stats = rollout_metrics(batch, sampled.logprobs_BN, rewards_R, kl_R, ended_R, settings)
     return batch, stats, first
 

@@ -196,7 +196,7 @@ def build_models(cfg: Config, policy_model, reward_model, total: int, sampling: 
         policy=policy_model, policy_opt=steps.make_optimizer(cfg.optim, updates), reward=reward_model,
         sampling=sampling)
     shared = ("group_size", "epochs", "minibatches", "clip_ratio", "kl_coef", "clip_ratio_high", "scale_by_std",
-              "loss_average", "share_prompts")
+              "loss_average", "share_prompts", "no_eos_penalty")
     rows = cfg.train.batch_size * section.group_size
     settings = group.GroupSettings(
         algorithm=name, **{key: getattr(section, key) for key in shared if hasattr(section, key)},
