@@ -23,6 +23,10 @@ def recorded_with_metadata(prompts, responses, metadata, ended):
     return [0.0] * len(responses)
 
 
+def misspelt(prompts, responses, metdata):
+    return [0.0] * len(responses)
+
+
 def raises(prompts, responses):
     raise ValueError("cannot score these")
 

@@ -56,6 +56,20 @@ def _spec(data_dir, name, **kw):
     return DataSection(dir=str(data_dir), name=name, **{"max_prompt_tokens": 16, "max_response_tokens": 12, **kw})
 
 
+def test_a_remapped_field_no_row_holds_is_one_line_and_writes_nothing(capsys, tmp_path):
+    """metadata is optional: --field metadata=answer over rows whose column is `solution` would import every
+    prompt without its metadata, silently."""
+    path = _write_jsonl(tmp_path / "gsm.jsonl", [{"question": f"q{i}", "solution": f"#### {i}"} for i in range(4)])
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "gsm", "--field", "prompt=question", "--field", "metadata=answer")
+    assert rc == 2 and not out and err.strip() == (f"error: --field metadata=answer: no row of {path} has a field "
+                                                   "'answer'; its rows have: question, solution")
+    assert not (tmp_path / "d" / "gsm").exists()
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "gsm", "--field", "prompt=question", "--field", "metadata=solution")
+    assert rc == 0, err
+
+
 def test_cli_prints_one_json_summary(capsys, tmp_path):
     path = _write_jsonl(tmp_path / "x.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(50)])
     rc, out, err = _prepare(capsys, "--format", "jsonl_sft", "--input", path, "--data-dir", tmp_path / "d",

@@ -731,6 +731,46 @@ def test_a_reward_function_gets_each_prompt_as_stored_with_its_metadata(group_in
     assert all(isinstance(e, bool) for e in ended)
 
 
+def test_a_signature_the_call_cannot_satisfy_is_refused_before_any_work_and_a_near_miss_warned(capsys):
+    from rlhf_jax.errors import UserError
+    from rlhf_jax.runtime import plugins
+
+    def misspelt(prompts, responses, metdata):
+        return []
+
+    def too_few(prompts):
+        return []
+
+    def defaulted(prompts, responses, metdata=None, ended=None, *, seed=0):
+        return []
+
+    offered = ("ended", "metadata")
+    with pytest.raises(UserError) as caught:
+        plugins.check_signature(misspelt, "grpo.reward_function=m:misspelt", ("prompts", "responses"), offered)
+    assert str(caught.value) == ("grpo.reward_function=m:misspelt: misspelt(prompts, responses, metdata) cannot be "
+                                 "called with (prompts, responses) and the keywords it names of ended, metadata: "
+                                 "missing a required argument: 'metdata'")
+    with pytest.raises(UserError, match=r"too_few\(prompts\) cannot be called with \(prompts, responses\).*: too many "
+                                        "positional arguments"):
+        plugins.check_signature(too_few, "k=m:too_few", ("prompts", "responses"), offered)
+    for _ in range(2):  # a stage checks its config twice: one warning
+        plugins.check_signature(defaulted, "k=m:defaulted", ("prompts", "responses"), offered)
+        plugins.check_signature(lambda p, r, *, ended, metadata=None: [], "k=m:ok", ("prompts", "responses"), offered)
+    assert capsys.readouterr().err == ("warning: k=m:defaulted: parameter 'metdata' is never given; did you mean "
+                                       "'metadata'?\n")
+
+
+def test_a_reward_function_the_call_cannot_satisfy_stops_the_stage_before_compiling(group_inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, _, err = run_quietly(main_cli.main, _args(group_inputs, run_dir, "grpo",
+                                                  "grpo.reward_function=grpo_fixtures:misspelt", "train.steps=1"))
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        "error: grpo.reward_function=grpo_fixtures:misspelt: misspelt(prompts, responses, metdata) cannot be called "
+        "with (prompts, responses) and the keywords it names of ended, metadata: missing a required argument: "
+        "'metdata'"), err[-2000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_ctrl_c_inside_user_code_stays_the_operators():
     from rlhf_jax.runtime import plugins
 

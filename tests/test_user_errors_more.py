@@ -119,7 +119,7 @@ def _eval(tiny, reward_model, out, *flags):
     (gold_raises, f"raised ZeroDivisionError: division by zero ({__file__}:"),
     (gold_none, "returned None; expected 2 numbers, one per response"),
     (gold_words, "returned ['good', 'good']; expected 2 numbers, one per response"),
-    (gold_short, "returned [1.0]; expected 2 numbers, one per response"),
+    (gold_short, "returned 1 values, [1.0]; expected 2 numbers, one per response"),
     (gold_nan, "returned [nan, 1.0]; 1 of 2 scores are not finite (the first: response 0)"),
 ])
 def test_a_gold_scorer_that_fails_is_one_line_naming_it_and_what_it_returned(fn, returned):

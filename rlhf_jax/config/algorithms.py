@@ -109,7 +109,7 @@ class GroupSection:
         check(self, "minibatches", self.minibatches >= 1, "must be >= 1")
         check(self, "samples_every", self.samples_every >= 0, "must be >= 0")
         check(self, "reward_function", not (self.reward_function and self.reward_model),
-               "and reward_model are both set; set one of them")
+               f"and reward_model ({self.reward_model}) are both set; set one of them (reward_model=\"\" clears it)")
         check(self, "reward_function", not self.reward_function or ":" in self.reward_function,
                "expects MODULE:FUNCTION")
 

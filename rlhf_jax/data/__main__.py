@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip-invalid", action="store_true", help="skip bad rows (counted by reason)")
     ap.add_argument("--field", action="append", default=[], metavar="CANONICAL=NAME",
                     help="generic jsonl formats: read a canonical field (prompt, response, responses, ranks, "
-                         "chosen, rejected, labeler, metadata) from another key")
+                         "ended, chosen, rejected, labeler, metadata) from another key")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     args = ap.parse_args(argv)
     try:

@@ -171,7 +171,8 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
     splits: dict[str, list] = {TRAIN: [], EVAL: []}
     skipped: collections.Counter = collections.Counter()
     noted: collections.Counter = collections.Counter()  # rows accepted with a change, e.g. ranks renumbered
-    for row in read_rows(fmt, inputs, fields):
+    keys_seen: set[str] = set()
+    for row in read_rows(fmt, inputs, fields, keys_seen):
         if row.error is not None:
             if not skip_invalid:
                 raise row.error
@@ -181,6 +182,7 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
         prompt = row.record["prompt"]
         held_out = prompt in eval_prompts if eval_prompts is not None else is_eval_prompt(prompt, eval_fraction)
         splits[EVAL if held_out else TRAIN].append(row.record)
+    _check_remapped(fields or {}, keys_seen, inputs)
     grouping: dict = {}
     if kind == "rankings":  # per split: the hash split already keeps each prompt in one of them
         splits, grouping = _group_splits(splits)
@@ -204,6 +206,15 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
     return {"dataset": str(out), "kind": kind, "format": fmt, "examples": counts,
             "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
             **({"max_responses": max_responses, **grouping} if kind == "rankings" else {})}
+
+
+def _check_remapped(fields: Mapping[str, str], keys_seen: set[str], inputs: Sequence[str]) -> None:
+    """A field the user named (--field metadata=answer) that no row holds is a misspelt or misremembered name: an
+    optional field (metadata) would otherwise be imported as absent from every row without a word."""
+    for canonical, name in fields.items():
+        if name not in keys_seen:
+            raise UserError(f"--field {canonical}={name}: no row of {', '.join(map(str, inputs))} has a field "
+                            f"{name!r}; its rows have: {', '.join(sorted(keys_seen)[:20]) or 'none'}")
 
 
 def _check_target(data_dir: Path, name: str, overwrite: bool, inputs: Sequence[str]) -> None:

@@ -45,9 +45,16 @@ def open_dataset(path: Path, split: str, key: str):
         raise UserError(f"{key}={path}:{split}: {e}") from None
 
 
+GOLD_KEYWORDS = ("ended", "metadata")
+
+
 def load_gold(spec: str) -> Callable | None:
     """MODULE:FUNCTION: f(prompts, responses) -> one score per response, offered `ended` and `metadata`."""
-    return imports.function(spec, "eval.gold")[0] if spec else None
+    if not spec:
+        return None
+    fn = imports.function(spec, "eval.gold")[0]
+    imports.check_signature(fn, f"eval.gold={spec}", ("prompts", "responses"), GOLD_KEYWORDS)
+    return fn
 
 
 def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str], ended: list[bool],
@@ -55,15 +62,16 @@ def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str
     """One finite score per response from the user's scorer (told which responses ended and the prompts' metadata
     where it takes those keywords); anything else (an exception, None, strings, the wrong count, NaN) is one line
     naming the scorer and what it returned."""
-    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses), ended=list(ended),
-                            metadata=list(metadata))
+    returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses),
+                            **dict(zip(GOLD_KEYWORDS, (list(ended), list(metadata)))))
     try:
         scores = np.asarray(returned)
     except ValueError:  # ragged nesting
         scores = np.asarray(None)
     if scores.dtype.kind not in "biuf" or scores.size != len(responses):
-        raise UserError(f"eval.gold={spec}: returned {imports.shown(returned)}; expected {len(responses)} numbers, "
-                        "one per response")
+        count = f"{scores.size} values, " if scores.dtype.kind in "biuf" else ""
+        raise UserError(f"eval.gold={spec}: returned {count}{imports.shown(returned)}; expected {len(responses)} "
+                        "numbers, one per response")
     scores = scores.astype(np.float64).reshape(-1)
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:

@@ -5,12 +5,14 @@ that only takes **kwargs, which may be a wrapper passing them on to a function t
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import reprlib
+import sys
 import traceback
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Sequence
 
 from rlhf_jax.errors import UserCodeError, UserError
 
@@ -39,6 +41,32 @@ def takes(fn: Callable, keyword: str) -> bool:
     except (TypeError, ValueError):  # a builtin without a signature
         return False
     return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+_WARNED: set[tuple[str, str]] = set()  # (who, parameter) warned of: a stage checks its config twice
+
+
+def check_signature(fn: Callable, who: str, positional: Sequence[str], offered: Sequence[str] = ()) -> None:
+    """Before any work: refuses a function the call cannot satisfy (a parameter it requires that the call never
+    gives, such as a misspelt keyword, or fewer positional parameters than the call passes), and warns once of a
+    parameter with a default that is spelt close to an offered keyword (`metdata=None` would never be given)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: the call itself will say
+        return
+    named = [key for key in offered if takes(fn, key)]
+    try:
+        signature.bind(*positional, **dict.fromkeys(named))
+    except TypeError as e:
+        keywords = f" and the keywords it names of {', '.join(offered)}" if offered else ""
+        raise UserError(f"{who}: {getattr(fn, '__name__', 'the function')}{signature} cannot be called with "
+                        f"({', '.join(positional)}){keywords}: {e}") from None
+    for parameter in list(signature.parameters)[len(positional):]:
+        close = difflib.get_close_matches(parameter, [k for k in offered if k not in named], n=1, cutoff=0.8)
+        if close and (who, parameter) not in _WARNED:
+            _WARNED.add((who, parameter))
+            print(f"warning: {who}: parameter {parameter!r} is never given; did you mean {close[0]!r}?",
+                  file=sys.stderr)
 
 
 def call(fn: Callable, who: str, *args, **offered):

@@ -71,7 +71,9 @@ def check_config(cfg: Config) -> None:
                         f"{name}.share_prompts: false")
     check_own_samples(cfg.sampling, name)
     if section.reward_function:
-        plugins.function(section.reward_function, f"{name}.reward_function")
+        fn, _ = plugins.function(section.reward_function, f"{name}.reward_function")
+        plugins.check_signature(fn, f"{name}.reward_function={section.reward_function}", ("prompts", "responses"),
+                                REWARD_KEYWORDS)
 
 
 def check_sizes(cfg: Config, mesh) -> None:
@@ -236,6 +238,9 @@ def jit_iteration(models: group.GroupModels, settings: group.GroupSettings, stat
 # --------------------------------------------------------------------------------------------- the reward function
 
 
+REWARD_KEYWORDS = ("ended", "metadata")  # what a reward function is told where its signature names them
+
+
 class RewardFunction:
     """The user's MODULE:FUNCTION as the iteration's host callback: it calls the function with each row's stored
     prompt (`set_batch`) and response (decoded up to its first EOS, special tokens skipped), and where it takes
@@ -303,8 +308,8 @@ class RewardFunction:
             return np.zeros(R, np.float32)
         try:
             prompts, responses, ended, metadata = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
-            return self.checked(plugins.call(self.fn, self.who, prompts, responses, ended=ended, metadata=metadata),
-                                R)
+            offered = dict(zip(REWARD_KEYWORDS, (ended, metadata)))
+            return self.checked(plugins.call(self.fn, self.who, prompts, responses, **offered), R)
         except UserError as e:
             self.problem = str(e)
         except BaseException as e:  # noqa: BLE001 - nothing may escape the callback (XLA's traceback follows)

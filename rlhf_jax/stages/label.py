@@ -59,7 +59,9 @@ def check_config(cfg: Config) -> None:
     if cfg.label.labeler == PEOPLE:
         server.check_binding(cfg.label.host, cfg.label.token)
     else:
-        imports.function(cfg.label.labeler, "label.labeler")
+        labeler, _ = imports.function(cfg.label.labeler, "label.labeler")
+        imports.check_signature(labeler, f"label.labeler={cfg.label.labeler}", ("prompts", "responses", "seed"),
+                                ("ended",))
 
 
 def run_label(cfg: Config, run_dir: Path) -> dict:

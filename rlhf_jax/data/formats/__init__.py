@@ -43,16 +43,28 @@ FORMATS: dict[str, str] = {
 }
 
 
-def read_rows(fmt: str, paths: Sequence[str], fields: Mapping[str, str] | None = None) -> Iterator[Row]:
-    """One Row per input row of every file in order. Format, fields and files are checked before anything is read."""
+def read_rows(fmt: str, paths: Sequence[str], fields: Mapping[str, str] | None = None,
+              keys_seen: set[str] | None = None) -> Iterator[Row]:
+    """One Row per input row of every file in order. Format, fields and files are checked before anything is read.
+    `keys_seen` collects the fields rows hold (not null), for the caller to check its remapped fields against."""
     if fmt not in FORMATS:
         raise UserError(f"unknown dataset format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     convert = _converter(fmt, _field_names(fmt, fields))
+    if keys_seen is not None:
+        convert = _noting_keys(convert, keys_seen)
     if isinstance(paths, (str, Path)):  # one path given bare would otherwise be read character by character
         paths = [paths]
     _refuse_repeats([str(p) for p in paths])
     files = [local_file(str(p)) for p in paths]
     return (row for path in files for row in read_file(path, convert))
+
+
+def _noting_keys(convert: Callable[[dict, list], dict], keys_seen: set[str]) -> Callable[[dict, list], dict]:
+    def noting(row, notes):
+        if isinstance(row, dict):
+            keys_seen.update(key for key, value in row.items() if value is not None)
+        return convert(row, notes)
+    return noting
 
 
 def _refuse_repeats(paths: list[str]) -> None:
