@@ -125,7 +125,7 @@ def test_a_prompt_file_whose_name_holds_a_colon_is_read_as_a_file(tmp_path):
     assert load_prompts(str(path)) == (["first", "second"], [None, None])
 
 
-def test_a_prompts_datasets_prompts_come_with_their_metadata_up_to_the_limit(tmp_path):
+def test_prompts_come_with_their_metadata_up_to_the_limit_from_a_dataset_or_a_jsonl_file(tmp_path):
     import json
 
     from rlhf_jax.data.__main__ import main as data_main
@@ -137,6 +137,7 @@ def test_a_prompts_datasets_prompts_come_with_their_metadata_up_to_the_limit(tmp
                       str(tmp_path), "--name", "p"]) == 0
     assert load_prompts(f"{tmp_path / 'p'}:train") == (["one", "two", "three"], [{"answer": 1}, None, [3]])
     assert load_prompts(f"{tmp_path / 'p'}:train", limit=2) == (["one", "two"], [{"answer": 1}, None])
+    assert load_prompts(str(tmp_path / "p.jsonl"), limit=2) == (["one", "two"], [{"answer": 1}, None])  # the file
 
 
 def test_response_stats_count_real_tokens_and_ended_rows():

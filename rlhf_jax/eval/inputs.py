@@ -11,7 +11,7 @@ import numpy as np
 from rlhf_jax.data.pipeline import open_split, stored_metadata, stored_prompts
 from rlhf_jax.data.prepare import VERSION
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.generation import read_prompts
+from rlhf_jax.models.generation import read_prompt_rows
 from rlhf_jax.runtime import plugins as imports
 
 
@@ -22,13 +22,12 @@ def split_spec(text: str) -> tuple[Path, str]:
 
 
 def load_prompts(text: str, limit: int = 0) -> tuple[list[str], list]:
-    """(prompts, the metadata of each) of a prompt file (no metadata: None each), or of a prepared prompts
-    dataset's split, in stored order."""
+    """(prompts, the metadata of each) of a prompt file (a .jsonl row's "metadata", else None), or of a prepared
+    prompts dataset's split, in stored order."""
     path, split = (Path(text), "") if Path(text).is_file() else split_spec(text)  # a file's name may hold a ":"
     if path.is_file():
-        prompts = read_prompts(path)
-        prompts = prompts[:limit] if limit else prompts
-        return prompts, [None] * len(prompts)
+        prompts, metadata = read_prompt_rows(path)
+        return (prompts[:limit], metadata[:limit]) if limit else (prompts, metadata)
     source, metadata = open_dataset(path, split, "eval.prompts")
     if metadata["kind"] != "prompts":
         raise UserError(f"eval.prompts={text}: a {metadata['kind']!r} dataset, expected one of kind 'prompts'")

@@ -29,6 +29,12 @@ class PromptFileError(UserError):
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file (one per line) or a .jsonl / .json file ({"prompt": ...} per line)."""
+    return read_prompt_rows(path)[0]
+
+
+def read_prompt_rows(path: str | Path) -> tuple[list[str], list]:
+    """(prompts, the metadata of each) of a prompt file (`read_prompts`): a .jsonl row's "metadata" field, None
+    where it has none and for every line of a text file."""
     path = Path(path)
     try:
         # lines end at "\n" (and "\r\n") only: str.splitlines would also split at U+2028, form feeds and the like
@@ -41,8 +47,9 @@ def read_prompts(path: str | Path) -> list[str]:
         raise PromptFileError(f"{path}: {e.strerror}") from None
     while lines and not lines[-1].strip():
         lines.pop()
-    prompts, jsonl = [], path.suffix.lower() in (".jsonl", ".json")
+    prompts, metadata, jsonl = [], [], path.suffix.lower() in (".jsonl", ".json")
     for n, line in enumerate(lines, 1):
+        row = {}
         if jsonl:
             try:
                 row = json.loads(line)
@@ -54,9 +61,10 @@ def read_prompts(path: str | Path) -> list[str]:
         if not line.strip():
             raise PromptFileError(f"{path}:{n}: empty prompt")
         prompts.append(line)
+        metadata.append(row.get("metadata"))
     if not prompts:
         raise PromptFileError(f"{path}: no prompts")
-    return prompts
+    return prompts, metadata
 
 
 class Generator:
