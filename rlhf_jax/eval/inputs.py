@@ -44,15 +44,12 @@ def open_dataset(path: Path, split: str, key: str):
         raise UserError(f"{key}={path}:{split}: {e}") from None
 
 
-GOLD_KEYWORDS = ("ended", "metadata")
-
-
 def load_gold(spec: str) -> Callable | None:
     """MODULE:FUNCTION: f(prompts, responses) -> one score per response, offered `ended` and `metadata`."""
     if not spec:
         return None
     fn = imports.function(spec, "eval.gold")[0]
-    imports.check_signature(fn, f"eval.gold={spec}", ("prompts", "responses"), GOLD_KEYWORDS)
+    imports.check_signature(fn, f"eval.gold={spec}", ("prompts", "responses"), imports.SCORER_KEYWORDS)
     return fn
 
 
@@ -62,7 +59,7 @@ def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str
     where it takes those keywords); anything else (an exception, None, strings, the wrong count, NaN) is one line
     naming the scorer and what it returned."""
     returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses),
-                            **dict(zip(GOLD_KEYWORDS, (list(ended), list(metadata)))))
+                            **dict(zip(imports.SCORER_KEYWORDS, (list(ended), list(metadata)))))
     try:
         scores = np.asarray(returned)
     except ValueError:  # ragged nesting

@@ -43,6 +43,10 @@ def takes(fn: Callable, keyword: str) -> bool:
     return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
+# What a scoring function (a reward function, a gold scorer) is told where its signature names them: whether each
+# response ended, and each prompt's metadata.
+SCORER_KEYWORDS = ("ended", "metadata")
+
 _WARNED: set[tuple[str, str]] = set()  # (who, parameter) warned of: a stage checks its config twice
 
 

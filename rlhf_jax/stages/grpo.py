@@ -73,7 +73,7 @@ def check_config(cfg: Config) -> None:
     if section.reward_function:
         fn, _ = plugins.function(section.reward_function, f"{name}.reward_function")
         plugins.check_signature(fn, f"{name}.reward_function={section.reward_function}", ("prompts", "responses"),
-                                REWARD_KEYWORDS)
+                                plugins.SCORER_KEYWORDS)
 
 
 def check_sizes(cfg: Config, mesh) -> None:
@@ -238,17 +238,13 @@ def jit_iteration(models: group.GroupModels, settings: group.GroupSettings, stat
 # --------------------------------------------------------------------------------------------- the reward function
 
 
-REWARD_KEYWORDS = ("ended", "metadata")  # what a reward function is told where its signature names them
-
-
 class RewardFunction:
     """The user's MODULE:FUNCTION as the iteration's host callback: it calls the function with each row's stored
     prompt (`set_batch`) and response (decoded up to its first EOS, special tokens skipped), and where it takes
     them `ended` (whether each response ended, or ran to the length limit) and `metadata` (the prompts'), and
-    checks that it returned one finite number per response. A problem cannot leave a callback as a
-    clean error (it would surface as an XLA traceback), so it is recorded, the callback returns zeros, and the host
-    loop raises it as one line once the iteration has returned (`raise_if_failed`), before anything is logged or
-    saved."""
+    checks that it returned one finite number per response. A problem cannot leave a callback as a clean error (it
+    would surface as an XLA traceback), so it is recorded, the callback returns zeros, and the host loop raises it
+    as one line once the iteration has returned (`raise_if_failed`), before anything is logged or saved."""
 
     def __init__(self, fn: Callable, who: str, tokenizer, eos_ids: Sequence[int]):
         self.fn, self.who, self.tokenizer, self.eos_ids = fn, who, tokenizer, tuple(eos_ids)
@@ -294,8 +290,8 @@ class RewardFunction:
         in another order can never be scored against another prompt."""
         ids_BP, mask_BP, texts, metadata = self.batch
         B, R = len(ids_BP), len(prompt_ids_RP)
-        of_row = np.arange(R) // (R // B)
-        same = (R % B == 0 and prompt_ids_RP.shape == (R, ids_BP.shape[1])
+        of_row = np.arange(R) // max(R // B, 1)
+        same = (R % B == 0 and R >= B and prompt_ids_RP.shape == (R, ids_BP.shape[1])
                 and np.array_equal(prompt_mask_RP, mask_BP[of_row])
                 and np.array_equal(np.where(prompt_mask_RP, prompt_ids_RP, 0), np.where(mask_BP, ids_BP, 0)[of_row]))
         if not same:
@@ -308,7 +304,7 @@ class RewardFunction:
             return np.zeros(R, np.float32)
         try:
             prompts, responses, ended, metadata = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
-            offered = dict(zip(REWARD_KEYWORDS, (ended, metadata)))
+            offered = dict(zip(plugins.SCORER_KEYWORDS, (ended, metadata)))
             return self.checked(plugins.call(self.fn, self.who, prompts, responses, **offered), R)
         except UserError as e:
             self.problem = str(e)
