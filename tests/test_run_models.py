@@ -230,8 +230,47 @@ def test_exports_record_their_role(tmp_path):
     loaded = load_model(tiny)
     for head, role, expected in (("lm", None, "policy"), ("scalar", None, "reward"), ("scalar", "value", "value")):
         params = training_state.with_head(loaded.params, loaded.cfg, "lm", head, jax.random.key(0))
-        out = training_state.export(tmp_path / f"{head}_{expected}", params, loaded, make_model(loaded.cfg, head), role=role)
+        out = training_state.export(tmp_path / f"{head}_{expected}", params, loaded, make_model(loaded.cfg, head),
+                                    role=role, chat_template=False)
         assert json.loads((out / "model.json").read_text())["role"] == expected
+
+
+def test_a_model_trained_on_templated_prompts_is_flagged_where_it_reads_bare_ones(inputs, tmp_path):
+    """An export records whether its prompts were in the chat template (data.chat_template); evaluating or sampling
+    it the other way (evaluate or generate without --chat-template) warns in one line, once per model. The record
+    survives convert in both directions."""
+    from rlhf_jax import convert
+    from rlhf_jax import generate as generate_cli
+    from rlhf_jax.models.checkpoint import CHAT_TEMPLATE
+    from rlhf_jax.models.transformer import make_model
+
+    loaded = load_model(inputs["tiny"])
+    chat, bare = (training_state.export(tmp_path / name, loaded.params, loaded, make_model(loaded.cfg),
+                                        chat_template=flag) for name, flag in (("chat", True), ("bare", False)))
+    assert json.loads((chat / "model.json").read_text())[CHAT_TEMPLATE] is True
+    warning = (f"warning: {chat}: trained on prompts in the tokenizer's chat template, used here without it: set "
+               "data.chat_template: true (evaluate, generate: --chat-template) to give it prompts as it learned them")
+    rc, _, err = _eval(inputs, tmp_path / "eval", "--policy", chat, bare, "--limit", "4")
+    assert rc == 0 and err.splitlines().count(warning) == 1, err
+    assert str(bare) not in err and "chat template" not in err.replace(warning, ""), err
+    rc, _, err = run_quietly(generate_cli.main, ["--model", str(chat), "--prompt-file", str(inputs["prompt_file"]),
+                                                 "--max-new-tokens", "2", "--batch-size", "8"])
+    assert rc == 0 and warning in err.splitlines(), err
+
+    # A run's checkpoints are what the run trained, whatever its base model's export says.
+    from rlhf_jax.eval.policies import PolicySource, policy_meta
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for flag in (True, False):
+        (run / "config.json").write_text(json.dumps({"stage": "sft", "model": {"path": str(bare if flag else chat)},
+                                                     "data": {"chat_template": flag}}))
+        assert policy_meta(PolicySource("run", run, 1)).extra[CHAT_TEMPLATE] is flag
+
+    assert convert.main(["--to-hf", "--checkpoint", str(chat), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())[CHAT_TEMPLATE] is True
+    assert convert.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert json.loads((tmp_path / "back" / "model.json").read_text())[CHAT_TEMPLATE] is True
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints

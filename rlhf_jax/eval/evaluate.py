@@ -24,7 +24,7 @@ from rlhf_jax.errors import UserError, about
 from rlhf_jax.eval import stats as eval_stats
 from rlhf_jax.eval.inputs import gold_scores, load_gold, load_prompts, open_dataset, split_spec
 from rlhf_jax.eval.policies import SCALAR_NOT_POLICY, PolicySource, policy_meta, policy_sources, restorable_policy
-from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model
+from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model, warn_prompt_form
 from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs, tokenizer_vocab
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer, load_tokenizer
 from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
@@ -132,8 +132,10 @@ class Evaluator:
         self.reference = load_model(e.reference, need_tokenizer=True, key="eval.reference")
         if self.reference.head != "lm":
             raise UserError(f"eval.reference={e.reference}: {SCALAR_NOT_POLICY}")
+        warn_prompt_form(self.reference, cfg.data.chat_template, f"eval.reference={e.reference}")
         if reward is not None:
             self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
+            warn_prompt_form(reward, cfg.data.chat_template, f"eval.reward_model={e.reward_model}")
         self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
         encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
         eos = encoder.stop_ids(self.reference.cfg.eos_token_ids)
@@ -223,12 +225,15 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
     check_outputs(out_dir, run_dir, models)
     earlier_rounds = [round_row(read_round(path)) for path in e.rounds]
     ev = Evaluator(cfg, prompts, gold_fn, mesh, prompt_metadata)
+    metas = {}
     for source in sources:  # a policy that reads other tokens or positions stops the run before the first sample
         with about("eval.policies"):
-            meta = policy_meta(source)
+            metas[source.path] = meta = policy_meta(source)  # a run's checkpoints share one
             ev.check_vocab(meta, str(source.path))
             check_positions(meta.cfg, ev.width + s.max_new_tokens, f"{source.path}: the longest prompt "
                             f"({ev.width} tokens) + sampling.max_new_tokens ({s.max_new_tokens})")
+    for path, meta in metas.items():
+        warn_prompt_form(meta, cfg.data.chat_template, str(path))
     rm_accuracy, labels = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
     rows, samples, logged = [], [], []

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import lora
-from rlhf_jax.models.checkpoint import (LoadedModel, UnrestorableCheckpoint, load_model, model_head, model_meta,
-                                       restore_params)
+from rlhf_jax.models.checkpoint import (CHAT_TEMPLATE, LoadedModel, UnrestorableCheckpoint, load_model, model_head,
+                                       model_meta, restore_params)
 from rlhf_jax.models.layer_stack import unstack_layers
 from rlhf_jax.models.tiny import resolve_model_path
 
@@ -145,7 +145,7 @@ def load_policy(source: PolicySource, base_models: dict) -> LoadedModel:
         base_params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype), base.params)
         whole = jax.tree.map(lambda x: np.asarray(x, np.float32), lora.join(params, base_params))
         params = jax.device_get(lora.merged(whole, base.cfg, spec))
-    return base._replace(params=params, head="lm")
+    return _as_trained(base, config)._replace(params=params, head="lm")
 
 
 def policy_meta(source: PolicySource) -> LoadedModel:
@@ -154,7 +154,13 @@ def policy_meta(source: PolicySource) -> LoadedModel:
     if source.step is None:
         return model_meta(source.path, need_tokenizer=True)
     config = json.loads((source.path / "config.json").read_text())
-    return model_meta(_base_model_path(source.path, config), need_tokenizer=True)
+    return _as_trained(model_meta(_base_model_path(source.path, config), need_tokenizer=True), config)
+
+
+def _as_trained(base: LoadedModel, config: dict) -> LoadedModel:
+    """A run's base model, its metadata saying how the run trained it (prompts in the chat template or not)."""
+    chat_template = config.get("data", {}).get("chat_template", False)
+    return base._replace(extra={**base.extra, CHAT_TEMPLATE: bool(chat_template)})
 
 
 def _base_model_path(run: Path, config: dict) -> Path:

@@ -38,6 +38,8 @@ FORMAT = "rlhf_jax.model"
 # What an export is for, so that a model read by role (a reward model, a policy) is never another kind of model
 # with the same head: a value model (ppo's export_value) is no reward model.
 ROLES = {"policy": "a policy", "reward": "a reward model", "value": "a value model (a ppo run's export_value)"}
+# Whether the model trained on prompts in its tokenizer's chat template (data.chat_template), as its export records
+CHAT_TEMPLATE = "trained_with_chat_template"
 
 
 class LoadedModel(NamedTuple):
@@ -255,8 +257,9 @@ def _model_meta(path: Path) -> LoadedModel:
         return LoadedModel(cfg, head, None, tok if hf.has_tokenizer(tok) else None, extra)
     if (path / "config.json").exists():
         cfg, head = hf.read_config(path)
-        extra = {k: v for k, v in read_json(path / "config.json").items()
-                 if k == "reward_norm" or (k == "role" and v in ROLES)}  # config.json extras of our exports
+        extra = {k: v for k, v in read_json(path / "config.json").items()  # config.json extras of our exports
+                 if k == "reward_norm" or (k == "role" and v in ROLES)
+                 or (k == CHAT_TEMPLATE and isinstance(v, bool))}
         return LoadedModel(cfg, head, None, path if hf.has_tokenizer(path) else None, extra)
     raise CheckpointError(f"{path}: expected a rlhf_jax checkpoint (model.json) or a HF checkpoint dir "
                           "(config.json)")
@@ -299,6 +302,18 @@ def check_role(loaded: LoadedModel, key: str, *expected: str) -> None:
     role = loaded.extra.get("role")
     if role is not None and role not in expected:
         raise CheckpointError(f"{key}: {ROLES[role]}, expected {' or '.join(ROLES[r] for r in expected)}")
+
+
+def warn_prompt_form(loaded: LoadedModel, chat_template: bool, where: str) -> None:
+    """One warning line when a model trained on prompts in its tokenizer's chat template is used without it, or the
+    other way round: it runs, but reads prompts in a form it never saw (a chat policy answering bare text, a reward
+    model scoring templated text). Models whose export does not record it (HF imports, older exports) pass."""
+    trained = loaded.extra.get(CHAT_TEMPLATE)
+    if isinstance(trained, bool) and trained != chat_template:
+        print(f"warning: {where}: trained on prompts {'in' if trained else 'without'} the tokenizer's chat template, "
+              f"used here {'in' if chat_template else 'without'} it: set data.chat_template: "
+              f"{str(trained).lower()} (evaluate, generate: {'' if trained else 'no '}--chat-template) to give it "
+              "prompts as it learned them", file=sys.stderr)
 
 
 # Small files (metadata, tokenizer) whole, weight files by size and 3 fixed slices: cheap at 8B, blind to mtimes

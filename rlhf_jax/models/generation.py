@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.errors import UserError, json_error
-from rlhf_jax.models.checkpoint import LoadedModel
+from rlhf_jax.models.checkpoint import LoadedModel, warn_prompt_form
 from rlhf_jax.models.sampling import SamplingParams, sample, tokenizer_vocab
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, load_tokenizer
 from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
@@ -77,6 +77,7 @@ class Generator:
             raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
         if loaded.tokenizer_dir is None:  # callers load with need_tokenizer=True, which names the path
             raise UserError("the checkpoint has no tokenizer files")
+        warn_prompt_form(loaded, chat_template, where)
         self.cfg = loaded.cfg
         self.mesh = mesh
         self.model = make_model(loaded.cfg, dtype=dtype)

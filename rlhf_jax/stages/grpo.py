@@ -165,7 +165,7 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
     finally:
         run.close()
     out = export(run_dir / "export", whole_params(state.policy.params, frozen.policy_base), loaded, policy_model,
-                 role="policy")
+                 role="policy", chat_template=cfg.data.chat_template)
     exports = {"export": str(out)}
     if policy_model.lora is not None:
         exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter",

@@ -11,7 +11,7 @@ from pathlib import Path
 from rlhf_jax.config import Config
 from rlhf_jax.data.pipeline import open_split
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model, model_meta
+from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model, model_meta, warn_prompt_form
 from rlhf_jax.models.sampling import SamplingParams, tokenizer_vocab
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer
 from rlhf_jax.models import lora
@@ -60,6 +60,7 @@ def check_reads_policy_tokens(other: LoadedModel, policy: LoadedModel, key: str,
                         f"{policy.cfg.vocab_size} (it must read the policy's tokens)")
     check_same_tokenizer(other.tokenizer_dir, policy.tokenizer_dir, f"{key}={path}", "the policy",
                          cfg.data.chat_template)
+    warn_prompt_form(other, cfg.data.chat_template, f"{key}={path}")
     check_positions(other.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
                     f"{key}={path}: data.max_prompt_tokens + sampling.max_new_tokens")
 
@@ -95,9 +96,10 @@ def reference_params(path: str, key: str, loaded: LoadedModel, policy_model, pol
     return initial_params(load_model(path, key=key), policy_model, seed)
 
 
-def check_reference(path: str, key: str, loaded: LoadedModel, chat_template: bool = False) -> None:
+def check_reference(path: str, key: str, loaded: LoadedModel, chat_template: bool | None = None) -> None:
     """A reference at `path` (config key `key`) is a policy of the starting policy's shape and tokenizer: checked
-    from its metadata, before any weights load or program compiles."""
+    from its metadata, before any weights load or program compiles; with `chat_template` (data.chat_template), its
+    chat template and the prompts' form too."""
     if not path:
         return
     where = f"{key}={path}"
@@ -108,7 +110,9 @@ def check_reference(path: str, key: str, loaded: LoadedModel, chat_template: boo
     if reference.cfg != loaded.cfg:
         raise UserError(f"{where}: its architecture differs from model.path's (the reference must be the policy's "
                         "starting point, such as the SFT export)")
-    check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, where, "the policy", chat_template)
+    check_same_tokenizer(reference.tokenizer_dir, loaded.tokenizer_dir, where, "the policy", bool(chat_template))
+    if chat_template is not None:
+        warn_prompt_form(reference, chat_template, where)
 
 
 def reference_beyond_base(path: str, key: str, loaded: LoadedModel, policy_model, policy_params: dict,

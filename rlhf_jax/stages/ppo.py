@@ -169,11 +169,13 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     finally:
         run.close()
     policy_base, value_base = frozen.bases()
-    out = export(run_dir / "export", whole_params(state.policy.params, policy_base), loaded, policy_model)
+    chat = cfg.data.chat_template
+    out = export(run_dir / "export", whole_params(state.policy.params, policy_base), loaded, policy_model,
+                 chat_template=chat)
     # The value head's normalisation travels with it: reading it back (ppo.value_model) applies it again.
     value_norm = {"reward_norm": {"gain": settings.value_gain, "bias": settings.value_bias}}
     value_out = export(run_dir / "export_value", whole_params(state.value.params, value_base), value, value_model,
-                       value_norm, role="value")
+                       value_norm, role="value", chat_template=chat)
     exports = {"export": str(out), "value_export": str(value_out)}
     if policy_model.lora is not None:
         exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter",
@@ -185,7 +187,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
             cfg.ppo.value_model or cfg.ppo.reward_model, value_norm))
     if state.ema is not None:
         exports["ema_export"] = str(export(run_dir / "export_ema", whole_params(state.ema, policy_base), loaded,
-                                           policy_model))
+                                           policy_model, chat_template=chat))
     return write_summary(run_dir, "ppo", total, exports, loop.last)
 
 

@@ -149,7 +149,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
             run.facts["best_eval_loss"] = metrics["loss"]
             # a reward model's best/ scores in the same normalised units as its export/ (PPO reads either)
             norm = fit_reward_norm(cfg, stage, whole(state), tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
-            export(run_dir / "best", whole(state), loaded, model, norm)
+            export(run_dir / "best", whole(state), loaded, model, norm, chat_template=cfg.data.chat_template)
         return metrics
 
     try:
@@ -164,7 +164,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     finally:
         run.close()  # pending asynchronous saves complete (or report their failure) before the run ends
     extra = fit_reward_norm(cfg, stage, whole(state), tokenizer, mesh, eval_size) if cfg.stage == "rm" else {}
-    out = export(run_dir / "export", whole(state), loaded, model, extra)
+    out = export(run_dir / "export", whole(state), loaded, model, extra, chat_template=cfg.data.chat_template)
     exports = {"export": str(out)}
     if model.lora is not None:
         exports["adapter_export"] = str(export_adapter(run_dir / "export_adapter", whole(state), loaded, model,

@@ -21,7 +21,8 @@ import numpy as np
 from rlhf_jax.config import Config
 from rlhf_jax.errors import DivergedError, UserError
 from rlhf_jax.models import lora
-from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model, save_model
+from rlhf_jax.models.checkpoint import (CHAT_TEMPLATE, LoadedModel, check_role, load_model, save_model,
+                                       warn_prompt_form)
 from rlhf_jax.models.hf import fold_reward_gain
 from rlhf_jax.models.hf_weights import whole_weights_to_hf
 from rlhf_jax.models.tiny import resolve_model_path
@@ -63,6 +64,7 @@ def load_for_training(cfg: Config, run_dir: Path, head: str):
         where = f"model.path={cfg.model.path}"
         check_role(loaded, where, "policy")  # what it is, when its export recorded that
         raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
+    warn_prompt_form(loaded, cfg.data.chat_template, f"model.path={cfg.model.path}")
     warn_bfloat16_training(cfg, head)
     return loaded, load_tokenizer(loaded.tokenizer_dir), trained_model(cfg, loaded.cfg, head)
 
@@ -243,17 +245,18 @@ def eval_sums(eval_fn, params, batches: Iterator[dict], mesh, limit: int = 0) ->
 
 
 def export(out_dir: Path, params, loaded: LoadedModel, model: Transformer, extra: dict | None = None,
-           role: str | None = None) -> Path:
+           role: str | None = None, *, chat_template: bool) -> Path:
     """Params-only model checkpoint (Orbax, with tokenizer) for the next stage and for convert --to-hf: float32,
     written shard by shard from the mesh (with several processes, each writes its own shards); a LoRA model's
     adapters merged into its weights. Its `role` is recorded: by default a language model is a policy and a
-    scalar head a reward model (ppo's value model says so)."""
+    scalar head a reward model (ppo's value model says so); and whether it trained on prompts in the chat
+    template (`chat_template`, data.chat_template), for `warn_prompt_form` where it is used."""
     if not bool(all_finite(params)):
         raise DivergedError(f"the parameters hold non-finite values; {out_dir} was not written")
     params = canonical_float32(params) if model.lora is None else merged_float32(params, model)
     role = role or ("policy" if model.head == "lm" else "reward")
     return save_model(out_dir, params, loaded.cfg, model.head, loaded.tokenizer_dir, overwrite=True,
-                      extra={**(extra or {}), "role": role})
+                      extra={**(extra or {}), "role": role, CHAT_TEMPLATE: chat_template})
 
 
 def export_adapter(out_dir: Path, params, loaded: LoadedModel, model: Transformer, base_model: str,
