@@ -67,7 +67,22 @@ def test_a_remapped_field_no_row_holds_is_one_line_and_writes_nothing(capsys, tm
     assert not (tmp_path / "d" / "gsm").exists()
     rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
                             "--name", "gsm", "--field", "prompt=question", "--field", "metadata=solution")
-    assert rc == 0, err
+    assert rc == 0 and json.loads(out)["without_metadata"] == 0 and not err, err
+
+
+def test_prompts_missing_their_metadata_are_counted_and_warned_when_others_have_it(capsys, tmp_path):
+    """A reference answer missing from a few rows reaches the reward function as None: one line says how many."""
+    rows = [{"question": f"q{i}", **({"answer": f"#### {i}"} if i % 3 else {})} for i in range(9)]
+    path = _write_jsonl(tmp_path / "gsm.jsonl", rows)
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "gsm", "--field", "prompt=question", "--field", "metadata=answer")
+    assert rc == 0 and json.loads(out)["without_metadata"] == 3, err
+    assert err.strip() == ("warning: 3 of 9 examples have no 'answer' field (metadata): a reward function or gold "
+                           "scorer gets None as their metadata"), err
+    path = _write_jsonl(tmp_path / "plain.jsonl", [{"prompt": f"p{i}"} for i in range(4)])
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "plain")
+    assert rc == 0 and json.loads(out)["without_metadata"] == 4 and not err, err  # none has any: nothing to say
 
 
 def test_cli_prints_one_json_summary(capsys, tmp_path):

@@ -197,15 +197,28 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
                         f"(skipped: {dict(skipped) or 'none'}{without})")
 
     counts = {split: len(rows) for split, rows in splits.items() if rows}
+    if kind in ("sft", "prompts"):
+        grouping["without_metadata"] = _count_without_metadata(splits, (fields or {}).get("metadata", "metadata"))
     max_responses = max((len(r.get("responses", ())) for rows in splits.values() for r in rows), default=0)
     metadata = {"kind": kind, "format": fmt, "inputs": [str(p) for p in inputs], "examples": counts,
                 "skipped": dict(skipped), "max_responses": max_responses,
-                **({"rankings_layout": RANKINGS_LAYOUT, **grouping} if kind == "rankings" else {}),
+                **({"rankings_layout": RANKINGS_LAYOUT} if kind == "rankings" else {}), **grouping,
                 **(extra_metadata or {})}
     _write(Path(data_dir), name, kind, splits, metadata, overwrite, inputs)
     return {"dataset": str(out), "kind": kind, "format": fmt, "examples": counts,
             "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
-            **({"max_responses": max_responses, **grouping} if kind == "rankings" else {})}
+            **({"max_responses": max_responses} if kind == "rankings" else {}), **grouping}
+
+
+def _count_without_metadata(splits: Mapping[str, list], field: str) -> int:
+    """Examples without metadata; where only some have it (a verifier's reference answer missing from a few rows,
+    which its reward function then gets as None), one warning line says how many."""
+    rows = [r for split in splits.values() for r in split]
+    without = sum(not r["metadata"] for r in rows)
+    if 0 < without < len(rows):
+        print(f"warning: {without} of {len(rows)} examples have no {field!r} field (metadata): a reward function or "
+              "gold scorer gets None as their metadata", file=sys.stderr)
+    return without
 
 
 def _check_remapped(fields: Mapping[str, str], keys_seen: set[str], inputs: Sequence[str]) -> None:
