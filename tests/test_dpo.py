@@ -464,6 +464,22 @@ def test_wrong_dataset_kind_and_reference_architecture_are_one_line_errors(tiny,
     assert not (workdir / "bad_kind").exists() and not (workdir / "bad_reference").exists()
 
 
+def test_a_reference_trained_on_templated_prompts_is_warned_of(tiny, data_dir, workdir):
+    """dpo.reference is checked as model.path is: its export records that it trained on prompts in the chat
+    template, which this run gives bare (data.chat_template false)."""
+    from rlhf_jax.models.checkpoint import load_model
+    from rlhf_jax.models.transformer import make_model
+    from rlhf_jax.training import state as training_state
+
+    loaded = load_model(tiny)
+    reference = training_state.export(workdir / "chat_reference", loaded.params, loaded, make_model(loaded.cfg),
+                                      chat_template=True)
+    rc, _, err = run_quietly(main_cli.main, _dpo_args(tiny, data_dir, workdir / "chat_reference_run", "train.steps=1",
+                                                      f"dpo.reference={reference}"))
+    assert rc == 0 and f"warning: dpo.reference={reference}: trained on prompts wrapped in its tokenizer's chat " \
+                       "template, given bare prompts here" in err, err
+
+
 def test_resume_refuses_a_reference_replaced_at_its_path(tiny, data_dir, workdir):
     """dpo.reference is one of the models a run records: replaced by another model at the same path, the run
     does not resume against it."""

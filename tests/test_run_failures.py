@@ -235,7 +235,7 @@ MUST_REFUSE = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "
                "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model",
                "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function",
                "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference", "lora.alpha", "lora.rank",
-               "lora.targets", "lora.also_train", "ppo.ptx_dataset", "ppo.ptx_batch_size")
+               "lora.targets", "lora.also_train", "ppo.ptx_dataset", "ppo.ptx_batch_size", "data.chat_template")
 
 
 @pytest.mark.parametrize("key", MUST_REFUSE)
@@ -275,6 +275,11 @@ def test_config_changes_classify_keys():
     refused, allowed = config_changes(old, new)
     assert refused == ["train.batch_size=8 (now 16)"]
     assert allowed == ["optim.grad_clip=1.0 (now 0.5)", "optim.lr=1.0 (now 2.0)", "train.steps=10 (now 20)"]
+    # booleans and nulls as a config writes them
+    assert config_changes({"data": {"chat_template": True}}, {"data": {"chat_template": False}})[0] == [
+        "data.chat_template=true (now false)"]
+    assert config_changes({"ppo": {"no_eos_penalty": None}}, {"ppo": {"no_eos_penalty": -1.0}})[1] == [
+        "ppo.no_eos_penalty=null (now -1.0)"]
     refused, _ = config_changes(old, {**new, "optim": {"lr": 1.0, "grad_clip": 0.0}})
     assert "optim.grad_clip=1.0 (now 0.0)" in refused
     # the adapters' scale: the saved adapters would be another model

@@ -248,8 +248,9 @@ def test_a_model_trained_on_templated_prompts_is_flagged_where_it_reads_bare_one
     chat, bare = (training_state.export(tmp_path / name, loaded.params, loaded, make_model(loaded.cfg),
                                         chat_template=flag) for name, flag in (("chat", True), ("bare", False)))
     assert json.loads((chat / "model.json").read_text())[CHAT_TEMPLATE] is True
-    warning = (f"warning: {chat}: trained on prompts in the tokenizer's chat template, used here without it: set "
-               "data.chat_template: true (evaluate, generate: --chat-template) to give it prompts as it learned them")
+    warning = (f"warning: {chat}: trained on prompts wrapped in its tokenizer's chat template, given bare prompts "
+               "here: set data.chat_template: true (evaluate, generate: --chat-template) to give it prompts as it "
+               "learned them")
     rc, _, err = _eval(inputs, tmp_path / "eval", "--policy", chat, bare, "--limit", "4")
     assert rc == 0 and err.splitlines().count(warning) == 1, err
     assert str(bare) not in err and "chat template" not in err.replace(warning, ""), err

@@ -309,11 +309,13 @@ def warn_prompt_form(loaded: LoadedModel, chat_template: bool, where: str) -> No
     other way round: it runs, but reads prompts in a form it never saw (a chat policy answering bare text, a reward
     model scoring templated text). Models whose export does not record it (HF imports, older exports) pass."""
     trained = loaded.extra.get(CHAT_TEMPLATE)
-    if isinstance(trained, bool) and trained != chat_template:
-        print(f"warning: {where}: trained on prompts {'in' if trained else 'without'} the tokenizer's chat template, "
-              f"used here {'in' if chat_template else 'without'} it: set data.chat_template: "
-              f"{str(trained).lower()} (evaluate, generate: {'' if trained else 'no '}--chat-template) to give it "
-              "prompts as it learned them", file=sys.stderr)
+    if not isinstance(trained, bool) or trained == chat_template:
+        return
+    wrapped = "prompts wrapped in its tokenizer's chat template"
+    learned, given = (wrapped, "bare prompts") if trained else ("bare prompts", wrapped)
+    flag = "--chat-template" if trained else "leave out --chat-template"
+    print(f"warning: {where}: trained on {learned}, given {given} here: set data.chat_template: "
+          f"{str(trained).lower()} (evaluate, generate: {flag}) to give it prompts as it learned them", file=sys.stderr)
 
 
 # Small files (metadata, tokenizer) whole, weight files by size and 3 fixed slices: cheap at 8B, blind to mtimes

@@ -24,7 +24,7 @@ from rlhf_jax.models.tiny import resolve_model_path
 from rlhf_jax.models.transformer import Transformer, without_adapters
 from rlhf_jax.rl import dpo
 from rlhf_jax.runtime import distributed, fsio, sharding
-from rlhf_jax.stages.policy_common import reference_params
+from rlhf_jax.stages.policy_common import check_reference, reference_params
 from rlhf_jax.training.state import param_shardings, to_global
 
 
@@ -50,6 +50,7 @@ def reference_host_params(cfg: Config, loaded: LoadedModel, model: Transformer, 
     """The reference's host params, checked before anything is placed: model.path must be a policy, and
     dpo.reference (default: model.path) one of its architecture and tokenizer."""
     check_role(loaded, f"model.path={cfg.model.path}", "policy")
+    check_reference(cfg.dpo.reference, "dpo.reference", loaded, cfg.data.chat_template)  # its template, its prompts
     return reference_params(cfg.dpo.reference, "dpo.reference", loaded, model, policy_params, cfg.seed)
 
 

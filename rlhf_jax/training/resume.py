@@ -10,6 +10,7 @@ Pure functions over plain dicts, so each rule is tested directly.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -20,6 +21,9 @@ from rlhf_jax.models.layer_stack import STACKED
 REFUSED = ("stage", "seed", "model.path", "model.param_dtype", "data.dir", "data.name", "data.train_split",
            "data.pack", "data.max_responses", "train.batch_size", "ppo.reward_model", "ppo.value_model",
            "grpo.reward_model", "grpo.reward_function", "rloo.reward_model", "rloo.reward_function",
+           # the prompts' form: the steps before and after would train on two encodings of every prompt (the export
+           # records one)
+           "data.chat_template",
            # the KL's (DPO's) reference: another one is another objective
            "ppo.reference", "dpo.reference", "grpo.reference", "rloo.reference",
            # the adapters' scale: the saved adapters would mean another model (and every checkpoint read with it);
@@ -52,6 +56,11 @@ def _same(key: str, old: Any, new: Any) -> bool:
     return old == new
 
 
+def _shown(value: Any) -> str:
+    """A config value as the user writes it: YAML's true, false and null; other values quoted as Python does."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+
+
 def _moved_with_run(old: Any, new: Any, old_run: Any, new_run: Any) -> bool:
     """Whether the data directory moved with the run directory (a pipeline's {run_dir}/data, the pipeline moved):
     the same place relative to each."""
@@ -80,7 +89,7 @@ def config_changes(old: dict, new: dict, same_models=frozenset()) -> tuple[list[
         if key == "data.dir" and _moved_with_run(old_value, new_value, before.get("run_dir"), after.get("run_dir")):
             continue
         if not _same(key, old_value, new_value):
-            change = f"{key}={old_value!r} (now {new_value!r})"
+            change = f"{key}={_shown(old_value)} (now {_shown(new_value)})"
             refuse = _refused(key, old_value, new_value, after.get("stage")) and key not in same_models
             (refused if refuse else allowed).append(change)
     return refused, allowed
