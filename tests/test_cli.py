@@ -205,7 +205,7 @@ def test_generate_chat_template_encodes_prompts_as_training_does(capsys, hf_dir,
     assert _records(out)[0]["prompt_ids"] != plain[-6:]
 
     rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--chat-template"))
-    _assert_user_error(rc, err, "the tokenizer has no chat template (--chat-template asks for one)")
+    _assert_user_error(rc, err, f"{hf_dir}: its tokenizer has no chat template (--chat-template asks for one)")
 
 
 # ------------------------------------------------------------------------------------------------ errors

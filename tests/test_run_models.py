@@ -258,6 +258,16 @@ def test_a_model_trained_on_templated_prompts_is_flagged_where_it_reads_bare_one
                                                  "--max-new-tokens", "2", "--batch-size", "8"])
     assert rc == 0 and warning in err.splitlines(), err
 
+    # A tokenizer without a chat template, asked for one: one line naming the model, before anything is written
+    rc, _, err = _eval(inputs, tmp_path / "eval_chat", "--policy", bare, "--chat-template")
+    assert rc == 2 and err.strip().splitlines()[-1] == (f"error: --reference {inputs['tiny']}: its tokenizer has no "
+                                                        "chat template (--chat-template asks for one)"), err
+    rc, _, err = run_quietly(main_cli.main, _ppo_args(inputs, tmp_path / "ppo_chat", "train.steps=1",
+                                                      "data.chat_template=true"))
+    assert rc == 2 and err.strip().splitlines()[-1] == (f"error: model.path={inputs['tiny']}: its tokenizer has no "
+                                                        "chat template (data.chat_template asks for one)"), err
+    assert not (tmp_path / "eval_chat").exists() and not (tmp_path / "ppo_chat").exists()
+
     # A run's checkpoints are what the run trained, whatever its base model's export says.
     from rlhf_jax.eval.policies import PolicySource, policy_meta
 

@@ -26,7 +26,8 @@ from rlhf_jax.eval.inputs import gold_scores, load_gold, load_prompts, open_data
 from rlhf_jax.eval.policies import SCALAR_NOT_POLICY, PolicySource, policy_meta, policy_sources, restorable_policy
 from rlhf_jax.models.checkpoint import LoadedModel, check_role, load_model, warn_prompt_form
 from rlhf_jax.models.sampling import SamplingParams, sample, teacher_forced_logprobs, tokenizer_vocab
-from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer, load_tokenizer
+from rlhf_jax.models.tokenizer import (PAD_ID, PromptEncoder, ResponseCodec, check_chat_template,
+                                      check_same_tokenizer, load_tokenizer)
 from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
 from rlhf_jax.rl.scoring import reward_scores
 from rlhf_jax.runtime import distributed, sharding
@@ -137,6 +138,7 @@ class Evaluator:
             self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
             warn_prompt_form(reward, cfg.data.chat_template, f"eval.reward_model={e.reward_model}")
         self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
+        check_chat_template(self.tokenizer, cfg.data.chat_template, f"eval.reference={e.reference}")
         encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
         eos = encoder.stop_ids(self.reference.cfg.eos_token_ids)
         vocab = tokenizer_vocab(self.tokenizer, self.reference.cfg)

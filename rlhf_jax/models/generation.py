@@ -17,7 +17,7 @@ import numpy as np
 from rlhf_jax.errors import UserError, json_error
 from rlhf_jax.models.checkpoint import LoadedModel, warn_prompt_form
 from rlhf_jax.models.sampling import SamplingParams, sample, tokenizer_vocab
-from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, load_tokenizer
+from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_chat_template, load_tokenizer
 from rlhf_jax.models.transformer import make_model, param_logical_axes, params_for
 from rlhf_jax.runtime import distributed, sharding
 from rlhf_jax.runtime.progress import progress as progress_bar
@@ -82,6 +82,7 @@ class Generator:
         self.mesh = mesh
         self.model = make_model(loaded.cfg, dtype=dtype)
         self.tokenizer = load_tokenizer(loaded.tokenizer_dir)
+        check_chat_template(self.tokenizer, chat_template, where)
         self.responses = ResponseCodec(self.tokenizer)
         self.chat_template = chat_template  # as the model was trained: prompts are encoded the same way
         eos = params.eos_ids or PromptEncoder(self.tokenizer, 1, chat_template).stop_ids(loaded.cfg.eos_token_ids)

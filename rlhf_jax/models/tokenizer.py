@@ -75,6 +75,14 @@ def _files_digest(tokenizer_dir) -> str:
     return digest.hexdigest()
 
 
+def check_chat_template(tokenizer, chat_template: bool, where: str = "") -> None:
+    """data.chat_template asks for the tokenizer's chat template: a tokenizer without one is one line, naming the
+    model it came with (`where`, such as 'model.path=PATH') where the caller knows it."""
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        whose = f"{where}: its tokenizer" if where else "the tokenizer"
+        raise UserError(f"{whose} has no chat template (data.chat_template asks for one)")
+
+
 class PromptEncoder:
     """The one way a prompt becomes token ids, for training, generation, PPO rollouts and evaluation alike.
 
@@ -85,8 +93,7 @@ class PromptEncoder:
     """
 
     def __init__(self, tokenizer, max_tokens: int, chat_template: bool = False):
-        if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise UserError("the tokenizer has no chat template (data.chat_template asks for one)")
+        check_chat_template(tokenizer, chat_template)
         self.tokenizer, self.max_tokens, self.chat_template = tokenizer, max_tokens, chat_template
         self._splitting = splitting(tokenizer)
         # control tokens: Llama 3's <|start_header_id|> and <|eot_id|> are special added tokens without being named

@@ -26,7 +26,7 @@ from rlhf_jax.models.checkpoint import (CHAT_TEMPLATE, LoadedModel, check_role, 
 from rlhf_jax.models.hf import fold_reward_gain
 from rlhf_jax.models.hf_weights import whole_weights_to_hf
 from rlhf_jax.models.tiny import resolve_model_path
-from rlhf_jax.models.tokenizer import load_tokenizer
+from rlhf_jax.models.tokenizer import check_chat_template, load_tokenizer
 from rlhf_jax.models.layer_stack import unstack_layers
 from rlhf_jax.models.transformer import (
     Transformer, init_boxed, init_scalar_head, make_model, param_logical_axes, params_for,
@@ -64,9 +64,12 @@ def load_for_training(cfg: Config, run_dir: Path, head: str):
         where = f"model.path={cfg.model.path}"
         check_role(loaded, where, "policy")  # what it is, when its export recorded that
         raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
-    warn_prompt_form(loaded, cfg.data.chat_template, f"model.path={cfg.model.path}")
+    where = f"model.path={cfg.model.path}" if cfg.model.path else "the built-in tiny model"
+    warn_prompt_form(loaded, cfg.data.chat_template, where)
+    tokenizer = load_tokenizer(loaded.tokenizer_dir)
+    check_chat_template(tokenizer, cfg.data.chat_template, where)  # before the model is placed or compiled
     warn_bfloat16_training(cfg, head)
-    return loaded, load_tokenizer(loaded.tokenizer_dir), trained_model(cfg, loaded.cfg, head)
+    return loaded, tokenizer, trained_model(cfg, loaded.cfg, head)
 
 
 def warn_bfloat16_training(cfg: Config, head: str) -> None:
