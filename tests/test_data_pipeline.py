@@ -65,6 +65,20 @@ def test_a_remapped_field_no_row_holds_is_one_line_and_writes_nothing(capsys, tm
     assert rc == 2 and not out and err.strip() == (f"error: --field metadata=answer: no row of {path} has a field "
                                                    "'answer'; its rows have: question, solution")
     assert not (tmp_path / "d" / "gsm").exists()
+    # a required field: the first row says it, with the rename and the fields it has
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "gsm", "--field", "prompt=questin")
+    assert rc == 2 and err.strip() == (f"error: {path}:1: missing field 'questin' (--field prompt=questin); the row "
+                                       "has 'question', 'solution'")
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "gsm")
+    assert rc == 2 and err.strip() == (f"error: {path}:1: missing field 'prompt'; the row has 'question', 'solution' "
+                                       "(--field prompt=NAME reads it from another)")
+    wide = _write_jsonl(tmp_path / "wide.jsonl", [{f"c{i:02d}": i for i in range(25)}])
+    rc, out, err = _prepare(capsys, "--format", "jsonl_sft", "--input", wide, "--data-dir", tmp_path / "d",
+                            "--name", "wide", "--field", "response=c00")
+    assert rc == 2 and err.strip().endswith("'c18', 'c19' and 5 more (--field prompt=NAME reads it from another)"), err
+    assert not (tmp_path / "d" / "gsm").exists() and not (tmp_path / "d" / "wide").exists()
     rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
                             "--name", "gsm", "--field", "prompt=question", "--field", "metadata=solution")
     assert rc == 0 and json.loads(out)["without_metadata"] == 0 and not err, err

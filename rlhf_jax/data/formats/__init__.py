@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from rlhf_jax.data.formats import hh_rlhf, jsonl, shp, tldr, ultrafeedback
 from rlhf_jax.data.formats.files import local_file, read_file
-from rlhf_jax.data.formats.rows import Row
+from rlhf_jax.data.formats.rows import Invalid, Row
 from rlhf_jax.errors import UserError
 
 KINDS = ("sft", "rankings", "prompts")
@@ -49,7 +49,10 @@ def read_rows(fmt: str, paths: Sequence[str], fields: Mapping[str, str] | None =
     `keys_seen` collects the fields rows hold (not null), for the caller to check its remapped fields against."""
     if fmt not in FORMATS:
         raise UserError(f"unknown dataset format {fmt!r}; expected one of: {', '.join(FORMATS)}")
-    convert = _converter(fmt, _field_names(fmt, fields))
+    names = _field_names(fmt, fields)
+    convert = _converter(fmt, names)
+    if fmt in jsonl.RENAMABLE:
+        convert = _naming_fields(convert, names)
     if keys_seen is not None:
         convert = _noting_keys(convert, keys_seen)
     if isinstance(paths, (str, Path)):  # one path given bare would otherwise be read character by character
@@ -65,6 +68,28 @@ def _noting_keys(convert: Callable[[dict, list], dict], keys_seen: set[str]) -> 
             keys_seen.update(key for key, value in row.items() if value is not None)
         return convert(row, notes)
     return noting
+
+
+def _naming_fields(convert: Callable[[dict, list], dict], names: dict[str, str]) -> Callable[[dict, list], dict]:
+    """A field missing from a row of a format whose fields can be renamed says which fields the row has, and how
+    the name was given: a misspelt --field, or rows that call the field otherwise."""
+    renamed = {name: canonical for canonical, name in names.items() if name != canonical}
+
+    def converting(row, notes):
+        try:
+            return convert(row, notes)
+        except Invalid as e:
+            if not e.missing or not isinstance(row, dict):
+                raise
+            keys = sorted(row)
+            more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+            has = f"the row has {', '.join(map(repr, keys[:20]))}{more}" if keys else "the row is empty"
+            if e.missing in renamed:
+                problem = f"{e.problem} (--field {renamed[e.missing]}={e.missing}); {has}"
+            else:
+                problem = f"{e.problem}; {has} (--field {e.missing}=NAME reads it from another)"
+            raise Invalid(e.reason, problem, e.missing) from None
+    return converting
 
 
 def _refuse_repeats(paths: list[str]) -> None:

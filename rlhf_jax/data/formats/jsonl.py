@@ -54,7 +54,8 @@ def _ranking(row: dict, names: dict[str, str], notes: list[str]) -> dict:
                                                f"{names['rejected']!r} pair; give one of the two")
     if names["responses"] not in row:
         raise rows.Invalid("missing_field", f"missing field {names['responses']!r} "
-                                            f"(or a {names['chosen']!r}/{names['rejected']!r} pair)")
+                                            f"(or a {names['chosen']!r}/{names['rejected']!r} pair)",
+                           missing=names["responses"])
     responses = _responses(row, names["responses"])
     ranks = _int_list(row, names["ranks"])
     dense = _dense_ranks(ranks, len(responses), names["ranks"])

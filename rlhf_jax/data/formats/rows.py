@@ -33,15 +33,16 @@ class Row:
 class Invalid(Exception):
     """Raised by the row converters, which do not know the row's file:line; turned into a RowError."""
 
-    def __init__(self, reason: str, problem: str):
+    def __init__(self, reason: str, problem: str, missing: str = ""):
         super().__init__(problem)
         self.reason = reason
         self.problem = problem
+        self.missing = missing  # the row's own field whose absence this is, if any
 
 
 def field(row: dict, name: str, prefix: str = "") -> Any:
     if name not in row:
-        raise Invalid("missing_field", f"missing field '{prefix}{name}'")
+        raise Invalid("missing_field", f"missing field '{prefix}{name}'", missing="" if prefix else name)
     return row[name]
 
 
