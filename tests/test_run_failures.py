@@ -143,7 +143,7 @@ def test_export_refuses_non_finite_params(tmp_path):
     from rlhf_jax.training import state as training_state
 
     with pytest.raises(DivergedError, match="non-finite values; .* was not written"):
-        training_state.export(tmp_path / "export", {"w": np.array([1.0, np.nan])}, None, None)
+        training_state.export(tmp_path / "export", {"w": np.array([1.0, np.nan])}, None, None, chat_template=False)
     assert not (tmp_path / "export").exists()
 
 
@@ -363,10 +363,10 @@ def test_a_checkpoints_path_that_is_a_file_is_refused_before_training(tiny, data
 
 
 def test_a_config_error_found_in_a_new_run_dir_leaves_nothing(tiny, data_dir, workdir):
-    run_dir = workdir / "never_made"
+    run_dir = workdir / "never_made" / "sft"
     rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=1", "data.max_prompt_tokens=1000")
     assert rc == 2 and "exceeds the model's 512 positions" in _last_line(err)
-    assert not run_dir.exists()
+    assert not run_dir.parent.exists()  # nor the parent made for it
 
 
 def test_sequences_past_a_rotary_model_positions_are_refused(tiny, data_dir, workdir):
@@ -374,4 +374,4 @@ def test_sequences_past_a_rotary_model_positions_are_refused(tiny, data_dir, wor
                         "data.max_response_tokens=13")
     assert rc == 2
     assert _last_line(err) == ("error: data.max_prompt_tokens + data.max_response_tokens = 513 exceeds the "
-                               "model's 512 positions")
+                               f"model's 512 positions (model.path={tiny})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def run(cfg: Config) -> dict:
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir={cfg.run_dir}: is a file, expected a directory")
-    created = not run_dir.exists()
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -99,6 +100,9 @@ def run(cfg: Config) -> dict:
     except (OSError, UserError) as e:
         if created and not _has_progress(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
+            for parent in created[1:]:  # runs/ of runs/sft, made for it: only while empty
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         if isinstance(e, OSError):
             raise UserError(os_error_message(e)) from None
         raise

@@ -16,7 +16,8 @@ from rlhf_jax.models.sampling import SamplingParams, tokenizer_vocab
 from rlhf_jax.models.tokenizer import PAD_ID, PromptEncoder, ResponseCodec, check_same_tokenizer
 from rlhf_jax.models import lora
 from rlhf_jax.models.transformer import without_adapters
-from rlhf_jax.training.state import check_positions, initial_params, load_for_training, param_shardings
+from rlhf_jax.training.state import (check_positions, initial_params, load_for_training, model_key,
+                                     param_shardings)
 
 
 def open_prompts(cfg: Config, stage: str):
@@ -33,7 +34,7 @@ def load_policy(cfg: Config, run_dir: Path):
     loaded, tokenizer, model = load_for_training(cfg, run_dir, "lm")
     check_role(loaded, f"model.path={cfg.model.path}", "policy")
     check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens,
-                    "data.max_prompt_tokens + sampling.max_new_tokens")
+                    "data.max_prompt_tokens + sampling.max_new_tokens", model_key(cfg))
     return loaded, tokenizer, model
 
 

@@ -33,7 +33,7 @@ from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
 from rlhf_jax.training.state import (
     check_duration, check_lora, check_positions, export, export_adapter, frozen_shardings, initial_params,
-    param_shardings, report_sharding, split_trainable, stage_model, state_shardings, to_global, total_steps,
+    model_key, param_shardings, report_sharding, split_trainable, stage_model, state_shardings, to_global, total_steps,
     trained_model)
 from rlhf_jax.training.steps import whole_params
 
@@ -104,7 +104,7 @@ def train_ppo(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None)
     loaded, tokenizer, policy_model = load_policy(cfg, run_dir)
     if ptx_spec is not None:
         check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
-                             "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)")
+                        "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)", model_key(cfg))
     reward = scalar_model(cfg.ppo.reward_model, "ppo.reward_model", "reward")
     value = scalar_model(cfg.ppo.value_model, "ppo.value_model", "reward", "value") if cfg.ppo.value_model else reward
     scalars = {"ppo.reward_model": (cfg.ppo.reward_model, reward)}

@@ -30,7 +30,7 @@ from rlhf_jax.training.loop import TrainingLoop
 from rlhf_jax.training.run import Run, write_summary
 from rlhf_jax.training.state import (
     check_duration, check_micro_batches, check_positions, eval_batch_size, eval_sums, export, export_adapter,
-    frozen_shardings, initial_params, jit_step,
+    frozen_shardings, initial_params, jit_step, model_key,
     load_for_training, micro_batch_size, place_state, report_sharding, split_trainable, state_shardings, to_global,
     total_steps)
 from rlhf_jax.training.losses import last_token_values
@@ -109,7 +109,7 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
     params = initial_params(loaded, model, cfg.seed)
     reference_host = dpo_parts.reference_host_params(cfg, loaded, model, params) if cfg.stage == "dpo" else None
     check_positions(loaded.cfg, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
-                    "data.max_prompt_tokens + data.max_response_tokens")
+                    "data.max_prompt_tokens + data.max_response_tokens", model_key(cfg))
     schedule = steps.lr_schedule(cfg.optim, total)
     optimizer = steps.make_optimizer(cfg.optim, total)
     stage = Stage(cfg, model, optimizer, schedule)

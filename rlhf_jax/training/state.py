@@ -64,12 +64,17 @@ def load_for_training(cfg: Config, run_dir: Path, head: str):
         where = f"model.path={cfg.model.path}"
         check_role(loaded, where, "policy")  # what it is, when its export recorded that
         raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
-    where = f"model.path={cfg.model.path}" if cfg.model.path else "the built-in tiny model"
+    where = model_key(cfg)
     warn_prompt_form(loaded, cfg.data.chat_template, where)
     tokenizer = load_tokenizer(loaded.tokenizer_dir)
     check_chat_template(tokenizer, cfg.data.chat_template, where)  # before the model is placed or compiled
     warn_bfloat16_training(cfg, head)
     return loaded, tokenizer, trained_model(cfg, loaded.cfg, head)
+
+
+def model_key(cfg: Config) -> str:
+    """How messages name the model a stage starts from."""
+    return f"model.path={cfg.model.path}" if cfg.model.path else "the built-in tiny model"
 
 
 def warn_bfloat16_training(cfg: Config, head: str) -> None:
@@ -120,11 +125,12 @@ def with_head(params: dict, cfg, from_head: str, to_head: str, rng: jax.Array) -
     raise UserError(f"cannot train a {to_head!r}-head model from a {from_head!r}-head checkpoint")
 
 
-def check_positions(model_cfg, length: int, keys: str) -> None:
+def check_positions(model_cfg, length: int, keys: str, whose: str = "") -> None:
     """Sequences must fit the model's positions: GPT-2 would read past its position table (NaN), and rotary
-    models were never trained there."""
+    models were never trained there. `whose` names the model (model.path=PATH) where the message would not."""
     if length > model_cfg.max_position_embeddings:
-        raise UserError(f"{keys} = {length} exceeds the model's {model_cfg.max_position_embeddings} positions")
+        raise UserError(f"{keys} = {length} exceeds the model's {model_cfg.max_position_embeddings} positions"
+                        + (f" ({whose})" if whose else ""))
 
 
 def report_sharding(model: Transformer, mesh) -> None:
