@@ -438,6 +438,19 @@ def test_training_run_directory_points_to_its_export(capsys, tmp_path, ckpt_a, p
     assert rc == 0, err
 
 
+def test_a_peft_adapter_directory_points_to_the_merged_export(capsys, tmp_path, ckpt_a, prompt_file):
+    """A LoRA run writes export_adapter/ (PEFT's layout, no base weights) beside export/: the adapter given as a
+    model is one line naming the merged export."""
+    run = _training_run(tmp_path, ckpt_a)
+    (run / "export_adapter").mkdir()
+    (run / "export_adapter" / "adapter_config.json").write_text("{}")
+    rc, _, err = _generate(capsys, run / "export_adapter", prompt_file)
+    _assert_user_error(rc, err, f"{run / 'export_adapter'}: is a PEFT adapter (LoRA weights alone, no base model); "
+                                f"use {run / 'export'}, the run's merged model")
+    rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", run / "export_adapter", "--out", tmp_path / "hf")
+    _assert_user_error(rc, err, "is a PEFT adapter", run / "export")
+
+
 def test_unfinished_training_run_points_to_best(capsys, tmp_path, ckpt_a, prompt_file):
     run = _training_run(tmp_path, ckpt_a, export=False, best=True)
     rc, _, err = _generate(capsys, run, prompt_file)

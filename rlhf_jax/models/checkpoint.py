@@ -238,9 +238,11 @@ def _read_model(path, need_tokenizer: bool, read, key: str = "") -> LoadedModel:
             raise CheckpointError(f"{path}: has no tokenizer files (tokenizer.json, vocab.json or tokenizer.model); "
                                   "training and generation need them")
     except UserError as e:
-        if key:  # `/x: does not exist` -> `model.path=/x: does not exist`
+        if key:  # `/x: does not exist` -> `model.path=/x: does not exist`, the path as given, once
             text = str(e)
-            e.args = (f"{key}={text}" if text.startswith(f"{path}:") else f"{key}={path}: {text}",)
+            for shown in (str(path), str(Path(path).resolve())):
+                text = text.removeprefix(f"{shown}: ")
+            e.args = (f"{key}={path}: {text}",)
         raise
     return loaded
 
@@ -396,6 +398,10 @@ def _refuse_non_model(path: Path) -> None:
         raise CheckpointError(f"{path}: is a file, expected a model directory (with model.json or config.json)")
     if (path / "model.json").exists():
         return
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        merged = path.parent / path.name.replace("_adapter", "")
+        use = f"use {merged}, the run's merged model" if merged != path and merged.is_dir() else "use a merged model"
+        raise CheckpointError(f"{path}: is a PEFT adapter (LoRA weights alone, no base model); {use}")
     if (path / "checkpoints").is_dir() and not hf.has_weights(path):
         raise CheckpointError(f"{path}: is a training run directory; {_run_model_hint(path)}")
     if path.name == "checkpoints" and any(p.name.isdigit() for p in path.iterdir()):

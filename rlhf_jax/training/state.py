@@ -287,7 +287,7 @@ def export_adapter(out_dir: Path, params, loaded: LoadedModel, model: Transforme
             lora.write_adapter(tmp, adapters, loaded.cfg, model.lora, base_model, saved)
             if extra.get("reward_norm"):
                 (tmp / REWARD_NORM_FILE).write_text(json.dumps(extra["reward_norm"], indent=2))
-    return out_dir
+    return Path(out_dir).resolve()
 
 
 @functools.partial(jax.jit, static_argnums=1)
