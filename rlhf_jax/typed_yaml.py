@@ -164,7 +164,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     else:
         raise TypeError(f"unsupported config annotation {tp!r}")
+    if isinstance(value, str) and tp in (bool, int) and _reads_as(value, tp):
+        raise FieldError(key, f"expects {_expected(tp)}, got the string {_show(value)} (quoted; write it without "
+                              "quotes)")
     raise FieldError(key, f"expects {_expected(tp)}, got {_show(value)}")
+
+
+def _reads_as(text: str, tp: type) -> bool:
+    """Whether `text` written without its quotes would be a `tp` (a YAML `"true"` or `"5"`)."""
+    try:
+        return type(yaml.load(text, Loader=_UniqueKeyLoader)) is tp
+    except yaml.YAMLError:
+        return False
 
 
 @functools.cache

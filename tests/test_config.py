@@ -156,6 +156,8 @@ def test_an_unknown_key_is_matched_within_its_section():
     ("model.remat=true", "'model.remat'", "must be one of ['none', 'block']"),
     ("stage=sf", "'stage'", "did you mean 'sft'"),
     ("optim.lr=.inf", "'optim.lr'", "finite"),
+    ("data.chat_template='true'", "'data.chat_template'", "got the string 'true' (quoted; write it without quotes)"),
+    ("train.steps=\"5\"", "'train.steps'", "got the string '5' (quoted; write it without quotes)"),
 ])
 def test_wrong_type(override, key, fragment):
     message = _error([override])
