@@ -248,15 +248,15 @@ def test_a_model_trained_on_templated_prompts_is_flagged_where_it_reads_bare_one
     chat, bare = (training_state.export(tmp_path / name, loaded.params, loaded, make_model(loaded.cfg),
                                         chat_template=flag) for name, flag in (("chat", True), ("bare", False)))
     assert json.loads((chat / "model.json").read_text())[CHAT_TEMPLATE] is True
-    warning = (f"warning: {chat}: trained on prompts wrapped in its tokenizer's chat template, given bare prompts "
-               "here: set data.chat_template: true (evaluate, generate: --chat-template) to give it prompts as it "
-               "learned them")
+    warning = lambda who: (f"warning: {who}: trained on prompts wrapped in its tokenizer's chat template, given "
+                           "bare prompts here: set data.chat_template: true (evaluate, generate: --chat-template) to "
+                           "give it prompts as it learned them")
     rc, _, err = _eval(inputs, tmp_path / "eval", "--policy", chat, bare, "--limit", "4")
-    assert rc == 0 and err.splitlines().count(warning) == 1, err
-    assert str(bare) not in err and "chat template" not in err.replace(warning, ""), err
+    assert rc == 0 and err.splitlines().count(warning(f"the policy {chat}")) == 1, err
+    assert str(bare) not in err and "chat template" not in err.replace(warning(f"the policy {chat}"), ""), err
     rc, _, err = run_quietly(generate_cli.main, ["--model", str(chat), "--prompt-file", str(inputs["prompt_file"]),
                                                  "--max-new-tokens", "2", "--batch-size", "8"])
-    assert rc == 0 and warning in err.splitlines(), err
+    assert rc == 0 and warning(chat) in err.splitlines(), err
 
     # A tokenizer without a chat template, asked for one: one line naming the model, before anything is written
     rc, _, err = _eval(inputs, tmp_path / "eval_chat", "--policy", bare, "--chat-template")

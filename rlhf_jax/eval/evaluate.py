@@ -133,10 +133,11 @@ class Evaluator:
         self.reference = load_model(e.reference, need_tokenizer=True, key="eval.reference")
         if self.reference.head != "lm":
             raise UserError(f"eval.reference={e.reference}: {SCALAR_NOT_POLICY}")
-        warn_prompt_form(self.reference, cfg.data.chat_template, f"eval.reference={e.reference}")
+        # named as the command line and a config both read them
+        warn_prompt_form(self.reference, cfg.data.chat_template, f"the reference {e.reference}")
         if reward is not None:
             self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
-            warn_prompt_form(reward, cfg.data.chat_template, f"eval.reward_model={e.reward_model}")
+            warn_prompt_form(reward, cfg.data.chat_template, f"the reward model {e.reward_model}")
         self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
         check_chat_template(self.tokenizer, cfg.data.chat_template, f"eval.reference={e.reference}")
         encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
@@ -235,7 +236,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
             check_positions(meta.cfg, ev.width + s.max_new_tokens, f"{source.path}: the longest prompt "
                             f"({ev.width} tokens) + sampling.max_new_tokens ({s.max_new_tokens})")
     for path, meta in metas.items():
-        warn_prompt_form(meta, cfg.data.chat_template, str(path))
+        warn_prompt_form(meta, cfg.data.chat_template, f"the policy {path}")
     rm_accuracy, labels = _rm_accuracy(cfg, e.rankings, ev.reward_model, ev.reward_params, ev.tokenizer, mesh)
     base_models: dict = {}
     rows, samples, logged = [], [], []
