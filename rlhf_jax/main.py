@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_as_ctrl_c():
             return _run(args, overrides)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a training loop (which saves and stops on its own)
-        return report(Interrupted("interrupted while loading, compiling or writing, outside a training step: "
+        return report(Interrupted("interrupted outside a training step (loading, compiling, sampling or writing): "
                                   "what was saved before stays; rerun the same command to resume"))
 
 

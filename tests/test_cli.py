@@ -8,6 +8,7 @@ module; every generation uses small shapes (batch 8 over the 8 simulated devices
 from __future__ import annotations
 
 import json
+import gc
 import os
 import re
 import signal
@@ -230,9 +231,45 @@ def test_a_signal_outside_a_training_loop_is_one_line_with_exit_4(capsys, monkey
         rc, _, err = _run(capsys, main_cli.main, ["--config", tmp_path / "c.yaml"])
     finally:
         signal.signal(signal.SIGINT, sigint_before)
-    assert rc == 4 and err.strip() == ("interrupted while loading, compiling or writing, outside a training step: "
-                                       "what was saved before stays; rerun the same command to resume"), err
+    assert rc == 4 and err.strip() == ("interrupted outside a training step (loading, compiling, sampling or "
+                                       "writing): what was saved before stays; rerun the same command to resume"), err
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_inside_a_garbage_collection_callback_is_not_lost(sig):
+    """JAX frees device buffers in a gc callback; Python prints an exception raised inside one and drops it, so a
+    Ctrl-C landing there let the run go on to the end with exit 0. It is raised again just after."""
+    from rlhf_jax.runtime.signals import sigterm_as_ctrl_c
+
+    def callback(phase, info):
+        if phase == "start" and fired.append(phase) is None and len(fired) == 1:
+            os.kill(os.getpid(), sig)  # handled at the callback's next bytecode, inside it
+            time.sleep(0.01)
+
+    fired: list = []
+    sigint_before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    gc.callbacks.append(callback)
+    try:
+        with sigterm_as_ctrl_c(), pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            time.sleep(2)  # the signal, raised again, interrupts this
+    finally:
+        gc.callbacks.remove(callback)
+        signal.signal(signal.SIGINT, sigint_before)
+    assert fired
+
+
+def test_a_signal_while_the_process_exits_ends_it_quietly_with_its_status():
+    """A second Ctrl-C while the interpreter runs its exit handlers (JAX's clean-up) printed an ignored
+    KeyboardInterrupt's traceback after the run's last line."""
+    code = ("import atexit, os, signal, time\n"
+            "from rlhf_jax.runtime.signals import exit_process\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(2)))\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "exit_process(4)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 4 and not done.stderr, done.stderr
 
 
 def test_error_missing_prompt_file(capsys, hf_dir, workdir):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -16,19 +18,36 @@ T = TypeVar("T")
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (a preemption, a scheduler's stop, `kill`) raises KeyboardInterrupt as Ctrl-C does, so that the
     same cleanup runs (no partial output is left), where nothing else handles it: a training loop and the label
-    server take both signals over while they run."""
+    server take both signals over while they run. Either signal arriving inside a garbage-collection callback (JAX
+    frees device buffers in one), where Python would print the KeyboardInterrupt and drop it, is raised again just
+    after. A Ctrl-C that the shell has the process ignore (a job started with `&`) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
+        if _in_gc_callback(frame):
+            threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
+            return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    ours = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
+    previous = {s: signal.signal(s, stop) for s in ours}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _in_gc_callback(frame) -> bool:
+    """Whether `frame` runs inside one of the garbage collector's callbacks (an exception raised there is lost)."""
+    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def heard(fn: Callable[[], T]) -> T:
@@ -67,7 +86,17 @@ def exit_process(status: int) -> None:
     """sys.exit(status); os._exit where a program stopped by a signal still runs in a worker (`heard`), whose thread
     the interpreter would otherwise tear down inside XLA at exit (an abort, not `status`)."""
     if any(worker.is_alive() for worker in _left_running):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        _exit_now(status)
+    if threading.current_thread() is threading.main_thread():
+        # a Ctrl-C while the interpreter shuts down (its exit handlers) ends it with `status` at once, where it
+        # would print an ignored KeyboardInterrupt's traceback after the run's last line
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, lambda *_: _exit_now(status))
     sys.exit(status)
+
+
+def _exit_now(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
