@@ -301,7 +301,12 @@ def test_config_changes_classify_keys():
     # a pipeline's dataset moved with its run: the same place relative to the run; elsewhere, another dataset
     before = {"run_dir": "p/sft", "data": {"dir": "p/data"}}
     moved = config_changes(before, {"run_dir": "q/sft", "data": {"dir": "q/data"}})
-    assert moved == ([], ["run_dir='p/sft' (now 'q/sft')"])
+    assert moved == ([], [])  # nothing the user changed: no warning
+    # the start model moved with the run too: unnamed when its files are the same, refused when they are not
+    started = {**before, "model": {"path": "p/pretrain/export"}}
+    after = {"run_dir": "q/sft", "data": {"dir": "q/data"}, "model": {"path": "q/pretrain/export"}}
+    assert config_changes(started, after, same_models={"model.path"}) == ([], [])
+    assert config_changes(started, after)[0] == ["model.path='p/pretrain/export' (now 'q/pretrain/export')"]
     refused, _ = config_changes(before, {"run_dir": "q/sft", "data": {"dir": "p2"}})
     assert refused == ["data.dir='p/data' (now 'p2')"]
     assert shape_changes(({"w": (2, 3)}, [(2, 3)]), ({"w": (2, 4)}, [(2, 4)])) == ["parameter w (2, 3) (now (2, 4))"]

@@ -62,8 +62,8 @@ def _shown(value: Any) -> str:
 
 
 def _moved_with_run(old: Any, new: Any, old_run: Any, new_run: Any) -> bool:
-    """Whether the data directory moved with the run directory (a pipeline's {run_dir}/data, the pipeline moved):
-    the same place relative to each."""
+    """Whether a data or model directory moved with the run directory (a pipeline's {run_dir}/data or its sft
+    export, the pipeline moved or copied): the same place relative to each."""
     if not (old and new and old_run and new_run):
         return False
     relative = [os.path.relpath(os.path.abspath(d), os.path.abspath(r)) for d, r in ((old, old_run), (new, new_run))]
@@ -86,7 +86,11 @@ def config_changes(old: dict, new: dict, same_models=frozenset()) -> tuple[list[
     refused, allowed = [], []
     for key in sorted(set(before) | set(after)):
         old_value, new_value = before.get(key), after.get(key)
-        if key == "data.dir" and _moved_with_run(old_value, new_value, before.get("run_dir"), after.get("run_dir")):
+        if key == "run_dir":  # the run itself, wherever it was moved or copied to
+            continue
+        # moved with the run: the same dataset (its fingerprint is compared as data.name's), the same model files
+        if (key == "data.dir" or key in same_models) and _moved_with_run(old_value, new_value, before.get("run_dir"),
+                                                                         after.get("run_dir")):
             continue
         if not _same(key, old_value, new_value):
             change = f"{key}={_shown(old_value)} (now {_shown(new_value)})"
