@@ -64,6 +64,17 @@ def test_a_log_step_is_fetched_after_the_next_step_is_dispatched(tmp_path):
     assert loop.last["truncated_examples"] == 1 and loop.last["loss"] == 1.0
 
 
+def test_a_progress_line_names_the_step_its_values_are_of(tmp_path, capsys):
+    """Metrics are fetched a step late, so a redirected log's line at 30% showed an older log step's values as if
+    they were its own."""
+    events: list = []
+    _drive(_run(tmp_path, events, log_every=5), 20, events)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("(")[0] for line in lines] == [f"sft: {10 * i}% " for i in range(1, 11)]
+    assert lines[2].startswith("sft: 30% (6/20 step") and "at_step=5 loss=1.0000" in lines[2], lines
+    assert "at_step" not in lines[1] and "at_step=20 " in lines[-1], lines  # none fetched by step 4; the last, saved
+
+
 def test_the_last_step_is_logged_evaluated_and_saved_off_the_cadence(tmp_path):
     events: list = []
     loop = _drive(_run(tmp_path, events, log_every=5, save_every=4, eval_every=3), 7, events, has_eval=True)

@@ -170,7 +170,9 @@ class TrainingLoop:
         metrics["truncated_examples"] = self._truncated  # over-length examples cut so far (resumes included)
         self.run.writer.write(step, metrics)
         rate = {"rate": f"{metrics[self.rate_name]:.0f}"} if self.rate_name in metrics else {}
-        self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "score_mean", "kl") if k in metrics}, **rate)
+        # fetched a step late: the bar's position is past the step the values are of, which the line names
+        values = {k: f"{metrics[k]:.4f}" for k in ("loss", "score_mean", "kl") if k in metrics}
+        self.bar.set_postfix({"at_step": step, **values}, **rate)
         self.last = metrics
 
 
