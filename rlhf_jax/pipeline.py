@@ -337,6 +337,8 @@ def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
 
 
 def _make_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir}: is a file, expected a directory")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -139,6 +139,14 @@ def test_a_run_dir_in_use_is_refused_for_a_pipeline_and_a_single_stage(tmp_path,
         assert _files(run_dir) == before
 
 
+def test_a_pipeline_run_dir_that_is_a_file_is_one_line(tmp_path, prompts):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    rc, _, err = run_quietly(main_cli.main, ["--config", _pipeline(tmp_path, prompts, a_file)])
+    _one_error(rc, err, f"run_dir={a_file}: is a file, expected a directory")
+    assert a_file.read_text() == "x"
+
+
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
