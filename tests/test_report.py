@@ -176,6 +176,15 @@ def test_the_verdict_says_when_the_kl_is_not_of_the_sampled_distributions():
     assert line in report_lib.markdown_report(report, [])
 
 
+def test_a_verdict_without_a_gold_scorer_gives_the_reward_models_rate_once():
+    report = make_report(gold=False)
+    first, second = report_lib.verdict(report)[:2]
+    assert "% of the time by the reward model, no gold scorer given (95% CI " in first and "((" not in first
+    assert second == "It is at a KL of 4.50 nats from the reference.", second
+    with_gold = report_lib.verdict(make_report())
+    assert with_gold[1].startswith("By the reward model it wins ") and "the gold score goes from" in with_gold[1]
+
+
 def test_the_verdict_is_judged_by_the_gold_interval_at_its_bounds():
     """The last policy's gold win rate interval decides (the reward model's, agreeing or not, does not): an
     interval touching one half is no clear difference."""

@@ -87,7 +87,7 @@ def verdict(report: dict) -> list[str]:
     p, ref = report["policies"][-1], report["reference"]
     gold = p.get("gold_win_rate") is not None
     rate, ci = (p["gold_win_rate"], p["gold_win_rate_ci"]) if gold else (p["win_rate"], p["win_rate_ci"])
-    judge = "the gold reward" if gold else "the reward model (no gold scorer given)"
+    judge = "the gold reward" if gold else "the reward model, no gold scorer given"
     if ci[0] > 0.5:
         outcome = "RLHF improved the policy"
     elif ci[1] < 0.5:
@@ -96,13 +96,16 @@ def verdict(report: dict) -> list[str]:
         outcome = "RLHF made no clear difference to the policy"
     lines = [f"{outcome}: on {report['prompts']} held-out prompts {p['name']}'s response beats the reference's "
              f"{100 * rate:.0f}% of the time by {judge} (95% CI {100 * ci[0]:.0f}-{100 * ci[1]:.0f}%, ties half)."]
-    details = [f"By the reward model it wins {100 * p['win_rate']:.0f}%"] if p.get("win_rate") is not None else []
+    # the reward model's rate where the headline is the gold scorer's (else it is the headline)
+    details = [f"By the reward model it wins {100 * p['win_rate']:.0f}%"] if gold and p.get("win_rate") is not None \
+        else []
     if gold:
         details.append(f"the gold score goes from {ref['gold_score_mean']:.2f} to {p['gold_score_mean']:.2f}")
-    details[0] = details[0][0].upper() + details[0][1:]
     unfiltered = "" if report.get("kl_of_sampled_distributions", True) else \
         " (of the unfiltered distributions: the responses were drawn greedily or filtered)"
-    lines.append("; ".join(details) + f", at a KL of {p['kl']:.2f} nats from the reference{unfiltered}.")
+    kl = f"at a KL of {p['kl']:.2f} nats from the reference{unfiltered}"
+    lines.append(f"{'; '.join(details)}, {kl}." if details else f"It is {kl}.")
+    lines[-1] = lines[-1][0].upper() + lines[-1][1:]
     if report.get("rm_accuracy") is not None:
         ceiling = report.get("labeler_ceiling")
         lines.append(f"The reward model orders {100 * report['rm_accuracy']:.1f}% of held-out labeled pairs "
