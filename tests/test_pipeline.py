@@ -299,7 +299,8 @@ def test_labeling_merges_identical_drops_empty_and_checks_ranks():
     ended = [False, True, False, True, True, True, True, True]  # " a" ended once: it ended
     samples = [[Sample(t, {"policy": "m", "step": None}, e) for t, e in zip(texts[i:i + 4], ended[i:i + 4])]
                for i in (0, 4)]
-    assert group_responses(["p1", "p2"], samples) == (["p1"], [[" a", " b"]], [[True, False]], 3)
+    # 3 empty dropped; a second " a" and a second " c" merged (the latter's prompt then has one response)
+    assert group_responses(["p1", "p2"], samples) == (["p1"], [[" a", " b"]], [[True, False]], 3, 2)
     _check_ranks([[1, 0]], [[" a", " b"]], "m:f")
     for bad in ([[0]], [[0, 2]], [[0.5, 1]], [[True, 0]]):
         with pytest.raises(UserError, match="label.labeler=m:f: prompt 0"):

@@ -76,12 +76,14 @@ def run_label(cfg: Config, run_dir: Path) -> dict:
     labeler, module = imports.function(lab.labeler, "label.labeler")
     prompts, held_out = _prompts(cfg)
     n, K = len(prompts), lab.responses * (1 + len(lab.policies))
-    kept_prompts, kept_responses, kept_ended, empty = group_responses(prompts, sample_responses(cfg, prompts))
+    kept_prompts, kept_responses, kept_ended, empty, duplicates = group_responses(prompts,
+                                                                                  sample_responses(cfg, prompts))
     if not kept_prompts:
         raise UserError(f"label: no prompt has 2 distinct non-empty samples of {K}; raise sampling.temperature")
     # process 0 alone asks the labeler (it may be a paid service or a person) and writes the dataset
     summary = distributed.on_primary(lambda: _write_rankings(cfg, run_dir, n, kept_prompts, kept_responses,
-                                                             kept_ended, labeler, empty, module, held_out))
+                                                             kept_ended, labeler, (empty, duplicates), module,
+                                                             held_out))
     print(json.dumps(summary))
     return summary
 
@@ -164,10 +166,11 @@ def _label_by_people(cfg: Config, run_dir: Path) -> dict:
 def _store_task(cfg: Config, db: Path, prompts: list[str], held_out: set[str], samples: list[list[Sample]]) -> None:
     """label.db: the prompts with at least 2 distinct non-empty responses, in a seeded order, each with its
     responses merged and shuffled."""
-    task, empty = [], 0
+    task, empty, duplicates = [], 0, 0
     for i, (prompt, prompt_samples) in enumerate(zip(prompts, samples)):
         merged, dropped = merge_responses(prompt_samples)
         empty += dropped
+        duplicates += len(prompt_samples) - dropped - len(merged)
         if len(merged) >= 2:
             order = np.random.default_rng([cfg.seed, i]).permutation(len(merged))
             task.append((prompt, prompt in held_out, [merged[j] for j in order]))
@@ -176,7 +179,7 @@ def _store_task(cfg: Config, db: Path, prompts: list[str], held_out: set[str], s
     task = [task[j] for j in np.random.default_rng(cfg.seed).permutation(len(task))]
     label_store.create(db, task, {"models": [cfg.model.path, *cfg.label.policies], **task_settings(cfg),
                                   "prompts": len(prompts), "dropped_prompts": len(prompts) - len(task),
-                                  "empty_responses_dropped": empty})
+                                  "empty_responses_dropped": empty, "duplicate_responses_merged": duplicates})
 
 
 def task_settings(cfg: Config) -> dict:
@@ -268,6 +271,7 @@ def _write_people_rankings(cfg: Config, run_dir: Path, task: label_store.Store) 
                "labelers": len(figures["labelers"]), "skips": sum(task.skips().values()),
                "dropped_prompts": task.meta.get("dropped_prompts"),
                "empty_responses_dropped": task.meta.get("empty_responses_dropped"),
+               "duplicate_responses_merged": task.meta.get("duplicate_responses_merged"),
                "examples": prepared["examples"], "pairs": prepared.get("pairs"),
                "labeler_agreement": figures["agreement"], "tied_pairs_excluded": figures["tied_pairs_excluded"],
                "flags": figures["flags"]}
@@ -276,7 +280,7 @@ def _write_people_rankings(cfg: Config, run_dir: Path, task: label_store.Store) 
 
 
 def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_responses, kept_ended, labeler,
-                    empty: int, module, held_out) -> dict:
+                    dropped: tuple[int, int], module, held_out) -> dict:
     """The labeler's rankings, their file, its prepared dataset and the summary (process 0 alone, with several
     processes)."""
     lab = cfg.label
@@ -302,7 +306,8 @@ def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_respo
     prepared = prepare("jsonl_rankings", [str(path), *lab.include], cfg.data.dir, lab.dataset, overwrite=True,
                        extra_metadata=extra, eval_prompts=held_out)
     summary = {"stage": "label", "dataset": prepared["dataset"], "prompts": n, "labeled_prompts": len(kept_prompts),
-               "dropped_prompts": n - len(kept_prompts), "empty_responses_dropped": empty,
+               "dropped_prompts": n - len(kept_prompts), "empty_responses_dropped": dropped[0],
+               "duplicate_responses_merged": dropped[1],
                "responses": sum(len(r) for r in kept_responses), "examples": prepared["examples"],
                "pairs": prepared.get("pairs"), **{k: v for k, v in extra.items() if k != "labeler"}}
     write_json_atomically(run_dir / "summary.json", summary)
@@ -310,18 +315,19 @@ def _write_rankings(cfg: Config, run_dir: Path, n: int, kept_prompts, kept_respo
 
 
 def group_responses(prompts: list[str], samples: list[list[Sample]]
-                    ) -> tuple[list[str], list[list[str]], list[list[bool]], int]:
-    """(prompts kept, the distinct non-empty responses of each, whether each ended, empty responses dropped) from
-    the samples of each prompt; a prompt with fewer than 2 such responses is not kept."""
-    kept_prompts, kept_responses, kept_ended, empty = [], [], [], 0
+                    ) -> tuple[list[str], list[list[str]], list[list[bool]], int, int]:
+    """(prompts kept, the distinct non-empty responses of each, whether each ended, empty responses dropped,
+    duplicates merged) from the samples of each prompt; a prompt with fewer than 2 such responses is not kept."""
+    kept_prompts, kept_responses, kept_ended, empty, duplicates = [], [], [], 0, 0
     for prompt, prompt_samples in zip(prompts, samples):
         merged, dropped = merge_responses(prompt_samples)
         empty += dropped
+        duplicates += len(prompt_samples) - dropped - len(merged)
         if len(merged) >= 2:
             kept_prompts.append(prompt)
             kept_responses.append([text for text, _, _ in merged])
             kept_ended.append([ended for _, _, ended in merged])
-    return kept_prompts, kept_responses, kept_ended, empty
+    return kept_prompts, kept_responses, kept_ended, empty, duplicates
 
 
 def _check_ranks(ranks, responses: list[list[str]], spec: str) -> None:
