@@ -370,6 +370,8 @@ def test_rm_warns_when_it_would_repeat_comparisons(capsys):
     err = capsys.readouterr().err
     assert err.startswith("warning: rm: 20 steps x 16 prompts = 320 > 160") and "2.00 times" in err
     assert "train.epochs=1" in err and len(err.strip().splitlines()) == 1
+    _warn_if_repeating(load_config(None, ["stage=rm", "train.batch_size=16", "train.epochs=2"]), 20, 160)
+    assert capsys.readouterr().err == ""  # asked for by name
 
 
 # ------------------------------------------------------------------------------------------------ meshes

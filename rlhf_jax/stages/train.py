@@ -173,8 +173,9 @@ def train(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = None) -> 
 
 
 def _warn_if_repeating(cfg: Config, total: int, train_prompts: int) -> None:
+    """A reward model trained past one epoch by its step count; train.epochs above 1 asks for the repeats."""
     seen = total * cfg.train.batch_size
-    if seen > train_prompts:
+    if seen > train_prompts and not cfg.train.epochs:
         print(f"warning: rm: {total} steps x {cfg.train.batch_size} prompts = {seen} > {train_prompts} training "
               f"prompts, so some comparisons are seen {seen / train_prompts:.2f} times; InstructGPT trains the "
               "reward model for one epoch (train.epochs=1) because more overfits", file=sys.stderr)
