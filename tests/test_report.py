@@ -219,3 +219,10 @@ def test_one_frontier_of_gold_against_kl_is_drawn_in_order_of_kl(monkeypatch):
     report_lib._gold_vs_kl_png(report)
     (line,) = figures[0].axes[0].get_lines()
     assert list(line.get_xdata()) == [-0.01, 0.0, 2.0, 3.0]  # the reference's 0 among the policies, by KL
+
+    # separate runs (dpo's and ppo's exports) are separate lines, each from the reference: no path joins them
+    report["policies"][0]["name"], report["policies"][1]["name"] = "dpo/export", "ppo/export"
+    figures.clear()
+    report_lib._gold_vs_kl_png(report)
+    lines = figures[0].axes[0].get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[0.0, 3.0], [-0.01, 0.0], [0.0, 2.0]]

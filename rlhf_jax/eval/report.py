@@ -310,27 +310,36 @@ def _score_kl_by_step_png(report: dict) -> bytes:
 
 
 def _gold_vs_kl_png(report: dict) -> bytes:
-    """Gold score against KL of every evaluated policy; with rounds, one line (a frontier) per round."""
+    """Gold score against KL of every evaluated policy: one line per run from the reference through its checkpoints,
+    or with rounds one line (a frontier) per round."""
     fig, (ax,) = _figure()
     reference = report["reference"].get("gold_score_mean")
-    frontiers = [r["checkpoints"] for r in report["rounds"]] if report.get("rounds") else [report["policies"]]
+    if report.get("rounds"):
+        frontiers = [r["checkpoints"] for r in report["rounds"]]
+    else:  # one line per run (its checkpoints), each from the reference: separate runs are no path
+        runs: dict = {}
+        for p in report["policies"]:
+            runs.setdefault(p["name"].rsplit("@", 1)[0], []).append(p)
+        frontiers = list(runs.values())
+    rounds = bool(report.get("rounds"))
     start = None if reference is None else (0.0, reference, "reference")
     for i, policies in enumerate(frontiers):
         points = [(p["kl"], p["gold_score_mean"], p["name"]) for p in policies
                   if p.get("gold_score_mean") is not None and p.get("kl") is not None]
         if start is not None:
             points.insert(0, start)
-        if len(frontiers) == 1:  # the reference too: a k1 estimate of a policy's KL can be below its 0
+        if not rounds:  # the reference too: a k1 estimate of a policy's KL can be below its 0
             points.sort()
         # else in checkpoint order: each round's path from where the round before it ended
-        if policies and policies[-1].get("gold_score_mean") is not None:  # the next round starts from this one's end
+        elif policies and policies[-1].get("gold_score_mean") is not None:  # the next round starts at this one's end
             start = (policies[-1]["kl"], policies[-1]["gold_score_mean"], policies[-1]["name"])
-        label = f"round {i + 1}" if len(frontiers) > 1 else None
+        label = f"round {i + 1}" if rounds else None
         ax.plot([k for k, _, _ in points], [g for _, g, _ in points], "o-", color=f"C{i + 1}", label=label)
-        if len(frontiers) == 1:
+        if not rounds:
             for kl, gold, name in points:
-                ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(4, 4), fontsize="small")
-    if len(frontiers) > 1:
+                if name != "reference" or i == 0:
+                    ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    if rounds:
         ax.legend(fontsize="small")
     ax.set(xlabel="KL to reference (nats)", ylabel="gold score", title="Gold score against KL")
     return _png(fig)
