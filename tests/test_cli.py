@@ -236,28 +236,42 @@ def test_a_signal_outside_a_training_loop_is_one_line_with_exit_4(capsys, monkey
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+@pytest.mark.parametrize("where", ["gc_callback", "weakref_callback"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_inside_a_garbage_collection_callback_is_not_lost(sig):
-    """JAX frees device buffers in a gc callback; Python prints an exception raised inside one and drops it, so a
-    Ctrl-C landing there let the run go on to the end with exit 0. It is raised again just after."""
+def test_a_signal_where_python_drops_exceptions_is_not_lost(sig, where):
+    """JAX frees device buffers in a gc callback, and collections run weakref callbacks; Python prints an exception
+    raised inside one as ignored and drops it, so a Ctrl-C landing there let the run go on to the end with exit 0.
+    It is raised again just after."""
+    import weakref
+
     from rlhf_jax.runtime.signals import sigterm_as_ctrl_c
 
-    def callback(phase, info):
-        if phase == "start" and fired.append(phase) is None and len(fired) == 1:
+    def signalled(*args):
+        if not fired:
+            fired.append(where)
             os.kill(os.getpid(), sig)  # handled at the callback's next bytecode, inside it
             time.sleep(0.01)
 
+    class Thing:
+        pass
+
     fired: list = []
     sigint_before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    gc.callbacks.append(callback)
+    hook_before = sys.unraisablehook
+    if where == "gc_callback":
+        gc.callbacks.append(signalled)
+    thing = Thing()
+    ref = weakref.ref(thing, signalled if where == "weakref_callback" else None)
     try:
         with sigterm_as_ctrl_c(), pytest.raises(KeyboardInterrupt):
+            del thing
             gc.collect()
             time.sleep(2)  # the signal, raised again, interrupts this
     finally:
-        gc.callbacks.remove(callback)
+        if signalled in gc.callbacks:
+            gc.callbacks.remove(signalled)
         signal.signal(signal.SIGINT, sigint_before)
-    assert fired
+    assert fired == [where] and ref() is None and sys.unraisablehook is hook_before
 
 
 def test_a_signal_while_the_process_exits_ends_it_quietly_with_its_status():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -18,36 +17,36 @@ T = TypeVar("T")
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (a preemption, a scheduler's stop, `kill`) raises KeyboardInterrupt as Ctrl-C does, so that the
     same cleanup runs (no partial output is left), where nothing else handles it: a training loop and the label
-    server take both signals over while they run. Either signal arriving inside a garbage-collection callback (JAX
-    frees device buffers in one), where Python would print the KeyboardInterrupt and drop it, is raised again just
-    after. A Ctrl-C that the shell has the process ignore (a job started with `&`) stays ignored."""
+    server take both signals over while they run. Either signal landing where Python drops exceptions (a
+    garbage-collection or weakref callback, where JAX frees device buffers) is raised again just after: Python
+    would print it as ignored and the run go on. A Ctrl-C that the shell has the process ignore (a job started
+    with `&`) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def stop(signum, frame):
-        if _in_gc_callback(frame):
-            threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
-            return
+        received.append(signum)
         raise KeyboardInterrupt
+
+    def dropped(unraisable):  # sys.unraisablehook: an exception Python cannot raise where it was
+        if active and received and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            threading.Timer(0.05, _thread.interrupt_main, (received[-1],)).start()
+        else:
+            previous_hook(unraisable)
 
     ours = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
     previous = {s: signal.signal(s, stop) for s in ours}
+    previous_hook, sys.unraisablehook, active = sys.unraisablehook, dropped, True
     try:
         yield
     finally:
+        active = False  # a hook installed after ours calls it on: from now on it only passes exceptions on
+        if sys.unraisablehook is dropped:
+            sys.unraisablehook = previous_hook
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _in_gc_callback(frame) -> bool:
-    """Whether `frame` runs inside one of the garbage collector's callbacks (an exception raised there is lost)."""
-    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in codes:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def heard(fn: Callable[[], T]) -> T:
