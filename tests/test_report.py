@@ -202,6 +202,14 @@ def test_the_verdict_is_judged_by_the_gold_interval_at_its_bounds():
         assert f"{100 * rate:.0f}% of the time" in first
 
 
+def test_training_curves_name_their_metric_on_the_y_axis(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(report_lib, "_png", lambda fig: figures.append(fig) or b"")
+    report_lib._training_curves_png(report_lib._read_runs(make_runs(tmp_path)))
+    shown = [(ax.get_title(), ax.get_ylabel()) for ax in figures[0].axes if ax.get_visible()]
+    assert shown == [("SFT loss", "loss"), ("PPO score", "score_mean"), ("PPO KL", "kl"), ("PPO entropy", "entropy")]
+
+
 def test_two_checkpoints_of_a_run_make_a_step_plot_and_one_does_not(tmp_path):
     report = make_report()
     report["policies"] = report["policies"][:2]

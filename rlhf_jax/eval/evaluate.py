@@ -166,9 +166,9 @@ class Evaluator:
         check_same_tokenizer(other.tokenizer_dir, self.reference.tokenizer_dir, what, "the reference",
                              self.chat_template)
 
-    def responses(self, model, params, bar, policy: bool = True) -> dict:
+    def responses(self, model, params, bar, policy: bool = True, name: str = "reference") -> dict:
         """Samples, texts, RM (and gold) scores of every prompt; for a policy also its and the reference's
-        log-probs of its samples (for the KL)."""
+        log-probs of its samples (for the KL). The bar shows `name` and the tokens it has sampled so far."""
         programs, parts = self.programs, []
         for start, n, ids, mask in self.batches:
             smp = programs.sample(model, params, ids, mask, jax.random.fold_in(self.rng, start))
@@ -181,7 +181,7 @@ class Evaluator:
                 part["ref_logprobs"] = programs.logprobs(self.ref_model, self.ref_params, ids, mask, smp)
             parts.append(jax.tree.map(lambda x: x[:n], part))
             bar.update(n)
-            bar.set_postfix(tokens=int(sum(p["samples"].mask.sum() for p in parts)))
+            bar.set_postfix(model=name, tokens=int(sum(p["samples"].mask.sum() for p in parts)))
         joined = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
         smp = joined["samples"]
         responses = ResponseCodec(self.tokenizer)
@@ -250,7 +250,7 @@ def run_eval(cfg: Config, run_dir: Path) -> dict:
                 continue
             source, loaded = found
             model, params = ev.programs.place(loaded)
-            pol = ev.responses(model, params, bar)
+            pol = ev.responses(model, params, bar, name=source.name)
             del params, loaded
             row = _policy_row(source, pol, ref, rm_accuracy)
             rows.append(row)

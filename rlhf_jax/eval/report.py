@@ -418,11 +418,11 @@ def _training_curves_png(curves: dict) -> bytes:
     ncols = min(len(curves), 3)
     nrows = -(-len(curves) // ncols)
     fig, axes = _figure(nrows, ncols, figsize=(4 * ncols, 3 * nrows))
-    for ax, ((title, _), by_run) in zip(axes, curves.items()):
+    for ax, ((title, key), by_run) in zip(axes, curves.items()):
         for label, points in by_run.items():
             style = "o--" if label.endswith("(held-out)") else "-"
             ax.plot(*zip(*points), style, label=label, markersize=3)
-        ax.set(title=title, xlabel="step")
+        ax.set(title=title, xlabel="step", ylabel=key)  # the metric's name in metrics.jsonl
         ax.legend(fontsize="x-small")
     for ax in axes[len(curves):]:
         ax.set_visible(False)
