@@ -451,6 +451,19 @@ def test_a_peft_adapter_directory_points_to_the_merged_export(capsys, tmp_path, 
     _assert_user_error(rc, err, "is a PEFT adapter", run / "export")
 
 
+def test_a_relative_model_path_is_named_once_as_given(tmp_path, monkeypatch):
+    """Errors raised on the resolved path read `model.path=rel: /abs/rel: ...` before."""
+    from rlhf_jax.models.checkpoint import CheckpointError, load_model
+
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        load_model("not_a_model", key="model.path")
+    assert str(info.value) == ("model.path=not_a_model: expected a rlhf_jax checkpoint (model.json) or a HF "
+                               "checkpoint dir (config.json)")
+
+
 def test_unfinished_training_run_points_to_best(capsys, tmp_path, ckpt_a, prompt_file):
     run = _training_run(tmp_path, ckpt_a, export=False, best=True)
     rc, _, err = _generate(capsys, run, prompt_file)
