@@ -43,8 +43,8 @@ import yaml
 # STAGE_SECTIONS: a key changed in a section a stage does not read (a shared override such as optim.lr reaches every
 # step) leaves a finished step finished, and the steps after it unaffected by it
 from rlhf_jax.config import STAGE_SECTIONS, Config, apply_override, config_from_dict, config_to_dict
-from rlhf_jax.errors import UserError, os_reason
-from rlhf_jax.runtime.fsio import run_dir_lock, write_json_atomically
+from rlhf_jax.errors import UserError
+from rlhf_jax.runtime.fsio import make_run_dir, remove_made, run_dir_lock, write_json_atomically
 from rlhf_jax.typed_yaml import ConfigError, read_yaml_mapping
 
 MARKER = "pipeline_step.json"
@@ -324,25 +324,15 @@ def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
     run_dir, steps = load(path, overrides)
     # before anything touches a device (the steps share the top-level `distributed` section)
     distributed.initialize(steps[0].cfg.distributed)
-    created = not run_dir.exists()
+    created = distributed.on_primary(lambda: make_run_dir(run_dir))
     try:
-        distributed.on_primary(lambda: _make_run_dir(run_dir))
         with run_dir_lock(run_dir):
             return _run_steps(run_dir, steps)
     except UserError:
         if created and distributed.is_primary() and run_dir.is_dir() and \
                 {p.name for p in run_dir.iterdir()} <= {".lock"}:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_made(created)
         raise
-
-
-def _make_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run_dir={run_dir}: is a file, expected a directory")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"run_dir={run_dir}: cannot create ({os_reason(e)})") from None
 
 
 def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:

@@ -147,6 +147,14 @@ def test_a_pipeline_run_dir_that_is_a_file_is_one_line(tmp_path, prompts):
     assert a_file.read_text() == "x"
 
 
+def test_a_pipeline_stopped_by_a_user_error_leaves_no_run_dir_nor_the_parents_made_for_it(tmp_path, prompts):
+    run_dir = tmp_path / "runs" / "pipe"
+    rc, _, err = run_quietly(main_cli.main, ["--config", _pipeline(tmp_path, prompts, run_dir),
+                                             "model.path=/nonexistent/model"])
+    assert rc == 2 and "/nonexistent/model" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

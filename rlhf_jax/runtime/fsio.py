@@ -11,7 +11,8 @@ and the OS reason. Refused up front, also as OutputDirError: an `out` that is a 
 empty (without `overwrite`), or that is, is inside or contains one of `inputs` (replacing it would delete
 them). Call `check_out_dir` with the same arguments to refuse a bad `out` before any slow loading.
 
-`run_dir_lock(run_dir)` holds an OS lock on `{run_dir}/.lock` for a run's life, so that two runs never write
+`make_run_dir(run_dir)` creates a run's directory and says which directories it made, so that a run stopped by a
+user error before any progress can remove them again (`remove_made`); `run_dir_lock(run_dir)` holds an OS lock on `{run_dir}/.lock` for a run's life, so that two runs never write
 one run_dir at once.
 """
 
@@ -89,6 +90,31 @@ def replace_dir(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLik
         for parent in new_parents if not done and primary else ():
             with contextlib.suppress(OSError):  # only while empty: nothing else is ever removed
                 parent.rmdir()
+
+
+def make_run_dir(run_dir: PathLike, key: str = "run_dir") -> list[str]:
+    """Creates `run_dir` and its missing parents, or refuses in one line (a file, a parent that cannot be made);
+    returns the directories it created, deepest first (strings: the list may go to other processes as JSON)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{key}={run_dir}: is a file, expected a directory")
+    created = [str(d) for d in (run_dir, *run_dir.parents) if not d.exists()]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{key}={run_dir}: cannot create ({os_reason(e)})") from None
+    return created
+
+
+def remove_made(created: list[str]) -> None:
+    """Undoes `make_run_dir`: the run dir (the first) with everything in it, then each parent it made while empty
+    (runs/ of runs/sft). The caller decides that nothing in it is worth keeping."""
+    if not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)
 
 
 @contextlib.contextmanager

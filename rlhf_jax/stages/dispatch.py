@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 from pathlib import Path
 
 from rlhf_jax.config import Config
-from rlhf_jax.errors import UserError, os_error_message, os_reason
+from rlhf_jax.errors import UserError, os_error_message
 from rlhf_jax.runtime import compile_cache, distributed
-from rlhf_jax.runtime.fsio import run_dir_lock
+from rlhf_jax.runtime.fsio import make_run_dir, remove_made, run_dir_lock
 from rlhf_jax.stages.generate import run_generate
 from rlhf_jax.stages.prepare import check_prepare, run_prepare
 
@@ -83,13 +81,7 @@ def run(cfg: Config) -> dict:
     distributed.initialize(cfg.distributed)
     compile_cache.use(cfg.runtime.compile_cache)
     run_dir = Path(cfg.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run_dir={cfg.run_dir}: is a file, expected a directory")
-    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"run_dir={cfg.run_dir}: cannot create ({os_reason(e)})") from None
+    created = make_run_dir(run_dir)
     try:
         if distributed.is_multiprocess():
             check_shared(run_dir, "run_dir")
@@ -99,10 +91,7 @@ def run(cfg: Config) -> dict:
             return STAGES[cfg.stage](cfg, run_dir)
     except (OSError, UserError) as e:
         if created and not _has_progress(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            for parent in created[1:]:  # runs/ of runs/sft, made for it: only while empty
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+            remove_made(created)
         if isinstance(e, OSError):
             raise UserError(os_error_message(e)) from None
         raise
