@@ -90,6 +90,20 @@ def test_rloo_advantages_equal_a_loop_over_groups():
     assert np.all(no_kl[G:2 * G] == 0.0)
 
 
+@pytest.mark.parametrize("group_size, value", [(8, 0.7), (8, 0.1), (7, 3.0), (4, 1.0), (5, -0.3)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantages(group_size, value, compiled):
+    """Equal rewards that float32 cannot hold exactly: their mean rounds, and under GRPO's std + 1e-4 a rounding
+    difference became an advantage of one sign for the whole group (Adam's update is as large for it as for any)."""
+    rewards = jnp.concatenate([jnp.full(2 * group_size, value, jnp.float32), jnp.arange(group_size, dtype=jnp.float32)])
+    fns = {"grpo": lambda r: GM.grpo_advantages(r, group_size), "dr_grpo": lambda r: GM.grpo_advantages(r, group_size,
+           False), "rloo": lambda r: GM.rloo_advantages(r, group_size)}
+    for name, fn in fns.items():
+        got = np.asarray(jax.jit(fn)(rewards) if compiled else fn(rewards))
+        assert np.all(got[:2 * group_size] == 0.0), (name, got[:2 * group_size])
+        assert np.all(np.diff(got[2 * group_size:]) > 0), (name, got)  # the other group still learns, in order
+
+
 @pytest.mark.parametrize("prompts, minibatches, accum", [(4, 2, 2), (6, 3, 1), (8, 1, 4)])
 def test_minibatch_orders_keep_each_group_whole_and_consecutive_in_one_micro_batch(prompts, minibatches, accum):
     """With share_prompts, every micro-batch the update takes (`micro_batches` of each minibatch) is whole groups,

@@ -21,6 +21,14 @@ def grouped(x_R: jax.Array, group_size: int) -> jax.Array:
     return _f32(x_R).reshape(-1, group_size)
 
 
+def relative_to_first(rewards_BG: jax.Array) -> jax.Array:
+    """Each group's rewards minus its first: the same differences, exactly 0 for a group whose rewards are all
+    equal. Means and sums of equal float32 rewards round (0.7 x 8 / 8 is not 0.7), and divided by a rounded std
+    + 1e-4 a difference of 1e-7 became an advantage of 6e-4 of one sign for the whole group, which Adam turns into a
+    full step; advantages depend only on differences, so they are taken from these."""
+    return rewards_BG - rewards_BG[:, :1]
+
+
 def group_std(rewards_BG: jax.Array) -> jax.Array:
     """std_B: each group's sample standard deviation (dividing by G - 1)."""
     return jnp.std(_f32(rewards_BG), axis=1, ddof=1)
@@ -30,7 +38,7 @@ def grpo_advantages(rewards_R: jax.Array, group_size: int, scale_by_std: bool = 
     """GRPO (Shao et al. 2024), one advantage per response: (r_i - mean of its group) / (std of its group + 1e-4);
     without `scale_by_std` only the mean is taken away (Dr. GRPO, Liu et al. 2025: no bias towards groups whose
     rewards hardly differ). A group whose rewards are all equal gets 0 either way."""
-    rewards_BG = grouped(rewards_R, group_size)
+    rewards_BG = relative_to_first(grouped(rewards_R, group_size))
     centred_BG = rewards_BG - rewards_BG.mean(axis=1, keepdims=True)
     if scale_by_std:
         centred_BG = centred_BG / (group_std(rewards_BG)[:, None] + STD_EPS)
@@ -48,7 +56,7 @@ def rloo_rewards(scores_R: jax.Array, kl_R: jax.Array | None, kl_coef: float) ->
 def rloo_advantages(rewards_R: jax.Array, group_size: int) -> jax.Array:
     """RLOO (Ahmadian et al. 2024): r_i minus the mean reward of the OTHER G - 1 responses to the same prompt,
     an unbiased baseline since it does not depend on response i."""
-    rewards_BG = grouped(rewards_R, group_size)
+    rewards_BG = relative_to_first(grouped(rewards_R, group_size))
     others_BG = (rewards_BG.sum(axis=1, keepdims=True) - rewards_BG) / (group_size - 1)
     return (rewards_BG - others_BG).reshape(-1)
 
