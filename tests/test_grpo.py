@@ -830,9 +830,9 @@ def test_a_second_signal_stops_at_once_while_the_reward_function_runs(group_inpu
 
 
 @pytest.mark.parametrize("stage, function, fragment", [
-    ("rloo", "one_short", "rloo.reward_function=grpo_fixtures:one_short returned 7 values for 8 responses"),
+    ("rloo", "one_short", "rloo.reward_function=grpo_fixtures:one_short: returned 7 values for 8 responses"),
     ("grpo", "raises", "grpo.reward_function=grpo_fixtures:raises: raised ValueError: cannot score these"),
-    ("grpo", "not_finite", "grpo.reward_function=grpo_fixtures:not_finite returned 1 values for 8 responses "
+    ("grpo", "not_finite", "grpo.reward_function=grpo_fixtures:not_finite: returned 1 values for 8 responses "
                            "that are not finite in float32"),
 ], ids=["one_short", "raises", "not_finite"])
 def test_reward_function_mistakes_stop_the_stage_in_one_line(group_inputs, tmp_path, stage, function, fragment):
@@ -900,9 +900,12 @@ def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
     args = (np.array([[4, 9]] * 2), np.array([[False, True]] * 2), tokens, tokens != PAD_ID)
     for fn, fragment in ((grpo_fixtures.raises, "raised ValueError: cannot score these"),
                          (grpo_fixtures.one_short, "returned 1 values for 2 responses"),
-                         (lambda p, r: ["a", "b"], "returned ['a', 'b']; expected 2 numbers"),
+                         (lambda p, r: ["a", "b"], "returned a list whose value for response 0 is 'a'; expected 2 "
+                                                   "numbers"),
+                         (lambda p, r: (1.0, None), "returned a tuple whose value for response 1 is None"),
                          (lambda p, r: [[1.0], [2.0]], "expected a list of 2 numbers"),
-                         (lambda p, r: ["1.5", "2"], "returned ['1.5', '2']; expected 2 numbers"),
+                         (lambda p, r: ["1.5", "2"], "value for response 0 is '1.5'; expected 2 numbers"),
+                         (lambda p, r: [[1.0], 2.0], "value for response 0 is [1.0]; expected 2 numbers"),
                          (lambda p, r: [1e39, 0.0], "not finite in float32 (the first: 1e+39 for response 0)"),
                          (lambda p, r: sys.exit(3), "raised SystemExit: 3"),
                          (grpo_fixtures.times_out, "raised FunctionTimedOut: took too long"),  # a BaseException

@@ -60,6 +60,10 @@ def gold_short(prompts, responses):
     return [1.0]
 
 
+def gold_long_then_none(prompts, responses):  # a short repr shows only the good values
+    return [1.0] + [None]
+
+
 def gold_wants_a_seed(prompts, responses, seed):  # a signature the scorer is not called with
     return [seed] * len(responses)
 
@@ -118,9 +122,10 @@ def _eval(tiny, reward_model, out, *flags):
 @pytest.mark.parametrize("fn, returned", [
     (gold_raises, f"raised ZeroDivisionError: division by zero ({__file__}:"),
     (gold_none, "returned None; expected 2 numbers, one per response"),
-    (gold_words, "returned ['good', 'good']; expected 2 numbers, one per response"),
-    (gold_short, "returned 1 values, [1.0]; expected 2 numbers, one per response"),
-    (gold_nan, "returned [nan, 1.0]; 1 of 2 scores are not finite (the first: response 0)"),
+    (gold_words, "returned a list whose value for response 0 is 'good'; expected 2 numbers, one per response"),
+    (gold_short, "returned 1 values for 2 responses ([1.0])"),
+    (gold_nan, "returned 1 values for 2 responses that are not finite in float32 (the first: nan for response 0)"),
+    (gold_long_then_none, "returned a list whose value for response 1 is None; expected 2 numbers, one per response"),
 ])
 def test_a_gold_scorer_that_fails_is_one_line_naming_it_and_what_it_returned(fn, returned):
     spec = f"{HERE}:{fn.__name__}"

@@ -60,17 +60,4 @@ def gold_scores(fn: Callable, spec: str, prompts: list[str], responses: list[str
     naming the scorer and what it returned."""
     returned = imports.call(fn, f"eval.gold={spec}", list(prompts), list(responses),
                             **dict(zip(imports.SCORER_KEYWORDS, (list(ended), list(metadata)))))
-    try:
-        scores = np.asarray(returned)
-    except ValueError:  # ragged nesting
-        scores = np.asarray(None)
-    if scores.dtype.kind not in "biuf" or scores.size != len(responses):
-        count = f"{scores.size} values, " if scores.dtype.kind in "biuf" else ""
-        raise UserError(f"eval.gold={spec}: returned {count}{imports.shown(returned)}; expected {len(responses)} "
-                        "numbers, one per response")
-    scores = scores.astype(np.float64).reshape(-1)
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if bad.size:
-        raise UserError(f"eval.gold={spec}: returned {imports.shown(returned)}; {bad.size} of {len(responses)} "
-                        f"scores are not finite (the first: response {bad[0]})")
-    return scores
+    return imports.scores(returned, len(responses), f"eval.gold={spec}")

@@ -8,11 +8,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import numbers
 import reprlib
 import sys
 import traceback
 from types import ModuleType
 from typing import Callable, Sequence
+
+import numpy as np
 
 from rlhf_jax.errors import UserCodeError, UserError
 
@@ -109,3 +112,30 @@ def shown(value) -> str:
     if isinstance(shape, tuple) and dtype is not None:
         return f"a {type(value).__module__.split('.')[0]} {type(value).__name__} of shape {shape}, {dtype}"
     return " ".join(reprlib.repr(value).split())
+
+
+def scores(returned, n: int, who: str) -> np.ndarray:
+    """What a reward function or gold scorer returned for `n` responses, as `n` float64 scores: a list, tuple or
+    one-dimensional array of numbers finite in float32 (bools count as 0 and 1). Anything else is one line naming `who` and
+    the first value that is wrong: a short repr may end before it."""
+    what = shown(returned)
+    try:
+        values = np.asarray(returned)
+        if values.dtype.kind not in "biuf":  # strings ("1.5" would parse), None inside, objects
+            raise TypeError
+    except (TypeError, ValueError):  # ragged nesting too
+        if isinstance(returned, (list, tuple)):
+            i = next((i for i, x in enumerate(returned) if not isinstance(x, numbers.Real)), None)
+            if i is not None:
+                what = f"a {type(returned).__name__} whose value for response {i} is {shown(returned[i])}"
+        raise UserError(f"{who}: returned {what}; expected {n} numbers, one per response") from None
+    if values.ndim != 1:
+        raise UserError(f"{who}: returned {what}; expected a list of {n} numbers, one per response")
+    if values.size != n:
+        raise UserError(f"{who}: returned {values.size} values for {n} responses ({what})")
+    with np.errstate(over="ignore"):  # 1e39 is finite, not in float32: reported below, not warned about
+        bad = np.flatnonzero(~np.isfinite(values.astype(np.float32)))
+    if bad.size:
+        raise UserError(f"{who}: returned {bad.size} values for {n} responses that are not finite in float32 (the "
+                        f"first: {values[bad[0]]} for response {bad[0]})")
+    return values.astype(np.float64)

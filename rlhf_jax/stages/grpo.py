@@ -305,34 +305,13 @@ class RewardFunction:
         try:
             prompts, responses, ended, metadata = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
             offered = dict(zip(plugins.SCORER_KEYWORDS, (ended, metadata)))
-            return self.checked(plugins.call(self.fn, self.who, prompts, responses, **offered), R)
+            returned = plugins.call(self.fn, self.who, prompts, responses, **offered)
+            return plugins.scores(returned, R, self.who).astype(np.float32)
         except UserError as e:
             self.problem = str(e)
         except BaseException as e:  # noqa: BLE001 - nothing may escape the callback (XLA's traceback follows)
             self.problem = f"{self.who}: the responses could not be prepared ({type(e).__name__}: {e})"
         return np.zeros(R, np.float32)
-
-    def checked(self, returned, n: int) -> np.ndarray:
-        """One finite float per response, or a UserError naming the function and what it returned."""
-        try:
-            rewards = np.asarray(returned)
-            if rewards.dtype.kind not in "biuf":  # strings ("1.5" would parse), None inside, objects
-                raise TypeError
-            rewards = rewards.astype(np.float64)
-        except (TypeError, ValueError):  # ragged nesting
-            raise UserError(f"{self.who} returned {plugins.shown(returned)}; expected {n} numbers, one per "
-                            "response") from None
-        if rewards.ndim != 1:
-            raise UserError(f"{self.who} returned {plugins.shown(returned)}; expected a list of {n} numbers, one "
-                            "per response")
-        if rewards.size != n:
-            raise UserError(f"{self.who} returned {rewards.size} values for {n} responses")
-        with np.errstate(over="ignore"):  # 1e39 is finite, not in float32: reported below, not warned about
-            bad = np.flatnonzero(~np.isfinite(rewards.astype(np.float32)))
-        if bad.size:
-            raise UserError(f"{self.who} returned {bad.size} values for {n} responses that are not finite in "
-                            f"float32 (the first: {rewards[bad[0]]} for response {bad[0]})")
-        return rewards.astype(np.float32)
 
     def raise_if_failed(self, metrics: dict, step: int) -> None:
         """Waits for the iteration that returned `metrics`; raises the problem its reward function met, if any
