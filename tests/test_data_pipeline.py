@@ -97,6 +97,12 @@ def test_prompts_missing_their_metadata_are_counted_and_warned_when_others_have_
     rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
                             "--name", "plain")
     assert rc == 0 and json.loads(out)["without_metadata"] == 4 and not err, err  # none has any: nothing to say
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", tmp_path / "gsm.jsonl", "--data-dir",
+                            tmp_path / "d", "--name", "answers_left_out", "--field", "prompt=question")
+    assert rc == 0 and json.loads(out)["without_metadata"] == 9, err  # the answers are in the rows, not imported
+    assert err.strip() == ("warning: no example has a 'metadata' field (metadata), and the rows' fields 'answer' were "
+                           "not imported: --field metadata=answer keeps one as each prompt's metadata, what a reward "
+                           "function or gold scorer gets (else None)"), err
 
 
 def test_cli_prints_one_json_summary(capsys, tmp_path):

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data.formats import FORMATS, read_rows
+from rlhf_jax.data.formats.jsonl import RENAMABLE
 from rlhf_jax.data.rankings import pairs_from_ranks
 from rlhf_jax.errors import UserError
 from rlhf_jax.runtime import fsio
@@ -198,7 +199,9 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
 
     counts = {split: len(rows) for split, rows in splits.items() if rows}
     if kind in ("sft", "prompts"):
-        grouping["without_metadata"] = _count_without_metadata(splits, (fields or {}).get("metadata", "metadata"))
+        unread = _unread_fields(fmt, fields or {}, keys_seen) if kind == "prompts" else []
+        grouping["without_metadata"] = _count_without_metadata(splits, (fields or {}).get("metadata", "metadata"),
+                                                               unread)
     max_responses = max((len(r.get("responses", ())) for rows in splits.values() for r in rows), default=0)
     metadata = {"kind": kind, "format": fmt, "inputs": [str(p) for p in inputs], "examples": counts,
                 "skipped": dict(skipped), "max_responses": max_responses,
@@ -210,15 +213,29 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
             **({"max_responses": max_responses} if kind == "rankings" else {}), **grouping}
 
 
-def _count_without_metadata(splits: Mapping[str, list], field: str) -> int:
+def _count_without_metadata(splits: Mapping[str, list], field: str, unread: Sequence[str]) -> int:
     """Examples without metadata; where only some have it (a verifier's reference answer missing from a few rows,
-    which its reward function then gets as None), one warning line says how many."""
+    which its reward function then gets as None), one warning line says how many. Where none has it but the rows
+    hold fields that were not imported (`unread`: {"question", "answer"} read with --field prompt=question), one
+    warning line names them: the answer a verifier needs is likely among them."""
     rows = [r for split in splits.values() for r in split]
     without = sum(not r["metadata"] for r in rows)
     if 0 < without < len(rows):
         print(f"warning: {without} of {len(rows)} examples have no {field!r} field (metadata): a reward function or "
               "gold scorer gets None as their metadata", file=sys.stderr)
+    elif rows and without == len(rows) and unread:
+        more = f" and {len(unread) - 10} more" if len(unread) > 10 else ""
+        print(f"warning: no example has a {field!r} field (metadata), and the rows' fields "
+              f"{', '.join(map(repr, unread[:10]))}{more} were not imported: --field metadata={unread[0]} keeps one "
+              "as each prompt's metadata, what a reward function or gold scorer gets (else None)", file=sys.stderr)
     return without
+
+
+def _unread_fields(fmt: str, fields: Mapping[str, str], keys_seen: set[str]) -> list[str]:
+    """The fields rows of a format with renamable fields hold that the import does not read."""
+    if fmt not in RENAMABLE:
+        return []
+    return sorted(keys_seen - {fields.get(canonical, canonical) for canonical in RENAMABLE[fmt]})
 
 
 def _check_remapped(fields: Mapping[str, str], keys_seen: set[str], inputs: Sequence[str]) -> None:
