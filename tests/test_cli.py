@@ -274,6 +274,33 @@ def test_a_signal_where_python_drops_exceptions_is_not_lost(sig, where):
     assert fired == [where] and ref() is None and sys.unraisablehook is hook_before
 
 
+def test_a_dropped_signal_is_not_raised_again_once_the_block_is_left():
+    """The re-raise comes 50 ms after the drop: a block left before then (its program done, or a KeyboardInterrupt
+    already on its way out) must not get it outside, where the restored Ctrl-C handler raises it uncaught (the
+    process then died with status 130 instead of its own)."""
+    from rlhf_jax.runtime.signals import sigterm_as_ctrl_c
+
+    def signalled(*args):
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+
+    fired: list = []
+    sigint_before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    gc.callbacks.append(signalled)
+    try:
+        with sigterm_as_ctrl_c():
+            gc.collect()  # the signal lands in the callback and is dropped; the block ends before its re-raise
+        gc.callbacks.remove(signalled)
+        time.sleep(0.3)
+    finally:
+        if signalled in gc.callbacks:
+            gc.callbacks.remove(signalled)
+        signal.signal(signal.SIGINT, sigint_before)
+    assert fired == [True]
+
+
 def test_a_signal_while_the_process_exits_ends_it_quietly_with_its_status():
     """A second Ctrl-C while the interpreter runs its exit handlers (JAX's clean-up) printed an ignored
     KeyboardInterrupt's traceback after the run's last line."""

@@ -32,9 +32,13 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 
     def dropped(unraisable):  # sys.unraisablehook: an exception Python cannot raise where it was
         if active and received and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            threading.Timer(0.05, _thread.interrupt_main, (received[-1],)).start()
+            threading.Timer(0.05, raise_again, (received[-1],)).start()
         else:
             previous_hook(unraisable)
+
+    def raise_again(signum):  # not once the block is left: the restored handler would raise where none catches it
+        if active:
+            _thread.interrupt_main(signum)
 
     ours = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
     previous = {s: signal.signal(s, stop) for s in ours}
