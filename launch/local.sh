@@ -19,7 +19,8 @@
 #   XLA_FLAGS=<the caller's XLA_FLAGS without a device-count flag> \
 #             --xla_force_host_platform_device_count=$DEVICES_PER_PROCESS
 #   PYTHONUNBUFFERED=1 (unless set: the logs are complete up to a crash)
-# Process 0 writes to this terminal; process i > 0 writes to $LOG_DIR/rlhf_jax_local.proc<i>.log.
+# Process 0 writes to this terminal; process i > 0 appends to $LOG_DIR/rlhf_jax_local.proc<i>.log after a header
+# line naming the launch.
 #
 # Environment: PY (default .venv/bin/python if executable, else python3), PORT, DEVICES_PER_PROCESS
 # (default 4), LOG_DIR (default /tmp), KILL_GRACE (seconds between SIGTERM and SIGKILL, default 5).
@@ -129,7 +130,7 @@ if [ "$dry_run" = 1 ]; then
         if [ "$i" = 0 ]; then
             quote "${cmd[@]}"
         else
-            echo "$(quote "${cmd[@]}") > $(quote "$(log_of "$i")") 2>&1"
+            echo "$(quote "${cmd[@]}") >> $(quote "$(log_of "$i")") 2>&1"
         fi
     done
     exit 0
@@ -178,7 +179,10 @@ for ((i = 0; i < nproc; i++)); do
     if [ "$i" = 0 ]; then
         ${own_group[@]+"${own_group[@]}"} "${cmd[@]}" </dev/null &
     else
-        ${own_group[@]+"${own_group[@]}"} "${cmd[@]}" </dev/null >"$(log_of "$i")" 2>&1 &
+        # appended after a header: another run's log under the same LOG_DIR (one refused on its run_dir, say)
+        # must not truncate this one's
+        echo "== local.sh $(date '+%F %T'), pid $$: process $i of $nproc" >>"$(log_of "$i")"
+        ${own_group[@]+"${own_group[@]}"} "${cmd[@]}" </dev/null >>"$(log_of "$i")" 2>&1 &
     fi
     pids+=($!)
 done

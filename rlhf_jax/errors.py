@@ -72,6 +72,21 @@ def out_of_memory_in_one_line(hint: str = DRY_RUN_HINT):
                           f"{hint}") from None
 
 
+@contextlib.contextmanager
+def lost_processes_in_one_line():
+    """With several processes, a wait for the others that timed out (JAX's key-value store and barriers, when the
+    backend starts or in a collective) as one line saying where to look, instead of a traceback: another process
+    stopped on an error of its own (its log has that line) or never started."""
+    try:
+        yield
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError, matched without importing jax here
+        lines = str(e).strip().splitlines()
+        if not lines or not any(mark in lines[0] for mark in ("GetKeyValue", "Barrier", "DEADLINE_EXCEEDED")):
+            raise
+        raise UserError(f"distributed: waiting for the other processes timed out ({lines[0][:200]}); one of them "
+                        "stopped on an error of its own (see its log) or never started") from None
+
+
 def report(error: UserError) -> int:
     """Print the error as one line on stderr; returns the CLI's exit status."""
     print(f"{error.prefix}{error}", file=sys.stderr)

@@ -57,7 +57,8 @@ from typing import Sequence
 
 from rlhf_jax import pipeline
 from rlhf_jax.config import config_help, load_config
-from rlhf_jax.errors import Interrupted, UserError, os_error_message, out_of_memory_in_one_line, report
+from rlhf_jax.errors import (Interrupted, UserError, lost_processes_in_one_line, os_error_message,
+                             out_of_memory_in_one_line, report)
 from rlhf_jax.runtime import cpu_memory
 from rlhf_jax.runtime.signals import exit_process, sigterm_as_ctrl_c
 
@@ -92,7 +93,7 @@ def _run(args, overrides: Sequence[str]) -> int:
         if args.dry_run or args.device_memory is not None or args.peak_tflops is not None:
             return _dry_run(args, overrides)
         if pipeline.is_pipeline(args.config):
-            with out_of_memory_in_one_line():
+            with out_of_memory_in_one_line(), lost_processes_in_one_line():
                 pipeline.run(args.config, overrides)
             return 0
         cfg = load_config(args.config, overrides)
@@ -102,7 +103,7 @@ def _run(args, overrides: Sequence[str]) -> int:
                   file=sys.stderr)
         from rlhf_jax.stages import dispatch as stages  # after validation: config errors come before any heavy import or compile
 
-        with out_of_memory_in_one_line():
+        with out_of_memory_in_one_line(), lost_processes_in_one_line():
             stages.run(cfg)
     except UserError as e:
         return report(e)

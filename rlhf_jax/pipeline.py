@@ -324,6 +324,9 @@ def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
     run_dir, steps = load(path, overrides)
     # before anything touches a device (the steps share the top-level `distributed` section)
     distributed.initialize(steps[0].cfg.distributed)
+    from rlhf_jax.stages.dispatch import settings_of
+    distributed.check_same({f"pipeline.{step.name}.{key}": value for step in steps
+                            for key, value in settings_of(step.cfg).items()}, "settings")
     created = distributed.on_primary(lambda: make_run_dir(run_dir))
     try:
         with run_dir_lock(run_dir):

@@ -3,6 +3,7 @@ process. The multi-process runs themselves are in test_multiprocess.py."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from rlhf_jax.config import DistributedSection
 from rlhf_jax.errors import UserError
 from rlhf_jax.runtime import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPLICIT = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
 
@@ -115,3 +118,117 @@ def test_the_stages_that_only_write_files_run_on_process_0_alone(monkeypatch, tm
                                               "prepare.format=jsonl_prompts", f"prepare.inputs=[{path}]",
                                               "prepare.name=p"]))
     assert len(on_primary) == 1 and summary["examples"] == {"train": 5}
+
+
+# ------------------------------------------------------------------------------------------------ failures
+
+
+def _two_mains(tmp_path, code: str, args: list[list[str]]) -> list:
+    """Two processes of `python -m rlhf_jax.main` joined on loopback, each with its own arguments, started by
+    `code` (which may replace a stage on one of them)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return [subprocess.Popen([sys.executable, "-c", code, *args[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=tmp_path,
+                             env={**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+                                  "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                  "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+            for i in range(2)]
+
+
+_MAIN = """
+import sys
+from rlhf_jax import main
+from rlhf_jax.runtime.signals import exit_process
+exit_process(main.main(sys.argv[1:]))
+"""
+
+
+def test_processes_given_other_settings_stop_in_one_line_naming_them(tmp_path):
+    """Each process trained with its own learning rate, without a word, and the run recorded process 0's."""
+    common = ["--config", str(ROOT / "configs" / "generate.yaml"), f"run_dir={tmp_path / 'run'}",
+              "sampling.max_new_tokens=2"]
+    procs = _two_mains(tmp_path, _MAIN, [common, [*common, "sampling.temperature=0.5"]])
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1] == (
+            "error: distributed: process 1 was given other settings than process 0: sampling.temperature=0.5 "
+            "(process 0: 0.7); every process must run the same config with the same overrides"), err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+_ONE_FAILS = """
+import sys, os
+from rlhf_jax.errors import UserError
+from rlhf_jax.stages import dispatch
+
+def fails(cfg, run_dir):
+    if os.environ["JAX_PROCESS_ID"] == "1":
+        raise {error}("only this process's: its own data, disk or bug")
+    return dispatch.run_generate(cfg, run_dir)
+
+dispatch.STAGES["generate"] = fails
+""" + _MAIN
+
+
+@pytest.mark.parametrize("error, status", [("UserError", 2), ("RuntimeError", 1)])
+def test_a_process_that_stops_on_its_own_error_exits_instead_of_waiting_for_the_others(tmp_path, error, status):
+    """JAX's exit handler waits at a barrier for every process, while process 0 waits for this one in a collective:
+    both hung until something killed them. The failing process now exits at once with its status (a launcher then
+    stops the others)."""
+    import subprocess
+
+    argv = ["--config", str(ROOT / "configs" / "generate.yaml"), f"run_dir={tmp_path / 'run'}"]
+    procs = _two_mains(tmp_path, _ONE_FAILS.format(error=error), [argv, argv])
+    try:
+        _, err = procs[1].communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the failing process did not exit")
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[1].returncode == status, err[-2000:]
+    assert "only this process's: its own data, disk or bug" in err
+
+
+def test_a_wait_for_the_other_processes_that_timed_out_is_one_line():
+    """Process 0's backend start waits for every process's devices: with one of them stopped on its own error it
+    timed out after two minutes with a traceback."""
+    from rlhf_jax.errors import lost_processes_in_one_line
+
+    timed_out = ("Unable to initialize backend 'cpu': INTERNAL: Getting local topologies failed: Error 1: "
+                 "GetKeyValue() timed out with key: cpu:local_topology/cpu/1 and duration: 2m")
+    with pytest.raises(UserError) as caught, lost_processes_in_one_line():
+        raise RuntimeError(timed_out + "\n\nmore lines")
+    assert str(caught.value) == (f"distributed: waiting for the other processes timed out ({timed_out}); one of "
+                                 "them stopped on an error of its own (see its log) or never started")
+    with pytest.raises(RuntimeError, match="something else"), lost_processes_in_one_line():
+        raise RuntimeError("something else")
+
+
+def test_joining_says_so_and_waits_as_long_as_configured(monkeypatch, capsys):
+    """A process whose peers never start waited five minutes in silence (JAX's default) before an abort."""
+    import sys
+
+    import jax
+
+    joined = []
+    monkeypatch.setattr(distributed, "_STATE", {})
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: joined.append(kwargs))
+    distributed.initialize(DistributedSection(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2,
+                                              initialization_timeout=45))
+    assert joined == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
+                       "cluster_detection_method": "deactivate", "initialization_timeout": 45}]
+    assert capsys.readouterr().err == ("distributed: process 2 of 4 joining at 10.0.0.1:1234; waiting up to 45 s for "
+                                       "all of them (distributed.initialization_timeout)\n")

@@ -5,6 +5,7 @@ multi-process training run is tested elsewhere."""
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -360,9 +361,10 @@ def test_sbatch_header_defaults():
 @pytest.mark.parametrize("ntasks,per_gpu", [(2, False), (16, True)])
 def test_slurm_dry_run_prints_srun_and_the_derived_environment(ntasks, per_gpu):
     env = slurm_env(ntasks=ntasks)
-    for argv, extra in ((["--dry-run"], {}), ([], {"DRY_RUN": "1"})):
-        out = run(["bash", LAUNCH / "gpu_slurm.sbatch", *argv, "configs/sft.yaml", "train.steps=5", "a.b=c d"],
-                  env={**env, **extra})
+    args = ["configs/sft.yaml", "train.steps=5", "a.b=c d"]
+    # --dry-run anywhere among the arguments, as local.sh takes it (after CONFIG it launched the job)
+    for argv, extra in ((["--dry-run", *args], {}), ([*args[:2], "--dry-run", args[2]], {}), (args, {"DRY_RUN": "1"})):
+        out = run(["bash", LAUNCH / "gpu_slurm.sbatch", *argv], env={**env, **extra})
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert "export JAX_COORDINATOR_ADDRESS=node01:14242" in lines  # 10000 + job id % 50000
@@ -529,7 +531,7 @@ def test_local_dry_run_prints_n_commands():
     assert out.returncode == 0, out.stderr
     cmds = commands(out.stdout)
     assert len(cmds) == 2
-    assert cmds[1][-3:] == [">", "/tmp/rlhf_jax_local.proc1.log", "2>&1"]  # process 0 on the terminal
+    assert cmds[1][-3:] == [">>", "/tmp/rlhf_jax_local.proc1.log", "2>&1"]  # process 0 on the terminal
     cmds[1] = cmds[1][:-3]
     for i, cmd in enumerate(cmds):
         assert cmd[0] == "env"
@@ -543,7 +545,7 @@ def test_local_dry_run_prints_n_commands():
     cmds = commands(out.stdout)
     assert len(cmds) == 3 and len({c[1] for c in cmds}) == 1  # one coordinator, a free port picked
     assert int(cmds[0][1].rsplit(":", 1)[1]) > 0 and "XLA_FLAGS=--xla_force_host_platform_device_count=2" in cmds[0]
-    assert cmds[2][-3:] == [">", "/x/rlhf_jax_local.proc2.log", "2>&1"]
+    assert cmds[2][-3:] == [">>", "/x/rlhf_jax_local.proc2.log", "2>&1"]
 
 
 @pytest.mark.parametrize("argv", [["0", "configs/demo.yaml"], ["two", "configs/demo.yaml"], ["2"],
@@ -616,8 +618,12 @@ def test_local_runs_n_processes_with_their_environment(fake_py, tmp_path):
         assert r["XLA_FLAGS"] == "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4"
         assert r["argv"] == ["-m", "rlhf_jax.main", "--config", "configs/demo.yaml", "a.b=1"]
     assert result.stdout == "process 0 started\n"  # process 0 on the terminal, process 1 in its log
-    assert (tmp_path / "logs" / "rlhf_jax_local.proc1.log").read_text() == "process 1 started\n"
-    assert str(tmp_path / "logs" / "rlhf_jax_local.proc1.log") in result.stderr
+    log = tmp_path / "logs" / "rlhf_jax_local.proc1.log"
+    assert re.fullmatch(r"== local\.sh [-0-9]+ [:0-9]+, pid \d+: process 1 of 2\nprocess 1 started\n", log.read_text())
+    assert str(log) in result.stderr
+    again = run([LAUNCH / "local.sh", "2", "configs/demo.yaml", "a.b=1"], env=env)
+    assert again.returncode == 0, again.stderr  # a second launch appends: the first run's lines stay
+    assert log.read_text().count("process 1 started\n") == 2 and log.read_text().startswith("== local.sh")
 
 
 @pytest.mark.parametrize("codes,expected", [({"FAKE_0": "sleep", "FAKE_1": "3"}, 3),

@@ -155,6 +155,25 @@ def test_a_pipeline_stopped_by_a_user_error_leaves_no_run_dir_nor_the_parents_ma
     assert not (tmp_path / "runs").exists()
 
 
+def test_every_step_of_a_pipeline_is_compared_between_processes_before_the_first_runs(tmp_path, prompts,
+                                                                                       monkeypatch):
+    """Processes given other settings for a later step must stop before the first step runs, not after it."""
+    from rlhf_jax.runtime import distributed
+
+    compared = []
+
+    def check_same(settings, what):
+        compared.append(settings)
+        raise fsio.UserError("compared")
+
+    monkeypatch.setattr(distributed, "check_same", check_same)
+    rc, _, err = run_quietly(main_cli.main, ["--config", _pipeline(tmp_path, prompts, tmp_path / "run"),
+                                             "pipeline.second.seed=7"])
+    _one_error(rc, err, "compared")
+    assert compared[0]["pipeline.first.seed"] == 0 and compared[0]["pipeline.second.seed"] == 7
+    assert "pipeline.first.distributed.process_id" not in compared[0]  # each process's own
+
+
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

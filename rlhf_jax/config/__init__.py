@@ -98,11 +98,13 @@ class DistributedSection:
                                         "are detected); empty with one process")
     num_processes: int = opt(0, "processes in the run (else $JAX_NUM_PROCESSES); 0: from the environment")
     process_id: int = opt(-1, "this process's index (else $JAX_PROCESS_ID); -1: from the environment")
+    initialization_timeout: int = opt(300, "seconds a process waits for every process to join before it stops")
 
     def __post_init__(self):
         coerce(self)
         check(self, "num_processes", self.num_processes >= 0, "must be >= 0")
         check(self, "process_id", self.process_id >= -1, "must be >= -1")
+        check(self, "initialization_timeout", self.initialization_timeout > 0, "must be > 0")
         check(self, "process_id", self.num_processes == 0 or self.process_id < self.num_processes,
               f"must be below distributed.num_processes ({self.num_processes})")
 

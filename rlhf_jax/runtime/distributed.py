@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import secrets
+import sys
 
 import jax
 import numpy as np
@@ -88,10 +89,32 @@ def initialize(section=None) -> None:
     # Given all three, nothing is detected: under srun JAX would otherwise keep one GPU per task
     # (JAX_LOCAL_DEVICE_IDS still chooses them for one task per GPU).
     detect = {"cluster_detection_method": "deactivate"} if wanted else {}
+    timeout = getattr(section, "initialization_timeout", 300)
+    who = (f"process {wanted['process_id']} of {wanted['num_processes']} joining at {wanted['coordinator_address']}"
+           if wanted else "joining the detected cluster's processes")
+    print(f"distributed: {who}; waiting up to {timeout} s for all of them (distributed.initialization_timeout)",
+          file=sys.stderr, flush=True)
     try:
-        jax.distributed.initialize(**wanted, **detect)
+        jax.distributed.initialize(**wanted, **detect, initialization_timeout=timeout)
     except Exception as e:  # noqa: BLE001 - a wrong address or a missing peer surfaces as many error types
         raise UserError(f"distributed: cannot join {wanted or 'the detected cluster'} ({_first_line(e)})") from None
+    _exit_at_once_on_a_crash()
+
+
+def _exit_at_once_on_a_crash() -> None:
+    """An exception no one catches ends this process once its traceback is printed, without JAX's exit handler,
+    which would wait at a barrier for the other processes while they wait for this one in a collective (see
+    `signals.exit_process` for the errors the entry points report)."""
+    previous = sys.excepthook
+
+    def crashed(kind, value, traceback):
+        previous(kind, value, traceback)
+        if joined_others():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130 if issubclass(kind, KeyboardInterrupt) else 1)
+
+    sys.excepthook = crashed
 
 
 def _first_line(error: BaseException) -> str:
@@ -104,9 +127,14 @@ def _joined() -> bool:
     return _STATE.get("settings") is not None
 
 
+def joined_others() -> bool:
+    """Whether this process joined a run of several processes."""
+    return _joined() and jax.process_count() > 1
+
+
 def is_multiprocess() -> bool:
     """Several processes take part in what this process does now (not inside `alone()`)."""
-    return _joined() and jax.process_count() > 1 and not _STATE.get("alone")
+    return joined_others() and not _STATE.get("alone")
 
 
 @contextlib.contextmanager
@@ -122,7 +150,7 @@ def alone():
 
 
 def acting_alone() -> bool:
-    return bool(_STATE.get("alone")) and _joined() and jax.process_count() > 1
+    return bool(_STATE.get("alone")) and joined_others()
 
 
 def is_primary() -> bool:
@@ -217,6 +245,22 @@ def on_primary(fn):
     if error is not None:
         raise UserError(error)
     return result
+
+
+def check_same(settings: dict, what: str) -> None:
+    """Every process must run the same program: `settings` (flat, JSON-serialisable) are compared with process 0's
+    (collective). A difference is one line on every process naming the keys, where the processes would otherwise
+    train apart without a word (each with its own learning rate) or wait in a collective one of them never reaches."""
+    if not is_multiprocess():
+        return
+    values = all_gather_json(settings)
+    for index, other in enumerate(values[1:], 1):
+        keys = sorted(k for k in set(values[0]) | set(other) if values[0].get(k) != other.get(k))
+        if keys:
+            shown = "; ".join(f"{k}={other.get(k)!r} (process 0: {values[0].get(k)!r})" for k in keys[:3])
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise UserError(f"distributed: process {index} was given other {what} than process 0: {shown}{more}; "
+                            "every process must run the same config with the same overrides")
 
 
 def shared_token(nbytes: int = 3) -> str:

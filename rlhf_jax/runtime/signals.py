@@ -87,8 +87,11 @@ _left_running: list[threading.Thread] = []
 
 def exit_process(status: int) -> None:
     """sys.exit(status); os._exit where a program stopped by a signal still runs in a worker (`heard`), whose thread
-    the interpreter would otherwise tear down inside XLA at exit (an abort, not `status`)."""
-    if any(worker.is_alive() for worker in _left_running):
+    the interpreter would otherwise tear down inside XLA at exit (an abort, not `status`); and where a process of
+    several stops on an error of its own (`AGREED`: statuses every process reaches together): JAX's exit handler
+    waits for every process at a barrier, while the others wait for this one in a collective it will never join.
+    The launcher, or JAX's heartbeat, stops them."""
+    if any(worker.is_alive() for worker in _left_running) or (status not in AGREED and _joined_others()):
         _exit_now(status)
     if threading.current_thread() is threading.main_thread():
         # a Ctrl-C while the interpreter shuts down (its exit handlers) ends it with `status` at once, where it
@@ -97,6 +100,14 @@ def exit_process(status: int) -> None:
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 signal.signal(signum, lambda *_: _exit_now(status))
     sys.exit(status)
+
+
+AGREED = (0, 3, 4)  # done, diverged, interrupted and saved: decided by every process of a run at the same step
+
+
+def _joined_others() -> bool:
+    distributed = sys.modules.get("rlhf_jax.runtime.distributed")  # not imported here: it imports jax
+    return distributed is not None and distributed.joined_others()
 
 
 def _exit_now(status: int) -> None:

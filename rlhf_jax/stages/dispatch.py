@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_jax.config import Config
+from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.errors import UserError, os_error_message
 from rlhf_jax.runtime import compile_cache, distributed
 from rlhf_jax.runtime.fsio import make_run_dir, remove_made, run_dir_lock
 from rlhf_jax.stages.generate import run_generate
 from rlhf_jax.stages.prepare import check_prepare, run_prepare
+from rlhf_jax.training.resume import flatten
 
 
 def run_train(cfg: Config, run_dir: Path) -> dict:
@@ -79,6 +80,7 @@ def run(cfg: Config) -> dict:
     """Run the configured stage in its run dir, holding the run dir's lock. A stage that stops on a user error
     before it has recorded any progress leaves no run dir behind if it created one."""
     distributed.initialize(cfg.distributed)
+    distributed.check_same(settings_of(cfg), "settings")
     compile_cache.use(cfg.runtime.compile_cache)
     run_dir = Path(cfg.run_dir)
     created = make_run_dir(run_dir)
@@ -95,6 +97,11 @@ def run(cfg: Config) -> dict:
         if isinstance(e, OSError):
             raise UserError(os_error_message(e)) from None
         raise
+
+
+def settings_of(cfg: Config) -> dict:
+    """A config as flat keys, what every process of a run must agree on (the process's own index aside)."""
+    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if k != "distributed.process_id"}
 
 
 HOST_ONLY = ("task", "prepare")  # stages that write files and run no sharded program
