@@ -105,6 +105,25 @@ def test_prompts_missing_their_metadata_are_counted_and_warned_when_others_have_
                            "function or gold scorer gets (else None)"), err
 
 
+def test_repeated_prompts_are_counted_and_those_with_other_metadata_warned(capsys, tmp_path):
+    """Kept (each is sampled as often as it appears), but a prompt with two reference answers has one of its copies
+    score the right answer wrong: one line says so."""
+    rows = [{"prompt": "2+2?", "metadata": "4"}, {"prompt": "3+3?", "metadata": "6"},
+            {"prompt": "2+2?", "metadata": "4"}, {"prompt": "3+3?", "metadata": "7"}, {"prompt": "1+1?"}]
+    path = _write_jsonl(tmp_path / "dups.jsonl", rows)
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", path, "--data-dir", tmp_path / "d",
+                            "--name", "dups")
+    summary = json.loads(out)
+    assert rc == 0 and summary["repeated_prompts"] == 2 and sum(summary["examples"].values()) == 5, err
+    assert err.strip().splitlines()[-1] == ("warning: 1 prompts appear more than once with different metadata (the "
+                                            "first: '3+3?'): a reward function or gold scorer checks each copy "
+                                            "against its own"), err
+    same = _write_jsonl(tmp_path / "same.jsonl", rows[:3])
+    rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", same, "--data-dir", tmp_path / "d",
+                            "--name", "same")
+    assert rc == 0 and json.loads(out)["repeated_prompts"] == 1 and "metadata" not in err, err  # the same answer
+
+
 def test_cli_prints_one_json_summary(capsys, tmp_path):
     path = _write_jsonl(tmp_path / "x.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(50)])
     rc, out, err = _prepare(capsys, "--format", "jsonl_sft", "--input", path, "--data-dir", tmp_path / "d",

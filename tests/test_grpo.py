@@ -837,9 +837,13 @@ def test_a_second_signal_stops_at_once_while_the_reward_function_runs(group_inpu
 ], ids=["one_short", "raises", "not_finite"])
 def test_reward_function_mistakes_stop_the_stage_in_one_line(group_inputs, tmp_path, stage, function, fragment):
     run_dir = tmp_path / "bad"
+    unread = tmp_path / "no_such_reference"  # with kl_coef 0 nothing reads it: a warning, not an error
     argv = _args(group_inputs, run_dir, stage, f"{stage}.reward_function=grpo_fixtures:{function}", "train.steps=2",
-                 "train.batch_size=4", f"{stage}.group_size=2", f"{stage}.minibatches=1", f"{stage}.kl_coef=0")
+                 "train.batch_size=4", f"{stage}.group_size=2", f"{stage}.minibatches=1", f"{stage}.kl_coef=0",
+                 f"{stage}.reference={unread}")
     rc, _, err = run_quietly(main_cli.main, argv)
+    assert (f"warning: {stage}.reference={unread} is not read: with {stage}.kl_coef=0 there is no KL to a reference"
+            in err.splitlines()), err
     lines = err.strip().splitlines()
     assert rc == 2 and lines[-1].startswith("error: ") and fragment in lines[-1] and "(iteration 1)" in lines[-1], err
     assert "Traceback" not in err and "XlaRuntimeError" not in err

@@ -607,7 +607,7 @@ def test_rm_reference_dataset_is_checked_before_training(tiny, data_dir, workdir
 @pytest.mark.parametrize("overrides, fragments", [
     (["data.name="], ["data.name"]),
     (["train.batch_size=12"], ["batch_size", "12", "8"]),
-    (["data.name=never_prepared"], ["never_prepared", "no prepared dataset"]),
+    (["data.name=never_prepared"], ["no prepared dataset named 'never_prepared' in data.dir="]),
     (["data.name=good"], ["data.name='good' is a 'rankings' dataset", "stage 'sft' needs one of kind 'sft'"]),
     (["train.steps=0"], ["train.steps or train.epochs"]),
 ], ids=["no_data_name", "batch_not_divisible", "unprepared_dataset", "wrong_kind", "no_steps"])

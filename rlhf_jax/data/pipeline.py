@@ -44,7 +44,8 @@ def open_split(data_dir: str | Path, name: str, split: str):
     """(random-access source, our metadata) of one split of a prepared dataset."""
     path = dataset_dir(data_dir, name)
     if not (path / "dataset_info.json").exists():
-        raise UserError(f"{path}: no prepared dataset (run python -m rlhf_jax.data ... --name {name})")
+        raise UserError(f"{path}: no prepared dataset named {name!r} in data.dir={data_dir} (python -m rlhf_jax.data "
+                        f"... --data-dir {data_dir} --name {name} prepares it)")
     again = f"prepare it again (python -m rlhf_jax.data ... --name {name} --overwrite)"
     try:
         builder = tfds.builder_from_directory(str(path))

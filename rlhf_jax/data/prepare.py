@@ -202,6 +202,8 @@ def prepare(fmt: str, inputs: Sequence[str], data_dir: str | Path, name: str, ev
         unread = _unread_fields(fmt, fields or {}, keys_seen) if kind == "prompts" else []
         grouping["without_metadata"] = _count_without_metadata(splits, (fields or {}).get("metadata", "metadata"),
                                                                unread)
+    if kind == "prompts":
+        grouping["repeated_prompts"] = _count_repeated_prompts(splits)
     max_responses = max((len(r.get("responses", ())) for rows in splits.values() for r in rows), default=0)
     metadata = {"kind": kind, "format": fmt, "inputs": [str(p) for p in inputs], "examples": counts,
                 "skipped": dict(skipped), "max_responses": max_responses,
@@ -229,6 +231,23 @@ def _count_without_metadata(splits: Mapping[str, list], field: str, unread: Sequ
               f"{', '.join(map(repr, unread[:10]))}{more} were not imported: --field metadata={unread[0]} keeps one "
               "as each prompt's metadata, what a reward function or gold scorer gets (else None)", file=sys.stderr)
     return without
+
+
+def _count_repeated_prompts(splits: Mapping[str, list]) -> int:
+    """Rows whose prompt an earlier row has (kept: each is sampled as often as it appears); where copies carry other
+    metadata (two reference answers), one warning line: a reward function checks each copy against its own."""
+    metadata_of: dict[str, set[str]] = collections.defaultdict(set)
+    repeated = 0
+    for rows in splits.values():
+        for row in rows:
+            repeated += row["prompt"] in metadata_of
+            metadata_of[row["prompt"]].add(row["metadata"])
+    conflicting = [prompt for prompt, metadata in metadata_of.items() if len(metadata) > 1]
+    if conflicting:
+        print(f"warning: {len(conflicting)} prompts appear more than once with different metadata (the first: "
+              f"{conflicting[0][:80]!r}): a reward function or gold scorer checks each copy against its own",
+              file=sys.stderr)
+    return repeated
 
 
 def _unread_fields(fmt: str, fields: Mapping[str, str], keys_seen: set[str]) -> list[str]:

@@ -9,6 +9,7 @@ stage writes out (resume, divergence and signal stops, corrupt checkpoints).
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -109,7 +110,10 @@ def train_group(cfg: Config, run_dir: Path, mesh: jax.sharding.Mesh | None = Non
     else:
         rewards_fn = RewardFunction.load(section.reward_function, f"{name}.reward_function", tokenizer,
                                          sampling.eos_ids)
-    if section.reference:
+    if section.reference and not section.kl_coef:
+        print(f"warning: {name}.reference={section.reference} is not read: with {name}.kl_coef=0 there is no KL to a "
+              "reference", file=sys.stderr)
+    elif section.reference:
         check_reference(section.reference, f"{name}.reference", loaded, cfg.data.chat_template)  # before compiling
         models_read[f"{name}.reference"] = section.reference
 
