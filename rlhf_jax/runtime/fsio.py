@@ -12,8 +12,8 @@ empty (without `overwrite`), or that is, is inside or contains one of `inputs` (
 them). Call `check_out_dir` with the same arguments to refuse a bad `out` before any slow loading.
 
 `make_run_dir(run_dir)` creates a run's directory and says which directories it made, so that a run stopped by a
-user error before any progress can remove them again (`remove_made`); `run_dir_lock(run_dir)` holds an OS lock on `{run_dir}/.lock` for a run's life, so that two runs never write
-one run_dir at once.
+user error before any progress can remove them again (`remove_made`); `run_dir_lock(run_dir)` holds an OS lock on
+`{run_dir}/.lock` for a run's life, so that two runs never write one run_dir at once.
 """
 
 from __future__ import annotations

@@ -116,8 +116,8 @@ def shown(value) -> str:
 
 def scores(returned, n: int, who: str) -> np.ndarray:
     """What a reward function or gold scorer returned for `n` responses, as `n` float64 scores: a list, tuple or
-    one-dimensional array of numbers finite in float32 (bools count as 0 and 1). Anything else is one line naming `who` and
-    the first value that is wrong: a short repr may end before it."""
+    one-dimensional array of numbers finite in float32 (bools count as 0 and 1). Anything else is one line naming
+    `who` and the first value that is wrong: a short repr may end before it."""
     what = shown(returned)
     try:
         values = np.asarray(returned)
