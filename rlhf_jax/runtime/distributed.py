@@ -255,7 +255,8 @@ def check_same(settings: dict, what: str) -> None:
         return
     values = all_gather_json(settings)
     for index, other in enumerate(values[1:], 1):
-        keys = sorted(k for k in set(values[0]) | set(other) if values[0].get(k) != other.get(k))
+        keys = sorted(k for k in set(values[0]) | set(other)  # as JSON text: a NaN equals itself
+                      if json.dumps(values[0].get(k)) != json.dumps(other.get(k)))
         if keys:
             shown = "; ".join(f"{k}={other.get(k)!r} (process 0: {values[0].get(k)!r})" for k in keys[:3])
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
