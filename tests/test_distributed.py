@@ -232,3 +232,17 @@ def test_joining_says_so_and_waits_as_long_as_configured(monkeypatch, capsys):
                        "cluster_detection_method": "deactivate", "initialization_timeout": 45}]
     assert capsys.readouterr().err == ("distributed: process 2 of 4 joining at 10.0.0.1:1234; waiting up to 45 s for "
                                        "all of them (distributed.initialization_timeout)\n")
+
+
+def test_check_same_names_up_to_three_keys_of_the_first_process_that_differs(monkeypatch):
+    monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
+    base = {"a": 1, "b": float("nan"), "c": [1, 2], "d": "x", "e": None, "f": 0.5}
+    gathered = [base, dict(base), {**base, "a": 2, "c": [1, 3], "d": "y", "e": 0, "g": True}]
+    monkeypatch.setattr(distributed, "all_gather_json", lambda value: json.loads(json.dumps(gathered)))
+    with pytest.raises(UserError) as caught:
+        distributed.check_same(base, "settings")
+    assert str(caught.value) == ("distributed: process 2 was given other settings than process 0: a=2 (process 0: 1); "
+                                 "c=[1, 3] (process 0: [1, 2]); d='y' (process 0: 'x') and 2 more; every process must "
+                                 "run the same config with the same overrides")
+    gathered[2] = dict(base)  # equal, NaN included
+    distributed.check_same(base, "settings")
