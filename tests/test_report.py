@@ -176,6 +176,14 @@ def test_the_verdict_says_when_the_kl_is_not_of_the_sampled_distributions():
     assert line in report_lib.markdown_report(report, [])
 
 
+def test_the_verdict_never_says_the_kl_is_negative():
+    """The k1 estimate of a policy close to its reference can be below 0; printed as the KL it read as nonsense."""
+    report = make_report(gold=False)
+    report["policies"][-1].update(kl=-0.0082, kl_k3=0.0027)
+    assert report_lib.verdict(report)[1] == ("It is at a KL near 0 nats from the reference (the sampled estimate is "
+                                             "-0.01; k3, never negative: 0.003).")
+
+
 def test_a_verdict_without_a_gold_scorer_gives_the_reward_models_rate_once():
     report = make_report(gold=False)
     first, second = report_lib.verdict(report)[:2]

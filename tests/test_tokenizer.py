@@ -238,3 +238,49 @@ def test_rows_tokenized_in_threads_are_the_rows_tokenized_alone():
     with ThreadPoolExecutor(8) as pool:
         threaded = [ids.tolist() for ids in pool.map(lambda row: tokenize(row)["ids"], rows)]
     assert sum(a != t for a, t in zip(alone, threaded)) == 0
+
+
+def test_an_exports_tokenizer_reads_text_as_its_hf_checkpoint_does(tmp_path):
+    """transformers builds a Qwen2 checkpoint's tokenizer as Qwen2Tokenizer (digits split one by one) from files
+    whose own pre-tokenizer keeps "2074" whole; an export's tokenizer/ has no config.json, so it was built from
+    the files alone: SFT from the HF checkpoint and PPO from its export trained on other ids for the same text."""
+    import shutil
+
+    from rlhf_jax.models.tokenizer import load_tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [f"Review {i}: it was {w}." for i in range(2000, 2200) for w in ("good", "bad")]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|end|>", "<|pad|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    hf_dir, export_tokenizer = tmp_path / "hf", tmp_path / "export_tokenizer"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>",
+                                         pad_token="<|pad|>").save_pretrained(hf_dir)
+    transformers.Qwen2Config(vocab_size=400).to_json_file(hf_dir / "config.json")
+    shutil.copytree(hf_dir, export_tokenizer, ignore=shutil.ignore_patterns("config.json"))
+    text = "Review 2074: it was good."
+    as_hf = transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+    assert load_tokenizer(export_tokenizer)(text)["input_ids"] != as_hf  # the files alone read it otherwise
+    assert load_tokenizer(export_tokenizer, "qwen2")(text)["input_ids"] == as_hf
+    assert load_tokenizer(hf_dir, "qwen2")(text)["input_ids"] == as_hf
+    # the stages' and the sampler's tokenizer of such an export
+    from rlhf_jax.config import load_config
+    from rlhf_jax.models.checkpoint import save_model
+    from rlhf_jax.training.state import load_for_training
+
+    cfg = tiny_config(400, 0, 1, "qwen2")
+    export = save_model(tmp_path / "export", jax.device_get(init_params(make_model(cfg), jax.random.key(0))), cfg,
+                        tokenizer_dir=export_tokenizer)
+    _, tokenizer, _ = load_for_training(load_config(None, ["stage=sft", f"model.path={export}"]), tmp_path, "lm")
+    assert tokenizer(text)["input_ids"] == as_hf
+    mesh = sharding.make_mesh([-1, 1, 1], ("data", "fsdp", "tensor"))
+    generator = Generator(load_model(export, need_tokenizer=True), mesh, SamplingParams(4, 0.0))
+    assert generator.tokenizer(text)["input_ids"] == as_hf
+    from rlhf_jax.eval.evaluate import Evaluator
+
+    evaluator = Evaluator(load_config(None, ["stage=eval", f"eval.reference={export}", "sampling.batch_size=8",
+                                             "sampling.max_prompt_tokens=16", "sampling.max_new_tokens=2"]),
+                          [text], None, mesh)
+    assert evaluator.tokenizer(text)["input_ids"] == as_hf

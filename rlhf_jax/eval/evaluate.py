@@ -138,7 +138,7 @@ class Evaluator:
         if reward is not None:
             self.check_vocab(reward, f"eval.reward_model={e.reward_model}")
             warn_prompt_form(reward, cfg.data.chat_template, f"the reward model {e.reward_model}")
-        self.tokenizer = load_tokenizer(self.reference.tokenizer_dir)
+        self.tokenizer = load_tokenizer(self.reference.tokenizer_dir, self.reference.cfg.family)
         check_chat_template(self.tokenizer, cfg.data.chat_template, f"eval.reference={e.reference}")
         encoder = PromptEncoder(self.tokenizer, s.max_prompt_tokens, cfg.data.chat_template)
         eos = encoder.stop_ids(self.reference.cfg.eos_token_ids)

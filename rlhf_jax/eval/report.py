@@ -104,6 +104,9 @@ def verdict(report: dict) -> list[str]:
     unfiltered = "" if report.get("kl_of_sampled_distributions", True) else \
         " (of the unfiltered distributions: the responses were drawn greedily or filtered)"
     kl = f"at a KL of {p['kl']:.2f} nats from the reference{unfiltered}"
+    if p["kl"] < 0:  # the k1 estimate of a policy close to its reference can fall below 0; a KL never does
+        kl = (f"at a KL near 0 nats from the reference (the sampled estimate is {p['kl']:.2f}; k3, never negative: "
+              f"{p.get('kl_k3') or 0:.3f}){unfiltered}")
     lines.append(f"{'; '.join(details)}, {kl}." if details else f"It is {kl}.")
     lines[-1] = lines[-1][0].upper() + lines[-1][1:]
     if report.get("rm_accuracy") is not None:

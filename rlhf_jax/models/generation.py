@@ -81,7 +81,7 @@ class Generator:
         self.cfg = loaded.cfg
         self.mesh = mesh
         self.model = make_model(loaded.cfg, dtype=dtype)
-        self.tokenizer = load_tokenizer(loaded.tokenizer_dir)
+        self.tokenizer = load_tokenizer(loaded.tokenizer_dir, loaded.cfg.family)
         check_chat_template(self.tokenizer, chat_template, where)
         self.responses = ResponseCodec(self.tokenizer)
         self.chat_template = chat_template  # as the model was trained: prompts are encoded the same way

@@ -15,6 +15,7 @@ import transformers
 
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import hf
+from rlhf_jax.models.hf_config import MODEL_TYPES
 from rlhf_jax.models.transformer import PAD_ID  # lives with the model that embeds it; importable from here too
 
 EOS_TOKEN = "<|endoftext|>"
@@ -39,9 +40,14 @@ def splitting(tokenizer):
         return _splitting_copies[tokenizer]
 
 
-def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer saved in a model directory; local files only, no remote code."""
-    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+def load_tokenizer(path: str | os.PathLike, family: str | None = None) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer saved in a model directory; local files only, no remote code. With the model's `family`, built
+    as transformers builds it beside that model's config.json: a family's tokenizer class may replace what the files
+    say (Qwen2's splits digits one by one where a generic file's pre-tokenizer does not), so that an export's
+    tokenizer/ (no config.json there) reads text as the HF checkpoint it came from does."""
+    config = transformers.AutoConfig.for_model(MODEL_TYPES[family]) if family else None
+    return transformers.AutoTokenizer.from_pretrained(str(path), config=config, local_files_only=True,
+                                                      trust_remote_code=False)
 
 
 def check_same_tokenizer(tokenizer_dir, reference_dir, key: str, reference: str, chat_template: bool = False) -> None:

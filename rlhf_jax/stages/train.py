@@ -189,6 +189,9 @@ def real_tokens(batch: dict) -> int:
     return int((batch["prompt_mask"].sum(1) * responses_B).sum() + batch["response_mask"].sum())
 
 
+MAX_QUIET_GAIN = 100.0  # a larger reward_norm gain is warned about: reference scores with a std below 0.01
+
+
 def fit_reward_norm(cfg: Config, stage: Stage, params, tokenizer, mesh, batch_size: int) -> dict:
     """Gain and bias so that reference responses score mean 0 (and std 1 with 'bias_gain'):
     normalised reward = gain * reward + bias. Stored in the exported model's model.json."""
@@ -199,6 +202,10 @@ def fit_reward_norm(cfg: Config, stage: Stage, params, tokenizer, mesh, batch_si
         raise UserError("reward normalisation needs at least 2 reference responses")
     gain = 1.0 / max(float(np.std(rewards)), 1e-6) if cfg.rm.normalize == "bias_gain" else 1.0
     bias = -gain * float(np.mean(rewards))
+    if gain > MAX_QUIET_GAIN:  # PPO's scores on another scale than its KL penalty, and the RM's noise magnified
+        print(f"warning: the reward model scores the {len(rewards)} reference responses nearly alike (std "
+              f"{float(np.std(rewards)):.2g}): rm.normalize=bias_gain multiplies every reward by {gain:.3g}; "
+              "rm.normalize=bias keeps their scale", file=sys.stderr)
     return {"reward_norm": {"gain": gain, "bias": bias, "reference_responses": len(rewards),
                             "reference": cfg.rm.reference_dataset or f"{cfg.data.name}:best"}}
 

@@ -66,7 +66,7 @@ def load_for_training(cfg: Config, run_dir: Path, head: str):
         raise UserError(f"{where}: a reward/value model (scalar head), expected a policy")
     where = model_key(cfg)
     warn_prompt_form(loaded, cfg.data.chat_template, where)
-    tokenizer = load_tokenizer(loaded.tokenizer_dir)
+    tokenizer = load_tokenizer(loaded.tokenizer_dir, loaded.cfg.family)
     check_chat_template(tokenizer, cfg.data.chat_template, where)  # before the model is placed or compiled
     warn_bfloat16_training(cfg, head)
     return loaded, tokenizer, trained_model(cfg, loaded.cfg, head)
