@@ -670,3 +670,30 @@ def test_module_entry_point_help():
     for section in ("model", "mesh", "sampling"):
         assert f"\n{section}: " in text, section
     assert "sampling.max_new_tokens" in text
+
+
+@pytest.mark.parametrize("joined, status, fast", [(True, 2, True), (True, 5, True), (True, 0, False),
+                                                  (True, 3, False), (True, 4, False), (False, 2, False)])
+def test_only_a_process_of_several_stopped_by_its_own_error_skips_the_exit_handlers(monkeypatch, joined, status,
+                                                                                     fast):
+    """JAX's exit handler waits for every process: one stopped alone (a user error, out of memory) would wait for
+    processes that wait for it. Statuses every process reaches together (done, diverged, interrupted and saved)
+    and a single process exit as usual."""
+    from rlhf_jax.runtime import signals as signals_lib
+
+    class Fast(Exception):
+        pass
+
+    def exit_now(code):
+        raise Fast(code)
+
+    monkeypatch.setattr(signals_lib, "_exit_now", exit_now)
+    monkeypatch.setattr(signals_lib, "_joined_others", lambda: joined)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(Fast if fast else SystemExit) as caught:
+            signals_lib.exit_process(status)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert caught.value.args[0] == status if fast else caught.value.code == status

@@ -186,6 +186,7 @@ def test_wrong_type(override, key, fragment):
     (["rm.reference_examples=1"], "'rm.reference_examples'", "must be >= 2 (the normalisation takes the rewards'"),
     (["distributed.num_processes=2", "distributed.process_id=2"], "'distributed.process_id'",
      "must be below distributed.num_processes (2), got 2"),  # also under --check, before any launch
+    (["distributed.initialization_timeout=0"], "'distributed.initialization_timeout'", "must be > 0, got 0"),
     (["seed=-1"], "'seed'", "must be from 0 to 2^32 - 1, got -1"),  # numpy's and jax's seeds: a traceback before
     (["seed=4294967296"], "'seed'", "must be from 0 to 2^32 - 1"),
     (["run_dir="], "'run_dir'", "must name a directory"),  # was the current directory

@@ -118,6 +118,15 @@ def test_repeated_prompts_are_counted_and_those_with_other_metadata_warned(capsy
     assert err.strip().splitlines()[-1] == ("warning: 1 prompts appear more than once with different metadata (the "
                                             "first: '3+3?'): a reward function or gold scorer checks each copy "
                                             "against its own"), err
+    hh = _write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.",
+                                               "rejected": "\n\nHuman: Hi\n\nAssistant: No."}] * 2)
+    rc, out, err = _prepare(capsys, "--format", "hh_rlhf_prompts", "--input", hh, "--data-dir", tmp_path / "d",
+                            "--name", "hh")  # a format whose fields are not renamed: nothing is unread
+    assert rc == 0 and json.loads(out)["repeated_prompts"] == 1 and err == "", err
+    sft = _write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2+2?", "response": " 4", "id": i} for i in range(2)])
+    rc, out, err = _prepare(capsys, "--format", "jsonl_sft", "--input", sft, "--data-dir", tmp_path / "d",
+                            "--name", "sft")  # demonstrations: repeats are fine, metadata no verifier's
+    assert rc == 0 and "repeated_prompts" not in json.loads(out) and err == "", err
     same = _write_jsonl(tmp_path / "same.jsonl", rows[:3])
     rc, out, err = _prepare(capsys, "--format", "jsonl_prompts", "--input", same, "--data-dir", tmp_path / "d",
                             "--name", "same")

@@ -212,7 +212,26 @@ def test_a_wait_for_the_other_processes_that_timed_out_is_one_line():
     assert str(caught.value) == (f"distributed: waiting for the other processes timed out ({timed_out}); one of "
                                  "them stopped on an error of its own (see its log) or never started")
     with pytest.raises(RuntimeError, match="something else"), lost_processes_in_one_line():
-        raise RuntimeError("something else")
+        raise RuntimeError("something else\nGetKeyValue() in a later line of another error")
+    for first in ("DEADLINE_EXCEEDED: Barrier timed out. Barrier_id: wrote x", "Barrier timed out: id x"):
+        with pytest.raises(UserError, match="waiting for the other processes timed out"), \
+                lost_processes_in_one_line():
+            raise RuntimeError(first)
+
+
+@pytest.mark.parametrize("entry", ["stage", "pipeline"])
+def test_main_reports_a_timed_out_wait_for_the_other_processes_in_one_line(monkeypatch, capsys, entry):
+    from rlhf_jax import main as main_cli
+    from rlhf_jax import pipeline
+    from rlhf_jax.stages import dispatch
+
+    def timed_out(*args):
+        raise RuntimeError("INTERNAL: GetKeyValue() timed out with key: cpu:local_topology/cpu/1\nmore")
+
+    monkeypatch.setattr(dispatch if entry == "stage" else pipeline, "run", timed_out)
+    config = ROOT / "configs" / ("generate.yaml" if entry == "stage" else "demo.yaml")
+    assert main_cli.main(["--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("error: distributed: waiting for the other processes timed out")
 
 
 def test_joining_says_so_and_waits_as_long_as_configured(monkeypatch, capsys):
@@ -246,3 +265,30 @@ def test_check_same_names_up_to_three_keys_of_the_first_process_that_differs(mon
                                  "run the same config with the same overrides")
     gathered[2] = dict(base)  # equal, NaN included
     distributed.check_same(base, "settings")
+
+
+_ONE_LEAVES = """
+import os, sys
+if os.environ["JAX_PROCESS_ID"] == "1":  # joins, then is gone before the devices are set up
+    from rlhf_jax.runtime import distributed
+    distributed.initialize()
+    os._exit(7)
+""" + _MAIN
+
+
+def test_a_process_left_waiting_for_one_that_is_gone_ends_in_one_line(tmp_path):
+    """Process 0's backend waits for every process's devices; when that wait timed out, the exit asked JAX how many
+    processes there were, which started the backend (and the wait) again, until JAX's heartbeat aborted it."""
+    argv = ["--config", str(ROOT / "configs" / "generate.yaml"), f"run_dir={tmp_path / 'run'}"]
+    import os
+
+    os.environ["JAX_CPU_GET_LOCAL_TOPOLOGY_TIMEOUT_MINUTES"] = "1"  # inherited by the two processes
+    try:
+        procs = _two_mains(tmp_path, _ONE_LEAVES, [argv, argv])
+    finally:
+        del os.environ["JAX_CPU_GET_LOCAL_TOPOLOGY_TIMEOUT_MINUTES"]
+    outs = [p.communicate(timeout=95) for p in procs]
+    assert procs[1].returncode == 7
+    last = outs[0][1].strip().splitlines()[-1]
+    assert procs[0].returncode == 2 and last.startswith("error: distributed: waiting for the other processes timed "
+                                                        "out (") and "GetKeyValue" in last, outs[0][1][-2000:]

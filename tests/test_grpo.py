@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -95,13 +96,14 @@ def test_rloo_advantages_equal_a_loop_over_groups():
 def test_a_group_of_equal_rewards_gets_exactly_zero_advantages(group_size, value, compiled):
     """Equal rewards that float32 cannot hold exactly: their mean rounds, and under GRPO's std + 1e-4 a rounding
     difference became an advantage of one sign for the whole group (Adam's update is as large for it as for any)."""
-    rewards = jnp.concatenate([jnp.full(2 * group_size, value, jnp.float32), jnp.arange(group_size, dtype=jnp.float32)])
+    rewards = jnp.concatenate([jnp.arange(group_size, dtype=jnp.float32), jnp.full(2 * group_size, value,
+                                                                                 jnp.float32)])
     fns = {"grpo": lambda r: GM.grpo_advantages(r, group_size), "dr_grpo": lambda r: GM.grpo_advantages(r, group_size,
            False), "rloo": lambda r: GM.rloo_advantages(r, group_size)}
     for name, fn in fns.items():
         got = np.asarray(jax.jit(fn)(rewards) if compiled else fn(rewards))
-        assert np.all(got[:2 * group_size] == 0.0), (name, got[:2 * group_size])
-        assert np.all(np.diff(got[2 * group_size:]) > 0), (name, got)  # the other group still learns, in order
+        assert np.all(got[group_size:] == 0.0), (name, got)  # equal groups after another
+        assert np.all(np.diff(got[:group_size]) > 0), (name, got)  # the other group learns, in order
 
 
 @pytest.mark.parametrize("prompts, minibatches, accum", [(4, 2, 2), (6, 3, 1), (8, 1, 4)])
@@ -907,14 +909,18 @@ def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
                          (lambda p, r: ["a", "b"], "returned a list whose value for response 0 is 'a'; expected 2 "
                                                    "numbers"),
                          (lambda p, r: (1.0, None), "returned a tuple whose value for response 1 is None"),
-                         (lambda p, r: [[1.0], [2.0]], "expected a list of 2 numbers"),
+                         (lambda p, r: [[1.0, 2.0], [3.0, 4.0]], "expected a list of 2 numbers"),
                          (lambda p, r: ["1.5", "2"], "value for response 0 is '1.5'; expected 2 numbers"),
                          (lambda p, r: [[1.0], 2.0], "value for response 0 is [1.0]; expected 2 numbers"),
+                         (lambda p, r: [np.float32(1.0), None], "value for response 1 is None"),  # 0-d: numbers
+                         (lambda p, r: [0.0, 1.0, 2.0], "returned 3 values for 2 responses"),
+                         (lambda p, r: [0.0, math.nan, math.inf], "returned 3 values"),
                          (lambda p, r: [1e39, 0.0], "not finite in float32 (the first: 1e+39 for response 0)"),
                          (lambda p, r: sys.exit(3), "raised SystemExit: 3"),
                          (grpo_fixtures.times_out, "raised FunctionTimedOut: took too long"),  # a BaseException
-                         (lambda p, r: np.zeros((2, 1)), "returned a numpy ndarray of shape (2, 1), float64; "
+                         (lambda p, r: np.zeros((2, 2)), "returned a numpy ndarray of shape (2, 2), float64; "
                                                          "expected a list of 2 numbers"),  # one line, not numpy's
+                         (lambda p, r: [0.0, math.nan], "not finite in float32 (the first: nan for response 1)"),
                          (grpo_fixtures.not_finite, "returned 1 values for 2 responses that are not finite in "
                                                     "float32 (the first: nan")):
         wrapper = RewardFunction(fn, "grpo.reward_function=m:f", WordTokenizer(), (1,))
@@ -922,6 +928,12 @@ def test_the_reward_function_wrapper_records_each_mistake_and_returns_zeros():
         assert fragment in wrapper.problem, wrapper.problem
         with pytest.raises(Exception, match="iteration 3"):
             wrapper.raise_if_failed({}, 3)
+    # what is fine: bools, a model's (n, 1) scores, numpy and framework scalars
+    for returned in ([True, False], np.array([[0.5], [2.0]]), [np.float32(0.5), jnp.float32(2.0)]):
+        wrapper = RewardFunction(lambda p, r: returned, "grpo.reward_function=m:f", WordTokenizer(), (1,))
+        got = wrapper(*args)
+        assert wrapper.problem is None and got.dtype == np.float32, wrapper.problem
+        assert got.tolist() == np.asarray(returned, np.float32).reshape(-1).tolist()
     seen = []
     wrapper = RewardFunction(lambda p, r: seen.append((p, r)) or [1, 2.5], "k=m:f", WordTokenizer(), (1,))
     assert wrapper(*args).tolist() == [1.0, 2.5] and wrapper.problem is None

@@ -155,6 +155,21 @@ def test_a_pipeline_stopped_by_a_user_error_leaves_no_run_dir_nor_the_parents_ma
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_stage_stopped_by_a_user_error_leaves_no_run_dir_nor_the_parents_made_for_it(tmp_path, prompts):
+    run_dir = tmp_path / "runs" / "gen"
+    rc, _, err = run_quietly(main_cli.main, ["--config", ROOT / "configs" / "generate.yaml", f"run_dir={run_dir}",
+                                             f"generate.prompt_file={prompts}", "model.path=/nonexistent/model"])
+    assert rc == 2 and "/nonexistent/model" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_pipeline_whose_later_step_stops_on_a_user_error_keeps_what_the_earlier_made(tmp_path, prompts):
+    run_dir = tmp_path / "run"
+    rc, _, err = run_quietly(main_cli.main, ["--config", _pipeline(tmp_path, prompts, run_dir)])
+    assert rc == 2 and err.strip().splitlines()[-1] == f"error: {run_dir}/first/prompts.txt: file not found", err
+    assert "[1/2] first: done" in err and (run_dir / "first").is_dir() and (run_dir / "first.jsonl").exists()
+
+
 def test_every_step_of_a_pipeline_is_compared_between_processes_before_the_first_runs(tmp_path, prompts,
                                                                                        monkeypatch):
     """Processes given other settings for a later step must stop before the first step runs, not after it."""

@@ -282,6 +282,11 @@ def test_config_changes_classify_keys():
         "ppo.no_eos_penalty=null (now -1.0)"]
     refused, _ = config_changes(old, {**new, "optim": {"lr": 1.0, "grad_clip": 0.0}})
     assert "optim.grad_clip=1.0 (now 0.0)" in refused
+    # a key added to the schema since the checkpoint was saved: at its default no change, else one
+    defaults = {"distributed": {"initialization_timeout": 300}}
+    assert config_changes(old, {**old, **defaults}, defaults=defaults) == ([], [])
+    assert config_changes(old, {**old, "distributed": {"initialization_timeout": 60}}, defaults=defaults) == (
+        [], ["distributed.initialization_timeout=null (now 60)"])
     # the adapters' scale: the saved adapters would be another model
     assert config_changes({"lora": {"alpha": 16.0}}, {"lora": {"alpha": 32.0}})[0] == ["lora.alpha=16.0 (now 32.0)"]
     # PPO-ptx and the EMA switched on or off change what the checkpoint holds; another coefficient steers

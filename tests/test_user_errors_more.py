@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+import numpy as np
 import pytest
 
 from rlhf_jax import convert, evaluate, generate
@@ -119,12 +120,20 @@ def _eval(tiny, reward_model, out, *flags):
 # ------------------------------------------------------------------------------------------ user code that fails
 
 
+def test_a_gold_scorer_may_return_a_models_scores_and_any_float64(tmp_path):
+    """(n, 1) logits and values beyond float32 were accepted before the reward functions' check was shared."""
+    assert gold_scores(lambda p, r: np.array([[0.5], [2.0]]), "m:f", ["p", "q"], [" a", " b"], [True, False],
+                       [None, None]).tolist() == [0.5, 2.0]
+    assert gold_scores(lambda p, r: [1e39, 0.0], "m:f", ["p", "q"], [" a", " b"], [True, False],
+                       [None, None]).tolist() == [1e39, 0.0]
+
+
 @pytest.mark.parametrize("fn, returned", [
     (gold_raises, f"raised ZeroDivisionError: division by zero ({__file__}:"),
     (gold_none, "returned None; expected 2 numbers, one per response"),
     (gold_words, "returned a list whose value for response 0 is 'good'; expected 2 numbers, one per response"),
     (gold_short, "returned 1 values for 2 responses ([1.0])"),
-    (gold_nan, "returned 1 values for 2 responses that are not finite in float32 (the first: nan for response 0)"),
+    (gold_nan, "returned 1 values for 2 responses that are not finite in float64 (the first: nan for response 0)"),
     (gold_long_then_none, "returned a list whose value for response 1 is None; expected 2 numbers, one per response"),
 ])
 def test_a_gold_scorer_that_fails_is_one_line_naming_it_and_what_it_returned(fn, returned):

@@ -128,13 +128,15 @@ def _joined() -> bool:
 
 
 def joined_others() -> bool:
-    """Whether this process joined a run of several processes."""
-    return _joined() and jax.process_count() > 1
+    """Whether this process joined others: asks JAX nothing, since a backend that failed to start (a peer gone)
+    would start, and wait, again. A detected cluster counts as several processes."""
+    settings = _STATE.get("settings")
+    return settings is not None and settings.get("num_processes", 2) > 1
 
 
 def is_multiprocess() -> bool:
     """Several processes take part in what this process does now (not inside `alone()`)."""
-    return joined_others() and not _STATE.get("alone")
+    return _joined() and jax.process_count() > 1 and not _STATE.get("alone")
 
 
 @contextlib.contextmanager
@@ -150,7 +152,7 @@ def alone():
 
 
 def acting_alone() -> bool:
-    return bool(_STATE.get("alone")) and joined_others()
+    return bool(_STATE.get("alone")) and _joined() and jax.process_count() > 1
 
 
 def is_primary() -> bool:

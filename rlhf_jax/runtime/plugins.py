@@ -8,7 +8,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import numbers
 import reprlib
 import sys
 import traceback
@@ -114,10 +113,11 @@ def shown(value) -> str:
     return " ".join(reprlib.repr(value).split())
 
 
-def scores(returned, n: int, who: str) -> np.ndarray:
-    """What a reward function or gold scorer returned for `n` responses, as `n` float64 scores: a list, tuple or
-    one-dimensional array of numbers finite in float32 (bools count as 0 and 1). Anything else is one line naming
-    `who` and the first value that is wrong: a short repr may end before it."""
+def scores(returned, n: int, who: str, dtype=np.float64) -> np.ndarray:
+    """What a reward function or gold scorer returned for `n` responses, as `n` scores of `dtype` (the reward
+    function's go into a float32 program): a list, tuple or array of numbers finite in `dtype`, one-dimensional
+    or with axes of size 1 beside it (a model's (n, 1) logits); bools count as 0 and 1. Anything else is one line
+    naming `who` and the first value that is wrong: a short repr may end before it."""
     what = shown(returned)
     try:
         values = np.asarray(returned)
@@ -125,17 +125,26 @@ def scores(returned, n: int, who: str) -> np.ndarray:
             raise TypeError
     except (TypeError, ValueError):  # ragged nesting too
         if isinstance(returned, (list, tuple)):
-            i = next((i for i, x in enumerate(returned) if not isinstance(x, numbers.Real)), None)
+            i = next((i for i, x in enumerate(returned) if not _a_number(x)), None)
             if i is not None:
                 what = f"a {type(returned).__name__} whose value for response {i} is {shown(returned[i])}"
         raise UserError(f"{who}: returned {what}; expected {n} numbers, one per response") from None
-    if values.ndim != 1:
+    if sum(size > 1 for size in values.shape) > 1 or values.ndim == 0:
         raise UserError(f"{who}: returned {what}; expected a list of {n} numbers, one per response")
     if values.size != n:
         raise UserError(f"{who}: returned {values.size} values for {n} responses ({what})")
+    values = values.reshape(n)
     with np.errstate(over="ignore"):  # 1e39 is finite, not in float32: reported below, not warned about
-        bad = np.flatnonzero(~np.isfinite(values.astype(np.float32)))
+        bad = np.flatnonzero(~np.isfinite(values.astype(dtype)))
     if bad.size:
-        raise UserError(f"{who}: returned {bad.size} values for {n} responses that are not finite in float32 (the "
-                        f"first: {values[bad[0]]} for response {bad[0]})")
-    return values.astype(np.float64)
+        raise UserError(f"{who}: returned {bad.size} values for {n} responses that are not finite in "
+                        f"{np.dtype(dtype).name} (the first: {values[bad[0]]} for response {bad[0]})")
+    return values.astype(dtype)
+
+
+def _a_number(value) -> bool:
+    """A Python, numpy or framework scalar (a 0-d array) of a real or bool type."""
+    try:
+        return np.ndim(value) == 0 and np.asarray(value).dtype.kind in "biuf"
+    except Exception:  # noqa: BLE001 - whatever user code returned
+        return False

@@ -310,7 +310,7 @@ class RewardFunction:
             prompts, responses, ended, metadata = self.texts(prompt_ids_RP, prompt_mask_RP, tokens_RN, mask_RN)
             offered = dict(zip(plugins.SCORER_KEYWORDS, (ended, metadata)))
             returned = plugins.call(self.fn, self.who, prompts, responses, **offered)
-            return plugins.scores(returned, R, self.who).astype(np.float32)
+            return plugins.scores(returned, R, self.who, np.float32)
         except UserError as e:
             self.problem = str(e)
         except BaseException as e:  # noqa: BLE001 - nothing may escape the callback (XLA's traceback follows)

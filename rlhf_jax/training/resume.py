@@ -79,14 +79,19 @@ def _refused(key: str, old: Any, new: Any, stage: Any) -> bool:
     return key in REFUSED
 
 
-def config_changes(old: dict, new: dict, same_models=frozenset()) -> tuple[list[str], list[str]]:
+def config_changes(old: dict, new: dict, same_models=frozenset(), defaults: dict | None = None
+                   ) -> tuple[list[str], list[str]]:
     """(refused, allowed) changes between a checkpoint's config and the new one, as 'key=old (now new)'; a
-    model key in `same_models` names the same files (`model_changes`), so its new path is allowed."""
-    before, after = flatten(old), flatten(new)
+    model key in `same_models` names the same files (`model_changes`), so its new path is allowed. A key the
+    checkpoint's config lacks (added to the schema since) at its value in `defaults` (a config's defaults) is no
+    change."""
+    before, after, defaults = flatten(old), flatten(new), flatten(defaults or {})
     refused, allowed = [], []
     for key in sorted(set(before) | set(after)):
         old_value, new_value = before.get(key), after.get(key)
         if key == "run_dir":  # the run itself, wherever it was moved or copied to
+            continue
+        if key not in before and key in defaults and new_value == defaults[key]:
             continue
         # moved with the run: the same dataset (its fingerprint is compared as data.name's), the same model files
         if (key == "data.dir" or key in same_models) and _moved_with_run(old_value, new_value, before.get("run_dir"),

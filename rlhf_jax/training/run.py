@@ -111,7 +111,8 @@ class Run:
             raise UserError(f"cannot resume {self.ckpts.directory} (step {step}): {', '.join(changed)}: not the "
                             "model or dataset the run started from (its files changed since); restore it or use a "
                             "new run_dir")
-        refused, allowed = resume.config_changes(stored_config, config_to_dict(self.cfg), same)
+        refused, allowed = resume.config_changes(stored_config, config_to_dict(self.cfg), same,
+                                                 config_to_dict(Config()))
         shapes = resume.shape_changes(stored_shapes, state_shapes(state))
         if refused or shapes:
             raise UserError(f"cannot resume {self.ckpts.directory} (step {step}) with this config: "
