@@ -319,12 +319,14 @@ def _map_strings(value, fn):
 def run(path: str, overrides: Sequence[str] = ()) -> list[dict]:
     """Runs every step not finished yet, in order, holding run_dir's lock; returns their summaries. A run that
     stops on a user error leaves no run_dir behind if it created it and no step has written to it."""
-    from rlhf_jax.runtime import distributed
+    from rlhf_jax.runtime import compile_cache, distributed
 
     run_dir, steps = load(path, overrides)
+    from rlhf_jax.stages.dispatch import settings_of  # after the schema: its errors come before heavier imports
+
     # before anything touches a device (the steps share the top-level `distributed` section)
     distributed.initialize(steps[0].cfg.distributed)
-    from rlhf_jax.stages.dispatch import settings_of
+    compile_cache.use(steps[0].cfg.runtime.compile_cache)  # before the first program: check_same's gather compiles
     distributed.check_same({f"pipeline.{step.name}.{key}": value for step in steps
                             for key, value in settings_of(step.cfg).items()}, "settings")
     created = distributed.on_primary(lambda: make_run_dir(run_dir))

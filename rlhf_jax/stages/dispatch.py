@@ -80,8 +80,8 @@ def run(cfg: Config) -> dict:
     """Run the configured stage in its run dir, holding the run dir's lock. A stage that stops on a user error
     before it has recorded any progress leaves no run dir behind if it created one."""
     distributed.initialize(cfg.distributed)
+    compile_cache.use(cfg.runtime.compile_cache)  # before the first program: check_same's gather compiles one
     distributed.check_same(settings_of(cfg), "settings")
-    compile_cache.use(cfg.runtime.compile_cache)
     run_dir = Path(cfg.run_dir)
     created = make_run_dir(run_dir)
     try:
