@@ -248,7 +248,7 @@ def test_joining_says_so_and_waits_as_long_as_configured(monkeypatch, capsys):
     distributed.initialize(DistributedSection(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2,
                                               initialization_timeout=45))
     assert joined == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
-                       "cluster_detection_method": "deactivate", "initialization_timeout": 45}]
+                       "cluster_detection_method": "deactivate", "initialization_timeout": 45 + distributed._JAX_GRACE_S}]
     assert capsys.readouterr().err == ("distributed: process 2 of 4 joining at 10.0.0.1:1234; waiting up to 45 s for "
                                        "all of them (distributed.initialization_timeout)\n")
 
@@ -292,3 +292,31 @@ def test_a_process_left_waiting_for_one_that_is_gone_ends_in_one_line(tmp_path):
     last = outs[0][1].strip().splitlines()[-1]
     assert procs[0].returncode == 2 and last.startswith("error: distributed: waiting for the other processes timed "
                                                         "out (") and "GetKeyValue" in last, outs[0][1][-2000:]
+
+
+_NEVER_STARTS = """
+import os
+if os.environ["JAX_PROCESS_ID"] == "1":
+    os._exit(7)  # never joins (a node that did not come up)
+""" + _MAIN
+
+
+@pytest.mark.parametrize("waiting", [0, 1])
+def test_a_process_whose_peer_never_joins_stops_in_one_line_at_the_timeout(tmp_path, waiting):
+    """JAX aborted the process with a C++ stack trace when its wait for the others timed out."""
+    argv = ["--config", str(ROOT / "configs" / "generate.yaml"), f"run_dir={tmp_path / 'run'}",
+            "distributed.initialization_timeout=3"]
+    code = _NEVER_STARTS.replace('== "1"', f'== "{1 - waiting}"')
+    procs = _two_mains(tmp_path, code, [argv, argv])
+    outs = [p.communicate(timeout=60) for p in procs]
+    err = outs[waiting][1]
+    assert procs[1 - waiting].returncode == 7
+    assert procs[waiting].returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "error: distributed: not every process joined within 3 s (distributed.initialization_timeout): one of them "
+        "never started, stopped before joining, or cannot reach 127.0.0.1:" + _port_joined_at(err)), err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def _port_joined_at(err: str) -> str:
+    return re.search(r"joining at 127\.0\.0\.1:(\d+)", err).group(1)

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -94,11 +95,29 @@ def initialize(section=None) -> None:
            if wanted else "joining the detected cluster's processes")
     print(f"distributed: {who}; waiting up to {timeout} s for all of them (distributed.initialization_timeout)",
           file=sys.stderr, flush=True)
+    where = wanted.get("coordinator_address") or "the detected coordinator"
+    # JAX aborts the process with a C++ stack trace when its own wait times out: ours ends first, in one line.
+    watchdog = threading.Timer(timeout, _not_all_joined, (timeout, where))
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        jax.distributed.initialize(**wanted, **detect, initialization_timeout=timeout)
+        jax.distributed.initialize(**wanted, **detect, initialization_timeout=timeout + _JAX_GRACE_S)
     except Exception as e:  # noqa: BLE001 - a wrong address or a missing peer surfaces as many error types
         raise UserError(f"distributed: cannot join {wanted or 'the detected cluster'} ({_first_line(e)})") from None
+    finally:
+        watchdog.cancel()
     _exit_at_once_on_a_crash()
+
+
+_JAX_GRACE_S = 60  # JAX's own join timeout comes this long after ours
+
+
+def _not_all_joined(timeout: int, where: str) -> None:
+    """Ends a process whose join did not complete in time (called on a timer thread, while JAX waits)."""
+    print(f"error: distributed: not every process joined within {timeout} s (distributed.initialization_timeout): "
+          f"one of them never started, stopped before joining, or cannot reach {where}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
 
 
 def _exit_at_once_on_a_crash() -> None:
