@@ -320,3 +320,20 @@ def test_a_process_whose_peer_never_joins_stops_in_one_line_at_the_timeout(tmp_p
 
 def _port_joined_at(err: str) -> str:
     return re.search(r"joining at 127\.0\.0\.1:(\d+)", err).group(1)
+
+
+@pytest.mark.parametrize("kind, status", [(RuntimeError, 1), (KeyboardInterrupt, 130)])
+def test_an_uncaught_exception_ends_a_joined_process_at_once_after_its_traceback(monkeypatch, kind, status):
+    """JAX's exit handler would wait at a barrier for processes that wait for this one in a collective."""
+    import sys
+
+    printed, exited = [], []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: printed.append(args[0]))
+    monkeypatch.setattr(distributed.os, "_exit", exited.append)
+    distributed._exit_at_once_on_a_crash()
+    monkeypatch.setattr(distributed, "_STATE", {"settings": None})  # alone: the traceback, then Python's own exit
+    sys.excepthook(kind, kind("x"), None)
+    assert printed == [kind] and exited == []
+    monkeypatch.setattr(distributed, "_STATE", {"settings": {"num_processes": 2}})
+    sys.excepthook(kind, kind("x"), None)
+    assert printed == [kind, kind] and exited == [status]

@@ -90,6 +90,9 @@ def test_scripts_are_strict_executable_and_have_help(script):
     out = run(["bash", script, "--help"])
     assert out.returncode == 0 and "--dry-run" in out.stdout and out.stderr == "", out.stderr
     assert not out.stdout.startswith(("#", "!"))  # the header comment, uncommented
+    if script.name in ("local.sh", "gpu_slurm.sbatch"):  # options anywhere: -h after CONFIG prints, never launches
+        argv = ["2", "configs/sft.yaml", "-h"] if script.name == "local.sh" else ["configs/sft.yaml", "-h", "a.b=1"]
+        assert run(["bash", script, *argv], env=slurm_env()).stdout == out.stdout
 
 
 # --- tpu_pod.sh -----------------------------------------------------------------------------------------------
