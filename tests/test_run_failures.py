@@ -219,6 +219,26 @@ def test_resume_refuses_another_model_and_allows_harmless_changes(tiny, data_dir
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 3
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_without_a_word_of_it(tiny, data_dir, workdir, monkeypatch):
+    """A key added to the config since the checkpoint was saved is absent from its stored config: at its default
+    it is no change (a refused key listed as one stopped every such resume)."""
+    from rlhf_jax.models.checkpoint import TrainCheckpoints as Checkpoints
+
+    run_dir = workdir / "older"
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=2")
+    assert rc == 0, err
+    stored = Checkpoints.stored
+
+    def from_before(self, step):
+        config, shapes, facts = stored(self, step)
+        del config["data"]["chat_template"]  # refused when changed; default True
+        return config, shapes, facts
+
+    monkeypatch.setattr(Checkpoints, "stored", from_before)
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=3")
+    assert rc == 0 and "resumed from" in err and "chat_template" not in err, err
+
+
 def _nested(key: str, value) -> dict:
     head, _, rest = key.partition(".")
     return {head: _nested(rest, value) if rest else value}
