@@ -358,6 +358,47 @@ def test_truncated_safetensors_names_the_file(capsys, tmp_path, hf_a, prompt_fil
     assert not (tmp_path / "ckpt").exists() and _leftovers(tmp_path / "ckpt") == []
 
 
+def _with_float8_tensor(weights: Path, name: str) -> None:
+    """Rewrites a safetensors file with `name` stored as float8 (F8_E4M3, as quantized releases store weights)."""
+    import json
+    import struct
+
+    header_len = struct.unpack("<Q", weights.read_bytes()[:8])[0]
+    header = json.loads(weights.read_bytes()[8:8 + header_len])
+    data = weights.read_bytes()[8 + header_len:]
+    tensors, out, offset = {k: v for k, v in header.items() if k != "__metadata__"}, {}, 0
+    chunks = []
+    for key, info in sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        start, end = info["data_offsets"]
+        chunk = data[start:end] if key != name else bytes((end - start) // 4)  # one byte per value
+        out[key] = {**info, "dtype": "F8_E4M3" if key == name else info["dtype"],
+                    "data_offsets": [offset, offset + len(chunk)]}
+        chunks.append(chunk)
+        offset += len(chunk)
+    text = json.dumps(out).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+
+
+def test_a_quantized_checkpoint_is_one_line_naming_its_config_or_tensor(capsys, tmp_path, hf_a, prompt_file):
+    """An FP8 release (Qwen3-8B-FP8) ended in numpy's AttributeError for the float8 dtype."""
+    import json
+
+    from safetensors import safe_open
+
+    model = shutil.copytree(hf_a, tmp_path / "hf")
+    weights = model / "model.safetensors"
+    with safe_open(str(weights), framework="numpy") as f:
+        name = next(k for k in f.keys() if k.endswith("down_proj.weight"))
+    _with_float8_tensor(weights, name)
+    rc, _, err = _generate(capsys, model, prompt_file)
+    _assert_user_error(rc, err, weights, f"tensor {name!r} has dtype F8_E4M3", "unquantized")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    rc, _, err = _convert(capsys, "--from-hf", model, "--out", tmp_path / "ckpt")
+    _assert_user_error(rc, err, model / "config.json", "quantization_config (quant_method 'fp8')", "unquantized")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_missing_shard_names_the_file(capsys, tmp_path, hf_a):
     model = _sharded_export(tmp_path / "hf", hf_a)
     shard = sorted(model.glob("model-*.safetensors"))[-1]
@@ -497,6 +538,19 @@ def test_hf_dir_without_tokenizer(capsys, tmp_path, hf_a, prompt_file, params_a)
     rc, _, err = _convert(capsys, "--to-hf", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf2")
     assert rc == 0, err
     _assert_same_params(load_model(tmp_path / "hf2").params, params_a)
+
+
+def test_a_tokenizer_with_code_of_its_own_is_one_line(capsys, tmp_path, hf_a, prompt_file):
+    """A tokenizer with code of its own (auto_map) ended in transformers' traceback asking for trust_remote_code."""
+    import json
+
+    model = shutil.copytree(hf_a, tmp_path / "hf")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="FooTokenizer", auto_map={"AutoTokenizer": ["tokenization_foo.FooTokenizer", None]})
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    rc, _, err = _generate(capsys, model, prompt_file)
+    _assert_user_error(rc, err, model, "its tokenizer needs code of its own (tokenizer_config.json's auto_map), which "
+                                       "is never run")
 
 
 def test_vocab_size_smaller_than_the_tokenizer(capsys, tmp_path, hf_a, prompt_file):

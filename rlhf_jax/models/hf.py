@@ -55,11 +55,19 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise HFFormatError(f"{path}: is a directory, expected a safetensors file")
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            return {key: _tensor(f, key, path) for key in f.keys()}
     except SafetensorError as e:
         raise HFFormatError(f"{path}: corrupt or truncated safetensors file ({os_reason(e)})") from None
     except OSError as e:
         raise HFFormatError(f"{path}: cannot read ({os_reason(e)})") from None
+
+
+def _tensor(opened, key: str, path: Path) -> np.ndarray:
+    try:
+        return opened.get_tensor(key)
+    except (AttributeError, TypeError, ValueError):  # a dtype numpy has no type for (float8 of quantized releases)
+        raise HFFormatError(f"{path}: tensor {key!r} has dtype {opened.get_slice(key).get_dtype()}, which is not "
+                            "loaded; use the model's unquantized (bfloat16 or float32) release") from None
 
 
 def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:

@@ -225,6 +225,11 @@ def config_from_hf(hf: dict, generation: dict | None = None, where: str = "confi
     if _FAMILY_OF_TYPE.get(model_type, family) != family:  # transformers builds the model by its model_type
         raise HFFormatError(f"{where}: architectures names {arch!r} ({family}) but model_type is {model_type!r} "
                             f"({_FAMILY_OF_TYPE[model_type]}); one of them is wrong")
+    if quantized := hf.get("quantization_config"):  # its weights are scaled integers or floats of 8 bits or fewer
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        raise HFFormatError(f"{where}: quantization_config{f' (quant_method {method!r})' if method else ''}: "
+                            "quantized checkpoints are not loaded; use the model's unquantized (bfloat16 or float32) "
+                            "release")
     generation = generation or {}
     if not isinstance(generation, dict):
         raise HFFormatError(f"generation_config.json beside {where}: expected a JSON object")

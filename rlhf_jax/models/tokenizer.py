@@ -46,8 +46,14 @@ def load_tokenizer(path: str | os.PathLike, family: str | None = None) -> transf
     say (Qwen2's splits digits one by one where a generic file's pre-tokenizer does not), so that an export's
     tokenizer/ (no config.json there) reads text as the HF checkpoint it came from does."""
     config = transformers.AutoConfig.for_model(MODEL_TYPES[family]) if family else None
-    return transformers.AutoTokenizer.from_pretrained(str(path), config=config, local_files_only=True,
-                                                      trust_remote_code=False)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), config=config, local_files_only=True,
+                                                          trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"{path}: its tokenizer needs code of its own (tokenizer_config.json's auto_map), which is "
+                        "never run; use a tokenizer that transformers builds itself (tokenizer.json)") from None
 
 
 def check_same_tokenizer(tokenizer_dir, reference_dir, key: str, reference: str, chat_template: bool = False) -> None:
