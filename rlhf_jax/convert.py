@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_jax.errors import UserError, naming_flags, report
+from rlhf_jax.errors import UserError, naming_flags, out_of_memory_in_one_line, report
 from rlhf_jax.models import hf
 from rlhf_jax.models.checkpoint import load_model, save_model
 from rlhf_jax.runtime import fsio
@@ -41,30 +41,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="replace an existing output directory (as a whole, once the new one is complete)")
     args = ap.parse_args(argv)
     try:
-        if args.to_hf and not args.checkpoint:
-            raise UserError("--to-hf needs --checkpoint CKPT_DIR")
-        if args.from_hf and (args.checkpoint or args.dtype):  # an import keeps the HF files' dtype
-            raise UserError(f"--from-hf imports one HF directory as it is stored; "
-                            f"{'--checkpoint' if args.checkpoint else '--dtype'} applies to --to-hf only")
-        source = args.from_hf or args.checkpoint
-        fsio.check_out_dir(args.out, args.overwrite, [source])  # before the (slow) load
-        _check_replaceable(Path(args.out))
-        loaded = load_model(source)
-        if loaded.tokenizer_dir is None:
-            print(f"warning: {source} has no tokenizer files (tokenizer.json, vocab.json or tokenizer.model), so "
-                  f"{args.out} has none: generation and training refuse it until they are copied in", file=sys.stderr)
-        if args.from_hf:
-            save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite,
-                       extra=loaded.extra)
-        else:
-            hf.save_hf(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
-                       extra_config=loaded.extra, overwrite=args.overwrite)
+        with out_of_memory_in_one_line("converting holds the whole model in host memory, read and written once "
+                                       "each: it needs a host with more free memory"):
+            loaded = _convert(args)
     except UserError as e:
         return report(naming_flags(e, {}, [("--out", args.out), ("--from-hf", args.from_hf),
                                            ("--checkpoint", args.checkpoint)]))
     print(json.dumps({"out": args.out, "family": loaded.cfg.family, "head": loaded.head,
                       "layers": loaded.cfg.n_layers, "d_model": loaded.cfg.d_model}))
     return 0
+
+
+def _convert(args):
+    """The model read from the input and written to --out."""
+    if args.to_hf and not args.checkpoint:
+        raise UserError("--to-hf needs --checkpoint CKPT_DIR")
+    if args.from_hf and (args.checkpoint or args.dtype):  # an import keeps the HF files' dtype
+        raise UserError(f"--from-hf imports one HF directory as it is stored; "
+                        f"{'--checkpoint' if args.checkpoint else '--dtype'} applies to --to-hf only")
+    source = args.from_hf or args.checkpoint
+    fsio.check_out_dir(args.out, args.overwrite, [source])  # before the (slow) load
+    _check_replaceable(Path(args.out))
+    loaded = load_model(source)
+    if loaded.tokenizer_dir is None:
+        print(f"warning: {source} has no tokenizer files (tokenizer.json, vocab.json or tokenizer.model), so "
+              f"{args.out} has none: generation and training refuse it until they are copied in", file=sys.stderr)
+    if args.from_hf:
+        save_model(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.overwrite,
+                   extra=loaded.extra)
+    else:
+        hf.save_hf(args.out, loaded.params, loaded.cfg, loaded.head, loaded.tokenizer_dir, args.dtype,
+                   extra_config=loaded.extra, overwrite=args.overwrite)
+    return loaded
 
 
 def _check_replaceable(out: Path) -> None:

@@ -56,17 +56,25 @@ DRY_RUN_HINT = ("`python -m rlhf_jax.main --config CFG --dry-run` plans each ste
                 "(optim.grad_accum_steps) and model.remat that fit")
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """The host's MemoryError or XLA's RESOURCE_EXHAUSTED: no fault of the files being read (code that reads
+    checkpoints and takes any failure for damage lets these pass)."""
+    if isinstance(error, MemoryError):
+        return True
+    lines = str(error).strip().splitlines()  # jax.errors.JaxRuntimeError, matched without importing jax here
+    return isinstance(error, RuntimeError) and bool(lines) and "RESOURCE_EXHAUSTED" in lines[0]
+
+
 @contextlib.contextmanager
 def out_of_memory_in_one_line(hint: str = DRY_RUN_HINT):
     """XLA's RESOURCE_EXHAUSTED (at compile or run time, on any backend) and the host's MemoryError as one
     OutOfMemory line with `hint`, the way to a fit, instead of pages of traceback."""
     try:
         yield
-    except RuntimeError as e:  # jax.errors.JaxRuntimeError, matched without importing jax here
-        lines = str(e).strip().splitlines()
-        if not lines or "RESOURCE_EXHAUSTED" not in lines[0]:
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
             raise
-        raise OutOfMemory(f"out of device memory ({lines[0][:200]}); {hint}") from None
+        raise OutOfMemory(f"out of device memory ({str(e).strip().splitlines()[0][:200]}); {hint}") from None
     except MemoryError as e:  # the host's: numpy's arrays of a batch, a checkpoint read into memory
         raise OutOfMemory(f"out of host memory ({str(e).splitlines()[0][:200] if str(e) else 'MemoryError'}); "
                           f"{hint}") from None

@@ -399,6 +399,27 @@ def test_a_quantized_checkpoint_is_one_line_naming_its_config_or_tensor(capsys, 
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("direction", ["from_hf", "to_hf"])
+def test_running_out_of_host_memory_is_one_line_and_never_called_corrupt(capsys, monkeypatch, tmp_path, hf_a, ckpt_a,
+                                                                        direction):
+    """A conversion short of memory ended in a traceback, or called a sound checkpoint corrupt."""
+    import orbax.checkpoint as ocp
+
+    from rlhf_jax.models import hf as hf_io
+
+    def short_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 297. MiB for an array with shape (77856768,) and data type float32")
+
+    monkeypatch.setattr(ocp.Checkpointer, "restore", short_of_memory)
+    monkeypatch.setattr(hf_io, "_tensor", short_of_memory)
+    argv = ("--from-hf", hf_a) if direction == "from_hf" else ("--to-hf", "--checkpoint", ckpt_a)
+    rc, _, err = _convert(capsys, *argv, "--out", tmp_path / "out")
+    assert rc == 5 and err.count("\n") == 1, err
+    assert err.startswith("error: out of host memory (Unable to allocate 297. MiB") and "corrupt" not in err, err
+    assert "converting holds the whole model in host memory" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_shard_names_the_file(capsys, tmp_path, hf_a):
     model = _sharded_export(tmp_path / "hf", hf_a)
     shard = sorted(model.glob("model-*.safetensors"))[-1]

@@ -239,6 +239,25 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_without_a_word_of_it(tin
     assert rc == 0 and "resumed from" in err and "chat_template" not in err, err
 
 
+@pytest.mark.parametrize("reading", ["stored", "restore"])
+def test_a_resume_short_of_memory_stops_in_one_line_and_keeps_the_checkpoint(tiny, data_dir, workdir, monkeypatch,
+                                                                            reading):
+    """A memory error while reading a checkpoint was taken for damage: the sound step was moved aside."""
+    from rlhf_jax.models.checkpoint import TrainCheckpoints
+
+    run_dir = workdir / f"short_of_memory_{reading}"
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=2")
+    assert rc == 0, err
+
+    def short_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 297. MiB for an array")
+
+    monkeypatch.setattr(TrainCheckpoints, reading, short_of_memory)
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=3")
+    assert rc == 5 and _last_line(err).startswith("error: out of host memory (Unable to allocate 297. MiB"), err
+    assert _steps(run_dir) == [1, 2] and not (run_dir / "unrestorable_checkpoints").exists()
+
+
 def _nested(key: str, value) -> dict:
     head, _, rest = key.partition(".")
     return {head: _nested(rest, value) if rest else value}

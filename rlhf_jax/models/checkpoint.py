@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax.errors import UserError, os_error_message, os_reason
+from rlhf_jax.errors import UserError, is_out_of_memory, os_error_message, os_reason
 from rlhf_jax.models import hf
 from rlhf_jax.models.hf_config import read_json
 from rlhf_jax.models.transformer import ModelConfig
@@ -146,6 +146,8 @@ def _load_params(params_dir: Path) -> dict:
             as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
             params = ckptr.restore(params_dir, item=target, restore_args=as_numpy)
     except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
+        if is_out_of_memory(e):
+            raise
         raise CheckpointError(f"{params_dir}: corrupt or truncated Orbax checkpoint ({os_reason(e)})") from None
     return jax.tree.map(np.asarray, params)
 
@@ -383,6 +385,8 @@ def restore_params(state_dir: Path, keys: tuple[str, ...]) -> dict:
             out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
+        if is_out_of_memory(e):
+            raise
         raise UnrestorableCheckpoint(_first_line(e)) from None
     for key in keys:
         out = out[key]
