@@ -688,7 +688,15 @@ def test_the_verdict_at_the_memory_and_the_least_of_the_candidates_that_do_not_f
     assert verdict(400).fits is True and verdict(399).fits is False
     line = verdict(200).lines[-1]
     assert line == ("does not fit: needs 400 B of 200 B per device; no micro-batch fits, with or without "
-                    "model.remat=block (the least: 250 B with accumulation 1, remat block)"), line
+                    "model.remat=block (the least: 250 B with accumulation 1, remat block; params, optimizer state, "
+                    "frozen models and batch take 100 B): lower data.max_prompt_tokens, data.max_response_tokens, "
+                    "split the weights over more devices (mesh.shape: a larger fsdp axis), or train LoRA adapters "
+                    "(lora.rank)"), line
+    ppo = pipeline.Step("round1/ppo", load_config(None, ["stage=ppo", "data.name=p", "lora.rank=8",
+                                                         f"run_dir={tmp_path}"]))
+    assert Planner([ppo], Budget(200, "", {}, ""), True)._what_shrinks(ppo) == (
+        "lower pipeline.ppo.train.batch_size, pipeline.ppo.data.max_prompt_tokens, "
+        "pipeline.ppo.sampling.max_new_tokens, split the weights over more devices (pipeline.ppo.mesh.shape: a larger fsdp axis)")
     arguments["value"] = 200  # the arguments alone fill it: the search still runs (a smaller micro-batch may fit)
     assert "no micro-batch fits" in verdict(200).lines[-1]
     arguments["value"] = 201

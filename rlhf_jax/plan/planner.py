@@ -205,7 +205,19 @@ class Planner:
                 setting = f"{self.key(step, 'optim.grad_accum_steps')}={accum} {self.key(step, 'model.remat')}={remat}"
                 return f"{head}; fits with {setting} ({gib(total)})"
         return (f"{head}; no micro-batch fits, with or without model.remat=block (the least: {gib(best[2])} with "
-                f"accumulation {best[1]}, remat {best[0]})")
+                f"accumulation {best[1]}, remat {best[0]}; params, optimizer state, frozen models and batch take "
+                f"{gib(fixed)}): {self._what_shrinks(step)}")
+
+    def _what_shrinks(self, step: pipeline.Step) -> str:
+        """The settings that shrink what a smaller micro-batch does not: a policy stage's rollout (every prompt of
+        the batch at once), the sequences' length, each device's share of the weights, the trained parameters."""
+        cfg = step.cfg
+        rollout = cfg.stage in ("ppo", "grpo", "rloo")
+        keys = (["train.batch_size", "data.max_prompt_tokens", "sampling.max_new_tokens"] if rollout
+                else ["data.max_prompt_tokens", "data.max_response_tokens"])
+        lora = "" if cfg.lora.rank else f", or train LoRA adapters ({self.key(step, 'lora.rank')})"
+        return (f"lower {', '.join(self.key(step, k) for k in keys)}, split the weights over more devices "
+                f"({self.key(step, 'mesh.shape')}: a larger fsdp axis){lora}")
 
 
 def with_setting(cfg: Config, remat: str, accum: int) -> Config:
