@@ -136,13 +136,22 @@ def test_a_step_that_does_not_fit_gets_a_real_suggestion(tmp_path):
 
 
 def test_config_and_flag_errors_are_one_line_before_anything_compiles(tmp_path):
+    import json
+
+    (tmp_path / "yarn").mkdir()
+    (tmp_path / "yarn" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     for argv, message in [
+        ([*SFT, f"model.path={tmp_path}/yarn"], f"error: model.path={tmp_path}/yarn: {tmp_path}/yarn/config.json: "),
         ([*SFT, "optim.lr=x"], "error: 'optim.lr' expects a float"),
         ([*SFT, "--device-memory", "lots"], "error: --device-memory 'lots': expected a number"),
         ([*SFT, "--peak-tflops", "0"], "error: --peak-tflops '0': must be a finite number > 0"),
         ([*SFT, "--device-memory", "inf"], "error: --device-memory 'inf': must be a finite number > 0"),
         ([*SFT, "data.max_response_tokens=600"],  # what the run refuses once it has read the model
-         "error: data.max_prompt_tokens + data.max_response_tokens = 616 exceeds the model's 512 positions"),
+         "error: data.max_prompt_tokens + data.max_response_tokens = 616 exceeds the model's 512 positions (the "
+         "built-in tiny model)"),
         ([*SFT, "train.eval_batch_size=12"], "error: train.eval_batch_size=12 is not divisible by the 8"),
         (["stage=rm", "data.name=nowhere", f"data.dir={tmp_path}", "train.steps=2"],
          "error: data.max_responses: the rm dry run needs the response slots per prompt K"),

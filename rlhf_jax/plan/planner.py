@@ -23,7 +23,7 @@ from rlhf_jax.plan.models import Models, ModelSource, response_slots
 from rlhf_jax.plan.programs import (
     group_iteration_program, ppo_iteration_program, reference_scoring_program, train_step_program)
 from rlhf_jax.runtime import sharding
-from rlhf_jax.training.state import check_positions, eval_batch_size, stage_model
+from rlhf_jax.training.state import check_positions, eval_batch_size, model_key, stage_model
 
 
 class StagePlan(NamedTuple):
@@ -76,10 +76,9 @@ class Planner:
             one), as the stage checks."""
             try:
                 found = self.models.resolve(path, cfg.run_dir)
-            except checkpoint.CheckpointError as e:
-                if head != "scalar" or not models:
-                    if str(e).startswith(f"{path}:"):  # named by its key, as the run names it
-                        e.args = (f"{key or what}={e}",)
+            except UserError as e:
+                if not (isinstance(e, checkpoint.CheckpointError) and head == "scalar" and models):
+                    e.args = (f"{key or what}={path}: {str(e).removeprefix(f'{path}: ')}",)  # as the run names it
                     raise
                 found = ModelSource(models[0][0], "scalar", origin=f"{path} does not exist: the policy's "
                                     "architecture with a scalar head")
@@ -97,7 +96,7 @@ class Planner:
         B, P, R = cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
         if cfg.stage in ("sft", "rm", "dpo"):
             model_cfg = source(cfg.model.path, "model", "scalar" if cfg.stage == "rm" else "lm", key="model.path")
-            check_positions(model_cfg, P + R, "data.max_prompt_tokens + data.max_response_tokens")
+            check_positions(model_cfg, P + R, "data.max_prompt_tokens + data.max_response_tokens", model_key(cfg))
             eval_batch_size(cfg, mesh)  # as the stage checks it, before it loads anything
             K = response_slots(cfg, self.steps) if cfg.stage != "sft" else 0
             batch = f"{B} x {P + R} tokens" if cfg.stage == "sft" else f"{B} x {K} x ({P}+{R}) tokens"
@@ -108,7 +107,7 @@ class Planner:
                            before)
         policy = source(cfg.model.path, "policy", "lm", "lm", key="model.path")
         sampled = "data.max_prompt_tokens + sampling.max_new_tokens"
-        check_positions(policy, P + cfg.sampling.max_new_tokens, sampled)
+        check_positions(policy, P + cfg.sampling.max_new_tokens, sampled, model_key(cfg))
         if cfg.stage in ("grpo", "rloo"):
             section = getattr(cfg, cfg.stage)
             reward = (source(section.reward_model, f"{cfg.stage}.reward_model", "scalar", "scalar")
@@ -119,7 +118,8 @@ class Planner:
         reward = source(cfg.ppo.reward_model, "ppo.reward_model", "scalar", "scalar")
         value = source(cfg.ppo.value_model, "ppo.value_model", "scalar", "scalar") if cfg.ppo.value_model else reward
         if cfg.ppo.ptx_coef:
-            check_positions(policy, P + R, "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)")
+            check_positions(policy, P + R, "data.max_prompt_tokens + data.max_response_tokens (the ptx rows)",
+                            model_key(cfg))
         batch = f"{B} x ({P}+{cfg.sampling.max_new_tokens} new) tokens"
         return Program(step, lambda c: ppo_iteration_program(c, policy, mesh, value, reward), batch, notes, models,
                        mesh)
