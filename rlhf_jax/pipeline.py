@@ -345,9 +345,9 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
     from rlhf_jax.stages import dispatch as stages
 
     summaries, records, started = [], [], time.perf_counter()
-    for step in steps:  # a finished step's changed settings stop the run before any step runs (a round added)
+    for i, step in enumerate(steps, 1):  # a finished step's changed settings stop the run before any step runs
         config = _relative(config_to_dict(step.cfg), str(run_dir))
-        distributed.on_primary(lambda: _check_settings(step, config))
+        distributed.on_primary(lambda: _check_settings(step, config, tuple(steps[i:])))
     for i, step in enumerate(steps, 1):
         step_dir, where = Path(step.cfg.run_dir), f"[{i}/{len(steps)}] {step.name}"
         upstream = _fingerprint(records)
@@ -459,8 +459,9 @@ def _marker(step: Step) -> tuple[dict, str] | None:
         return None
 
 
-def _check_settings(step: Step, config: dict) -> None:
-    """Refuses a step finished earlier with other settings (relative to run_dir, in the sections its stage reads)."""
+def _check_settings(step: Step, config: dict, later: tuple[Step, ...] = ()) -> None:
+    """Refuses a step finished earlier with other settings (relative to run_dir, in the sections its stage reads),
+    naming the finished steps after it (`later`), which would be refused in turn once it ran again."""
     found = _marker(step)
     if found is None:
         return
@@ -468,7 +469,15 @@ def _check_settings(step: Step, config: dict) -> None:
     changed = _changes(_read_part(_relative(recorded["config"], root)), _read_part(config))
     if changed:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
-                        f"delete {step.cfg.run_dir} to run it again")
+                        f"{_delete_to_rerun(step, later)}")
+
+
+def _delete_to_rerun(step: Step, later: tuple[Step, ...]) -> str:
+    """What to delete to run `step` again: its directory and those of the finished steps after it."""
+    stale = [step.cfg.run_dir] + [s.cfg.run_dir for s in later if _marker(s) is not None]
+    also = f" and the {len(stale) - 1} finished steps after it" if len(stale) > 2 else \
+        " and the finished step after it" if len(stale) == 2 else ""
+    return f"delete {' '.join(stale)} to run it{also} again"
 
 
 def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...], later: tuple[Step, ...] = ()
@@ -481,14 +490,10 @@ def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...], l
         return None
     (recorded, root), step_dir = found, Path(step.cfg.run_dir)
     summary, after = recorded["summary"], recorded["upstream"]
-    _check_settings(step, config)
+    _check_settings(step, config, later)
     if after not in (upstream, *older):
-        stale = [str(step_dir)] + [s.cfg.run_dir for s in later if _marker(s) is not None]
-        also = f" and the {len(stale) - 1} finished steps after it" if len(stale) > 2 else \
-            " and the finished step after it" if len(stale) == 2 else ""
         raise UserError(f"pipeline.{step.name}: finished earlier after other steps before it (one was added or "
-                        f"removed, or ran again and came out differently); delete {' '.join(stale)} to run it"
-                        f"{also} again")
+                        f"removed, or ran again and came out differently); {_delete_to_rerun(step, later)}")
     if after != upstream:  # an older marker's fingerprint (every section): recorded as this one computes it
         write_json_atomically(step_dir / MARKER, {**recorded, "upstream": upstream})
     return _relative(summary, root)

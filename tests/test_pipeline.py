@@ -195,6 +195,9 @@ def test_a_finished_step_stays_finished_when_a_section_its_stage_does_not_read_c
     assert rc == 0 and "[2/2] again: finished earlier" in err, err[-2000:]
     rc, _, err = run_quietly(main_cli.main, ["--config", path, "sampling.temperature=0.5"])  # read by generate
     assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.temperature" in err
+    run = tmp_path / "run"  # the finished step after it, refused in turn once this one ran again, is named too
+    assert err.strip().endswith(f"; delete {run / 'first'} {run / 'again'} to run it and the finished step after it "
+                                "again"), err
 
 
 def test_a_finished_step_stays_finished_on_another_mesh_runtime_or_log_cadence(tmp_path):
