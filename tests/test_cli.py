@@ -390,7 +390,8 @@ def test_the_generate_cli_stops_quietly_when_its_reader_does(hf_dir, prompt_file
 
 def test_error_mesh_that_does_not_fit_devices(capsys, hf_dir, prompt_file):
     rc, _, err = _run(capsys, generate_cli.main, _gen_argv(hf_dir, prompt_file, "--mesh-shape", "3,1,1"))
-    _assert_user_error(rc, err, "needs 3 devices, found 8")
+    _assert_user_error(rc, err, "needs 3 devices, found 8 (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=3 "
+                                "makes 3)")
 
 
 @pytest.mark.parametrize("flags, fragment", [

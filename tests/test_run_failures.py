@@ -287,6 +287,8 @@ def test_every_refused_key_is_refused_by_a_stage_that_reads_it(key):
     section = key.partition(".")[0] if "." in key else None
     stage = next(s for s, sections in STAGE_SECTIONS.items() if section is None or section in sections)
     old, new = ({"stage": stage, **_nested(key, v)} for v in ("p/a", "p/b"))
+    if section == "lora" and key != "lora.rank":  # read where adapters are trained
+        old["lora"]["rank"] = new["lora"]["rank"] = 8
     if key == "stage":
         old, new = {"stage": "sft"}, {"stage": "rm"}
     assert config_changes(old, new)[0] == [f"{key}={_value_at(old, key)!r} (now {_value_at(new, key)!r})"]
@@ -327,7 +329,10 @@ def test_config_changes_classify_keys():
     assert config_changes(old, {**old, "distributed": {"initialization_timeout": 60}}, defaults=defaults) == (
         [], ["distributed.initialization_timeout=null (now 60)"])
     # the adapters' scale: the saved adapters would be another model
-    assert config_changes({"lora": {"alpha": 16.0}}, {"lora": {"alpha": 32.0}})[0] == ["lora.alpha=16.0 (now 32.0)"]
+    lora = lambda rank, alpha: {"lora": {"rank": rank, "alpha": alpha}}
+    assert config_changes(lora(8, 16.0), lora(8, 32.0))[0] == ["lora.alpha=16.0 (now 32.0)"]
+    assert config_changes(lora(0, 16.0), lora(8, 32.0))[0] == ["lora.rank=0 (now 8)"]  # alpha was never read
+    assert config_changes(lora(0, 16.0), lora(0, 32.0)) == ([], [])
     # PPO-ptx and the EMA switched on or off change what the checkpoint holds; another coefficient steers
     ppo = lambda **kw: {"stage": "ppo", "ppo": {"ptx_coef": 0.0, "ema_decay": 0.0, **kw}}
     assert config_changes(ppo(), ppo(ptx_coef=0.1))[0] == ["ppo.ptx_coef=0.0 (now 0.1)"]

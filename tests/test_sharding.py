@@ -123,7 +123,8 @@ def test_mesh_presets_set_the_shape_and_check_the_device_count():
 
     mesh = sharding.mesh_from_config(config_from_dict({"mesh": {"preset": "8xH100"}}).mesh)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    with pytest.raises(sharding.MeshError, match="mesh.preset 2x8xH100 needs 16 devices, found 8"):
+    with pytest.raises(sharding.MeshError, match=r"mesh.preset 2x8xH100 needs 16 devices, found 8 \(1 processes\) "
+                       r"\(on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=16 makes 16\)"):
         sharding.mesh_from_config(config_from_dict({"mesh": {"preset": "2x8xH100"}}).mesh)
     with pytest.raises(ConfigError, match="mesh.preset.*not both"):
         config_from_dict({"mesh": {"preset": "8xH100", "shape": [2, 4, 1]}})

@@ -52,7 +52,8 @@ def mesh_from_config(section, devices: Sequence[jax.Device] | None = None) -> Me
         found = len(devices if devices is not None else jax.devices())
         if math.prod(shape) != found:
             raise MeshError(f"mesh.preset {section.preset} needs {math.prod(shape)} devices, found {found} "
-                            f"({jax.process_count()} processes)")
+                            f"({jax.process_count()} processes)"
+                            + _cpu_devices_hint(devices if devices is not None else jax.devices(), math.prod(shape)))
         mesh = make_mesh(shape, axes, devices)
     else:
         mesh = make_mesh(section.shape, section.axes, devices)
@@ -78,6 +79,13 @@ def check_process_blocks(mesh: Mesh) -> None:
                         "axes (tensor) within a host")
 
 
+def _cpu_devices_hint(devices: Sequence[jax.Device], wanted: int) -> str:
+    """How to get more devices where they are CPU devices, which XLA makes as many of as it is told."""
+    if not devices or devices[0].platform != "cpu":
+        return ""
+    return f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={wanted} makes {wanted})"
+
+
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh over all (or the given) devices; one -1 in `shape` takes the remaining devices."""
     devices = list(devices if devices is not None else jax.devices())
@@ -88,7 +96,8 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[jax.D
             raise MeshError(f"mesh.shape {shape}: {len(devices)} devices are not divisible by {known}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise MeshError(f"mesh.shape {shape} needs {math.prod(shape)} devices, found {len(devices)}")
+        raise MeshError(f"mesh.shape {shape} needs {math.prod(shape)} devices, found {len(devices)}"
+                        + _cpu_devices_hint(devices, math.prod(shape)))
     return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
                          devices=devices)
 

@@ -93,6 +93,8 @@ def config_changes(old: dict, new: dict, same_models=frozenset(), defaults: dict
             continue
         if key not in before and key in defaults and new_value == defaults[key]:
             continue
+        if key.startswith("lora.") and key != "lora.rank" and not (before.get("lora.rank") and after.get("lora.rank")):
+            continue  # LoRA's other settings are read only where both runs train adapters
         # moved with the run: the same dataset (its fingerprint is compared as data.name's), the same model files
         if (key == "data.dir" or key in same_models) and _moved_with_run(old_value, new_value, before.get("run_dir"),
                                                                          after.get("run_dir")):
