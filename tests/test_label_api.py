@@ -350,6 +350,15 @@ def test_serve_user_errors_are_one_line_with_exit_2(task, flags, message):
     assert rc == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
 
 
+def test_serving_a_task_whose_target_is_met_says_so_and_how_to_collect_more(task):
+    """It said to rerun the label step to write a dataset that step had already written."""
+    task.save_ranking(Ranking("ann", 0, ((0,), (1, 2, 3)), {}, {}, None), 0.0)
+    task.set_meta("target", 1)
+    rc, _, err = run_quietly(label_cli.main, ["serve", task.path.parent, "--port", _free_port()])
+    assert rc == 0 and err == (f"label: 1/1 rankings stored in {task.path} already, nothing to serve; a larger "
+                               "--target collects more (then rerun the label step to write the dataset)\n"), err
+
+
 def test_a_target_no_labeler_can_reach_is_one_line_with_exit_2(task):
     """10 prompts, each ranked by one labeler when none is shared: the server would wait for ever (a process of its
     own, stopped by the timeout if it served)."""

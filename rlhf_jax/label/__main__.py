@@ -70,6 +70,12 @@ def _serve(store: Store, args) -> int:
                      store.meta.get("target", 0))
     overlap = _number(args.overlap, float, "--overlap", lambda f: 0 <= f <= 1, "a number from 0 to 1",
                       store.meta.get("overlap", 0.0))
+    server.check_binding(args.host, args.token)
+    server.check_target(store, target, overlap)
+    if Goal(store, target).done() >= Goal(store, target).total:  # the label step may have written its dataset
+        print(f"label: {Goal(store, target)} in {store.path} already, nothing to serve; a larger --target collects "
+              "more (then rerun the label step to write the dataset)", file=sys.stderr)
+        return 0
     if server.serve(store, args.host, port, args.token, target, overlap):
         print(f"label: {Goal(store, target)} in {store.path}; rerun the label step to write the "
               "dataset", file=sys.stderr)
