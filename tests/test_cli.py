@@ -274,6 +274,51 @@ def test_a_signal_where_python_drops_exceptions_is_not_lost(sig, where):
     assert fired == [where] and ref() is None and sys.unraisablehook is hook_before
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_an_import_is_raised_once_the_import_is_done(sig, tmp_path, monkeypatch):
+    """numpy and jax are imported lazily, once the run has started: a KeyboardInterrupt raised inside their import
+    left them half initialised (an ImportError's traceback, an abort or a crash instead of exit 4)."""
+    from rlhf_jax.runtime.signals import sigterm_as_ctrl_c
+
+    (tmp_path / "slow_to_import.py").write_text(
+        f"import os, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(0.3)\nWHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sigint_before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with sigterm_as_ctrl_c(), pytest.raises(KeyboardInterrupt):
+            import slow_to_import  # noqa: F401
+
+            time.sleep(2)  # the signal, raised once the import is done, interrupts this
+    finally:
+        signal.signal(signal.SIGINT, sigint_before)
+        module = sys.modules.pop("slow_to_import", None)
+    assert module is not None and module.WHOLE
+
+
+_SIGNALLED_IN_TEARDOWN = """
+import os, signal, sys, time
+from rlhf_jax.runtime.signals import exit_process
+
+class Late:  # torn down with this module, after every exit handler: as JAX's objects are
+    def __del__(self):
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(0.2)
+        print("torn down", file=sys.stderr, flush=True)
+
+late = Late()
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_interpreter_tears_down_leaves_the_status(sig):
+    """Past the exit handlers Python gave the signals their default action back: a SIGTERM in the second or two
+    of JAX's teardown ended a finished run with status 143 (130 for a Ctrl-C)."""
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_IN_TEARDOWN.format(sig=sig)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and done.stderr == "torn down\n", done.stderr
+
+
 def test_a_dropped_signal_is_not_raised_again_once_the_block_is_left():
     """The re-raise comes 50 ms after the drop: a block left before then (its program done, or a KeyboardInterrupt
     already on its way out) must not get it outside, where the restored Ctrl-C handler raises it uncaught (the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import atexit
 import contextlib
 import os
 import signal
@@ -19,8 +20,8 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     same cleanup runs (no partial output is left), where nothing else handles it: a training loop and the label
     server take both signals over while they run. Either signal landing where Python drops exceptions (a
     garbage-collection or weakref callback, where JAX frees device buffers) is raised again just after: Python
-    would print it as ignored and the run go on. A Ctrl-C that the shell has the process ignore (a job started
-    with `&`) stays ignored."""
+    would print it as ignored and the run go on; one landing inside an import, just after the import. A Ctrl-C that
+    the shell has the process ignore (a job started with `&`) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -28,6 +29,9 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 
     def stop(signum, frame):
         received.append(signum)
+        if _importing(frame):  # raised inside a module's import (numpy's, jax's), it leaves that module broken:
+            threading.Timer(0.05, raise_again, (signum,)).start()  # an ImportError, an abort or a crash
+            return
         raise KeyboardInterrupt
 
     def dropped(unraisable):  # sys.unraisablehook: an exception Python cannot raise where it was
@@ -51,6 +55,15 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
             sys.unraisablehook = previous_hook
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _importing(frame) -> bool:
+    """Whether `frame` runs inside an import (importlib's own frames are among its callers)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def heard(fn: Callable[[], T]) -> T:
@@ -99,7 +112,23 @@ def exit_process(status: int) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 signal.signal(signum, lambda *_: _exit_now(status))
+        _exiting.append(status)
     sys.exit(status)
+
+
+_exiting: list[int] = []  # the status exit_process ends the process with
+
+
+def _ignore_signals_in_teardown() -> None:
+    """The last exit handler of a process ended by `exit_process`: past it Python gives the signals it handles their
+    default action back (SIGTERM's kills, status 143) while the interpreter tears its modules down (a second or two
+    of JAX's), but leaves an ignored signal ignored, so that the process still ends with its own status."""
+    if _exiting and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+atexit.register(_ignore_signals_in_teardown)  # imported before jax: runs after jax's exit handlers
 
 
 AGREED = (0, 3, 4)  # done, diverged, interrupted and saved: decided by every process of a run at the same step
