@@ -438,7 +438,7 @@ def test_corrupt_orbax_checkpoint_names_it(capsys, tmp_path, ckpt_a, prompt_file
     if damage == "truncated_data":
         data = _largest_file(ckpt / "params")
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
-        named, fragment = ckpt / "params", "corrupt or truncated Orbax checkpoint"
+        named, fragment = ckpt / "params", "corrupt or truncated Orbax checkpoint (OUT_OF_RANGE: Error reading"
     elif damage == "missing_metadata":
         (ckpt / "params" / "_METADATA").unlink()
         named, fragment = ckpt / "params", "metadata"
@@ -610,3 +610,40 @@ def test_directory_where_a_file_is_expected(capsys, tmp_path, hf_a, prompt_file,
     (model / name).mkdir()
     rc, _, err = _generate(capsys, model, prompt_file)
     _assert_user_error(rc, err, model / name, "is a directory, expected a")
+
+
+_ABANDONED_READ = '''
+class Pause:
+    def __await__(self):
+        yield
+
+
+async def _read_array_index_and_device_put():
+    try:
+        await Pause()
+    finally:
+        raise Exception("Encountered error while reading array index: (slice(0, 4, 1),)")
+'''
+
+
+@pytest.mark.parametrize("library", ["orbax", "mine"])
+def test_reads_abandoned_after_a_failed_restore_print_nothing_when_collected(monkeypatch, library):
+    """A restore that failed leaves Orbax's other reads in flight; collected later, each printed its traceback
+    (hundreds of lines after the run's one-line error). Another coroutine's still reaches Python's hook."""
+    import gc
+    import sys
+
+    from rlhf_jax.models import checkpoint
+
+    reached = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reached.append(unraisable.exc_value))
+    checkpoint._drop_abandoned_call_noise()
+    where = "/site-packages/orbax/checkpoint/serialization.py" if library == "orbax" else "/home/me/reads.py"
+    scope: dict = {}
+    exec(compile(_ABANDONED_READ, where, "exec"), scope)
+    read = scope["_read_array_index_and_device_put"]()
+    read.send(None)  # in flight, then abandoned
+    del read
+    gc.collect()
+    assert [str(e) for e in reached] == ([] if library == "orbax" else
+                                         ["Encountered error while reading array index: (slice(0, 4, 1),)"])

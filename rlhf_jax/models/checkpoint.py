@@ -148,7 +148,8 @@ def _load_params(params_dir: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
         if is_out_of_memory(e):
             raise
-        raise CheckpointError(f"{params_dir}: corrupt or truncated Orbax checkpoint ({os_reason(e)})") from None
+        raise CheckpointError(f"{params_dir}: corrupt or truncated Orbax checkpoint ({os_reason(read_failure(e))})"
+                              ) from None
     return jax.tree.map(np.asarray, params)
 
 
@@ -179,6 +180,14 @@ def _is_orbax_failure_log(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
 
 
+def read_failure(error: BaseException) -> BaseException:
+    """The error behind Orbax's wrapper of a failed array read, whose own message names only the array's slices
+    and a TensorStore spec: TensorStore's, which names the file and what is wrong with it."""
+    while "See full TensorStore details" in str(error) and (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _drop_abandoned_call_noise() -> None:
     """Drop (only) what orbax's abandoned reads and writes raise in threads after a failure: 'Event loop is
     closed' errors (printed as tracebacks by sys.unraisablehook), asyncio's 'exception was never retrieved'
@@ -188,13 +197,21 @@ def _drop_abandoned_call_noise() -> None:
         return
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and _is_abandoned_call_noise(str(unraisable.exc_value))):
-            previous(unraisable)
+        if isinstance(unraisable.exc_value, RuntimeError) and _is_abandoned_call_noise(str(unraisable.exc_value)):
+            return
+        if _is_orbax_coroutine(unraisable.object):  # an abandoned read's, collected after its failure was reported
+            return
+        previous(unraisable)
 
     hook.drops_abandoned_call_noise = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_call_noise(record.getMessage()))
     logging.getLogger("absl").addFilter(lambda record: not _is_orbax_failure_log(record))
+
+
+def _is_orbax_coroutine(thing) -> bool:
+    code = getattr(thing, "cr_code", None)
+    return code is not None and any(part in code.co_filename for part in ("/orbax/", "/tensorstore/"))
 
 
 def read_model_meta(ckpt_dir: Path) -> tuple[ModelConfig, str, dict]:
@@ -387,7 +404,7 @@ def restore_params(state_dir: Path, keys: tuple[str, ...]) -> dict:
     except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
         if is_out_of_memory(e):
             raise
-        raise UnrestorableCheckpoint(_first_line(e)) from None
+        raise UnrestorableCheckpoint(_first_line(read_failure(e))) from None
     for key in keys:
         out = out[key]
     return out

@@ -19,7 +19,7 @@ import jax
 from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.data.prepare import dataset_dir
 from rlhf_jax.errors import DivergedError, Interrupted, UserError, is_out_of_memory
-from rlhf_jax.models.checkpoint import TrainCheckpoints, model_fingerprint, state_shapes
+from rlhf_jax.models.checkpoint import TrainCheckpoints, model_fingerprint, read_failure, state_shapes
 from rlhf_jax.models.tiny import resolve_model_path
 from rlhf_jax.runtime import distributed, fsio
 from rlhf_jax.runtime.metrics import MetricsWriter
@@ -86,7 +86,7 @@ class Run:
             break
         for step, error in unreadable:
             print(f"warning: checkpoint step {step} in {self.ckpts.directory} cannot be restored "
-                  f"({_first_line(error)}); falling back to an older step", file=sys.stderr)
+                  f"({_first_line(read_failure(error))}); falling back to an older step", file=sys.stderr)
         if unreadable and not start:
             raise UserError(f"{self.ckpts.directory}: no checkpoint can be restored (newest: step "
                             f"{unreadable[0][0]}); move the directory away to start over")
