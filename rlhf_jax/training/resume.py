@@ -70,10 +70,13 @@ def _moved_with_run(old: Any, new: Any, old_run: Any, new_run: Any) -> bool:
     return relative[0] == relative[1]
 
 
-def _refused(key: str, old: Any, new: Any, stage: Any) -> bool:
+def _unread(key: str, stage: Any) -> bool:
+    """Whether `key` is in a section the stage never reads (ppo.* for an sft run): no change counts there."""
     section = key.partition(".")[0] if "." in key else None
-    if section is not None and stage in STAGE_SECTIONS and section not in STAGE_SECTIONS[stage]:
-        return False  # a section the stage never reads
+    return section is not None and stage in STAGE_SECTIONS and section not in STAGE_SECTIONS[stage]
+
+
+def _refused(key: str, old: Any, new: Any, stage: Any) -> bool:
     if key in ON_OFF:
         return (not old) != (not new)
     return key in REFUSED
@@ -91,7 +94,7 @@ def config_changes(old: dict, new: dict, same_models=frozenset(), defaults: dict
         old_value, new_value = before.get(key), after.get(key)
         if key == "run_dir":  # the run itself, wherever it was moved or copied to
             continue
-        if key not in before and key in defaults and new_value == defaults[key]:
+        if _unread(key, after.get("stage")) or (key not in before and key in defaults and new_value == defaults[key]):
             continue
         if key.startswith("lora.") and key != "lora.rank" and not (before.get("lora.rank") and after.get("lora.rank")):
             continue  # LoRA's other settings are read only where both runs train adapters
