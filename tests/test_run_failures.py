@@ -183,6 +183,21 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(damage, tiny, 
     assert "Traceback" not in err
 
 
+def test_a_save_killed_mid_write_is_removed_in_words_on_resume(tiny, data_dir, workdir, caplog):
+    """Orbax leaves the step under its temporary name and removed it on saving that step again with a raw
+    `WARNING:absl:Attempted to create temporary directory ...` line."""
+    run_dir = workdir / "killed_mid_save"
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=2")
+    assert rc == 0, err
+    unfinished = run_dir / "checkpoints" / "2.orbax-checkpoint-tmp"
+    (run_dir / "checkpoints" / "2").rename(unfinished)  # as a kill -9 during its save leaves it
+    rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=3")
+    assert rc == 0 and f"note: removing {unfinished}: a checkpoint whose save never finished" in err, err
+    assert "resumed from" in err and "at step 1" in err
+    assert not unfinished.exists() and _steps(run_dir) == [1, 2, 3]
+    assert not [r for r in caplog.records if "Attempted to create temporary directory" in r.getMessage()]
+
+
 def test_no_restorable_checkpoint_is_one_line_naming_the_directory(tiny, data_dir, workdir):
     run_dir = workdir / "all_corrupt"
     rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=2")

@@ -458,6 +458,8 @@ class TrainCheckpoints:
         if self.directory.exists() and not self.directory.is_dir():  # else found only at the first save
             raise UserError(f"{self.directory}: is a file, expected the run's checkpoint directory; move it away")
         _drop_abandoned_call_noise()
+        if distributed.is_primary():
+            self._remove_unfinished()
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "loop": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
@@ -465,6 +467,14 @@ class TrainCheckpoints:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except OSError as e:
             raise UserError(f"checkpoints: {os_error_message(e)}") from None
+
+    def _remove_unfinished(self) -> None:
+        """A save the process was killed in leaves its step under Orbax's temporary name, which Orbax removes with
+        a raw log line when it saves that step again: removed here, in words."""
+        for unfinished in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+            print(f"note: removing {unfinished}: a checkpoint whose save never finished (the run was killed while "
+                  "writing it)", file=sys.stderr)
+            shutil.rmtree(unfinished, ignore_errors=True)
 
     def steps(self) -> list[int]:
         """Complete saved steps, newest first."""
