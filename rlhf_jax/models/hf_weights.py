@@ -4,6 +4,8 @@ transpose and reshape, in explicit tables so that each is visible next to its HF
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from rlhf_jax.models.hf_config import HFFormatError
@@ -207,6 +209,12 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, head: str =
         p["lm_head"] = get("lm_head.weight", (cfg.vocab_size, D)).T
     unused = sorted(name for name in tensors if name not in used and not name.endswith(IGNORED)
                     and not (name == "lm_head.weight" and cfg.tie_embeddings))
+    beyond = sorted({int(m.group(1)) for name in unused if (m := re.search(r"\.(?:layers|h)\.(\d+)\.", name))
+                     and int(m.group(1)) >= cfg.n_layers})
+    if beyond:  # the config counts fewer layers than the weights hold
+        raise HFFormatError(f"weights: layers up to {beyond[-1]} present, but config.json's "
+                            f"{'n_layer' if cfg.is_gpt2 else 'num_hidden_layers'} is {cfg.n_layers}; one of them is "
+                            "wrong")
     if unused:  # an architecture variant we do not model (a bias, a norm): importing it would change the model
         raise HFFormatError(f"weights: {len(unused)} tensor(s) a {cfg.family} model of this config does not have, "
                             f"e.g. {unused[0]!r}; this variant of the architecture is not supported")
