@@ -56,13 +56,19 @@ DRY_RUN_HINT = ("`python -m rlhf_jax.main --config CFG --dry-run` plans each ste
                 "(optim.grad_accum_steps) and model.remat that fit")
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """The host's MemoryError or XLA's RESOURCE_EXHAUSTED: no fault of the files being read (code that reads
-    checkpoints and takes any failure for damage lets these pass)."""
-    if isinstance(error, MemoryError):
-        return True
-    lines = str(error).strip().splitlines()  # jax.errors.JaxRuntimeError, matched without importing jax here
-    return isinstance(error, RuntimeError) and bool(lines) and "RESOURCE_EXHAUSTED" in lines[0]
+def memory_error_in(error: BaseException) -> BaseException | None:
+    """The host's MemoryError or XLA's RESOURCE_EXHAUSTED behind `error` (itself, or what it wraps: Orbax wraps a
+    failed read in an Exception of its own), or None. Such an error is no fault of the files being read: code that
+    reads checkpoints and takes any failure for damage raises it instead."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        lines = str(error).strip().splitlines()  # jax.errors.JaxRuntimeError, matched without importing jax here
+        if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and lines
+                                              and "RESOURCE_EXHAUSTED" in lines[0]):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextlib.contextmanager
@@ -72,7 +78,7 @@ def out_of_memory_in_one_line(hint: str = DRY_RUN_HINT):
     try:
         yield
     except RuntimeError as e:
-        if not is_out_of_memory(e):
+        if memory_error_in(e) is not e:
             raise
         raise OutOfMemory(f"out of device memory ({str(e).strip().splitlines()[0][:200]}); {hint}") from None
     except MemoryError as e:  # the host's: numpy's arrays of a batch, a checkpoint read into memory

@@ -248,7 +248,7 @@ def test_joining_says_so_and_waits_as_long_as_configured(monkeypatch, capsys):
     distributed.initialize(DistributedSection(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2,
                                               initialization_timeout=45))
     assert joined == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
-                       "cluster_detection_method": "deactivate", "initialization_timeout": 45 + distributed._JAX_GRACE_S}]
+                       "cluster_detection_method": "deactivate", "initialization_timeout": 105}]  # ours ends first
     assert capsys.readouterr().err == ("distributed: process 2 of 4 joining at 10.0.0.1:1234; waiting up to 45 s for "
                                        "all of them (distributed.initialization_timeout)\n")
 
@@ -337,3 +337,22 @@ def test_an_uncaught_exception_ends_a_joined_process_at_once_after_its_traceback
     monkeypatch.setattr(distributed, "_STATE", {"settings": {"num_processes": 2}})
     sys.excepthook(kind, kind("x"), None)
     assert printed == [kind, kind] and exited == [status]
+
+
+def test_a_join_that_succeeds_stops_its_timeout(monkeypatch):
+    """The watchdog that ends a process whose peers never join would end every run at the timeout if left on."""
+    import sys
+    import time
+
+    import jax
+
+    fired = []
+    monkeypatch.setattr(distributed, "_STATE", {})
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: None)
+    monkeypatch.setattr(distributed, "_not_all_joined", lambda *args: fired.append(args))
+    distributed.initialize(DistributedSection(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
+                                              initialization_timeout=1))
+    time.sleep(1.3)
+    assert fired == []

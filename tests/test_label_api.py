@@ -357,6 +357,12 @@ def test_serving_a_task_whose_target_is_met_says_so_and_how_to_collect_more(task
     rc, _, err = run_quietly(label_cli.main, ["serve", task.path.parent, "--port", _free_port()])
     assert rc == 0 and err == (f"label: 1/1 rankings stored in {task.path} already, nothing to serve; a larger "
                                "--target collects more (then rerun the label step to write the dataset)\n"), err
+    for i in range(1, len(task.prompts)):  # every prompt ranked, none shared: no target collects more
+        task.save_ranking(Ranking("ann", i, ((0,), (1, 2, 3)), {}, {}, None), 0.0)
+    rc, _, err = run_quietly(label_cli.main, ["serve", task.path.parent, "--port", _free_port(), "--target", "0",
+                                              "--overlap", "0"])
+    assert rc == 0 and err.endswith("already, nothing to serve; every prompt is ranked and none is shared "
+                                    "(--overlap): the task holds no more\n"), err
 
 
 def test_a_target_no_labeler_can_reach_is_one_line_with_exit_2(task):

@@ -420,17 +420,19 @@ def test_running_out_of_host_memory_is_one_line_and_never_called_corrupt(capsys,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_config_that_counts_fewer_layers_than_the_weights_hold_says_so(capsys, tmp_path, hf_a, prompt_file):
+@pytest.mark.parametrize("family, count", [("llama", "num_hidden_layers"), ("gpt2", "n_layer")])
+def test_a_config_that_counts_fewer_layers_than_the_weights_hold_says_so(capsys, tmp_path, prompt_file, family,
+                                                                         count):
     """It was called an unsupported variant of the architecture."""
     import json
 
-    model = shutil.copytree(hf_a, tmp_path / "hf")
+    model = build_tiny_model(tmp_path / "hf", seed=0, family=family)
     config = json.loads((model / "config.json").read_text())
-    layers = config["num_hidden_layers"]
-    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers - 1}))
+    layers = config[count]
+    (model / "config.json").write_text(json.dumps({**config, count: layers - 1}))
     rc, _, err = _generate(capsys, model, prompt_file)
-    _assert_user_error(rc, err, f"layers up to {layers - 1} present, but config.json's num_hidden_layers is "
-                                f"{layers - 1}; one of them is wrong")
+    _assert_user_error(rc, err, f"hf: {layers} layers present, but config.json's {count} is {layers - 1}; one of "
+                                "them is wrong")
 
 
 def test_missing_shard_names_the_file(capsys, tmp_path, hf_a):

@@ -337,3 +337,21 @@ def test_the_demo_pipeline_shortened_shows_every_effect_and_resumes_to_the_same_
     assert rc == 0, err[-3000:]
     assert "[5/8] rm: finished earlier, skipped" in err and "[6/8] dpo: finished earlier, skipped" in err and "resumed from" in err and "at step 16" in err
     assert json.loads((run_dir / "report.json").read_text()) == report
+
+
+def test_what_to_delete_to_run_a_step_again_names_every_finished_step_after_it(tmp_path):
+    from rlhf_jax.config import load_config
+
+    steps = []
+    for name in ("first", "second", "third", "fourth"):
+        steps.append(pipeline.Step(name, load_config(None, [f"run_dir={tmp_path / name}"])))
+        if name != "third":  # not finished: nothing of it to delete
+            (tmp_path / name).mkdir()
+            (tmp_path / name / pipeline.MARKER).write_text(json.dumps(
+                {"config": {"run_dir": f"{{run_dir}}/{name}"}, "summary": {}, "upstream": ""}))
+    first, second, _, fourth = (str(tmp_path / n) for n in ("first", "second", "third", "fourth"))
+    assert pipeline._delete_to_rerun(steps[0], tuple(steps[1:])) == (
+        f"delete {first} {second} {fourth} to run it and the 2 finished steps after it again")
+    assert pipeline._delete_to_rerun(steps[1], tuple(steps[2:])) == (
+        f"delete {second} {fourth} to run it and the finished step after it again")
+    assert pipeline._delete_to_rerun(steps[3], ()) == f"delete {fourth} to run it again"

@@ -161,10 +161,18 @@ def test_config_and_flag_errors_are_one_line_before_anything_compiles(tmp_path):
          f"error: model.path={tmp_path}/nowhere: does not exist"),
         (["stage=ppo", "data.name=prompts", "ppo.reward_model=rm", "ppo.ptx_coef=1", "ppo.ptx_dataset=demos",
           "data.max_response_tokens=400", "train.steps=2"],
-         "error: data.max_prompt_tokens + data.max_response_tokens (the ptx rows)"),
+         "error: data.max_prompt_tokens + data.max_response_tokens (the ptx rows) = 656 exceeds the model's 512 "
+         "positions (the built-in tiny model)"),
+        (["stage=ppo", "data.name=prompts", "ppo.reward_model=rm", "sampling.max_new_tokens=300", "train.steps=2"],
+         "error: data.max_prompt_tokens + sampling.max_new_tokens = 556 exceeds the model's 512 positions (the "
+         "built-in tiny model)"),
     ]:
         rc, out, err = dry_run(*argv, f"run_dir={tmp_path / 'run'}")
         assert rc == 2 and err.startswith(message) and len(err.splitlines()) == 1, (argv, err)
+    (tmp_path / "own" / "tiny_model").mkdir(parents=True)  # no model.path: the run's built-in tiny model's file
+    (tmp_path / "own" / "tiny_model" / "config.json").write_text('{"model_type": ')
+    rc, _, err = dry_run(*SFT, f"run_dir={tmp_path / 'own'}")
+    assert rc == 2 and err.startswith(f"error: {tmp_path / 'own' / 'tiny_model' / 'config.json'}: invalid JSON"), err
     rc, _, err = run_quietly(main_cli.main, [*SFT, "--device-memory", "8"])
     assert rc == 2 and err == "error: --device-memory and --peak-tflops go with --dry-run\n"
     assert not (tmp_path / "run").exists()
@@ -703,9 +711,13 @@ def test_the_verdict_at_the_memory_and_the_least_of_the_candidates_that_do_not_f
                     "(lora.rank)"), line
     ppo = pipeline.Step("round1/ppo", load_config(None, ["stage=ppo", "data.name=p", "lora.rank=8",
                                                          f"run_dir={tmp_path}"]))
-    assert Planner([ppo], Budget(200, "", {}, ""), True)._what_shrinks(ppo) == (
-        "lower pipeline.ppo.train.batch_size, pipeline.ppo.data.max_prompt_tokens, "
-        "pipeline.ppo.sampling.max_new_tokens, split the weights over more devices (pipeline.ppo.mesh.shape: a larger fsdp axis)")
+    rloo = pipeline.Step("rloo", load_config(None, ["stage=rloo", "data.name=p", "rloo.reward_function=m:f",
+                                                    f"run_dir={tmp_path}"]))
+    for step, prefix in ((ppo, "pipeline.ppo."), (rloo, "")):  # the rollout's batch and length shrink it
+        assert Planner([step], Budget(200, "", {}, ""), bool(prefix))._what_shrinks(step) == (
+            f"lower {prefix}train.batch_size, {prefix}data.max_prompt_tokens, {prefix}sampling.max_new_tokens, split "
+            f"the weights over more devices ({prefix}mesh.shape: a larger fsdp axis)"
+            + ("" if step is ppo else ", or train LoRA adapters (lora.rank)"))
     arguments["value"] = 200  # the arguments alone fill it: the search still runs (a smaller micro-batch may fit)
     assert "no micro-batch fits" in verdict(200).lines[-1]
     arguments["value"] = 201

@@ -256,10 +256,13 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_without_a_word_of_it(tin
     assert rc == 0 and "resumed from" in err and "chat_template" not in err, err
 
 
-@pytest.mark.parametrize("reading", ["stored", "restore"])
+@pytest.mark.parametrize("reading", ["stored", "a_shard"])
 def test_a_resume_short_of_memory_stops_in_one_line_and_keeps_the_checkpoint(tiny, data_dir, workdir, monkeypatch,
                                                                             reading):
-    """A memory error while reading a checkpoint was taken for damage: the sound step was moved aside."""
+    """A memory error while reading a checkpoint was taken for damage: the sound step was moved aside. Orbax wraps
+    an array read's failure in an Exception of its own, with the MemoryError as its cause."""
+    from orbax.checkpoint._src.serialization import serialization
+
     from rlhf_jax.models.checkpoint import TrainCheckpoints
 
     run_dir = workdir / f"short_of_memory_{reading}"
@@ -269,10 +272,31 @@ def test_a_resume_short_of_memory_stops_in_one_line_and_keeps_the_checkpoint(tin
     def short_of_memory(*args, **kwargs):
         raise MemoryError("Unable to allocate 297. MiB for an array")
 
-    monkeypatch.setattr(TrainCheckpoints, reading, short_of_memory)
+    if reading == "stored":
+        monkeypatch.setattr(TrainCheckpoints, "stored", short_of_memory)
+    else:
+        async def read_shard(*args, **kwargs):  # of every array of every step
+            short_of_memory()
+
+        monkeypatch.setattr(serialization, "_read_shard", read_shard)
     rc, _, err = _train(tiny, data_dir, run_dir, "train.steps=3")
     assert rc == 5 and _last_line(err).startswith("error: out of host memory (Unable to allocate 297. MiB"), err
     assert _steps(run_dir) == [1, 2] and not (run_dir / "unrestorable_checkpoints").exists()
+    assert "cannot be restored" not in err
+    if reading == "a_shard":  # the evaluator's read of a run's params: the host's error, not an unrestorable step
+        import orbax.checkpoint as ocp
+
+        from rlhf_jax.models.checkpoint import restore_params
+
+        def wrapped(*args, **kwargs):
+            try:
+                short_of_memory()
+            except MemoryError as e:
+                raise Exception("Encountered error while reading array index: (slice(0, 4, 1),)") from e
+
+        monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", wrapped)
+        with pytest.raises(MemoryError, match="Unable to allocate 297. MiB"):
+            restore_params(run_dir / "checkpoints" / "2" / "state", ("params",))
 
 
 def _nested(key: str, value) -> dict:

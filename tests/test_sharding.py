@@ -117,6 +117,18 @@ def test_printed_report_is_a_table_then_each_warning_once(capsys):
     assert not any("layer_0" in line for line in err)
 
 
+def test_a_mesh_short_of_cpu_devices_says_how_many_each_process_makes(monkeypatch):
+    """XLA's device count flag is per process: with 2 processes, 8 each make 16."""
+    devices = jax.devices()
+    with pytest.raises(sharding.MeshError, match=r"needs 16 devices, found 8 \(on CPU, XLA_FLAGS="
+                       r"--xla_force_host_platform_device_count=16 makes 16\)$"):
+        sharding.make_mesh((16, 1, 1), ("data", "fsdp", "tensor"), devices)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(sharding.MeshError, match=r"needs 16 devices, found 8 \(on CPU, XLA_FLAGS="
+                       r"--xla_force_host_platform_device_count=8 in each of the 2 processes makes 16\)$"):
+        sharding.make_mesh((16, 1, 1), ("data", "fsdp", "tensor"), devices)
+
+
 def test_mesh_presets_set_the_shape_and_check_the_device_count():
     from rlhf_jax.config import config_from_dict
     from rlhf_jax.typed_yaml import ConfigError

@@ -22,6 +22,7 @@ from typing import Sequence
 
 from rlhf_jax.errors import Interrupted, UserError, naming_flags, report
 from rlhf_jax.label import agreement, server
+from rlhf_jax.label.assign import is_shared
 from rlhf_jax.label.service import Goal
 from rlhf_jax.label.store import Store
 from rlhf_jax.runtime.fsio import run_dir_lock
@@ -73,8 +74,10 @@ def _serve(store: Store, args) -> int:
     server.check_binding(args.host, args.token)
     server.check_target(store, target, overlap)
     if Goal(store, target).done() >= Goal(store, target).total:  # the label step may have written its dataset
-        print(f"label: {Goal(store, target)} in {store.path} already, nothing to serve; a larger --target collects "
-              "more (then rerun the label step to write the dataset)", file=sys.stderr)
+        more = (store.done() < len(store.prompts) or any(is_shared(i, overlap) for i in range(len(store.prompts))))
+        print(f"label: {Goal(store, target)} in {store.path} already, nothing to serve; " + (
+            "a larger --target collects more (then rerun the label step to write the dataset)" if more else
+            "every prompt is ranked and none is shared (--overlap): the task holds no more"), file=sys.stderr)
         return 0
     if server.serve(store, args.host, port, args.token, target, overlap):
         print(f"label: {Goal(store, target)} in {store.path}; rerun the label step to write the "

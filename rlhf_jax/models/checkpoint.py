@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax.errors import UserError, is_out_of_memory, os_error_message, os_reason
+from rlhf_jax.errors import UserError, memory_error_in, os_error_message, os_reason
 from rlhf_jax.models import hf
 from rlhf_jax.models.hf_config import read_json
 from rlhf_jax.models.transformer import ModelConfig
@@ -146,8 +146,8 @@ def _load_params(params_dir: Path) -> dict:
             as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
             params = ckptr.restore(params_dir, item=target, restore_args=as_numpy)
     except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
-        if is_out_of_memory(e):
-            raise
+        if memory_error_in(e) is not None:  # this host's, not the checkpoint's
+            raise memory_error_in(e) from None
         raise CheckpointError(f"{params_dir}: corrupt or truncated Orbax checkpoint ({os_reason(read_failure(e))})"
                               ) from None
     return jax.tree.map(np.asarray, params)
@@ -402,8 +402,8 @@ def restore_params(state_dir: Path, keys: tuple[str, ...]) -> dict:
             out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways deep inside orbax and tensorstore
-        if is_out_of_memory(e):
-            raise
+        if memory_error_in(e) is not None:  # this host's, not the checkpoint's
+            raise memory_error_in(e) from None
         raise UnrestorableCheckpoint(_first_line(read_failure(e))) from None
     for key in keys:
         out = out[key]

@@ -212,7 +212,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, head: str =
     beyond = sorted({int(m.group(1)) for name in unused if (m := re.search(r"\.(?:layers|h)\.(\d+)\.", name))
                      and int(m.group(1)) >= cfg.n_layers})
     if beyond:  # the config counts fewer layers than the weights hold
-        raise HFFormatError(f"weights: layers up to {beyond[-1]} present, but config.json's "
+        raise HFFormatError(f"weights: {beyond[-1] + 1} layers present, but config.json's "
                             f"{'n_layer' if cfg.is_gpt2 else 'num_hidden_layers'} is {cfg.n_layers}; one of them is "
                             "wrong")
     if unused:  # an architecture variant we do not model (a bias, a norm): importing it would change the model

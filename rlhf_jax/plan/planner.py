@@ -78,7 +78,8 @@ class Planner:
                 found = self.models.resolve(path, cfg.run_dir)
             except UserError as e:
                 if not (isinstance(e, checkpoint.CheckpointError) and head == "scalar" and models):
-                    e.args = (f"{key or what}={path}: {str(e).removeprefix(f'{path}: ')}",)  # as the run names it
+                    if path:  # named by its key, as the run names it (no path: the built-in tiny model's own)
+                        e.args = (f"{key or what}={path}: {str(e).removeprefix(f'{path}: ')}",)
                     raise
                 found = ModelSource(models[0][0], "scalar", origin=f"{path} does not exist: the policy's "
                                     "architecture with a scalar head")

@@ -80,10 +80,13 @@ def check_process_blocks(mesh: Mesh) -> None:
 
 
 def _cpu_devices_hint(devices: Sequence[jax.Device], wanted: int) -> str:
-    """How to get more devices where they are CPU devices, which XLA makes as many of as it is told."""
-    if not devices or devices[0].platform != "cpu":
+    """How to get more devices where they are CPU devices, which XLA makes as many of per process as it is told."""
+    processes = jax.process_count()
+    if not devices or devices[0].platform != "cpu" or wanted % processes:
         return ""
-    return f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={wanted} makes {wanted})"
+    each = f" in each of the {processes} processes" if processes > 1 else ""
+    return (f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={wanted // processes}{each} makes "
+            f"{wanted})")
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -18,7 +18,7 @@ import jax
 
 from rlhf_jax.config import Config, config_to_dict
 from rlhf_jax.data.prepare import dataset_dir
-from rlhf_jax.errors import DivergedError, Interrupted, UserError, is_out_of_memory
+from rlhf_jax.errors import DivergedError, Interrupted, UserError, memory_error_in
 from rlhf_jax.models.checkpoint import TrainCheckpoints, model_fingerprint, read_failure, state_shapes
 from rlhf_jax.models.tiny import resolve_model_path
 from rlhf_jax.runtime import distributed, fsio
@@ -61,8 +61,8 @@ class Run:
             try:
                 stored_config, stored_shapes, stored_facts = self.ckpts.stored(step)
             except Exception as e:  # noqa: BLE001 - any failure to read a step means the step is unusable
-                if is_out_of_memory(e):  # but memory is this machine's: the step may be sound
-                    raise
+                if memory_error_in(e) is not None:  # but memory is this machine's: the step may be sound
+                    raise memory_error_in(e) from None
                 error = e
             if error is None:
                 allowed = self._check_compatible(step, stored_config or {}, stored_shapes, stored_facts, state)
@@ -72,8 +72,8 @@ class Run:
                 except UserError:
                     raise
                 except Exception as e:  # noqa: BLE001
-                    if is_out_of_memory(e):
-                        raise
+                    if memory_error_in(e) is not None:
+                        raise memory_error_in(e) from None
                     error = e
             # with several processes all fall back together: a step one of them cannot read is unusable for all
             if distributed.any_process(error is not None):
