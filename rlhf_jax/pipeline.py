@@ -356,10 +356,10 @@ def _run_steps(run_dir: Path, steps: list[Step]) -> list[dict]:
         # one answer for all processes
         done = distributed.on_primary(lambda: _finished(step, config, upstream, older, tuple(steps[i:])))
         if done is not None:
-            summary = _substitute(done, str(run_dir))
+            summary = _substitute(done["summary"], str(run_dir))
             print(f"{where}: finished earlier, skipped ({_one_line(summary)})", file=sys.stderr)
             summaries.append(summary)
-            records.append({"config": config, "summary": done})
+            records.append(done)
             continue
         created = distributed.on_primary(lambda: _check_started(step, upstream, older))
         print(f"{where}: stage {step.cfg.stage} in {step_dir}", file=sys.stderr)
@@ -466,7 +466,8 @@ def _check_settings(step: Step, config: dict, later: tuple[Step, ...] = ()) -> N
     if found is None:
         return
     recorded, root = found
-    changed = _changes(_read_part(_relative(recorded["config"], root)), _read_part(config))
+    changed = _changes(_read_part(_relative(recorded["config"], root)), _read_part(config),
+                       _read_part({**config_to_dict(Config()), "stage": step.cfg.stage}))
     if changed:
         raise UserError(f"pipeline.{step.name}: finished earlier with other settings ({', '.join(changed[:3])}); "
                         f"{_delete_to_rerun(step, later)}")
@@ -482,9 +483,11 @@ def _delete_to_rerun(step: Step, later: tuple[Step, ...]) -> str:
 
 def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...], later: tuple[Step, ...] = ()
               ) -> dict | None:
-    """The summary (relative to run_dir) of a step finished earlier with the same config (`_check_settings`) after
-    the same earlier steps; None when it has not finished. `later`: the steps after it, named in a refusal when
-    they finished too (rerun after this one, they would be refused in turn)."""
+    """The record of a step finished earlier with the same config (`_check_settings`) after the same earlier
+    steps: the config it ran with and its summary, relative to run_dir; None when it has not finished. The steps
+    after it are fingerprinted with the config it recorded, not today's: a version that added keys to the config
+    (at their defaults) counts the same steps. `later`: the steps after it, named in a refusal when they finished
+    too (rerun after this one, they would be refused in turn)."""
     found = _marker(step)
     if found is None:
         return None
@@ -496,7 +499,7 @@ def _finished(step: Step, config: dict, upstream: str, older: tuple[str, ...], l
                         f"removed, or ran again and came out differently); {_delete_to_rerun(step, later)}")
     if after != upstream:  # an older marker's fingerprint (every section): recorded as this one computes it
         write_json_atomically(step_dir / MARKER, {**recorded, "upstream": upstream})
-    return _relative(summary, root)
+    return {"config": _relative(recorded["config"], root), "summary": _relative(summary, root)}
 
 
 def _relative(value, run_dir: str):
@@ -511,13 +514,15 @@ def _relative(value, run_dir: str):
     return _map_strings(value, relative)
 
 
-def _changes(before: Mapping, now: Mapping, prefix: str = "") -> list[str]:
-    out = []
+def _changes(before: Mapping, now: Mapping, defaults: Mapping | None = None, prefix: str = "") -> list[str]:
+    """'key: old -> new' for each difference; a key `before` lacks (added to the config since) at its value in
+    `defaults` is none."""
+    out, defaults = [], defaults or {}
     for key in sorted(set(before) | set(now)):
-        a, b = before.get(key), now.get(key)
+        a, b, default = before.get(key), now.get(key), defaults.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _changes(a, b, f"{prefix}{key}.")
-        elif a != b:
+            out += _changes(a, b, default if isinstance(default, Mapping) else {}, f"{prefix}{key}.")
+        elif a != b and not (key not in before and key in defaults and b == default):
             out.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
     return out
 

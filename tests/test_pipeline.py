@@ -355,3 +355,23 @@ def test_what_to_delete_to_run_a_step_again_names_every_finished_step_after_it(t
     assert pipeline._delete_to_rerun(steps[1], tuple(steps[2:])) == (
         f"delete {second} {fourth} to run it and the finished step after it again")
     assert pipeline._delete_to_rerun(steps[3], ()) == f"delete {fourth} to run it again"
+
+
+def test_steps_finished_by_a_version_with_fewer_config_keys_stay_finished(tmp_path):
+    """An upgrade that adds a config key (at its default) made every finished step's config differ from today's:
+    the step read the same settings, but the steps after it were fingerprinted anew and refused ("finished earlier
+    after other steps before it"), an interrupted one too, so no pipeline of an older version resumed."""
+    path = _two_generate_steps(tmp_path)
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0, err[-2000:]
+    first_marker, again_marker = (tmp_path / "run" / name / pipeline.MARKER for name in ("first", "again"))
+    first = json.loads(first_marker.read_text())
+    del first["config"]["sampling"]["top_p"]  # as a version before that key wrote it
+    first_marker.write_text(json.dumps(first))
+    older = [{"config": pipeline._relative(first["config"], str(tmp_path / "run")), "summary": first["summary"]}]
+    again_marker.write_text(json.dumps({**json.loads(again_marker.read_text()),
+                                        "upstream": pipeline._fingerprint(older)}))
+    rc, _, err = run_quietly(main_cli.main, ["--config", path])
+    assert rc == 0 and "[1/2] first: finished earlier" in err and "[2/2] again: finished earlier" in err, err[-2000:]
+    rc, _, err = run_quietly(main_cli.main, ["--config", path, "pipeline.first.sampling.top_p=0.5"])
+    assert rc == 2 and "pipeline.first: finished earlier with other settings (sampling.top_p: null -> 0.5)" in err

@@ -217,7 +217,7 @@ def test_a_finished_label_step_stays_finished_when_only_its_serving_settings_cha
     (run_dir / "label" / pipeline.MARKER).write_text(json.dumps(
         {"config": config_to_dict(done.cfg), "summary": {"stage": "label"}, "upstream": "u"}))
     again, config = step("label.port=9001")
-    assert pipeline._finished(again, config, "u", ()) == {"stage": "label"}
+    assert pipeline._finished(again, config, "u", ())["summary"] == {"stage": "label"}
     other, config = step("label.dataset=other")
     with pytest.raises(UserError, match="finished earlier with other settings"):
         pipeline._finished(other, config, "u", ())
