@@ -562,3 +562,23 @@ def test_the_eval_split_of_a_prompt_is_its_documented_hash():
     expected = [p for p in prompts if int.from_bytes(digest(p), "big") < 0.25 * 2 ** 64]
     assert [p for p in prompts if is_eval_prompt(p, 0.25)] == expected
     assert 0.22 < len(expected) / len(prompts) < 0.28
+
+
+def test_prepared_records_are_written_the_same_in_every_process(tmp_path):
+    """Protobuf wrote each example's features (a map) in an order of the writing process's own, so the same rows
+    prepared again gave other files, and a run on them would not resume (it fingerprints the dataset's files).
+    Written deterministically, every record lists its features sorted by name."""
+    import json
+
+    from rlhf_jax.data.prepare import dataset_dir, prepare
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [2, 0, 1]}) + "\n")
+    prepare("jsonl_rankings", [str(rows)], tmp_path / "data", "ranked")
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    (record_file,) = dataset_dir(tmp_path / "data", "ranked").glob("*.array_record*")
+    (data,) = ArrayRecordReader(str(record_file)).read_all()
+    names = ["better", "ended", "prompt", "responses", "worse"]  # each a map entry's key: field 1, its length
+    offsets = [data.index(b"\n" + bytes([len(name)]) + name.encode()) for name in names]
+    assert offsets == sorted(offsets), dict(zip(names, offsets))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -441,9 +443,11 @@ def test_sft_records_its_dataset(sft_run, inputs, tmp_path):
         kept.rename(demos.parent)
     assert rc == 2 and f"data.name={demos.resolve()}: not the model or dataset the run started from" in \
         _last_line(err), err
-    again = prepare("jsonl_sft", [str(rows)], tmp_path / "again", "demos")["dataset"]
-    assert model_fingerprint(again) == model_fingerprint(prepare("jsonl_sft", [str(rows)], tmp_path / "once",
-                                                                 "demos")["dataset"])
+    # in another process too: protobuf wrote each example's features in an order of that process's own
+    subprocess.run([sys.executable, "-m", "rlhf_jax.data", "--format", "jsonl_sft", "--input", str(rows),
+                    "--data-dir", str(tmp_path / "again"), "--name", "demos"], check=True, capture_output=True)
+    assert model_fingerprint(dataset_dir(tmp_path / "again", "demos")) == model_fingerprint(
+        prepare("jsonl_sft", [str(rows)], tmp_path / "once", "demos")["dataset"])
 
 def test_a_finished_run_reruns_to_its_end_and_another_shape_of_state_is_refused(sft_run, tmp_path):
     """The same command again resumes at its last step and finishes; a setting that changes the saved state's

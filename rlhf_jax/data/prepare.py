@@ -292,10 +292,26 @@ def _write(data_dir: Path, name: str, kind: str, splits: Mapping[str, list], met
         builder_cls = type(f"Dataset_{name}", (_Builder,), {"name": name}, skip_registration=True)
         builder = builder_cls(kind=kind, splits=splits, metadata=metadata, data_dir=str(build),
                               file_format="array_record")
-        with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for our summary
+        with contextlib.redirect_stdout(sys.stderr), _deterministic_examples():  # stdout is for our summary
             builder.download_and_prepare()
         os.rename(build / name / VERSION, tmp / VERSION)
         shutil.rmtree(build)
+
+
+@contextlib.contextmanager
+def _deterministic_examples():
+    """TFDS serializes each example as a tf.train.Example with protobuf's defaults, which write its features (a
+    map) in an order that differs from one process to the next: the same rows prepared again made other files, and
+    a run on the dataset no longer resumed (it fingerprints the dataset's files). Deterministic serialization
+    writes the same bytes every time, and reads back the same."""
+    serializer = tfds.core.example_serializer.ExampleSerializer
+    original = serializer.serialize_example
+    serializer.serialize_example = lambda self, example: self.get_tf_example(example).SerializeToString(
+        deterministic=True)
+    try:
+        yield
+    finally:
+        serializer.serialize_example = original
 
 
 def _group_splits(splits: Mapping[str, list]) -> tuple[dict[str, list], dict]:
